@@ -1,0 +1,502 @@
+"""Configuration: meters, plans, routes and policy, parsed and validated once at start-up.
+
+A configuration comes from a TOML file (``meterware.toml`` or the path in ``METERWARE_CONFIG``), a dict,
+or keyword arguments. ``METERWARE_STORAGE`` (or ``METERWARE_REDIS_URL``) overrides the storage URL.
+Every mistake raises one :class:`~meterware.errors.ConfigError` naming the field, e.g.
+``meterware.toml: plans.pro.meters.tokens.price: must be a number of credits with at most 6 decimals``.
+Nothing here does I/O except reading the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from fnmatch import translate
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from meterware.errors import ConfigError
+
+Aggregation = Literal["count", "sum", "max", "last", "unique"]
+Period = Literal["month", "week", "day"]
+FailureMode = Literal["open", "closed"]
+
+MICROS_PER_CREDIT = 1_000_000
+DEFAULT_CONFIG_FILE = "meterware.toml"
+DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
+_SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*(second|minute|hour|day)s?\s*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """A quantity that is counted per call: the call itself, tokens, bytes, milliseconds..."""
+
+    name: str
+    aggregation: Aggregation = "count"
+    #: ``call`` (the route weight), ``handler`` (``meterware.usage.add``), ``header:<Name>``,
+    #: ``response_bytes``, ``request_bytes`` or ``duration_ms``.
+    source: str = "call"
+    #: Units held at admission for a value meter whose size is known only at the end of the call.
+    reserve: int = 0
+
+    @property
+    def chargeable(self) -> bool:
+        """Whether units of this meter add up, so they can carry a quota and a price."""
+        return self.aggregation in ("count", "sum")
+
+    @property
+    def header(self) -> str | None:
+        """The response header the units are read from, lower-cased, if the source is a header."""
+        return self.source[7:].lower() if self.source.startswith("header:") else None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``amount`` calls per ``seconds``, enforced with GCRA (bursts up to ``amount``)."""
+
+    amount: int
+    seconds: int
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """Parse ``"10/second"``, ``"600/minute"``, ``"1000 per 5 minutes"``."""
+        match = _RATE_RE.match(text)
+        if not match:
+            raise ValueError(f"expected a rate like '10/second' or '600/minute', got {text!r}")
+        amount, multiple, unit = int(match[1]), int(match[2] or 1), match[3]
+        if amount <= 0 or multiple <= 0:
+            raise ValueError(f"rate must be positive, got {text!r}")
+        return cls(amount, multiple * _UNIT_SECONDS[unit])
+
+    def __str__(self) -> str:
+        return f"{self.amount}/{self.seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class MeterTerms:
+    """What a plan grants and charges for one meter, per billing period."""
+
+    quota: int | None = None
+    #: A hard quota refuses calls once used up; a soft one only reports the overage.
+    hard: bool = True
+    #: Units included in the period before the price applies.
+    included: int = 0
+    #: Price per unit beyond ``included``, in micro-credits (1 credit = 1,000,000).
+    price: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Limits and prices that apply to every customer on the plan."""
+
+    name: str
+    rate_limits: tuple[RateLimit, ...] = ()
+    period: Period = "month"
+    #: Prepaid plans spend credits: a call is refused when the balance cannot cover it.
+    prepaid: bool = False
+    meters: Mapping[str, MeterTerms] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """Which paths are metered, and what a call to each costs in units of the ``call`` meters."""
+
+    exclude: tuple[str, ...] = ()
+    #: ``(glob, weight)`` pairs; the first matching glob wins, otherwise the weight is 1.
+    weights: tuple[tuple[str, int], ...] = ()
+    _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _weight_res: tuple[tuple[re.Pattern[str], int], ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.exclude:
+            pattern = "|".join(f"(?:{translate(glob)})" for glob in self.exclude)
+            object.__setattr__(self, "_exclude_re", re.compile(pattern))
+        object.__setattr__(
+            self, "_weight_res", tuple((re.compile(translate(glob)), w) for glob, w in self.weights)
+        )
+
+    def is_excluded(self, path: str) -> bool:
+        """Whether calls to ``path`` (a route template or raw path) bypass metering entirely."""
+        return self._exclude_re is not None and self._exclude_re.match(path) is not None
+
+    def weight(self, path: str) -> int:
+        """Units of each ``call`` meter that one call to ``path`` counts for."""
+        for pattern, weight in self._weight_res:
+            if pattern.match(path):
+                return weight
+        return 1
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How the request path behaves at its edges."""
+
+    #: When the backend fails on admission: ``open`` serves the call (and meters it later),
+    #: ``closed`` answers 503.
+    on_backend_error: FailureMode = "open"
+    #: Whether 4xx responses are charged (5xx, exceptions and disconnects never are).
+    bill_client_errors: bool = False
+    key_headers: tuple[str, ...] = DEFAULT_KEY_HEADERS
+    key_query: str | None = None
+    #: Budget in seconds for one backend call on the request path.
+    timeout: float = 0.25
+    #: Seconds after which the rollup worker refunds a reservation that was never settled.
+    reservation_timeout: float = 300.0
+    #: Seconds a resolved key is cached in the process (revocation is still checked on every admit).
+    key_cache_ttl: float = 10.0
+    #: Remove usage headers (``header:`` meter sources) from responses before they reach the client.
+    strip_usage_headers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The event buffer, its flusher and the local spool used while the backend is away."""
+
+    batch_size: int = 1000
+    flush_interval: float = 0.2
+    buffer_size: int = 100_000
+    spool_dir: str = ".meterware-spool"
+    spool_max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """Rollup worker settings."""
+
+    batch_size: int = 10_000
+    lease_seconds: float = 10.0
+    #: Stream entries older than this (and already committed) are trimmed.
+    retention_seconds: float = 86_400.0
+
+
+def _default_meters() -> Mapping[str, Meter]:
+    return {"calls": Meter("calls")}
+
+
+def _default_plans() -> Mapping[str, Plan]:
+    return {"default": Plan("default")}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated configuration of meterware."""
+
+    storage: str = "memory://"
+    shards: int = 16
+    meters: Mapping[str, Meter] = field(default_factory=_default_meters)
+    plans: Mapping[str, Plan] = field(default_factory=_default_plans)
+    #: Plan given to new customers when none is named.
+    default_plan: str = "default"
+    routes: Routes = field(default_factory=Routes)
+    policy: Policy = field(default_factory=Policy)
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    rollup: Rollup = field(default_factory=Rollup)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
+        """Build a configuration from a dict shaped like the TOML file."""
+        try:
+            return _parse(data)
+        except ConfigError as error:
+            raise ConfigError(error.field, error.problem, source=source) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Read and validate a TOML file."""
+        return cls.from_dict(_read_toml(path), source=str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+        """Load the file (explicit, ``METERWARE_CONFIG`` or ``./meterware.toml``), then apply overrides.
+
+        Keyword overrides are top-level sections (``storage="redis://..."``, ``plans={...}``). The
+        environment (``METERWARE_STORAGE`` or ``METERWARE_REDIS_URL``) wins over both for the storage URL.
+        """
+        path = path or os.environ.get("METERWARE_CONFIG")
+        data: dict[str, Any] = {}
+        source = "arguments"
+        if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+            path = DEFAULT_CONFIG_FILE
+        if path is not None:
+            source = str(path)
+            data = _read_toml(path)
+        data.update(overrides)
+        env_storage = os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL")
+        if env_storage:
+            data["storage"] = env_storage
+        return cls.from_dict(data, source=source)
+
+    def plan(self, name: str) -> Plan:
+        """The plan called ``name``; unknown names fall back to the default plan."""
+        return self.plans.get(name) or self.plans[self.default_plan]
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    where = str(path)
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError("file", "does not exist", source=where) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("file", f"is not valid TOML ({error})", source=where) from None
+    except OSError as error:
+        raise ConfigError("file", f"cannot be read ({error.strerror})", source=where) from None
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+
+
+class _Section:
+    """A table of the config being read: typed getters that report the dotted path on error."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "config", f"must be a table, got {_kind(data)}")
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        # bool is an int in Python; a config that says `shards = true` is a mistake.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(self.name(key), f"must be {_describe(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(self.name(key), f"must be {_describe(kind)}, got {_kind(value)}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        value: int = self.get(key, int, default)
+        if value < minimum:
+            raise ConfigError(self.name(key), f"must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, positive: bool = True) -> float:
+        value = float(self.get(key, (int, float), default))
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise ConfigError(self.name(key), f"must be a positive number of seconds, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value: str = self.get(key, str, default)
+        if value not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise ConfigError(self.name(key), f"must be one of {options}, got {value!r}")
+        return value
+
+    def section(self, key: str) -> _Section:
+        self.seen.add(key)
+        return _Section(self.data.get(key, {}), self.name(key))
+
+    def strings(self, key: str, default: Sequence[str]) -> tuple[str, ...]:
+        values = self.get(key, list, list(default))
+        for index, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{self.name(key)}[{index}]", f"must be a non-empty string, got {value!r}")
+        return tuple(values)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.name(unknown[0]), "is not a known setting")
+
+
+def _describe(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    names |= {list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), "a table" if isinstance(value, Mapping) else type(value).__name__
+    )
+
+
+def _check_name(value: str, field_name: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ConfigError(
+            field_name, f"{value!r} is not a valid name (letters, digits, '_', '-', '.'; at most 64)"
+        )
+    return value
+
+
+def parse_credits(value: Any, field_name: str) -> int:
+    """Turn a credit amount (``"0.002"``, ``5``) into exact micro-credits; never through a float."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(field_name, f"must be a decimal string like \"0.002\" or an integer, got {_kind(value)}")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ConfigError(field_name, f"must be a number of credits, got {value!r}") from None
+    micros = amount * MICROS_PER_CREDIT
+    if not amount.is_finite() or micros != micros.to_integral_value():
+        raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}")
+    if micros < 0:
+        raise ConfigError(field_name, f"must not be negative, got {value!r}")
+    return int(micros)
+
+
+def _parse_meter(name: str, raw: Any) -> Meter:
+    section = _Section(raw, f"meters.{_check_name(name, f'meters.{name}')}")
+    aggregation = section.choice("aggregation", get_args(Aggregation), "count")
+    source = section.get("source", str, "call")
+    if source.startswith("header:"):
+        if not _HEADER_RE.match(source[7:]):
+            raise ConfigError(section.name("source"), f"{source!r} does not name a valid header")
+    elif source not in _SOURCES:
+        options = ", ".join(repr(s) for s in (*_SOURCES, "header:<Name>"))
+        raise ConfigError(section.name("source"), f"must be one of {options}, got {source!r}")
+    if aggregation == "unique" and source != "handler":
+        raise ConfigError(section.name("source"), "a 'unique' meter counts values reported by the handler")
+    reserve = section.integer("reserve", 0)
+    if reserve and source == "call":
+        raise ConfigError(section.name("reserve"), "only value meters hold an estimate; calls hold their weight")
+    section.done()
+    return Meter(name, aggregation, source, reserve)
+
+
+def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
+    section = _Section(raw, f"plans.{_check_name(name, f'plans.{name}')}")
+    limits: list[RateLimit] = []
+    for index, text in enumerate(section.strings("rate_limits", ())):
+        try:
+            limits.append(RateLimit.parse(text))
+        except ValueError as error:
+            raise ConfigError(f"{section.name('rate_limits')}[{index}]", str(error)) from None
+    period = section.choice("period", get_args(Period), "month")
+    prepaid = section.get("prepaid", bool, False)
+    terms: dict[str, MeterTerms] = {}
+    meter_tables = section.section("meters")
+    for meter_name, meter_raw in meter_tables.data.items():
+        meter_tables.seen.add(meter_name)
+        where = meter_tables.name(meter_name)
+        if meter_name not in meters:
+            known = ", ".join(sorted(meters))
+            raise ConfigError(where, f"names no meter defined under [meters] (known: {known})")
+        table = _Section(meter_raw, where)
+        quota = table.get("quota", int, None)
+        if quota is not None and quota < 0:
+            raise ConfigError(table.name("quota"), f"must be at least 0, got {quota}")
+        hard = table.choice("quota_mode", ("hard", "soft"), "hard") == "hard"
+        included = table.integer("included", 0)
+        table.seen.add("price")
+        price = parse_credits(table.data["price"], table.name("price")) if "price" in table.data else 0
+        table.done()
+        if (quota is not None or included or price) and not meters[meter_name].chargeable:
+            aggregation = meters[meter_name].aggregation
+            raise ConfigError(where, f"a '{aggregation}' meter cannot carry a quota, included units or a price")
+        terms[meter_name] = MeterTerms(quota, hard, included, price)
+    section.done()
+    return Plan(name, tuple(limits), period, prepaid, terms)  # type: ignore[arg-type]
+
+
+def _parse(data: Mapping[str, Any]) -> Config:
+    root = _Section(data, "")
+    defaults = Config()
+
+    storage = root.get("storage", (str, dict), defaults.storage)
+    shards = defaults.shards
+    if isinstance(storage, dict):
+        table = _Section(storage, "storage")
+        shards = table.integer("shards", shards, minimum=1)
+        url = table.get("url", str, defaults.storage)
+        table.done()
+    else:
+        url = storage
+    if "://" not in url:
+        raise ConfigError("storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {url!r}")
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
+        raise ConfigError("storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)")
+    if shards > 1024:
+        raise ConfigError("storage.shards", f"must be at most 1024, got {shards}")
+
+    meters = {name: _parse_meter(name, raw) for name, raw in root.section("meters").data.items()}
+    root.seen.add("meters")
+    meters = meters or dict(defaults.meters)
+    plans_raw = root.section("plans").data
+    plans = {name: _parse_plan(name, raw, meters) for name, raw in plans_raw.items()} or dict(defaults.plans)
+    default_plan = root.get("default_plan", str, next(iter(plans)))
+    if default_plan not in plans:
+        raise ConfigError("default_plan", f"names no plan defined under [plans] (known: {', '.join(plans)})")
+
+    routes = root.section("routes")
+    exclude = routes.strings("exclude", ())
+    weights_table = routes.section("weights")
+    weights: list[tuple[str, int]] = []
+    for glob in weights_table.data:
+        weights.append((glob, weights_table.integer(glob, 1, minimum=0)))
+    routes.done()
+
+    policy = root.section("policy")
+    key_headers = tuple(h.lower() for h in policy.strings("key_headers", DEFAULT_KEY_HEADERS))
+    for index, header in enumerate(key_headers):
+        if not _HEADER_RE.match(header):
+            raise ConfigError(f"policy.key_headers[{index}]", f"{header!r} is not a valid header name")
+    key_query = policy.get("key_query", str, None) or None
+    parsed_policy = Policy(
+        on_backend_error=policy.choice("on_backend_error", get_args(FailureMode), "open"),  # type: ignore[arg-type]
+        bill_client_errors=policy.get("bill_client_errors", bool, False),
+        key_headers=key_headers,
+        key_query=key_query,
+        timeout=policy.number("timeout", defaults.policy.timeout),
+        reservation_timeout=policy.number("reservation_timeout", defaults.policy.reservation_timeout),
+        key_cache_ttl=policy.number("key_cache_ttl", defaults.policy.key_cache_ttl, positive=False),
+        strip_usage_headers=policy.get("strip_usage_headers", bool, True),
+    )
+    if parsed_policy.key_cache_ttl < 0:
+        raise ConfigError("policy.key_cache_ttl", "must not be negative")
+    policy.done()
+
+    pipeline = root.section("pipeline")
+    parsed_pipeline = Pipeline(
+        batch_size=pipeline.integer("batch_size", defaults.pipeline.batch_size, minimum=1),
+        flush_interval=pipeline.number("flush_interval", defaults.pipeline.flush_interval),
+        buffer_size=pipeline.integer("buffer_size", defaults.pipeline.buffer_size, minimum=1),
+        spool_dir=pipeline.get("spool_dir", str, defaults.pipeline.spool_dir),
+        spool_max_bytes=pipeline.integer("spool_max_bytes", defaults.pipeline.spool_max_bytes),
+    )
+    pipeline.done()
+
+    rollup = root.section("rollup")
+    parsed_rollup = Rollup(
+        batch_size=rollup.integer("batch_size", defaults.rollup.batch_size, minimum=1),
+        lease_seconds=rollup.number("lease_seconds", defaults.rollup.lease_seconds),
+        retention_seconds=rollup.number("retention_seconds", defaults.rollup.retention_seconds),
+    )
+    rollup.done()
+    root.done()
+
+    return Config(
+        storage=url,
+        shards=shards,
+        meters=meters,
+        plans=plans,
+        default_plan=default_plan,
+        routes=Routes(exclude, tuple(weights)),
+        policy=parsed_policy,
+        pipeline=parsed_pipeline,
+        rollup=parsed_rollup,
+    )

@@ -1,0 +1,150 @@
+"""Usage events and their wire format.
+
+One event per metered call. Events travel in batches: a batch is one msgpack document holding a list of
+event maps, each with a schema version ``v``; one batch is one entry of a shard's Redis stream, so the
+stream's throughput is counted in batches, not events. Decoding is strict: anything that is not a
+well-formed event of a known version raises :class:`EventDecodeError` with the reason, so the worker can
+move it aside instead of crashing on it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import msgpack
+
+SCHEMA_VERSION: Final = 1
+Outcome = Literal["success", "client_error", "server_error", "aborted", "rejected"]
+OUTCOMES: Final[tuple[Outcome, ...]] = ("success", "client_error", "server_error", "aborted", "rejected")
+Units = Mapping[str, int | str]
+
+
+class EventDecodeError(ValueError):
+    """A stream entry is not a valid batch of events; the message says why."""
+
+
+def new_event_id(now_ms: int | None = None) -> bytes:
+    """A UUIDv7 (RFC 9562) as 16 bytes: sortable by time, unique across processes."""
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    # `random` is reseeded in forked children, so pre-fork workers never share a sequence.
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | random.getrandbits(12) << 64
+    value |= 0b10 << 62 | random.getrandbits(62)
+    return value.to_bytes(16, "big")
+
+
+def format_event_id(event_id: bytes) -> str:
+    """The canonical text form of an event id."""
+    return str(uuid.UUID(bytes=event_id))
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    """What happened on one call, as recorded for billing."""
+
+    id: bytes
+    timestamp_ms: int
+    customer: str
+    key_id: str
+    plan: str
+    route: str
+    method: str
+    status: int
+    outcome: Outcome
+    duration_us: int
+    ttfb_us: int
+    #: Units per meter; a ``unique`` meter holds the observed value (a string).
+    units: dict[str, int | str] = field(default_factory=dict)
+    #: Whether the call is charged (successes; client errors if the policy says so).
+    billable: bool = False
+    live: bool = True
+    #: Start of the customer's billing period the call belongs to (epoch seconds).
+    period_start: int = 0
+    #: Why the call was refused, for rejected calls.
+    reason: str = ""
+    #: Credits charged for the call, in micro-credits (filled in when the event is settled and read back).
+    cost: int = 0
+
+
+_FIELDS: Final = (
+    ("id", "id", bytes),
+    ("ts", "timestamp_ms", int),
+    ("c", "customer", str),
+    ("k", "key_id", str),
+    ("p", "plan", str),
+    ("r", "route", str),
+    ("m", "method", str),
+    ("s", "status", int),
+    ("o", "outcome", str),
+    ("d", "duration_us", int),
+    ("f", "ttfb_us", int),
+    ("u", "units", dict),
+    ("b", "billable", bool),
+    ("l", "live", bool),
+    ("ps", "period_start", int),
+    ("x", "reason", str),
+)
+
+
+def _to_map(event: UsageEvent) -> dict[str, Any]:
+    return {
+        "v": SCHEMA_VERSION,
+        "id": event.id,
+        "ts": event.timestamp_ms,
+        "c": event.customer,
+        "k": event.key_id,
+        "p": event.plan,
+        "r": event.route,
+        "m": event.method,
+        "s": event.status,
+        "o": event.outcome,
+        "d": event.duration_us,
+        "f": event.ttfb_us,
+        "u": event.units,
+        "b": event.billable,
+        "l": event.live,
+        "ps": event.period_start,
+        "x": event.reason,
+    }
+
+
+def encode_batch(events: Sequence[UsageEvent]) -> bytes:
+    """Encode events as one msgpack document."""
+    return msgpack.packb([_to_map(event) for event in events], use_bin_type=True)
+
+
+def _from_map(raw: Any, index: int) -> UsageEvent:
+    if not isinstance(raw, dict):
+        raise EventDecodeError(f"event {index}: expected a map, got {type(raw).__name__}")
+    version = raw.get("v")
+    if version != SCHEMA_VERSION:
+        raise EventDecodeError(f"event {index}: unknown schema version {version!r}")
+    values: dict[str, Any] = {}
+    for short, name, kind in _FIELDS:
+        value = raw.get(short)
+        if type(value) is not kind:
+            raise EventDecodeError(f"event {index}: field {short!r} must be {kind.__name__}, got {value!r:.40}")
+        values[name] = value
+    if len(values["id"]) != 16:
+        raise EventDecodeError(f"event {index}: id must be 16 bytes")
+    if values["outcome"] not in OUTCOMES:
+        raise EventDecodeError(f"event {index}: unknown outcome {values['outcome']!r:.40}")
+    for meter, units in values["units"].items():
+        if not isinstance(meter, str) or type(units) not in (int, str):
+            raise EventDecodeError(f"event {index}: bad units entry {meter!r:.40}")
+    return UsageEvent(**values)
+
+
+def decode_batch(payload: bytes) -> list[UsageEvent]:
+    """Decode one batch; raise :class:`EventDecodeError` saying what is wrong with it."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several unrelated types for bad input
+        raise EventDecodeError(f"not a msgpack document ({type(error).__name__}: {error})") from None
+    if not isinstance(raw, list):
+        raise EventDecodeError(f"expected a list of events, got {type(raw).__name__}")
+    return [_from_map(item, index) for index, item in enumerate(raw)]

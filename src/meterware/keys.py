@@ -1,0 +1,102 @@
+"""API keys: their format, their hash, and how a request presents one.
+
+A key looks like ``mw_live_7Hq2...`` (32 random base62 characters after the mode). Only its SHA-256 hash
+is stored; the plaintext is shown once, when the key is created. Records and logs name a key by its id
+(``key_...``) and its visible prefix (``mw_live_7Hq2``), never by the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+KEY_PREFIX = "mw_"
+SECRET_LENGTH = 32
+VISIBLE_SECRET_CHARS = 4
+_ALPHABET = string.ascii_letters + string.digits
+_KEY_RE = re.compile(r"^mw_(live|test)_[A-Za-z0-9]{%d}$" % SECRET_LENGTH)
+# Longest value worth looking at: anything longer cannot be a key and is refused without hashing.
+MAX_PRESENTED_LENGTH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A freshly generated key: the plaintext exists only in this object."""
+
+    plaintext: str
+    key_id: str
+    prefix: str
+    hash: str
+    live: bool
+
+
+def generate_key(*, live: bool = True) -> NewKey:
+    """Make a new random key for live or test (sandbox) traffic."""
+    mode = "live" if live else "test"
+    secret = "".join(secrets.choice(_ALPHABET) for _ in range(SECRET_LENGTH))
+    plaintext = f"{KEY_PREFIX}{mode}_{secret}"
+    return NewKey(
+        plaintext=plaintext,
+        key_id=f"key_{secrets.token_hex(8)}",
+        prefix=visible_prefix(plaintext),
+        hash=hash_key(plaintext),
+        live=live,
+    )
+
+
+def hash_key(plaintext: str) -> str:
+    """The stored form of a key: hex SHA-256 (keys carry 190 random bits, so no salt or KDF is needed)."""
+    return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def visible_prefix(plaintext: str) -> str:
+    """The part of a key that may be shown in lists and logs (``mw_live_7Hq2``)."""
+    mode_end = plaintext.index("_", len(KEY_PREFIX)) + 1
+    return plaintext[: mode_end + VISIBLE_SECRET_CHARS]
+
+
+def is_well_formed(presented: str) -> bool:
+    """Whether ``presented`` has the shape of a meterware key (checked before any lookup)."""
+    return len(presented) <= MAX_PRESENTED_LENGTH and _KEY_RE.match(presented) is not None
+
+
+def is_live(plaintext: str) -> bool:
+    """Whether a well-formed key is a live key (as opposed to a test key)."""
+    return plaintext.startswith("mw_live_")
+
+
+def key_from_headers(
+    headers: Iterable[tuple[bytes, bytes]], query_string: bytes, header_names: tuple[str, ...], query: str | None
+) -> str | None:
+    """Find the presented key: ``Authorization: Bearer``, then the other headers, then the query.
+
+    ``header_names`` are lower-case; ``authorization`` is read as a Bearer credential.
+    """
+    wanted = {name.encode("latin-1"): name for name in header_names}
+    found: dict[str, bytes] = {}
+    for name, value in headers:
+        key = wanted.get(name.lower())
+        if key is not None and key not in found:
+            found[key] = value
+    for name in header_names:
+        value = found.get(name)
+        if value is None:
+            continue
+        text = value.decode("latin-1").strip()
+        if name == "authorization":
+            scheme, _, credential = text.partition(" ")
+            if scheme.lower() != "bearer":
+                continue
+            text = credential.strip()
+        if text:
+            return text
+    if query and query_string:
+        for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=False):
+            if name == query:
+                return value
+    return None

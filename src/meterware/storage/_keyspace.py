@@ -1,0 +1,104 @@
+"""Every Redis key name meterware uses, built in one place.
+
+All keys of one customer share the hash tag of the customer's shard, ``{mw:sN}`` with
+``N = crc32(customer) % shards``: the customer's counters, balance and reservations, and the shard's
+event stream and rollups. So each atomic script touches a single hash slot, and the same code runs on a
+single node, under Sentinel and on Redis Cluster. The only keys outside a shard are the key-hash index
+and the key-id index, read with single-key commands.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Final
+
+CUSTOMER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
+
+
+def shard_of(customer: str, shards: int) -> int:
+    """The shard that holds every key of ``customer``."""
+    return zlib.crc32(customer.encode()) % shards
+
+
+def tag(shard: int) -> str:
+    return f"mw:{{s{shard}}}"
+
+
+def _mode(live: bool) -> str:
+    return "live" if live else "test"
+
+
+# Outside any shard: resolved once per key and cached by the request path.
+def key_by_hash(key_hash: str) -> str:
+    return f"mw:key:{key_hash}"
+
+
+def key_owner(key_id: str) -> str:
+    return f"mw:keyid:{key_id}"
+
+
+# Per customer, inside the shard.
+def customer(shard: int, customer_id: str) -> str:
+    return f"{tag(shard)}:c:{customer_id}"
+
+
+def customer_keys(shard: int, customer_id: str) -> str:
+    return f"{tag(shard)}:ck:{customer_id}"
+
+
+def key_record(shard: int, key_id: str) -> str:
+    return f"{tag(shard)}:k:{key_id}"
+
+
+def rate(shard: int, live: bool, customer_id: str, seconds: int) -> str:
+    return f"{tag(shard)}:rl:{_mode(live)}:{customer_id}:{seconds}"
+
+
+def quota(shard: int, live: bool, customer_id: str, period_start: int) -> str:
+    return f"{tag(shard)}:q:{_mode(live)}:{customer_id}:{period_start}"
+
+
+def usage(shard: int, live: bool, customer_id: str, window: str, start: int) -> str:
+    return f"{tag(shard)}:u:{_mode(live)}:{customer_id}:{window}:{start}"
+
+
+def unique_values(shard: int, live: bool, customer_id: str, window: str, start: int, meter: str) -> str:
+    return f"{usage(shard, live, customer_id, window, start)}:{meter}"
+
+
+# Per shard.
+def customers(shard: int) -> str:
+    return f"{tag(shard)}:customers"
+
+
+def reservations(shard: int) -> str:
+    return f"{tag(shard)}:r"
+
+
+def reservation_deadlines(shard: int) -> str:
+    return f"{tag(shard)}:rd"
+
+
+def events(shard: int) -> str:
+    return f"{tag(shard)}:events"
+
+
+def dead_letters(shard: int) -> str:
+    return f"{tag(shard)}:dead"
+
+
+def flushed_batch(shard: int, batch_id: str) -> str:
+    return f"{tag(shard)}:b:{batch_id}"
+
+
+def lease(shard: int) -> str:
+    return f"{tag(shard)}:lease"
+
+
+def fence(shard: int) -> str:
+    return f"{tag(shard)}:fence"
+
+
+def offset(shard: int) -> str:
+    return f"{tag(shard)}:offset"

@@ -1,0 +1,157 @@
+"""The storage contract: records exchanged with a backend, and the interface every backend implements.
+
+A backend keeps customers, keys, balances, counters, the event streams and the rollups. Its three atomic
+operations carry meterware's promises:
+
+* ``admit`` checks key status, rate limits, the period quota and credits, and reserves the call's units and
+  credits, all at once, so concurrent calls can never overspend;
+* ``flush`` appends a batch of events to its shard's stream and settles their reservations (charges the
+  billable calls, refunds the rest) at once, idempotently by batch id;
+* ``commit_rollup`` adds a batch of aggregates and moves the shard's stream offset at once, fenced by the
+  worker's lease token, so every event is counted exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How to close one call's reservation when its event is flushed."""
+
+    customer: str
+    live: bool
+    period_start: int
+    #: The reservation opened at admission, or "" (nothing held, or the call was served fail-open).
+    reservation_id: str
+    billable: bool
+    charges_credits: bool
+    #: ``(meter, units, price, included)`` for each meter the plan limits or prices.
+    meters: tuple[tuple[str, int, int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events of one shard, flushed together as one stream entry."""
+
+    shard: int
+    batch_id: str
+    #: The events, encoded with :func:`meterware.events.encode_batch`.
+    payload: bytes
+    #: One settlement per event, in order; ``None`` for events that hold nothing (refused calls).
+    settlements: tuple[Settlement | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One raw entry of a shard's event stream (decoded by the worker, which tolerates garbage)."""
+
+    entry_id: str
+    fields: Mapping[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One rollup bucket: a customer's live or test usage in one window."""
+
+    live: bool
+    customer: str
+    #: ``minute``, ``hour``, ``day`` or ``period`` (the customer's billing period).
+    window: str
+    #: Start of the window, epoch seconds.
+    start: int
+
+
+@dataclass(slots=True)
+class WindowTotals:
+    """What one rollup batch adds to a :class:`Window`."""
+
+    sums: dict[str, int] = field(default_factory=dict)
+    maxes: dict[str, int] = field(default_factory=dict)
+    #: field -> (timestamp_ms, value): the newest value wins, whatever the order of arrival.
+    lasts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    uniques: dict[str, set[str]] = field(default_factory=dict)
+    #: Seconds the window is kept after this commit (0: forever).
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RollupCommit:
+    """One atomic step of the rollup worker on one shard."""
+
+    shard: int
+    token: int
+    #: The offset the worker read from; the commit fails if another worker has moved it.
+    expected_offset: str
+    new_offset: str
+    windows: Mapping[Window, WindowTotals]
+    #: ``(entry_id, reason)`` of entries that are not valid batches, moved to the dead-letter stream.
+    dead_letters: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A customer's prepaid credits, in micro-credits."""
+
+    balance: int
+    reserved: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+
+#: The offset of a shard nobody has consumed yet.
+START_OFFSET = "0-0"
+
+
+class Storage(Protocol):
+    """A synchronous backend (WSGI request path, rollup worker, CLI)."""
+
+    shards: int
+
+    # -- the request path
+    def resolve_key(self, key_hash: str) -> KeyInfo | None: ...
+    def admit(self, request: AdmitRequest) -> Decision: ...
+    def flush(self, batch: Batch) -> bool: ...
+
+    # -- the rollup worker
+    def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None: ...
+    def release_lease(self, shard: int, owner: str) -> None: ...
+    def committed_offset(self, shard: int) -> str: ...
+    def read_stream(self, shard: int, after: str, count: int) -> list[StreamEntry]: ...
+    def commit_rollup(self, commit: RollupCommit) -> bool: ...
+    def expire_reservations(self, shard: int, limit: int) -> int: ...
+    def trim_stream(self, shard: int, min_id: str) -> int: ...
+    def stream_length(self, shard: int) -> int: ...
+
+    # -- accounts
+    def create_customer(self, customer: Customer) -> None: ...
+    def get_customer(self, customer_id: str) -> Customer | None: ...
+    def update_customer(self, customer_id: str, *, plan: str | None = None, status: str | None = None) -> None: ...
+    def list_customers(self) -> list[str]: ...
+    def add_key(self, record: KeyRecord, key_hash: str) -> None: ...
+    def get_key(self, key_id: str) -> KeyRecord | None: ...
+    def list_keys(self, customer_id: str) -> list[KeyRecord]: ...
+    def set_key_state(self, key_id: str, *, status: str | None = None, expires_ms: int | None = None) -> None: ...
+    def grant_credits(self, customer_id: str, micros: int) -> Balance: ...
+    def get_balance(self, customer_id: str) -> Balance: ...
+    def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class AsyncStorage(Protocol):
+    """The request path of a backend for asyncio (ASGI)."""
+
+    shards: int
+
+    async def resolve_key(self, key_hash: str) -> KeyInfo | None: ...
+    async def admit(self, request: AdmitRequest) -> Decision: ...
+    async def flush(self, batch: Batch) -> bool: ...
+    async def aclose(self) -> None: ...

@@ -1,0 +1,402 @@
+"""``memory://``: a complete in-process backend for development, demos and tests of user apps.
+
+It implements the same contract as the Redis backend, step for step the same as the Lua scripts in
+``storage/lua/`` (the storage contract tests run both). Everything lives in one process and is lost when
+it exits; one lock makes each operation atomic across threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
+from meterware.errors import NotFoundError
+from meterware.storage.base import Balance, Batch, RollupCommit, StreamEntry, Window
+
+#: Flushed batch ids are remembered this long, so a retried flush is recognised.
+BATCH_MEMORY_SECONDS = 86_400
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class _Account:
+    customer: Customer
+    balance: int = 0
+    reserved: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    customer: str
+    live: bool
+    period_start: int
+    credits: int
+    holds: tuple[tuple[str, int], ...]
+    deadline_ms: int
+
+
+@dataclass(slots=True)
+class _Shard:
+    stream: list[StreamEntry] = field(default_factory=list)
+    dead: list[StreamEntry] = field(default_factory=list)
+    last_id: tuple[int, int] = (0, 0)
+    batches: dict[str, int] = field(default_factory=dict)
+    reservations: dict[str, _Reservation] = field(default_factory=dict)
+    lease: tuple[str, int] | None = None
+    fence: int = 0
+    offset: str = "0-0"
+
+    def next_id(self) -> str:
+        ms = _now_ms()
+        last_ms, last_seq = self.last_id
+        self.last_id = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        return f"{self.last_id[0]}-{self.last_id[1]}"
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(slots=True)
+class _Usage:
+    sums: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    maxes: dict[str, int] = field(default_factory=dict)
+    lasts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    uniques: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+
+class MemoryStorage:
+    """The embedded backend (synchronous; see :class:`AsyncMemoryStorage` for asyncio)."""
+
+    def __init__(self, shards: int = 16) -> None:
+        self.shards = shards
+        self._lock = threading.Lock()
+        self._accounts: dict[str, _Account] = {}
+        self._keys: dict[str, KeyRecord] = {}
+        self._key_ids_by_hash: dict[str, str] = {}
+        self._rates: dict[tuple[bool, str, int], float] = {}
+        self._quotas: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._shards = [_Shard() for _ in range(shards)]
+        self._usage: dict[Window, _Usage] = defaultdict(_Usage)
+
+    # -- the request path ---------------------------------------------------------------------------
+
+    def resolve_key(self, key_hash: str) -> KeyInfo | None:
+        with self._lock:
+            key_id = self._key_ids_by_hash.get(key_hash)
+            if key_id is None:
+                return None
+            record = self._keys[key_id]
+            account = self._accounts[record.customer]
+            return KeyInfo(key_id, account.customer, record.live, record.prefix)
+
+    def admit(self, request: AdmitRequest) -> Decision:
+        with self._lock:
+            now_ms = _now_ms()
+            reply = self._admit(request, now_ms)
+        return decision_from_reply(request, reply, now_ms / 1000)
+
+    def _admit(self, request: AdmitRequest, now: int) -> list[int | str]:
+        record = self._keys.get(request.key_id)
+        account = self._accounts.get(request.customer)
+        if record is None or account is None:
+            return [0, "unknown_key", 0, 0, 0]
+        if record.status != "active":
+            return [0, "revoked_key", 0, 0, 0]
+        if record.expires_ms and now >= record.expires_ms:
+            return [0, "expired_key", 0, 0, 0]
+        if account.customer.status != "active":
+            return [0, "suspended", 0, 0, 0]
+
+        # Rate limits (GCRA): decide on all of them before consuming any.
+        rate_reply: list[int | str] = []
+        new_tats: list[tuple[tuple[bool, str, int], float]] = []
+        retry_ms = 0.0
+        for limit in request.plan.rate_limits:
+            period_ms = limit.seconds * 1000
+            interval = period_ms / limit.amount
+            rate_key = (request.live, request.customer, limit.seconds)
+            tat = max(self._rates.get(rate_key, now), now)
+            new_tat = tat + interval
+            if new_tat - now > period_ms:
+                retry_ms = max(retry_ms, new_tat - period_ms - now)
+                rate_reply += [int((period_ms - (tat - now)) // interval), int(tat - now)]
+            else:
+                rate_reply += [int((period_ms - (new_tat - now)) // interval), int(new_tat - now)]
+                new_tats.append((rate_key, new_tat))
+
+        counters = self._quotas[(request.live, request.customer, request.period_start)]
+        quota_reply: list[int | str] = []
+        over_quota = False
+        credits = 0
+        needs_positive_balance = False
+        for hold in request.holds:
+            used, held = counters[f"{hold.meter}:u"], counters[f"{hold.meter}:h"]
+            if hold.quota >= 0:
+                if used + held + hold.need > hold.quota:
+                    over_quota = True
+                    quota_reply.append(hold.quota - used - held)
+                else:
+                    quota_reply.append(hold.quota - used - held - hold.hold)
+            if hold.price:
+                base = used + held
+                credits += (max(hold.included, base + hold.hold) - max(hold.included, base)) * hold.price
+                if not hold.exact and base + hold.hold >= hold.included:
+                    needs_positive_balance = True
+        available = account.balance - account.reserved
+        if not request.charges_credits:
+            credits = 0
+
+        def refuse(reason: str, retry: float = 0) -> list[int | str]:
+            return [0, reason, int(retry), 0, available, *rate_reply, *quota_reply]
+
+        if retry_ms:
+            return refuse("rate_limited", retry_ms)
+        if over_quota:
+            return refuse("quota_exceeded")
+        if request.charges_credits and (
+            available < credits or (needs_positive_balance and available - credits <= 0)
+        ):
+            return refuse("insufficient_credits")
+
+        for rate_key, new_tat in new_tats:
+            self._rates[rate_key] = new_tat
+        for hold in request.holds:
+            counters[f"{hold.meter}:h"] += hold.hold
+        account.reserved += credits
+        if credits or any(hold.hold for hold in request.holds):
+            shard = self._shards[request.shard]
+            shard.reservations[request.reservation_id] = _Reservation(
+                request.customer,
+                request.live,
+                request.period_start,
+                credits,
+                tuple((hold.meter, hold.hold) for hold in request.holds),
+                now + request.reservation_timeout_ms,
+            )
+        return [1, "", 0, credits, available - credits, *rate_reply, *quota_reply]
+
+    def flush(self, batch: Batch) -> bool:
+        with self._lock:
+            shard = self._shards[batch.shard]
+            now = time.time()
+            if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
+                return False
+            costs = []
+            for settlement in batch.settlements:
+                cost = 0
+                if settlement is not None:
+                    reservation = shard.reservations.pop(settlement.reservation_id, None)
+                    if reservation is not None:
+                        self._release(reservation)
+                    account = self._accounts.get(settlement.customer)
+                    if settlement.billable:
+                        counters = self._quotas[(settlement.live, settlement.customer, settlement.period_start)]
+                        for meter, units, price, included in settlement.meters:
+                            before = counters[f"{meter}:u"]
+                            counters[f"{meter}:u"] = before + units
+                            cost += (max(included, before + units) - max(included, before)) * price
+                        if settlement.charges_credits and account is not None:
+                            account.balance -= cost
+                costs.append(cost)
+            fields = {b"b": batch.payload, b"c": ",".join(map(str, costs)).encode(), b"i": batch.batch_id.encode()}
+            shard.stream.append(StreamEntry(shard.next_id(), fields))
+            shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
+            return True
+
+    def _release(self, reservation: _Reservation) -> None:
+        counters = self._quotas[(reservation.live, reservation.customer, reservation.period_start)]
+        for meter, held in reservation.holds:
+            counters[f"{meter}:h"] -= held
+        account = self._accounts.get(reservation.customer)
+        if account is not None:
+            account.reserved -= reservation.credits
+
+    # -- the rollup worker --------------------------------------------------------------------------
+
+    def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
+        with self._lock:
+            state = self._shards[shard]
+            now = _now_ms()
+            if state.lease is not None and state.lease[0] != owner and state.lease[1] > now:
+                return None
+            if state.lease is None or state.lease[0] != owner or state.lease[1] <= now:
+                state.fence += 1
+            state.lease = (owner, now + ttl_ms)
+            return state.fence
+
+    def release_lease(self, shard: int, owner: str) -> None:
+        with self._lock:
+            state = self._shards[shard]
+            if state.lease is not None and state.lease[0] == owner:
+                state.lease = None
+
+    def committed_offset(self, shard: int) -> str:
+        with self._lock:
+            return self._shards[shard].offset
+
+    def read_stream(self, shard: int, after: str, count: int) -> list[StreamEntry]:
+        with self._lock:
+            after_id = _id_tuple(after)
+            entries = [entry for entry in self._shards[shard].stream if _id_tuple(entry.entry_id) > after_id]
+            return entries[:count]
+
+    def commit_rollup(self, commit: RollupCommit) -> bool:
+        with self._lock:
+            state = self._shards[commit.shard]
+            if state.fence != commit.token or state.offset != commit.expected_offset:
+                return False
+            for window, totals in commit.windows.items():
+                usage = self._usage[window]
+                for name, amount in totals.sums.items():
+                    usage.sums[name] += amount
+                for name, value in totals.maxes.items():
+                    usage.maxes[name] = max(value, usage.maxes.get(name, value))
+                for name, (stamp, value) in totals.lasts.items():
+                    if name not in usage.lasts or usage.lasts[name][0] <= stamp:
+                        usage.lasts[name] = (stamp, value)
+                for name, values in totals.uniques.items():
+                    usage.uniques[name] |= values
+            by_id = {entry.entry_id: entry for entry in state.stream}
+            for entry_id, reason in commit.dead_letters:
+                fields = dict(by_id[entry_id].fields) if entry_id in by_id else {}
+                fields |= {b"entry": entry_id.encode(), b"reason": reason.encode()}
+                state.dead.append(StreamEntry(state.next_id(), fields))
+            state.offset = commit.new_offset
+            return True
+
+    def expire_reservations(self, shard: int, limit: int) -> int:
+        with self._lock:
+            state = self._shards[shard]
+            now = _now_ms()
+            due = [rid for rid, r in state.reservations.items() if r.deadline_ms <= now][:limit]
+            for reservation_id in due:
+                self._release(state.reservations.pop(reservation_id))
+            return len(due)
+
+    def trim_stream(self, shard: int, min_id: str) -> int:
+        with self._lock:
+            state = self._shards[shard]
+            floor = _id_tuple(min_id)
+            kept = [entry for entry in state.stream if _id_tuple(entry.entry_id) >= floor]
+            trimmed = len(state.stream) - len(kept)
+            state.stream = kept
+            return trimmed
+
+    def stream_length(self, shard: int) -> int:
+        with self._lock:
+            return len(self._shards[shard].stream)
+
+    def dead_letters(self, shard: int) -> list[StreamEntry]:
+        """Entries the worker could not decode (for inspection)."""
+        with self._lock:
+            return list(self._shards[shard].dead)
+
+    # -- accounts -----------------------------------------------------------------------------------
+
+    def create_customer(self, customer: Customer) -> None:
+        with self._lock:
+            if customer.id in self._accounts:
+                raise ValueError(f"customer {customer.id!r} already exists")
+            self._accounts[customer.id] = _Account(customer)
+
+    def get_customer(self, customer_id: str) -> Customer | None:
+        with self._lock:
+            account = self._accounts.get(customer_id)
+            return account.customer if account else None
+
+    def update_customer(self, customer_id: str, *, plan: str | None = None, status: str | None = None) -> None:
+        with self._lock:
+            account = self._account(customer_id)
+            customer = account.customer
+            account.customer = replace(
+                customer, plan=plan or customer.plan, status=status or customer.status  # type: ignore[arg-type]
+            )
+
+    def list_customers(self) -> list[str]:
+        with self._lock:
+            return sorted(self._accounts)
+
+    def add_key(self, record: KeyRecord, key_hash: str) -> None:
+        with self._lock:
+            account = self._account(record.customer)
+            self._keys[record.key_id] = record
+            self._key_ids_by_hash[key_hash] = record.key_id
+            account.keys.append(record.key_id)
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            return self._keys.get(key_id)
+
+    def list_keys(self, customer_id: str) -> list[KeyRecord]:
+        with self._lock:
+            return [self._keys[key_id] for key_id in self._account(customer_id).keys]
+
+    def set_key_state(self, key_id: str, *, status: str | None = None, expires_ms: int | None = None) -> None:
+        with self._lock:
+            record = self._keys.get(key_id)
+            if record is None:
+                raise NotFoundError(f"no key {key_id!r}")
+            self._keys[key_id] = replace(
+                record,
+                status=status or record.status,  # type: ignore[arg-type]
+                expires_ms=record.expires_ms if expires_ms is None else expires_ms,
+            )
+
+    def grant_credits(self, customer_id: str, micros: int) -> Balance:
+        with self._lock:
+            account = self._account(customer_id)
+            account.balance += micros
+            return Balance(account.balance, account.reserved)
+
+    def get_balance(self, customer_id: str) -> Balance:
+        with self._lock:
+            account = self._account(customer_id)
+            return Balance(account.balance, account.reserved)
+
+    def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]:
+        with self._lock:
+            usage = self._usage.get(Window(live, customer_id, window, start))
+            if usage is None:
+                return {}
+            totals = dict(usage.sums) | usage.maxes
+            totals |= {name: value for name, (_, value) in usage.lasts.items()}
+            totals |= {name: len(values) for name, values in usage.uniques.items()}
+            return totals
+
+    def _account(self, customer_id: str) -> _Account:
+        account = self._accounts.get(customer_id)
+        if account is None:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return account
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncMemoryStorage:
+    """The embedded backend's request path for asyncio: the same store, without I/O to wait on."""
+
+    def __init__(self, storage: MemoryStorage) -> None:
+        self.sync = storage
+        self.shards = storage.shards
+
+    async def resolve_key(self, key_hash: str) -> KeyInfo | None:
+        return self.sync.resolve_key(key_hash)
+
+    async def admit(self, request: AdmitRequest) -> Decision:
+        return self.sync.admit(request)
+
+    async def flush(self, batch: Batch) -> bool:
+        return self.sync.flush(batch)
+
+    async def aclose(self) -> None:
+        pass

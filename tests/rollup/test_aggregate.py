@@ -38,7 +38,9 @@ def at(window: str, start: int, *, live: bool = True, customer: str = "acme") ->
             id="unique-counts-distinct-text",
         ),
         pytest.param([{"mystery": 4}, {"mystery": 6}], {"mystery": 10}, id="unknown-meter-summed"),
-        pytest.param([{"shade": "a"}, {"shade": "b"}, {"shade": "a"}], {"shade": 2}, id="unknown-text-meter-unique"),
+        pytest.param(
+            [{"shade": "a"}, {"shade": "b"}, {"shade": "a"}], {"shade": 2}, id="unknown-text-meter-unique"
+        ),
         pytest.param([{}, {}], {}, id="no-units"),
     ],
 )
@@ -204,7 +206,9 @@ def _unknown_version() -> bytes:
         pytest.param(fields(encode_batch([event()])[:-9], b"0"), "field 'b': not a msgpack", id="truncated"),
         pytest.param(fields(msgpack.packb({"v": 1}), b"0"), "expected a list of events", id="not-a-list"),
         pytest.param(fields(_unknown_version(), b"0"), "unknown schema version 2", id="unknown-version"),
-        pytest.param(fields(msgpack.packb([{"v": 1}]), b"0"), "event 0: field 'id'", id="missing-event-fields"),
+        pytest.param(
+            fields(msgpack.packb([{"v": 1}]), b"0"), "event 0: field 'id'", id="missing-event-fields"
+        ),
         pytest.param(fields([event(), event()], b"1"), "1 costs for 2 events", id="too-few-costs"),
         pytest.param(fields([event()], b"1,2"), "2 costs for 1 events", id="too-many-costs"),
         pytest.param(fields([event()], b"x"), "cost 0 is not a non-negative integer", id="cost-not-a-number"),
@@ -212,10 +216,14 @@ def _unknown_version() -> bytes:
         pytest.param(fields([event(), event()], b"1,"), "cost 1 is not", id="empty-cost"),
         pytest.param(fields([event(), event()], b"1_0,2"), "cost 0 is not", id="underscore-cost"),
         pytest.param(
-            fields([event(units={"tokens": "many"})], b"0"), "meter 'tokens' (sum) needs an integer", id="sum-text"
+            fields([event(units={"tokens": "many"})], b"0"),
+            "meter 'tokens' (sum) needs an integer",
+            id="sum-text",
         ),
         pytest.param(
-            fields([event(), event(units={"gauge": "x"})], b"0,0"), "event 1: meter 'gauge' (last)", id="last-text"
+            fields([event(), event(units={"gauge": "x"})], b"0,0"),
+            "event 1: meter 'gauge' (last)",
+            id="last-text",
         ),
     ],
 )

@@ -214,10 +214,8 @@ def period_bounds(anchor: int, period: str, now: float) -> tuple[int, int]:
 # -- outcomes ----------------------------------------------------------------------------------------
 
 
-def classify(status: int, *, aborted: bool = False) -> Outcome:
-    """The outcome of a finished call from its status (500 if the app raised before responding)."""
-    if aborted:
-        return "aborted"
+def classify(status: int) -> Outcome:
+    """The outcome of a call that completed its response, from its status."""
     if status >= 500:
         return "server_error"
     if status >= 400:

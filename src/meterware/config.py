@@ -232,14 +232,20 @@ class Config:
             source = str(path)
             data = _read_toml(path)
         data.update(overrides)
-        env_storage = os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL")
-        if env_storage:
-            data["storage"] = env_storage
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(_with_env_storage(data), source=source)
 
     def plan(self, name: str) -> Plan:
         """The plan called ``name``; unknown names fall back to the default plan."""
         return self.plans.get(name) or self.plans[self.default_plan]
+
+
+def _with_env_storage(data: dict[str, Any]) -> dict[str, Any]:
+    """Let ``METERWARE_STORAGE`` (or ``METERWARE_REDIS_URL``) replace the storage URL, keeping ``shards``."""
+    url = os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL")
+    if url:
+        storage = data.get("storage")
+        data["storage"] = {**storage, "url": url} if isinstance(storage, dict) else url
+    return data
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -500,3 +506,14 @@ def _parse(data: Mapping[str, Any]) -> Config:
         pipeline=parsed_pipeline,
         rollup=parsed_rollup,
     )
+
+
+def resolve_config(config: Config | str | os.PathLike[str] | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Config:
+    """The configuration a middleware was given: an instance, a file path, a dict, or None (load)."""
+    if isinstance(config, Config):
+        if overrides:
+            raise TypeError("pass either a Config instance or keyword overrides, not both")
+        return config
+    if isinstance(config, Mapping):
+        return Config.from_dict(_with_env_storage({**config, **overrides}), source="arguments")
+    return Config.load(config, **overrides)

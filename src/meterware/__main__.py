@@ -1,0 +1,5 @@
+import sys
+
+from meterware.cli import main
+
+sys.exit(main())

@@ -1,0 +1,303 @@
+"""The request path shared by every adapter: what happens before and after the app, minus the I/O.
+
+An adapter (ASGI, WSGI, Django) translates its request into calls on :class:`Metering` and performs the two
+backend calls itself (``resolve_key`` and ``admit``, with or without ``await``). Everything else - key
+extraction and caching, admission requests, failure policy, outcome classification, the event and its
+settlement - is decided here, once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from meterware import keys
+from meterware._core import (
+    CLIENT_CLOSED_REQUEST,
+    AdmitRequest,
+    Decision,
+    KeyInfo,
+    MeterHold,
+    Problem,
+    Reason,
+    call_units,
+    classify,
+    is_billable,
+    limit_headers,
+    meter_holds,
+    period_bounds,
+    problem,
+)
+from meterware.config import Config
+from meterware.errors import StorageError
+from meterware.events import UsageEvent, new_event_id
+from meterware.flusher import Pending, Pipeline
+from meterware.storage import open_storage
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import Batch, Settlement
+from meterware.usage import CallUsage
+
+logger = logging.getLogger("meterware")
+
+#: Unknown keys are remembered for a shorter time than known ones, so a new key works almost at once.
+NEGATIVE_CACHE_SECONDS: Final = 1.0
+KEY_CACHE_MAX_ENTRIES: Final = 100_000
+UNMATCHED_ROUTE: Final = "<unmatched>"
+#: What a call served without the backend (fail-open) gets instead of an admission decision.
+FAIL_OPEN: Final = Decision(allowed=True)
+_MISSING: Final = object()
+
+KeyGetter = Callable[[Any], "str | None"]
+
+
+@dataclass(slots=True)
+class Call:
+    """One metered call in flight: what the adapters record as the response goes out."""
+
+    key: KeyInfo
+    request: AdmitRequest
+    decision: Decision
+    method: str
+    path: str
+    started_ns: int
+    usage: CallUsage
+    status: int = 0
+    ttfb_ns: int = 0
+    response_bytes: int = 0
+    request_bytes: int = 0
+    header_units: dict[str, str] = field(default_factory=dict)
+    finished: bool = False
+
+
+class Metering:
+    """The per-process state and decisions behind one middleware instance."""
+
+    def __init__(self, config: Config, *, key_getter: KeyGetter | None = None) -> None:
+        self.config = config
+        self.routes = config.routes
+        self.policy = config.policy
+        self.key_getter = key_getter
+        self.pipeline = Pipeline(config.pipeline, on_flushed=self._rollup_in_process if self.embedded else None)
+        self.usage_headers = {
+            meter.header.encode("latin-1"): name for name, meter in config.meters.items() if meter.header
+        }
+        self._keys: dict[str, tuple[float, KeyInfo | None]] = {}
+        self._holds: dict[tuple[str, int, bool], tuple[MeterHold, ...]] = {}
+        self._periods: dict[tuple[int, str], tuple[int, int]] = {}
+        self._exit_hook_pid = 0
+        self._rollup_lock = threading.Lock()
+        self._rollup: Any = None
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the backend is the in-process ``memory://`` store (the rollup then runs in-process)."""
+        return self.config.storage.startswith("memory://")
+
+    # -- before the app -----------------------------------------------------------------------------
+
+    def presented_key(self, native_request: Any, headers: Iterable[tuple[bytes, bytes]], query: bytes) -> str | None:
+        """The key the caller presented, by the user's getter or from the configured headers/query."""
+        if self.key_getter is not None:
+            return self.key_getter(native_request)
+        return keys.key_from_headers(headers, query, self.policy.key_headers, self.policy.key_query)
+
+    @staticmethod
+    def check_presented(presented: str | None) -> tuple[Reason | None, str]:
+        """Refuse absent or malformed keys before any lookup; otherwise return the key's hash."""
+        if not presented:
+            return "missing_key", ""
+        if not keys.is_well_formed(presented):
+            return "malformed_key", ""
+        return None, keys.hash_key(presented)
+
+    def cached_key(self, key_hash: str) -> KeyInfo | None | object:
+        """The cached resolution of a key hash, or ``_MISSING`` if it must be looked up."""
+        entry = self._keys.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return _MISSING
+        return entry[1]
+
+    def remember_key(self, key_hash: str, info: KeyInfo | None) -> None:
+        if len(self._keys) >= KEY_CACHE_MAX_ENTRIES:
+            self._keys.clear()
+        ttl = self.policy.key_cache_ttl if info is not None else min(NEGATIVE_CACHE_SECONDS, self.policy.key_cache_ttl)
+        self._keys[key_hash] = (time.monotonic() + ttl, info)
+
+    def admit_request(self, key: KeyInfo, path: str, now: float) -> AdmitRequest:
+        """What the backend must check and reserve for a call by ``key`` to ``path``."""
+        customer = key.customer
+        plan = self.config.plan(customer.plan)
+        weight = self.routes.weight(path)
+        holds = self._holds.get((plan.name, weight, key.live))
+        if holds is None:
+            holds = meter_holds(plan, self.config.meters, weight, key.live)
+            self._holds[(plan.name, weight, key.live)] = holds
+        bounds = self._periods.get((customer.anchor, plan.period))
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            bounds = period_bounds(customer.anchor, plan.period, now)
+            self._periods[(customer.anchor, plan.period)] = bounds
+        return AdmitRequest(
+            shard=shard_of(customer.id, self.config.shards),
+            customer=customer.id,
+            key_id=key.key_id,
+            live=key.live,
+            plan=plan,
+            period_start=bounds[0],
+            period_end=bounds[1],
+            holds=holds,
+            reservation_id=secrets.token_hex(8),
+            reservation_timeout_ms=int(self.policy.reservation_timeout * 1000),
+        )
+
+    def on_backend_error(self, error: StorageError, during: str) -> Decision | Problem:
+        """Apply the failure policy: serve without the backend (fail open) or refuse with 503."""
+        logger.warning("meterware: backend failed during %s (%s); failing %s", during, error, self.policy.on_backend_error)
+        if self.policy.on_backend_error == "open":
+            return FAIL_OPEN
+        return problem("backend_unavailable", Decision(allowed=False, retry_after=1))
+
+    def start(self, key: KeyInfo, request: AdmitRequest, decision: Decision, method: str, path: str) -> Call:
+        return Call(key, request, decision, method, path, time.perf_counter_ns(), CallUsage(self.config.meters))
+
+    def response_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
+        """Headers added to an admitted call's response."""
+        return limit_headers(call.decision.limits)
+
+    # -- after the app ------------------------------------------------------------------------------
+
+    def finish(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:
+        """Record a finished call: classify it, measure its units, and queue its event.
+
+        ``failed``: the app raised or never completed its response; ``aborted``: the client went away.
+        Either way the call is not charged.
+        """
+        if call.finished:
+            return
+        call.finished = True
+        ended = time.perf_counter_ns()
+        if aborted:
+            status, outcome = call.status or CLIENT_CLOSED_REQUEST, "aborted"
+        elif failed:
+            status, outcome = call.status if call.status >= 500 else 500, "server_error"
+        else:
+            status, outcome = call.status, classify(call.status)
+        billable = is_billable(outcome, bill_client_errors=self.policy.bill_client_errors)
+        units = self._units(call, ended)
+        request = call.request
+        event = UsageEvent(
+            id=new_event_id(),
+            timestamp_ms=time.time_ns() // 1_000_000,
+            customer=request.customer,
+            key_id=call.key.key_id,
+            plan=request.plan.name,
+            route=route or call.path,
+            method=call.method,
+            status=status,
+            outcome=outcome,
+            duration_us=(ended - call.started_ns) // 1000,
+            ttfb_us=(call.ttfb_ns - call.started_ns) // 1000 if call.ttfb_ns else 0,
+            units=units,
+            billable=billable,
+            live=request.live,
+            period_start=request.period_start,
+        )
+        settlement = Settlement(
+            customer=request.customer,
+            live=request.live,
+            period_start=request.period_start,
+            reservation_id=call.decision.reservation_id,
+            billable=billable,
+            charges_credits=request.charges_credits,
+            meters=tuple(
+                (hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in request.holds
+            ),
+        )
+        self._queue(Pending(request.shard, event, settlement))
+
+    def _units(self, call: Call, ended_ns: int) -> dict[str, int | str]:
+        units: dict[str, int | str] = {}
+        weight = self.routes.weight(call.path)
+        for name, meter in self.config.meters.items():
+            source = meter.source
+            if source == "call":
+                units[name] = call_units(meter, weight)
+            elif source == "handler":
+                if name in call.usage.units:
+                    units[name] = call.usage.units[name]
+            elif source == "response_bytes":
+                units[name] = call.response_bytes
+            elif source == "request_bytes":
+                units[name] = call.request_bytes
+            elif source == "duration_ms":
+                units[name] = (ended_ns - call.started_ns) // 1_000_000
+            elif name in call.header_units:
+                value = call.header_units[name].strip()
+                if value.isdigit() and len(value) < 16:
+                    units[name] = int(value)
+                else:
+                    logger.warning("meterware: ignored usage header for meter %r: not a whole number", name)
+        return units
+
+    def reject(self, key: KeyInfo, request: AdmitRequest, reason: Reason, status: int, method: str, route: str) -> None:
+        """Record a refused call of a known customer (it is never charged)."""
+        event = UsageEvent(
+            id=new_event_id(),
+            timestamp_ms=time.time_ns() // 1_000_000,
+            customer=request.customer,
+            key_id=key.key_id,
+            plan=request.plan.name,
+            route=route,
+            method=method,
+            status=status,
+            outcome="rejected",
+            duration_us=0,
+            ttfb_us=0,
+            live=request.live,
+            period_start=request.period_start,
+            reason=reason,
+        )
+        self._queue(Pending(request.shard, event, None))
+
+    def _queue(self, item: Pending) -> None:
+        if self._exit_hook_pid != os.getpid():
+            self._exit_hook_pid = os.getpid()
+            atexit.register(self.drain_at_exit)
+        self.pipeline.put(item)
+
+    # -- pipeline -----------------------------------------------------------------------------------
+
+    def drain_at_exit(self) -> None:
+        """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
+        if not len(self.pipeline.buffer) and not self.pipeline.spool.pending():
+            return
+        storage = open_storage(self.config.storage, shards=self.config.shards, timeout=max(1.0, self.policy.timeout))
+        try:
+            self.pipeline.flush_sync(storage)
+        finally:
+            storage.close()
+
+    def _rollup_in_process(self, batch: Batch) -> None:
+        from meterware.rollup import RollupWorker
+
+        with self._rollup_lock:
+            if self._rollup is None:
+                storage = open_storage(self.config.storage, shards=self.config.shards)
+                self._rollup = RollupWorker(storage, self.config, owner=f"in-process-{os.getpid()}")
+            self._rollup.drain()
+
+
+def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, str]) -> dict[str, str]:
+    """Values of the usage headers among ``headers``, by meter name."""
+    found: dict[str, str] = {}
+    for name, value in headers:
+        meter = wanted.get(name.lower())
+        if meter is not None:
+            found[meter] = value.decode("latin-1")
+    return found

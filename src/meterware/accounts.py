@@ -1,0 +1,162 @@
+"""Customers, keys, credits and usage reports: the operations behind the CLI (and your admin code).
+
+    accounts = Accounts.open()                  # config from meterware.toml / env
+    accounts.create_customer("acme", plan="pro")
+    key = accounts.create_key("acme")           # key.plaintext is shown once, never stored
+    accounts.grant_credits("acme", "25.00")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from meterware._core import Customer, KeyRecord, period_bounds
+from meterware.config import Config, parse_credits
+from meterware.errors import ConfigError, NotFoundError, UsageError
+from meterware.events import OUTCOMES
+from meterware.keys import NewKey, generate_key
+from meterware.storage import open_storage
+from meterware.storage._keyspace import CUSTOMER_ID_RE
+from meterware.storage.base import Balance, Storage
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """A customer's usage in one billing period, from the rollups."""
+
+    customer: str
+    live: bool
+    period_start: int
+    period_end: int
+    #: Totals per meter (billable calls only).
+    meters: dict[str, int]
+    #: Calls per outcome: success, client_error, server_error, aborted, rejected.
+    calls: dict[str, int]
+    #: Micro-credits charged (prepaid) or accrued (invoiced) in the period.
+    spend: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "customer": self.customer,
+            "live": self.live,
+            "period_start": self.period_start,
+            "period_end": self.period_end,
+            "meters": self.meters,
+            "calls": self.calls,
+            "spend_micros": self.spend,
+        }
+
+
+class Accounts:
+    """Management operations over a backend (synchronous)."""
+
+    def __init__(self, storage: Storage, config: Config) -> None:
+        self.storage = storage
+        self.config = config
+
+    @classmethod
+    def open(cls, config: Config | None = None) -> Accounts:
+        """Connect to the backend named by ``config`` (loaded from file/env when omitted)."""
+        config = config or Config.load()
+        return cls(open_storage(config.storage, shards=config.shards), config)
+
+    def close(self) -> None:
+        self.storage.close()
+
+    # -- customers
+
+    def create_customer(self, customer_id: str, *, plan: str | None = None, anchor: int | None = None) -> Customer:
+        """Create a customer on ``plan`` whose billing periods start at ``anchor`` (default: now)."""
+        if not CUSTOMER_ID_RE.match(customer_id):
+            raise UsageError(f"customer id {customer_id!r} must be 1-128 letters, digits, '_', '.', '@' or '-'")
+        plan = plan or self.config.default_plan
+        self._check_plan(plan)
+        customer = Customer(customer_id, plan, "active", int(time.time()) if anchor is None else anchor)
+        self.storage.create_customer(customer)
+        return customer
+
+    def customer(self, customer_id: str) -> Customer:
+        customer = self.storage.get_customer(customer_id)
+        if customer is None:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return customer
+
+    def change_plan(self, customer_id: str, plan: str) -> None:
+        self._check_plan(plan)
+        self.customer(customer_id)
+        self.storage.update_customer(customer_id, plan=plan)
+
+    def set_status(self, customer_id: str, status: str) -> None:
+        if status not in ("active", "suspended"):
+            raise UsageError(f"status must be 'active' or 'suspended', got {status!r}")
+        self.customer(customer_id)
+        self.storage.update_customer(customer_id, status=status)
+
+    def _check_plan(self, plan: str) -> None:
+        if plan not in self.config.plans:
+            raise ConfigError("plan", f"{plan!r} is not defined (known: {', '.join(self.config.plans)})")
+
+    # -- keys
+
+    def create_key(self, customer_id: str, *, live: bool = True) -> NewKey:
+        """Issue a key; its plaintext exists only in the returned object."""
+        self.customer(customer_id)
+        new = generate_key(live=live)
+        record = KeyRecord(new.key_id, customer_id, new.prefix, live, "active", int(time.time()))
+        self.storage.add_key(record, new.hash)
+        return new
+
+    def list_keys(self, customer_id: str) -> list[KeyRecord]:
+        self.customer(customer_id)
+        return self.storage.list_keys(customer_id)
+
+    def key(self, key_id: str) -> KeyRecord:
+        record = self.storage.get_key(key_id)
+        if record is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return record
+
+    def revoke_key(self, key_id: str) -> None:
+        """Stop a key at once (the next admission refuses it, whatever the caches hold)."""
+        self.key(key_id)
+        self.storage.set_key_state(key_id, status="revoked")
+
+    def rotate_key(self, key_id: str, *, grace_seconds: float = 0) -> NewKey:
+        """Issue a replacement key; the old one keeps working for ``grace_seconds``, then expires."""
+        old = self.key(key_id)
+        if old.status != "active":
+            raise UsageError(f"key {key_id} is revoked and cannot be rotated")
+        new = self.create_key(old.customer, live=old.live)
+        expires_ms = int((time.time() + max(0.0, grace_seconds)) * 1000)
+        if old.expires_ms:
+            expires_ms = min(expires_ms, old.expires_ms)  # never past the original expiry
+        self.storage.set_key_state(key_id, expires_ms=expires_ms)
+        return new
+
+    # -- credits
+
+    def grant_credits(self, customer_id: str, amount: str | int) -> Balance:
+        """Add ``amount`` credits (a decimal string like ``"25.50"``) to the prepaid balance."""
+        micros = parse_credits(amount, "amount")
+        if micros <= 0:
+            raise UsageError("amount must be positive")
+        self.customer(customer_id)
+        return self.storage.grant_credits(customer_id, micros)
+
+    def balance(self, customer_id: str) -> Balance:
+        self.customer(customer_id)
+        return self.storage.get_balance(customer_id)
+
+    # -- usage
+
+    def usage(self, customer_id: str, *, live: bool = True, at: float | None = None) -> UsageReport:
+        """Usage of the billing period containing ``at`` (default: now)."""
+        customer = self.customer(customer_id)
+        plan = self.config.plan(customer.plan)
+        start, end = period_bounds(customer.anchor, plan.period, time.time() if at is None else at)
+        totals = self.storage.read_usage(customer_id, live, "period", start)
+        calls = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
+        meters = {name: totals.get(name, 0) for name in self.config.meters}
+        return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))

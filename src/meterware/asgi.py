@@ -1,0 +1,210 @@
+"""The ASGI middleware: one line in Starlette, FastAPI or around any ASGI app.
+
+    app.add_middleware(MeteringMiddleware)            # Starlette / FastAPI
+    app = MeteringMiddleware(app, config="meterware.toml")   # any ASGI app
+
+A pure ASGI middleware (not ``BaseHTTPMiddleware``): the response streams through untouched except for the
+``RateLimit`` headers added to its start message, and the call's event is queued once the last body chunk
+has gone out, so streaming and server-sent events are timed to their end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from meterware._core import KeyInfo, Problem, problem
+from meterware._metering import _MISSING, UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
+from meterware.config import Config, resolve_config
+from meterware.errors import StorageError
+from meterware.flusher import AsyncFlusher
+from meterware.storage import open_async_storage
+from meterware.storage.base import AsyncStorage
+from meterware.usage import _current
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class MeteringMiddleware:
+    """Meter an ASGI app: authenticate keys, enforce plans, record usage.
+
+    :param app: the ASGI application to wrap.
+    :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
+        ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
+    :param key_getter: optional callable taking the ASGI scope and returning the presented key (or None),
+        replacing the header/query lookup.
+    :param overrides: top-level config sections, e.g. ``storage="redis://localhost:6379/0"``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: Config | str | os.PathLike[str] | dict[str, Any] | None = None,
+        *,
+        key_getter: KeyGetter | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.app = app
+        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter)
+        self._storage: AsyncStorage | None = None
+        self._flusher: AsyncFlusher | None = None
+
+    @property
+    def storage(self) -> AsyncStorage:
+        """The backend client, made on first use (never at import or construction)."""
+        if self._storage is None:
+            config = self.metering.config
+            self._storage = open_async_storage(config.storage, shards=config.shards, timeout=config.policy.timeout)
+        return self._storage
+
+    @property
+    def flusher(self) -> AsyncFlusher:
+        if self._flusher is None:
+            self._flusher = AsyncFlusher(self.metering.pipeline, self.storage)
+        return self._flusher
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if self.metering.routes.is_excluded(scope["path"]):
+                await self.app(scope, receive, send)
+            else:
+                await self._metered(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_after_draining(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.drain()
+            await send(message)
+
+        await self.app(scope, receive, send_after_draining)
+
+    async def drain(self) -> None:
+        """Flush every buffered event now (called at lifespan shutdown; safe to call any time)."""
+        await self.flusher.drain()
+
+    async def _refuse(self, send: Send, refusal: Problem) -> None:
+        await send({"type": "http.response.start", "status": refusal.status, "headers": refusal.response_headers()})
+        await send({"type": "http.response.body", "body": refusal.body()})
+
+    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metering = self.metering
+        reason, key_hash = metering.check_presented(
+            metering.presented_key(scope, scope["headers"], scope.get("query_string", b""))
+        )
+        if reason is not None:
+            await self._refuse(send, problem(reason))
+            return
+        key = metering.cached_key(key_hash)
+        if key is _MISSING:
+            try:
+                key = await self.storage.resolve_key(key_hash)
+            except StorageError as error:
+                outcome = metering.on_backend_error(error, "key lookup")
+                # Without the backend an unknown key cannot be told from a known one.
+                await self._refuse(send, outcome if isinstance(outcome, Problem) else problem("backend_unavailable"))
+                return
+            metering.remember_key(key_hash, key)  # type: ignore[arg-type]
+        if key is None:
+            await self._refuse(send, problem("unknown_key"))
+            return
+        assert isinstance(key, KeyInfo)
+
+        path = scope["path"]
+        method = scope["method"]
+        request = metering.admit_request(key, path, time.time())
+        try:
+            decision = await self.storage.admit(request)
+        except StorageError as error:
+            outcome = metering.on_backend_error(error, "admission")
+            if isinstance(outcome, Problem):
+                metering.reject(key, request, outcome.reason, outcome.status, method, path)
+                self.flusher.ensure_running()
+                await self._refuse(send, outcome)
+                return
+            decision = outcome
+        if not decision.allowed:
+            assert decision.reason is not None
+            refusal = problem(decision.reason, decision)
+            if decision.reason not in ("unknown_key", "revoked_key", "expired_key"):
+                metering.reject(key, request, decision.reason, refusal.status, method, path)
+                self.flusher.ensure_running()
+            await self._refuse(send, refusal)
+            return
+
+        call = metering.start(key, request, decision, method, path)
+        await self._serve(scope, receive, send, call)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
+        metering = self.metering
+        extra_headers = metering.response_headers(call)
+        usage_headers = metering.usage_headers
+        strip = metering.policy.strip_usage_headers and bool(usage_headers)
+        root_path = scope.get("root_path", "")
+        disconnected = False
+
+        async def metered_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.request":
+                call.request_bytes += len(message.get("body", b""))
+            elif message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def metered_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                call.status = message["status"]
+                call.ttfb_ns = time.perf_counter_ns()
+                headers = list(message.get("headers", ()))
+                if usage_headers:
+                    call.header_units = header_map(headers, usage_headers)
+                    if strip and call.header_units:
+                        headers = [(k, v) for k, v in headers if k.lower() not in usage_headers]
+                message["headers"] = headers + extra_headers
+            elif message["type"] == "http.response.body":
+                call.response_bytes += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await _send_or_notice_disconnect(message)
+                    metering.finish(call, _route(scope, root_path))
+                    return
+            await _send_or_notice_disconnect(message)
+
+        async def _send_or_notice_disconnect(message: Message) -> None:
+            nonlocal disconnected
+            try:
+                await send(message)
+            except OSError:  # the server could not write: the client is gone
+                disconnected = True
+                raise
+
+        token = _current.set(call.usage)
+        try:
+            await self.app(scope, metered_receive, metered_send)
+        except BaseException:
+            metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
+            raise
+        finally:
+            _current.reset(token)
+            # The app returned without finishing its response: the client went away, or the app gave up.
+            metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
+            self.flusher.ensure_running()
+
+
+def _route(scope: Scope, root_path: str) -> str:
+    """The route template that served the call (Starlette/FastAPI set ``scope["route"]``)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return UNMATCHED_ROUTE if scope.get("router") is not None else scope["path"]
+    mount_prefix = scope.get("root_path", "")[len(root_path) :]
+    return mount_prefix + template

@@ -1,0 +1,308 @@
+"""The ``meterware`` command line: customers, keys, credits, usage, plans, the rollup worker and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from meterware.__about__ import __version__
+from meterware.accounts import Accounts
+from meterware.config import MICROS_PER_CREDIT, Config
+from meterware.errors import MeterwareError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def format_credits(micros: int) -> str:
+    """Micro-credits as a decimal string with six places (``1500000`` -> ``"1.500000"``)."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), MICROS_PER_CREDIT)
+    return f"{sign}{whole}.{fraction:06d}"
+
+
+def _when(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    overrides = {"storage": args.storage} if getattr(args, "storage", None) else {}
+    return Config.load(getattr(args, "config", None), **overrides)
+
+
+def _accounts(args: argparse.Namespace) -> Accounts:
+    config = _load_config(args)
+    if config.storage.startswith("memory://") and args.command not in ("demo",):
+        print(
+            "meterware: note: memory:// keeps data only inside one process; "
+            "pass --storage redis://... (or set METERWARE_STORAGE) to manage a real deployment",
+            file=sys.stderr,
+        )
+    return Accounts.open(config)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> int:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+    return 0
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_customers_create(args: argparse.Namespace) -> int:
+    accounts = _accounts(args)
+    customer = accounts.create_customer(args.customer, plan=args.plan, anchor=args.anchor)
+    data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
+    return _emit(args, data, f"created customer {customer.id} on plan {customer.plan}")
+
+
+def cmd_customers_show(args: argparse.Namespace) -> int:
+    accounts = _accounts(args)
+    customer = accounts.customer(args.customer)
+    data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
+    text = f"{customer.id}: plan {customer.plan}, {customer.status}, periods anchored at {_when(customer.anchor)}"
+    return _emit(args, data, text)
+
+
+def cmd_customers_list(args: argparse.Namespace) -> int:
+    ids = _accounts(args).storage.list_customers()
+    return _emit(args, ids, "\n".join(ids) or "(no customers)")
+
+
+def cmd_customers_set(args: argparse.Namespace) -> int:
+    accounts = _accounts(args)
+    if args.plan:
+        accounts.change_plan(args.customer, args.plan)
+    if args.status:
+        accounts.set_status(args.customer, args.status)
+    return cmd_customers_show(args)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key = _accounts(args).create_key(args.customer, live=not args.test)
+    data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "live": key.live}
+    text = f"{key.plaintext}\n\nkey id {key.key_id}; this key is shown once - store it now."
+    return _emit(args, data, text)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    records = _accounts(args).list_keys(args.customer)
+    data = [
+        {
+            "key_id": r.key_id,
+            "prefix": r.prefix,
+            "live": r.live,
+            "status": r.status,
+            "created": r.created,
+            "expires_ms": r.expires_ms,
+        }
+        for r in records
+    ]
+    lines = []
+    for r in records:
+        expires = f", expires {_when(r.expires_ms // 1000)}" if r.expires_ms else ""
+        lines.append(f"{r.key_id}  {r.prefix}...  {'live' if r.live else 'test'}  {r.status}{expires}")
+    return _emit(args, data, "\n".join(lines) or "(no keys)")
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    _accounts(args).revoke_key(args.key_id)
+    return _emit(args, {"key_id": args.key_id, "status": "revoked"}, f"revoked {args.key_id}")
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    key = _accounts(args).rotate_key(args.key_id, grace_seconds=args.grace)
+    data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "replaces": args.key_id}
+    text = (
+        f"{key.plaintext}\n\nkey id {key.key_id} replaces {args.key_id}, which stops working in "
+        f"{args.grace:g}s; this key is shown once - store it now."
+    )
+    return _emit(args, data, text)
+
+
+def cmd_credits_grant(args: argparse.Namespace) -> int:
+    balance = _accounts(args).grant_credits(args.customer, args.amount)
+    data = {"customer": args.customer, "balance_micros": balance.balance, "reserved_micros": balance.reserved}
+    return _emit(args, data, f"{args.customer}: balance {format_credits(balance.balance)} credits")
+
+
+def cmd_credits_show(args: argparse.Namespace) -> int:
+    balance = _accounts(args).balance(args.customer)
+    data = {
+        "customer": args.customer,
+        "balance": format_credits(balance.balance),
+        "reserved": format_credits(balance.reserved),
+        "available": format_credits(balance.available),
+        "balance_micros": balance.balance,
+        "reserved_micros": balance.reserved,
+    }
+    text = (
+        f"{args.customer}: balance {format_credits(balance.balance)}, reserved {format_credits(balance.reserved)}, "
+        f"available {format_credits(balance.available)} credits"
+    )
+    return _emit(args, data, text)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    accounts = _accounts(args)
+    at = time.time()
+    if args.period == "previous":
+        current = accounts.usage(args.customer, live=not args.test, at=at)
+        at = current.period_start - 1
+    elif args.period != "current":
+        try:
+            at = datetime.fromisoformat(args.period).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            raise MeterwareError(f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}")
+    report = accounts.usage(args.customer, live=not args.test, at=at)
+    lines = [
+        f"{report.customer} ({'live' if report.live else 'test'}) "
+        f"{_when(report.period_start)} .. {_when(report.period_end)}",
+        *(f"  {meter:<20} {value:>14}" for meter, value in report.meters.items()),
+        "  calls: " + ", ".join(f"{outcome} {count}" for outcome, count in report.calls.items()),
+        f"  spend: {format_credits(report.spend)} credits",
+    ]
+    return _emit(args, report.as_dict(), "\n".join(lines))
+
+
+def cmd_plans_list(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    data = {}
+    lines = []
+    for plan in config.plans.values():
+        data[plan.name] = {
+            "period": plan.period,
+            "prepaid": plan.prepaid,
+            "rate_limits": [f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits],
+            "meters": {
+                name: {
+                    "quota": terms.quota,
+                    "quota_mode": "hard" if terms.hard else "soft",
+                    "included": terms.included,
+                    "price": format_credits(terms.price),
+                }
+                for name, terms in plan.meters.items()
+            },
+        }
+        limits = ", ".join(data[plan.name]["rate_limits"]) or "no rate limit"
+        lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
+        for name, terms in plan.meters.items():
+            quota = "no quota" if terms.quota is None else f"{'hard' if terms.hard else 'soft'} quota {terms.quota}"
+            lines.append(f"  {name}: {quota}, {terms.included} included, {format_credits(terms.price)} per unit")
+    return _emit(args, data, "\n".join(lines))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    config = Config.load(path)
+    text = (
+        f"{path or 'configuration'}: ok ({len(config.meters)} meters, {len(config.plans)} plans, "
+        f"storage {config.storage.split('://')[0]}://)"
+    )
+    return _emit(args, {"ok": True, "meters": sorted(config.meters), "plans": sorted(config.plans)}, text)
+
+
+def cmd_rollup(args: argparse.Namespace) -> int:
+    from meterware.rollup import run_worker
+
+    return run_worker(_load_config(args), once=args.once)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meterware.demo import run_demo
+
+    return run_demo(storage=args.storage)
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML configuration (default: $METERWARE_CONFIG or ./meterware.toml)")
+    common.add_argument("--storage", metavar="URL", help="storage URL, e.g. redis://localhost:6379/0")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    parser = argparse.ArgumentParser(prog="meterware", description="Sell access to your API.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"meterware {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        sub = commands.add_parser(name, help=help_text, parents=[common])
+        return sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help_text: str
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, parents=[common])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    customers = group("customers", "create and inspect customers")
+    sub = command(customers, "create", cmd_customers_create, "create a customer")
+    sub.add_argument("customer")
+    sub.add_argument("--plan", help="plan name (default: the config's default_plan)")
+    sub.add_argument("--anchor", type=int, help="billing-period anchor, epoch seconds (default: now)")
+    command(customers, "show", cmd_customers_show, "show a customer").add_argument("customer")
+    command(customers, "list", cmd_customers_list, "list customer ids")
+    sub = command(customers, "set", cmd_customers_set, "change a customer's plan or status")
+    sub.add_argument("customer")
+    sub.add_argument("--plan")
+    sub.add_argument("--status", choices=["active", "suspended"])
+
+    keys = group("keys", "issue, list, revoke and rotate API keys")
+    sub = command(keys, "create", cmd_keys_create, "issue a key (printed once)")
+    sub.add_argument("customer")
+    sub.add_argument("--test", action="store_true", help="a sandbox key: metered separately, never charged")
+    command(keys, "list", cmd_keys_list, "list a customer's keys").add_argument("customer")
+    command(keys, "revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
+    sub = command(keys, "rotate", cmd_keys_rotate, "issue a replacement key")
+    sub.add_argument("key_id")
+    sub.add_argument("--grace", type=float, default=0.0, metavar="SECONDS", help="how long the old key keeps working")
+
+    credits = group("credits", "prepaid credit balances")
+    sub = command(credits, "grant", cmd_credits_grant, "add credits")
+    sub.add_argument("customer")
+    sub.add_argument("amount", help="credits, e.g. 25 or 0.50")
+    command(credits, "show", cmd_credits_show, "show balance and reserved credits").add_argument("customer")
+
+    sub = commands.add_parser("usage", help="usage of a billing period", parents=[common])
+    sub.set_defaults(handler=cmd_usage)
+    sub.add_argument("customer")
+    sub.add_argument("--period", default="current", help="current, previous, or a date inside the period")
+    sub.add_argument("--test", action="store_true", help="sandbox (test key) usage")
+
+    plans = group("plans", "the configured plans")
+    command(plans, "list", cmd_plans_list, "list plans, limits and prices")
+
+    config = group("config", "configuration files")
+    command(config, "check", cmd_config_check, "validate a configuration file").add_argument("file", nargs="?")
+
+    sub = commands.add_parser("rollup", help="run the rollup worker", parents=[common])
+    sub.set_defaults(handler=cmd_rollup)
+    sub.add_argument("--once", action="store_true", help="drain the streams, then exit")
+
+    sub = commands.add_parser("demo", help="run the demo: an API, customers, traffic, usage", parents=[common])
+    sub.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.handler(args)
+        return result
+    except MeterwareError as error:
+        print(f"meterware: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""From the request path to the backend: a bounded buffer, flushers, and a spool for bad times.
+
+The request path only appends to an in-process :class:`EventBuffer` (no I/O). A flusher (an asyncio task
+under ASGI, a thread under WSGI) takes events out on size or age, groups them per shard into
+:class:`~meterware.storage.base.Batch` es, and hands each to the backend's atomic, idempotent ``flush``.
+When the backend fails, batches go to a :class:`Spool` directory on local disk and the flusher backs off;
+spooled batches are replayed (by any process sharing the directory) once the backend answers again.
+A batch keeps its id from the first attempt to the last, so an ambiguous failure followed by a retry never
+writes it twice. Events are dropped only when both the buffer and the spool are full, and every drop is
+counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from meterware.config import Pipeline as PipelineConfig
+from meterware.errors import StorageError
+from meterware.events import UsageEvent, encode_batch, format_event_id, new_event_id
+from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
+
+logger = logging.getLogger("meterware.flusher")
+
+MAX_BACKOFF_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A finished call waiting to be flushed."""
+
+    shard: int
+    event: UsageEvent
+    settlement: Settlement | None
+
+
+@dataclass(slots=True)
+class FlushStats:
+    """Counters of one process's pipeline (exported as metrics)."""
+
+    flushed_events: int = 0
+    flushed_batches: int = 0
+    spooled_events: int = 0
+    replayed_batches: int = 0
+    dropped_events: int = 0
+    failures: int = 0
+
+
+class EventBuffer:
+    """A bounded FIFO of pending events, safe to use from any thread without a lock."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[Pending] = deque()
+
+    def put(self, item: Pending) -> bool:
+        """Append ``item``; return False (and keep nothing) when the buffer is full."""
+        if len(self._items) >= self.capacity:
+            return False
+        self._items.append(item)
+        return True
+
+    def take(self, limit: int) -> list[Pending]:
+        """Remove and return up to ``limit`` of the oldest events."""
+        items: list[Pending] = []
+        pop = self._items.popleft
+        try:
+            while len(items) < limit:
+                items.append(pop())
+        except IndexError:
+            pass
+        return items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def make_batches(items: Iterable[Pending]) -> list[Batch]:
+    """Group pending events per shard into batches with fresh, time-sortable ids."""
+    by_shard: dict[int, list[Pending]] = defaultdict(list)
+    for item in items:
+        by_shard[item.shard].append(item)
+    return [
+        Batch(
+            shard=shard,
+            batch_id=format_event_id(new_event_id()),
+            payload=encode_batch([item.event for item in group]),
+            settlements=tuple(item.settlement for item in group),
+        )
+        for shard, group in by_shard.items()
+    ]
+
+
+def _count_events(batch: Batch) -> int:
+    return len(batch.settlements)
+
+
+class Spool:
+    """Batches kept on local disk while the backend is unreachable, one file per batch."""
+
+    SUFFIX = ".batch"
+
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._size: int | None = None
+
+    def write(self, batch: Batch) -> bool:
+        """Persist ``batch``; return False if the spool is full (the batch is then dropped)."""
+        data = msgpack.packb(
+            [batch.shard, batch.batch_id, batch.payload, [_settlement_row(s) for s in batch.settlements]],
+            use_bin_type=True,
+        )
+        if self.size() + len(data) > self.max_bytes:
+            return False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"{batch.batch_id}{self.SUFFIX}"
+        temporary = final.with_suffix(f".tmp{os.getpid()}")
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, final)
+        self._size = self.size() + len(data)
+        return True
+
+    def size(self) -> int:
+        """Bytes currently spooled (by every process sharing the directory, as last counted)."""
+        if self._size is None:
+            self._size = sum(path.stat().st_size for path in self._files())
+        return self._size
+
+    def _files(self) -> list[Path]:
+        try:
+            return sorted(self.directory.glob(f"*{self.SUFFIX}"))
+        except FileNotFoundError:
+            return []
+
+    def pending(self) -> list[Path]:
+        """Spooled batch files, oldest first."""
+        files = self._files()
+        self._size = None if files else 0
+        return files
+
+    def read(self, path: Path) -> Batch | None:
+        """Load one spooled batch; a damaged file is set aside as ``.bad`` and None returned."""
+        try:
+            shard, batch_id, payload, rows = msgpack.unpackb(path.read_bytes(), raw=False)
+            return Batch(shard, batch_id, payload, tuple(_settlement_from_row(row) for row in rows))
+        except FileNotFoundError:
+            return None  # replayed meanwhile by another process
+        except Exception as error:
+            logger.error("meterware: spooled batch %s is damaged (%s); moved aside as .bad", path, error)
+            path.rename(path.with_suffix(".bad"))
+            return None
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self._size = None
+
+
+def _settlement_row(settlement: Settlement | None) -> list[object] | None:
+    if settlement is None:
+        return None
+    s = settlement
+    meters = [list(m) for m in s.meters]
+    return [s.customer, s.live, s.period_start, s.reservation_id, s.billable, s.charges_credits, meters]
+
+
+def _settlement_from_row(row: list[object] | None) -> Settlement | None:
+    if row is None:
+        return None
+    customer, live, period_start, reservation_id, billable, charges, meters = row
+    return Settlement(
+        str(customer),
+        bool(live),
+        int(period_start),  # type: ignore[call-overload]
+        str(reservation_id),
+        bool(billable),
+        bool(charges),
+        tuple((str(m), int(u), int(p), int(i)) for m, u, p, i in meters),  # type: ignore[attr-defined]
+    )
+
+
+class Pipeline:
+    """One process's buffer, spool and counters, shared by its flushers and its request path."""
+
+    def __init__(self, config: PipelineConfig, *, on_flushed: Callable[[Batch], None] | None = None) -> None:
+        self.config = config
+        self.buffer = EventBuffer(config.buffer_size)
+        self.spool = Spool(config.spool_dir, config.spool_max_bytes)
+        self.stats = FlushStats()
+        self.on_flushed = on_flushed
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self._wake: Callable[[], None] = lambda: None
+
+    def put(self, item: Pending) -> None:
+        """Queue a finished call (the request path's only pipeline step)."""
+        if not self.buffer.put(item):
+            self.stats.dropped_events += 1
+            logger.error("meterware: event buffer full (%d); an event was dropped", self.buffer.capacity)
+            return
+        if len(self.buffer) >= self.config.batch_size:
+            self._wake()
+
+    # The decisions below are shared by the async and the thread flusher; only the I/O differs.
+
+    def next_batches(self) -> list[Batch]:
+        return make_batches(self.buffer.take(self.config.batch_size * 4))
+
+    def healthy(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    def succeeded(self, batch: Batch, applied: bool, *, replayed: bool = False) -> None:
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        if replayed:
+            self.stats.replayed_batches += 1
+        if applied:
+            self.stats.flushed_batches += 1
+            self.stats.flushed_events += _count_events(batch)
+            if self.on_flushed is not None:
+                self.on_flushed(batch)
+
+    def failed(self, error: StorageError) -> None:
+        self.stats.failures += 1
+        self.backoff = min(MAX_BACKOFF_SECONDS, self.backoff * 2 or 0.1)
+        self.retry_at = time.monotonic() + self.backoff
+        logger.warning("meterware: flush failed (%s); spooling, retry in %.1fs", error, self.backoff)
+
+    def spill(self, batches: Iterable[Batch]) -> None:
+        for batch in batches:
+            if self.spool.write(batch):
+                self.stats.spooled_events += _count_events(batch)
+            else:
+                self.stats.dropped_events += _count_events(batch)
+                logger.error(
+                    "meterware: spool full (%d bytes); dropped a batch of %d events",
+                    self.spool.max_bytes,
+                    _count_events(batch),
+                )
+
+    def flush_sync(self, storage: Storage) -> None:
+        """Flush everything buffered and spooled now (the thread flusher's step; also used at exit)."""
+        batches = self.next_batches()
+        while batches:
+            self._flush_sync(storage, batches)
+            batches = self.next_batches()
+        if self.healthy():
+            for path in self.spool.pending():
+                batch = self.spool.read(path)
+                if batch is None:
+                    continue
+                try:
+                    applied = storage.flush(batch)
+                except StorageError as error:
+                    self.failed(error)
+                    return
+                self.spool.remove(path)
+                self.succeeded(batch, applied, replayed=True)
+
+    def _flush_sync(self, storage: Storage, batches: list[Batch]) -> None:
+        for index, batch in enumerate(batches):
+            if not self.healthy():
+                self.spill(batches[index:])
+                return
+            try:
+                applied = storage.flush(batch)
+            except StorageError as error:
+                self.failed(error)
+                self.spill(batches[index:])
+                return
+            self.succeeded(batch, applied)
+
+    async def flush_async(self, storage: AsyncStorage) -> None:
+        """The twin of :meth:`flush_sync` for asyncio."""
+        batches = self.next_batches()
+        while batches:
+            await self._flush_async(storage, batches)
+            batches = self.next_batches()
+        if self.healthy():
+            for path in self.spool.pending():
+                batch = self.spool.read(path)
+                if batch is None:
+                    continue
+                try:
+                    applied = await storage.flush(batch)
+                except StorageError as error:
+                    self.failed(error)
+                    return
+                self.spool.remove(path)
+                self.succeeded(batch, applied, replayed=True)
+
+    async def _flush_async(self, storage: AsyncStorage, batches: list[Batch]) -> None:
+        for index, batch in enumerate(batches):
+            if not self.healthy():
+                self.spill(batches[index:])
+                return
+            try:
+                applied = await storage.flush(batch)
+            except StorageError as error:
+                self.failed(error)
+                self.spill(batches[index:])
+                return
+            self.succeeded(batch, applied)
+
+
+class AsyncFlusher:
+    """Flushes a pipeline from an asyncio task, started lazily on the running loop and restarted if it dies."""
+
+    def __init__(self, pipeline: Pipeline, storage: AsyncStorage) -> None:
+        self.pipeline = pipeline
+        self.storage = storage
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+
+    def ensure_running(self) -> None:
+        """Start the flusher task on the current loop unless it is alive there (cheap; called per event)."""
+        task = self._task
+        if task is not None and not task.done() and self._loop is asyncio.get_running_loop():
+            return
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            logger.error("meterware: flusher died (%r); restarting", task.exception())
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        loop, wake = self._loop, self._wake
+        self.pipeline._wake = lambda: loop.call_soon_threadsafe(wake.set)
+        self._task = loop.create_task(self._run(), name="meterware-flusher")
+
+    async def _run(self) -> None:
+        interval = self.pipeline.config.flush_interval
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.pipeline.flush_async(self.storage)
+
+    async def drain(self) -> None:
+        """Flush everything buffered (at shutdown), then stop the task."""
+        if self._task is not None and self._loop is asyncio.get_running_loop():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+        await self.pipeline.flush_async(self.storage)
+
+
+class ThreadFlusher:
+    """Flushes a pipeline from a daemon thread, started lazily per process (after fork) and restarted if it dies."""
+
+    def __init__(self, pipeline: Pipeline, storage: Storage) -> None:
+        self.pipeline = pipeline
+        self.storage = storage
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        """Start the thread in this process unless it is alive (cheap; called per event)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+                return
+            if self._thread is not None and self._pid == os.getpid():
+                logger.error("meterware: flusher thread died; restarting")
+            self._pid = os.getpid()
+            self._stop = threading.Event()
+            self.pipeline._wake = self._wake.set
+            self._thread = threading.Thread(target=self._run, name="meterware-flusher", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.pipeline.config.flush_interval
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            try:
+                self.pipeline.flush_sync(self.storage)
+            except Exception:
+                logger.exception("meterware: unexpected error in the flusher; retrying")
+                time.sleep(interval)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Stop the thread and flush everything buffered (at exit)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            self._thread.join(timeout)
+        self._thread = None
+        self.pipeline.flush_sync(self.storage)

@@ -1,0 +1,91 @@
+"""Report value units (tokens, bytes, rows...) from inside a handler.
+
+    import meterware
+
+    @app.post("/v1/chat")
+    async def chat(...):
+        reply = await model.generate(...)
+        meterware.usage.add("tokens", reply.usage.total_tokens)
+        return reply
+
+The units belong to the call being handled, through a context variable, so the same call works from async
+and sync endpoints, from threads started by the framework, and from nested helpers. Units reported outside
+a metered call, for an unknown meter, or with a value that cannot be metered are ignored with a warning
+(never charged wrongly).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from meterware.config import Meter
+
+logger = logging.getLogger("meterware.usage")
+
+
+@dataclass(slots=True)
+class CallUsage:
+    """Units reported for one call so far."""
+
+    meters: Mapping[str, Meter]
+    units: dict[str, int | str] = field(default_factory=dict)
+    rejected: int = 0
+
+    def add(self, meter: str, value: int | str) -> None:
+        """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value)."""
+        definition = self.meters.get(meter)
+        problem = _problem(definition, meter, value)
+        if problem:
+            self.rejected += 1
+            logger.warning("meterware: ignored usage for meter %r: %s", meter, problem)
+            return
+        assert definition is not None
+        if definition.aggregation == "unique":
+            self.units[meter] = str(value)
+        elif definition.aggregation in ("count", "sum"):
+            self.units[meter] = int(self.units.get(meter, 0)) + int(value)
+        elif definition.aggregation == "max":
+            self.units[meter] = max(int(self.units.get(meter, value)), int(value))
+        else:
+            self.units[meter] = int(value)
+
+
+def _problem(definition: Meter | None, meter: str, value: object) -> str | None:
+    if definition is None:
+        return "no such meter is configured"
+    if definition.source != "handler":
+        return f"its source is {definition.source!r}, not 'handler'"
+    if definition.aggregation == "unique":
+        if not isinstance(value, str | int) or isinstance(value, bool) or len(str(value)) > 256:
+            return "a unique meter takes a string or integer of at most 256 characters"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"units must be an integer, got {type(value).__name__}"
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        return f"units must be a whole number, got {value!r}"
+    if value < 0:
+        return f"units must not be negative, got {value!r}"
+    if value >= 2**53:
+        return f"units are too large, got {value!r}"
+    return None
+
+
+_current: ContextVar[CallUsage | None] = ContextVar("meterware_usage", default=None)
+
+
+def add(meter: str, value: int | str) -> None:
+    """Report ``value`` units of ``meter`` for the call being handled."""
+    usage = _current.get()
+    if usage is None:
+        logger.warning("meterware: usage.add(%r) outside a metered call was ignored", meter)
+        return
+    usage.add(meter, value)
+
+
+def current() -> CallUsage | None:
+    """The usage of the call being handled, if any."""
+    return _current.get()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meterware.config import Config, Meter
 from meterware.events import UsageEvent, encode_batch, new_event_id
-from meterware.storage.base import Batch, Settlement, WindowTotals
+from meterware.rollup.aggregate import fold
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import Batch, Settlement, Storage, Window, WindowTotals
 
 #: 2026-03-14 15:09:26.535 UTC: not on any minute, hour or day boundary.
 T0_MS = 1_773_500_966_535
@@ -84,3 +87,55 @@ def flat(totals: WindowTotals) -> dict[str, int]:
     values = dict(totals.sums) | totals.maxes
     values |= {name: value for name, (_, value) in totals.lasts.items()}
     return values | {name: len(seen) for name, seen in totals.uniques.items()}
+
+
+CUSTOMERS = tuple(f"cust-{i}" for i in range(12))
+OUTCOMES = ("success",) * 6 + ("client_error", "server_error", "aborted", "rejected")
+
+
+def random_events(rng: random.Random, count: int) -> list[UsageEvent]:
+    """Events of several customers over three days (out of order, so some arrive late), live and test."""
+    events = []
+    for _ in range(count):
+        units: dict[str, int | str] = {"calls": 1, "tokens": rng.randrange(200), "peak": rng.randrange(9999)}
+        units |= {"gauge": rng.randrange(-50, 50), "users": f"user-{rng.randrange(30)}"}
+        if rng.random() < 0.05:
+            units["unconfigured"] = rng.randrange(5)
+        events.append(
+            event(
+                rng.choice(CUSTOMERS),
+                ts=T0_MS - rng.randrange(3 * 86_400_000),
+                outcome=rng.choice(OUTCOMES),
+                live=rng.random() < 0.8,
+                units=units,
+                period_start=PERIOD if rng.random() < 0.9 else PERIOD - 28 * 86_400,
+            )
+        )
+    return events
+
+
+def write_events(
+    storage: Storage, events: Sequence[UsageEvent], *, batch_size: int, price: int = 0
+) -> list[tuple[UsageEvent, int]]:
+    """Flush events to their customers' shards in batches; return each event with its expected cost."""
+    by_shard: dict[int, list[UsageEvent]] = {}
+    for e in events:
+        by_shard.setdefault(shard_of(e.customer, storage.shards), []).append(e)
+    written = []
+    for shard, shard_events in sorted(by_shard.items()):
+        for start in range(0, len(shard_events), batch_size):
+            chunk = shard_events[start : start + batch_size]
+            assert storage.flush(batch(shard, chunk, price=price))
+            written += [(e, price if e.billable else 0) for e in chunk]
+    return written
+
+
+def expected_usage(written: Sequence[tuple[UsageEvent, int]]) -> dict[Window, dict[str, int]]:
+    """What ``read_usage`` must report for every window, folding all events in one go."""
+    totals = fold([e for e, _ in written], [c for _, c in written], METERS)
+    return {window: flat(window_totals) for window, window_totals in totals.items()}
+
+
+def read_all(storage: Storage, windows: Iterable[Window]) -> dict[Window, dict[str, int]]:
+    """What the backend reports for each window."""
+    return {w: storage.read_usage(w.customer, w.live, w.window, w.start) for w in windows}

@@ -1,0 +1,291 @@
+"""The rollup worker: read the shard streams, aggregate, and commit each batch exactly once.
+
+Each shard is owned by one worker at a time through a lease with a fencing token. A step reads the next
+entries after the shard's committed offset, folds them (:mod:`meterware.rollup.aggregate`) and commits the
+aggregates *and* the new offset in one atomic call that checks the token and the offset it read from. A
+worker that crashes anywhere before the commit leaves the offset where it was, so its successor reads the
+same entries again; a commit that lands is never repeated, because the offset it expects has moved. So a
+crash, a restart or two racing workers never count an event twice or zero times.
+
+Entries that are not valid batches go to the shard's dead-letter stream in the same commit, with a one-line
+reason; they never stop the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Final
+
+from meterware.config import Config
+from meterware.errors import StorageError
+from meterware.rollup.aggregate import fold, parse_entry
+from meterware.storage.base import START_OFFSET, RollupCommit, Storage, Window, WindowTotals
+
+logger = logging.getLogger("meterware.rollup")
+
+#: Reservations refunded per shard and step at most (the rest wait for the next step).
+EXPIRE_LIMIT: Final = 1000
+#: Timeout in seconds of one backend call of the worker (it is off the request path: it can wait).
+STORAGE_TIMEOUT: Final = 5.0
+#: Longest pause after backend errors, in seconds.
+MAX_BACKOFF: Final = 30.0
+
+
+def default_owner() -> str:
+    """A worker name unique across hosts, processes and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(slots=True)
+class _Lease:
+    """What the worker remembers of a shard it owns."""
+
+    token: int
+    #: The committed offset as of our last commit (None: read it from the backend).
+    offset: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Progress:
+    entries: int = 0
+    events: int = 0
+
+
+class RollupWorker:
+    """Roll the event streams of a backend up into usage windows, exactly once.
+
+    :param storage: the backend (any :class:`~meterware.storage.base.Storage`).
+    :param config: the meters (how each is aggregated) and the ``[rollup]`` settings.
+    :param owner: the name this worker holds leases under; unique by default.
+    :param shards: the shards to work on; all of the backend's by default.
+
+    ``step()`` does one round over the shards, ``drain()`` steps until the shards it can own are caught
+    up (``meterware rollup --once``, and the in-process rollup of ``memory://``), and ``run(stop)``
+    steps until ``stop`` is set, then releases its leases::
+
+        worker = RollupWorker(storage, config)
+        worker.drain()
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: Config,
+        *,
+        owner: str | None = None,
+        shards: Iterable[int] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.owner = owner or default_owner()
+        self.shards = tuple(range(storage.shards) if shards is None else shards)
+        self._lease_ms = max(1, int(config.rollup.lease_seconds * 1000))
+        self._retention_ms = int(config.rollup.retention_seconds * 1000)
+        self._leases: dict[int, _Lease] = {}
+        # Events per entry seen last on each shard: reads aim at about batch_size events.
+        self._events_per_entry: dict[int, int] = {}
+
+    @property
+    def owned(self) -> tuple[int, ...]:
+        """The shards this worker holds the lease of (as of its last step)."""
+        return tuple(sorted(self._leases))
+
+    def step(self) -> int:
+        """Do one round over the shards; return the number of events committed."""
+        return self._step().events
+
+    def drain(self) -> int:
+        """Step until no owned shard has anything left; return the number of events committed."""
+        events = 0
+        while True:
+            progress = self._step()
+            events += progress.events
+            if not progress.entries:
+                return events
+
+    def run(self, stop: threading.Event, idle_sleep: float | None = None) -> None:
+        """Step until ``stop`` is set, pausing when idle and backing off on backend errors.
+
+        The leases are released on the way out, so another worker can take the shards over at once.
+        """
+        if idle_sleep is None:
+            # Idle steps renew the leases: sleep well within them.
+            idle_sleep = min(1.0, self.config.rollup.lease_seconds / 3)
+        backoff = 0.0
+        logger.info("rollup worker %s started on %d shards", self.owner, len(self.shards))
+        try:
+            while not stop.is_set():
+                try:
+                    progress = self._step()
+                except StorageError as error:
+                    backoff = min(MAX_BACKOFF, max(idle_sleep, backoff * 2))
+                    logger.warning("backend error, retrying in %.1fs: %s", backoff, error)
+                    # Whatever we held may have changed hands meanwhile: read it all again.
+                    self._leases.clear()
+                    stop.wait(backoff)
+                    continue
+                backoff = 0.0
+                if not progress.entries:
+                    stop.wait(idle_sleep)
+        finally:
+            self.release()
+            logger.info("rollup worker %s stopped", self.owner)
+
+    def release(self) -> None:
+        """Give up every lease this worker holds."""
+        leases, self._leases = self._leases, {}
+        for shard in leases:
+            try:
+                self.storage.release_lease(shard, self.owner)
+            except StorageError as error:
+                # The lease expires on its own; the next worker only waits a little longer.
+                logger.warning("could not release the lease of shard %d: %s", shard, error)
+
+    # -- one step -------------------------------------------------------------------------------------
+
+    def _step(self) -> _Progress:
+        entries = events = 0
+        for shard in self.shards:
+            lease = self._acquire(shard)
+            if lease is None:
+                continue
+            progress = self._roll(shard, lease)
+            entries += progress.entries
+            events += progress.events
+            if shard in self._leases:
+                self._housekeep(shard, lease)
+        return _Progress(entries, events)
+
+    def _acquire(self, shard: int) -> _Lease | None:
+        token = self.storage.acquire_lease(shard, self.owner, self._lease_ms)
+        lease = self._leases.get(shard)
+        if token is None:
+            if lease is not None:
+                logger.info("shard %d is now owned by another worker", shard)
+                del self._leases[shard]
+            return None
+        if lease is None or lease.token != token:
+            # New or regained: someone may have committed in between, so the offset is read afresh.
+            if lease is None:
+                logger.info("worker %s owns shard %d (token %d)", self.owner, shard, token)
+            lease = self._leases[shard] = _Lease(token)
+        return lease
+
+    def _roll(self, shard: int, lease: _Lease) -> _Progress:
+        offset = lease.offset
+        if offset is None:
+            offset = lease.offset = self.storage.committed_offset(shard)
+        # At most batch_size entries, and about batch_size events: a backlog of big batches stays small.
+        count = max(1, self.config.rollup.batch_size // self._events_per_entry.get(shard, 1))
+        entries = self.storage.read_stream(shard, offset, count)
+        if not entries:
+            return _Progress()
+        windows: dict[Window, WindowTotals] = {}
+        dead: list[tuple[str, str]] = []
+        events = 0
+        meters = self.config.meters
+        for entry in entries:
+            parsed = parse_entry(entry.fields, meters)
+            if isinstance(parsed, str):
+                logger.warning("shard %d: entry %s is a dead letter: %s", shard, entry.entry_id, parsed)
+                dead.append((entry.entry_id, parsed))
+                continue
+            fold(parsed[0], parsed[1], meters, windows)
+            events += len(parsed[0])
+        new_offset = entries[-1].entry_id
+        commit = RollupCommit(shard, lease.token, offset, new_offset, windows, tuple(dead))
+        if not self.storage.commit_rollup(commit):
+            # Another worker took the lease or moved the offset: nothing of this batch counted.
+            logger.info("shard %d: commit refused (lease lost or offset moved); dropping the shard", shard)
+            self._leases.pop(shard, None)
+            return _Progress()
+        lease.offset = new_offset
+        valid = len(entries) - len(dead)
+        if valid:
+            self._events_per_entry[shard] = max(1, events // valid)
+        return _Progress(len(entries), events)
+
+    def _housekeep(self, shard: int, lease: _Lease) -> None:
+        refunded = self.storage.expire_reservations(shard, EXPIRE_LIMIT)
+        if refunded:
+            logger.info("shard %d: refunded %d reservations left open by dead app processes", shard, refunded)
+        if lease.offset is None or lease.offset == START_OFFSET:
+            return
+        horizon = time.time_ns() // 1_000_000 - self._retention_ms
+        # Only entries both committed and older than the retention go; the committed entry itself stays.
+        floor = min(_id_tuple(lease.offset), (max(0, horizon), 0))
+        if floor > (0, 0):
+            self.storage.trim_stream(shard, f"{floor[0]}-{floor[1]}")
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGTERM and SIGINT while inside (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s, stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_worker(config: Config, *, once: bool = False, stop: threading.Event | None = None) -> int:
+    """Run a rollup worker on the configured backend until SIGTERM/SIGINT (or once); return an exit code.
+
+    ``0`` when done, ``1`` when the backend failed (``--once``) or cannot be opened, ``2`` for a backend
+    that cannot be rolled up from another process (``memory://``).
+    """
+    if config.storage.startswith("memory:"):
+        logger.error(
+            "memory:// lives inside the app process, which rolls it up itself; "
+            "a rollup worker needs a shared backend such as redis://"
+        )
+        return 2
+    from meterware.storage import open_storage  # the Redis backend imports its driver: only when needed
+
+    try:
+        storage = open_storage(config.storage, shards=config.shards, timeout=STORAGE_TIMEOUT)
+    except StorageError as error:
+        logger.error("cannot open the backend: %s", error)
+        return 1
+    stop = stop or threading.Event()
+    worker = RollupWorker(storage, config)
+    try:
+        with _stop_on_signals(stop):
+            if once:
+                try:
+                    events = worker.drain()
+                except StorageError as error:
+                    logger.error("backend error: %s", error)
+                    return 1
+                finally:
+                    worker.release()
+                logger.info("rolled up %d events", events)
+            else:
+                worker.run(stop)
+    finally:
+        storage.close()
+    return 0

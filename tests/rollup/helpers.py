@@ -28,10 +28,10 @@ METERS: Mapping[str, Meter] = {
 _sequence = itertools.count()
 
 
-def config(**rollup: Any) -> Config:
+def config(*, pipeline: dict[str, Any] | None = None, **rollup: Any) -> Config:
     """A configuration with the test meters and the given ``[rollup]`` settings."""
     meters = {name: {"aggregation": m.aggregation, "source": m.source} for name, m in METERS.items()}
-    return Config.from_dict({"meters": meters, "rollup": rollup})
+    return Config.from_dict({"meters": meters, "rollup": rollup, "pipeline": pipeline or {}})
 
 
 def event(

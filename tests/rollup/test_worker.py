@@ -74,15 +74,16 @@ def test_new_events_after_drain(storage: MemoryStorage) -> None:
 
 
 def test_reads_about_batch_size_events(storage: MemoryStorage) -> None:
-    """Once it knows the batch size of a shard, a step reads about ``batch_size`` events, not entries."""
+    """A step reads about ``batch_size`` events (entries hold many), assuming full batches at first."""
     for _ in range(20):
         storage.flush(batch(0, [event() for _ in range(10)]))
-    worker = RollupWorker(storage, config(batch_size=30), shards=[0])
-    # The first read knows nothing of the entries' size: up to batch_size entries.
-    assert [worker.step() for _ in range(5)] == [200, 0, 0, 0, 0]
-    for _ in range(20):
-        storage.flush(batch(0, [event() for _ in range(10)]))
-    assert [worker.step() for _ in range(8)] == [30] * 6 + [20, 0]
+    worker = RollupWorker(storage, config(batch_size=30, pipeline={"batch_size": 15}), shards=[0])
+    # Entries of up to 15 events: two per read, until the worker sees they hold 10.
+    assert [worker.step() for _ in range(8)] == [20] + [30] * 6 + [0]
+    # Entries that suddenly grow are read by the last estimate once, then by their own size.
+    for _ in range(6):
+        storage.flush(batch(0, [event() for _ in range(200)]))
+    assert [worker.step() for _ in range(5)] == [600, 200, 200, 200, 0]
 
 
 def test_dead_letters(storage: MemoryStorage, caplog: pytest.LogCaptureFixture) -> None:
@@ -222,10 +223,11 @@ def test_worker_with_a_stale_offset_re_reads() -> None:
     storage = MemoryStorage(shards=1)
     written = write_events(storage, random_events(random.Random(7), 60), batch_size=10)
     expected = expected_usage(written)
-    # Two entries per read, then one; the twin (a restarted process reusing the owner name, so holding
-    # the same lease) commits behind the worker's back.
-    worker = RollupWorker(storage, config(batch_size=2), owner="w")
-    twin = RollupWorker(storage, config(batch_size=2), owner="w")
+    # Two entries per read; the twin (a restarted process reusing the owner name, so holding the same
+    # lease) commits behind the worker's back.
+    settings = config(batch_size=20, pipeline={"batch_size": 10})
+    worker = RollupWorker(storage, settings, owner="w")
+    twin = RollupWorker(storage, settings, owner="w")
     assert worker.step() == 20
     assert twin.step() == 20
     assert worker.step() == 0
@@ -264,7 +266,9 @@ def test_trims_only_committed_entries(storage: MemoryStorage) -> None:
     """Past the retention, the stream is trimmed up to the committed offset and never beyond it."""
     for _ in range(10):
         storage.flush(batch(0, [event()]))
-    worker = RollupWorker(storage, config(batch_size=4, retention_seconds=0.001), shards=[0])
+    worker = RollupWorker(
+        storage, config(batch_size=4, retention_seconds=0.001, pipeline={"batch_size": 1}), shards=[0]
+    )
     time.sleep(0.005)
     assert worker.step() == 4
     # The committed entry stays (it is the offset); the six after it are not rolled up yet.

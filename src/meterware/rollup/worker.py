@@ -97,8 +97,10 @@ class RollupWorker:
         self._lease_ms = max(1, int(config.rollup.lease_seconds * 1000))
         self._retention_ms = int(config.rollup.retention_seconds * 1000)
         self._leases: dict[int, _Lease] = {}
-        # Events per entry seen last on each shard: reads aim at about batch_size events.
+        # Events per entry seen last on each shard: reads aim at about batch_size events. Until a shard
+        # is read, assume full flusher batches, so a backlog of big batches is never read all at once.
         self._events_per_entry: dict[int, int] = {}
+        self._full_entry = max(1, config.pipeline.batch_size)
 
     @property
     def owned(self) -> tuple[int, ...]:
@@ -191,7 +193,7 @@ class RollupWorker:
         if offset is None:
             offset = lease.offset = self.storage.committed_offset(shard)
         # At most batch_size entries, and about batch_size events: a backlog of big batches stays small.
-        count = max(1, self.config.rollup.batch_size // self._events_per_entry.get(shard, 1))
+        count = max(1, self.config.rollup.batch_size // self._events_per_entry.get(shard, self._full_entry))
         entries = self.storage.read_stream(shard, offset, count)
         if not entries:
             return _Progress()

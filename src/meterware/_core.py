@@ -313,22 +313,22 @@ def decision_from_reply(request: AdmitRequest, reply: list[int | bytes | str], n
     allowed = bool(int(reply[0]))
     reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     retry_ms = int(reply[2])
-    limits = []
-    index = 5
-    if len(reply) == index:  # refused before any limit was looked at (key or customer)
-        return Decision(allowed=False, reason=reason)  # type: ignore[arg-type]
-    for limit in request.plan.rate_limits:
-        remaining, reset_ms = int(reply[index]), int(reply[index + 1])
-        index += 2
-        reset = -(-reset_ms // 1000)
-        limits.append(LimitState(rate_limit_name(limit.seconds), limit.amount, limit.seconds, remaining, reset))
     window = request.period_end - request.period_start
     until_period_end = max(0, request.period_end - int(now))
-    for hold in request.holds:
-        if hold.quota >= 0:
-            remaining = max(0, int(reply[index]))
-            index += 1
-            limits.append(LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end))
+    limits = []
+    # Refusals decided before the limits were looked at (key, customer) carry no limit state.
+    if len(reply) > 5:
+        index = 5
+        for limit in request.plan.rate_limits:
+            remaining, reset_ms = int(reply[index]), int(reply[index + 1])
+            index += 2
+            name = rate_limit_name(limit.seconds)
+            limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
+        for hold in request.holds:
+            if hold.quota >= 0:
+                remaining = max(0, int(reply[index]))
+                index += 1
+                limits.append(LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end))
     retry_after = -(-retry_ms // 1000)
     if reason == "quota_exceeded":
         retry_after = until_period_end

@@ -1,0 +1,236 @@
+"""``meterware demo``: the whole job in one command.
+
+A FastAPI app metered by one line runs under a real uvicorn server on a loopback port; three customers on
+three pricing models send a burst of real HTTP calls (successes, failures, token-metered chat calls, a
+stream, calls over quota and beyond their credit); then the rollup runs and a summary shows usage,
+balances and what was refused and why. On ``memory://`` (the default) everything runs in this process;
+with ``--storage redis://...`` the rollup worker runs as a separate process, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+DEMO_CONFIG = """\
+[storage]
+url = "memory://"
+shards = 4
+
+[meters.calls]
+aggregation = "count"
+source = "call"
+
+[meters.tokens]
+aggregation = "sum"
+source = "handler"
+
+[plans.free]                      # free tier: a hard quota, no charge
+rate_limits = ["20/second"]
+[plans.free.meters.calls]
+quota = 5
+
+[plans.payg]                      # pay per call, and per token, from prepaid credits
+prepaid = true
+rate_limits = ["50/second", "1000/minute"]
+[plans.payg.meters.calls]
+price = "0.01"
+[plans.payg.meters.tokens]
+price = "0.00002"
+
+[plans.pro]                       # subscription: included calls, then metered overage
+rate_limits = ["100/second"]
+[plans.pro.meters.calls]
+included = 10
+price = "0.005"
+quota = 1000
+quota_mode = "soft"
+
+[routes]
+exclude = ["/health", "/docs*", "/openapi.json"]
+[routes.weights]
+"/v1/chat" = 1
+
+[pipeline]
+flush_interval = 0.05
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_app(config_path: str) -> Any:
+    """The demo API: a FastAPI app metered with one line."""
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import StreamingResponse
+
+    import meterware
+    from meterware import MeteringMiddleware
+
+    app = FastAPI(title="meterware demo API")
+    app.add_middleware(MeteringMiddleware, config=config_path)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/hello")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    @app.post("/v1/chat")
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        prompt = str(body.get("prompt", ""))
+        tokens = 10 * len(prompt.split())
+        meterware.usage.add("tokens", tokens)  # charged only if the call succeeds
+        return {"reply": prompt.upper(), "tokens": tokens}
+
+    @app.get("/v1/flaky")
+    async def flaky() -> dict[str, str]:
+        raise HTTPException(status_code=503, detail="upstream model overloaded")
+
+    @app.get("/v1/crash")
+    async def crash() -> dict[str, str]:
+        raise RuntimeError("a bug in the handler")
+
+    @app.get("/v1/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for index in range(5):
+                yield f"data: chunk {index}\n\n".encode()
+                await asyncio.sleep(0.01)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    return app
+
+
+class _Server:
+    """uvicorn in a thread on a loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = _free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the demo server did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True  # lifespan shutdown drains the event buffer
+        self.thread.join(15)
+
+
+def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int]]:
+    import httpx
+
+    seen: Counter[tuple[str, int]] = Counter()
+
+    def call(who: str, method: str, path: str, **kwargs: Any) -> None:
+        headers = {"Authorization": f"Bearer {keys[who]}"} if who in keys else {}
+        response = client.request(method, path, headers=headers, **kwargs)
+        if path == "/v1/stream":
+            assert response.text.count("data:") == 5
+        seen[(who, response.status_code)] += 1
+
+    with httpx.Client(base_url=base, timeout=10) as client:
+        for _ in range(8):  # the free tier's quota is 5 calls
+            call("hobbyist", "GET", "/v1/hello")
+        for index in range(6):
+            call("startup", "POST", "/v1/chat", json={"prompt": f"tell me a story number {index}"})
+        call("startup", "GET", "/v1/flaky")
+        call("startup", "GET", "/v1/crash")
+        call("startup", "GET", "/v1/stream")
+        for _ in range(20):  # 0.25 credits last a handful of calls
+            call("startup", "GET", "/v1/hello")
+        for _ in range(15):  # 10 included calls, then overage
+            call("bigco", "GET", "/v1/hello")
+        call("bigco", "GET", "/v1/stream")
+        call("stranger", "GET", "/v1/hello")  # no key at all
+        client.get("/v1/hello", headers={"Authorization": "Bearer mw_live_not-a-real-key"})
+        client.get("/health")
+    return seen
+
+
+def run_demo(*, storage: str | None = None) -> int:
+    """Run the demo end to end and print what happened."""
+    from meterware.accounts import Accounts
+    from meterware.cli import format_credits
+    from meterware.config import Config
+
+    workdir = Path(tempfile.mkdtemp(prefix="meterware-demo-"))
+    config_path = workdir / "meterware.toml"
+    config_path.write_text(DEMO_CONFIG + f'spool_dir = "{workdir / "spool"}"\n')
+    # The app below and the worker process read the storage URL from the environment, like a deployment.
+    os.environ.pop("METERWARE_REDIS_URL", None)
+    os.environ.pop("METERWARE_STORAGE", None)
+    if storage:
+        os.environ["METERWARE_STORAGE"] = storage
+    config = Config.load(config_path)
+    accounts = Accounts.open(config)
+    print(f"meterware demo: storage {config.storage}, config {config_path}\n")
+
+    keys: dict[str, str] = {}
+    for customer, plan, credits in (("hobbyist", "free", None), ("startup", "payg", "0.25"), ("bigco", "pro", None)):
+        accounts.create_customer(customer, plan=plan)
+        keys[customer] = accounts.create_key(customer).plaintext
+        if credits:
+            accounts.grant_credits(customer, credits)
+        print(f"  customer {customer:<9} plan {plan:<5} key {keys[customer][:12]}...")
+
+    app = build_app(str(config_path))
+    with _Server(app) as base:
+        print(f"\n  serving the demo API at {base}; sending traffic...")
+        seen = _traffic(base, keys)
+
+    if not config.storage.startswith("memory://"):
+        print("  running the rollup worker as a separate process: meterware rollup --once")
+        subprocess.run(
+            [sys.executable, "-m", "meterware", "rollup", "--once", "--config", str(config_path)],
+            check=True,
+        )
+
+    print("\nWhat the clients saw (customer, HTTP status: calls)")
+    for (who, status), count in sorted(seen.items()):
+        print(f"  {who:<9} {status}: {count}")
+    print("\nUsage this period, from the rollup")
+    header = f"  {'customer':<9} {'plan':<5} {'calls':>5} {'tokens':>6} {'ok':>3} {'4xx':>3} {'5xx':>3} {'refused':>7}"
+    print(header + f" {'charged':>10} {'balance':>10}")
+    for customer in keys:
+        report = accounts.usage(customer)
+        balance = accounts.balance(customer)
+        plan = accounts.customer(customer).plan
+        calls = report.calls
+        print(
+            f"  {customer:<9} {plan:<5} {report.meters['calls']:>5} {report.meters['tokens']:>6} "
+            f"{calls['success']:>3} {calls['client_error']:>3} {calls['server_error']:>3} {calls['rejected']:>7} "
+            f"{format_credits(report.spend):>10} {format_credits(balance.balance) if plan == 'payg' else '-':>10}"
+        )
+    print(
+        "\nRefused before the app ran: hobbyist over its free quota (429), startup out of credits (402),\n"
+        "a call without a key and one with a malformed key (401). Failed calls (503, the crash) were not charged."
+    )
+    accounts.close()
+    return 0

@@ -1,0 +1,9 @@
+-- Record a key in its customer's shard. KEYS: customer, key record, customer's key list
+-- ARGV: key id, then the record's field, value pairs. Reply: 0 if the customer does not exist.
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('RPUSH', KEYS[3], ARGV[1])
+return 1

@@ -1,0 +1,739 @@
+"""``redis://``: the production backend, on one node, under Sentinel or on Redis Cluster.
+
+Atomicity lives in the Lua scripts of ``storage/lua/`` (package data), which do step for step what
+:class:`~meterware.storage.memory.MemoryStorage` does. :class:`RedisStorage` (synchronous) and
+:class:`AsyncRedisStorage` (asyncio, the request path) sit side by side and differ only by ``await``: the
+script arguments are built and the replies read by the pure functions of this module. Every key name
+comes from :mod:`meterware.storage._keyspace`; every script touches the keys of one shard, so one hash
+slot. Every driver failure surfaces as one :class:`~meterware.errors.StorageError`.
+
+URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``unix:///path?db=N``,
+``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]`` and
+``redis+cluster://[[user]:password@]host:port[,host:port...]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from types import TracebackType
+from typing import Any, Final, Literal, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript, Script
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+
+from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
+from meterware.errors import NotFoundError, StorageError
+from meterware.storage import _keyspace as ks
+from meterware.storage.base import START_OFFSET, Balance, Batch, RollupCommit, StreamEntry
+from meterware.storage.memory import BATCH_MEMORY_SECONDS
+
+__all__ = ["AsyncRedisStorage", "RedisStorage"]
+
+#: Seconds each call may take when the caller gives no timeout (the worker and the CLI).
+DEFAULT_TIMEOUT: Final = 5.0
+#: A quota hash outlives its period by this much, so late settlements still find it.
+QUOTA_GRACE_SECONDS: Final = 35 * 86_400
+#: The longest billing period; a settlement only knows its period's start.
+LONGEST_PERIOD_SECONDS: Final = 31 * 86_400
+_CUSTOMER_FIELDS: Final = ("plan", "status", "anchor")
+_SCRIPTS: Final = (
+    "acquire_lease",
+    "add_key",
+    "admit",
+    "commit",
+    "create_customer",
+    "due_reservations",
+    "flush",
+    "grant_credits",
+    "refund",
+    "release_lease",
+    "update_fields",
+)
+
+SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
+AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
+Arg: TypeAlias = str | int | bytes
+#: What the driver's types say a reply holds (always ``bytes`` here: responses are never decoded).
+Text: TypeAlias = bytes | str
+Fields: TypeAlias = Mapping[bytes | str, bytes | str]
+
+
+@cache
+def script_sources() -> dict[str, str]:
+    """The text of every script, each preceded by the shared helpers of ``common.lua``."""
+    folder = resources.files("meterware.storage").joinpath("lua")
+    common = folder.joinpath("common.lua").read_text(encoding="utf-8")
+    return {name: common + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+
+
+def _sources() -> Iterable[tuple[str, str]]:
+    return script_sources().items()
+
+
+# -- URLs and clients -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where a storage URL points, parsed without I/O."""
+
+    kind: Literal["url", "sentinel", "cluster"]
+    #: The URL itself for ``redis://``, ``rediss://`` and ``unix://``.
+    url: str = ""
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The target for messages, without credentials."""
+        if self.kind == "url":
+            parts = urlsplit(self.url)
+            host = parts.hostname or ""
+            netloc = f"{host}:{parts.port}" if parts.port else host
+            return f"{parts.scheme}://{netloc}{parts.path}"
+        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
+        if self.kind == "sentinel":
+            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
+        return f"redis+cluster://{hosts}"
+
+
+def _split_hosts(
+    netloc: str, default_port: int
+) -> tuple[str | None, str | None, tuple[tuple[str, int], ...]]:
+    credentials, _, hostlist = netloc.rpartition("@")
+    username = password = None
+    if credentials:
+        user, has_password, secret = credentials.partition(":")
+        username, password = unquote(user) or None, unquote(secret) if has_password else None
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        if not host:
+            raise ValueError(f"storage URL: {item!r} is not host:port")
+        try:
+            hosts.append((host.strip("[]"), int(port) if port else default_port))
+        except ValueError:
+            raise ValueError(f"storage URL: {item!r} has a bad port") from None
+    return username, password, tuple(hosts)
+
+
+def parse_url(url: str) -> RedisTarget:
+    """Read a Redis storage URL (no I/O); raise ``ValueError`` naming what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError("storage URL must look like 'redis://host:6379/0'")
+    if scheme in ("redis", "rediss", "unix"):
+        parts = urlsplit(url)
+        return RedisTarget("url", url=url, username=parts.username, password=parts.password)
+    netloc, _, path = rest.partition("/")
+    path = path.split("?", 1)[0]
+    if scheme == "redis+sentinel":
+        username, password, hosts = _split_hosts(netloc, 26379)
+        service, _, db = path.strip("/").partition("/")
+        if not service:
+            raise ValueError(
+                "redis+sentinel:// URL must name the service: redis+sentinel://host:26379/mymaster"
+            )
+        if db and not db.isdigit():
+            raise ValueError(f"redis+sentinel:// URL: database {db!r} is not a number")
+        return RedisTarget(
+            "sentinel", hosts=hosts, service=service, db=int(db or 0), username=username, password=password
+        )
+    if scheme == "redis+cluster":
+        username, password, hosts = _split_hosts(netloc, 6379)
+        if path.strip("/") not in ("", "0"):
+            raise ValueError("redis+cluster:// URL cannot select a database (a cluster only has db 0)")
+        return RedisTarget("cluster", hosts=hosts, username=username, password=password)
+    raise ValueError(f"not a Redis storage URL: scheme {scheme!r}")
+
+
+def _sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.sentinel.Sentinel | None]:
+    # No retries and short timeouts: the request path fails fast and its own policy decides what next.
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    retry = Retry(NoBackoff(), 0)
+    if target.kind == "cluster":
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
+        return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **auth, **options), None
+    if target.kind == "sentinel":
+        # redis-py leaves the synchronous Sentinel untyped.
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts), sentinel_kwargs=dict(options), **options
+        )
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service, db=target.db, retry=retry, **auth
+        )
+        return client, sentinel
+    return redis.Redis.from_url(target.url, retry=retry, **options), None
+
+
+def _async_client(
+    target: RedisTarget, timeout: float
+) -> tuple[AsyncClient, redis.asyncio.sentinel.Sentinel | None]:
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    retry = AsyncRetry(NoBackoff(), 0)
+    if target.kind == "cluster":
+        nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.hosts]
+        client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **auth, **options)
+        return client, None
+    if target.kind == "sentinel":
+        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts), sentinel_kwargs=dict(options), **options
+        )
+        return sentinel.master_for(target.service, db=target.db, retry=retry, **auth), sentinel
+    return redis.asyncio.Redis.from_url(target.url, retry=retry, **options), None
+
+
+class _DriverErrors:
+    """Turn every failure of the driver into one :class:`StorageError`: one line, no password."""
+
+    def __init__(self, target: RedisTarget) -> None:
+        self.where = target.where
+        self.secrets = tuple(secret for secret in (target.password,) if secret)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if isinstance(error, RedisError | RedisClusterException | OSError):
+            raise StorageError(self.message(error)) from error
+
+    def message(self, error: BaseException) -> str:
+        text = " ".join(str(error).split())
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return f"Redis at {self.where}: {type(error).__name__}: {text[:200]}"
+
+
+# -- script arguments and replies (pure, shared by both clients) -----------------------------------------
+
+
+class _Keys:
+    """The KEYS of one script call, each key once; arguments refer to them by 1-based index."""
+
+    def __init__(self, *fixed: str) -> None:
+        self.keys: list[str] = []
+        self._index: dict[str, int] = {}
+        for key in fixed:
+            self.index(key)
+
+    def index(self, key: str) -> int:
+        found = self._index.get(key)
+        if found is None:
+            self.keys.append(key)
+            found = self._index[key] = len(self.keys)
+        return found
+
+
+def admit_call(request: AdmitRequest) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``admit.lua``."""
+    shard, customer, live = request.shard, request.customer, request.live
+    keys = [
+        ks.key_record(shard, request.key_id),
+        ks.customer(shard, customer),
+        ks.quota(shard, live, customer, request.period_start),
+        ks.reservations(shard),
+        ks.reservation_deadlines(shard),
+    ]
+    keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
+    args: list[Arg] = [
+        customer,
+        int(request.charges_credits),
+        request.reservation_id,
+        request.reservation_timeout_ms,
+        request.period_end + QUOTA_GRACE_SECONDS,
+        f"{customer} {int(live)} {request.period_start}",
+        len(request.plan.rate_limits),
+    ]
+    for limit in request.plan.rate_limits:
+        args += [limit.amount, limit.seconds]
+    args.append(len(request.holds))
+    for hold in request.holds:
+        args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
+    return keys, args
+
+
+def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard)."""
+    shard = batch.shard
+    keys = _Keys(
+        ks.flushed_batch(shard, batch.batch_id),
+        ks.events(shard),
+        ks.reservations(shard),
+        ks.reservation_deadlines(shard),
+    )
+    args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS, len(batch.settlements)]
+    for settlement in batch.settlements:
+        if settlement is None:
+            args.append(0)
+            continue
+        customer, live, period_start = settlement.customer, settlement.live, settlement.period_start
+        args += [
+            1,
+            settlement.reservation_id,
+            int(settlement.billable),
+            int(settlement.charges_credits),
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.quota(shard, live, customer, period_start)),
+            period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
+            len(settlement.meters),
+        ]
+        for meter, units, price, included in settlement.meters:
+            args += [meter, units, price, included]
+    return keys.keys, args
+
+
+def commit_call(commit: RollupCommit) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``commit.lua`` (every window's customer lives in the commit's shard)."""
+    shard = commit.shard
+    keys = _Keys(ks.fence(shard), ks.offset(shard), ks.events(shard), ks.dead_letters(shard))
+    args: list[Arg] = [commit.token, commit.expected_offset, commit.new_offset, len(commit.windows)]
+    for window, totals in commit.windows.items():
+        where = (shard, window.live, window.customer, window.window, window.start)
+        args += [keys.index(ks.usage(*where)), totals.ttl, len(totals.sums)]
+        for name, amount in totals.sums.items():
+            args += [name, amount]
+        args.append(len(totals.maxes))
+        for name, value in totals.maxes.items():
+            args += [name, value]
+        args.append(len(totals.lasts))
+        for name, (stamp, value) in totals.lasts.items():
+            args += [name, stamp, value]
+        uniques = {name: values for name, values in totals.uniques.items() if values}
+        args.append(len(uniques))
+        for name, values in uniques.items():
+            args += [name, keys.index(ks.unique_values(*where, name)), len(values), *sorted(values)]
+    args.append(len(commit.dead_letters))
+    for entry_id, reason in commit.dead_letters:
+        args += [entry_id, reason]
+    return keys.keys, args
+
+
+def refund_call(shard: int, due: Sequence[bytes]) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``refund.lua`` from the ``id, record`` pairs of ``due_reservations.lua``."""
+    keys = _Keys(ks.reservations(shard), ks.reservation_deadlines(shard))
+    args: list[Arg] = []
+    for reservation_id, record in zip(due[::2], due[1::2], strict=True):
+        customer, live, period_start = record.decode().split()[:3]
+        args += [
+            reservation_id,
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.quota(shard, live == "1", customer, int(period_start))),
+        ]
+    return keys.keys, args
+
+
+def _text(value: Text) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
+    """A customer from the ``plan, status, anchor`` fields of its hash."""
+    plan, status, anchor = values
+    if plan is None or status is None:
+        return None
+    return Customer(customer_id, _text(plan), _text(status), int(anchor or 0))  # type: ignore[arg-type]
+
+
+def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
+    """What a key hash resolves to, from the key-hash index entry and the owner's record."""
+    if not fields or customer is None:
+        return None
+    return KeyInfo(_text(fields[b"key_id"]), customer, fields[b"live"] == b"1", _text(fields[b"prefix"]))
+
+
+def key_fields(record: KeyRecord) -> dict[str, Arg]:
+    """A key record as the fields of its hash."""
+    return {
+        "key_id": record.key_id,
+        "customer": record.customer,
+        "prefix": record.prefix,
+        "live": int(record.live),
+        "status": record.status,
+        "created": record.created,
+        "expires_ms": record.expires_ms,
+    }
+
+
+def key_record_from(fields: Fields) -> KeyRecord | None:
+    """A key record from the fields of its hash."""
+    if not fields:
+        return None
+    return KeyRecord(
+        key_id=_text(fields[b"key_id"]),
+        customer=_text(fields[b"customer"]),
+        prefix=_text(fields[b"prefix"]),
+        live=fields[b"live"] == b"1",
+        status=_text(fields[b"status"]),  # type: ignore[arg-type]
+        created=int(fields[b"created"]),
+        expires_ms=int(fields.get(b"expires_ms", 0)),
+    )
+
+
+def unique_names(fields: Fields) -> list[str]:
+    """The fields of a usage hash that count unique values (each has its own set)."""
+    return [_text(name)[2:] for name in fields if _text(name).startswith("u:")]
+
+
+def usage_from(fields: Fields, unique_counts: Mapping[str, int]) -> dict[str, int]:
+    """Merge a usage hash into one dict, in the order of MemoryStorage: sums, maxes, lasts, uniques."""
+    parts: dict[str, dict[str, int]] = {"s:": {}, "m:": {}, "l:": {}}
+    for name, value in fields.items():
+        part = parts.get(_text(name)[:2])
+        if part is not None:
+            part[_text(name)[2:]] = int(value)
+    return parts["s:"] | parts["m:"] | parts["l:"] | dict(unique_counts)
+
+
+def stream_entries(reply: Iterable[tuple[Text | None, Fields | None]] | None) -> list[StreamEntry]:
+    """Stream entries from an XRANGE reply (fields stay bytes, as the worker reads them)."""
+    return [
+        StreamEntry(_text(entry_id), {_bytes(name): _bytes(value) for name, value in (fields or {}).items()})
+        for entry_id, fields in reply or ()
+        if entry_id is not None
+    ]
+
+
+def _bytes(value: Text) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+# -- the synchronous backend --------------------------------------------------------------------------
+
+
+class RedisStorage:
+    """The Redis backend for threads: the WSGI request path, the rollup worker and the CLI.
+
+    ``timeout`` (seconds) bounds connecting and every call; nothing is retried. No connection is made
+    until the first call.
+    """
+
+    def __init__(self, url: str, *, shards: int = 16, timeout: float | None = None) -> None:
+        self.shards = shards
+        self._target = parse_url(url)
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self._errors = _DriverErrors(self._target)
+        self._lock = threading.Lock()
+        self._client: SyncClient | None = None
+        self._sentinel: redis.sentinel.Sentinel | None = None
+        self._scripts: dict[str, Script] = {}
+
+    def _redis(self) -> SyncClient:
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    client, self._sentinel = _sync_client(self._target, self._timeout)
+                    self._scripts = {name: client.register_script(text) for name, text in _sources()}
+                    self._client = client
+        return client
+
+    def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        self._redis()
+        return self._scripts[script](keys=keys, args=args)
+
+    def _shard(self, customer_id: str) -> int:
+        return ks.shard_of(customer_id, self.shards)
+
+    # -- the request path
+
+    def resolve_key(self, key_hash: str) -> KeyInfo | None:
+        with self._errors:
+            client = self._redis()
+            fields = client.hgetall(ks.key_by_hash(key_hash))
+            if not fields:
+                return None
+            customer_id = _text(fields[b"customer"])
+            values = client.hmget(ks.customer(self._shard(customer_id), customer_id), _CUSTOMER_FIELDS)
+        return key_info_from(fields, customer_from(customer_id, values))
+
+    def admit(self, request: AdmitRequest) -> Decision:
+        keys, args = admit_call(request)
+        with self._errors:
+            reply = self._run("admit", keys, args)
+        return decision_from_reply(request, reply, time.time())
+
+    def flush(self, batch: Batch) -> bool:
+        keys, args = flush_call(batch)
+        with self._errors:
+            return bool(self._run("flush", keys, args))
+
+    # -- the rollup worker
+
+    def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
+        with self._errors:
+            token = self._run("acquire_lease", [ks.lease(shard), ks.fence(shard)], [owner, ttl_ms])
+        return None if token is None else int(token)
+
+    def release_lease(self, shard: int, owner: str) -> None:
+        with self._errors:
+            self._run("release_lease", [ks.lease(shard)], [owner])
+
+    def committed_offset(self, shard: int) -> str:
+        with self._errors:
+            offset = self._redis().get(ks.offset(shard))
+        return START_OFFSET if offset is None else _text(offset)
+
+    def read_stream(self, shard: int, after: str, count: int) -> list[StreamEntry]:
+        with self._errors:
+            reply = self._redis().xrange(ks.events(shard), min=f"({after}", max="+", count=count)
+        return stream_entries(reply)
+
+    def commit_rollup(self, commit: RollupCommit) -> bool:
+        keys, args = commit_call(commit)
+        with self._errors:
+            return bool(self._run("commit", keys, args))
+
+    def expire_reservations(self, shard: int, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        due_keys = [ks.reservations(shard), ks.reservation_deadlines(shard)]
+        with self._errors:
+            due = self._run("due_reservations", due_keys, [limit])
+            if not due:
+                return 0
+            keys, args = refund_call(shard, due)
+            return int(self._run("refund", keys, args))
+
+    def trim_stream(self, shard: int, min_id: str) -> int:
+        with self._errors:
+            return int(self._redis().xtrim(ks.events(shard), minid=min_id, approximate=False))
+
+    def stream_length(self, shard: int) -> int:
+        with self._errors:
+            return int(self._redis().xlen(ks.events(shard)))
+
+    def dead_letters(self, shard: int) -> list[StreamEntry]:
+        """Entries the worker could not decode (for inspection)."""
+        with self._errors:
+            return stream_entries(self._redis().xrange(ks.dead_letters(shard)))
+
+    # -- accounts
+
+    def create_customer(self, customer: Customer) -> None:
+        shard = self._shard(customer.id)
+        keys = [ks.customer(shard, customer.id), ks.customers(shard)]
+        with self._errors:
+            created = self._run(
+                "create_customer", keys, [customer.id, customer.plan, customer.status, customer.anchor]
+            )
+        if not created:
+            raise ValueError(f"customer {customer.id!r} already exists")
+
+    def get_customer(self, customer_id: str) -> Customer | None:
+        with self._errors:
+            values = self._redis().hmget(ks.customer(self._shard(customer_id), customer_id), _CUSTOMER_FIELDS)
+        return customer_from(customer_id, values)
+
+    def update_customer(
+        self, customer_id: str, *, plan: str | None = None, status: str | None = None
+    ) -> None:
+        changes: list[Arg] = []
+        if plan:
+            changes += ["plan", plan]
+        if status:
+            changes += ["status", status]
+        with self._errors:
+            found = self._run("update_fields", [ks.customer(self._shard(customer_id), customer_id)], changes)
+        if not found:
+            raise NotFoundError(f"no customer {customer_id!r}")
+
+    def list_customers(self) -> list[str]:
+        with self._errors:
+            pipe = self._redis().pipeline(transaction=False)
+            for shard in range(self.shards):
+                pipe.smembers(ks.customers(shard))
+            members: list[set[Text]] = pipe.execute()
+        return sorted(_text(member) for shard_members in members for member in shard_members)
+
+    def add_key(self, record: KeyRecord, key_hash: str) -> None:
+        shard = self._shard(record.customer)
+        keys = [
+            ks.customer(shard, record.customer),
+            ks.key_record(shard, record.key_id),
+            ks.customer_keys(shard, record.customer),
+        ]
+        fields = key_fields(record)
+        with self._errors:
+            pairs = [item for pair in fields.items() for item in pair]
+            added = self._run("add_key", keys, [record.key_id, *pairs])
+            if not added:
+                raise NotFoundError(f"no customer {record.customer!r}")
+            client = self._redis()
+            client.set(ks.key_owner(record.key_id), record.customer)
+            # The hash index comes last: a key resolves only once everything else is in place.
+            index_key = ks.key_by_hash(key_hash)
+            client.hset(
+                index_key,
+                mapping={
+                    "key_id": record.key_id,
+                    "customer": record.customer,
+                    "live": int(record.live),
+                    "prefix": record.prefix,
+                },
+            )
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._errors:
+            client = self._redis()
+            owner = client.get(ks.key_owner(key_id))
+            if owner is None:
+                return None
+            fields = client.hgetall(ks.key_record(self._shard(_text(owner)), key_id))
+        return key_record_from(fields)
+
+    def list_keys(self, customer_id: str) -> list[KeyRecord]:
+        shard = self._shard(customer_id)
+        with self._errors:
+            client = self._redis()
+            if not client.exists(ks.customer(shard, customer_id)):
+                raise NotFoundError(f"no customer {customer_id!r}")
+            key_ids = client.lrange(ks.customer_keys(shard, customer_id), 0, -1)
+            pipe = client.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.hgetall(ks.key_record(shard, _text(key_id)))
+            records = [key_record_from(fields) for fields in pipe.execute()]
+        return [record for record in records if record is not None]
+
+    def set_key_state(self, key_id: str, *, status: str | None = None, expires_ms: int | None = None) -> None:
+        changes: list[Arg] = []
+        if status:
+            changes += ["status", status]
+        if expires_ms is not None:
+            changes += ["expires_ms", expires_ms]
+        with self._errors:
+            owner = self._redis().get(ks.key_owner(key_id))
+            found = owner is not None and self._run(
+                "update_fields", [ks.key_record(self._shard(_text(owner)), key_id)], changes
+            )
+        if not found:
+            raise NotFoundError(f"no key {key_id!r}")
+
+    def grant_credits(self, customer_id: str, micros: int) -> Balance:
+        with self._errors:
+            reply = self._run("grant_credits", [ks.customer(self._shard(customer_id), customer_id)], [micros])
+        if reply is None:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return Balance(int(reply[0]), int(reply[1]))
+
+    def get_balance(self, customer_id: str) -> Balance:
+        with self._errors:
+            balance, reserved = self._redis().hmget(
+                ks.customer(self._shard(customer_id), customer_id), ["balance", "reserved"]
+            )
+        if balance is None:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return Balance(int(balance), int(reserved or 0))
+
+    def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]:
+        where = (self._shard(customer_id), live, customer_id, window, start)
+        with self._errors:
+            client = self._redis()
+            fields = client.hgetall(ks.usage(*where))
+            names = unique_names(fields)
+            counts: list[int] = []
+            if names:
+                pipe = client.pipeline(transaction=False)
+                for name in names:
+                    pipe.scard(ks.unique_values(*where, name))
+                counts = pipe.execute()
+        return usage_from(fields, dict(zip(names, counts, strict=True)))
+
+    def close(self) -> None:
+        """Close the connections (the storage reconnects if used again)."""
+        with self._lock:
+            client, sentinel, self._client, self._sentinel = self._client, self._sentinel, None, None
+        with self._errors:
+            if client is not None:
+                client.close()
+            for node in sentinel.sentinels if sentinel is not None else ():
+                node.close()
+
+
+# -- the asyncio request path ------------------------------------------------------------------------
+
+
+class AsyncRedisStorage:
+    """The Redis backend's request path for asyncio (ASGI): :class:`RedisStorage` with ``await``.
+
+    The client is made on first use, on the running event loop (never at import or construction); a
+    storage used from a new loop makes a new client there.
+    """
+
+    def __init__(self, url: str, *, shards: int = 16, timeout: float | None = None) -> None:
+        self.shards = shards
+        self._target = parse_url(url)
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self._errors = _DriverErrors(self._target)
+        self._client: AsyncClient | None = None
+        self._sentinel: redis.asyncio.sentinel.Sentinel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    def _redis(self) -> AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._client
+        if client is None or self._loop is not loop:
+            client, self._sentinel = _async_client(self._target, self._timeout)
+            self._scripts = {name: client.register_script(text) for name, text in _sources()}
+            self._client, self._loop = client, loop
+        return client
+
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        self._redis()
+        return await self._scripts[script](keys=keys, args=args)
+
+    async def resolve_key(self, key_hash: str) -> KeyInfo | None:
+        with self._errors:
+            client = self._redis()
+            fields = await client.hgetall(ks.key_by_hash(key_hash))
+            if not fields:
+                return None
+            customer_id = _text(fields[b"customer"])
+            shard = ks.shard_of(customer_id, self.shards)
+            values = await client.hmget(ks.customer(shard, customer_id), _CUSTOMER_FIELDS)
+        return key_info_from(fields, customer_from(customer_id, values))
+
+    async def admit(self, request: AdmitRequest) -> Decision:
+        keys, args = admit_call(request)
+        with self._errors:
+            reply = await self._run("admit", keys, args)
+        return decision_from_reply(request, reply, time.time())
+
+    async def flush(self, batch: Batch) -> bool:
+        keys, args = flush_call(batch)
+        with self._errors:
+            return bool(await self._run("flush", keys, args))
+
+    async def aclose(self) -> None:
+        """Close the connections (the storage reconnects if used again)."""
+        client, sentinel, self._client, self._sentinel = self._client, self._sentinel, None, None
+        with self._errors:
+            if client is not None:
+                await client.aclose()
+            for node in sentinel.sentinels if sentinel is not None else ():
+                await node.aclose()

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 from meterware.config import Meter
-from meterware.events import EventDecodeError, UsageEvent, decode_batch
+from meterware.events import OUTCOMES, EventDecodeError, UsageEvent, decode_batch
 from meterware.storage.base import Window, WindowTotals
 
 _DAY: Final = 86_400
@@ -46,6 +47,9 @@ _INTEGER_AGGREGATIONS: Final = frozenset({"sum", "max", "last"})
 def outcome_field(outcome: str) -> str:
     """The window field counting calls with ``outcome``."""
     return f"n:{outcome}"
+
+
+_OUTCOME_FIELDS: Final = {outcome: outcome_field(outcome) for outcome in OUTCOMES}
 
 
 def windows_of(event: UsageEvent) -> tuple[Window, Window, Window, Window]:
@@ -104,6 +108,17 @@ def parse_entry(
     return events, costs
 
 
+@dataclass(slots=True)
+class _Group:
+    """Events of one customer in one minute and one billing period: they add to the same four windows."""
+
+    sums: dict[str, int] = field(default_factory=dict)
+    maxes: dict[str, int] = field(default_factory=dict)
+    #: field -> (timestamp_ms, position in the fold, value): the position breaks timestamp ties.
+    lasts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    uniques: dict[str, set[str]] = field(default_factory=dict)
+
+
 def fold(
     events: Iterable[UsageEvent],
     costs: Iterable[int],
@@ -114,49 +129,71 @@ def fold(
 
     ``into`` is extended in place and returned, so the entries of one commit fold into one mapping.
     """
-    totals: dict[Window, WindowTotals] = {} if into is None else into
-    # Every event of one customer in one minute and period adds to the same four windows.
-    targets: dict[tuple[bool, str, int, int], tuple[WindowTotals, ...]] = {}
-    for event, cost in zip(events, costs, strict=True):
-        minute = event.timestamp_ms // 60_000
-        key = (event.live, event.customer, minute, event.period_start)
-        group = targets.get(key)
+    aggregations = {name: meter.aggregation for name, meter in meters.items()}
+    # Fold each event once into its group, then each group into its four windows.
+    groups: dict[tuple[bool, str, int, int], _Group] = {}
+    for position, (event, cost) in enumerate(zip(events, costs, strict=True)):
+        key = (event.live, event.customer, event.timestamp_ms // 60_000, event.period_start)
+        group = groups.get(key)
         if group is None:
-            group = tuple(_totals_for(totals, window) for window in windows_of(event))
-            targets[key] = group
-        counted = outcome_field(event.outcome)
-        for window_totals in group:
-            sums = window_totals.sums
-            sums[counted] = sums.get(counted, 0) + 1
-            sums[SPEND] = sums.get(SPEND, 0) + cost
-            if event.billable:
-                for name, value in event.units.items():
-                    _add_units(window_totals, meters.get(name), name, value, event.timestamp_ms)
+            group = groups[key] = _Group()
+        sums = group.sums
+        counted = _OUTCOME_FIELDS.get(event.outcome) or outcome_field(event.outcome)
+        sums[counted] = sums.get(counted, 0) + 1
+        sums[SPEND] = sums.get(SPEND, 0) + cost
+        if not event.billable:
+            continue
+        for name, value in event.units.items():
+            aggregation = aggregations.get(name) or ("sum" if type(value) is int else "unique")
+            if aggregation == "count":
+                sums[name] = sums.get(name, 0) + 1
+            elif aggregation == "unique":
+                group.uniques.setdefault(name, set()).add(str(value))
+            elif type(value) is not int:
+                # parse_entry refuses these; a caller that skipped it gets no silent coercion.
+                raise TypeError(f"meter {name!r} ({aggregation}) needs an integer value")
+            elif aggregation == "sum":
+                sums[name] = sums.get(name, 0) + value
+            elif aggregation == "max":
+                current = group.maxes.get(name)
+                group.maxes[name] = value if current is None or value > current else current
+            else:  # last; later events of a group win timestamp ties, being later in the stream
+                previous = group.lasts.get(name)
+                if previous is None or previous[0] <= event.timestamp_ms:
+                    group.lasts[name] = (event.timestamp_ms, position, value)
+    return _merge_groups(groups, {} if into is None else into)
+
+
+def _merge_groups(
+    groups: Mapping[tuple[bool, str, int, int], _Group], totals: dict[Window, WindowTotals]
+) -> dict[Window, WindowTotals]:
+    # Position of the ``last`` values taken in this fold; values already in ``totals`` came earlier.
+    last_positions: dict[tuple[Window, str], int] = {}
+    for (live, customer, minute, period_start), group in groups.items():
+        seconds = minute * 60
+        for window in (
+            Window(live, customer, "minute", seconds),
+            Window(live, customer, "hour", seconds - seconds % 3600),
+            Window(live, customer, "day", seconds - seconds % _DAY),
+            Window(live, customer, "period", period_start),
+        ):
+            target = totals.get(window)
+            if target is None:
+                target = totals[window] = WindowTotals(ttl=WINDOW_TTLS[window.window])
+            sums = target.sums
+            for name, amount in group.sums.items():
+                sums[name] = sums.get(name, 0) + amount
+            for name, value in group.maxes.items():
+                current = target.maxes.get(name)
+                target.maxes[name] = value if current is None or value > current else current
+            for name, (stamp, position, value) in group.lasts.items():
+                previous = target.lasts.get(name)
+                if previous is None or (previous[0], last_positions.get((window, name), -1)) <= (
+                    stamp,
+                    position,
+                ):
+                    target.lasts[name] = (stamp, value)
+                    last_positions[(window, name)] = position
+            for name, values in group.uniques.items():
+                target.uniques.setdefault(name, set()).update(values)
     return totals
-
-
-def _totals_for(totals: dict[Window, WindowTotals], window: Window) -> WindowTotals:
-    found = totals.get(window)
-    if found is None:
-        found = totals[window] = WindowTotals(ttl=WINDOW_TTLS[window.window])
-    return found
-
-
-def _add_units(totals: WindowTotals, meter: Meter | None, name: str, value: int | str, stamp: int) -> None:
-    aggregation = meter.aggregation if meter is not None else ("sum" if type(value) is int else "unique")
-    if aggregation == "count":
-        totals.sums[name] = totals.sums.get(name, 0) + 1
-    elif aggregation == "unique":
-        totals.uniques.setdefault(name, set()).add(str(value))
-    elif type(value) is not int:
-        # parse_entry refuses these; a caller that skipped it gets no silent coercion.
-        raise TypeError(f"meter {name!r} ({aggregation}) needs an integer value")
-    elif aggregation == "sum":
-        totals.sums[name] = totals.sums.get(name, 0) + value
-    elif aggregation == "max":
-        current = totals.maxes.get(name)
-        totals.maxes[name] = value if current is None else max(current, value)
-    else:  # last
-        previous = totals.lasts.get(name)
-        if previous is None or previous[0] <= stamp:
-            totals.lasts[name] = (stamp, value)

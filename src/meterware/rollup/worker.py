@@ -28,8 +28,9 @@ from typing import Final
 
 from meterware.config import Config
 from meterware.errors import StorageError
+from meterware.events import UsageEvent
 from meterware.rollup.aggregate import fold, parse_entry
-from meterware.storage.base import START_OFFSET, RollupCommit, Storage, Window, WindowTotals
+from meterware.storage.base import START_OFFSET, RollupCommit, Storage
 
 logger = logging.getLogger("meterware.rollup")
 
@@ -197,9 +198,9 @@ class RollupWorker:
         entries = self.storage.read_stream(shard, offset, count)
         if not entries:
             return _Progress()
-        windows: dict[Window, WindowTotals] = {}
         dead: list[tuple[str, str]] = []
-        events = 0
+        events: list[UsageEvent] = []
+        costs: list[int] = []
         meters = self.config.meters
         for entry in entries:
             parsed = parse_entry(entry.fields, meters)
@@ -207,8 +208,10 @@ class RollupWorker:
                 logger.warning("shard %d: entry %s is a dead letter: %s", shard, entry.entry_id, parsed)
                 dead.append((entry.entry_id, parsed))
                 continue
-            fold(parsed[0], parsed[1], meters, windows)
-            events += len(parsed[0])
+            events += parsed[0]
+            costs += parsed[1]
+        # One fold for the whole read: events of a customer's minute collapse before the windows are built.
+        windows = fold(events, costs, meters)
         new_offset = entries[-1].entry_id
         commit = RollupCommit(shard, lease.token, offset, new_offset, windows, tuple(dead))
         if not self.storage.commit_rollup(commit):
@@ -219,8 +222,8 @@ class RollupWorker:
         lease.offset = new_offset
         valid = len(entries) - len(dead)
         if valid:
-            self._events_per_entry[shard] = max(1, events // valid)
-        return _Progress(len(entries), events)
+            self._events_per_entry[shard] = max(1, len(events) // valid)
+        return _Progress(len(entries), len(events))
 
     def _housekeep(self, shard: int, lease: _Lease) -> None:
         refunded = self.storage.expire_reservations(shard, EXPIRE_LIMIT)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -47,6 +48,9 @@ __all__ = ["AsyncRedisStorage", "RedisStorage"]
 
 #: Seconds each call may take when the caller gives no timeout (the worker and the CLI).
 DEFAULT_TIMEOUT: Final = 5.0
+#: Calls in flight per storage object; more wait (within the timeout) instead of opening connections
+#: without bound. Each connection pool (one per cluster node) is this large.
+MAX_CONNECTIONS: Final = 64
 #: A quota hash outlives its period by this much, so late settlements still find it.
 QUOTA_GRACE_SECONDS: Final = 35 * 86_400
 #: The longest billing period; a settlement only knows its period's start.
@@ -169,7 +173,11 @@ def parse_url(url: str) -> RedisTarget:
 
 def _sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.sentinel.Sentinel | None]:
     # No retries and short timeouts: the request path fails fast and its own policy decides what next.
-    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "max_connections": MAX_CONNECTIONS,
+    }
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     retry = Retry(NoBackoff(), 0)
     if target.kind == "cluster":
@@ -190,7 +198,11 @@ def _sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis
 def _async_client(
     target: RedisTarget, timeout: float
 ) -> tuple[AsyncClient, redis.asyncio.sentinel.Sentinel | None]:
-    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "max_connections": MAX_CONNECTIONS,
+    }
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     retry = AsyncRetry(NoBackoff(), 0)
     if target.kind == "cluster":
@@ -437,6 +449,7 @@ class RedisStorage:
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self._errors = _DriverErrors(self._target)
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._client: SyncClient | None = None
         self._sentinel: redis.sentinel.Sentinel | None = None
         self._scripts: dict[str, Script] = {}
@@ -452,8 +465,18 @@ class RedisStorage:
                     self._client = client
         return client
 
+    @contextmanager
+    def _call(self) -> Iterator[SyncClient]:
+        """Run one operation: wait (within the timeout) for a free connection, translate driver errors."""
+        with self._errors:
+            if not self._slots.acquire(timeout=self._timeout):
+                raise TimeoutError(f"no free connection within {self._timeout}s")
+            try:
+                yield self._redis()
+            finally:
+                self._slots.release()
+
     def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        self._redis()
         return self._scripts[script](keys=keys, args=args)
 
     def _shard(self, customer_id: str) -> int:
@@ -462,8 +485,7 @@ class RedisStorage:
     # -- the request path
 
     def resolve_key(self, key_hash: str) -> KeyInfo | None:
-        with self._errors:
-            client = self._redis()
+        with self._call() as client:
             fields = client.hgetall(ks.key_by_hash(key_hash))
             if not fields:
                 return None
@@ -473,46 +495,46 @@ class RedisStorage:
 
     def admit(self, request: AdmitRequest) -> Decision:
         keys, args = admit_call(request)
-        with self._errors:
+        with self._call():
             reply = self._run("admit", keys, args)
         return decision_from_reply(request, reply, time.time())
 
     def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)
-        with self._errors:
+        with self._call():
             return bool(self._run("flush", keys, args))
 
     # -- the rollup worker
 
     def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
-        with self._errors:
+        with self._call():
             token = self._run("acquire_lease", [ks.lease(shard), ks.fence(shard)], [owner, ttl_ms])
         return None if token is None else int(token)
 
     def release_lease(self, shard: int, owner: str) -> None:
-        with self._errors:
+        with self._call():
             self._run("release_lease", [ks.lease(shard)], [owner])
 
     def committed_offset(self, shard: int) -> str:
-        with self._errors:
-            offset = self._redis().get(ks.offset(shard))
+        with self._call() as client:
+            offset = client.get(ks.offset(shard))
         return START_OFFSET if offset is None else _text(offset)
 
     def read_stream(self, shard: int, after: str, count: int) -> list[StreamEntry]:
-        with self._errors:
-            reply = self._redis().xrange(ks.events(shard), min=f"({after}", max="+", count=count)
+        with self._call() as client:
+            reply = client.xrange(ks.events(shard), min=f"({after}", max="+", count=count)
         return stream_entries(reply)
 
     def commit_rollup(self, commit: RollupCommit) -> bool:
         keys, args = commit_call(commit)
-        with self._errors:
+        with self._call():
             return bool(self._run("commit", keys, args))
 
     def expire_reservations(self, shard: int, limit: int) -> int:
         if limit <= 0:
             return 0
         due_keys = [ks.reservations(shard), ks.reservation_deadlines(shard)]
-        with self._errors:
+        with self._call():
             due = self._run("due_reservations", due_keys, [limit])
             if not due:
                 return 0
@@ -520,24 +542,24 @@ class RedisStorage:
             return int(self._run("refund", keys, args))
 
     def trim_stream(self, shard: int, min_id: str) -> int:
-        with self._errors:
-            return int(self._redis().xtrim(ks.events(shard), minid=min_id, approximate=False))
+        with self._call() as client:
+            return int(client.xtrim(ks.events(shard), minid=min_id, approximate=False))
 
     def stream_length(self, shard: int) -> int:
-        with self._errors:
-            return int(self._redis().xlen(ks.events(shard)))
+        with self._call() as client:
+            return int(client.xlen(ks.events(shard)))
 
     def dead_letters(self, shard: int) -> list[StreamEntry]:
         """Entries the worker could not decode (for inspection)."""
-        with self._errors:
-            return stream_entries(self._redis().xrange(ks.dead_letters(shard)))
+        with self._call() as client:
+            return stream_entries(client.xrange(ks.dead_letters(shard)))
 
     # -- accounts
 
     def create_customer(self, customer: Customer) -> None:
         shard = self._shard(customer.id)
         keys = [ks.customer(shard, customer.id), ks.customers(shard)]
-        with self._errors:
+        with self._call():
             created = self._run(
                 "create_customer", keys, [customer.id, customer.plan, customer.status, customer.anchor]
             )
@@ -545,8 +567,8 @@ class RedisStorage:
             raise ValueError(f"customer {customer.id!r} already exists")
 
     def get_customer(self, customer_id: str) -> Customer | None:
-        with self._errors:
-            values = self._redis().hmget(ks.customer(self._shard(customer_id), customer_id), _CUSTOMER_FIELDS)
+        with self._call() as client:
+            values = client.hmget(ks.customer(self._shard(customer_id), customer_id), _CUSTOMER_FIELDS)
         return customer_from(customer_id, values)
 
     def update_customer(
@@ -557,14 +579,14 @@ class RedisStorage:
             changes += ["plan", plan]
         if status:
             changes += ["status", status]
-        with self._errors:
+        with self._call():
             found = self._run("update_fields", [ks.customer(self._shard(customer_id), customer_id)], changes)
         if not found:
             raise NotFoundError(f"no customer {customer_id!r}")
 
     def list_customers(self) -> list[str]:
-        with self._errors:
-            pipe = self._redis().pipeline(transaction=False)
+        with self._call() as client:
+            pipe = client.pipeline(transaction=False)
             for shard in range(self.shards):
                 pipe.smembers(ks.customers(shard))
             members: list[set[Text]] = pipe.execute()
@@ -578,12 +600,11 @@ class RedisStorage:
             ks.customer_keys(shard, record.customer),
         ]
         fields = key_fields(record)
-        with self._errors:
+        with self._call() as client:
             pairs = [item for pair in fields.items() for item in pair]
             added = self._run("add_key", keys, [record.key_id, *pairs])
             if not added:
                 raise NotFoundError(f"no customer {record.customer!r}")
-            client = self._redis()
             client.set(ks.key_owner(record.key_id), record.customer)
             # The hash index comes last: a key resolves only once everything else is in place.
             index_key = ks.key_by_hash(key_hash)
@@ -598,8 +619,7 @@ class RedisStorage:
             )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
-        with self._errors:
-            client = self._redis()
+        with self._call() as client:
             owner = client.get(ks.key_owner(key_id))
             if owner is None:
                 return None
@@ -608,8 +628,7 @@ class RedisStorage:
 
     def list_keys(self, customer_id: str) -> list[KeyRecord]:
         shard = self._shard(customer_id)
-        with self._errors:
-            client = self._redis()
+        with self._call() as client:
             if not client.exists(ks.customer(shard, customer_id)):
                 raise NotFoundError(f"no customer {customer_id!r}")
             key_ids = client.lrange(ks.customer_keys(shard, customer_id), 0, -1)
@@ -625,8 +644,8 @@ class RedisStorage:
             changes += ["status", status]
         if expires_ms is not None:
             changes += ["expires_ms", expires_ms]
-        with self._errors:
-            owner = self._redis().get(ks.key_owner(key_id))
+        with self._call() as client:
+            owner = client.get(ks.key_owner(key_id))
             found = owner is not None and self._run(
                 "update_fields", [ks.key_record(self._shard(_text(owner)), key_id)], changes
             )
@@ -634,15 +653,15 @@ class RedisStorage:
             raise NotFoundError(f"no key {key_id!r}")
 
     def grant_credits(self, customer_id: str, micros: int) -> Balance:
-        with self._errors:
+        with self._call():
             reply = self._run("grant_credits", [ks.customer(self._shard(customer_id), customer_id)], [micros])
         if reply is None:
             raise NotFoundError(f"no customer {customer_id!r}")
         return Balance(int(reply[0]), int(reply[1]))
 
     def get_balance(self, customer_id: str) -> Balance:
-        with self._errors:
-            balance, reserved = self._redis().hmget(
+        with self._call() as client:
+            balance, reserved = client.hmget(
                 ks.customer(self._shard(customer_id), customer_id), ["balance", "reserved"]
             )
         if balance is None:
@@ -651,8 +670,7 @@ class RedisStorage:
 
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]:
         where = (self._shard(customer_id), live, customer_id, window, start)
-        with self._errors:
-            client = self._redis()
+        with self._call() as client:
             fields = client.hgetall(ks.usage(*where))
             names = unique_names(fields)
             counts: list[int] = []
@@ -692,24 +710,46 @@ class AsyncRedisStorage:
         self._client: AsyncClient | None = None
         self._sentinel: redis.asyncio.sentinel.Sentinel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.BoundedSemaphore(MAX_CONNECTIONS)
+        self._starting = asyncio.Lock()
+        self._started = False
         self._scripts: dict[str, AsyncScript] = {}
 
-    def _redis(self) -> AsyncClient:
+    async def _redis(self) -> AsyncClient:
         loop = asyncio.get_running_loop()
         client = self._client
         if client is None or self._loop is not loop:
             client, self._sentinel = _async_client(self._target, self._timeout)
             self._scripts = {name: client.register_script(text) for name, text in _sources()}
-            self._client, self._loop = client, loop
+            self._slots, self._starting = asyncio.BoundedSemaphore(MAX_CONNECTIONS), asyncio.Lock()
+            self._client, self._loop, self._started = client, loop, False
+        if not self._started:
+            # redis-py's asyncio cluster client breaks when many first commands race its lazy start
+            # (seen with 8.1: "Connection closed by server"), so it starts once, before any command.
+            async with self._starting:
+                if not self._started and isinstance(client, redis.asyncio.cluster.RedisCluster):
+                    await client.initialize()
+                self._started = True
         return client
 
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[AsyncClient]:
+        """Run one operation: wait (within the timeout) for a free connection, translate driver errors."""
+        with self._errors:
+            async with asyncio.timeout(self._timeout):
+                client = await self._redis()
+                slots = self._slots
+                await slots.acquire()
+            try:
+                yield client
+            finally:
+                slots.release()
+
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        self._redis()
         return await self._scripts[script](keys=keys, args=args)
 
     async def resolve_key(self, key_hash: str) -> KeyInfo | None:
-        with self._errors:
-            client = self._redis()
+        async with self._call() as client:
             fields = await client.hgetall(ks.key_by_hash(key_hash))
             if not fields:
                 return None
@@ -720,13 +760,13 @@ class AsyncRedisStorage:
 
     async def admit(self, request: AdmitRequest) -> Decision:
         keys, args = admit_call(request)
-        with self._errors:
+        async with self._call():
             reply = await self._run("admit", keys, args)
         return decision_from_reply(request, reply, time.time())
 
     async def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)
-        with self._errors:
+        async with self._call():
             return bool(await self._run("flush", keys, args))
 
     async def aclose(self) -> None:

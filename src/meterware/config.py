@@ -9,13 +9,14 @@ Nothing here does I/O except reading the file.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from fnmatch import translate
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -32,8 +33,12 @@ DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
 _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*(second|minute|hour|day)s?\s*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "free\n" through.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+\Z")
+# Credits are exact: an amount that would be rounded (a 7th decimal, a 29th digit) is refused, not rounded.
+_EXACT = Context(traps=[InvalidOperation, Inexact, Overflow])
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,21 +236,23 @@ class Config:
         if path is not None:
             source = str(path)
             data = _read_toml(path)
-        data.update(overrides)
-        return cls.from_dict(_with_env_storage(data), source=source)
+        return cls.from_dict(_with_overrides(data, overrides), source=source)
 
     def plan(self, name: str) -> Plan:
         """The plan called ``name``; unknown names fall back to the default plan."""
         return self.plans.get(name) or self.plans[self.default_plan]
 
 
-def _with_env_storage(data: dict[str, Any]) -> dict[str, Any]:
-    """Let ``METERWARE_STORAGE`` (or ``METERWARE_REDIS_URL``) replace the storage URL, keeping ``shards``."""
-    url = os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL")
-    if url:
-        storage = data.get("storage")
-        data["storage"] = {**storage, "url": url} if isinstance(storage, dict) else url
-    return data
+def _with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides replace whole sections, except that a storage URL (keyword ``storage="..."``, then
+    ``METERWARE_STORAGE`` or ``METERWARE_REDIS_URL``) keeps the shard count of a ``[storage]`` table."""
+    merged = {**data, **overrides}
+    for url in (overrides.get("storage"), os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL")):
+        if isinstance(url, str) and url:
+            current = merged.get("storage", data.get("storage"))
+            base = current if isinstance(current, dict) else data.get("storage")
+            merged["storage"] = {**base, "url": url} if isinstance(base, dict) else url
+    return merged
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -255,7 +262,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             return tomllib.load(file)
     except FileNotFoundError:
         raise ConfigError("file", "does not exist", source=where) from None
-    except tomllib.TOMLDecodeError as error:
+    except ValueError as error:  # TOMLDecodeError, or an integer too long to convert
         raise ConfigError("file", f"is not valid TOML ({error})", source=where) from None
     except OSError as error:
         raise ConfigError("file", f"cannot be read ({error.strerror})", source=where) from None
@@ -275,7 +282,7 @@ class _Section:
         self.seen: set[str] = set()
 
     def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        return f"{self.path}.{_key(key)}" if self.path else _key(key)
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
         self.seen.add(key)
@@ -296,7 +303,11 @@ class _Section:
         return value
 
     def number(self, key: str, default: float, *, positive: bool = True) -> float:
-        value = float(self.get(key, (int, float), default))
+        raw = self.get(key, (int, float), default)
+        try:
+            value = float(raw)
+        except OverflowError:  # an integer too large for a float
+            value = math.copysign(math.inf, raw)
         if not math.isfinite(value) or (positive and value <= 0):
             raise ConfigError(self.name(key), f"must be a positive number of seconds, got {value}")
         return value
@@ -323,6 +334,11 @@ class _Section:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
             raise ConfigError(self.name(unknown[0]), "is not a known setting")
+
+
+def _key(key: str) -> str:
+    """A key as TOML writes it in a dotted path: bare if it can be, quoted (on one line) otherwise."""
+    return key if _BARE_KEY_RE.match(key) else json.dumps(key, ensure_ascii=False)
 
 
 def _describe(kind: type | tuple[type, ...]) -> str:
@@ -353,10 +369,12 @@ def parse_credits(value: Any, field_name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(field_name, f"must be a decimal string like \"0.002\" or an integer, got {_kind(value)}")
     try:
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
+        amount = Decimal(value) if isinstance(value, int) else Decimal(value.strip())
+        micros = _EXACT.multiply(amount, MICROS_PER_CREDIT)
+    except (InvalidOperation, Overflow):
         raise ConfigError(field_name, f"must be a number of credits, got {value!r}") from None
-    micros = amount * MICROS_PER_CREDIT
+    except Inexact:
+        raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}") from None
     if not amount.is_finite() or micros != micros.to_integral_value():
         raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}")
     if micros < 0:
@@ -365,7 +383,7 @@ def parse_credits(value: Any, field_name: str) -> int:
 
 
 def _parse_meter(name: str, raw: Any) -> Meter:
-    section = _Section(raw, f"meters.{_check_name(name, f'meters.{name}')}")
+    section = _Section(raw, f"meters.{_check_name(name, f'meters.{_key(name)}')}")
     aggregation = section.choice("aggregation", get_args(Aggregation), "count")
     source = section.get("source", str, "call")
     if source.startswith("header:"):
@@ -384,7 +402,7 @@ def _parse_meter(name: str, raw: Any) -> Meter:
 
 
 def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
-    section = _Section(raw, f"plans.{_check_name(name, f'plans.{name}')}")
+    section = _Section(raw, f"plans.{_check_name(name, f'plans.{_key(name)}')}")
     limits: list[RateLimit] = []
     for index, text in enumerate(section.strings("rate_limits", ())):
         try:
@@ -515,5 +533,5 @@ def resolve_config(config: Config | str | os.PathLike[str] | Mapping[str, Any] |
             raise TypeError("pass either a Config instance or keyword overrides, not both")
         return config
     if isinstance(config, Mapping):
-        return Config.from_dict(_with_env_storage({**config, **overrides}), source="arguments")
+        return Config.from_dict(_with_overrides(config, overrides), source="arguments")
     return Config.load(config, **overrides)

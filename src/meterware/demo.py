@@ -143,17 +143,22 @@ class _Server:
         self.thread.join(15)
 
 
-def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int]]:
+def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int, str]]:
+    """Send the demo's calls; count them by (customer, status, refusal reason)."""
     import httpx
 
-    seen: Counter[tuple[str, int]] = Counter()
+    seen: Counter[tuple[str, int, str]] = Counter()
 
     def call(who: str, method: str, path: str, **kwargs: Any) -> None:
         headers = {"Authorization": f"Bearer {keys[who]}"} if who in keys else {}
+        headers |= kwargs.pop("headers", {})
         response = client.request(method, path, headers=headers, **kwargs)
-        if path == "/v1/stream":
+        if path == "/v1/stream" and response.status_code == 200:
             assert response.text.count("data:") == 5
-        seen[(who, response.status_code)] += 1
+        reason = ""
+        if response.headers.get("content-type") == "application/problem+json":
+            reason = response.json()["reason"]
+        seen[(who, response.status_code, reason)] += 1
 
     with httpx.Client(base_url=base, timeout=10) as client:
         for _ in range(8):  # the free tier's quota is 5 calls
@@ -169,8 +174,8 @@ def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int]]:
             call("bigco", "GET", "/v1/hello")
         call("bigco", "GET", "/v1/stream")
         call("stranger", "GET", "/v1/hello")  # no key at all
-        client.get("/v1/hello", headers={"Authorization": "Bearer mw_live_not-a-real-key"})
-        client.get("/health")
+        call("stranger", "GET", "/v1/hello", headers={"Authorization": "Bearer mw_live_not-a-real-key"})
+        client.get("/health")  # excluded from metering
     return seen
 
 
@@ -212,9 +217,10 @@ def run_demo(*, storage: str | None = None) -> int:
             check=True,
         )
 
-    print("\nWhat the clients saw (customer, HTTP status: calls)")
-    for (who, status), count in sorted(seen.items()):
-        print(f"  {who:<9} {status}: {count}")
+    print("\nWhat the clients saw")
+    print(f"  {'customer':<9} {'status':>6} {'calls':>5}  refused because")
+    for (who, status, reason), count in sorted(seen.items()):
+        print(f"  {who:<9} {status:>6} {count:>5}  {reason}")
     print("\nUsage this period, from the rollup")
     header = f"  {'customer':<9} {'plan':<5} {'calls':>5} {'tokens':>6} {'ok':>3} {'4xx':>3} {'5xx':>3} {'refused':>7}"
     print(header + f" {'charged':>10} {'balance':>10}")
@@ -229,8 +235,8 @@ def run_demo(*, storage: str | None = None) -> int:
             f"{format_credits(report.spend):>10} {format_credits(balance.balance) if plan == 'payg' else '-':>10}"
         )
     print(
-        "\nRefused before the app ran: hobbyist over its free quota (429), startup out of credits (402),\n"
-        "a call without a key and one with a malformed key (401). Failed calls (503, the crash) were not charged."
+        "\nRefused calls never reached the app; failed calls (the 503 and the crash, counted as 5xx) were\n"
+        "refunded; bigco's first 10 calls were included in its plan, the rest billed as overage."
     )
     accounts.close()
     return 0

@@ -1,0 +1,57 @@
+"""A FastAPI app metered with one line, served by a real uvicorn process in the end-to-end tests.
+
+Configured like a deployment: ``METERWARE_CONFIG`` and ``METERWARE_STORAGE`` in the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+
+import meterware
+from meterware import MeteringMiddleware
+
+app = FastAPI()
+app.add_middleware(MeteringMiddleware)
+
+
+@app.get("/v1/hello")
+async def hello() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/v1/fail")
+async def fail() -> None:
+    raise HTTPException(status_code=503, detail="overloaded")
+
+
+@app.get("/v1/boom")
+async def boom() -> None:
+    raise RuntimeError("boom")
+
+
+@app.get("/v1/tokens/{count}")
+def tokens(count: int) -> dict[str, int]:
+    meterware.usage.add("tokens", count)
+    return {"tokens": count}
+
+
+@app.get("/v1/stream")
+async def stream() -> StreamingResponse:
+    """Send one chunk, wait until the client says it has it (a file appears), then send the rest."""
+    flag = Path(os.environ["E2E_STREAM_FLAG"])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first\n"
+        for _ in range(500):  # at most 10 s
+            if flag.exists():
+                break
+            await asyncio.sleep(0.02)
+        yield f"second flag-seen={flag.exists()}\n".encode()
+
+    return StreamingResponse(chunks(), media_type="text/plain")

@@ -84,6 +84,8 @@ class MeteringMiddleware:
         async def send_after_draining(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
                 await self.drain()
+                if self._storage is not None:
+                    await self._storage.aclose()  # connections belong to this loop, which is ending
             await send(message)
 
         await self.app(scope, receive, send_after_draining)

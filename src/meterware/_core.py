@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import calendar
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
@@ -304,7 +304,7 @@ def holds_anything(request: AdmitRequest, reserved_credits: int) -> bool:
     return reserved_credits > 0 or any(hold.hold for hold in request.holds)
 
 
-def decision_from_reply(request: AdmitRequest, reply: list[int | bytes | str], now: float) -> Decision:
+def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str], now: float) -> Decision:
     """Read the admission script's reply (the same list from every backend).
 
     ``[allowed, reason, retry_after_ms, reserved_credits, available_credits,
@@ -328,7 +328,9 @@ def decision_from_reply(request: AdmitRequest, reply: list[int | bytes | str], n
             if hold.quota >= 0:
                 remaining = max(0, int(reply[index]))
                 index += 1
-                limits.append(LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end))
+                limits.append(
+                    LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
+                )
     retry_after = -(-retry_ms // 1000)
     if reason == "quota_exceeded":
         retry_after = until_period_end
@@ -336,7 +338,9 @@ def decision_from_reply(request: AdmitRequest, reply: list[int | bytes | str], n
     return Decision(
         allowed=allowed,
         reason=reason or None,  # type: ignore[arg-type]
-        reservation_id=request.reservation_id if allowed and holds_anything(request, reserved_credits) else "",
+        reservation_id=request.reservation_id
+        if allowed and holds_anything(request, reserved_credits)
+        else "",
         reserved_credits=reserved_credits,
         retry_after=retry_after,
         limits=tuple(limits),

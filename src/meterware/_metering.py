@@ -52,7 +52,8 @@ KEY_CACHE_MAX_ENTRIES: Final = 100_000
 UNMATCHED_ROUTE: Final = "<unmatched>"
 #: What a call served without the backend (fail-open) gets instead of an admission decision.
 FAIL_OPEN: Final = Decision(allowed=True)
-_MISSING: Final = object()
+#: The decision when the backend failed and the policy fails closed.
+BACKEND_DOWN: Final = Decision(allowed=False, reason="backend_unavailable", retry_after=1)
 
 KeyGetter = Callable[[Any], "str | None"]
 
@@ -73,6 +74,8 @@ class Call:
     response_bytes: int = 0
     request_bytes: int = 0
     header_units: dict[str, str] = field(default_factory=dict)
+    #: The route template, where the framework tells it before the call ends.
+    route: str | None = None
     finished: bool = False
 
 
@@ -84,7 +87,9 @@ class Metering:
         self.routes = config.routes
         self.policy = config.policy
         self.key_getter = key_getter
-        self.pipeline = Pipeline(config.pipeline, on_flushed=self._rollup_in_process if self.embedded else None)
+        self.pipeline = Pipeline(
+            config.pipeline, on_flushed=self._rollup_in_process if self.embedded else None
+        )
         self.usage_headers = {
             meter.header.encode("latin-1"): name for name, meter in config.meters.items() if meter.header
         }
@@ -102,33 +107,46 @@ class Metering:
 
     # -- before the app -----------------------------------------------------------------------------
 
-    def presented_key(self, native_request: Any, headers: Iterable[tuple[bytes, bytes]], query: bytes) -> str | None:
+    def _presented_key(
+        self, native_request: Any, headers: Iterable[tuple[bytes, bytes]], query: bytes
+    ) -> str | None:
         """The key the caller presented, by the user's getter or from the configured headers/query."""
         if self.key_getter is not None:
             return self.key_getter(native_request)
         return keys.key_from_headers(headers, query, self.policy.key_headers, self.policy.key_query)
 
-    @staticmethod
-    def check_presented(presented: str | None) -> tuple[Reason | None, str]:
-        """Refuse absent or malformed keys before any lookup; otherwise return the key's hash."""
-        if not presented:
-            return "missing_key", ""
-        if not keys.is_well_formed(presented):
-            return "malformed_key", ""
-        return None, keys.hash_key(presented)
+    def identify(
+        self, native_request: Any, headers: Iterable[tuple[bytes, bytes]], query: bytes
+    ) -> KeyInfo | str | Problem:
+        """The presented key: its cached resolution, its hash to look up, or a refusal.
 
-    def cached_key(self, key_hash: str) -> KeyInfo | None | object:
-        """The cached resolution of a key hash, or ``_MISSING`` if it must be looked up."""
+        Absent and malformed keys are refused before any lookup (and without hashing a huge value).
+        """
+        presented = self._presented_key(native_request, headers, query)
+        if not presented:
+            return problem("missing_key")
+        if not keys.is_well_formed(presented):
+            return problem("malformed_key")
+        key_hash = keys.hash_key(presented)
         entry = self._keys.get(key_hash)
         if entry is None or entry[0] < time.monotonic():
-            return _MISSING
-        return entry[1]
+            return key_hash
+        return entry[1] if entry[1] is not None else problem("unknown_key")
 
-    def remember_key(self, key_hash: str, info: KeyInfo | None) -> None:
+    def resolved(self, key_hash: str, key: KeyInfo | None) -> KeyInfo | Problem:
+        """Remember what the backend said about a key hash (briefly; unknown keys even more briefly)."""
         if len(self._keys) >= KEY_CACHE_MAX_ENTRIES:
             self._keys.clear()
-        ttl = self.policy.key_cache_ttl if info is not None else min(NEGATIVE_CACHE_SECONDS, self.policy.key_cache_ttl)
-        self._keys[key_hash] = (time.monotonic() + ttl, info)
+        ttl = self.policy.key_cache_ttl
+        if key is None:
+            ttl = min(NEGATIVE_CACHE_SECONDS, ttl)
+        self._keys[key_hash] = (time.monotonic() + ttl, key)
+        return key if key is not None else problem("unknown_key")
+
+    def lookup_failed(self, error: StorageError) -> Problem:
+        """The backend failed to resolve a key: without it an unknown key cannot be told from a known one."""
+        logger.warning("meterware: backend failed during key lookup (%s)", error)
+        return problem("backend_unavailable", Decision(allowed=False, retry_after=1))
 
     def admit_request(self, key: KeyInfo, path: str, now: float) -> AdmitRequest:
         """What the backend must check and reserve for a call by ``key`` to ``path``."""
@@ -156,15 +174,29 @@ class Metering:
             reservation_timeout_ms=int(self.policy.reservation_timeout * 1000),
         )
 
-    def on_backend_error(self, error: StorageError, during: str) -> Decision | Problem:
+    def admit_failed(self, error: StorageError) -> Decision:
         """Apply the failure policy: serve without the backend (fail open) or refuse with 503."""
-        logger.warning("meterware: backend failed during %s (%s); failing %s", during, error, self.policy.on_backend_error)
+        logger.warning(
+            "meterware: backend failed during admission (%s); failing %s", error, self.policy.on_backend_error
+        )
         if self.policy.on_backend_error == "open":
             return FAIL_OPEN
-        return problem("backend_unavailable", Decision(allowed=False, retry_after=1))
+        return BACKEND_DOWN
 
-    def start(self, key: KeyInfo, request: AdmitRequest, decision: Decision, method: str, path: str) -> Call:
-        return Call(key, request, decision, method, path, time.perf_counter_ns(), CallUsage(self.config.meters))
+    def decide(
+        self, key: KeyInfo, request: AdmitRequest, decision: Decision, method: str, path: str
+    ) -> Call | Problem:
+        """Start an admitted call, or answer a refused one (recorded as a rejected event when the customer
+        is known and entitled to see it in their usage)."""
+        if decision.allowed:
+            return Call(
+                key, request, decision, method, path, time.perf_counter_ns(), CallUsage(self.config.meters)
+            )
+        assert decision.reason is not None
+        refusal = problem(decision.reason, decision)
+        if decision.reason not in ("unknown_key", "revoked_key", "expired_key"):
+            self.reject(key, request, decision.reason, refusal.status, method, path)
+        return refusal
 
     def response_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
         """Headers added to an admitted call's response."""
@@ -216,7 +248,8 @@ class Metering:
             billable=billable,
             charges_credits=request.charges_credits,
             meters=tuple(
-                (hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in request.holds
+                (hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included)
+                for hold in request.holds
             ),
         )
         self._queue(Pending(request.shard, event, settlement))
@@ -245,7 +278,9 @@ class Metering:
                     logger.warning("meterware: ignored usage header for meter %r: not a whole number", name)
         return units
 
-    def reject(self, key: KeyInfo, request: AdmitRequest, reason: Reason, status: int, method: str, route: str) -> None:
+    def reject(
+        self, key: KeyInfo, request: AdmitRequest, reason: Reason, status: int, method: str, route: str
+    ) -> None:
         """Record a refused call of a known customer (it is never charged)."""
         event = UsageEvent(
             id=new_event_id(),
@@ -277,7 +312,9 @@ class Metering:
         """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
         if not len(self.pipeline.buffer) and not self.pipeline.spool.pending():
             return
-        storage = open_storage(self.config.storage, shards=self.config.shards, timeout=max(1.0, self.policy.timeout))
+        storage = open_storage(
+            self.config.storage, shards=self.config.shards, timeout=max(1.0, self.policy.timeout)
+        )
         try:
             self.pipeline.flush_sync(storage)
         finally:

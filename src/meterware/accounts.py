@@ -1,9 +1,9 @@
 """Customers, keys, credits and usage reports: the operations behind the CLI (and your admin code).
 
-    accounts = Accounts.open()                  # config from meterware.toml / env
-    accounts.create_customer("acme", plan="pro")
-    key = accounts.create_key("acme")           # key.plaintext is shown once, never stored
-    accounts.grant_credits("acme", "25.00")
+accounts = Accounts.open()                  # config from meterware.toml / env
+accounts.create_customer("acme", plan="pro")
+key = accounts.create_key("acme")           # key.plaintext is shown once, never stored
+accounts.grant_credits("acme", "25.00")
 """
 
 from __future__ import annotations
@@ -67,10 +67,14 @@ class Accounts:
 
     # -- customers
 
-    def create_customer(self, customer_id: str, *, plan: str | None = None, anchor: int | None = None) -> Customer:
+    def create_customer(
+        self, customer_id: str, *, plan: str | None = None, anchor: int | None = None
+    ) -> Customer:
         """Create a customer on ``plan`` whose billing periods start at ``anchor`` (default: now)."""
         if not CUSTOMER_ID_RE.match(customer_id):
-            raise UsageError(f"customer id {customer_id!r} must be 1-128 letters, digits, '_', '.', '@' or '-'")
+            raise UsageError(
+                f"customer id {customer_id!r} must be 1-128 letters, digits, '_', '.', '@' or '-'"
+            )
         plan = plan or self.config.default_plan
         self._check_plan(plan)
         customer = Customer(customer_id, plan, "active", int(time.time()) if anchor is None else anchor)

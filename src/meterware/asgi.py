@@ -15,8 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meterware._core import KeyInfo, Problem, problem
-from meterware._metering import _MISSING, UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
+from meterware._core import Problem
+from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
 from meterware.errors import StorageError
 from meterware.flusher import AsyncFlusher
@@ -60,7 +60,9 @@ class MeteringMiddleware:
         """The backend client, made on first use (never at import or construction)."""
         if self._storage is None:
             config = self.metering.config
-            self._storage = open_async_storage(config.storage, shards=config.shards, timeout=config.policy.timeout)
+            self._storage = open_async_storage(
+                config.storage, shards=config.shards, timeout=config.policy.timeout
+            )
         return self._storage
 
     @property
@@ -95,55 +97,33 @@ class MeteringMiddleware:
         await self.flusher.drain()
 
     async def _refuse(self, send: Send, refusal: Problem) -> None:
-        await send({"type": "http.response.start", "status": refusal.status, "headers": refusal.response_headers()})
+        await send(
+            {"type": "http.response.start", "status": refusal.status, "headers": refusal.response_headers()}
+        )
         await send({"type": "http.response.body", "body": refusal.body()})
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
         metering = self.metering
-        reason, key_hash = metering.check_presented(
-            metering.presented_key(scope, scope["headers"], scope.get("query_string", b""))
-        )
-        if reason is not None:
-            await self._refuse(send, problem(reason))
-            return
-        key = metering.cached_key(key_hash)
-        if key is _MISSING:
+        key = metering.identify(scope, scope["headers"], scope.get("query_string", b""))
+        if isinstance(key, str):
             try:
-                key = await self.storage.resolve_key(key_hash)
+                key = metering.resolved(key, await self.storage.resolve_key(key))
             except StorageError as error:
-                outcome = metering.on_backend_error(error, "key lookup")
-                # Without the backend an unknown key cannot be told from a known one.
-                await self._refuse(send, outcome if isinstance(outcome, Problem) else problem("backend_unavailable"))
-                return
-            metering.remember_key(key_hash, key)  # type: ignore[arg-type]
-        if key is None:
-            await self._refuse(send, problem("unknown_key"))
+                key = metering.lookup_failed(error)
+        if isinstance(key, Problem):
+            await self._refuse(send, key)
             return
-        assert isinstance(key, KeyInfo)
-
         path = scope["path"]
-        method = scope["method"]
         request = metering.admit_request(key, path, time.time())
         try:
             decision = await self.storage.admit(request)
         except StorageError as error:
-            outcome = metering.on_backend_error(error, "admission")
-            if isinstance(outcome, Problem):
-                metering.reject(key, request, outcome.reason, outcome.status, method, path)
-                self.flusher.ensure_running()
-                await self._refuse(send, outcome)
-                return
-            decision = outcome
-        if not decision.allowed:
-            assert decision.reason is not None
-            refusal = problem(decision.reason, decision)
-            if decision.reason not in ("unknown_key", "revoked_key", "expired_key"):
-                metering.reject(key, request, decision.reason, refusal.status, method, path)
-                self.flusher.ensure_running()
-            await self._refuse(send, refusal)
+            decision = metering.admit_failed(error)
+        call = metering.decide(key, request, decision, scope["method"], path)
+        if isinstance(call, Problem):
+            self.flusher.ensure_running()
+            await self._refuse(send, call)
             return
-
-        call = metering.start(key, request, decision, method, path)
         await self._serve(scope, receive, send, call)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, call: Call) -> None:

@@ -64,7 +64,8 @@ def cmd_customers_show(args: argparse.Namespace) -> int:
     accounts = _accounts(args)
     customer = accounts.customer(args.customer)
     data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
-    text = f"{customer.id}: plan {customer.plan}, {customer.status}, periods anchored at {_when(customer.anchor)}"
+    anchor = _when(customer.anchor)
+    text = f"{customer.id}: plan {customer.plan}, {customer.status}, periods anchored at {anchor}"
     return _emit(args, data, text)
 
 
@@ -141,8 +142,8 @@ def cmd_credits_show(args: argparse.Namespace) -> int:
         "reserved_micros": balance.reserved,
     }
     text = (
-        f"{args.customer}: balance {format_credits(balance.balance)}, reserved {format_credits(balance.reserved)}, "
-        f"available {format_credits(balance.available)} credits"
+        f"{args.customer}: balance {format_credits(balance.balance)}, "
+        f"reserved {format_credits(balance.reserved)}, available {format_credits(balance.available)} credits"
     )
     return _emit(args, data, text)
 
@@ -157,7 +158,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         try:
             at = datetime.fromisoformat(args.period).replace(tzinfo=UTC).timestamp()
         except ValueError:
-            raise MeterwareError(f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}")
+            raise MeterwareError(
+                f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}"
+            ) from None
     report = accounts.usage(args.customer, live=not args.test, at=at)
     lines = [
         f"{report.customer} ({'live' if report.live else 'test'}) "
@@ -191,8 +194,14 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
         limits = ", ".join(data[plan.name]["rate_limits"]) or "no rate limit"
         lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
         for name, terms in plan.meters.items():
-            quota = "no quota" if terms.quota is None else f"{'hard' if terms.hard else 'soft'} quota {terms.quota}"
-            lines.append(f"  {name}: {quota}, {terms.included} included, {format_credits(terms.price)} per unit")
+            quota = (
+                "no quota"
+                if terms.quota is None
+                else f"{'hard' if terms.hard else 'soft'} quota {terms.quota}"
+            )
+            lines.append(
+                f"  {name}: {quota}, {terms.included} included, {format_credits(terms.price)} per unit"
+            )
     return _emit(args, data, "\n".join(lines))
 
 
@@ -223,11 +232,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="TOML configuration (default: $METERWARE_CONFIG or ./meterware.toml)")
+    common.add_argument(
+        "--config", metavar="FILE", help="TOML configuration (default: $METERWARE_CONFIG or ./meterware.toml)"
+    )
     common.add_argument("--storage", metavar="URL", help="storage URL, e.g. redis://localhost:6379/0")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    parser = argparse.ArgumentParser(prog="meterware", description="Sell access to your API.", parents=[common])
+    parser = argparse.ArgumentParser(
+        prog="meterware", description="Sell access to your API.", parents=[common]
+    )
     parser.add_argument("--version", action="version", version=f"meterware {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -236,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def command(
-        parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help_text: str
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: Handler,
+        help_text: str,
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, parents=[common])
         sub.set_defaults(handler=handler)
@@ -262,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(keys, "revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
     sub = command(keys, "rotate", cmd_keys_rotate, "issue a replacement key")
     sub.add_argument("key_id")
-    sub.add_argument("--grace", type=float, default=0.0, metavar="SECONDS", help="how long the old key keeps working")
+    sub.add_argument(
+        "--grace", type=float, default=0.0, metavar="SECONDS", help="how long the old key keeps working"
+    )
 
     credits = group("credits", "prepaid credit balances")
     sub = command(credits, "grant", cmd_credits_grant, "add credits")
@@ -280,13 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     command(plans, "list", cmd_plans_list, "list plans, limits and prices")
 
     config = group("config", "configuration files")
-    command(config, "check", cmd_config_check, "validate a configuration file").add_argument("file", nargs="?")
+    command(config, "check", cmd_config_check, "validate a configuration file").add_argument(
+        "file", nargs="?"
+    )
 
     sub = commands.add_parser("rollup", help="run the rollup worker", parents=[common])
     sub.set_defaults(handler=cmd_rollup)
     sub.add_argument("--once", action="store_true", help="drain the streams, then exit")
 
-    sub = commands.add_parser("demo", help="run the demo: an API, customers, traffic, usage", parents=[common])
+    sub = commands.add_parser(
+        "demo", help="run the demo: an API, customers, traffic, usage", parents=[common]
+    )
     sub.set_defaults(handler=cmd_demo)
     return parser
 

@@ -160,7 +160,9 @@ def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int, str]]:
             reason = response.json()["reason"]
         seen[(who, response.status_code, reason)] += 1
 
-    with httpx.Client(base_url=base, timeout=10) as client:
+    # uvicorn closes a connection after an app exception (the /v1/crash call): no keep-alive.
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=base, timeout=10, limits=no_reuse) as client:
         for _ in range(8):  # the free tier's quota is 5 calls
             call("hobbyist", "GET", "/v1/hello")
         for index in range(6):
@@ -177,6 +179,9 @@ def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int, str]]:
         call("stranger", "GET", "/v1/hello", headers={"Authorization": "Bearer mw_live_not-a-real-key"})
         client.get("/health")  # excluded from metering
     return seen
+
+
+_ROW = "  {:<9} {:<5} {:>5} {:>6} {:>3} {:>3} {:>3} {:>7} {:>10} {:>10}"
 
 
 def run_demo(*, storage: str | None = None) -> int:
@@ -198,7 +203,11 @@ def run_demo(*, storage: str | None = None) -> int:
     print(f"meterware demo: storage {config.storage}, config {config_path}\n")
 
     keys: dict[str, str] = {}
-    for customer, plan, credits in (("hobbyist", "free", None), ("startup", "payg", "0.25"), ("bigco", "pro", None)):
+    for customer, plan, credits in (
+        ("hobbyist", "free", None),
+        ("startup", "payg", "0.25"),
+        ("bigco", "pro", None),
+    ):
         accounts.create_customer(customer, plan=plan)
         keys[customer] = accounts.create_key(customer).plaintext
         if credits:
@@ -222,17 +231,26 @@ def run_demo(*, storage: str | None = None) -> int:
     for (who, status, reason), count in sorted(seen.items()):
         print(f"  {who:<9} {status:>6} {count:>5}  {reason}")
     print("\nUsage this period, from the rollup")
-    header = f"  {'customer':<9} {'plan':<5} {'calls':>5} {'tokens':>6} {'ok':>3} {'4xx':>3} {'5xx':>3} {'refused':>7}"
-    print(header + f" {'charged':>10} {'balance':>10}")
+    columns = ("customer", "plan", "calls", "tokens", "ok", "4xx", "5xx", "refused", "charged", "balance")
+    print(_ROW.format(*columns))
     for customer in keys:
         report = accounts.usage(customer)
         balance = accounts.balance(customer)
         plan = accounts.customer(customer).plan
         calls = report.calls
         print(
-            f"  {customer:<9} {plan:<5} {report.meters['calls']:>5} {report.meters['tokens']:>6} "
-            f"{calls['success']:>3} {calls['client_error']:>3} {calls['server_error']:>3} {calls['rejected']:>7} "
-            f"{format_credits(report.spend):>10} {format_credits(balance.balance) if plan == 'payg' else '-':>10}"
+            _ROW.format(
+                customer,
+                plan,
+                report.meters["calls"],
+                report.meters["tokens"],
+                calls["success"],
+                calls["client_error"],
+                calls["server_error"],
+                calls["rejected"],
+                format_credits(report.spend),
+                format_credits(balance.balance) if plan == "payg" else "-",
+            )
         )
     print(
         "\nRefused calls never reached the app; failed calls (the 503 and the crash, counted as 5xx) were\n"

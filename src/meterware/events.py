@@ -127,7 +127,9 @@ def _from_map(raw: Any, index: int) -> UsageEvent:
     for short, name, kind in _FIELDS:
         value = raw.get(short)
         if type(value) is not kind:
-            raise EventDecodeError(f"event {index}: field {short!r} must be {kind.__name__}, got {value!r:.40}")
+            raise EventDecodeError(
+                f"event {index}: field {short!r} must be {kind.__name__}, got {value!r:.40}"
+            )
         values[name] = value
     if len(values["id"]) != 16:
         raise EventDecodeError(f"event {index}: id must be 16 bytes")

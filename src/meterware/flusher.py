@@ -13,6 +13,7 @@ counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -202,7 +203,8 @@ class Pipeline:
         self.on_flushed = on_flushed
         self.backoff = 0.0
         self.retry_at = 0.0
-        self._wake: Callable[[], None] = lambda: None
+        #: Set by the running flusher: tells it a full batch is waiting.
+        self.wake: Callable[[], None] = lambda: None
 
     def put(self, item: Pending) -> None:
         """Queue a finished call (the request path's only pipeline step)."""
@@ -211,7 +213,7 @@ class Pipeline:
             logger.error("meterware: event buffer full (%d); an event was dropped", self.buffer.capacity)
             return
         if len(self.buffer) >= self.config.batch_size:
-            self._wake()
+            self.wake()
 
     # The decisions below are shared by the async and the thread flusher; only the I/O differs.
 
@@ -312,11 +314,15 @@ class Pipeline:
                 self.failed(error)
                 self.spill(batches[index:])
                 return
+            except asyncio.CancelledError:
+                # The loop is ending mid-flush: keep the batches (retrying an applied one is a no-op).
+                self.spill(batches[index:])
+                raise
             self.succeeded(batch, applied)
 
 
 class AsyncFlusher:
-    """Flushes a pipeline from an asyncio task, started lazily on the running loop and restarted if it dies."""
+    """Flushes a pipeline from an asyncio task, started lazily on the running loop, restarted if it dies."""
 
     def __init__(self, pipeline: Pipeline, storage: AsyncStorage) -> None:
         self.pipeline = pipeline
@@ -324,44 +330,50 @@ class AsyncFlusher:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def ensure_running(self) -> None:
-        """Start the flusher task on the current loop unless it is alive there (cheap; called per event)."""
+        """Start the flusher task on the current loop unless it is alive there (cheap; called per event).
+
+        Outside a running loop (a sync iterator served from a worker thread) it does nothing: the next
+        call on the loop starts the task, and the exit hook flushes what is left.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
         task = self._task
-        if task is not None and not task.done() and self._loop is asyncio.get_running_loop():
+        if task is not None and not task.done() and self._loop is loop:
             return
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             logger.error("meterware: flusher died (%r); restarting", task.exception())
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        loop, wake = self._loop, self._wake
-        self.pipeline._wake = lambda: loop.call_soon_threadsafe(wake.set)
+        self._loop = loop
+        self._wake = wake = asyncio.Event()
+        self.pipeline.wake = lambda: loop.call_soon_threadsafe(wake.set)
         self._task = loop.create_task(self._run(), name="meterware-flusher")
 
     async def _run(self) -> None:
         interval = self.pipeline.config.flush_interval
-        while True:
-            try:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             await self.pipeline.flush_async(self.storage)
 
     async def drain(self) -> None:
-        """Flush everything buffered (at shutdown), then stop the task."""
-        if self._task is not None and self._loop is asyncio.get_running_loop():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        """Flush everything buffered (at shutdown): the task ends its current flush, then the rest goes."""
+        task = self._task
+        if task is not None and not task.done() and self._loop is asyncio.get_running_loop():
+            self._stopping = True
+            self._wake.set()
+            await asyncio.wait([task])
         self._task = None
+        self._stopping = False
         await self.pipeline.flush_async(self.storage)
 
 
 class ThreadFlusher:
-    """Flushes a pipeline from a daemon thread, started lazily per process (after fork) and restarted if it dies."""
+    """Flushes a pipeline from a daemon thread, started lazily per process (after fork), restarted if dead."""
 
     def __init__(self, pipeline: Pipeline, storage: Storage) -> None:
         self.pipeline = pipeline
@@ -384,7 +396,7 @@ class ThreadFlusher:
                 logger.error("meterware: flusher thread died; restarting")
             self._pid = os.getpid()
             self._stop = threading.Event()
-            self.pipeline._wake = self._wake.set
+            self.pipeline.wake = self._wake.set
             self._thread = threading.Thread(target=self._run, name="meterware-flusher", daemon=True)
             self._thread.start()
 

@@ -60,8 +60,12 @@ def _problem(definition: Meter | None, meter: str, value: object) -> str | None:
     if definition.source != "handler":
         return f"its source is {definition.source!r}, not 'handler'"
     if definition.aggregation == "unique":
-        if not isinstance(value, str | int) or isinstance(value, bool) or len(str(value)) > 256:
-            return "a unique meter takes a string or integer of at most 256 characters"
+        problem = "a unique meter takes a string or integer of at most 256 characters"
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            return problem
+        # An int over 256 digits is too long anyway, and str() of one over 4300 digits would raise.
+        if abs(value) >= 10**256 if isinstance(value, int) else len(value) > 256:
+            return problem
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"units must be an integer, got {type(value).__name__}"

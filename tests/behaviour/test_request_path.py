@@ -66,7 +66,9 @@ def test_client_errors_are_charged_when_configured(make_api: Any) -> None:
         pytest.param({"X-API-Key": "mw_test_" + "b" * 32}, "unknown_key", id="unknown-x-api-key"),
     ],
 )
-def test_calls_without_a_valid_key_are_refused_with_401(api: Api, headers: dict[str, str], reason: str) -> None:
+def test_calls_without_a_valid_key_are_refused_with_401(
+    api: Api, headers: dict[str, str], reason: str
+) -> None:
     """Missing, malformed and unknown keys get a 401 problem document, and the app never runs."""
     response = api.call("GET", "/v1/hello", headers=headers)
     assert response.status_code == 401

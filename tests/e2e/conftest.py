@@ -81,7 +81,16 @@ def e2e_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
 @pytest.fixture
 def uvicorn_server(e2e_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "tests.e2e.asgi_app:app", "--port", str(port), "--log-level", "warning"]
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.e2e.asgi_app:app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     server = ServerProcess(args, e2e_env, port, tmp_path / "uvicorn.log")
     yield server
     server.stop()

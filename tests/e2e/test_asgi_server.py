@@ -26,16 +26,19 @@ def test_streaming_response_is_delivered_chunk_by_chunk(uvicorn_server: Any, e2e
     accounts.grant_credits("streamer", "1")
     key = accounts.create_key("streamer").plaintext
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=uvicorn_server.url, timeout=20) as client, client.stream(
-        "GET", "/v1/stream", headers=headers
-    ) as response:
+    with (
+        httpx.Client(base_url=uvicorn_server.url, timeout=20) as client,
+        client.stream("GET", "/v1/stream", headers=headers) as response,
+    ):
         lines = response.iter_lines()
         assert next(lines) == "first"
         Path(e2e_env["E2E_STREAM_FLAG"]).touch()  # the handler waits for this before its second chunk
         assert next(lines) == "second flag-seen=True"
 
 
-def test_usage_totals_are_exact_after_a_graceful_shutdown(uvicorn_server: Any, e2e_env: dict[str, str]) -> None:
+def test_usage_totals_are_exact_after_a_graceful_shutdown(
+    uvicorn_server: Any, e2e_env: dict[str, str]
+) -> None:
     """Every success is counted and charged once, failures never; nothing is lost when the server stops."""
     accounts = _accounts(e2e_env)
     accounts.create_customer("acme", plan="payg")

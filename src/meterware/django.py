@@ -1,0 +1,235 @@
+"""Django middleware: one line in ``MIDDLEWARE``.
+
+    MIDDLEWARE = ["meterware.django.MeteringMiddleware", ...]
+    METERWARE = {...}   # optional; otherwise METERWARE_CONFIG / ./meterware.toml / the defaults
+
+Sync- and async-capable: under WSGI it runs synchronously, under ASGI natively async, so it never costs a
+thread hop. Put it near the top of ``MIDDLEWARE`` so refused calls skip the rest. Django has no ASGI
+lifespan, so the flusher starts lazily on the first call and drains at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+
+from meterware._core import Problem
+from meterware._metering import UNMATCHED_ROUTE, Call, Metering, header_map
+from meterware.config import resolve_config
+from meterware.errors import StorageError
+from meterware.flusher import AsyncFlusher, ThreadFlusher
+from meterware.storage import open_async_storage, open_storage
+from meterware.storage.base import AsyncStorage, Storage
+from meterware.usage import _current
+
+GetResponse = Callable[[HttpRequest], Any]
+
+
+def _refusal(refusal: Problem) -> HttpResponse:
+    response = HttpResponse(refusal.body(), status=refusal.status, content_type="application/problem+json")
+    for name, value in refusal.headers:
+        response.headers[name.decode("latin-1")] = value.decode("latin-1")
+    return response
+
+
+def _route(request: HttpRequest, call: Call) -> str:
+    """The URL pattern that served the call (``/items/<int:pk>/``)."""
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        return UNMATCHED_ROUTE
+    route = getattr(match, "route", None)
+    return f"/{route}" if isinstance(route, str) and route else call.path
+
+
+class MeteringMiddleware:
+    """Meter a Django project: authenticate keys, enforce plans, record usage."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+        self.metering = Metering(resolve_config(getattr(settings, "METERWARE", None), {}))
+        self._storage: Storage | None = None
+        self._async_storage: AsyncStorage | None = None
+        self._flusher: ThreadFlusher | AsyncFlusher | None = None
+        config = self.metering.config
+        self._open = (config.storage, config.shards, config.policy.timeout)
+        self._header_keys = tuple(
+            (name.encode("latin-1"), "HTTP_" + name.upper().replace("-", "_"))
+            for name in config.policy.key_headers
+        )
+
+    # Storage and flusher are made on first use, in the serving process (never at import).
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            url, shards, timeout = self._open
+            self._storage = open_storage(url, shards=shards, timeout=timeout)
+        return self._storage
+
+    @property
+    def async_storage(self) -> AsyncStorage:
+        if self._async_storage is None:
+            url, shards, timeout = self._open
+            self._async_storage = open_async_storage(url, shards=shards, timeout=timeout)
+        return self._async_storage
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None:
+            pipeline = self.metering.pipeline
+            self._flusher = (
+                AsyncFlusher(pipeline, self.async_storage)
+                if self.is_async
+                else ThreadFlusher(pipeline, self.storage)
+            )
+        self._flusher.ensure_running()
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        path = request.path_info
+        if self.metering.routes.is_excluded(path):
+            return self.get_response(request)
+        metering = self.metering
+        key = metering.identify(request, *self._credentials(request))
+        if isinstance(key, str):
+            try:
+                key = metering.resolved(key, self.storage.resolve_key(key))
+            except StorageError as error:
+                key = metering.lookup_failed(error)
+        if isinstance(key, Problem):
+            return _refusal(key)
+        admit_request = metering.admit_request(key, path, time.time())
+        try:
+            decision = self.storage.admit(admit_request)
+        except StorageError as error:
+            decision = metering.admit_failed(error)
+        call = metering.decide(key, admit_request, decision, request.method or "GET", path)
+        if isinstance(call, Problem):
+            self._ensure_flusher()
+            return _refusal(call)
+        token = _current.set(call.usage)
+        try:
+            response = self.get_response(request)
+        finally:
+            _current.reset(token)
+        return self._respond(request, call, response)
+
+    async def __acall__(self, request: HttpRequest) -> Any:
+        path = request.path_info
+        if self.metering.routes.is_excluded(path):
+            return await self.get_response(request)
+        metering = self.metering
+        key = metering.identify(request, *self._credentials(request))
+        if isinstance(key, str):
+            try:
+                key = metering.resolved(key, await self.async_storage.resolve_key(key))
+            except StorageError as error:
+                key = metering.lookup_failed(error)
+        if isinstance(key, Problem):
+            return _refusal(key)
+        admit_request = metering.admit_request(key, path, time.time())
+        try:
+            decision = await self.async_storage.admit(admit_request)
+        except StorageError as error:
+            decision = metering.admit_failed(error)
+        call = metering.decide(key, admit_request, decision, request.method or "GET", path)
+        if isinstance(call, Problem):
+            self._ensure_flusher()
+            return _refusal(call)
+        token = _current.set(call.usage)
+        try:
+            response = await self.get_response(request)
+        finally:
+            _current.reset(token)
+        return self._respond(request, call, response)
+
+    def _credentials(self, request: HttpRequest) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        meta = request.META
+        headers = [
+            (name, value.encode("latin-1")) for name, env in self._header_keys if (value := meta.get(env))
+        ]
+        return headers, meta.get("QUERY_STRING", "").encode("latin-1")
+
+    def _respond(self, request: HttpRequest, call: Call, response: HttpResponseBase) -> HttpResponseBase:
+        metering = self.metering
+        call.status = response.status_code
+        call.ttfb_ns = time.perf_counter_ns()
+        call.route = _route(request, call)
+        for name, value in metering.response_headers(call):
+            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        if metering.usage_headers:
+            raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.items()]
+            call.header_units = header_map(raw, metering.usage_headers)
+            if metering.policy.strip_usage_headers:
+                for name in call.header_units:
+                    header = metering.config.meters[name].header
+                    if header is not None:
+                        del response.headers[header]
+        if isinstance(response, StreamingHttpResponse):
+            # Timed to the last chunk: Django closes the iterator we install when the response ends.
+            if response.is_async:
+                response.streaming_content = self._finish_after_async(call, response.streaming_content)  # type: ignore[arg-type]
+            else:
+                response.streaming_content = self._finish_after(call, response.streaming_content)  # type: ignore[arg-type]
+        else:
+            call.response_bytes = len(getattr(response, "content", b""))
+            metering.finish(call, call.route)
+            self._ensure_flusher()
+        return response
+
+    # A streamed body runs view code lazily: ``usage`` stays reachable while each chunk is made.
+
+    def _finish_after(self, call: Call, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        completed = failed = False
+        iterator = iter(chunks)
+        try:
+            while True:
+                token = _current.set(call.usage)
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    completed = True
+                    return
+                finally:
+                    _current.reset(token)
+                call.response_bytes += len(chunk)
+                yield chunk
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.metering.finish(call, call.route, failed=failed, aborted=not completed and not failed)
+            self._ensure_flusher()
+
+    async def _finish_after_async(self, call: Call, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        completed = failed = False
+        iterator = aiter(chunks)
+        try:
+            while True:
+                token = _current.set(call.usage)
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    completed = True
+                    return
+                finally:
+                    _current.reset(token)
+                call.response_bytes += len(chunk)
+                yield chunk
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.metering.finish(call, call.route, failed=failed, aborted=not completed and not failed)
+            self._ensure_flusher()

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -14,8 +14,9 @@ from meterware._core import AdmitRequest, Customer, KeyRecord, meter_holds
 from meterware.config import MeterTerms, Plan, RateLimit
 from meterware.rollup import RollupWorker, run_worker
 from meterware.rollup.worker import default_owner
+from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import Balance, Batch, RollupCommit
+from meterware.storage.base import Balance, Batch, RollupCommit, Storage
 from meterware.storage.memory import MemoryStorage
 from tests.rollup.helpers import (
     METERS,
@@ -30,14 +31,21 @@ from tests.rollup.helpers import (
 )
 
 SHARDS = 4
+ACME = shard_of("acme", SHARDS)
 
 
-@pytest.fixture
-def storage() -> MemoryStorage:
-    return MemoryStorage(shards=SHARDS)
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
+    """The in-process backend, and the Redis backend on a real, empty redis-server."""
+    if request.param == "memory":
+        yield MemoryStorage(shards=SHARDS)
+        return
+    opened = open_storage(request.getfixturevalue("redis_url"), shards=SHARDS, timeout=5)
+    yield opened
+    opened.close()
 
 
-def test_drain_gives_exact_totals(storage: MemoryStorage) -> None:
+def test_drain_gives_exact_totals(storage: Storage) -> None:
     """Draining the streams adds every event exactly once to each of its windows."""
     written = write_events(storage, random_events(random.Random(1), 3000), batch_size=50, price=2000)
     expected = expected_usage(written)
@@ -49,7 +57,7 @@ def test_drain_gives_exact_totals(storage: MemoryStorage) -> None:
     assert sum(v["spend"] for v in periods) == 2000 * sum(e.billable for e, _ in written)
 
 
-def test_second_drain_adds_nothing(storage: MemoryStorage) -> None:
+def test_second_drain_adds_nothing(storage: Storage) -> None:
     """A drained worker finds nothing more to commit, and totals stay the same."""
     written = write_events(storage, random_events(random.Random(2), 500), batch_size=20)
     expected = expected_usage(written)
@@ -61,7 +69,7 @@ def test_second_drain_adds_nothing(storage: MemoryStorage) -> None:
     assert read_all(storage, expected) == expected
 
 
-def test_new_events_after_drain(storage: MemoryStorage) -> None:
+def test_new_events_after_drain(storage: Storage) -> None:
     """Events flushed after a drain are picked up by the next one, from where the last stopped."""
     rng = random.Random(3)
     worker = RollupWorker(storage, config())
@@ -73,20 +81,20 @@ def test_new_events_after_drain(storage: MemoryStorage) -> None:
     assert read_all(storage, expected) == expected
 
 
-def test_reads_about_batch_size_events(storage: MemoryStorage) -> None:
+def test_reads_about_batch_size_events(storage: Storage) -> None:
     """A step reads about ``batch_size`` events (entries hold many), assuming full batches at first."""
     for _ in range(20):
-        storage.flush(batch(0, [event() for _ in range(10)]))
-    worker = RollupWorker(storage, config(batch_size=30, pipeline={"batch_size": 15}), shards=[0])
+        storage.flush(batch(ACME, [event() for _ in range(10)]))
+    worker = RollupWorker(storage, config(batch_size=30, pipeline={"batch_size": 15}), shards=[ACME])
     # Entries of up to 15 events: two per read, until the worker sees they hold 10.
     assert [worker.step() for _ in range(8)] == [20] + [30] * 6 + [0]
     # Entries that suddenly grow are read by the last estimate once, then by their own size.
     for _ in range(6):
-        storage.flush(batch(0, [event() for _ in range(200)]))
+        storage.flush(batch(ACME, [event() for _ in range(200)]))
     assert [worker.step() for _ in range(5)] == [600, 200, 200, 200, 0]
 
 
-def test_dead_letters(storage: MemoryStorage, caplog: pytest.LogCaptureFixture) -> None:
+def test_dead_letters(storage: Storage, caplog: pytest.LogCaptureFixture) -> None:
     """Garbage entries go to the dead-letter stream with a reason; the offset moves past them."""
     shard = shard_of("acme", SHARDS)
     storage.flush(batch(shard, [event(), event()]))
@@ -110,17 +118,17 @@ def test_dead_letters(storage: MemoryStorage, caplog: pytest.LogCaptureFixture) 
     assert all("\n" not in w for w in warnings)
 
 
-def test_only_dead_letters_still_progress(storage: MemoryStorage) -> None:
+def test_only_dead_letters_still_progress(storage: Storage) -> None:
     """A read of nothing but garbage still commits its offset, so a drain never stalls on it."""
     for index in range(5):
-        storage.flush(Batch(0, f"junk-{index}", b"junk", (None,)))
-    worker = RollupWorker(storage, config(batch_size=2), shards=[0])
+        storage.flush(Batch(ACME, f"junk-{index}", b"junk", (None,)))
+    worker = RollupWorker(storage, config(batch_size=2), shards=[ACME])
     assert worker.drain() == 0
-    assert len(storage.dead_letters(0)) == 5
-    assert storage.read_stream(0, storage.committed_offset(0), 10) == []
+    assert len(storage.dead_letters(ACME)) == 5
+    assert storage.read_stream(ACME, storage.committed_offset(ACME), 10) == []
 
 
-def test_two_workers_never_double_count(storage: MemoryStorage) -> None:
+def test_two_workers_never_double_count(storage: Storage) -> None:
     """Two workers stepping in turn, with leases expiring between steps, count every event once."""
     written = write_events(storage, random_events(random.Random(4), 2000), batch_size=25)
     expected = expected_usage(written)
@@ -138,7 +146,7 @@ def test_two_workers_never_double_count(storage: MemoryStorage) -> None:
     assert read_all(storage, expected) == expected
 
 
-def test_two_workers_in_threads(storage: MemoryStorage) -> None:
+def test_two_workers_in_threads(storage: Storage) -> None:
     """Two workers draining the same backend at once from two threads count every event once."""
     written = write_events(storage, random_events(random.Random(5), 3000), batch_size=10)
     expected = expected_usage(written)
@@ -158,33 +166,33 @@ def test_two_workers_in_threads(storage: MemoryStorage) -> None:
     assert read_all(storage, expected) == expected
 
 
-def test_held_lease_keeps_other_workers_out(storage: MemoryStorage) -> None:
+def test_held_lease_keeps_other_workers_out(storage: Storage) -> None:
     """A shard whose lease another worker holds is left alone until the lease is released."""
-    storage.flush(batch(0, [event()]))
-    first = RollupWorker(storage, config(lease_seconds=60), owner="first", shards=[0])
-    second = RollupWorker(storage, config(lease_seconds=60), owner="second", shards=[0])
+    storage.flush(batch(ACME, [event()]))
+    first = RollupWorker(storage, config(lease_seconds=60), owner="first", shards=[ACME])
+    second = RollupWorker(storage, config(lease_seconds=60), owner="second", shards=[ACME])
     assert first.step() == 1
-    storage.flush(batch(0, [event()]))
+    storage.flush(batch(ACME, [event()]))
     assert second.drain() == 0
     assert second.owned == ()
     first.release()
     assert second.drain() == 1
-    assert second.owned == (0,)
+    assert second.owned == (ACME,)
 
 
-def test_stale_token_cannot_commit(storage: MemoryStorage) -> None:
+def test_stale_token_cannot_commit(storage: Storage) -> None:
     """A commit under a token from before another worker took the expired lease is refused."""
-    storage.flush(batch(0, [event()]))
-    old = storage.acquire_lease(0, "a", 1)
+    storage.flush(batch(ACME, [event()]))
+    old = storage.acquire_lease(ACME, "a", 1)
     assert old is not None
     time.sleep(0.005)
-    new = storage.acquire_lease(0, "b", 60_000)
+    new = storage.acquire_lease(ACME, "b", 60_000)
     assert new is not None
     assert new != old
-    entries = storage.read_stream(0, "0-0", 10)
-    commit = RollupCommit(0, old, "0-0", entries[-1].entry_id, {})
+    entries = storage.read_stream(ACME, "0-0", 10)
+    commit = RollupCommit(ACME, old, "0-0", entries[-1].entry_id, {})
     assert storage.commit_rollup(commit) is False
-    assert storage.committed_offset(0) == "0-0"
+    assert storage.committed_offset(ACME) == "0-0"
 
 
 class RacingStorage(MemoryStorage):
@@ -236,7 +244,7 @@ def test_worker_with_a_stale_offset_re_reads() -> None:
     assert read_all(storage, expected) == expected
 
 
-def test_expires_reservations_of_dead_processes(storage: MemoryStorage) -> None:
+def test_expires_reservations_of_dead_processes(storage: Storage) -> None:
     """A step refunds the credits held by a call whose app process never settled it."""
     plan = Plan("paid", (RateLimit(100, 1),), prepaid=True, meters={"calls": MeterTerms(price=1_000)})
     storage.create_customer(Customer("acme", "paid"))
@@ -262,33 +270,33 @@ def test_expires_reservations_of_dead_processes(storage: MemoryStorage) -> None:
     assert storage.get_balance("acme") == Balance(10_000, 0)
 
 
-def test_trims_only_committed_entries(storage: MemoryStorage) -> None:
+def test_trims_only_committed_entries(storage: Storage) -> None:
     """Past the retention, the stream is trimmed up to the committed offset and never beyond it."""
     for _ in range(10):
-        storage.flush(batch(0, [event()]))
+        storage.flush(batch(ACME, [event()]))
     worker = RollupWorker(
-        storage, config(batch_size=4, retention_seconds=0.001, pipeline={"batch_size": 1}), shards=[0]
+        storage, config(batch_size=4, retention_seconds=0.001, pipeline={"batch_size": 1}), shards=[ACME]
     )
     time.sleep(0.005)
     assert worker.step() == 4
     # The committed entry stays (it is the offset); the six after it are not rolled up yet.
-    assert storage.stream_length(0) == 7
+    assert storage.stream_length(ACME) == 7
     assert worker.drain() == 6
     worker.step()
-    assert storage.stream_length(0) == 1
+    assert storage.stream_length(ACME) == 1
     assert storage.read_usage("acme", True, "period", PERIOD)["calls"] == 10
 
 
-def test_keeps_entries_within_retention(storage: MemoryStorage) -> None:
+def test_keeps_entries_within_retention(storage: Storage) -> None:
     """Committed entries younger than the retention period stay in the stream."""
     for _ in range(10):
-        storage.flush(batch(0, [event()]))
-    worker = RollupWorker(storage, config(retention_seconds=3600), shards=[0])
+        storage.flush(batch(ACME, [event()]))
+    worker = RollupWorker(storage, config(retention_seconds=3600), shards=[ACME])
     assert worker.drain() == 10
-    assert storage.stream_length(0) == 10
+    assert storage.stream_length(ACME) == 10
 
 
-def test_run_until_stopped(storage: MemoryStorage) -> None:
+def test_run_until_stopped(storage: Storage) -> None:
     """``run`` rolls up events as they come until stopped, then releases its leases."""
     worker = RollupWorker(storage, config(lease_seconds=60), owner="runner")
     stop = threading.Event()

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.servers import RedisServer, redis_server
+from tests.servers import RedisClusterServers, RedisServer, redis_cluster, redis_sentinel, redis_server
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +16,39 @@ def redis_process() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_process: RedisServer) -> Iterator[str]:
+def redis_url(redis_process: RedisServer) -> str:
     """The URL of an empty real Redis database."""
     client = redis.Redis.from_url(redis_process.url)
     client.flushall()
     client.close()
-    yield redis_process.url
+    return redis_process.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_servers() -> Iterator[RedisClusterServers]:
+    """One real 3-node Redis Cluster for the whole session (started on first use)."""
+    with redis_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster_servers: RedisClusterServers) -> str:
+    """The ``redis+cluster://`` URL of the empty real cluster."""
+    for node in redis_cluster_servers.nodes:
+        client = redis.Redis(port=node.port)
+        client.flushall()
+        client.close()
+    return redis_cluster_servers.url
+
+
+@pytest.fixture(scope="session")
+def sentinel_process(redis_process: RedisServer) -> Iterator[RedisServer]:
+    """A real Redis Sentinel watching the session's redis-server as ``mymaster``."""
+    with redis_sentinel(redis_process) as sentinel:
+        yield sentinel
+
+
+@pytest.fixture
+def sentinel_url(redis_url: str, sentinel_process: RedisServer) -> str:
+    """The ``redis+sentinel://`` URL of the (empty) session redis-server, found through the sentinel."""
+    return f"redis+sentinel://127.0.0.1:{sentinel_process.port}/mymaster/0"

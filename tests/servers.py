@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
 
 
 def free_port() -> int:
@@ -35,12 +36,14 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """One redis-server process on a loopback port, in its own temporary directory."""
 
-    def __init__(self, *extra: str, port: int | None = None) -> None:
+    def __init__(self, *extra: str, port: int | None = None, config: str | None = None) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (the README's test command installs it)")
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mw-redis-"))
         self.extra = extra
+        #: Text of a config file given first on the command line (a sentinel needs one it can rewrite).
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,6 +52,10 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        if self.config is not None:
+            config = self.dir / "redis.conf"
+            config.write_text(self.config)
+            args.insert(1, str(config))
         args += ["--save", "", "--appendonly", "no", *self.extra]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
@@ -68,6 +75,70 @@ class RedisServer:
 @contextmanager
 def redis_server(*extra: str) -> Iterator[RedisServer]:
     server = RedisServer(*extra).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def redis_cli(*args: str, timeout: float = 30.0) -> str:
+    if REDIS_CLI is None:
+        raise RuntimeError("redis-cli is not installed (it comes with redis-server)")
+    done = subprocess.run([REDIS_CLI, *args], capture_output=True, text=True, timeout=timeout, check=True)
+    return done.stdout
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: ``size`` redis-server processes, each a primary holding part of the slots."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000",
+                "--cluster-port", str(free_port()),  # port + 10000 may be out of range
+            )
+            for _ in range(size)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        redis_cli("--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while "cluster_state:ok" not in redis_cli("-p", str(node.port), "cluster", "info"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the cluster is not ready after {timeout}s")
+                time.sleep(0.05)
+        return self
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+@contextmanager
+def redis_cluster(size: int = 3) -> Iterator[RedisClusterServers]:
+    """A 3-node Redis Cluster (no replicas), created with ``redis-cli --cluster create``."""
+    cluster = RedisClusterServers(size)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.cleanup()
+
+
+@contextmanager
+def redis_sentinel(master: RedisServer, service: str = "mymaster") -> Iterator[RedisServer]:
+    """A Redis Sentinel watching ``master`` as ``service`` (quorum 1)."""
+    config = f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+    server = RedisServer("--sentinel", config=config).start()
     try:
         yield server
     finally:

@@ -107,7 +107,8 @@ class MemoryStorage:
     def _admit(self, request: AdmitRequest, now: int) -> list[int | str]:
         record = self._keys.get(request.key_id)
         account = self._accounts.get(request.customer)
-        if record is None or account is None:
+        # A key presented for another customer is as good as unknown (the Redis script finds no record).
+        if record is None or account is None or record.customer != request.customer:
             return [0, "unknown_key", 0, 0, 0]
         if record.status != "active":
             return [0, "revoked_key", 0, 0, 0]

@@ -148,7 +148,7 @@ def parse_url(url: str) -> RedisTarget:
         raise ValueError("storage URL must look like 'redis://host:6379/0'")
     if scheme in ("redis", "rediss", "unix"):
         parts = urlsplit(url)
-        return RedisTarget("url", url=url, username=parts.username, password=parts.password)
+        return RedisTarget("url", url=url, username=parts.username or None, password=parts.password or None)
     netloc, _, path = rest.partition("/")
     path = path.split("?", 1)[0]
     if scheme == "redis+sentinel":

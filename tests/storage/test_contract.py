@@ -1,0 +1,673 @@
+"""The storage contract, run over every backend: memory, a real redis-server and a real Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
+from meterware.config import Meter, MeterTerms, Plan, RateLimit
+from meterware.errors import NotFoundError
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import (
+    START_OFFSET,
+    Batch,
+    RollupCommit,
+    Settlement,
+    Storage,
+    Window,
+    WindowTotals,
+)
+from meterware.storage.memory import MemoryStorage
+from meterware.storage.redis import RedisStorage
+from tests.storage.conftest import Backend
+
+METERS = {
+    "calls": Meter("calls"),
+    "tokens": Meter("tokens", aggregation="sum", source="handler", reserve=100),
+}
+DAY = 86_400
+
+
+def make_plan(
+    *,
+    rates: tuple[RateLimit, ...] = (),
+    quota: int | None = None,
+    hard: bool = True,
+    included: int = 0,
+    price: int = 0,
+    prepaid: bool = False,
+    tokens: MeterTerms | None = None,
+) -> Plan:
+    meters = {}
+    if quota is not None or included or price:
+        meters["calls"] = MeterTerms(quota=quota, hard=hard, included=included, price=price)
+    if tokens is not None:
+        meters["tokens"] = tokens
+    return Plan("test", rate_limits=rates, prepaid=prepaid, meters=meters)
+
+
+def open_account(storage: Storage, customer: str = "acme", *, live: bool = True, credits: int = 0) -> str:
+    """Create a customer with one active key; return the key id."""
+    storage.create_customer(Customer(customer, "test"))
+    key_id = f"key-{customer}"
+    storage.add_key(KeyRecord(key_id, customer, "mw_live_ab12", live, "active", created=1), f"hash-{key_id}")
+    if credits:
+        storage.grant_credits(customer, credits)
+    return key_id
+
+
+def admit_request(
+    storage: Storage,
+    plan: Plan,
+    customer: str = "acme",
+    *,
+    key_id: str | None = None,
+    live: bool = True,
+    timeout_ms: int = 60_000,
+) -> AdmitRequest:
+    start, end = period_bounds(0, plan.period, time.time())
+    return AdmitRequest(
+        shard=shard_of(customer, storage.shards),
+        customer=customer,
+        key_id=key_id or f"key-{customer}",
+        live=live,
+        plan=plan,
+        period_start=start,
+        period_end=end,
+        holds=meter_holds(plan, METERS, 1, live),
+        reservation_id=uuid.uuid4().hex,
+        reservation_timeout_ms=timeout_ms,
+    )
+
+
+def settlement(request: AdmitRequest, decision: Decision | None, *, billable: bool = True) -> Settlement:
+    """How the flusher settles a call that used exactly what it held."""
+    return Settlement(
+        customer=request.customer,
+        live=request.live,
+        period_start=request.period_start,
+        reservation_id=decision.reservation_id if decision else "",
+        billable=billable,
+        charges_credits=request.charges_credits,
+        meters=tuple((hold.meter, hold.hold, hold.price, hold.included) for hold in request.holds),
+    )
+
+
+def flush(storage: Storage, *settlements: Settlement | None, batch_id: str | None = None) -> bool:
+    shard = shard_of("acme", storage.shards)
+    return storage.flush(Batch(shard, batch_id or uuid.uuid4().hex, b"events", settlements))
+
+
+def quota_left(decision: Decision, meter: str = "calls") -> int:
+    return next(limit.remaining for limit in decision.limits if limit.name == f"quota-{meter}")
+
+
+def dead_letters(storage: Storage, shard: int) -> list[dict[bytes, bytes]]:
+    assert isinstance(storage, MemoryStorage | RedisStorage)
+    return [dict(entry.fields) for entry in storage.dead_letters(shard)]
+
+
+# -- customers and keys --------------------------------------------------------------------------------
+
+
+def test_customer_round_trip(storage: Storage) -> None:
+    """A created customer reads back as created; an unknown one reads as None."""
+    storage.create_customer(Customer("acme", "pro", "active", anchor=1_700_000_000))
+    assert storage.get_customer("acme") == Customer("acme", "pro", "active", 1_700_000_000)
+    assert storage.get_customer("nobody") is None
+
+
+def test_customer_cannot_be_created_twice(storage: Storage) -> None:
+    """Creating an existing customer raises ValueError and changes nothing."""
+    storage.create_customer(Customer("acme", "pro"))
+    with pytest.raises(ValueError, match="already exists"):
+        storage.create_customer(Customer("acme", "free"))
+    assert storage.get_customer("acme") == Customer("acme", "pro")
+
+
+def test_update_customer_changes_only_what_is_given(storage: Storage) -> None:
+    """update_customer sets the plan and/or status; an unknown customer raises NotFoundError."""
+    storage.create_customer(Customer("acme", "free", anchor=5))
+    storage.update_customer("acme", plan="pro")
+    assert storage.get_customer("acme") == Customer("acme", "pro", "active", 5)
+    storage.update_customer("acme", status="suspended")
+    assert storage.get_customer("acme") == Customer("acme", "pro", "suspended", 5)
+    with pytest.raises(NotFoundError):
+        storage.update_customer("nobody", plan="pro")
+
+
+def test_list_customers_spans_every_shard(storage: Storage) -> None:
+    """list_customers returns every customer, sorted, whatever shard holds it."""
+    names = [f"customer-{index}" for index in range(12)]
+    assert len({shard_of(name, storage.shards) for name in names}) > 1
+    for name in reversed(names):
+        storage.create_customer(Customer(name, "free"))
+    assert storage.list_customers() == sorted(names)
+
+
+def test_keys_are_added_listed_and_resolved(storage: Storage) -> None:
+    """A key resolves by its hash to its id, owner and mode, and is listed and read back by id."""
+    storage.create_customer(Customer("acme", "pro"))
+    first = KeyRecord("k1", "acme", "mw_live_ab12", True, "active", created=10)
+    second = KeyRecord("k2", "acme", "mw_test_cd34", False, "active", created=20, expires_ms=99)
+    storage.add_key(first, "hash-1")
+    storage.add_key(second, "hash-2")
+    info = storage.resolve_key("hash-2")
+    assert info is not None
+    assert (info.key_id, info.customer, info.live, info.prefix) == (
+        "k2",
+        Customer("acme", "pro"),
+        False,
+        "mw_test_cd34",
+    )
+    assert storage.resolve_key("hash-unknown") is None
+    assert storage.get_key("k1") == first
+    assert storage.get_key("k-unknown") is None
+    assert storage.list_keys("acme") == [first, second]
+
+
+def test_keys_need_an_existing_customer(storage: Storage) -> None:
+    """Adding or listing keys of an unknown customer raises NotFoundError."""
+    with pytest.raises(NotFoundError):
+        storage.add_key(KeyRecord("k1", "nobody", "mw_live_ab12", True, "active", created=1), "hash-1")
+    with pytest.raises(NotFoundError):
+        storage.list_keys("nobody")
+    assert storage.resolve_key("hash-1") is None
+
+
+def test_set_key_state(storage: Storage) -> None:
+    """set_key_state revokes a key or sets its expiry; an unknown key raises NotFoundError."""
+    key_id = open_account(storage)
+    storage.set_key_state(key_id, expires_ms=1234)
+    storage.set_key_state(key_id, status="revoked")
+    record = storage.get_key(key_id)
+    assert record is not None
+    assert (record.status, record.expires_ms) == ("revoked", 1234)
+    with pytest.raises(NotFoundError):
+        storage.set_key_state("k-unknown", status="revoked")
+
+
+def test_credits_are_granted_to_known_customers(storage: Storage) -> None:
+    """grant_credits adds to the balance and returns it; unknown customers raise NotFoundError."""
+    storage.create_customer(Customer("acme", "pro"))
+    assert storage.get_balance("acme").balance == 0
+    assert storage.grant_credits("acme", 5_000_000).balance == 5_000_000
+    balance = storage.grant_credits("acme", 1)
+    assert (balance.balance, balance.reserved, balance.available) == (5_000_001, 0, 5_000_001)
+    with pytest.raises(NotFoundError):
+        storage.grant_credits("nobody", 1)
+    with pytest.raises(NotFoundError):
+        storage.get_balance("nobody")
+
+
+# -- admission -----------------------------------------------------------------------------------------
+
+
+def test_admit_allows_an_active_key_and_reserves(storage: Storage) -> None:
+    """An active key within every limit is admitted and its call's units are held."""
+    open_account(storage)
+    request = admit_request(storage, make_plan(quota=10))
+    decision = storage.admit(request)
+    assert decision.allowed
+    assert decision.reason is None
+    assert decision.reservation_id == request.reservation_id
+    assert quota_left(decision) == 9
+
+
+def test_admit_without_limits_allows_and_holds_nothing(storage: Storage) -> None:
+    """A plan that limits and prices nothing admits every call without opening a reservation."""
+    open_account(storage)
+    decision = storage.admit(admit_request(storage, make_plan()))
+    assert decision.allowed
+    assert decision.reason is None
+    assert decision.reservation_id == ""
+    assert decision.limits == ()
+
+
+def _revoke(storage: Storage) -> None:
+    storage.set_key_state("key-acme", status="revoked")
+
+
+def _expire(storage: Storage) -> None:
+    storage.set_key_state("key-acme", expires_ms=time.time_ns() // 1_000_000 - 1_000)
+
+
+def _expire_later(storage: Storage) -> None:
+    storage.set_key_state("key-acme", expires_ms=time.time_ns() // 1_000_000 + 3_600_000)
+
+
+def _suspend(storage: Storage) -> None:
+    storage.update_customer("acme", status="suspended")
+
+
+def _other_customer(storage: Storage) -> None:
+    open_account(storage, "globex")
+
+
+@pytest.mark.parametrize(
+    ("prepare", "key_id", "reason"),
+    [
+        pytest.param(None, "key-missing", "unknown_key", id="unknown"),
+        pytest.param(_other_customer, "key-globex", "unknown_key", id="another-customers-key"),
+        pytest.param(_revoke, "key-acme", "revoked_key", id="revoked"),
+        pytest.param(_expire, "key-acme", "expired_key", id="expired"),
+        pytest.param(_expire_later, "key-acme", None, id="expires-later"),
+        pytest.param(_suspend, "key-acme", "suspended", id="suspended"),
+    ],
+)
+def test_admit_checks_key_and_customer(
+    storage: Storage, prepare: Callable[[Storage], None] | None, key_id: str, reason: str | None
+) -> None:
+    """Unknown, revoked and expired keys and suspended customers are refused before any limit."""
+    open_account(storage, credits=10_000)
+    if prepare is not None:
+        prepare(storage)
+    plan = make_plan(rates=(RateLimit(5, 60),), quota=5, price=100, prepaid=True)
+    decision = storage.admit(admit_request(storage, plan, key_id=key_id))
+    assert decision.allowed is (reason is None)
+    assert decision.reason == reason
+    if reason is not None:
+        assert decision.limits == ()
+        assert decision.reservation_id == ""
+        assert storage.get_balance("acme").reserved == 0
+
+
+def test_gcra_allows_a_burst_then_refuses(storage: Storage) -> None:
+    """A rate of 3 per minute admits a burst of 3, then refuses with a retry-after of about 20 s."""
+    open_account(storage)
+    plan = make_plan(rates=(RateLimit(3, 60),))
+    remaining = []
+    for _ in range(3):
+        decision = storage.admit(admit_request(storage, plan))
+        assert decision.allowed
+        remaining.append(decision.limits[0].remaining)
+    assert remaining == [2, 1, 0]
+    refused = storage.admit(admit_request(storage, plan))
+    assert (refused.allowed, refused.reason) == (False, "rate_limited")
+    assert 0 < refused.retry_after <= 20
+    assert (refused.limits[0].name, refused.limits[0].quota, refused.limits[0].remaining) == (
+        "rate-60s",
+        3,
+        0,
+    )
+
+
+def test_rate_limits_are_all_decided_before_any_is_consumed(storage: Storage) -> None:
+    """A call refused by one rate limit consumes none of the others."""
+    open_account(storage)
+    both = make_plan(rates=(RateLimit(2, 60), RateLimit(10, 3600)))
+    for _ in range(2):
+        assert storage.admit(admit_request(storage, both)).allowed
+    for _ in range(3):
+        assert storage.admit(admit_request(storage, both)).reason == "rate_limited"
+    hourly_only = make_plan(rates=(RateLimit(10, 3600),))
+    decision = storage.admit(admit_request(storage, hourly_only))
+    assert decision.limits[0].remaining == 7  # 10 - 2 admitted - this one
+
+
+@pytest.mark.parametrize(
+    ("hard", "third"),
+    [pytest.param(True, "quota_exceeded", id="hard"), pytest.param(False, None, id="soft")],
+)
+def test_quota_hard_refuses_soft_reports(storage: Storage, hard: bool, third: str | None) -> None:
+    """A hard quota refuses the call past it until the period ends; a soft quota admits it."""
+    open_account(storage)
+    plan = make_plan(quota=2, hard=hard)
+    for _ in range(2):
+        assert storage.admit(admit_request(storage, plan)).allowed
+    request = admit_request(storage, plan)
+    decision = storage.admit(request)
+    assert decision.reason == third
+    if hard:
+        assert quota_left(decision) == 0
+        assert 0 < decision.retry_after <= request.period_end - request.period_start
+    else:
+        assert decision.limits == ()
+
+
+@pytest.mark.parametrize(
+    ("plan", "live", "balance", "reason", "available"),
+    [
+        pytest.param(make_plan(price=1000, prepaid=True), True, 999, "insufficient_credits", 999, id="short"),
+        pytest.param(make_plan(price=1000, prepaid=True), True, 1000, None, 0, id="exact"),
+        pytest.param(make_plan(price=1000, prepaid=True), False, 0, None, None, id="test-key-is-free"),
+        pytest.param(make_plan(price=1000), True, 0, None, None, id="postpaid"),
+        pytest.param(
+            make_plan(prepaid=True, tokens=MeterTerms(price=1)), True, 100, "insufficient_credits", 100,
+            id="value-meter-needs-credit-left",
+        ),
+        pytest.param(
+            make_plan(prepaid=True, tokens=MeterTerms(price=1)), True, 101, None, 1, id="value-meter-covered"
+        ),
+    ],
+)  # fmt: skip
+def test_admit_checks_credits(
+    storage: Storage, plan: Plan, live: bool, balance: int, reason: str | None, available: int | None
+) -> None:
+    """Prepaid live calls need credits for their price (and one spare for open-ended meters)."""
+    open_account(storage, live=live, credits=balance)
+    decision = storage.admit(admit_request(storage, plan, live=live))
+    assert decision.reason == reason
+    assert decision.available_credits == available
+    expected_reserved = balance - available if reason is None and available is not None else 0
+    assert decision.reserved_credits == expected_reserved
+    assert storage.get_balance("acme").reserved == expected_reserved
+
+
+# -- settlement ----------------------------------------------------------------------------------------
+
+
+def test_flush_charges_billable_calls_and_refunds_the_rest(storage: Storage) -> None:
+    """Settling charges billable calls at included-then-overage prices and gives refused ones back."""
+    open_account(storage, credits=1000)
+    plan = make_plan(quota=10, included=2, price=100, prepaid=True)
+    calls = [admit_request(storage, plan) for _ in range(3)]
+    decisions = [storage.admit(request) for request in calls]
+    # The third call is past the 2 included units, so it holds its price.
+    assert [decision.reserved_credits for decision in decisions] == [0, 0, 100]
+    assert storage.get_balance("acme").reserved == 100
+
+    # The second call fails: its unit goes back, so the third one fits in the included units after all.
+    billable = [True, False, True]
+    assert flush(
+        storage, *(settlement(r, d, billable=b) for r, d, b in zip(calls, decisions, billable, strict=True))
+    )
+    shard = shard_of("acme", storage.shards)
+    [entry] = storage.read_stream(shard, START_OFFSET, 10)
+    assert entry.fields[b"c"] == b"0,0,0"
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (1000, 0)
+
+    more = [admit_request(storage, plan) for _ in range(2)]
+    more_decisions = [storage.admit(request) for request in more]
+    assert flush(storage, *(settlement(r, d) for r, d in zip(more, more_decisions, strict=True)))
+    entry = storage.read_stream(shard, entry.entry_id, 10)[0]
+    assert entry.fields[b"c"] == b"100,100"
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (800, 0)
+    assert quota_left(storage.admit(admit_request(storage, plan))) == 10 - 4 - 1
+
+
+def test_flush_refund_gives_quota_and_credits_back(storage: Storage) -> None:
+    """A call that is not billable releases its quota hold and its reserved credits."""
+    open_account(storage, credits=100)
+    plan = make_plan(quota=1, price=100, prepaid=True)
+    request = admit_request(storage, plan)
+    decision = storage.admit(request)
+    assert (decision.allowed, decision.reserved_credits, decision.available_credits) == (True, 100, 0)
+    assert storage.admit(admit_request(storage, plan)).reason == "quota_exceeded"
+    assert flush(storage, settlement(request, decision, billable=False))
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (100, 0)
+    assert storage.admit(admit_request(storage, plan)).allowed
+
+
+def test_flush_records_calls_without_reservation(storage: Storage) -> None:
+    """A billable call served without admission (fail-open) is still counted and charged."""
+    open_account(storage, credits=500)
+    plan = make_plan(quota=5, price=100, prepaid=True)
+    assert flush(storage, settlement(admit_request(storage, plan), None), None)
+    [entry] = storage.read_stream(shard_of("acme", storage.shards), START_OFFSET, 10)
+    assert entry.fields[b"c"] == b"100,0"
+    assert storage.get_balance("acme").balance == 400
+    assert quota_left(storage.admit(admit_request(storage, plan))) == 5 - 1 - 1
+
+
+def test_flush_is_idempotent_by_batch_id(storage: Storage) -> None:
+    """Flushing the same batch id twice appends and charges once; the second flush returns False."""
+    open_account(storage, credits=1000)
+    plan = make_plan(quota=5, price=100, prepaid=True)
+    request = admit_request(storage, plan)
+    decision = storage.admit(request)
+    assert flush(storage, settlement(request, decision), batch_id="batch-1")
+    assert not flush(storage, settlement(request, decision), batch_id="batch-1")
+    assert storage.stream_length(shard_of("acme", storage.shards)) == 1
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (900, 0)
+    assert quota_left(storage.admit(admit_request(storage, plan))) == 5 - 1 - 1
+
+
+def test_expire_reservations_refunds_after_the_timeout(storage: Storage) -> None:
+    """A reservation never settled is refunded after its timeout, once; a live one is kept."""
+    open_account(storage, credits=1000)
+    plan = make_plan(quota=5, price=100, prepaid=True)
+    abandoned = admit_request(storage, plan, timeout_ms=1)
+    abandoned_decision = storage.admit(abandoned)
+    storage.admit(admit_request(storage, plan, timeout_ms=600_000))
+    assert storage.get_balance("acme").reserved == 200
+    time.sleep(0.02)
+    shard = shard_of("acme", storage.shards)
+    assert storage.expire_reservations(shard, 100) == 1
+    assert storage.expire_reservations(shard, 100) == 0
+    assert storage.get_balance("acme").reserved == 100
+    assert quota_left(storage.admit(admit_request(storage, plan))) == 5 - 2
+    # The call's event arrives late: its reservation is gone, so nothing is released twice.
+    assert flush(storage, settlement(abandoned, abandoned_decision, billable=False))
+    assert storage.get_balance("acme").reserved == 200
+
+
+# -- the rollup worker ---------------------------------------------------------------------------------
+
+
+def test_lease_fence_grows_only_on_fresh_acquisition(storage: Storage) -> None:
+    """Renewing keeps the token, another owner is refused while the lease is held, each shard counts apart."""
+    assert storage.acquire_lease(0, "worker-a", 10_000) == 1
+    assert storage.acquire_lease(0, "worker-a", 10_000) == 1
+    assert storage.acquire_lease(0, "worker-b", 10_000) is None
+    storage.release_lease(0, "worker-b")  # not the holder: nothing happens
+    assert storage.acquire_lease(0, "worker-b", 10_000) is None
+    storage.release_lease(0, "worker-a")
+    assert storage.acquire_lease(0, "worker-b", 10_000) == 2
+    assert storage.acquire_lease(1, "worker-a", 10_000) == 1
+
+
+def test_lease_expires(storage: Storage) -> None:
+    """A lease not renewed within its ttl can be taken by another owner, with a new token."""
+    assert storage.acquire_lease(3, "worker-a", 1) == 1
+    time.sleep(0.02)
+    assert storage.acquire_lease(3, "worker-b", 10_000) == 2
+
+
+def _window(storage: Storage) -> tuple[int, Window]:
+    return shard_of("acme", storage.shards), Window(True, "acme", "day", 20_000 * DAY)
+
+
+def test_commit_rollup_applies_aggregates_and_moves_the_offset(storage: Storage) -> None:
+    """A fenced commit adds its totals and sets the shard's offset."""
+    shard, window = _window(storage)
+    token = storage.acquire_lease(shard, "worker", 10_000)
+    assert token is not None
+    totals = WindowTotals(sums={"calls": 3}, maxes={"latency": 50}, lasts={"level": (1_000, 7)})
+    assert storage.commit_rollup(RollupCommit(shard, token, START_OFFSET, "5-0", {window: totals}))
+    assert storage.committed_offset(shard) == "5-0"
+    assert storage.read_usage("acme", True, "day", window.start) == {"calls": 3, "latency": 50, "level": 7}
+    assert storage.read_usage("acme", False, "day", window.start) == {}
+    assert storage.committed_offset((shard + 1) % storage.shards) == START_OFFSET
+
+
+def _stale_token(storage: Storage, shard: int, token: int) -> int:
+    storage.release_lease(shard, "worker")
+    assert storage.acquire_lease(shard, "other-worker", 10_000) == token + 1
+    return token
+
+
+@pytest.mark.parametrize(
+    ("break_commit"),
+    [
+        pytest.param(lambda storage, shard, token: (token + 1, "5-0"), id="wrong-token"),
+        pytest.param(
+            lambda storage, shard, token: (_stale_token(storage, shard, token), "5-0"), id="lost-lease"
+        ),
+        pytest.param(lambda storage, shard, token: (token, "4-0"), id="wrong-offset"),
+    ],
+)
+def test_commit_rollup_is_fenced(
+    storage: Storage, break_commit: Callable[[Storage, int, int], tuple[int, str]]
+) -> None:
+    """A commit with a stale token or from a moved offset is refused and applies nothing."""
+    shard, window = _window(storage)
+    token = storage.acquire_lease(shard, "worker", 10_000)
+    assert token is not None
+    assert storage.commit_rollup(RollupCommit(shard, token, START_OFFSET, "5-0", {}))
+    bad_token, expected = break_commit(storage, shard, token)
+    totals = WindowTotals(sums={"calls": 3}, uniques={"users": {"u1"}})
+    commit = RollupCommit(shard, bad_token, expected, "9-0", {window: totals}, dead_letters=(("5-0", "bad"),))
+    assert not storage.commit_rollup(commit)
+    assert storage.committed_offset(shard) == "5-0"
+    assert storage.read_usage("acme", True, "day", window.start) == {}
+    assert dead_letters(storage, shard) == []
+
+
+def test_read_usage_merges_every_aggregation(storage: Storage) -> None:
+    """Sums add up, maxes keep the largest, the newest last value wins, unique values are counted once."""
+    shard, window = _window(storage)
+    token = storage.acquire_lease(shard, "worker", 10_000)
+    assert token is not None
+    first = WindowTotals(
+        sums={"calls": 3, "tokens": 100},
+        maxes={"latency": 50},
+        lasts={"level": (2_000, 7)},
+        uniques={"users": {"u1", "u2"}},
+        ttl=3600,
+    )
+    second = WindowTotals(
+        sums={"calls": 2},
+        maxes={"latency": 40},
+        lasts={"level": (1_000, 3), "depth": (1_000, 9)},  # an older "level" arrives late
+        uniques={"users": {"u2", "u3"}},
+        ttl=3600,
+    )
+    assert storage.commit_rollup(RollupCommit(shard, token, START_OFFSET, "1-0", {window: first}))
+    assert storage.commit_rollup(RollupCommit(shard, token, "1-0", "2-0", {window: second}))
+    usage = storage.read_usage("acme", True, "day", window.start)
+    assert usage == {"calls": 5, "tokens": 100, "latency": 50, "level": 7, "depth": 9, "users": 3}
+
+
+def test_read_and_trim_stream(storage: Storage) -> None:
+    """read_stream pages after an offset; trim_stream drops entries below an id only."""
+    open_account(storage)
+    shard = shard_of("acme", storage.shards)
+    for index in range(3):
+        assert storage.flush(Batch(shard, f"batch-{index}", f"payload-{index}".encode(), ()))
+    first_two = storage.read_stream(shard, START_OFFSET, 2)
+    assert [entry.fields[b"b"] for entry in first_two] == [b"payload-0", b"payload-1"]
+    assert first_two[0].fields[b"i"] == b"batch-0"
+    [third] = storage.read_stream(shard, first_two[1].entry_id, 10)
+    assert third.fields[b"b"] == b"payload-2"
+    assert storage.read_stream(shard, third.entry_id, 10) == []
+    assert storage.trim_stream(shard, third.entry_id) == 2
+    assert storage.stream_length(shard) == 1
+    assert [entry.entry_id for entry in storage.read_stream(shard, START_OFFSET, 10)] == [third.entry_id]
+
+
+def test_dead_letters_keep_the_entry_and_the_reason(storage: Storage) -> None:
+    """An entry the worker cannot decode is copied aside with its id and the reason."""
+    shard = shard_of("acme", storage.shards)
+    assert storage.flush(Batch(shard, "batch-1", b"\x00garbage", ()))
+    [entry] = storage.read_stream(shard, START_OFFSET, 10)
+    token = storage.acquire_lease(shard, "worker", 10_000)
+    assert token is not None
+    commit = RollupCommit(
+        shard, token, START_OFFSET, entry.entry_id, {}, dead_letters=((entry.entry_id, "not msgpack"),)
+    )
+    assert storage.commit_rollup(commit)
+    [dead] = dead_letters(storage, shard)
+    assert dead == {
+        b"b": b"\x00garbage",
+        b"c": b"",
+        b"i": b"batch-1",
+        b"entry": entry.entry_id.encode(),
+        b"reason": b"not msgpack",
+    }
+    assert storage.committed_offset(shard) == entry.entry_id
+
+
+# -- concurrency and the asyncio request path ----------------------------------------------------------
+
+CONCURRENT_CALLS = 200
+AFFORDABLE_CALLS = 37
+PRICE = 1_000
+
+
+def _prepaid_account(storage: Storage) -> Plan:
+    open_account(storage, credits=AFFORDABLE_CALLS * PRICE)
+    return make_plan(price=PRICE, prepaid=True)
+
+
+def _assert_spent_exactly(storage: Storage, decisions: list[Decision]) -> None:
+    admitted = [decision for decision in decisions if decision.allowed]
+    assert len(admitted) == AFFORDABLE_CALLS
+    assert {decision.reason for decision in decisions if not decision.allowed} == {"insufficient_credits"}
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (AFFORDABLE_CALLS * PRICE, AFFORDABLE_CALLS * PRICE)
+
+
+def test_concurrent_admits_never_overspend(storage: Storage) -> None:
+    """200 threads admitting at once against credits for exactly 37 calls admit exactly 37."""
+    plan = _prepaid_account(storage)
+    requests = [admit_request(storage, plan) for _ in range(CONCURRENT_CALLS)]
+    start = threading.Barrier(CONCURRENT_CALLS)
+    decisions: list[Decision] = [Decision(allowed=False)] * CONCURRENT_CALLS
+
+    def call(index: int) -> None:
+        start.wait()
+        decisions[index] = storage.admit(requests[index])
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(CONCURRENT_CALLS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _assert_spent_exactly(storage, decisions)
+
+    settled = [settlement(r, d) for r, d in zip(requests, decisions, strict=True) if d.allowed]
+    assert flush(storage, *settled)
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (0, 0)
+
+
+def test_concurrent_async_admits_never_overspend(backend: Backend) -> None:
+    """200 admits gathered on one event loop against credits for exactly 37 calls admit exactly 37."""
+    plan = _prepaid_account(backend.sync)
+    requests = [admit_request(backend.sync, plan) for _ in range(CONCURRENT_CALLS)]
+
+    async def admit_all() -> list[Decision]:
+        storage = backend.open_async()
+        try:
+            return list(await asyncio.gather(*(storage.admit(request) for request in requests)))
+        finally:
+            await storage.aclose()
+
+    _assert_spent_exactly(backend.sync, asyncio.run(admit_all()))
+
+
+def test_async_request_path(backend: Backend) -> None:
+    """The asyncio twin resolves keys, admits and flushes (idempotently) like the synchronous one."""
+    open_account(backend.sync, credits=1000)
+    plan = make_plan(quota=5, price=100, prepaid=True)
+    request = admit_request(backend.sync, plan)
+
+    async def run() -> None:
+        storage = backend.open_async()
+        try:
+            info = await storage.resolve_key("hash-key-acme")
+            assert info is not None
+            assert (info.key_id, info.customer.id) == ("key-acme", "acme")
+            assert await storage.resolve_key("hash-unknown") is None
+            decision = await storage.admit(request)
+            assert (decision.allowed, decision.reserved_credits) == (True, 100)
+            batch = Batch(request.shard, "batch-1", b"events", (settlement(request, decision),))
+            assert await storage.flush(batch)
+            assert not await storage.flush(batch)
+        finally:
+            await storage.aclose()
+
+    asyncio.run(run())
+    balance = backend.sync.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (900, 0)

@@ -200,7 +200,9 @@ class MemoryStorage:
                         self._release(reservation)
                     account = self._accounts.get(settlement.customer)
                     if settlement.billable:
-                        counters = self._quotas[(settlement.live, settlement.customer, settlement.period_start)]
+                        counters = self._quotas[
+                            (settlement.live, settlement.customer, settlement.period_start)
+                        ]
                         for meter, units, price, included in settlement.meters:
                             before = counters[f"{meter}:u"]
                             counters[f"{meter}:u"] = before + units
@@ -208,7 +210,11 @@ class MemoryStorage:
                         if settlement.charges_credits and account is not None:
                             account.balance -= cost
                 costs.append(cost)
-            fields = {b"b": batch.payload, b"c": ",".join(map(str, costs)).encode(), b"i": batch.batch_id.encode()}
+            fields = {
+                b"b": batch.payload,
+                b"c": ",".join(map(str, costs)).encode(),
+                b"i": batch.batch_id.encode(),
+            }
             shard.stream.append(StreamEntry(shard.next_id(), fields))
             shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
             return True
@@ -314,12 +320,16 @@ class MemoryStorage:
             account = self._accounts.get(customer_id)
             return account.customer if account else None
 
-    def update_customer(self, customer_id: str, *, plan: str | None = None, status: str | None = None) -> None:
+    def update_customer(
+        self, customer_id: str, *, plan: str | None = None, status: str | None = None
+    ) -> None:
         with self._lock:
             account = self._account(customer_id)
             customer = account.customer
             account.customer = replace(
-                customer, plan=plan or customer.plan, status=status or customer.status  # type: ignore[arg-type]
+                customer,
+                plan=plan or customer.plan,
+                status=status or customer.status,  # type: ignore[arg-type]
             )
 
     def list_customers(self) -> list[str]:

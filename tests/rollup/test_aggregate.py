@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterware.events import UsageEvent, encode_batch
 from meterware.rollup.aggregate import WINDOW_TTLS, fold, parse_entry, windows_of
-from meterware.storage.base import Window
+from meterware.storage.base import Window, WindowTotals
 from tests.rollup.helpers import METERS, PERIOD, T0_MS, event, flat
 
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
@@ -240,3 +244,54 @@ def test_parse_entry_ignores_units_of_unbilled_events() -> None:
     """Units of events that are not billed are never folded, so their shape does not spoil the batch."""
     events = [event(outcome="server_error", units={"tokens": "oops"})]
     assert parse_entry(fields(events, b"0"), METERS) == (events, [0])
+
+
+def test_last_tie_across_billing_periods() -> None:
+    """Of two events with one timestamp in different billing periods, the later in the stream is last."""
+    events = [
+        event(units={"gauge": 1}, period_start=PERIOD),
+        event(units={"gauge": 2}, period_start=PERIOD + 1),
+        event(units={"gauge": 3}, period_start=PERIOD),
+    ]
+    totals = window_totals(events)
+    assert totals[at("day", DAY0)]["gauge"] == 3
+    assert totals[at("period", PERIOD + 1)]["gauge"] == 2
+    assert window_totals(events[:2])[at("day", DAY0)]["gauge"] == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),  # customer
+            st.integers(0, 3 * 60_000),  # ms after T0: a few minutes, with timestamp ties
+            st.integers(-5, 5),  # gauge and peak value
+            st.booleans(),  # live
+            st.booleans(),  # billable
+            st.booleans(),  # in the next billing period
+        ),
+        max_size=40,
+    ),
+    st.lists(st.integers(0, 40), max_size=4),
+)
+def test_fold_is_independent_of_batching(
+    raw: list[tuple[int, int, int, bool, bool, bool]], cuts: list[int]
+) -> None:
+    """Folding a stream in any split, batch after batch into the same totals, equals folding it at once."""
+    events = [
+        event(
+            f"c{customer}",
+            ts=T0_MS + offset // 1000 * 1000,
+            live=live,
+            billable=billable,
+            units={"calls": 1, "gauge": value, "peak": value, "users": str(value)},
+            period_start=PERIOD + next_period,
+        )
+        for customer, offset, value, live, billable, next_period in raw
+    ]
+    costs = list(range(len(events)))
+    stepwise: dict[Window, WindowTotals] = {}
+    bounds = [0, *sorted(min(cut, len(events)) for cut in cuts), len(events)]
+    for start, end in itertools.pairwise(bounds):
+        fold(events[start:end], costs[start:end], METERS, stepwise)
+    assert stepwise == fold(events, costs, METERS)

@@ -188,10 +188,8 @@ def _merge_groups(
                 target.maxes[name] = value if current is None or value > current else current
             for name, (stamp, position, value) in group.lasts.items():
                 previous = target.lasts.get(name)
-                if previous is None or (previous[0], last_positions.get((window, name), -1)) <= (
-                    stamp,
-                    position,
-                ):
+                held = None if previous is None else (previous[0], last_positions.get((window, name), -1))
+                if held is None or held <= (stamp, position):
                     target.lasts[name] = (stamp, value)
                     last_positions[(window, name)] = position
             for name, values in group.uniques.items():

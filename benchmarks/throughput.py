@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import redis
+from tests.servers import RedisServer, free_port, wait_for_port
 
 from meterware import Accounts, Config
 from meterware.events import UsageEvent, new_event_id
@@ -28,7 +29,6 @@ from meterware.flusher import Pending, Pipeline
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from meterware.storage.base import Settlement
-from tests.servers import RedisServer, free_port, wait_for_port
 
 CONFIG = """
 [storage]

@@ -78,7 +78,10 @@ class Accounts:
         plan = plan or self.config.default_plan
         self._check_plan(plan)
         customer = Customer(customer_id, plan, "active", int(time.time()) if anchor is None else anchor)
-        self.storage.create_customer(customer)
+        try:
+            self.storage.create_customer(customer)
+        except ValueError as error:  # the backends' "already exists"
+            raise UsageError(str(error)) from None
         return customer
 
     def customer(self, customer_id: str) -> Customer:

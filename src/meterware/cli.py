@@ -230,16 +230,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(default: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", metavar="FILE", help="TOML configuration (default: $METERWARE_CONFIG or ./meterware.toml)"
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="TOML configuration (default: $METERWARE_CONFIG or ./meterware.toml)",
     )
-    common.add_argument("--storage", metavar="URL", help="storage URL, e.g. redis://localhost:6379/0")
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    common.add_argument(
+        "--storage", metavar="URL", default=default, help="storage URL, e.g. redis://localhost:6379/0"
+    )
+    common.add_argument(
+        "--json", action="store_true", default=default or False, help="print machine-readable JSON"
+    )
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    # The options work before and after the command. The command's copies have no defaults, or they would
+    # overwrite what was given before the command (`meterware --storage URL keys list acme`).
+    common = _common_options(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
-        prog="meterware", description="Sell access to your API.", parents=[common]
+        prog="meterware", description="Sell access to your API.", parents=[_common_options(None)]
     )
     parser.add_argument("--version", action="version", version=f"meterware {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

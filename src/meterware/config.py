@@ -307,7 +307,7 @@ class _Section:
         try:
             value = float(raw)
         except OverflowError:  # an integer too large for a float
-            value = math.copysign(math.inf, raw)
+            value = math.inf if raw > 0 else -math.inf
         if not math.isfinite(value) or (positive and value <= 0):
             raise ConfigError(self.name(key), f"must be a positive number of seconds, got {value}")
         return value
@@ -374,7 +374,9 @@ def parse_credits(value: Any, field_name: str) -> int:
     except (InvalidOperation, Overflow):
         raise ConfigError(field_name, f"must be a number of credits, got {value!r}") from None
     except Inexact:
-        raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}") from None
+        raise ConfigError(
+            field_name, f"must be a number of credits with at most 6 decimals, got {value!r}"
+        ) from None
     if not amount.is_finite() or micros != micros.to_integral_value():
         raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}")
     if micros < 0:
@@ -383,7 +385,7 @@ def parse_credits(value: Any, field_name: str) -> int:
 
 
 def _parse_meter(name: str, raw: Any) -> Meter:
-    section = _Section(raw, f"meters.{_check_name(name, f'meters.{_key(name)}')}")
+    section = _Section(raw, f"meters.{_key(_check_name(name, f'meters.{_key(name)}'))}")
     aggregation = section.choice("aggregation", get_args(Aggregation), "count")
     source = section.get("source", str, "call")
     if source.startswith("header:"):
@@ -402,7 +404,7 @@ def _parse_meter(name: str, raw: Any) -> Meter:
 
 
 def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
-    section = _Section(raw, f"plans.{_check_name(name, f'plans.{_key(name)}')}")
+    section = _Section(raw, f"plans.{_key(_check_name(name, f'plans.{_key(name)}'))}")
     limits: list[RateLimit] = []
     for index, text in enumerate(section.strings("rate_limits", ())):
         try:

@@ -19,7 +19,8 @@ KEY_PREFIX = "mw_"
 SECRET_LENGTH = 32
 VISIBLE_SECRET_CHARS = 4
 _ALPHABET = string.ascii_letters + string.digits
-_KEY_RE = re.compile(r"^mw_(live|test)_[A-Za-z0-9]{%d}$" % SECRET_LENGTH)
+# \Z, not $: "$" also matches before a trailing newline.
+_KEY_RE = re.compile(rf"^mw_(live|test)_[A-Za-z0-9]{{{SECRET_LENGTH}}}\Z")
 # Longest value worth looking at: anything longer cannot be a key and is refused without hashing.
 MAX_PRESENTED_LENGTH = 256
 

@@ -1,0 +1,383 @@
+"""The event pipeline: bounded buffer, per-shard batches, the disk spool, and replay with the same ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from meterware.config import Pipeline as PipelineConfig
+from meterware.events import UsageEvent, decode_batch, new_event_id
+from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
+from meterware.storage import open_async_storage, open_storage
+from meterware.storage.base import Batch, Settlement, Storage
+from tests.servers import free_port
+
+SHARDS = 4
+
+
+def event(number: int, customer: str = "acme") -> UsageEvent:
+    return UsageEvent(
+        id=new_event_id(),
+        timestamp_ms=1_767_225_600_000 + number,
+        customer=customer,
+        key_id="key_0123456789abcdef",
+        plan="pro",
+        route=f"/v1/items/{number}",
+        method="GET",
+        status=200,
+        outcome="success",
+        duration_us=100,
+        ttfb_us=50,
+        units={"calls": 1},
+        billable=True,
+    )
+
+
+SETTLEMENT = Settlement("acme", True, 1_767_225_600, "", True, False, (("calls", 1, 2000, 0),))
+
+
+def pending(number: int, shard: int = 0, settlement: Settlement | None = SETTLEMENT) -> Pending:
+    return Pending(shard, event(number), settlement)
+
+
+@pytest.fixture
+def memory_storage() -> Storage:
+    """A fresh memory:// store with four shards."""
+    return open_storage(f"memory://{uuid.uuid4().hex}", shards=SHARDS)
+
+
+@pytest.fixture
+def unreachable_storage() -> Iterator[Storage]:
+    """A real Redis client pointed at a loopback port nobody listens on."""
+    storage = open_storage(f"redis://127.0.0.1:{free_port()}/0", shards=SHARDS, timeout=0.2)
+    yield storage
+    storage.close()
+
+
+def config(tmp_path: Path, **changes: object) -> PipelineConfig:
+    return replace(PipelineConfig(spool_dir=str(tmp_path / "spool")), **changes)  # type: ignore[arg-type]
+
+
+def stream(storage: Storage) -> list[tuple[int, str, list[UsageEvent]]]:
+    """Every entry of every shard's stream: (shard, batch id, events)."""
+    return [
+        (shard, entry.fields[b"i"].decode(), decode_batch(entry.fields[b"b"]))
+        for shard in range(SHARDS)
+        for entry in storage.read_stream(shard, "0-0", 10_000)
+    ]
+
+
+def routes(events: list[UsageEvent]) -> list[str]:
+    return [e.route for e in events]
+
+
+# -- buffer and batches --------------------------------------------------------------------------------
+
+
+def test_buffer_is_fifo_and_bounded() -> None:
+    """The buffer keeps the oldest events up to its capacity and refuses the rest."""
+    buffer = EventBuffer(3)
+    items = [pending(n) for n in range(4)]
+    assert [buffer.put(item) for item in items] == [True, True, True, False]
+    assert len(buffer) == 3
+    assert buffer.take(2) == items[:2]
+    assert buffer.take(10) == items[2:3]
+    assert buffer.take(10) == []
+
+
+def test_pipeline_put_drops_and_counts_when_the_buffer_is_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipeline.put never blocks: past buffer_size, events are dropped, counted and logged."""
+    pipeline = Pipeline(config(tmp_path, buffer_size=3))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        for number in range(5):
+            pipeline.put(pending(number))
+    assert len(pipeline.buffer) == 3
+    assert pipeline.stats.dropped_events == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "meterware: event buffer full (3); an event was dropped"
+    ] * 2
+
+
+def test_make_batches_groups_by_shard_in_order() -> None:
+    """Pending events become one batch per shard, events and settlements in arrival order."""
+    items = [pending(0, 0), pending(1, 2, None), pending(2, 0), pending(3, 3), pending(4, 2)]
+    batches = make_batches(items)
+    assert [batch.shard for batch in batches] == [0, 2, 3]
+    by_shard = {batch.shard: batch for batch in batches}
+    assert routes(decode_batch(by_shard[0].payload)) == ["/v1/items/0", "/v1/items/2"]
+    assert routes(decode_batch(by_shard[2].payload)) == ["/v1/items/1", "/v1/items/4"]
+    assert by_shard[2].settlements == (None, SETTLEMENT)
+    assert decode_batch(by_shard[3].payload) == [items[3].event]
+    ids = [batch.batch_id for batch in batches]
+    assert len(set(ids)) == 3
+    assert all(uuid.UUID(batch_id).version == 7 for batch_id in ids)
+
+
+def test_make_batches_of_nothing() -> None:
+    """No pending events, no batches."""
+    assert make_batches([]) == []
+
+
+# -- spool ---------------------------------------------------------------------------------------------
+
+
+def test_spool_round_trip(tmp_path: Path) -> None:
+    """A spooled batch reads back identical, is listed until removed, and counts toward the size."""
+    spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
+    assert spool.pending() == []
+    assert spool.size() == 0
+    batches = make_batches([pending(0, 1), pending(1, 1, None), pending(2, 3)])
+    for batch in batches:
+        assert spool.write(batch)
+    paths = spool.pending()
+    assert [path.name for path in paths] == sorted(f"{batch.batch_id}.batch" for batch in batches)
+    assert spool.size() == sum(path.stat().st_size for path in paths)
+    assert sorted((spool.read(path) for path in paths), key=lambda b: b.shard) == batches  # type: ignore[arg-type, return-value]
+    for path in paths:
+        spool.remove(path)
+    assert spool.pending() == []
+    assert spool.size() == 0
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_spool_is_shared_through_the_directory(tmp_path: Path) -> None:
+    """A second Spool on the same directory (another process) sees the batches of the first."""
+    (batch,) = make_batches([pending(0)])
+    Spool(tmp_path, max_bytes=1_000_000).write(batch)
+    other = Spool(tmp_path, max_bytes=1_000_000)
+    (path,) = other.pending()
+    assert other.read(path) == batch
+
+
+def test_spool_refuses_batches_beyond_its_cap(tmp_path: Path) -> None:
+    """Once spool_max_bytes would be exceeded, write refuses the batch and keeps nothing."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    first, second = make_batches([pending(0, 0), pending(1, 1)])
+    assert spool.write(first)
+    capped = Spool(tmp_path, max_bytes=spool.size() + 10)
+    assert not capped.write(second)
+    assert [path.name for path in capped.pending()] == [f"{first.batch_id}.batch"]
+
+
+def test_pipeline_counts_batches_the_full_spool_drops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the spool is full too, the batch's events are dropped and counted."""
+    pipeline = Pipeline(config(tmp_path, spool_max_bytes=0))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.spill(make_batches([pending(0), pending(1), pending(2, 1)]))
+    assert pipeline.stats.dropped_events == 3
+    assert pipeline.stats.spooled_events == 0
+    assert "spool full (0 bytes); dropped a batch of 2 events" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xc1garbage", id="not-msgpack"),
+        pytest.param(b"\x93\x01\x02\x03", id="wrong-shape"),
+        pytest.param(b"\x94\x00\xa1x\xc4\x00\x91\x91\x01", id="bad-settlement"),
+    ],
+)
+def test_damaged_spool_file_is_set_aside(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool file that cannot be read is renamed to .bad, logged, and no longer replayed."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    damaged = tmp_path / "0190f000-0000-7000-8000-000000000000.batch"
+    damaged.write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        assert spool.read(damaged) is None
+    assert not damaged.exists()
+    assert damaged.with_suffix(".bad").read_bytes() == content
+    assert "is damaged" in caplog.records[0].getMessage()
+    assert spool.pending() == []
+
+
+def test_reading_a_batch_replayed_meanwhile_returns_none(tmp_path: Path) -> None:
+    """A spool file removed by another process is skipped, not reported as damaged."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    assert spool.read(tmp_path / "gone.batch") is None
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- flushing, failing, spooling, replaying ------------------------------------------------------------
+
+
+def test_flush_sync_writes_every_event_to_its_shard(tmp_path: Path, memory_storage: Storage) -> None:
+    """flush_sync empties the buffer into one stream entry per shard and counts what it flushed."""
+    flushed: list[Batch] = []
+    pipeline = Pipeline(config(tmp_path), on_flushed=flushed.append)
+    for number, shard in enumerate([0, 1, 1, 3, 0]):
+        pipeline.put(pending(number, shard))
+    pipeline.flush_sync(memory_storage)
+    assert len(pipeline.buffer) == 0
+    entries = stream(memory_storage)
+    assert [(shard, routes(events)) for shard, _, events in entries] == [
+        (0, ["/v1/items/0", "/v1/items/4"]),
+        (1, ["/v1/items/1", "/v1/items/2"]),
+        (3, ["/v1/items/3"]),
+    ]
+    assert (pipeline.stats.flushed_events, pipeline.stats.flushed_batches, pipeline.stats.failures) == (
+        5,
+        3,
+        0,
+    )
+    assert sorted(batch.batch_id for batch in flushed) == sorted(batch_id for _, batch_id, _ in entries)
+
+
+def test_flush_sync_spools_when_the_backend_fails_and_replays_with_the_same_ids(
+    tmp_path: Path, unreachable_storage: Storage, memory_storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batches that fail go to the spool; a later flush replays them with their ids, exactly once."""
+    pipeline = Pipeline(config(tmp_path))
+    for number, shard in enumerate([0, 1, 2, 0]):
+        pipeline.put(pending(number, shard))
+    with caplog.at_level(logging.WARNING, logger="meterware.flusher"):
+        pipeline.flush_sync(unreachable_storage)
+    assert len(pipeline.buffer) == 0
+    assert (pipeline.stats.failures, pipeline.stats.spooled_events, pipeline.stats.flushed_events) == (
+        1,
+        4,
+        0,
+    )
+    assert pipeline.stats.dropped_events == 0
+    assert "flush failed" in caplog.records[0].getMessage()
+    spooled = [pipeline.spool.read(path) for path in pipeline.spool.pending()]
+    assert sorted(batch.shard for batch in spooled if batch) == [0, 1, 2]
+
+    # Another process sharing the spool directory (or this one once its backoff is over) replays it.
+    replayer = Pipeline(config(tmp_path))
+    replayer.flush_sync(memory_storage)
+    assert replayer.spool.pending() == []
+    assert (replayer.stats.replayed_batches, replayer.stats.flushed_events) == (3, 4)
+    entries = stream(memory_storage)
+    assert sorted(batch_id for _, batch_id, _ in entries) == sorted(
+        batch.batch_id for batch in spooled if batch
+    )
+    assert sorted(route for _, _, events in entries for route in routes(events)) == [
+        f"/v1/items/{n}" for n in range(4)
+    ]
+
+    # An ambiguous failure left the same batches in the spool: replaying them again writes nothing.
+    for batch in spooled:
+        assert batch is not None
+        replayer.spool.write(batch)
+    replayer.flush_sync(memory_storage)
+    assert replayer.spool.pending() == []
+    assert stream(memory_storage) == entries
+    assert (replayer.stats.replayed_batches, replayer.stats.flushed_batches) == (6, 3)
+
+
+def test_replay_stops_at_the_first_failure(tmp_path: Path, unreachable_storage: Storage) -> None:
+    """While the backend is still down, spooled batches stay where they are."""
+    spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
+    for batch in make_batches([pending(0, 0), pending(1, 1)]):
+        spool.write(batch)
+    pipeline = Pipeline(config(tmp_path))
+    pipeline.flush_sync(unreachable_storage)
+    assert len(pipeline.spool.pending()) == 2
+    assert (pipeline.stats.failures, pipeline.stats.replayed_batches) == (1, 0)
+    assert not pipeline.healthy()
+
+
+def test_flush_during_backoff_spools_without_calling_the_backend(
+    tmp_path: Path, unreachable_storage: Storage
+) -> None:
+    """After a failure, new batches go straight to the spool until the backoff is over."""
+    pipeline = Pipeline(config(tmp_path))
+    pipeline.put(pending(0))
+    pipeline.flush_sync(unreachable_storage)
+    pipeline.put(pending(1, 1))
+    pipeline.flush_sync(unreachable_storage)
+    assert pipeline.stats.failures == 1
+    assert pipeline.stats.spooled_events == 2
+    assert len(pipeline.spool.pending()) == 2
+
+
+# -- flushers ------------------------------------------------------------------------------------------
+
+
+def flusher_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "meterware-flusher"]
+
+
+def test_thread_flusher_starts_once_and_drain_flushes_everything(
+    tmp_path: Path, memory_storage: Storage
+) -> None:
+    """ensure_running starts one thread however often it is called; drain flushes all and stops it."""
+    pipeline = Pipeline(config(tmp_path, flush_interval=60.0))
+    flusher = ThreadFlusher(pipeline, memory_storage)
+    before = set(flusher_threads())
+    for number in range(50):
+        flusher.ensure_running()
+        pipeline.put(pending(number, number % SHARDS))
+    (thread,) = set(flusher_threads()) - before
+    flusher.drain()
+    assert not thread.is_alive()
+    assert len(pipeline.buffer) == 0
+    assert sorted(e.route for _, _, events in stream(memory_storage) for e in events) == sorted(
+        f"/v1/items/{n}" for n in range(50)
+    )
+    assert pipeline.stats.flushed_events == 50
+
+
+def test_thread_flusher_restarts_after_drain(tmp_path: Path, memory_storage: Storage) -> None:
+    """A drained flusher starts a new thread when events arrive again."""
+    pipeline = Pipeline(config(tmp_path, flush_interval=60.0))
+    flusher = ThreadFlusher(pipeline, memory_storage)
+    before = set(flusher_threads())
+    flusher.ensure_running()
+    (first,) = set(flusher_threads()) - before
+    flusher.drain()
+    flusher.ensure_running()
+    pipeline.put(pending(0))
+    (second,) = set(flusher_threads()) - before
+    assert second is not first
+    flusher.drain()
+    assert not second.is_alive()
+    assert pipeline.stats.flushed_events == 1
+
+
+def test_thread_flusher_wakes_up_on_a_full_batch(tmp_path: Path, memory_storage: Storage) -> None:
+    """A full batch wakes the thread before its interval: the events arrive without a drain."""
+    pipeline = Pipeline(config(tmp_path, flush_interval=60.0, batch_size=10))
+    flushed = threading.Event()
+    pipeline.on_flushed = lambda batch: flushed.set()
+    flusher = ThreadFlusher(pipeline, memory_storage)
+    flusher.ensure_running()
+    for number in range(10):
+        pipeline.put(pending(number))
+    try:
+        assert flushed.wait(30), "the flusher thread never flushed the full batch"
+    finally:
+        flusher.drain()
+    assert pipeline.stats.flushed_events == 10
+
+
+def test_async_flusher_drain_flushes_everything(tmp_path: Path) -> None:
+    """The asyncio flusher starts on the running loop and its drain flushes everything buffered."""
+    url = f"memory://{uuid.uuid4().hex}"
+    pipeline = Pipeline(config(tmp_path, flush_interval=60.0))
+
+    async def serve() -> None:
+        flusher = AsyncFlusher(pipeline, open_async_storage(url, shards=SHARDS))
+        for number in range(20):
+            flusher.ensure_running()
+            pipeline.put(pending(number, number % SHARDS))
+        await flusher.drain()
+
+    asyncio.run(serve())
+    assert len(pipeline.buffer) == 0
+    assert pipeline.stats.flushed_events == 20
+    assert len([e for _, _, events in stream(open_storage(url, shards=SHARDS)) for e in events]) == 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from importlib import resources
@@ -122,6 +123,30 @@ def test_scripts_ship_as_package_data() -> None:
     sources = script_sources()
     assert {f"{name}.lua" for name in sources} | {"common.lua"} == shipped
     assert all("local function release(" in text for text in sources.values())
+
+
+def _gcra_divisions() -> list[tuple[float, float]]:
+    cases = [(1.0, 0.1), (0.3, 0.1), (-1.0, 0.1), (7.0, 2.0), (0.0, 3.0)]
+    for amount in (3, 7, 11, 13, 17, 1000):
+        for period in (1_000, 60_000, 3_600_000):
+            interval = period / amount
+            tat = 0.0
+            for _ in range(amount + 1):
+                tat += interval
+                cases.append((period - tat, interval))
+    return cases
+
+
+@pytest.mark.redis
+def test_lua_floor_division_matches_python(redis_url: str) -> None:
+    """The scripts' floor division gives Python's a // b, so GCRA replies match memory.py exactly."""
+    client = redis.Redis.from_url(redis_url)
+    common = resources.files("meterware.storage").joinpath("lua", "common.lua").read_text()
+    script = client.register_script(f"{common}\nreturn floordiv(tonumber(ARGV[1]), tonumber(ARGV[2]))")
+    cases = _gcra_divisions()
+    assert [script(args=[repr(a), repr(b)]) for a, b in cases] == [int(a // b) for a, b in cases]
+    assert (1.0 // 0.1, math.floor(1.0 / 0.1)) == (9.0, 10)  # where the naive version would be wrong
+    client.close()
 
 
 @pytest.mark.parametrize(

@@ -82,8 +82,12 @@ Fields: TypeAlias = Mapping[bytes | str, bytes | str]
 def script_sources() -> dict[str, str]:
     """The text of every script, each preceded by the shared helpers of ``common.lua``."""
     folder = resources.files("meterware.storage").joinpath("lua")
-    common = folder.joinpath("common.lua").read_text(encoding="utf-8")
-    return {name: common + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+
+    def read(name: str) -> str:
+        return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+    common = read("common")
+    return {name: f"{common}\n{read(name)}" for name in _SCRIPTS}
 
 
 def _sources() -> Iterable[tuple[str, str]]:
@@ -607,9 +611,8 @@ class RedisStorage:
                 raise NotFoundError(f"no customer {record.customer!r}")
             client.set(ks.key_owner(record.key_id), record.customer)
             # The hash index comes last: a key resolves only once everything else is in place.
-            index_key = ks.key_by_hash(key_hash)
             client.hset(
-                index_key,
+                ks.key_by_hash(key_hash),
                 mapping={
                     "key_id": record.key_id,
                     "customer": record.customer,

@@ -7,24 +7,6 @@
 --       reservation record head ("customer live period_start"), rate limit count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...
 
--- Python's float floor division (CPython's float_floor_div), so the GCRA matches memory.py bit for bit:
--- math.floor(a / b) differs from a // b when a / b rounds up to a whole number.
-local function floordiv(a, b)
-  local mod = math.fmod(a, b)
-  local div = (a - mod) / b
-  if mod ~= 0 and (b < 0) ~= (mod < 0) then
-    div = div - 1
-  end
-  if div == 0 then
-    return 0
-  end
-  local floor = math.floor(div)
-  if div - floor > 0.5 then
-    floor = floor + 1
-  end
-  return floor
-end
-
 local now = now_ms()
 local key = redis.call('HMGET', KEYS[1], 'status', 'expires_ms', 'customer')
 local account = redis.call('HMGET', KEYS[2], 'status', 'balance', 'reserved')

@@ -44,3 +44,20 @@ local function release(record, customer_key, quota_key)
   end
 end
 
+-- Python's float floor division (CPython's float_floor_div), so the GCRA matches memory.py bit for bit:
+-- math.floor(a / b) differs from a // b when a / b rounds up to a whole number.
+local function floordiv(a, b)
+  local mod = math.fmod(a, b)
+  local div = (a - mod) / b
+  if mod ~= 0 and (b < 0) ~= (mod < 0) then
+    div = div - 1
+  end
+  if div == 0 then
+    return 0
+  end
+  local floor = math.floor(div)
+  if div - floor > 0.5 then
+    floor = floor + 1
+  end
+  return floor
+end

@@ -525,6 +525,8 @@ class RedisStorage:
         return START_OFFSET if offset is None else _text(offset)
 
     def read_stream(self, shard: int, after: str, count: int) -> list[StreamEntry]:
+        if count <= 0:
+            return []
         with self._call() as client:
             reply = client.xrange(ks.events(shard), min=f"({after}", max="+", count=count)
         return stream_entries(reply)

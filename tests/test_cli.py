@@ -1,0 +1,580 @@
+"""The meterware command line, run in-process against a real Redis (and once as a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from meterware._core import period_bounds
+from meterware.cli import main
+from meterware.config import Config
+from meterware.events import UsageEvent, new_event_id
+from meterware.flusher import Pending, Pipeline
+from meterware.storage import open_storage
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import Settlement
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "meterware.toml"
+ANCHOR = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+class Cli(Protocol):
+    def __call__(self, *args: str, storage: str | None = None) -> Result: ...
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No meterware environment variables, and no ./meterware.toml to pick up."""
+    for name in ("METERWARE_CONFIG", "METERWARE_STORAGE", "METERWARE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def cli(redis_url: str, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run `meterware <args> --storage <real redis> --config examples/meterware.toml` in-process."""
+
+    def run(*args: str, storage: str | None = None) -> Result:
+        capsys.readouterr()
+        code = main([*args, "--storage", storage or redis_url, "--config", str(EXAMPLE)])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def assert_one_line_error(result: Result, message: str) -> None:
+    """Exit status 1, nothing on stdout, and exactly 'meterware: error: <message>' on stderr."""
+    assert result.code == 1
+    assert result.out == ""
+    assert result.err == f"meterware: error: {message}\n"
+
+
+def create_customer(cli: Cli, customer: str = "acme", plan: str = "payg") -> None:
+    assert cli("customers", "create", customer, "--plan", plan, "--anchor", str(ANCHOR)).code == 0
+
+
+# -- customers -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_customers_create_and_show(cli: Cli) -> None:
+    """customers create makes a customer on a plan with an anchor; customers show prints it back."""
+    created = cli("customers", "create", "acme", "--plan", "payg", "--anchor", str(ANCHOR))
+    assert (created.code, created.out, created.err) == (0, "created customer acme on plan payg\n", "")
+    shown = cli("customers", "show", "acme")
+    assert shown.out == "acme: plan payg, active, periods anchored at 2026-01-01 00:00:00Z\n"
+    assert cli("customers", "show", "acme", "--json").json() == {
+        "id": "acme",
+        "plan": "payg",
+        "status": "active",
+        "anchor": ANCHOR,
+    }
+
+
+@pytest.mark.redis
+def test_customers_create_defaults(cli: Cli) -> None:
+    """Without --plan a customer gets default_plan; without --anchor its periods start now."""
+    before = int(time.time())
+    data = cli("customers", "create", "acme", "--json").json()
+    assert data["plan"] == "free"
+    assert before <= data["anchor"] <= int(time.time())
+
+
+@pytest.mark.redis
+def test_customers_list(cli: Cli) -> None:
+    """customers list prints one id a line, or says there are none."""
+    assert cli("customers", "list").out == "(no customers)\n"
+    assert cli("customers", "list", "--json").json() == []
+    for customer in ("acme", "globex", "initech"):
+        create_customer(cli, customer)
+    assert sorted(cli("customers", "list").out.split()) == ["acme", "globex", "initech"]
+    assert sorted(cli("customers", "list", "--json").json()) == ["acme", "globex", "initech"]
+
+
+@pytest.mark.redis
+def test_customers_set(cli: Cli) -> None:
+    """customers set changes plan and status and shows the result."""
+    create_customer(cli)
+    result = cli("customers", "set", "acme", "--plan", "pro", "--status", "suspended")
+    assert result.out == "acme: plan pro, suspended, periods anchored at 2026-01-01 00:00:00Z\n"
+    assert cli("customers", "set", "acme", "--status", "active", "--json").json()["status"] == "active"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(("customers", "show", "ghost"), "no customer 'ghost'", id="show-unknown"),
+        pytest.param(("customers", "set", "ghost", "--plan", "pro"), "no customer 'ghost'", id="set-unknown"),
+        pytest.param(
+            ("customers", "create", "bad id!"),
+            "customer id 'bad id!' must be 1-128 letters, digits, '_', '.', '@' or '-'",
+            id="create-bad-id",
+        ),
+        pytest.param(
+            ("customers", "create", "acme2", "--plan", "gold"),
+            "plan: 'gold' is not defined (known: free, payg, pro, tokens)",
+            id="create-unknown-plan",
+        ),
+        pytest.param(
+            ("customers", "set", "acme", "--plan", "gold"),
+            "plan: 'gold' is not defined (known: free, payg, pro, tokens)",
+            id="set-unknown-plan",
+        ),
+        pytest.param(("customers", "create", "acme"), "customer 'acme' already exists", id="create-twice"),
+        pytest.param(("keys", "create", "ghost"), "no customer 'ghost'", id="key-for-unknown-customer"),
+        pytest.param(("keys", "list", "ghost"), "no customer 'ghost'", id="keys-of-unknown-customer"),
+        pytest.param(("keys", "revoke", "key_nope"), "no key 'key_nope'", id="revoke-unknown-key"),
+        pytest.param(("keys", "rotate", "key_nope"), "no key 'key_nope'", id="rotate-unknown-key"),
+        pytest.param(("credits", "grant", "ghost", "5"), "no customer 'ghost'", id="grant-unknown-customer"),
+        pytest.param(
+            ("credits", "grant", "acme", "lots"),
+            "amount: must be a number of credits, got 'lots'",
+            id="grant-words",
+        ),
+        pytest.param(
+            ("credits", "grant", "acme", "0.0000001"),
+            "amount: must be a number of credits with at most 6 decimals, got '0.0000001'",
+            id="grant-7-decimals",
+        ),
+        pytest.param(("credits", "grant", "acme", "0"), "amount must be positive", id="grant-zero"),
+        pytest.param(
+            ("credits", "grant", "acme", "-5"), "amount: must not be negative, got '-5'", id="grant-neg"
+        ),
+        pytest.param(("credits", "show", "ghost"), "no customer 'ghost'", id="credits-unknown-customer"),
+        pytest.param(("usage", "ghost"), "no customer 'ghost'", id="usage-unknown-customer"),
+        pytest.param(
+            ("usage", "acme", "--period", "soon"),
+            "--period must be current, previous or a date like 2026-11-01, got 'soon'",
+            id="usage-bad-period",
+        ),
+    ],
+)
+def test_errors_are_one_line_without_traceback(cli: Cli, args: tuple[str, ...], message: str) -> None:
+    """Mistakes exit with status 1 and one clear line on stderr, never a traceback."""
+    create_customer(cli)
+    assert_one_line_error(cli(*args), message)
+
+
+@pytest.mark.redis
+def test_backend_down_is_one_line_error(cli: Cli) -> None:
+    """An unreachable backend is reported in one line with exit status 1."""
+    port = free_port()
+    result = cli("customers", "list", storage=f"redis://127.0.0.1:{port}/0")
+    assert result.code == 1
+    assert result.out == ""
+    assert result.err.startswith(f"meterware: error: Redis at redis://127.0.0.1:{port}/0: ")
+    assert result.err.count("\n") == 1
+
+
+# -- keys ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_keys_create_prints_the_plaintext_once(cli: Cli) -> None:
+    """keys create prints the new key, its id and a warning that it is shown only now."""
+    create_customer(cli)
+    result = cli("keys", "create", "acme")
+    plaintext, blank, note = result.out.splitlines()
+    assert plaintext.startswith("mw_live_")
+    assert len(plaintext) == 40
+    assert blank == ""
+    assert note.startswith("key id key_")
+    assert note.endswith("this key is shown once - store it now.")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("flags", "live", "mode"),
+    [pytest.param((), True, "live", id="live"), pytest.param(("--test",), False, "test", id="test")],
+)
+def test_keys_create_json(cli: Cli, flags: tuple[str, ...], live: bool, mode: str) -> None:
+    """keys create --json gives the key, its id, its visible prefix and its mode."""
+    create_customer(cli)
+    data = cli("keys", "create", "acme", *flags, "--json").json()
+    assert set(data) == {"key", "key_id", "prefix", "live"}
+    assert data["key"].startswith(f"mw_{mode}_")
+    assert data["prefix"] == data["key"][:12]
+    assert data["key_id"].startswith("key_")
+    assert data["live"] is live
+
+
+@pytest.mark.redis
+def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
+    """keys list shows ids, prefixes, modes and statuses, and never the key itself."""
+    create_customer(cli)
+    assert cli("keys", "list", "acme").out == "(no keys)\n"
+    live = cli("keys", "create", "acme", "--json").json()
+    test = cli("keys", "create", "acme", "--test", "--json").json()
+    text = cli("keys", "list", "acme")
+    as_json = cli("keys", "list", "acme", "--json")
+    for output in (text.out, as_json.out):
+        assert live["key"] not in output
+        assert test["key"] not in output
+    assert sorted(text.out.splitlines()) == sorted(
+        [
+            f"{live['key_id']}  {live['prefix']}...  live  active",
+            f"{test['key_id']}  {test['prefix']}...  test  active",
+        ]
+    )
+    rows = {row["key_id"]: row for row in as_json.json()}
+    assert set(rows) == {live["key_id"], test["key_id"]}
+    assert set(rows[live["key_id"]]) == {"key_id", "prefix", "live", "status", "created", "expires_ms"}
+    assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
+    assert rows[live["key_id"]]["expires_ms"] == 0
+
+
+@pytest.mark.redis
+def test_keys_revoke(cli: Cli) -> None:
+    """keys revoke marks the key revoked; a revoked key cannot be rotated."""
+    create_customer(cli)
+    key_id = cli("keys", "create", "acme", "--json").json()["key_id"]
+    assert cli("keys", "revoke", key_id).out == f"revoked {key_id}\n"
+    assert cli("keys", "list", "acme", "--json").json()[0]["status"] == "revoked"
+    assert_one_line_error(cli("keys", "rotate", key_id), f"key {key_id} is revoked and cannot be rotated")
+
+
+@pytest.mark.redis
+def test_keys_rotate_with_grace(cli: Cli) -> None:
+    """keys rotate issues a replacement and sets the old key to expire after the grace period."""
+    create_customer(cli)
+    old = cli("keys", "create", "acme", "--json").json()
+    before_ms = int(time.time() * 1000)
+    rotated = cli("keys", "rotate", old["key_id"], "--grace", "3600")
+    after_ms = int(time.time() * 1000)
+    plaintext = rotated.out.splitlines()[0]
+    assert plaintext.startswith("mw_live_")
+    assert plaintext != old["key"]
+    assert f"replaces {old['key_id']}, which stops working in 3600s" in rotated.out
+    rows = {row["key_id"]: row for row in cli("keys", "list", "acme", "--json").json()}
+    assert len(rows) == 2
+    assert before_ms + 3_600_000 <= rows[old["key_id"]]["expires_ms"] <= after_ms + 3_600_000
+    assert rows[old["key_id"]]["status"] == "active"
+    assert "expires 20" in cli("keys", "list", "acme").out
+
+
+@pytest.mark.redis
+def test_keys_rotate_json(cli: Cli) -> None:
+    """keys rotate --json names the new key and the key it replaces."""
+    create_customer(cli)
+    old = cli("keys", "create", "acme", "--test", "--json").json()
+    data = cli("keys", "rotate", old["key_id"], "--json").json()
+    assert set(data) == {"key", "key_id", "prefix", "replaces"}
+    assert data["replaces"] == old["key_id"]
+    assert data["key"].startswith("mw_test_")  # a replacement keeps the mode
+
+
+# -- credits -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_credits_grant_and_show(cli: Cli) -> None:
+    """credits grant adds exact decimal credits; credits show prints balance, reserved and available."""
+    create_customer(cli)
+    assert cli("credits", "grant", "acme", "25.00").out == "acme: balance 25.000000 credits\n"
+    assert cli("credits", "grant", "acme", "0.000001", "--json").json() == {
+        "customer": "acme",
+        "balance_micros": 25_000_001,
+        "reserved_micros": 0,
+    }
+    assert cli("credits", "show", "acme").out == (
+        "acme: balance 25.000001, reserved 0.000000, available 25.000001 credits\n"
+    )
+    assert cli("credits", "show", "acme", "--json").json() == {
+        "customer": "acme",
+        "balance": "25.000001",
+        "reserved": "0.000000",
+        "available": "25.000001",
+        "balance_micros": 25_000_001,
+        "reserved_micros": 0,
+    }
+
+
+# -- usage ---------------------------------------------------------------------------------------------
+
+
+def record_calls(redis_url: str, customer: str, outcomes: list[tuple[str, bool]]) -> None:
+    """Flush real events (outcome, live) for ``customer`` of the payg plan into Redis, like the middleware."""
+    config = Config.from_file(EXAMPLE)
+    storage = open_storage(redis_url, shards=config.shards)
+    start, _ = period_bounds(ANCHOR, "month", time.time())
+    pipeline = Pipeline(config.pipeline)
+    for number, (outcome, live) in enumerate(outcomes):
+        billable = outcome == "success"
+        price = 2000 if live else 0
+        event = UsageEvent(
+            id=new_event_id(),
+            timestamp_ms=int(time.time() * 1000),
+            customer=customer,
+            key_id="key_0123456789abcdef",
+            plan="payg",
+            route=f"/v1/items/{number}",
+            method="GET",
+            status=200 if billable else 500,
+            outcome=outcome,  # type: ignore[arg-type]
+            duration_us=100,
+            ttfb_us=50,
+            units={"calls": 1},
+            billable=billable,
+            live=live,
+            period_start=start,
+        )
+        settlement = Settlement(customer, live, start, "", billable, live, (("calls", 1, price, 0),))
+        pipeline.put(Pending(shard_of(customer, config.shards), event, settlement))
+    pipeline.flush_sync(storage)
+    assert pipeline.stats.flushed_events == len(outcomes)
+    storage.close()
+
+
+@pytest.mark.redis
+def test_usage_reports_the_rolled_up_period(cli: Cli, redis_url: str) -> None:
+    """usage shows the current period's calls per outcome, meters and spend, after the rollup."""
+    create_customer(cli)
+    cli("credits", "grant", "acme", "1")
+    calls = [("success", True), ("success", True), ("server_error", True), ("success", False)]
+    record_calls(redis_url, "acme", calls)
+    assert cli("rollup", "--once").code == 0
+
+    start, end = period_bounds(ANCHOR, "month", time.time())
+    report = cli("usage", "acme", "--json").json()
+    assert report == {
+        "customer": "acme",
+        "live": True,
+        "period_start": start,
+        "period_end": end,
+        "meters": {"calls": 2, "tokens": 0},
+        "calls": {"success": 2, "client_error": 0, "server_error": 1, "aborted": 0, "rejected": 0},
+        "spend_micros": 4000,
+    }
+    text = cli("usage", "acme").out.splitlines()
+    assert text[0].startswith("acme (live) ")
+    assert "  calls: success 2, client_error 0, server_error 1, aborted 0, rejected 0" in text
+    assert text[-1] == "  spend: 0.004000 credits"
+    assert cli("credits", "show", "acme", "--json").json()["balance"] == "0.996000"
+
+
+@pytest.mark.redis
+def test_usage_test_keys_are_reported_apart(cli: Cli, redis_url: str) -> None:
+    """usage --test shows only the calls of test keys, which are never charged."""
+    create_customer(cli)
+    record_calls(redis_url, "acme", [("success", True), ("success", False), ("success", False)])
+    assert cli("rollup", "--once").code == 0
+    report = cli("usage", "acme", "--test", "--json").json()
+    assert report["live"] is False
+    assert report["calls"]["success"] == 2
+    assert report["meters"]["calls"] == 2
+    assert report["spend_micros"] == 0
+    assert cli("usage", "acme", "--test").out.startswith("acme (test) ")
+
+
+@pytest.mark.redis
+def test_usage_previous_and_dated_periods(cli: Cli, redis_url: str) -> None:
+    """--period previous is the period before the current one; a date selects the period containing it."""
+    create_customer(cli)
+    record_calls(redis_url, "acme", [("success", True)])
+    assert cli("rollup", "--once").code == 0
+    current = cli("usage", "acme", "--json").json()
+    previous = cli("usage", "acme", "--period", "previous", "--json").json()
+    assert previous["period_end"] == current["period_start"]
+    assert previous["calls"]["success"] == 0
+    assert previous["spend_micros"] == 0
+    dated = cli("usage", "acme", "--period", "2026-01-15", "--json").json()
+    assert (dated["period_start"], dated["period_end"]) == period_bounds(
+        ANCHOR, "month", ANCHOR + 14 * 86_400
+    )
+
+
+# -- plans and config ----------------------------------------------------------------------------------
+
+
+def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
+    """plans list shows each plan's period, billing, rate limits and per-meter terms (no backend needed)."""
+    assert main(["plans", "list", "--config", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "free: per month, invoiced, 5/1s, 100/60s",
+        "  calls: hard quota 1000, 0 included, 0.000000 per unit",
+        "payg: per month, prepaid, 50/1s",
+        "  calls: no quota, 0 included, 0.002000 per unit",
+        "pro: per month, invoiced, 200/1s, 10000/60s",
+        "  calls: soft quota 1000000, 100000 included, 0.000500 per unit",
+        "tokens: per month, prepaid, no rate limit",
+        "  tokens: no quota, 0 included, 0.000020 per unit",
+    ]
+    assert main(["plans", "list", "--config", str(EXAMPLE), "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert list(plans) == ["free", "payg", "pro", "tokens"]
+    assert plans["pro"] == {
+        "period": "month",
+        "prepaid": False,
+        "rate_limits": ["200/1s", "10000/60s"],
+        "meters": {
+            "calls": {"quota": 1_000_000, "quota_mode": "soft", "included": 100_000, "price": "0.000500"}
+        },
+    }
+
+
+def test_config_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    """config check on a valid file exits 0 and summarises it."""
+    assert main(["config", "check", str(EXAMPLE)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{EXAMPLE}: ok (2 meters, 4 plans, storage redis://)\n"
+    assert err == ""
+    assert main(["config", "check", str(EXAMPLE), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "ok": True,
+        "meters": ["calls", "tokens"],
+        "plans": ["free", "payg", "pro", "tokens"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        pytest.param(
+            '[plans.tokens.meters.tokens]\nprice = "0.0000001"\n',
+            "plans.tokens.meters.tokens: names no meter defined under [meters] (known: calls)",
+            id="unknown-meter",
+        ),
+        pytest.param(
+            '[meters.tokens]\nsource = "handler"\n[plans.p.meters.tokens]\nprice = "0.0000001"\n',
+            "plans.p.meters.tokens.price: must be a number of credits with at most 6 decimals, "
+            "got '0.0000001'",
+            id="price-7-decimals",
+        ),
+        pytest.param(
+            "[storage]\nshards = true\n", "storage.shards: must be an integer, got a boolean", id="bool"
+        ),
+        pytest.param(
+            "[policy]\ntimeout = 0\n", "policy.timeout: must be a positive number of seconds, got 0.0", id="t"
+        ),
+        pytest.param("[rollup]\nworkers = 2\n", "rollup.workers: is not a known setting", id="unknown-key"),
+        pytest.param(
+            "storage = \n", "file: is not valid TOML (Invalid value (at line 1, column 11))", id="toml"
+        ),
+    ],
+)
+def test_config_check_bad_file(
+    text: str, error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config check on a bad file exits 1 with 'meterware: error: <file>: <field>: <problem>' on one line."""
+    path = tmp_path / "meterware.toml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["config", "check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"meterware: error: {path}: {error}\n"
+
+
+def test_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """config check on a missing file says so in one line."""
+    assert main(["config", "check", "nope.toml"]) == 1
+    assert capsys.readouterr().err == "meterware: error: nope.toml: file: does not exist\n"
+
+
+def test_config_check_uses_config_option_and_working_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a file argument, config check reads --config, else ./meterware.toml, else the defaults."""
+    assert main(["config", "check"]) == 0
+    assert capsys.readouterr().out == "configuration: ok (1 meters, 1 plans, storage memory://)\n"
+    assert main(["config", "check", "--config", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.startswith(f"{EXAMPLE}: ok (2 meters, 4 plans")
+    (tmp_path / "meterware.toml").write_text("[storage]\nshards = 0\n", encoding="utf-8")
+    assert main(["config", "check"]) == 1
+    assert capsys.readouterr().err == (
+        "meterware: error: meterware.toml: storage.shards: must be at least 1, got 0\n"
+    )
+
+
+# -- options -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "position",
+    [pytest.param("before", id="before-command"), pytest.param("after", id="after-command")],
+)
+def test_common_options_work_before_and_after_the_command(
+    position: str, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--storage, --config and --json are honoured wherever they appear on the command line."""
+    options = ["--storage", redis_url, "--config", str(EXAMPLE), "--json"]
+    command = ["customers", "create", "acme", "--plan", "pro"]
+    assert main([*options, *command] if position == "before" else [*command, *options]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"] == "pro"
+    assert main(["customers", "list", "--storage", redis_url, "--config", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out == "acme\n"
+
+
+def test_memory_storage_note(capsys: pytest.CaptureFixture[str]) -> None:
+    """On memory:// the CLI warns that the data lives only in this process."""
+    assert main(["customers", "list", "--storage", "memory://cli-note"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "(no customers)\n"
+    assert err.startswith("meterware: note: memory:// keeps data only inside one process")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the version and exits 0."""
+    from meterware import __version__
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"meterware {__version__}\n"
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown command exits 2 with argparse's usage message."""
+    with pytest.raises(SystemExit) as caught:
+        main(["bill-everyone"])
+    assert caught.value.code == 2
+    assert "invalid choice: 'bill-everyone'" in capsys.readouterr().err
+
+
+# -- the demo, as a real process -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`python -m meterware demo` exits 0 and prints the usage table from the rollup."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "meterware", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    header = lines.index("Usage this period, from the rollup")
+    assert lines[header + 1].split() == [
+        *("customer", "plan", "calls", "tokens", "ok", "4xx", "5xx", "refused", "charged", "balance")
+    ]
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 5]}
+    assert set(rows) == {"hobbyist", "startup", "bigco"}
+    assert rows["hobbyist"][1:3] == ["free", "5"]  # the free plan's hard quota of 5 calls

@@ -39,9 +39,9 @@ from meterware.config import Config
 from meterware.errors import StorageError
 from meterware.events import UsageEvent, new_event_id
 from meterware.flusher import Pending, Pipeline
-from meterware.storage import open_storage
+from meterware.storage import open_async_storage, open_storage
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import Batch, Settlement
+from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 from meterware.usage import CallUsage
 
 logger = logging.getLogger("meterware")
@@ -99,6 +99,18 @@ class Metering:
         self._exit_hook_pid = 0
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
+
+    def backend(self, *, flushing: bool = False) -> Storage:
+        """A synchronous backend client: short timeouts for the request path, longer ones for flushing."""
+        config = self.config
+        timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
+        return open_storage(config.storage, shards=config.shards, timeout=timeout)
+
+    def async_backend(self, *, flushing: bool = False) -> AsyncStorage:
+        """The asyncio twin of :meth:`backend` (no I/O until its first call)."""
+        config = self.config
+        timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
+        return open_async_storage(config.storage, shards=config.shards, timeout=timeout)
 
     @property
     def embedded(self) -> bool:
@@ -312,11 +324,9 @@ class Metering:
         """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
         if not len(self.pipeline.buffer) and not self.pipeline.spool.pending():
             return
-        storage = open_storage(
-            self.config.storage, shards=self.config.shards, timeout=max(1.0, self.policy.timeout)
-        )
+        storage = self.backend(flushing=True)
         try:
-            self.pipeline.flush_sync(storage)
+            self.pipeline.flush_sync(storage, final=True)
         finally:
             storage.close()
 
@@ -325,7 +335,7 @@ class Metering:
 
         with self._rollup_lock:
             if self._rollup is None:
-                storage = open_storage(self.config.storage, shards=self.config.shards)
+                storage = self.backend(flushing=True)
                 self._rollup = RollupWorker(storage, self.config, owner=f"in-process-{os.getpid()}")
             self._rollup.drain()
 

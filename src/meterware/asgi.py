@@ -20,7 +20,6 @@ from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, head
 from meterware.config import Config, resolve_config
 from meterware.errors import StorageError
 from meterware.flusher import AsyncFlusher
-from meterware.storage import open_async_storage
 from meterware.storage.base import AsyncStorage
 from meterware.usage import _current
 
@@ -59,16 +58,13 @@ class MeteringMiddleware:
     def storage(self) -> AsyncStorage:
         """The backend client, made on first use (never at import or construction)."""
         if self._storage is None:
-            config = self.metering.config
-            self._storage = open_async_storage(
-                config.storage, shards=config.shards, timeout=config.policy.timeout
-            )
+            self._storage = self.metering.async_backend()
         return self._storage
 
     @property
     def flusher(self) -> AsyncFlusher:
         if self._flusher is None:
-            self._flusher = AsyncFlusher(self.metering.pipeline, self.storage)
+            self._flusher = AsyncFlusher(self.metering.pipeline, self.metering.async_backend(flushing=True))
         return self._flusher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,8 +82,11 @@ class MeteringMiddleware:
         async def send_after_draining(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
                 await self.drain()
+                # Connections belong to this loop, which is ending.
                 if self._storage is not None:
-                    await self._storage.aclose()  # connections belong to this loop, which is ending
+                    await self._storage.aclose()
+                if self._flusher is not None:
+                    await self._flusher.storage.aclose()
             await send(message)
 
         await self.app(scope, receive, send_after_draining)

@@ -170,6 +170,8 @@ class Pipeline:
 
     batch_size: int = 1000
     flush_interval: float = 0.2
+    #: Budget in seconds for one flush (not on the request path, so longer than ``policy.timeout``).
+    flush_timeout: float = 5.0
     buffer_size: int = 100_000
     spool_dir: str = ".meterware-spool"
     spool_max_bytes: int = 256 * 1024 * 1024
@@ -247,7 +249,10 @@ def _with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     """Overrides replace whole sections, except that a storage URL (keyword ``storage="..."``, then
     ``METERWARE_STORAGE`` or ``METERWARE_REDIS_URL``) keeps the shard count of a ``[storage]`` table."""
     merged = {**data, **overrides}
-    for url in (overrides.get("storage"), os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL")):
+    for url in (
+        overrides.get("storage"),
+        os.environ.get("METERWARE_STORAGE") or os.environ.get("METERWARE_REDIS_URL"),
+    ):
         if isinstance(url, str) and url:
             current = merged.get("storage", data.get("storage"))
             base = current if isinstance(current, dict) else data.get("storage")
@@ -367,7 +372,9 @@ def _check_name(value: str, field_name: str) -> str:
 def parse_credits(value: Any, field_name: str) -> int:
     """Turn a credit amount (``"0.002"``, ``5``) into exact micro-credits; never through a float."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigError(field_name, f"must be a decimal string like \"0.002\" or an integer, got {_kind(value)}")
+        raise ConfigError(
+            field_name, f'must be a decimal string like "0.002" or an integer, got {_kind(value)}'
+        )
     try:
         amount = Decimal(value) if isinstance(value, int) else Decimal(value.strip())
         micros = _EXACT.multiply(amount, MICROS_PER_CREDIT)
@@ -398,7 +405,9 @@ def _parse_meter(name: str, raw: Any) -> Meter:
         raise ConfigError(section.name("source"), "a 'unique' meter counts values reported by the handler")
     reserve = section.integer("reserve", 0)
     if reserve and source == "call":
-        raise ConfigError(section.name("reserve"), "only value meters hold an estimate; calls hold their weight")
+        raise ConfigError(
+            section.name("reserve"), "only value meters hold an estimate; calls hold their weight"
+        )
     section.done()
     return Meter(name, aggregation, source, reserve)
 
@@ -432,7 +441,9 @@ def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         table.done()
         if (quota is not None or included or price) and not meters[meter_name].chargeable:
             aggregation = meters[meter_name].aggregation
-            raise ConfigError(where, f"a '{aggregation}' meter cannot carry a quota, included units or a price")
+            raise ConfigError(
+                where, f"a '{aggregation}' meter cannot carry a quota, included units or a price"
+            )
         terms[meter_name] = MeterTerms(quota, hard, included, price)
     section.done()
     return Plan(name, tuple(limits), period, prepaid, terms)  # type: ignore[arg-type]
@@ -452,10 +463,14 @@ def _parse(data: Mapping[str, Any]) -> Config:
     else:
         url = storage
     if "://" not in url:
-        raise ConfigError("storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {url!r}")
+        raise ConfigError(
+            "storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {url!r}"
+        )
     scheme = url.split("://", 1)[0]
     if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
-        raise ConfigError("storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)")
+        raise ConfigError(
+            "storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)"
+        )
     if shards > 1024:
         raise ConfigError("storage.shards", f"must be at most 1024, got {shards}")
 
@@ -500,6 +515,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
     parsed_pipeline = Pipeline(
         batch_size=pipeline.integer("batch_size", defaults.pipeline.batch_size, minimum=1),
         flush_interval=pipeline.number("flush_interval", defaults.pipeline.flush_interval),
+        flush_timeout=pipeline.number("flush_timeout", defaults.pipeline.flush_timeout),
         buffer_size=pipeline.integer("buffer_size", defaults.pipeline.buffer_size, minimum=1),
         spool_dir=pipeline.get("spool_dir", str, defaults.pipeline.spool_dir),
         spool_max_bytes=pipeline.integer("spool_max_bytes", defaults.pipeline.spool_max_bytes),
@@ -528,7 +544,9 @@ def _parse(data: Mapping[str, Any]) -> Config:
     )
 
 
-def resolve_config(config: Config | str | os.PathLike[str] | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Config:
+def resolve_config(
+    config: Config | str | os.PathLike[str] | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> Config:
     """The configuration a middleware was given: an instance, a file path, a dict, or None (load)."""
     if isinstance(config, Config):
         if overrides:

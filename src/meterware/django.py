@@ -23,7 +23,6 @@ from meterware._metering import UNMATCHED_ROUTE, Call, Metering, header_map
 from meterware.config import resolve_config
 from meterware.errors import StorageError
 from meterware.flusher import AsyncFlusher, ThreadFlusher
-from meterware.storage import open_async_storage, open_storage
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.usage import _current
 
@@ -62,7 +61,6 @@ class MeteringMiddleware:
         self._async_storage: AsyncStorage | None = None
         self._flusher: ThreadFlusher | AsyncFlusher | None = None
         config = self.metering.config
-        self._open = (config.storage, config.shards, config.policy.timeout)
         self._header_keys = tuple(
             (name.encode("latin-1"), "HTTP_" + name.upper().replace("-", "_"))
             for name in config.policy.key_headers
@@ -73,24 +71,22 @@ class MeteringMiddleware:
     @property
     def storage(self) -> Storage:
         if self._storage is None:
-            url, shards, timeout = self._open
-            self._storage = open_storage(url, shards=shards, timeout=timeout)
+            self._storage = self.metering.backend()
         return self._storage
 
     @property
     def async_storage(self) -> AsyncStorage:
         if self._async_storage is None:
-            url, shards, timeout = self._open
-            self._async_storage = open_async_storage(url, shards=shards, timeout=timeout)
+            self._async_storage = self.metering.async_backend()
         return self._async_storage
 
     def _ensure_flusher(self) -> None:
         if self._flusher is None:
             pipeline = self.metering.pipeline
             self._flusher = (
-                AsyncFlusher(pipeline, self.async_storage)
+                AsyncFlusher(pipeline, self.metering.async_backend(flushing=True))
                 if self.is_async
-                else ThreadFlusher(pipeline, self.storage)
+                else ThreadFlusher(pipeline, self.metering.backend(flushing=True))
             )
         self._flusher.ensure_running()
 

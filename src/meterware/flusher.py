@@ -252,8 +252,13 @@ class Pipeline:
                     _count_events(batch),
                 )
 
-    def flush_sync(self, storage: Storage) -> None:
-        """Flush everything buffered and spooled now (the thread flusher's step; also used at exit)."""
+    def flush_sync(self, storage: Storage, *, final: bool = False) -> None:
+        """Flush everything buffered and spooled now (the thread flusher's step; also used at exit).
+
+        ``final``: the last attempt before stopping, made even while backing off.
+        """
+        if final:
+            self.retry_at = 0.0
         batches = self.next_batches()
         while batches:
             self._flush_sync(storage, batches)
@@ -284,8 +289,10 @@ class Pipeline:
                 return
             self.succeeded(batch, applied)
 
-    async def flush_async(self, storage: AsyncStorage) -> None:
+    async def flush_async(self, storage: AsyncStorage, *, final: bool = False) -> None:
         """The twin of :meth:`flush_sync` for asyncio."""
+        if final:
+            self.retry_at = 0.0
         batches = self.next_batches()
         while batches:
             await self._flush_async(storage, batches)
@@ -369,7 +376,7 @@ class AsyncFlusher:
             await asyncio.wait([task])
         self._task = None
         self._stopping = False
-        await self.pipeline.flush_async(self.storage)
+        await self.pipeline.flush_async(self.storage, final=True)
 
 
 class ThreadFlusher:
@@ -418,4 +425,4 @@ class ThreadFlusher:
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
             self._thread.join(timeout)
         self._thread = None
-        self.pipeline.flush_sync(self.storage)
+        self.pipeline.flush_sync(self.storage, final=True)

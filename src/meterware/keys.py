@@ -72,7 +72,10 @@ def is_live(plaintext: str) -> bool:
 
 
 def key_from_headers(
-    headers: Iterable[tuple[bytes, bytes]], query_string: bytes, header_names: tuple[str, ...], query: str | None
+    headers: Iterable[tuple[bytes, bytes]],
+    query_string: bytes,
+    header_names: tuple[str, ...],
+    query: str | None,
 ) -> str | None:
     """Find the presented key: ``Authorization: Bearer``, then the other headers, then the query.
 

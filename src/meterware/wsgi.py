@@ -23,7 +23,6 @@ from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, head
 from meterware.config import Config, resolve_config
 from meterware.errors import StorageError
 from meterware.flusher import ThreadFlusher
-from meterware.storage import open_storage
 from meterware.storage.base import Storage
 from meterware.usage import _current
 
@@ -62,14 +61,13 @@ class WSGIMeteringMiddleware:
     def storage(self) -> Storage:
         """The backend client, made on first use (never at import: safe with pre-fork servers)."""
         if self._storage is None:
-            config = self.metering.config
-            self._storage = open_storage(config.storage, shards=config.shards, timeout=config.policy.timeout)
+            self._storage = self.metering.backend()
         return self._storage
 
     @property
     def flusher(self) -> ThreadFlusher:
         if self._flusher is None:
-            self._flusher = ThreadFlusher(self.metering.pipeline, self.storage)
+            self._flusher = ThreadFlusher(self.metering.pipeline, self.metering.backend(flushing=True))
         return self._flusher
 
     def drain(self) -> None:

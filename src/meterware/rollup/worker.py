@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -63,8 +63,19 @@ class _Lease:
 
 @dataclass(frozen=True, slots=True)
 class _Progress:
+    """What one round over the shards did."""
+
     entries: int = 0
     events: int = 0
+    #: Shards whose backend calls all answered (leased to us or not).
+    worked: tuple[int, ...] = ()
+    #: Shards whose backend calls failed, with the error.
+    failed: tuple[tuple[int, StorageError], ...] = ()
+
+    def raise_failure(self) -> None:
+        """Raise the first failure, if any (the other shards' work is committed)."""
+        if self.failed:
+            raise self.failed[0][1]
 
 
 class RollupWorker:
@@ -109,14 +120,21 @@ class RollupWorker:
         return tuple(sorted(self._leases))
 
     def step(self) -> int:
-        """Do one round over the shards; return the number of events committed."""
-        return self._step().events
+        """Do one round over the shards; return the number of events committed.
+
+        A shard whose backend calls fail does not hold up the others: the round goes on, then the
+        first :class:`~meterware.errors.StorageError` is raised.
+        """
+        progress = self._step()
+        progress.raise_failure()
+        return progress.events
 
     def drain(self) -> int:
         """Step until no owned shard has anything left; return the number of events committed."""
         events = 0
         while True:
             progress = self._step()
+            progress.raise_failure()
             events += progress.events
             if not progress.entries:
                 return events
@@ -130,19 +148,29 @@ class RollupWorker:
             # Idle steps renew the leases: sleep well within them.
             idle_sleep = min(1.0, self.config.rollup.lease_seconds / 3)
         backoff = 0.0
+        # Shards whose own calls failed (a poisoned key, say) wait apart, without holding up the rest.
+        failures: dict[int, int] = {}
+        retry_at: dict[int, float] = {}
         logger.info("rollup worker %s started on %d shards", self.owner, len(self.shards))
         try:
             while not stop.is_set():
-                try:
-                    progress = self._step()
-                except StorageError as error:
+                now = time.monotonic()
+                progress = self._step(skip={shard for shard, at in retry_at.items() if at > now})
+                if progress.failed and not progress.worked:
+                    # Nothing answered: the backend is away, not one shard's data.
                     backoff = min(MAX_BACKOFF, max(idle_sleep, backoff * 2))
-                    logger.warning("backend error, retrying in %.1fs: %s", backoff, error)
-                    # Whatever we held may have changed hands meanwhile: read it all again.
-                    self._leases.clear()
+                    logger.warning("backend error, retrying in %.1fs: %s", backoff, progress.failed[-1][1])
                     stop.wait(backoff)
                     continue
                 backoff = 0.0
+                for shard in progress.worked:
+                    failures.pop(shard, None)
+                    retry_at.pop(shard, None)
+                for shard, error in progress.failed:
+                    failures[shard] = count = failures.get(shard, 0) + 1
+                    delay = min(MAX_BACKOFF, idle_sleep * 2 ** min(count, 16))
+                    retry_at[shard] = now + delay
+                    logger.warning("shard %d: backend error, retrying it in %.1fs: %s", shard, delay, error)
                 if not progress.entries:
                     stop.wait(idle_sleep)
         finally:
@@ -161,18 +189,30 @@ class RollupWorker:
 
     # -- one step -------------------------------------------------------------------------------------
 
-    def _step(self) -> _Progress:
+    def _step(self, skip: Container[int] = ()) -> _Progress:
         entries = events = 0
+        worked: list[int] = []
+        failed: list[tuple[int, StorageError]] = []
         for shard in self.shards:
-            lease = self._acquire(shard)
-            if lease is None:
+            if shard in skip:
                 continue
-            progress = self._roll(shard, lease)
-            entries += progress.entries
-            events += progress.events
-            if shard in self._leases:
-                self._housekeep(shard, lease)
-        return _Progress(entries, events)
+            try:
+                lease = self._acquire(shard)
+                if lease is not None:
+                    progress = self._roll(shard, lease)
+                    entries += progress.entries
+                    events += progress.events
+                    if shard in self._leases:
+                        self._housekeep(shard, lease)
+            except StorageError as error:
+                # Another worker may take the shard meanwhile: whatever we knew of it is read again.
+                self._leases.pop(shard, None)
+                failed.append((shard, error))
+                if not worked and len(failed) >= 2:
+                    break  # the backend itself fails, not one shard: don't wait out every timeout
+                continue
+            worked.append(shard)
+        return _Progress(entries, events, tuple(worked), tuple(failed))
 
     def _acquire(self, shard: int) -> _Lease | None:
         token = self.storage.acquire_lease(shard, self.owner, self._lease_ms)

@@ -142,6 +142,11 @@ def test_customers_set(cli: Cli) -> None:
             id="set-unknown-plan",
         ),
         pytest.param(("customers", "create", "acme"), "customer 'acme' already exists", id="create-twice"),
+        pytest.param(
+            ("customers", "create", "far", "--anchor", "99999999999999"),
+            "anchor must be epoch seconds between 0 and 253402300799, got 99999999999999",
+            id="anchor-out-of-range",
+        ),
         pytest.param(("keys", "create", "ghost"), "no customer 'ghost'", id="key-for-unknown-customer"),
         pytest.param(("keys", "list", "ghost"), "no customer 'ghost'", id="keys-of-unknown-customer"),
         pytest.param(("keys", "revoke", "key_nope"), "no key 'key_nope'", id="revoke-unknown-key"),

@@ -373,6 +373,18 @@ INVALID = [
         id="rate-limit-int",
     ),
     pytest.param(
+        {"plans": {"p": {"rate_limits": ["\u0663/second"]}}},
+        "plans.p.rate_limits[0]",
+        "expected a rate like",
+        id="rate-limit-arabic-digit",
+    ),
+    pytest.param(
+        {"plans": {"p": {"meters": {"calls": {"price": "9007199255"}}}}},
+        "plans.p.meters.calls.price",
+        "must be at most 9007199254 credits",
+        id="price-beyond-exact-doubles",
+    ),
+    pytest.param(
         {"plans": {"p": {"meters": []}}},
         "plans.p.meters",
         "must be a table, got a list",
@@ -581,8 +593,8 @@ INVALID = [
     *(
         pytest.param(
             plan_meter(terms, meters, meter),
-            f"plans.p.meters.{meter}",
-            f"a '{kind}' meter cannot carry a quota, included units or a price",
+            f"plans.p.meters.{meter}.{next(iter(terms))}",
+            f"a '{kind}' meter cannot carry a {next(iter(terms))}",
             id=f"{kind}-{next(iter(terms))}",
         )
         for meters, meter, kind in [(PEAK, "peak", "max"), (LAST, "latest", "last")]

@@ -204,11 +204,11 @@ def period_bounds(anchor: int, period: str, now: float) -> tuple[int, int]:
     origin = datetime.fromtimestamp(anchor, UTC)
     current = datetime.fromtimestamp(now, UTC)
     months = (current.year - origin.year) * 12 + current.month - origin.month
-    start = _add_months(origin, months)
-    if start > current:
+    month_start = _add_months(origin, months)
+    if month_start > current:
         months -= 1
-        start = _add_months(origin, months)
-    return int(start.timestamp()), int(_add_months(origin, months + 1).timestamp())
+        month_start = _add_months(origin, months)
+    return int(month_start.timestamp()), int(_add_months(origin, months + 1).timestamp())
 
 
 # -- outcomes ----------------------------------------------------------------------------------------

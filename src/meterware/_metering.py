@@ -37,7 +37,7 @@ from meterware._core import (
 )
 from meterware.config import Config
 from meterware.errors import StorageError
-from meterware.events import UsageEvent, new_event_id
+from meterware.events import Outcome, UsageEvent, new_event_id
 from meterware.flusher import Pending, Pipeline
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._keyspace import shard_of
@@ -226,6 +226,7 @@ class Metering:
             return
         call.finished = True
         ended = time.perf_counter_ns()
+        outcome: Outcome
         if aborted:
             status, outcome = call.status or CLIENT_CLOSED_REQUEST, "aborted"
         elif failed:

@@ -49,6 +49,10 @@ class UsageReport:
         }
 
 
+#: 9999-12-31T23:59:59Z: billing periods are computed with datetime, which ends in year 9999.
+LATEST_ANCHOR = 253_402_300_799
+
+
 class Accounts:
     """Management operations over a backend (synchronous)."""
 
@@ -77,7 +81,10 @@ class Accounts:
             )
         plan = plan or self.config.default_plan
         self._check_plan(plan)
-        customer = Customer(customer_id, plan, "active", int(time.time()) if anchor is None else anchor)
+        anchor = int(time.time()) if anchor is None else anchor
+        if not 0 <= anchor <= LATEST_ANCHOR:
+            raise UsageError(f"anchor must be epoch seconds between 0 and {LATEST_ANCHOR}, got {anchor}")
+        customer = Customer(customer_id, plan, "active", anchor)
         try:
             self.storage.create_customer(customer)
         except ValueError as error:  # the backends' "already exists"
@@ -164,6 +171,6 @@ class Accounts:
         plan = self.config.plan(customer.plan)
         start, end = period_bounds(customer.anchor, plan.period, time.time() if at is None else at)
         totals = self.storage.read_usage(customer_id, live, "period", start)
-        calls = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
+        calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
         meters = {name: totals.get(name, 0) for name in self.config.meters}
         return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
@@ -22,12 +23,6 @@ from meterware.errors import StorageError
 from meterware.flusher import AsyncFlusher
 from meterware.storage.base import AsyncStorage
 from meterware.usage import _current
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class MeteringMiddleware:
@@ -38,7 +33,7 @@ class MeteringMiddleware:
         ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
     :param key_getter: optional callable taking the ASGI scope and returning the presented key (or None),
         replacing the header/query lookup.
-    :param overrides: top-level config sections, e.g. ``storage="redis://localhost:6379/0"``.
+    :param storage: the storage URL, overriding the configuration's (the shard count is kept).
     """
 
     def __init__(
@@ -47,9 +42,10 @@ class MeteringMiddleware:
         config: Config | str | os.PathLike[str] | dict[str, Any] | None = None,
         *,
         key_getter: KeyGetter | None = None,
-        **overrides: Any,
+        storage: str | None = None,
     ) -> None:
         self.app = app
+        overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter)
         self._storage: AsyncStorage | None = None
         self._flusher: AsyncFlusher | None = None
@@ -186,6 +182,6 @@ def _route(scope: Scope, root_path: str) -> str:
     route = scope.get("route")
     template = getattr(route, "path", None)
     if not isinstance(template, str):
-        return UNMATCHED_ROUTE if scope.get("router") is not None else scope["path"]
-    mount_prefix = scope.get("root_path", "")[len(root_path) :]
+        return UNMATCHED_ROUTE if scope.get("router") is not None else str(scope["path"])
+    mount_prefix = str(scope.get("root_path", ""))[len(root_path) :]
     return mount_prefix + template

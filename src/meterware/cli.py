@@ -156,7 +156,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         at = current.period_start - 1
     elif args.period != "current":
         try:
-            at = datetime.fromisoformat(args.period).replace(tzinfo=UTC).timestamp()
+            when = datetime.fromisoformat(args.period)
+            at = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
         except ValueError:
             raise MeterwareError(
                 f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}"
@@ -191,7 +192,9 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
                 for name, terms in plan.meters.items()
             },
         }
-        limits = ", ".join(data[plan.name]["rate_limits"]) or "no rate limit"
+        limits = (
+            ", ".join(f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits) or "no rate limit"
+        )
         lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
         for name, terms in plan.meters.items():
             quota = (

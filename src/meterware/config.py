@@ -28,11 +28,13 @@ Period = Literal["month", "week", "day"]
 FailureMode = Literal["open", "closed"]
 
 MICROS_PER_CREDIT = 1_000_000
+#: Largest amount in micro-credits: the Lua scripts compute in doubles, exact only up to 2**53.
+MAX_MICROS = 2**53 - 1
 DEFAULT_CONFIG_FILE = "meterware.toml"
 DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
 _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-_RATE_RE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*(second|minute|hour|day)s?\s*$")
+_RATE_RE = re.compile(r"^\s*([0-9]+)\s*(?:/|per)\s*([0-9]*)\s*(second|minute|hour|day)s?\s*\Z")
 # \Z, not $: "$" also matches before a trailing newline, which would let "free\n" through.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
@@ -388,6 +390,10 @@ def parse_credits(value: Any, field_name: str) -> int:
         raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}")
     if micros < 0:
         raise ConfigError(field_name, f"must not be negative, got {value!r}")
+    if micros > MAX_MICROS:
+        raise ConfigError(
+            field_name, f"must be at most {MAX_MICROS // MICROS_PER_CREDIT} credits, got {value!r}"
+        )
     return int(micros)
 
 
@@ -409,7 +415,7 @@ def _parse_meter(name: str, raw: Any) -> Meter:
             section.name("reserve"), "only value meters hold an estimate; calls hold their weight"
         )
     section.done()
-    return Meter(name, aggregation, source, reserve)
+    return Meter(name, aggregation, source, reserve)  # type: ignore[arg-type]  # choice() checked it
 
 
 def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
@@ -439,11 +445,11 @@ def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         table.seen.add("price")
         price = parse_credits(table.data["price"], table.name("price")) if "price" in table.data else 0
         table.done()
-        if (quota is not None or included or price) and not meters[meter_name].chargeable:
+        if not meters[meter_name].chargeable:
             aggregation = meters[meter_name].aggregation
-            raise ConfigError(
-                where, f"a '{aggregation}' meter cannot carry a quota, included units or a price"
-            )
+            for name, value in (("quota", quota), ("included", included), ("price", price)):
+                if value:
+                    raise ConfigError(table.name(name), f"a '{aggregation}' meter cannot carry a {name}")
         terms[meter_name] = MeterTerms(quota, hard, included, price)
     section.done()
     return Plan(name, tuple(limits), period, prepaid, terms)  # type: ignore[arg-type]

@@ -168,16 +168,16 @@ class MeteringMiddleware:
             raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.items()]
             call.header_units = header_map(raw, metering.usage_headers)
             if metering.policy.strip_usage_headers:
-                for name in call.header_units:
-                    header = metering.config.meters[name].header
-                    if header is not None:
-                        del response.headers[header]
+                for meter in call.header_units:
+                    usage_header = metering.config.meters[meter].header
+                    if usage_header is not None:
+                        del response.headers[usage_header]
         if isinstance(response, StreamingHttpResponse):
             # Timed to the last chunk: Django closes the iterator we install when the response ends.
             if response.is_async:
-                response.streaming_content = self._finish_after_async(call, response.streaming_content)  # type: ignore[arg-type]
+                response.streaming_content = self._finish_after_async(call, response.streaming_content)
             else:
-                response.streaming_content = self._finish_after(call, response.streaming_content)  # type: ignore[arg-type]
+                response.streaming_content = self._finish_after(call, response.streaming_content)
         else:
             call.response_bytes = len(getattr(response, "content", b""))
             metering.finish(call, call.route)

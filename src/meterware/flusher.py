@@ -355,8 +355,12 @@ class AsyncFlusher:
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             logger.error("meterware: flusher died (%r); restarting", task.exception())
         self._loop = loop
-        self._wake = wake = asyncio.Event()
-        self.pipeline.wake = lambda: loop.call_soon_threadsafe(wake.set)
+        self._wake = event = asyncio.Event()
+
+        def wake() -> None:  # from any thread: Django serves sync streams from worker threads
+            loop.call_soon_threadsafe(event.set)
+
+        self.pipeline.wake = wake
         self._task = loop.create_task(self._run(), name="meterware-flusher")
 
     async def _run(self) -> None:

@@ -83,15 +83,15 @@ def key_from_headers(
     """
     wanted = {name.encode("latin-1"): name for name in header_names}
     found: dict[str, bytes] = {}
-    for name, value in headers:
-        key = wanted.get(name.lower())
-        if key is not None and key not in found:
-            found[key] = value
+    for raw_name, raw_value in headers:
+        header = wanted.get(raw_name.lower())
+        if header is not None and header not in found:
+            found[header] = raw_value
     for name in header_names:
-        value = found.get(name)
-        if value is None:
+        raw = found.get(name)
+        if raw is None:
             continue
-        text = value.decode("latin-1").strip()
+        text = raw.decode("latin-1").strip()
         if name == "authorization":
             scheme, _, credential = text.partition(" ")
             if scheme.lower() != "bearer":
@@ -100,7 +100,7 @@ def key_from_headers(
         if text:
             return text
     if query and query_string:
-        for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=False):
-            if name == query:
+        for parameter, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=False):
+            if parameter == query:
                 return value
     return None

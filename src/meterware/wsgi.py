@@ -37,7 +37,7 @@ class WSGIMeteringMiddleware:
     :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
         ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
     :param key_getter: optional callable taking the WSGI environ and returning the presented key (or None).
-    :param overrides: top-level config sections, e.g. ``storage="redis://localhost:6379/0"``.
+    :param storage: the storage URL, overriding the configuration's (the shard count is kept).
     """
 
     def __init__(
@@ -46,9 +46,10 @@ class WSGIMeteringMiddleware:
         config: Config | str | os.PathLike[str] | dict[str, Any] | None = None,
         *,
         key_getter: KeyGetter | None = None,
-        **overrides: Any,
+        storage: str | None = None,
     ) -> None:
         self.app = app
+        overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter)
         self._storage: Storage | None = None
         self._flusher: ThreadFlusher | None = None
@@ -185,7 +186,7 @@ def _route(environ: WSGIEnvironment, call: Call) -> str:
     rule = getattr(request, "url_rule", None)
     template = getattr(rule, "rule", None)
     if isinstance(template, str):
-        return environ.get("SCRIPT_NAME", "") + template
+        return str(environ.get("SCRIPT_NAME", "")) + template
     if request is not None and hasattr(request, "url_rule"):
         return UNMATCHED_ROUTE
     return call.path

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterware.events import UsageEvent, encode_batch
-from meterware.rollup.aggregate import WINDOW_TTLS, fold, parse_entry, windows_of
+from meterware.rollup.aggregate import MAX_VALUE, WINDOW_TTLS, fold, parse_entry, windows_of
 from meterware.storage.base import Window, WindowTotals
 from tests.rollup.helpers import METERS, PERIOD, T0_MS, event, flat
 
@@ -219,6 +219,17 @@ def _unknown_version() -> bytes:
         pytest.param(fields([event()], b"-3"), "cost 0 is not a non-negative integer", id="negative-cost"),
         pytest.param(fields([event(), event()], b"1,"), "cost 1 is not", id="empty-cost"),
         pytest.param(fields([event(), event()], b"1_0,2"), "cost 0 is not", id="underscore-cost"),
+        pytest.param(fields([event()], b"1" * 16), "cost 0 is not", id="cost-beyond-range"),
+        pytest.param(
+            fields([event(units={"tokens": 2**60})], b"0"),
+            "meter 'tokens' has a value out of range",
+            id="huge-units",
+        ),
+        pytest.param(
+            fields([event(units={"other": -(2**63)})], b"0"),
+            "meter 'other' has a value out",
+            id="huge-unknown-meter",
+        ),
         pytest.param(
             fields([event(units={"tokens": "many"})], b"0"),
             "meter 'tokens' (sum) needs an integer",
@@ -295,3 +306,9 @@ def test_fold_is_independent_of_batching(
     for start, end in itertools.pairwise(bounds):
         fold(events[start:end], costs[start:end], METERS, stepwise)
     assert stepwise == fold(events, costs, METERS)
+
+
+def test_parse_entry_accepts_values_up_to_the_bounds() -> None:
+    """The largest cost (15 digits) and units of magnitude up to ``MAX_VALUE`` are valid."""
+    events = [event(units={"tokens": MAX_VALUE, "peak": -MAX_VALUE})]
+    assert parse_entry(fields(events, b"9" * 15), METERS) == (events, [10**15 - 1])

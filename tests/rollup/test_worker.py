@@ -9,16 +9,21 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from meterware._core import AdmitRequest, Customer, KeyRecord, meter_holds
 from meterware.config import MeterTerms, Plan, RateLimit
+from meterware.errors import StorageError
 from meterware.rollup import RollupWorker, run_worker
+from meterware.rollup.aggregate import windows_of
 from meterware.rollup.worker import default_owner
+from meterware.storage import _keyspace as keyspace
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Balance, Batch, RollupCommit, Storage
 from meterware.storage.memory import MemoryStorage
 from tests.rollup.helpers import (
+    CUSTOMERS,
     METERS,
     PERIOD,
     batch,
@@ -329,3 +334,64 @@ def test_run_worker_refuses_memory(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="meterware.rollup"):
         assert run_worker(config(), once=True) == 2
     assert "memory://" in caplog.text
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "window",
+    [
+        pytest.param("minute", id="first-window-of-the-commit"),
+        pytest.param(
+            "period",
+            id="last-window-of-the-commit",
+            marks=pytest.mark.xfail(
+                reason="commit.lua stops at the failing command but keeps the writes before it", strict=True
+            ),
+        ),
+    ],
+)
+def test_a_failing_shard_does_not_hold_up_the_others(
+    redis_url: str, window: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shard whose commits fail (a clobbered key) is retried apart; the others go on; none counts twice."""
+    storage = open_storage(redis_url, shards=SHARDS, timeout=5)
+    client = redis.Redis.from_url(redis_url)
+    other = next(c for c in CUSTOMERS if shard_of(c, SHARDS) != ACME)
+    windows = windows_of(event())
+    [poisoned] = [w for w in windows if w.window == window]
+    key = keyspace.usage(ACME, True, "acme", window, poisoned.start)
+    client.set(key, "not a hash")
+    storage.flush(batch(ACME, [event("acme")]))
+    storage.flush(batch(shard_of(other, SHARDS), [event(other)]))
+    worker = RollupWorker(storage, config(), owner="w")
+    with pytest.raises(StorageError):
+        worker.drain()
+    one_call = {"n:success": 1, "spend": 0, "calls": 1}
+    assert storage.read_usage(other, True, "minute", windows[0].start) == one_call
+
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"idle_sleep": 0.01})
+    try:
+        with caplog.at_level(logging.WARNING, logger="meterware.rollup"):
+            thread.start()
+            storage.flush(batch(shard_of(other, SHARDS), [event(other)]))
+            _wait_for(lambda: storage.read_usage(other, True, "minute", windows[0].start).get("calls") == 2)
+            _wait_for(lambda: f"shard {ACME}: backend error, retrying it" in caplog.text)
+            client.delete(key)
+            _wait_for(lambda: storage.read_stream(ACME, storage.committed_offset(ACME), 1) == [])
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        client.close()
+        storage.close()
+    assert not thread.is_alive()
+    assert {w.window: storage.read_usage("acme", True, w.window, w.start) for w in windows} == {
+        w.window: one_call for w in windows
+    }

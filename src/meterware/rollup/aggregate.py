@@ -40,7 +40,10 @@ SPEND: Final = "spend"
 #: Longest dead-letter reason kept; reasons are one line.
 MAX_REASON: Final = 200
 
-_COST_RE: Final = re.compile(rb"\d{1,19}")
+# Costs and units stay far inside 64-bit integers (Redis counters) and exact doubles (Lua numbers), so
+# no single event can make a commit fail forever.
+MAX_VALUE: Final = 2**53
+_COST_RE: Final = re.compile(rb"\d{1,15}")
 _INTEGER_AGGREGATIONS: Final = frozenset({"sum", "max", "last"})
 
 
@@ -75,8 +78,8 @@ def parse_entry(
     """Decode one stream entry into its events and their costs, or say in one line why it is garbage.
 
     The entry must hold ``b`` (a batch of events of a known schema version) and ``c`` (one non-negative
-    integer cost per event, comma-separated); a billable event must carry an integer for every meter that
-    is summed, maxed or kept as the last value.
+    integer cost per event, comma-separated, below 10**15); a billable event must carry an integer for
+    every meter that is summed, maxed or kept as the last value, and no integer beyond ``MAX_VALUE``.
     """
     payload = fields.get(b"b")
     if payload is None:
@@ -101,7 +104,10 @@ def parse_entry(
             continue
         for name, value in event.units.items():
             meter = meters.get(name)
-            if meter is not None and meter.aggregation in _INTEGER_AGGREGATIONS and type(value) is not int:
+            if type(value) is int:
+                if not -MAX_VALUE <= value <= MAX_VALUE:
+                    return _one_line(f"event {index}: meter {name!r} has a value out of range")
+            elif meter is not None and meter.aggregation in _INTEGER_AGGREGATIONS:
                 return _one_line(
                     f"event {index}: meter {name!r} ({meter.aggregation}) needs an integer value"
                 )

@@ -193,6 +193,7 @@ class RollupWorker:
         entries = events = 0
         worked: list[int] = []
         failed: list[tuple[int, StorageError]] = []
+        streak = 0
         for shard in self.shards:
             if shard in skip:
                 continue
@@ -208,9 +209,11 @@ class RollupWorker:
                 # Another worker may take the shard meanwhile: whatever we knew of it is read again.
                 self._leases.pop(shard, None)
                 failed.append((shard, error))
-                if not worked and len(failed) >= 2:
-                    break  # the backend itself fails, not one shard: don't wait out every timeout
+                streak += 1
+                if streak >= 2:
+                    break  # the backend itself is failing, most likely: don't wait out every timeout
                 continue
+            streak = 0
             worked.append(shard)
         return _Progress(entries, events, tuple(worked), tuple(failed))
 

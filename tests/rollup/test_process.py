@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from meterware.config import Config
 from meterware.rollup import RollupWorker
@@ -42,6 +43,17 @@ def wait_until(condition: object, seconds: float) -> None:
     while not callable(condition) or not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def loaded(url: str) -> bool:
+    """Whether a restarted server has read its append-only file back and answers commands."""
+    client = redis.Redis.from_url(url)
+    try:
+        return bool(client.ping())
+    except redis.BusyLoadingError:
+        return False
+    finally:
+        client.close()
 
 
 @pytest.mark.redis
@@ -106,6 +118,7 @@ def test_worker_rides_out_a_redis_restart(
             first.stop()
             wait_until(lambda: "backend error" in caplog.text, 30)
             second.start()
+            wait_until(lambda: loaded(second.url), 30)
             written += write_events(storage, random_events(rng, 800), batch_size=50)
             wait_until(lambda: backlog(storage) == 0, 60)
             assert thread.is_alive()

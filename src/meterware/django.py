@@ -117,6 +117,9 @@ class MeteringMiddleware:
         token = _current.set(call.usage)
         try:
             response = self.get_response(request)
+        except BaseException:
+            self._failed(request, call)
+            raise
         finally:
             _current.reset(token)
         return self._respond(request, call, response)
@@ -146,6 +149,9 @@ class MeteringMiddleware:
         token = _current.set(call.usage)
         try:
             response = await self.get_response(request)
+        except BaseException:
+            self._failed(request, call)
+            raise
         finally:
             _current.reset(token)
         return self._respond(request, call, response)
@@ -156,6 +162,11 @@ class MeteringMiddleware:
             (name, value.encode("latin-1")) for name, env in self._header_keys if (value := meta.get(env))
         ]
         return headers, meta.get("QUERY_STRING", "").encode("latin-1")
+
+    def _failed(self, request: HttpRequest, call: Call) -> None:
+        """Record a call whose view raised through the middleware (``DEBUG_PROPAGATE_EXCEPTIONS``)."""
+        self.metering.finish(call, _route(request, call), failed=True)
+        self._ensure_flusher()
 
     def _respond(self, request: HttpRequest, call: Call, response: HttpResponseBase) -> HttpResponseBase:
         metering = self.metering

@@ -1,18 +1,28 @@
 from __future__ import annotations
 
+import gc
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from django.conf import settings
+from django.test.utils import override_settings
+from flask import Flask
 from starlette.testclient import TestClient
+from starlette.types import Receive, Scope, Send
 
 from meterware import Accounts, Config, MeteringMiddleware
+from meterware.django import MeteringMiddleware as DjangoMeteringMiddleware
 from meterware.events import UsageEvent, decode_batch
+from meterware.flusher import AsyncFlusher, ThreadFlusher
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
-from tests.behaviour.apps import CALLS, FRAMEWORKS
+from meterware.wsgi import WSGIMeteringMiddleware
+from tests.behaviour.apps import CALLS, FRAMEWORKS, configure_django
 
 
 def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]:
@@ -43,20 +53,33 @@ def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]
 
 
 class Api:
-    """One framework app behind the middleware, with the accounts and rollup around it."""
+    """One framework app behind its meterware adapter, with the accounts and rollup around it.
+
+    Every adapter is driven through an ``httpx``-compatible client, so the tests read the same responses.
+    Subclasses say how to serve the app and how to drain what its middleware buffered.
+    """
 
     def __init__(self, framework: str, config: Config) -> None:
+        self.framework = FRAMEWORKS[framework]
         self.config = config
-        self.app = FRAMEWORKS[framework]()
-        self.app.add_middleware(MeteringMiddleware, config=config)
         self.storage = open_storage(config.storage, shards=config.shards)
         self.accounts = Accounts(self.storage, config)
+        #: Let an app's exception reach the client (as a server would log it) instead of a 500 response.
         self.raise_server_exceptions = False
+        self.build()
         self.client = self._client()
         CALLS.clear()
 
-    def _client(self) -> TestClient:
-        return TestClient(self.app, raise_server_exceptions=self.raise_server_exceptions).__enter__()
+    def build(self) -> None:
+        """Make the app and put the middleware in front of it (once per test)."""
+        raise NotImplementedError
+
+    def _client(self) -> Any:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        """Stop serving and flush every buffered event to the backend."""
+        raise NotImplementedError
 
     def customer(self, plan: str, *, credits: str | None = None, live: bool = True) -> str:
         """Create a customer on ``plan`` and return a fresh key's plaintext."""
@@ -66,15 +89,15 @@ class Api:
             self.accounts.grant_credits(customer_id, credits)
         return self.accounts.create_key(customer_id, live=live).plaintext
 
-    def call(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
         headers = kwargs.pop("headers", {})
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
-        return self.client.request(method, path, headers=headers, **kwargs)
+        return self.client.request(method, path, headers=headers, **kwargs)  # type: ignore[no-any-return]
 
     def settle(self) -> None:
-        """Shut the app down (lifespan drains the buffer), roll up, and start it again."""
-        self.client.__exit__(None, None, None)
+        """Stop the app (its buffer is drained), roll up, and serve again."""
+        self._stop()
         RollupWorker(self.storage, self.config).drain()
         self.client = self._client()
 
@@ -99,8 +122,210 @@ class Api:
         return found
 
     def close(self) -> None:
-        self.client.__exit__(None, None, None)
+        self._stop()
         self.storage.close()
+
+
+class AsgiApi(Api):
+    """Starlette / FastAPI: ``app.add_middleware(MeteringMiddleware)``, served by Starlette's TestClient.
+
+    The TestClient runs the lifespan, whose shutdown drains the buffer (as uvicorn does).
+    """
+
+    def build(self) -> None:
+        self.app = self.framework.build()
+        self.app.add_middleware(MeteringMiddleware, config=self.config)
+
+    def _client(self) -> TestClient:
+        return TestClient(self.app, raise_server_exceptions=self.raise_server_exceptions).__enter__()
+
+    def _stop(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
+class WsgiApi(Api):
+    """Flask (``app.wsgi_app = WSGIMeteringMiddleware(app.wsgi_app)``) or a bare WSGI app wrapped whole."""
+
+    def build(self) -> None:
+        app = self.framework.build()
+        if isinstance(app, Flask):
+            app.wsgi_app = self.middleware = WSGIMeteringMiddleware(app.wsgi_app, config=self.config)  # type: ignore[method-assign]
+            self.app = app
+        else:
+            self.app = self.middleware = WSGIMeteringMiddleware(app, config=self.config)
+
+    def _client(self) -> httpx.Client:
+        if isinstance(self.app, Flask):
+            # Flask answers an exception with a 500 itself, unless told to let it through to the server.
+            self.app.config["PROPAGATE_EXCEPTIONS"] = self.raise_server_exceptions
+        return _wsgi_client(self.app, self.raise_server_exceptions)
+
+    def _stop(self) -> None:
+        self.client.close()
+        self.middleware.drain()
+
+
+class DjangoApi(Api):
+    """Django with ``meterware.django.MeteringMiddleware`` in ``MIDDLEWARE``, configured per test.
+
+    The settings are configured once per process; each test overrides ``METERWARE`` (its config) and the
+    URLconf, then builds a fresh handler, which builds a fresh middleware from them.
+    """
+
+    def build(self) -> None:
+        configure_django()
+        self.overrides = override_settings(ROOT_URLCONF=self.framework.build(), METERWARE=self.config)
+        self.overrides.enable()
+        self.handler = self._handler()
+        # Django wraps each middleware with functools.wraps: the outermost wrapper leads to ours.
+        self.middleware: DjangoMeteringMiddleware = self.handler._middleware_chain.__wrapped__
+        assert isinstance(self.middleware, DjangoMeteringMiddleware)
+
+    def _handler(self) -> Any:
+        raise NotImplementedError
+
+    def _propagate_exceptions(self) -> None:
+        # Django answers an exception with a 500 itself, unless told to let it through to the server.
+        settings.DEBUG_PROPAGATE_EXCEPTIONS = self.raise_server_exceptions
+
+    def close(self) -> None:
+        super().close()
+        self.overrides.disable()
+
+
+class DjangoWsgiApi(DjangoApi):
+    """Sync views under Django's WSGI handler: the middleware runs synchronously, a thread flushes."""
+
+    def _handler(self) -> Any:
+        from django.core.handlers.wsgi import WSGIHandler
+
+        return WSGIHandler()
+
+    def _client(self) -> httpx.Client:
+        self._propagate_exceptions()
+        return _wsgi_client(self.handler, self.raise_server_exceptions)
+
+    def _stop(self) -> None:
+        self.client.close()
+        flusher = self.middleware._flusher
+        if flusher is not None:
+            assert isinstance(flusher, ThreadFlusher)
+            flusher.drain()
+
+
+class DjangoAsgiApi(DjangoApi):
+    """Async views under Django's ASGI handler: the middleware runs natively async, a task flushes.
+
+    Django answers no lifespan; like uvicorn with such an app, the harness answers it, and at shutdown
+    drains the middleware's flusher and closes its clients on the loop that made them.
+    """
+
+    def _handler(self) -> Any:
+        from django.core.handlers.asgi import ASGIHandler
+
+        return ASGIHandler()
+
+    def _client(self) -> TestClient:
+        self._propagate_exceptions()
+        app = _Lifespan(self.handler, self._shutdown)
+        return TestClient(app, raise_server_exceptions=self.raise_server_exceptions).__enter__()
+
+    async def _shutdown(self) -> None:
+        middleware = self.middleware
+        flusher = middleware._flusher
+        if flusher is not None:
+            assert isinstance(flusher, AsyncFlusher)
+            await flusher.drain()
+            await flusher.storage.aclose()
+        if middleware._async_storage is not None:
+            await middleware._async_storage.aclose()
+
+    def _stop(self) -> None:
+        self.client.__exit__(None, None, None)
+        if self.client.app.raised:
+            # When an exception propagates out of it, Django's ASGI handler leaves the request body's
+            # temporary file to the garbage collector: collect it now, quietly, not in a later test.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
+
+
+ADAPTERS: dict[str, type[Api]] = {
+    "asgi": AsgiApi,
+    "wsgi": WsgiApi,
+    "django-wsgi": DjangoWsgiApi,
+    "django-asgi": DjangoAsgiApi,
+}
+
+
+def _wsgi_client(app: Any, raise_server_exceptions: bool) -> httpx.Client:
+    transport = httpx.WSGITransport(app=_ServerErrors(app, raise_server_exceptions))
+    return httpx.Client(transport=transport, base_url="http://testserver")
+
+
+class _ServerErrors:
+    """What a WSGI server does with an app's exception: a 500 response (or, in tests, re-raise it)."""
+
+    def __init__(self, app: Any, raise_errors: bool) -> None:
+        self.app = app
+        self.raise_errors = raise_errors
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            body = self.app(environ, start_response)
+        except Exception:
+            if self.raise_errors:
+                raise
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [b"Internal Server Error"]
+        return _Body(body, self.raise_errors)
+
+
+class _Body:
+    """A response body as a server sends it: an error ends it where it is; ``close()`` always follows."""
+
+    def __init__(self, body: Iterable[bytes], raise_errors: bool) -> None:
+        self.body = body
+        self.raise_errors = raise_errors
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.body
+        except Exception:
+            if self.raise_errors:
+                raise
+
+    def close(self) -> None:
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
+
+
+class _Lifespan:
+    """Answer the ASGI lifespan for an app that has none (Django), running ``on_shutdown`` at its end."""
+
+    def __init__(self, app: Any, on_shutdown: Callable[[], Awaitable[None]]) -> None:
+        self.app = app
+        self.on_shutdown = on_shutdown
+        #: Whether an exception came out of the app.
+        self.raised = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            try:
+                await self.app(scope, receive, send)
+            except Exception:
+                self.raised = True
+                raise
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
@@ -120,7 +345,8 @@ def make_api(framework: str, backend: str, tmp_path: Path) -> Iterator[Any]:
     apis: list[Api] = []
 
     def make(**sections: Any) -> Api:
-        api = Api(framework, Config.from_dict(api_config(backend, tmp_path / "spool", **sections)))
+        config = Config.from_dict(api_config(backend, tmp_path / "spool", **sections))
+        api = ADAPTERS[FRAMEWORKS[framework].adapter](framework, config)
         apis.append(api)
         return api
 

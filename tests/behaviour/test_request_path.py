@@ -1,6 +1,7 @@
 """The metered request path, as a customer of the API and its seller see it.
 
-Every test runs on each framework and each backend (memory, real Redis).
+Every test runs on each framework (Starlette, FastAPI, Flask, a bare WSGI app, Django sync and async) and
+each backend (memory, real Redis).
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def test_events_carry_route_templates_and_no_key(api: Api) -> None:
     api.call("GET", "/v1/items/12345", key)
     api.settle()
     (event,) = api.events()
-    assert event.route == "/v1/items/{item_id}"
+    assert event.route == api.framework.item_route
     assert (event.method, event.status, event.outcome, event.billable) == ("GET", 200, "success", True)
     assert event.key_id.startswith("key_")
     assert key.encode() not in repr(event).encode()
@@ -241,6 +242,18 @@ def test_streaming_response_is_timed_to_its_last_chunk(api: Api) -> None:
     assert event.outcome == "success"
     assert event.duration_us >= 25_000  # three chunks, 10 ms apart
     assert 0 < event.ttfb_us < event.duration_us
+
+
+def test_error_while_streaming_is_a_failure(api: Api) -> None:
+    """A streamed response that breaks after its first chunk is recorded as a failed, uncharged call."""
+    key = api.customer("payg", credits="1")
+    response = api.call("GET", "/v1/stream-broken", key)
+    assert response.text == "chunk 0\n"  # the status line had gone out: the body just stops
+    api.settle()
+    (event,) = api.events()
+    assert (event.status, event.outcome, event.billable) == (500, "server_error", False)
+    assert api.balance(key).balance == 1_000_000
+    assert api.balance(key).reserved == 0
 
 
 def test_test_keys_are_metered_separately_and_never_charged(api: Api) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from meterware import keys
 from meterware._core import (
@@ -39,10 +39,14 @@ from meterware.config import Config
 from meterware.errors import StorageError
 from meterware.events import Outcome, UsageEvent, new_event_id
 from meterware.flusher import Pending, Pipeline
+from meterware.metrics import NO_PLAN, AppMetrics
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 from meterware.usage import CallUsage
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger("meterware")
 
@@ -77,18 +81,34 @@ class Call:
     #: The route template, where the framework tells it before the call ends.
     route: str | None = None
     finished: bool = False
+    #: When the middleware received the call (before the key lookup and admission); 0 if unknown.
+    arrived_ns: int = 0
 
 
 class Metering:
-    """The per-process state and decisions behind one middleware instance."""
+    """The per-process state and decisions behind one middleware instance.
 
-    def __init__(self, config: Config, *, key_getter: KeyGetter | None = None) -> None:
+    ``registry``: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        key_getter: KeyGetter | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.config = config
         self.routes = config.routes
         self.policy = config.policy
         self.key_getter = key_getter
+        self.metrics = AppMetrics.for_registry(registry)
+        #: Meters whose units add up: the ones counted in ``meterware_units_total``.
+        self._additive = frozenset(name for name, meter in config.meters.items() if meter.chargeable)
         self.pipeline = Pipeline(
-            config.pipeline, on_flushed=self._rollup_in_process if self.embedded else None
+            config.pipeline,
+            on_flushed=self._rollup_in_process if self.embedded else None,
+            metrics=self.metrics,
         )
         self.usage_headers = {
             meter.header.encode("latin-1"): name for name, meter in config.meters.items() if meter.header
@@ -118,6 +138,90 @@ class Metering:
         return self.config.storage.startswith("memory://")
 
     # -- before the app -----------------------------------------------------------------------------
+
+    def start(
+        self,
+        storage: Storage,
+        native_request: Any,
+        headers: Iterable[tuple[bytes, bytes]],
+        query: bytes,
+        method: str,
+        path: str,
+    ) -> Call | Problem:
+        """Identify and admit a call with a synchronous backend: the call to serve, or the refusal.
+
+        The adapters' one entry point before the app; the backend calls are timed here, once.
+        """
+        arrived = time.perf_counter_ns()
+        metrics = self.metrics
+        key = self.identify(native_request, headers, query)
+        if isinstance(key, str):
+            began = time.perf_counter()
+            try:
+                key = self.resolved(key, storage.resolve_key(key))
+            except StorageError as error:
+                metrics.resolve_errors.inc()
+                key = self.lookup_failed(error)
+            metrics.resolve_duration.observe(time.perf_counter() - began)
+        if isinstance(key, Problem):
+            return self._refused(key, method, NO_PLAN, arrived)
+        request = self.admit_request(key, path, time.time())
+        began = time.perf_counter()
+        try:
+            decision = storage.admit(request)
+        except StorageError as error:
+            metrics.admit_errors.inc()
+            decision = self.admit_failed(error)
+        metrics.admit_duration.observe(time.perf_counter() - began)
+        return self._started(key, request, decision, method, path, arrived)
+
+    async def astart(
+        self,
+        storage: AsyncStorage,
+        native_request: Any,
+        headers: Iterable[tuple[bytes, bytes]],
+        query: bytes,
+        method: str,
+        path: str,
+    ) -> Call | Problem:
+        """The asyncio twin of :meth:`start`."""
+        arrived = time.perf_counter_ns()
+        metrics = self.metrics
+        key = self.identify(native_request, headers, query)
+        if isinstance(key, str):
+            began = time.perf_counter()
+            try:
+                key = self.resolved(key, await storage.resolve_key(key))
+            except StorageError as error:
+                metrics.resolve_errors.inc()
+                key = self.lookup_failed(error)
+            metrics.resolve_duration.observe(time.perf_counter() - began)
+        if isinstance(key, Problem):
+            return self._refused(key, method, NO_PLAN, arrived)
+        request = self.admit_request(key, path, time.time())
+        began = time.perf_counter()
+        try:
+            decision = await storage.admit(request)
+        except StorageError as error:
+            metrics.admit_errors.inc()
+            decision = self.admit_failed(error)
+        metrics.admit_duration.observe(time.perf_counter() - began)
+        return self._started(key, request, decision, method, path, arrived)
+
+    def _started(
+        self, key: KeyInfo, request: AdmitRequest, decision: Decision, method: str, path: str, arrived: int
+    ) -> Call | Problem:
+        call = self.decide(key, request, decision, method, path)
+        if isinstance(call, Problem):
+            return self._refused(call, method, request.plan.name, arrived)
+        call.arrived_ns = arrived
+        return call
+
+    def _refused(self, refusal: Problem, method: str, plan: str, arrived: int) -> Problem:
+        # A refused call never reaches the app's router: its route template is unknown.
+        seconds = (time.perf_counter_ns() - arrived) / 1e9
+        self.metrics.refused(refusal.reason, method, plan, UNMATCHED_ROUTE, seconds)
+        return refusal
 
     def _presented_key(
         self, native_request: Any, headers: Iterable[tuple[bytes, bytes]], query: bytes
@@ -266,6 +370,17 @@ class Metering:
             ),
         )
         self._queue(Pending(request.shard, event, settlement))
+        plan = request.plan.name
+        metrics = self.metrics
+        metrics.call(
+            route or UNMATCHED_ROUTE,
+            call.method,
+            outcome,
+            plan,
+            (ended - (call.arrived_ns or call.started_ns)) / 1e9,
+        )
+        if billable and request.live:
+            metrics.add_units(plan, units, self._additive)
 
     def _units(self, call: Call, ended_ns: int) -> dict[str, int | str]:
         units: dict[str, int | str] = {}

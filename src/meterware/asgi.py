@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.errors import StorageError
 from meterware.flusher import AsyncFlusher
 from meterware.storage.base import AsyncStorage
 from meterware.usage import _current
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 class MeteringMiddleware:
@@ -34,6 +36,7 @@ class MeteringMiddleware:
     :param key_getter: optional callable taking the ASGI scope and returning the presented key (or None),
         replacing the header/query lookup.
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
+    :param registry: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
     """
 
     def __init__(
@@ -43,10 +46,11 @@ class MeteringMiddleware:
         *,
         key_getter: KeyGetter | None = None,
         storage: str | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         overrides = {"storage": storage} if storage else {}
-        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter)
+        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
         self._storage: AsyncStorage | None = None
         self._flusher: AsyncFlusher | None = None
 
@@ -98,25 +102,16 @@ class MeteringMiddleware:
         await send({"type": "http.response.body", "body": refusal.body()})
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metering = self.metering
-        key = metering.identify(scope, scope["headers"], scope.get("query_string", b""))
-        if isinstance(key, str):
-            try:
-                key = metering.resolved(key, await self.storage.resolve_key(key))
-            except StorageError as error:
-                key = metering.lookup_failed(error)
-        if isinstance(key, Problem):
-            await self._refuse(send, key)
-            return
-        path = scope["path"]
-        request = metering.admit_request(key, path, time.time())
-        try:
-            decision = await self.storage.admit(request)
-        except StorageError as error:
-            decision = metering.admit_failed(error)
-        call = metering.decide(key, request, decision, scope["method"], path)
+        call = await self.metering.astart(
+            self.storage,
+            scope,
+            scope["headers"],
+            scope.get("query_string", b""),
+            scope["method"],
+            scope["path"],
+        )
         if isinstance(call, Problem):
-            self.flusher.ensure_running()
+            self.flusher.ensure_running()  # a refused call of a known customer is an event too
             await self._refuse(send, call)
             return
         await self._serve(scope, receive, send, call)

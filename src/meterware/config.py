@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from fnmatch import translate
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 from meterware.errors import ConfigError
 
@@ -113,11 +113,15 @@ class Plan:
     meters: Mapping[str, MeterTerms] = field(default_factory=dict)
 
 
+#: Paths excluded when the configuration names none: the metrics endpoint (``meterware.metrics``).
+DEFAULT_EXCLUDE: Final = ("/metrics", "/metrics/")
+
+
 @dataclass(frozen=True, slots=True)
 class Routes:
     """Which paths are metered, and what a call to each costs in units of the ``call`` meters."""
 
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     #: ``(glob, weight)`` pairs; the first matching glob wins, otherwise the weight is 1.
     weights: tuple[tuple[str, int], ...] = ()
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
@@ -490,7 +494,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         raise ConfigError("default_plan", f"names no plan defined under [plans] (known: {', '.join(plans)})")
 
     routes = root.section("routes")
-    exclude = routes.strings("exclude", ())
+    exclude = routes.strings("exclude", DEFAULT_EXCLUDE)
     weights_table = routes.section("weights")
     weights: list[tuple[str, int]] = []
     for glob in weights_table.data:

@@ -21,7 +21,6 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, Metering, header_map
 from meterware.config import resolve_config
-from meterware.errors import StorageError
 from meterware.flusher import AsyncFlusher, ThreadFlusher
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.usage import _current
@@ -96,21 +95,8 @@ class MeteringMiddleware:
         path = request.path_info
         if self.metering.routes.is_excluded(path):
             return self.get_response(request)
-        metering = self.metering
-        key = metering.identify(request, *self._credentials(request))
-        if isinstance(key, str):
-            try:
-                key = metering.resolved(key, self.storage.resolve_key(key))
-            except StorageError as error:
-                key = metering.lookup_failed(error)
-        if isinstance(key, Problem):
-            return _refusal(key)
-        admit_request = metering.admit_request(key, path, time.time())
-        try:
-            decision = self.storage.admit(admit_request)
-        except StorageError as error:
-            decision = metering.admit_failed(error)
-        call = metering.decide(key, admit_request, decision, request.method or "GET", path)
+        headers, query = self._credentials(request)
+        call = self.metering.start(self.storage, request, headers, query, request.method or "GET", path)
         if isinstance(call, Problem):
             self._ensure_flusher()
             return _refusal(call)
@@ -128,21 +114,10 @@ class MeteringMiddleware:
         path = request.path_info
         if self.metering.routes.is_excluded(path):
             return await self.get_response(request)
-        metering = self.metering
-        key = metering.identify(request, *self._credentials(request))
-        if isinstance(key, str):
-            try:
-                key = metering.resolved(key, await self.async_storage.resolve_key(key))
-            except StorageError as error:
-                key = metering.lookup_failed(error)
-        if isinstance(key, Problem):
-            return _refusal(key)
-        admit_request = metering.admit_request(key, path, time.time())
-        try:
-            decision = await self.async_storage.admit(admit_request)
-        except StorageError as error:
-            decision = metering.admit_failed(error)
-        call = metering.decide(key, admit_request, decision, request.method or "GET", path)
+        headers, query = self._credentials(request)
+        call = await self.metering.astart(
+            self.async_storage, request, headers, query, request.method or "GET", path
+        )
         if isinstance(call, Problem):
             self._ensure_flusher()
             return _refusal(call)

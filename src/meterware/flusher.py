@@ -22,6 +22,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 
@@ -29,6 +30,9 @@ from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import StorageError
 from meterware.events import UsageEvent, encode_batch, format_event_id, new_event_id
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
+
+if TYPE_CHECKING:
+    from meterware.metrics import AppMetrics
 
 logger = logging.getLogger("meterware.flusher")
 
@@ -193,14 +197,27 @@ def _settlement_from_row(row: list[object] | None) -> Settlement | None:
 
 
 class Pipeline:
-    """One process's buffer, spool and counters, shared by its flushers and its request path."""
+    """One process's buffer, spool and counters, shared by its flushers and its request path.
 
-    def __init__(self, config: PipelineConfig, *, on_flushed: Callable[[Batch], None] | None = None) -> None:
+    ``metrics``: where the counters are also exported (incremented where they happen, so they add up
+    across the processes of a pre-fork server).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        on_flushed: Callable[[Batch], None] | None = None,
+        metrics: AppMetrics | None = None,
+    ) -> None:
         self.config = config
         self.buffer = EventBuffer(config.buffer_size)
         self.spool = Spool(config.spool_dir, config.spool_max_bytes)
         self.stats = FlushStats()
         self.on_flushed = on_flushed
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.buffer_capacity.inc(config.buffer_size)
         self.backoff = 0.0
         self.retry_at = 0.0
         #: Set by the running flusher: tells it a full batch is waiting.
@@ -210,15 +227,28 @@ class Pipeline:
         """Queue a finished call (the request path's only pipeline step)."""
         if not self.buffer.put(item):
             self.stats.dropped_events += 1
+            if self.metrics is not None:
+                self.metrics.events_dropped.inc()
             logger.error("meterware: event buffer full (%d); an event was dropped", self.buffer.capacity)
             return
-        if len(self.buffer) >= self.config.batch_size:
+        depth = len(self.buffer)
+        if self.metrics is not None:
+            self.metrics.buffer_events.set(depth)
+        if depth >= self.config.batch_size:
             self.wake()
 
     # The decisions below are shared by the async and the thread flusher; only the I/O differs.
 
     def next_batches(self) -> list[Batch]:
-        return make_batches(self.buffer.take(self.config.batch_size * 4))
+        items = self.buffer.take(self.config.batch_size * 4)
+        if self.metrics is not None:
+            self.metrics.buffer_events.set(len(self.buffer))
+        return make_batches(items)
+
+    def _observe(self) -> None:
+        """Export what only the flusher sees (once per flush pass)."""
+        if self.metrics is not None:
+            self.metrics.spool_bytes.set(self.spool.size())
 
     def healthy(self) -> bool:
         return time.monotonic() >= self.retry_at
@@ -228,14 +258,21 @@ class Pipeline:
         self.retry_at = 0.0
         if replayed:
             self.stats.replayed_batches += 1
+            if self.metrics is not None:
+                self.metrics.batches_replayed.inc()
         if applied:
             self.stats.flushed_batches += 1
             self.stats.flushed_events += _count_events(batch)
+            if self.metrics is not None:
+                self.metrics.batches_flushed.inc()
+                self.metrics.events_flushed.inc(_count_events(batch))
             if self.on_flushed is not None:
                 self.on_flushed(batch)
 
     def failed(self, error: StorageError) -> None:
         self.stats.failures += 1
+        if self.metrics is not None:
+            self.metrics.flush_errors.inc()
         self.backoff = min(MAX_BACKOFF_SECONDS, self.backoff * 2 or 0.1)
         self.retry_at = time.monotonic() + self.backoff
         logger.warning("meterware: flush failed (%s); spooling, retry in %.1fs", error, self.backoff)
@@ -244,8 +281,12 @@ class Pipeline:
         for batch in batches:
             if self.spool.write(batch):
                 self.stats.spooled_events += _count_events(batch)
+                if self.metrics is not None:
+                    self.metrics.events_spooled.inc(_count_events(batch))
             else:
                 self.stats.dropped_events += _count_events(batch)
+                if self.metrics is not None:
+                    self.metrics.events_dropped.inc(_count_events(batch))
                 logger.error(
                     "meterware: spool full (%d bytes); dropped a batch of %d events",
                     self.spool.max_bytes,
@@ -259,6 +300,7 @@ class Pipeline:
         """
         if final:
             self.retry_at = 0.0
+        self._observe()
         batches = self.next_batches()
         while batches:
             self._flush_sync(storage, batches)
@@ -269,7 +311,7 @@ class Pipeline:
                 if batch is None:
                     continue
                 try:
-                    applied = storage.flush(batch)
+                    applied = self._timed_flush(storage, batch)
                 except StorageError as error:
                     self.failed(error)
                     return
@@ -282,17 +324,36 @@ class Pipeline:
                 self.spill(batches[index:])
                 return
             try:
-                applied = storage.flush(batch)
+                applied = self._timed_flush(storage, batch)
             except StorageError as error:
                 self.failed(error)
                 self.spill(batches[index:])
                 return
             self.succeeded(batch, applied)
 
+    def _timed_flush(self, storage: Storage, batch: Batch) -> bool:
+        if self.metrics is None:
+            return storage.flush(batch)
+        began = time.perf_counter()
+        try:
+            return storage.flush(batch)
+        finally:
+            self.metrics.flush_duration.observe(time.perf_counter() - began)
+
+    async def _timed_flush_async(self, storage: AsyncStorage, batch: Batch) -> bool:
+        if self.metrics is None:
+            return await storage.flush(batch)
+        began = time.perf_counter()
+        try:
+            return await storage.flush(batch)
+        finally:
+            self.metrics.flush_duration.observe(time.perf_counter() - began)
+
     async def flush_async(self, storage: AsyncStorage, *, final: bool = False) -> None:
         """The twin of :meth:`flush_sync` for asyncio."""
         if final:
             self.retry_at = 0.0
+        self._observe()
         batches = self.next_batches()
         while batches:
             await self._flush_async(storage, batches)
@@ -303,7 +364,7 @@ class Pipeline:
                 if batch is None:
                     continue
                 try:
-                    applied = await storage.flush(batch)
+                    applied = await self._timed_flush_async(storage, batch)
                 except StorageError as error:
                     self.failed(error)
                     return
@@ -316,7 +377,7 @@ class Pipeline:
                 self.spill(batches[index:])
                 return
             try:
-                applied = await storage.flush(batch)
+                applied = await self._timed_flush_async(storage, batch)
             except StorageError as error:
                 self.failed(error)
                 self.spill(batches[index:])

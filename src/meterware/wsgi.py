@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.errors import StorageError
 from meterware.flusher import ThreadFlusher
 from meterware.storage.base import Storage
 from meterware.usage import _current
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from prometheus_client import CollectorRegistry
 
 
 class WSGIMeteringMiddleware:
@@ -38,6 +38,7 @@ class WSGIMeteringMiddleware:
         ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
     :param key_getter: optional callable taking the WSGI environ and returning the presented key (or None).
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
+    :param registry: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
     """
 
     def __init__(
@@ -47,10 +48,11 @@ class WSGIMeteringMiddleware:
         *,
         key_getter: KeyGetter | None = None,
         storage: str | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         overrides = {"storage": storage} if storage else {}
-        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter)
+        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
         self._storage: Storage | None = None
         self._flusher: ThreadFlusher | None = None
         self._header_keys = tuple(
@@ -79,26 +81,14 @@ class WSGIMeteringMiddleware:
         path = environ.get("PATH_INFO", "") or "/"
         if self.metering.routes.is_excluded(path):
             return self.app(environ, start_response)
-        metering = self.metering
         headers = [
             (name, value.encode("latin-1")) for name, env in self._header_keys if (value := environ.get(env))
         ]
-        key = metering.identify(environ, headers, environ.get("QUERY_STRING", "").encode("latin-1"))
-        if isinstance(key, str):
-            try:
-                key = metering.resolved(key, self.storage.resolve_key(key))
-            except StorageError as error:
-                key = metering.lookup_failed(error)
-        if isinstance(key, Problem):
-            return _refuse(start_response, key)
-        request = metering.admit_request(key, path, time.time())
-        try:
-            decision = self.storage.admit(request)
-        except StorageError as error:
-            decision = metering.admit_failed(error)
-        call = metering.decide(key, request, decision, environ.get("REQUEST_METHOD", "GET"), path)
+        query = environ.get("QUERY_STRING", "").encode("latin-1")
+        method = environ.get("REQUEST_METHOD", "GET")
+        call = self.metering.start(self.storage, environ, headers, query, method, path)
         if isinstance(call, Problem):
-            self.flusher.ensure_running()
+            self.flusher.ensure_running()  # a refused call of a known customer is an event too
             return _refuse(start_response, call)
         return self._serve(environ, start_response, call)
 

@@ -1,0 +1,279 @@
+"""Prometheus metrics of the app side, and the ``/metrics`` endpoint to mount with one line.
+
+    app.add_route("/metrics", meterware.metrics.asgi_app())                 # Starlette / FastAPI
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/metrics": meterware.metrics.wsgi_app()})  # Flask
+
+The middleware registers its metrics in prometheus-client's global ``REGISTRY`` unless given another
+``registry=``; an app that already exposes prometheus-client serves them with everything else. Labels are
+bounded: route *templates* (``<unmatched>`` when the router matched nothing, ``<other>`` past
+:data:`MAX_ROUTES` distinct ones), standard methods, outcomes, plans, meters and reasons; never a customer
+or a key (per-customer numbers come from the rollup worker's ``/metrics``).
+
+Under a pre-fork server, set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory) in the environment before
+it starts, and call :func:`child_exit` from gunicorn's ``child_exit`` hook: the endpoints here then
+aggregate every worker process's values.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder, make_asgi_app, make_wsgi_app
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+    from starlette.types import Receive, Scope, Send
+
+__all__ = ["MetricsApp", "asgi_app", "child_exit", "exposition", "exposition_registry", "wsgi_app"]
+
+#: Distinct route labels kept per registry and process; later ones are counted as ``<other>``.
+MAX_ROUTES: Final = 500
+#: The label of a route, method or plan past its bound.
+OTHER: Final = "<other>"
+#: The plan label of calls refused before their customer was known (no key, unknown key, backend down).
+NO_PLAN: Final = "<none>"
+HTTP_METHODS: Final = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+)
+REJECTION_REASONS: Final = (
+    "missing_key",
+    "malformed_key",
+    "unknown_key",
+    "revoked_key",
+    "expired_key",
+    "suspended",
+    "rate_limited",
+    "quota_exceeded",
+    "insufficient_credits",
+    "backend_unavailable",
+)
+#: Request latency buckets (seconds): API calls, up to minute-long streams.
+REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Backend call buckets (seconds): sub-millisecond Redis round trips up to the request-path timeout.
+BACKEND_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+FLUSH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Cached label children per registry at most (each key is a distinct label tuple).
+_MAX_CACHED: Final = 10_000
+
+
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, AppMetrics] = weakref.WeakKeyDictionary()
+_registered_lock = threading.Lock()
+
+
+class AppMetrics:
+    """The app side's metrics in one registry, with label children cached for the request path.
+
+    One instance per registry and process (:meth:`for_registry`), shared by every middleware instance
+    that uses the registry, so nothing is registered twice.
+    """
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> AppMetrics:
+        """The metrics registered in ``registry`` (prometheus-client's ``REGISTRY`` by default)."""
+        registry = REGISTRY if registry is None else registry
+        with _registered_lock:
+            metrics = _registered.get(registry)
+            if metrics is None:
+                metrics = _registered[registry] = cls(registry)
+            return metrics
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "meterware_requests",
+            "Metered calls by route template, method, outcome and plan.",
+            ("route", "method", "outcome", "plan"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "meterware_request_duration_seconds",
+            "Time from a call's arrival at the middleware to its last response byte (or its refusal).",
+            ("route", "outcome"),
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.units = Counter(
+            "meterware_units",
+            "Billable units of successful live calls, by meter and plan (count and sum meters).",
+            ("meter", "plan"),
+            registry=registry,
+        )
+        rejections = Counter(
+            "meterware_rejections", "Refused calls by reason.", ("reason",), registry=registry
+        )
+        backend_duration = Histogram(
+            "meterware_backend_duration_seconds",
+            "Backend calls on the request path (key lookups, admissions), failed ones included.",
+            ("operation",),
+            buckets=BACKEND_BUCKETS,
+            registry=registry,
+        )
+        backend_errors = Counter(
+            "meterware_backend_errors",
+            "Backend calls that failed (timeouts, connection errors), by operation.",
+            ("operation",),
+            registry=registry,
+        )
+        self.buffer_events = Gauge(
+            "meterware_buffer_events",
+            "Events waiting in the in-process buffer for the flusher.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.buffer_capacity = Gauge(
+            "meterware_buffer_capacity_events",
+            "Events the in-process buffer holds at most (summed over live processes).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.spool_bytes = Gauge(
+            "meterware_spool_bytes",
+            "Bytes of event batches waiting in the spool directory for the backend to return.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.events_flushed = Counter(
+            "meterware_events_flushed", "Events written to the backend's streams.", registry=registry
+        )
+        self.events_spooled = Counter(
+            "meterware_events_spooled",
+            "Events written to the spool directory because the backend failed.",
+            registry=registry,
+        )
+        self.events_dropped = Counter(
+            "meterware_events_dropped",
+            "Events lost because the buffer or the spool was full.",
+            registry=registry,
+        )
+        self.batches_flushed = Counter(
+            "meterware_batches_flushed", "Event batches written to the backend.", registry=registry
+        )
+        self.batches_replayed = Counter(
+            "meterware_batches_replayed",
+            "Spooled event batches replayed to the backend.",
+            registry=registry,
+        )
+        self.flush_duration = Histogram(
+            "meterware_flush_duration_seconds",
+            "Time of one batch flush (append to the stream and settle), failed ones included.",
+            buckets=FLUSH_BUCKETS,
+            registry=registry,
+        )
+        # Pre-bound children: the request path never looks a label up for these.
+        self.resolve_duration = backend_duration.labels("resolve_key")
+        self.admit_duration = backend_duration.labels("admit")
+        self.resolve_errors = backend_errors.labels("resolve_key")
+        self.admit_errors = backend_errors.labels("admit")
+        self.flush_errors = backend_errors.labels("flush")
+        self._rejections = {reason: rejections.labels(reason) for reason in REJECTION_REASONS}
+        self._calls: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._units: dict[tuple[str, str], Counter] = {}
+        self._routes: set[str] = set()
+
+    def call(self, route: str, method: str, outcome: str, plan: str, seconds: float) -> None:
+        """Count one call and observe its latency."""
+        series = self._calls.get((route, method, outcome, plan))
+        if series is None:
+            series = self._call_series(route, method, outcome, plan)
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def refused(self, reason: str, method: str, plan: str, route: str, seconds: float) -> None:
+        """Count a refused call (a ``rejected`` call, and its reason)."""
+        self._rejections[reason].inc()
+        self.call(route, method, "rejected", plan, seconds)
+
+    def add_units(self, plan: str, units: Mapping[str, int | str], meters: frozenset[str]) -> None:
+        """Add the units of a billable call, for the meters whose units add up."""
+        for meter, value in units.items():
+            if value and meter in meters and type(value) is int:
+                child = self._units.get((meter, plan))
+                if child is None:
+                    child = self._units[(meter, plan)] = self.units.labels(meter, plan)
+                child.inc(value)
+
+    def _call_series(self, route: str, method: str, outcome: str, plan: str) -> tuple[Counter, Histogram]:
+        label = route
+        if route not in self._routes:
+            if len(self._routes) < MAX_ROUTES:
+                self._routes.add(route)
+            else:
+                label = OTHER
+        verb = method if method in HTTP_METHODS else OTHER
+        series = (self.requests.labels(label, verb, outcome, plan), self.duration.labels(label, outcome))
+        if len(self._calls) < _MAX_CACHED:
+            self._calls[(route, method, outcome, plan)] = series
+        return series
+
+
+# -- exposition -----------------------------------------------------------------------------------------
+
+
+def multiprocess_dir() -> str | None:
+    """The prometheus-client multiprocess directory of this process, if it runs in that mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """The registry to expose: ``registry``, else every process's values in multiprocess mode, else
+    prometheus-client's global ``REGISTRY``."""
+    if registry is not None:
+        return registry
+    if multiprocess_dir():
+        aggregated = CollectorRegistry()
+        MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
+        return aggregated
+    return REGISTRY
+
+
+class MetricsApp:
+    """An ASGI app serving the metrics (a class, so Starlette's ``add_route`` mounts it as a raw app)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._app = make_asgi_app(exposition_registry(registry))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+def asgi_app(registry: CollectorRegistry | None = None) -> MetricsApp:
+    """An ASGI app that serves the metrics (every worker's in multiprocess mode).
+
+    ``app.add_route("/metrics", meterware.metrics.asgi_app())`` in Starlette or FastAPI, or
+    ``Mount("/metrics", app=...)``; ``/metrics`` and ``/metrics/`` are excluded from metering unless the
+    configuration lists its own ``routes.exclude``.
+    """
+    return MetricsApp(registry)
+
+
+def wsgi_app(registry: CollectorRegistry | None = None) -> WSGIApplication:
+    """A WSGI app that serves the metrics (every worker's in multiprocess mode).
+
+    Flask: ``app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/metrics": meterware.metrics.wsgi_app()})``.
+    """
+    app: WSGIApplication = make_wsgi_app(exposition_registry(registry))
+    return app
+
+
+def exposition(accept: str | None = None, registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
+    """The metrics as a response body and its content type, for a view of any framework.
+
+    ``accept`` is the request's ``Accept`` header (OpenMetrics when the scraper asks for it).
+    """
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(exposition_registry(registry)), content_type
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook: drop the live gauges of a worker that exited.
+
+    In ``gunicorn.conf.py``: ``from meterware.metrics import child_exit``. Its counters stay: the totals
+    keep what the worker counted.
+    """
+    if multiprocess_dir():
+        mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

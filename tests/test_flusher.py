@@ -381,3 +381,46 @@ def test_async_flusher_drain_flushes_everything(tmp_path: Path) -> None:
     assert len(pipeline.buffer) == 0
     assert pipeline.stats.flushed_events == 20
     assert len([e for _, _, events in stream(open_storage(url, shards=SHARDS)) for e in events]) == 20
+
+
+@pytest.mark.redis
+def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: str) -> None:
+    """At exit, events the flusher thread has taken but not yet written are not left behind.
+
+    The thread's flush is held up by a real Redis paused for writes; the exit hook must return only
+    once those events are in the stream (a daemon thread does not outlive the interpreter's exit).
+    """
+    import redis
+
+    from meterware._metering import Metering
+    from meterware.config import Config
+
+    metering = Metering(
+        Config.from_dict(
+            {
+                "storage": {"url": redis_url, "shards": SHARDS},
+                "pipeline": {"flush_interval": 60, "spool_dir": str(tmp_path / "spool")},
+            }
+        )
+    )
+    storage = metering.backend()
+    flusher = ThreadFlusher(metering.pipeline, metering.backend(flushing=True))
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        flusher.ensure_running()
+        admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
+        metering.pipeline.put(pending(0))
+        metering.pipeline.wake()
+        for _ in range(200):  # at most 2 s for the thread to take the event
+            if not len(metering.pipeline.buffer):
+                break
+            threading.Event().wait(0.01)
+        assert not len(metering.pipeline.buffer), "the flusher thread never took the event"
+        metering.drain_at_exit()
+        assert routes([e for _, _, events in stream(storage) for e in events]) == ["/v1/items/0"]
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+        flusher.drain()
+        flusher.storage.close()
+        storage.close()

@@ -438,13 +438,16 @@ class Metering:
 
     def drain_at_exit(self) -> None:
         """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
-        if not len(self.pipeline.buffer) and not self.pipeline.spool.pending():
-            return
-        storage = self.backend(flushing=True)
-        try:
-            self.pipeline.flush_sync(storage, final=True)
-        finally:
-            storage.close()
+        # A flusher thread (a daemon: it dies with the interpreter) may hold events it has taken out of
+        # the buffer and not written yet: wait for it first.
+        with self.pipeline.flushing:
+            if not len(self.pipeline.buffer) and not self.pipeline.spool.pending():
+                return
+            storage = self.backend(flushing=True)
+            try:
+                self.pipeline.flush_sync(storage, final=True)
+            finally:
+                storage.close()
 
     def _rollup_in_process(self, batch: Batch) -> None:
         from meterware.rollup import RollupWorker

@@ -222,6 +222,9 @@ class Pipeline:
         self.retry_at = 0.0
         #: Set by the running flusher: tells it a full batch is waiting.
         self.wake: Callable[[], None] = lambda: None
+        #: Held by a synchronous flush from taking events out of the buffer until they are written, so
+        #: the exit hook waits for one in progress in the flusher thread instead of finding nothing to do.
+        self.flushing = threading.RLock()
 
     def put(self, item: Pending) -> None:
         """Queue a finished call (the request path's only pipeline step)."""
@@ -298,25 +301,26 @@ class Pipeline:
 
         ``final``: the last attempt before stopping, made even while backing off.
         """
-        if final:
-            self.retry_at = 0.0
-        self._observe()
-        batches = self.next_batches()
-        while batches:
-            self._flush_sync(storage, batches)
+        with self.flushing:
+            if final:
+                self.retry_at = 0.0
+            self._observe()
             batches = self.next_batches()
-        if self.healthy():
-            for path in self.spool.pending():
-                batch = self.spool.read(path)
-                if batch is None:
-                    continue
-                try:
-                    applied = self._timed_flush(storage, batch)
-                except StorageError as error:
-                    self.failed(error)
-                    return
-                self.spool.remove(path)
-                self.succeeded(batch, applied, replayed=True)
+            while batches:
+                self._flush_sync(storage, batches)
+                batches = self.next_batches()
+            if self.healthy():
+                for path in self.spool.pending():
+                    batch = self.spool.read(path)
+                    if batch is None:
+                        continue
+                    try:
+                        applied = self._timed_flush(storage, batch)
+                    except StorageError as error:
+                        self.failed(error)
+                        return
+                    self.spool.remove(path)
+                    self.succeeded(batch, applied, replayed=True)
 
     def _flush_sync(self, storage: Storage, batches: list[Batch]) -> None:
         for index, batch in enumerate(batches):

@@ -4,15 +4,18 @@
     METERWARE = {...}   # optional; otherwise METERWARE_CONFIG / ./meterware.toml / the defaults
 
 Sync- and async-capable: under WSGI it runs synchronously, under ASGI natively async, so it never costs a
-thread hop. Put it near the top of ``MIDDLEWARE`` so refused calls skip the rest. Django has no ASGI
-lifespan, so the flusher starts lazily on the first call and drains at interpreter exit.
+thread hop. Put it near the top of ``MIDDLEWARE`` so refused calls skip the rest. The flusher starts
+lazily on the first call and drains at interpreter exit. Under an ASGI server, serve
+:func:`get_asgi_application` instead of Django's: Django answers no ASGI lifespan, and uvicorn ends on
+SIGTERM without running exit hooks, so the lifespan's shutdown is where the buffer is drained.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
@@ -24,6 +27,9 @@ from meterware.config import resolve_config
 from meterware.flusher import AsyncFlusher, ThreadFlusher
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.usage import _current
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 GetResponse = Callable[[HttpRequest], Any]
 
@@ -64,6 +70,8 @@ class MeteringMiddleware:
             (name.encode("latin-1"), "HTTP_" + name.upper().replace("-", "_"))
             for name in config.policy.key_headers
         )
+        if self.is_async:
+            _async_middleware.add(self)
 
     # Storage and flusher are made on first use, in the serving process (never at import).
 
@@ -78,6 +86,15 @@ class MeteringMiddleware:
         if self._async_storage is None:
             self._async_storage = self.metering.async_backend()
         return self._async_storage
+
+    async def _shutdown(self) -> None:
+        """Flush every buffered event and close the asyncio clients, on the loop that made them."""
+        flusher = self._flusher
+        if isinstance(flusher, AsyncFlusher):
+            await flusher.drain()
+            await flusher.storage.aclose()
+        if self._async_storage is not None:
+            await self._async_storage.aclose()
 
     def _ensure_flusher(self) -> None:
         if self._flusher is None:
@@ -215,3 +232,42 @@ class MeteringMiddleware:
         finally:
             self.metering.finish(call, call.route, failed=failed, aborted=not completed and not failed)
             self._ensure_flusher()
+
+
+#: The middleware serving this process under ASGI, drained by the lifespan of get_asgi_application().
+_async_middleware: weakref.WeakSet[MeteringMiddleware] = weakref.WeakSet()
+
+
+def get_asgi_application() -> ASGIApp:
+    """Django's ASGI application, answering the ASGI lifespan: its shutdown drains meterware's buffer.
+
+    Use it in ``asgi.py`` in place of ``django.core.asgi.get_asgi_application``::
+
+        from meterware.django import get_asgi_application
+
+        application = get_asgi_application()
+    """
+    from django.core.asgi import get_asgi_application as django_asgi_application
+
+    return _Lifespan(django_asgi_application())
+
+
+class _Lifespan:
+    """The ASGI lifespan in front of Django (which refuses it); shutdown drains the metering buffers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for middleware in list(_async_middleware):
+                    await middleware._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -3,7 +3,7 @@ from __future__ import annotations
 import gc
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,9 @@ from starlette.types import Receive, Scope, Send
 
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware.django import MeteringMiddleware as DjangoMeteringMiddleware
+from meterware.django import get_asgi_application
 from meterware.events import UsageEvent, decode_batch
-from meterware.flusher import AsyncFlusher, ThreadFlusher
+from meterware.flusher import ThreadFlusher
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from meterware.wsgi import WSGIMeteringMiddleware
@@ -177,9 +178,6 @@ class DjangoApi(Api):
         self.overrides = override_settings(ROOT_URLCONF=self.framework.build(), METERWARE=self.config)
         self.overrides.enable()
         self.handler = self._handler()
-        # Django wraps each middleware with functools.wraps: the outermost wrapper leads to ours.
-        self.middleware: DjangoMeteringMiddleware = self.handler._middleware_chain.__wrapped__
-        assert isinstance(self.middleware, DjangoMeteringMiddleware)
 
     def _handler(self) -> Any:
         raise NotImplementedError
@@ -199,7 +197,11 @@ class DjangoWsgiApi(DjangoApi):
     def _handler(self) -> Any:
         from django.core.handlers.wsgi import WSGIHandler
 
-        return WSGIHandler()
+        handler = WSGIHandler()
+        # Django wraps each middleware with functools.wraps: the outermost wrapper leads to ours.
+        self.middleware: DjangoMeteringMiddleware = handler._middleware_chain.__wrapped__
+        assert isinstance(self.middleware, DjangoMeteringMiddleware)
+        return handler
 
     def _client(self) -> httpx.Client:
         self._propagate_exceptions()
@@ -216,33 +218,20 @@ class DjangoWsgiApi(DjangoApi):
 class DjangoAsgiApi(DjangoApi):
     """Async views under Django's ASGI handler: the middleware runs natively async, a task flushes.
 
-    Django answers no lifespan; like uvicorn with such an app, the harness answers it, and at shutdown
-    drains the middleware's flusher and closes its clients on the loop that made them.
+    Served as ``meterware.django.get_asgi_application()``: Django's handler plus the ASGI lifespan,
+    whose shutdown drains the buffer.
     """
 
     def _handler(self) -> Any:
-        from django.core.handlers.asgi import ASGIHandler
-
-        return ASGIHandler()
+        return _NoticeErrors(get_asgi_application())
 
     def _client(self) -> TestClient:
         self._propagate_exceptions()
-        app = _Lifespan(self.handler, self._shutdown)
-        return TestClient(app, raise_server_exceptions=self.raise_server_exceptions).__enter__()
-
-    async def _shutdown(self) -> None:
-        middleware = self.middleware
-        flusher = middleware._flusher
-        if flusher is not None:
-            assert isinstance(flusher, AsyncFlusher)
-            await flusher.drain()
-            await flusher.storage.aclose()
-        if middleware._async_storage is not None:
-            await middleware._async_storage.aclose()
+        return TestClient(self.handler, raise_server_exceptions=self.raise_server_exceptions).__enter__()
 
     def _stop(self) -> None:
         self.client.__exit__(None, None, None)
-        if self.client.app.raised:
+        if self.handler.raised:
             # When an exception propagates out of it, Django's ASGI handler leaves the request body's
             # temporary file to the garbage collector: collect it now, quietly, not in a later test.
             with warnings.catch_warnings():
@@ -301,31 +290,19 @@ class _Body:
             close()
 
 
-class _Lifespan:
-    """Answer the ASGI lifespan for an app that has none (Django), running ``on_shutdown`` at its end."""
+class _NoticeErrors:
+    """An ASGI app as it is, noting whether an exception came out of it."""
 
-    def __init__(self, app: Any, on_shutdown: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.on_shutdown = on_shutdown
-        #: Whether an exception came out of the app.
         self.raised = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            try:
-                await self.app(scope, receive, send)
-            except Exception:
-                self.raised = True
-                raise
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.on_shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            self.raised = True
+            raise
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

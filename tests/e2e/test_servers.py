@@ -1,0 +1,113 @@
+"""End to end: Flask and Django under real gunicorn and uvicorn processes, a real Redis, the rollup worker.
+
+Each server takes concurrent traffic (successes, failures, exceptions, handler-reported units, streams),
+is stopped with SIGTERM right after the last response, and the totals must come out exact: every event
+buffered at exit is flushed by the worker processes on their way out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from meterware import Accounts, Config
+from tests.e2e.conftest import ServerProcess
+from tests.servers import free_port
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+def _gunicorn(app: str, *options: str) -> list[str]:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    # Recent gunicorn opens a control socket at a fixed path in $HOME: concurrent servers would share it.
+    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+        options += ("--no-control-socket",)
+    return [sys.executable, "-m", "gunicorn", *options, "--graceful-timeout", "10", app]
+
+
+PRELOADED_FLASK = ("tests.e2e.flask_app:app", "--preload", "--workers", "2")
+SERVERS = {
+    "flask-gunicorn-sync": _gunicorn(*PRELOADED_FLASK, "--worker-class", "sync"),
+    "flask-gunicorn-gthread": _gunicorn(*PRELOADED_FLASK, "--worker-class", "gthread", "--threads", "4"),
+    "django-gunicorn": _gunicorn("django.core.wsgi:get_wsgi_application()", "--workers", "2"),
+    "django-uvicorn": [
+        sys.executable, "-m", "uvicorn", "--factory", "meterware.django:get_asgi_application",
+        "--log-level", "warning",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def server(request: pytest.FixtureRequest, e2e_env: dict[str, str], tmp_path: Path) -> Any:
+    name = request.param
+    port = free_port()
+    args = SERVERS[name]
+    if "gunicorn" in args:
+        args = [*args[:-1], "--bind", f"127.0.0.1:{port}", args[-1]]
+    else:
+        args = [*args, "--port", str(port)]
+    env = {**e2e_env, "DJANGO_SETTINGS_MODULE": "tests.e2e.django_site.settings"}
+    # Flushes are left to the exit path: nothing is flushed while the server runs.
+    config = Path(env["METERWARE_CONFIG"])
+    config.write_text(config.read_text().replace("flush_interval = 0.05", "flush_interval = 60"))
+    process = ServerProcess(args, env, port, tmp_path / f"{name}.log")
+    yield process
+    process.stop()
+
+
+def _accounts(env: dict[str, str]) -> Accounts:
+    return Accounts.open(Config.load(env["METERWARE_CONFIG"], storage=env["METERWARE_STORAGE"]))
+
+
+def test_usage_totals_are_exact_after_a_graceful_shutdown(server: Any, e2e_env: dict[str, str]) -> None:
+    """Concurrent traffic, SIGTERM right after the last response: every call counted and charged once."""
+    accounts = _accounts(e2e_env)
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "100")
+    key = accounts.create_key("acme").plaintext
+    paths = [
+        ["/v1/hello", "/v1/fail", "/v1/boom", f"/v1/tokens/{index}", f"/v1/stream/{index % 7}"][index % 5]
+        for index in range(200)
+    ]
+
+    def call(client: httpx.Client, path: str) -> tuple[str, int, str]:
+        response = client.get(path)
+        return path, response.status_code, response.text
+
+    limits = httpx.Limits(max_keepalive_connections=0)  # some servers close a connection after a 500
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        httpx.Client(base_url=server.url, timeout=20, headers=headers, limits=limits) as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        results = list(pool.map(lambda path: call(client, path), paths))
+    output = server.stop()  # SIGTERM at once: events of the last calls are still buffered
+
+    statuses = Counter(status for _, status, _ in results)
+    assert statuses == {200: 120, 503: 40, 500: 40}, output
+    tokens = 0
+    for path, _, text in results:
+        count = int(path.rsplit("/", 1)[1]) if path[4:10] in ("tokens", "stream") else 0
+        tokens += count
+        if path.startswith("/v1/stream/"):
+            assert text == "".join(f"chunk {index}\n" for index in range(count))
+    assert "meterware:" not in output  # no warning or error of ours (the apps' tracebacks are expected)
+    subprocess.run(
+        [sys.executable, "-m", "meterware", "rollup", "--once"], env=e2e_env, check=True, timeout=60
+    )
+    usage = accounts.usage("acme")
+    assert usage.calls == {"success": 120, "client_error": 0, "server_error": 80, "aborted": 0, "rejected": 0}
+    assert usage.meters["calls"] == 120
+    assert usage.meters["tokens"] == tokens
+    cost = 120 * 10_000 + tokens * 100
+    assert usage.spend == cost
+    balance = accounts.balance("acme")
+    assert (balance.balance, balance.reserved) == (100_000_000 - cost, 0)

@@ -430,9 +430,12 @@ class AsyncFlusher:
 
     async def _run(self) -> None:
         interval = self.pipeline.config.flush_interval
-        while not self._stopping:
+        task = asyncio.current_task()
+        # A driver may turn a cancellation into a connection error: stop once cancelled, whatever it said.
+        while not self._stopping and not (task is not None and task.cancelling()):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             await self.pipeline.flush_async(self.storage)
 

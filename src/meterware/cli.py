@@ -14,6 +14,7 @@ from meterware.__about__ import __version__
 from meterware.accounts import Accounts
 from meterware.config import MICROS_PER_CREDIT, Config
 from meterware.errors import MeterwareError
+from meterware.rollup.metrics import add_metrics_arguments
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -220,8 +221,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_rollup(args: argparse.Namespace) -> int:
     from meterware.rollup import run_worker
+    from meterware.rollup.metrics import metrics_options
 
-    return run_worker(_load_config(args), once=args.once)
+    return run_worker(_load_config(args), once=args.once, metrics=metrics_options(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("rollup", help="run the rollup worker", parents=[common])
     sub.set_defaults(handler=cmd_rollup)
     sub.add_argument("--once", action="store_true", help="drain the streams, then exit")
+    add_metrics_arguments(sub)
 
     sub = commands.add_parser(
         "demo", help="run the demo: an API, customers, traffic, usage", parents=[common]

@@ -216,8 +216,8 @@ class Pipeline:
         self.stats = FlushStats()
         self.on_flushed = on_flushed
         self.metrics = metrics
-        if metrics is not None:
-            metrics.buffer_capacity.inc(config.buffer_size)
+        #: The process that counted this buffer's capacity (a forked worker counts its own).
+        self._counted_pid = 0
         self.backoff = 0.0
         self.retry_at = 0.0
         #: Set by the running flusher: tells it a full batch is waiting.
@@ -234,24 +234,29 @@ class Pipeline:
                 self.metrics.events_dropped.inc()
             logger.error("meterware: event buffer full (%d); an event was dropped", self.buffer.capacity)
             return
-        depth = len(self.buffer)
         if self.metrics is not None:
-            self.metrics.buffer_events.set(depth)
-        if depth >= self.config.batch_size:
+            self.metrics.buffer_events.inc()
+        if len(self.buffer) >= self.config.batch_size:
             self.wake()
 
     # The decisions below are shared by the async and the thread flusher; only the I/O differs.
 
     def next_batches(self) -> list[Batch]:
         items = self.buffer.take(self.config.batch_size * 4)
-        if self.metrics is not None:
-            self.metrics.buffer_events.set(len(self.buffer))
+        if self.metrics is not None and items:
+            self.metrics.buffer_events.dec(len(items))
         return make_batches(items)
 
     def _observe(self) -> None:
-        """Export what only the flusher sees (once per flush pass)."""
-        if self.metrics is not None:
-            self.metrics.spool_bytes.set(self.spool.size())
+        """Export what only the flusher sees (once per flush pass, in the serving process)."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if self._counted_pid != os.getpid():
+            # Counted by the process that flushes, never by a pre-fork master that only built the app.
+            self._counted_pid = os.getpid()
+            metrics.buffer_capacity.inc(self.buffer.capacity)
+        metrics.spool_bytes.set(self.spool.size())
 
     def healthy(self) -> bool:
         return time.monotonic() >= self.retry_at

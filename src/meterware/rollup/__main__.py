@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from meterware.config import Config
 from meterware.errors import ConfigError
+from meterware.rollup.metrics import add_metrics_arguments, metrics_options
 from meterware.rollup.worker import run_worker
 
 
@@ -20,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage", help="backend URL, overriding the configuration")
     parser.add_argument("--once", action="store_true", help="roll up what is there, then exit")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_metrics_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -29,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.storage:
         config = dataclasses.replace(config, storage=args.storage)
-    return run_worker(config, once=args.once)
+    return run_worker(config, once=args.once, metrics=metrics_options(args))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from meterware.config import Config
 from meterware.errors import StorageError
 from meterware.events import UsageEvent
 from meterware.rollup.aggregate import fold, parse_entry
-from meterware.storage.base import START_OFFSET, RollupCommit, Storage
+from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
+from meterware.storage.base import START_OFFSET, RollupCommit, Storage, StreamEntry
 
 logger = logging.getLogger("meterware.rollup")
 
@@ -59,6 +60,8 @@ class _Lease:
     token: int
     #: The committed offset as of our last commit (None: read it from the backend).
     offset: str | None = None
+    #: Stream entries up to the committed offset, for the lag metric (None: not counted yet).
+    position: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,8 @@ class RollupWorker:
     :param config: the meters (how each is aggregated) and the ``[rollup]`` settings.
     :param owner: the name this worker holds leases under; unique by default.
     :param shards: the shards to work on; all of the backend's by default.
+    :param metrics: where to count its progress and lag (see :mod:`meterware.rollup.metrics`); measuring
+        the lag costs two ``XLEN`` per shard and step.
 
     ``step()`` does one round over the shards, ``drain()`` steps until the shards it can own are caught
     up (``meterware rollup --once``, and the in-process rollup of ``memory://``), and ``run(stop)``
@@ -101,8 +106,10 @@ class RollupWorker:
         *,
         owner: str | None = None,
         shards: Iterable[int] | None = None,
+        metrics: RollupMetrics | None = None,
     ) -> None:
         self.storage = storage
+        self.metrics = metrics
         self.config = config
         self.owner = owner or default_owner()
         self.shards = tuple(range(storage.shards) if shards is None else shards)
@@ -209,12 +216,18 @@ class RollupWorker:
                 # Another worker may take the shard meanwhile: whatever we knew of it is read again.
                 self._leases.pop(shard, None)
                 failed.append((shard, error))
+                if self.metrics is not None:
+                    self.metrics.errors.labels(str(shard)).inc()
                 streak += 1
                 if streak >= 2:
                     break  # the backend itself is failing, most likely: don't wait out every timeout
                 continue
             streak = 0
             worked.append(shard)
+        if self.metrics is not None:
+            self.metrics.shards_owned.set(len(self._leases))
+            if worked or not failed:
+                self.metrics.last_round.set(time.time())
         return _Progress(entries, events, tuple(worked), tuple(failed))
 
     def _acquire(self, shard: int) -> _Lease | None:
@@ -224,6 +237,8 @@ class RollupWorker:
             if lease is not None:
                 logger.info("shard %d is now owned by another worker", shard)
                 del self._leases[shard]
+            if self.metrics is not None:
+                self.metrics.lag.pop(shard, None)  # its owner reports it
             return None
         if lease is None or lease.token != token:
             # New or regained: someone may have committed in between, so the offset is read afresh.
@@ -238,7 +253,11 @@ class RollupWorker:
             offset = lease.offset = self.storage.committed_offset(shard)
         # At most batch_size entries, and about batch_size events: a backlog of big batches stays small.
         count = max(1, self.config.rollup.batch_size // self._events_per_entry.get(shard, self._full_entry))
+        started = time.perf_counter()
+        length = self.storage.stream_length(shard) if self.metrics is not None else 0
         entries = self.storage.read_stream(shard, offset, count)
+        if self.metrics is not None:
+            self._measure_lag(shard, lease, offset, entries, count, length)
         if not entries:
             return _Progress()
         dead: list[tuple[str, str]] = []
@@ -266,19 +285,70 @@ class RollupWorker:
         valid = len(entries) - len(dead)
         if valid:
             self._events_per_entry[shard] = max(1, len(events) // valid)
+        if self.metrics is not None:
+            self._committed(shard, lease, entries, count, len(events), len(dead), started)
         return _Progress(len(entries), len(events))
+
+    # -- metrics (only with ``metrics``) ---------------------------------------------------------------
+
+    def _measure_lag(
+        self, shard: int, lease: _Lease, offset: str, entries: list[StreamEntry], count: int, before: int
+    ) -> None:
+        """Note the shard's backlog as of a read; ``before`` is the stream's length just before it."""
+        assert self.metrics is not None
+        length = self.storage.stream_length(shard)
+        if offset == START_OFFSET:
+            lease.position = 0  # nothing committed, so nothing trimmed either
+        elif len(entries) < count and length == before:
+            # The read reached the end of a stream nobody appended to meanwhile: entry `length` is its last.
+            lease.position = length - len(entries)
+        lag = self.metrics.lag.setdefault(shard, ShardLag())
+        lag.length = length
+        lag.oldest_ms = _id_tuple(entries[0].entry_id)[0] if entries else None
+        lag.behind = None if lease.position is None else max(0, length - lease.position)
+
+    def _committed(
+        self,
+        shard: int,
+        lease: _Lease,
+        entries: list[StreamEntry],
+        count: int,
+        events: int,
+        dead: int,
+        started: float,
+    ) -> None:
+        assert self.metrics is not None
+        metrics = self.metrics
+        metrics.batch_duration.observe(time.perf_counter() - started)
+        metrics.entries.inc(len(entries))
+        metrics.events.inc(events)
+        if dead:
+            metrics.dead_letters.inc(dead)
+        lag = metrics.lag.setdefault(shard, ShardLag())
+        if lease.position is not None:
+            lease.position += len(entries)
+            lag.behind = max(0, lag.length - lease.position)
+        if len(entries) < count or lag.behind == 0:
+            lag.oldest_ms = None  # the read reached the end
+        else:
+            # The next entry is no older than the last one read (and is read at the next step).
+            lag.oldest_ms = _id_tuple(entries[-1].entry_id)[0]
 
     def _housekeep(self, shard: int, lease: _Lease) -> None:
         refunded = self.storage.expire_reservations(shard, EXPIRE_LIMIT)
         if refunded:
             logger.info("shard %d: refunded %d reservations left open by dead app processes", shard, refunded)
+            if self.metrics is not None:
+                self.metrics.refunded.inc(refunded)
         if lease.offset is None or lease.offset == START_OFFSET:
             return
         horizon = time.time_ns() // 1_000_000 - self._retention_ms
         # Only entries both committed and older than the retention go; the committed entry itself stays.
         floor = min(_id_tuple(lease.offset), (max(0, horizon), 0))
         if floor > (0, 0):
-            self.storage.trim_stream(shard, f"{floor[0]}-{floor[1]}")
+            trimmed = self.storage.trim_stream(shard, f"{floor[0]}-{floor[1]}")
+            if lease.position is not None:
+                lease.position = max(0, lease.position - trimmed)
 
 
 @contextmanager
@@ -300,11 +370,18 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_worker(config: Config, *, once: bool = False, stop: threading.Event | None = None) -> int:
+def run_worker(
+    config: Config,
+    *,
+    once: bool = False,
+    stop: threading.Event | None = None,
+    metrics: MetricsOptions | None = None,
+) -> int:
     """Run a rollup worker on the configured backend until SIGTERM/SIGINT (or once); return an exit code.
 
-    ``0`` when done, ``1`` when the backend failed (``--once``) or cannot be opened, ``2`` for a backend
-    that cannot be rolled up from another process (``memory://``).
+    ``0`` when done, ``1`` when the backend failed (``--once``), cannot be opened, or the metrics port
+    cannot be bound, ``2`` for a backend that cannot be rolled up from another process (``memory://``).
+    ``metrics``: serve the worker's metrics over HTTP meanwhile.
     """
     if config.storage.startswith("memory:"):
         logger.error(
@@ -320,20 +397,71 @@ def run_worker(config: Config, *, once: bool = False, stop: threading.Event | No
         logger.error("cannot open the backend: %s", error)
         return 1
     stop = stop or threading.Event()
-    worker = RollupWorker(storage, config)
     try:
-        with _stop_on_signals(stop):
-            if once:
-                try:
-                    events = worker.drain()
-                except StorageError as error:
-                    logger.error("backend error: %s", error)
-                    return 1
-                finally:
-                    worker.release()
-                logger.info("rolled up %d events", events)
-            else:
-                worker.run(stop)
+        if metrics is None:
+            return _run(RollupWorker(storage, config), stop, once)
+        with _metrics_served(storage, config, metrics, stop) as worker_metrics:
+            if worker_metrics is None:
+                return 1
+            return _run(RollupWorker(storage, config, metrics=worker_metrics), stop, once)
     finally:
         storage.close()
-    return 0
+
+
+def _run(worker: RollupWorker, stop: threading.Event, once: bool) -> int:
+    with _stop_on_signals(stop):
+        if not once:
+            worker.run(stop)
+            return 0
+        try:
+            events = worker.drain()
+        except StorageError as error:
+            logger.error("backend error: %s", error)
+            return 1
+        finally:
+            worker.release()
+        logger.info("rolled up %d events", events)
+        return 0
+
+
+@contextmanager
+def _metrics_served(
+    storage: Storage, config: Config, options: MetricsOptions, stop: threading.Event
+) -> Iterator[RollupMetrics | None]:
+    """Serve the worker's metrics over HTTP while inside (None if the port cannot be bound).
+
+    Per-customer numbers are read by a background thread, which ``stop`` ends.
+    """
+    from prometheus_client import REGISTRY, start_http_server
+
+    registry = REGISTRY if options.registry is None else options.registry
+    metrics = RollupMetrics.for_registry(registry)
+    customers = None
+    if options.customers > 0:
+        customers = CustomerMetrics(storage, config, limit=options.customers, interval=options.interval)
+        registry.register(customers)
+    try:
+        server, _ = start_http_server(options.port, options.host, registry)
+    except OSError as error:
+        logger.error("cannot serve metrics on %s:%d: %s", options.host, options.port, error)
+        if customers is not None:
+            registry.unregister(customers)
+        yield None
+        return
+    logger.info("metrics on http://%s:%d/metrics", options.host, server.server_port)
+    refresher = None
+    if customers is not None:
+        refresher = threading.Thread(
+            target=customers.run, args=(stop,), name="meterware-customer-metrics", daemon=True
+        )
+        refresher.start()
+    try:
+        yield metrics
+    finally:
+        stop.set()
+        if refresher is not None:
+            refresher.join(STORAGE_TIMEOUT * 2)
+        if customers is not None:
+            registry.unregister(customers)
+        server.shutdown()
+        server.server_close()

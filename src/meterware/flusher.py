@@ -247,8 +247,8 @@ class Pipeline:
             self.metrics.buffer_events.dec(len(items))
         return make_batches(items)
 
-    def _observe(self) -> None:
-        """Export what only the flusher sees (once per flush pass, in the serving process)."""
+    def observe(self) -> None:
+        """Export what only the flusher sees (when it starts and at each flush pass, in its process)."""
         metrics = self.metrics
         if metrics is None:
             return
@@ -309,7 +309,7 @@ class Pipeline:
         with self.flushing:
             if final:
                 self.retry_at = 0.0
-            self._observe()
+            self.observe()
             batches = self.next_batches()
             while batches:
                 self._flush_sync(storage, batches)
@@ -362,7 +362,7 @@ class Pipeline:
         """The twin of :meth:`flush_sync` for asyncio."""
         if final:
             self.retry_at = 0.0
-        self._observe()
+        self.observe()
         batches = self.next_batches()
         while batches:
             await self._flush_async(storage, batches)
@@ -435,6 +435,7 @@ class AsyncFlusher:
 
     async def _run(self) -> None:
         interval = self.pipeline.config.flush_interval
+        self.pipeline.observe()
         task = asyncio.current_task()
         # A driver may turn a cancellation into a connection error: stop once cancelled, whatever it said.
         while not self._stopping and not (task is not None and task.cancelling()):
@@ -486,6 +487,7 @@ class ThreadFlusher:
 
     def _run(self) -> None:
         interval = self.pipeline.config.flush_interval
+        self.pipeline.observe()
         while not self._stop.is_set():
             self._wake.wait(interval)
             self._wake.clear()

@@ -171,7 +171,7 @@ class _MeteredResponse:
 
 
 def _route(environ: WSGIEnvironment, call: Call) -> str:
-    """The route template (Flask and werkzeug routing leave the matched rule on the request)."""
+    """The route template: Flask leaves the matched rule on its request; a bare WSGI app has no router."""
     request = environ.get("werkzeug.request")
     rule = getattr(request, "url_rule", None)
     template = getattr(rule, "rule", None)

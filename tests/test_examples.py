@@ -142,6 +142,22 @@ def test_django_example_under_wsgi(accounts: Accounts, key: str) -> None:
     assert_charged(accounts)
 
 
+@pytest.mark.usefixtures("django_example")
+def test_django_example_under_the_django_test_client(accounts: Accounts, key: str) -> None:
+    """Django's own test client goes through the middleware like a server (the users' test suites)."""
+    from django.test import Client
+
+    client = Client(headers={"Authorization": f"Bearer {key}"})
+    chat = client.post("/v1/chat", {"prompt": "one two three"}, content_type="application/json")
+    assert chat.json() == {"reply": "You said: one two three"}
+    stream = client.get("/v1/stream", {"prompt": "a b"})
+    assert b"".join(stream.streaming_content) == b"data: You\n\ndata: said:\n\ndata: a\n\ndata: b\n\n"
+    stream.close()
+    assert Client().get("/v1/stream").status_code == 401
+    client.handler._middleware_chain.__wrapped__._flusher.drain()
+    assert_charged(accounts)
+
+
 @pytest.mark.redis
 def test_importing_the_flask_example_starts_no_thread_and_opens_no_connection(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str, imported: list[str]

@@ -50,3 +50,15 @@ def stream(count: int) -> Response:
             time.sleep(0.001)
 
     return Response(chunks(), mimetype="text/plain")
+
+
+@app.get("/v1/slow-stream")
+def slow_stream() -> Response:
+    """Up to 200 chunks, 10 ms apart: long enough for a client to go away in the middle."""
+
+    def chunks() -> Iterator[bytes]:
+        for index in range(200):
+            yield f"chunk {index}\n".encode()
+            time.sleep(0.01)
+
+    return Response(chunks(), mimetype="text/plain")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from meterware import Accounts, Config
+from meterware.events import UsageEvent, decode_batch
 from tests.e2e.conftest import ServerProcess
 from tests.servers import free_port
 
@@ -45,8 +47,16 @@ SERVERS = {
 }  # fmt: skip
 
 
+@pytest.fixture
+def flush_interval() -> float:
+    """Seconds between the flusher's passes in the server processes."""
+    return 0.05
+
+
 @pytest.fixture(params=sorted(SERVERS))
-def server(request: pytest.FixtureRequest, e2e_env: dict[str, str], tmp_path: Path) -> Any:
+def server(
+    request: pytest.FixtureRequest, e2e_env: dict[str, str], tmp_path: Path, flush_interval: float
+) -> Any:
     name = request.param
     port = free_port()
     args = SERVERS[name]
@@ -55,9 +65,9 @@ def server(request: pytest.FixtureRequest, e2e_env: dict[str, str], tmp_path: Pa
     else:
         args = [*args, "--port", str(port)]
     env = {**e2e_env, "DJANGO_SETTINGS_MODULE": "tests.e2e.django_site.settings"}
-    # Flushes are left to the exit path: nothing is flushed while the server runs.
     config = Path(env["METERWARE_CONFIG"])
-    config.write_text(config.read_text().replace("flush_interval = 0.05", "flush_interval = 60"))
+    text = config.read_text().replace("flush_interval = 0.05", f"flush_interval = {flush_interval}")
+    config.write_text(text)
     process = ServerProcess(args, env, port, tmp_path / f"{name}.log")
     yield process
     process.stop()
@@ -67,6 +77,7 @@ def _accounts(env: dict[str, str]) -> Accounts:
     return Accounts.open(Config.load(env["METERWARE_CONFIG"], storage=env["METERWARE_STORAGE"]))
 
 
+@pytest.mark.parametrize("flush_interval", [60.0])  # nothing flushes while serving: all at exit
 def test_usage_totals_are_exact_after_a_graceful_shutdown(server: Any, e2e_env: dict[str, str]) -> None:
     """Concurrent traffic, SIGTERM right after the last response: every call counted and charged once."""
     accounts = _accounts(e2e_env)
@@ -111,3 +122,41 @@ def test_usage_totals_are_exact_after_a_graceful_shutdown(server: Any, e2e_env: 
     assert usage.spend == cost
     balance = accounts.balance("acme")
     assert (balance.balance, balance.reserved) == (100_000_000 - cost, 0)
+
+
+def test_a_client_gone_mid_stream_is_recorded_as_aborted_and_not_charged(
+    server: Any, e2e_env: dict[str, str]
+) -> None:
+    """The server notices the client left on its next write; the call is an aborted event, not charged."""
+    accounts = _accounts(e2e_env)
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "1")
+    key = accounts.create_key("acme").plaintext
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        httpx.Client(base_url=server.url, timeout=20) as client,
+        client.stream("GET", "/v1/slow-stream", headers=headers) as response,
+    ):
+        assert next(response.iter_lines()) == "chunk 0"
+    # The stream would last 2 s; its event is flushed as soon as the server gives up on it.
+    deadline = time.monotonic() + 10
+    while not _events(accounts):
+        assert time.monotonic() < deadline, "no event 10 s after the client went away"
+        time.sleep(0.02)
+    output = server.stop()
+    assert "meterware:" not in output
+    (event,) = _events(accounts)
+    assert (event.outcome, event.billable) == ("aborted", False)
+    assert event.duration_us < 1_500_000  # not run to its end
+    subprocess.run(
+        [sys.executable, "-m", "meterware", "rollup", "--once"], env=e2e_env, check=True, timeout=60
+    )
+    assert accounts.usage("acme").calls["aborted"] == 1
+    balance = accounts.balance("acme")
+    assert (balance.balance, balance.reserved) == (1_000_000, 0)
+
+
+def _events(accounts: Accounts) -> list[UsageEvent]:
+    shards = accounts.config.shards
+    entries = [entry for shard in range(shards) for entry in accounts.storage.read_stream(shard, "0-0", 100)]
+    return [event for entry in entries for event in decode_batch(entry.fields[b"b"])]

@@ -50,10 +50,28 @@ def stream(request: HttpRequest, count: int) -> HttpResponse:
     return StreamingHttpResponse(body, content_type="text/plain")
 
 
+def slow_stream(request: HttpRequest) -> HttpResponse:
+    """Up to 200 chunks, 10 ms apart: long enough for a client to go away in the middle."""
+
+    def chunks() -> Iterator[bytes]:
+        for index in range(200):
+            yield f"chunk {index}\n".encode()
+            time.sleep(0.01)
+
+    async def async_chunks() -> AsyncIterator[bytes]:
+        for index in range(200):
+            yield f"chunk {index}\n".encode()
+            await asyncio.sleep(0.01)
+
+    body = async_chunks() if isinstance(request, ASGIRequest) else chunks()
+    return StreamingHttpResponse(body, content_type="text/plain")
+
+
 urlpatterns = [
     path("v1/hello", hello),
     path("v1/fail", fail),
     path("v1/boom", boom),
     path("v1/tokens/<int:count>", tokens),
     path("v1/stream/<int:count>", stream),
+    path("v1/slow-stream", slow_stream),
 ]

@@ -328,7 +328,7 @@ def make_api(framework: str, backend: str, tmp_path: Path) -> Iterator[Any]:
         return api
 
     yield make
-    for api in apis:
+    for api in reversed(apis):  # Django's settings overrides unwind last in, first out
         api.close()
 
 

@@ -156,12 +156,13 @@ class Metering:
         metrics = self.metrics
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
+            key_hash = key
             began = time.perf_counter()
             try:
-                key = self.resolved(key, storage.resolve_key(key))
+                key = self.resolved(key_hash, storage.resolve_key(key_hash))
             except StorageError as error:
                 metrics.resolve_errors.inc()
-                key = self.lookup_failed(error)
+                key = self.lookup_failed(error, key_hash)
             metrics.resolve_duration.observe(time.perf_counter() - began)
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
@@ -189,12 +190,13 @@ class Metering:
         metrics = self.metrics
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
+            key_hash = key
             began = time.perf_counter()
             try:
-                key = self.resolved(key, await storage.resolve_key(key))
+                key = self.resolved(key_hash, await storage.resolve_key(key_hash))
             except StorageError as error:
                 metrics.resolve_errors.inc()
-                key = self.lookup_failed(error)
+                key = self.lookup_failed(error, key_hash)
             metrics.resolve_duration.observe(time.perf_counter() - began)
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
@@ -259,8 +261,18 @@ class Metering:
         self._keys[key_hash] = (time.monotonic() + ttl, key)
         return key if key is not None else problem("unknown_key")
 
-    def lookup_failed(self, error: StorageError) -> Problem:
-        """The backend failed to resolve a key: without it an unknown key cannot be told from a known one."""
+    def lookup_failed(self, error: StorageError, key_hash: str) -> KeyInfo | Problem:
+        """The backend failed to resolve a key: without it an unknown key cannot be told from a known one.
+
+        Failing open, a key this process resolved before is served as it was last resolved (its admission
+        fails open too), so an outage longer than ``key_cache_ttl`` does not turn into refusals.
+        """
+        entry = self._keys.get(key_hash)
+        if self.policy.on_backend_error == "open" and entry is not None and entry[1] is not None:
+            logger.warning(
+                "meterware: backend failed during key lookup (%s); using the key as last seen", error
+            )
+            return entry[1]
         logger.warning("meterware: backend failed during key lookup (%s)", error)
         return problem("backend_unavailable", Decision(allowed=False, retry_after=1))
 

@@ -1,0 +1,128 @@
+"""Ambiguous failures: Redis applied a call, then the connection dropped before its reply came back.
+
+A proxy between the app and Redis relays the flush (or admission) script call, waits for Redis to apply it,
+and cuts the connection instead of relaying the answer. The app cannot tell whether the batch landed: it
+spools it and retries with the same batch id, which must be a no-op the second time. A lost admission reply
+leaves a reservation nobody will settle (the call is served fail-open, and charged when its event is
+flushed); the worker refunds it after ``policy.reservation_timeout``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import (
+    App,
+    FaultRedis,
+    Load,
+    Stream,
+    assert_exact,
+    base_config,
+    base_env,
+    books,
+    figures,
+    merged,
+    open_accounts,
+    provision,
+    rollup_once,
+    spool_bytes,
+    to_toml,
+    wait_until,
+)
+from tests.faults.proxy import Action, RedisProxy, script_of
+
+pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
+
+LOST_FLUSHES = 6
+LOST_ADMISSIONS = 10
+
+
+class LoseSome:
+    """Lose the replies of the first flushes and of every 20th admission, up to the counts above."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.flushes: list[str] = []  # batch ids whose reply was lost
+        self.admissions = 0
+        self.admits_seen = 0
+
+    def __call__(self, command: list[bytes]) -> Action:
+        script = script_of(command)
+        with self.lock:
+            if script == "flush" and len(self.flushes) < LOST_FLUSHES:
+                keys = int(command[2])
+                self.flushes.append(command[3 + keys].decode())
+                return Action.LOSE_REPLY
+            if script == "admit":
+                self.admits_seen += 1
+                if self.admits_seen % 20 == 0 and self.admissions < LOST_ADMISSIONS:
+                    self.admissions += 1
+                    return Action.LOSE_REPLY
+        return Action.FORWARD
+
+
+def test_lost_replies_never_duplicate_events_or_charges(
+    tmp_path: Path,
+    make_redis: Callable[..., FaultRedis],
+    make_app: Callable[..., App],
+    make_proxy: Callable[..., RedisProxy],
+) -> None:
+    """Flush and admission replies lost after Redis applied them: every call counted and charged once."""
+    server = make_redis()
+    rule = LoseSome()
+    proxy = make_proxy(server.port, rule=rule)
+    spool = tmp_path / "spool"
+    config = tmp_path / "meterware.toml"
+    config.write_text(to_toml(merged(base_config(proxy.url(), spool), {})))
+    accounts = open_accounts(config)
+    key = provision(accounts).plaintext
+    # The test reads the backend directly; the app goes through the proxy.
+    env = base_env(config)
+    direct = {**env, "METERWARE_STORAGE": server.url}
+    app = make_app("uvicorn", env).start()
+
+    def path_of(n: int) -> str:
+        return ["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"][n % 4].format(n)
+
+    began = time.monotonic()
+    with Load(app.url, key, path_of, threads=4, limit=1600) as load:
+        wait_until(
+            lambda: len(rule.flushes) == LOST_FLUSHES and rule.admissions == LOST_ADMISSIONS,
+            30,
+            "the proxy lost every reply it was told to",
+        )
+        time.sleep(0.5)
+    lost_admissions_at = time.monotonic()
+    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spooled batches were never replayed")
+    output = app.stop()
+    assert spool_bytes(spool) == 0
+    # Reservations whose admission reply was lost are due after reservation_timeout (2 s).
+    time.sleep(max(0.0, lost_admissions_at + 2.2 - time.monotonic()))
+    rollup_once(direct, tmp_path / "rollup.log")
+
+    stream = Stream.read(server.client())
+    ledger = books(accounts)
+    succeeded = load.paths(200)
+    tokens = 3 * sum(1 for path in succeeded if path.startswith("/v1/tokens/"))
+    assert_exact(stream, ledger, succeeded, tokens=tokens)
+    for batch_id in rule.flushes:
+        assert stream.batch_ids.count(batch_id) == 1, f"batch {batch_id} is not in the stream exactly once"
+    assert ledger.calls["server_error"] == len(load.paths(503))
+    assert load.statuses().keys() <= {200, 503}, load.statuses()
+    assert "flush failed" in output
+    figures(
+        "ambiguous",
+        requests=len(load.snapshot()),
+        succeeded=len(succeeded),
+        lost_flush_replies=len(rule.flushes),
+        lost_admission_replies=rule.admissions,
+        events=len(stream.events),
+        batches=stream.entries,
+        charged_micros=ledger.charged,
+        seconds=round(time.monotonic() - began, 1),
+    )

@@ -1,0 +1,239 @@
+"""Redis down at start-up, and killed mid-load then restarted, with and without persistence.
+
+Fail-open: the app keeps serving (keys it resolved before the outage stay usable), events wait in the spool
+and are replayed once Redis is back. Fail-closed: calls get a clear 503 problem document and the app
+recovers by itself. Either way nothing is lost, nothing is counted or charged twice, and no request waits
+longer than its timeout budget.
+
+Without persistence the restarted Redis is empty: what it held is gone with it (that is what no persistence
+means). What the app still held must reach the new Redis exactly once. To prove it, writes are paused
+(``CLIENT PAUSE WRITE``) and the old Redis's streams read just before the kill; a proxy keeps the app away
+from the new Redis until the customer and key are restored. Then every call the client saw succeed must be
+in exactly one of the two lifetimes, and charged there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import (
+    CALL_PRICE,
+    INITIAL_MICROS,
+    LATENCY_BOUND,
+    TOKEN_PRICE,
+    App,
+    FaultRedis,
+    Load,
+    Result,
+    Stream,
+    assert_exact,
+    base_config,
+    base_env,
+    books,
+    figures,
+    merged,
+    open_accounts,
+    provision,
+    restore,
+    rollup_once,
+    spool_bytes,
+    to_toml,
+    wait_until,
+)
+from tests.faults.proxy import RedisProxy
+
+pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
+
+#: How long Redis stays away: longer than the key cache TTL below, so the outage outlives cached keys.
+OUTAGE_SECONDS = 2.5
+KEY_CACHE_TTL = 0.5
+
+
+def path_of(n: int) -> str:
+    return ["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"][n % 4].format(n)
+
+
+def reason(result: Result) -> str | None:
+    """The ``reason`` of a meterware problem document, None for any other response."""
+    if result.headers.get("content-type") != "application/problem+json":
+        return None
+    return str(json.loads(result.body)["reason"])
+
+
+def tokens_of(paths: set[str]) -> int:
+    return 3 * sum(1 for path in paths if path.startswith("/v1/tokens/"))
+
+
+def write_config(tmp_path: Path, url: str, policy: str) -> tuple[Path, Path]:
+    spool = tmp_path / "spool"
+    config = tmp_path / "meterware.toml"
+    changes = {"policy": {"on_backend_error": policy, "key_cache_ttl": KEY_CACHE_TTL}}
+    config.write_text(to_toml(merged(base_config(url, spool), changes)))
+    return config, spool
+
+
+def check_refusals(load: Load, *, refusals: bool) -> None:
+    """What the client saw: bounded latency; every 503 is the app's own, or (only if ``refusals`` are
+    expected) a clear problem document with ``Retry-After``."""
+    slowest = load.slowest()
+    assert slowest.seconds <= LATENCY_BOUND, f"{slowest.path} took {slowest.seconds:.2f}s"
+    for result in load.snapshot():
+        assert result.status is not None, f"{result.path}: {result.error}"
+        if result.status != 503:
+            continue
+        if reason(result) is None:
+            assert result.path.startswith("/v1/fail/"), result
+        else:
+            assert refusals, f"{result.path} refused: {result.body!r}"
+            assert reason(result) == "backend_unavailable"
+            assert result.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
+    policy: str,
+    tmp_path: Path,
+    make_redis: Callable[..., FaultRedis],
+    make_app: Callable[..., App],
+) -> None:
+    """App started without Redis, then Redis SIGKILLed under load and restarted (AOF): exact totals."""
+    server = make_redis(persistent=True)
+    config, spool = write_config(tmp_path, server.url, policy)
+    key = provision(open_accounts(config)).plaintext
+    env = base_env(config)
+    server.kill()
+
+    # 1. Down at start-up: the app starts, refuses clearly (keys cannot be resolved), recovers by itself.
+    app = make_app("uvicorn", env).start()
+    with Load(app.url, key, path_of, threads=2) as startup:
+        time.sleep(1.0)
+        server.start()
+        restarted = time.monotonic()
+        wait_until(
+            lambda: any(r.at > restarted and r.status == 200 for r in startup.snapshot()), 10, "recovery"
+        )
+    refused = [r for r in startup.snapshot() if r.at < restarted]
+    assert refused, "no call was made while Redis was down"
+    assert {reason(r) for r in refused} == {"backend_unavailable"}, {r.status for r in refused}
+    check_refusals(startup, refusals=True)
+
+    # 2. Killed mid-load, restarted from its append-only file.
+    with Load(app.url, key, path_of, threads=4) as load:
+        time.sleep(1.5)
+        server.kill()
+        killed = time.monotonic()
+        time.sleep(OUTAGE_SECONDS)
+        server.start()
+        back = time.monotonic()
+        time.sleep(1.5)
+    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
+    app.stop()
+    assert spool_bytes(spool) == 0
+    time.sleep(2.2)  # admissions applied just before the kill, reply lost: refunded after 2 s
+    rollup_once(env, tmp_path / "rollup.log")
+
+    check_refusals(load, refusals=policy == "closed")
+    during = [r for r in load.snapshot() if killed < r.at < back and r.path.startswith("/v1/ok/")]
+    assert during, "no call was made during the outage"
+    if policy == "open":
+        assert all(r.status == 200 for r in during), "fail-open stopped serving during the outage"
+    else:
+        assert any(reason(r) == "backend_unavailable" for r in during)
+    after = [r for r in load.snapshot() if r.at > back + 1.0 and r.path.startswith("/v1/ok/")]
+    assert after, "no call was made after the outage"
+    assert all(r.status == 200 for r in after), "the app did not recover by itself"
+
+    stream = Stream.read(server.client())
+    ledger = books(open_accounts(config))
+    succeeded = startup.paths(200) | load.paths(200)
+    assert_exact(stream, ledger, succeeded, tokens=tokens_of(succeeded))
+    # Refused calls of a known customer are recorded (never charged); refused lookups have no customer.
+    refused_paths = {r.path.split("?")[0] for r in load.snapshot() if reason(r) == "backend_unavailable"}
+    assert stream.paths("rejected") <= refused_paths
+    app_failures = [r for r in startup.snapshot() + load.snapshot() if r.status == 503 and reason(r) is None]
+    assert ledger.calls["server_error"] == len(app_failures)
+    figures(
+        f"redis-outage-aof-{policy}",
+        requests=len(startup.snapshot()) + len(load.snapshot()),
+        succeeded=len(succeeded),
+        refused_503=len(refused_paths) + len(refused),
+        served_during_outage=sum(1 for r in during if r.status == 200),
+        events=len(stream.events),
+        charged_micros=ledger.charged,
+        slowest_seconds=round(max(startup.slowest().seconds, load.slowest().seconds), 3),
+    )
+
+
+def test_redis_killed_mid_load_without_persistence_fail_open(
+    tmp_path: Path,
+    make_redis: Callable[..., FaultRedis],
+    make_app: Callable[..., App],
+    make_proxy: Callable[..., RedisProxy],
+) -> None:
+    """Redis without persistence SIGKILLed under load: what the app held reaches the new Redis once."""
+    server = make_redis()
+    proxy = make_proxy(server.port)
+    config, spool = write_config(tmp_path, proxy.url(), "open")
+    accounts = open_accounts(config, server.url)
+    new_key = provision(accounts)
+    customer = accounts.customer("acme")
+    env = base_env(config)
+    direct = {**env, "METERWARE_STORAGE": server.url}
+    app = make_app("uvicorn", env).start()
+
+    with Load(app.url, new_key.plaintext, path_of, threads=4) as load:
+        time.sleep(1.5)
+        # Freeze the old Redis's data: writes wait, replies of applied writes go out, then read it all.
+        client = server.client()
+        client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+        time.sleep(0.3)
+        before = Stream.read(client)
+        old_balance = open_accounts(config, server.url).balance("acme")
+        server.kill()
+        killed = time.monotonic()
+        proxy.block()  # the app cannot reach the new Redis until the customer is restored
+        time.sleep(OUTAGE_SECONDS)
+        server.start()
+        restore(open_accounts(config, server.url), customer, new_key)
+        proxy.unblock()
+        back = time.monotonic()
+        time.sleep(1.5)
+    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
+    app.stop()
+    time.sleep(2.2)
+    rollup_once(direct, tmp_path / "rollup.log")
+
+    check_refusals(load, refusals=False)
+    during = [r for r in load.snapshot() if killed < r.at < back and r.path.startswith("/v1/ok/")]
+    assert during, "no call was made during the outage"
+    assert all(r.status == 200 for r in during), "fail-open stopped serving during the outage"
+
+    after = Stream.read(server.client())
+    ledger = books(open_accounts(config, server.url))
+    after.assert_no_duplicates()
+    before.assert_no_duplicates()
+    succeeded = load.paths(200)
+    old, new = before.paths("success"), after.paths("success")
+    assert not old & new, f"{len(old & new)} calls are in both lifetimes of Redis"
+    assert old | new == succeeded, f"{len(succeeded - old - new)} successes lost"
+    old_charged = INITIAL_MICROS - old_balance.balance
+    assert old_charged == before.charged()
+    assert ledger.spend == after.charged() == ledger.charged
+    assert ledger.calls["success"] == len(new)
+    assert ledger.reserved == 0
+    assert old_charged + ledger.charged == len(succeeded) * CALL_PRICE + tokens_of(succeeded) * TOKEN_PRICE
+    figures(
+        "redis-outage-none-open",
+        requests=len(load.snapshot()),
+        succeeded=len(succeeded),
+        in_old_redis=len(old),
+        replayed_into_new_redis=len(new),
+        served_during_outage=len(during),
+        charged_micros=old_charged + ledger.charged,
+        slowest_seconds=round(load.slowest().seconds, 3),
+    )

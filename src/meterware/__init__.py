@@ -6,6 +6,7 @@ from meterware.accounts import Accounts, UsageReport
 from meterware.asgi import MeteringMiddleware
 from meterware.config import Config
 from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError, UsageError
+from meterware.wsgi import WSGIMeteringMiddleware
 
 __all__ = [
     "Accounts",
@@ -17,6 +18,7 @@ __all__ = [
     "StorageError",
     "UsageError",
     "UsageReport",
+    "WSGIMeteringMiddleware",
     "__version__",
     "usage",
 ]

@@ -80,7 +80,10 @@ class MeteringMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_draining(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+            if message["type"] == "lifespan.startup.complete":
+                # Replay what an earlier process left in the spool without waiting for traffic.
+                self.flusher.ensure_running()
+            elif message["type"] == "lifespan.shutdown.complete":
                 await self.drain()
                 # Connections belong to this loop, which is ending.
                 if self._storage is not None:

@@ -227,7 +227,8 @@ def _gunicorn(*options: str) -> list[str]:
 
 
 class App:
-    """The metered fault app under a real server (``uvicorn`` or ``gunicorn``), restartable on one port."""
+    """The metered fault app under a real server, restartable on one port: ``uvicorn`` (one process) or
+    ``gunicorn`` (``workers`` gthread workers of 4 threads)."""
 
     def __init__(self, kind: str, env: dict[str, str], log_dir: Path, *, workers: int = 2) -> None:
         self.kind = kind
@@ -253,7 +254,8 @@ class App:
                 "--port", str(self.port), "--log-level", "warning",
             ]  # fmt: skip
         return _gunicorn(
-            "--workers", str(self.workers), "--worker-class", "sync", "--graceful-timeout", "10",
+            "--workers", str(self.workers), "--worker-class", "gthread", "--threads", "4",
+            "--graceful-timeout", "10",
             "--bind", f"127.0.0.1:{self.port}", "tests.faults.wsgi_server:app",
         )  # fmt: skip
 
@@ -305,15 +307,18 @@ class App:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition, summed over labels per sample name."""
-    totals: dict[str, float] = Counter()
+    """Prometheus text exposition: each sample as written (``name{labels}``), and each name summed over
+    its labels."""
+    samples: dict[str, float] = Counter()
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0]
-        totals[name] += float(value)
-    return dict(totals)
+        sample, _, value = line.rpartition(" ")
+        name = sample.split("{", 1)[0]
+        if sample != name:
+            samples[sample] += float(value)
+        samples[name] += float(value)
+    return dict(samples)
 
 
 class Worker:

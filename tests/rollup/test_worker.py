@@ -348,13 +348,7 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
     "window",
     [
         pytest.param("minute", id="first-window-of-the-commit"),
-        pytest.param(
-            "period",
-            id="last-window-of-the-commit",
-            marks=pytest.mark.xfail(
-                reason="commit.lua stops at the failing command but keeps the writes before it", strict=True
-            ),
-        ),
+        pytest.param("period", id="last-window-of-the-commit"),
     ],
 )
 def test_a_failing_shard_does_not_hold_up_the_others(

@@ -3,6 +3,11 @@
 It implements the same contract as the Redis backend, step for step the same as the Lua scripts in
 ``storage/lua/`` (the storage contract tests run both). Everything lives in one process and is lost when
 it exits; one lock makes each operation atomic across threads.
+
+Each operation is also all or nothing, as the scripts are: everything that can raise (reading, deciding,
+encoding) happens before its first change, and the changes themselves are assignments and arithmetic on
+Python ints, which have no bound to overflow and no type to mismatch. Where a script checks the types and
+ranges of what Redis holds, there is nothing to check here: the store only ever holds what it wrote.
 """
 
 from __future__ import annotations
@@ -173,14 +178,9 @@ class MemoryStorage:
         ):
             return refuse("insufficient_credits")
 
-        for rate_key, new_tat in new_tats:
-            self._rates[rate_key] = new_tat
-        for hold in request.holds:
-            counters[f"{hold.meter}:h"] += hold.hold
-        account.reserved += credits
+        reservation = None
         if credits or any(hold.hold for hold in request.holds):
-            shard = self._shards[request.shard]
-            shard.reservations[request.reservation_id] = _Reservation(
+            reservation = _Reservation(
                 request.customer,
                 request.live,
                 request.period_start,
@@ -188,6 +188,13 @@ class MemoryStorage:
                 tuple((hold.meter, hold.hold) for hold in request.holds),
                 now + request.reservation_timeout_ms,
             )
+        for rate_key, new_tat in new_tats:
+            self._rates[rate_key] = new_tat
+        for hold in request.holds:
+            counters[f"{hold.meter}:h"] += hold.hold
+        account.reserved += credits
+        if reservation is not None:
+            self._shards[request.shard].reservations[request.reservation_id] = reservation
         return [1, "", 0, credits, available - credits, *rate_reply, *quota_reply]
 
     def flush(self, batch: Batch) -> bool:
@@ -196,32 +203,46 @@ class MemoryStorage:
             now = time.time()
             if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
                 return False
+            # Plan every change, then make them (flush.lua does the same): the entry first, then the
+            # settlements. A unit counter reads what the batch's earlier settlements added to it.
+            released: dict[str, _Reservation] = {}
+            used: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            charges: dict[str, int] = defaultdict(int)
             costs = []
             for settlement in batch.settlements:
                 cost = 0
                 if settlement is not None:
-                    reservation = shard.reservations.pop(settlement.reservation_id, None)
-                    if reservation is not None:
-                        self._release(reservation)
-                    account = self._accounts.get(settlement.customer)
+                    reservation_id = settlement.reservation_id
+                    reservation = shard.reservations.get(reservation_id)
+                    if reservation is not None and reservation_id not in released:
+                        released[reservation_id] = reservation
                     if settlement.billable:
-                        counters = self._quotas[
-                            (settlement.live, settlement.customer, settlement.period_start)
-                        ]
+                        quota = (settlement.live, settlement.customer, settlement.period_start)
+                        counters, added = self._quotas.get(quota, {}), used[quota]
                         for meter, units, price, included in settlement.meters:
-                            before = counters[f"{meter}:u"]
-                            counters[f"{meter}:u"] = before + units
+                            before = counters.get(f"{meter}:u", 0) + added[f"{meter}:u"]
+                            added[f"{meter}:u"] += units
                             cost += (max(included, before + units) - max(included, before)) * price
-                        if settlement.charges_credits and account is not None:
-                            account.balance -= cost
+                        if settlement.charges_credits and settlement.customer in self._accounts:
+                            charges[settlement.customer] += cost
                 costs.append(cost)
             fields = {
                 b"b": batch.payload,
                 b"c": ",".join(map(str, costs)).encode(),
                 b"i": batch.batch_id.encode(),
             }
+
             shard.stream.append(StreamEntry(shard.next_id(), fields))
             shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
+            for reservation_id, reservation in released.items():
+                del shard.reservations[reservation_id]
+                self._release(reservation)
+            for quota, added in used.items():
+                counters = self._quotas[quota]
+                for name, units in added.items():
+                    counters[name] += units
+            for customer, cost in charges.items():
+                self._accounts[customer].balance -= cost
             return True
 
     def _release(self, reservation: _Reservation) -> None:
@@ -235,6 +256,8 @@ class MemoryStorage:
     # -- the rollup worker --------------------------------------------------------------------------
 
     def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
+        if ttl_ms < 1:
+            raise ValueError(f"a lease lasts at least 1 ms, not {ttl_ms}")
         with self._lock:
             state = self._shards[shard]
             now = _now_ms()
@@ -267,6 +290,15 @@ class MemoryStorage:
             state = self._shards[commit.shard]
             if state.fence != commit.token or state.offset != commit.expected_offset:
                 return False
+            # As commit.lua: what can fail (here, encoding) comes first, and the dead letters lead the writes.
+            by_id = {entry.entry_id: entry for entry in state.stream} if commit.dead_letters else {}
+            dead = []
+            for entry_id, reason in commit.dead_letters:
+                fields = dict(by_id[entry_id].fields) if entry_id in by_id else {}
+                dead.append(fields | {b"entry": entry_id.encode(), b"reason": reason.encode()})
+
+            for fields in dead:
+                state.dead.append(StreamEntry(state.next_id(), fields))
             for window, totals in commit.windows.items():
                 usage = self._usage[window]
                 for name, amount in totals.sums.items():
@@ -278,11 +310,6 @@ class MemoryStorage:
                         usage.lasts[name] = (stamp, value)
                 for name, values in totals.uniques.items():
                     usage.uniques[name] |= values
-            by_id = {entry.entry_id: entry for entry in state.stream} if commit.dead_letters else {}
-            for entry_id, reason in commit.dead_letters:
-                fields = dict(by_id[entry_id].fields) if entry_id in by_id else {}
-                fields |= {b"entry": entry_id.encode(), b"reason": reason.encode()}
-                state.dead.append(StreamEntry(state.next_id(), fields))
             state.offset = commit.new_offset
             return True
 

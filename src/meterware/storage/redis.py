@@ -15,6 +15,7 @@ URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -76,18 +77,29 @@ Arg: TypeAlias = str | int | bytes
 #: What the driver's types say a reply holds (always ``bytes`` here: responses are never decoded).
 Text: TypeAlias = bytes | str
 Fields: TypeAlias = Mapping[bytes | str, bytes | str]
+_INTEGER: Final = re.compile(r"-?[0-9]+")
 
 
 @cache
 def script_sources() -> dict[str, str]:
-    """The text of every script, each preceded by the shared helpers of ``common.lua``."""
+    """The text of every script: its shebang line, the shared helpers of ``common.lua``, then its body.
+
+    Redis 7 reads a script's flags from a ``#!lua`` first line. Without ``allow-oom``, a script that may
+    write is refused before it runs when Redis is out of memory, instead of failing half way.
+    """
     folder = resources.files("meterware.storage").joinpath("lua")
 
     def read(name: str) -> str:
         return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
     common = read("common")
-    return {name: f"{common}\n{read(name)}" for name in _SCRIPTS}
+    sources = {}
+    for name in _SCRIPTS:
+        shebang, _, body = read(name).partition("\n")
+        if not shebang.startswith("#!lua") or "allow-oom" in shebang:
+            raise RuntimeError(f"{name}.lua must start with a #!lua line without allow-oom")
+        sources[name] = f"{shebang}\n{common}\n{body}"
+    return sources
 
 
 def _sources() -> Iterable[tuple[str, str]]:
@@ -241,7 +253,8 @@ class _DriverErrors:
         text = " ".join(str(error).split())
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        return f"Redis at {self.where}: {type(error).__name__}: {text[:200]}"
+        # Long enough for a script's refusal naming its longest key (a customer id is up to 128 characters).
+        return f"Redis at {self.where}: {type(error).__name__}: {text[:400]}"
 
 
 # -- script arguments and replies (pure, shared by both clients) -----------------------------------------
@@ -349,11 +362,24 @@ def commit_call(commit: RollupCommit) -> tuple[list[str], list[Arg]]:
 
 
 def refund_call(shard: int, due: Sequence[bytes]) -> tuple[list[str], list[Arg]]:
-    """KEYS and ARGV of ``refund.lua`` from the ``id, record`` pairs of ``due_reservations.lua``."""
+    """KEYS and ARGV of ``refund.lua`` from the ``id, record`` pairs of ``due_reservations.lua``.
+
+    Raise ``ValueError`` naming the reservation if a record is not one (it was not written by admit.lua).
+    """
     keys = _Keys(ks.reservations(shard), ks.reservation_deadlines(shard))
     args: list[Arg] = []
     for reservation_id, record in zip(due[::2], due[1::2], strict=True):
-        customer, live, period_start = record.decode().split()[:3]
+        fields = record.decode(errors="replace").split()
+        # "customer live period_start credits meter hold ...", as release() in common.lua checks it.
+        if (
+            len(fields) < 4
+            or len(fields) % 2
+            or not _INTEGER.fullmatch(fields[2])
+            or not all(_INTEGER.fullmatch(number) for number in fields[3::2])
+        ):
+            where = f"{ks.reservations(shard)} field {reservation_id.decode(errors='replace')}"
+            raise ValueError(f"BADVALUE {where} is not a reservation record")
+        customer, live, period_start = fields[:3]
         args += [
             reservation_id,
             keys.index(ks.customer(shard, customer)),
@@ -511,6 +537,8 @@ class RedisStorage:
     # -- the rollup worker
 
     def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
+        if ttl_ms < 1:
+            raise ValueError(f"a lease lasts at least 1 ms, not {ttl_ms}")
         with self._call():
             token = self._run("acquire_lease", [ks.lease(shard), ks.fence(shard)], [owner, ttl_ms])
         return None if token is None else int(token)
@@ -544,7 +572,10 @@ class RedisStorage:
             due = self._run("due_reservations", due_keys, [limit])
             if not due:
                 return 0
-            keys, args = refund_call(shard, due)
+            try:
+                keys, args = refund_call(shard, due)
+            except ValueError as error:
+                raise StorageError(f"Redis at {self._errors.where}: {error}") from None
             return int(self._run("refund", keys, args))
 
     def trim_stream(self, shard: int, min_id: str) -> int:

@@ -1,13 +1,26 @@
+#!lua
 -- Take or renew the lease of a shard's rollup. The fencing token grows only on a fresh acquisition, so a
 -- commit from a worker that lost the lease is refused. Same as MemoryStorage.acquire_lease (memory.py).
 -- KEYS: lease, fence; ARGV: owner, ttl ms. Reply: the token, or nil while another owner holds the lease.
 
+local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'string')
+if refused then
+  return redis.error_reply(refused)
+end
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return false
 end
-local token = holder and redis.call('GET', KEYS[2])
-if not token then
+-- Checked before the INCR, so a SET that could not follow never leaves a grown fence behind.
+local token = redis.call('GET', KEYS[2])
+refused = bad_counter(KEYS[2], nil, token, 1)
+if not string.find(ARGV[2], '^[1-9]%d*$') then
+  refused = refused or 'ERR lease ttl must be a whole number of ms, at least 1'
+end
+if refused then
+  return redis.error_reply(refused)
+end
+if not holder or not token then
   token = redis.call('INCR', KEYS[2])
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

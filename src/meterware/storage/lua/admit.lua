@@ -1,15 +1,25 @@
+#!lua
 -- Admit one call: key, customer, rate limits, hard quotas and credits are checked, then the call's units
 -- and credits are reserved, all at once. Step for step the same as MemoryStorage._admit (memory.py); the
--- reply is the list meterware._core.decision_from_reply reads.
+-- reply is the list meterware._core.decision_from_reply reads. Every read and check (key types, counters
+-- that HINCRBY must be able to move) comes before the first write (common.lua: all or nothing); the keys
+-- it reads are type-checked by those reads, the two it only writes by TYPE, and only when it will.
 --
 -- KEYS: key record, customer, quota, reservations, reservation deadlines, one rate key per rate limit
 -- ARGV: customer id, charges credits (1/0), reservation id, reservation timeout ms, quota expire-at (s),
 --       reservation record head ("customer live period_start"), rate limit count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...
 
+local key, refused = read('hash', 'HMGET', KEYS[1], 'status', 'expires_ms', 'customer')
+if refused then
+  return redis.error_reply(refused)
+end
+local account
+account, refused = read('hash', 'HMGET', KEYS[2], 'status', 'balance', 'reserved')
+if refused then
+  return redis.error_reply(refused)
+end
 local now = now_ms()
-local key = redis.call('HMGET', KEYS[1], 'status', 'expires_ms', 'customer')
-local account = redis.call('HMGET', KEYS[2], 'status', 'balance', 'reserved')
 if not key[1] or not account[1] or key[3] ~= ARGV[1] then
   return {0, 'unknown_key', 0, 0, 0}
 end
@@ -35,7 +45,14 @@ for i = 1, rate_count do
   pos = pos + 2
   local period_ms = seconds * 1000
   local interval = period_ms / amount
-  local tat = math.max(tonumber(redis.call('GET', KEYS[5 + i])) or now, now)
+  local stored
+  stored, refused = read('string', 'GET', KEYS[5 + i])
+  if refused then
+    return redis.error_reply(refused)
+  end
+  -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
+  stored = tonumber(stored)
+  local tat = (stored and stored == stored) and math.max(stored, now) or now
   local new_tat = tat + interval
   if new_tat - now > period_ms then
     retry_ms = math.max(retry_ms, new_tat - period_ms - now)
@@ -58,8 +75,12 @@ for i = 1, hold_count do
   local quota, included, price = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2]), tonumber(ARGV[pos + 3])
   local need, hold, exact = tonumber(ARGV[pos + 4]), tonumber(ARGV[pos + 5]), ARGV[pos + 6] == '1'
   pos = pos + 7
-  holds[i] = {meter, hold}
-  local counts = redis.call('HMGET', KEYS[3], meter .. ':u', meter .. ':h')
+  local counts
+  counts, refused = read('hash', 'HMGET', KEYS[3], meter .. ':u', meter .. ':h')
+  if refused then
+    return redis.error_reply(refused)
+  end
+  holds[i] = {meter, hold, counts[2]}
   local used, held = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
   if quota >= 0 then
     if used + held + need > quota then
@@ -104,16 +125,34 @@ if charges_credits and (available < credits or (needs_positive_balance and avail
   return reply(0, 'insufficient_credits', 0, 0, available)
 end
 
-for _, entry in ipairs(new_tats) do
-  -- %.17g keeps the float exactly; the key is worthless once the TAT has passed.
-  redis.call('SET', entry[1], string.format('%.17g', entry[2]), 'PX', int(math.ceil(entry[2] - now)))
-end
+-- The writes below cannot fail once these hold (plan meters are distinct, so each field moves once).
 local holds_any = false
+for _, hold in ipairs(holds) do
+  if hold[2] ~= 0 then
+    refused = refused or bad_counter(KEYS[3], hold[1] .. ':h', hold[3], math.abs(hold[2]))
+    holds_any = true
+  end
+end
+if credits ~= 0 then
+  refused = refused or bad_counter(KEYS[2], 'reserved', account[3], math.abs(credits))
+end
+if credits ~= 0 or holds_any then
+  refused = refused or expect(KEYS[4], 'hash') or expect(KEYS[5], 'zset')
+end
+if refused then
+  return redis.error_reply(refused)
+end
+
+for _, entry in ipairs(new_tats) do
+  -- %.17g keeps the float exactly; the key is worthless once the TAT has passed. A TAT within a float's
+  -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
+  local ttl = math.max(1, math.ceil(entry[2] - now))
+  redis.call('SET', entry[1], string.format('%.17g', entry[2]), 'PX', int(ttl))
+end
 local record = ARGV[6] .. ' ' .. int(credits)
 for _, hold in ipairs(holds) do
   if hold[2] ~= 0 then
     redis.call('HINCRBY', KEYS[3], hold[1] .. ':h', int(hold[2]))
-    holds_any = true
   end
   record = record .. ' ' .. hold[1] .. ' ' .. int(hold[2])
 end

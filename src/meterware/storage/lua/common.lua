@@ -1,4 +1,4 @@
--- Shared helpers, prepended to every meterware script when it is loaded (storage/redis.py).
+-- Shared helpers, placed after the shebang line of each meterware script when it is loaded (redis.py).
 
 -- Integers go to Redis as decimal text: tostring() would print large numbers as 1e+15.
 local function int(n)
@@ -28,19 +28,153 @@ local function words(text)
   return out
 end
 
--- Give back what a reservation record holds: its meters' held units and its reserved credits.
+-- All or nothing. Redis keeps the writes a script made before a command fails, so every writing script
+-- reads and checks everything first and writes last: a check that fails makes the script reply with a
+-- one-line error naming the key (redis.error_reply; StorageError in Python) before its first write.
+-- Scripts whose checks depend on their own earlier changes plan their writes (plan, plan_incr), check
+-- them (check_counters), then make them (apply). Out of memory, Redis refuses a script before it runs
+-- (the #!lua shebang, without allow-oom).
+
+local types = {}
+
+-- The type of `key` when the script first asked (what it still is while nothing has been written).
+local function type_of(key)
+  local found = types[key]
+  if not found then
+    found = redis.call('TYPE', key)['ok']
+    types[key] = found
+  end
+  return found
+end
+
+-- nil if `key` is absent or holds a `kind`; otherwise the error to reply with.
+local function expect(key, kind)
+  local found = type_of(key)
+  if found ~= kind and found ~= 'none' then
+    return 'WRONGTYPE ' .. key .. ' holds a ' .. found .. ', not a ' .. kind
+  end
+end
+
+-- A read that doubles as the type check of its key (no TYPE round): reply, or nil and the error to reply
+-- with (naming the key) when the key holds something else than a `kind`.
+local function read(kind, command, key, ...)
+  local reply = redis.pcall(command, key, ...)
+  if type(reply) == 'table' and reply.err then
+    return nil, expect(key, kind) or reply.err
+  end
+  return reply
+end
+
+-- Whether `key` existed when the script started (for scripts that write only at the end).
+local function existed(key)
+  return type_of(key) ~= 'none'
+end
+
+-- Redis counters are 64-bit; Lua numbers are doubles, exact below 2**53 (meterware bounds each amount
+-- below that: config, usage.add and the worker, though a counter adds up many). A counter whose value
+-- plus the sizes of all changes planned for it stays below 2**62 never leaves int64 on the way: doubles
+-- below 2**63 are off by at most 2**10, far less than the margin. One that would go beyond is refused as
+-- corrupt (4.6e18 micro-credits or units in one counter).
+local COUNTER_LIMIT = 2 ^ 62
+
+-- nil if INCRBY/HINCRBY can add changes of total size `moved` to `raw` (a field's text, or false if
+-- absent) without failing: an integer as Redis parses it (digits after an optional minus, no leading
+-- zero, space or plus sign), in range.
+local function bad_counter(key, field, raw, moved)
+  local problem
+  if raw and raw ~= '0' and not string.find(raw, '^%-?[1-9]%d*$') then
+    problem = ' is not an integer'
+  elseif not (math.abs(tonumber(raw) or 0) + moved < COUNTER_LIMIT) then
+    problem = ' would go beyond 2^62'
+  end
+  if problem then
+    return 'BADVALUE ' .. (field and (key .. ' field ' .. field) or key) .. problem
+  end
+end
+
+-- nil if `raw` (a field's text, or false) is absent or a number the script can compare.
+local function bad_number(key, field, raw)
+  local value = raw and tonumber(raw)
+  if raw and (not value or value ~= value) then
+    return 'BADVALUE ' .. key .. ' field ' .. field .. ' is not a number'
+  end
+end
+
+local planned, counters, counter_order, incremented = {}, {}, {}, {}
+
+-- Plan one write, made by apply() once every check has passed.
+local function plan(...)
+  planned[#planned + 1] = {...}
+end
+
+-- A hash field the plan increments: its text before the script (false if absent), the net change planned
+-- so far and the total size of the changes (how far it may move on the way).
+local function counter(key, field)
+  local id = key .. '\n' .. field
+  local entry = counters[id]
+  if not entry then
+    local raw = redis.call('HGET', key, field)
+    entry = {key = key, field = field, raw = raw, start = tonumber(raw) or 0, net = 0, moved = 0}
+    counters[id] = entry
+    counter_order[#counter_order + 1] = entry
+  end
+  return entry
+end
+
+-- What the field will hold once the increments planned so far are made (what a script writing as it went
+-- would read at this point).
+local function planned_value(key, field)
+  local entry = counter(key, field)
+  return entry.start + entry.net
+end
+
+-- Plan HINCRBY (`incremented[key]`: the key exists once the plan is made).
+local function plan_incr(key, field, delta)
+  local entry = counter(key, field)
+  entry.net = entry.net + delta
+  entry.moved = entry.moved + math.abs(delta)
+  incremented[key] = true
+  plan('HINCRBY', key, field, int(delta))
+end
+
+-- nil if every planned increment can be made.
+local function check_counters()
+  for _, entry in ipairs(counter_order) do
+    local problem = bad_counter(entry.key, entry.field, entry.raw, entry.moved)
+    if problem then
+      return problem
+    end
+  end
+end
+
+local function apply()
+  for _, command in ipairs(planned) do
+    redis.call(unpack(command))
+  end
+end
+
+-- Plan giving back what a reservation record holds: its meters' held units and its reserved credits.
 -- A record is "customer live period_start credits meter hold meter hold ..." (names have no spaces).
-local function release(record, customer_key, quota_key)
+-- Returns the error to reply with if the record is not one.
+local function release(record, customer_key, quota_key, where)
   local fields = words(record)
+  if #fields < 4 or #fields % 2 ~= 0 then
+    return 'BADVALUE ' .. where .. ' is not a reservation record'
+  end
+  for i = 4, #fields, 2 do
+    if not string.find(fields[i], '^%-?%d+$') then
+      return 'BADVALUE ' .. where .. ' is not a reservation record'
+    end
+  end
   for i = 5, #fields, 2 do
     local held = tonumber(fields[i + 1])
     if held ~= 0 then
-      redis.call('HINCRBY', quota_key, fields[i] .. ':h', int(-held))
+      plan_incr(quota_key, fields[i] .. ':h', -held)
     end
   end
   local credits = tonumber(fields[4])
-  if credits ~= 0 and redis.call('EXISTS', customer_key) == 1 then
-    redis.call('HINCRBY', customer_key, 'reserved', int(-credits))
+  if credits ~= 0 and existed(customer_key) then
+    plan_incr(customer_key, 'reserved', -credits)
   end
 end
 

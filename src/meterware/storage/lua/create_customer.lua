@@ -1,6 +1,11 @@
+#!lua
 -- Create a customer unless it exists. KEYS: customer, shard's customer set
 -- ARGV: id, plan, status, anchor. Reply: 1 if created, 0 if it already existed.
 
+local refused = expect(KEYS[1], 'hash') or expect(KEYS[2], 'set')
+if refused then
+  return redis.error_reply(refused)
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end

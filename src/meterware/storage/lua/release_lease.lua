@@ -1,5 +1,10 @@
+#!lua
 -- Give up a shard's lease, only if ARGV[1] still holds it. KEYS: lease.
 
+local refused = expect(KEYS[1], 'string')
+if refused then
+  return redis.error_reply(refused)
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from flask import Flask
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -216,6 +218,33 @@ def test_metrics_endpoint_needs_no_key_and_is_not_metered(asgi: Any) -> None:
     assert families["meterware_requests"].type == "counter"
     assert families["meterware_request_duration_seconds"].type == "histogram"
     assert [s.value for s in families["meterware_requests"].samples if s.name.endswith("_total")] == [1.0]
+
+
+def test_fastapi_serves_the_global_registry_with_one_line(tmp_path: Path) -> None:
+    """``app.add_route("/metrics", metrics.endpoint)``: prometheus-client's global registry, no key needed."""
+    config = app_config(tmp_path)
+    app = FastAPI()
+    app.add_middleware(MeteringMiddleware, config=config)
+    app.add_route("/metrics", metrics.endpoint)
+
+    @app.get("/v1/fastapi-hello")
+    def fastapi_hello() -> dict[str, bool]:
+        return {"ok": True}
+
+    with TestClient(app) as client:
+        assert client.get("/v1/fastapi-hello", headers=Customers(config).key("payg", "1")).status_code == 200
+        response = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    samples = [
+        sample
+        for family in openmetrics_families(response.text)
+        for sample in family.samples
+        if sample.labels.get("route") == "/v1/fastapi-hello"
+    ]
+    assert [
+        (s.name, s.labels["outcome"], s.value) for s in samples if s.name == "meterware_requests_total"
+    ] == [("meterware_requests_total", "success", 1.0)]
 
 
 def test_a_configured_exclude_list_replaces_the_default(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the app side, and the ``/metrics`` endpoint to mount with one line.
 
-    app.add_route("/metrics", meterware.metrics.asgi_app())                 # Starlette / FastAPI
+    app.add_route("/metrics", meterware.metrics.endpoint)                   # Starlette / FastAPI
     app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/metrics": meterware.metrics.wsgi_app()})  # Flask
 
 The middleware registers its metrics in prometheus-client's global ``REGISTRY`` unless given another
@@ -25,12 +25,22 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder, make_asgi_app, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from starlette.requests import Request
+from starlette.responses import Response
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
     from starlette.types import Receive, Scope, Send
 
-__all__ = ["MetricsApp", "asgi_app", "child_exit", "exposition", "exposition_registry", "wsgi_app"]
+__all__ = [
+    "MetricsApp",
+    "asgi_app",
+    "child_exit",
+    "endpoint",
+    "exposition",
+    "exposition_registry",
+    "wsgi_app",
+]
 
 #: Distinct route labels kept per registry and process; later ones are counted as ``<other>``.
 MAX_ROUTES: Final = 500
@@ -52,6 +62,7 @@ REJECTION_REASONS: Final = (
     "quota_exceeded",
     "insufficient_credits",
     "backend_unavailable",
+    "test_key_not_allowed",
 )
 #: Request latency buckets (seconds): API calls, up to minute-long streams.
 REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -101,6 +112,11 @@ class AppMetrics:
             "meterware_units",
             "Billable units of successful live calls, by meter and plan (count and sum meters).",
             ("meter", "plan"),
+            registry=registry,
+        )
+        self.units_rejected = Counter(
+            "meterware_units_rejected",
+            "Units a handler or a usage header reported that could not be metered (ignored, never charged).",
             registry=registry,
         )
         rejections = Counter(
@@ -242,13 +258,19 @@ class MetricsApp:
 
 
 def asgi_app(registry: CollectorRegistry | None = None) -> MetricsApp:
-    """An ASGI app that serves the metrics (every worker's in multiprocess mode).
+    """An ASGI app that serves the metrics of ``registry`` (every worker's in multiprocess mode).
 
-    ``app.add_route("/metrics", meterware.metrics.asgi_app())`` in Starlette or FastAPI, or
-    ``Mount("/metrics", app=...)``; ``/metrics`` and ``/metrics/`` are excluded from metering unless the
-    configuration lists its own ``routes.exclude``.
+    ``Route("/metrics", meterware.metrics.asgi_app())`` or ``app.mount("/metrics", ...)`` in Starlette or
+    FastAPI; ``/metrics`` and ``/metrics/`` are excluded from metering unless the configuration lists its
+    own ``routes.exclude``.
     """
     return MetricsApp(registry)
+
+
+async def endpoint(request: Request) -> Response:
+    """A Starlette / FastAPI endpoint serving the metrics: ``app.add_route("/metrics", metrics.endpoint)``."""
+    body, content_type = exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})
 
 
 def wsgi_app(registry: CollectorRegistry | None = None) -> WSGIApplication:

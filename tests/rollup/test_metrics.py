@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import socket
 import time
 
 import pytest
@@ -10,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from meterware._core import AdmitRequest, Customer, KeyRecord, meter_holds, period_bounds
 from meterware.config import Config, MeterTerms, Plan, RateLimit
 from meterware.errors import StorageError
-from meterware.rollup import RollupWorker
-from meterware.rollup.metrics import CustomerMetrics, RollupMetrics
+from meterware.rollup import RollupWorker, run_worker
+from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
 from meterware.storage.memory import MemoryStorage
@@ -207,3 +209,30 @@ def test_customer_usage_and_balances_of_the_current_period() -> None:
     assert value(registry, "meterware_customer_balance_credits", customer="zulu") is None
     series = [s for family in registry.collect() for s in family.samples]
     assert len(series) == 1 + 2 * len(cfg.meters) + 2
+
+
+def on_redis(url: str) -> Config:
+    return dataclasses.replace(config(), storage=url, shards=SHARDS)
+
+
+@pytest.mark.redis
+def test_run_worker_serves_metrics_and_cleans_up(redis_url: str) -> None:
+    """``run_worker(metrics=...)`` serves the registry while it runs, then frees the port and collector."""
+    registry = CollectorRegistry()
+    port = free_port()
+    options = MetricsOptions(port=port, customers=10, interval=0.1, registry=registry)
+    assert run_worker(on_redis(redis_url), once=True, metrics=options) == 0
+    assert value(registry, "meterware_rollup_shards_owned") == 0  # released on the way out
+    assert value(registry, "meterware_customers") is None  # the per-customer collector is gone
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # and the port is free again
+
+
+@pytest.mark.redis
+def test_run_worker_fails_when_the_metrics_port_is_taken(redis_url: str) -> None:
+    """A port already in use is an error at start (exit code 1), not a worker without metrics."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        options = MetricsOptions(port=sock.getsockname()[1], registry=CollectorRegistry())
+        assert run_worker(on_redis(redis_url), once=True, metrics=options) == 1

@@ -187,6 +187,10 @@ class RollupWorker:
     def release(self) -> None:
         """Give up every lease this worker holds."""
         leases, self._leases = self._leases, {}
+        if self.metrics is not None:
+            self.metrics.shards_owned.set(0)
+            for shard in leases:
+                self.metrics.lag.pop(shard, None)  # the next owner reports it
         for shard in leases:
             try:
                 self.storage.release_lease(shard, self.owner)

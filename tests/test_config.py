@@ -100,6 +100,29 @@ def test_example_routes(path: str, excluded: bool, weight: int) -> None:
     assert routes.weight(path) == weight
 
 
+@pytest.mark.parametrize(
+    ("path", "excluded", "live_only"),
+    [
+        pytest.param("/health", True, False, id="excluded"),
+        pytest.param("/docs/../v1/paid", False, False, id="dot-segments-never-excluded"),
+        pytest.param("/v1/paid/../../health", False, False, id="dot-segments-to-an-excluded-path"),
+        pytest.param("/health/.", False, False, id="dot-segment-at-the-end"),
+        pytest.param("/health..", True, False, id="dots-in-a-name-are-not-segments"),
+        pytest.param("/v1/payouts/7", False, True, id="live-only"),
+        pytest.param("/v1/other/../payouts/7", False, True, id="live-only-after-resolving"),
+        pytest.param("/v1/payouts/../other", False, True, id="live-only-as-written"),
+        pytest.param("/v1/other", False, False, id="neither"),
+    ],
+)
+def test_routes_with_dot_segments(path: str, excluded: bool, live_only: bool) -> None:
+    """No exclusion lets a path with dot segments through; live-only routes hold either way it resolves."""
+    routes = Config.from_dict(
+        {"routes": {"exclude": ["/health*", "/docs*"], "live_only": ["/v1/payouts/*"]}}
+    ).routes
+    assert routes.is_excluded(path) is excluded
+    assert routes.is_live_only(path) is live_only
+
+
 def test_empty_config_gets_the_defaults() -> None:
     """An empty dict is a working memory:// config with one 'calls' meter and one 'default' plan."""
     config = Config.from_dict({})

@@ -493,6 +493,7 @@ def test_decision_window_after_period_end() -> None:
         pytest.param("quota_exceeded", 429, "Quota exhausted", id="quota-exceeded"),
         pytest.param("insufficient_credits", 402, "Insufficient credits", id="insufficient-credits"),
         pytest.param("backend_unavailable", 503, "Service unavailable", id="backend-unavailable"),
+        pytest.param("test_key_not_allowed", 403, "Live key required", id="test-key-not-allowed"),
     ],
 )
 def test_problem_body(reason: Reason, status: int, title: str) -> None:

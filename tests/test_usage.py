@@ -74,6 +74,7 @@ def test_meters_are_kept_apart(call: CallUsage) -> None:
         pytest.param("tokens", 1.5, "units must be a whole number, got 1.5", id="fractional"),
         pytest.param("tokens", True, "units must be an integer, got bool", id="bool"),
         pytest.param("tokens", 2**53, "units are too large", id="huge"),
+        pytest.param("tokens", 2**53 - 10, "the call's total would be too large", id="huge-total"),
         pytest.param("tokens", 1e300, "units are too large", id="huge-float"),
         pytest.param("tokens", "3", "units must be an integer, got str", id="string"),
         pytest.param("tokens", None, "units must be an integer, got NoneType", id="none"),

@@ -28,6 +28,7 @@ Reason = Literal[
     "quota_exceeded",
     "insufficient_credits",
     "backend_unavailable",
+    "test_key_not_allowed",
 ]
 #: Reasons the atomic admission can give (the others are decided before it runs).
 ADMIT_REASONS: Final[tuple[Reason, ...]] = (
@@ -273,6 +274,7 @@ _PROBLEMS: Final[dict[Reason, tuple[int, str, str]]] = {
     "quota_exceeded": (429, "Quota exhausted", "The quota of this billing period is used up."),
     "insufficient_credits": (402, "Insufficient credits", "The credit balance cannot cover this call."),
     "backend_unavailable": (503, "Service unavailable", "Metering is unavailable; retry shortly."),
+    "test_key_not_allowed": (403, "Live key required", "This route serves live keys only, not test keys."),
 }
 
 

@@ -58,6 +58,11 @@ UNMATCHED_ROUTE: Final = "<unmatched>"
 FAIL_OPEN: Final = Decision(allowed=True)
 #: The decision when the backend failed and the policy fails closed.
 BACKEND_DOWN: Final = Decision(allowed=False, reason="backend_unavailable", retry_after=1)
+#: Micro-credits one call may cost at most: the rollup refuses a cost of 16 digits (its batch would be a
+#: dead letter), and Lua's doubles are exact only up to 2**53.
+MAX_CALL_COST: Final = 10**15 - 1
+#: The decision for a test key on a live-only route (made without the backend).
+LIVE_ONLY: Final = Decision(allowed=False, reason="test_key_not_allowed")
 
 KeyGetter = Callable[[Any], "str | None"]
 
@@ -167,6 +172,8 @@ class Metering:
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
         request = self.admit_request(key, path, time.time())
+        if not key.live and self.routes.is_live_only(path):
+            return self._started(key, request, LIVE_ONLY, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = storage.admit(request)
@@ -201,6 +208,8 @@ class Metering:
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
         request = self.admit_request(key, path, time.time())
+        if not key.live and self.routes.is_live_only(path):
+            return self._started(key, request, LIVE_ONLY, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = await storage.admit(request)
@@ -351,6 +360,9 @@ class Metering:
             status, outcome = call.status, classify(call.status)
         billable = is_billable(outcome, bill_client_errors=self.policy.bill_client_errors)
         units = self._units(call, ended)
+        self._bound_cost(call, units)
+        if call.usage.rejected:
+            self.metrics.units_rejected.inc(call.usage.rejected)
         request = call.request
         event = UsageEvent(
             id=new_event_id(),
@@ -415,8 +427,28 @@ class Metering:
                 if value.isdigit() and len(value) < 16:
                     units[name] = int(value)
                 else:
+                    call.usage.rejected += 1
                     logger.warning("meterware: ignored usage header for meter %r: not a whole number", name)
         return units
+
+    def _bound_cost(self, call: Call, units: dict[str, int | str]) -> None:
+        """Ignore priced value units that would take the call past :data:`MAX_CALL_COST`."""
+        holds = call.request.holds
+        cost = sum(hold.hold * hold.price for hold in holds if hold.exact)  # the call's own price
+        for hold in holds:
+            value = units.get(hold.meter)
+            if hold.exact or not hold.price or not isinstance(value, int):
+                continue
+            if cost + value * hold.price > MAX_CALL_COST:
+                del units[hold.meter]
+                call.usage.rejected += 1
+                logger.warning(
+                    "meterware: ignored usage for meter %r: %d units would cost more than one call may",
+                    hold.meter,
+                    value,
+                )
+            else:
+                cost += value * hold.price
 
     def reject(
         self, key: KeyInfo, request: AdmitRequest, reason: Reason, status: int, method: str, route: str

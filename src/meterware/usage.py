@@ -21,10 +21,14 @@ import math
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Final
 
 from meterware.config import Meter
 
 logger = logging.getLogger("meterware.usage")
+
+#: Units of one meter in one call stay below this (exact in Lua's doubles; the rollup refuses more).
+UNITS_LIMIT: Final = 2**53
 
 
 @dataclass(slots=True)
@@ -47,7 +51,14 @@ class CallUsage:
         if definition.aggregation == "unique":
             self.units[meter] = str(value)
         elif definition.aggregation in ("count", "sum"):
-            self.units[meter] = int(self.units.get(meter, 0)) + int(value)
+            total = int(self.units.get(meter, 0)) + int(value)
+            if total >= UNITS_LIMIT:
+                self.rejected += 1
+                logger.warning(
+                    "meterware: ignored usage for meter %r: the call's total would be too large", meter
+                )
+                return
+            self.units[meter] = total
         elif definition.aggregation == "max":
             self.units[meter] = max(int(self.units.get(meter, value)), int(value))
         else:
@@ -73,7 +84,7 @@ def _problem(definition: Meter | None, meter: str, value: object) -> str | None:
         return f"units must be a whole number, got {value!r}"
     if value < 0:
         return f"units must not be negative, got {value!r}"
-    if value >= 2**53:
+    if value >= UNITS_LIMIT:
         return f"units are too large, got {value!r}"
     return None
 

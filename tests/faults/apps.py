@@ -39,14 +39,16 @@ HOSTILE_UNITS: dict[str, tuple[str, Any]] = {
     "infinite": ("tokens", math.inf),
     "fraction": ("tokens", 2.5),
     "huge": ("tokens", 2**60),
+    # Valid units, but their price (0.0001 a token) is past what one call may cost: 10**9 credits.
+    "costly": ("tokens", 10**13),
     "text": ("tokens", "12"),
     "none": ("tokens", None),
     "list": ("tokens", [1, 2]),
     "boolean": ("tokens", True),
     "unknown-meter": ("no-such-meter", 3),
 }
-#: Units of a ``huge-sum`` call: each value is valid, their sum is not.
-HUGE_SUM = (2**52, 2**52, 2**52)
+#: Units of ``rows`` (unpriced) reported by a ``huge-sum`` call: each value is valid, their sum is not.
+HUGE_SUM = (2**52, 2**52)
 
 
 def _query(raw: bytes | str) -> dict[str, str]:
@@ -57,7 +59,7 @@ def _query(raw: bytes | str) -> dict[str, str]:
 def _report_units(kind: str) -> None:
     if kind == "huge-sum":
         for value in HUGE_SUM:
-            meterware.usage.add("tokens", value)
+            meterware.usage.add("rows", value)
         return
     meter, value = HOSTILE_UNITS[kind]
     meterware.usage.add(meter, value)

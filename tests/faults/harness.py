@@ -53,6 +53,7 @@ def base_config(url: str, spool_dir: Path) -> dict[str, Any]:
         "meters": {
             "calls": {"aggregation": "count"},
             "tokens": {"aggregation": "sum", "source": "handler"},
+            "rows": {"aggregation": "sum", "source": "handler"},  # counted, never priced
         },
         "plans": {
             "payg": {
@@ -322,13 +323,13 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class Worker:
-    """A continuously running rollup worker process (``python -m meterware rollup``)."""
+    """A continuously running rollup worker process (``python -m meterware.rollup``, which logs at INFO)."""
 
     def __init__(self, env: dict[str, str], log: Path, *options: str) -> None:
         self.log = log
         with open(log, "wb") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "meterware", "rollup", *options],
+                [sys.executable, "-m", "meterware.rollup", *options],
                 env=env,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -349,10 +350,10 @@ class Worker:
 
 
 def rollup_once(env: dict[str, str], log: Path) -> str:
-    """Run ``meterware rollup --once`` to the end (refunding due reservations on the way); its output."""
+    """Run the worker ``--once`` to the end (refunding due reservations on the way); return its output."""
     with open(log, "ab") as output:
         done = subprocess.run(
-            [sys.executable, "-m", "meterware", "rollup", "--once"],
+            [sys.executable, "-m", "meterware.rollup", "--once"],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -10,6 +10,7 @@ has gone out, so streaming and server-sent events are timed to their end.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -126,12 +127,46 @@ class MeteringMiddleware:
         strip = metering.policy.strip_usage_headers and bool(usage_headers)
         root_path = scope.get("root_path", "")
         disconnected = False
+        # Servers such as uvicorn drop what an app sends after the client left, without a word, and many
+        # apps never call receive() once they have the body: a watcher reads the next message itself, so
+        # a client that leaves before the end is noticed. It holds at most what it read (the last part of
+        # the body, then the disconnect) for the app, and steps aside while the app reads a longer body.
+        early: list[Message] = []
+        arrived = asyncio.Event()
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            nonlocal disconnected
+            try:
+                while True:
+                    message = await receive()
+                    early.append(message)
+                    arrived.set()
+                    if message["type"] == "http.disconnect":
+                        disconnected = True
+                        return
+                    if message.get("more_body", False):
+                        return  # the app reads the rest itself; watching resumes after it
+            except Exception:
+                return  # the app's own receive() meets the same trouble, and reports it
+            finally:
+                arrived.set()
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if not disconnected:
+                watcher = asyncio.create_task(watch())
 
         async def metered_receive() -> Message:
             nonlocal disconnected
-            message = await receive()
+            if watcher is not None and not early and not watcher.done():
+                arrived.clear()
+                await arrived.wait()  # the watcher is reading the next message: that one is the app's
+            message = early.pop(0) if early else await receive()
             if message["type"] == "http.request":
                 call.request_bytes += len(message.get("body", b""))
+                if not message.get("more_body", False) and watcher is not None and watcher.done():
+                    start_watching()
             elif message["type"] == "http.disconnect":
                 disconnected = True
             return message
@@ -149,8 +184,11 @@ class MeteringMiddleware:
             elif message["type"] == "http.response.body":
                 call.response_bytes += len(message.get("body", b""))
                 if not message.get("more_body", False):
+                    # A client gone before the last chunk did not get the response (whatever the server
+                    # does with this chunk); one that leaves once it has it got it.
+                    aborted = disconnected
                     await _send_or_notice_disconnect(message)
-                    metering.finish(call, _route(scope, root_path))
+                    metering.finish(call, _route(scope, root_path), aborted=aborted)
                     return
             await _send_or_notice_disconnect(message)
 
@@ -163,6 +201,7 @@ class MeteringMiddleware:
                 raise
 
         token = _current.set(call.usage)
+        start_watching()
         try:
             await self.app(scope, metered_receive, metered_send)
         except BaseException:
@@ -170,6 +209,8 @@ class MeteringMiddleware:
             raise
         finally:
             _current.reset(token)
+            if watcher is not None:
+                watcher.cancel()
             # The app returned without finishing its response: the client went away, or the app gave up.
             metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
             self.flusher.ensure_running()

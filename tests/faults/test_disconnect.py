@@ -1,0 +1,86 @@
+"""A client that disconnects mid-stream: the call is recorded as aborted and never charged.
+
+The streaming endpoints here never watch for the disconnect themselves (many hand-written streams do not):
+the middleware must notice on its own, under uvicorn (ASGI) and gunicorn (WSGI).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.faults.harness import (
+    CALL_PRICE,
+    TOKEN_PRICE,
+    App,
+    FaultRedis,
+    Stream,
+    base_config,
+    base_env,
+    books,
+    figures,
+    open_accounts,
+    provision,
+    rollup_once,
+    to_toml,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
+
+CHUNKS = 40
+
+
+def read_first_chunk_and_leave(port: int, path: str, key: str) -> None:
+    request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while b"chunk 0" not in received:
+            data = sock.recv(4096)
+            assert data, "the server closed before the first chunk"
+            received += data
+        assert received.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
+def test_client_leaving_mid_stream_is_aborted_and_not_charged(
+    kind: str, tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
+) -> None:
+    """Streams the client leaves after the first chunk: aborted, not charged; complete streams charged."""
+    server = make_redis()
+    config = tmp_path / "meterware.toml"
+    config.write_text(to_toml(base_config(server.url, tmp_path / "spool")))
+    accounts = open_accounts(config)
+    key = provision(accounts).plaintext
+    app = make_app(kind, base_env(config)).start()
+    left = [f"/v1/stream/left-{index}" for index in range(5)]
+    for path in left:
+        read_first_chunk_and_leave(app.port, f"{path}?n={CHUNKS}&delay=0.02", key)
+    complete = [f"/v1/stream/complete-{index}" for index in range(3)]
+    with httpx.Client(base_url=app.url, headers={"Authorization": f"Bearer {key}"}, timeout=20) as client:
+        for path in complete:
+            response = client.get(f"{path}?n={CHUNKS}&delay=0.001")
+            assert response.text.count("chunk") == CHUNKS
+    # The handlers of the streams left behind run on until their next write fails.
+    wait_until(lambda: app.metrics().get("meterware_requests_total", 0) >= 8, 10, "every stream ended")
+    app.stop()
+    rollup_once(base_env(config), tmp_path / "rollup.log")
+
+    stream = Stream.read(server.client())
+    stream.assert_no_duplicates()
+    outcomes = {event.route: event.outcome for event in stream.events}
+    assert {path: outcomes.get(path) for path in left} == dict.fromkeys(left, "aborted")
+    assert {path: outcomes.get(path) for path in complete} == dict.fromkeys(complete, "success")
+    ledger = books(accounts)
+    assert ledger.calls["aborted"] == len(left)
+    assert ledger.calls["success"] == len(complete)
+    assert ledger.tokens == len(complete) * CHUNKS
+    expected = len(complete) * (CALL_PRICE + CHUNKS * TOKEN_PRICE)
+    assert ledger.spend == ledger.charged == stream.charged() == expected
+    assert ledger.reserved == 0
+    figures(f"disconnect-{kind}", aborted=len(left), complete=len(complete), charged_micros=ledger.charged)

@@ -718,6 +718,15 @@ INVALID = [
     pytest.param({"storage": {"url": ""}}, "storage.url", "must be a URL like", id="url-empty"),
     pytest.param({"storage": "http://localhost"}, "storage.url", "unknown scheme 'http'", id="url-http"),
     pytest.param({"storage": "mongodb://x"}, "storage.url", "unknown scheme 'mongodb'", id="url-mongodb"),
+    pytest.param({"storage": "redis://h:port/0"}, "storage.url", "Port could not be cast", id="url-bad-port"),
+    pytest.param({"storage": "redis://h:70000/0"}, "storage.url", "Port out of range", id="url-port-range"),
+    pytest.param(
+        {"storage": "redis://h:1/0?socket_timeout=x"}, "storage.url", "'socket_timeout'", id="url-bad-option"
+    ),
+    pytest.param({"storage": "redis+cluster://h:x"}, "storage.url", "'h:x' has a bad port", id="url-cluster"),
+    pytest.param(
+        {"storage": "redis+sentinel://h:1"}, "storage.url", "must name the service", id="url-sentinel"
+    ),
     pytest.param({"storage": {"shards": 0}}, "storage.shards", "must be at least 1, got 0", id="shards-0"),
     pytest.param(
         {"storage": {"shards": -4}}, "storage.shards", "must be at least 1, got -4", id="shards-negative"
@@ -746,6 +755,24 @@ INVALID = [
         {"policy": {"key_cache_ttl": -1}}, "policy.key_cache_ttl", "must not be negative", id="cache-ttl-neg"
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("redis//:s3cret@h:6379/0", id="no-scheme"),
+        pytest.param("redis://:s3cret@h:port/0", id="bad-port"),
+        pytest.param("redis://u:s3cret@h:1/0?socket_timeout=s3cret", id="bad-option"),
+        pytest.param("redis+cluster://:s3cret@h:x", id="cluster-bad-port"),
+        pytest.param("redis+sentinel://:s3cret@h:1", id="sentinel-no-service"),
+    ],
+)
+def test_storage_url_errors_never_show_the_password(url: str) -> None:
+    """A mistake in a storage URL is named without repeating its credentials (logs are widely read)."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict({"storage": url})
+    assert caught.value.field == "storage.url"
+    assert "s3cret" not in str(caught.value)
 
 
 @pytest.mark.parametrize(("data", "field", "problem"), INVALID)

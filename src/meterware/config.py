@@ -410,6 +410,11 @@ def _kind(value: Any) -> str:
     )
 
 
+def _shown(url: str) -> str:
+    """A storage URL as error messages show it: without what comes before an ``@`` (credentials)."""
+    return "***@" + url.rpartition("@")[2] if "@" in url else url
+
+
 def _check_name(value: str, field_name: str) -> str:
     if not _NAME_RE.match(value):
         raise ConfigError(
@@ -517,13 +522,19 @@ def _parse(data: Mapping[str, Any]) -> Config:
         url = storage
     if "://" not in url:
         raise ConfigError(
-            "storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {url!r}"
+            "storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {_shown(url)!r}"
         )
     scheme = url.split("://", 1)[0]
     if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
         raise ConfigError(
             "storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)"
         )
+    from meterware.storage import check_url  # imports the Redis driver for Redis URLs only
+
+    try:
+        check_url(url)  # a URL the driver refuses fails here, not on the first call
+    except ValueError as error:
+        raise ConfigError("storage.url", str(error).removeprefix("storage URL: ")) from None
     if shards > 1024:
         raise ConfigError("storage.shards", f"must be at most 1024, got {shards}")
 

@@ -29,6 +29,7 @@ from meterware._core import Customer, KeyRecord
 from meterware.events import UsageEvent, decode_batch
 from meterware.flusher import Spool
 from meterware.keys import NewKey
+from meterware.rollup.aggregate import parse_entry
 from meterware.storage import _keyspace, open_storage
 from tests.e2e.conftest import ServerProcess
 from tests.servers import RedisServer, free_port
@@ -293,9 +294,12 @@ class App:
         """Resident memory of the server and its worker processes."""
         return sum(rss_kib(pid) for pid in [self.pid, *children(self.pid)])
 
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
     def metrics(self) -> dict[str, float]:
-        """The app's /metrics, summed over labels: ``{"meterware_events_dropped_total": 3.0, ...}``."""
-        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
+        """The app's /metrics, by sample and summed over labels (see :func:`parse_metrics`)."""
+        return parse_metrics(self.metrics_text())
 
     def logs(self) -> str:
         return "".join(
@@ -496,13 +500,16 @@ class Stream:
     batch_ids: list[str]
 
     @classmethod
-    def read(cls, client: redis.Redis) -> Stream:
+    def read(cls, client: redis.Redis, *, valid_only: bool = False) -> Stream:
+        """Decode every entry (``valid_only``: every entry the rollup would accept; skip the others)."""
         events: list[UsageEvent] = []
         costs: list[int] = []
         batch_ids: list[str] = []
         entries = 0
         for shard in range(SHARDS):
             for _, fields in client.xrange(_keyspace.events(shard)):
+                if valid_only and isinstance(parse_entry(fields, {}), str):
+                    continue
                 entries += 1
                 batch = decode_batch(fields[b"b"])
                 events += batch

@@ -13,7 +13,7 @@ import threading
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.storage.memory import AsyncMemoryStorage, MemoryStorage
 
-__all__ = ["open_async_storage", "open_storage"]
+__all__ = ["check_url", "open_async_storage", "open_storage"]
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 
@@ -34,6 +34,14 @@ def _memory(url: str, shards: int) -> MemoryStorage:
         if store is None:
             store = _memory_stores[(url, shards)] = MemoryStorage(shards)
         return store
+
+
+def check_url(url: str) -> None:
+    """Raise ``ValueError`` naming the problem (never a password) if no backend could be opened at ``url``."""
+    if _scheme(url) != "memory":
+        from meterware.storage.redis import check_url as check_redis_url
+
+        check_redis_url(url)
 
 
 def open_storage(url: str, *, shards: int, timeout: float | None = None) -> Storage:

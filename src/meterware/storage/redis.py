@@ -187,6 +187,18 @@ def parse_url(url: str) -> RedisTarget:
     raise ValueError(f"not a Redis storage URL: scheme {scheme!r}")
 
 
+def check_url(url: str) -> None:
+    """Raise ``ValueError`` if the driver could not use ``url`` (no I/O; no password in the message)."""
+    target = parse_url(url)
+    try:
+        target.where  # noqa: B018  # reads the port of a redis:// URL
+        if target.kind == "url":
+            redis.Redis.from_url(url).close()  # the driver's own checks (port range, options)
+    except ValueError as error:
+        text = str(error).replace(target.password, "***") if target.password else str(error)
+        raise ValueError(f"storage URL: {text}") from None
+
+
 def _sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.sentinel.Sentinel | None]:
     # No retries and short timeouts: the request path fails fast and its own policy decides what next.
     options: dict[str, Any] = {

@@ -1,32 +1,75 @@
-"""The apps the benchmarks serve: the same trivial JSON endpoint, bare and behind meterware."""
+"""The ASGI apps the benchmarks serve: one trivial JSON endpoint, bare and behind meterware.
+
+Factories, for ``uvicorn --factory``: the metered ones read ``METERWARE_CONFIG`` (written by the suite).
+``/bench/key`` (excluded from metering) creates a customer with effectively unlimited credits and quota
+inside the server process and returns its key: a ``memory://`` store lives in the process that serves.
+"""
 
 from __future__ import annotations
 
 import os
 import uuid
 
+from fastapi import FastAPI
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from meterware import Accounts, Config, MeteringMiddleware
 
+#: The plan of the benchmark customer: a rate limit, a hard quota and prepaid credits, all checked on
+#: every call (so the whole admission runs) and none ever reached (so every call is admitted).
+PLAN = "bench"
+CREDITS = "1000000"
+CREDITS_MICROS = 1_000_000 * 1_000_000
+CONFIG = """\
+[storage]
+url = "{storage}"
+shards = 16
 
-async def hello(request: object) -> JSONResponse:
+[meters.calls]
+aggregation = "count"
+
+[plans.bench]
+prepaid = true
+rate_limits = ["1000000/second"]
+[plans.bench.meters.calls]
+price = "0.000001"
+quota = 1000000000000
+quota_mode = "hard"
+
+[routes]
+exclude = ["/bench/*"]
+
+[policy]
+# A backend error must show up as a failed run (503), never as a call served without the backend.
+on_backend_error = "closed"
+
+[pipeline]
+spool_dir = "{spool}"
+"""
+
+
+def create_customer(accounts: Accounts) -> tuple[str, str]:
+    """A new benchmark customer with unlimited credits: its id and its key's plaintext."""
+    customer = f"bench-{uuid.uuid4().hex[:12]}"
+    accounts.create_customer(customer, plan=PLAN)
+    accounts.grant_credits(customer, CREDITS)
+    return customer, accounts.create_key(customer).plaintext
+
+
+async def hello(request: Request) -> JSONResponse:
     return JSONResponse({"hello": "world"})
+
+
+async def new_key(request: Request) -> PlainTextResponse:
+    _, key = create_customer(Accounts.open(Config.load(os.environ["METERWARE_CONFIG"])))
+    return PlainTextResponse(key)
 
 
 def starlette_bare() -> Starlette:
     return Starlette(routes=[Route("/v1/hello", hello)])
-
-
-async def new_key(request: object) -> PlainTextResponse:
-    """Create a customer with credits inside this process (memory:// lives in the server process)."""
-    accounts = Accounts.open(Config.load(os.environ["METERWARE_CONFIG"]))
-    customer = f"bench-{uuid.uuid4().hex[:8]}"
-    accounts.create_customer(customer, plan="payg")
-    accounts.grant_credits(customer, "1000000")
-    return PlainTextResponse(accounts.create_key(customer).plaintext)
 
 
 def starlette_metered() -> Starlette:
@@ -35,5 +78,18 @@ def starlette_metered() -> Starlette:
     return app
 
 
-bare = starlette_bare()
-metered = starlette_metered() if "METERWARE_CONFIG" in os.environ else None
+def fastapi_bare() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/hello")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    return app
+
+
+def fastapi_metered() -> FastAPI:
+    app = fastapi_bare()
+    app.add_api_route("/bench/key", new_key, response_class=PlainTextResponse)
+    app.add_middleware(MeteringMiddleware, config=os.environ["METERWARE_CONFIG"])
+    return app

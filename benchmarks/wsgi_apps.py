@@ -1,12 +1,15 @@
-"""The Flask apps the WSGI benchmark serves: the same trivial JSON endpoint, bare and behind meterware."""
+"""The Flask apps the benchmarks serve: the same trivial JSON endpoint, bare and behind meterware.
+
+Factories, for gunicorn's ``module:factory()``; ``benchmarks.apps`` says what ``/bench/key`` is for.
+"""
 
 from __future__ import annotations
 
 import os
-import uuid
 
 from flask import Flask
 
+from benchmarks.apps import create_customer
 from meterware import Accounts, Config
 from meterware.wsgi import WSGIMeteringMiddleware
 
@@ -26,16 +29,10 @@ def flask_metered() -> Flask:
 
     @app.get("/bench/key")
     def new_key() -> str:
-        """Create a customer with credits inside this worker (memory:// lives in the server process)."""
-        accounts = Accounts.open(Config.load(os.environ["METERWARE_CONFIG"]))
-        customer = f"bench-{uuid.uuid4().hex[:8]}"
-        accounts.create_customer(customer, plan="payg")
-        accounts.grant_credits(customer, "1000000")
-        return accounts.create_key(customer).plaintext
+        _, key = create_customer(Accounts.open(Config.load(os.environ["METERWARE_CONFIG"])))
+        return key
 
-    app.wsgi_app = WSGIMeteringMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = WSGIMeteringMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, config=os.environ["METERWARE_CONFIG"]
+    )
     return app
-
-
-bare = flask_bare()
-metered = flask_metered() if "METERWARE_CONFIG" in os.environ else None

@@ -1,0 +1,277 @@
+"""What every benchmark needs around the code it measures: cores, servers, wrk, RSS and the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from tests.servers import RedisServer, free_port, wait_for_port
+
+from benchmarks import ROOT, SRC
+
+__all__ = [
+    "LOAD_CPU",
+    "SERVER_CPU",
+    "RedisServer",
+    "Server",
+    "WrkResult",
+    "child_env",
+    "free_port",
+    "load_average",
+    "machine",
+    "pin_process",
+    "pinned",
+    "rss_mib",
+    "wrk",
+]
+
+#: The core the measured server runs on, and the one the load generator (and Redis) run on.
+SERVER_CPU = 0
+LOAD_CPU = 1
+LIBRARIES = (
+    "starlette",
+    "fastapi",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "flask",
+    "werkzeug",
+    "gunicorn",
+    "redis",
+    "hiredis",
+    "msgpack",
+    "prometheus-client",
+    "py-spy",
+)
+
+
+def _can_pin() -> bool:
+    try:
+        cores = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return False
+    return shutil.which("taskset") is not None and {SERVER_CPU, LOAD_CPU} <= cores
+
+
+CAN_PIN = _can_pin()
+
+
+def pinned(cpu: int) -> list[str]:
+    """The command prefix that runs a program on ``cpu`` (nothing where pinning is impossible)."""
+    return ["taskset", "-c", str(cpu)] if CAN_PIN else []
+
+
+def pin_process(pid: int, cpus: str) -> None:
+    """Move a running process (all its threads) to ``cpus``, e.g. ``"1"`` or ``"0,1"``."""
+    if CAN_PIN:
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a server process: this tree's code first, whatever is installed."""
+    path = os.pathsep.join(filter(None, [str(SRC), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+# -- wrk ---------------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    requests_per_second: float
+    #: The 99th percentile of wrk's latency distribution, in milliseconds.
+    p99_ms: float
+    requests: int
+
+
+def wrk(url: str, seconds: int, *, key: str | None = None, connections: int = 32) -> WrkResult:
+    """Load ``url`` with ``wrk -t1 -cN --latency`` on the load core; fail on any error or non-2xx answer."""
+    args = [*pinned(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if key:
+        args += ["-H", f"Authorization: Bearer {key}"]
+    output = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    if match := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
+        raise RuntimeError(f"{match[1]} refused or failed responses in a benchmark run:\n{output}")
+    if match := re.search(r"Socket errors: (.*)", output):
+        raise RuntimeError(f"socket errors in a benchmark run ({match[1]}):\n{output}")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    count = re.search(r"(\d+) requests in", output)
+    if not (rate and p99 and count):
+        raise RuntimeError(f"cannot read wrk's output:\n{output}")
+    return WrkResult(float(rate[1]), float(p99[1]) * _UNITS[p99[2]], int(count[1]))
+
+
+# -- server processes --------------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+class Server:
+    """One server process on a loopback port, pinned to the server core; stopped gracefully.
+
+    ``pid`` is the process that serves (gunicorn's worker, not its arbiter), whose RSS is measured.
+    """
+
+    def __init__(self, args: Sequence[str], port: int, env: dict[str, str], *, forks_worker: bool) -> None:
+        self.port = port
+        self.process = subprocess.Popen([*pinned(SERVER_CPU), *args], env=env, cwd=ROOT)
+        try:
+            wait_for_port(port, timeout=30)
+            self.pid = self.process.pid
+            if forks_worker:
+                deadline = time.monotonic() + 10
+                while not (children := _children(self.process.pid)):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the server started no worker process")
+                    time.sleep(0.02)
+                self.pid = children[0]
+        except BaseException:
+            self.stop()
+            raise
+
+    @classmethod
+    def uvicorn(cls, factory: str, env: dict[str, str]) -> Server:
+        """uvicorn as a production user runs it: uvloop, httptools, no access log, one worker."""
+        port = free_port()
+        args = [sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port)]
+        args += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+        return cls(args, port, env, forks_worker=False)
+
+    @classmethod
+    def gunicorn(cls, factory: str, worker_class: str, threads: int, env: dict[str, str]) -> Server:
+        """gunicorn with one worker of ``worker_class`` (sync or gthread)."""
+        from gunicorn.config import KNOWN_SETTINGS
+
+        port = free_port()
+        args = [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", worker_class]
+        args += ["--threads", str(threads), "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+        if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+            args.append("--no-control-socket")
+        return cls([*args, f"{factory}()"], port, env, forks_worker=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, key: str | None = None) -> tuple[int, dict[str, str], str]:
+        """One request from this process: status, headers (lower-case names) and body."""
+        request = urllib.request.Request(self.url(path))
+        if key:
+            request.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                headers = {name.lower(): value for name, value in response.headers.items()}
+                return response.status, headers, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, {}, error.read().decode()
+
+    def stop(self) -> None:
+        """SIGTERM, so the server drains its buffered events the way it would in production."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# -- the machine -------------------------------------------------------------------------------------
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def _cpu_model() -> str:
+    try:
+        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    match = re.search(r"^Model name:\s+(.+)$", output, re.MULTILINE)
+    return match[1].strip() if match else "unknown"
+
+
+def _memory_gib() -> float:
+    with open("/proc/meminfo") as meminfo:
+        return int(meminfo.readline().split()[1]) / 1024**2
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def _redis_version() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return "-"
+    output = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"v=(\S+)", output)
+    return match[1] if match else output.strip()
+
+
+def _wrk_version() -> str:
+    output = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
+    return output.split(" [")[0].strip() or "-"
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+    return done.stdout.strip()
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    facts = {
+        "cpu": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "memory": f"{_memory_gib():.0f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pinning": f"server on CPU {SERVER_CPU}, wrk and Redis on CPU {LOAD_CPU}" if CAN_PIN else "none",
+        "redis-server": _redis_version(),
+        "wrk": _wrk_version(),
+        "meterware": _commit(),
+    }
+    facts.update((name, _version(name)) for name in LIBRARIES)
+    return facts

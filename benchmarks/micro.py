@@ -1,0 +1,340 @@
+"""Micro-benchmarks of the hot pieces: ``python -m benchmarks.micro [--quick] [--filter TEXT] [--no-redis]``.
+
+Each piece is timed with ``timeit`` in repeated runs; the median run is reported, per call (and per
+event for the batch pieces). Inputs are shaped like the HTTP benchmark's: the ``bench`` plan of
+``benchmarks.apps`` (a rate limit, a hard quota, prepaid credits), a key presented in an
+``Authorization`` header among a client's usual headers, batches of 1,000 events. The Redis pieces
+(one admission round trip, one flush) run against a redis-server started here, on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from benchmarks._harness import RedisServer
+from benchmarks.apps import CONFIG, create_customer
+from meterware import Accounts, Config, keys
+from meterware._core import KeyInfo, decision_from_reply, limit_headers
+from meterware._metering import Call, Metering
+from meterware.events import UsageEvent, decode_batch, encode_batch, new_event_id
+from meterware.flusher import Pending, make_batches
+from meterware.rollup.aggregate import fold, parse_entry
+from meterware.storage import open_async_storage, open_storage
+from meterware.storage.base import Batch, Storage
+
+BATCH = 1000
+#: Headers a typical client sends, the key among them.
+HEADERS = [
+    (b"host", b"api.example.com"),
+    (b"user-agent", b"python-httpx/0.28.1"),
+    (b"accept", b"*/*"),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"connection", b"keep-alive"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A named measurement, made only if it is selected."""
+
+    name: str
+    measure: Callable[[], float]
+    events: int = 0
+
+
+def timed(name: str, function: Callable[[], object], repeat: int, events: int = 0) -> Piece:
+    """The median of ``repeat`` runs of ``function`` (each run sized by ``timeit``'s autorange)."""
+
+    def measure() -> float:
+        timer = timeit.Timer(function)
+        number, _ = timer.autorange()
+        return statistics.median(timer.repeat(repeat, number)) / number
+
+    return Piece(name, measure, events)
+
+
+def timed_once(name: str, prepare: Callable[[], Callable[[], int]], repeat: int, events: int = 0) -> Piece:
+    """For pieces that consume their input: ``prepare()`` (untimed) returns a run, which says its count."""
+
+    def measure() -> float:
+        runs = []
+        for _ in range(repeat):
+            run = prepare()
+            started = time.perf_counter()
+            count = run()
+            runs.append((time.perf_counter() - started) / count)
+        return statistics.median(runs)
+
+    return Piece(name, measure, events)
+
+
+class Bench:
+    """The inputs: a metered process on ``url`` with one customer and its cached key."""
+
+    def __init__(self, url: str, workdir: Path) -> None:
+        path = workdir / "micro.toml"
+        path.write_text(CONFIG.format(storage=url, spool=workdir / "spool"))
+        self.config = Config.from_file(path)
+        self.storage: Storage = open_storage(url, shards=self.config.shards, timeout=5)
+        accounts = Accounts(self.storage, self.config)
+        self.customer, self.plaintext = create_customer(accounts)
+        key_hash = keys.hash_key(self.plaintext)
+        info = self.storage.resolve_key(key_hash)
+        assert info is not None
+        self.key: KeyInfo = info
+        self.metering = Metering(self.config, registry=CollectorRegistry())
+        self.metering.resolved(key_hash, info)
+        self.headers = [*HEADERS, (b"authorization", f"Bearer {self.plaintext}".encode())]
+        self.request = self.metering.admit_request(self.key, "/v1/hello", time.time())
+        self.decision = self.storage.admit(self.request)
+        assert self.decision.allowed, self.decision
+
+    def reply(self) -> list[int | bytes]:
+        """What the admission script answers for the bench plan (one rate limit, one hard quota)."""
+        return [1, b"", 0, 1, 999_999_999_999, 999_999, 1, 999_999_999_999]
+
+    def call(self) -> Call:
+        call = self.metering.decide(self.key, self.request, self.decision, "GET", "/v1/hello")
+        assert isinstance(call, Call)
+        call.status, call.ttfb_ns, call.response_bytes = 200, call.started_ns + 100_000, 17
+        return call
+
+    def pending(self, count: int) -> list[Pending]:
+        """``count`` finished calls, as the request path leaves them in the buffer."""
+        pipeline = self.metering.pipeline
+        for _ in range(count):
+            self.metering.finish(self.call(), "/v1/hello")
+        return pipeline.buffer.take(count)
+
+    def batches(self, count: int) -> list[Batch]:
+        """``count`` batches of ``BATCH`` events of one shard each, every one with its own batch id."""
+        template = self.pending(BATCH)
+        return [batch for _ in range(count) for batch in make_batches(template)]
+
+
+def events(count: int, customers: int = 200, spread_ms: int = 300_000) -> list[UsageEvent]:
+    """Events with a summed and a unique meter besides the call, over a few minutes and customers."""
+    now = int(time.time() * 1000)
+    return [
+        UsageEvent(
+            id=new_event_id(now),
+            timestamp_ms=now - (index * 7919) % spread_ms,
+            customer=f"customer-{index % customers}",
+            key_id="key_0123456789abcdef",
+            plan="bench",
+            route="/v1/complete",
+            method="POST",
+            status=200,
+            outcome="success",
+            duration_us=1000,
+            ttfb_us=500,
+            units={"calls": 1, "tokens": index % 2000, "users": f"u{index % 100}"},
+            billable=True,
+            period_start=1_772_323_200,
+        )
+        for index in range(count)
+    ]
+
+
+def core(bench: Bench, repeat: int) -> Iterator[Piece]:
+    metering, key, request = bench.metering, bench.key, bench.request
+    now = time.time()
+    reply = bench.reply()
+    yield timed(
+        "keys.hash_key (SHA-256 of the presented key)", lambda: keys.hash_key(bench.plaintext), repeat
+    )
+    yield timed(
+        "Metering.identify (cached key, 6 headers)",
+        lambda: metering.identify(None, bench.headers, b""),
+        repeat,
+    )
+    yield timed("Metering.admit_request", lambda: metering.admit_request(key, "/v1/hello", now), repeat)
+    yield timed("decision_from_reply", lambda: decision_from_reply(request, reply, now), repeat)
+    yield timed(
+        "Metering.decide (the admitted Call)",
+        lambda: metering.decide(key, request, bench.decision, "GET", "/v1/hello"),
+        repeat,
+    )
+    yield timed("limit_headers (RateLimit headers)", lambda: limit_headers(bench.decision.limits), repeat)
+    metrics = metering.metrics
+    yield timed(
+        "AppMetrics.call (counter + histogram)",
+        lambda: metrics.call("/v1/hello", "GET", "success", "bench", 0.0002),
+        repeat,
+    )
+    yield timed("events.new_event_id", new_event_id, repeat)
+
+    def finish() -> Callable[[], int]:
+        calls = [bench.call() for _ in range(BATCH)]
+
+        def run() -> int:
+            for call in calls:
+                metering.finish(call, "/v1/hello")
+            metering.pipeline.buffer.take(len(calls))
+            return len(calls)
+
+        return run
+
+    yield timed_once("Metering.finish (event + settlement into the buffer)", finish, repeat)
+
+
+def codec(bench: Bench, repeat: int) -> Iterator[Piece]:
+    pending = bench.pending(BATCH)
+    batch = [item.event for item in pending]
+    payload = encode_batch(batch)
+    yield timed(f"events.encode_batch ({BATCH} events)", lambda: encode_batch(batch), repeat, BATCH)
+    yield timed(f"events.decode_batch ({BATCH} events)", lambda: decode_batch(payload), repeat, BATCH)
+    yield timed(
+        f"flusher.make_batches ({BATCH} events, 1 shard)", lambda: make_batches(pending), repeat, BATCH
+    )
+    spread = [replace(item, shard=index % 16) for index, item in enumerate(pending)]
+    yield timed(
+        f"flusher.make_batches ({BATCH} events, 16 shards)", lambda: make_batches(spread), repeat, BATCH
+    )
+
+
+def rollup(bench: Bench, repeat: int) -> Iterator[Piece]:
+    meters = Config.from_dict(
+        {
+            "meters": {
+                "calls": {},
+                "tokens": {"aggregation": "sum", "source": "handler"},
+                "users": {"aggregation": "unique", "source": "handler"},
+            }
+        }
+    ).meters
+    sample = events(10 * BATCH)
+    costs = [1] * len(sample)
+    yield timed(
+        f"rollup.aggregate.fold ({len(sample):,} events, 200 customers, 3 meters)",
+        lambda: fold(sample, costs, meters),
+        repeat,
+        len(sample),
+    )
+    calls_only = [replace(event, units={"calls": 1}, customer="customer-0") for event in sample]
+    yield timed(
+        f"rollup.aggregate.fold ({len(sample):,} events of one customer, calls only)",
+        lambda: fold(calls_only, costs, meters),
+        repeat,
+        len(sample),
+    )
+    entry = {b"b": encode_batch(sample[:BATCH]), b"c": b",".join([b"1"] * BATCH), b"i": b"batch"}
+    yield timed(
+        f"rollup.aggregate.parse_entry ({BATCH} events)", lambda: parse_entry(entry, meters), repeat, BATCH
+    )
+
+
+def storage(name: str, bench: Bench, repeat: int) -> Iterator[Piece]:
+    """One admission and one flush of a batch, on a backend (memory:// or a real Redis)."""
+    store, request = bench.storage, bench.request
+    yield timed(f"{name}: Storage.admit (one call, sync)", lambda: store.admit(request), repeat)
+
+    def flush() -> Callable[[], int]:
+        batches = bench.batches(20)
+
+        def run() -> int:
+            for batch in batches:
+                if not store.flush(batch):
+                    raise RuntimeError("a batch was not applied")
+            return len(batches)
+
+        return run
+
+    yield timed_once(f"{name}: Storage.flush (one batch of {BATCH} events)", flush, repeat, BATCH)
+
+
+def async_admit(url: str, bench: Bench, repeat: int) -> Iterator[Piece]:
+    """Sequential admissions through the asyncio client on uvloop (the ASGI request path's round trip)."""
+    import uvloop
+
+    count = 2000
+
+    async def run() -> float:
+        store = open_async_storage(url, shards=bench.config.shards, timeout=5)
+        for _ in range(200):
+            await store.admit(bench.request)
+        started = time.perf_counter()
+        for _ in range(count):
+            await store.admit(bench.request)
+        elapsed = time.perf_counter() - started
+        await store.aclose()
+        return elapsed / count
+
+    def measure() -> float:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return statistics.median(runner.run(run()) for _ in range(repeat))
+
+    yield Piece("redis: AsyncStorage.admit (one call, awaited alone, uvloop)", measure)
+
+
+@contextmanager
+def redis_url(given: str | None, skip: bool) -> Iterator[str | None]:
+    if skip:
+        yield None
+        return
+    if given:
+        yield given
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+def _line(piece: Piece, seconds: float) -> str:
+    text = f"| {piece.name} | {seconds * 1e6:,.2f} | {1 / seconds:,.0f} |"
+    if piece.events:
+        per_event = seconds / piece.events
+        return text + f" {per_event * 1e9:,.0f} ns ({1 / per_event:,.0f} events/s) |"
+    return text + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 runs per piece instead of 7")
+    parser.add_argument("--filter", default="", help="only the pieces whose name contains this text")
+    parser.add_argument("--redis", help="the URL of a Redis to use (default: start one)")
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis pieces")
+    args = parser.parse_args(argv)
+    repeat = 3 if args.quick else 7
+    print("| piece | us per call | calls/s | per event |")
+    print("|---|---:|---:|---:|")
+    with (
+        tempfile.TemporaryDirectory(prefix="mw-micro-") as directory,
+        redis_url(args.redis, args.no_redis) as url,
+    ):
+        workdir = Path(directory)
+        bench = Bench("memory://micro", workdir)
+        groups = [
+            core(bench, repeat),
+            codec(bench, repeat),
+            rollup(bench, repeat),
+            storage("memory", bench, repeat),
+        ]
+        if url is not None:
+            remote = Bench(url, workdir)
+            groups += [storage("redis", remote, repeat), async_admit(url, remote, repeat)]
+        for group in groups:
+            for piece in group:
+                if args.filter.lower() in piece.name.lower():
+                    print(_line(piece, piece.measure()), flush=True)
+        # Nothing is left in the inputs' buffer to drain at exit.
+        bench.metering.pipeline.buffer.take(10**9)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,7 @@ from meterware._core import (
     period_bounds,
     problem,
 )
-from meterware.config import Config
+from meterware.config import MAX_CALL_COST, Config
 from meterware.errors import StorageError
 from meterware.events import Outcome, UsageEvent, new_event_id
 from meterware.flusher import Pending, Pipeline
@@ -58,9 +58,6 @@ UNMATCHED_ROUTE: Final = "<unmatched>"
 FAIL_OPEN: Final = Decision(allowed=True)
 #: The decision when the backend failed and the policy fails closed.
 BACKEND_DOWN: Final = Decision(allowed=False, reason="backend_unavailable", retry_after=1)
-#: Micro-credits one call may cost at most: the rollup refuses a cost of 16 digits (its batch would be a
-#: dead letter), and Lua's doubles are exact only up to 2**53.
-MAX_CALL_COST: Final = 10**15 - 1
 #: The decision for a test key on a live-only route (made without the backend).
 LIVE_ONLY: Final = Decision(allowed=False, reason="test_key_not_allowed")
 

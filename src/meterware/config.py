@@ -30,6 +30,9 @@ FailureMode = Literal["open", "closed"]
 MICROS_PER_CREDIT = 1_000_000
 #: Largest amount in micro-credits: the Lua scripts compute in doubles, exact only up to 2**53.
 MAX_MICROS = 2**53 - 1
+#: Micro-credits one call may cost at most: the rollup refuses a cost of 16 digits (its whole batch would
+#: be a dead letter), and sums of a few such costs must stay exact.
+MAX_CALL_COST = 10**15 - 1
 DEFAULT_CONFIG_FILE = "meterware.toml"
 DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
 _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
@@ -507,6 +510,28 @@ def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     return Plan(name, tuple(limits), period, prepaid, terms)  # type: ignore[arg-type]
 
 
+def _check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], heaviest: int) -> None:
+    """Refuse a plan whose price of a call itself, at the heaviest route weight, passes MAX_CALL_COST."""
+    for plan in plans.values():
+        costs = {
+            name: terms.price * (heaviest if meters[name].aggregation == "sum" else 1)
+            for name, terms in plan.meters.items()
+            if meters[name].source == "call"
+        }
+        total = sum(costs.values())
+        if total > MAX_CALL_COST:
+            priciest = max(costs, key=costs.__getitem__)
+            raise ConfigError(
+                f"plans.{_key(plan.name)}.meters.{_key(priciest)}.price",
+                f"a call may cost at most {_credits(MAX_CALL_COST)} credits, "
+                f"one would cost {_credits(total)} here (at route weight {heaviest})",
+            )
+
+
+def _credits(micros: int) -> str:
+    return f"{micros // MICROS_PER_CREDIT}.{micros % MICROS_PER_CREDIT:06d}"
+
+
 def _parse(data: Mapping[str, Any]) -> Config:
     root = _Section(data, "")
     defaults = Config()
@@ -555,6 +580,8 @@ def _parse(data: Mapping[str, Any]) -> Config:
         weights.append((glob, weights_table.integer(glob, 1, minimum=0)))
     live_only = routes.strings("live_only", ())
     routes.done()
+
+    _check_call_costs(plans, meters, max([1, *(weight for _, weight in weights)]))
 
     policy = root.section("policy")
     key_headers = tuple(h.lower() for h in policy.strings("key_headers", DEFAULT_KEY_HEADERS))

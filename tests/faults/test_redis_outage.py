@@ -112,8 +112,8 @@ def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
     app = make_app("uvicorn", env).start()
     with Load(app.url, key, path_of, threads=2) as startup:
         time.sleep(1.0)
+        restarted = time.monotonic()  # answers before this came while Redis was down
         server.start()
-        restarted = time.monotonic()
         wait_until(
             lambda: any(r.at > restarted and r.status == 200 for r in startup.snapshot()), 10, "recovery"
         )

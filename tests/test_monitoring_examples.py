@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -116,9 +115,9 @@ def test_the_rules_alert_on_a_stalled_worker_lag_drops_and_backend_outages() -> 
         assert rule["annotations"]["summary"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) is not installed")
 def test_promtool_accepts_the_rules_and_the_dashboard_queries(tmp_path: Path) -> None:
     """Prometheus' own checker parses every alert, and every panel query as a recording rule."""
+    assert shutil.which("promtool"), "promtool is missing: tests/install-deps.sh installs it"
     grafana = {"$__rate_interval": "5m", "$app_job": ".*", "$worker_job": ".*", "$meter": "calls"}
     records = []
     for index, query in enumerate(strings(json.loads(DASHBOARD.read_text()), ("expr",))):

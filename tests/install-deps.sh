@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install the system programs the test suite runs (it starts its own servers from them):
+# redis-server and redis-cli (Redis 7, the cluster tests need redis-cli) and promtool (checks the
+# Prometheus rules and dashboard queries in examples/). Debian/Ubuntu, with apt-get.
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+echo "installing ${missing[*]} with apt-get" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

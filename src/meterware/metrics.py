@@ -20,13 +20,15 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, get_args
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder, make_asgi_app, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.requests import Request
 from starlette.responses import Response
+
+from meterware._core import Reason
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -51,19 +53,7 @@ NO_PLAN: Final = "<none>"
 HTTP_METHODS: Final = frozenset(
     ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 )
-REJECTION_REASONS: Final = (
-    "missing_key",
-    "malformed_key",
-    "unknown_key",
-    "revoked_key",
-    "expired_key",
-    "suspended",
-    "rate_limited",
-    "quota_exceeded",
-    "insufficient_credits",
-    "backend_unavailable",
-    "test_key_not_allowed",
-)
+REJECTION_REASONS: Final = get_args(Reason)
 #: Request latency buckets (seconds): API calls, up to minute-long streams.
 REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Backend call buckets (seconds): sub-millisecond Redis round trips up to the request-path timeout.

@@ -90,7 +90,7 @@ def test_lost_replies_never_duplicate_events_or_charges(
         return ["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"][n % 4].format(n)
 
     began = time.monotonic()
-    with Load(app.url, key, path_of, threads=4, limit=1600) as load:
+    with Load(app.url, key, path_of, threads=4, limit=1200) as load:
         wait_until(
             lambda: len(rule.flushes) == LOST_FLUSHES and rule.admissions == LOST_ADMISSIONS,
             30,

@@ -27,7 +27,7 @@ from meterware.storage import _keyspace, open_storage
 from meterware.storage.base import Storage
 from tests.rollup.helpers import METERS, config, expected_usage, random_events, read_all, write_events
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.faults]
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 SHARDS = 6

@@ -193,9 +193,7 @@ def test_format_event_id_is_canonical_uuid_text() -> None:
         ),
         pytest.param(pack([sample_map(id="x" * 16)]), "event 0: field 'id' must be bytes", id="id-string"),
         pytest.param(pack([sample_map(u=[1])]), "event 0: field 'u' must be dict, got [1]", id="units-list"),
-        pytest.param(
-            pack([sample_map(x=None)]), "event 0: field 'x' is missing", id="reason-missing"
-        ),
+        pytest.param(pack([sample_map(x=None)]), "event 0: field 'x' is missing", id="reason-missing"),
         pytest.param(pack([sample_map(id=b"\x00" * 15)]), "event 0: id must be 16 bytes", id="id-15-bytes"),
         pytest.param(pack([sample_map(id=b"\x00" * 17)]), "event 0: id must be 16 bytes", id="id-17-bytes"),
         pytest.param(pack([sample_map(o="ok")]), "event 0: unknown outcome 'ok'", id="unknown-outcome"),

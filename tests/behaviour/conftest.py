@@ -27,7 +27,9 @@ from tests.behaviour.apps import CALLS, FRAMEWORKS, configure_django
 
 
 def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]:
-    """The configuration every behaviour test starts from (sections replace whole tables)."""
+    """The configuration every behaviour test starts from (sections replace whole tables, except that the
+    policy keeps a generous backend timeout: these tests are about behaviour, not a loaded machine's latency)."""
+    policy = {"timeout": 5.0, **sections.pop("policy", {})}
     return {
         "storage": {"url": storage, "shards": 4},
         "meters": {
@@ -49,6 +51,7 @@ def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]
         },
         "routes": {"exclude": ["/health"], "weights": {"/v1/heavy": 5}},
         "pipeline": {"flush_interval": 0.01, "spool_dir": str(spool_dir)},
+        "policy": policy,
         **sections,
     }
 

@@ -7,8 +7,8 @@
   settled by one script. The settlements charge credits and count quota as real ones do, but open no
   reservation (admission is not part of this benchmark), so the script's HGET of the reservation misses.
 * **rollup**: ``RollupWorker.drain()`` in its own process over the 16 shards those flushes filled; then
-  two worker processes over 32 shards filled with twice the events (same events per shard and per
-  stream entry), to show how throughput grows with shards and workers.
+  two worker processes over 32 shards filled with twice the customers and events (the same per shard,
+  and the same events per stream entry), to show how throughput grows with shards and workers.
 
 Redis and the measured processes are not pinned here: on a 2-core machine two rollup workers and Redis
 share the two cores, so the two-worker figure is a lower bound.
@@ -44,6 +44,7 @@ from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Settlement
 
 SHARDS = 16
+#: Customers per 16 shards: twice the shards get twice the customers, so each shard sees as many.
 CUSTOMERS = 1000
 BATCH_SIZE = 1000
 PLAN = "bench"
@@ -67,12 +68,13 @@ def config(url: str, shards: int, batch_size: int) -> Config:
 
 
 def _customers(url: str, shards: int) -> list[str]:
-    """Empty Redis, then create the customers, each with credits beyond reach."""
+    """Empty Redis, then create the customers (as many per shard whatever the shards), each with credits
+    beyond reach."""
     client = redis.Redis.from_url(url)
     client.flushall()
     client.close()
     storage = open_storage(url, shards=shards, timeout=30)
-    names = [f"customer-{index:04d}" for index in range(CUSTOMERS)]
+    names = [f"customer-{index:04d}" for index in range(CUSTOMERS * shards // SHARDS)]
     for name in names:
         storage.create_customer(Customer(name, PLAN))
         storage.grant_credits(name, CREDITS_MICROS)
@@ -241,7 +243,7 @@ def run_round(url: str, events: int) -> PipelineRun:
     synchronous = flush_sync(url, pending(events, customers, SHARDS))
     asynchronous = flush_async(url, pending(events, customers, SHARDS))
     one = rollup(url, SHARDS, 1, 2 * events)
-    # Twice the shards and twice the events: the same events per shard and per stream entry.
+    # Twice the shards, customers and events: the same customers, events and stream entries per shard.
     customers = _customers(url, 2 * SHARDS)
     flush_sync(url, pending(4 * events, customers, 2 * SHARDS), 2 * SHARDS, 2 * BATCH_SIZE)
     two = rollup(url, 2 * SHARDS, 2, 4 * events)

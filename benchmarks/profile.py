@@ -141,13 +141,17 @@ class CollectorClock:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.collections = [0, 0, 0]
+        #: The longest collection (a pause of the event loop), in seconds.
+        self.longest = 0.0
         self._began = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._began = time.perf_counter()
         else:
-            self.seconds += time.perf_counter() - self._began
+            pause = time.perf_counter() - self._began
+            self.seconds += pause
+            self.longest = max(self.longest, pause)
             self.collections[info["generation"]] += 1
 
     def __enter__(self) -> CollectorClock:
@@ -182,6 +186,7 @@ async def _child(mode: str, requests: int, concurrency: int, wait: bool) -> dict
         "rate": requests / wall,
         "gc_us": collector.seconds / requests * 1e6,
         "gc_collections": collector.collections,
+        "gc_longest_ms": collector.longest * 1e3,
     }
 
 
@@ -347,7 +352,10 @@ def analyse(collapsed: Path, cpu_us: float) -> Costs:
 
 def _gc(timing: dict[str, Any]) -> str:
     per_thousand = "/".join(f"{count * 1000 / timing['requests']:.1f}" for count in timing["gc_collections"])
-    return f"GC {timing['gc_us']:.1f} us (gen0/1/2 collections per 1000 requests: {per_thousand})"
+    return (
+        f"GC {timing['gc_us']:.1f} us (gen0/1/2 collections per 1000 requests: {per_thousand};"
+        f" longest pause {timing.get('gc_longest_ms', 0):.1f} ms)"
+    )
 
 
 GC = "the cyclic garbage collector (measured without the profiler)"

@@ -61,7 +61,28 @@ BACKEND_DOWN: Final = Decision(allowed=False, reason="backend_unavailable", retr
 #: The decision for a test key on a live-only route (made without the backend).
 LIVE_ONLY: Final = Decision(allowed=False, reason="test_key_not_allowed")
 
+#: During an outage every call fails the same way: say so at most once in this many seconds.
+OUTAGE_WARNING_SECONDS: Final = 10.0
+
 KeyGetter = Callable[[Any], "str | None"]
+
+
+class ThrottledWarning:
+    """A warning logged at most once per interval, with the count of the ones held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held, self._next = self._held, 0, now + self.interval
+        suffix = f" ({held} more like it held back)" if held else ""
+        logger.warning("meterware: backend failed: " + message + suffix, *args)
 
 
 @dataclass(slots=True)
@@ -121,6 +142,7 @@ class Metering:
         self._exit_hook_pid = 0
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
+        self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
 
     def backend(self, *, flushing: bool = False) -> Storage:
         """A synchronous backend client: short timeouts for the request path, longer ones for flushing."""
@@ -275,11 +297,9 @@ class Metering:
         """
         entry = self._keys.get(key_hash)
         if self.policy.on_backend_error == "open" and entry is not None and entry[1] is not None:
-            logger.warning(
-                "meterware: backend failed during key lookup (%s); using the key as last seen", error
-            )
+            self._outage.warn("key lookup failed (%s); serving keys as last seen", error)
             return entry[1]
-        logger.warning("meterware: backend failed during key lookup (%s)", error)
+        self._outage.warn("key lookup failed (%s); refusing keys not seen before", error)
         return problem("backend_unavailable", Decision(allowed=False, retry_after=1))
 
     def admit_request(self, key: KeyInfo, path: str, now: float) -> AdmitRequest:
@@ -310,9 +330,7 @@ class Metering:
 
     def admit_failed(self, error: StorageError) -> Decision:
         """Apply the failure policy: serve without the backend (fail open) or refuse with 503."""
-        logger.warning(
-            "meterware: backend failed during admission (%s); failing %s", error, self.policy.on_backend_error
-        )
+        self._outage.warn("admission failed (%s); failing %s", error, self.policy.on_backend_error)
         if self.policy.on_backend_error == "open":
             return FAIL_OPEN
         return BACKEND_DOWN

@@ -291,6 +291,44 @@ def test_replay_stops_at_the_first_failure(tmp_path: Path, unreachable_storage: 
     assert not pipeline.healthy()
 
 
+@pytest.mark.redis
+def test_a_batch_the_backend_refuses_is_set_aside_and_the_others_replay(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spooled batch refused as it is (a clobbered key) is quarantined; the batches behind it still flow."""
+    import redis as redis_py
+
+    from meterware._core import Customer
+    from meterware.storage import _keyspace
+
+    storage = open_storage(redis_url, shards=SHARDS)
+    for customer in ("acme", "globex"):
+        storage.create_customer(Customer(customer, "pro"))
+    spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
+    globex = Settlement("globex", True, 1_767_225_600, "", True, False, (("calls", 1, 2000, 0),))
+    acme_shard, globex_shard = (_keyspace.shard_of(c, SHARDS) for c in ("acme", "globex"))
+    refused, good = (
+        make_batches([pending(0, acme_shard)]),
+        make_batches([Pending(globex_shard, event(1, "globex"), globex)]),
+    )
+    for batch in refused + good:
+        spool.write(batch)
+    client = redis_py.Redis.from_url(redis_url)
+    client.delete(_keyspace.customer(acme_shard, "acme"))
+    client.set(_keyspace.customer(acme_shard, "acme"), "clobbered")  # an operator's mistake
+
+    pipeline = Pipeline(config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.flush_sync(storage)
+    assert pipeline.spool.pending() == []
+    assert (pipeline.stats.quarantined_batches, pipeline.stats.replayed_batches) == (1, 1)
+    assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{refused[0].batch_id}.refused"]
+    assert "set aside as .refused" in caplog.records[0].getMessage()
+    assert [routes(events) for _, _, events in stream(storage)] == [["/v1/items/1"]]
+    client.close()
+    storage.close()
+
+
 def test_flush_during_backoff_spools_without_calling_the_backend(
     tmp_path: Path, unreachable_storage: Storage
 ) -> None:

@@ -19,7 +19,15 @@ class ConfigError(MeterwareError):
 
 
 class StorageError(MeterwareError):
-    """The storage backend failed or could not be reached (wraps the driver's exception)."""
+    """The storage backend failed or could not be reached (wraps the driver's exception).
+
+    ``refused``: the backend answered and refused this very input (e.g. a key of the wrong type), so
+    retrying it unchanged fails again; otherwise the failure may pass (connection, timeout, memory).
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class NotFoundError(MeterwareError):

@@ -56,6 +56,7 @@ class FlushStats:
     flushed_batches: int = 0
     spooled_events: int = 0
     replayed_batches: int = 0
+    quarantined_batches: int = 0
     dropped_events: int = 0
     failures: int = 0
 
@@ -285,6 +286,23 @@ class Pipeline:
         self.retry_at = time.monotonic() + self.backoff
         logger.warning("meterware: flush failed (%s); spooling, retry in %.1fs", error, self.backoff)
 
+    def quarantine(self, path: Path, batch: Batch, error: StorageError) -> None:
+        """Set aside a spooled batch the backend refuses as it is, so it cannot hold up the others.
+
+        The file stays on disk (``.refused``) for an operator to repair the data and put it back.
+        """
+        self.stats.quarantined_batches += 1
+        if self.metrics is not None:
+            self.metrics.batches_quarantined.inc()
+        logger.error(
+            "meterware: the backend refuses spooled batch %s of %d events (%s); set aside as .refused",
+            path.name,
+            _count_events(batch),
+            error,
+        )
+        path.rename(path.with_suffix(".refused"))
+        self.spool.remove(path)
+
     def spill(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
             if self.spool.write(batch):
@@ -322,6 +340,9 @@ class Pipeline:
                     try:
                         applied = self._timed_flush(storage, batch)
                     except StorageError as error:
+                        if error.refused:
+                            self.quarantine(path, batch, error)
+                            continue
                         self.failed(error)
                         return
                     self.spool.remove(path)
@@ -375,6 +396,9 @@ class Pipeline:
                 try:
                     applied = await self._timed_flush_async(storage, batch)
                 except StorageError as error:
+                    if error.refused:
+                        self.quarantine(path, batch, error)
+                        continue
                     self.failed(error)
                     return
                 self.spool.remove(path)

@@ -164,6 +164,11 @@ class AppMetrics:
             "Spooled event batches replayed to the backend.",
             registry=registry,
         )
+        self.batches_quarantined = Counter(
+            "meterware_batches_quarantined",
+            "Spooled event batches the backend refuses as they are, set aside as .refused files.",
+            registry=registry,
+        )
         self.flush_duration = Histogram(
             "meterware_flush_duration_seconds",
             "Time of one batch flush (append to the stream and settle), failed ones included.",

@@ -27,8 +27,8 @@ from tests.behaviour.apps import CALLS, FRAMEWORKS, configure_django
 
 
 def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]:
-    """The configuration every behaviour test starts from (sections replace whole tables, except that the
-    policy keeps a generous backend timeout: these tests are about behaviour, not a loaded machine's latency)."""
+    """The configuration every behaviour test starts from (sections replace whole tables, except that
+    the policy keeps a generous backend timeout: these tests are about behaviour, not a busy machine)."""
     policy = {"timeout": 5.0, **sections.pop("policy", {})}
     return {
         "storage": {"url": storage, "shards": 4},

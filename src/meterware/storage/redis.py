@@ -36,7 +36,7 @@ import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
@@ -259,7 +259,9 @@ class _DriverErrors:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         if isinstance(error, RedisError | RedisClusterException | OSError):
-            raise StorageError(self.message(error)) from error
+            # The scripts' own refusals: they checked everything and wrote nothing.
+            refused = isinstance(error, ResponseError) and str(error).startswith(("WRONGTYPE", "BADVALUE"))
+            raise StorageError(self.message(error), refused=refused) from error
 
     def message(self, error: BaseException) -> str:
         text = " ".join(str(error).split())

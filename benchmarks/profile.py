@@ -40,7 +40,9 @@ from meterware import Accounts, Config
 
 OUT = ROOT / "benchmarks" / "profiles"
 WARMUP_REQUESTS = 2000
-SPY = ["py-spy", "record", "--nolineno"]
+# Non-blocking: stopping the process for each sample takes effect where it returns from the kernel, which
+# charges the functions that make system calls (getpid, getrandom) ten times their cost here.
+SPY = ["py-spy", "record", "--nolineno", "--nonblocking"]
 
 # -- the child: the app, in-process --------------------------------------------------------------------
 

@@ -3,16 +3,20 @@
 Serves the metered Starlette app of the benchmarks in-process, driven by a minimal ASGI client (no HTTP
 server, no sockets but Redis's) with 32 concurrent callers on uvloop, for a bounded number of requests:
 
-1. times bare Starlette and the metered app without a profiler (CPU microseconds per request);
-2. runs the metered app again under py-spy (sampling, attached after the warm-up) and writes
-   ``profile-<mode>.svg`` (a flame graph), ``profile-<mode>.txt`` (the costs per request, below) and
-   ``profile-<mode>.collapsed`` (the raw stacks) into ``--out``.
+1. times bare Starlette and the metered app without a profiler: CPU microseconds per request, and the
+   time spent in the cyclic garbage collector (the collector stays off while py-spy samples);
+2. samples the metered app with py-spy, attached after the warm-up, twice:
 
-The top list charges each sample to the innermost meterware function on its stack, libraries included
-(redis-py under ``AsyncRedisStorage.admit``, prometheus-client under ``AppMetrics.call``...); samples in
-the app (Starlette, the endpoint) and in the driver are shown apart. Shares of the samples are turned
-into microseconds with the CPU time per request measured in the same run. ``--profiler pyinstrument``
-writes pyinstrument's HTML and text reports instead.
+   * ``--nonblocking``: py-spy reads the stack of the running process. Unbiased, but most stacks come
+     out torn, so only their top frame is used: **self time** by function (``profile-<mode>.self``);
+   * blocking: py-spy stops the process for each sample. Whole stacks, but a stop takes effect where
+     the process next returns from the kernel, so samples shift towards functions that make system
+     calls; fine for the **inclusive** time of the phases, and for the flame graph
+     (``profile-<mode>.collapsed``, ``profile-<mode>.svg``).
+
+The shares of the samples are turned into microseconds with the CPU time per request measured without a
+profiler, and written to ``profile-<mode>.txt`` in ``--out``. ``--profiler pyinstrument`` writes
+pyinstrument's HTML and text reports instead.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,7 @@ from meterware import Accounts, Config
 
 OUT = ROOT / "benchmarks" / "profiles"
 WARMUP_REQUESTS = 2000
-# Non-blocking: stopping the process for each sample takes effect where it returns from the kernel, which
-# charges the functions that make system calls (getpid, getrandom) ten times their cost here.
-SPY = ["py-spy", "record", "--nolineno", "--nonblocking"]
+SPY = ["py-spy", "record", "--nolineno"]
 
 # -- the child: the app, in-process --------------------------------------------------------------------
 
@@ -228,7 +229,7 @@ def _run_child(mode: str, args: argparse.Namespace, env: dict[str, str]) -> Any:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def _record(mode: str, args: argparse.Namespace, env: dict[str, str], fmt: str, output: Path) -> Any:
+def _record(mode: str, args: argparse.Namespace, env: dict[str, str], output: Path, *options: str) -> Any:
     """One metered run under ``py-spy record``, attached once the child has warmed up."""
     command = [sys.executable, "-m", "benchmarks.profile", mode, "--child", "--wait"]
     command += ["--requests", str(args.requests), "--concurrency", str(args.concurrency)]
@@ -241,17 +242,7 @@ def _record(mode: str, args: argparse.Namespace, env: dict[str, str], fmt: str, 
         if child.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the {mode} run did not start")
         spy = subprocess.Popen(
-            [
-                *SPY,
-                "--pid",
-                str(child.pid),
-                "--rate",
-                str(args.rate),
-                "--format",
-                fmt,
-                "--output",
-                str(output),
-            ],
+            [*SPY, *options, "--pid", str(child.pid), "--rate", str(args.rate), "--output", str(output)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -270,13 +261,19 @@ def _record(mode: str, args: argparse.Namespace, env: dict[str, str], fmt: str, 
             child.kill()
 
 
-def _frames(line: str) -> tuple[list[tuple[str, str]], int]:
-    stack, _, count = line.rpartition(" ")
-    frames = []
-    for frame in stack.split(";"):
-        function, _, where = frame.rpartition(" (")
-        frames.append((function, where.rstrip(")")))
-    return frames, int(count)
+def _stacks(collapsed: Path) -> Iterator[tuple[list[tuple[str, str]], int]]:
+    """The stacks of a py-spy raw profile, root first, as (function, file) frames, with their samples."""
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack.strip():
+            continue
+        frames = []
+        for frame in stack.split(";"):
+            function, _, where = frame.rpartition(" (")
+            frames.append((function, where.rstrip(")")))
+        # The child waiting for the go is idle, not part of any request.
+        if not any(function == "_wait_for_start" for function, _ in frames):
+            yield frames, int(count)
 
 
 def _package(path: str) -> str:
@@ -285,10 +282,27 @@ def _package(path: str) -> str:
 
 APP = "the app: Starlette routing, middleware, endpoint, response"
 DRIVER = "the driver (in-process ASGI client)"
-
-
 #: Functions of this module at the bottom of every stack: not the driver's cost.
 _ROOTS = frozenset({"<module>", "main", "child_main", "_profiled"})
+#: What the top frame's package is called in the self-time summary.
+LIBRARIES = {
+    "meterware": "meterware",
+    "redis": "redis-py (the client)",
+    "asyncio": "asyncio (tasks, timeouts, streams)",
+    "": "uvloop and other C code (no Python frame on top)",
+    "starlette": "Starlette + json (the app)",
+    "json": "Starlette + json (the app)",
+    "fastapi": "Starlette + json (the app)",
+    "prometheus_client": "prometheus-client (metrics)",
+    "msgpack": "msgpack (event codec)",
+}
+
+
+def _library(path: str) -> str:
+    package = _package(path)
+    if path.startswith("benchmarks/"):
+        return APP if path == "benchmarks/apps.py" else DRIVER
+    return LIBRARIES.get(package, "Python's standard library and the rest")
 
 
 def _bucket(frames: list[tuple[str, str]]) -> str:
@@ -309,47 +323,44 @@ def _bucket(frames: list[tuple[str, str]]) -> str:
     return f"{inner} in event-loop callbacks and tasks of its own"
 
 
-@dataclass
-class Costs:
-    """Samples of a profile, per request, in microseconds."""
-
-    #: By the innermost meterware function (the app, the driver and the rest apart), heaviest first.
-    exclusive: list[tuple[str, float]]
-    #: By meterware function, callees included (samples in the app left out).
-    inclusive: list[tuple[str, float]]
-    #: The heaviest leaf functions under each exclusive bucket.
-    leaves: dict[str, list[tuple[str, float]]]
-    samples: int
+Costs = list[tuple[str, float]]
 
 
-def analyse(collapsed: Path, cpu_us: float) -> Costs:
-    """Spread ``cpu_us`` over the stacks of a py-spy raw profile."""
-    exclusive: Counter[str] = Counter()
+def _scaled(counter: Counter[str], cpu_us: float) -> Costs:
+    total = sum(counter.values())
+    return [(name, count / total * cpu_us) for name, count in counter.most_common()]
+
+
+def self_time(collapsed: Path, cpu_us: float) -> tuple[Costs, Costs]:
+    """By library and by function: ``cpu_us`` spread over the top frames of a non-blocking profile."""
+    libraries: Counter[str] = Counter()
+    functions: Counter[str] = Counter()
+    for frames, count in _stacks(collapsed):
+        function, path = frames[-1]
+        library = _library(path)
+        libraries[library] += count
+        functions[f"{function} ({path})" if path else "C code (no Python frame on top)"] += count
+    return _scaled(libraries, cpu_us), _scaled(functions, cpu_us)
+
+
+def whole_stacks(collapsed: Path, cpu_us: float) -> tuple[Costs, Costs]:
+    """By innermost meterware function (libraries it calls included), and inclusive by meterware function
+    (the app left out): ``cpu_us`` spread over the stacks of a blocking profile."""
+    innermost: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    leaves: dict[str, Counter[str]] = {}
     total = 0
-    for line in collapsed.read_text().splitlines():
-        if not line.strip():
-            continue
-        frames, count = _frames(line)
-        if any(function == "_wait_for_start" for function, _ in frames):
-            continue
+    for frames, count in _stacks(collapsed):
         total += count
         bucket = _bucket(frames)
-        exclusive[bucket] += count
-        function, path = frames[-1]
-        leaves.setdefault(bucket, Counter())[f"{function} ({path})"] += count
-        if bucket in (APP, DRIVER):
-            continue
-        for name in {f"{function} ({path})" for function, path in frames if _package(path) == "meterware"}:
-            inclusive[name] += count
-
-    def scaled(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(name, count / total * cpu_us) for name, count in counter.most_common()]
-
-    return Costs(
-        scaled(exclusive), scaled(inclusive), {name: scaled(found) for name, found in leaves.items()}, total
-    )
+        innermost[bucket] += count
+        if bucket not in (APP, DRIVER):
+            for name in {
+                f"{function} ({path})" for function, path in frames if _package(path) == "meterware"
+            }:
+                inclusive[name] += count
+    return _scaled(innermost, cpu_us), [
+        (name, count / total * cpu_us) for name, count in inclusive.most_common()
+    ]
 
 
 def _gc(timing: dict[str, Any]) -> str:
@@ -363,12 +374,20 @@ def _gc(timing: dict[str, Any]) -> str:
 GC = "the cyclic garbage collector (measured without the profiler)"
 
 
-def report(mode: str, timings: dict[str, Any], collapsed: Path, top: int) -> str:
+def _lines(costs: Costs, top: int) -> list[str]:
+    return [f"  {cost:8.2f} us  {name}" for name, cost in costs[:top]]
+
+
+def report(mode: str, timings: dict[str, Any], out: Path, top: int) -> str:
     bare, metered = timings["bare"], timings["metered"]
-    # py-spy's pauses slow the process down: its shares are applied to the time measured without it.
-    costs = analyse(collapsed, metered["cpu_us"] - metered["gc_us"])
-    exclusive = sorted([*costs.exclusive, (GC, metered["gc_us"])], key=lambda item: -item[1])
-    ours = sum(cost for name, cost in exclusive if "(meterware/" in name)
+    # py-spy slows the process down: its shares are applied to the time measured without it.
+    sampled = metered["cpu_us"] - metered["gc_us"]
+    gc_line = (GC, metered["gc_us"])
+    libraries, functions = self_time(out / f"profile-{mode}.self", sampled)
+    innermost, inclusive = whole_stacks(out / f"profile-{mode}.collapsed", sampled)
+    libraries = sorted([*libraries, gc_line], key=lambda item: -item[1])
+    functions = sorted([*functions, gc_line], key=lambda item: -item[1])
+    innermost = sorted([*innermost, gc_line], key=lambda item: -item[1])
     lines = [
         f"meterware profile, mode {mode}: {metered['requests']:,} requests from 32 concurrent callers",
         "",
@@ -378,18 +397,19 @@ def report(mode: str, timings: dict[str, Any], collapsed: Path, top: int) -> str
         f" {_gc(metered)}",
         f"  meterware adds      {metered['cpu_us'] - bare['cpu_us']:7.1f} us",
         "",
-        f"Where the metered request's {metered['cpu_us']:.1f} us go ({costs.samples:,} py-spy samples, taken",
-        "with the collector off). Each sample is charged to the innermost meterware function on its stack,",
-        f"the libraries it calls included; meterware's own functions add up to {ours:.1f} us:",
+        f"Self time per request by library ({metered['cpu_us']:.1f} us; py-spy --nonblocking, the GC off):",
+        *_lines(libraries, top),
+        "",
+        "Self time per request by function (py-spy --nonblocking):",
+        *_lines(functions, top),
+        "",
+        "Per request by innermost meterware function on the stack, the libraries it calls included",
+        "(py-spy blocking: whole stacks, but samples drift towards system calls):",
+        *_lines(innermost, top),
+        "",
+        "Inclusive time per request of meterware functions (py-spy blocking; the app left out):",
+        *_lines(inclusive, top),
     ]
-    lines += [f"  {cost:8.2f} us  {name}" for name, cost in exclusive[:top]]
-    lines += ["", "Inclusive costs per request of meterware functions (callees included, the app excluded):"]
-    lines += [f"  {cost:8.2f} us  {name}" for name, cost in costs.inclusive[:top]]
-    lines += ["", "The leaf functions (self time) of the heaviest buckets:"]
-    for name, cost in exclusive[:8]:
-        if name in costs.leaves:
-            lines.append(f"  {cost:8.2f} us  {name}")
-            lines += [f"      {part:8.2f} us  {leaf}" for leaf, part in costs.leaves[name][:5]]
     return "\n".join(lines) + "\n"
 
 
@@ -416,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("profile a metered mode: memory or strict")
     if args.report_only:
         timings = json.loads((args.out / f"profile-{args.mode}.json").read_text())
-        text = report(args.mode, timings, args.out / f"profile-{args.mode}.collapsed", args.top)
+        text = report(args.mode, timings, args.out, args.top)
         (args.out / f"profile-{args.mode}.txt").write_text(text)
         print(text)
         return 0
@@ -451,16 +471,16 @@ def _profile(args: argparse.Namespace, workdir: Path, redis: RedisServer | None)
         _run_child(args.mode, args, {**env, "BENCH_PROFILER": "pyinstrument"})
         say(f"wrote {args.out}/profile-{args.mode}.pyinstrument.html and .txt")
         return 0
-    collapsed = args.out / f"profile-{args.mode}.collapsed"
-    svg = args.out / f"profile-{args.mode}.svg"
-    say("profiling with py-spy (raw stacks, then the flame graph)")
-    _record(args.mode, args, env, "raw", collapsed)
-    _record(args.mode, args, env, "flamegraph", svg)
-    (args.out / f"profile-{args.mode}.json").write_text(json.dumps(timings, indent=2))
-    text = report(args.mode, timings, collapsed, args.top)
-    (args.out / f"profile-{args.mode}.txt").write_text(text)
+    name = args.out / f"profile-{args.mode}"
+    say("profiling with py-spy: non-blocking, blocking, then the flame graph")
+    _record(args.mode, args, env, name.with_suffix(".self"), "--nonblocking", "--format", "raw")
+    _record(args.mode, args, env, name.with_suffix(".collapsed"), "--format", "raw")
+    _record(args.mode, args, env, name.with_suffix(".svg"), "--format", "flamegraph")
+    name.with_suffix(".json").write_text(json.dumps(timings, indent=2))
+    text = report(args.mode, timings, args.out, args.top)
+    name.with_suffix(".txt").write_text(text)
     print(text)
-    say(f"wrote {svg}, {collapsed} and {args.out / f'profile-{args.mode}.txt'}")
+    say(f"wrote {name}.txt, .svg (flame graph), .self and .collapsed (raw stacks), .json (timings)")
     return 0
 
 

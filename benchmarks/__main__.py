@@ -58,8 +58,8 @@ def _ratio(value: float) -> str:
 
 def http_table(rows: Sequence[Row]) -> list[str]:
     lines = [
-        "| variant | req/s | x bare (range) | p99 ms | p99 x bare | RSS start -> end MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | req/s | x bare (range) | p99 ms | p99 x bare | server busy | Redis us/req | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for framework in dict.fromkeys(row.framework for row in rows):
         for row in (row for row in rows if row.framework == framework):
@@ -69,12 +69,14 @@ def http_table(rows: Sequence[Row]) -> list[str]:
                 ratio = "1.00x"
             if row.charged_ok is False:
                 name += " (NOT every call charged!)"
+            redis_us = "" if row.redis_us is None else f"{row.redis_us:.0f}"
             lines.append(
                 f"| {name} | {row.requests_per_second:,.0f} | {ratio} | {row.p99_ms:.2f} |"
-                f" {_ratio(row.p99_ratio)} | {row.rss_start_mib:.1f} -> {row.rss_end_mib:.1f} |"
+                f" {_ratio(row.p99_ratio)} | {row.server_busy:.0%} | {redis_us} |"
+                f" {row.rss_start_mib:.1f} -> {row.rss_end_mib:.1f} |"
             )
         for mode in MISSING_MODES:
-            lines.append(f"| {LABELS[framework]} {MODE_LABELS[mode]} | {mode}: not implemented | | | | |")
+            lines.append(f"| {LABELS[framework]} {MODE_LABELS[mode]} | {mode}: not implemented | | | | | | |")
     return lines
 
 
@@ -229,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     # Re-measuring up to a fifth of the runs keeps the suite bounded in time.
-    retries = Retries(3 if quick else 12, args.max_others)
+    budget = 3 if quick else 12
+    retries = Retries(budget, args.max_others)
     names = args.frameworks.split(",")
     settings = Settings(
         rounds=args.rounds or (2 if quick else 5),
@@ -263,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.skip_http:
             print(f"HTTP: {settings.rounds} rounds of {len(settings.frameworks) * 3} runs", file=sys.stderr)
             pin_process(server.process.pid, str(LOAD_CPU))
-            runs = throughput.run_rounds(settings, server.url, workdir, _progress)
+            runs = throughput.run_rounds(settings, server, workdir, _progress)
             rows = throughput.summarize(runs)
         if not args.skip_pipeline:
             print(f"pipeline: {pipeline_rounds} rounds of {events:,} events", file=sys.stderr)
@@ -303,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(
         f"\nruns measured again because other processes used more than {args.max_others} cores:"
-        f" {(3 if quick else 12) - retries.left}"
+        f" {budget - retries.left}"
     )
     print(
         f"load average at end: {after[0]:.2f} {after[1]:.2f} {after[2]:.2f} (the suite's own included);"

@@ -31,6 +31,7 @@ __all__ = [
     "Server",
     "WrkResult",
     "child_env",
+    "cpu_seconds",
     "free_port",
     "load_average",
     "machine",
@@ -40,6 +41,7 @@ __all__ = [
     "wrk",
 ]
 
+_TICK = os.sysconf("SC_CLK_TCK")
 #: The core the measured server runs on, and the one the load generator (and Redis) run on.
 SERVER_CPU = 0
 LOAD_CPU = 1
@@ -129,6 +131,12 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _children(pid: int) -> list[int]:
@@ -245,9 +253,6 @@ class Retries:
             return False
         self.left -= 1
         return True
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _busy_seconds() -> float:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import redis
 from prometheus_client import CollectorRegistry
 
 from benchmarks._harness import RedisServer
@@ -255,6 +256,37 @@ def storage(name: str, bench: Bench, repeat: int) -> Iterator[Piece]:
     yield timed_once(f"{name}: Storage.flush (one batch of {BATCH} events)", flush, repeat, BATCH)
 
 
+def redis_side(url: str, bench: Bench, repeat: int) -> Iterator[Piece]:
+    """The time Redis itself spends in the admission and flush scripts (``INFO commandstats``)."""
+    client = redis.Redis.from_url(url)
+
+    def script_time(run: Callable[[], object], count: int) -> float:
+        client.config_resetstat()
+        run()
+        stats = client.info("commandstats")["cmdstat_evalsha"]
+        if stats["calls"] != count:
+            raise RuntimeError(f"expected {count} script calls, Redis saw {stats['calls']}")
+        return float(stats["usec_per_call"]) / 1e6
+
+    def admits() -> None:
+        for _ in range(1000):
+            bench.storage.admit(bench.request)
+
+    def flushes() -> Callable[[], None]:
+        batches = bench.batches(20)
+        return lambda: [bench.storage.flush(batch) for batch in batches]
+
+    yield Piece(
+        "redis-server: time in the admission script, per call",
+        lambda: statistics.median(script_time(admits, 1000) for _ in range(repeat)),
+    )
+    yield Piece(
+        f"redis-server: time in the flush script, per batch of {BATCH} events",
+        lambda: statistics.median(script_time(flushes(), 20) for _ in range(repeat)),
+        BATCH,
+    )
+
+
 def async_admit(url: str, bench: Bench, repeat: int) -> Iterator[Piece]:
     """Sequential admissions through the asyncio client on uvloop (the ASGI request path's round trip)."""
     import uvloop
@@ -326,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if url is not None:
             remote = Bench(url, workdir)
-            groups += [storage("redis", remote, repeat), async_admit(url, remote, repeat)]
+            groups += [
+                storage("redis", remote, repeat),
+                async_admit(url, remote, repeat),
+                redis_side(url, remote, repeat),
+            ]
         for group in groups:
             for piece in group:
                 if args.filter.lower() in piece.name.lower():

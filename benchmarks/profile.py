@@ -280,7 +280,7 @@ def _package(path: str) -> str:
     return path.split("/", 1)[0] if "/" in path else path.removesuffix(".py")
 
 
-APP = "the app: Starlette routing, middleware, endpoint, response"
+APP = "the app: Starlette routing, middleware, endpoint, JSON response"
 DRIVER = "the driver (in-process ASGI client)"
 #: Functions of this module at the bottom of every stack: not the driver's cost.
 _ROOTS = frozenset({"<module>", "main", "child_main", "_profiled"})
@@ -290,9 +290,9 @@ LIBRARIES = {
     "redis": "redis-py (the client)",
     "asyncio": "asyncio (tasks, timeouts, streams)",
     "": "uvloop and other C code (no Python frame on top)",
-    "starlette": "Starlette + json (the app)",
-    "json": "Starlette + json (the app)",
-    "fastapi": "Starlette + json (the app)",
+    "starlette": APP,
+    "json": APP,
+    "fastapi": APP,
     "prometheus_client": "prometheus-client (metrics)",
     "msgpack": "msgpack (event codec)",
 }

@@ -16,11 +16,22 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks._harness import OthersClock, Retries, Server, WrkResult, child_env, rss_mib, wrk
+from benchmarks._harness import (
+    OthersClock,
+    RedisServer,
+    Retries,
+    Server,
+    WrkResult,
+    child_env,
+    cpu_seconds,
+    rss_mib,
+    wrk,
+)
 from benchmarks.apps import CONFIG, CREDITS_MICROS, create_customer
 from meterware import Accounts, Config
 
@@ -83,13 +94,18 @@ class Run:
     answered: int = 0
     #: CPU used by other processes during the measured run, in cores (a shared machine's noise).
     others_cores: float = 0.0
+    #: Share of its core the serving process used during the measured run (1.0: it was the bottleneck).
+    server_busy: float = 0.0
+    #: Strict mode: CPU microseconds Redis spent per request during the measured run.
+    redis_us: float | None = None
 
 
 def run_once(
-    framework: Framework, mode: str, number: int, settings: Settings, redis_url: str, workdir: Path
+    framework: Framework, mode: str, number: int, settings: Settings, redis: RedisServer, workdir: Path
 ) -> Run:
     """Serve, check, warm up, measure and stop one server of ``framework`` in ``mode``."""
-    storage = {"bare": "memory://", "memory": "memory://", "strict": redis_url}[mode]
+    storage = {"bare": "memory://", "memory": "memory://", "strict": redis.url}[mode]
+    assert redis.process is not None
     config = workdir / f"{mode}.toml"
     config.write_text(CONFIG.format(storage=storage, spool=workdir / "spool"))
     accounts = customer = key = None
@@ -106,9 +122,11 @@ def run_once(
             raise RuntimeError(f"{framework.name} {mode}: unexpected first answer {status} {headers} {body}")
         warm = wrk(server.url("/v1/hello"), settings.warmup, key=key, connections=CONNECTIONS)
         rss_start = rss_mib(server.pid)
-        others = OthersClock()
+        others, began = OthersClock(), time.monotonic()
+        serving, storing = cpu_seconds(server.pid), cpu_seconds(redis.process.pid)
         result = wrk(server.url("/v1/hello"), settings.seconds, key=key, connections=CONNECTIONS)
-        others_cores = others.cores()
+        serving, storing = cpu_seconds(server.pid) - serving, cpu_seconds(redis.process.pid) - storing
+        others_cores, elapsed = others.cores(), time.monotonic() - began
         rss_end = rss_mib(server.pid)
     finally:
         server.stop()
@@ -117,11 +135,24 @@ def run_once(
         charged = CREDITS_MICROS - accounts.balance(customer).balance
         accounts.close()
     answered = 1 + warm.requests + result.requests
-    return Run(framework.name, mode, number, result, rss_start, rss_end, charged, answered, others_cores)
+    redis_us = storing / result.requests * 1e6 if mode == "strict" else None
+    return Run(
+        framework.name,
+        mode,
+        number,
+        result,
+        rss_start,
+        rss_end,
+        charged,
+        answered,
+        others_cores,
+        serving / elapsed,
+        redis_us,
+    )
 
 
 def run_rounds(
-    settings: Settings, redis_url: str, workdir: Path, progress: Callable[[str], None]
+    settings: Settings, redis: RedisServer, workdir: Path, progress: Callable[[str], None]
 ) -> list[Run]:
     """Every (framework, mode) once per round; the modes' order rotates from round to round."""
     runs: list[Run] = []
@@ -131,12 +162,12 @@ def run_rounds(
         for framework in settings.frameworks:
             for mode in modes:
                 attempt = 0
-                run = run_once(framework, mode, number, settings, redis_url, workdir)
+                run = run_once(framework, mode, number, settings, redis, workdir)
                 progress(_describe(run, settings.rounds))
                 while settings.retries.again(run.others_cores, attempt):
                     attempt += 1
                     progress(f"other processes used {run.others_cores:.2f} cores: measuring it again")
-                    run = run_once(framework, mode, number, settings, redis_url, workdir)
+                    run = run_once(framework, mode, number, settings, redis, workdir)
                     progress(_describe(run, settings.rounds))
                 runs.append(run)
     return runs
@@ -146,8 +177,11 @@ def _describe(run: Run, rounds: int) -> str:
     text = (
         f"round {run.round + 1}/{rounds} {run.framework:<13} {run.mode:<7}"
         f" {run.result.requests_per_second:>9,.0f} req/s  p99 {run.result.p99_ms:6.2f} ms"
-        f"  RSS {run.rss_start_mib:.1f} -> {run.rss_end_mib:.1f} MiB  others {run.others_cores:.2f} cores"
+        f"  RSS {run.rss_start_mib:.1f} -> {run.rss_end_mib:.1f} MiB  server busy {run.server_busy:.0%}"
+        f"  others {run.others_cores:.2f} cores"
     )
+    if run.redis_us is not None:
+        text += f"  Redis {run.redis_us:.0f} us/request"
     if run.charged is not None:
         text += f"  charged {run.charged:,} of {run.answered:,} answered"
     return text
@@ -173,6 +207,8 @@ class Row:
     charged_ok: bool | None
     #: The most CPU other processes used during one of the runs, in cores.
     others_max: float
+    server_busy: float
+    redis_us: float | None
 
 
 def summarize(runs: Sequence[Run]) -> list[Row]:
@@ -200,9 +236,15 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
                 statistics.median(run.rss_end_mib for run in mine),
                 all(_charged_ok(run) for run in charged) if charged else None,
                 max(run.others_cores for run in mine),
+                statistics.median(run.server_busy for run in mine),
+                statistics.median(redis_us) if (redis_us := _redis_us(mine)) else None,
             )
         )
     return rows
+
+
+def _redis_us(runs: Sequence[Run]) -> list[float]:
+    return [run.redis_us for run in runs if run.redis_us is not None]
 
 
 def _charged_ok(run: Run) -> bool:

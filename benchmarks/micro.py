@@ -24,7 +24,7 @@ from pathlib import Path
 import redis
 from prometheus_client import CollectorRegistry
 
-from benchmarks._harness import RedisServer
+from benchmarks._harness import OthersClock, RedisServer
 from benchmarks.apps import CONFIG, create_customer
 from meterware import Accounts, Config, keys
 from meterware._core import KeyInfo, decision_from_reply, limit_headers
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis pieces")
     args = parser.parse_args(argv)
     repeat = 3 if args.quick else 7
+    others = OthersClock()
     print("| piece | us per call | calls/s | per event |")
     print("|---|---:|---:|---:|")
     with (
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(_line(piece, piece.measure()), flush=True)
         # Nothing is left in the inputs' buffer to drain at exit.
         bench.metering.pipeline.buffer.take(10**9)
+    print(f"\nother processes used {others.cores():.2f} cores on average meanwhile")
     return 0
 
 

@@ -3,7 +3,7 @@
 Starts its own redis-server and app servers on loopback ports, measures every framework bare and behind
 meterware in interleaved rounds (``benchmarks.throughput``), then the event pipeline and the rollup
 (``benchmarks.pipeline``), and prints the medians, the ratios to the bare app of the same round and the
-targets of issue 5 next to them. About 10 minutes by default, about 2 with ``--quick``.
+targets of issue 5 next to them. About 9 minutes by default, about 2 with ``--quick``.
 """
 
 from __future__ import annotations

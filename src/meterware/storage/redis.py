@@ -291,8 +291,30 @@ class _Keys:
         return found
 
 
-def admit_call(request: AdmitRequest) -> tuple[list[str], list[Arg]]:
-    """KEYS and ARGV of ``admit.lua``."""
+#: Admission templates kept (a template per key, plan terms, period and route weight in use).
+TEMPLATE_CACHE_SIZE: Final = 10_000
+_templates: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[Arg, ...]]] = {}
+
+
+def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, ...]]:
+    """The KEYS and arguments of one call in ``admit.lua``, less its reservation id (cached: calls with
+    the same key, terms and period share them)."""
+    identity = (
+        request.shard,
+        request.key_id,
+        request.customer,
+        request.live,
+        request.plan.name,
+        request.plan.prepaid,
+        request.plan.rate_limits,
+        request.period_start,
+        request.period_end,
+        request.holds,
+        request.reservation_timeout_ms,
+    )
+    template = _templates.get(identity)
+    if template is not None:
+        return template
     shard, customer, live = request.shard, request.customer, request.live
     keys = [
         ks.key_record(shard, request.key_id),
@@ -305,7 +327,7 @@ def admit_call(request: AdmitRequest) -> tuple[list[str], list[Arg]]:
     args: list[Arg] = [
         customer,
         int(request.charges_credits),
-        request.reservation_id,
+        "",  # the reservation id: each call's own
         request.reservation_timeout_ms,
         request.period_end + QUOTA_GRACE_SECONDS,
         f"{customer} {int(live)} {request.period_start}",
@@ -316,7 +338,42 @@ def admit_call(request: AdmitRequest) -> tuple[list[str], list[Arg]]:
     args.append(len(request.holds))
     for hold in request.holds:
         args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
-    return keys, args
+    if len(_templates) >= TEMPLATE_CACHE_SIZE:
+        _templates.clear()
+    template = _templates[identity] = (tuple(keys), tuple(args))
+    return template
+
+
+def admit_call(requests: Sequence[AdmitRequest]) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``admit.lua`` admitting ``requests`` (of one shard) in order."""
+    keys: list[str] = []
+    args: list[Arg] = [0]
+    calls: list[Arg] = []
+    numbers: dict[int, int] = {}
+    for request in requests:
+        template = admit_template(request)
+        number = numbers.get(id(template))
+        if number is None:
+            number = numbers[id(template)] = len(numbers) + 1
+            template_keys, template_args = template
+            keys += template_keys
+            args += (len(template_keys), len(template_args), *template_args)
+        calls += (number, request.reservation_id)
+    args[0] = len(numbers)
+    return keys, args + calls
+
+
+def decisions_from_replies(
+    requests: Sequence[AdmitRequest], replies: Sequence[Any], errors: _DriverErrors
+) -> list[Decision | StorageError]:
+    """Each call's decision, or the refusal of a call whose keys hold garbage (it wrote nothing)."""
+    now = time.time()
+    return [
+        StorageError(errors.message(ResponseError(_text(reply[1]))), refused=True)
+        if int(reply[0]) < 0
+        else decision_from_reply(request, reply, now)
+        for request, reply in zip(requests, replies, strict=True)
+    ]
 
 
 def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
@@ -538,10 +595,13 @@ class RedisStorage:
         return key_info_from(fields, customer_from(customer_id, values))
 
     def admit(self, request: AdmitRequest) -> Decision:
-        keys, args = admit_call(request)
+        keys, args = admit_call((request,))
         with self._call():
-            reply = self._run("admit", keys, args)
-        return decision_from_reply(request, reply, time.time())
+            replies = self._run("admit", keys, args)
+        (decision,) = decisions_from_replies((request,), replies, self._errors)
+        if isinstance(decision, StorageError):
+            raise decision
+        return decision
 
     def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)
@@ -764,6 +824,10 @@ class AsyncRedisStorage:
         self._starting = asyncio.Lock()
         self._started = False
         self._scripts: dict[str, AsyncScript] = {}
+        self._admit_loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[tuple[AdmitRequest, asyncio.Future[Decision]]] = []
+        self._admitting = False
+        self._admitter: asyncio.Task[None] | None = None
 
     async def _redis(self) -> AsyncClient:
         loop = asyncio.get_running_loop()
@@ -809,10 +873,62 @@ class AsyncRedisStorage:
         return key_info_from(fields, customer_from(customer_id, values))
 
     async def admit(self, request: AdmitRequest) -> Decision:
-        keys, args = admit_call(request)
-        async with self._call():
-            reply = await self._run("admit", keys, args)
-        return decision_from_reply(request, reply, time.time())
+        """Admit a call together with the calls of other requests that wait meanwhile.
+
+        At most one round of admissions is in flight: calls that arrive while it is go together in the
+        next, one script call per shard, so under load one round trip admits many calls and when idle a
+        call goes at once. Each call is still decided on its own, in order, exactly as alone.
+        """
+        loop = asyncio.get_running_loop()
+        if self._admit_loop is not loop:  # a new event loop: whatever waited on the old one is gone
+            self._admit_loop, self._waiting, self._admitting = loop, [], False
+        future: asyncio.Future[Decision] = loop.create_future()
+        self._waiting.append((request, future))
+        if not self._admitting:
+            self._admitting = True
+            self._admitter = loop.create_task(self._admit_waiting())
+        return await future
+
+    async def _admit_waiting(self) -> None:
+        try:
+            while self._waiting:
+                calls, self._waiting = self._waiting, []
+                by_shard: dict[int, list[tuple[AdmitRequest, asyncio.Future[Decision]]]] = {}
+                for call in calls:
+                    by_shard.setdefault(call[0].shard, []).append(call)
+                # Failures reach the callers through their futures; the next round goes on regardless.
+                await asyncio.gather(
+                    *(self._admit_shard(shard_calls) for shard_calls in by_shard.values()),
+                    return_exceptions=True,
+                )
+        finally:
+            self._admitting = False
+
+    async def _admit_shard(self, calls: list[tuple[AdmitRequest, asyncio.Future[Decision]]]) -> None:
+        requests = [request for request, _ in calls]
+        try:
+            keys, args = admit_call(requests)
+            async with self._call():
+                replies = await self._run("admit", keys, args)
+            decisions = decisions_from_replies(requests, replies, self._errors)
+        except StorageError as error:
+            for _, future in calls:
+                if not future.done():
+                    # Each caller raises its own exception: one object raised in many tasks would gather
+                    # all their tracebacks.
+                    future.set_exception(StorageError(str(error), refused=error.refused))
+            return
+        except BaseException as error:
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(error) if isinstance(error, Exception) else future.cancel()
+            raise
+        for (_, future), decision in zip(calls, decisions, strict=True):
+            if not future.done():
+                if isinstance(decision, StorageError):
+                    future.set_exception(decision)
+                else:
+                    future.set_result(decision)
 
     async def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)

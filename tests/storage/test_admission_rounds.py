@@ -1,0 +1,92 @@
+"""Concurrent admissions share round trips to Redis, and each call is still decided on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from meterware._core import AdmitRequest, Decision
+from meterware.errors import StorageError
+from meterware.storage import _keyspace as ks
+from meterware.storage.redis import AsyncRedisStorage, RedisStorage
+from tests.storage.conftest import SHARDS, TIMEOUT
+from tests.storage.test_contract import admit_request, make_plan, open_account
+
+pytestmark = pytest.mark.redis
+
+CALLS = 60
+
+
+def _script_runs(url: str) -> int:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def _admit_all(url: str, requests: list[AdmitRequest]) -> list[Decision | BaseException]:
+    async def run() -> list[Decision | BaseException]:
+        storage = AsyncRedisStorage(url, shards=SHARDS, timeout=TIMEOUT)
+        try:
+            calls = (storage.admit(request) for request in requests)
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+        finally:
+            await storage.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def sync_storage(redis_url: str) -> RedisStorage:
+    redis.Redis.from_url(redis_url).flushall()
+    return RedisStorage(redis_url, shards=SHARDS, timeout=TIMEOUT)
+
+
+def test_concurrent_admissions_share_round_trips(redis_url: str, sync_storage: RedisStorage) -> None:
+    """60 concurrent admissions of two customers take a handful of script runs, not 60."""
+    for customer in ("acme", "globex"):
+        open_account(sync_storage, customer, credits=10_000)
+    plan = make_plan(quota=1_000, price=10, prepaid=True)
+    requests = [admit_request(sync_storage, plan, ("acme", "globex")[i % 2]) for i in range(CALLS)]
+    redis.Redis.from_url(redis_url).config_resetstat()
+
+    decisions = _admit_all(redis_url, requests)
+
+    assert all(isinstance(d, Decision) and d.allowed for d in decisions)
+    runs = _script_runs(redis_url)
+    assert runs <= 6, f"{runs} script runs for {CALLS} concurrent admissions"
+    for customer in ("acme", "globex"):
+        assert sync_storage.get_balance(customer).reserved == CALLS // 2 * 10
+
+
+def test_a_garbage_key_refuses_only_its_own_call(redis_url: str, sync_storage: RedisStorage) -> None:
+    """A call whose quota key holds garbage is refused alone; the calls admitted with it are unharmed."""
+    for customer in ("acme", "globex"):
+        open_account(sync_storage, customer, credits=10_000)
+    plan = make_plan(quota=1_000, price=10, prepaid=True)
+    good = [admit_request(sync_storage, plan, "acme") for _ in range(5)]
+    bad = admit_request(sync_storage, plan, "globex")
+    quota_key = ks.quota(bad.shard, True, "globex", bad.period_start)
+    redis.Redis.from_url(redis_url).set(quota_key, "garbage")
+
+    decisions = _admit_all(redis_url, [*good[:2], bad, *good[2:]])
+
+    refused = decisions[2]
+    assert isinstance(refused, StorageError)
+    assert refused.refused
+    assert "WRONGTYPE" in str(refused)
+    assert quota_key in str(refused)
+    assert [isinstance(d, Decision) and d.allowed for d in decisions[:2] + decisions[3:]] == [True] * 5
+    assert sync_storage.get_balance("acme").reserved == 50
+    assert sync_storage.get_balance("globex").reserved == 0
+
+
+def test_an_unreachable_redis_fails_every_waiting_call(sync_storage: RedisStorage) -> None:
+    """With Redis unreachable, each waiting call gets its own StorageError (none hangs)."""
+    plan = make_plan(quota=1_000)
+    requests = [admit_request(sync_storage, plan, f"c{i}") for i in range(10)]
+
+    decisions = _admit_all("redis://127.0.0.1:1/0", requests)
+
+    assert all(isinstance(d, StorageError) and not d.refused for d in decisions)
+    assert len({id(d) for d in decisions}) == len(decisions)

@@ -239,6 +239,52 @@ class Rollup:
     retention_seconds: float = 86_400.0
 
 
+@dataclass(frozen=True, slots=True)
+class AlertRules:
+    """Thresholds that raise an alert, each at most once per customer and billing period.
+
+    One scope (everyone, a plan, a customer); a ``None`` list inherits the wider scope's.
+    """
+
+    #: Percentages of every quota (hard or soft) of the plan, e.g. ``(50, 80, 100)``.
+    quota_percent: tuple[int, ...] | None = None
+    #: Prepaid balances (micro-credits) under which an alert fires.
+    credits_below: tuple[int, ...] | None = None
+    #: Period spend (micro-credits) above which an alert fires.
+    spend_above: tuple[int, ...] | None = None
+
+    def over(self, wider: AlertRules) -> AlertRules:
+        """These rules, with what they leave unset taken from ``wider``."""
+        return AlertRules(
+            wider.quota_percent if self.quota_percent is None else self.quota_percent,
+            wider.credits_below if self.credits_below is None else self.credits_below,
+            wider.spend_above if self.spend_above is None else self.spend_above,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Alerts:
+    """The ``[alerts]`` section: thresholds, and where fired alerts go (stream, log, webhook)."""
+
+    #: Whether the rollup worker evaluates alerts (the section is present).
+    enabled: bool = False
+    #: Where to POST each alert (signed); None: the alerts stream and the log only.
+    webhook_url: str | None = None
+    #: The environment variable holding the webhook's HMAC secret (never the file).
+    secret_env: str = "METERWARE_WEBHOOK_SECRET"
+    #: Delivery attempts per alert, and the timeout of each, in seconds.
+    webhook_attempts: int = 6
+    webhook_timeout: float = 5.0
+    rules: AlertRules = field(default_factory=AlertRules)
+    #: Per-plan overrides of ``rules``.
+    plans: Mapping[str, AlertRules] = field(default_factory=dict)
+
+    def rules_for(self, plan: str) -> AlertRules:
+        """The rules of customers on ``plan`` (before their own overrides)."""
+        override = self.plans.get(plan)
+        return self.rules if override is None else override.over(self.rules)
+
+
 def _default_meters() -> Mapping[str, Meter]:
     return {"calls": Meter("calls")}
 
@@ -261,6 +307,7 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     pipeline: Pipeline = field(default_factory=Pipeline)
     rollup: Rollup = field(default_factory=Rollup)
+    alerts: Alerts = field(default_factory=Alerts)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
@@ -621,6 +668,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         retention_seconds=rollup.number("retention_seconds", defaults.rollup.retention_seconds),
     )
     rollup.done()
+    parsed_alerts = _parse_alerts(root, plans)
     root.done()
 
     return Config(
@@ -633,7 +681,69 @@ def _parse(data: Mapping[str, Any]) -> Config:
         policy=parsed_policy,
         pipeline=parsed_pipeline,
         rollup=parsed_rollup,
+        alerts=parsed_alerts,
     )
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def parse_alert_rules(section: _Section) -> AlertRules:
+    """Read the thresholds of one alert scope (unset lists stay None: inherited)."""
+    percents: tuple[int, ...] | None = None
+    if "quota_percent" in section.data:
+        values = section.get("quota_percent", list, [])
+        for index, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ConfigError(
+                    f"{section.name('quota_percent')}[{index}]",
+                    f"must be a whole percentage from 1 to 1000, got {value!r}",
+                )
+        percents = tuple(sorted(set(values)))
+
+    def amounts(key: str) -> tuple[int, ...] | None:
+        if key not in section.data:
+            return None
+        values = section.get(key, list, [])
+        micros = {parse_credits(value, f"{section.name(key)}[{i}]") for i, value in enumerate(values)}
+        return tuple(sorted(micros))
+
+    return AlertRules(percents, amounts("credits_below"), amounts("spend_above"))
+
+
+def _parse_alerts(root: _Section, plans: Mapping[str, Plan]) -> Alerts:
+    if "alerts" not in root.data:
+        root.seen.add("alerts")
+        return Alerts()
+    section = root.section("alerts")
+    url = section.get("webhook_url", str, "") or None
+    if url is not None and not re.match(r"^https?://[^\s/]+[^\s]*\Z", url):
+        raise ConfigError("alerts.webhook_url", f"must be an http:// or https:// URL, got {_shown(url)!r}")
+    defaults = Alerts()
+    secret_env = section.get("secret_env", str, defaults.secret_env)
+    if not _ENV_NAME_RE.match(secret_env):
+        raise ConfigError("alerts.secret_env", f"must name an environment variable, got {secret_env!r}")
+    attempts = section.integer("webhook_attempts", defaults.webhook_attempts, minimum=1)
+    if attempts > 20:
+        raise ConfigError("alerts.webhook_attempts", f"must be at most 20, got {attempts}")
+    timeout = section.number("webhook_timeout", defaults.webhook_timeout)
+    for key in ("quota_percent", "credits_below", "spend_above"):
+        section.seen.add(key)
+    rules = parse_alert_rules(section)
+    overrides: dict[str, AlertRules] = {}
+    plan_tables = section.section("plans")
+    for name, raw in plan_tables.data.items():
+        plan_tables.seen.add(name)
+        if name not in plans:
+            known = ", ".join(plans)
+            raise ConfigError(plan_tables.name(name), f"names no plan defined under [plans] (known: {known})")
+        table = _Section(raw, plan_tables.name(name))
+        for key in ("quota_percent", "credits_below", "spend_above"):
+            table.seen.add(key)
+        overrides[name] = parse_alert_rules(table)
+        table.done()
+    section.done()
+    return Alerts(True, url, secret_env, attempts, timeout, rules, overrides)
 
 
 def resolve_config(

@@ -156,6 +156,21 @@ class RollupMetrics:
         self.shards_owned = Gauge(
             "meterware_rollup_shards_owned", "Shards this worker holds the lease of.", registry=registry
         )
+        self.alerts = Counter(
+            "meterware_alerts",
+            "Alerts fired (each once per customer, billing period and threshold), by type.",
+            ("type",),
+            registry=registry,
+        )
+        self.webhooks_delivered = Counter(
+            "meterware_alert_webhooks_delivered", "Alerts delivered to the webhook.", registry=registry
+        )
+        self.webhooks_failed = Counter(
+            "meterware_alert_webhooks_failed",
+            "Alerts not delivered to the webhook (attempts used up, refused, or queue full): "
+            "on the alerts stream only.",
+            registry=registry,
+        )
         #: Per shard this worker works on: its backlog (read by the lag collector at scrape time).
         self.lag: dict[int, ShardLag] = {}
         registry.register(_LagCollector(self.lag))

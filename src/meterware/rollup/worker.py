@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Final
 
+from meterware.alerts import AlertEvaluator
 from meterware.config import Config
 from meterware.errors import StorageError
 from meterware.events import UsageEvent
@@ -90,6 +91,8 @@ class RollupWorker:
     :param shards: the shards to work on; all of the backend's by default.
     :param metrics: where to count its progress and lag (see :mod:`meterware.rollup.metrics`); measuring
         the lag costs two ``XLEN`` per shard and step.
+    :param alerts: evaluates the customers of each committed batch (:mod:`meterware.alerts`); made from
+        ``config.alerts`` by default when the configuration has an ``[alerts]`` section.
 
     ``step()`` does one round over the shards, ``drain()`` steps until the shards it can own are caught
     up (``meterware rollup --once``, and the in-process rollup of ``memory://``), and ``run(stop)``
@@ -107,9 +110,13 @@ class RollupWorker:
         owner: str | None = None,
         shards: Iterable[int] | None = None,
         metrics: RollupMetrics | None = None,
+        alerts: AlertEvaluator | None = None,
     ) -> None:
         self.storage = storage
         self.metrics = metrics
+        if alerts is None and config.alerts.enabled:
+            alerts = AlertEvaluator.from_config(storage, config, metrics=metrics)
+        self.alerts = alerts
         self.config = config
         self.owner = owner or default_owner()
         self.shards = tuple(range(storage.shards) if shards is None else shards)
@@ -185,7 +192,9 @@ class RollupWorker:
             logger.info("rollup worker %s stopped", self.owner)
 
     def release(self) -> None:
-        """Give up every lease this worker holds."""
+        """Give up every lease this worker holds (and deliver the webhooks still queued, for a while)."""
+        if self.alerts is not None:
+            self.alerts.close()
         leases, self._leases = self._leases, {}
         if self.metrics is not None:
             self.metrics.shards_owned.set(0)
@@ -291,6 +300,8 @@ class RollupWorker:
             self._events_per_entry[shard] = max(1, len(events) // valid)
         if self.metrics is not None:
             self._committed(shard, lease, entries, count, len(events), len(dead), started)
+        if self.alerts is not None:
+            self.alerts.after_commit(commit)  # after the commit: what it counted is in the totals read
         return _Progress(len(entries), len(events))
 
     # -- metrics (only with ``metrics``) ---------------------------------------------------------------

@@ -63,6 +63,15 @@ def usage(shard: int, live: bool, customer_id: str, window: str, start: int) -> 
     return f"{tag(shard)}:u:{_mode(live)}:{customer_id}:{window}:{start}"
 
 
+def alert_rules(shard: int, customer_id: str) -> str:
+    return f"{tag(shard)}:ar:{customer_id}"
+
+
+def alert_fired(shard: int, customer_id: str, name: str) -> str:
+    """Marker of an alert that fired (``name`` holds the period, the rule and the threshold)."""
+    return f"{tag(shard)}:af:{customer_id}:{name}"
+
+
 def unique_values(shard: int, live: bool, customer_id: str, window: str, start: int, meter: str) -> str:
     return f"{usage(shard, live, customer_id, window, start)}:{meter}"
 
@@ -82,6 +91,10 @@ def reservation_deadlines(shard: int) -> str:
 
 def events(shard: int) -> str:
     return f"{tag(shard)}:events"
+
+
+def alerts(shard: int) -> str:
+    return f"{tag(shard)}:alerts"
 
 
 def dead_letters(shard: int) -> str:

@@ -16,11 +16,13 @@ import bisect
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware.errors import NotFoundError
-from meterware.storage.base import Balance, Batch, RollupCommit, StreamEntry, Window
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import ALERTS_MAXLEN, Balance, Batch, RollupCommit, StreamEntry, Window
 
 #: Flushed batch ids are remembered this long, so a retried flush is recognised.
 BATCH_MEMORY_SECONDS = 86_400
@@ -52,6 +54,7 @@ class _Reservation:
 class _Shard:
     stream: list[StreamEntry] = field(default_factory=list)
     dead: list[StreamEntry] = field(default_factory=list)
+    alerts: list[StreamEntry] = field(default_factory=list)
     last_id: tuple[int, int] = (0, 0)
     batches: dict[str, int] = field(default_factory=dict)
     reservations: dict[str, _Reservation] = field(default_factory=dict)
@@ -96,6 +99,9 @@ class MemoryStorage:
         self._quotas: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._shards = [_Shard() for _ in range(shards)]
         self._usage: dict[Window, _Usage] = defaultdict(_Usage)
+        self._alert_rules: dict[str, str] = {}
+        #: (customer, alert name) -> epoch seconds the marker expires at.
+        self._alerts_fired: dict[tuple[str, str], int] = {}
 
     # -- the request path ---------------------------------------------------------------------------
 
@@ -413,6 +419,41 @@ class MemoryStorage:
             totals |= {name: value for name, (_, value) in usage.lasts.items()}
             totals |= {name: len(values) for name, values in usage.uniques.items()}
             return totals
+
+    # -- alerts -------------------------------------------------------------------------------------
+
+    def set_alert_rules(self, customer_id: str, rules: str | None) -> None:
+        with self._lock:
+            self._account(customer_id)
+            if rules is None:
+                self._alert_rules.pop(customer_id, None)
+            else:
+                self._alert_rules[customer_id] = rules
+
+    def get_alert_rules(self, customer_id: str) -> str | None:
+        with self._lock:
+            return self._alert_rules.get(customer_id)
+
+    def fire_alert(
+        self, customer_id: str, name: str, expires_at: int, fields: Mapping[str, str]
+    ) -> str | None:
+        with self._lock:
+            marker = (customer_id, name)
+            if self._alerts_fired.get(marker, 0) > time.time():
+                return None
+            encoded = {key.encode(): value.encode() for key, value in fields.items()}
+            state = self._shards[shard_of(customer_id, self.shards)]
+            entry = StreamEntry(state.next_id(), encoded)
+            state.alerts.append(entry)
+            del state.alerts[:-ALERTS_MAXLEN]
+            self._alerts_fired[marker] = expires_at
+            return entry.entry_id
+
+    def read_alerts(self, shard: int, after: str, count: int) -> list[StreamEntry]:
+        with self._lock:
+            alerts = self._shards[shard].alerts
+            start = bisect.bisect_right(alerts, _id_tuple(after), key=_entry_id)
+            return alerts[start : start + max(0, count)]
 
     def _account(self, customer_id: str) -> _Account:
         account = self._accounts.get(customer_id)

@@ -42,7 +42,7 @@ from redis.retry import Retry
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware.errors import NotFoundError, StorageError
 from meterware.storage import _keyspace as ks
-from meterware.storage.base import START_OFFSET, Balance, Batch, RollupCommit, StreamEntry
+from meterware.storage.base import ALERTS_MAXLEN, START_OFFSET, Balance, Batch, RollupCommit, StreamEntry
 from meterware.storage.memory import BATCH_MEMORY_SECONDS
 
 __all__ = ["AsyncRedisStorage", "RedisStorage"]
@@ -64,6 +64,7 @@ _SCRIPTS: Final = (
     "commit",
     "create_customer",
     "due_reservations",
+    "fire_alert",
     "flush",
     "grant_credits",
     "refund",
@@ -790,6 +791,40 @@ class RedisStorage:
                     pipe.scard(ks.unique_values(*where, name))
                 counts = pipe.execute()
         return usage_from(fields, dict(zip(names, counts, strict=True)))
+
+    # -- alerts
+
+    def set_alert_rules(self, customer_id: str, rules: str | None) -> None:
+        shard = self._shard(customer_id)
+        with self._call() as client:
+            if not client.exists(ks.customer(shard, customer_id)):
+                raise NotFoundError(f"no customer {customer_id!r}")
+            if rules is None:
+                client.delete(ks.alert_rules(shard, customer_id))
+            else:
+                client.set(ks.alert_rules(shard, customer_id), rules)
+
+    def get_alert_rules(self, customer_id: str) -> str | None:
+        with self._call() as client:
+            rules = client.get(ks.alert_rules(self._shard(customer_id), customer_id))
+        return None if rules is None else _text(rules)
+
+    def fire_alert(
+        self, customer_id: str, name: str, expires_at: int, fields: Mapping[str, str]
+    ) -> str | None:
+        shard = self._shard(customer_id)
+        keys = [ks.alert_fired(shard, customer_id, name), ks.alerts(shard)]
+        args: list[Arg] = [expires_at, ALERTS_MAXLEN]
+        args += [item for pair in fields.items() for item in pair]
+        with self._call():
+            entry_id = self._run("fire_alert", keys, args)
+        return None if not entry_id else _text(entry_id)
+
+    def read_alerts(self, shard: int, after: str, count: int) -> list[StreamEntry]:
+        if count <= 0:
+            return []
+        with self._call() as client:
+            return stream_entries(client.xrange(ks.alerts(shard), min=f"({after}", max="+", count=count))
 
     def close(self) -> None:
         """Close the connections (the storage reconnects if used again)."""

@@ -1,0 +1,263 @@
+"""Alerts: thresholds, fired once per period through the backend, signed and delivered as webhooks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meterware._core import Customer, period_bounds
+from meterware.accounts import Accounts
+from meterware.alerts import (
+    Alert,
+    AlertEvaluator,
+    Crossing,
+    crossings,
+    read_alerts,
+)
+from meterware.config import AlertRules, Config, MeterTerms, Plan
+from meterware.errors import ConfigError
+from meterware.events import encode_batch
+from meterware.rollup import RollupWorker
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import Batch, Settlement, Storage
+from meterware.storage.memory import MemoryStorage
+from meterware.storage.redis import RedisStorage
+from tests.rollup.helpers import event
+
+C = 1_000_000  # micro-credits per credit
+ANCHOR = 1_767_225_600  # 2026-01-01T00:00:00Z
+PERIOD = ANCHOR  # January 2026
+NEXT_PERIOD = 1_769_904_000  # 2026-02-01T00:00:00Z
+JANUARY_MS = (ANCHOR + 86_400) * 1000
+
+CONFIG: dict[str, Any] = {
+    "storage": {"url": "memory://alerts-tests", "shards": 4},
+    "plans": {
+        "free": {"meters": {"calls": {"quota": 10}}},
+        "payg": {"prepaid": True, "meters": {"calls": {"price": "0.5"}}},
+        "pro": {"meters": {"calls": {"quota": 100, "quota_mode": "soft", "price": "1"}}},
+    },
+    "alerts": {
+        "quota_percent": [50, 80, 100],
+        "credits_below": ["10", "1"],
+        "spend_above": ["20"],
+        "plans": {"pro": {"quota_percent": [90]}},
+    },
+}
+
+
+def plan(*, quota: int | None = 10, hard: bool = True, prepaid: bool = False) -> Plan:
+    return Plan("p", prepaid=prepaid, meters={"calls": MeterTerms(quota=quota, hard=hard)})
+
+
+RULES = AlertRules((50, 80, 100), (1 * C, 10 * C), (20 * C,))
+
+
+@pytest.mark.parametrize(
+    ("the_plan", "usage", "balance", "expected"),
+    [
+        pytest.param(plan(), {"calls": 4}, None, [], id="below-50%"),
+        pytest.param(plan(), {"calls": 5}, None, ["quota:calls:50"], id="exactly-50%"),
+        pytest.param(plan(), {"calls": 8}, None, ["quota:calls:50", "quota:calls:80"], id="exactly-80%"),
+        pytest.param(
+            plan(), {"calls": 10}, None, ["quota:calls:50", "quota:calls:80", "quota:calls:100"], id="100%"
+        ),
+        pytest.param(plan(hard=False), {"calls": 9}, None, ["quota:calls:50", "quota:calls:80"], id="soft"),
+        pytest.param(plan(quota=None), {"calls": 10**6}, None, [], id="no-quota"),
+        pytest.param(plan(quota=0), {"calls": 3}, None, [], id="zero-quota-has-no-percentage"),
+        pytest.param(plan(prepaid=True, quota=None), {}, 10 * C, [], id="credits-at-threshold"),
+        pytest.param(
+            plan(prepaid=True, quota=None), {}, 10 * C - 1, ["credits:10000000"], id="credits-below"
+        ),
+        pytest.param(
+            plan(prepaid=True, quota=None),
+            {},
+            -5,
+            ["credits:1000000", "credits:10000000"],
+            id="credits-negative",
+        ),
+        pytest.param(plan(quota=None), {}, 0, [], id="credits-only-on-prepaid-plans"),
+        pytest.param(plan(quota=None), {"spend": 20 * C}, None, [], id="spend-at-threshold"),
+        pytest.param(plan(quota=None), {"spend": 20 * C + 1}, None, ["spend:20000000"], id="spend-above"),
+    ],
+)
+def test_crossings(the_plan: Plan, usage: dict[str, int], balance: int | None, expected: list[str]) -> None:
+    """Quotas are reached at the percentage, credits are below and spend above their thresholds."""
+    assert [c.rule for c in crossings(RULES, the_plan, usage, balance)] == expected
+
+
+def test_a_crossing_shows_threshold_and_value_exactly() -> None:
+    """Percentages and credits are exact decimal strings, never floats."""
+    found = crossings(RULES, plan(quota=3, prepaid=True), {"calls": 2, "spend": 20_500_001}, 999_999)
+    assert found == [
+        Crossing("quota.threshold", "quota:calls:50", "50", "66.66", "calls", 3, 2),
+        Crossing("credits.low", "credits:1000000", "1.000000", "0.999999"),
+        Crossing("credits.low", "credits:10000000", "10.000000", "0.999999"),
+        Crossing("spend.threshold", "spend:20000000", "20.000000", "20.500001"),
+    ]
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+
+def test_plan_and_customer_thresholds_override_field_by_field() -> None:
+    """A plan's list replaces everyone's; a customer's replaces its plan's; unset lists are inherited."""
+    config = Config.from_dict(CONFIG)
+    assert config.alerts.rules_for("free") == RULES
+    assert config.alerts.rules_for("pro") == AlertRules((90,), RULES.credits_below, RULES.spend_above)
+    own = AlertRules(credits_below=(5 * C,))
+    assert own.over(config.alerts.rules_for("pro")) == AlertRules((90,), (5 * C,), (20 * C,))
+
+
+@pytest.mark.parametrize(
+    ("alerts", "message"),
+    [
+        ({"quota_percent": [0]}, "alerts.quota_percent[0]: must be a whole percentage from 1 to 1000, got 0"),
+        ({"quota_percent": [50.5]}, "alerts.quota_percent[0]: must be a whole percentage"),
+        ({"quota_percent": 80}, "alerts.quota_percent: must be a list, got an integer"),
+        ({"credits_below": [1.5]}, 'alerts.credits_below[0]: must be a decimal string like "0.002"'),
+        ({"spend_above": ["-1"]}, "alerts.spend_above[0]: must not be negative"),
+        ({"webhook_url": "ftp://x"}, "alerts.webhook_url: must be an http:// or https:// URL"),
+        ({"secret_env": "not a name"}, "alerts.secret_env: must name an environment variable"),
+        ({"webhook_attempts": 0}, "alerts.webhook_attempts: must be at least 1"),
+        ({"plans": {"gold": {}}}, "alerts.plans.gold: names no plan defined under [plans]"),
+        (
+            {"plans": {"free": {"credits_low": ["1"]}}},
+            "alerts.plans.free.credits_low: is not a known setting",
+        ),
+        ({"quota": [1]}, "alerts.quota: is not a known setting"),
+    ],
+)
+def test_bad_alert_settings_name_their_field(alerts: dict[str, Any], message: str) -> None:
+    """Each mistake in [alerts] is one ConfigError naming the field."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict({**CONFIG, "alerts": alerts})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_webhook_without_its_secret_fails_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secret comes from the environment only; a worker without it refuses to start."""
+    monkeypatch.delenv("HOOK_SECRET", raising=False)
+    alerts = {**CONFIG["alerts"], "webhook_url": "http://127.0.0.1:9/x", "secret_env": "HOOK_SECRET"}
+    config = Config.from_dict({**CONFIG, "alerts": alerts})
+    with pytest.raises(ConfigError, match=r"alerts\.secret_env: the environment variable HOOK_SECRET"):
+        RollupWorker(MemoryStorage(4), config)
+
+
+# -- firing once, over every backend -------------------------------------------------------------------
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
+        pytest.param("cluster", id="cluster", marks=pytest.mark.redis),
+    ]
+)
+def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
+    """An empty backend: memory, a real redis-server, a real 3-node Redis Cluster."""
+    if request.param == "memory":
+        yield MemoryStorage(4)
+        return
+    url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
+    redis_storage = RedisStorage(url, shards=4, timeout=2.0)
+    yield redis_storage
+    redis_storage.close()
+
+
+def customers(storage: Storage) -> None:
+    for name, plan_name in (("hobby", "free"), ("wallet", "payg"), ("bigco", "pro")):
+        storage.create_customer(Customer(name, plan_name, "active", ANCHOR))
+
+
+def calls(storage: Storage, customer: str, count: int, *, ms: int = JANUARY_MS, price: int = 0) -> None:
+    """Flush ``count`` successful calls of ``customer`` (``price`` micro-credits each, from its credits)."""
+    start, _ = period_bounds(ANCHOR, "month", ms / 1000)
+    events = [event(customer, ts=ms + i, period_start=start) for i in range(count)]
+    settlement = Settlement(customer, True, start, "", True, price > 0, (("calls", 1, price, 0),))
+    shard = shard_of(customer, storage.shards)
+    assert storage.flush(Batch(shard, f"b-{time.time_ns()}", encode_batch(events), (settlement,) * count))
+
+
+def fired(storage: Storage, customer: str | None = None) -> list[tuple[str, str, int]]:
+    return [(a.customer, a.threshold, a.period_start) for a in read_alerts(storage, customer=customer)]
+
+
+def test_fire_alert_is_set_if_absent(storage: Storage) -> None:
+    """The backend appends an alert and sets its marker once; the second attempt writes nothing."""
+    customers(storage)
+    alert = Alert("alrt_1", "credits.low", "wallet", PERIOD, "1.000000", "0.500000", 1)
+    first = storage.fire_alert("wallet", f"{PERIOD}:credits:1", int(time.time()) + 3600, alert.fields())
+    again = storage.fire_alert("wallet", f"{PERIOD}:credits:1", int(time.time()) + 3600, alert.fields())
+    assert first
+    assert again is None
+    assert read_alerts(storage) == [alert]
+    assert read_alerts(storage)[0].entry_id == first
+
+
+def test_customer_thresholds_are_stored_per_customer(storage: Storage) -> None:
+    """Set, read back and clear a customer's own thresholds; unknown customers are refused."""
+    customers(storage)
+    accounts = Accounts(storage, Config.from_dict(CONFIG))
+    accounts.set_alerts("hobby", quota_percent=[90], credits_below=["2.5"])
+    assert accounts.alert_rules("hobby") == AlertRules((90,), (2_500_000,), (20 * C,))
+    accounts.set_alerts("hobby", clear=True)
+    assert accounts.alert_rules("hobby") == RULES
+    with pytest.raises(Exception, match="no customer 'ghost'"):
+        accounts.set_alerts("ghost", quota_percent=[50])
+
+
+def test_quota_thresholds_fire_once_each_over_many_batches_and_two_workers(storage: Storage) -> None:
+    """50/80/100% of a quota fire once each, in order, whichever of two racing workers commits."""
+    customers(storage)
+    config = Config.from_dict(CONFIG)
+    workers = [RollupWorker(storage, config, owner=f"w{i}", shards=range(storage.shards)) for i in (1, 2)]
+    for _ in range(12):  # one call per batch, past the quota of 10 (usage is what the events say)
+        calls(storage, "hobby", 1)
+        for worker in workers:
+            worker.drain()
+        workers.reverse()
+        # Evaluating again (a restarted worker, a replay) never fires twice.
+        AlertEvaluator(storage, config).evaluate("hobby", PERIOD)
+    assert fired(storage, "hobby") == [
+        ("hobby", "50", PERIOD),
+        ("hobby", "80", PERIOD),
+        ("hobby", "100", PERIOD),
+    ]
+    assert [a.used for a in read_alerts(storage)] == [5, 8, 10]
+
+
+def test_a_new_period_fires_again(storage: Storage) -> None:
+    """The same threshold fires again in the next billing period, and late events of the old one never."""
+    customers(storage)
+    config = Config.from_dict(CONFIG)
+    worker = RollupWorker(storage, config)
+    calls(storage, "hobby", 5)
+    worker.drain()
+    calls(storage, "hobby", 5, ms=NEXT_PERIOD * 1000 + 5)
+    worker.drain()
+    calls(storage, "hobby", 1)  # a late event of January: 50% fired already there
+    worker.drain()
+    assert fired(storage) == [("hobby", "50", PERIOD), ("hobby", "50", NEXT_PERIOD)]
+
+
+def test_credits_below_and_spend_above(storage: Storage) -> None:
+    """A prepaid balance below each threshold fires credits.low; period spend above fires spend.threshold."""
+    customers(storage)
+    config = Config.from_dict(CONFIG)
+    storage.grant_credits("wallet", 30 * C)
+    worker = RollupWorker(storage, config)
+    now_ms = int(time.time() * 1000)
+    for count in (10, 29, 3):  # 0.5 credits a call: 25, then 10.5, then 9 credits left
+        calls(storage, "wallet", count, ms=now_ms, price=C // 2)
+        worker.drain()
+    alerts = read_alerts(storage, customer="wallet")
+    assert [(a.type, a.threshold, a.value) for a in alerts] == [
+        ("credits.low", "10.000000", "9.000000"),  # 30 - 21 credits: below 10, not below 1
+        ("spend.threshold", "20.000000", "21.000000"),  # 19.5 after the second batch: not above 20
+    ]
+    assert storage.get_balance("wallet").balance == 9 * C

@@ -22,6 +22,14 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 from meterware.errors import ConfigError
+from meterware.pricing import (
+    DEFAULT_CURRENCY,
+    PlanPrices,
+    Price,
+    parse_currency,
+    parse_money,
+    parse_price,
+)
 
 Aggregation = Literal["count", "sum", "max", "last", "unique"]
 Period = Literal["month", "week", "day"]
@@ -102,6 +110,9 @@ class MeterTerms:
     included: int = 0
     #: Price per unit beyond ``included``, in micro-credits (1 credit = 1,000,000).
     price: int = 0
+    #: Package or tier pricing, priced on invoices only (``price`` is then 0: the request path charges
+    #: nothing); None: ``price`` per unit (:mod:`meterware.pricing`).
+    pricing: Price | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +125,18 @@ class Plan:
     #: Prepaid plans spend credits: a call is refused when the balance cannot cover it.
     prepaid: bool = False
     meters: Mapping[str, MeterTerms] = field(default_factory=dict)
+    #: Invoices: the currency (1 credit = 1 unit of it), a fee per period, and a minimum per period.
+    currency: str = DEFAULT_CURRENCY
+    base_fee: Decimal = Decimal(0)
+    minimum: Decimal = Decimal(0)
+
+    def prices(self) -> PlanPrices:
+        """What prices the plan's invoices: per meter its package or tiers, or its per-unit price."""
+        meters = {
+            name: terms.pricing or Price.unit(Decimal(terms.price).scaleb(-6), included=terms.included)
+            for name, terms in self.meters.items()
+        }
+        return PlanPrices(self.currency, self.base_fee, self.minimum, meters)
 
 
 #: Paths excluded when the configuration names none: the metrics endpoint (``meterware.metrics``).
@@ -544,17 +567,24 @@ def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
             raise ConfigError(table.name("quota"), f"must be at least 0, got {quota}")
         hard = table.choice("quota_mode", ("hard", "soft"), "hard") == "hard"
         included = table.integer("included", 0)
-        table.seen.add("price")
+        table.seen.update(("price", "package", "tiers", "tier_mode"))
         price = parse_credits(table.data["price"], table.name("price")) if "price" in table.data else 0
+        pricing = parse_price(table.data, where, included=included, prepaid=prepaid)
         table.done()
         if not meters[meter_name].chargeable:
             aggregation = meters[meter_name].aggregation
-            for name, value in (("quota", quota), ("included", included), ("price", price)):
+            model = "package" if "package" in table.data else "tiers"
+            for name, value in (("quota", quota), ("included", included), ("price", price), (model, pricing)):
                 if value:
                     raise ConfigError(table.name(name), f"a '{aggregation}' meter cannot carry a {name}")
-        terms[meter_name] = MeterTerms(quota, hard, included, price)
+        terms[meter_name] = MeterTerms(quota, hard, included, price, pricing)
+    currency = parse_currency(section.get("currency", str, DEFAULT_CURRENCY), section.name("currency"))
+    section.seen.update(("base_fee", "minimum"))
+    base_fee, minimum = (
+        parse_money(section.data.get(key, 0), section.name(key)) for key in ("base_fee", "minimum")
+    )
     section.done()
-    return Plan(name, tuple(limits), period, prepaid, terms)  # type: ignore[arg-type]
+    return Plan(name, tuple(limits), period, prepaid, terms, currency, base_fee, minimum)  # type: ignore[arg-type]
 
 
 def _check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], heaviest: int) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from meterware._core import Customer, period_bounds
 from meterware.accounts import Accounts
@@ -14,13 +18,17 @@ from meterware.alerts import (
     Alert,
     AlertEvaluator,
     Crossing,
+    WebhookSender,
     crossings,
     read_alerts,
+    sign,
+    verify_signature,
 )
 from meterware.config import AlertRules, Config, MeterTerms, Plan
 from meterware.errors import ConfigError
 from meterware.events import encode_batch
 from meterware.rollup import RollupWorker
+from meterware.rollup.metrics import RollupMetrics
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Batch, Settlement, Storage
 from meterware.storage.memory import MemoryStorage
@@ -261,3 +269,149 @@ def test_credits_below_and_spend_above(storage: Storage) -> None:
         ("spend.threshold", "20.000000", "21.000000"),  # 19.5 after the second batch: not above 20
     ]
     assert storage.get_balance("wallet").balance == 9 * C
+
+
+# -- signatures ----------------------------------------------------------------------------------------
+
+SECRET = "whsec_test"
+BODY = b'{"id":"alrt_1","type":"credits.low"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "secret", "now", "valid"),
+    [
+        pytest.param(BODY, sign(BODY, SECRET, 1000), SECRET, 1000, True, id="good"),
+        pytest.param(
+            BODY.decode(), sign(BODY, SECRET, 1000), SECRET, 1299, True, id="text-body-within-tolerance"
+        ),
+        pytest.param(BODY + b" ", sign(BODY, SECRET, 1000), SECRET, 1000, False, id="tampered-body"),
+        pytest.param(BODY, sign(BODY, "other", 1000), SECRET, 1000, False, id="wrong-secret"),
+        pytest.param(BODY, sign(BODY, SECRET, 1000), SECRET, 1301, False, id="stale"),
+        pytest.param(BODY, sign(BODY, SECRET, 1000), SECRET, 699, False, id="from-the-future"),
+        pytest.param(
+            BODY, sign(BODY, SECRET, 1000).replace("t=1000", "t=1200"), SECRET, 1200, False, id="new-t"
+        ),
+        pytest.param(
+            BODY, f"t=1000,v1=00,{sign(BODY, SECRET, 1000)[7:]}", SECRET, 1000, True, id="rolled-secret"
+        ),
+        pytest.param(BODY, "v1=abc", SECRET, 1000, False, id="no-timestamp"),
+        pytest.param(BODY, "", SECRET, 1000, False, id="no-header"),
+        pytest.param(BODY, "t=x,v1=abc", SECRET, 1000, False, id="garbage"),
+    ],
+)
+def test_verify_signature(body: bytes | str, header: str, secret: str, now: int, valid: bool) -> None:
+    """Only the exact body, signed with the secret within the tolerance (300 s), verifies."""
+    assert verify_signature(body, header, secret, now=now) is valid
+
+
+def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
+    """The header is Stripe's scheme, reproducible with hmac alone (as the README shows receivers)."""
+    import hashlib
+    import hmac
+
+    expected = hmac.new(SECRET.encode(), b"1000." + BODY, hashlib.sha256).hexdigest()
+    assert sign(BODY, SECRET, 1000) == f"t=1000,v1={expected}"
+
+
+# -- delivery to a real HTTP server --------------------------------------------------------------------
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 answering from a script of statuses, recording every request."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str]]]) -> None:
+        self.answers = answers
+        self.requests: list[tuple[float, dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((time.monotonic(), dict(self.headers), body))
+                status, headers = receiver.answers.pop(0) if receiver.answers else (200, {})
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ALERT = Alert("alrt_0123", "quota.threshold", "hobby", PERIOD, "80", "80.00", 1_767_300_000, "calls", 10, 8)
+
+
+def test_a_webhook_is_retried_after_500_and_429_then_delivered_once() -> None:
+    """500, then 429 with Retry-After: 1, then 200: three attempts, the second wait honours Retry-After."""
+    registry = CollectorRegistry()
+    metrics = RollupMetrics(registry)
+    with Receiver([(500, {}), (429, {"Retry-After": "1"})]) as receiver:
+        sender = WebhookSender(receiver.url, SECRET, attempts=4, base_delay=0.05, metrics=metrics)
+        assert sender.submit(ALERT)  # returns at once: delivery is in the background
+        sender.close(timeout=10)
+    assert sender.delivered == 1
+    assert sender.failed == 0
+    assert len(receiver.requests) == 3
+    (t0, _, _), (t1, _, _), (t2, headers, body) = receiver.requests
+    assert 0.025 <= t1 - t0 < 0.5  # backoff with jitter: half to all of base_delay
+    assert t2 - t1 >= 0.95  # Retry-After: 1
+    assert json.loads(body) == ALERT.as_dict()
+    assert headers["Meterware-Event-Id"] == "alrt_0123"
+    assert headers["Content-Type"] == "application/json"
+    assert verify_signature(body, headers["Meterware-Signature"], SECRET)
+    assert registry.get_sample_value("meterware_alert_webhooks_delivered_total") == 1
+    # Every attempt carries the same event id, so a receiver can drop what it has seen.
+    assert {request[1]["Meterware-Event-Id"] for request in receiver.requests} == {"alrt_0123"}
+
+
+def test_a_webhook_gives_up_after_its_attempts_and_on_a_4xx() -> None:
+    """Attempts are bounded; a 4xx other than 408/429 is final; both count as failed deliveries."""
+    with Receiver([(503, {})] * 3 + [(404, {})]) as receiver:
+        sender = WebhookSender(receiver.url, SECRET, attempts=3, base_delay=0.01)
+        assert not sender.deliver(ALERT)
+        assert len(receiver.requests) == 3
+        assert not sender.deliver(ALERT)  # the 404
+        assert len(receiver.requests) == 4
+    assert (sender.delivered, sender.failed) == (0, 2)
+
+
+def test_a_webhook_to_a_closed_port_is_retried_then_counted() -> None:
+    """Connection errors are retried with backoff, then the alert stays on the stream only."""
+    with Receiver([]) as receiver:
+        url = receiver.url
+    sender = WebhookSender(url, SECRET, attempts=2, base_delay=0.01, timeout=1)
+    assert not sender.deliver(ALERT)
+    assert sender.failed == 1
+
+
+def test_the_worker_fires_webhooks_without_waiting_for_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollup goes on while an endpoint is slow; the alert is delivered in the background, once."""
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    with Receiver([(503, {"Retry-After": "1"})]) as receiver:
+        alerts = {**CONFIG["alerts"], "webhook_url": receiver.url, "secret_env": "HOOK_SECRET"}
+        config = Config.from_dict({**CONFIG, "alerts": alerts})
+        storage = MemoryStorage(4)
+        customers(storage)
+        worker = RollupWorker(storage, config)
+        calls(storage, "hobby", 5)
+        started = time.monotonic()
+        worker.drain()
+        assert time.monotonic() - started < 0.5  # the 503 and its Retry-After did not hold the worker
+        worker.release()  # shutting down waits for the deliveries in flight
+    assert len(receiver.requests) == 2
+    body = receiver.requests[-1][2]
+    assert json.loads(body)["threshold"] == "50"
+    assert verify_signature(body, receiver.requests[-1][1]["Meterware-Signature"], SECRET)

@@ -69,6 +69,8 @@ class UsageEvent:
     reason: str = ""
     #: Credits charged for the call, in micro-credits (filled in when the event is settled and read back).
     cost: int = 0
+    #: -1 for an event a correction subtracts (set by the rollup from its stream entry; never encoded).
+    sign: int = 1
 
 
 _FIELDS: Final = (

@@ -14,6 +14,11 @@ late event lands in the windows of its own timestamp, however late it arrives. F
   timestamp; on a tie the later event in the stream), ``unique`` the distinct values. A meter the
   configuration does not know is summed (or, for text values, counted as distinct values): usage is never
   dropped because the configuration changed.
+
+A correction (:mod:`meterware.corrections`) is an entry with a field ``n``: one sign per event, ``-1``
+for an event it subtracts (the voided or amended original: its call, its ``count`` and ``sum`` units and
+its cost) and ``1`` for one it adds (the amended version). ``max``, ``last`` and ``unique`` values cannot
+be taken back: corrections refuse events that hold them, and the fold skips them on a subtracted event.
 """
 
 from __future__ import annotations
@@ -94,6 +99,13 @@ def parse_entry(
     parts = raw_costs.split(b",") if raw_costs else []
     if len(parts) != len(events):
         return f"field 'c': {len(parts)} costs for {len(events)} events"
+    raw_signs = fields.get(b"n")
+    if raw_signs is not None:
+        signs = raw_signs.split(b",") if raw_signs else []
+        if len(signs) != len(events) or any(sign not in (b"1", b"-1") for sign in signs):
+            return f"field 'n': {len(signs)} signs (1 or -1) for {len(events)} events"
+        for event, sign in zip(events, signs, strict=True):
+            event.sign = int(sign)
     costs = []
     for index, part in enumerate(parts):
         if not _COST_RE.fullmatch(part):
@@ -144,22 +156,26 @@ def fold(
         if group is None:
             group = groups[key] = _Group()
         sums = group.sums
+        sign = event.sign  # -1: a correction takes the event back
         counted = _OUTCOME_FIELDS.get(event.outcome) or outcome_field(event.outcome)
-        sums[counted] = sums.get(counted, 0) + 1
-        sums[SPEND] = sums.get(SPEND, 0) + cost
+        sums[counted] = sums.get(counted, 0) + sign
+        sums[SPEND] = sums.get(SPEND, 0) + sign * cost
         if not event.billable:
             continue
         for name, value in event.units.items():
             aggregation = aggregations.get(name) or ("sum" if type(value) is int else "unique")
             if aggregation == "count":
-                sums[name] = sums.get(name, 0) + 1
+                sums[name] = sums.get(name, 0) + sign
             elif aggregation == "unique":
-                group.uniques.setdefault(name, set()).add(str(value))
+                if sign > 0:
+                    group.uniques.setdefault(name, set()).add(str(value))
             elif type(value) is not int:
                 # parse_entry refuses these; a caller that skipped it gets no silent coercion.
                 raise TypeError(f"meter {name!r} ({aggregation}) needs an integer value")
             elif aggregation == "sum":
-                sums[name] = sums.get(name, 0) + value
+                sums[name] = sums.get(name, 0) + sign * value
+            elif sign < 0:
+                continue  # a max or a last value cannot be taken back
             elif aggregation == "max":
                 current = group.maxes.get(name)
                 group.maxes[name] = value if current is None or value > current else current

@@ -76,7 +76,27 @@ def unique_values(shard: int, live: bool, customer_id: str, window: str, start: 
     return f"{usage(shard, live, customer_id, window, start)}:{meter}"
 
 
+def ledger(shard: int, customer_id: str) -> str:
+    """The customer's credits ledger: a stream, one entry per movement of the balance."""
+    return f"{tag(shard)}:ledger:{customer_id}"
+
+
+def correction(shard: int, event_id: str) -> str:
+    """The state of a corrected event (voided, or its amended units): kept for good."""
+    return f"{tag(shard)}:fix:{event_id}"
+
+
 # Per shard.
+def grant_expiries(shard: int) -> str:
+    """Grants that expire: a zset of ``<customer> <grant id>`` scored by the expiry (ms)."""
+    return f"{tag(shard)}:grantexp"
+
+
+def imported(shard: int) -> str:
+    """Backfilled events: a hash of event id -> the stream entry that holds it."""
+    return f"{tag(shard)}:imported"
+
+
 def customers(shard: int) -> str:
     return f"{tag(shard)}:customers"
 

@@ -13,7 +13,7 @@ operations carry meterware's promises:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,6 +108,57 @@ class Balance:
 
 #: The offset of a shard nobody has consumed yet.
 START_OFFSET = "0-0"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One movement of a customer's balance (see :mod:`meterware.ledger`); ``amount`` is signed micros.
+
+    ``kind`` is ``grant``, ``purchase``, ``charge``, ``refund``, ``adjustment`` or ``expiry``. Written with
+    ``id=""``; read back with the ledger stream's entry id, whose first part is the time in ms.
+    """
+
+    kind: str
+    amount: int
+    #: The grant it creates (grant, purchase) or ends (expiry); "" otherwise.
+    grant: str = ""
+    actor: str = ""
+    reason: str = ""
+    #: What it refers to: the flushed batch of a charge, the event of a correction.
+    ref: str = ""
+    #: Burn order of a grant: lower first.
+    priority: int = 0
+    #: When a grant expires, epoch ms (0: never).
+    expires_ms: int = 0
+    id: str = ""
+
+    @property
+    def at_ms(self) -> int:
+        return int(self.id.partition("-")[0] or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """One atomic correction of an event (void or amend), applied only if its marker still holds ``expected``.
+
+    ``payload``/``costs``/``signs`` form a stream entry the rollup folds (``signs``: ``-1`` subtracts the
+    event); ``credit`` (signed micros) moves the balance with ``entry`` as its ledger entry.
+    """
+
+    shard: int
+    customer: str
+    event_id: str
+    #: The marker's current value ("" if the event was never corrected).
+    expected: str
+    #: The marker's new value (the event's state after this correction).
+    state: str
+    payload: bytes
+    costs: tuple[int, ...]
+    signs: tuple[int, ...]
+    entry: LedgerEntry | None = None
+#: Entries an alerts stream keeps at most (the oldest go first).
+ALERTS_MAXLEN = 10_000
+
 #: Entries an alerts stream keeps at most (the oldest go first).
 ALERTS_MAXLEN = 10_000
 
@@ -148,6 +199,20 @@ class Storage(Protocol):
     def grant_credits(self, customer_id: str, micros: int) -> Balance: ...
     def get_balance(self, customer_id: str) -> Balance: ...
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
+
+    # -- the credits ledger and corrections (meterware.ledger, meterware.corrections)
+    def move_credits(self, customer_id: str, entry: LedgerEntry) -> Balance: ...
+    def read_ledger(
+        self, customer_id: str, start: str = "-", end: str = "+", count: int | None = None
+    ) -> list[LedgerEntry]: ...
+    def due_grant_expiries(self, shard: int, now_ms: int, limit: int) -> list[tuple[str, str]]: ...
+    def expire_grants(
+        self, customer_id: str, last_id: str, expiries: Sequence[tuple[str, int]], actor: str
+    ) -> bool: ...
+    def correction_state(self, shard: int, event_id: str) -> str: ...
+    def correct_event(self, correction: Correction) -> bool: ...
+    def imported_entries(self, shard: int, event_ids: Sequence[str]) -> dict[str, str]: ...
+    def import_events(self, shard: int, event_ids: Sequence[str], payload: bytes) -> bool: ...
 
     # -- alerts (meterware.alerts): fire_alert appends ``fields`` to the shard's alerts stream and sets the
     # marker ``name`` (until ``expires_at``, epoch seconds) in one atomic step, unless the marker is

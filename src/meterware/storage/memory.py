@@ -16,13 +16,23 @@ import bisect
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware.errors import NotFoundError
+from meterware.ledger import default_grant
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import ALERTS_MAXLEN, Balance, Batch, RollupCommit, StreamEntry, Window
+from meterware.storage.base import (
+    ALERTS_MAXLEN,
+    Balance,
+    Batch,
+    Correction,
+    LedgerEntry,
+    RollupCommit,
+    StreamEntry,
+    Window,
+)
 
 #: Flushed batch ids are remembered this long, so a retried flush is recognised.
 BATCH_MEMORY_SECONDS = 86_400
@@ -38,6 +48,17 @@ class _Account:
     balance: int = 0
     reserved: int = 0
     keys: list[str] = field(default_factory=list)
+    #: The credits ledger: every movement of ``balance``, in order, with its stream-like id.
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    ledger_last: tuple[int, int] = (0, 0)
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Append a ledger entry and move the balance by its amount (one step: the balance is the sum)."""
+        ms = _now_ms()
+        last_ms, last_seq = self.ledger_last
+        self.ledger_last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+        self.ledger.append(replace(entry, id=f"{self.ledger_last[0]}-{self.ledger_last[1]}"))
+        self.balance += entry.amount
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +82,12 @@ class _Shard:
     lease: tuple[str, int] | None = None
     fence: int = 0
     offset: str = "0-0"
+    #: (customer, grant id) -> expiry (ms), for grants that expire.
+    grant_expiries: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: event id -> the state of its corrections.
+    corrections: dict[str, str] = field(default_factory=dict)
+    #: Backfilled event id -> the stream entry holding it.
+    imported: dict[str, str] = field(default_factory=dict)
 
     def next_id(self) -> str:
         ms = _now_ms()
@@ -76,6 +103,10 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
 
 def _entry_id(entry: StreamEntry) -> tuple[int, int]:
     return _id_tuple(entry.entry_id)
+
+
+def _ledger_id(entry: LedgerEntry) -> tuple[int, int]:
+    return _id_tuple(entry.id)
 
 
 @dataclass(slots=True)
@@ -248,7 +279,8 @@ class MemoryStorage:
                 for name, units in added.items():
                     counters[name] += units
             for customer, cost in charges.items():
-                self._accounts[customer].balance -= cost
+                if cost:  # one ledger entry per customer and batch (as flush.lua)
+                    self._accounts[customer].record(LedgerEntry("charge", -cost, ref=batch.batch_id))
             return True
 
     def _release(self, reservation: _Reservation) -> None:
@@ -400,10 +432,98 @@ class MemoryStorage:
             )
 
     def grant_credits(self, customer_id: str, micros: int) -> Balance:
+        return self.move_credits(customer_id, default_grant(micros))
+
+    # -- the credits ledger and corrections ----------------------------------------------------------
+
+    def move_credits(self, customer_id: str, entry: LedgerEntry) -> Balance:
         with self._lock:
             account = self._account(customer_id)
-            account.balance += micros
+            account.record(entry)
+            if entry.expires_ms:
+                shard = self._shards[shard_of(customer_id, self.shards)]
+                shard.grant_expiries[(customer_id, entry.grant)] = entry.expires_ms
             return Balance(account.balance, account.reserved)
+
+    def read_ledger(
+        self, customer_id: str, start: str = "-", end: str = "+", count: int | None = None
+    ) -> list[LedgerEntry]:
+        with self._lock:
+            entries = self._account(customer_id).ledger
+            low = 0 if start == "-" else bisect.bisect_left(entries, _id_tuple(start), key=_ledger_id)
+            # As XRANGE: an end without a sequence number means the last entry of that millisecond.
+            high = len(entries)
+            if end != "+":
+                last = _id_tuple(end) if "-" in end else (int(end), 2**64)
+                high = bisect.bisect_right(entries, last, key=_ledger_id)
+            return entries[low:high] if count is None else entries[low:high][:count]
+
+    def due_grant_expiries(self, shard: int, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        with self._lock:
+            due = sorted(
+                (at, customer, grant)
+                for (customer, grant), at in self._shards[shard].grant_expiries.items()
+                if at <= now_ms
+            )
+            return [(customer, grant) for _, customer, grant in due[:limit]]
+
+    def expire_grants(
+        self, customer_id: str, last_id: str, expiries: Sequence[tuple[str, int]], actor: str
+    ) -> bool:
+        with self._lock:
+            account = self._account(customer_id)
+            if (account.ledger[-1].id if account.ledger else "0-0") != last_id:
+                return False
+            for grant, amount in expiries:
+                if amount:
+                    account.record(LedgerEntry("expiry", amount, grant=grant, actor=actor, reason="expired"))
+            shard = self._shards[shard_of(customer_id, self.shards)]
+            for grant, _ in expiries:
+                shard.grant_expiries.pop((customer_id, grant), None)
+            return True
+
+    def correction_state(self, shard: int, event_id: str) -> str:
+        with self._lock:
+            return self._shards[shard].corrections.get(event_id, "")
+
+    def correct_event(self, correction: Correction) -> bool:
+        with self._lock:
+            state = self._shards[correction.shard]
+            if state.corrections.get(correction.event_id, "") != correction.expected:
+                return False
+            fields = {
+                b"b": correction.payload,
+                b"c": ",".join(map(str, correction.costs)).encode(),
+                b"n": ",".join(map(str, correction.signs)).encode(),
+                b"i": f"fix:{correction.event_id}".encode(),
+            }
+            state.stream.append(StreamEntry(state.next_id(), fields))
+            account = self._accounts.get(correction.customer)
+            if correction.entry is not None and correction.entry.amount and account is not None:
+                account.record(correction.entry)
+            state.corrections[correction.event_id] = correction.state
+            return True
+
+    def imported_entries(self, shard: int, event_ids: Sequence[str]) -> dict[str, str]:
+        with self._lock:
+            imported = self._shards[shard].imported
+            return {event_id: imported[event_id] for event_id in event_ids if event_id in imported}
+
+    def import_events(self, shard: int, event_ids: Sequence[str], payload: bytes) -> bool:
+        with self._lock:
+            state = self._shards[shard]
+            if any(event_id in state.imported for event_id in event_ids):
+                return False
+            fields = {
+                b"b": payload,
+                b"c": ",".join("0" for _ in event_ids).encode(),
+                b"i": f"import:{event_ids[0]}:{len(event_ids)}".encode(),
+            }
+            entry = StreamEntry(state.next_id(), fields)
+            state.stream.append(entry)
+            for event_id in event_ids:
+                state.imported[event_id] = entry.entry_id
+            return True
 
     def get_balance(self, customer_id: str) -> Balance:
         with self._lock:

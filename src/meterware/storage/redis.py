@@ -41,8 +41,18 @@ from redis.retry import Retry
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware.errors import NotFoundError, StorageError
+from meterware.ledger import default_grant
 from meterware.storage import _keyspace as ks
-from meterware.storage.base import ALERTS_MAXLEN, START_OFFSET, Balance, Batch, RollupCommit, StreamEntry
+from meterware.storage.base import (
+    ALERTS_MAXLEN,
+    START_OFFSET,
+    Balance,
+    Batch,
+    Correction,
+    LedgerEntry,
+    RollupCommit,
+    StreamEntry,
+)
 from meterware.storage.memory import BATCH_MEMORY_SECONDS
 
 __all__ = ["AsyncRedisStorage", "RedisStorage"]
@@ -62,11 +72,14 @@ _SCRIPTS: Final = (
     "add_key",
     "admit",
     "commit",
+    "correct",
     "create_customer",
     "due_reservations",
+    "expire_grants",
     "fire_alert",
     "flush",
     "grant_credits",
+    "import_events",
     "refund",
     "release_lease",
     "update_fields",
@@ -398,6 +411,7 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
             int(settlement.billable),
             int(settlement.charges_credits),
             keys.index(ks.customer(shard, customer)),
+            keys.index(ks.ledger(shard, customer)),
             keys.index(ks.quota(shard, live, customer, period_start)),
             period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
             len(settlement.meters),
@@ -405,6 +419,28 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         for meter, units, price, included in settlement.meters:
             args += [meter, units, price, included]
     return keys.keys, args
+
+
+def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``correct.lua``."""
+    shard, customer = correction.shard, correction.customer
+    keys = [
+        ks.correction(shard, correction.event_id),
+        ks.events(shard),
+        ks.customer(shard, customer),
+        ks.ledger(shard, customer),
+    ]
+    entry = correction.entry or LedgerEntry("refund", 0)
+    args: list[Arg] = [
+        correction.expected,
+        correction.state,
+        correction.payload,
+        ",".join(map(str, correction.costs)),
+        ",".join(map(str, correction.signs)),
+        f"fix:{correction.event_id}",
+        *ledger_args(entry),
+    ]
+    return keys, args
 
 
 def commit_call(commit: RollupCommit) -> tuple[list[str], list[Arg]]:
@@ -458,6 +494,36 @@ def refund_call(shard: int, due: Sequence[bytes]) -> tuple[list[str], list[Arg]]
             keys.index(ks.quota(shard, live == "1", customer, int(period_start))),
         ]
     return keys.keys, args
+
+
+def ledger_args(entry: LedgerEntry) -> list[Arg]:
+    """The 8 arguments of a ledger entry, as ``ledger_fields`` in common.lua reads them."""
+    return [
+        entry.amount,
+        entry.kind,
+        entry.grant,
+        entry.actor,
+        entry.reason,
+        entry.ref,
+        entry.priority,
+        entry.expires_ms,
+    ]
+
+
+def ledger_entry_from(entry_id: Text, fields: Fields) -> LedgerEntry:
+    """A ledger entry from its stream fields (absent fields are empty)."""
+    get = {_text(name): _text(value) for name, value in fields.items()}.get
+    return LedgerEntry(
+        kind=get("k", ""),
+        amount=int(get("a", "0")),
+        grant=get("g", ""),
+        actor=get("by", ""),
+        reason=get("why", ""),
+        ref=get("r", ""),
+        priority=int(get("p", "0")),
+        expires_ms=int(get("x", "0")),
+        id=_text(entry_id),
+    )
 
 
 def _text(value: Text) -> str:
@@ -764,11 +830,79 @@ class RedisStorage:
             raise NotFoundError(f"no key {key_id!r}")
 
     def grant_credits(self, customer_id: str, micros: int) -> Balance:
+        return self.move_credits(customer_id, default_grant(micros))
+
+    # -- the credits ledger and corrections
+
+    def move_credits(self, customer_id: str, entry: LedgerEntry) -> Balance:
+        shard = self._shard(customer_id)
+        keys = [ks.customer(shard, customer_id), ks.ledger(shard, customer_id), ks.grant_expiries(shard)]
         with self._call():
-            reply = self._run("grant_credits", [ks.customer(self._shard(customer_id), customer_id)], [micros])
+            reply = self._run(
+                "grant_credits", keys, [*ledger_args(entry), f"{customer_id} {entry.grant}"]
+            )
         if reply is None:
             raise NotFoundError(f"no customer {customer_id!r}")
         return Balance(int(reply[0]), int(reply[1]))
+
+    def read_ledger(
+        self, customer_id: str, start: str = "-", end: str = "+", count: int | None = None
+    ) -> list[LedgerEntry]:
+        with self._call() as client:
+            reply = client.xrange(ks.ledger(self._shard(customer_id), customer_id), start, end, count)
+        return [
+            ledger_entry_from(entry_id, fields or {})
+            for entry_id, fields in reply or ()
+            if entry_id is not None
+        ]
+
+    def due_grant_expiries(self, shard: int, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        with self._call() as client:
+            members = client.zrangebyscore(ks.grant_expiries(shard), 0, now_ms, start=0, num=limit)
+        due = []
+        for member in members:
+            customer, _, grant = _text(member).partition(" ")  # type: ignore[arg-type]
+            due.append((customer, grant))
+        return due
+
+    def expire_grants(
+        self, customer_id: str, last_id: str, expiries: Sequence[tuple[str, int]], actor: str
+    ) -> bool:
+        shard = self._shard(customer_id)
+        keys = [ks.customer(shard, customer_id), ks.ledger(shard, customer_id), ks.grant_expiries(shard)]
+        args: list[Arg] = [last_id, actor]
+        for grant, amount in expiries:
+            args += [grant, amount, f"{customer_id} {grant}"]
+        with self._call():
+            reply = self._run("expire_grants", keys, args)
+        if reply is None:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return bool(reply)
+
+    def correction_state(self, shard: int, event_id: str) -> str:
+        with self._call() as client:
+            state = client.get(ks.correction(shard, event_id))
+        return "" if state is None else _text(state)
+
+    def correct_event(self, correction: Correction) -> bool:
+        keys, args = correct_call(correction)
+        with self._call():
+            return bool(self._run("correct", keys, args))
+
+    def imported_entries(self, shard: int, event_ids: Sequence[str]) -> dict[str, str]:
+        if not event_ids:
+            return {}
+        with self._call() as client:
+            found = client.hmget(ks.imported(shard), list(event_ids))
+        pairs = zip(event_ids, found, strict=True)
+        return {event_id: _text(entry) for event_id, entry in pairs if entry is not None}
+
+    def import_events(self, shard: int, event_ids: Sequence[str], payload: bytes) -> bool:
+        keys = [ks.imported(shard), ks.events(shard)]
+        costs = ",".join("0" for _ in event_ids)
+        args: list[Arg] = [payload, costs, f"import:{event_ids[0]}:{len(event_ids)}", *event_ids]
+        with self._call():
+            return bool(self._run("import_events", keys, args))
 
     def get_balance(self, customer_id: str) -> Balance:
         with self._call() as client:

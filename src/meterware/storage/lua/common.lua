@@ -195,3 +195,18 @@ local function floordiv(a, b)
   end
   return floor
 end
+
+-- The fields of a ledger entry from 8 arguments starting at `at` (amount, kind, grant, actor, reason,
+-- ref, priority, expires_ms): kind and amount always, the others only when set (as memory.py reads them).
+local function ledger_fields(list, at)
+  local fields = {'k', list[at + 1], 'a', list[at]}
+  local names = {'g', 'by', 'why', 'r', 'p', 'x'}
+  for i, name in ipairs(names) do
+    local value = list[at + 1 + i]
+    if value ~= '' and value ~= '0' then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = value
+    end
+  end
+  return fields
+end

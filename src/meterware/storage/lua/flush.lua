@@ -3,10 +3,13 @@
 -- calls, refund the rest), at once and only once per batch id. Same as MemoryStorage.flush (memory.py).
 -- All or nothing (common.lua): the settlements are planned and checked first; then the append (the one
 -- write no check covers: a stream out of ids) comes before the batch marker and the settlement writes.
+-- Each customer charged gets one `charge` entry in its credits ledger for the batch (amount: minus the
+-- batch's charges, ref: the batch id), appended with the batch, so its balance stays the ledger's sum.
 --
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
 -- ARGV: batch id, payload, marker ttl (s), settlement count, then per settlement either "0" (none) or
---       "1", reservation id, billable (1/0), charges credits (1/0), customer key index, quota key index,
+--       "1", reservation id, billable (1/0), charges credits (1/0), customer key index, ledger key index,
+--       quota key index,
 --       quota expire-at (s), meter count, (meter, units, price, included)...
 
 local refused = expect(KEYS[1], 'string')
@@ -22,14 +25,15 @@ if refused then
 end
 
 local costs, settled, expiries, expiry_order = {}, {}, {}, {}
+local charged, charged_order = {}, {}  -- ledger key -> micros charged, in order of first charge
 local arg = reader(ARGV, 4)
 for _ = 1, tonumber(arg()) do
   local cost = 0
   if arg() == '1' then
     local reservation_id, billable, charges_credits = arg(), arg() == '1', arg() == '1'
-    local customer_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())]
+    local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())], KEYS[tonumber(arg())]
     local expire_at = arg()
-    refused = expect(customer_key, 'hash') or expect(quota_key, 'hash')
+    refused = expect(customer_key, 'hash') or expect(quota_key, 'hash') or expect(ledger_key, 'stream')
     if refused then
       return redis.error_reply(refused)
     end
@@ -59,6 +63,11 @@ for _ = 1, tonumber(arg()) do
     end
     if billable and charges_credits and cost ~= 0 and existed(customer_key) then
       plan_incr(customer_key, 'balance', -cost)
+      if not charged[ledger_key] then
+        charged[ledger_key] = 0
+        charged_order[#charged_order + 1] = ledger_key
+      end
+      charged[ledger_key] = charged[ledger_key] + cost
     end
   end
   costs[#costs + 1] = int(cost)
@@ -76,6 +85,9 @@ if refused then
   return redis.error_reply(refused)
 end
 redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', table.concat(costs, ','), 'i', ARGV[1])
+for _, ledger_key in ipairs(charged_order) do
+  redis.call('XADD', ledger_key, '*', 'k', 'charge', 'a', int(-charged[ledger_key]), 'r', ARGV[1])
+end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 apply()
 return 1

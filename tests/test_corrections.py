@@ -1,0 +1,199 @@
+"""Corrections (void, amend) applied exactly once, and backfill imports: idempotent, all lines or none."""
+
+# ruff: noqa: F811  (the fixtures come from tests.test_ledger)
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from meterware import Accounts
+from meterware.errors import NotFoundError, UsageError
+from meterware.events import new_event_id
+from tests.test_ledger import (  # noqa: F401  # fixtures
+    CREDIT,
+    accounts,
+    assert_balanced,
+    event_ids,
+    roll_up,
+    storage_url,
+    traffic,
+)
+
+
+def served(accounts: Accounts, calls: int = 6) -> tuple[str, list[str]]:
+    """A prepaid customer with 5 credits who made ``calls`` calls; its billable event ids."""
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "5")
+    key = accounts.create_key("acme").plaintext
+    traffic(accounts.config, [key], calls, seed=1)
+    roll_up(accounts)
+    return key, event_ids(accounts, "acme")
+
+
+def test_a_void_refunds_and_subtracts_once(accounts: Accounts) -> None:
+    """Voiding an event refunds its credits in the ledger and takes it out of the rollup; twice is a no-op."""
+    _, ids = served(accounts)
+    before = accounts.usage("acme")
+    balance = accounts.balance("acme").balance
+    first = accounts.void_event(ids[0], reason="disputed", actor="alice")
+    again = accounts.void_event(ids[0], reason="disputed", actor="alice")
+    roll_up(accounts)
+    assert first.applied
+    assert first.credit > 0
+    assert not again.applied
+    assert "already voided" in again.message
+    refunds = [e for e in accounts.ledger("acme") if e.kind == "refund"]
+    assert [(e.amount, e.actor, e.reason, e.ref) for e in refunds] == [
+        (first.credit, "alice", "disputed", f"void:{ids[0]}")
+    ]
+    assert accounts.balance("acme").balance == balance + first.credit
+    after = accounts.usage("acme")
+    assert after.meters["calls"] == before.meters["calls"] - 1
+    assert after.calls["success"] == before.calls["success"] - 1
+    assert after.spend == before.spend - first.credit
+    assert_balanced(accounts, "acme")
+
+
+def test_an_amendment_moves_units_and_credits_by_the_difference(accounts: Accounts) -> None:
+    """Amending a sum meter replaces its units in the rollup and refunds the price of the difference."""
+    _, ids = served(accounts)
+    before = accounts.usage("acme")
+    result = accounts.amend_event(ids[0], units={"tokens": 0}, reason="bad meter", customer_id="acme")
+    repeated = accounts.amend_event(ids[0], units={"tokens": 0}, reason="bad meter")
+    roll_up(accounts)
+    after = accounts.usage("acme")
+    removed = before.meters["tokens"] - after.meters["tokens"]
+    assert result.applied
+    assert not repeated.applied
+    assert result.credit == removed * 100  # 0.0001 credits per token
+    assert after.meters["calls"] == before.meters["calls"]
+    assert after.spend == before.spend - result.credit
+    voided = accounts.void_event(ids[0], reason="then voided")
+    roll_up(accounts)
+    assert voided.credit == 10_000  # what is left of the call: its 0.01 credits
+    assert accounts.usage("acme").meters["calls"] == before.meters["calls"] - 1
+    with pytest.raises(UsageError, match="voided event cannot be amended"):
+        accounts.amend_event(ids[0], units={"tokens": 5}, reason="too late")
+    assert_balanced(accounts, "acme")
+
+
+def test_corrections_refuse_what_cannot_be_taken_back(accounts: Accounts) -> None:
+    """Amending a count meter, or an unknown id, fails with a clear message and writes nothing."""
+    _, ids = served(accounts)
+    ledger = accounts.ledger("acme")
+    with pytest.raises(UsageError, match="'calls' is not a sum meter"):
+        accounts.amend_event(ids[0], units={"calls": 0}, reason="no")
+    with pytest.raises(NotFoundError, match=r"trimmed after rollup\.retention_seconds"):
+        accounts.void_event(str(uuid.UUID(bytes=new_event_id())), reason="unknown")
+    with pytest.raises(UsageError, match="not a UUIDv7"):
+        accounts.void_event(str(uuid.uuid4()), reason="no time")
+    assert accounts.ledger("acme") == ledger
+
+
+# -- backfill ---------------------------------------------------------------------------------------------
+
+
+def backfill(tmp_path: Path, lines: list[dict[str, object]], name: str = "events.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_an_import_twice_counts_once(accounts: Accounts, tmp_path: Path) -> None:
+    """Backfilled events reach the rollup once however often the file is imported; they charge no credits."""
+    accounts.create_customer("acme", plan="invoiced", anchor=0)
+    ids = [str(uuid.UUID(bytes=new_event_id())) for _ in range(3)]
+    path = backfill(
+        tmp_path, [{"id": i, "customer": "acme", "units": {"calls": 1, "tokens": 40}} for i in ids]
+    )
+    first = accounts.import_events(str(path))
+    second = accounts.import_events(str(path))
+    roll_up(accounts)
+    assert (first.imported, first.skipped, second.imported, second.skipped) == (3, 0, 0, 3)
+    usage = accounts.usage("acme")
+    assert (usage.meters["calls"], usage.meters["tokens"], usage.spend) == (3, 120, 0)
+    assert accounts.ledger("acme") == []
+    # An imported event can be voided like any other.
+    assert accounts.void_event(ids[1], reason="duplicate").applied
+    roll_up(accounts)
+    assert accounts.usage("acme").meters["tokens"] == 80
+
+
+def test_a_csv_import(accounts: Accounts, tmp_path: Path) -> None:
+    """A CSV backfill has one column per meter; the time comes from a timestamp column."""
+    accounts.create_customer("acme", plan="invoiced", anchor=0)
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "id,customer,timestamp,calls,tokens\n"
+        f"{uuid.uuid4()},acme,2026-01-05T10:00:00Z,1,7\n"
+        f"{uuid.uuid4()},acme,1767607200000,1,\n"
+    )
+    assert accounts.import_events(str(path)).imported == 2
+    roll_up(accounts)
+    usage = accounts.usage("acme", at=1767607200)
+    assert (usage.meters["calls"], usage.meters["tokens"]) == (2, 7)
+
+
+EVENT = str(uuid.UUID(bytes=new_event_id()))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        pytest.param("{nope", "events.jsonl:2: not a JSON object", id="not-json"),
+        pytest.param(
+            '{"id": "x", "customer": "acme", "units": {"calls": 1}}', ":2: id: must be a UUID", id="id"
+        ),
+        pytest.param(
+            f'{{"id": "{EVENT}", "customer": "who", "units": {{"calls": 1}}}}', ":2: customer", id="who"
+        ),
+        pytest.param(f'{{"id": "{EVENT}", "customer": "acme", "units": {{}}}}', ":2: units", id="no-units"),
+        pytest.param(
+            f'{{"id": "{EVENT}", "customer": "acme", "units": {{"x": 1}}}}', "units.x: unknown", id="meter"
+        ),
+        pytest.param(
+            f'{{"id": "{EVENT}", "customer": "acme", "units": {{"tokens": -1}}}}',
+            "units.tokens",
+            id="negative",
+        ),
+        pytest.param(
+            f'{{"id": "{EVENT}", "customer": "acme", "units": {{"calls": 1}}, "timestamp": "soon"}}',
+            ":2: timestamp",
+            id="timestamp",
+        ),
+        pytest.param(
+            f'{{"id": "{EVENT}", "customer": "acme", "units": {{"calls": 1}}, "extra": 1}}',
+            ":2: extra",
+            id="extra",
+        ),
+        pytest.param(
+            f'{{"id": "{uuid.uuid4()}", "customer": "acme", "units": {{"calls": 1}}}}',
+            ":2: timestamp",
+            id="no-time",
+        ),
+    ],
+)
+def test_a_bad_line_rejects_the_whole_file(
+    accounts: Accounts, tmp_path: Path, line: str, message: str
+) -> None:
+    """One bad line fails the import with file:line and the field; nothing of the file is written."""
+    accounts.create_customer("acme", plan="invoiced", anchor=0)
+    good = json.dumps({"id": str(uuid.UUID(bytes=new_event_id())), "customer": "acme", "units": {"calls": 1}})
+    path = tmp_path / "events.jsonl"
+    path.write_text(f"{good}\n{line}\n")
+    with pytest.raises(UsageError, match=message):
+        accounts.import_events(str(path))
+    assert all(accounts.storage.stream_length(shard) == 0 for shard in range(accounts.storage.shards))
+
+
+def test_a_repeated_id_in_a_file_names_both_lines(accounts: Accounts, tmp_path: Path) -> None:
+    """An id that appears twice in one file is refused, naming the first line."""
+    accounts.create_customer("acme", plan="invoiced", anchor=0)
+    line = {"id": EVENT, "customer": "acme", "units": {"calls": 1}}
+    other = str(uuid.UUID(bytes=new_event_id()))
+    with pytest.raises(UsageError, match=r"events\.jsonl:3: id: .* repeats line 1"):
+        accounts.import_events(str(backfill(tmp_path, [line, {**line, "id": other}, line])))

@@ -415,3 +415,51 @@ def test_the_worker_fires_webhooks_without_waiting_for_them(monkeypatch: pytest.
     body = receiver.requests[-1][2]
     assert json.loads(body)["threshold"] == "50"
     assert verify_signature(body, receiver.requests[-1][1]["Meterware-Signature"], SECRET)
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+TOML = """
+[storage]
+url = "memory://alerts-cli"
+shards = 4
+[plans.free.meters.calls]
+quota = 10
+[alerts]
+quota_percent = [50, 80, 100]
+"""
+
+
+def test_the_cli_sets_shows_and_lists_alerts(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`meterware alerts set/show/list`: a customer's own thresholds, and the alerts that fired."""
+    from meterware.cli import main
+
+    monkeypatch.delenv("METERWARE_STORAGE", raising=False)
+    path = tmp_path / "meterware.toml"
+    path.write_text(TOML)
+    config = Config.from_file(path)
+    accounts = Accounts.open(config)
+    accounts.create_customer("hobby", plan="free", anchor=ANCHOR)
+
+    def run(*args: str) -> Any:
+        capsys.readouterr()
+        assert main([*args, "--config", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    shown = run("alerts", "set", "hobby", "--quota-percent", "80,100", "--credits-below", "5,0.5")
+    assert shown == {
+        "customer": "hobby",
+        "quota_percent": [80, 100],
+        "credits_below": ["0.500000", "5.000000"],
+        "spend_above": [],
+    }
+    assert run("alerts", "show", "hobby")["quota_percent"] == [80, 100]
+    calls(accounts.storage, "hobby", 9)
+    RollupWorker(accounts.storage, config).drain()
+    listed = run("alerts", "list", "--customer", "hobby")
+    assert [(a["type"], a["threshold"], a["used"]) for a in listed] == [("quota.threshold", "80", 9)]
+    assert main(["alerts", "list", "--config", str(path)]) == 0
+    assert "quota.threshold alrt_" in capsys.readouterr().out
+    assert run("alerts", "set", "hobby", "--clear")["quota_percent"] == [50, 80, 100]

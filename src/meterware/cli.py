@@ -12,7 +12,7 @@ from typing import Any
 
 from meterware.__about__ import __version__
 from meterware.accounts import Accounts
-from meterware.config import MICROS_PER_CREDIT, Config
+from meterware.config import MICROS_PER_CREDIT, AlertRules, Config
 from meterware.errors import MeterwareError
 from meterware.rollup.metrics import add_metrics_arguments
 
@@ -219,6 +219,60 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return _emit(args, {"ok": True, "meters": sorted(config.meters), "plans": sorted(config.plans)}, text)
 
 
+def _percents(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MeterwareError(f"--quota-percent must be whole numbers like 50,80,100, got {text!r}") from None
+
+
+def _amounts(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _rules_data(rules: AlertRules) -> dict[str, list[Any]]:
+    return {
+        "quota_percent": list(rules.quota_percent or ()),
+        "credits_below": [format_credits(micros) for micros in rules.credits_below or ()],
+        "spend_above": [format_credits(micros) for micros in rules.spend_above or ()],
+    }
+
+
+def _rules_text(customer: str, rules: AlertRules) -> str:
+    data = _rules_data(rules)
+    percents = ", ".join(f"{p}%" for p in data["quota_percent"]) or "none"
+    return (
+        f"{customer}: quota at {percents}; credits below {', '.join(data['credits_below']) or 'none'}; "
+        f"spend above {', '.join(data['spend_above']) or 'none'}"
+    )
+
+
+def cmd_alerts_set(args: argparse.Namespace) -> int:
+    accounts = _accounts(args)
+    rules = accounts.set_alerts(
+        args.customer,
+        quota_percent=None if args.quota_percent is None else _percents(args.quota_percent),
+        credits_below=None if args.credits_below is None else _amounts(args.credits_below),
+        spend_above=None if args.spend_above is None else _amounts(args.spend_above),
+        clear=args.clear,
+    )
+    if not accounts.config.alerts.enabled:
+        note = "meterware: note: the configuration has no [alerts] section: nothing is evaluated"
+        print(note, file=sys.stderr)
+    return _emit(args, {"customer": args.customer, **_rules_data(rules)}, _rules_text(args.customer, rules))
+
+
+def cmd_alerts_show(args: argparse.Namespace) -> int:
+    rules = _accounts(args).alert_rules(args.customer)
+    return _emit(args, {"customer": args.customer, **_rules_data(rules)}, _rules_text(args.customer, rules))
+
+
+def cmd_alerts_list(args: argparse.Namespace) -> int:
+    alerts = _accounts(args).alerts(args.customer, limit=args.limit)
+    lines = [f"{_when(alert.created)}  {alert.describe()}" for alert in alerts]
+    return _emit(args, [alert.as_dict() for alert in alerts], "\n".join(lines) or "(no alerts)")
+
+
 def cmd_rollup(args: argparse.Namespace) -> int:
     from meterware.rollup import run_worker
     from meterware.rollup.metrics import metrics_options
@@ -319,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     command(config, "check", cmd_config_check, "validate a configuration file").add_argument(
         "file", nargs="?"
     )
+
+    alerts = group("alerts", "alert thresholds and fired alerts")
+    sub = command(alerts, "set", cmd_alerts_set, "set a customer's own thresholds (each replaces its plan's)")
+    sub.add_argument("customer")
+    sub.add_argument("--quota-percent", metavar="P,P", help="percentages of each quota, e.g. 80,100")
+    sub.add_argument("--credits-below", metavar="C,C", help="prepaid balances in credits, e.g. 5 or 10,1")
+    sub.add_argument("--spend-above", metavar="C,C", help="period spend in credits, e.g. 100")
+    sub.add_argument("--clear", action="store_true", help="drop the customer's own thresholds first")
+    sub = command(alerts, "show", cmd_alerts_show, "the thresholds in force for a customer")
+    sub.add_argument("customer")
+    sub = command(alerts, "list", cmd_alerts_list, "alerts fired, oldest first")
+    sub.add_argument("--customer", help="only this customer's")
+    sub.add_argument("--limit", type=int, default=50, help="at most this many, the latest (default 50)")
 
     sub = commands.add_parser("rollup", help="run the rollup worker", parents=[common])
     sub.set_defaults(handler=cmd_rollup)

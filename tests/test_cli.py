@@ -433,8 +433,17 @@ def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
         "prepaid": False,
         "rate_limits": ["200/1s", "10000/60s"],
         "meters": {
-            "calls": {"quota": 1_000_000, "quota_mode": "soft", "included": 100_000, "price": "0.000500"}
+            "calls": {
+                "quota": 1_000_000,
+                "quota_mode": "soft",
+                "included": 100_000,
+                "price": "0.000500",
+                "pricing": "0.0005 per unit",
+            }
         },
+        "currency": "USD",
+        "base_fee": "0",
+        "minimum": "0",
     }
 
 

@@ -19,6 +19,7 @@ from meterware.config import AlertRules, Config, parse_credits
 from meterware.corrections import CorrectionResult, ImportResult, correct_event, import_events, parse_import
 from meterware.errors import ConfigError, NotFoundError, UsageError
 from meterware.events import OUTCOMES
+from meterware.invoices import Invoice, close, periods_to_close, preview
 from meterware.keys import NewKey, generate_key
 from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, Lot, new_grant_id, replay
 from meterware.storage import open_storage
@@ -336,3 +337,35 @@ class Accounts:
         calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
         meters = {name: totals.get(name, 0) for name in self.config.meters}
         return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))
+
+    # -- invoices
+
+    def invoice(
+        self, customer_id: str, *, period_start: int | None = None, at: float | None = None
+    ) -> Invoice:
+        """The invoice of the period starting at ``period_start`` (default: the period containing ``at``,
+        default now): frozen if the period was closed, otherwise a preview of its usage so far."""
+        customer = self.customer(customer_id)
+        plan = self.config.plan(customer.plan)
+        instant = (time.time() if at is None else at) if period_start is None else period_start
+        bounds = period_bounds(customer.anchor, plan.period, instant)
+        if period_start is not None and bounds[0] != period_start:
+            raise UsageError(
+                f"no billing period of {customer_id} starts at {period_start}; "
+                f"the one around it starts at {bounds[0]}"
+            )
+        return preview(self.storage, customer, plan, bounds)
+
+    def close_periods(self, *, at: float | None = None, customer_id: str | None = None) -> list[Invoice]:
+        """Freeze the invoice of every period that ended by ``at`` (default: now) and is not closed yet,
+        for one customer or all; return the invoices this call froze (none the second time)."""
+        at = time.time() if at is None else at
+        closed = []
+        for name in [customer_id] if customer_id else self.storage.list_customers():
+            customer = self.customer(name)
+            plan = self.config.plan(customer.plan)
+            for bounds in periods_to_close(self.storage, customer, plan, at):
+                invoice, froze = close(self.storage, customer, plan, bounds, int(at))
+                if froze:
+                    closed.append(invoice)
+        return closed

@@ -59,6 +59,16 @@ def quota(shard: int, live: bool, customer_id: str, period_start: int) -> str:
     return f"{tag(shard)}:q:{_mode(live)}:{customer_id}:{period_start}"
 
 
+def invoice(shard: int, customer_id: str, period_start: int) -> str:
+    """The frozen invoice of a closed billing period (a JSON string, set once)."""
+    return f"{tag(shard)}:inv:{customer_id}:{period_start}"
+
+
+def billed(shard: int, customer_id: str) -> str:
+    """What the closed invoices billed per closed period (a hash: ``v`` version, ``<start>`` JSON)."""
+    return f"{tag(shard)}:billed:{customer_id}"
+
+
 def usage(shard: int, live: bool, customer_id: str, window: str, start: int) -> str:
     return f"{tag(shard)}:u:{_mode(live)}:{customer_id}:{window}:{start}"
 

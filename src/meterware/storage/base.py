@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
 
@@ -109,6 +109,20 @@ class Balance:
 #: The offset of a shard nobody has consumed yet.
 START_OFFSET = "0-0"
 
+#: What :meth:`Storage.close_period` did: froze the invoice, found one frozen already, or found that
+#: another close changed what was billed since ``version`` was read (nothing written: recompute).
+CloseResult = Literal["closed", "exists", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Billed:
+    """What a customer's closed invoices billed, per closed period (written by :mod:`meterware.invoices`)."""
+
+    #: Moved by every close; a close computed from another version is refused.
+    version: int = 0
+    #: Closed period start -> what was billed for it so far (JSON: its usage and spend at the last close).
+    periods: Mapping[int, str] = field(default_factory=dict)
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
@@ -199,6 +213,15 @@ class Storage(Protocol):
     def grant_credits(self, customer_id: str, micros: int) -> Balance: ...
     def get_balance(self, customer_id: str) -> Balance: ...
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
+
+    # -- invoices (meterware.invoices): close_period stores the frozen invoice of a closed period unless one
+    # is stored ("exists"), with the billed records of the periods it bills, only if the customer's billed
+    # version is still ``version`` ("conflict" otherwise); all in one atomic step, or nothing.
+    def read_billed(self, customer_id: str) -> Billed: ...
+    def read_invoice(self, customer_id: str, period_start: int) -> str | None: ...
+    def close_period(
+        self, customer_id: str, period_start: int, invoice: str, billed: Mapping[int, str], version: int
+    ) -> CloseResult: ...
 
     # -- the credits ledger and corrections (meterware.ledger, meterware.corrections)
     def move_credits(self, customer_id: str, entry: LedgerEntry) -> Balance: ...

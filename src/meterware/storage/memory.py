@@ -27,6 +27,8 @@ from meterware.storage.base import (
     ALERTS_MAXLEN,
     Balance,
     Batch,
+    Billed,
+    CloseResult,
     Correction,
     LedgerEntry,
     RollupCommit,
@@ -130,6 +132,9 @@ class MemoryStorage:
         self._quotas: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._shards = [_Shard() for _ in range(shards)]
         self._usage: dict[Window, _Usage] = defaultdict(_Usage)
+        #: (customer, period start) -> frozen invoice; customer -> what closed invoices billed.
+        self._invoices: dict[tuple[str, int], str] = {}
+        self._billed: dict[str, Billed] = {}
         self._alert_rules: dict[str, str] = {}
         #: (customer, alert name) -> epoch seconds the marker expires at.
         self._alerts_fired: dict[tuple[str, str], int] = {}
@@ -539,6 +544,29 @@ class MemoryStorage:
             totals |= {name: value for name, (_, value) in usage.lasts.items()}
             totals |= {name: len(values) for name, values in usage.uniques.items()}
             return totals
+
+    # -- invoices -----------------------------------------------------------------------------------
+
+    def read_billed(self, customer_id: str) -> Billed:
+        with self._lock:
+            return self._billed.get(customer_id, Billed())
+
+    def read_invoice(self, customer_id: str, period_start: int) -> str | None:
+        with self._lock:
+            return self._invoices.get((customer_id, period_start))
+
+    def close_period(
+        self, customer_id: str, period_start: int, invoice: str, billed: Mapping[int, str], version: int
+    ) -> CloseResult:
+        with self._lock:
+            if (customer_id, period_start) in self._invoices:
+                return "exists"
+            current = self._billed.get(customer_id, Billed())
+            if current.version != version:
+                return "conflict"
+            self._invoices[(customer_id, period_start)] = invoice
+            self._billed[customer_id] = Billed(version + 1, {**current.periods, **billed})
+            return "closed"
 
     # -- alerts -------------------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ from meterware.storage.base import (
     START_OFFSET,
     Balance,
     Batch,
+    Billed,
+    CloseResult,
     Correction,
     LedgerEntry,
     RollupCommit,
@@ -71,6 +73,7 @@ _SCRIPTS: Final = (
     "acquire_lease",
     "add_key",
     "admit",
+    "close_period",
     "commit",
     "correct",
     "create_customer",
@@ -588,6 +591,12 @@ def usage_from(fields: Fields, unique_counts: Mapping[str, int]) -> dict[str, in
     return parts["s:"] | parts["m:"] | parts["l:"] | dict(unique_counts)
 
 
+def billed_from(fields: Fields) -> Billed:
+    """What closed invoices billed, from the customer's billed hash (``v`` and one field per period)."""
+    periods = {int(name): _text(value) for name, value in fields.items() if _text(name).isdigit()}
+    return Billed(int(fields.get(b"v", 0)), periods)
+
+
 def stream_entries(reply: Iterable[tuple[Text | None, Fields | None]] | None) -> list[StreamEntry]:
     """Stream entries from an XRANGE reply (fields stay bytes, as the worker reads them)."""
     return [
@@ -925,6 +934,35 @@ class RedisStorage:
                     pipe.scard(ks.unique_values(*where, name))
                 counts = pipe.execute()
         return usage_from(fields, dict(zip(names, counts, strict=True)))
+
+    # -- invoices
+
+    def read_billed(self, customer_id: str) -> Billed:
+        key = ks.billed(self._shard(customer_id), customer_id)
+        with self._call() as client:
+            fields = client.hgetall(key)
+        try:
+            return billed_from(fields)
+        except ValueError:
+            where = self._errors.where
+            raise StorageError(f"Redis at {where}: BADVALUE {key} field v is not an integer") from None
+
+    def read_invoice(self, customer_id: str, period_start: int) -> str | None:
+        with self._call() as client:
+            invoice = client.get(ks.invoice(self._shard(customer_id), customer_id, period_start))
+        return None if invoice is None else _text(invoice)
+
+    def close_period(
+        self, customer_id: str, period_start: int, invoice: str, billed: Mapping[int, str], version: int
+    ) -> CloseResult:
+        shard = self._shard(customer_id)
+        keys = [ks.invoice(shard, customer_id, period_start), ks.billed(shard, customer_id)]
+        args: list[Arg] = [invoice, version]
+        for start, record in billed.items():
+            args += [start, record]
+        with self._call():
+            reply = int(self._run("close_period", keys, args))
+        return "closed" if reply == 1 else "exists" if reply == 0 else "conflict"
 
     # -- alerts
 

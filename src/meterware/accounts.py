@@ -15,7 +15,7 @@ from typing import Any
 
 from meterware._core import Customer, KeyRecord, period_bounds
 from meterware.alerts import Alert, read_alerts, rules_from_json, rules_to_json
-from meterware.config import AlertRules, Config, parse_credits
+from meterware.config import EXPORT_PROVIDERS, AlertRules, Config, parse_credits
 from meterware.corrections import CorrectionResult, ImportResult, correct_event, import_events, parse_import
 from meterware.errors import ConfigError, NotFoundError, UsageError
 from meterware.events import OUTCOMES
@@ -116,6 +116,20 @@ class Accounts:
             raise UsageError(f"status must be 'active' or 'suspended', got {status!r}")
         self.customer(customer_id)
         self.storage.update_customer(customer_id, status=status)
+
+    def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None:
+        """Record the customer's id at a billing provider (``None`` or ``""`` removes it)."""
+        if provider not in EXPORT_PROVIDERS:
+            raise UsageError(f"provider must be one of {', '.join(EXPORT_PROVIDERS)}, got {provider!r}")
+        if external_id and (len(external_id) > 255 or not external_id.isprintable() or " " in external_id):
+            raise UsageError(f"external id {external_id!r} must be 1-255 printable characters without spaces")
+        self.customer(customer_id)
+        self.storage.set_external_id(customer_id, provider, external_id or None)
+
+    def external_ids(self, customer_id: str) -> dict[str, str]:
+        """The customer's ids at billing providers, by provider."""
+        self.customer(customer_id)
+        return self.storage.get_external_ids(customer_id)
 
     def _check_plan(self, plan: str) -> None:
         if plan not in self.config.plans:

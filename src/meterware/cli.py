@@ -13,7 +13,7 @@ from typing import Any
 
 from meterware.__about__ import __version__
 from meterware.accounts import Accounts
-from meterware.config import MICROS_PER_CREDIT, AlertRules, Config
+from meterware.config import EXPORT_PROVIDERS, MICROS_PER_CREDIT, AlertRules, Config
 from meterware.errors import MeterwareError
 from meterware.rollup.metrics import add_metrics_arguments
 
@@ -68,6 +68,10 @@ def cmd_customers_show(args: argparse.Namespace) -> int:
     data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
     anchor = _when(customer.anchor)
     text = f"{customer.id}: plan {customer.plan}, {customer.status}, periods anchored at {anchor}"
+    external = accounts.external_ids(customer.id)
+    if external:
+        data["external_ids"] = external
+        text += "\n  external ids: " + ", ".join(f"{p}={i}" for p, i in sorted(external.items()))
     return _emit(args, data, text)
 
 
@@ -78,6 +82,11 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 def cmd_customers_set(args: argparse.Namespace) -> int:
     accounts = _accounts(args)
+    for pair in args.external_id or ():
+        provider, equals, external_id = pair.partition("=")
+        if not equals:
+            raise MeterwareError(f"--external-id must be PROVIDER=ID (empty ID removes it), got {pair!r}")
+        accounts.set_external_id(args.customer, provider, external_id)
     if args.plan:
         accounts.change_plan(args.customer, args.plan)
     if args.status:
@@ -296,9 +305,13 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
                     "quota_mode": "hard" if terms.hard else "soft",
                     "included": terms.included,
                     "price": format_credits(terms.price),
+                    "pricing": plan.prices().meters[name].describe(),
                 }
                 for name, terms in plan.meters.items()
             },
+            "currency": plan.currency,
+            "base_fee": f"{plan.base_fee:f}",
+            "minimum": f"{plan.minimum:f}",
         }
         limits = (
             ", ".join(f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits) or "no rate limit"
@@ -310,10 +323,51 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
                 if terms.quota is None
                 else f"{'hard' if terms.hard else 'soft'} quota {terms.quota}"
             )
-            lines.append(
-                f"  {name}: {quota}, {terms.included} included, {format_credits(terms.price)} per unit"
-            )
+            pricing = terms.pricing.describe() if terms.pricing else f"{format_credits(terms.price)} per unit"
+            lines.append(f"  {name}: {quota}, {terms.included} included, {pricing}")
     return _emit(args, data, "\n".join(lines))
+
+
+def _instant(text: str, option: str) -> float:
+    """Epoch seconds, or an ISO date or time (UTC unless it names its zone)."""
+    try:
+        return float(int(text))
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise MeterwareError(
+            f"{option} must be epoch seconds or a date like 2026-11-01, got {text!r}"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def cmd_invoice(args: argparse.Namespace) -> int:
+    if args.json and args.csv:
+        raise MeterwareError("choose one of --json and --csv")
+    accounts = _accounts(args)
+    if args.period in ("current", "previous"):
+        invoice = accounts.invoice(args.customer)
+        if args.period == "previous":
+            invoice = accounts.invoice(args.customer, at=invoice.period_start - 1)
+    else:
+        invoice = accounts.invoice(args.customer, at=_instant(args.period, "--period"))
+    if args.csv:
+        print(invoice.to_csv(), end="")
+        return 0
+    return _emit(args, invoice.as_dict(), invoice.to_text())
+
+
+def cmd_periods_close(args: argparse.Namespace) -> int:
+    at = time.time() - args.grace if args.at is None else _instant(args.at, "--at")
+    closed = _accounts(args).close_periods(at=at, customer_id=args.customer)
+    lines = [
+        f"closed {invoice.id}: {_when(invoice.period_start)} .. {_when(invoice.period_end)}, "
+        f"total {invoice.as_dict()['total']} {invoice.currency}"
+        for invoice in closed
+    ]
+    return _emit(args, [invoice.as_dict() for invoice in closed], "\n".join(lines) or "(no period to close)")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -324,6 +378,42 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         f"storage {config.storage.split('://')[0]}://)"
     )
     return _emit(args, {"ok": True, "meters": sorted(config.meters), "plans": sorted(config.plans)}, text)
+
+
+def _epoch(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        problem = "must be a date, a time like 2026-11-01T10:00 or epoch seconds"
+        raise MeterwareError(f"{option} {problem}, got {text!r}") from None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from meterware.export import export_usage
+
+    accounts = _accounts(args)
+    since, until = _epoch(args.since, "--since"), _epoch(args.until, "--until")
+    try:
+        report = export_usage(
+            accounts.config, accounts.storage, args.provider, since=since, until=until, dry_run=args.dry_run
+        )
+    finally:
+        accounts.close()
+    text = report.summary()
+    if args.dry_run:
+        lines = [
+            f"  {r.event_id}  {r.name}  {r.external_id}  {r.value}  {_when(r.timestamp)}" for r in report.sent
+        ]
+        text = "\n".join([text, *lines])
+    _emit(args, report.as_dict(), text)
+    return 2 if report.rejected else 0
 
 
 def _percents(text: str) -> list[int]:
@@ -448,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("customer")
     sub.add_argument("--plan")
     sub.add_argument("--status", choices=["active", "suspended"])
+    sub.add_argument(
+        "--external-id",
+        action="append",
+        metavar="PROVIDER=ID",
+        help="the customer's id at a billing provider, e.g. stripe=cus_123 (repeatable; stripe= removes it)",
+    )
 
     keys = group("keys", "issue, list, revoke and rotate API keys")
     sub = command(keys, "create", cmd_keys_create, "issue a key (printed once)")
@@ -508,6 +604,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--period", default="current", help="current, previous, or a date inside the period")
     sub.add_argument("--test", action="store_true", help="sandbox (test key) usage")
 
+    sub = commands.add_parser(
+        "invoice", help="a billing period's invoice (running or closed)", parents=[common]
+    )
+    sub.set_defaults(handler=cmd_invoice)
+    sub.add_argument("customer")
+    sub.add_argument(
+        "--period", default="current", help="current, previous, or a date or epoch seconds inside the period"
+    )
+    sub.add_argument("--csv", action="store_true", help="print CSV: one row per line, then the totals")
+
+    periods = group("periods", "billing periods")
+    sub = command(periods, "close", cmd_periods_close, "freeze the invoices of the periods that ended")
+    sub.add_argument("--customer", help="only this customer (default: every customer)")
+    sub.add_argument(
+        "--grace",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="close only periods that ended this long ago",
+    )
+    sub.add_argument("--at", metavar="WHEN", help="close the periods that ended by then (epoch or date)")
+
     plans = group("plans", "the configured plans")
     command(plans, "list", cmd_plans_list, "list plans, limits and prices")
 
@@ -515,6 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     command(config, "check", cmd_config_check, "validate a configuration file").add_argument(
         "file", nargs="?"
     )
+
+    sub = commands.add_parser(
+        "export", help="push usage to a billing provider ([export.PROVIDER])", parents=[common]
+    )
+    sub.set_defaults(handler=cmd_export)
+    sub.add_argument("provider", choices=EXPORT_PROVIDERS)
+    sub.add_argument("--since", help="first window to read (date, ISO time or epoch s; default: the cursor)")
+    sub.add_argument("--until", help="read windows ending by then (default: now - settle_seconds)")
+    sub.add_argument("--dry-run", action="store_true", help="print the events, send and record nothing")
 
     alerts = group("alerts", "alert thresholds and fired alerts")
     sub = command(alerts, "set", cmd_alerts_set, "set a customer's own thresholds (each replaces its plan's)")

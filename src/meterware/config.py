@@ -308,6 +308,47 @@ class Alerts:
         return self.rules if override is None else override.over(self.rules)
 
 
+#: Billing providers usage can be exported to (``[export.<provider>]``, ``meterware export``).
+EXPORT_PROVIDERS: Final = ("stripe", "dodo", "openmeter", "lago")
+ExportWindow = Literal["minute", "hour", "day"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExportTarget:
+    """An ``[export.<provider>]`` section: where and how live usage is pushed to a billing provider."""
+
+    provider: str
+    #: meterware meter -> the provider's event name (Stripe ``event_name``, Dodo ``event_name``,
+    #: OpenMeter CloudEvents ``type``, Lago ``code``). Only ``count`` and ``sum`` meters: their
+    #: window totals add up, so a late change can be sent as a delta.
+    meters: Mapping[str, str] = field(default_factory=dict)
+    #: The environment variable holding the API key (never the file).
+    api_key_env: str = ""
+    #: The API's base URL; None: the provider's public one.
+    base_url: str | None = None
+    #: Rollup window each event covers.
+    window: ExportWindow = "hour"
+    #: ``external``: only customers with an external id for this provider; ``meterware``: fall back to
+    #: the meterware customer id.
+    customer_ids: Literal["external", "meterware"] = "external"
+    #: A window is exported this long after it ends (the rollup's lag).
+    settle_seconds: float = 120.0
+    #: Windows this far back are read again on every run, to send late usage as revisions.
+    recheck_seconds: float = 86_400.0
+    #: Oldest event the provider accepts, in seconds; None: its documented limit.
+    max_age_seconds: float | None = None
+    #: Events per request; None: the provider's documented maximum.
+    batch_size: int | None = None
+    #: Attempts per request on 429, 5xx and network errors (with backoff).
+    max_attempts: int = 5
+    #: The property holding the value (Stripe payload, Dodo metadata, Lago properties, OpenMeter data).
+    value_key: str = "value"
+    #: Stripe: the payload key of the customer id (the meter's ``customer_mapping.event_payload_key``).
+    customer_key: str = "stripe_customer_id"
+    #: OpenMeter: the CloudEvents ``source`` (part of the dedupe key with ``id``).
+    source: str = "meterware"
+
+
 def _default_meters() -> Mapping[str, Meter]:
     return {"calls": Meter("calls")}
 
@@ -331,6 +372,7 @@ class Config:
     pipeline: Pipeline = field(default_factory=Pipeline)
     rollup: Rollup = field(default_factory=Rollup)
     alerts: Alerts = field(default_factory=Alerts)
+    export: Mapping[str, ExportTarget] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
@@ -699,6 +741,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
     )
     rollup.done()
     parsed_alerts = _parse_alerts(root, plans)
+    parsed_export = _parse_export(root, meters)
     root.done()
 
     return Config(
@@ -712,6 +755,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         pipeline=parsed_pipeline,
         rollup=parsed_rollup,
         alerts=parsed_alerts,
+        export=parsed_export,
     )
 
 
@@ -774,6 +818,88 @@ def _parse_alerts(root: _Section, plans: Mapping[str, Plan]) -> Alerts:
         table.done()
     section.done()
     return Alerts(True, url, secret_env, attempts, timeout, rules, overrides)
+
+
+_EXPORT_KEY_ENVS: Final = {
+    "stripe": "STRIPE_API_KEY",
+    "dodo": "DODO_PAYMENTS_API_KEY",
+    "openmeter": "OPENMETER_API_KEY",
+    "lago": "LAGO_API_KEY",
+}
+
+
+def _parse_export(root: _Section, meters: Mapping[str, Meter]) -> dict[str, ExportTarget]:
+    targets: dict[str, ExportTarget] = {}
+    providers = root.section("export")
+    for provider, raw in providers.data.items():
+        providers.seen.add(provider)
+        if provider not in EXPORT_PROVIDERS:
+            raise ConfigError(
+                providers.name(provider), f"is not a known provider ({', '.join(EXPORT_PROVIDERS)})"
+            )
+        section = _Section(raw, providers.name(provider))
+        table = section.section("meters")
+        names: dict[str, str] = {}
+        for meter, event_name in table.data.items():
+            where = table.name(meter)
+            if meter not in meters:
+                known = ", ".join(sorted(meters))
+                raise ConfigError(where, f"names no meter defined under [meters] (known: {known})")
+            if not meters[meter].chargeable:
+                raise ConfigError(
+                    where,
+                    f"a '{meters[meter].aggregation}' meter cannot be exported: its window totals do not "
+                    "add up, so a late change could not be sent as a delta",
+                )
+            bad = not isinstance(event_name, str) or event_name.strip() != event_name
+            if bad or not 1 <= len(event_name) <= 100:
+                problem = f"must be the provider's event name (1-100 characters), got {event_name!r}"
+                raise ConfigError(where, problem)
+            names[meter] = event_name
+        if not names:
+            raise ConfigError(table.path, "must map at least one meter to the provider's event name")
+        api_key_env = section.get("api_key_env", str, _EXPORT_KEY_ENVS[provider])
+        if not _ENV_NAME_RE.match(api_key_env):
+            problem = f"must name an environment variable, got {api_key_env!r}"
+            raise ConfigError(section.name("api_key_env"), problem)
+        base_url = section.get("base_url", str, "") or None
+        if base_url is not None and not re.match(r"^https?://[^\s/]+[^\s]*\Z", base_url):
+            problem = f"must be an http:// or https:// URL, got {_shown(base_url)!r}"
+            raise ConfigError(section.name("base_url"), problem)
+        max_age = section.number("max_age_seconds", 1.0) if "max_age_seconds" in section.data else None
+        batch_size = section.integer("batch_size", 1, minimum=1) if "batch_size" in section.data else None
+        max_attempts = section.integer("max_attempts", 5, minimum=1)
+        if max_attempts > 20:
+            raise ConfigError(section.name("max_attempts"), f"must be at most 20, got {max_attempts}")
+        defaults = ExportTarget(provider)
+        targets[provider] = ExportTarget(
+            provider=provider,
+            meters=names,
+            api_key_env=api_key_env,
+            base_url=base_url,
+            window=section.choice("window", get_args(ExportWindow), defaults.window),  # type: ignore[arg-type]
+            customer_ids=section.choice("customer_ids", ("external", "meterware"), "external"),  # type: ignore[arg-type]
+            settle_seconds=section.number("settle_seconds", defaults.settle_seconds, positive=False),
+            recheck_seconds=section.number("recheck_seconds", defaults.recheck_seconds, positive=False),
+            max_age_seconds=max_age,
+            batch_size=batch_size,
+            max_attempts=max_attempts,
+            value_key=_export_key(section, "value_key", defaults.value_key),
+            customer_key=_export_key(section, "customer_key", defaults.customer_key),
+            source=_export_key(section, "source", defaults.source),
+        )
+        for key in ("settle_seconds", "recheck_seconds"):
+            if getattr(targets[provider], key) < 0:
+                raise ConfigError(section.name(key), "must not be negative")
+        section.done()
+    return targets
+
+
+def _export_key(section: _Section, key: str, default: str) -> str:
+    value: str = section.get(key, str, default)
+    if not 1 <= len(value) <= 100 or any(c.isspace() for c in value):
+        raise ConfigError(section.name(key), f"must be 1-100 characters without spaces, got {value!r}")
+    return value
 
 
 def resolve_config(

@@ -86,6 +86,21 @@ def unique_values(shard: int, live: bool, customer_id: str, window: str, start: 
     return f"{usage(shard, live, customer_id, window, start)}:{meter}"
 
 
+def external_ids(shard: int, customer_id: str) -> str:
+    """The customer's ids at billing providers: a hash of provider -> id."""
+    return f"{tag(shard)}:xid:{customer_id}"
+
+
+def export_marks(shard: int, provider: str, customer_id: str, window: str, start: int) -> str:
+    """What was exported of one (live) window to ``provider``: a hash of meter -> mark."""
+    return f"{tag(shard)}:x:{provider}:{customer_id}:{window}:{start}"
+
+
+def export_cursor(shard: int, provider: str, customer_id: str, window: str) -> str:
+    """The end of the last window exported to ``provider`` (epoch seconds)."""
+    return f"{tag(shard)}:xc:{provider}:{customer_id}:{window}"
+
+
 def ledger(shard: int, customer_id: str) -> str:
     """The customer's credits ledger: a stream, one entry per movement of the balance."""
     return f"{tag(shard)}:ledger:{customer_id}"

@@ -173,8 +173,22 @@ class Correction:
 #: Entries an alerts stream keeps at most (the oldest go first).
 ALERTS_MAXLEN = 10_000
 
-#: Entries an alerts stream keeps at most (the oldest go first).
-ALERTS_MAXLEN = 10_000
+
+@dataclass(frozen=True, slots=True)
+class ExportMark:
+    """What was exported of one meter of one window to one provider (see :mod:`meterware.export`).
+
+    Written before the event is sent (``confirmed`` false), and again once the provider took it, so a run
+    that died in between sends the very same event (id and value) again, and the provider dedupes it.
+    """
+
+    #: The window total the events up to ``revision`` add up to.
+    total: int
+    #: The revision of the last event (1: the window's first event).
+    revision: int
+    #: The value of that event (a delta from revision 2 on).
+    value: int
+    confirmed: bool
 
 
 class Storage(Protocol):
@@ -246,6 +260,24 @@ class Storage(Protocol):
         self, customer_id: str, name: str, expires_at: int, fields: Mapping[str, str]
     ) -> str | None: ...
     def read_alerts(self, shard: int, after: str, count: int) -> list[StreamEntry]: ...
+
+    # -- export to billing providers (meterware.export): external customer ids, and what was exported of
+    # each window (a mark per meter; ``None`` removes one) and up to where (a cursor), per provider.
+    def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None: ...
+    def get_external_ids(self, customer_id: str) -> dict[str, str]: ...
+    def read_export_marks(
+        self, provider: str, customer_id: str, window: str, starts: Sequence[int]
+    ) -> dict[int, dict[str, ExportMark]]: ...
+    def write_export_marks(
+        self,
+        provider: str,
+        customer_id: str,
+        window: str,
+        marks: Mapping[int, Mapping[str, ExportMark | None]],
+        ttl: int,
+    ) -> None: ...
+    def read_export_cursor(self, provider: str, customer_id: str, window: str) -> int | None: ...
+    def write_export_cursor(self, provider: str, customer_id: str, window: str, end: int) -> None: ...
 
     def close(self) -> None: ...
 

@@ -30,6 +30,7 @@ from meterware.storage.base import (
     Billed,
     CloseResult,
     Correction,
+    ExportMark,
     LedgerEntry,
     RollupCommit,
     StreamEntry,
@@ -138,6 +139,10 @@ class MemoryStorage:
         self._alert_rules: dict[str, str] = {}
         #: (customer, alert name) -> epoch seconds the marker expires at.
         self._alerts_fired: dict[tuple[str, str], int] = {}
+        self._external_ids: dict[str, dict[str, str]] = defaultdict(dict)
+        #: (provider, customer, window, start) -> meter -> mark; kept for good (as the windows are here).
+        self._export_marks: dict[tuple[str, str, str, int], dict[str, ExportMark]] = defaultdict(dict)
+        self._export_cursors: dict[tuple[str, str, str], int] = {}
 
     # -- the request path ---------------------------------------------------------------------------
 
@@ -602,6 +607,52 @@ class MemoryStorage:
             alerts = self._shards[shard].alerts
             start = bisect.bisect_right(alerts, _id_tuple(after), key=_entry_id)
             return alerts[start : start + max(0, count)]
+
+    # -- export to billing providers ----------------------------------------------------------------
+
+    def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None:
+        with self._lock:
+            self._account(customer_id)
+            if external_id is None:
+                self._external_ids[customer_id].pop(provider, None)
+            else:
+                self._external_ids[customer_id][provider] = external_id
+
+    def get_external_ids(self, customer_id: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._external_ids.get(customer_id, {}))
+
+    def read_export_marks(
+        self, provider: str, customer_id: str, window: str, starts: Sequence[int]
+    ) -> dict[int, dict[str, ExportMark]]:
+        with self._lock:
+            found = {start: self._export_marks.get((provider, customer_id, window, start)) for start in starts}
+            return {start: dict(marks) for start, marks in found.items() if marks}
+
+    def write_export_marks(
+        self,
+        provider: str,
+        customer_id: str,
+        window: str,
+        marks: Mapping[int, Mapping[str, ExportMark | None]],
+        ttl: int,
+    ) -> None:
+        with self._lock:
+            for start, meters in marks.items():
+                stored = self._export_marks[(provider, customer_id, window, start)]
+                for meter, mark in meters.items():
+                    if mark is None:
+                        stored.pop(meter, None)
+                    else:
+                        stored[meter] = mark
+
+    def read_export_cursor(self, provider: str, customer_id: str, window: str) -> int | None:
+        with self._lock:
+            return self._export_cursors.get((provider, customer_id, window))
+
+    def write_export_cursor(self, provider: str, customer_id: str, window: str, end: int) -> None:
+        with self._lock:
+            self._export_cursors[(provider, customer_id, window)] = end
 
     def _account(self, customer_id: str) -> _Account:
         account = self._accounts.get(customer_id)

@@ -51,6 +51,7 @@ from meterware.storage.base import (
     Billed,
     CloseResult,
     Correction,
+    ExportMark,
     LedgerEntry,
     RollupCommit,
     StreamEntry,
@@ -964,6 +965,76 @@ class RedisStorage:
             reply = int(self._run("close_period", keys, args))
         return "closed" if reply == 1 else "exists" if reply == 0 else "conflict"
 
+    # -- export to billing providers
+
+    def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None:
+        shard = self._shard(customer_id)
+        with self._call() as client:
+            if not client.exists(ks.customer(shard, customer_id)):
+                raise NotFoundError(f"no customer {customer_id!r}")
+            if external_id is None:
+                client.hdel(ks.external_ids(shard, customer_id), provider)
+            else:
+                client.hset(ks.external_ids(shard, customer_id), provider, external_id)
+
+    def get_external_ids(self, customer_id: str) -> dict[str, str]:
+        with self._call() as client:
+            ids = client.hgetall(ks.external_ids(self._shard(customer_id), customer_id))
+        return {_text(provider): _text(external) for provider, external in ids.items()}
+
+    def read_export_marks(
+        self, provider: str, customer_id: str, window: str, starts: Sequence[int]
+    ) -> dict[int, dict[str, ExportMark]]:
+        if not starts:
+            return {}
+        shard = self._shard(customer_id)
+        with self._call() as client:
+            pipe = client.pipeline(transaction=False)
+            for start in starts:
+                pipe.hgetall(ks.export_marks(shard, provider, customer_id, window, start))
+            replies = pipe.execute()
+        marks: dict[int, dict[str, ExportMark]] = {}
+        for start, fields in zip(starts, replies, strict=True):
+            if fields:
+                marks[start] = {_text(meter): _export_mark(text) for meter, text in fields.items()}
+        return marks
+
+    def write_export_marks(
+        self,
+        provider: str,
+        customer_id: str,
+        window: str,
+        marks: Mapping[int, Mapping[str, ExportMark | None]],
+        ttl: int,
+    ) -> None:
+        shard = self._shard(customer_id)
+        with self._call() as client:
+            pipe = client.pipeline(transaction=False)
+            for start, meters in marks.items():
+                key = ks.export_marks(shard, provider, customer_id, window, start)
+                kept = {
+                    meter: f"{m.total} {m.revision} {m.value} {int(m.confirmed)}"
+                    for meter, m in meters.items()
+                    if m is not None
+                }
+                dropped = [meter for meter, mark in meters.items() if mark is None]
+                if kept:
+                    pipe.hset(key, mapping=kept)  # type: ignore[arg-type]  # str values are fine
+                if dropped:
+                    pipe.hdel(key, *dropped)
+                if ttl > 0:
+                    pipe.expire(key, ttl)
+            pipe.execute()
+
+    def read_export_cursor(self, provider: str, customer_id: str, window: str) -> int | None:
+        with self._call() as client:
+            end = client.get(ks.export_cursor(self._shard(customer_id), provider, customer_id, window))
+        return None if end is None else int(end)
+
+    def write_export_cursor(self, provider: str, customer_id: str, window: str, end: int) -> None:
+        with self._call() as client:
+            client.set(ks.export_cursor(self._shard(customer_id), provider, customer_id, window), end)
+
     # -- alerts
 
     def set_alert_rules(self, customer_id: str, rules: str | None) -> None:
@@ -1007,6 +1078,11 @@ class RedisStorage:
                 client.close()
             for node in sentinel.sentinels if sentinel is not None else ():
                 node.close()
+
+
+def _export_mark(text: bytes | str) -> ExportMark:
+    total, revision, value, confirmed = _text(text).split()
+    return ExportMark(int(total), int(revision), int(value), confirmed == "1")
 
 
 # -- the asyncio request path ------------------------------------------------------------------------

@@ -197,3 +197,37 @@ def test_a_repeated_id_in_a_file_names_both_lines(accounts: Accounts, tmp_path: 
     other = str(uuid.UUID(bytes=new_event_id()))
     with pytest.raises(UsageError, match=r"events\.jsonl:3: id: .* repeats line 1"):
         accounts.import_events(str(backfill(tmp_path, [line, {**line, "id": other}, line])))
+
+
+@pytest.mark.redis
+def test_cli_voids_amends_and_imports(
+    redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`meterware events import/void/amend` apply once and say so the second time."""
+    from meterware.cli import main
+    from tests.test_cli import EXAMPLE
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main([*args, "--storage", redis_url, "--config", str(EXAMPLE)])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    run("customers", "create", "acme", "--plan", "pro")
+    event = str(uuid.UUID(bytes=new_event_id()))
+    path = backfill(tmp_path, [{"id": event, "customer": "acme", "units": {"calls": 1, "tokens": 9}}])
+    assert run("events", "import", str(path)) == (
+        0,
+        f"{path}: 1 events imported, 0 imported before (skipped)\n",
+    )
+    assert run("events", "import", str(path))[1].endswith("0 events imported, 1 imported before (skipped)\n")
+    assert run("events", "amend", event, "--units", "tokens=4", "--reason", "x") == (
+        0,
+        f"event {event} amended\n",
+    )
+    assert run("events", "void", event, "--reason", "x") == (0, f"event {event} voided\n")
+    assert run("events", "void", event, "--reason", "x") == (0, f"event {event} is already voided\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n')
+    assert run("events", "import", str(bad)) == (1, f"meterware: error: {bad}:1: id: must be a UUID, got 1\n")

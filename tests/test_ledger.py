@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import uuid
@@ -357,3 +358,39 @@ def test_balance_equals_the_ledger_after_a_random_mix_and_concurrent_traffic(acc
         charged = -sum(e.amount for e in ledger if e.kind == "charge")
         refunded = sum(e.amount for e in ledger if e.kind == "refund")
         assert spend == charged - refunded
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_cli_grants_adjusts_expires_and_shows_the_ledger(
+    redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`meterware credits grant/adjust/expire/ledger` write and show who/why; the JSON balance is the sum."""
+    from meterware.cli import main
+    from tests.test_cli import EXAMPLE
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> str:
+        assert main([*args, "--storage", redis_url, "--config", str(EXAMPLE)]) == 0
+        return capsys.readouterr().out
+
+    run("customers", "create", "acme", "--plan", "payg")
+    run("credits", "grant", "acme", "10", "--kind", "purchase", "--reason", "order 7", "--actor", "alice")
+    run("credits", "grant", "acme", "2", "--expires", "2020-01-01", "--priority", "1")
+    run("credits", "adjust", "acme", "-0.5", "--reason", "goodwill reversal", "--actor", "bob")
+    assert "removed" in run("credits", "expire")
+    assert run("credits", "expire") == "no grant to expire\n"
+    text = run("credits", "ledger", "acme")
+    assert "purchase" in text
+    assert "order 7" in text
+    assert "balance 10.000000 credits" in text
+    data = json.loads(run("credits", "ledger", "acme", "--json"))
+    assert [e["kind"] for e in data["entries"]] == ["purchase", "grant", "adjustment", "expiry"]
+    assert data["balance_micros"] == 10 * CREDIT
+    assert [(g["kind"], g["remaining_micros"]) for g in data["grants"]] == [
+        ("purchase", 10 * CREDIT),
+        ("grant", 0),
+    ]

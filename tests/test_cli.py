@@ -592,3 +592,17 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 5]}
     assert set(rows) == {"hobbyist", "startup", "bigco"}
     assert rows["hobbyist"][1:3] == ["free", "5"]  # the free plan's hard quota of 5 calls
+    # The free tier crossing 80% and 100% of its quota fires two alerts (once each), the payg customer's
+    # balance one; the local receiver got them as webhooks and verified every signature.
+    fired = lines[lines.index(next(line for line in lines if line.startswith("Alerts fired"))) + 2 :]
+    assert sorted(line.split()[:3] for line in fired[:3]) == [
+        ["credits.low", "startup", "0.100000"],
+        ["quota.threshold", "hobbyist", "100%"],
+        ["quota.threshold", "hobbyist", "80%"],
+    ]
+    assert "webhook: 3 alerts POSTed to http://127.0.0.1:" in fired[3]
+    assert "3 signatures verified" in fired[3]
+    invoice = lines[lines.index(next(line for line in lines if line.startswith("Invoice preview"))) + 1 :]
+    assert invoice[0].split()[2:5] == ["bigco,", "plan", "pro,"]
+    assert invoice[1].split()[:8] == ["calls", "16", "units,", "10", "included,", "6", "billed,", "0.005"]
+    assert invoice[-1].split() == ["total", "0.03"]  # 6 calls over the included 10, at 0.005

@@ -10,7 +10,10 @@ with ``--storage redis://...`` the rollup worker runs as a separate process, as 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +185,42 @@ def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int, str]]:
     return seen
 
 
+class _Receiver:
+    """A webhook endpoint on a loopback port, as a customer of meterware would run one: it checks
+    each alert's signature with :func:`meterware.alerts.verify_signature`."""
+
+    def __init__(self, secret: str) -> None:
+        from meterware.alerts import SIGNATURE_HEADER, verify_signature
+
+        self.received: list[tuple[bool, dict[str, Any]]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                signed = verify_signature(body, self.headers.get(SIGNATURE_HEADER), secret)
+                received.append((signed, json.loads(body)))
+                self.send_response(204 if signed else 400)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` alerts have arrived (they are sent by a background thread)."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 _ROW = "  {:<9} {:<5} {:>5} {:>6} {:>3} {:>3} {:>3} {:>7} {:>10} {:>10}"
 
 
@@ -192,7 +232,15 @@ def run_demo(*, storage: str | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="meterware-demo-"))
     config_path = workdir / "meterware.toml"
-    config_path.write_text(DEMO_CONFIG + f'spool_dir = "{workdir / "spool"}"\n')
+    # Alerts go to the alerts stream, the log and a webhook: a receiver on a loopback port, with a secret
+    # passed the way meterware reads it (the environment; the worker process inherits it).
+    os.environ["METERWARE_WEBHOOK_SECRET"] = secret = secrets.token_hex(16)
+    receiver = _Receiver(secret)
+    alerts = '\n[alerts]\nquota_percent = [80, 100]\ncredits_below = ["0.1"]\n'
+    alerts += f'webhook_url = "{receiver.url}"\n'
+    config_path.write_text(DEMO_CONFIG + f'spool_dir = "{workdir / "spool"}"\n' + alerts)
+    # The demo prints the alerts itself (the log line is for operators).
+    logging.getLogger("meterware.alerts").addHandler(logging.NullHandler())
     # The app below and the worker process read the storage URL from the environment, like a deployment.
     os.environ.pop("METERWARE_REDIS_URL", None)
     os.environ.pop("METERWARE_STORAGE", None)
@@ -256,5 +304,26 @@ def run_demo(*, storage: str | None = None) -> int:
         "\nRefused calls never reached the app; failed calls (the 503 and the crash, counted as 5xx) were\n"
         "refunded; bigco's first 10 calls were included in its plan, the rest billed as overage."
     )
+
+    fired = accounts.alerts()
+    receiver.wait(len(fired))
+    print("\nAlerts fired by the rollup, each threshold once per billing period (meterware alerts list)")
+    print(f"  {'type':<16} {'customer':<9} {'threshold':>9}  value")
+    for alert in fired:
+        threshold, value = alert.threshold, f"{alert.value} credits"
+        if alert.type == "quota.threshold":
+            threshold = f"{alert.threshold}%"
+            value = f"{alert.value}% ({alert.used} of {alert.quota} {alert.meter})"
+        print(f"  {alert.type:<16} {alert.customer:<9} {threshold:>9}  {value}")
+    verified = sum(signed for signed, _ in receiver.received)
+    print(
+        f"  webhook: {len(receiver.received)} alerts POSTed to {receiver.url}, "
+        f"{verified} signatures verified (Meterware-Signature, HMAC-SHA256)"
+    )
+    receiver.close()
+
+    print("\nInvoice preview: bigco, running period (meterware invoice bigco)")
+    for line in accounts.invoice("bigco").to_text().splitlines():
+        print(f"  {line}")
     accounts.close()
     return 0

@@ -463,3 +463,52 @@ def test_the_cli_sets_shows_and_lists_alerts(
     assert main(["alerts", "list", "--config", str(path)]) == 0
     assert "quota.threshold alrt_" in capsys.readouterr().out
     assert run("alerts", "set", "hobby", "--clear")["quota_percent"] == [50, 80, 100]
+
+
+def test_the_readme_alerts_example_parses() -> None:
+    """The [alerts] block of the README is a valid configuration, with the documented thresholds."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Alerts and the customer's own account\n", 1)[1]
+    block = re.search(r"^```\n(\[alerts\].*?)^```", section, flags=re.S | re.M)
+    assert block is not None
+    config = Config.from_dict({"plans": {"pro": {}}, **tomllib.loads(block[1])})
+    assert config.alerts.rules_for("pro") == AlertRules((80, 100), (1 * C, 10 * C), (100 * C,))
+    assert config.alerts.webhook_url == "https://hooks.example.com/meterware"
+
+
+def test_racing_evaluators_fire_each_alert_once(storage: Storage) -> None:
+    """Eight evaluators (as many workers) evaluating the same customer at once fire each threshold once."""
+    customers(storage)
+    config = Config.from_dict(CONFIG)
+    calls(storage, "hobby", 10)
+    silent = Config.from_dict({**CONFIG, "alerts": {}})  # alerts on, no threshold
+    RollupWorker(storage, silent).drain()
+    assert read_alerts(storage) == []
+    barrier = threading.Barrier(8)
+    fired: list[list[Alert]] = []
+
+    def evaluate() -> None:
+        barrier.wait()
+        fired.append(AlertEvaluator(storage, config).evaluate("hobby", PERIOD))
+
+    threads = [threading.Thread(target=evaluate) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(alert.threshold for batch in fired for alert in batch) == ["100", "50", "80"]
+    assert len(read_alerts(storage)) == 3
+
+
+def test_a_customers_own_thresholds_replace_its_plans(storage: Storage) -> None:
+    """A customer's quota_percent replaces the plan's: only its own thresholds fire."""
+    customers(storage)
+    config = Config.from_dict(CONFIG)
+    Accounts(storage, config).set_alerts("hobby", quota_percent=[70])
+    calls(storage, "hobby", 10)
+    RollupWorker(storage, config).drain()
+    assert fired(storage) == [("hobby", "70", PERIOD)]

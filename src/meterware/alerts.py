@@ -66,6 +66,8 @@ EVENT_ID_HEADER: Final = "Meterware-Event-Id"
 MARKER_GRACE_SECONDS: Final = 35 * 86_400
 #: Alerts waiting for delivery at most; past it they stay on the stream only (and are counted).
 QUEUE_SIZE: Final = 1000
+#: Fired alerts an evaluator remembers (so it skips asking the backend again); forgotten all at once past it.
+MAX_REMEMBERED: Final = 100_000
 #: Longest wait between two delivery attempts, in seconds (a longer Retry-After is cut to it).
 MAX_RETRY_DELAY: Final = 60.0
 
@@ -282,6 +284,9 @@ class AlertEvaluator:
         self.config = config
         self.sender = sender
         self.metrics = metrics
+        # (customer, marker name) known to have fired: a threshold stays crossed for the rest of its
+        # period, and asking the backend again at every batch would cost a script call each time.
+        self._fired: set[tuple[str, str]] = set()
 
     @classmethod
     def from_config(
@@ -341,11 +346,15 @@ class AlertEvaluator:
             balance = self.storage.get_balance(customer_id).balance
         fired = []
         for crossing in crossings(rules, plan, usage, balance):
+            name = f"{period_start}:{crossing.rule}"
+            if (customer_id, name) in self._fired:
+                continue
             alert = Alert.of(customer_id, period_start, crossing, int(now))
             expires_at = max(period_end, int(now)) + MARKER_GRACE_SECONDS
-            entry_id = self.storage.fire_alert(
-                customer_id, f"{period_start}:{crossing.rule}", expires_at, alert.fields()
-            )
+            entry_id = self.storage.fire_alert(customer_id, name, expires_at, alert.fields())
+            if len(self._fired) >= MAX_REMEMBERED:
+                self._fired.clear()
+            self._fired.add((customer_id, name))
             if entry_id is None:
                 continue  # fired before (by us, a restarted us, or another worker)
             alert = replace(alert, entry_id=entry_id)

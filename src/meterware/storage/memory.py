@@ -626,8 +626,9 @@ class MemoryStorage:
         self, provider: str, customer_id: str, window: str, starts: Sequence[int]
     ) -> dict[int, dict[str, ExportMark]]:
         with self._lock:
-            found = {start: self._export_marks.get((provider, customer_id, window, start)) for start in starts}
-            return {start: dict(marks) for start, marks in found.items() if marks}
+            marks = self._export_marks
+            found = {start: marks.get((provider, customer_id, window, start)) for start in starts}
+            return {start: dict(held) for start, held in found.items() if held}
 
     def write_export_marks(
         self,

@@ -512,3 +512,16 @@ def test_a_customers_own_thresholds_replace_its_plans(storage: Storage) -> None:
     calls(storage, "hobby", 10)
     RollupWorker(storage, config).drain()
     assert fired(storage) == [("hobby", "70", PERIOD)]
+
+
+def test_the_worker_command_refuses_a_webhook_without_its_secret(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`meterware rollup` exits 2 with one line naming alerts.secret_env, before touching the backend."""
+    from meterware.rollup import run_worker
+
+    monkeypatch.delenv("HOOK_SECRET", raising=False)
+    alerts = {"webhook_url": "http://127.0.0.1:9/x", "secret_env": "HOOK_SECRET"}
+    config = Config.from_dict({"storage": "redis://127.0.0.1:9/0", "alerts": alerts})
+    assert run_worker(config, once=True) == 2
+    assert "alerts.secret_env: the environment variable HOOK_SECRET" in caplog.text

@@ -54,6 +54,7 @@ __all__ = [
     "rules_to_json",
     "sign",
     "verify_signature",
+    "webhook_secret",
 ]
 
 logger = logging.getLogger("meterware.alerts")
@@ -295,13 +296,8 @@ class AlertEvaluator:
         """The evaluator ``[alerts]`` describes; its webhook secret is read from the environment."""
         settings = config.alerts
         sender = None
-        if settings.webhook_url:
-            secret = os.environ.get(settings.secret_env, "")
-            if not secret:
-                raise ConfigError(
-                    "alerts.secret_env",
-                    f"the environment variable {settings.secret_env} (the webhook's secret) is not set",
-                )
+        secret = webhook_secret(config)
+        if settings.webhook_url and secret:
             sender = WebhookSender(
                 settings.webhook_url,
                 secret,
@@ -370,6 +366,23 @@ class AlertEvaluator:
         """Wait (at most ``timeout`` seconds) for the webhooks still being delivered."""
         if self.sender is not None:
             self.sender.close(timeout)
+
+
+def webhook_secret(config: Config) -> str | None:
+    """The webhook's HMAC secret, from the environment (None without a webhook).
+
+    :raises ConfigError: naming ``alerts.secret_env`` when the variable is unset or empty.
+    """
+    settings = config.alerts
+    if not (settings.enabled and settings.webhook_url):
+        return None
+    secret = os.environ.get(settings.secret_env, "")
+    if not secret:
+        raise ConfigError(
+            "alerts.secret_env",
+            f"the environment variable {settings.secret_env} (the webhook's secret) is not set",
+        )
+    return secret
 
 
 def read_alerts(storage: Storage, *, customer: str | None = None, limit: int = 100) -> list[Alert]:

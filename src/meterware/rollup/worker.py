@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Final
 
-from meterware.alerts import AlertEvaluator
+from meterware.alerts import AlertEvaluator, webhook_secret
 from meterware.config import Config
-from meterware.errors import StorageError
+from meterware.errors import ConfigError, StorageError
 from meterware.events import UsageEvent
 from meterware.rollup.aggregate import fold, parse_entry
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
@@ -395,7 +395,8 @@ def run_worker(
     """Run a rollup worker on the configured backend until SIGTERM/SIGINT (or once); return an exit code.
 
     ``0`` when done, ``1`` when the backend failed (``--once``), cannot be opened, or the metrics port
-    cannot be bound, ``2`` for a backend that cannot be rolled up from another process (``memory://``).
+    cannot be bound, ``2`` for a backend that cannot be rolled up from another process (``memory://``),
+    or a webhook without its secret in the environment.
     ``metrics``: serve the worker's metrics over HTTP meanwhile.
     """
     if config.storage.startswith("memory:"):
@@ -406,6 +407,11 @@ def run_worker(
         return 2
     from meterware.storage import open_storage  # the Redis backend imports its driver: only when needed
 
+    try:
+        webhook_secret(config)
+    except ConfigError as error:
+        logger.error("%s", error)
+        return 2
     try:
         storage = open_storage(config.storage, shards=config.shards, timeout=STORAGE_TIMEOUT)
     except StorageError as error:

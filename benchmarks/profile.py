@@ -92,6 +92,9 @@ async def _call(app: Any, headers: list[tuple[bytes, bytes]], failures: list[int
 
 async def _caller(app: Any, headers: list[tuple[bytes, bytes]], count: int, failures: list[int]) -> None:
     for _ in range(count):
+        # A server gets each request from the event loop: without this, an app that never waits would
+        # run a caller's calls back to back, and nothing else (the flusher) would run meanwhile.
+        await asyncio.sleep(0)
         await _call(app, headers, failures)
 
 

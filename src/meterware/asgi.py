@@ -128,15 +128,17 @@ class MeteringMiddleware:
         root_path = scope.get("root_path", "")
         disconnected = False
         # Servers such as uvicorn drop what an app sends after the client left, without a word, and many
-        # apps never call receive() once they have the body: a watcher reads the next message itself, so
-        # a client that leaves before the end is noticed. It holds at most what it read (the last part of
-        # the body, then the disconnect) for the app, and steps aside while the app reads a longer body.
+        # apps never call receive() once they have the body: once a response streams, a watcher reads the
+        # next message itself, so a client that leaves before the end is noticed. It holds at most what it
+        # read (the last part of the body, then the disconnect) for the app, and steps aside while the app
+        # reads a longer body. A response sent in one message needs no watcher (and most calls are those).
         early: list[Message] = []
-        arrived = asyncio.Event()
+        arrived: asyncio.Event | None = None
         watcher: asyncio.Task[None] | None = None
 
         async def watch() -> None:
             nonlocal disconnected
+            assert arrived is not None
             try:
                 while True:
                     message = await receive()
@@ -153,13 +155,15 @@ class MeteringMiddleware:
                 arrived.set()
 
         def start_watching() -> None:
-            nonlocal watcher
+            nonlocal watcher, arrived
             if not disconnected:
+                arrived = arrived or asyncio.Event()
                 watcher = asyncio.create_task(watch())
 
         async def metered_receive() -> Message:
             nonlocal disconnected
             if watcher is not None and not early and not watcher.done():
+                assert arrived is not None
                 arrived.clear()
                 await arrived.wait()  # the watcher is reading the next message: that one is the app's
             message = early.pop(0) if early else await receive()
@@ -190,6 +194,10 @@ class MeteringMiddleware:
                     await _send_or_notice_disconnect(message)
                     metering.finish(call, _route(scope, root_path), aborted=aborted)
                     return
+                if watcher is None:
+                    # The response streams: from now on a client that leaves must be noticed. (Before the
+                    # app has read its whole body, the first read of the watcher is the app's next part.)
+                    start_watching()
             await _send_or_notice_disconnect(message)
 
         async def _send_or_notice_disconnect(message: Message) -> None:
@@ -201,7 +209,6 @@ class MeteringMiddleware:
                 raise
 
         token = _current.set(call.usage)
-        start_watching()
         try:
             await self.app(scope, metered_receive, metered_send)
         except BaseException:

@@ -237,7 +237,8 @@ class Pipeline:
             return
         if self.metrics is not None:
             self.metrics.buffer_events.inc()
-        if len(self.buffer) >= self.config.batch_size:
+        if len(self.buffer) == self.config.batch_size:
+            # Once per batch that fills up: the flusher then takes everything buffered.
             self.wake()
 
     # The decisions below are shared by the async and the thread flusher; only the I/O differs.
@@ -451,8 +452,13 @@ class AsyncFlusher:
         self._loop = loop
         self._wake = event = asyncio.Event()
 
+        loop_thread = threading.get_ident()
+
         def wake() -> None:  # from any thread: Django serves sync streams from worker threads
-            loop.call_soon_threadsafe(event.set)
+            if threading.get_ident() == loop_thread:
+                event.set()
+            else:
+                loop.call_soon_threadsafe(event.set)
 
         self.pipeline.wake = wake
         self._task = loop.create_task(self._run(), name="meterware-flusher")

@@ -100,7 +100,8 @@ class MeterHold:
     exact: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
+@dataclass(slots=True)
 class AdmitRequest:
     """Everything the one atomic admission call needs."""
 
@@ -121,7 +122,8 @@ class AdmitRequest:
         return self.live and self.plan.prepaid
 
 
-@dataclass(frozen=True, slots=True)
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
+@dataclass(slots=True)
 class LimitState:
     """One line of the ``RateLimit`` headers: a policy and where the caller stands in it."""
 
@@ -133,7 +135,8 @@ class LimitState:
     reset: int
 
 
-@dataclass(frozen=True, slots=True)
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
+@dataclass(slots=True)
 class Decision:
     """The answer of the admission call."""
 

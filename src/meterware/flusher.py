@@ -39,7 +39,8 @@ logger = logging.getLogger("meterware.flusher")
 MAX_BACKOFF_SECONDS = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
+@dataclass(slots=True)
 class Pending:
     """A finished call waiting to be flushed."""
 

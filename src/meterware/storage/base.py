@@ -20,7 +20,8 @@ from typing import Literal, Protocol
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
 
 
-@dataclass(frozen=True, slots=True)
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
+@dataclass(slots=True)
 class Settlement:
     """How to close one call's reservation when its event is flushed."""
 

@@ -385,19 +385,19 @@ LIMITS = (
     [
         pytest.param(
             admit_request(),
-            [1, "", 0, 0, 0, 4, 200, 99, 1001, 998],
+            [1, "", 0, 0, 0, 1, 4, 200, 99, 1001, 998],
             Decision(True, None, "res-1", 0, 0, LIMITS),
             id="allowed",
         ),
         pytest.param(
             admit_request(),
-            [1, b"", b"0", b"0", b"0", b"4", b"200", b"99", b"1001", b"998"],
+            [1, b"", b"0", b"0", b"0", b"1", b"4", b"200", b"99", b"1001", b"998"],
             Decision(True, None, "res-1", 0, 0, LIMITS),
             id="allowed-bytes-reply",
         ),
         pytest.param(
             admit_request(),
-            [0, b"rate_limited", 1001, 0, 0, 0, 1001, 99, 1001, 998],
+            [0, b"rate_limited", 1001, 0, 0, 0, 0, 1001, 99, 1001, 998],
             Decision(
                 False,
                 "rate_limited",
@@ -405,12 +405,13 @@ LIMITS = (
                 0,
                 2,
                 (LimitState("rate-1s", 5, 1, 0, 2), *LIMITS[1:]),
+                calls=0,
             ),
             id="rate-limited-retry-rounds-up",
         ),
         pytest.param(
             admit_request(),
-            [0, "quota_exceeded", 0, 0, 0, 4, 200, 99, 1001, -3],
+            [0, "quota_exceeded", 0, 0, 0, 0, 4, 200, 99, 1001, -3],
             Decision(
                 False,
                 "quota_exceeded",
@@ -421,24 +422,25 @@ LIMITS = (
                     *LIMITS[:2],
                     LimitState("quota-calls", 1000, PERIOD_END - PERIOD_START, 0, PERIOD_END - NOW),
                 ),
+                calls=0,
             ),
             id="quota-retry-at-period-end",
         ),
         pytest.param(
             admit_request(),
             [0, "revoked_key", 0, 0, 0],
-            Decision(False, "revoked_key"),
+            Decision(False, "revoked_key", calls=0),
             id="short-reply-key-refusal",
         ),
         pytest.param(
             admit_request(),
             [0, "suspended", 0, 0, 0],
-            Decision(False, "suspended"),
+            Decision(False, "suspended", calls=0),
             id="short-reply-suspended",
         ),
         pytest.param(
             admit_request(Plan("open")),
-            [1, "", 0, 0, 0],
+            [1, "", 0, 0, 0, 1],
             Decision(True, None, ""),
             id="allowed-holding-nothing",
         ),
@@ -452,14 +454,14 @@ def test_decision_from_reply(request_: AdmitRequest, reply: list[Any], decision:
 def test_decision_prepaid_live_call_reports_credits() -> None:
     """Live calls on prepaid plans report the reserved and remaining credits; a reservation is opened."""
     plan = Plan("payg", prepaid=True, meters={"calls": MeterTerms(price=2000)})
-    decision = decision_from_reply(admit_request(plan), [1, "", 0, 2000, 998_000], NOW)
+    decision = decision_from_reply(admit_request(plan), [1, "", 0, 2000, 998_000, 1], NOW)
     assert decision == Decision(True, None, "res-1", 2000, 0, (), 998_000)
 
 
 def test_decision_prepaid_test_call_reports_no_credits() -> None:
     """Test keys never spend credits, so their decision carries no balance."""
     plan = Plan("payg", prepaid=True, meters={"calls": MeterTerms(price=2000)})
-    decision = decision_from_reply(admit_request(plan, live=False), [1, "", 0, 0, 5], NOW)
+    decision = decision_from_reply(admit_request(plan, live=False), [1, "", 0, 0, 5, 1], NOW)
     assert decision.available_credits is None
     assert decision.reservation_id == "res-1"  # the call still holds its unit of the calls meter
 
@@ -467,13 +469,13 @@ def test_decision_prepaid_test_call_reports_no_credits() -> None:
 def test_decision_insufficient_credits() -> None:
     """A refusal for credits carries the balance and no reservation."""
     plan = Plan("payg", prepaid=True, meters={"calls": MeterTerms(price=2000)})
-    decision = decision_from_reply(admit_request(plan), [0, "insufficient_credits", 0, 0, 1000], NOW)
-    assert decision == Decision(False, "insufficient_credits", "", 0, 0, (), 1000)
+    decision = decision_from_reply(admit_request(plan), [0, "insufficient_credits", 0, 0, 1000, 0], NOW)
+    assert decision == Decision(False, "insufficient_credits", "", 0, 0, (), 1000, calls=0)
 
 
 def test_decision_window_after_period_end() -> None:
     """A reply read after the period ended never reports a negative reset."""
-    decision = decision_from_reply(admit_request(), [1, "", 0, 0, 0, 4, 200, 99, 1001, 998], PERIOD_END + 5)
+    decision = decision_from_reply(admit_request(), [1, "", 0, 0, 0, 1, 4, 200, 99, 1001, 998], PERIOD_END + 5)
     assert decision.limits[-1].reset == 0
 
 

@@ -115,6 +115,8 @@ class AdmitRequest:
     holds: tuple[MeterHold, ...]
     reservation_id: str
     reservation_timeout_ms: int
+    #: Calls admitted at once: 1, or a lease's block (``holds`` then hold all of them).
+    calls: int = 1
 
     @property
     def charges_credits(self) -> bool:
@@ -150,6 +152,8 @@ class Decision:
     limits: tuple[LimitState, ...] = ()
     #: Credits the customer still has after this call's reservation (prepaid plans), in micro-credits.
     available_credits: int | None = None
+    #: Calls admitted: 1, up to a lease's ``calls`` (as many as fit), 0 when refused.
+    calls: int = 1
 
 
 def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool) -> tuple[MeterHold, ...]:
@@ -312,7 +316,7 @@ def holds_anything(request: AdmitRequest, reserved_credits: int) -> bool:
 def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str], now: float) -> Decision:
     """Read the admission script's reply (the same list from every backend).
 
-    ``[allowed, reason, retry_after_ms, reserved_credits, available_credits,
+    ``[allowed, reason, retry_after_ms, reserved_credits, available_credits, calls_granted,
     (rate_remaining, rate_reset_ms) per rate limit..., quota_remaining per hard-quota hold...]``
     """
     allowed = bool(int(reply[0]))
@@ -322,8 +326,8 @@ def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str
     until_period_end = max(0, request.period_end - int(now))
     limits = []
     # Refusals decided before the limits were looked at (key, customer) carry no limit state.
-    if len(reply) > 5:
-        index = 5
+    if len(reply) > 6:
+        index = 6
         for limit in request.plan.rate_limits:
             remaining, reset_ms = int(reply[index]), int(reply[index + 1])
             index += 2
@@ -350,4 +354,5 @@ def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str
         retry_after=retry_after,
         limits=tuple(limits),
         available_credits=int(reply[4]) if request.charges_credits else None,
+        calls=int(reply[5]) if len(reply) > 5 else 0,
     )

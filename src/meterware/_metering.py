@@ -8,6 +8,7 @@ settlement - is decided here, once.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -15,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from meterware import keys
@@ -106,6 +107,42 @@ class Call:
     finished: bool = False
     #: When the middleware received the call (before the key lookup and admission); 0 if unknown.
     arrived_ns: int = 0
+    #: The lease that admitted the call (``admission = "lease"``), or None when the backend did.
+    lease: Lease | None = None
+
+
+#: Leases remembered per process; past this, idle ones are forgotten (the worker refunds their holds).
+LEASE_TABLE_MAX: Final = 10_000
+#: A lease's reservation outlives its serving time by this much before the worker refunds it.
+LEASE_RESERVATION_GRACE_SECONDS: Final = 30.0
+
+LeaseKey = tuple[str, tuple[MeterHold, ...], int]
+
+
+@dataclass(slots=True)
+class Lease:
+    """Calls of one key (at one route weight, in one period) reserved as a block by one admission.
+
+    The block's reservation holds every call of the lease, so no hard quota or balance is ever passed;
+    each call is settled on its own, charged from scratch, and the block's reservation is closed by the
+    settlement of the lease's last call (or of the first call of the next lease, when the last one
+    finished before the lease ran out of time).
+    """
+
+    #: The block's admission (``calls`` calls) and its reservation.
+    block: AdmitRequest
+    #: What one call of the lease is (how its settlement is priced).
+    call_request: AdmitRequest
+    decision: Decision
+    headers: list[tuple[bytes, bytes]]
+    left: int
+    #: ``time.monotonic()`` after which the lease serves no more calls.
+    until: float
+    in_flight: int = 0
+    #: Whether a call's settlement has been given the block's reservation to close.
+    released: bool = False
+    #: An earlier, idle lease whose reservation the settlement of this lease's first call closes.
+    carries: AdmitRequest | None = None
 
 
 class Metering:
@@ -143,6 +180,14 @@ class Metering:
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
+        self.leasing = config.policy.admission == "lease"
+        if self.leasing:
+            self.pipeline.spent_leases = self.spent_leases
+        self._leases: dict[LeaseKey, Lease] = {}
+        self._lease_lock = threading.Lock()  # threaded servers share leases
+        self._renewing = threading.Lock()  # one renewal at a time in a threaded server
+        self._renewals: dict[LeaseKey, asyncio.Future[None]] = {}
+        self._resolving: dict[str, asyncio.Future[KeyInfo | Problem]] = {}
 
     def backend(self, *, flushing: bool = False) -> Storage:
         """A synchronous backend client: short timeouts for the request path, longer ones for flushing."""
@@ -193,6 +238,12 @@ class Metering:
         request = self.admit_request(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self._started(key, request, LIVE_ONLY, method, path, arrived)
+        if self.leasing:
+            lease = self._take(request) or self._renew(storage, request)
+            if isinstance(lease, Lease):
+                return self._leased_call(lease, key, method, path, arrived)
+            if isinstance(lease, Decision):
+                return self._started(key, request, lease, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = storage.admit(request)
@@ -216,19 +267,18 @@ class Metering:
         metrics = self.metrics
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
-            key_hash = key
-            began = time.perf_counter()
-            try:
-                key = self.resolved(key_hash, await storage.resolve_key(key_hash))
-            except StorageError as error:
-                metrics.resolve_errors.inc()
-                key = self.lookup_failed(error, key_hash)
-            metrics.resolve_duration.observe(time.perf_counter() - began)
+            key = await self._aresolve(storage, key)
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
         request = self.admit_request(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self._started(key, request, LIVE_ONLY, method, path, arrived)
+        if self.leasing:
+            lease = self._take(request) or await self._arenew(storage, request)
+            if isinstance(lease, Lease):
+                return self._leased_call(lease, key, method, path, arrived)
+            if isinstance(lease, Decision):
+                return self._started(key, request, lease, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = await storage.admit(request)
@@ -237,6 +287,189 @@ class Metering:
             decision = self.admit_failed(error)
         metrics.admit_duration.observe(time.perf_counter() - began)
         return self._started(key, request, decision, method, path, arrived)
+
+    # -- leases (admission = "lease") ------------------------------------------------------------
+
+    def _renew(self, storage: Storage, request: AdmitRequest) -> Lease | Decision | None:
+        """A new lease for calls like ``request`` (taking this call from it), with a synchronous backend.
+
+        None when leases cannot serve it (the call is then admitted alone); a :class:`Decision` when the
+        backend failed (the failure policy's answer).
+        """
+        block = self.lease_block(request)
+        if block is None:
+            return None
+        with self._renewing:
+            lease = self._take(request)  # another thread may have renewed it meanwhile
+            if lease is not None:
+                return lease
+            began = time.perf_counter()
+            try:
+                decision = storage.admit(block)
+            except StorageError as error:
+                self.metrics.admit_errors.inc()
+                return self.admit_failed(error)
+            finally:
+                self.metrics.admit_duration.observe(time.perf_counter() - began)
+            return self._granted(request, block, decision)
+
+    async def _arenew(self, storage: AsyncStorage, request: AdmitRequest) -> Lease | Decision | None:
+        """The asyncio twin of :meth:`_renew`: calls waiting for the same lease share one renewal."""
+        block = self.lease_block(request)
+        if block is None:
+            return None
+        identity = lease_key(request)
+        while (renewal := self._renewals.get(identity)) is not None:
+            await renewal
+            lease = self._take(request)
+            if lease is not None:
+                return lease
+        self._renewals[identity] = renewal = asyncio.get_running_loop().create_future()
+        began = time.perf_counter()
+        try:
+            decision = await storage.admit(block)
+        except StorageError as error:
+            self.metrics.admit_errors.inc()
+            return self.admit_failed(error)
+        finally:
+            self.metrics.admit_duration.observe(time.perf_counter() - began)
+            del self._renewals[identity]
+            renewal.set_result(None)
+        return self._granted(request, block, decision)
+
+    def lease_block(self, request: AdmitRequest) -> AdmitRequest | None:
+        """The admission of a lease for calls like ``request``: up to ``lease_calls`` of them at once
+        (the backend grants as many as fit, fewer near a limit).
+
+        None when a lease would hold too little to be worth it: a rate limit allows so few calls that a
+        block would take a large share of it.
+        """
+        calls = self.policy.lease_calls
+        for limit in request.plan.rate_limits:
+            calls = min(calls, limit.amount // 4)
+        if calls < 2:
+            return None
+        deadline = self.policy.lease_seconds + LEASE_RESERVATION_GRACE_SECONDS
+        return replace(request, calls=calls, reservation_timeout_ms=int(deadline * 1000))
+
+    def _granted(self, request: AdmitRequest, block: AdmitRequest, decision: Decision) -> Lease | Decision:
+        """Keep the lease the backend granted and take this call from it; or the refusal of this call
+        (not even one call fit: the backend decided it exactly as if it had come alone)."""
+        if not decision.allowed:
+            return decision
+        identity = lease_key(request)
+        now = time.monotonic()
+        lease = Lease(
+            block,
+            request,
+            decision,
+            limit_headers(decision.limits),
+            left=decision.calls,
+            until=now + self.policy.lease_seconds,
+        )
+        with self._lease_lock:
+            if len(self._leases) >= LEASE_TABLE_MAX:
+                for key, idle in list(self._leases.items()):
+                    if idle.in_flight == 0:
+                        del self._leases[key]
+            previous = self._leases.get(identity)
+            if previous is not None and previous.in_flight == 0 and not previous.released:
+                previous.released = True
+                lease.carries = previous.block
+            self._leases[identity] = lease
+            lease.left -= 1
+            lease.in_flight += 1
+        return lease
+
+    def _take(self, request: AdmitRequest) -> Lease | None:
+        """Take one call from the serving lease of ``request``'s key, if there is one."""
+        with self._lease_lock:
+            lease = self._leases.get(lease_key(request))
+            if lease is None or lease.left <= 0 or time.monotonic() >= lease.until:
+                return None
+            lease.left -= 1
+            lease.in_flight += 1
+            return lease
+
+    def spent_leases(self, final: bool) -> list[AdmitRequest]:
+        """Take (and forget) the leases that serve no more calls and have none in flight: their blocks, to
+        close once everything buffered is written (``final``: every idle lease, the process is stopping)."""
+        now = time.monotonic()
+        spent: list[AdmitRequest] = []
+        with self._lease_lock:
+            for identity, lease in list(self._leases.items()):
+                if lease.in_flight or not (final or lease.left <= 0 or now >= lease.until):
+                    continue
+                del self._leases[identity]
+                if not lease.released:
+                    lease.released = True
+                    spent.append(lease.block)
+                if lease.carries is not None:
+                    spent.append(lease.carries)
+                    lease.carries = None
+        return spent
+
+    def _leased_call(self, lease: Lease, key: KeyInfo, method: str, path: str, arrived: int) -> Call:
+        call = Call(
+            key,
+            lease.call_request,
+            lease.decision,
+            method,
+            path,
+            time.perf_counter_ns(),
+            CallUsage(self.config.meters),
+            arrived_ns=arrived,
+            lease=lease,
+        )
+        return call
+
+    def _closes(self, call: Call) -> str:
+        """The reservation the settlement of a finished call closes ("": none, it is charged from scratch)."""
+        lease = call.lease
+        if lease is None:
+            return call.decision.reservation_id
+        with self._lease_lock:
+            lease.in_flight -= 1
+            if lease.carries is not None:
+                carried, lease.carries = lease.carries, None
+                return carried.reservation_id
+            spent = lease.left <= 0 or time.monotonic() >= lease.until
+            if spent and lease.in_flight == 0 and not lease.released:
+                lease.released = True
+                return lease.block.reservation_id
+        return ""
+
+    async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
+        """Resolve a key hash the cache does not know; concurrent calls with the same key share one
+        lookup (a cold cache under load would otherwise send the backend one lookup per call)."""
+        pending = self._resolving.get(key_hash)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # The call that was looking it up went away: look it up here.
+        self._resolving[key_hash] = future = asyncio.get_running_loop().create_future()
+        metrics = self.metrics
+        began = time.perf_counter()
+        try:
+            try:
+                key = self.resolved(key_hash, await storage.resolve_key(key_hash))
+            except StorageError as error:
+                metrics.resolve_errors.inc()
+                key = self.lookup_failed(error, key_hash)
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(key)
+        finally:
+            if self._resolving.get(key_hash) is future:
+                del self._resolving[key_hash]
+            metrics.resolve_duration.observe(time.perf_counter() - began)
+        return key
 
     def _started(
         self, key: KeyInfo, request: AdmitRequest, decision: Decision, method: str, path: str, arrived: int
@@ -351,7 +584,9 @@ class Metering:
         return refusal
 
     def response_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
-        """Headers added to an admitted call's response."""
+        """Headers added to an admitted call's response (a lease's calls share the lease's)."""
+        if call.lease is not None:
+            return call.lease.headers
         return limit_headers(call.decision.limits)
 
     # -- after the app ------------------------------------------------------------------------------
@@ -400,7 +635,7 @@ class Metering:
             customer=request.customer,
             live=request.live,
             period_start=request.period_start,
-            reservation_id=call.decision.reservation_id,
+            reservation_id=self._closes(call),
             billable=billable,
             charges_credits=request.charges_credits,
             meters=tuple(
@@ -500,7 +735,7 @@ class Metering:
         # A flusher thread (a daemon: it dies with the interpreter) may hold events it has taken out of
         # the buffer and not written yet: wait for it first.
         with self.pipeline.flushing:
-            if not len(self.pipeline.buffer) and not self.pipeline.spool.pending():
+            if not len(self.pipeline.buffer) and not self.pipeline.spool.pending() and not self._leases:
                 return
             storage = self.backend(flushing=True)
             try:
@@ -526,3 +761,9 @@ def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, st
         if meter is not None:
             found[meter] = value.decode("latin-1")
     return found
+
+
+def lease_key(request: AdmitRequest) -> LeaseKey:
+    """What calls sharing a lease have in common: the key, the holds (plan terms, route weight, live or
+    test) and the billing period."""
+    return (request.key_id, request.holds, request.period_start)

@@ -34,6 +34,7 @@ from meterware.pricing import (
 Aggregation = Literal["count", "sum", "max", "last", "unique"]
 Period = Literal["month", "week", "day"]
 FailureMode = Literal["open", "closed"]
+Admission = Literal["strict", "lease"]
 
 MICROS_PER_CREDIT = 1_000_000
 #: Largest amount in micro-credits: the Lua scripts compute in doubles, exact only up to 2**53.
@@ -237,6 +238,13 @@ class Policy:
     key_cache_ttl: float = 10.0
     #: Remove usage headers (``header:`` meter sources) from responses before they reach the client.
     strip_usage_headers: bool = True
+    #: ``strict``: every call is admitted by the backend. ``lease``: a process reserves calls of a key in
+    #: blocks (one admission each) and serves them without a round trip (docs/architecture.md, "Leases").
+    admission: Admission = "strict"
+    #: Calls one lease reserves at most (fewer under a tight rate limit).
+    lease_calls: int = 100
+    #: Seconds a lease serves calls at most: how long a revocation or suspension may take to bite.
+    lease_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,6 +725,9 @@ def _parse(data: Mapping[str, Any]) -> Config:
         reservation_timeout=policy.number("reservation_timeout", defaults.policy.reservation_timeout),
         key_cache_ttl=policy.number("key_cache_ttl", defaults.policy.key_cache_ttl, positive=False),
         strip_usage_headers=policy.get("strip_usage_headers", bool, True),
+        admission=policy.choice("admission", get_args(Admission), "strict"),  # type: ignore[arg-type]
+        lease_calls=policy.integer("lease_calls", defaults.policy.lease_calls, minimum=1),
+        lease_seconds=policy.number("lease_seconds", defaults.policy.lease_seconds),
     )
     if parsed_policy.key_cache_ttl < 0:
         raise ConfigError("policy.key_cache_ttl", "must not be negative")

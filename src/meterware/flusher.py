@@ -32,6 +32,7 @@ from meterware.events import UsageEvent, encode_batch, format_event_id, new_even
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 
 if TYPE_CHECKING:
+    from meterware._core import AdmitRequest
     from meterware.metrics import AppMetrics
 
 logger = logging.getLogger("meterware.flusher")
@@ -227,6 +228,10 @@ class Pipeline:
         #: Held by a synchronous flush from taking events out of the buffer until they are written, so
         #: the exit hook waits for one in progress in the flusher thread instead of finding nothing to do.
         self.flushing = threading.RLock()
+        #: Set under lease admission: takes the leases whose calls have all finished (so are buffered).
+        self.spent_leases: Callable[[bool], list[AdmitRequest]] | None = None
+        #: Spent leases whose reservations close once every event before them is written.
+        self.releasing: list[AdmitRequest] = []
 
     def put(self, item: Pending) -> None:
         """Queue a finished call (the request path's only pipeline step)."""
@@ -243,6 +248,21 @@ class Pipeline:
             self.wake()
 
     # The decisions below are shared by the async and the thread flusher; only the I/O differs.
+
+    def take_spent_leases(self, final: bool) -> None:
+        """Before a flush pass takes the buffer: the spent leases, whose calls are all buffered by now
+        (``final``: every idle lease, the process is stopping)."""
+        if self.spent_leases is not None:
+            self.releasing += self.spent_leases(final)
+
+    def may_release(self) -> bool:
+        """Whether spent leases may close: every event buffered before them is written. (Closing a
+        lease while one of its calls waits in the spool would let other calls take its units again.)"""
+        return bool(self.releasing) and self.healthy() and not self.spool.pending()
+
+    def release_failed(self, error: StorageError) -> None:
+        # The leases stay listed for the next pass (the worker refunds them past their deadline anyway).
+        logger.warning("meterware: closing %d spent leases failed (%s)", len(self.releasing), error)
 
     def next_batches(self) -> list[Batch]:
         items = self.buffer.take(self.config.batch_size * 4)
@@ -330,6 +350,7 @@ class Pipeline:
             if final:
                 self.retry_at = 0.0
             self.observe()
+            self.take_spent_leases(final)
             batches = self.next_batches()
             while batches:
                 self._flush_sync(storage, batches)
@@ -349,6 +370,13 @@ class Pipeline:
                         return
                     self.spool.remove(path)
                     self.succeeded(batch, applied, replayed=True)
+            if self.may_release():
+                try:
+                    storage.release(self.releasing)
+                except StorageError as error:
+                    self.release_failed(error)
+                else:
+                    self.releasing = []
 
     def _flush_sync(self, storage: Storage, batches: list[Batch]) -> None:
         for index, batch in enumerate(batches):
@@ -386,6 +414,7 @@ class Pipeline:
         if final:
             self.retry_at = 0.0
         self.observe()
+        self.take_spent_leases(final)
         batches = self.next_batches()
         while batches:
             await self._flush_async(storage, batches)
@@ -405,6 +434,13 @@ class Pipeline:
                     return
                 self.spool.remove(path)
                 self.succeeded(batch, applied, replayed=True)
+        if self.may_release():
+            try:
+                await storage.release(self.releasing)
+            except StorageError as error:
+                self.release_failed(error)
+            else:
+                self.releasing = []
 
     async def _flush_async(self, storage: AsyncStorage, batches: list[Batch]) -> None:
         for index, batch in enumerate(batches):

@@ -75,6 +75,19 @@ class _Reservation:
 
 
 @dataclass(slots=True)
+class _Admission:
+    """What admitting some calls would do (the state an admission reply reports)."""
+
+    reason: str = ""
+    retry_ms: float = 0.0
+    credits: int = 0
+    rates: list[int] = field(default_factory=list)
+    quotas: list[int] = field(default_factory=list)
+    holds: list[int] = field(default_factory=list)
+    new_tats: list[tuple[tuple[bool, str, int], float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _Shard:
     stream: list[StreamEntry] = field(default_factory=list)
     dead: list[StreamEntry] = field(default_factory=list)
@@ -174,75 +187,90 @@ class MemoryStorage:
         if account.customer.status != "active":
             return [0, "suspended", 0, 0, 0]
 
-        # Rate limits (GCRA): decide on all of them before consuming any.
-        rate_reply: list[int | str] = []
-        new_tats: list[tuple[tuple[bool, str, int], float]] = []
-        retry_ms = 0.0
-        for limit in request.plan.rate_limits:
-            period_ms = limit.seconds * 1000
-            interval = period_ms / limit.amount
-            rate_key = (request.live, request.customer, limit.seconds)
-            tat = max(self._rates.get(rate_key, now), now)
-            new_tat = tat + interval
-            if new_tat - now > period_ms:
-                retry_ms = max(retry_ms, new_tat - period_ms - now)
-                rate_reply += [int((period_ms - (tat - now)) // interval), int(tat - now)]
-            else:
-                rate_reply += [int((period_ms - (new_tat - now)) // interval), int(new_tat - now)]
-                new_tats.append((rate_key, new_tat))
-
         counters = self._quotas[(request.live, request.customer, request.period_start)]
-        quota_reply: list[int | str] = []
-        over_quota = False
-        credits = 0
-        needs_positive_balance = False
-        for hold in request.holds:
-            used, held = counters[f"{hold.meter}:u"], counters[f"{hold.meter}:h"]
-            if hold.quota >= 0:
-                if used + held + hold.need > hold.quota:
-                    over_quota = True
-                    quota_reply.append(hold.quota - used - held)
-                else:
-                    quota_reply.append(hold.quota - used - held - hold.hold)
-            if hold.price:
-                base = used + held
-                credits += (max(hold.included, base + hold.hold) - max(hold.included, base)) * hold.price
-                if not hold.exact and base + hold.hold >= hold.included:
-                    needs_positive_balance = True
         available = account.balance - account.reserved
-        if not request.charges_credits:
-            credits = 0
+        calls = request.calls
+        decision = self._decide(request, counters, available, now, calls)
+        if decision.reason and calls > 1:
+            # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
+            while decision.reason and calls > 1:
+                calls //= 2
+                decision = self._decide(request, counters, available, now, calls)
+            if not decision.reason and calls > 1:
+                calls //= 2
+                decision = self._decide(request, counters, available, now, calls)
+        limits = [*decision.rates, *decision.quotas]
+        if decision.reason:
+            retry = int(decision.retry_ms) if decision.reason == "rate_limited" else 0
+            return [0, decision.reason, retry, 0, available, 0, *limits]
 
-        def refuse(reason: str, retry: float = 0) -> list[int | str]:
-            return [0, reason, int(retry), 0, available, *rate_reply, *quota_reply]
-
-        if retry_ms:
-            return refuse("rate_limited", retry_ms)
-        if over_quota:
-            return refuse("quota_exceeded")
-        if request.charges_credits and (
-            available < credits or (needs_positive_balance and available - credits <= 0)
-        ):
-            return refuse("insufficient_credits")
-
+        credits = decision.credits
         reservation = None
-        if credits or any(hold.hold for hold in request.holds):
+        if credits or any(decision.holds):
             reservation = _Reservation(
                 request.customer,
                 request.live,
                 request.period_start,
                 credits,
-                tuple((hold.meter, hold.hold) for hold in request.holds),
+                tuple((hold.meter, held) for hold, held in zip(request.holds, decision.holds, strict=True)),
                 now + request.reservation_timeout_ms,
             )
-        for rate_key, new_tat in new_tats:
+        for rate_key, new_tat in decision.new_tats:
             self._rates[rate_key] = new_tat
-        for hold in request.holds:
-            counters[f"{hold.meter}:h"] += hold.hold
+        for hold, held in zip(request.holds, decision.holds, strict=True):
+            counters[f"{hold.meter}:h"] += held
         account.reserved += credits
         if reservation is not None:
             self._shards[request.shard].reservations[request.reservation_id] = reservation
-        return [1, "", 0, credits, available - credits, *rate_reply, *quota_reply]
+        return [1, "", 0, credits, available - credits, calls, *limits]
+
+    def _decide(
+        self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
+    ) -> _Admission:
+        """What admitting ``calls`` calls would do (admit.lua's decide())."""
+        decision = _Admission()
+        for limit in request.plan.rate_limits:
+            period_ms = limit.seconds * 1000
+            interval = period_ms / limit.amount
+            rate_key = (request.live, request.customer, limit.seconds)
+            tat = max(self._rates.get(rate_key, now), now)
+            new_tat = tat + interval * calls
+            if new_tat - now > period_ms:
+                decision.retry_ms = max(decision.retry_ms, new_tat - period_ms - now)
+                decision.rates += [int((period_ms - (tat - now)) // interval), int(tat - now)]
+            else:
+                decision.rates += [int((period_ms - (new_tat - now)) // interval), int(new_tat - now)]
+                decision.new_tats.append((rate_key, new_tat))
+        over_quota = needs_positive_balance = False
+        for hold in request.holds:
+            # A value meter's size is unknown until the end: one unit left admits it, however many calls.
+            need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
+            used, held = counters.get(f"{hold.meter}:u", 0), counters.get(f"{hold.meter}:h", 0)
+            decision.holds.append(held_now)
+            if hold.quota >= 0:
+                if used + held + need > hold.quota:
+                    over_quota = True
+                    decision.quotas.append(hold.quota - used - held)
+                else:
+                    decision.quotas.append(hold.quota - used - held - held_now)
+            if hold.price:
+                base = used + held
+                decision.credits += (
+                    max(hold.included, base + held_now) - max(hold.included, base)
+                ) * hold.price
+                if not hold.exact and base + held_now >= hold.included:
+                    needs_positive_balance = True
+        if not request.charges_credits:
+            decision.credits = 0
+        if decision.retry_ms:
+            decision.reason = "rate_limited"
+        elif over_quota:
+            decision.reason = "quota_exceeded"
+        elif request.charges_credits and (
+            available < decision.credits or (needs_positive_balance and available - decision.credits <= 0)
+        ):
+            decision.reason = "insufficient_credits"
+        return decision
 
     def flush(self, batch: Batch) -> bool:
         with self._lock:
@@ -292,6 +320,16 @@ class MemoryStorage:
                 if cost:  # one ledger entry per customer and batch (as flush.lua)
                     self._accounts[customer].record(LedgerEntry("charge", -cost, ref=batch.batch_id))
             return True
+
+    def release(self, admissions: Sequence[AdmitRequest]) -> int:
+        with self._lock:
+            released = 0
+            for admission in admissions:
+                reservation = self._shards[admission.shard].reservations.pop(admission.reservation_id, None)
+                if reservation is not None:
+                    self._release(reservation)
+                    released += 1
+            return released
 
     def _release(self, reservation: _Reservation) -> None:
         counters = self._quotas[(reservation.live, reservation.customer, reservation.period_start)]
@@ -680,6 +718,9 @@ class AsyncMemoryStorage:
 
     async def flush(self, batch: Batch) -> bool:
         return self.sync.flush(batch)
+
+    async def release(self, admissions: Sequence[AdmitRequest]) -> int:
+        return self.sync.release(admissions)
 
     async def aclose(self) -> None:
         pass

@@ -329,6 +329,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         request.period_end,
         request.holds,
         request.reservation_timeout_ms,
+        request.calls,
     )
     template = _templates.get(identity)
     if template is not None:
@@ -349,6 +350,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         request.reservation_timeout_ms,
         request.period_end + QUOTA_GRACE_SECONDS,
         f"{customer} {int(live)} {request.period_start}",
+        request.calls,
         len(request.plan.rate_limits),
     ]
     for limit in request.plan.rate_limits:
@@ -498,6 +500,22 @@ def refund_call(shard: int, due: Sequence[bytes]) -> tuple[list[str], list[Arg]]
             keys.index(ks.quota(shard, live == "1", customer, int(period_start))),
         ]
     return keys.keys, args
+
+
+def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], list[Arg]]]:
+    """KEYS and ARGV of ``refund.lua`` closing the reservations of ``admissions``, one call per shard."""
+    by_shard: dict[int, tuple[_Keys, list[Arg]]] = {}
+    for admission in admissions:
+        shard, customer = admission.shard, admission.customer
+        keys, args = by_shard.setdefault(
+            shard, (_Keys(ks.reservations(shard), ks.reservation_deadlines(shard)), [])
+        )
+        args += [
+            admission.reservation_id,
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.quota(shard, admission.live, customer, admission.period_start)),
+        ]
+    return [(keys.keys, args) for keys, args in by_shard.values()]
 
 
 def ledger_args(entry: LedgerEntry) -> list[Arg]:
@@ -684,6 +702,10 @@ class RedisStorage:
         keys, args = flush_call(batch)
         with self._call():
             return bool(self._run("flush", keys, args))
+
+    def release(self, admissions: Sequence[AdmitRequest]) -> int:
+        with self._call():
+            return sum(int(self._run("refund", keys, args)) for keys, args in release_calls(admissions))
 
     # -- the rollup worker
 
@@ -1217,6 +1239,11 @@ class AsyncRedisStorage:
         keys, args = flush_call(batch)
         async with self._call():
             return bool(await self._run("flush", keys, args))
+
+    async def release(self, admissions: Sequence[AdmitRequest]) -> int:
+        async with self._call():
+            replies = [await self._run("refund", keys, args) for keys, args in release_calls(admissions)]
+        return sum(int(reply) for reply in replies)
 
     async def aclose(self) -> None:
         """Close the connections (the storage reconnects if used again)."""

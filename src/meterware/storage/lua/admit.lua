@@ -7,13 +7,18 @@
 -- common.lua, all or nothing per call). The keys it reads are type-checked by those reads, the two it only
 -- writes by TYPE, and only when it will.
 --
+-- A lease asks for many calls at once (`calls`): it gets as many as fit, the largest of calls, calls/2,
+-- calls/4... under every limit, halved once more when not all fit (near a limit, what is left is shared
+-- out in ever smaller leases); the reply says how many. A single call is a lease of 1.
+--
 -- Calls share templates (the same key of the same customer on the same route weighs the same), so a
 -- template's keys and arguments go once per run:
 -- KEYS: per template: key record, customer, quota, reservations, reservation deadlines, one rate key per
 --       rate limit
 -- ARGV: template count, then per template: key count, argument count, its arguments (customer id, charges
 --       credits (1/0), reservation id (a placeholder), reservation timeout ms, quota expire-at (s),
---       reservation record head ("customer live period_start"), rate limit count, (amount, seconds)...,
+--       reservation record head ("customer live period_start"), calls (1, or a lease's), rate limit
+--       count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
 --       number, reservation id.
 
@@ -42,17 +47,13 @@ local function admit(KEYS, ARGV)
     return {0, 'suspended', 0, 0, 0}
   end
 
-  -- Rate limits (GCRA): decide on all of them before consuming any.
-  local pos = 7
-  local rate_count = tonumber(ARGV[pos])
-  pos = pos + 1
-  local rate_reply, new_tats = {}, {}
-  local retry_ms = 0
-  for i = 1, rate_count do
-    local amount, seconds = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+  -- Read everything the decision needs (rate TATs, quota counters) before deciding anything.
+  local calls = tonumber(ARGV[7])
+  local pos = 8
+  local limits = {}
+  for i = 1, tonumber(ARGV[pos]) do
+    local amount, seconds = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
     pos = pos + 2
-    local period_ms = seconds * 1000
-    local interval = period_ms / amount
     local stored
     stored, refused = read('string', 'GET', KEYS[5 + i])
     if refused then
@@ -61,83 +62,112 @@ local function admit(KEYS, ARGV)
     -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
     stored = tonumber(stored)
     local tat = (stored and stored == stored) and math.max(stored, now) or now
-    local new_tat = tat + interval
-    if new_tat - now > period_ms then
-      retry_ms = math.max(retry_ms, new_tat - period_ms - now)
-      rate_reply[#rate_reply + 1] = floordiv(period_ms - (tat - now), interval)
-      rate_reply[#rate_reply + 1] = math.floor(tat - now)
-    else
-      rate_reply[#rate_reply + 1] = floordiv(period_ms - (new_tat - now), interval)
-      rate_reply[#rate_reply + 1] = math.floor(new_tat - now)
-      new_tats[#new_tats + 1] = {KEYS[5 + i], new_tat}
-    end
+    limits[i] = {key = KEYS[5 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
   end
-
-  local hold_count = tonumber(ARGV[pos])
   pos = pos + 1
-  local holds, quota_reply = {}, {}
-  local over_quota, needs_positive_balance = false, false
-  local credits = 0
-  for i = 1, hold_count do
-    local meter = ARGV[pos]
-    local quota, included, price = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2]), tonumber(ARGV[pos + 3])
-    local need, hold, exact = tonumber(ARGV[pos + 4]), tonumber(ARGV[pos + 5]), ARGV[pos + 6] == '1'
-    pos = pos + 7
+  local terms = {}
+  for i = 1, tonumber(ARGV[pos]) do
     local counts
-    counts, refused = read('hash', 'HMGET', KEYS[3], meter .. ':u', meter .. ':h')
+    counts, refused = read('hash', 'HMGET', KEYS[3], ARGV[pos + 1] .. ':u', ARGV[pos + 1] .. ':h')
     if refused then
       return {-1, refused}
     end
-    holds[i] = {meter, hold, counts[2]}
-    local used, held = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
-    if quota >= 0 then
-      if used + held + need > quota then
-        over_quota = true
-        quota_reply[#quota_reply + 1] = quota - used - held
-      else
-        quota_reply[#quota_reply + 1] = quota - used - held - hold
-      end
-    end
-    if price ~= 0 then
-      local base = used + held
-      credits = credits + (math.max(included, base + hold) - math.max(included, base)) * price
-      if not exact and base + hold >= included then
-        needs_positive_balance = true
-      end
-    end
+    terms[i] = {
+      meter = ARGV[pos + 1], quota = tonumber(ARGV[pos + 2]), included = tonumber(ARGV[pos + 3]),
+      price = tonumber(ARGV[pos + 4]), need = tonumber(ARGV[pos + 5]), hold = tonumber(ARGV[pos + 6]),
+      exact = ARGV[pos + 7] == '1', used = tonumber(counts[1]) or 0, held = tonumber(counts[2]) or 0,
+      raw_held = counts[2],
+    }
+    pos = pos + 7
   end
   local available = (tonumber(account[2]) or 0) - (tonumber(account[3]) or 0)
   local charges_credits = ARGV[2] == '1'
-  if not charges_credits then
-    credits = 0
+
+  -- What admitting n calls would do: the refusal reason (or nil), and the state the reply reports.
+  local function decide(n)
+    local d = {rates = {}, new_tats = {}, quotas = {}, holds = {}, retry_ms = 0, credits = 0}
+    for _, limit in ipairs(limits) do
+      local period_ms, interval, tat = limit.period_ms, limit.interval, limit.tat
+      local new_tat = tat + interval * n
+      if new_tat - now > period_ms then
+        d.retry_ms = math.max(d.retry_ms, new_tat - period_ms - now)
+        d.rates[#d.rates + 1] = floordiv(period_ms - (tat - now), interval)
+        d.rates[#d.rates + 1] = math.floor(tat - now)
+      else
+        d.rates[#d.rates + 1] = floordiv(period_ms - (new_tat - now), interval)
+        d.rates[#d.rates + 1] = math.floor(new_tat - now)
+        d.new_tats[#d.new_tats + 1] = {limit.key, new_tat}
+      end
+    end
+    local over_quota, needs_positive_balance = false, false
+    for i, term in ipairs(terms) do
+      -- A value meter's size is unknown until the end: one unit left admits it, however many calls.
+      local need, hold = term.exact and term.need * n or term.need, term.hold * n
+      local used, held = term.used, term.held
+      d.holds[i] = hold
+      if term.quota >= 0 then
+        if used + held + need > term.quota then
+          over_quota = true
+          d.quotas[#d.quotas + 1] = term.quota - used - held
+        else
+          d.quotas[#d.quotas + 1] = term.quota - used - held - hold
+        end
+      end
+      if term.price ~= 0 then
+        local base = used + held
+        d.credits = d.credits + (math.max(term.included, base + hold) - math.max(term.included, base)) * term.price
+        if not term.exact and base + hold >= term.included then
+          needs_positive_balance = true
+        end
+      end
+    end
+    if not charges_credits then
+      d.credits = 0
+    end
+    if d.retry_ms > 0 then
+      d.reason = 'rate_limited'
+    elseif over_quota then
+      d.reason = 'quota_exceeded'
+    elseif charges_credits and (available < d.credits or (needs_positive_balance and available - d.credits <= 0)) then
+      d.reason = 'insufficient_credits'
+    end
+    return d
   end
 
-  local function reply(allowed, reason, retry, reserved, left)
-    local out = {allowed, reason, math.floor(retry), reserved, left}
-    for _, value in ipairs(rate_reply) do
+  local n = calls
+  local d = decide(n)
+  if d.reason and n > 1 then
+    repeat
+      n = math.floor(n / 2)
+      d = decide(n)
+    until not d.reason or n == 1
+    if not d.reason and n > 1 then
+      n = math.floor(n / 2)
+      d = decide(n)
+    end
+  end
+
+  local function reply(allowed, reason, retry, reserved, left, granted)
+    local out = {allowed, reason, math.floor(retry), reserved, left, granted}
+    for _, value in ipairs(d.rates) do
       out[#out + 1] = value
     end
-    for _, value in ipairs(quota_reply) do
+    for _, value in ipairs(d.quotas) do
       out[#out + 1] = value
     end
     return out
   end
 
-  if retry_ms > 0 then
-    return reply(0, 'rate_limited', retry_ms, 0, available)
-  end
-  if over_quota then
-    return reply(0, 'quota_exceeded', 0, 0, available)
-  end
-  if charges_credits and (available < credits or (needs_positive_balance and available - credits <= 0)) then
-    return reply(0, 'insufficient_credits', 0, 0, available)
+  if d.reason then
+    return reply(0, d.reason, d.reason == 'rate_limited' and d.retry_ms or 0, 0, available, 0)
   end
 
   -- The writes below cannot fail once these hold (plan meters are distinct, so each field moves once).
+  local credits = d.credits
   local holds_any = false
-  for _, hold in ipairs(holds) do
-    if hold[2] ~= 0 then
-      refused = refused or bad_counter(KEYS[3], hold[1] .. ':h', hold[3], math.abs(hold[2]))
+  for i, term in ipairs(terms) do
+    if d.holds[i] ~= 0 then
+      refused = refused or bad_counter(KEYS[3], term.meter .. ':h', term.raw_held, math.abs(d.holds[i]))
       holds_any = true
     end
   end
@@ -151,18 +181,18 @@ local function admit(KEYS, ARGV)
     return {-1, refused}
   end
 
-  for _, entry in ipairs(new_tats) do
+  for _, entry in ipairs(d.new_tats) do
     -- %.17g keeps the float exactly; the key is worthless once the TAT has passed. A TAT within a float's
     -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
     local ttl = math.max(1, math.ceil(entry[2] - now))
     redis.call('SET', entry[1], string.format('%.17g', entry[2]), 'PX', int(ttl))
   end
   local record = ARGV[6] .. ' ' .. int(credits)
-  for _, hold in ipairs(holds) do
-    if hold[2] ~= 0 then
-      redis.call('HINCRBY', KEYS[3], hold[1] .. ':h', int(hold[2]))
+  for i, term in ipairs(terms) do
+    if d.holds[i] ~= 0 then
+      redis.call('HINCRBY', KEYS[3], term.meter .. ':h', int(d.holds[i]))
     end
-    record = record .. ' ' .. hold[1] .. ' ' .. int(hold[2])
+    record = record .. ' ' .. term.meter .. ' ' .. int(d.holds[i])
   end
   if holds_any then
     redis.call('EXPIREAT', KEYS[3], ARGV[5])
@@ -174,7 +204,7 @@ local function admit(KEYS, ARGV)
     redis.call('HSET', KEYS[4], ARGV[3], record)
     redis.call('ZADD', KEYS[5], int(now + tonumber(ARGV[4])), ARGV[3])
   end
-  return reply(1, '', 0, credits, available - credits)
+  return reply(1, '', 0, credits, available - credits, n)
 end
 
 local templates, key_pos, pos = {}, 1, 2

@@ -475,7 +475,9 @@ def test_decision_insufficient_credits() -> None:
 
 def test_decision_window_after_period_end() -> None:
     """A reply read after the period ended never reports a negative reset."""
-    decision = decision_from_reply(admit_request(), [1, "", 0, 0, 0, 1, 4, 200, 99, 1001, 998], PERIOD_END + 5)
+    decision = decision_from_reply(
+        admit_request(), [1, "", 0, 0, 0, 1, 4, 200, 99, 1001, 998], PERIOD_END + 5
+    )
     assert decision.limits[-1].reset == 0
 
 

@@ -45,6 +45,7 @@ exclude = ["/bench/*"]
 [policy]
 # A backend error must show up as a failed run (503), never as a call served without the backend.
 on_backend_error = "closed"
+admission = "{admission}"
 
 [pipeline]
 spool_dir = "{spool}"

@@ -86,7 +86,7 @@ class Bench:
 
     def __init__(self, url: str, workdir: Path) -> None:
         path = workdir / "micro.toml"
-        path.write_text(CONFIG.format(storage=url, spool=workdir / "spool"))
+        path.write_text(CONFIG.format(storage=url, spool=workdir / "spool", admission="strict"))
         self.config = Config.from_file(path)
         self.storage: Storage = open_storage(url, shards=self.config.shards, timeout=5)
         accounts = Accounts(self.storage, self.config)

@@ -418,7 +418,7 @@ def report(mode: str, timings: dict[str, Any], out: Path, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["memory", "strict", "bare"])
+    parser.add_argument("mode", choices=["memory", "strict", "lease", "bare"])
     parser.add_argument("--requests", type=int, default=30_000, help="requests per run (%(default)s)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second (%(default)s)")
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("py-spy is not installed (pip install py-spy), or use --profiler pyinstrument")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="mw-profile-"))
-    redis = RedisServer().start() if args.mode == "strict" else None
+    redis = RedisServer().start() if args.mode in ("strict", "lease") else None
     try:
         return _profile(args, workdir, redis)
     finally:
@@ -458,7 +458,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _profile(args: argparse.Namespace, workdir: Path, redis: RedisServer | None) -> int:
     config = workdir / "profile.toml"
-    config.write_text(CONFIG.format(storage=redis.url if redis else "memory://", spool=workdir / "spool"))
+    config.write_text(
+        CONFIG.format(
+            storage=redis.url if redis else "memory://",
+            spool=workdir / "spool",
+            admission="lease" if args.mode == "lease" else "strict",
+        )
+    )
     env = child_env(METERWARE_CONFIG=str(config), BENCH_PROFILE_OUT=str(args.out))
     if redis is not None:
         assert redis.process is not None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import tomllib
 import tempfile
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any

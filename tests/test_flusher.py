@@ -122,6 +122,16 @@ def test_make_batches_groups_by_shard_in_order() -> None:
     assert all(uuid.UUID(batch_id).version == 7 for batch_id in ids)
 
 
+def test_make_batches_splits_a_shard_past_the_batch_size() -> None:
+    """A shard with more events than the batch size gets several batches, in order (bounded script runs)."""
+    items = [pending(index, 1) for index in range(5)]
+    batches = make_batches(items, batch_size=2)
+    assert [len(batch.settlements) for batch in batches] == [2, 2, 1]
+    assert [route for batch in batches for route in routes(decode_batch(batch.payload))] == [
+        f"/v1/items/{index}" for index in range(5)
+    ]
+
+
 def test_make_batches_of_nothing() -> None:
     """No pending events, no batches."""
     assert make_batches([]) == []

@@ -92,8 +92,9 @@ class EventBuffer:
         return len(self._items)
 
 
-def make_batches(items: Iterable[Pending]) -> list[Batch]:
-    """Group pending events per shard into batches with fresh, time-sortable ids."""
+def make_batches(items: Iterable[Pending], batch_size: int = PipelineConfig().batch_size) -> list[Batch]:
+    """Group pending events per shard into batches of at most ``batch_size`` events (one script run each:
+    bounded, so a flush never holds Redis for long), with fresh, time-sortable ids."""
     by_shard: dict[int, list[Pending]] = defaultdict(list)
     for item in items:
         by_shard[item.shard].append(item)
@@ -101,10 +102,11 @@ def make_batches(items: Iterable[Pending]) -> list[Batch]:
         Batch(
             shard=shard,
             batch_id=format_event_id(new_event_id()),
-            payload=encode_batch([item.event for item in group]),
-            settlements=tuple(item.settlement for item in group),
+            payload=encode_batch([item.event for item in chunk]),
+            settlements=tuple(item.settlement for item in chunk),
         )
         for shard, group in by_shard.items()
+        for chunk in (group[start : start + batch_size] for start in range(0, len(group), batch_size))
     ]
 
 
@@ -265,10 +267,12 @@ class Pipeline:
         logger.warning("meterware: closing %d spent leases failed (%s)", len(self.releasing), error)
 
     def next_batches(self) -> list[Batch]:
-        items = self.buffer.take(self.config.batch_size * 4)
+        # Up to a full batch for each of 16 shards at a time: the more events of a customer a batch holds,
+        # the less each costs (its counters and ledger move once per batch).
+        items = self.buffer.take(self.config.batch_size * 16)
         if self.metrics is not None and items:
             self.metrics.buffer_events.dec(len(items))
-        return make_batches(items)
+        return make_batches(items, self.config.batch_size)
 
     def observe(self) -> None:
         """Export what only the flusher sees (when it starts and at each flush pass, in its process)."""

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import unquote, urlsplit
 
+import msgpack
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -405,26 +406,33 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         ks.reservations(shard),
         ks.reservation_deadlines(shard),
     )
-    args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS, len(batch.settlements)]
+    settlements: list[int | str] = [len(batch.settlements)]
+    # A batch holds many calls of few customers: their keys are named once.
+    indexes: dict[tuple[str, bool, int], tuple[int, int, int, int]] = {}
     for settlement in batch.settlements:
         if settlement is None:
-            args.append(0)
+            settlements.append(0)
             continue
         customer, live, period_start = settlement.customer, settlement.live, settlement.period_start
-        args += [
+        found = indexes.get((customer, live, period_start))
+        if found is None:
+            found = indexes[(customer, live, period_start)] = (
+                keys.index(ks.customer(shard, customer)),
+                keys.index(ks.ledger(shard, customer)),
+                keys.index(ks.quota(shard, live, customer, period_start)),
+                period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
+            )
+        settlements += [
             1,
             settlement.reservation_id,
             int(settlement.billable),
             int(settlement.charges_credits),
-            keys.index(ks.customer(shard, customer)),
-            keys.index(ks.ledger(shard, customer)),
-            keys.index(ks.quota(shard, live, customer, period_start)),
-            period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
+            *found,
             len(settlement.meters),
         ]
         for meter, units, price, included in settlement.meters:
-            args += [meter, units, price, included]
-    return keys.keys, args
+            settlements += [meter, units, price, included]
+    return keys.keys, [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS, msgpack.packb(settlements)]
 
 
 def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:

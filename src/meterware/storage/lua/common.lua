@@ -128,13 +128,14 @@ local function planned_value(key, field)
   return entry.start + entry.net
 end
 
--- Plan HINCRBY (`incremented[key]`: the key exists once the plan is made).
+-- Plan HINCRBY (`incremented[key]`: the key exists once the plan is made). apply() makes one HINCRBY of
+-- the net change per field, however many changes were planned for it (a batch moves a customer's
+-- balance once, not once per call).
 local function plan_incr(key, field, delta)
   local entry = counter(key, field)
   entry.net = entry.net + delta
   entry.moved = entry.moved + math.abs(delta)
   incremented[key] = true
-  plan('HINCRBY', key, field, int(delta))
 end
 
 -- nil if every planned increment can be made.
@@ -148,6 +149,12 @@ local function check_counters()
 end
 
 local function apply()
+  -- The increments first: an EXPIREAT planned for a key they create must find it.
+  for _, entry in ipairs(counter_order) do
+    if entry.moved ~= 0 then
+      redis.call('HINCRBY', entry.key, entry.field, int(entry.net))
+    end
+  end
   for _, command in ipairs(planned) do
     redis.call(unpack(command))
   end

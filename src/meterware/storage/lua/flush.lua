@@ -7,10 +7,10 @@
 -- batch's charges, ref: the batch id), appended with the batch, so its balance stays the ledger's sum.
 --
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
--- ARGV: batch id, payload, marker ttl (s), settlement count, then per settlement either "0" (none) or
---       "1", reservation id, billable (1/0), charges credits (1/0), customer key index, ledger key index,
---       quota key index,
---       quota expire-at (s), meter count, (meter, units, price, included)...
+-- ARGV: batch id, payload, marker ttl (s), settlements: one msgpack array (one argument, not thousands:
+--       Redis and the client pay per argument) of the settlement count, then per settlement either 0
+--       (none) or 1, reservation id, billable (1/0), charges credits (1/0), customer key index, ledger
+--       key index, quota key index, quota expire-at (s), meter count, (meter, units, price, included)...
 
 local refused = expect(KEYS[1], 'string')
 if refused then
@@ -26,11 +26,11 @@ end
 
 local costs, settled, expiries, expiry_order = {}, {}, {}, {}
 local charged, charged_order = {}, {}  -- ledger key -> micros charged, in order of first charge
-local arg = reader(ARGV, 4)
+local arg = reader(cmsgpack.unpack(ARGV[4]), 1)
 for _ = 1, tonumber(arg()) do
   local cost = 0
-  if arg() == '1' then
-    local reservation_id, billable, charges_credits = arg(), arg() == '1', arg() == '1'
+  if arg() == 1 then
+    local reservation_id, billable, charges_credits = arg(), arg() == 1, arg() == 1
     local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())], KEYS[tonumber(arg())]
     local expire_at = arg()
     refused = expect(customer_key, 'hash') or expect(quota_key, 'hash') or expect(ledger_key, 'stream')
@@ -38,7 +38,9 @@ for _ = 1, tonumber(arg()) do
       return redis.error_reply(refused)
     end
     -- The settlement names the reservation's own customer, mode and period (both come from the admission).
-    local record = not settled[reservation_id] and redis.call('HGET', KEYS[3], reservation_id)
+    -- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
+    local record = reservation_id ~= '' and not settled[reservation_id]
+      and redis.call('HGET', KEYS[3], reservation_id)
     if record then
       settled[reservation_id] = true
       plan('HDEL', KEYS[3], reservation_id)
@@ -58,7 +60,7 @@ for _ = 1, tonumber(arg()) do
     end
     -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
     if billable and not expiries[quota_key] then
-      expiries[quota_key] = expire_at
+      expiries[quota_key] = int(expire_at)
       expiry_order[#expiry_order + 1] = quota_key
     end
     if billable and charges_credits and cost ~= 0 and existed(customer_key) then

@@ -12,7 +12,7 @@ import asyncio
 import atexit
 import logging
 import os
-import secrets
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,7 +36,7 @@ from meterware._core import (
     period_bounds,
     problem,
 )
-from meterware.config import MAX_CALL_COST, Config
+from meterware.config import MAX_CALL_COST, Config, Plan
 from meterware.errors import StorageError
 from meterware.events import Outcome, UsageEvent, new_event_id
 from meterware.flusher import Pending, Pipeline
@@ -111,6 +111,16 @@ class Call:
     lease: Lease | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CallTerms:
+    """What a plan holds of a call on one route weight, in one billing period (cached per process)."""
+
+    plan: Plan
+    holds: tuple[MeterHold, ...]
+    period_start: int
+    period_end: int
+
+
 #: Leases remembered per process; past this, idle ones are forgotten (the worker refunds their holds).
 LEASE_TABLE_MAX: Final = 10_000
 #: A lease's reservation outlives its serving time by this much before the worker refunds it.
@@ -174,11 +184,15 @@ class Metering:
             meter.header.encode("latin-1"): name for name, meter in config.meters.items() if meter.header
         }
         self._keys: dict[str, tuple[float, KeyInfo | None]] = {}
-        self._holds: dict[tuple[str, int, bool], tuple[MeterHold, ...]] = {}
-        self._periods: dict[tuple[int, str], tuple[int, int]] = {}
+        #: Presented keys already hashed (a key's calls skip the SHA-256 and the shape check).
+        self._hashes: dict[str, str] = {}
+        self._terms: dict[tuple[str, int, int, bool], CallTerms] = {}
+        self._shards: dict[str, int] = {}
+        self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
         self._exit_hook_pid = 0
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
+        self._next_full_rollup = 0.0
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self.leasing = config.policy.admission == "lease"
         if self.leasing:
@@ -235,15 +249,18 @@ class Metering:
             metrics.resolve_duration.observe(time.perf_counter() - began)
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
-        request = self.admit_request(key, path, time.time())
+        terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
-            return self._started(key, request, LIVE_ONLY, method, path, arrived)
+            return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
+        if self.leasing and (lease := self._take((key.key_id, terms.holds, terms.period_start))):
+            return self._leased_call(lease, key, method, path, arrived)
+        request = self.admit_request(key, terms)
         if self.leasing:
-            lease = self._take(request) or self._renew(storage, request)
-            if isinstance(lease, Lease):
-                return self._leased_call(lease, key, method, path, arrived)
-            if isinstance(lease, Decision):
-                return self._started(key, request, lease, method, path, arrived)
+            renewed = self._renew(storage, request)
+            if isinstance(renewed, Lease):
+                return self._leased_call(renewed, key, method, path, arrived)
+            if isinstance(renewed, Decision):
+                return self._started(key, request, renewed, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = storage.admit(request)
@@ -270,15 +287,18 @@ class Metering:
             key = await self._aresolve(storage, key)
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
-        request = self.admit_request(key, path, time.time())
+        terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
-            return self._started(key, request, LIVE_ONLY, method, path, arrived)
+            return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
+        if self.leasing and (lease := self._take((key.key_id, terms.holds, terms.period_start))):
+            return self._leased_call(lease, key, method, path, arrived)
+        request = self.admit_request(key, terms)
         if self.leasing:
-            lease = self._take(request) or await self._arenew(storage, request)
-            if isinstance(lease, Lease):
-                return self._leased_call(lease, key, method, path, arrived)
-            if isinstance(lease, Decision):
-                return self._started(key, request, lease, method, path, arrived)
+            renewed = await self._arenew(storage, request)
+            if isinstance(renewed, Lease):
+                return self._leased_call(renewed, key, method, path, arrived)
+            if isinstance(renewed, Decision):
+                return self._started(key, request, renewed, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = await storage.admit(request)
@@ -300,7 +320,7 @@ class Metering:
         if block is None:
             return None
         with self._renewing:
-            lease = self._take(request)  # another thread may have renewed it meanwhile
+            lease = self._take(lease_key(request))  # another thread may have renewed it meanwhile
             if lease is not None:
                 return lease
             began = time.perf_counter()
@@ -321,7 +341,7 @@ class Metering:
         identity = lease_key(request)
         while (renewal := self._renewals.get(identity)) is not None:
             await renewal
-            lease = self._take(request)
+            lease = self._take(identity)
             if lease is not None:
                 return lease
         self._renewals[identity] = renewal = asyncio.get_running_loop().create_future()
@@ -381,10 +401,10 @@ class Metering:
             lease.in_flight += 1
         return lease
 
-    def _take(self, request: AdmitRequest) -> Lease | None:
-        """Take one call from the serving lease of ``request``'s key, if there is one."""
+    def _take(self, identity: LeaseKey) -> Lease | None:
+        """Take one call from the serving lease of a key (``lease_key``), if there is one."""
         with self._lease_lock:
-            lease = self._leases.get(lease_key(request))
+            lease = self._leases.get(identity)
             if lease is None or lease.left <= 0 or time.monotonic() >= lease.until:
                 return None
             lease.left -= 1
@@ -504,9 +524,13 @@ class Metering:
         presented = self._presented_key(native_request, headers, query)
         if not presented:
             return problem("missing_key")
-        if not keys.is_well_formed(presented):
-            return problem("malformed_key")
-        key_hash = keys.hash_key(presented)
+        key_hash = self._hashes.get(presented)
+        if key_hash is None:
+            if not keys.is_well_formed(presented):
+                return problem("malformed_key")
+            if len(self._hashes) >= KEY_CACHE_MAX_ENTRIES:
+                self._hashes.clear()
+            key_hash = self._hashes[presented] = keys.hash_key(presented)
         entry = self._keys.get(key_hash)
         if entry is None or entry[0] < time.monotonic():
             return key_hash
@@ -535,30 +559,44 @@ class Metering:
         self._outage.warn("key lookup failed (%s); refusing keys not seen before", error)
         return problem("backend_unavailable", Decision(allowed=False, retry_after=1))
 
-    def admit_request(self, key: KeyInfo, path: str, now: float) -> AdmitRequest:
-        """What the backend must check and reserve for a call by ``key`` to ``path``."""
+    def call_terms(self, key: KeyInfo, path: str, now: float) -> CallTerms:
+        """What the plan holds of a call by ``key`` to ``path``, in the billing period of ``now`` (cached)."""
         customer = key.customer
-        plan = self.config.plan(customer.plan)
-        weight = self.routes.weight(path)
-        holds = self._holds.get((plan.name, weight, key.live))
-        if holds is None:
+        weight = self.routes.weight(path) if self.routes.weights else 1
+        cache_key = (customer.plan, customer.anchor, weight, key.live)
+        terms = self._terms.get(cache_key)
+        if terms is None or not terms.period_start <= now < terms.period_end:
+            plan = self.config.plan(customer.plan)
+            start, end = period_bounds(customer.anchor, plan.period, now)
             holds = meter_holds(plan, self.config.meters, weight, key.live)
-            self._holds[(plan.name, weight, key.live)] = holds
-        bounds = self._periods.get((customer.anchor, plan.period))
-        if bounds is None or not bounds[0] <= now < bounds[1]:
-            bounds = period_bounds(customer.anchor, plan.period, now)
-            self._periods[(customer.anchor, plan.period)] = bounds
+            previous = self._terms.get(cache_key)
+            if previous is not None and previous.holds == holds:
+                holds = previous.holds  # the same object: leases are keyed by it
+            if len(self._terms) >= KEY_CACHE_MAX_ENTRIES:
+                self._terms.clear()
+            terms = self._terms[cache_key] = CallTerms(plan, holds, start, end)
+        return terms
+
+    def admit_request(self, key: KeyInfo, terms: CallTerms) -> AdmitRequest:
+        """What the backend must check and reserve for a call by ``key`` on ``terms``."""
+        customer = key.customer.id
+        shard = self._shards.get(customer)
+        if shard is None:
+            if len(self._shards) >= KEY_CACHE_MAX_ENTRIES:
+                self._shards.clear()
+            shard = self._shards[customer] = shard_of(customer, self.config.shards)
         return AdmitRequest(
-            shard=shard_of(customer.id, self.config.shards),
-            customer=customer.id,
+            shard=shard,
+            customer=customer,
             key_id=key.key_id,
             live=key.live,
-            plan=plan,
-            period_start=bounds[0],
-            period_end=bounds[1],
-            holds=holds,
-            reservation_id=secrets.token_hex(8),
-            reservation_timeout_ms=int(self.policy.reservation_timeout * 1000),
+            plan=terms.plan,
+            period_start=terms.period_start,
+            period_end=terms.period_end,
+            holds=terms.holds,
+            # Unique, not secret (it names a reservation): a fast random, reseeded in forked children.
+            reservation_id=f"{random.getrandbits(64):016x}",
+            reservation_timeout_ms=self._reservation_timeout_ms,
         )
 
     def admit_failed(self, error: StorageError) -> Decision:
@@ -750,7 +788,13 @@ class Metering:
             if self._rollup is None:
                 storage = self.backend(flushing=True)
                 self._rollup = RollupWorker(storage, self.config, owner=f"in-process-{os.getpid()}")
-            self._rollup.drain()
+            # The flushed shard at once; every shard (and its housekeeping: expired reservations) each second.
+            now = time.monotonic()
+            if now >= self._next_full_rollup:
+                self._next_full_rollup = now + 1.0
+                self._rollup.drain()
+            else:
+                self._rollup.drain(only=batch.shard)
 
 
 def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, str]) -> dict[str, str]:

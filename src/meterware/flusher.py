@@ -19,10 +19,10 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import msgpack
 
@@ -92,22 +92,49 @@ class EventBuffer:
         return len(self._items)
 
 
+class Batches(Sequence[Batch]):
+    """The batches of some pending events: grouped per shard at once, each encoded when first asked for,
+    so an asyncio flusher encodes one batch at a time between its writes instead of holding the event
+    loop while it encodes thousands of events."""
+
+    def __init__(self, items: Iterable[Pending], batch_size: int) -> None:
+        by_shard: dict[int, list[Pending]] = defaultdict(list)
+        for item in items:
+            by_shard[item.shard].append(item)
+        self._groups = [
+            (shard, group[start : start + batch_size])
+            for shard, group in by_shard.items()
+            for start in range(0, len(group), batch_size)
+        ]
+        self._batches: dict[int, Batch] = {}
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    @overload
+    def __getitem__(self, index: int) -> Batch: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Batch]: ...
+    def __getitem__(self, index: int | slice) -> Batch | list[Batch]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        index = range(len(self))[index]
+        batch = self._batches.get(index)
+        if batch is None:
+            shard, group = self._groups[index]
+            batch = self._batches[index] = Batch(
+                shard=shard,
+                batch_id=format_event_id(new_event_id()),
+                payload=encode_batch([item.event for item in group]),
+                settlements=tuple(item.settlement for item in group),
+            )
+        return batch
+
+
 def make_batches(items: Iterable[Pending], batch_size: int = PipelineConfig().batch_size) -> list[Batch]:
     """Group pending events per shard into batches of at most ``batch_size`` events (one script run each:
     bounded, so a flush never holds Redis for long), with fresh, time-sortable ids."""
-    by_shard: dict[int, list[Pending]] = defaultdict(list)
-    for item in items:
-        by_shard[item.shard].append(item)
-    return [
-        Batch(
-            shard=shard,
-            batch_id=format_event_id(new_event_id()),
-            payload=encode_batch([item.event for item in chunk]),
-            settlements=tuple(item.settlement for item in chunk),
-        )
-        for shard, group in by_shard.items()
-        for chunk in (group[start : start + batch_size] for start in range(0, len(group), batch_size))
-    ]
+    return list(Batches(items, batch_size))
 
 
 def _count_events(batch: Batch) -> int:
@@ -266,13 +293,13 @@ class Pipeline:
         # The leases stay listed for the next pass (the worker refunds them past their deadline anyway).
         logger.warning("meterware: closing %d spent leases failed (%s)", len(self.releasing), error)
 
-    def next_batches(self) -> list[Batch]:
+    def next_batches(self) -> Sequence[Batch]:
         # Up to a full batch for each of 16 shards at a time: the more events of a customer a batch holds,
         # the less each costs (its counters and ledger move once per batch).
         items = self.buffer.take(self.config.batch_size * 16)
         if self.metrics is not None and items:
             self.metrics.buffer_events.dec(len(items))
-        return make_batches(items, self.config.batch_size)
+        return Batches(items, self.config.batch_size)
 
     def observe(self) -> None:
         """Export what only the flusher sees (when it starts and at each flush pass, in its process)."""
@@ -382,7 +409,7 @@ class Pipeline:
                 else:
                     self.releasing = []
 
-    def _flush_sync(self, storage: Storage, batches: list[Batch]) -> None:
+    def _flush_sync(self, storage: Storage, batches: Sequence[Batch]) -> None:
         for index, batch in enumerate(batches):
             if not self.healthy():
                 self.spill(batches[index:])
@@ -446,7 +473,7 @@ class Pipeline:
             else:
                 self.releasing = []
 
-    async def _flush_async(self, storage: AsyncStorage, batches: list[Batch]) -> None:
+    async def _flush_async(self, storage: AsyncStorage, batches: Sequence[Batch]) -> None:
         for index, batch in enumerate(batches):
             if not self.healthy():
                 self.spill(batches[index:])
@@ -462,6 +489,7 @@ class Pipeline:
                 self.spill(batches[index:])
                 raise
             self.succeeded(batch, applied)
+            await asyncio.sleep(0)  # let calls in between batches (a memory:// flush never waits)
 
 
 class AsyncFlusher:

@@ -143,11 +143,12 @@ class RollupWorker:
         progress.raise_failure()
         return progress.events
 
-    def drain(self) -> int:
-        """Step until no owned shard has anything left; return the number of events committed."""
+    def drain(self, *, only: int | None = None) -> int:
+        """Step until no owned shard (or shard ``only``) has anything left; return the events committed."""
+        skip = () if only is None else frozenset(self.shards) - {only}
         events = 0
         while True:
-            progress = self._step()
+            progress = self._step(skip)
             progress.raise_failure()
             events += progress.events
             if not progress.entries:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import replace
@@ -19,6 +20,7 @@ from meterware.events import (
     UsageEvent,
     decode_batch,
     encode_batch,
+    encode_batch_async,
     format_event_id,
     new_event_id,
 )
@@ -91,6 +93,12 @@ _events = st.builds(
 def test_codec_round_trip(events: list[UsageEvent]) -> None:
     """decode_batch(encode_batch(events)) gives back the same events, in order."""
     assert decode_batch(encode_batch(events)) == events
+
+
+@given(st.lists(_events, max_size=12), st.integers(min_value=1, max_value=5))
+def test_encoding_on_an_event_loop_gives_the_same_bytes(events: list[UsageEvent], slice_size: int) -> None:
+    """encode_batch_async (a slice at a time, yielding between) writes exactly encode_batch's bytes."""
+    assert asyncio.run(encode_batch_async(events, slice_size)) == encode_batch(events)
 
 
 def test_encoded_batch_is_a_msgpack_list_of_versioned_maps() -> None:

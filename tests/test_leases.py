@@ -177,7 +177,8 @@ def test_a_lease_near_a_limit_takes_a_share_of_what_is_left(storage_url: str, tm
 
 
 def test_most_calls_need_no_admission_of_their_own(storage_url: str, tmp_path: Path) -> None:
-    """120 calls through one process take 3 lease admissions (40 calls each), not 120."""
+    """120 calls through one process take 3 lease admissions of 40 calls (and at most one more, fetched
+    ahead of need), not 120."""
     config = make_config(storage_url, tmp_path / "spool")
     _, _, key = open_customer(config)
     registry = CollectorRegistry()
@@ -191,7 +192,8 @@ def test_most_calls_need_no_admission_of_their_own(storage_url: str, tmp_path: P
 
     asyncio.run(run())
     admissions = registry.get_sample_value("meterware_backend_duration_seconds_count", {"operation": "admit"})
-    assert admissions == 3
+    assert admissions is not None
+    assert 3 <= admissions <= 4
 
 
 def test_a_spent_lease_gives_its_unused_calls_back_while_serving(storage_url: str, tmp_path: Path) -> None:

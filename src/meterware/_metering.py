@@ -135,8 +135,8 @@ class Lease:
 
     The block's reservation holds every call of the lease, so no hard quota or balance is ever passed;
     each call is settled on its own, charged from scratch, and the block's reservation is closed by the
-    settlement of the lease's last call (or of the first call of the next lease, when the last one
-    finished before the lease ran out of time).
+    settlement of the lease's last call, or by the flusher once the lease is spent and its calls are
+    written (when its last call finished before the lease ran out of time).
     """
 
     #: The block's admission (``calls`` calls) and its reservation.
@@ -151,8 +151,8 @@ class Lease:
     in_flight: int = 0
     #: Whether a call's settlement has been given the block's reservation to close.
     released: bool = False
-    #: An earlier, idle lease whose reservation the settlement of this lease's first call closes.
-    carries: AdmitRequest | None = None
+    #: Whether the next lease is being fetched ahead of need.
+    renewing: bool = False
 
 
 class Metering:
@@ -197,7 +197,9 @@ class Metering:
         self.leasing = config.policy.admission == "lease"
         if self.leasing:
             self.pipeline.spent_leases = self.spent_leases
-        self._leases: dict[LeaseKey, Lease] = {}
+        #: The leases of each key, oldest first (two while the next one is fetched ahead of need).
+        self._leases: dict[LeaseKey, list[Lease]] = {}
+        self._renewing_ahead: set[asyncio.Task[Lease | Decision | None]] = set()
         self._lease_lock = threading.Lock()  # threaded servers share leases
         self._renewing = threading.Lock()  # one renewal at a time in a threaded server
         self._renewals: dict[LeaseKey, asyncio.Future[None]] = {}
@@ -291,6 +293,8 @@ class Metering:
         if not key.live and self.routes.is_live_only(path):
             return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
         if self.leasing and (lease := self._take((key.key_id, terms.holds, terms.period_start))):
+            if not lease.renewing and lease.left <= lease.block.calls // 2:
+                self._renew_ahead(storage, key, terms, lease)
             return self._leased_call(lease, key, method, path, arrived)
         request = self.admit_request(key, terms)
         if self.leasing:
@@ -314,7 +318,7 @@ class Metering:
         """A new lease for calls like ``request`` (taking this call from it), with a synchronous backend.
 
         None when leases cannot serve it (the call is then admitted alone); a :class:`Decision` when the
-        backend failed (the failure policy's answer).
+        backend refused even this one call, or failed (the failure policy's answer).
         """
         block = self.lease_block(request)
         if block is None:
@@ -331,17 +335,22 @@ class Metering:
                 return self.admit_failed(error)
             finally:
                 self.metrics.admit_duration.observe(time.perf_counter() - began)
-            return self._granted(request, block, decision)
+            return self._granted(request, block, decision, take=True)
 
-    async def _arenew(self, storage: AsyncStorage, request: AdmitRequest) -> Lease | Decision | None:
-        """The asyncio twin of :meth:`_renew`: calls waiting for the same lease share one renewal."""
+    async def _arenew(
+        self, storage: AsyncStorage, request: AdmitRequest, *, take: bool = True
+    ) -> Lease | Decision | None:
+        """The asyncio twin of :meth:`_renew`: calls waiting for the same lease share one renewal.
+
+        ``take=False``: renew ahead of need (no call is waiting; a failure is left to the next call).
+        """
         block = self.lease_block(request)
         if block is None:
             return None
         identity = lease_key(request)
         while (renewal := self._renewals.get(identity)) is not None:
             await renewal
-            lease = self._take(identity)
+            lease = self._take(identity) if take else None
             if lease is not None:
                 return lease
         self._renewals[identity] = renewal = asyncio.get_running_loop().create_future()
@@ -350,12 +359,21 @@ class Metering:
             decision = await storage.admit(block)
         except StorageError as error:
             self.metrics.admit_errors.inc()
-            return self.admit_failed(error)
+            return self.admit_failed(error) if take else None
         finally:
             self.metrics.admit_duration.observe(time.perf_counter() - began)
             del self._renewals[identity]
             renewal.set_result(None)
-        return self._granted(request, block, decision)
+        return self._granted(request, block, decision, take=take)
+
+    def _renew_ahead(self, storage: AsyncStorage, key: KeyInfo, terms: CallTerms, lease: Lease) -> None:
+        """Once half of a lease is used, fetch the next one in the background: calls then never wait for
+        a renewal while traffic flows."""
+        lease.renewing = True
+        request = self.admit_request(key, terms)
+        task = asyncio.get_running_loop().create_task(self._arenew(storage, request, take=False))
+        self._renewing_ahead.add(task)
+        task.add_done_callback(self._renewing_ahead.discard)
 
     def lease_block(self, request: AdmitRequest) -> AdmitRequest | None:
         """The admission of a lease for calls like ``request``: up to ``lease_calls`` of them at once
@@ -372,44 +390,43 @@ class Metering:
         deadline = self.policy.lease_seconds + LEASE_RESERVATION_GRACE_SECONDS
         return replace(request, calls=calls, reservation_timeout_ms=int(deadline * 1000))
 
-    def _granted(self, request: AdmitRequest, block: AdmitRequest, decision: Decision) -> Lease | Decision:
-        """Keep the lease the backend granted and take this call from it; or the refusal of this call
+    def _granted(
+        self, request: AdmitRequest, block: AdmitRequest, decision: Decision, *, take: bool
+    ) -> Lease | Decision:
+        """Keep the lease the backend granted (and take this call from it); or the refusal of this call
         (not even one call fit: the backend decided it exactly as if it had come alone)."""
         if not decision.allowed:
             return decision
-        identity = lease_key(request)
-        now = time.monotonic()
         lease = Lease(
             block,
             request,
             decision,
             limit_headers(decision.limits),
             left=decision.calls,
-            until=now + self.policy.lease_seconds,
+            until=time.monotonic() + self.policy.lease_seconds,
         )
         with self._lease_lock:
             if len(self._leases) >= LEASE_TABLE_MAX:
-                for key, idle in list(self._leases.items()):
-                    if idle.in_flight == 0:
-                        del self._leases[key]
-            previous = self._leases.get(identity)
-            if previous is not None and previous.in_flight == 0 and not previous.released:
-                previous.released = True
-                lease.carries = previous.block
-            self._leases[identity] = lease
-            lease.left -= 1
-            lease.in_flight += 1
+                # Forget keys whose leases are all idle (the flusher or the worker closes them).
+                for identity, leases in list(self._leases.items()):
+                    if not any(old.in_flight for old in leases):
+                        del self._leases[identity]
+            self._leases.setdefault(lease_key(request), []).append(lease)
+            if take:
+                lease.left -= 1
+                lease.in_flight += 1
         return lease
 
     def _take(self, identity: LeaseKey) -> Lease | None:
-        """Take one call from the serving lease of a key (``lease_key``), if there is one."""
+        """Take one call from a serving lease of a key (``lease_key``), the oldest first."""
         with self._lease_lock:
-            lease = self._leases.get(identity)
-            if lease is None or lease.left <= 0 or time.monotonic() >= lease.until:
-                return None
-            lease.left -= 1
-            lease.in_flight += 1
-            return lease
+            now = time.monotonic()
+            for lease in self._leases.get(identity, ()):
+                if lease.left > 0 and now < lease.until:
+                    lease.left -= 1
+                    lease.in_flight += 1
+                    return lease
+        return None
 
     def spent_leases(self, final: bool) -> list[AdmitRequest]:
         """Take (and forget) the leases that serve no more calls and have none in flight: their blocks, to
@@ -417,20 +434,20 @@ class Metering:
         now = time.monotonic()
         spent: list[AdmitRequest] = []
         with self._lease_lock:
-            for identity, lease in list(self._leases.items()):
-                if lease.in_flight or not (final or lease.left <= 0 or now >= lease.until):
-                    continue
-                del self._leases[identity]
-                if not lease.released:
-                    lease.released = True
-                    spent.append(lease.block)
-                if lease.carries is not None:
-                    spent.append(lease.carries)
-                    lease.carries = None
+            for identity, leases in list(self._leases.items()):
+                for lease in list(leases):
+                    if lease.in_flight or not (final or lease.left <= 0 or now >= lease.until):
+                        continue
+                    leases.remove(lease)
+                    if not lease.released:
+                        lease.released = True
+                        spent.append(lease.block)
+                if not leases:
+                    del self._leases[identity]
         return spent
 
     def _leased_call(self, lease: Lease, key: KeyInfo, method: str, path: str, arrived: int) -> Call:
-        call = Call(
+        return Call(
             key,
             lease.call_request,
             lease.decision,
@@ -441,18 +458,17 @@ class Metering:
             arrived_ns=arrived,
             lease=lease,
         )
-        return call
 
     def _closes(self, call: Call) -> str:
-        """The reservation the settlement of a finished call closes ("": none, it is charged from scratch)."""
+        """The reservation the settlement of a finished call closes ("": none, it is charged from scratch).
+
+        A lease's last call closes the lease's block, once no call can take from it any more.
+        """
         lease = call.lease
         if lease is None:
             return call.decision.reservation_id
         with self._lease_lock:
             lease.in_flight -= 1
-            if lease.carries is not None:
-                carried, lease.carries = lease.carries, None
-                return carried.reservation_id
             spent = lease.left <= 0 or time.monotonic() >= lease.until
             if spent and lease.in_flight == 0 and not lease.released:
                 lease.released = True

@@ -28,7 +28,7 @@ import msgpack
 
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import StorageError
-from meterware.events import UsageEvent, encode_batch, format_event_id, new_event_id
+from meterware.events import UsageEvent, encode_batch, encode_batch_async, format_event_id, new_event_id
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 
 if TYPE_CHECKING:
@@ -122,13 +122,26 @@ class Batches(Sequence[Batch]):
         batch = self._batches.get(index)
         if batch is None:
             shard, group = self._groups[index]
-            batch = self._batches[index] = Batch(
-                shard=shard,
-                batch_id=format_event_id(new_event_id()),
-                payload=encode_batch([item.event for item in group]),
-                settlements=tuple(item.settlement for item in group),
-            )
+            batch = self._batches[index] = self._batch(shard, group, encode_batch([i.event for i in group]))
         return batch
+
+    async def get_async(self, index: int) -> Batch:
+        """``self[index]`` on an event loop: a big batch is encoded with yields in between."""
+        batch = self._batches.get(index)
+        if batch is None:
+            shard, group = self._groups[index]
+            payload = await encode_batch_async([item.event for item in group])
+            batch = self._batches[index] = self._batch(shard, group, payload)
+        return batch
+
+    @staticmethod
+    def _batch(shard: int, group: list[Pending], payload: bytes) -> Batch:
+        return Batch(
+            shard=shard,
+            batch_id=format_event_id(new_event_id()),
+            payload=payload,
+            settlements=tuple(item.settlement for item in group),
+        )
 
 
 def make_batches(items: Iterable[Pending], batch_size: int = PipelineConfig().batch_size) -> list[Batch]:
@@ -293,7 +306,7 @@ class Pipeline:
         # The leases stay listed for the next pass (the worker refunds them past their deadline anyway).
         logger.warning("meterware: closing %d spent leases failed (%s)", len(self.releasing), error)
 
-    def next_batches(self) -> Sequence[Batch]:
+    def next_batches(self) -> Batches:
         # Up to a full batch for each of 16 shards at a time: the more events of a customer a batch holds,
         # the less each costs (its counters and ledger move once per batch).
         items = self.buffer.take(self.config.batch_size * 16)
@@ -473,8 +486,9 @@ class Pipeline:
             else:
                 self.releasing = []
 
-    async def _flush_async(self, storage: AsyncStorage, batches: Sequence[Batch]) -> None:
-        for index, batch in enumerate(batches):
+    async def _flush_async(self, storage: AsyncStorage, batches: Batches) -> None:
+        for index in range(len(batches)):
+            batch = await batches.get_async(index)
             if not self.healthy():
                 self.spill(batches[index:])
                 return

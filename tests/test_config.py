@@ -714,6 +714,24 @@ INVALID = [
         id="key-header-newline",
     ),
     pytest.param(
+        {"policy": {"balance_header": "X-Credits Left"}},
+        "policy.balance_header",
+        "'X-Credits Left' is not a valid header name",
+        id="balance-header-space",
+    ),
+    pytest.param(
+        {"policy": {"admission": "optimistic"}},
+        "policy.admission",
+        "must be one of 'strict', 'lease'",
+        id="admission-unknown",
+    ),
+    pytest.param(
+        {"policy": {"lease_calls": 0}},
+        "policy.lease_calls",
+        "at least 1",
+        id="lease-calls-zero",
+    ),
+    pytest.param(
         {"policy": {"key_headers": [""]}},
         "policy.key_headers[0]",
         "must be a non-empty string",

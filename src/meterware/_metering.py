@@ -36,7 +36,7 @@ from meterware._core import (
     period_bounds,
     problem,
 )
-from meterware.config import MAX_CALL_COST, Config, Plan
+from meterware.config import MAX_CALL_COST, Config, Plan, format_credits
 from meterware.errors import StorageError
 from meterware.events import Outcome, UsageEvent, new_event_id
 from meterware.flusher import Pending, Pipeline
@@ -189,6 +189,7 @@ class Metering:
         self._terms: dict[tuple[str, int, int, bool], CallTerms] = {}
         self._shards: dict[str, int] = {}
         self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
+        self._balance_header = self.policy.balance_header.lower().encode("latin-1")
         self._exit_hook_pid = 0
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
@@ -401,7 +402,7 @@ class Metering:
             block,
             request,
             decision,
-            limit_headers(decision.limits),
+            self._headers(decision),
             left=decision.calls,
             until=time.monotonic() + self.policy.lease_seconds,
         )
@@ -641,7 +642,14 @@ class Metering:
         """Headers added to an admitted call's response (a lease's calls share the lease's)."""
         if call.lease is not None:
             return call.lease.headers
-        return limit_headers(call.decision.limits)
+        return self._headers(call.decision)
+
+    def _headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
+        """The ``RateLimit`` headers of a decision and, on prepaid plans, the credits left."""
+        headers = limit_headers(decision.limits)
+        if self._balance_header and decision.available_credits is not None:
+            headers.append((self._balance_header, format_credits(decision.available_credits).encode()))
+        return headers
 
     # -- after the app ------------------------------------------------------------------------------
 

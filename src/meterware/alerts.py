@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from meterware.__about__ import __version__
 from meterware._core import Customer, period_bounds
-from meterware.config import MICROS_PER_CREDIT, AlertRules, Config, Plan
+from meterware.config import AlertRules, Config, Plan, format_credits
 from meterware.errors import ConfigError, StorageError
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
 
@@ -71,12 +71,6 @@ QUEUE_SIZE: Final = 1000
 MAX_REMEMBERED: Final = 100_000
 #: Longest wait between two delivery attempts, in seconds (a longer Retry-After is cut to it).
 MAX_RETRY_DELAY: Final = 60.0
-
-
-def _credits(micros: int) -> str:
-    sign = "-" if micros < 0 else ""
-    whole, fraction = divmod(abs(micros), MICROS_PER_CREDIT)
-    return f"{sign}{whole}.{fraction:06d}"
 
 
 def _percent(used: int, quota: int) -> str:
@@ -130,11 +124,17 @@ def crossings(rules: AlertRules, plan: Plan, usage: Mapping[str, int], balance: 
     if balance is not None and plan.prepaid:
         for below in rules.credits_below or ():
             if balance < below:
-                found.append(Crossing("credits.low", f"credits:{below}", _credits(below), _credits(balance)))
+                found.append(
+                    Crossing(
+                        "credits.low", f"credits:{below}", format_credits(below), format_credits(balance)
+                    )
+                )
     spend = usage.get("spend", 0)
     for above in rules.spend_above or ():
         if spend > above:
-            found.append(Crossing("spend.threshold", f"spend:{above}", _credits(above), _credits(spend)))
+            found.append(
+                Crossing("spend.threshold", f"spend:{above}", format_credits(above), format_credits(spend))
+            )
     return found
 
 

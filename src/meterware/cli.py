@@ -13,18 +13,11 @@ from typing import Any
 
 from meterware.__about__ import __version__
 from meterware.accounts import Accounts
-from meterware.config import EXPORT_PROVIDERS, MICROS_PER_CREDIT, AlertRules, Config
+from meterware.config import EXPORT_PROVIDERS, AlertRules, Config, format_credits
 from meterware.errors import MeterwareError
 from meterware.rollup.metrics import add_metrics_arguments
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def format_credits(micros: int) -> str:
-    """Micro-credits as a decimal string with six places (``1500000`` -> ``"1.500000"``)."""
-    sign = "-" if micros < 0 else ""
-    whole, fraction = divmod(abs(micros), MICROS_PER_CREDIT)
-    return f"{sign}{whole}.{fraction:06d}"
 
 
 def _when(epoch: int) -> str:

@@ -245,6 +245,8 @@ class Policy:
     lease_calls: int = 100
     #: Seconds a lease serves calls at most: how long a revocation or suspension may take to bite.
     lease_seconds: float = 1.0
+    #: Response header with the credits left after the call's reservation (prepaid plans); "" for none.
+    balance_header: str = "X-Credits-Remaining"
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,13 +652,16 @@ def _check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], he
             priciest = max(costs, key=costs.__getitem__)
             raise ConfigError(
                 f"plans.{_key(plan.name)}.meters.{_key(priciest)}.price",
-                f"a call may cost at most {_credits(MAX_CALL_COST)} credits, "
-                f"one would cost {_credits(total)} here (at route weight {heaviest})",
+                f"a call may cost at most {format_credits(MAX_CALL_COST)} credits, "
+                f"one would cost {format_credits(total)} here (at route weight {heaviest})",
             )
 
 
-def _credits(micros: int) -> str:
-    return f"{micros // MICROS_PER_CREDIT}.{micros % MICROS_PER_CREDIT:06d}"
+def format_credits(micros: int) -> str:
+    """Micro-credits as a decimal string with six places (``1500000`` -> ``"1.500000"``)."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), MICROS_PER_CREDIT)
+    return f"{sign}{whole}.{fraction:06d}"
 
 
 def _parse(data: Mapping[str, Any]) -> Config:
@@ -728,7 +733,12 @@ def _parse(data: Mapping[str, Any]) -> Config:
         admission=policy.choice("admission", get_args(Admission), "strict"),  # type: ignore[arg-type]
         lease_calls=policy.integer("lease_calls", defaults.policy.lease_calls, minimum=1),
         lease_seconds=policy.number("lease_seconds", defaults.policy.lease_seconds),
+        balance_header=policy.get("balance_header", str, defaults.policy.balance_header),
     )
+    if parsed_policy.balance_header and not _HEADER_RE.match(parsed_policy.balance_header.lower()):
+        raise ConfigError(
+            "policy.balance_header", f"{parsed_policy.balance_header!r} is not a valid header name"
+        )
     if parsed_policy.key_cache_ttl < 0:
         raise ConfigError("policy.key_cache_ttl", "must not be negative")
     policy.done()

@@ -227,8 +227,7 @@ _ROW = "  {:<9} {:<5} {:>5} {:>6} {:>3} {:>3} {:>3} {:>7} {:>10} {:>10}"
 def run_demo(*, storage: str | None = None) -> int:
     """Run the demo end to end and print what happened."""
     from meterware.accounts import Accounts
-    from meterware.cli import format_credits
-    from meterware.config import Config
+    from meterware.config import Config, format_credits
 
     workdir = Path(tempfile.mkdtemp(prefix="meterware-demo-"))
     config_path = workdir / "meterware.toml"

@@ -142,6 +142,14 @@ def test_insufficient_credits_refuses_with_402(api: Api) -> None:
     assert api.balance(key).balance == 0
 
 
+def test_prepaid_responses_say_the_credits_left(api: Api) -> None:
+    """Each response of a prepaid plan carries the credits left once the call is paid for; others none."""
+    key = api.customer("percall", credits="0.03")
+    remaining = [api.call("GET", "/v1/hello", key).headers.get("x-credits-remaining") for _ in range(3)]
+    assert remaining == ["0.020000", "0.010000", "0.000000"]
+    assert "x-credits-remaining" not in api.call("GET", "/v1/hello", api.customer("free")).headers
+
+
 def test_token_priced_plans_need_credit_left_after_the_call_price(api: Api) -> None:
     """When tokens are priced (size unknown until the end), a call needs more than its call price left."""
     key = api.customer("payg", credits="0.03")

@@ -291,6 +291,12 @@ class Pipeline:
 
     # The decisions below are shared by the async and the thread flusher; only the I/O differs.
 
+    def more_to_flush(self, final: bool) -> bool:
+        """Whether a flush pass goes on: while full batches wait (or to the end, at the last flush). The
+        calls that arrived during the pass wait for the next one: a pass that chased every new event would
+        flush them a few at a time, paying each batch's fixed cost for a handful."""
+        return final or len(self.buffer) >= self.config.batch_size
+
     def take_spent_leases(self, final: bool) -> None:
         """Before a flush pass takes the buffer: the spent leases, whose calls are all buffered by now
         (``final``: every idle lease, the process is stopping)."""
@@ -398,7 +404,7 @@ class Pipeline:
             batches = self.next_batches()
             while batches:
                 self._flush_sync(storage, batches)
-                batches = self.next_batches()
+                batches = self.next_batches() if self.more_to_flush(final) else Batches((), 1)
             if self.healthy():
                 for path in self.spool.pending():
                     batch = self.spool.read(path)
@@ -462,7 +468,7 @@ class Pipeline:
         batches = self.next_batches()
         while batches:
             await self._flush_async(storage, batches)
-            batches = self.next_batches()
+            batches = self.next_batches() if self.more_to_flush(final) else Batches((), 1)
         if self.healthy():
             for path in self.spool.pending():
                 batch = self.spool.read(path)

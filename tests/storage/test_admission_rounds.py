@@ -90,3 +90,33 @@ def test_an_unreachable_redis_fails_every_waiting_call(sync_storage: RedisStorag
 
     assert all(isinstance(d, StorageError) and not d.refused for d in decisions)
     assert len({id(d) for d in decisions}) == len(decisions)
+
+
+def test_calls_arriving_as_rounds_end_are_never_stranded(redis_url: str, sync_storage: RedisStorage) -> None:
+    """Three callers sending bursts (each as its last one ends, so often as a round ends) are all
+    admitted promptly: no call waits for a round that never starts."""
+    open_account(sync_storage, "acme", credits=10_000_000)
+    plan = make_plan(quota=100_000, price=1, prepaid=True)
+    bursts = 100
+
+    async def run() -> int:
+        storage = AsyncRedisStorage(redis_url, shards=SHARDS, timeout=TIMEOUT)
+
+        async def caller(offset: int) -> int:
+            admitted = 0
+            for burst in range(bursts):
+                calls = [
+                    storage.admit(admit_request(sync_storage, plan)) for _ in range(1 + (burst + offset) % 3)
+                ]
+                decisions = await asyncio.wait_for(asyncio.gather(*calls), timeout=2)
+                admitted += sum(decision.allowed for decision in decisions)
+            return admitted
+
+        try:
+            return sum(await asyncio.gather(*(caller(offset) for offset in range(3))))
+        finally:
+            await storage.aclose()
+
+    assert asyncio.run(run()) == sum(
+        1 + (burst + offset) % 3 for burst in range(bursts) for offset in range(3)
+    )

@@ -66,6 +66,8 @@ DEFAULT_TIMEOUT: Final = 5.0
 #: Calls in flight per storage object; more wait (within the timeout) instead of opening connections
 #: without bound. Each connection pool (one per cluster node) is this large.
 MAX_CONNECTIONS: Final = 64
+#: Rounds of admissions in flight at once per asyncio storage (two: one is written while the other waits).
+ADMISSION_ROUNDS: Final = 2
 #: A quota hash outlives its period by this much, so late settlements still find it.
 QUOTA_GRACE_SECONDS: Final = 35 * 86_400
 #: The longest billing period; a settlement only knows its period's start.
@@ -1139,8 +1141,7 @@ class AsyncRedisStorage:
         self._scripts: dict[str, AsyncScript] = {}
         self._admit_loop: asyncio.AbstractEventLoop | None = None
         self._waiting: list[tuple[AdmitRequest, asyncio.Future[Decision]]] = []
-        self._admitting = False
-        self._admitter: asyncio.Task[None] | None = None
+        self._admitters: set[asyncio.Task[None]] = set()
 
     async def _redis(self) -> AsyncClient:
         loop = asyncio.get_running_loop()
@@ -1188,18 +1189,18 @@ class AsyncRedisStorage:
     async def admit(self, request: AdmitRequest) -> Decision:
         """Admit a call together with the calls of other requests that wait meanwhile.
 
-        At most one round of admissions is in flight: calls that arrive while it is go together in the
-        next, one script call per shard, so under load one round trip admits many calls and when idle a
-        call goes at once. Each call is still decided on its own, in order, exactly as alone.
+        At most ``ADMISSION_ROUNDS`` rounds of admissions are in flight: calls that arrive meanwhile go
+        together in the next, one script call per shard, so under load one round trip admits many calls
+        and when idle a call goes at once. Each call is still decided on its own, in order, exactly as
+        alone.
         """
         loop = asyncio.get_running_loop()
         if self._admit_loop is not loop:  # a new event loop: whatever waited on the old one is gone
-            self._admit_loop, self._waiting, self._admitting = loop, [], False
+            self._admit_loop, self._waiting, self._admitters = loop, [], set()
         future: asyncio.Future[Decision] = loop.create_future()
         self._waiting.append((request, future))
-        if not self._admitting:
-            self._admitting = True
-            self._admitter = loop.create_task(self._admit_waiting())
+        if len(self._admitters) < ADMISSION_ROUNDS:
+            self._admitters.add(loop.create_task(self._admit_waiting()))
         return await future
 
     async def _admit_waiting(self) -> None:
@@ -1215,7 +1216,9 @@ class AsyncRedisStorage:
                     return_exceptions=True,
                 )
         finally:
-            self._admitting = False
+            # At once, not in a done callback: a call arriving in between would find no room for a
+            # new round and wait for one that never starts.
+            self._admitters.discard(asyncio.current_task())
 
     async def _admit_shard(self, calls: list[tuple[AdmitRequest, asyncio.Future[Decision]]]) -> None:
         requests = [request for request, _ in calls]

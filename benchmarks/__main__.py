@@ -199,8 +199,8 @@ def _wait_quiet(minutes: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 short rounds and a small pipeline (~2 min)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds of the HTTP variants (5)")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds and a small pipeline (~3 min)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the HTTP variants (4)")
     parser.add_argument("--seconds", type=int, help="seconds of each measured wrk run (5)")
     parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up of each server (1)")
     parser.add_argument("--events", type=int, help="events per flush measurement (100000)")
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retries = Retries(budget, args.max_others)
     names = args.frameworks.split(",")
     settings = Settings(
-        rounds=args.rounds or (2 if quick else 5),
+        rounds=args.rounds or (2 if quick else 4),
         seconds=args.seconds or (2 if quick else 5),
         warmup=args.warmup or 1,
         frameworks=tuple(framework for framework in FRAMEWORKS if framework.name in names),

@@ -544,7 +544,12 @@ def spooled_events(spool_dir: Path) -> list[UsageEvent]:
 
 
 def spool_bytes(spool_dir: Path) -> int:
-    return sum(path.stat().st_size for path in spool_dir.glob("*.batch")) if spool_dir.exists() else 0
+    """Bytes waiting in a spool that the app may be replaying meanwhile (a listed file may be gone)."""
+    total = 0
+    for path in spool_dir.glob("*.batch") if spool_dir.exists() else ():
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
 
 
 @dataclass(slots=True)

@@ -171,6 +171,8 @@ class Correction:
     costs: tuple[int, ...]
     signs: tuple[int, ...]
     entry: LedgerEntry | None = None
+
+
 #: Entries an alerts stream keeps at most (the oldest go first).
 ALERTS_MAXLEN = 10_000
 

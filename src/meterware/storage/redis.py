@@ -880,9 +880,7 @@ class RedisStorage:
         shard = self._shard(customer_id)
         keys = [ks.customer(shard, customer_id), ks.ledger(shard, customer_id), ks.grant_expiries(shard)]
         with self._call():
-            reply = self._run(
-                "grant_credits", keys, [*ledger_args(entry), f"{customer_id} {entry.grant}"]
-            )
+            reply = self._run("grant_credits", keys, [*ledger_args(entry), f"{customer_id} {entry.grant}"])
         if reply is None:
             raise NotFoundError(f"no customer {customer_id!r}")
         return Balance(int(reply[0]), int(reply[1]))

@@ -36,7 +36,7 @@ from benchmarks._harness import (
 )
 from benchmarks.apps import CONFIG, create_customer
 from benchmarks.pipeline import PipelineRun
-from benchmarks.throughput import FRAMEWORKS, REDIS_MODES, Row, Settings
+from benchmarks.throughput import FRAMEWORKS, MODES, REDIS_MODES, Row, Settings
 from meterware import Accounts, Config
 
 LABELS = {framework.name: framework.label for framework in FRAMEWORKS}
@@ -265,7 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra: list[str] = []
     try:
         if not args.skip_http:
-            print(f"HTTP: {settings.rounds} rounds of {len(settings.frameworks) * 3} runs", file=sys.stderr)
+            print(
+                f"HTTP: {settings.rounds} rounds of {len(settings.frameworks) * len(MODES)} runs",
+                file=sys.stderr,
+            )
             pin_process(server.process.pid, str(LOAD_CPU))
             runs = throughput.run_rounds(settings, server, workdir, _progress)
             rows = throughput.summarize(runs)

@@ -98,13 +98,15 @@ class Bench:
         self.metering = Metering(self.config, registry=CollectorRegistry())
         self.metering.resolved(key_hash, info)
         self.headers = [*HEADERS, (b"authorization", f"Bearer {self.plaintext}".encode())]
-        self.request = self.metering.admit_request(self.key, "/v1/hello", time.time())
+        self.request = self.metering.admit_request(
+            self.key, self.metering.call_terms(self.key, "/v1/hello", time.time())
+        )
         self.decision = self.storage.admit(self.request)
         assert self.decision.allowed, self.decision
 
     def reply(self) -> list[int | bytes]:
         """What the admission script answers for the bench plan (one rate limit, one hard quota)."""
-        return [1, b"", 0, 1, 999_999_999_999, 999_999, 1, 999_999_999_999]
+        return [1, b"", 0, 1, 999_999_999_999, 1, 999_999, 1, 999_999_999_999]
 
     def call(self) -> Call:
         call = self.metering.decide(self.key, self.request, self.decision, "GET", "/v1/hello")
@@ -161,7 +163,11 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
         lambda: metering.identify(None, bench.headers, b""),
         repeat,
     )
-    yield timed("Metering.admit_request", lambda: metering.admit_request(key, "/v1/hello", now), repeat)
+    yield timed(
+        "Metering.call_terms + admit_request",
+        lambda: metering.admit_request(key, metering.call_terms(key, "/v1/hello", now)),
+        repeat,
+    )
     yield timed("decision_from_reply", lambda: decision_from_reply(request, reply, now), repeat)
     yield timed(
         "Metering.decide (the admitted Call)",

@@ -239,38 +239,22 @@ class Metering:
         The adapters' one entry point before the app; the backend calls are timed here, once.
         """
         arrived = time.perf_counter_ns()
-        metrics = self.metrics
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
-            key_hash = key
-            began = time.perf_counter()
-            try:
-                key = self.resolved(key_hash, storage.resolve_key(key_hash))
-            except StorageError as error:
-                metrics.resolve_errors.inc()
-                key = self.lookup_failed(error, key_hash)
-            metrics.resolve_duration.observe(time.perf_counter() - began)
-        if isinstance(key, Problem):
-            return self._refused(key, method, NO_PLAN, arrived)
-        terms = self.call_terms(key, path, time.time())
-        if not key.live and self.routes.is_live_only(path):
-            return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
-        if self.leasing and (lease := self._take((key.key_id, terms.holds, terms.period_start))):
-            return self._leased_call(lease, key, method, path, arrived)
-        request = self.admit_request(key, terms)
-        if self.leasing:
-            renewed = self._renew(storage, request)
-            if isinstance(renewed, Lease):
-                return self._leased_call(renewed, key, method, path, arrived)
-            if isinstance(renewed, Decision):
-                return self._started(key, request, renewed, method, path, arrived)
+            key = self._resolve(storage, key)
+        request = self._before_admission(key, method, path, arrived)
+        if not isinstance(request, AdmitRequest):
+            return request
+        assert isinstance(key, KeyInfo)
+        if self.leasing and (renewed := self._renew(storage, request)) is not None:
+            return self._renewed(key, request, renewed, method, path, arrived)
         began = time.perf_counter()
         try:
             decision = storage.admit(request)
         except StorageError as error:
-            metrics.admit_errors.inc()
+            self.metrics.admit_errors.inc()
             decision = self.admit_failed(error)
-        metrics.admit_duration.observe(time.perf_counter() - began)
+        self.metrics.admit_duration.observe(time.perf_counter() - began)
         return self._started(key, request, decision, method, path, arrived)
 
     async def astart(
@@ -284,34 +268,65 @@ class Metering:
     ) -> Call | Problem:
         """The asyncio twin of :meth:`start`."""
         arrived = time.perf_counter_ns()
-        metrics = self.metrics
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
             key = await self._aresolve(storage, key)
+        request = self._before_admission(key, method, path, arrived)
+        if not isinstance(request, AdmitRequest):
+            lease = request.lease if isinstance(request, Call) else None
+            if lease is not None and not lease.renewing and lease.left <= lease.block.calls // 2:
+                self._renew_ahead(storage, lease)
+            return request
+        assert isinstance(key, KeyInfo)
+        if self.leasing and (renewed := await self._arenew(storage, request)) is not None:
+            return self._renewed(key, request, renewed, method, path, arrived)
+        began = time.perf_counter()
+        try:
+            decision = await storage.admit(request)
+        except StorageError as error:
+            self.metrics.admit_errors.inc()
+            decision = self.admit_failed(error)
+        self.metrics.admit_duration.observe(time.perf_counter() - began)
+        return self._started(key, request, decision, method, path, arrived)
+
+    def _before_admission(
+        self, key: KeyInfo | Problem, method: str, path: str, arrived: int
+    ) -> Call | Problem | AdmitRequest:
+        """Everything before the backend's admission: the answer when none is needed (a refused key, a
+        test key on a live-only route, a call a lease serves), or the admission to ask for."""
         if isinstance(key, Problem):
             return self._refused(key, method, NO_PLAN, arrived)
         terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
         if self.leasing and (lease := self._take((key.key_id, terms.holds, terms.period_start))):
-            if not lease.renewing and lease.left <= lease.block.calls // 2:
-                self._renew_ahead(storage, key, terms, lease)
             return self._leased_call(lease, key, method, path, arrived)
-        request = self.admit_request(key, terms)
-        if self.leasing:
-            renewed = await self._arenew(storage, request)
-            if isinstance(renewed, Lease):
-                return self._leased_call(renewed, key, method, path, arrived)
-            if isinstance(renewed, Decision):
-                return self._started(key, request, renewed, method, path, arrived)
+        return self.admit_request(key, terms)
+
+    def _renewed(
+        self,
+        key: KeyInfo,
+        request: AdmitRequest,
+        renewed: Lease | Decision,
+        method: str,
+        path: str,
+        arrived: int,
+    ) -> Call | Problem:
+        """A call served by the lease it renewed, or refused as the backend (or the failure policy) said."""
+        if isinstance(renewed, Lease):
+            return self._leased_call(renewed, key, method, path, arrived)
+        return self._started(key, request, renewed, method, path, arrived)
+
+    def _resolve(self, storage: Storage, key_hash: str) -> KeyInfo | Problem:
+        """Resolve a key hash the cache does not know (timed; a failure goes to the failure policy)."""
         began = time.perf_counter()
         try:
-            decision = await storage.admit(request)
+            return self.resolved(key_hash, storage.resolve_key(key_hash))
         except StorageError as error:
-            metrics.admit_errors.inc()
-            decision = self.admit_failed(error)
-        metrics.admit_duration.observe(time.perf_counter() - began)
-        return self._started(key, request, decision, method, path, arrived)
+            self.metrics.resolve_errors.inc()
+            return self.lookup_failed(error, key_hash)
+        finally:
+            self.metrics.resolve_duration.observe(time.perf_counter() - began)
 
     # -- leases (admission = "lease") ------------------------------------------------------------
 
@@ -367,11 +382,11 @@ class Metering:
             renewal.set_result(None)
         return self._granted(request, block, decision, take=take)
 
-    def _renew_ahead(self, storage: AsyncStorage, key: KeyInfo, terms: CallTerms, lease: Lease) -> None:
+    def _renew_ahead(self, storage: AsyncStorage, lease: Lease) -> None:
         """Once half of a lease is used, fetch the next one in the background: calls then never wait for
         a renewal while traffic flows."""
         lease.renewing = True
-        request = self.admit_request(key, terms)
+        request = replace(lease.call_request, reservation_id=f"{random.getrandbits(64):016x}")
         task = asyncio.get_running_loop().create_task(self._arenew(storage, request, take=False))
         self._renewing_ahead.add(task)
         task.add_done_callback(self._renewing_ahead.discard)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,18 @@ def test_expiry_removes_what_is_left_once(accounts: Accounts) -> None:
         (True, True, 0),
         (False, False, 3 * CREDIT),
     ]
+    assert_balanced(accounts, "acme")
+
+
+def test_the_rollup_worker_expires_due_grants_on_its_own(accounts: Accounts) -> None:
+    """No cron needed: the worker's housekeeping expires a grant once its time has passed, once."""
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "5", expires_at=time.time() - 1)
+    accounts.grant_credits("acme", "3", kind="purchase")
+    roll_up(accounts)
+    roll_up(accounts)
+    assert [e.kind for e in accounts.ledger("acme")] == ["grant", "purchase", "expiry"]
+    assert accounts.balance("acme").balance == 3 * CREDIT
     assert_balanced(accounts, "acme")
 
 

@@ -21,7 +21,7 @@ from meterware.errors import ConfigError, NotFoundError, UsageError
 from meterware.events import OUTCOMES
 from meterware.invoices import Invoice, close, periods_to_close, preview
 from meterware.keys import NewKey, generate_key
-from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, Lot, new_grant_id, replay
+from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, Lot, expire_due_grants, new_grant_id, replay
 from meterware.storage import open_storage
 from meterware.storage._keyspace import CUSTOMER_ID_RE
 from meterware.storage.base import Balance, LedgerEntry, Storage
@@ -252,17 +252,7 @@ class Accounts:
             shards = range(self.storage.shards)
             due = (self.storage.due_grant_expiries(shard, now_ms, 10_000) for shard in shards)
             customers = sorted({customer for found in due for customer, _ in found})
-        expired: list[tuple[str, str, int]] = []
-        for customer in customers:
-            for _ in range(5):
-                state = replay(self.storage.read_ledger(customer))
-                expiries = state.due(now_ms)
-                if not expiries or self.storage.expire_grants(customer, state.last_id, expiries, actor):
-                    expired += [(customer, grant, -amount) for grant, amount in expiries]
-                    break
-            else:
-                raise UsageError(f"{customer}: the ledger kept moving while expiring grants; try again")
-        return expired
+        return expire_due_grants(self.storage, customers, now_ms, actor)
 
     # -- corrections
 

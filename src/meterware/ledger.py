@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from meterware.storage.base import LedgerEntry
+from meterware.errors import UsageError
+from meterware.storage.base import LedgerEntry, Storage
 
 Kind = Literal["grant", "purchase", "charge", "refund", "adjustment", "expiry"]
 KINDS: Final[tuple[Kind, ...]] = ("grant", "purchase", "charge", "refund", "adjustment", "expiry")
@@ -151,3 +152,22 @@ def replay(entries: Iterable[LedgerEntry]) -> Replay:
 def default_grant(micros: int) -> LedgerEntry:
     """The entry of a plain ``grant_credits(customer, micros)``: a promotional grant that never expires."""
     return LedgerEntry("grant", micros, grant=new_grant_id(), priority=GRANT_PRIORITY)
+
+
+def expire_due_grants(
+    storage: Storage, customers: Iterable[str], now_ms: int, actor: str
+) -> list[tuple[str, str, int]]:
+    """Expire what is left of each customer's grants whose time has come: ``(customer, grant id, micros
+    removed)`` of each. Idempotent: the write only happens if the ledger has not moved since it was read
+    (then it is read again), so a grant expires once, by what was actually left of it."""
+    expired: list[tuple[str, str, int]] = []
+    for customer in customers:
+        for _ in range(5):
+            state = replay(storage.read_ledger(customer))
+            expiries = state.due(now_ms)
+            if not expiries or storage.expire_grants(customer, state.last_id, expiries, actor):
+                expired += [(customer, grant, -amount) for grant, amount in expiries]
+                break
+        else:
+            raise UsageError(f"{customer}: the ledger kept moving while expiring grants; try again")
+    return expired

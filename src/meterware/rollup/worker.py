@@ -30,6 +30,7 @@ from meterware.alerts import AlertEvaluator, webhook_secret
 from meterware.config import Config
 from meterware.errors import ConfigError, StorageError
 from meterware.events import UsageEvent
+from meterware.ledger import expire_due_grants
 from meterware.rollup.aggregate import fold, parse_entry
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage, StreamEntry
@@ -356,6 +357,13 @@ class RollupWorker:
             logger.info("shard %d: refunded %d reservations left open by dead app processes", shard, refunded)
             if self.metrics is not None:
                 self.metrics.refunded.inc(refunded)
+        now_ms = time.time_ns() // 1_000_000
+        due = {customer for customer, _ in self.storage.due_grant_expiries(shard, now_ms, EXPIRE_LIMIT)}
+        if due:
+            # The customers' credit grants whose time has come: what is left of them expires (once).
+            expired = expire_due_grants(self.storage, sorted(due), now_ms, actor="meterware rollup")
+            if expired:
+                logger.info("shard %d: expired %d credit grants", shard, len(expired))
         if lease.offset is None or lease.offset == START_OFFSET:
             return
         horizon = time.time_ns() // 1_000_000 - self._retention_ms

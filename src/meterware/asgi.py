@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,9 @@ from meterware.usage import _current
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+#: A call running this long gets a task watching for its client leaving (a streamed one, at once).
+WATCH_AFTER_SECONDS: Final = 0.05
 
 
 class MeteringMiddleware:
@@ -128,10 +131,12 @@ class MeteringMiddleware:
         root_path = scope.get("root_path", "")
         disconnected = False
         # Servers such as uvicorn drop what an app sends after the client left, without a word, and many
-        # apps never call receive() once they have the body: once a response streams, a watcher reads the
-        # next message itself, so a client that leaves before the end is noticed. It holds at most what it
-        # read (the last part of the body, then the disconnect) for the app, and steps aside while the app
-        # reads a longer body. A response sent in one message needs no watcher (and most calls are those).
+        # apps never call receive() once they have the body: a watcher reads the next message itself, so a
+        # client that leaves before the end is noticed. It holds at most what it read (the last part of
+        # the body, then the disconnect) for the app, and steps aside while the app reads a longer body.
+        # It starts once the call has run WATCH_AFTER_SECONDS or its response streams: most calls end
+        # sooner, and need no task (a client gone meanwhile is still noticed: the server keeps its
+        # disconnect for the first read).
         early: list[Message] = []
         arrived: asyncio.Event | None = None
         watcher: asyncio.Task[None] | None = None
@@ -159,6 +164,10 @@ class MeteringMiddleware:
             if not disconnected:
                 arrived = arrived or asyncio.Event()
                 watcher = asyncio.create_task(watch())
+
+        def start_watching_once() -> None:
+            if watcher is None:
+                start_watching()
 
         async def metered_receive() -> Message:
             nonlocal disconnected
@@ -194,10 +203,7 @@ class MeteringMiddleware:
                     await _send_or_notice_disconnect(message)
                     metering.finish(call, _route(scope, root_path), aborted=aborted)
                     return
-                if watcher is None:
-                    # The response streams: from now on a client that leaves must be noticed. (Before the
-                    # app has read its whole body, the first read of the watcher is the app's next part.)
-                    start_watching()
+                start_watching_once()  # the response streams
             await _send_or_notice_disconnect(message)
 
         async def _send_or_notice_disconnect(message: Message) -> None:
@@ -209,6 +215,7 @@ class MeteringMiddleware:
                 raise
 
         token = _current.set(call.usage)
+        watch_later = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching_once)
         try:
             await self.app(scope, metered_receive, metered_send)
         except BaseException:
@@ -216,6 +223,7 @@ class MeteringMiddleware:
             raise
         finally:
             _current.reset(token)
+            watch_later.cancel()
             if watcher is not None:
                 watcher.cancel()
             # The app returned without finishing its response: the client went away, or the app gave up.

@@ -55,3 +55,10 @@ async def stream() -> StreamingResponse:
         yield f"second flag-seen={flag.exists()}\n".encode()
 
     return StreamingResponse(chunks(), media_type="text/plain")
+
+
+@app.get("/v1/slow")
+async def slow() -> dict[str, bool]:
+    """A call that takes a while (a model answering, say), sent in one message."""
+    await asyncio.sleep(1.0)
+    return {"ok": True}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,27 @@ def test_streaming_response_is_delivered_chunk_by_chunk(uvicorn_server: Any, e2e
         assert next(lines) == "first"
         Path(e2e_env["E2E_STREAM_FLAG"]).touch()  # the handler waits for this before its second chunk
         assert next(lines) == "second flag-seen=True"
+
+
+def test_a_client_gone_before_a_slow_answer_is_not_charged(
+    uvicorn_server: Any, e2e_env: dict[str, str]
+) -> None:
+    """A client that leaves while a one-message call is still working gets an aborted event, no charge."""
+    accounts = _accounts(e2e_env)
+    accounts.create_customer("leaver", plan="payg")
+    accounts.grant_credits("leaver", "1")
+    key = accounts.create_key("leaver").plaintext
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{uvicorn_server.url}/v1/slow", headers={"Authorization": f"Bearer {key}"}, timeout=0.3)
+    assert httpx.get(f"{uvicorn_server.url}/v1/hello", headers={"Authorization": f"Bearer {key}"}).is_success
+    time.sleep(1.5)  # the slow handler ends
+    uvicorn_server.stop()
+    subprocess.run(
+        [sys.executable, "-m", "meterware", "rollup", "--once"], env=e2e_env, check=True, timeout=60
+    )
+    usage = accounts.usage("leaver")
+    assert (usage.calls["aborted"], usage.calls["success"]) == (1, 1)
+    assert accounts.balance("leaver").balance == 1_000_000 - 10_000
 
 
 def test_usage_totals_are_exact_after_a_graceful_shutdown(

@@ -52,10 +52,18 @@ def sample_event(**changes: Any) -> UsageEvent:
 
 
 def sample_map(**changes: Any) -> dict[str, Any]:
-    """The wire map of the sample event, with some fields changed (None removes a field)."""
-    (raw,) = msgpack.unpackb(encode_batch([sample_event()]), raw=False)
-    raw.update(changes)
+    """The sample event as version 1 wrote it (a map), with some fields changed (None removes a field)."""
+    (row,) = msgpack.unpackb(encode_batch([sample_event()]), raw=False)
+    keys = ["id", "ts", "c", "k", "p", "r", "m", "s", "o", "d", "f", "u", "b", "l", "ps", "x"]
+    raw = {"v": 1, **dict(zip(keys, row[1:], strict=True))} | changes
     return {key: value for key, value in raw.items() if value is not None}
+
+
+def sample_row(**changes: Any) -> list[Any]:
+    """The sample event as written now (an array after its version), with some fields changed."""
+    (row,) = msgpack.unpackb(encode_batch([sample_event()]), raw=False)
+    keys = ["v", "id", "ts", "c", "k", "p", "r", "m", "s", "o", "d", "f", "u", "b", "l", "ps", "x"]
+    return [changes.get(key, value) for key, value in zip(keys, row, strict=True)]
 
 
 def pack(value: Any) -> bytes:
@@ -101,14 +109,18 @@ def test_encoding_on_an_event_loop_gives_the_same_bytes(events: list[UsageEvent]
     assert asyncio.run(encode_batch_async(events, slice_size)) == encode_batch(events)
 
 
-def test_encoded_batch_is_a_msgpack_list_of_versioned_maps() -> None:
-    """A batch is one msgpack list of maps, each with v = SCHEMA_VERSION and short field names."""
+def test_encoded_batch_is_a_msgpack_list_of_versioned_arrays() -> None:
+    """A batch is one msgpack list of arrays, each its schema version then the 16 fields in order."""
     raw = msgpack.unpackb(encode_batch([sample_event(), sample_event(status=404)]), raw=False)
-    assert [item["v"] for item in raw] == [SCHEMA_VERSION, SCHEMA_VERSION]
-    assert raw[1]["s"] == 404
-    assert sorted(raw[0]) == sorted(
-        ["v", "id", "ts", "c", "k", "p", "r", "m", "s", "o", "d", "f", "u", "b", "l", "x", "ps"]
-    )
+    assert [item[0] for item in raw] == [SCHEMA_VERSION, SCHEMA_VERSION] == [2, 2]
+    assert [len(item) for item in raw] == [17, 17]
+    assert raw[1][8] == 404
+
+
+def test_version_1_maps_still_decode() -> None:
+    """Events written as maps before (spools, streams) decode to the same events."""
+    assert decode_batch(pack([sample_map(), sample_map(s=404)])) == [sample_event(), sample_event(status=404)]
+    assert decode_batch(pack([sample_map(), sample_row()])) == [sample_event(), sample_event()]
 
 
 def test_empty_batch_round_trips() -> None:
@@ -181,8 +193,15 @@ def test_format_event_id_is_canonical_uuid_text() -> None:
         pytest.param(pack({"v": 1}), "expected a list of events, got dict", id="map"),
         pytest.param(pack("events"), "expected a list of events, got str", id="string"),
         pytest.param(pack(7), "expected a list of events, got int", id="int"),
-        pytest.param(pack([sample_map(), 5]), "event 1: expected a map, got int", id="item-int"),
-        pytest.param(pack([[1, 2]]), "event 0: expected a map, got list", id="item-list"),
+        pytest.param(pack([sample_map(), 5]), "event 1: expected an array or a map, got int", id="item-int"),
+        pytest.param(pack([[1, 2]]), "event 0: unknown schema version 1", id="array-version-1"),
+        pytest.param(pack([[]]), "event 0: unknown schema version None", id="array-empty"),
+        pytest.param(pack([[2, 1]]), "event 0: expected 16 fields, got 1", id="array-short"),
+        pytest.param(pack([[*sample_row(), 0]]), "event 0: expected 16 fields, got 17", id="array-long"),
+        pytest.param(
+            pack([sample_row(ts="now")]), "event 0: field 'ts' must be int, got 'now'", id="array-ts-string"
+        ),
+        pytest.param(pack([sample_row(o="ok")]), "event 0: unknown outcome 'ok'", id="array-unknown-outcome"),
         pytest.param(pack([sample_map(v=2)]), "event 0: unknown schema version 2", id="version-2"),
         pytest.param(
             pack([sample_map(v=None)]), "event 0: unknown schema version None", id="version-missing"
@@ -226,7 +245,8 @@ def test_format_event_id_is_canonical_uuid_text() -> None:
     ],
 )
 def test_garbage_raises_event_decode_error_with_reason(payload: bytes, reason: str) -> None:
-    """Anything that is not a batch of valid version-1 events raises EventDecodeError saying why."""
+    """Anything that is not a batch of valid events (version 2 arrays, version 1 maps) raises
+    EventDecodeError saying why."""
     with pytest.raises(EventDecodeError) as caught:
         decode_batch(payload)
     assert str(caught.value).startswith(reason)

@@ -197,7 +197,7 @@ def test_parse_entry_empty_batch() -> None:
 
 def _unknown_version() -> bytes:
     raw = msgpack.unpackb(encode_batch([event()]))
-    raw[0]["v"] = 2
+    raw[0][0] = 3
     return bytes(msgpack.packb(raw))
 
 
@@ -209,7 +209,7 @@ def _unknown_version() -> bytes:
         pytest.param(fields(b"\xc1garbage", b"0"), "field 'b': not a msgpack document", id="not-msgpack"),
         pytest.param(fields(encode_batch([event()])[:-9], b"0"), "field 'b': not a msgpack", id="truncated"),
         pytest.param(fields(msgpack.packb({"v": 1}), b"0"), "expected a list of events", id="not-a-list"),
-        pytest.param(fields(_unknown_version(), b"0"), "unknown schema version 2", id="unknown-version"),
+        pytest.param(fields(_unknown_version(), b"0"), "unknown schema version 3", id="unknown-version"),
         pytest.param(
             fields(msgpack.packb([{"v": 1}]), b"0"), "event 0: field 'id'", id="missing-event-fields"
         ),

@@ -401,10 +401,10 @@ class Pipeline:
                 self.retry_at = 0.0
             self.observe()
             self.take_spent_leases(final)
-            batches = self.next_batches()
-            while batches:
+            while batches := self.next_batches():
                 self._flush_sync(storage, batches)
-                batches = self.next_batches() if self.more_to_flush(final) else Batches((), 1)
+                if not self.more_to_flush(final):
+                    break
             if self.healthy():
                 for path in self.spool.pending():
                     batch = self.spool.read(path)
@@ -465,10 +465,10 @@ class Pipeline:
             self.retry_at = 0.0
         self.observe()
         self.take_spent_leases(final)
-        batches = self.next_batches()
-        while batches:
+        while batches := self.next_batches():
             await self._flush_async(storage, batches)
-            batches = self.next_batches() if self.more_to_flush(final) else Batches((), 1)
+            if not self.more_to_flush(final):
+                break
         if self.healthy():
             for path in self.spool.pending():
                 batch = self.spool.read(path)

@@ -29,7 +29,7 @@ from benchmarks.apps import CONFIG, create_customer
 from meterware import Accounts, Config, keys
 from meterware._core import KeyInfo, decision_from_reply, limit_headers
 from meterware._metering import Call, Metering
-from meterware.events import UsageEvent, decode_batch, encode_batch, new_event_id
+from meterware.events import UsageEvent, decode_batch, encode_batch, encode_rows, new_event_id
 from meterware.flusher import Pending, make_batches
 from meterware.rollup.aggregate import fold, parse_entry
 from meterware.storage import open_async_storage, open_storage
@@ -199,9 +199,9 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
 
 def codec(bench: Bench, repeat: int) -> Iterator[Piece]:
     pending = bench.pending(BATCH)
-    batch = [item.event for item in pending]
-    payload = encode_batch(batch)
-    yield timed(f"events.encode_batch ({BATCH} events)", lambda: encode_batch(batch), repeat, BATCH)
+    rows = [item.row for item in pending]
+    payload = encode_rows(rows)
+    yield timed(f"events.encode_rows ({BATCH} events)", lambda: encode_rows(rows), repeat, BATCH)
     yield timed(f"events.decode_batch ({BATCH} events)", lambda: decode_batch(payload), repeat, BATCH)
     yield timed(
         f"flusher.make_batches ({BATCH} events, 1 shard)", lambda: make_batches(pending), repeat, BATCH

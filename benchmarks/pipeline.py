@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from benchmarks._harness import OthersClock, Retries
 from meterware._core import Customer, period_bounds
 from meterware.config import Config
-from meterware.events import UsageEvent, new_event_id
+from meterware.events import UsageEvent, event_row, new_event_id
 from meterware.flusher import Pending, Pipeline
 from meterware.metrics import AppMetrics
 from meterware.rollup import RollupWorker
@@ -108,7 +108,7 @@ def pending(count: int, customers: list[str], shards: int) -> list[Pending]:
             period_start=period_start,
         )
         settlement = Settlement(customer, True, period_start, "", True, True, (("calls", 1, 1, 0),))
-        items.append(Pending(shard_of(customer, shards), event, settlement))
+        items.append(Pending(shard_of(customer, shards), event_row(event), settlement))
     return items
 
 

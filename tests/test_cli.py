@@ -15,7 +15,7 @@ import pytest
 from meterware._core import period_bounds
 from meterware.cli import main
 from meterware.config import Config
-from meterware.events import UsageEvent, new_event_id
+from meterware.events import UsageEvent, event_row, new_event_id
 from meterware.flusher import Pending, Pipeline
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
@@ -345,7 +345,7 @@ def record_calls(redis_url: str, customer: str, outcomes: list[tuple[str, bool]]
             period_start=start,
         )
         settlement = Settlement(customer, live, start, "", billable, live, (("calls", 1, price, 0),))
-        pipeline.put(Pending(shard_of(customer, config.shards), event, settlement))
+        pipeline.put(Pending(shard_of(customer, config.shards), event_row(event), settlement))
     pipeline.flush_sync(storage)
     assert pipeline.stats.flushed_events == len(outcomes)
     storage.close()

@@ -20,7 +20,8 @@ from meterware.events import (
     UsageEvent,
     decode_batch,
     encode_batch,
-    encode_batch_async,
+    encode_rows_async,
+    event_row,
     format_event_id,
     new_event_id,
 )
@@ -105,8 +106,9 @@ def test_codec_round_trip(events: list[UsageEvent]) -> None:
 
 @given(st.lists(_events, max_size=12), st.integers(min_value=1, max_value=5))
 def test_encoding_on_an_event_loop_gives_the_same_bytes(events: list[UsageEvent], slice_size: int) -> None:
-    """encode_batch_async (a slice at a time, yielding between) writes exactly encode_batch's bytes."""
-    assert asyncio.run(encode_batch_async(events, slice_size)) == encode_batch(events)
+    """encode_rows_async (a slice at a time, yielding between) writes exactly encode_batch's bytes."""
+    rows = [event_row(event) for event in events]
+    assert asyncio.run(encode_rows_async(rows, slice_size)) == encode_batch(events)
 
 
 def test_encoded_batch_is_a_msgpack_list_of_versioned_arrays() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meterware.config import Pipeline as PipelineConfig
-from meterware.events import UsageEvent, decode_batch, new_event_id
+from meterware.events import UsageEvent, decode_batch, event_row, new_event_id
 from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage.base import Batch, Settlement, Storage
@@ -44,7 +44,7 @@ SETTLEMENT = Settlement("acme", True, 1_767_225_600, "", True, False, (("calls",
 
 
 def pending(number: int, shard: int = 0, settlement: Settlement | None = SETTLEMENT) -> Pending:
-    return Pending(shard, event(number), settlement)
+    return Pending(shard, event_row(event(number)), settlement)
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_make_batches_groups_by_shard_in_order() -> None:
     assert routes(decode_batch(by_shard[0].payload)) == ["/v1/items/0", "/v1/items/2"]
     assert routes(decode_batch(by_shard[2].payload)) == ["/v1/items/1", "/v1/items/4"]
     assert by_shard[2].settlements == (None, SETTLEMENT)
-    assert decode_batch(by_shard[3].payload) == [items[3].event]
+    assert [event_row(e) for e in decode_batch(by_shard[3].payload)] == [items[3].row]
     ids = [batch.batch_id for batch in batches]
     assert len(set(ids)) == 3
     assert all(uuid.UUID(batch_id).version == 7 for batch_id in ids)
@@ -319,7 +319,7 @@ def test_a_batch_the_backend_refuses_is_set_aside_and_the_others_replay(
     acme_shard, globex_shard = (_keyspace.shard_of(c, SHARDS) for c in ("acme", "globex"))
     refused, good = (
         make_batches([pending(0, acme_shard)]),
-        make_batches([Pending(globex_shard, event(1, "globex"), globex)]),
+        make_batches([Pending(globex_shard, event_row(event(1, "globex")), globex)]),
     )
     for batch in refused + good:
         spool.write(batch)

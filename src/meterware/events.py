@@ -98,8 +98,13 @@ _FIELDS: Final = (
 )
 
 
-def _to_row(event: UsageEvent) -> list[Any]:
-    """An event as written: its schema version, then its fields in the order of ``_FIELDS``."""
+#: An event as written: its schema version, then its fields in the order of ``_FIELDS``. The request path
+#: builds rows directly (no :class:`UsageEvent` per call), and a batch of rows encodes in one C call.
+EventRow = list[Any]
+
+
+def event_row(event: UsageEvent) -> EventRow:
+    """The row of ``event`` (what :func:`encode_rows` writes)."""
     return [
         SCHEMA_VERSION,
         event.id,
@@ -121,21 +126,29 @@ def _to_row(event: UsageEvent) -> list[Any]:
     ]
 
 
+def encode_rows(rows: Sequence[EventRow]) -> bytes:
+    """Encode event rows as one batch (one msgpack document)."""
+    return msgpack.packb(rows, use_bin_type=True)
+
+
 def encode_batch(events: Sequence[UsageEvent]) -> bytes:
-    """Encode events as one msgpack document."""
-    return msgpack.packb([_to_row(event) for event in events], use_bin_type=True)
+    """Encode events as one batch."""
+    return encode_rows([event_row(event) for event in events])
 
 
-async def encode_batch_async(events: Sequence[UsageEvent], slice_size: int = 200) -> bytes:
-    """:func:`encode_batch` on an event loop: the same bytes, encoded a slice at a time with a yield in
+async def encode_rows_async(rows: Sequence[EventRow], slice_size: int = 1000) -> bytes:
+    """:func:`encode_rows` on an event loop: the same bytes, encoded a slice at a time with a yield in
     between (a msgpack array is its header followed by its items), so a big batch never holds the loop."""
-    parts = [msgpack.Packer().pack_array_header(len(events))]
-    for start in range(0, len(events), slice_size):
+    if len(rows) <= slice_size:
+        return encode_rows(rows)
+    parts = [msgpack.Packer().pack_array_header(len(rows))]
+    for start in range(0, len(rows), slice_size):
         if start:
             await asyncio.sleep(0)
-        parts += [
-            msgpack.packb(_to_row(event), use_bin_type=True) for event in events[start : start + slice_size]
-        ]
+        # Each slice is packed as one array; its header is cut off, leaving the slice's items.
+        chunk = rows[start : start + slice_size]
+        packed = msgpack.packb(chunk, use_bin_type=True)
+        parts.append(packed[len(msgpack.Packer().pack_array_header(len(chunk))) :])
     return b"".join(parts)
 
 

@@ -28,7 +28,7 @@ import msgpack
 
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import StorageError
-from meterware.events import UsageEvent, encode_batch, encode_batch_async, format_event_id, new_event_id
+from meterware.events import EventRow, encode_rows, encode_rows_async, format_event_id, new_event_id
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ class Pending:
     """A finished call waiting to be flushed."""
 
     shard: int
-    event: UsageEvent
+    #: The call's event as written (:func:`meterware.events.event_row`).
+    row: EventRow
     settlement: Settlement | None
 
 
@@ -122,7 +123,7 @@ class Batches(Sequence[Batch]):
         batch = self._batches.get(index)
         if batch is None:
             shard, group = self._groups[index]
-            batch = self._batches[index] = self._batch(shard, group, encode_batch([i.event for i in group]))
+            batch = self._batches[index] = self._batch(shard, group, encode_rows([i.row for i in group]))
         return batch
 
     async def get_async(self, index: int) -> Batch:
@@ -130,7 +131,7 @@ class Batches(Sequence[Batch]):
         batch = self._batches.get(index)
         if batch is None:
             shard, group = self._groups[index]
-            payload = await encode_batch_async([item.event for item in group])
+            payload = await encode_rows_async([item.row for item in group])
             batch = self._batches[index] = self._batch(shard, group, payload)
         return batch
 

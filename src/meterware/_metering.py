@@ -126,7 +126,9 @@ LEASE_TABLE_MAX: Final = 10_000
 #: A lease's reservation outlives its serving time by this much before the worker refunds it.
 LEASE_RESERVATION_GRACE_SECONDS: Final = 30.0
 
-LeaseKey = tuple[str, tuple[MeterHold, ...], int]
+#: The key id, the holds' identity (plan terms, route weight, live or test; the holds are kept alive by
+#: the leases listed under it) and the billing period.
+LeaseKey = tuple[str, int, int]
 
 
 @dataclass(slots=True)
@@ -175,6 +177,10 @@ class Metering:
         self.metrics = AppMetrics.for_registry(registry)
         #: Meters whose units add up: the ones counted in ``meterware_units_total``.
         self._additive = frozenset(name for name, meter in config.meters.items() if meter.chargeable)
+        #: Whether every meter counts calls (a call's units then follow from its holds alone).
+        self._calls_only = all(meter.source == "call" for meter in config.meters.values())
+        #: By the holds' identity and the route weight: the holds, the units and what a settlement charges.
+        self._measured: dict[tuple[int, int], Measured] = {}
         self.pipeline = Pipeline(
             config.pipeline,
             on_flushed=self._rollup_in_process if self.embedded else None,
@@ -190,7 +196,7 @@ class Metering:
         self._shards: dict[str, int] = {}
         self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
         self._balance_header = self.policy.balance_header.lower().encode("latin-1")
-        self._exit_hook_pid = 0
+        self._exit_hook = False
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
         self._next_full_rollup = 0.0
@@ -299,7 +305,7 @@ class Metering:
         terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
-        if self.leasing and (lease := self._take((key.key_id, terms.holds, terms.period_start))):
+        if self.leasing and (lease := self._take((key.key_id, id(terms.holds), terms.period_start))):
             return self._leased_call(lease, key, method, path, arrived)
         return self.admit_request(key, terms)
 
@@ -686,11 +692,10 @@ class Metering:
         else:
             status, outcome = call.status, classify(call.status)
         billable = is_billable(outcome, bill_client_errors=self.policy.bill_client_errors)
-        units = self._units(call, ended)
-        self._bound_cost(call, units)
+        request = call.request
+        units, settled = self._measure(call, ended)
         if call.usage.rejected:
             self.metrics.units_rejected.inc(call.usage.rejected)
-        request = call.request
         now_ms = time.time_ns() // 1_000_000
         # The event as written (a UsageEvent's fields in order), built directly: this runs for every call.
         row = [
@@ -719,10 +724,7 @@ class Metering:
             reservation_id=self._closes(call),
             billable=billable,
             charges_credits=request.charges_credits,
-            meters=tuple(
-                (hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included)
-                for hold in request.holds
-            ),
+            meters=settled,
         )
         self._queue(Pending(request.shard, row, settlement))
         plan = request.plan.name
@@ -737,9 +739,32 @@ class Metering:
         if billable and request.live:
             metrics.add_units(plan, units, self._additive)
 
+    def _measure(self, call: Call, ended_ns: int) -> tuple[dict[str, int | str], SettledMeters]:
+        """A finished call's units per meter, and per held meter what its settlement charges:
+        ``(meter, units, price, included)``.
+
+        When every meter counts calls, both depend only on the route's weight and the plan's terms: they
+        are made once (a call's units are never changed once measured, so calls share them).
+        """
+        holds = call.request.holds
+        if not self._calls_only:
+            units = self._units(call, ended_ns)
+            self._bound_cost(call, units)
+            return units, settled_meters(holds, units)
+        weight = self.routes.weight(call.path) if self.routes.weights else 1
+        measured = (id(holds), weight)
+        known = self._measured.get(measured)
+        if known is None or known[0] is not holds:
+            units = self._units(call, ended_ns)
+            if len(self._measured) >= KEY_CACHE_MAX_ENTRIES:
+                self._measured.clear()
+            # The holds are kept with their id, so the id names them while the entry lives.
+            known = self._measured[measured] = (holds, units, settled_meters(holds, units))
+        return known[1], known[2]
+
     def _units(self, call: Call, ended_ns: int) -> dict[str, int | str]:
         units: dict[str, int | str] = {}
-        weight = self.routes.weight(call.path)
+        weight = self.routes.weight(call.path) if self.routes.weights else 1
         for name, meter in self.config.meters.items():
             source = meter.source
             if source == "call":
@@ -804,8 +829,9 @@ class Metering:
         self._queue(Pending(request.shard, event_row(event), None))
 
     def _queue(self, item: Pending) -> None:
-        if self._exit_hook_pid != os.getpid():
-            self._exit_hook_pid = os.getpid()
+        if not self._exit_hook:
+            # Once per instance: a process forked after this inherits the registration.
+            self._exit_hook = True
             atexit.register(self.drain_at_exit)
         self.pipeline.put(item)
 
@@ -850,7 +876,16 @@ def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, st
     return found
 
 
+SettledMeters = tuple[tuple[str, int, int, int], ...]
+Measured = tuple[tuple[MeterHold, ...], dict[str, int | str], SettledMeters]
+
+
+def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:
+    """What a call's settlement charges of each held meter: ``(meter, units, price, included)``."""
+    return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+
+
 def lease_key(request: AdmitRequest) -> LeaseKey:
     """What calls sharing a lease have in common: the key, the holds (plan terms, route weight, live or
     test) and the billing period."""
-    return (request.key_id, request.holds, request.period_start)
+    return (request.key_id, id(request.holds), request.period_start)

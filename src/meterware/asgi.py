@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +30,42 @@ if TYPE_CHECKING:
 
 #: A call running this long gets a task watching for its client leaving (a streamed one, at once).
 WATCH_AFTER_SECONDS: Final = 0.05
+
+
+class SlowCalls:
+    """Starts the disconnect watcher of each call still running after about ``WATCH_AFTER_SECONDS``.
+
+    One timer for all the calls in flight, ticking while there are some: a timer per call would cost
+    more than the rest of the middleware's work on a fast call. A call is watched from the second tick
+    after it arrived, so after half to all of ``WATCH_AFTER_SECONDS``.
+    """
+
+    def __init__(self) -> None:
+        self._young: dict[int, Callable[[], None]] = {}
+        self._old: dict[int, Callable[[], None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, token: int, start_watching: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # the first call in flight, or a new loop (the old one's timer is gone)
+            self._loop, self._young, self._old = loop, {}, {}
+            loop.call_later(WATCH_AFTER_SECONDS / 2, self._tick, loop)
+        self._young[token] = start_watching
+
+    def discard(self, token: int) -> None:
+        if self._young.pop(token, None) is None:
+            self._old.pop(token, None)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:
+            return
+        due, self._old, self._young = self._old, self._young, {}
+        for start_watching in due.values():
+            start_watching()
+        if self._old:
+            loop.call_later(WATCH_AFTER_SECONDS / 2, self._tick, loop)
+        else:
+            self._loop = None
 
 
 class MeteringMiddleware:
@@ -57,6 +94,7 @@ class MeteringMiddleware:
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
         self._storage: AsyncStorage | None = None
         self._flusher: AsyncFlusher | None = None
+        self._slow_calls = SlowCalls()
 
     @property
     def storage(self) -> AsyncStorage:
@@ -185,37 +223,37 @@ class MeteringMiddleware:
             return message
 
         async def metered_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            nonlocal disconnected
+            kind = message["type"]
+            # A client gone before the last chunk did not get the response (whatever the server does with
+            # this chunk); one that leaves once it has it got it.
+            aborted = disconnected
+            last = False
+            if kind == "http.response.start":
                 call.status = message["status"]
                 call.ttfb_ns = time.perf_counter_ns()
-                headers = list(message.get("headers", ()))
+                headers = message.get("headers", ())
                 if usage_headers:
                     call.header_units = header_map(headers, usage_headers)
                     if strip and call.header_units:
                         headers = [(k, v) for k, v in headers if k.lower() not in usage_headers]
-                message["headers"] = headers + extra_headers
-            elif message["type"] == "http.response.body":
+                message["headers"] = [*headers, *extra_headers]
+            elif kind == "http.response.body":
                 call.response_bytes += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    # A client gone before the last chunk did not get the response (whatever the server
-                    # does with this chunk); one that leaves once it has it got it.
-                    aborted = disconnected
-                    await _send_or_notice_disconnect(message)
-                    metering.finish(call, _route(scope, root_path), aborted=aborted)
-                    return
-                start_watching_once()  # the response streams
-            await _send_or_notice_disconnect(message)
-
-        async def _send_or_notice_disconnect(message: Message) -> None:
-            nonlocal disconnected
+                last = not message.get("more_body", False)
+                if not last:
+                    start_watching_once()  # the response streams
             try:
                 await send(message)
             except OSError:  # the server could not write: the client is gone
                 disconnected = True
                 raise
+            if last:
+                metering.finish(call, _route(scope, root_path), aborted=aborted)
 
         token = _current.set(call.usage)
-        watch_later = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching_once)
+        slow_calls = self._slow_calls
+        slow_calls.add(id(call), start_watching_once)
         try:
             await self.app(scope, metered_receive, metered_send)
         except BaseException:
@@ -223,11 +261,12 @@ class MeteringMiddleware:
             raise
         finally:
             _current.reset(token)
-            watch_later.cancel()
+            slow_calls.discard(id(call))
             if watcher is not None:
                 watcher.cancel()
-            # The app returned without finishing its response: the client went away, or the app gave up.
-            metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
+            if not call.finished:
+                # The app returned without finishing its response: the client went away, or it gave up.
+                metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
             self.flusher.ensure_running()
 
 

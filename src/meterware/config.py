@@ -241,8 +241,9 @@ class Policy:
     #: ``strict``: every call is admitted by the backend. ``lease``: a process reserves calls of a key in
     #: blocks (one admission each) and serves them without a round trip (docs/architecture.md, "Leases").
     admission: Admission = "strict"
-    #: Calls one lease reserves at most (fewer under a tight rate limit).
-    lease_calls: int = 100
+    #: Calls one lease reserves at most (fewer under a tight rate limit). A lease renewal comes back after a
+    #: few turns of the event loop, each serving up to one call per connection: a block must outlast that.
+    lease_calls: int = 1000
     #: Seconds a lease serves calls at most: how long a revocation or suspension may take to bite.
     lease_seconds: float = 1.0
     #: Response header with the credits left after the call's reservation (prepaid plans); "" for none.

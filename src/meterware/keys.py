@@ -7,6 +7,7 @@ is stored; the plaintext is shown once, when the key is created. Records and log
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -71,6 +72,11 @@ def is_live(plaintext: str) -> bool:
     return plaintext.startswith("mw_live_")
 
 
+@functools.cache
+def _header_lookup(header_names: tuple[str, ...]) -> dict[bytes, str]:
+    return {name.encode("latin-1"): name for name in header_names}
+
+
 def key_from_headers(
     headers: Iterable[tuple[bytes, bytes]],
     query_string: bytes,
@@ -81,7 +87,7 @@ def key_from_headers(
 
     ``header_names`` are lower-case; ``authorization`` is read as a Bearer credential.
     """
-    wanted = {name.encode("latin-1"): name for name in header_names}
+    wanted = _header_lookup(header_names)
     found: dict[str, bytes] = {}
     for raw_name, raw_value in headers:
         header = wanted.get(raw_name.lower())

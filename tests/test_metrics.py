@@ -23,7 +23,7 @@ from werkzeug.test import Client
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware, metrics
-from meterware.events import UsageEvent, new_event_id
+from meterware.events import UsageEvent, event_row, new_event_id
 from meterware.flusher import Pending, Pipeline
 from meterware.keys import generate_key
 from meterware.metrics import AppMetrics
@@ -349,7 +349,7 @@ def pending(shard: int = 0) -> Pending:
         True,
         0,
     )
-    return Pending(shard, event, Settlement("acme", True, 0, "", True, False, ()))
+    return Pending(shard, event_row(event), Settlement("acme", True, 0, "", True, False, ()))
 
 
 def pipeline(tmp_path: Path, registry: CollectorRegistry, **settings: Any) -> Pipeline:

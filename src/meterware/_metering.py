@@ -15,8 +15,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from meterware import keys
@@ -101,7 +101,8 @@ class Call:
     ttfb_ns: int = 0
     response_bytes: int = 0
     request_bytes: int = 0
-    header_units: dict[str, str] = field(default_factory=dict)
+    #: Usage headers of the response, by meter (None until the response starts).
+    header_units: dict[str, str] | None = None
     #: The route template, where the framework tells it before the call ends.
     route: str | None = None
     finished: bool = False
@@ -263,7 +264,7 @@ class Metering:
         self.metrics.admit_duration.observe(time.perf_counter() - began)
         return self._started(key, request, decision, method, path, arrived)
 
-    async def astart(
+    def astart(
         self,
         storage: AsyncStorage,
         native_request: Any,
@@ -271,19 +272,36 @@ class Metering:
         query: bytes,
         method: str,
         path: str,
-    ) -> Call | Problem:
-        """The asyncio twin of :meth:`start`."""
+    ) -> Call | Problem | Coroutine[Any, Any, Call | Problem]:
+        """The asyncio twin of :meth:`start`: the answer when no backend call is needed (a cached key,
+        then a lease or a refusal), else a coroutine to await for it (most calls of a busy process need
+        none, and skip a coroutine's cost)."""
         arrived = time.perf_counter_ns()
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
-            key = await self._aresolve(storage, key)
+            return self._aresolve_and_admit(storage, key, method, path, arrived)
+        request = self._before_admission(key, method, path, arrived)
+        if isinstance(request, AdmitRequest):
+            assert isinstance(key, KeyInfo)
+            return self._aadmit(storage, key, request, method, path, arrived)
+        lease = request.lease if isinstance(request, Call) else None
+        if lease is not None and not lease.renewing and lease.left <= lease.block.calls // 2:
+            self._renew_ahead(storage, lease)
+        return request
+
+    async def _aresolve_and_admit(
+        self, storage: AsyncStorage, key_hash: str, method: str, path: str, arrived: int
+    ) -> Call | Problem:
+        key = await self._aresolve(storage, key_hash)
         request = self._before_admission(key, method, path, arrived)
         if not isinstance(request, AdmitRequest):
-            lease = request.lease if isinstance(request, Call) else None
-            if lease is not None and not lease.renewing and lease.left <= lease.block.calls // 2:
-                self._renew_ahead(storage, lease)
             return request
         assert isinstance(key, KeyInfo)
+        return await self._aadmit(storage, key, request, method, path, arrived)
+
+    async def _aadmit(
+        self, storage: AsyncStorage, key: KeyInfo, request: AdmitRequest, method: str, path: str, arrived: int
+    ) -> Call | Problem:
         if self.leasing and (renewed := await self._arenew(storage, request)) is not None:
             return self._renewed(key, request, renewed, method, path, arrived)
         began = time.perf_counter()
@@ -778,7 +796,7 @@ class Metering:
                 units[name] = call.request_bytes
             elif source == "duration_ms":
                 units[name] = (ended_ns - call.started_ns) // 1_000_000
-            elif name in call.header_units:
+            elif call.header_units and name in call.header_units:
                 value = call.header_units[name].strip()
                 if value.isdigit() and len(value) < 16:
                     units[name] = int(value)

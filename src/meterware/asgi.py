@@ -110,15 +110,25 @@ class MeteringMiddleware:
         return self._flusher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if self.metering.routes.is_excluded(scope["path"]):
-                await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
             else:
-                await self._metered(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
+                await self.app(scope, receive, send)
+            return
+        metering = self.metering
+        path = scope["path"]
+        if metering.routes.is_excluded(path):
             await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"")
+        started = metering.astart(self.storage, scope, scope["headers"], query, scope["method"], path)
+        call = started if isinstance(started, Call | Problem) else await started
+        if isinstance(call, Problem):
+            self.flusher.ensure_running()  # a refused call of a known customer is an event too
+            await self._refuse(send, call)
+        else:
+            await self._serve(scope, receive, send, call)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_draining(message: Message) -> None:
@@ -145,21 +155,6 @@ class MeteringMiddleware:
             {"type": "http.response.start", "status": refusal.status, "headers": refusal.response_headers()}
         )
         await send({"type": "http.response.body", "body": refusal.body()})
-
-    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
-        call = await self.metering.astart(
-            self.storage,
-            scope,
-            scope["headers"],
-            scope.get("query_string", b""),
-            scope["method"],
-            scope["path"],
-        )
-        if isinstance(call, Problem):
-            self.flusher.ensure_running()  # a refused call of a known customer is an event too
-            await self._refuse(send, call)
-            return
-        await self._serve(scope, receive, send, call)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
         metering = self.metering
@@ -276,5 +271,7 @@ def _route(scope: Scope, root_path: str) -> str:
     template = getattr(route, "path", None)
     if not isinstance(template, str):
         return UNMATCHED_ROUTE if scope.get("router") is not None else str(scope["path"])
-    mount_prefix = str(scope.get("root_path", ""))[len(root_path) :]
-    return mount_prefix + template
+    mounted_at = scope.get("root_path", "")
+    if mounted_at == root_path:
+        return template
+    return str(mounted_at)[len(root_path) :] + template

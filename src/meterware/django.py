@@ -132,9 +132,10 @@ class MeteringMiddleware:
         if self.metering.routes.is_excluded(path):
             return await self.get_response(request)
         headers, query = self._credentials(request)
-        call = await self.metering.astart(
+        started = self.metering.astart(
             self.async_storage, request, headers, query, request.method or "GET", path
         )
+        call = started if isinstance(started, Call | Problem) else await started
         if isinstance(call, Problem):
             self._ensure_flusher()
             return _refusal(call)

@@ -285,8 +285,19 @@ class AppMetrics:
         series = self._calls.get((route, method, outcome, plan))
         if series is None:
             series = self._call_series(route, method, outcome, plan)
-        series[0].inc()
-        series[1].observe(seconds)
+        if not self.deferred:
+            series[0].inc()
+            series[1].observe(seconds)
+            return
+        with self.lock:  # Tally.inc and Tally.observe under one lock
+            series[0].amount += 1
+            duration = series[1]
+            duration.amount += seconds
+            duration.buckets[bisect_left(duration.bounds, seconds)] += 1
+            for tally in series:
+                if not tally.dirty:
+                    tally.dirty = True
+                    self.dirty.append(tally)
 
     def fold(self) -> None:
         """Hand what was tallied since the last fold to prometheus-client."""

@@ -7,6 +7,7 @@ The ASGI, WSGI and Django adapters and every storage backend share these functio
 from __future__ import annotations
 
 import calendar
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,11 +181,13 @@ def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool
     return tuple(holds)
 
 
+@functools.cache
 def rate_limit_name(seconds: int) -> str:
     """Name of a rate-limit policy in the ``RateLimit`` headers."""
     return f"rate-{seconds}s"
 
 
+@functools.cache
 def quota_name(meter: str) -> str:
     """Name of a period-quota policy in the ``RateLimit`` headers."""
     return f"quota-{meter}"

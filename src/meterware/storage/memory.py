@@ -13,6 +13,7 @@ ranges of what Redis holds, there is nothing to check here: the store only ever 
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
 import time
 from collections import defaultdict
@@ -39,6 +40,12 @@ from meterware.storage.base import (
 
 #: Flushed batch ids are remembered this long, so a retried flush is recognised.
 BATCH_MEMORY_SECONDS = 86_400
+
+
+@functools.cache
+def _counter_names(meter: str) -> tuple[str, str]:
+    """The keys of a meter's used and held units in a period's counters (as in Redis)."""
+    return f"{meter}:u", f"{meter}:h"
 
 
 def _now_ms() -> int:
@@ -218,7 +225,7 @@ class MemoryStorage:
         for rate_key, new_tat in decision.new_tats:
             self._rates[rate_key] = new_tat
         for hold, held in zip(request.holds, decision.holds, strict=True):
-            counters[f"{hold.meter}:h"] += held
+            counters[_counter_names(hold.meter)[1]] += held
         account.reserved += credits
         if reservation is not None:
             self._shards[request.shard].reservations[request.reservation_id] = reservation
@@ -245,7 +252,8 @@ class MemoryStorage:
         for hold in request.holds:
             # A value meter's size is unknown until the end: one unit left admits it, however many calls.
             need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
-            used, held = counters.get(f"{hold.meter}:u", 0), counters.get(f"{hold.meter}:h", 0)
+            used_key, held_key = _counter_names(hold.meter)
+            used, held = counters.get(used_key, 0), counters.get(held_key, 0)
             decision.holds.append(held_now)
             if hold.quota >= 0:
                 if used + held + need > hold.quota:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,16 +40,16 @@ class SlowCalls:
     """
 
     def __init__(self) -> None:
-        self._young: dict[int, Callable[[], None]] = {}
-        self._old: dict[int, Callable[[], None]] = {}
+        self._young: dict[int, _Exchange] = {}
+        self._old: dict[int, _Exchange] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, token: int, start_watching: Callable[[], None]) -> None:
+    def add(self, token: int, exchange: _Exchange) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # the first call in flight, or a new loop (the old one's timer is gone)
             self._loop, self._young, self._old = loop, {}, {}
             loop.call_later(WATCH_AFTER_SECONDS / 2, self._tick, loop)
-        self._young[token] = start_watching
+        self._young[token] = exchange
 
     def discard(self, token: int) -> None:
         if self._young.pop(token, None) is None:
@@ -60,8 +59,8 @@ class SlowCalls:
         if self._loop is not loop:
             return
         due, self._old, self._young = self._old, self._young, {}
-        for start_watching in due.values():
-            start_watching()
+        for exchange in due.values():
+            exchange.watch()
         if self._old:
             loop.call_later(WATCH_AFTER_SECONDS / 2, self._tick, loop)
         else:
@@ -158,111 +157,140 @@ class MeteringMiddleware:
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
         metering = self.metering
-        extra_headers = metering.response_headers(call)
-        usage_headers = metering.usage_headers
-        strip = metering.policy.strip_usage_headers and bool(usage_headers)
-        root_path = scope.get("root_path", "")
-        disconnected = False
-        # Servers such as uvicorn drop what an app sends after the client left, without a word, and many
-        # apps never call receive() once they have the body: a watcher reads the next message itself, so a
-        # client that leaves before the end is noticed. It holds at most what it read (the last part of
-        # the body, then the disconnect) for the app, and steps aside while the app reads a longer body.
-        # It starts once the call has run WATCH_AFTER_SECONDS or its response streams: most calls end
-        # sooner, and need no task (a client gone meanwhile is still noticed: the server keeps its
-        # disconnect for the first read).
-        early: list[Message] = []
-        arrived: asyncio.Event | None = None
-        watcher: asyncio.Task[None] | None = None
-
-        async def watch() -> None:
-            nonlocal disconnected
-            assert arrived is not None
-            try:
-                while True:
-                    message = await receive()
-                    early.append(message)
-                    arrived.set()
-                    if message["type"] == "http.disconnect":
-                        disconnected = True
-                        return
-                    if message.get("more_body", False):
-                        return  # the app reads the rest itself; watching resumes after it
-            except Exception:
-                return  # the app's own receive() meets the same trouble, and reports it
-            finally:
-                arrived.set()
-
-        def start_watching() -> None:
-            nonlocal watcher, arrived
-            if not disconnected:
-                arrived = arrived or asyncio.Event()
-                watcher = asyncio.create_task(watch())
-
-        def start_watching_once() -> None:
-            if watcher is None:
-                start_watching()
-
-        async def metered_receive() -> Message:
-            nonlocal disconnected
-            if watcher is not None and not early and not watcher.done():
-                assert arrived is not None
-                arrived.clear()
-                await arrived.wait()  # the watcher is reading the next message: that one is the app's
-            message = early.pop(0) if early else await receive()
-            if message["type"] == "http.request":
-                call.request_bytes += len(message.get("body", b""))
-                if not message.get("more_body", False) and watcher is not None and watcher.done():
-                    start_watching()
-            elif message["type"] == "http.disconnect":
-                disconnected = True
-            return message
-
-        async def metered_send(message: Message) -> None:
-            nonlocal disconnected
-            kind = message["type"]
-            # A client gone before the last chunk did not get the response (whatever the server does with
-            # this chunk); one that leaves once it has it got it.
-            aborted = disconnected
-            last = False
-            if kind == "http.response.start":
-                call.status = message["status"]
-                call.ttfb_ns = time.perf_counter_ns()
-                headers = message.get("headers", ())
-                if usage_headers:
-                    call.header_units = header_map(headers, usage_headers)
-                    if strip and call.header_units:
-                        headers = [(k, v) for k, v in headers if k.lower() not in usage_headers]
-                message["headers"] = [*headers, *extra_headers]
-            elif kind == "http.response.body":
-                call.response_bytes += len(message.get("body", b""))
-                last = not message.get("more_body", False)
-                if not last:
-                    start_watching_once()  # the response streams
-            try:
-                await send(message)
-            except OSError:  # the server could not write: the client is gone
-                disconnected = True
-                raise
-            if last:
-                metering.finish(call, _route(scope, root_path), aborted=aborted)
-
+        exchange = _Exchange(metering, scope, receive, send, call)
         token = _current.set(call.usage)
         slow_calls = self._slow_calls
-        slow_calls.add(id(call), start_watching_once)
+        slow_calls.add(id(call), exchange)
         try:
-            await self.app(scope, metered_receive, metered_send)
-        except BaseException:
-            metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
-            raise
+            await self.app(scope, exchange.receive, exchange.send)
         finally:
             _current.reset(token)
             slow_calls.discard(id(call))
-            if watcher is not None:
-                watcher.cancel()
+            if exchange.watcher is not None:
+                exchange.watcher.cancel()
             if not call.finished:
-                # The app returned without finishing its response: the client went away, or it gave up.
-                metering.finish(call, _route(scope, root_path), failed=True, aborted=disconnected)
+                # The app raised, or returned without finishing its response (the client went away, or
+                # the app gave up): not charged.
+                route = _route(scope, exchange.root_path)
+                metering.finish(call, route, failed=True, aborted=exchange.disconnected)
             self.flusher.ensure_running()
+
+
+class _Exchange:
+    """The messages of one metered call: the app's ``receive`` and ``send``, wrapped.
+
+    ``send`` adds the call's headers to the response and finishes the call with its last body chunk.
+
+    Servers such as uvicorn drop what an app sends after the client left, without a word, and many apps
+    never call receive() once they have the body: a watcher reads the next message itself, so a client
+    that leaves before the end is noticed. It holds at most what it read (the last part of the body, then
+    the disconnect) for the app, and steps aside while the app reads a longer body. It starts once the
+    call has run about ``WATCH_AFTER_SECONDS`` (:class:`SlowCalls`) or its response streams: most calls
+    end sooner, and need no task (a client gone meanwhile is still noticed: the server keeps its
+    disconnect for the first read).
+    """
+
+    __slots__ = (
+        "arrived",
+        "call",
+        "disconnected",
+        "early",
+        "extra_headers",
+        "from_server",
+        "metering",
+        "root_path",
+        "scope",
+        "to_server",
+        "watcher",
+    )
+
+    def __init__(self, metering: Metering, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
+        self.metering = metering
+        self.scope = scope
+        self.from_server = receive
+        self.to_server = send
+        self.call = call
+        self.extra_headers = metering.response_headers(call)
+        self.root_path = scope.get("root_path", "")
+        self.disconnected = False
+        #: What the watcher read for the app.
+        self.early: list[Message] = []
+        #: Set when the watcher read a message (or stopped).
+        self.arrived: asyncio.Event | None = None
+        self.watcher: asyncio.Task[None] | None = None
+
+    def watch(self) -> None:
+        """Start watching, unless watching already (called when the call is slow or streams)."""
+        if self.watcher is None:
+            self._start_watching()
+
+    def _start_watching(self) -> None:
+        if not self.disconnected:
+            self.arrived = self.arrived or asyncio.Event()
+            self.watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        arrived = self.arrived
+        assert arrived is not None
+        try:
+            while True:
+                message = await self.from_server()
+                self.early.append(message)
+                arrived.set()
+                if message["type"] == "http.disconnect":
+                    self.disconnected = True
+                    return
+                if message.get("more_body", False):
+                    return  # the app reads the rest itself; watching resumes after it
+        except Exception:
+            return  # the app's own receive() meets the same trouble, and reports it
+        finally:
+            arrived.set()
+
+    async def receive(self) -> Message:
+        watcher, early = self.watcher, self.early
+        if watcher is not None and not early and not watcher.done():
+            assert self.arrived is not None
+            self.arrived.clear()
+            await self.arrived.wait()  # the watcher is reading the next message: that one is the app's
+        message = early.pop(0) if early else await self.from_server()
+        if message["type"] == "http.request":
+            self.call.request_bytes += len(message.get("body", b""))
+            if not message.get("more_body", False) and watcher is not None and watcher.done():
+                self._start_watching()
+        elif message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        call = self.call
+        kind = message["type"]
+        # A client gone before the last chunk did not get the response (whatever the server does with this
+        # chunk); one that leaves once it has it got it.
+        aborted = self.disconnected
+        last = False
+        if kind == "http.response.start":
+            call.status = message["status"]
+            call.ttfb_ns = time.perf_counter_ns()
+            headers = message.get("headers", ())
+            usage_headers = self.metering.usage_headers
+            if usage_headers:
+                call.header_units = header_map(headers, usage_headers)
+                if self.metering.policy.strip_usage_headers and call.header_units:
+                    headers = [(k, v) for k, v in headers if k.lower() not in usage_headers]
+            message["headers"] = [*headers, *self.extra_headers]
+        elif kind == "http.response.body":
+            call.response_bytes += len(message.get("body", b""))
+            last = not message.get("more_body", False)
+            if not last:
+                self.watch()  # the response streams
+        try:
+            await self.to_server(message)
+        except OSError:  # the server could not write: the client is gone
+            self.disconnected = True
+            raise
+        if last:
+            self.metering.finish(call, _route(self.scope, self.root_path), aborted=aborted)
 
 
 def _route(scope: Scope, root_path: str) -> str:

@@ -400,7 +400,11 @@ def decisions_from_replies(
 
 
 def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
-    """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard)."""
+    """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard).
+
+    Settlements are grouped into terms (what calls of one customer with the same flags and meters share),
+    sent once each; every event names its term, and only reservations go one by one.
+    """
     shard = batch.shard
     keys = _Keys(
         ks.flushed_batch(shard, batch.batch_id),
@@ -408,12 +412,15 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         ks.reservations(shard),
         ks.reservation_deadlines(shard),
     )
-    settlements: list[int | str] = [len(batch.settlements)]
+    terms: dict[tuple[object, ...], int] = {}
+    term_args: list[Arg] = []
+    events: list[int] = []
+    reservations: list[Arg] = []
     # A batch holds many calls of few customers: their keys are named once.
     indexes: dict[tuple[str, bool, int], tuple[int, int, int, int]] = {}
     for settlement in batch.settlements:
         if settlement is None:
-            settlements.append(0)
+            events.append(0)
             continue
         customer, live, period_start = settlement.customer, settlement.live, settlement.period_start
         found = indexes.get((customer, live, period_start))
@@ -424,17 +431,20 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
                 keys.index(ks.quota(shard, live, customer, period_start)),
                 period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
             )
-        settlements += [
-            1,
-            settlement.reservation_id,
-            int(settlement.billable),
-            int(settlement.charges_credits),
-            *found,
-            len(settlement.meters),
-        ]
-        for meter, units, price, included in settlement.meters:
-            settlements += [meter, units, price, included]
-    return keys.keys, [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS, msgpack.packb(settlements)]
+        identity = (found, settlement.billable, settlement.charges_credits, settlement.meters)
+        term = terms.get(identity)
+        if term is None:
+            term = terms[identity] = len(terms) + 1
+            term_args += [*found, int(settlement.billable), int(settlement.charges_credits)]
+            term_args.append(len(settlement.meters))
+            for meter in settlement.meters:
+                term_args += meter
+        events.append(term)
+        if settlement.reservation_id:
+            reservations += [settlement.reservation_id, found[0], found[2]]
+    args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
+    args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations)]
+    return keys.keys, args
 
 
 def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:

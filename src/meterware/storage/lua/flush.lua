@@ -6,11 +6,19 @@
 -- Each customer charged gets one `charge` entry in its credits ledger for the batch (amount: minus the
 -- batch's charges, ref: the batch id), appended with the batch, so its balance stays the ledger's sum.
 --
+-- The client sends the settlements grouped: a batch holds many calls of few customers, so a "term" holds
+-- what calls of the same customer, live flag, period, flags and meters share, and each event names its
+-- term. Per event, the script only adds its units to the counters and works out its cost; keys, checks
+-- and charges are per term and customer, and only reservations are looked up one by one.
+--
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
--- ARGV: batch id, payload, marker ttl (s), settlements: one msgpack array (one argument, not thousands:
---       Redis and the client pay per argument) of the settlement count, then per settlement either 0
---       (none) or 1, reservation id, billable (1/0), charges credits (1/0), customer key index, ledger
---       key index, quota key index, quota expire-at (s), meter count, (meter, units, price, included)...
+-- ARGV: batch id, payload, marker ttl (s), then three msgpack arrays (one argument each, not thousands:
+--       Redis and the client pay per argument):
+--       terms: per term, customer key index, ledger key index, quota key index, quota expire-at (s),
+--         billable (1/0), charges credits (1/0), meter count, (meter, units, price, included)...;
+--       events: per event, its term's number (1-based), or 0 for an event that settles nothing;
+--       reservations: (reservation id, customer key index, quota key index)... of the events that have
+--         one, to close.
 
 local refused = expect(KEYS[1], 'string')
 if refused then
@@ -24,56 +32,125 @@ if refused then
   return redis.error_reply(refused)
 end
 
-local costs, settled, expiries, expiry_order = {}, {}, {}, {}
-local charged, charged_order = {}, {}  -- ledger key -> micros charged, in order of first charge
+local terms, expiries, expiry_order, accounts = {}, {}, {}, {}
 local arg = reader(cmsgpack.unpack(ARGV[4]), 1)
-for _ = 1, tonumber(arg()) do
+local term_count = 0
+while true do
+  local customer_index = arg()
+  if customer_index == nil then
+    break
+  end
+  local customer_key, ledger_key, quota_key = KEYS[tonumber(customer_index)], KEYS[tonumber(arg())],
+    KEYS[tonumber(arg())]
+  local expire_at, billable, charges_credits = arg(), arg() == 1, arg() == 1
+  refused = expect(customer_key, 'hash') or expect(quota_key, 'hash') or expect(ledger_key, 'stream')
+  if refused then
+    return redis.error_reply(refused)
+  end
+  -- meters: (counter, units, price, included)... of the units a billable call adds.
+  local term, meters = {}, {}
+  for _ = 1, tonumber(arg()) do
+    local meter, units, price, included = arg(), tonumber(arg()), tonumber(arg()), tonumber(arg())
+    if billable and units ~= 0 then
+      meters[#meters + 1] = counter(quota_key, meter .. ':u')
+      meters[#meters + 1] = units
+      meters[#meters + 1] = price
+      meters[#meters + 1] = included
+      incremented[quota_key] = true
+    end
+  end
+  term.meters = meters
+  -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
+  if billable and not expiries[quota_key] then
+    expiries[quota_key] = int(expire_at)
+    expiry_order[#expiry_order + 1] = quota_key
+  end
+  if billable and charges_credits and existed(customer_key) then
+    local account = accounts[customer_key]
+    if not account then
+      account = {key = customer_key, ledger = ledger_key, net = 0, moved = 0}
+      accounts[customer_key] = account
+    end
+    term.account = account
+  end
+  term_count = term_count + 1
+  terms[term_count] = term
+end
+
+-- Each event's units move its term's counters in stream order: a call's cost is what it adds past the
+-- included units, so it depends on the calls before it.
+local costs, charged_order = {}, {}
+local events = cmsgpack.unpack(ARGV[5])
+for i = 1, #events do
   local cost = 0
-  if arg() == 1 then
-    local reservation_id, billable, charges_credits = arg(), arg() == 1, arg() == 1
-    local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())], KEYS[tonumber(arg())]
-    local expire_at = arg()
-    refused = expect(customer_key, 'hash') or expect(quota_key, 'hash') or expect(ledger_key, 'stream')
-    if refused then
-      return redis.error_reply(refused)
-    end
-    -- The settlement names the reservation's own customer, mode and period (both come from the admission).
-    -- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
-    local record = reservation_id ~= '' and not settled[reservation_id]
-      and redis.call('HGET', KEYS[3], reservation_id)
-    if record then
-      settled[reservation_id] = true
-      plan('HDEL', KEYS[3], reservation_id)
-      plan('ZREM', KEYS[4], reservation_id)
-      refused = release(record, customer_key, quota_key, KEYS[3] .. ' field ' .. reservation_id)
-      if refused then
-        return redis.error_reply(refused)
-      end
-    end
-    for _ = 1, tonumber(arg()) do
-      local meter, units, price, included = arg(), tonumber(arg()), tonumber(arg()), tonumber(arg())
-      if billable and units ~= 0 then
-        local before = planned_value(quota_key, meter .. ':u')
-        plan_incr(quota_key, meter .. ':u', units)
+  local term = terms[events[i]]
+  if term then
+    local meters = term.meters
+    for j = 1, #meters, 4 do
+      local entry, units, price, included = meters[j], meters[j + 1], meters[j + 2], meters[j + 3]
+      local before = entry.start + entry.net
+      entry.net = entry.net + units
+      entry.moved = entry.moved + math.abs(units)
+      if before >= included and before + units >= included then
+        cost = cost + units * price
+      else
         cost = cost + (math.max(included, before + units) - math.max(included, before)) * price
       end
     end
-    -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
-    if billable and not expiries[quota_key] then
-      expiries[quota_key] = int(expire_at)
-      expiry_order[#expiry_order + 1] = quota_key
-    end
-    if billable and charges_credits and cost ~= 0 and existed(customer_key) then
-      plan_incr(customer_key, 'balance', -cost)
-      if not charged[ledger_key] then
-        charged[ledger_key] = 0
-        charged_order[#charged_order + 1] = ledger_key
+    local account = term.account
+    if account and cost ~= 0 then
+      if account.moved == 0 then
+        charged_order[#charged_order + 1] = account
       end
-      charged[ledger_key] = charged[ledger_key] + cost
+      account.net = account.net + cost
+      account.moved = account.moved + math.abs(cost)
     end
   end
-  costs[#costs + 1] = int(cost)
+  -- %.14g (how concat writes a number) is exact below 1e14; int() beyond.
+  costs[i] = (cost < 1e14 and cost > -1e14) and cost or int(cost)
 end
+for _, account in ipairs(charged_order) do
+  plan_incr(account.key, 'balance', -account.net, account.moved)
+end
+
+-- The settlement names the reservation's own customer, mode and period (both come from the admission).
+-- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
+local ids, owners, settled, closed = {}, {}, {}, {}
+arg = reader(cmsgpack.unpack(ARGV[6]), 1)
+while true do
+  local reservation_id = arg()
+  if reservation_id == nil then
+    break
+  end
+  local customer_index, quota_index = arg(), arg()
+  if not settled[reservation_id] then
+    settled[reservation_id] = true
+    ids[#ids + 1] = reservation_id
+    owners[#owners + 1] = {KEYS[tonumber(customer_index)], KEYS[tonumber(quota_index)]}
+  end
+end
+local CHUNK = 1000  -- unpack() has a small stack: ask for the records in slices
+for first = 1, #ids, CHUNK do
+  local last = math.min(first + CHUNK - 1, #ids)
+  local records = redis.call('HMGET', KEYS[3], unpack(ids, first, last))
+  for i = first, last do
+    local record = records[i - first + 1]
+    if record then
+      local owner = owners[i]
+      refused = release(record, owner[1], owner[2], KEYS[3] .. ' field ' .. ids[i])
+      if refused then
+        return redis.error_reply(refused)
+      end
+      closed[#closed + 1] = ids[i]
+    end
+  end
+end
+for first = 1, #closed, CHUNK do
+  local slice = {unpack(closed, first, math.min(first + CHUNK - 1, #closed))}
+  plan('HDEL', KEYS[3], unpack(slice))
+  plan('ZREM', KEYS[4], unpack(slice))
+end
+
 -- A quota hash that exists after the batch without an expiry gets one (HINCRBY never removes one).
 for _, quota_key in ipairs(expiry_order) do
   local ttl = redis.call('TTL', quota_key)
@@ -87,8 +164,8 @@ if refused then
   return redis.error_reply(refused)
 end
 redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', table.concat(costs, ','), 'i', ARGV[1])
-for _, ledger_key in ipairs(charged_order) do
-  redis.call('XADD', ledger_key, '*', 'k', 'charge', 'a', int(-charged[ledger_key]), 'r', ARGV[1])
+for _, account in ipairs(charged_order) do
+  redis.call('XADD', account.ledger, '*', 'k', 'charge', 'a', int(-account.net), 'r', ARGV[1])
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 apply()

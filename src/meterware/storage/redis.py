@@ -15,6 +15,8 @@ URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import re
 import threading
 import time
@@ -399,11 +401,18 @@ def decisions_from_replies(
     ]
 
 
+_term_of: Final = operator.attrgetter(
+    "customer", "live", "period_start", "billable", "charges_credits", "meters"
+)
+_reservation_of: Final = operator.attrgetter("reservation_id")
+
+
 def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
     """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard).
 
-    Settlements are grouped into terms (what calls of one customer with the same flags and meters share),
-    sent once each; every event names its term, and only reservations go one by one.
+    A batch holds many calls of few customers: the settlements are sent as terms (what calls of one
+    customer with the same flags and meters share), each once; every event names its term (by the
+    position of the term's first event), and only the reservations to close go one by one.
     """
     shard = batch.shard
     keys = _Keys(
@@ -412,36 +421,39 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         ks.reservations(shard),
         ks.reservation_deadlines(shard),
     )
-    terms: dict[tuple[object, ...], int] = {}
+    settlements = batch.settlements
+    identities: list[tuple[Any, ...] | None]
+    reservation_ids: list[str | None]
+    try:
+        identities = list(map(_term_of, settlements))
+        reservation_ids = list(map(_reservation_of, settlements))
+    except AttributeError:  # refused calls (None) settle nothing
+        identities = [None if item is None else _term_of(item) for item in settlements]
+        reservation_ids = [None if item is None else item.reservation_id for item in settlements]
+    first: dict[tuple[Any, ...] | None, int] = {}
+    events = list(map(first.setdefault, identities, itertools.count(1)))
     term_args: list[Arg] = []
-    events: list[int] = []
-    reservations: list[Arg] = []
-    # A batch holds many calls of few customers: their keys are named once.
-    indexes: dict[tuple[str, bool, int], tuple[int, int, int, int]] = {}
-    for settlement in batch.settlements:
-        if settlement is None:
-            events.append(0)
+    for identity, number in first.items():
+        if identity is None:
             continue
-        customer, live, period_start = settlement.customer, settlement.live, settlement.period_start
-        found = indexes.get((customer, live, period_start))
-        if found is None:
-            found = indexes[(customer, live, period_start)] = (
-                keys.index(ks.customer(shard, customer)),
-                keys.index(ks.ledger(shard, customer)),
-                keys.index(ks.quota(shard, live, customer, period_start)),
-                period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
-            )
-        identity = (found, settlement.billable, settlement.charges_credits, settlement.meters)
-        term = terms.get(identity)
-        if term is None:
-            term = terms[identity] = len(terms) + 1
-            term_args += [*found, int(settlement.billable), int(settlement.charges_credits)]
-            term_args.append(len(settlement.meters))
-            for meter in settlement.meters:
-                term_args += meter
-        events.append(term)
-        if settlement.reservation_id:
-            reservations += [settlement.reservation_id, found[0], found[2]]
+        customer, live, period_start, billable, charges_credits, meters = identity
+        term_args += [
+            number,
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.ledger(shard, customer)),
+            keys.index(ks.quota(shard, live, customer, period_start)),
+            period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
+            int(billable),
+            int(charges_credits),
+            len(meters),
+        ]
+        for meter in meters:
+            term_args += meter
+    reservations: list[Arg] = []
+    if any(reservation_ids):
+        for reservation_id, term in zip(reservation_ids, events, strict=True):
+            if reservation_id:
+                reservations += (reservation_id, term)
     args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
     args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations)]
     return keys.keys, args

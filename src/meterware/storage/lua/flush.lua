@@ -14,11 +14,12 @@
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
 -- ARGV: batch id, payload, marker ttl (s), then three msgpack arrays (one argument each, not thousands:
 --       Redis and the client pay per argument):
---       terms: per term, customer key index, ledger key index, quota key index, quota expire-at (s),
---         billable (1/0), charges credits (1/0), meter count, (meter, units, price, included)...;
---       events: per event, its term's number (1-based), or 0 for an event that settles nothing;
---       reservations: (reservation id, customer key index, quota key index)... of the events that have
---         one, to close.
+--       terms: per term, its number, customer key index, ledger key index, quota key index, quota
+--         expire-at (s), billable (1/0), charges credits (1/0), meter count, (meter, units, price,
+--         included)...;
+--       events: per event, its term's number (the position of the term's first event; an event that
+--         settles nothing names a number no term has);
+--       reservations: (reservation id, term number)... of the events that have one, to close.
 
 local refused = expect(KEYS[1], 'string')
 if refused then
@@ -32,32 +33,65 @@ if refused then
   return redis.error_reply(refused)
 end
 
+-- The counter of a hash field, read with a read that doubles as the hash's type check (`raw`: its text
+-- if read already, or nil), registered (so checked and written) only once the script moves it.
+local function checked_counter(key, field, raw)
+  local id = key .. '\n' .. field
+  local entry = counters[id]
+  if entry then
+    return entry
+  end
+  if raw == nil then
+    local problem
+    raw, problem = read('hash', 'HGET', key, field)
+    if problem then
+      return nil, problem
+    end
+  end
+  entry = {key = key, field = field, raw = raw, start = tonumber(raw) or 0, net = 0, moved = 0}
+  counters[id] = entry
+  counter_order[#counter_order + 1] = entry
+  return entry
+end
+
 local terms, expiries, expiry_order, accounts = {}, {}, {}, {}
 local arg = reader(cmsgpack.unpack(ARGV[4]), 1)
-local term_count = 0
 while true do
-  local customer_index = arg()
-  if customer_index == nil then
+  local number = arg()
+  if number == nil then
     break
   end
-  local customer_key, ledger_key, quota_key = KEYS[tonumber(customer_index)], KEYS[tonumber(arg())],
+  local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())],
     KEYS[tonumber(arg())]
   local expire_at, billable, charges_credits = arg(), arg() == 1, arg() == 1
-  refused = expect(customer_key, 'hash') or expect(quota_key, 'hash') or expect(ledger_key, 'stream')
-  if refused then
-    return redis.error_reply(refused)
+  -- Every customer hash holds a balance: one found proves the key is a customer's.
+  local balance, problem = read('hash', 'HGET', customer_key, 'balance')
+  if problem then
+    return redis.error_reply(problem)
+  end
+  if balance then
+    types[customer_key] = 'hash'
   end
   -- meters: (counter, units, price, included)... of the units a billable call adds.
-  local term, meters = {}, {}
+  local term, meters = {customer = customer_key, quota = quota_key}, {}
   for _ = 1, tonumber(arg()) do
     local meter, units, price, included = arg(), tonumber(arg()), tonumber(arg()), tonumber(arg())
     if billable and units ~= 0 then
-      meters[#meters + 1] = counter(quota_key, meter .. ':u')
+      local entry
+      entry, refused = checked_counter(quota_key, meter .. ':u')
+      if refused then
+        return redis.error_reply(refused)
+      end
+      meters[#meters + 1] = entry
       meters[#meters + 1] = units
       meters[#meters + 1] = price
       meters[#meters + 1] = included
       incremented[quota_key] = true
     end
+  end
+  refused = (#meters == 0 and expect(quota_key, 'hash')) or expect(ledger_key, 'stream')
+  if refused then
+    return redis.error_reply(refused)
   end
   term.meters = meters
   -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
@@ -68,13 +102,12 @@ while true do
   if billable and charges_credits and existed(customer_key) then
     local account = accounts[customer_key]
     if not account then
-      account = {key = customer_key, ledger = ledger_key, net = 0, moved = 0}
+      account = {key = customer_key, balance = balance, ledger = ledger_key, net = 0, moved = 0}
       accounts[customer_key] = account
     end
     term.account = account
   end
-  term_count = term_count + 1
-  terms[term_count] = term
+  terms[number] = term
 end
 
 -- Each event's units move its term's counters in stream order: a call's cost is what it adds past the
@@ -105,12 +138,20 @@ for i = 1, #events do
       account.net = account.net + cost
       account.moved = account.moved + math.abs(cost)
     end
+    -- The calls of a term mostly cost the same: its last cost's text is reused.
+    if cost ~= term.cost then
+      term.cost, term.text = cost, int(cost)
+    end
+    costs[i] = term.text
+  else
+    costs[i] = '0'
   end
-  -- %.14g (how concat writes a number) is exact below 1e14; int() beyond.
-  costs[i] = (cost < 1e14 and cost > -1e14) and cost or int(cost)
 end
 for _, account in ipairs(charged_order) do
-  plan_incr(account.key, 'balance', -account.net, account.moved)
+  local balance = checked_counter(account.key, 'balance', account.balance)
+  balance.net = balance.net - account.net
+  balance.moved = balance.moved + account.moved
+  incremented[account.key] = true
 end
 
 -- The settlement names the reservation's own customer, mode and period (both come from the admission).
@@ -122,11 +163,11 @@ while true do
   if reservation_id == nil then
     break
   end
-  local customer_index, quota_index = arg(), arg()
+  local term = terms[arg()]
   if not settled[reservation_id] then
     settled[reservation_id] = true
     ids[#ids + 1] = reservation_id
-    owners[#owners + 1] = {KEYS[tonumber(customer_index)], KEYS[tonumber(quota_index)]}
+    owners[#owners + 1] = term
   end
 end
 local CHUNK = 1000  -- unpack() has a small stack: ask for the records in slices
@@ -137,7 +178,7 @@ for first = 1, #ids, CHUNK do
     local record = records[i - first + 1]
     if record then
       local owner = owners[i]
-      refused = release(record, owner[1], owner[2], KEYS[3] .. ' field ' .. ids[i])
+      refused = release(record, owner.customer, owner.quota, KEYS[3] .. ' field ' .. ids[i])
       if refused then
         return redis.error_reply(refused)
       end

@@ -24,9 +24,10 @@ be taken back: corrections refuse events that hold them, and the fold skips them
 from __future__ import annotations
 
 import re
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat, starmap
+from itertools import chain, compress, count, repeat, starmap
 from operator import attrgetter, floordiv
 from typing import Final
 
@@ -109,16 +110,16 @@ def parse_columns(
         columns = decode_columns(payload)
     except EventDecodeError as error:
         return _one_line(f"field 'b': {error}")
-    count = len(columns[_UNITS])
+    events = len(columns[_UNITS])
     parts = raw_costs.split(b",") if raw_costs else []
-    if len(parts) != count:
-        return f"field 'c': {len(parts)} costs for {count} events"
+    if len(parts) != events:
+        return f"field 'c': {len(parts)} costs for {events} events"
     signs = None
     raw_signs = fields.get(b"n")
     if raw_signs is not None:
         split = raw_signs.split(b",") if raw_signs else []
-        if len(split) != count or any(sign not in (b"1", b"-1") for sign in split):
-            return f"field 'n': {len(split)} signs (1 or -1) for {count} events"
+        if len(split) != events or any(sign not in (b"1", b"-1") for sign in split):
+            return f"field 'n': {len(split)} signs (1 or -1) for {events} events"
         signs = list(map(int, split))
     if raw_costs and not _COSTS_RE.fullmatch(raw_costs):
         for index, part in enumerate(parts):
@@ -161,7 +162,8 @@ def parse_entry(
     return events, costs
 
 
-@dataclass(slots=True)
+# Compared and hashed by identity: each event's group is looked up once, then counted by object.
+@dataclass(slots=True, eq=False)
 class _Group:
     """Events of one customer in one minute and one billing period: they add to the same four windows."""
 
@@ -185,7 +187,7 @@ class Fold:
 
     def __init__(self, meters: Mapping[str, Meter]) -> None:
         self._aggregations = {name: meter.aggregation for name, meter in meters.items()}
-        self._groups: dict[_GroupKey, _Group] = {}
+        self._groups: defaultdict[_GroupKey, _Group] = defaultdict(_Group)
         #: Events folded so far (the next one's position in the stream, which breaks ``last`` ties).
         self.events = 0
 
@@ -198,28 +200,33 @@ class Fold:
         minutes = map(floordiv, stamps, repeat(60_000))
         keys = zip(columns[_LIVE], columns[_CUSTOMER], minutes, columns[_PERIOD], strict=True)
         groups, aggregations = self._groups, self._aggregations
-        position = self.events
-        rows = zip(
-            keys,
-            columns[_OUTCOME],
-            costs,
-            repeat(1) if signs is None else signs,
-            columns[_BILLABLE],
-            columns[_UNITS],
-            stamps,
-            strict=False,  # lengths checked above; repeat() never ends
-        )
-        for key, outcome, cost, sign, billable, units, stamp in rows:
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = _Group()
+        of_events = list(map(groups.__getitem__, keys))  # a defaultdict: new groups on the way
+        # Calls by outcome and spend per group: counted in C, unless a correction takes events back.
+        if signs is None:
+            calls = Counter(zip(of_events, columns[_OUTCOME], costs, strict=True))
+        else:
+            calls = Counter()
+            for event in zip(of_events, columns[_OUTCOME], costs, signs, strict=True):
+                calls[event[:3]] += event[3]
+        for (group, outcome, cost), number in calls.items():
             sums = group.sums
             counted = _OUTCOME_FIELDS.get(outcome) or outcome_field(outcome)
-            sums[counted] = sums.get(counted, 0) + sign
-            sums[SPEND] = sums.get(SPEND, 0) + sign * cost
-            position += 1
-            if not billable:
-                continue
+            sums[counted] = sums.get(counted, 0) + number
+            sums[SPEND] = sums.get(SPEND, 0) + number * cost
+        # Units of billable events, each at its position in the stream (later events win ``last`` ties).
+        billed = compress(
+            zip(
+                of_events,
+                columns[_UNITS],
+                stamps,
+                repeat(1) if signs is None else signs,
+                count(self.events + 1),
+                strict=False,  # lengths checked above; repeat() and count() never end
+            ),
+            columns[_BILLABLE],
+        )
+        for group, units, stamp, sign, position in billed:
+            sums = group.sums
             for name, value in units.items():
                 aggregation = aggregations.get(name) or ("sum" if type(value) is int else "unique")
                 if aggregation == "count":
@@ -241,7 +248,7 @@ class Fold:
                     previous = group.lasts.get(name)
                     if previous is None or previous[0] <= stamp:
                         group.lasts[name] = (stamp, position, value)
-        self.events = position
+        self.events += len(stamps)
 
     def totals(self, into: dict[Window, WindowTotals] | None = None) -> dict[Window, WindowTotals]:
         """The window totals of everything folded, added to ``into`` (extended in place) if given."""
@@ -261,7 +268,8 @@ def fold(
     events = list(events)
     folding = Fold(meters)
     columns = tuple(zip(*map(_fields_of, events), strict=True)) or ((),) * len(COLUMN)
-    folding.add(columns, list(costs), [event.sign for event in events])
+    signs = [event.sign for event in events]
+    folding.add(columns, list(costs), None if signs.count(1) == len(signs) else signs)
     return folding.totals(into)
 
 

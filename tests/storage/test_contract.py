@@ -416,6 +416,23 @@ def test_flush_prices_each_call_by_the_units_before_it(storage: Storage) -> None
     assert charge.amount == -600
 
 
+def test_flush_past_the_included_units_prices_calls_by_their_units(storage: Storage) -> None:
+    """Once past its included units, every call costs its units times their prices, in any batch."""
+    open_account(storage, credits=100_000)
+    period_start = period_bounds(0, "month", time.time())[0]
+
+    def call(units: int, *, billable: bool = True) -> Settlement:
+        return Settlement("acme", True, period_start, "", billable, True, (("calls", units, 7, 2),))
+
+    assert flush(storage, call(3))  # 1 past the 2 included
+    assert flush(storage, call(1), call(3), call(1, billable=False), None, call(2), call(0))
+    shard = shard_of("acme", storage.shards)
+    entries = storage.read_stream(shard, START_OFFSET, 10)
+    assert [entry.fields[b"c"] for entry in entries] == [b"7", b"7,21,0,0,14,0"]
+    assert storage.get_balance("acme").balance == 100_000 - 7 - 42
+    assert [e.amount for e in storage.read_ledger("acme") if e.kind == "charge"] == [-7, -42]
+
+
 def test_flush_closes_every_reservation_of_a_big_batch(storage: Storage) -> None:
     """A batch closes all its reservations, however many (the script asks for them in slices)."""
     open_account(storage, credits=10_000)

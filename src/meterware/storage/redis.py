@@ -20,6 +20,7 @@ import operator
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -432,13 +433,19 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         reservation_ids = [None if item is None else item.reservation_id for item in settlements]
     first: dict[tuple[Any, ...] | None, int] = {}
     events = list(map(first.setdefault, identities, itertools.count(1)))
+    counts = Counter(events)
+    # The costs text of the batch if no call crosses its included units (flush.lua checks that).
+    texts: dict[int, str] = {}
     term_args: list[Arg] = []
     for identity, number in first.items():
         if identity is None:
+            texts[number] = "0"
             continue
         customer, live, period_start, billable, charges_credits, meters = identity
+        texts[number] = str(sum(units * price for _, units, price, _ in meters) if billable else 0)
         term_args += [
             number,
+            counts[number],
             keys.index(ks.customer(shard, customer)),
             keys.index(ks.ledger(shard, customer)),
             keys.index(ks.quota(shard, live, customer, period_start)),
@@ -454,8 +461,10 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         for reservation_id, term in zip(reservation_ids, events, strict=True):
             if reservation_id:
                 reservations += (reservation_id, term)
+    # Beyond 14 digits Lua's numbers would print (and sum) otherwise: such a batch is priced per call.
+    costs = ",".join(map(texts.__getitem__, events)) if max(map(len, texts.values()), default=0) < 15 else ""
     args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
-    args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations)]
+    args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations), costs]
     return keys.keys, args
 
 

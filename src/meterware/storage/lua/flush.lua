@@ -11,15 +11,20 @@
 -- term. Per event, the script only adds its units to the counters and works out its cost; keys, checks
 -- and charges are per term and customer, and only reservations are looked up one by one.
 --
+-- Most batches hold no call that crosses its included units: each counter starts past them (or has
+-- none) and only grows, so every call of a term costs its units times their prices. The client sends the
+-- costs text such a batch has; the script checks that it holds and then works per term, never per event.
+--
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
 -- ARGV: batch id, payload, marker ttl (s), then three msgpack arrays (one argument each, not thousands:
 --       Redis and the client pay per argument):
---       terms: per term, its number, customer key index, ledger key index, quota key index, quota
---         expire-at (s), billable (1/0), charges credits (1/0), meter count, (meter, units, price,
---         included)...;
+--       terms: per term, its number, its event count, customer key index, ledger key index, quota key
+--         index, quota expire-at (s), billable (1/0), charges credits (1/0), meter count, (meter, units,
+--         price, included)...;
 --       events: per event, its term's number (the position of the term's first event; an event that
 --         settles nothing names a number no term has);
---       reservations: (reservation id, term number)... of the events that have one, to close.
+--       reservations: (reservation id, term number)... of the events that have one, to close;
+--       then the costs text if every call costs its units times their prices ("" if not offered).
 
 local refused = expect(KEYS[1], 'string')
 if refused then
@@ -54,13 +59,15 @@ local function checked_counter(key, field, raw)
   return entry
 end
 
-local terms, expiries, expiry_order, accounts = {}, {}, {}, {}
+local terms, term_order, expiries, expiry_order, accounts = {}, {}, {}, {}, {}
+local paid = ARGV[7] ~= ''  -- while every counter the batch moves starts past its included units
 local arg = reader(cmsgpack.unpack(ARGV[4]), 1)
 while true do
   local number = arg()
   if number == nil then
     break
   end
+  local events = arg()
   local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())],
     KEYS[tonumber(arg())]
   local expire_at, billable, charges_credits = arg(), arg() == 1, arg() == 1
@@ -73,7 +80,7 @@ while true do
     types[customer_key] = 'hash'
   end
   -- meters: (counter, units, price, included)... of the units a billable call adds.
-  local term, meters = {customer = customer_key, quota = quota_key}, {}
+  local term, meters = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}
   for _ = 1, tonumber(arg()) do
     local meter, units, price, included = arg(), tonumber(arg()), tonumber(arg()), tonumber(arg())
     if billable and units ~= 0 then
@@ -87,6 +94,8 @@ while true do
       meters[#meters + 1] = price
       meters[#meters + 1] = included
       incremented[quota_key] = true
+      paid = paid and units > 0 and entry.start >= included
+      term.cost = term.cost + units * price
     end
   end
   refused = (#meters == 0 and expect(quota_key, 'hash')) or expect(ledger_key, 'stream')
@@ -108,44 +117,60 @@ while true do
     term.account = account
   end
   terms[number] = term
+  term_order[#term_order + 1] = term
 end
 
--- Each event's units move its term's counters in stream order: a call's cost is what it adds past the
--- included units, so it depends on the calls before it.
-local costs, charged_order = {}, {}
-local events = cmsgpack.unpack(ARGV[5])
-for i = 1, #events do
-  local cost = 0
-  local term = terms[events[i]]
-  if term then
-    local meters = term.meters
+local costs, charged_order = ARGV[7], {}
+
+local function charge(account, cost)
+  if account and cost ~= 0 then
+    if account.moved == 0 then
+      charged_order[#charged_order + 1] = account
+    end
+    account.net = account.net + cost
+    account.moved = account.moved + math.abs(cost)
+  end
+end
+
+if paid then
+  -- Terms in the order of their first events: the customers' charges come in the same order.
+  for _, term in ipairs(term_order) do
+    local meters, events = term.meters, term.events
     for j = 1, #meters, 4 do
-      local entry, units, price, included = meters[j], meters[j + 1], meters[j + 2], meters[j + 3]
-      local before = entry.start + entry.net
-      entry.net = entry.net + units
-      entry.moved = entry.moved + math.abs(units)
-      if before >= included and before + units >= included then
-        cost = cost + units * price
-      else
+      local entry, units = meters[j], meters[j + 1]
+      entry.net = entry.net + events * units
+      entry.moved = entry.moved + events * units
+    end
+    charge(term.account, events * term.cost)
+  end
+else
+  -- Each event's units move its term's counters in stream order: a call's cost is what it adds past
+  -- the included units, so it depends on the calls before it.
+  costs = {}
+  local events = cmsgpack.unpack(ARGV[5])
+  for i = 1, #events do
+    local cost = 0
+    local term = terms[events[i]]
+    if term then
+      local meters = term.meters
+      for j = 1, #meters, 4 do
+        local entry, units, price, included = meters[j], meters[j + 1], meters[j + 2], meters[j + 3]
+        local before = entry.start + entry.net
+        entry.net = entry.net + units
+        entry.moved = entry.moved + math.abs(units)
         cost = cost + (math.max(included, before + units) - math.max(included, before)) * price
       end
-    end
-    local account = term.account
-    if account and cost ~= 0 then
-      if account.moved == 0 then
-        charged_order[#charged_order + 1] = account
+      charge(term.account, cost)
+      -- The calls of a term mostly cost the same: its last cost's text is reused.
+      if cost ~= term.last then
+        term.last, term.text = cost, int(cost)
       end
-      account.net = account.net + cost
-      account.moved = account.moved + math.abs(cost)
+      costs[i] = term.text
+    else
+      costs[i] = '0'
     end
-    -- The calls of a term mostly cost the same: its last cost's text is reused.
-    if cost ~= term.cost then
-      term.cost, term.text = cost, int(cost)
-    end
-    costs[i] = term.text
-  else
-    costs[i] = '0'
   end
+  costs = table.concat(costs, ',')
 end
 for _, account in ipairs(charged_order) do
   local balance = checked_counter(account.key, 'balance', account.balance)
@@ -204,7 +229,7 @@ refused = check_counters()
 if refused then
   return redis.error_reply(refused)
 end
-redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', table.concat(costs, ','), 'i', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', costs, 'i', ARGV[1])
 for _, account in ipairs(charged_order) do
   redis.call('XADD', account.ledger, '*', 'k', 'charge', 'a', int(-account.net), 'r', ARGV[1])
 end

@@ -59,33 +59,34 @@ local function checked_counter(key, field, raw)
   return entry
 end
 
-local terms, term_order, expiries, expiry_order, accounts = {}, {}, {}, {}, {}
+local terms, term_order, expiries, expiry_order, accounts, balances = {}, {}, {}, {}, {}, {}
 local paid = ARGV[7] ~= ''  -- while every counter the batch moves starts past its included units
-local arg = reader(cmsgpack.unpack(ARGV[4]), 1)
-while true do
-  local number = arg()
-  if number == nil then
-    break
-  end
-  local events = arg()
-  local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())],
-    KEYS[tonumber(arg())]
-  local expire_at, billable, charges_credits = arg(), arg() == 1, arg() == 1
+local list, at = cmsgpack.unpack(ARGV[4]), 1
+while list[at] do
+  local number, events = list[at], list[at + 1]
+  local customer_key, ledger_key, quota_key = KEYS[list[at + 2]], KEYS[list[at + 3]], KEYS[list[at + 4]]
+  local expire_at, billable, charges_credits = list[at + 5], list[at + 6] == 1, list[at + 7] == 1
+  at = at + 9
   -- Every customer hash holds a balance: one found proves the key is a customer's.
-  local balance, problem = read('hash', 'HGET', customer_key, 'balance')
-  if problem then
-    return redis.error_reply(problem)
-  end
-  if balance then
-    types[customer_key] = 'hash'
+  local balance = balances[customer_key]
+  if balance == nil then
+    local problem
+    balance, problem = read('hash', 'HGET', customer_key, 'balance')
+    if problem then
+      return redis.error_reply(problem)
+    end
+    balances[customer_key] = balance
+    if balance then
+      types[customer_key] = 'hash'
+    end
   end
   -- meters: (counter, units, price, included)... of the units a billable call adds.
   local term, meters = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}
-  for _ = 1, tonumber(arg()) do
-    local meter, units, price, included = arg(), tonumber(arg()), tonumber(arg()), tonumber(arg())
+  for j = at, at + 4 * list[at - 1] - 1, 4 do
+    local units, price, included = list[j + 1], list[j + 2], list[j + 3]
     if billable and units ~= 0 then
       local entry
-      entry, refused = checked_counter(quota_key, meter .. ':u')
+      entry, refused = checked_counter(quota_key, list[j] .. ':u')
       if refused then
         return redis.error_reply(refused)
       end
@@ -98,6 +99,7 @@ while true do
       term.cost = term.cost + units * price
     end
   end
+  at = at + 4 * list[at - 1]
   refused = (#meters == 0 and expect(quota_key, 'hash')) or expect(ledger_key, 'stream')
   if refused then
     return redis.error_reply(refused)
@@ -105,7 +107,7 @@ while true do
   term.meters = meters
   -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
   if billable and not expiries[quota_key] then
-    expiries[quota_key] = int(expire_at)
+    expiries[quota_key] = expire_at
     expiry_order[#expiry_order + 1] = quota_key
   end
   if billable and charges_credits and existed(customer_key) then
@@ -182,7 +184,7 @@ end
 -- The settlement names the reservation's own customer, mode and period (both come from the admission).
 -- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
 local ids, owners, settled, closed = {}, {}, {}, {}
-arg = reader(cmsgpack.unpack(ARGV[6]), 1)
+local arg = reader(cmsgpack.unpack(ARGV[6]), 1)
 while true do
   local reservation_id = arg()
   if reservation_id == nil then
@@ -221,7 +223,7 @@ end
 for _, quota_key in ipairs(expiry_order) do
   local ttl = redis.call('TTL', quota_key)
   if ttl == -1 or (ttl == -2 and incremented[quota_key]) then
-    plan('EXPIREAT', quota_key, expiries[quota_key])
+    plan('EXPIREAT', quota_key, int(expiries[quota_key]))
   end
 end
 

@@ -29,11 +29,18 @@ from benchmarks.apps import CONFIG, create_customer
 from meterware import Accounts, Config, keys
 from meterware._core import KeyInfo, decision_from_reply, limit_headers
 from meterware._metering import Call, Metering
-from meterware.events import UsageEvent, decode_batch, encode_batch, encode_rows, new_event_id
+from meterware.events import (
+    UsageEvent,
+    decode_batch,
+    decode_columns,
+    encode_batch,
+    encode_rows,
+    new_event_id,
+)
 from meterware.flusher import Pending, make_batches
-from meterware.rollup.aggregate import fold, parse_entry
+from meterware.rollup.aggregate import Fold, fold, parse_columns, parse_entry
 from meterware.storage import open_async_storage, open_storage
-from meterware.storage.base import Batch, Storage
+from meterware.storage.base import Batch, Storage, Window, WindowTotals
 
 BATCH = 1000
 #: Headers a typical client sends, the key among them.
@@ -203,6 +210,7 @@ def codec(bench: Bench, repeat: int) -> Iterator[Piece]:
     payload = encode_rows(rows)
     yield timed(f"events.encode_rows ({BATCH} events)", lambda: encode_rows(rows), repeat, BATCH)
     yield timed(f"events.decode_batch ({BATCH} events)", lambda: decode_batch(payload), repeat, BATCH)
+    yield timed(f"events.decode_columns ({BATCH} events)", lambda: decode_columns(payload), repeat, BATCH)
     yield timed(
         f"flusher.make_batches ({BATCH} events, 1 shard)", lambda: make_batches(pending), repeat, BATCH
     )
@@ -240,6 +248,28 @@ def rollup(bench: Bench, repeat: int) -> Iterator[Piece]:
     entry = {b"b": encode_batch(sample[:BATCH]), b"c": b",".join([b"1"] * BATCH), b"i": b"batch"}
     yield timed(
         f"rollup.aggregate.parse_entry ({BATCH} events)", lambda: parse_entry(entry, meters), repeat, BATCH
+    )
+
+    # What the worker does with one read of 10 entries: decode each as columns, fold them all, then the
+    # windows (the same events as the fold pieces above).
+    entries = [
+        {b"b": encode_batch(sample[start : start + BATCH]), b"c": b",".join([b"1"] * BATCH)}
+        for start in range(0, len(sample), BATCH)
+    ]
+
+    def worker_read() -> dict[Window, WindowTotals]:
+        folding = Fold(meters)
+        for fields in entries:
+            parsed = parse_columns(fields, meters)
+            assert not isinstance(parsed, str)
+            folding.add(*parsed)
+        return folding.totals()
+
+    yield timed(
+        f"rollup: parse_columns + Fold ({len(sample):,} events in {len(entries)} entries; the worker's path)",
+        worker_read,
+        repeat,
+        len(sample),
     )
 
 

@@ -19,6 +19,7 @@ from meterware.events import (
     EventDecodeError,
     UsageEvent,
     decode_batch,
+    decode_columns,
     encode_batch,
     encode_rows_async,
     event_row,
@@ -253,6 +254,48 @@ def test_garbage_raises_event_decode_error_with_reason(payload: bytes, reason: s
         decode_batch(payload)
     assert str(caught.value).startswith(reason)
     assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        pytest.param({"v": 3}, "unknown schema version 3", id="version-3"),
+        pytest.param({"v": True}, "unknown schema version True", id="version-true"),
+        pytest.param({"ts": 1.5}, "field 'ts' must be int, got 1.5", id="ts-float"),
+        pytest.param({"s": True}, "field 's' must be int, got True", id="status-bool"),
+        pytest.param({"b": 1}, "field 'b' must be bool, got 1", id="billable-int"),
+        pytest.param({"l": None}, "field 'l' must be bool, got None", id="live-none"),
+        pytest.param({"c": b"acme"}, "field 'c' must be str, got b'acme'", id="customer-bytes"),
+        pytest.param({"x": 0}, "field 'x' must be str, got 0", id="reason-int"),
+        pytest.param({"id": "x" * 16}, "field 'id' must be bytes", id="id-string"),
+        pytest.param({"id": b"\x00" * 15}, "id must be 16 bytes", id="id-15-bytes"),
+        pytest.param({"u": "calls"}, "field 'u' must be dict, got 'calls'", id="units-string"),
+        pytest.param({"u": [1]}, "field 'u' must be dict, got [1]", id="units-list"),
+        pytest.param({"u": {"tokens": True}}, "bad units entry 'tokens'", id="units-bool"),
+        pytest.param({"u": {"tokens": 1.5}}, "bad units entry 'tokens'", id="units-float"),
+        pytest.param({"u": {b"tokens": 1}}, "bad units entry b'tokens'", id="units-bytes-key"),
+        pytest.param({"o": "lost"}, "unknown outcome 'lost'", id="unknown-outcome"),
+    ],
+)
+def test_a_bad_event_among_good_arrays_is_named(changes: dict[str, Any], reason: str) -> None:
+    """However a batch of arrays is checked (whole columns at once first), the first bad event is named
+    with what is wrong with it."""
+    bad = sample_row(**changes)
+    for batch, index in (([sample_row(), sample_row(), bad], 2), ([bad, sample_row(o="lost")], 0)):
+        with pytest.raises(EventDecodeError) as caught:
+            decode_batch(pack(batch))
+        assert str(caught.value).startswith(f"event {index}: {reason}")
+
+
+@given(st.lists(_events, min_size=1, max_size=8))
+def test_columns_hold_the_events_fields_in_order(events: list[UsageEvent]) -> None:
+    """decode_columns gives one column per field, the same from arrays and from version 1 maps."""
+    fields = [name for name in UsageEvent.__slots__ if name not in ("cost", "sign")]  # type: ignore[attr-defined]
+    expected = tuple(tuple(getattr(event, name) for event in events) for name in fields)
+    assert decode_columns(encode_batch(events)) == expected
+    keys = ["id", "ts", "c", "k", "p", "r", "m", "s", "o", "d", "f", "u", "b", "l", "ps", "x"]
+    maps = [{"v": 1, **dict(zip(keys, row[1:], strict=True))} for row in map(event_row, events)]
+    assert decode_columns(pack(maps)) == expected
 
 
 def test_long_garbage_values_are_truncated_in_the_reason() -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterware.events import UsageEvent, encode_batch
-from meterware.rollup.aggregate import MAX_VALUE, WINDOW_TTLS, fold, parse_entry, windows_of
+from meterware.events import UsageEvent, decode_columns, encode_batch
+from meterware.rollup.aggregate import MAX_VALUE, WINDOW_TTLS, Fold, fold, parse_entry, windows_of
 from meterware.storage.base import Window, WindowTotals
 from tests.rollup.helpers import METERS, PERIOD, T0_MS, event, flat
 
@@ -306,6 +306,43 @@ def test_fold_is_independent_of_batching(
     for start, end in itertools.pairwise(bounds):
         fold(events[start:end], costs[start:end], METERS, stepwise)
     assert stepwise == fold(events, costs, METERS)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),  # customer
+            st.integers(0, 3 * 60_000),  # ms after T0
+            st.integers(-5, 5),  # units
+            st.booleans(),  # billable
+            st.sampled_from(["success", "client_error", "server_error"]),
+            st.integers(0, 3),  # cost
+        ),
+        max_size=30,
+    ),
+)
+def test_fold_without_signs_equals_fold_with_signs_of_one(
+    raw: list[tuple[int, int, int, bool, str, int]],
+) -> None:
+    """A batch without signs (counted in C) folds as the same batch with every sign 1 (event by event)."""
+    events = [
+        event(
+            f"c{customer}",
+            ts=T0_MS + offset,
+            billable=billable,
+            outcome=outcome,
+            units={"calls": 1, "tokens": value, "gauge": value, "peak": value, "users": str(value)},
+        )
+        for customer, offset, value, billable, outcome, _ in raw
+    ]
+    columns = decode_columns(encode_batch(events))
+    costs = [cost for *_, cost in raw]
+    plain, signed = Fold(METERS), Fold(METERS)
+    plain.add(columns, costs)
+    signed.add(columns, costs, [1] * len(events))
+    assert plain.totals() == signed.totals() == fold(events, costs, METERS)
+    assert plain.events == signed.events == len(events)
 
 
 def test_parse_entry_accepts_values_up_to_the_bounds() -> None:

@@ -394,6 +394,60 @@ def test_flush_charges_billable_calls_and_refunds_the_rest(storage: Storage) -> 
     assert quota_left(storage.admit(admit_request(storage, plan))) == 10 - 4 - 1
 
 
+def test_flush_prices_each_call_by_the_units_before_it(storage: Storage) -> None:
+    """In one batch, each call costs what it adds past the included units, given the calls before it:
+    calls of a customer with the same terms and calls with other units or meters interleave."""
+    open_account(storage, credits=100_000)
+    period_start = period_bounds(0, "month", time.time())[0]
+
+    def call(units: int, tokens: int = 0, *, billable: bool = True, charges: bool = True) -> Settlement:
+        meters = (("calls", units, 100, 5),) + ((("tokens", tokens, 1, 50),) if tokens else ())
+        return Settlement("acme", True, period_start, "", billable, charges, meters)
+
+    batch = [call(2), call(2), call(3, 40), call(2, billable=False), call(2), call(1, 30, charges=False)]
+    assert flush(storage, *batch, call(2))
+    shard = shard_of("acme", storage.shards)
+    [entry] = storage.read_stream(shard, START_OFFSET, 10)
+    # calls: 0-2, 2-4, 4-7 (2 past 5), not billable, 7-9, 9-10, 10-12; tokens: 0-40, 40-70 (20 past 50).
+    assert entry.fields[b"c"] == b"0,0,200,0,200,120,200"
+    # The call that does not charge credits still counts its units, and its cost is not charged.
+    assert storage.get_balance("acme").balance == 100_000 - 600
+    [charge] = [e for e in storage.read_ledger("acme") if e.kind == "charge"]
+    assert charge.amount == -600
+
+
+def test_flush_past_the_included_units_prices_calls_by_their_units(storage: Storage) -> None:
+    """Once past its included units, every call costs its units times their prices, in any batch."""
+    open_account(storage, credits=100_000)
+    period_start = period_bounds(0, "month", time.time())[0]
+
+    def call(units: int, *, billable: bool = True) -> Settlement:
+        return Settlement("acme", True, period_start, "", billable, True, (("calls", units, 7, 2),))
+
+    assert flush(storage, call(3))  # 1 past the 2 included
+    assert flush(storage, call(1), call(3), call(1, billable=False), None, call(2), call(0))
+    shard = shard_of("acme", storage.shards)
+    entries = storage.read_stream(shard, START_OFFSET, 10)
+    assert [entry.fields[b"c"] for entry in entries] == [b"7", b"7,21,0,0,14,0"]
+    assert storage.get_balance("acme").balance == 100_000 - 7 - 42
+    assert [e.amount for e in storage.read_ledger("acme") if e.kind == "charge"] == [-7, -42]
+
+
+def test_flush_closes_every_reservation_of_a_big_batch(storage: Storage) -> None:
+    """A batch closes all its reservations, however many (the script asks for them in slices)."""
+    open_account(storage, credits=10_000)
+    plan = make_plan(quota=5000, price=1, prepaid=True)
+    calls = [admit_request(storage, plan) for _ in range(2100)]
+    decisions = [storage.admit(request) for request in calls]
+    assert storage.get_balance("acme").reserved == 2100
+    billable = [index % 3 != 0 for index in range(2100)]
+    settlements = [settlement(r, d, billable=b) for r, d, b in zip(calls, decisions, billable, strict=True)]
+    assert flush(storage, *settlements, settlements[0])  # the first (refunded) twice: closed once
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (10_000 - 1400, 0)
+    assert storage.expire_reservations(shard_of("acme", storage.shards), 10_000) == 0
+
+
 def test_flush_refund_gives_quota_and_credits_back(storage: Storage) -> None:
     """A call that is not billable releases its quota hold and its reserved credits."""
     open_account(storage, credits=100)

@@ -24,12 +24,22 @@ be taken back: corrections refuse events that hold them, and the fold skips them
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, compress, count, repeat, starmap
+from operator import attrgetter, floordiv
 from typing import Final
 
 from meterware.config import Meter
-from meterware.events import OUTCOMES, EventDecodeError, UsageEvent, decode_batch
+from meterware.events import (
+    COLUMN,
+    OUTCOMES,
+    EventColumns,
+    EventDecodeError,
+    UsageEvent,
+    decode_columns,
+)
 from meterware.storage.base import Window, WindowTotals
 
 _DAY: Final = 86_400
@@ -49,7 +59,10 @@ MAX_REASON: Final = 200
 # no single event can make a commit fail forever.
 MAX_VALUE: Final = 2**53
 _COST_RE: Final = re.compile(rb"\d{1,15}")
+_COSTS_RE: Final = re.compile(rb"\d{1,15}(?:,\d{1,15})*")
 _INTEGER_AGGREGATIONS: Final = frozenset({"sum", "max", "last"})
+_TIMESTAMP, _CUSTOMER, _PERIOD = COLUMN["timestamp_ms"], COLUMN["customer"], COLUMN["period_start"]
+_OUTCOME, _UNITS, _BILLABLE, _LIVE = COLUMN["outcome"], COLUMN["units"], COLUMN["billable"], COLUMN["live"]
 
 
 def outcome_field(outcome: str) -> str:
@@ -77,10 +90,11 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 
-def parse_entry(
+def parse_columns(
     fields: Mapping[bytes, bytes], meters: Mapping[str, Meter]
-) -> tuple[list[UsageEvent], list[int]] | str:
-    """Decode one stream entry into its events and their costs, or say in one line why it is garbage.
+) -> tuple[EventColumns, list[int], list[int] | None] | str:
+    """Decode one stream entry into its events' columns, their costs and their signs (``None``: all 1), or
+    say in one line why it is garbage.
 
     The entry must hold ``b`` (a batch of events of a known schema version) and ``c`` (one non-negative
     integer cost per event, comma-separated, below 10**15); a billable event must carry an integer for
@@ -93,40 +107,63 @@ def parse_entry(
     if raw_costs is None:
         return "missing field 'c' (the costs)"
     try:
-        events = decode_batch(payload)
+        columns = decode_columns(payload)
     except EventDecodeError as error:
         return _one_line(f"field 'b': {error}")
+    events = len(columns[_UNITS])
     parts = raw_costs.split(b",") if raw_costs else []
-    if len(parts) != len(events):
-        return f"field 'c': {len(parts)} costs for {len(events)} events"
+    if len(parts) != events:
+        return f"field 'c': {len(parts)} costs for {events} events"
+    signs = None
     raw_signs = fields.get(b"n")
     if raw_signs is not None:
-        signs = raw_signs.split(b",") if raw_signs else []
-        if len(signs) != len(events) or any(sign not in (b"1", b"-1") for sign in signs):
-            return f"field 'n': {len(signs)} signs (1 or -1) for {len(events)} events"
-        for event, sign in zip(events, signs, strict=True):
-            event.sign = int(sign)
-    costs = []
-    for index, part in enumerate(parts):
-        if not _COST_RE.fullmatch(part):
-            return _one_line(f"field 'c': cost {index} is not a non-negative integer: {part[:20]!r}")
-        costs.append(int(part))
-    for index, event in enumerate(events):
-        if not event.billable:
-            continue
-        for name, value in event.units.items():
-            meter = meters.get(name)
-            if type(value) is int:
-                if not -MAX_VALUE <= value <= MAX_VALUE:
-                    return _one_line(f"event {index}: meter {name!r} has a value out of range")
-            elif meter is not None and meter.aggregation in _INTEGER_AGGREGATIONS:
-                return _one_line(
-                    f"event {index}: meter {name!r} ({meter.aggregation}) needs an integer value"
-                )
+        split = raw_signs.split(b",") if raw_signs else []
+        if len(split) != events or any(sign not in (b"1", b"-1") for sign in split):
+            return f"field 'n': {len(split)} signs (1 or -1) for {events} events"
+        signs = list(map(int, split))
+    if raw_costs and not _COSTS_RE.fullmatch(raw_costs):
+        for index, part in enumerate(parts):
+            if not _COST_RE.fullmatch(part):
+                return _one_line(f"field 'c': cost {index} is not a non-negative integer: {part[:20]!r}")
+    costs = list(map(int, parts))
+    values = list(chain.from_iterable(map(dict.values, columns[_UNITS])))
+    try:
+        # min() and max() compare ints only: text among them raises, and so does a bound too far.
+        checked = not values or (min(values) >= -MAX_VALUE and max(values) <= MAX_VALUE)
+    except TypeError:
+        checked = False
+    if not checked:
+        billed = compress(enumerate(columns[_UNITS]), columns[_BILLABLE])
+        for index, units in billed:
+            for name, value in units.items():
+                meter = meters.get(name)
+                if type(value) is int:
+                    if not -MAX_VALUE <= value <= MAX_VALUE:
+                        return _one_line(f"event {index}: meter {name!r} has a value out of range")
+                elif meter is not None and meter.aggregation in _INTEGER_AGGREGATIONS:
+                    return _one_line(
+                        f"event {index}: meter {name!r} ({meter.aggregation}) needs an integer value"
+                    )
+    return columns, costs, signs
+
+
+def parse_entry(
+    fields: Mapping[bytes, bytes], meters: Mapping[str, Meter]
+) -> tuple[list[UsageEvent], list[int]] | str:
+    """:func:`parse_columns` with an event per call (each with its sign): what the worker folds, as
+    events."""
+    parsed = parse_columns(fields, meters)
+    if isinstance(parsed, str):
+        return parsed
+    columns, costs, signs = parsed
+    events = list(starmap(UsageEvent, zip(*columns, strict=True)))
+    for event, sign in zip(events, signs or (), strict=False):
+        event.sign = sign
     return events, costs
 
 
-@dataclass(slots=True)
+# Compared and hashed by identity: each event's group is looked up once, then counted by object.
+@dataclass(slots=True, eq=False)
 class _Group:
     """Events of one customer in one minute and one billing period: they add to the same four windows."""
 
@@ -135,6 +172,87 @@ class _Group:
     #: field -> (timestamp_ms, position in the fold, value): the position breaks timestamp ties.
     lasts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     uniques: dict[str, set[str]] = field(default_factory=dict)
+
+
+_GroupKey = tuple[bool, str, int, int]
+_fields_of: Final = attrgetter(*COLUMN)
+
+
+class Fold:
+    """Events folded, batch after batch in stream order, into the totals of their windows.
+
+    Each event goes once into its group (customer, minute, billing period), straight from the decoded
+    columns; :meth:`totals` then adds each group to its four windows.
+    """
+
+    def __init__(self, meters: Mapping[str, Meter]) -> None:
+        self._aggregations = {name: meter.aggregation for name, meter in meters.items()}
+        self._groups: defaultdict[_GroupKey, _Group] = defaultdict(_Group)
+        #: Events folded so far (the next one's position in the stream, which breaks ``last`` ties).
+        self.events = 0
+
+    def add(self, columns: EventColumns, costs: Sequence[int], signs: Sequence[int] | None = None) -> None:
+        """Fold one batch (as :func:`~meterware.events.decode_columns` gives it), with a cost and a sign
+        (-1: a correction takes the event back) per event."""
+        stamps = columns[_TIMESTAMP]
+        if len(costs) != len(stamps) or (signs is not None and len(signs) != len(stamps)):
+            raise ValueError("one cost and one sign per event")
+        minutes = map(floordiv, stamps, repeat(60_000))
+        keys = zip(columns[_LIVE], columns[_CUSTOMER], minutes, columns[_PERIOD], strict=True)
+        groups, aggregations = self._groups, self._aggregations
+        of_events = list(map(groups.__getitem__, keys))  # a defaultdict: new groups on the way
+        # Calls by outcome and spend per group: counted in C, unless a correction takes events back.
+        if signs is None:
+            calls = Counter(zip(of_events, columns[_OUTCOME], costs, strict=True))
+        else:
+            calls = Counter()
+            for event in zip(of_events, columns[_OUTCOME], costs, signs, strict=True):
+                calls[event[:3]] += event[3]
+        for (group, outcome, cost), number in calls.items():
+            sums = group.sums
+            counted = _OUTCOME_FIELDS.get(outcome) or outcome_field(outcome)
+            sums[counted] = sums.get(counted, 0) + number
+            sums[SPEND] = sums.get(SPEND, 0) + number * cost
+        # Units of billable events, each at its position in the stream (later events win ``last`` ties).
+        billed = compress(
+            zip(
+                of_events,
+                columns[_UNITS],
+                stamps,
+                repeat(1) if signs is None else signs,
+                count(self.events + 1),
+                strict=False,  # lengths checked above; repeat() and count() never end
+            ),
+            columns[_BILLABLE],
+        )
+        for group, units, stamp, sign, position in billed:
+            sums = group.sums
+            for name, value in units.items():
+                aggregation = aggregations.get(name) or ("sum" if type(value) is int else "unique")
+                if aggregation == "count":
+                    sums[name] = sums.get(name, 0) + sign
+                elif aggregation == "unique":
+                    if sign > 0:
+                        group.uniques.setdefault(name, set()).add(str(value))
+                elif type(value) is not int:
+                    # parse_columns refuses these; a caller that skipped it gets no silent coercion.
+                    raise TypeError(f"meter {name!r} ({aggregation}) needs an integer value")
+                elif aggregation == "sum":
+                    sums[name] = sums.get(name, 0) + sign * value
+                elif sign < 0:
+                    continue  # a max or a last value cannot be taken back
+                elif aggregation == "max":
+                    current = group.maxes.get(name)
+                    group.maxes[name] = value if current is None or value > current else current
+                else:  # last; later events of a group win timestamp ties, being later in the stream
+                    previous = group.lasts.get(name)
+                    if previous is None or previous[0] <= stamp:
+                        group.lasts[name] = (stamp, position, value)
+        self.events += len(stamps)
+
+    def totals(self, into: dict[Window, WindowTotals] | None = None) -> dict[Window, WindowTotals]:
+        """The window totals of everything folded, added to ``into`` (extended in place) if given."""
+        return _merge_groups(self._groups, {} if into is None else into)
 
 
 def fold(
@@ -147,43 +265,12 @@ def fold(
 
     ``into`` is extended in place and returned, so the entries of one commit fold into one mapping.
     """
-    aggregations = {name: meter.aggregation for name, meter in meters.items()}
-    # Fold each event once into its group, then each group into its four windows.
-    groups: dict[tuple[bool, str, int, int], _Group] = {}
-    for position, (event, cost) in enumerate(zip(events, costs, strict=True)):
-        key = (event.live, event.customer, event.timestamp_ms // 60_000, event.period_start)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _Group()
-        sums = group.sums
-        sign = event.sign  # -1: a correction takes the event back
-        counted = _OUTCOME_FIELDS.get(event.outcome) or outcome_field(event.outcome)
-        sums[counted] = sums.get(counted, 0) + sign
-        sums[SPEND] = sums.get(SPEND, 0) + sign * cost
-        if not event.billable:
-            continue
-        for name, value in event.units.items():
-            aggregation = aggregations.get(name) or ("sum" if type(value) is int else "unique")
-            if aggregation == "count":
-                sums[name] = sums.get(name, 0) + sign
-            elif aggregation == "unique":
-                if sign > 0:
-                    group.uniques.setdefault(name, set()).add(str(value))
-            elif type(value) is not int:
-                # parse_entry refuses these; a caller that skipped it gets no silent coercion.
-                raise TypeError(f"meter {name!r} ({aggregation}) needs an integer value")
-            elif aggregation == "sum":
-                sums[name] = sums.get(name, 0) + sign * value
-            elif sign < 0:
-                continue  # a max or a last value cannot be taken back
-            elif aggregation == "max":
-                current = group.maxes.get(name)
-                group.maxes[name] = value if current is None or value > current else current
-            else:  # last; later events of a group win timestamp ties, being later in the stream
-                previous = group.lasts.get(name)
-                if previous is None or previous[0] <= event.timestamp_ms:
-                    group.lasts[name] = (event.timestamp_ms, position, value)
-    return _merge_groups(groups, {} if into is None else into)
+    events = list(events)
+    folding = Fold(meters)
+    columns = tuple(zip(*map(_fields_of, events), strict=True)) or ((),) * len(COLUMN)
+    signs = [event.sign for event in events]
+    folding.add(columns, list(costs), None if signs.count(1) == len(signs) else signs)
+    return folding.totals(into)
 
 
 def _merge_groups(

@@ -29,9 +29,8 @@ from typing import Final
 from meterware.alerts import AlertEvaluator, webhook_secret
 from meterware.config import Config
 from meterware.errors import ConfigError, StorageError
-from meterware.events import UsageEvent
 from meterware.ledger import expire_due_grants
-from meterware.rollup.aggregate import fold, parse_entry
+from meterware.rollup.aggregate import Fold, parse_columns
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage, StreamEntry
 
@@ -276,19 +275,18 @@ class RollupWorker:
         if not entries:
             return _Progress()
         dead: list[tuple[str, str]] = []
-        events: list[UsageEvent] = []
-        costs: list[int] = []
         meters = self.config.meters
+        # One fold for the whole read: events of a customer's minute collapse before the windows are built.
+        folding = Fold(meters)
         for entry in entries:
-            parsed = parse_entry(entry.fields, meters)
+            parsed = parse_columns(entry.fields, meters)
             if isinstance(parsed, str):
                 logger.warning("shard %d: entry %s is a dead letter: %s", shard, entry.entry_id, parsed)
                 dead.append((entry.entry_id, parsed))
                 continue
-            events += parsed[0]
-            costs += parsed[1]
-        # One fold for the whole read: events of a customer's minute collapse before the windows are built.
-        windows = fold(events, costs, meters)
+            folding.add(*parsed)
+        windows = folding.totals()
+        events = folding.events
         new_offset = entries[-1].entry_id
         commit = RollupCommit(shard, lease.token, offset, new_offset, windows, tuple(dead))
         if not self.storage.commit_rollup(commit):
@@ -299,12 +297,12 @@ class RollupWorker:
         lease.offset = new_offset
         valid = len(entries) - len(dead)
         if valid:
-            self._events_per_entry[shard] = max(1, len(events) // valid)
+            self._events_per_entry[shard] = max(1, events // valid)
         if self.metrics is not None:
-            self._committed(shard, lease, entries, count, len(events), len(dead), started)
+            self._committed(shard, lease, entries, count, events, len(dead), started)
         if self.alerts is not None:
             self.alerts.after_commit(commit)  # after the commit: what it counted is in the totals read
-        return _Progress(len(entries), len(events))
+        return _Progress(len(entries), events)
 
     # -- metrics (only with ``metrics``) ---------------------------------------------------------------
 

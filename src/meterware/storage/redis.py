@@ -15,9 +15,12 @@ URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -399,8 +402,19 @@ def decisions_from_replies(
     ]
 
 
+_term_of: Final = operator.attrgetter(
+    "customer", "live", "period_start", "billable", "charges_credits", "meters"
+)
+_reservation_of: Final = operator.attrgetter("reservation_id")
+
+
 def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
-    """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard)."""
+    """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard).
+
+    A batch holds many calls of few customers: the settlements are sent as terms (what calls of one
+    customer with the same flags and meters share), each once; every event names its term (by the
+    position of the term's first event), and only the reservations to close go one by one.
+    """
     shard = batch.shard
     keys = _Keys(
         ks.flushed_batch(shard, batch.batch_id),
@@ -408,33 +422,50 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         ks.reservations(shard),
         ks.reservation_deadlines(shard),
     )
-    settlements: list[int | str] = [len(batch.settlements)]
-    # A batch holds many calls of few customers: their keys are named once.
-    indexes: dict[tuple[str, bool, int], tuple[int, int, int, int]] = {}
-    for settlement in batch.settlements:
-        if settlement is None:
-            settlements.append(0)
+    settlements = batch.settlements
+    identities: list[tuple[Any, ...] | None]
+    reservation_ids: list[str | None]
+    try:
+        identities = list(map(_term_of, settlements))
+        reservation_ids = list(map(_reservation_of, settlements))
+    except AttributeError:  # refused calls (None) settle nothing
+        identities = [None if item is None else _term_of(item) for item in settlements]
+        reservation_ids = [None if item is None else item.reservation_id for item in settlements]
+    first: dict[tuple[Any, ...] | None, int] = {}
+    events = list(map(first.setdefault, identities, itertools.count(1)))
+    counts = Counter(events)
+    # The costs text of the batch if no call crosses its included units (flush.lua checks that).
+    texts: dict[int, str] = {}
+    term_args: list[Arg] = []
+    for identity, number in first.items():
+        if identity is None:
+            texts[number] = "0"
             continue
-        customer, live, period_start = settlement.customer, settlement.live, settlement.period_start
-        found = indexes.get((customer, live, period_start))
-        if found is None:
-            found = indexes[(customer, live, period_start)] = (
-                keys.index(ks.customer(shard, customer)),
-                keys.index(ks.ledger(shard, customer)),
-                keys.index(ks.quota(shard, live, customer, period_start)),
-                period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
-            )
-        settlements += [
-            1,
-            settlement.reservation_id,
-            int(settlement.billable),
-            int(settlement.charges_credits),
-            *found,
-            len(settlement.meters),
+        customer, live, period_start, billable, charges_credits, meters = identity
+        texts[number] = str(sum(units * price for _, units, price, _ in meters) if billable else 0)
+        term_args += [
+            number,
+            counts[number],
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.ledger(shard, customer)),
+            keys.index(ks.quota(shard, live, customer, period_start)),
+            period_start + LONGEST_PERIOD_SECONDS + QUOTA_GRACE_SECONDS,
+            int(billable),
+            int(charges_credits),
+            len(meters),
         ]
-        for meter, units, price, included in settlement.meters:
-            settlements += [meter, units, price, included]
-    return keys.keys, [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS, msgpack.packb(settlements)]
+        for meter in meters:
+            term_args += meter
+    reservations: list[Arg] = []
+    if any(reservation_ids):
+        for reservation_id, term in zip(reservation_ids, events, strict=True):
+            if reservation_id:
+                reservations += (reservation_id, term)
+    # Beyond 14 digits Lua's numbers would print (and sum) otherwise: such a batch is priced per call.
+    costs = ",".join(map(texts.__getitem__, events)) if max(map(len, texts.values()), default=0) < 15 else ""
+    args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
+    args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations), costs]
+    return keys.keys, args
 
 
 def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:

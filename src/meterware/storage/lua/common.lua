@@ -130,11 +130,11 @@ end
 
 -- Plan HINCRBY (`incremented[key]`: the key exists once the plan is made). apply() makes one HINCRBY of
 -- the net change per field, however many changes were planned for it (a batch moves a customer's
--- balance once, not once per call).
-local function plan_incr(key, field, delta)
+-- balance once, not once per call). `moved`: the total size of the changes `delta` sums, if several.
+local function plan_incr(key, field, delta, moved)
   local entry = counter(key, field)
   entry.net = entry.net + delta
-  entry.moved = entry.moved + math.abs(delta)
+  entry.moved = entry.moved + (moved or math.abs(delta))
   incremented[key] = true
 end
 

@@ -6,11 +6,25 @@
 -- Each customer charged gets one `charge` entry in its credits ledger for the batch (amount: minus the
 -- batch's charges, ref: the batch id), appended with the batch, so its balance stays the ledger's sum.
 --
+-- The client sends the settlements grouped: a batch holds many calls of few customers, so a "term" holds
+-- what calls of the same customer, live flag, period, flags and meters share, and each event names its
+-- term. Per event, the script only adds its units to the counters and works out its cost; keys, checks
+-- and charges are per term and customer, and only reservations are looked up one by one.
+--
+-- Most batches hold no call that crosses its included units: each counter starts past them (or has
+-- none) and only grows, so every call of a term costs its units times their prices. The client sends the
+-- costs text such a batch has; the script checks that it holds and then works per term, never per event.
+--
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
--- ARGV: batch id, payload, marker ttl (s), settlements: one msgpack array (one argument, not thousands:
---       Redis and the client pay per argument) of the settlement count, then per settlement either 0
---       (none) or 1, reservation id, billable (1/0), charges credits (1/0), customer key index, ledger
---       key index, quota key index, quota expire-at (s), meter count, (meter, units, price, included)...
+-- ARGV: batch id, payload, marker ttl (s), then three msgpack arrays (one argument each, not thousands:
+--       Redis and the client pay per argument):
+--       terms: per term, its number, its event count, customer key index, ledger key index, quota key
+--         index, quota expire-at (s), billable (1/0), charges credits (1/0), meter count, (meter, units,
+--         price, included)...;
+--       events: per event, its term's number (the position of the term's first event; an event that
+--         settles nothing names a number no term has);
+--       reservations: (reservation id, term number)... of the events that have one, to close;
+--       then the costs text if every call costs its units times their prices ("" if not offered).
 
 local refused = expect(KEYS[1], 'string')
 if refused then
@@ -24,61 +38,192 @@ if refused then
   return redis.error_reply(refused)
 end
 
-local costs, settled, expiries, expiry_order = {}, {}, {}, {}
-local charged, charged_order = {}, {}  -- ledger key -> micros charged, in order of first charge
-local arg = reader(cmsgpack.unpack(ARGV[4]), 1)
-for _ = 1, tonumber(arg()) do
-  local cost = 0
-  if arg() == 1 then
-    local reservation_id, billable, charges_credits = arg(), arg() == 1, arg() == 1
-    local customer_key, ledger_key, quota_key = KEYS[tonumber(arg())], KEYS[tonumber(arg())], KEYS[tonumber(arg())]
-    local expire_at = arg()
-    refused = expect(customer_key, 'hash') or expect(quota_key, 'hash') or expect(ledger_key, 'stream')
-    if refused then
-      return redis.error_reply(refused)
+-- The counter of a hash field, read with a read that doubles as the hash's type check (`raw`: its text
+-- if read already, or nil), registered (so checked and written) only once the script moves it.
+local function checked_counter(key, field, raw)
+  local id = key .. '\n' .. field
+  local entry = counters[id]
+  if entry then
+    return entry
+  end
+  if raw == nil then
+    local problem
+    raw, problem = read('hash', 'HGET', key, field)
+    if problem then
+      return nil, problem
     end
-    -- The settlement names the reservation's own customer, mode and period (both come from the admission).
-    -- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
-    local record = reservation_id ~= '' and not settled[reservation_id]
-      and redis.call('HGET', KEYS[3], reservation_id)
-    if record then
-      settled[reservation_id] = true
-      plan('HDEL', KEYS[3], reservation_id)
-      plan('ZREM', KEYS[4], reservation_id)
-      refused = release(record, customer_key, quota_key, KEYS[3] .. ' field ' .. reservation_id)
+  end
+  entry = {key = key, field = field, raw = raw, start = tonumber(raw) or 0, net = 0, moved = 0}
+  counters[id] = entry
+  counter_order[#counter_order + 1] = entry
+  return entry
+end
+
+local terms, term_order, expiries, expiry_order, accounts, balances = {}, {}, {}, {}, {}, {}
+local paid = ARGV[7] ~= ''  -- while every counter the batch moves starts past its included units
+local list, at = cmsgpack.unpack(ARGV[4]), 1
+while list[at] do
+  local number, events = list[at], list[at + 1]
+  local customer_key, ledger_key, quota_key = KEYS[list[at + 2]], KEYS[list[at + 3]], KEYS[list[at + 4]]
+  local expire_at, billable, charges_credits = list[at + 5], list[at + 6] == 1, list[at + 7] == 1
+  at = at + 9
+  -- Every customer hash holds a balance: one found proves the key is a customer's.
+  local balance = balances[customer_key]
+  if balance == nil then
+    local problem
+    balance, problem = read('hash', 'HGET', customer_key, 'balance')
+    if problem then
+      return redis.error_reply(problem)
+    end
+    balances[customer_key] = balance
+    if balance then
+      types[customer_key] = 'hash'
+    end
+  end
+  -- meters: (counter, units, price, included)... of the units a billable call adds.
+  local term, meters = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}
+  for j = at, at + 4 * list[at - 1] - 1, 4 do
+    local units, price, included = list[j + 1], list[j + 2], list[j + 3]
+    if billable and units ~= 0 then
+      local entry
+      entry, refused = checked_counter(quota_key, list[j] .. ':u')
       if refused then
         return redis.error_reply(refused)
       end
-    end
-    for _ = 1, tonumber(arg()) do
-      local meter, units, price, included = arg(), tonumber(arg()), tonumber(arg()), tonumber(arg())
-      if billable and units ~= 0 then
-        local before = planned_value(quota_key, meter .. ':u')
-        plan_incr(quota_key, meter .. ':u', units)
-        cost = cost + (math.max(included, before + units) - math.max(included, before)) * price
-      end
-    end
-    -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
-    if billable and not expiries[quota_key] then
-      expiries[quota_key] = int(expire_at)
-      expiry_order[#expiry_order + 1] = quota_key
-    end
-    if billable and charges_credits and cost ~= 0 and existed(customer_key) then
-      plan_incr(customer_key, 'balance', -cost)
-      if not charged[ledger_key] then
-        charged[ledger_key] = 0
-        charged_order[#charged_order + 1] = ledger_key
-      end
-      charged[ledger_key] = charged[ledger_key] + cost
+      meters[#meters + 1] = entry
+      meters[#meters + 1] = units
+      meters[#meters + 1] = price
+      meters[#meters + 1] = included
+      incremented[quota_key] = true
+      paid = paid and units > 0 and entry.start >= included
+      term.cost = term.cost + units * price
     end
   end
-  costs[#costs + 1] = int(cost)
+  at = at + 4 * list[at - 1]
+  refused = (#meters == 0 and expect(quota_key, 'hash')) or expect(ledger_key, 'stream')
+  if refused then
+    return redis.error_reply(refused)
+  end
+  term.meters = meters
+  -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
+  if billable and not expiries[quota_key] then
+    expiries[quota_key] = expire_at
+    expiry_order[#expiry_order + 1] = quota_key
+  end
+  if billable and charges_credits and existed(customer_key) then
+    local account = accounts[customer_key]
+    if not account then
+      account = {key = customer_key, balance = balance, ledger = ledger_key, net = 0, moved = 0}
+      accounts[customer_key] = account
+    end
+    term.account = account
+  end
+  terms[number] = term
+  term_order[#term_order + 1] = term
 end
+
+local costs, charged_order = ARGV[7], {}
+
+local function charge(account, cost)
+  if account and cost ~= 0 then
+    if account.moved == 0 then
+      charged_order[#charged_order + 1] = account
+    end
+    account.net = account.net + cost
+    account.moved = account.moved + math.abs(cost)
+  end
+end
+
+if paid then
+  -- Terms in the order of their first events: the customers' charges come in the same order.
+  for _, term in ipairs(term_order) do
+    local meters, events = term.meters, term.events
+    for j = 1, #meters, 4 do
+      local entry, units = meters[j], meters[j + 1]
+      entry.net = entry.net + events * units
+      entry.moved = entry.moved + events * units
+    end
+    charge(term.account, events * term.cost)
+  end
+else
+  -- Each event's units move its term's counters in stream order: a call's cost is what it adds past
+  -- the included units, so it depends on the calls before it.
+  costs = {}
+  local events = cmsgpack.unpack(ARGV[5])
+  for i = 1, #events do
+    local cost = 0
+    local term = terms[events[i]]
+    if term then
+      local meters = term.meters
+      for j = 1, #meters, 4 do
+        local entry, units, price, included = meters[j], meters[j + 1], meters[j + 2], meters[j + 3]
+        local before = entry.start + entry.net
+        entry.net = entry.net + units
+        entry.moved = entry.moved + math.abs(units)
+        cost = cost + (math.max(included, before + units) - math.max(included, before)) * price
+      end
+      charge(term.account, cost)
+      -- The calls of a term mostly cost the same: its last cost's text is reused.
+      if cost ~= term.last then
+        term.last, term.text = cost, int(cost)
+      end
+      costs[i] = term.text
+    else
+      costs[i] = '0'
+    end
+  end
+  costs = table.concat(costs, ',')
+end
+for _, account in ipairs(charged_order) do
+  local balance = checked_counter(account.key, 'balance', account.balance)
+  balance.net = balance.net - account.net
+  balance.moved = balance.moved + account.moved
+  incremented[account.key] = true
+end
+
+-- The settlement names the reservation's own customer, mode and period (both come from the admission).
+-- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
+local ids, owners, settled, closed = {}, {}, {}, {}
+local arg = reader(cmsgpack.unpack(ARGV[6]), 1)
+while true do
+  local reservation_id = arg()
+  if reservation_id == nil then
+    break
+  end
+  local term = terms[arg()]
+  if not settled[reservation_id] then
+    settled[reservation_id] = true
+    ids[#ids + 1] = reservation_id
+    owners[#owners + 1] = term
+  end
+end
+local CHUNK = 1000  -- unpack() has a small stack: ask for the records in slices
+for first = 1, #ids, CHUNK do
+  local last = math.min(first + CHUNK - 1, #ids)
+  local records = redis.call('HMGET', KEYS[3], unpack(ids, first, last))
+  for i = first, last do
+    local record = records[i - first + 1]
+    if record then
+      local owner = owners[i]
+      refused = release(record, owner.customer, owner.quota, KEYS[3] .. ' field ' .. ids[i])
+      if refused then
+        return redis.error_reply(refused)
+      end
+      closed[#closed + 1] = ids[i]
+    end
+  end
+end
+for first = 1, #closed, CHUNK do
+  local slice = {unpack(closed, first, math.min(first + CHUNK - 1, #closed))}
+  plan('HDEL', KEYS[3], unpack(slice))
+  plan('ZREM', KEYS[4], unpack(slice))
+end
+
 -- A quota hash that exists after the batch without an expiry gets one (HINCRBY never removes one).
 for _, quota_key in ipairs(expiry_order) do
   local ttl = redis.call('TTL', quota_key)
   if ttl == -1 or (ttl == -2 and incremented[quota_key]) then
-    plan('EXPIREAT', quota_key, expiries[quota_key])
+    plan('EXPIREAT', quota_key, int(expiries[quota_key]))
   end
 end
 
@@ -86,9 +231,9 @@ refused = check_counters()
 if refused then
   return redis.error_reply(refused)
 end
-redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', table.concat(costs, ','), 'i', ARGV[1])
-for _, ledger_key in ipairs(charged_order) do
-  redis.call('XADD', ledger_key, '*', 'k', 'charge', 'a', int(-charged[ledger_key]), 'r', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', costs, 'i', ARGV[1])
+for _, account in ipairs(charged_order) do
+  redis.call('XADD', account.ledger, '*', 'k', 'charge', 'a', int(-account.net), 'r', ARGV[1])
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 apply()

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from meterware.config import Pipeline as PipelineConfig
+from meterware.errors import StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, new_event_id
 from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
 from meterware.storage import open_async_storage, open_storage
-from meterware.storage.base import Batch, Settlement, Storage
+from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 from tests.servers import free_port
 
 SHARDS = 4
@@ -429,6 +430,95 @@ def test_async_flusher_drain_flushes_everything(tmp_path: Path) -> None:
     assert len(pipeline.buffer) == 0
     assert pipeline.stats.flushed_events == 20
     assert len([e for _, _, events in stream(open_storage(url, shards=SHARDS)) for e in events]) == 20
+
+
+class WatchedFlushes:
+    """Counts the flushes of a real async storage in flight (overall and per shard); the ``fail_at``-th
+    flush raises instead of writing (as a timed-out one would)."""
+
+    def __init__(self, storage: AsyncStorage, fail_at: int = 0) -> None:
+        self.real_flush = storage.flush
+        self.fail_at = fail_at
+        self.sent = 0
+        self.in_flight: list[int] = []
+        self.most_in_flight = 0
+        self.overlapped_a_shard = False
+        storage.flush = self.flush  # type: ignore[method-assign]
+
+    async def flush(self, batch: Batch) -> bool:
+        self.sent += 1
+        if self.sent == self.fail_at:
+            raise StorageError("injected: the connection timed out")
+        self.overlapped_a_shard |= batch.shard in self.in_flight
+        self.in_flight.append(batch.shard)
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        try:
+            return await self.real_flush(batch)
+        finally:
+            self.in_flight.remove(batch.shard)
+
+
+def events_in_streams(url: str) -> list[UsageEvent]:
+    storage = open_storage(url, shards=SHARDS)
+    try:
+        return [event for _, _, events in stream(storage) for event in events]
+    finally:
+        storage.close()
+
+
+@pytest.mark.redis
+def test_flush_async_sends_the_next_batch_while_one_is_in_redis_never_two_of_a_shard(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two batches are in flight at once (the next is encoded and sent while Redis runs one), never two
+    of one shard: each shard's stream keeps its events in order."""
+    pipeline = Pipeline(config(tmp_path, batch_size=2))
+    for number in range(16):
+        pipeline.put(pending(number, number // 4))  # 4 events, 2 batches, per shard
+
+    async def flush() -> WatchedFlushes:
+        storage = open_async_storage(redis_url, shards=SHARDS)
+        watched = WatchedFlushes(storage)
+        await pipeline.flush_async(storage)
+        await storage.aclose()
+        return watched
+
+    watched = asyncio.run(flush())
+    assert (watched.sent, watched.most_in_flight, watched.overlapped_a_shard) == (8, 2, False)
+    assert pipeline.stats.flushed_events == 16
+    events = events_in_streams(redis_url)
+    for shard in range(SHARDS):
+        expected = [f"/v1/items/{shard * 4 + n}" for n in range(4)]
+        assert [e.route for e in events if e.route in expected] == expected
+
+
+@pytest.mark.redis
+def test_flush_async_failure_spools_what_was_not_written_and_the_replay_completes_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A flush fails while others are in flight: the ones answered are written, the failed one and the
+    ones not sent go to the spool, and the replay writes each event exactly once."""
+    pipeline = Pipeline(config(tmp_path, batch_size=2))
+    for number in range(16):
+        pipeline.put(pending(number, number % SHARDS))  # the batches alternate shards
+
+    async def flush() -> WatchedFlushes:
+        storage = open_async_storage(redis_url, shards=SHARDS)
+        watched = WatchedFlushes(storage, fail_at=3)
+        await pipeline.flush_async(storage)
+        written = pipeline.stats.flushed_events
+        assert written in (4, 6)  # the first two batches, and the one in flight with the failed one
+        assert pipeline.stats.spooled_events == 16 - written
+        await pipeline.flush_async(storage, final=True)  # the backend answers again: the spool replays
+        await storage.aclose()
+        return watched
+
+    watched = asyncio.run(flush())
+    assert pipeline.spool.pending() == []
+    assert pipeline.stats.flushed_events == 16
+    assert watched.overlapped_a_shard is False
+    routes_written = sorted(e.route for e in events_in_streams(redis_url))
+    assert routes_written == sorted(f"/v1/items/{n}" for n in range(16))
 
 
 @pytest.mark.redis

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Final, overload
 
 import msgpack
 
@@ -79,18 +80,17 @@ class EventBuffer:
         return True
 
     def take(self, limit: int) -> list[Pending]:
-        """Remove and return up to ``limit`` of the oldest events."""
-        items: list[Pending] = []
+        """Remove and return up to ``limit`` of the oldest events (one taker at a time: the flusher)."""
         pop = self._items.popleft
-        try:
-            while len(items) < limit:
-                items.append(pop())
-        except IndexError:
-            pass
-        return items
+        # Other threads only append meanwhile: the events counted here are all there to pop.
+        return [pop() for _ in range(min(limit, len(self._items)))]
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+_row_of: Final = operator.attrgetter("row")
+_settlement_of: Final = operator.attrgetter("settlement")
 
 
 class Batches(Sequence[Batch]):
@@ -123,7 +123,7 @@ class Batches(Sequence[Batch]):
         batch = self._batches.get(index)
         if batch is None:
             shard, group = self._groups[index]
-            batch = self._batches[index] = self._batch(shard, group, encode_rows([i.row for i in group]))
+            batch = self._batches[index] = self._batch(shard, group, encode_rows(list(map(_row_of, group))))
         return batch
 
     async def get_async(self, index: int) -> Batch:
@@ -131,7 +131,7 @@ class Batches(Sequence[Batch]):
         batch = self._batches.get(index)
         if batch is None:
             shard, group = self._groups[index]
-            payload = await encode_rows_async([item.row for item in group])
+            payload = await encode_rows_async(list(map(_row_of, group)))
             batch = self._batches[index] = self._batch(shard, group, payload)
         return batch
 
@@ -141,7 +141,7 @@ class Batches(Sequence[Batch]):
             shard=shard,
             batch_id=format_event_id(new_event_id()),
             payload=payload,
-            settlements=tuple(item.settlement for item in group),
+            settlements=tuple(map(_settlement_of, group)),
         )
 
 
@@ -495,23 +495,49 @@ class Pipeline:
                 self.releasing = []
 
     async def _flush_async(self, storage: AsyncStorage, batches: Batches) -> None:
-        for index in range(len(batches)):
-            batch = await batches.get_async(index)
-            if not self.healthy():
-                self.spill(batches[index:])
-                return
-            try:
-                applied = await self._timed_flush_async(storage, batch)
-            except StorageError as error:
-                self.failed(error)
-                self.spill(batches[index:])
-                return
-            except asyncio.CancelledError:
-                # The loop is ending mid-flush: keep the batches (retrying an applied one is a no-op).
-                self.spill(batches[index:])
-                raise
-            self.succeeded(batch, applied)
-            await asyncio.sleep(0)  # let calls in between batches (a memory:// flush never waits)
+        """Write the batches, two at a time: while one is in the backend, the next is encoded and sent, so
+        the process's work overlaps the backend's. Two batches of one shard never overlap: each shard's
+        stream and counters take its batches in order."""
+        flying: list[tuple[Batch, asyncio.Task[bool]]] = []  # sent, not yet answered
+        sent = 0  # batches[:sent] are flying or done
+        try:
+            while sent < len(batches):
+                batch = await batches.get_async(sent)  # encoded while the batch before is in the backend
+                if flying and flying[-1][0].shard == batch.shard and not await self._landed(flying.pop()):
+                    break
+                if not self.healthy():
+                    break
+                flying.append((batch, asyncio.ensure_future(self._timed_flush_async(storage, batch))))
+                sent += 1
+                await asyncio.sleep(0)  # the flush sends its batch; calls run in between too
+                if len(flying) == 2 and not await self._landed(flying.pop(0)):
+                    break
+            for _ in range(len(flying)):
+                await self._landed(flying.pop(0))
+        except asyncio.CancelledError:
+            # The loop is ending mid-flush: keep what is not known to be written (retrying an applied
+            # batch is a no-op).
+            for _, task in flying:
+                task.cancel()
+            self.spill([batch for batch, _ in flying])
+            self.spill(batches[sent:])
+            raise
+        if sent < len(batches):  # a flush failed: the rest waits in the spool
+            for _ in range(len(flying)):
+                await self._landed(flying.pop(0))
+            self.spill(batches[sent:])
+
+    async def _landed(self, flight: tuple[Batch, asyncio.Task[bool]]) -> bool:
+        """The outcome of a batch sent: recorded, or the batch spooled (False) if its flush failed."""
+        batch, task = flight
+        try:
+            applied = await task
+        except StorageError as error:
+            self.failed(error)
+            self.spill([batch])
+            return False
+        self.succeeded(batch, applied)
+        return True
 
 
 class AsyncFlusher:

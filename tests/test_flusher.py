@@ -436,9 +436,10 @@ class WatchedFlushes:
     """Counts the flushes of a real async storage in flight (overall and per shard); the ``fail_at``-th
     flush raises instead of writing (as a timed-out one would)."""
 
-    def __init__(self, storage: AsyncStorage, fail_at: int = 0) -> None:
+    def __init__(self, storage: AsyncStorage, fail_at: int = 0, delay: float = 0.0) -> None:
         self.real_flush = storage.flush
         self.fail_at = fail_at
+        self.delay = delay
         self.sent = 0
         self.in_flight: list[int] = []
         self.most_in_flight = 0
@@ -453,6 +454,7 @@ class WatchedFlushes:
         self.in_flight.append(batch.shard)
         self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
         try:
+            await asyncio.sleep(self.delay)
             return await self.real_flush(batch)
         finally:
             self.in_flight.remove(batch.shard)
@@ -517,6 +519,39 @@ def test_flush_async_failure_spools_what_was_not_written_and_the_replay_complete
     assert pipeline.spool.pending() == []
     assert pipeline.stats.flushed_events == 16
     assert watched.overlapped_a_shard is False
+    routes_written = sorted(e.route for e in events_in_streams(redis_url))
+    assert routes_written == sorted(f"/v1/items/{n}" for n in range(16))
+
+
+@pytest.mark.redis
+def test_flush_async_cancelled_mid_flush_keeps_every_batch(tmp_path: Path, redis_url: str) -> None:
+    """The loop ends while batches are in flight: each batch is written or spooled, and the replay writes
+    each event exactly once."""
+    pipeline = Pipeline(config(tmp_path, batch_size=2))
+    for number in range(16):
+        pipeline.put(pending(number, number % SHARDS))
+
+    async def cancel_mid_flush() -> None:
+        storage = open_async_storage(redis_url, shards=SHARDS)
+        WatchedFlushes(storage, delay=0.05)
+        flush = asyncio.ensure_future(pipeline.flush_async(storage))
+        await asyncio.sleep(0.01)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        await storage.aclose()
+
+    asyncio.run(cancel_mid_flush())
+    assert pipeline.stats.flushed_events + pipeline.stats.spooled_events == 16
+    assert pipeline.spool.pending()
+
+    async def replay() -> None:
+        storage = open_async_storage(redis_url, shards=SHARDS)
+        await pipeline.flush_async(storage, final=True)
+        await storage.aclose()
+
+    asyncio.run(replay())
+    assert pipeline.spool.pending() == []
     routes_written = sorted(e.route for e in events_in_streams(redis_url))
     assert routes_written == sorted(f"/v1/items/{n}" for n in range(16))
 

@@ -284,10 +284,7 @@ class Metering:
         if isinstance(request, AdmitRequest):
             assert isinstance(key, KeyInfo)
             return self._aadmit(storage, key, request, method, path, arrived)
-        lease = request.lease if isinstance(request, Call) else None
-        if lease is not None and not lease.renewing and lease.left <= lease.block.calls // 2:
-            self._renew_ahead(storage, lease)
-        return request
+        return self._renewing_if_due(storage, request)
 
     async def _aresolve_and_admit(
         self, storage: AsyncStorage, key_hash: str, method: str, path: str, arrived: int
@@ -295,7 +292,7 @@ class Metering:
         key = await self._aresolve(storage, key_hash)
         request = self._before_admission(key, method, path, arrived)
         if not isinstance(request, AdmitRequest):
-            return request
+            return self._renewing_if_due(storage, request)
         assert isinstance(key, KeyInfo)
         return await self._aadmit(storage, key, request, method, path, arrived)
 
@@ -405,6 +402,13 @@ class Metering:
             del self._renewals[identity]
             renewal.set_result(None)
         return self._granted(request, block, decision, take=take)
+
+    def _renewing_if_due(self, storage: AsyncStorage, answer: Call | Problem) -> Call | Problem:
+        """``answer``, once the next lease is being fetched if the call took half of its lease."""
+        lease = answer.lease if isinstance(answer, Call) else None
+        if lease is not None and not lease.renewing and lease.left <= lease.block.calls // 2:
+            self._renew_ahead(storage, lease)
+        return answer
 
     def _renew_ahead(self, storage: AsyncStorage, lease: Lease) -> None:
         """Once half of a lease is used, fetch the next one in the background: calls then never wait for

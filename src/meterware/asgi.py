@@ -59,12 +59,14 @@ class SlowCalls:
         if self._loop is not loop:
             return
         due, self._old, self._young = self._old, self._young, {}
-        for exchange in due.values():
-            exchange.watch()
-        if self._old:
-            loop.call_later(WATCH_AFTER_SECONDS / 2, self._tick, loop)
-        else:
-            self._loop = None
+        try:
+            for exchange in due.values():
+                exchange.watch()
+        finally:
+            if self._old:
+                loop.call_later(WATCH_AFTER_SECONDS / 2, self._tick, loop)
+            else:
+                self._loop = None
 
 
 class MeteringMiddleware:
@@ -275,6 +277,7 @@ class _Exchange:
             headers = message.get("headers", ())
             usage_headers = self.metering.usage_headers
             if usage_headers:
+                headers = list(headers)  # any iterable, read more than once here
                 call.header_units = header_map(headers, usage_headers)
                 if self.metering.policy.strip_usage_headers and call.header_units:
                     headers = [(k, v) for k, v in headers if k.lower() not in usage_headers]

@@ -80,10 +80,15 @@ class EventBuffer:
         return True
 
     def take(self, limit: int) -> list[Pending]:
-        """Remove and return up to ``limit`` of the oldest events (one taker at a time: the flusher)."""
+        """Remove and return up to ``limit`` of the oldest events."""
+        items: list[Pending] = []
         pop = self._items.popleft
-        # Other threads only append meanwhile: the events counted here are all there to pop.
-        return [pop() for _ in range(min(limit, len(self._items)))]
+        try:
+            for _ in range(min(limit, len(self._items))):
+                items.append(pop())
+        except IndexError:  # another taker (an exit hook) emptied it meanwhile
+            pass
+        return items
 
     def __len__(self) -> int:
         return len(self._items)
@@ -498,44 +503,44 @@ class Pipeline:
         """Write the batches, two at a time: while one is in the backend, the next is encoded and sent, so
         the process's work overlaps the backend's. Two batches of one shard never overlap: each shard's
         stream and counters take its batches in order."""
-        flying: list[tuple[Batch, asyncio.Task[bool]]] = []  # sent, not yet answered
+        # Sent and not answered yet, oldest first; a batch leaves the list once its outcome is recorded.
+        flying: list[tuple[Batch, asyncio.Task[bool]]] = []
         sent = 0  # batches[:sent] are flying or done
         try:
             while sent < len(batches):
                 batch = await batches.get_async(sent)  # encoded while the batch before is in the backend
-                if flying and flying[-1][0].shard == batch.shard and not await self._landed(flying.pop()):
+                if flying and flying[0][0].shard == batch.shard and not await self._land_oldest(flying):
                     break
                 if not self.healthy():
                     break
                 flying.append((batch, asyncio.ensure_future(self._timed_flush_async(storage, batch))))
                 sent += 1
                 await asyncio.sleep(0)  # the flush sends its batch; calls run in between too
-                if len(flying) == 2 and not await self._landed(flying.pop(0)):
+                if len(flying) == 2 and not await self._land_oldest(flying):
                     break
-            for _ in range(len(flying)):
-                await self._landed(flying.pop(0))
-        except asyncio.CancelledError:
-            # The loop is ending mid-flush: keep what is not known to be written (retrying an applied
-            # batch is a no-op).
+            while flying:
+                await self._land_oldest(flying)
+        except BaseException:
+            # Cancelled (the loop is ending) or broken mid-flush: keep what is not known to be written
+            # (retrying an applied batch is a no-op).
             for _, task in flying:
                 task.cancel()
             self.spill([batch for batch, _ in flying])
             self.spill(batches[sent:])
             raise
-        if sent < len(batches):  # a flush failed: the rest waits in the spool
-            for _ in range(len(flying)):
-                await self._landed(flying.pop(0))
-            self.spill(batches[sent:])
+        self.spill(batches[sent:])  # after a failure: the rest waits in the spool
 
-    async def _landed(self, flight: tuple[Batch, asyncio.Task[bool]]) -> bool:
-        """The outcome of a batch sent: recorded, or the batch spooled (False) if its flush failed."""
-        batch, task = flight
+    async def _land_oldest(self, flying: list[tuple[Batch, asyncio.Task[bool]]]) -> bool:
+        """Record the outcome of the oldest batch in flight: written, or spooled (False) if it failed."""
+        batch, task = flying[0]
         try:
             applied = await task
         except StorageError as error:
+            del flying[0]
             self.failed(error)
             self.spill([batch])
             return False
+        del flying[0]
         self.succeeded(batch, applied)
         return True
 

@@ -16,6 +16,7 @@ aggregate every worker process's values.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -44,6 +45,8 @@ __all__ = [
     "exposition_registry",
     "wsgi_app",
 ]
+
+logger = logging.getLogger("meterware")
 
 #: Distinct route labels kept per registry and process; later ones are counted as ``<other>``.
 MAX_ROUTES: Final = 500
@@ -300,15 +303,20 @@ class AppMetrics:
                     self.dirty.append(tally)
 
     def fold(self) -> None:
-        """Hand what was tallied since the last fold to prometheus-client."""
+        """Hand what was tallied since the last fold to prometheus-client (never raises: it runs before
+        every flush pass, which must go on whatever happens to the metrics)."""
         with self.lock:
             dirty, self.dirty = self.dirty, []
-            buffered = self.buffer_events.dirty
-            for tally in dirty:
-                if tally is not self.buffer_events:
+            # The buffer depth last, after the calls whose events it counts.
+            dirty.sort(key=lambda tally: tally is self.buffer_events)
+            for done, tally in enumerate(dirty):
+                try:
                     tally._fold()
-            if buffered:
-                self.buffer_events._fold()
+                except Exception:
+                    logger.exception("meterware: folding the request metrics failed; they stay tallied")
+                    tally.dirty = True
+                    self.dirty = dirty[done:] + self.dirty
+                    return
 
     def refused(self, reason: str, method: str, plan: str, route: str, seconds: float) -> None:
         """Count a refused call (a ``rejected`` call, and its reason)."""

@@ -103,9 +103,7 @@ class Tally:
             return
         with owner.lock:
             self.amount += amount
-            if not self.dirty:
-                self.dirty = True
-                owner.dirty.append(self)
+            self.listed()
 
     def dec(self, amount: float = 1) -> None:
         self.inc(-amount)
@@ -116,11 +114,19 @@ class Tally:
             self.child.observe(value)  # type: ignore[union-attr]
             return
         with owner.lock:
-            self.amount += value
-            self.buckets[bisect_left(self.bounds, value)] += 1
-            if not self.dirty:
-                self.dirty = True
-                owner.dirty.append(self)
+            self.add(value)
+            self.listed()
+
+    def add(self, value: float) -> None:
+        """Observe ``value`` (a histogram's; under the owner's lock)."""
+        self.amount += value
+        self.buckets[bisect_left(self.bounds, value)] += 1
+
+    def listed(self) -> None:
+        """Be listed for the next fold, once (under the owner's lock)."""
+        if not self.dirty:
+            self.dirty = True
+            self.owner.dirty.append(self)
 
     def _fold(self) -> None:
         child, self.dirty = self.child, False
@@ -292,15 +298,12 @@ class AppMetrics:
             series[0].inc()
             series[1].observe(seconds)
             return
+        count, duration = series
         with self.lock:  # Tally.inc and Tally.observe under one lock
-            series[0].amount += 1
-            duration = series[1]
-            duration.amount += seconds
-            duration.buckets[bisect_left(duration.bounds, seconds)] += 1
-            for tally in series:
-                if not tally.dirty:
-                    tally.dirty = True
-                    self.dirty.append(tally)
+            count.amount += 1
+            count.listed()
+            duration.add(seconds)
+            duration.listed()
 
     def fold(self) -> None:
         """Hand what was tallied since the last fold to prometheus-client (never raises: it runs before

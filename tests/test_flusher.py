@@ -146,7 +146,8 @@ def test_spool_round_trip(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
     assert spool.pending() == []
     assert spool.size() == 0
-    batches = make_batches([pending(0, 1), pending(1, 1, None), pending(2, 3)])
+    capture = replace(SETTLEMENT, reservation_id="block-1", closes=False)  # a lease's call, not its last
+    batches = make_batches([pending(0, 1), pending(1, 1, None), pending(2, 3), pending(3, 3, capture)])
     for batch in batches:
         assert spool.write(batch)
     paths = spool.pending()

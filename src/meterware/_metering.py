@@ -503,21 +503,22 @@ class Metering:
             lease=lease,
         )
 
-    def _closes(self, call: Call) -> str:
-        """The reservation the settlement of a finished call closes ("": none, it is charged from scratch).
+    def _settles(self, call: Call) -> tuple[str, bool]:
+        """The reservation the settlement of a finished call names ("": none), and whether it closes it.
 
-        A lease's last call closes the lease's block, once no call can take from it any more.
+        A call closes its own. A lease's call takes its share out of the lease's block (it is charged
+        from scratch), and the last one closes the block, once no call can take from it any more.
         """
         lease = call.lease
         if lease is None:
-            return call.decision.reservation_id
+            return call.decision.reservation_id, True
         with self._lease_lock:
             lease.in_flight -= 1
             spent = lease.left <= 0 or time.monotonic() >= lease.until
             if spent and lease.in_flight == 0 and not lease.released:
                 lease.released = True
-                return lease.block.reservation_id
-        return ""
+                return lease.block.reservation_id, True
+        return lease.block.reservation_id, False
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one
@@ -739,14 +740,16 @@ class Metering:
             request.period_start,
             "",
         ]
+        reservation_id, closes = self._settles(call)
         settlement = Settlement(
             customer=request.customer,
             live=request.live,
             period_start=request.period_start,
-            reservation_id=self._closes(call),
+            reservation_id=reservation_id,
             billable=billable,
             charges_credits=request.charges_credits,
             meters=settled,
+            closes=closes,
         )
         self._queue(Pending(request.shard, row, settlement))
         plan = request.plan.name

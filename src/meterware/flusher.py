@@ -229,13 +229,15 @@ def _settlement_row(settlement: Settlement | None) -> list[object] | None:
         return None
     s = settlement
     meters = [list(m) for m in s.meters]
-    return [s.customer, s.live, s.period_start, s.reservation_id, s.billable, s.charges_credits, meters]
+    row = [s.customer, s.live, s.period_start, s.reservation_id, s.billable, s.charges_credits, meters]
+    return row if s.closes else [*row, False]
 
 
 def _settlement_from_row(row: list[object] | None) -> Settlement | None:
     if row is None:
         return None
-    customer, live, period_start, reservation_id, billable, charges, meters = row
+    # Spooled before settlements could leave a reservation open: those close it.
+    customer, live, period_start, reservation_id, billable, charges, meters, *closes = row
     return Settlement(
         str(customer),
         bool(live),
@@ -244,6 +246,7 @@ def _settlement_from_row(row: list[object] | None) -> Settlement | None:
         bool(billable),
         bool(charges),
         tuple((str(m), int(u), int(p), int(i)) for m, u, p, i in meters),  # type: ignore[attr-defined]
+        closes=bool(closes[0]) if closes else True,
     )
 
 

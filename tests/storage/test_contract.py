@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -392,6 +393,33 @@ def test_flush_charges_billable_calls_and_refunds_the_rest(storage: Storage) -> 
     balance = storage.get_balance("acme")
     assert (balance.balance, balance.reserved) == (800, 0)
     assert quota_left(storage.admit(admit_request(storage, plan))) == 10 - 4 - 1
+
+
+def test_a_leases_calls_take_their_share_out_of_its_block_as_they_settle(storage: Storage) -> None:
+    """A lease's calls are charged from scratch and each takes its units and cost out of the block, so a
+    settled call never counts both as used and as held; the last call closes what is left. Calls within
+    the included units cost nothing and take no credits."""
+    open_account(storage, credits=10_000)
+    plan = make_plan(quota=20, included=2, price=100, prepaid=True)
+    block = replace(admit_request(storage, plan), calls=10)
+    granted = storage.admit(block)
+    assert (granted.calls, granted.reserved_credits) == (10, 800)  # 2 included, 8 at 100
+    call = replace(block, calls=1)
+    share = replace(settlement(call, None), reservation_id=block.reservation_id, closes=False)
+
+    # 4 calls settle in one batch (2 of them within the included units): 4 used, 6 still held.
+    assert flush(storage, *[share] * 4)
+    assert quota_left(storage.admit(admit_request(storage, plan))) == 20 - 4 - 6 - 1
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (10_000 - 200, 800 - 200 + 100)  # the probe holds a call
+
+    # 3 more in a later batch, then the last one closes the block: nothing of it is held any more.
+    assert flush(storage, *[share] * 3)
+    assert flush(storage, replace(share, closes=True))
+    assert quota_left(storage.admit(admit_request(storage, plan))) == 20 - 8 - 1 - 1
+    balance = storage.get_balance("acme")
+    assert balance.balance == 10_000 - 600  # 8 calls, 2 of them within the included units
+    assert balance.reserved == 2 * 100  # the two probes, each holding one call
 
 
 def test_flush_prices_each_call_by_the_units_before_it(storage: Storage) -> None:

@@ -34,6 +34,7 @@ from meterware.storage.base import (
     ExportMark,
     LedgerEntry,
     RollupCommit,
+    Settlement,
     StreamEntry,
     Window,
 )
@@ -79,6 +80,21 @@ class _Reservation:
     credits: int
     holds: tuple[tuple[str, int], ...]
     deadline_ms: int
+
+
+def _captured(reservation: _Reservation, settlement: Settlement, cost: int) -> _Reservation:
+    """What a lease's call takes out of its block: its units and its cost, at most what the block holds
+    (flush.lua does the same)."""
+    units = {meter: units for meter, units, _, _ in settlement.meters}
+    holds = tuple((meter, max(0, min(units.get(meter, 0), held))) for meter, held in reservation.holds)
+    return replace(reservation, credits=max(0, min(cost, reservation.credits)), holds=holds)
+
+
+def _less(reservation: _Reservation, taken: _Reservation) -> _Reservation:
+    holds = tuple(
+        (meter, held - took) for (meter, held), (_, took) in zip(reservation.holds, taken.holds, strict=True)
+    )
+    return replace(reservation, credits=reservation.credits - taken.credits, holds=holds)
 
 
 @dataclass(slots=True)
@@ -288,17 +304,15 @@ class MemoryStorage:
                 return False
             # Plan every change, then make them (flush.lua does the same): the entry first, then the
             # settlements. A unit counter reads what the batch's earlier settlements added to it.
-            released: dict[str, _Reservation] = {}
+            # What the reservations named still hold (None once closed), and what goes back.
+            holding: dict[str, _Reservation | None] = {}
+            freed: list[_Reservation] = []
             used: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
             charges: dict[str, int] = defaultdict(int)
             costs = []
             for settlement in batch.settlements:
                 cost = 0
                 if settlement is not None:
-                    reservation_id = settlement.reservation_id
-                    reservation = shard.reservations.get(reservation_id)
-                    if reservation is not None and reservation_id not in released:
-                        released[reservation_id] = reservation
                     if settlement.billable:
                         quota = (settlement.live, settlement.customer, settlement.period_start)
                         counters, added = self._quotas.get(quota, {}), used[quota]
@@ -308,6 +322,18 @@ class MemoryStorage:
                             cost += (max(included, before + units) - max(included, before)) * price
                         if settlement.charges_credits and settlement.customer in self._accounts:
                             charges[settlement.customer] += cost
+                    reservation_id = settlement.reservation_id
+                    if reservation_id and reservation_id not in holding:
+                        holding[reservation_id] = shard.reservations.get(reservation_id)
+                    reservation = holding.get(reservation_id)
+                    if reservation is not None:
+                        if settlement.closes:
+                            freed.append(reservation)
+                            holding[reservation_id] = None
+                        elif settlement.billable:
+                            taken = _captured(reservation, settlement, cost)
+                            freed.append(taken)
+                            holding[reservation_id] = _less(reservation, taken)
                 costs.append(cost)
             fields = {
                 b"b": batch.payload,
@@ -317,8 +343,12 @@ class MemoryStorage:
 
             shard.stream.append(StreamEntry(shard.next_id(), fields))
             shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
-            for reservation_id, reservation in released.items():
-                del shard.reservations[reservation_id]
+            for reservation_id, reservation in holding.items():
+                if reservation is None:
+                    shard.reservations.pop(reservation_id, None)
+                elif reservation_id in shard.reservations:
+                    shard.reservations[reservation_id] = reservation
+            for reservation in freed:
                 self._release(reservation)
             for quota, added in used.items():
                 counters = self._quotas[quota]

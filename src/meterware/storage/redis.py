@@ -458,9 +458,12 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
             term_args += meter
     reservations: list[Arg] = []
     if any(reservation_ids):
-        for reservation_id, term in zip(reservation_ids, events, strict=True):
+        for number, (settlement, reservation_id, term) in enumerate(
+            zip(settlements, reservation_ids, events, strict=True), 1
+        ):
             if reservation_id:
-                reservations += (reservation_id, term)
+                assert settlement is not None
+                reservations += (reservation_id, term, number, int(settlement.closes))
     # Beyond 14 digits Lua's numbers would print (and sum) otherwise: such a batch is priced per call.
     costs = ",".join(map(texts.__getitem__, events)) if max(map(len, texts.values()), default=0) < 15 else ""
     args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]

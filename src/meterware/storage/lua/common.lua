@@ -160,17 +160,29 @@ local function apply()
   end
 end
 
--- Plan giving back what a reservation record holds: its meters' held units and its reserved credits.
--- A record is "customer live period_start credits meter hold meter hold ..." (names have no spaces).
--- Returns the error to reply with if the record is not one.
-local function release(record, customer_key, quota_key, where)
+-- A reservation record is "customer live period_start credits meter hold meter hold ..." (names have no
+-- spaces): its words, or nil and the error to reply with if it is not one.
+local function reservation_fields(record, where)
   local fields = words(record)
   if #fields < 4 or #fields % 2 ~= 0 then
-    return 'BADVALUE ' .. where .. ' is not a reservation record'
+    return nil, 'BADVALUE ' .. where .. ' is not a reservation record'
   end
   for i = 4, #fields, 2 do
     if not string.find(fields[i], '^%-?%d+$') then
-      return 'BADVALUE ' .. where .. ' is not a reservation record'
+      return nil, 'BADVALUE ' .. where .. ' is not a reservation record'
+    end
+  end
+  return fields
+end
+
+-- Plan giving back what a reservation record holds (its text, or its words): its meters' held units and
+-- its reserved credits. Returns the error to reply with if the record is not one.
+local function release(record, customer_key, quota_key, where)
+  local fields, problem = record, nil
+  if type(record) == 'string' then
+    fields, problem = reservation_fields(record, where)
+    if problem then
+      return problem
     end
   end
   for i = 5, #fields, 2 do

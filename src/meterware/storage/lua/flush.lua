@@ -23,7 +23,10 @@
 --         price, included)...;
 --       events: per event, its term's number (the position of the term's first event; an event that
 --         settles nothing names a number no term has);
---       reservations: (reservation id, term number)... of the events that have one, to close;
+--       reservations: (reservation id, term number, event number, closes (1/0))... of the events that
+--         name one: a call closes its own reservation (or, the last call of a lease, its block's); the
+--         other calls of a lease capture their share of the block's (their units and cost, at most what
+--         it still holds), so a settled call is never counted both as used and as held;
 --       then the costs text if every call costs its units times their prices ("" if not offered).
 
 local refused = expect(KEYS[1], 'string')
@@ -80,8 +83,8 @@ while list[at] do
       types[customer_key] = 'hash'
     end
   end
-  -- meters: (counter, units, price, included)... of the units a billable call adds.
-  local term, meters = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}
+  -- meters: (counter, units, price, included)... of the units a billable call adds; names: their meters.
+  local term, meters, names = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}, {}
   for j = at, at + 4 * list[at - 1] - 1, 4 do
     local units, price, included = list[j + 1], list[j + 2], list[j + 3]
     if billable and units ~= 0 then
@@ -94,6 +97,7 @@ while list[at] do
       meters[#meters + 1] = units
       meters[#meters + 1] = price
       meters[#meters + 1] = included
+      names[#names + 1] = list[j]
       incremented[quota_key] = true
       paid = paid and units > 0 and entry.start >= included
       term.cost = term.cost + units * price
@@ -104,7 +108,7 @@ while list[at] do
   if refused then
     return redis.error_reply(refused)
   end
-  term.meters = meters
+  term.meters, term.names = meters, names
   -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
   if billable and not expiries[quota_key] then
     expiries[quota_key] = expire_at
@@ -122,7 +126,7 @@ while list[at] do
   term_order[#term_order + 1] = term
 end
 
-local costs, charged_order = ARGV[7], {}
+local costs, charged_order, event_costs = ARGV[7], {}, nil
 
 local function charge(account, cost)
   if account and cost ~= 0 then
@@ -148,7 +152,7 @@ if paid then
 else
   -- Each event's units move its term's counters in stream order: a call's cost is what it adds past
   -- the included units, so it depends on the calls before it.
-  costs = {}
+  costs, event_costs = {}, {}
   local events = cmsgpack.unpack(ARGV[5])
   for i = 1, #events do
     local cost = 0
@@ -163,6 +167,7 @@ else
         cost = cost + (math.max(included, before + units) - math.max(included, before)) * price
       end
       charge(term.account, cost)
+      event_costs[i] = cost
       -- The calls of a term mostly cost the same: its last cost's text is reused.
       if cost ~= term.last then
         term.last, term.text = cost, int(cost)
@@ -182,35 +187,73 @@ for _, account in ipairs(charged_order) do
 end
 
 -- The settlement names the reservation's own customer, mode and period (both come from the admission).
--- A call served without a reservation of its own (a lease's, or fail-open) has none to look up.
-local ids, owners, settled, closed = {}, {}, {}, {}
-local arg = reader(cmsgpack.unpack(ARGV[6]), 1)
-while true do
-  local reservation_id = arg()
-  if reservation_id == nil then
-    break
-  end
-  local term = terms[arg()]
-  if not settled[reservation_id] then
-    settled[reservation_id] = true
+-- A call served without a reservation (fail-open, or a lease's whose block is gone) has none to look up.
+local entries, ids, records, closed, captured = cmsgpack.unpack(ARGV[6]), {}, {}, {}, {}
+for at = 1, #entries, 4 do
+  local reservation_id = entries[at]
+  if records[reservation_id] == nil then
+    records[reservation_id] = false
     ids[#ids + 1] = reservation_id
-    owners[#owners + 1] = term
   end
 end
 local CHUNK = 1000  -- unpack() has a small stack: ask for the records in slices
 for first = 1, #ids, CHUNK do
   local last = math.min(first + CHUNK - 1, #ids)
-  local records = redis.call('HMGET', KEYS[3], unpack(ids, first, last))
+  local found = redis.call('HMGET', KEYS[3], unpack(ids, first, last))
   for i = first, last do
-    local record = records[i - first + 1]
+    local record = found[i - first + 1]
     if record then
-      local owner = owners[i]
-      refused = release(record, owner.customer, owner.quota, KEYS[3] .. ' field ' .. ids[i])
+      local fields, problem = reservation_fields(record, KEYS[3] .. ' field ' .. ids[i])
+      if problem then
+        return redis.error_reply(problem)
+      end
+      records[ids[i]] = fields
+    end
+  end
+end
+for at = 1, #entries, 4 do
+  local reservation_id, term = entries[at], terms[entries[at + 1]]
+  local fields = records[reservation_id]
+  if fields and term then
+    if entries[at + 3] == 1 then
+      refused = release(fields, term.customer, term.quota, KEYS[3] .. ' field ' .. reservation_id)
       if refused then
         return redis.error_reply(refused)
       end
-      closed[#closed + 1] = ids[i]
+      records[reservation_id] = false
+      closed[#closed + 1] = reservation_id
+    elseif #term.names > 0 then
+      -- A lease's call takes its units and its cost out of the block: at most what the block still holds.
+      for m = 1, #term.names do
+        for i = 5, #fields, 2 do
+          if fields[i] == term.names[m] then
+            local take = math.min(term.meters[4 * m - 2], tonumber(fields[i + 1]))
+            if take > 0 then
+              plan_incr(term.quota, fields[i] .. ':h', -take)
+              fields[i + 1] = int(tonumber(fields[i + 1]) - take)
+            end
+          end
+        end
+      end
+      local cost = event_costs and event_costs[entries[at + 2]] or term.cost
+      local take = math.min(cost, tonumber(fields[4]))
+      if take > 0 then
+        if existed(term.customer) then
+          plan_incr(term.customer, 'reserved', -take)
+        end
+        fields[4] = int(tonumber(fields[4]) - take)
+      end
+      if not captured[reservation_id] then
+        captured[reservation_id] = true
+        captured[#captured + 1] = reservation_id
+      end
     end
+  end
+end
+for _, reservation_id in ipairs(captured) do
+  local fields = records[reservation_id]
+  if fields then  -- not closed by a later call of the batch
+    plan('HSET', KEYS[3], reservation_id, table.concat(fields, ' '))
   end
 end
 for first = 1, #closed, CHUNK do

@@ -22,8 +22,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import meterware
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware.rollup import RollupWorker
+from meterware.storage.base import Balance
 
 QUOTA = 150
 PRICE_MICROS = 10_000  # "0.01" credits a call
@@ -267,3 +269,49 @@ def test_a_tight_rate_limit_is_admitted_call_by_call(tmp_path: Path) -> None:
         return [response.status_code for response in responses]
 
     assert Counter(asyncio.run(run())) == {200: 5, 429: 7}
+
+
+def test_calls_of_a_value_meter_leave_their_block_reserved_until_it_closes(
+    storage_url: str, tmp_path: Path
+) -> None:
+    """A call may use more of a value meter than it holds: the calls of such a lease do not take their
+    share out of the block as they settle (a big one would take what the block holds for the calls still
+    running, and let other processes spend it); the block stays reserved until it closes."""
+    config = Config.from_dict(
+        {
+            "storage": {"url": storage_url, "shards": 4},
+            "meters": {
+                "calls": {"aggregation": "count"},
+                "tokens": {"aggregation": "sum", "source": "handler", "reserve": 100},
+            },
+            "plans": {"metered": {"prepaid": True, "meters": {"tokens": {"price": "0.000001"}}}},
+            "policy": {"admission": "lease", "lease_calls": 4, "lease_seconds": 30, "timeout": 2.0},
+            "pipeline": {"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.05},
+        }
+    )
+    accounts, customer, key = open_customer(config, credits="0.001")  # 1,000 tokens' worth
+
+    def big(request: Any) -> JSONResponse:
+        meterware.usage.add("tokens", 400)
+        return JSONResponse({"ok": True})
+
+    async def run() -> Balance:
+        app = Starlette(routes=[Route("/v1/big", big)])
+        middleware = MeteringMiddleware(app, config, registry=CollectorRegistry())
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            response = await client.get("/v1/big", headers={"authorization": f"Bearer {key}"})
+            assert response.status_code == 200
+            # The flusher settles the call; the lease still serves 3 more calls.
+            deadline = time.monotonic() + 5
+            while accounts.storage.get_balance(customer).balance == 1_000 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            balance = accounts.storage.get_balance(customer)
+        await middleware.drain()
+        await middleware.storage.aclose()
+        await middleware.flusher.storage.aclose()
+        return balance
+
+    balance = asyncio.run(run())
+    assert balance.balance == 1_000 - 400
+    assert balance.reserved == 4 * 100  # the block, whole: 100 tokens held for each of its 4 calls

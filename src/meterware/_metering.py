@@ -156,6 +156,10 @@ class Lease:
     released: bool = False
     #: Whether the next lease is being fetched ahead of need.
     renewing: bool = False
+    #: Whether its calls take their share out of the block as they settle: only when every meter a call
+    #: holds counts calls, so a call's units are its own hold. (A value meter's call may use more than
+    #: its hold: it would take what the block holds for the calls still running.)
+    captures: bool = False
 
 
 class Metering:
@@ -448,6 +452,7 @@ class Metering:
             self._headers(decision),
             left=decision.calls,
             until=time.monotonic() + self.policy.lease_seconds,
+            captures=all(hold.exact for hold in request.holds),
         )
         with self._lease_lock:
             if len(self._leases) >= LEASE_TABLE_MAX:
@@ -506,8 +511,9 @@ class Metering:
     def _settles(self, call: Call) -> tuple[str, bool]:
         """The reservation the settlement of a finished call names ("": none), and whether it closes it.
 
-        A call closes its own. A lease's call takes its share out of the lease's block (it is charged
-        from scratch), and the last one closes the block, once no call can take from it any more.
+        A call closes its own. A lease's call is charged from scratch and takes its share out of the
+        lease's block (if the lease ``captures``), and the last one closes the block, once no call can
+        take from it any more.
         """
         lease = call.lease
         if lease is None:
@@ -518,7 +524,7 @@ class Metering:
             if spent and lease.in_flight == 0 and not lease.released:
                 lease.released = True
                 return lease.block.reservation_id, True
-        return lease.block.reservation_id, False
+        return (lease.block.reservation_id, False) if lease.captures else ("", True)
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one

@@ -224,29 +224,35 @@ class Spool:
         self._size = None
 
 
+#: Prefixed to the reservation id of a spooled settlement that captures from its block (ids are hex).
+CAPTURE_MARK: Final = "+"
+
+
 def _settlement_row(settlement: Settlement | None) -> list[object] | None:
     if settlement is None:
         return None
     s = settlement
     meters = [list(m) for m in s.meters]
-    row = [s.customer, s.live, s.period_start, s.reservation_id, s.billable, s.charges_credits, meters]
-    return row if s.closes else [*row, False]
+    # A capture is marked on its reservation id: a reader from before captures finds no such reservation
+    # (the call is still charged) instead of closing the block early, or refusing the row.
+    reservation_id = s.reservation_id if s.closes else CAPTURE_MARK + s.reservation_id
+    return [s.customer, s.live, s.period_start, reservation_id, s.billable, s.charges_credits, meters]
 
 
 def _settlement_from_row(row: list[object] | None) -> Settlement | None:
     if row is None:
         return None
-    # Spooled before settlements could leave a reservation open: those close it.
-    customer, live, period_start, reservation_id, billable, charges, meters, *closes = row
+    customer, live, period_start, reservation_id, billable, charges, meters = row
+    closes = not str(reservation_id).startswith(CAPTURE_MARK)
     return Settlement(
         str(customer),
         bool(live),
         int(period_start),  # type: ignore[call-overload]
-        str(reservation_id),
+        str(reservation_id).removeprefix(CAPTURE_MARK),
         bool(billable),
         bool(charges),
         tuple((str(m), int(u), int(p), int(i)) for m, u, p, i in meters),  # type: ignore[attr-defined]
-        closes=bool(closes[0]) if closes else True,
+        closes=closes,
     )
 
 

@@ -35,8 +35,9 @@ class Settlement:
     #: ``(meter, units, price, included)`` for each meter the plan limits or prices.
     meters: tuple[tuple[str, int, int, int], ...] = ()
     #: Whether the settlement closes ``reservation_id`` (a call's own, or a lease's block by its last
-    #: call). If not (the other calls of a lease), a billable call takes its units and cost out of the
-    #: block, at most what it still holds, so its usage never counts both as used and as held.
+    #: call). If not (the other calls of a lease whose meters all count calls), a billable call takes its
+    #: units and cost out of the block, at most what it still holds, so its usage never counts both as
+    #: used and as held.
     closes: bool = True
 
 

@@ -224,6 +224,7 @@ for at = 1, #entries, 4 do
       closed[#closed + 1] = reservation_id
     elseif #term.names > 0 then
       -- A lease's call takes its units and its cost out of the block: at most what the block still holds.
+      -- (Only leases of calls whose meters all count calls capture: a call's units are its own hold.)
       for m = 1, #term.names do
         for i = 5, #fields, 2 do
           if fields[i] == term.names[m] then
@@ -231,6 +232,7 @@ for at = 1, #entries, 4 do
             if take > 0 then
               plan_incr(term.quota, fields[i] .. ':h', -take)
               fields[i + 1] = int(tonumber(fields[i + 1]) - take)
+              fields.changed = true
             end
           end
         end
@@ -242,8 +244,9 @@ for at = 1, #entries, 4 do
           plan_incr(term.customer, 'reserved', -take)
         end
         fields[4] = int(tonumber(fields[4]) - take)
+        fields.changed = true
       end
-      if not captured[reservation_id] then
+      if fields.changed and not captured[reservation_id] then
         captured[reservation_id] = true
         captured[#captured + 1] = reservation_id
       end

@@ -284,6 +284,12 @@ class Metering:
         key = self.identify(native_request, headers, query)
         if isinstance(key, str):
             return self._aresolve_and_admit(storage, key, method, path, arrived)
+        return self._admit_known(storage, key, method, path, arrived)
+
+    def _admit_known(
+        self, storage: AsyncStorage, key: KeyInfo | Problem, method: str, path: str, arrived: int
+    ) -> Call | Problem | Coroutine[Any, Any, Call | Problem]:
+        """:meth:`astart` once the key is known."""
         request = self._before_admission(key, method, path, arrived)
         if isinstance(request, AdmitRequest):
             assert isinstance(key, KeyInfo)
@@ -293,12 +299,8 @@ class Metering:
     async def _aresolve_and_admit(
         self, storage: AsyncStorage, key_hash: str, method: str, path: str, arrived: int
     ) -> Call | Problem:
-        key = await self._aresolve(storage, key_hash)
-        request = self._before_admission(key, method, path, arrived)
-        if not isinstance(request, AdmitRequest):
-            return self._renewing_if_due(storage, request)
-        assert isinstance(key, KeyInfo)
-        return await self._aadmit(storage, key, request, method, path, arrived)
+        started = self._admit_known(storage, await self._aresolve(storage, key_hash), method, path, arrived)
+        return started if isinstance(started, Call | Problem) else await started
 
     async def _aadmit(
         self, storage: AsyncStorage, key: KeyInfo, request: AdmitRequest, method: str, path: str, arrived: int
@@ -324,7 +326,7 @@ class Metering:
         terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self._started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
-        if self.leasing and (lease := self._take((key.key_id, id(terms.holds), terms.period_start))):
+        if self.leasing and (lease := self._take(lease_key(key.key_id, terms))):
             return self._leased_call(lease, key, method, path, arrived)
         return self.admit_request(key, terms)
 
@@ -365,7 +367,8 @@ class Metering:
         if block is None:
             return None
         with self._renewing:
-            lease = self._take(lease_key(request))  # another thread may have renewed it meanwhile
+            # Another thread may have renewed it meanwhile.
+            lease = self._take(lease_key(request.key_id, request))
             if lease is not None:
                 return lease
             began = time.perf_counter()
@@ -388,7 +391,7 @@ class Metering:
         block = self.lease_block(request)
         if block is None:
             return None
-        identity = lease_key(request)
+        identity = lease_key(request.key_id, request)
         while (renewal := self._renewals.get(identity)) is not None:
             await renewal
             lease = self._take(identity) if take else None
@@ -460,7 +463,7 @@ class Metering:
                 for identity, leases in list(self._leases.items()):
                     if not any(old.in_flight for old in leases):
                         del self._leases[identity]
-            self._leases.setdefault(lease_key(request), []).append(lease)
+            self._leases.setdefault(lease_key(request.key_id, request), []).append(lease)
             if take:
                 lease.left -= 1
                 lease.in_flight += 1
@@ -917,7 +920,7 @@ def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str])
     return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
 
 
-def lease_key(request: AdmitRequest) -> LeaseKey:
+def lease_key(key_id: str, terms: CallTerms | AdmitRequest) -> LeaseKey:
     """What calls sharing a lease have in common: the key, the holds (plan terms, route weight, live or
     test) and the billing period."""
-    return (request.key_id, id(request.holds), request.period_start)
+    return (key_id, id(terms.holds), terms.period_start)

@@ -40,7 +40,7 @@ from meterware.config import MAX_CALL_COST, Config, Plan, format_credits
 from meterware.errors import StorageError
 from meterware.events import SCHEMA_VERSION, Outcome, UsageEvent, event_row, new_event_id
 from meterware.flusher import Pending, Pipeline
-from meterware.metrics import NO_PLAN, AppMetrics
+from meterware.metrics import NO_PLAN, AppMetrics, UnitCounts, unit_counts
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
@@ -160,6 +160,8 @@ class Lease:
     #: holds counts calls, so a call's units are its own hold. (A value meter's call may use more than
     #: its hold: it would take what the block holds for the calls still running.)
     captures: bool = False
+    #: The settlement most of its calls share (when it ``captures``).
+    capture: Settlement | None = None
 
 
 class Metering:
@@ -511,23 +513,47 @@ class Metering:
             lease=lease,
         )
 
-    def _settles(self, call: Call) -> tuple[str, bool]:
-        """The reservation the settlement of a finished call names ("": none), and whether it closes it.
+    def _settlement(self, call: Call, billable: bool, settled: SettledMeters) -> Settlement:
+        """How a finished call's reservation is settled.
 
         A call closes its own. A lease's call is charged from scratch and takes its share out of the
         lease's block (if the lease ``captures``), and the last one closes the block, once no call can
         take from it any more.
         """
-        lease = call.lease
+        request, lease = call.request, call.lease
         if lease is None:
-            return call.decision.reservation_id, True
-        with self._lease_lock:
-            lease.in_flight -= 1
-            spent = lease.left <= 0 or time.monotonic() >= lease.until
-            if spent and lease.in_flight == 0 and not lease.released:
-                lease.released = True
-                return lease.block.reservation_id, True
-        return (lease.block.reservation_id, False) if lease.captures else ("", True)
+            reservation_id = call.decision.reservation_id
+        else:
+            with self._lease_lock:
+                lease.in_flight -= 1
+                spent = lease.left <= 0 or time.monotonic() >= lease.until
+                closing = spent and lease.in_flight == 0 and not lease.released
+                lease.released |= closing
+            if lease.captures and not closing:
+                # The same for most of the lease's calls: made once (settlements are never changed).
+                shared = lease.capture
+                if shared is None or shared.billable is not billable or shared.meters is not settled:
+                    shared = lease.capture = Settlement(
+                        request.customer,
+                        request.live,
+                        request.period_start,
+                        lease.block.reservation_id,
+                        billable,
+                        request.charges_credits,
+                        settled,
+                        closes=False,
+                    )
+                return shared
+            reservation_id = lease.block.reservation_id if closing else ""
+        return Settlement(
+            request.customer,
+            request.live,
+            request.period_start,
+            reservation_id,
+            billable,
+            request.charges_credits,
+            settled,
+        )
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one
@@ -725,7 +751,7 @@ class Metering:
             status, outcome = call.status, classify(call.status)
         billable = is_billable(outcome, bill_client_errors=self.policy.bill_client_errors)
         request = call.request
-        units, settled = self._measure(call, ended)
+        _, units, settled, counted = self._measure(call, ended)
         if call.usage.rejected:
             self.metrics.units_rejected.inc(call.usage.rejected)
         now_ms = time.time_ns() // 1_000_000
@@ -749,42 +775,28 @@ class Metering:
             request.period_start,
             "",
         ]
-        reservation_id, closes = self._settles(call)
-        settlement = Settlement(
-            customer=request.customer,
-            live=request.live,
-            period_start=request.period_start,
-            reservation_id=reservation_id,
-            billable=billable,
-            charges_credits=request.charges_credits,
-            meters=settled,
-            closes=closes,
-        )
-        self._queue(Pending(request.shard, row, settlement))
-        plan = request.plan.name
-        metrics = self.metrics
-        metrics.call(
+        self._queue(Pending(request.shard, row, self._settlement(call, billable, settled)))
+        self.metrics.call(
             route or UNMATCHED_ROUTE,
             call.method,
             outcome,
-            plan,
+            request.plan.name,
             (ended - (call.arrived_ns or call.started_ns)) / 1e9,
+            counted if billable and request.live else (),
         )
-        if billable and request.live:
-            metrics.add_units(plan, units, self._additive)
 
-    def _measure(self, call: Call, ended_ns: int) -> tuple[dict[str, int | str], SettledMeters]:
-        """A finished call's units per meter, and per held meter what its settlement charges:
-        ``(meter, units, price, included)``.
+    def _measure(self, call: Call, ended_ns: int) -> Measured:
+        """A finished call's holds, its units per meter, per held meter what its settlement charges
+        (``(meter, units, price, included)``), and what it adds to ``meterware_units`` if billable.
 
-        When every meter counts calls, both depend only on the route's weight and the plan's terms: they
+        When every meter counts calls, they depend only on the route's weight and the plan's terms: they
         are made once (a call's units are never changed once measured, so calls share them).
         """
         holds = call.request.holds
         if not self._calls_only:
             units = self._units(call, ended_ns)
             self._bound_cost(call, units)
-            return units, settled_meters(holds, units)
+            return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
         weight = self.routes.weight(call.path) if self.routes.weights else 1
         measured = (id(holds), weight)
         known = self._measured.get(measured)
@@ -793,8 +805,13 @@ class Metering:
             if len(self._measured) >= KEY_CACHE_MAX_ENTRIES:
                 self._measured.clear()
             # The holds are kept with their id, so the id names them while the entry lives.
-            known = self._measured[measured] = (holds, units, settled_meters(holds, units))
-        return known[1], known[2]
+            known = self._measured[measured] = (
+                holds,
+                units,
+                settled_meters(holds, units),
+                unit_counts(units, self._additive),
+            )
+        return known
 
     def _units(self, call: Call, ended_ns: int) -> dict[str, int | str]:
         units: dict[str, int | str] = {}
@@ -912,7 +929,7 @@ def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, st
 
 
 SettledMeters = tuple[tuple[str, int, int, int], ...]
-Measured = tuple[tuple[MeterHold, ...], dict[str, int | str], SettledMeters]
+Measured = tuple[tuple[MeterHold, ...], dict[str, int | str], SettledMeters, UnitCounts]
 
 
 def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:

@@ -123,13 +123,33 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         query = scope.get("query_string", b"")
-        started = metering.astart(self.storage, scope, scope["headers"], query, scope["method"], path)
+        started = metering.astart(
+            self._storage or self.storage, scope, scope["headers"], query, scope["method"], path
+        )
         call = started if isinstance(started, Call | Problem) else await started
+        flusher = self._flusher or self.flusher
         if isinstance(call, Problem):
-            self.flusher.ensure_running()  # a refused call of a known customer is an event too
+            flusher.ensure_running()  # a refused call of a known customer is an event too
             await self._refuse(send, call)
-        else:
-            await self._serve(scope, receive, send, call)
+            return
+        # Served here rather than in a method of its own: a coroutine per call is a cost on every call.
+        exchange = _Exchange(metering, scope, receive, send, call)
+        token = _current.set(call.usage)
+        slow_calls = self._slow_calls
+        slow_calls.add(id(call), exchange)
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        finally:
+            _current.reset(token)
+            slow_calls.discard(id(call))
+            if exchange.watcher is not None:
+                exchange.watcher.cancel()
+            if not call.finished:
+                # The app raised, or returned without finishing its response (the client went away, or
+                # the app gave up): not charged.
+                route = _route(scope, exchange.root_path)
+                metering.finish(call, route, failed=True, aborted=exchange.disconnected)
+            flusher.ensure_running()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_draining(message: Message) -> None:
@@ -156,26 +176,6 @@ class MeteringMiddleware:
             {"type": "http.response.start", "status": refusal.status, "headers": refusal.response_headers()}
         )
         await send({"type": "http.response.body", "body": refusal.body()})
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
-        metering = self.metering
-        exchange = _Exchange(metering, scope, receive, send, call)
-        token = _current.set(call.usage)
-        slow_calls = self._slow_calls
-        slow_calls.add(id(call), exchange)
-        try:
-            await self.app(scope, exchange.receive, exchange.send)
-        finally:
-            _current.reset(token)
-            slow_calls.discard(id(call))
-            if exchange.watcher is not None:
-                exchange.watcher.cancel()
-            if not call.finished:
-                # The app raised, or returned without finishing its response (the client went away, or
-                # the app gave up): not charged.
-                route = _route(scope, exchange.root_path)
-                metering.finish(call, route, failed=True, aborted=exchange.disconnected)
-            self.flusher.ensure_running()
 
 
 class _Exchange:

@@ -158,6 +158,29 @@ class _FoldOnCollect:
         return []
 
 
+#: What a billable call adds to ``meterware_units``: ``(meter, units)`` pairs.
+UnitCounts = tuple[tuple[str, int], ...]
+
+
+def unit_counts(units: Mapping[str, int | str], additive: frozenset[str]) -> UnitCounts:
+    """The units of a call that ``meterware_units`` counts: whole, non-zero, of meters that add up."""
+    return tuple(
+        (meter, value) for meter, value in units.items() if value and meter in additive and type(value) is int
+    )
+
+
+class _CallSeries:
+    """The tallies a call adds to: its count and latency series, and its plan's units by meter."""
+
+    __slots__ = ("count", "duration", "plan", "units")
+
+    def __init__(self, count: Tally, duration: Tally, plan: str) -> None:
+        self.count = count
+        self.duration = duration
+        self.plan = plan
+        self.units: dict[str, Tally] = {}
+
+
 class AppMetrics:
     """The app side's metrics in one registry, with label children cached for the request path.
 
@@ -284,26 +307,35 @@ class AppMetrics:
         self.admit_errors = backend_errors.labels("admit")
         self.flush_errors = backend_errors.labels("flush")
         self._rejections = {reason: rejections.labels(reason) for reason in REJECTION_REASONS}
-        self._calls: dict[tuple[str, str, str, str], tuple[Tally, Tally]] = {}
+        self._calls: dict[tuple[str, str, str, str], _CallSeries] = {}
         self._durations: dict[tuple[str, str], Tally] = {}
         self._units: dict[tuple[str, str], Tally] = {}
         self._routes: set[str] = set()
 
-    def call(self, route: str, method: str, outcome: str, plan: str, seconds: float) -> None:
-        """Count one call and observe its latency."""
+    def call(
+        self, route: str, method: str, outcome: str, plan: str, seconds: float, units: UnitCounts = ()
+    ) -> None:
+        """Count one call, observe its latency and add its billable ``units``: ``(meter, units)`` pairs
+        of the meters whose units add up (:func:`unit_counts`)."""
         series = self._calls.get((route, method, outcome, plan))
         if series is None:
             series = self._call_series(route, method, outcome, plan)
         if not self.deferred:
-            series[0].inc()
-            series[1].observe(seconds)
+            series.count.child.inc()  # type: ignore[union-attr]
+            series.duration.child.observe(seconds)  # type: ignore[union-attr]
+            for meter, amount in units:
+                self._units_of(series, meter).child.inc(amount)  # type: ignore[union-attr]
             return
-        count, duration = series
-        with self.lock:  # Tally.inc and Tally.observe under one lock
+        count, duration = series.count, series.duration
+        with self.lock:  # one lock for everything a call adds
             count.amount += 1
             count.listed()
             duration.add(seconds)
             duration.listed()
+            for meter, amount in units:
+                tally = series.units.get(meter) or self._units_of(series, meter)
+                tally.amount += amount
+                tally.listed()
 
     def fold(self) -> None:
         """Hand what was tallied since the last fold to prometheus-client (never raises: it runs before
@@ -326,16 +358,7 @@ class AppMetrics:
         self._rejections[reason].inc()
         self.call(route, method, "rejected", plan, seconds)
 
-    def add_units(self, plan: str, units: Mapping[str, int | str], meters: frozenset[str]) -> None:
-        """Add the units of a billable call, for the meters whose units add up."""
-        for meter, value in units.items():
-            if value and meter in meters and type(value) is int:
-                tally = self._units.get((meter, plan))
-                if tally is None:
-                    tally = self._units[(meter, plan)] = Tally(self, self.units.labels(meter, plan))
-                tally.inc(value)
-
-    def _call_series(self, route: str, method: str, outcome: str, plan: str) -> tuple[Tally, Tally]:
+    def _call_series(self, route: str, method: str, outcome: str, plan: str) -> _CallSeries:
         label = route
         if route not in self._routes:
             if len(self._routes) < MAX_ROUTES:
@@ -346,10 +369,18 @@ class AppMetrics:
         duration = self._durations.get((label, outcome))
         if duration is None:
             duration = self._durations[(label, outcome)] = Tally(self, self.duration.labels(label, outcome))
-        series = (Tally(self, self.requests.labels(label, verb, outcome, plan)), duration)
+        series = _CallSeries(Tally(self, self.requests.labels(label, verb, outcome, plan)), duration, plan)
         if len(self._calls) < _MAX_CACHED:
             self._calls[(route, method, outcome, plan)] = series
         return series
+
+    def _units_of(self, series: _CallSeries, meter: str) -> Tally:
+        """The units tally of ``meter`` on the series' plan (made once per meter and plan)."""
+        tally = self._units.get((meter, series.plan))
+        if tally is None:
+            tally = self._units[(meter, series.plan)] = Tally(self, self.units.labels(meter, series.plan))
+        series.units[meter] = tally
+        return tally
 
 
 # -- exposition -----------------------------------------------------------------------------------------

@@ -301,9 +301,12 @@ def limit_headers(limits: tuple[LimitState, ...]) -> list[tuple[bytes, bytes]]:
     """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10)."""
     if not limits:
         return []
-    policy = ", ".join(f'"{limit.name}";q={limit.quota};w={limit.window}' for limit in limits)
-    state = ", ".join(f'"{limit.name}";r={limit.remaining};t={limit.reset}' for limit in limits)
-    return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]
+    # One loop, no generators: this runs for every call admitted on its own.
+    policy, state = [], []
+    for limit in limits:
+        policy.append(f'"{limit.name}";q={limit.quota};w={limit.window}')
+        state.append(f'"{limit.name}";r={limit.remaining};t={limit.reset}')
+    return [(b"ratelimit-policy", ", ".join(policy).encode()), (b"ratelimit", ", ".join(state).encode())]
 
 
 def call_units(meter: Meter, weight: int) -> int:
@@ -324,38 +327,34 @@ def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str
     """
     allowed = bool(int(reply[0]))
     reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-    retry_ms = int(reply[2])
-    window = request.period_end - request.period_start
     until_period_end = max(0, request.period_end - int(now))
-    limits = []
+    limits: list[LimitState] = []
     # Refusals decided before the limits were looked at (key, customer) carry no limit state.
     if len(reply) > 6:
         index = 6
         for limit in request.plan.rate_limits:
             remaining, reset_ms = int(reply[index]), int(reply[index + 1])
-            index += 2
             name = rate_limit_name(limit.seconds)
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
+            index += 2
+        window = request.period_end - request.period_start
         for hold in request.holds:
             if hold.quota >= 0:
                 remaining = max(0, int(reply[index]))
-                index += 1
                 limits.append(
                     LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
                 )
-    retry_after = -(-retry_ms // 1000)
-    if reason == "quota_exceeded":
-        retry_after = until_period_end
+                index += 1
+    retry_after = until_period_end if reason == "quota_exceeded" else -(-int(reply[2]) // 1000)
     reserved_credits = int(reply[3])
+    # Positional: this runs for every call admitted on its own.
     return Decision(
-        allowed=allowed,
-        reason=reason or None,  # type: ignore[arg-type]
-        reservation_id=request.reservation_id
-        if allowed and holds_anything(request, reserved_credits)
-        else "",
-        reserved_credits=reserved_credits,
-        retry_after=retry_after,
-        limits=tuple(limits),
-        available_credits=int(reply[4]) if request.charges_credits else None,
-        calls=int(reply[5]) if len(reply) > 5 else 0,
+        allowed,
+        reason or None,  # type: ignore[arg-type]
+        request.reservation_id if allowed and holds_anything(request, reserved_credits) else "",
+        reserved_credits,
+        retry_after,
+        tuple(limits),
+        int(reply[4]) if request.charges_credits else None,
+        int(reply[5]) if len(reply) > 5 else 0,
     )

@@ -101,13 +101,13 @@ def _less(reservation: _Reservation, taken: _Reservation) -> _Reservation:
 class _Admission:
     """What admitting some calls would do (the state an admission reply reports)."""
 
-    reason: str = ""
-    retry_ms: float = 0.0
-    credits: int = 0
-    rates: list[int] = field(default_factory=list)
-    quotas: list[int] = field(default_factory=list)
-    holds: list[int] = field(default_factory=list)
-    new_tats: list[tuple[tuple[bool, str, int], float]] = field(default_factory=list)
+    reason: str
+    retry_ms: float
+    credits: int
+    rates: list[int]
+    quotas: list[int]
+    holds: list[int]
+    new_tats: list[tuple[tuple[bool, str, int], float]]
 
 
 @dataclass(slots=True)
@@ -251,7 +251,9 @@ class MemoryStorage:
         self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
     ) -> _Admission:
         """What admitting ``calls`` calls would do (admit.lua's decide())."""
-        decision = _Admission()
+        retry_ms = 0.0
+        rates: list[int] = []
+        new_tats: list[tuple[tuple[bool, str, int], float]] = []
         for limit in request.plan.rate_limits:
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
@@ -259,42 +261,44 @@ class MemoryStorage:
             tat = max(self._rates.get(rate_key, now), now)
             new_tat = tat + interval * calls
             if new_tat - now > period_ms:
-                decision.retry_ms = max(decision.retry_ms, new_tat - period_ms - now)
-                decision.rates += [int((period_ms - (tat - now)) // interval), int(tat - now)]
+                retry_ms = max(retry_ms, new_tat - period_ms - now)
+                rates += (int((period_ms - (tat - now)) // interval), int(tat - now))
             else:
-                decision.rates += [int((period_ms - (new_tat - now)) // interval), int(new_tat - now)]
-                decision.new_tats.append((rate_key, new_tat))
+                rates += (int((period_ms - (new_tat - now)) // interval), int(new_tat - now))
+                new_tats.append((rate_key, new_tat))
         over_quota = needs_positive_balance = False
+        credits = 0
+        quotas: list[int] = []
+        holds: list[int] = []
         for hold in request.holds:
             # A value meter's size is unknown until the end: one unit left admits it, however many calls.
             need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
             used_key, held_key = _counter_names(hold.meter)
             used, held = counters.get(used_key, 0), counters.get(held_key, 0)
-            decision.holds.append(held_now)
+            holds.append(held_now)
             if hold.quota >= 0:
                 if used + held + need > hold.quota:
                     over_quota = True
-                    decision.quotas.append(hold.quota - used - held)
+                    quotas.append(hold.quota - used - held)
                 else:
-                    decision.quotas.append(hold.quota - used - held - held_now)
+                    quotas.append(hold.quota - used - held - held_now)
             if hold.price:
                 base = used + held
-                decision.credits += (
-                    max(hold.included, base + held_now) - max(hold.included, base)
-                ) * hold.price
+                credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
                 if not hold.exact and base + held_now >= hold.included:
                     needs_positive_balance = True
         if not request.charges_credits:
-            decision.credits = 0
-        if decision.retry_ms:
-            decision.reason = "rate_limited"
+            credits = 0
+        reason = ""
+        if retry_ms:
+            reason = "rate_limited"
         elif over_quota:
-            decision.reason = "quota_exceeded"
+            reason = "quota_exceeded"
         elif request.charges_credits and (
-            available < decision.credits or (needs_positive_balance and available - decision.credits <= 0)
+            available < credits or (needs_positive_balance and available - credits <= 0)
         ):
-            decision.reason = "insufficient_credits"
-        return decision
+            reason = "insufficient_credits"
+        return _Admission(reason, retry_ms, credits, rates, quotas, holds, new_tats)
 
     def flush(self, batch: Batch) -> bool:
         with self._lock:

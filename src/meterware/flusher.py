@@ -276,6 +276,10 @@ class Pipeline:
         self.stats = FlushStats()
         self.on_flushed = on_flushed
         self.metrics = metrics
+        #: The depth gauge, when each event in and out of the buffer updates it (multiprocess mode).
+        self._depth = (
+            metrics.buffer_events if metrics is not None and metrics.counts_buffer(self.buffer) else None
+        )
         #: The process that counted this buffer's capacity (a forked worker counts its own).
         self._counted_pid = 0
         self.backoff = 0.0
@@ -298,8 +302,8 @@ class Pipeline:
                 self.metrics.events_dropped.inc()
             logger.error("meterware: event buffer full (%d); an event was dropped", self.buffer.capacity)
             return
-        if self.metrics is not None:
-            self.metrics.buffer_events.inc()
+        if self._depth is not None:
+            self._depth.inc()
         if len(self.buffer) == self.config.batch_size:
             # Once per batch that fills up: the flusher then takes everything buffered.
             self.wake()
@@ -331,8 +335,8 @@ class Pipeline:
         # Up to a full batch for each of 16 shards at a time: the more events of a customer a batch holds,
         # the less each costs (its counters and ledger move once per batch).
         items = self.buffer.take(self.config.batch_size * 16)
-        if self.metrics is not None and items:
-            self.metrics.buffer_events.dec(len(items))
+        if self._depth is not None and items:
+            self._depth.dec(len(items))
         return Batches(items, self.config.batch_size)
 
     def observe(self) -> None:

@@ -21,7 +21,7 @@ import os
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Metric
@@ -246,16 +246,17 @@ class AppMetrics:
             ("operation",),
             registry=registry,
         )
-        # Folded last, after the calls whose events it counts.
-        self.buffer_events = Tally(
-            self,
-            Gauge(
-                "meterware_buffer_events",
-                "Events waiting in the in-process buffer for the flusher.",
-                registry=registry,
-                multiprocess_mode="livesum",
-            ),
+        self.buffer_events = Gauge(
+            "meterware_buffer_events",
+            "Events waiting in the in-process buffer for the flusher.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
+        #: The buffers whose depth the gauge reads when scraped (counting each event in and out would
+        #: cost every call; in multiprocess mode, where a scrape reads files, their pipelines count).
+        self._buffers: weakref.WeakSet[Sized] = weakref.WeakSet()
+        if self.deferred:
+            self.buffer_events.set_function(lambda: sum(len(buffer) for buffer in list(self._buffers)))
         self.buffer_capacity = Gauge(
             "meterware_buffer_capacity_events",
             "Events the in-process buffer holds at most (summed over live processes).",
@@ -342,8 +343,6 @@ class AppMetrics:
         every flush pass, which must go on whatever happens to the metrics)."""
         with self.lock:
             dirty, self.dirty = self.dirty, []
-            # The buffer depth last, after the calls whose events it counts.
-            dirty.sort(key=lambda tally: tally is self.buffer_events)
             for done, tally in enumerate(dirty):
                 try:
                     tally._fold()
@@ -352,6 +351,13 @@ class AppMetrics:
                     tally.dirty = True
                     self.dirty = dirty[done:] + self.dirty
                     return
+
+    def counts_buffer(self, buffer: Sized) -> bool:
+        """Have ``meterware_buffer_events`` show ``buffer``'s depth: read at each scrape (False), or, in
+        multiprocess mode, counted by its owner as events go in and out (True)."""
+        if self.deferred:
+            self._buffers.add(buffer)
+        return not self.deferred
 
     def refused(self, reason: str, method: str, plan: str, route: str, seconds: float) -> None:
         """Count a refused call (a ``rejected`` call, and its reason)."""

@@ -32,6 +32,7 @@ __all__ = [
     "WrkResult",
     "child_env",
     "cpu_seconds",
+    "cpu_times",
     "free_port",
     "load_average",
     "machine",
@@ -133,10 +134,15 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time a process (all its threads) has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time a process (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return sum(cpu_times(pid))
 
 
 def _children(pid: int) -> list[int]:

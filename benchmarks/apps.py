@@ -8,6 +8,7 @@ inside the server process and returns its key: a ``memory://`` store lives in th
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 from fastapi import FastAPI
@@ -71,6 +72,19 @@ async def new_key(request: Request) -> PlainTextResponse:
 
 def starlette_bare() -> Starlette:
     return Starlette(routes=[Route("/v1/hello", hello)])
+
+
+def starlette_busy() -> Starlette:
+    """The bare app, whose handler first burns ``BENCH_WORK_US`` microseconds of CPU (the ruler's app)."""
+    work = float(os.environ.get("BENCH_WORK_US", "0")) / 1e6
+
+    async def busy_hello(request: Request) -> JSONResponse:
+        deadline = time.perf_counter() + work
+        while time.perf_counter() < deadline:
+            pass
+        return JSONResponse({"hello": "world"})
+
+    return Starlette(routes=[Route("/v1/hello", busy_hello)])
 
 
 def starlette_metered() -> Starlette:

@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass
 
 from benchmarks._harness import Server, child_env, cpu_times, wrk
+from benchmarks.throughput import CONNECTIONS
 
 #: Microseconds of handler work per request (0: the bare app).
 WORK_US = (0, 10, 20, 40, 80)
-CONNECTIONS = 32
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,15 +69,10 @@ def main() -> None:
         metering.pipeline.buffer.take(10**9)
 
     metrics = AppMetrics(CollectorRegistry())
-    additive = frozenset({"calls"})
-    units: dict[str, int | str] = {"calls": 1}
 
     def metric_updates() -> None:
         metrics.admit_duration.observe(0.0004)
-        metrics.call("/v1/hello", "GET", "success", "payg", 0.002)
-        metrics.add_units("payg", units, additive)
-        metrics.buffer_events.inc()
-        metrics.buffer_events.dec()
+        metrics.call("/v1/hello", "GET", "success", "payg", 0.002, (("calls", 1),))
 
     path = per_call(call, args.calls, args.rounds, drop_events)
     updates = per_call(metric_updates, args.calls, args.rounds, lambda: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,6 +356,30 @@ def pending(shard: int = 0) -> Pending:
 def pipeline(tmp_path: Path, registry: CollectorRegistry, **settings: Any) -> Pipeline:
     config = Config.from_dict({"pipeline": {"spool_dir": str(tmp_path / "spool"), **settings}})
     return Pipeline(config.pipeline, metrics=AppMetrics(registry))
+
+
+def test_buffer_depth_scrapes_while_pipelines_are_made(tmp_path: Path) -> None:
+    """A scrape reads the buffers while other threads make pipelines (middleware built on first use)."""
+    registry = CollectorRegistry()
+    shared = AppMetrics(registry)
+    config = Config.from_dict({"pipeline": {"spool_dir": str(tmp_path / "spool")}})
+    made: list[Pipeline] = []
+    stop = threading.Event()
+
+    def make_pipelines() -> None:
+        while not stop.is_set() and len(made) < 5_000:
+            made.append(Pipeline(config.pipeline, metrics=shared))
+
+    maker = threading.Thread(target=make_pipelines)
+    maker.start()
+    try:
+        for _ in range(2_000):
+            value(registry, "meterware_buffer_events")
+    finally:
+        stop.set()
+        maker.join()
+    made[0].put(pending(0))
+    assert value(registry, "meterware_buffer_events") == 1
 
 
 def test_pipeline_exports_buffer_depth_and_flushes(tmp_path: Path) -> None:

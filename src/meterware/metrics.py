@@ -21,7 +21,7 @@ import os
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Mapping, Sized
+from collections.abc import Callable, Mapping, Sized
 from typing import TYPE_CHECKING, Any, Final, get_args
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Metric
@@ -169,6 +169,16 @@ def unit_counts(units: Mapping[str, int | str], additive: frozenset[str]) -> Uni
     )
 
 
+def _buffered_events(metrics: weakref.ReferenceType[AppMetrics]) -> Callable[[], float]:
+    """The depth gauge's function (holding its metrics weakly, as the folding collector does)."""
+
+    def buffered() -> float:
+        owner = metrics()
+        return 0.0 if owner is None else float(owner.buffered_events())
+
+    return buffered
+
+
 class _CallSeries:
     """The tallies a call adds to: its count and latency series, and its plan's units by meter."""
 
@@ -256,7 +266,7 @@ class AppMetrics:
         #: cost every call; in multiprocess mode, where a scrape reads files, their pipelines count).
         self._buffers: weakref.WeakSet[Sized] = weakref.WeakSet()
         if self.deferred:
-            self.buffer_events.set_function(lambda: sum(len(buffer) for buffer in list(self._buffers)))
+            self.buffer_events.set_function(_buffered_events(weakref.ref(self)))
         self.buffer_capacity = Gauge(
             "meterware_buffer_capacity_events",
             "Events the in-process buffer holds at most (summed over live processes).",
@@ -356,8 +366,15 @@ class AppMetrics:
         """Have ``meterware_buffer_events`` show ``buffer``'s depth: read at each scrape (False), or, in
         multiprocess mode, counted by its owner as events go in and out (True)."""
         if self.deferred:
-            self._buffers.add(buffer)
+            with self.lock:  # a scrape may be reading the set meanwhile
+                self._buffers.add(buffer)
         return not self.deferred
+
+    def buffered_events(self) -> int:
+        """Events waiting in the buffers the depth gauge reads."""
+        with self.lock:
+            buffers = list(self._buffers)
+        return sum(len(buffer) for buffer in buffers)
 
     def refused(self, reason: str, method: str, plan: str, route: str, seconds: float) -> None:
         """Count a refused call (a ``rejected`` call, and its reason)."""

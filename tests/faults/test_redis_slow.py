@@ -142,7 +142,7 @@ SPOOL_MAX_BYTES = 4000
 def test_buffer_and_spool_bounds_hold_and_every_drop_is_counted(
     tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
 ) -> None:
-    """Redis stopped for 3 s with a tiny buffer and spool: bounds hold, drops are counted, none is charged."""
+    """Redis stopped for 4.5 s, a tiny buffer and spool: bounds hold, drops are counted, none is charged."""
     server = make_redis()
     spool = tmp_path / "spool"
     config = tmp_path / "meterware.toml"
@@ -155,7 +155,9 @@ def test_buffer_and_spool_bounds_hold_and_every_drop_is_counted(
     with Load(app.url, key, "/v1/ok/{}".format, threads=8) as load, Sampler(app, spool) as sampler:
         time.sleep(1.0)
         server.pause()
-        time.sleep(3.0)
+        # Long enough for the spool to fill whatever the app's pace: the flusher spools only between its
+        # attempts, each blocked for flush_timeout (1 s), and the backoff doubles (0.1, 0.2, 0.4 s).
+        time.sleep(4.5)
         server.resume()
         time.sleep(1.0)
     metrics = app.metrics()

@@ -15,6 +15,7 @@ URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import operator
 import re
@@ -711,8 +712,15 @@ class RedisStorage:
         with self._errors:
             if not self._slots.acquire(timeout=self._timeout):
                 raise TimeoutError(f"no free connection within {self._timeout}s")
+            client = self._redis()
             try:
-                yield self._redis()
+                yield client
+            except redis.ConnectionError:
+                # As in the asyncio client: drop the idle pooled connections to a server that went away.
+                if isinstance(client, redis.Redis):
+                    with contextlib.suppress(RedisError, OSError):
+                        client.connection_pool.disconnect(inuse_connections=False)
+                raise
             finally:
                 self._slots.release()
 
@@ -1202,6 +1210,14 @@ class AsyncRedisStorage:
                 await slots.acquire()
             try:
                 yield client
+            except redis.ConnectionError:
+                # The server is gone or went away: drop the idle pooled connections to it, so none is met
+                # dead later (the fault tests saw a key lookup fail with "Connection closed by server" a
+                # second after Redis came back from a SIGKILL, on a connection pooled before it).
+                if isinstance(client, redis.asyncio.Redis):
+                    with contextlib.suppress(RedisError, OSError):  # closing dead sockets may complain
+                        await client.connection_pool.disconnect(inuse_connections=False)
+                raise
             finally:
                 slots.release()
 

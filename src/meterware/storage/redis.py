@@ -712,8 +712,9 @@ class RedisStorage:
         with self._errors:
             if not self._slots.acquire(timeout=self._timeout):
                 raise TimeoutError(f"no free connection within {self._timeout}s")
-            client = self._redis()
+            client: SyncClient | None = None
             try:
+                client = self._redis()
                 yield client
             except redis.ConnectionError:
                 # As in the asyncio client: drop the idle pooled connections to a server that went away.

@@ -522,30 +522,20 @@ class Metering:
         """
         request, lease = call.request, call.lease
         if lease is None:
-            reservation_id = call.decision.reservation_id
+            reservation_id, closes = call.decision.reservation_id, True
         else:
             with self._lease_lock:
                 lease.in_flight -= 1
                 spent = lease.left <= 0 or time.monotonic() >= lease.until
                 closing = spent and lease.in_flight == 0 and not lease.released
                 lease.released |= closing
-            if lease.captures and not closing:
-                # The same for most of the lease's calls: made once (settlements are never changed).
-                shared = lease.capture
-                if shared is None or shared.billable is not billable or shared.meters is not settled:
-                    shared = lease.capture = Settlement(
-                        request.customer,
-                        request.live,
-                        request.period_start,
-                        lease.block.reservation_id,
-                        billable,
-                        request.charges_credits,
-                        settled,
-                        closes=False,
-                    )
+            closes = closing or not lease.captures
+            reservation_id = lease.block.reservation_id if closing or lease.captures else ""
+            # A capture is the same for most of the lease's calls: made once (settlements never change).
+            shared = lease.capture
+            if not closes and shared is not None and shared.billable is billable and shared.meters is settled:
                 return shared
-            reservation_id = lease.block.reservation_id if closing else ""
-        return Settlement(
+        settlement = Settlement(
             request.customer,
             request.live,
             request.period_start,
@@ -553,7 +543,12 @@ class Metering:
             billable,
             request.charges_credits,
             settled,
+            closes,
         )
+        if not closes:
+            assert lease is not None
+            lease.capture = settlement
+        return settlement
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one

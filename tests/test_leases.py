@@ -271,12 +271,10 @@ def test_a_tight_rate_limit_is_admitted_call_by_call(tmp_path: Path) -> None:
     assert Counter(asyncio.run(run())) == {200: 5, 429: 7}
 
 
-def test_calls_of_a_value_meter_leave_their_block_reserved_until_it_closes(
-    storage_url: str, tmp_path: Path
-) -> None:
-    """A call may use more of a value meter than it holds: the calls of such a lease do not take their
-    share out of the block as they settle (a big one would take what the block holds for the calls still
-    running, and let other processes spend it); the block stays reserved until it closes."""
+def test_calls_of_a_priced_value_meter_are_admitted_one_by_one(storage_url: str, tmp_path: Path) -> None:
+    """A lease cannot bound what its calls use of a value meter (a call may use more than it holds): on
+    a plan that prices one, each call is admitted alone and counts the calls finished before it, so a
+    balance of 1,000 tokens' worth serves calls of 400 tokens while it is positive: three of five."""
     config = Config.from_dict(
         {
             "storage": {"url": storage_url, "shards": 4},
@@ -286,32 +284,30 @@ def test_calls_of_a_value_meter_leave_their_block_reserved_until_it_closes(
             },
             "plans": {"metered": {"prepaid": True, "meters": {"tokens": {"price": "0.000001"}}}},
             "policy": {"admission": "lease", "lease_calls": 4, "lease_seconds": 30, "timeout": 2.0},
-            "pipeline": {"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.05},
+            "pipeline": {"spool_dir": str(tmp_path / "spool"), "flush_interval": 60},
         }
     )
     accounts, customer, key = open_customer(config, credits="0.001")  # 1,000 tokens' worth
+    registry = CollectorRegistry()
 
     def big(request: Any) -> JSONResponse:
         meterware.usage.add("tokens", 400)
         return JSONResponse({"ok": True})
 
-    async def run() -> Balance:
+    async def run() -> list[int]:
         app = Starlette(routes=[Route("/v1/big", big)])
-        middleware = MeteringMiddleware(app, config, registry=CollectorRegistry())
+        middleware = MeteringMiddleware(app, config, registry=registry)
         transport = httpx.ASGITransport(app=middleware)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            response = await client.get("/v1/big", headers={"authorization": f"Bearer {key}"})
-            assert response.status_code == 200
-            # The flusher settles the call; the lease still serves 3 more calls.
-            deadline = time.monotonic() + 5
-            while accounts.storage.get_balance(customer).balance == 1_000 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            balance = accounts.storage.get_balance(customer)
+            headers = {"authorization": f"Bearer {key}"}
+            statuses = [(await client.get("/v1/big", headers=headers)).status_code for _ in range(5)]
         await middleware.drain()
         await middleware.storage.aclose()
         await middleware.flusher.storage.aclose()
-        return balance
+        return statuses
 
-    balance = asyncio.run(run())
-    assert balance.balance == 1_000 - 400
-    assert balance.reserved == 4 * 100  # the block, whole: 100 tokens held for each of its 4 calls
+    assert asyncio.run(run()) == [200, 200, 200, 402, 402]
+    admissions = registry.get_sample_value("meterware_backend_duration_seconds_count", {"operation": "admit"})
+    assert admissions == 5
+    balance = accounts.storage.get_balance(customer)
+    assert (balance.balance, balance.reserved) == (1_000 - 3 * 400, 0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
 
+from meterware._unsettled import Change, Unsettled
 from meterware.config import Meter, Plan
 from meterware.events import Outcome
 
@@ -118,11 +119,20 @@ class AdmitRequest:
     reservation_timeout_ms: int
     #: Calls admitted at once: 1, or a lease's block (``holds`` then hold all of them).
     calls: int = 1
+    #: The changes this process's finished calls still make to the customer's counters (read when the
+    #: admission is sent, so it sees every call finished by then), or None when the call holds nothing.
+    unsettled: Unsettled | None = None
 
     @property
     def charges_credits(self) -> bool:
         """Whether calls spend the prepaid credit balance (live keys on prepaid plans)."""
         return self.live and self.plan.prepaid
+
+    def unsettled_changes(self) -> list[tuple[str, Change]]:
+        """``(batch id, change)`` still to come for this call's counters (the id "" if not in a batch)."""
+        if self.unsettled is None:
+            return []
+        return self.unsettled.of((self.customer, self.live, self.period_start))
 
 
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from meterware import keys
@@ -36,6 +36,7 @@ from meterware._core import (
     period_bounds,
     problem,
 )
+from meterware._unsettled import CallChange
 from meterware.config import MAX_CALL_COST, Config, Plan, format_credits
 from meterware.errors import StorageError
 from meterware.events import SCHEMA_VERSION, Outcome, UsageEvent, event_row, new_event_id
@@ -162,6 +163,26 @@ class Lease:
     captures: bool = False
     #: The settlement most of its calls share (when it ``captures``).
     capture: Settlement | None = None
+    #: What the block's reservation still holds, as its calls' settlements will leave it: credits, and
+    #: units per hold (what closing it releases).
+    credits_left: int = 0
+    held_left: list[int] = field(default_factory=list)
+
+    def releases(
+        self, settlement: Settlement, settled: SettledMeters, billable: bool
+    ) -> tuple[int, list[int]]:
+        """What one call's settlement releases of the block, as the flush will (under the lease lock):
+        what is left when it closes the block; a capture's units and cost, at most what is left."""
+        if settlement.reservation_id != self.block.reservation_id or not (settlement.closes or billable):
+            return 0, [0] * len(self.held_left)
+        if settlement.closes:
+            released, freed = self.credits_left, self.held_left
+        else:
+            freed = [min(units, left) for (_, units, _, _), left in zip(settled, self.held_left, strict=True)]
+            released = min(sum(units * price for _, units, price, _ in settled), self.credits_left)
+        self.credits_left -= released
+        self.held_left = [left - free for left, free in zip(self.held_left, freed, strict=True)]
+        return released, freed
 
 
 class Metering:
@@ -209,8 +230,11 @@ class Metering:
         self._next_full_rollup = 0.0
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self.leasing = config.policy.admission == "lease"
+        #: Spent leases' blocks being closed by the flusher: what closing each releases.
+        self._closing_blocks: dict[str, CallChange] = {}
         if self.leasing:
             self.pipeline.spent_leases = self.spent_leases
+            self.pipeline.released = self._blocks_closed
         #: The leases of each key, oldest first (two while the next one is fetched ahead of need).
         self._leases: dict[LeaseKey, list[Lease]] = {}
         self._renewing_ahead: set[asyncio.Task[Lease | Decision | None]] = set()
@@ -432,9 +456,12 @@ class Metering:
         """The admission of a lease for calls like ``request``: up to ``lease_calls`` of them at once
         (the backend grants as many as fit, fewer near a limit).
 
-        None when a lease would hold too little to be worth it: a rate limit allows so few calls that a
-        block would take a large share of it.
+        None when a lease would hold too little to be worth it (a rate limit allows so few calls that a
+        block would take a large share of it), or cannot bound what its calls use: a value meter that is
+        priced or under a hard quota is admitted call by call, each counting the calls finished before.
         """
+        if any(not hold.exact and (hold.price or hold.quota >= 0) for hold in request.holds):
+            return None
         calls = self.policy.lease_calls
         for limit in request.plan.rate_limits:
             calls = min(calls, limit.amount // 4)
@@ -458,6 +485,8 @@ class Metering:
             left=decision.calls,
             until=time.monotonic() + self.policy.lease_seconds,
             captures=all(hold.exact for hold in request.holds),
+            credits_left=decision.reserved_credits,
+            held_left=[hold.hold * decision.calls for hold in request.holds],
         )
         with self._lease_lock:
             if len(self._leases) >= LEASE_TABLE_MAX:
@@ -496,9 +525,25 @@ class Metering:
                     if not lease.released:
                         lease.released = True
                         spent.append(lease.block)
+                        self._closing_blocks[lease.block.reservation_id] = change = self._block_change(lease)
+                        self.pipeline.unsettled.add(change)
                 if not leases:
                     del self._leases[identity]
         return spent
+
+    def _block_change(self, lease: Lease) -> CallChange:
+        """What closing a spent lease's block releases (counted at admission until it is closed)."""
+        block = lease.block
+        meters = tuple((hold.meter, 0, held) for hold, held in zip(block.holds, lease.held_left, strict=True))
+        change = (block.customer, block.live, block.period_start), lease.credits_left, meters
+        lease.credits_left, lease.held_left = 0, [0] * len(lease.held_left)
+        return change
+
+    def _blocks_closed(self, blocks: list[AdmitRequest]) -> None:
+        """Spent leases' blocks are closed: their releases are written."""
+        self.pipeline.unsettled.discard(
+            change for block in blocks if (change := self._closing_blocks.pop(block.reservation_id, None))
+        )
 
     def _leased_call(self, lease: Lease, key: KeyInfo, method: str, path: str, arrived: int) -> Call:
         return Call(
@@ -549,6 +594,25 @@ class Metering:
             assert lease is not None
             lease.capture = settlement
         return settlement
+
+    def _change(
+        self, call: Call, billable: bool, settled: SettledMeters, settlement: Settlement
+    ) -> CallChange:
+        """What a finished call's settlement will change of its customer's counters once it is written:
+        the units it charges, and what it releases of its reservation (its own, or its lease's block)."""
+        request, lease = call.request, call.lease
+        if lease is not None:
+            with self._lease_lock:
+                released, freed = lease.releases(settlement, settled, billable)
+        elif call.decision.reservation_id:
+            released, freed = call.decision.reserved_credits, [hold.hold for hold in request.holds]
+        else:  # served without a reservation (fail-open): it only charges
+            released, freed = 0, [0] * len(request.holds)
+        meters = tuple(
+            (meter, units if billable else 0, free)
+            for (meter, units, _, _), free in zip(settled, freed, strict=True)
+        )
+        return (request.customer, request.live, request.period_start), released, meters
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one
@@ -688,6 +752,7 @@ class Metering:
             # Unique, not secret (it names a reservation): a fast random, reseeded in forked children.
             reservation_id=f"{random.getrandbits(64):016x}",
             reservation_timeout_ms=self._reservation_timeout_ms,
+            unsettled=self.pipeline.unsettled if terms.holds else None,
         )
 
     def admit_failed(self, error: StorageError) -> Decision:
@@ -770,7 +835,9 @@ class Metering:
             request.period_start,
             "",
         ]
-        self._queue(Pending(request.shard, row, self._settlement(call, billable, settled)))
+        settlement = self._settlement(call, billable, settled)
+        change = self._change(call, billable, settled, settlement) if request.holds else None
+        self._queue(Pending(request.shard, row, settlement, change))
         self.metrics.call(
             route or UNMATCHED_ROUTE,
             call.method,

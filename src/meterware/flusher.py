@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final, overload
 
 import msgpack
 
+from meterware._unsettled import CallChange, Unsettled
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import StorageError
 from meterware.events import EventRow, encode_rows, encode_rows_async, format_event_id, new_event_id
@@ -50,6 +51,8 @@ class Pending:
     #: The call's event as written (:func:`meterware.events.event_row`).
     row: EventRow
     settlement: Settlement | None
+    #: What its settlement will change of the customer's counters (counted at admission until written).
+    change: CallChange | None = None
 
 
 @dataclass(slots=True)
@@ -103,7 +106,8 @@ class Batches(Sequence[Batch]):
     so an asyncio flusher encodes one batch at a time between its writes instead of holding the event
     loop while it encodes thousands of events."""
 
-    def __init__(self, items: Iterable[Pending], batch_size: int) -> None:
+    def __init__(self, items: Iterable[Pending], batch_size: int, unsettled: Unsettled | None = None) -> None:
+        self._unsettled = unsettled
         by_shard: dict[int, list[Pending]] = defaultdict(list)
         for item in items:
             by_shard[item.shard].append(item)
@@ -129,6 +133,7 @@ class Batches(Sequence[Batch]):
         if batch is None:
             shard, group = self._groups[index]
             batch = self._batches[index] = self._batch(shard, group, encode_rows(list(map(_row_of, group))))
+            self._name(batch, group)
         return batch
 
     async def get_async(self, index: int) -> Batch:
@@ -138,7 +143,13 @@ class Batches(Sequence[Batch]):
             shard, group = self._groups[index]
             payload = await encode_rows_async(list(map(_row_of, group)))
             batch = self._batches[index] = self._batch(shard, group, payload)
+            self._name(batch, group)
         return batch
+
+    def _name(self, batch: Batch, group: list[Pending]) -> None:
+        """From now on the changes of the batch's calls count at admission until the batch is written."""
+        if self._unsettled is not None:
+            self._unsettled.batched(batch.batch_id, [item.change for item in group if item.change])
 
     @staticmethod
     def _batch(shard: int, group: list[Pending], payload: bytes) -> Batch:
@@ -293,10 +304,19 @@ class Pipeline:
         self.spent_leases: Callable[[bool], list[AdmitRequest]] | None = None
         #: Spent leases whose reservations close once every event before them is written.
         self.releasing: list[AdmitRequest] = []
+        #: Called with the spent leases once their reservations are closed.
+        self.released: Callable[[list[AdmitRequest]], None] = lambda blocks: None
+        #: The changes of the calls buffered, batched and spooled that are not known to be written yet.
+        self.unsettled = Unsettled()
 
     def put(self, item: Pending) -> None:
         """Queue a finished call (the request path's only pipeline step)."""
+        change = item.change
+        if change is not None:
+            self.unsettled.add(change)  # before the flusher can take it
         if not self.buffer.put(item):
+            if change is not None:
+                self.unsettled.discard((change,))
             self.stats.dropped_events += 1
             if self.metrics is not None:
                 self.metrics.events_dropped.inc()
@@ -337,7 +357,7 @@ class Pipeline:
         items = self.buffer.take(self.config.batch_size * 16)
         if self._depth is not None and items:
             self._depth.dec(len(items))
-        return Batches(items, self.config.batch_size)
+        return Batches(items, self.config.batch_size, self.unsettled)
 
     def observe(self) -> None:
         """Export what only the flusher sees (when it starts and at each flush pass, in its process)."""
@@ -355,6 +375,7 @@ class Pipeline:
         return time.monotonic() >= self.retry_at
 
     def succeeded(self, batch: Batch, applied: bool, *, replayed: bool = False) -> None:
+        self.unsettled.settled(batch.batch_id)
         self.backoff = 0.0
         self.retry_at = 0.0
         if replayed:
@@ -394,6 +415,7 @@ class Pipeline:
         )
         path.rename(path.with_suffix(".refused"))
         self.spool.remove(path)
+        self.unsettled.settled(batch.batch_id)
 
     def spill(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
@@ -402,6 +424,7 @@ class Pipeline:
                 if self.metrics is not None:
                     self.metrics.events_spooled.inc(_count_events(batch))
             else:
+                self.unsettled.settled(batch.batch_id)
                 self.stats.dropped_events += _count_events(batch)
                 if self.metrics is not None:
                     self.metrics.events_dropped.inc(_count_events(batch))
@@ -446,6 +469,7 @@ class Pipeline:
                 except StorageError as error:
                     self.release_failed(error)
                 else:
+                    self.released(self.releasing)
                     self.releasing = []
 
     def _flush_sync(self, storage: Storage, batches: Sequence[Batch]) -> None:
@@ -510,6 +534,7 @@ class Pipeline:
             except StorageError as error:
                 self.release_failed(error)
             else:
+                self.released(self.releasing)
                 self.releasing = []
 
     async def _flush_async(self, storage: AsyncStorage, batches: Batches) -> None:

@@ -45,6 +45,7 @@ def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]
                 "meters": {"calls": {"price": "0.01"}, "tokens": {"price": "0.0001"}},
             },
             "percall": {"prepaid": True, "meters": {"calls": {"price": "0.01"}}},
+            "tokens": {"prepaid": True, "meters": {"tokens": {"price": "0.0001"}}},
             "pro": {"meters": {"calls": {"included": 3, "price": "0.5"}}},
             "tight": {"rate_limits": ["3/minute"]},
             "open": {},

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
+from meterware._unsettled import Unsettled
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import NotFoundError
 from meterware.storage._keyspace import shard_of
@@ -112,6 +113,49 @@ def quota_left(decision: Decision, meter: str = "calls") -> int:
 def dead_letters(storage: Storage, shard: int) -> list[dict[bytes, bytes]]:
     assert isinstance(storage, MemoryStorage | RedisStorage)
     return [dict(entry.fields) for entry in storage.dead_letters(shard)]
+
+
+
+# -- finished calls not yet flushed --------------------------------------------------------------------
+
+
+def test_admission_counts_a_finished_calls_change_until_its_batch_is_written(storage: Storage) -> None:
+    """A finished call's settlement counts at admission while it waits (in the buffer, then in a batch),
+    and stops counting the moment its batch is written: never zero times, never twice."""
+    open_account(storage, credits=30)
+    plan = make_plan(price=10, prepaid=True)
+    unsettled = Unsettled()
+    first = admit_request(storage, plan)
+    first.unsettled = unsettled
+    decision = storage.admit(first)
+    assert decision.available_credits == 20
+    # The call failed: its 10 credits come back once flushed, and count as back at once.
+    change = (("acme", True, first.period_start), 10, (("calls", 0, 1),))
+    unsettled.add(change)
+    again = replace(first, reservation_id=uuid.uuid4().hex)
+    assert storage.admit(again).available_credits == 20  # 30 - its own 10
+    unsettled.batched("batch-1", [change])
+    probe = replace(first, reservation_id=uuid.uuid4().hex)
+    assert storage.admit(probe).available_credits == 10  # 30 - 2 x 10 held (the change still counts)
+    assert flush(storage, settlement(first, decision, billable=False), batch_id="batch-1")
+    # Written, not yet forgotten by the process: the backend counts it once (twice would leave 10).
+    assert storage.admit(replace(first, reservation_id=uuid.uuid4().hex)).available_credits == 0
+    unsettled.settled("batch-1")
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (30, 30)
+
+
+def test_admission_counts_what_finished_calls_charge_past_included_units(storage: Storage) -> None:
+    """Units charged by calls not yet flushed cost what the flush will charge: included units first."""
+    open_account(storage, credits=100)
+    plan = make_plan(price=10, included=2, prepaid=True)
+    unsettled = Unsettled()
+    request = admit_request(storage, plan)
+    request.unsettled = unsettled
+    # Three calls served fail-open (nothing held): 2 included, 1 at 10 credits.
+    unsettled.add((("acme", True, request.period_start), 0, (("calls", 3, 0),)))
+    decision = storage.admit(request)
+    assert decision.available_credits == 100 - 10 - 10
 
 
 # -- customers and keys --------------------------------------------------------------------------------

@@ -211,17 +211,17 @@ class MemoryStorage:
             return [0, "suspended", 0, 0, 0]
 
         counters = self._quotas[(request.live, request.customer, request.period_start)]
-        available = account.balance - account.reserved
+        seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
-        decision = self._decide(request, counters, available, now, calls)
+        decision = self._decide(request, seen, available, now, calls)
         if decision.reason and calls > 1:
             # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
             while decision.reason and calls > 1:
                 calls //= 2
-                decision = self._decide(request, counters, available, now, calls)
+                decision = self._decide(request, seen, available, now, calls)
             if not decision.reason and calls > 1:
                 calls //= 2
-                decision = self._decide(request, counters, available, now, calls)
+                decision = self._decide(request, seen, available, now, calls)
         limits = [*decision.rates, *decision.quotas]
         if decision.reason:
             retry = int(decision.retry_ms) if decision.reason == "rate_limited" else 0
@@ -246,6 +246,33 @@ class MemoryStorage:
         if reservation is not None:
             self._shards[request.shard].reservations[request.reservation_id] = reservation
         return [1, "", 0, credits, available - credits, calls, *limits]
+
+    def _unsettled(
+        self, request: AdmitRequest, counters: Mapping[str, int], account: _Account, now: int
+    ) -> tuple[Mapping[str, int], int]:
+        """The counters and the credits available as the admission sees them: with the changes this
+        process's finished calls still make, counted while their batches are not written (admit.lua)."""
+        available = account.balance - account.reserved
+        batches = self._shards[request.shard].batches
+        changes = [
+            change
+            for batch_id, change in request.unsettled_changes()
+            if not batch_id or batches.get(batch_id, 0) <= now / 1000
+        ]
+        if not changes:
+            return counters, available
+        seen = dict(counters)
+        cost = 0
+        for hold in request.holds:
+            used_key, held_key = _counter_names(hold.meter)
+            used = seen.get(used_key, 0)
+            charged = sum(change.meters.get(hold.meter, (0, 0))[0] for change in changes)
+            released = sum(change.meters.get(hold.meter, (0, 0))[1] for change in changes)
+            seen[used_key] = used + charged
+            seen[held_key] = max(0, seen.get(held_key, 0) - released)
+            cost += (max(hold.included, used + charged) - max(hold.included, used)) * hold.price
+        reserved = max(0, account.reserved - sum(change.released for change in changes))
+        return seen, account.balance - reserved - (cost if request.charges_credits else 0)
 
     def _decide(
         self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int

@@ -45,6 +45,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
+from meterware._unsettled import Change
 from meterware.errors import NotFoundError, StorageError
 from meterware.ledger import default_grant
 from meterware.storage import _keyspace as ks
@@ -377,6 +378,8 @@ def admit_call(requests: Sequence[AdmitRequest]) -> tuple[list[str], list[Arg]]:
     args: list[Arg] = [0]
     calls: list[Arg] = []
     numbers: dict[int, int] = {}
+    markers: list[str] = []  # batch markers, after every template's keys
+    unsettled: list[tuple[int, list[list[int]]]] = []
     for request in requests:
         template = admit_template(request)
         number = numbers.get(id(template))
@@ -385,9 +388,33 @@ def admit_call(requests: Sequence[AdmitRequest]) -> tuple[list[str], list[Arg]]:
             template_keys, template_args = template
             keys += template_keys
             args += (len(template_keys), len(template_args), *template_args)
-        calls += (number, request.reservation_id)
+        calls += (number, request.reservation_id, "")
+        if changes := request.unsettled_changes():
+            unsettled.append((len(calls) - 1, _unsettled_rows(request, changes, markers)))
+    for at, rows in unsettled:
+        for row in rows:
+            row[0] = row[0] and row[0] + len(keys)
+        calls[at] = msgpack.packb(rows)
     args[0] = len(numbers)
-    return keys, args + calls
+    return keys + markers, args + calls
+
+
+def _unsettled_rows(
+    request: AdmitRequest, changes: list[tuple[str, Change]], markers: list[str]
+) -> list[list[int]]:
+    """A call's changes still to come, as admit.lua reads them (marker positions counted in ``markers``)."""
+    rows = []
+    for batch_id, change in changes:
+        marker = 0
+        if batch_id:
+            markers.append(ks.flushed_batch(request.shard, batch_id))
+            marker = len(markers)
+        row = [marker, change.released]
+        for hold in request.holds:
+            used, held = change.meters.get(hold.meter, (0, 0))
+            row += (used, held)
+        rows.append(row)
+    return rows
 
 
 def decisions_from_replies(

@@ -20,9 +20,13 @@
 --       reservation record head ("customer live period_start"), calls (1, or a lease's), rate limit
 --       count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
---       number, reservation id.
+--       number, reservation id, and the changes still to come from the calls this process finished
+--       ("" if none; else msgpack: per change, the KEYS index of the batch marker that says it is
+--       written (0: not in a batch yet), the credits it releases, then per hold of the template the
+--       units it charges and the units it releases). A change counts while its batch is not written,
+--       so the calls of a batch count once, flushed or not (_unsettled.py).
 
-local function admit(KEYS, ARGV)
+local function admit(KEYS, ARGV, unsettled)
   local key, refused = read('hash', 'HMGET', KEYS[1], 'status', 'expires_ms', 'customer')
   if refused then
     return {-1, refused}
@@ -80,8 +84,32 @@ local function admit(KEYS, ARGV)
     }
     pos = pos + 7
   end
-  local available = (tonumber(account[2]) or 0) - (tonumber(account[3]) or 0)
   local charges_credits = ARGV[2] == '1'
+  local reserved = tonumber(account[3]) or 0
+  local pending_cost = 0
+  if unsettled then
+    local released, charged, freed = 0, {}, {}
+    for i = 1, #terms do
+      charged[i], freed[i] = 0, 0
+    end
+    for _, change in ipairs(unsettled) do
+      if not change[1] or redis.call('EXISTS', change[1]) == 0 then
+        released = released + change[2]
+        for i = 1, #terms do
+          charged[i] = charged[i] + change[1 + 2 * i]
+          freed[i] = freed[i] + change[2 + 2 * i]
+        end
+      end
+    end
+    for i, term in ipairs(terms) do
+      local used = term.used
+      term.used = used + charged[i]
+      term.held = math.max(0, term.held - freed[i])
+      pending_cost = pending_cost + (math.max(term.included, term.used) - math.max(term.included, used)) * term.price
+    end
+    reserved = math.max(0, reserved - released)
+  end
+  local available = (tonumber(account[2]) or 0) - reserved - (charges_credits and pending_cost or 0)
 
   -- What admitting n calls would do: the refusal reason (or nil), and the state the reply reports.
   local function decide(n)
@@ -222,9 +250,16 @@ for t = 1, tonumber(ARGV[1]) do
   pos = pos + 2 + arg_count
 end
 local replies = {}
-for c = pos, #ARGV, 2 do
+for c = pos, #ARGV, 3 do
   local template = templates[tonumber(ARGV[c])]
   template[2][3] = ARGV[c + 1]
-  replies[#replies + 1] = admit(template[1], template[2])
+  local unsettled = nil
+  if ARGV[c + 2] ~= '' then
+    unsettled = cmsgpack.unpack(ARGV[c + 2])
+    for _, change in ipairs(unsettled) do
+      change[1] = change[1] ~= 0 and KEYS[change[1]]
+    end
+  end
+  replies[#replies + 1] = admit(template[1], template[2], unsettled)
 end
 return replies

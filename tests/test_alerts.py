@@ -10,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from meterware._core import Customer, period_bounds
@@ -302,6 +304,73 @@ BODY = b'{"id":"alrt_1","type":"credits.low"}'
 def test_verify_signature(body: bytes | str, header: str, secret: str, now: int, valid: bool) -> None:
     """Only the exact body, signed with the secret within the tolerance (300 s), verifies."""
     assert verify_signature(body, header, secret, now=now) is valid
+
+
+GOOD = sign(BODY, SECRET, 1000)
+DIGEST = GOOD.rpartition("v1=")[2]
+
+
+@pytest.mark.parametrize(
+    ("body", "header"),
+    [
+        pytest.param(BODY, None, id="none"),
+        pytest.param(BODY, "", id="empty"),
+        pytest.param(BODY, ",,,", id="commas"),
+        pytest.param(BODY, f"v1={DIGEST}", id="no-t"),
+        pytest.param(BODY, "t=1000", id="no-v1"),
+        pytest.param(BODY, f"t=,v1={DIGEST}", id="empty-t"),
+        pytest.param(BODY, f"t=-1000,v1={DIGEST}", id="negative-t"),
+        pytest.param(BODY, f"t=1e3,v1={DIGEST}", id="float-t"),
+        pytest.param(BODY, f"t=²,v1={DIGEST}", id="superscript-t"),
+        pytest.param(BODY, f"t=\u0661\u0660\u0660\u0660,v1={DIGEST}", id="arabic-indic-t"),
+        pytest.param(BODY, f"t={'9' * 400},v1={DIGEST}", id="huge-t"),
+        pytest.param(BODY, f"t={'9' * 5000},v1={DIGEST}", id="more-digits-than-int-reads"),
+        pytest.param(BODY, "t=1000,v1=zz", id="non-hex-v1"),
+        pytest.param(BODY, "t=1000,v1=é" + DIGEST[1:], id="non-ascii-v1"),
+        pytest.param(BODY, f"t=1000,v1={DIGEST.upper()}é", id="non-ascii-after-v1"),
+        pytest.param(BODY, f"t=1000,t=1000,v1={DIGEST}", id="repeated-t"),
+        pytest.param(BODY, f"t=999,{GOOD}", id="two-different-t"),
+        pytest.param(BODY, GOOD.encode(), id="bytes-header-is-read-as-ascii"),
+        pytest.param(BODY, b"t=1000,v1=\xff\xfe", id="bytes-header-not-ascii"),
+        pytest.param(BODY.decode() + "\ud800", GOOD, id="text-body-with-a-lone-surrogate"),
+        pytest.param(BODY, GOOD + "\x00", id="nul"),
+        pytest.param(1000, GOOD, id="body-not-bytes-or-text"),
+        pytest.param(BODY, 1000, id="header-not-text"),
+    ],
+)
+def test_verify_signature_returns_false_on_garbage(body: Any, header: Any) -> None:
+    """A malformed header or body is a failed verification, never an exception (the receiver answers 400)."""
+    expected = header == GOOD.encode()  # a well-formed bytes header (ASGI scopes carry bytes) verifies
+    assert verify_signature(body, header, SECRET, now=1000) is expected
+
+
+def test_an_empty_secret_verifies_nothing() -> None:
+    """A receiver whose secret variable is empty refuses everything (anyone can sign with an empty key)."""
+    assert not verify_signature(BODY, sign(BODY, "", 1000), "", now=1000)
+
+
+@given(
+    st.one_of(st.binary(), st.text()),
+    st.one_of(
+        st.none(), st.text(), st.binary(), st.builds(lambda t, v: f"t={t},v1={v}", st.text(), st.text())
+    ),
+    st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(10**30), max_value=10**30),
+)
+@example(BODY, "t=²,v1=00", 1000)
+@example(BODY, f"t={'9' * 400},v1={DIGEST}", 1000)
+@example(BODY, "t=1000,v1=é", 1000)
+def test_verify_signature_never_raises(body: bytes | str, header: str | bytes | None, now: float) -> None:
+    """Fuzzed bodies, headers and clocks: verify_signature answers True or False, nothing else."""
+    assert verify_signature(body, header, SECRET, now=now) in (True, False)
+
+
+@given(st.binary(), st.integers(min_value=0, max_value=10**12 - 1))
+def test_what_sign_makes_verify_signature_takes(body: bytes, timestamp: int) -> None:
+    """Any body signed at any time (to year 33658) verifies at that time, the header as text or bytes."""
+    header = sign(body, SECRET, timestamp)
+    assert verify_signature(body, header, SECRET, now=timestamp)
+    assert verify_signature(body, header.encode(), SECRET, now=timestamp)
+    assert not verify_signature(body + b"x", header, SECRET, now=timestamp)
 
 
 def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:

@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -71,6 +72,8 @@ QUEUE_SIZE: Final = 1000
 MAX_REMEMBERED: Final = 100_000
 #: Longest wait between two delivery attempts, in seconds (a longer Retry-After is cut to it).
 MAX_RETRY_DELAY: Final = 60.0
+_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
+_HEX_DIGEST: Final = re.compile(r"[0-9a-f]{64}")
 
 
 def _percent(used: int, quota: int) -> str:
@@ -417,28 +420,43 @@ def sign(body: bytes, secret: str, timestamp: int) -> str:
 
 
 def verify_signature(
-    body: bytes | str, header: str | None, secret: str, tolerance: float = 300, *, now: float | None = None
+    body: bytes | str,
+    header: str | bytes | None,
+    secret: str,
+    tolerance: float = 300,
+    *,
+    now: float | None = None,
 ) -> bool:
     """Whether ``header`` (``Meterware-Signature``) signs ``body`` (the raw request body) with ``secret``.
 
     The timestamp must be within ``tolerance`` seconds of ``now``, so a captured request cannot be
     replayed later. Compare the raw bytes received, before any JSON parsing. Any ``v1`` entry may match
-    (several appear while a secret is being rolled).
+    (several appear while a secret is being rolled). Anything malformed (no or several ``t``, a ``t``
+    that is not ASCII digits, a ``v1`` that is not 64 hex digits, a header that is not ASCII, a body
+    that is neither bytes nor text, an empty secret) is False, never an exception.
     """
-    if not header:
+    if not isinstance(body, bytes | str) or not isinstance(header, bytes | str) or not secret:
         return False
-    raw = body.encode() if isinstance(body, str) else body
-    timestamp: int | None = None
+    try:
+        raw = body.encode() if isinstance(body, str) else body
+        text = header.decode("ascii") if isinstance(header, bytes) else header
+    except UnicodeError:  # a lone surrogate in the text; a bytes header that is not ASCII
+        return False
+    if not text.isascii():
+        return False
+    timestamps: list[str] = []
     candidates: list[str] = []
-    for item in header.split(","):
+    for item in text.split(","):
         name, _, value = item.strip().partition("=")
-        if name == "t" and value.isdigit():
-            timestamp = int(value)
-        elif name == "v1":
+        if name == "t":
+            timestamps.append(value)
+        elif name == "v1" and _HEX_DIGEST.fullmatch(value):
             candidates.append(value)
-    if timestamp is None or not candidates:
+    # One t, of at most 12 digits (year 33658): the float arithmetic below cannot overflow.
+    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]) or not candidates:
         return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+    timestamp = int(timestamps[0])
+    if not abs((time.time() if now is None else now) - timestamp) <= tolerance:  # NaN: not within
         return False
     expected = sign(raw, secret, timestamp).rpartition("v1=")[2]
     return any(hmac.compare_digest(expected, candidate) for candidate in candidates)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -464,6 +467,91 @@ def test_a_webhook_to_a_closed_port_is_retried_then_counted() -> None:
     sender = WebhookSender(url, SECRET, attempts=2, base_delay=0.01, timeout=1)
     assert not sender.deliver(ALERT)
     assert sender.failed == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        pytest.param("²", id="superscript-two"),
+        pytest.param("-5", id="negative"),
+        pytest.param("1.5", id="fraction"),
+        pytest.param("soon", id="garbage"),
+        pytest.param("Mon, 99 Jan 2020 00:00:00 GMT", id="impossible-date"),
+        pytest.param("Wed, 21 Oct 2015 07:28:00 GMT", id="past-date"),
+    ],
+)
+def test_an_unreadable_retry_after_falls_back_to_backoff_and_the_alert_is_delivered(retry_after: str) -> None:
+    """A Retry-After that is not ASCII delta-seconds or an HTTP date is ignored: the sender's own backoff
+    applies, its thread lives on, and the alert is delivered and counted."""
+    registry = CollectorRegistry()
+    metrics = RollupMetrics(registry)
+    with Receiver([(503, {"Retry-After": retry_after})]) as receiver:
+        sender = WebhookSender(receiver.url, SECRET, attempts=3, base_delay=0.01, metrics=metrics)
+        assert sender.submit(ALERT)
+        sender.close(timeout=10)
+    assert (sender.delivered, sender.failed, len(receiver.requests)) == (1, 0, 2)
+    assert registry.get_sample_value("meterware_alert_webhooks_delivered_total") == 1
+
+
+def test_a_delivery_that_raises_is_counted_and_the_sender_carries_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever one delivery raises is logged and counted failed; the thread goes on with the next alert."""
+    registry = CollectorRegistry()
+    metrics = RollupMetrics(registry)
+    unencodable = replace(ALERT, id="alrt_unencodable", quota=Decimal(10))  # json.dumps refuses a Decimal
+    with Receiver([]) as receiver:
+        sender = WebhookSender(receiver.url, SECRET, attempts=2, base_delay=0.01, metrics=metrics)
+        assert sender.submit(unencodable)
+        assert sender.submit(ALERT)
+        sender.close(timeout=10)
+    assert (sender.delivered, sender.failed) == (1, 1)
+    assert [json.loads(body)["id"] for _, _, body in receiver.requests] == ["alrt_0123"]
+    assert registry.get_sample_value("meterware_alert_webhooks_failed_total") == 1
+    assert "alrt_unencodable" in caplog.text
+
+
+SECRET_URL_PARTS = ("t0k3n", "pa55", "hooker")
+
+
+def secret_url(url: str) -> str:
+    """``url`` with userinfo and a query token, as a webhook endpoint may require."""
+    return url.replace("http://", "http://hooker:pa55@") + "?token=t0k3n"
+
+
+def test_the_webhook_url_is_logged_without_userinfo_or_query(caplog: pytest.LogCaptureFixture) -> None:
+    """Logs show scheme, host, port and path of the endpoint; its credentials and query values never."""
+    caplog.set_level(logging.DEBUG)
+    with Receiver([(503, {}), (404, {})]) as receiver:
+        sender = WebhookSender(secret_url(receiver.url), SECRET, attempts=2, base_delay=0.01)
+        assert not sender.deliver(ALERT)
+        # The credentials in the URL are sent, as Basic auth, to the URL's own host only.
+        assert receiver.requests[0][1]["Authorization"] == "Basic aG9va2VyOnBhNTU="
+        assert receiver.requests[0][1]["Host"] == receiver.url.split("/")[2]
+    closed = WebhookSender(secret_url(receiver.url), SECRET, attempts=2, base_delay=0.01, timeout=1)
+    assert not closed.deliver(ALERT)
+    assert "not delivered to http://***@127.0.0.1:" in caplog.text
+    assert "/hooks?token=***" in caplog.text
+    assert not [part for part in SECRET_URL_PARTS if part in caplog.text]
+
+
+def test_a_bad_webhook_url_is_refused_without_showing_its_secrets(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`meterware config check` names alerts.webhook_url and shows the URL redacted."""
+    from meterware.cli import main
+
+    path = tmp_path / "meterware.toml"
+    path.write_text('[alerts]\nwebhook_url = "hooks.example.com/in?token=t0k3n"\n')
+    assert main(["config", "check", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert (
+        "alerts.webhook_url: must be an http:// or https:// URL, got 'hooks.example.com/in?token=***'"
+        in error
+    )
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict({"alerts": {"webhook_url": "ftp://hooker:pa55@example.com/x?token=t0k3n"}})
+    assert not [part for part in SECRET_URL_PARTS if part in str(caught.value)]
 
 
 def test_the_worker_fires_webhooks_without_waiting_for_them(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ Verify it on the receiving side with :func:`verify_signature` (the scheme is Str
 
 from __future__ import annotations
 
-import email.utils
+import base64
 import hashlib
 import hmac
 import http.client
@@ -34,9 +34,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from meterware.__about__ import __version__
 from meterware._core import Customer, period_bounds
+from meterware._http import no_redirects_opener, redact_text, redact_url, retry_after_seconds
 from meterware.config import AlertRules, Config, Plan, format_credits
 from meterware.errors import ConfigError, StorageError
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
@@ -465,27 +467,6 @@ def verify_signature(
 # -- delivery -----------------------------------------------------------------------------------------
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A webhook endpoint answers; a redirect would turn the POST into a GET without the body."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
 class WebhookSender:
     """POST alerts to a URL from a background thread, signed, with retries; never blocks its caller.
 
@@ -493,7 +474,11 @@ class WebhookSender:
     ``base_delay * 2**n`` seconds (n = 0, 1, ...; at most :data:`MAX_RETRY_DELAY`) with jitter (half to
     the whole of it), or after the ``Retry-After`` the endpoint asked for. Other answers end the
     delivery. The queue holds :data:`QUEUE_SIZE` alerts; past it, and after the last attempt, an alert
-    stays on the alerts stream only and ``failed`` counts it.
+    stays on the alerts stream only and ``failed`` counts it. So does an alert whose delivery raised
+    anything else: the thread logs it and goes on with the next one.
+
+    Redirects are never followed. Credentials in the URL (``https://user:pass@host/...``) are sent as
+    Basic auth to that host; logs show the URL without them and without its query values.
     """
 
     def __init__(
@@ -508,6 +493,9 @@ class WebhookSender:
         metrics: RollupMetrics | None = None,
     ) -> None:
         self.url = url
+        #: The URL as logs show it (:func:`meterware._http.redact_url`).
+        self.shown_url = redact_url(url)
+        self._endpoint, self._authorization = _split_credentials(url)
         self._secret = secret
         self.attempts = attempts
         self.timeout = timeout
@@ -519,7 +507,7 @@ class WebhookSender:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._give_up = threading.Event()
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._opener = no_redirects_opener()
 
     def submit(self, alert: Alert) -> bool:
         """Queue ``alert`` for delivery; False if the queue is full (it stays on the stream)."""
@@ -556,7 +544,17 @@ class WebhookSender:
             if self._give_up.is_set():
                 self._count_failure()
                 continue
-            self.deliver(alert)
+            try:
+                self.deliver(alert)
+            except Exception as error:  # one alert's bad luck must not end the deliveries of all others
+                logger.warning(
+                    "webhook for alert %s to %s failed: %s: %s",
+                    alert.id,
+                    self.shown_url,
+                    type(error).__name__,
+                    redact_text(str(error), self.url),
+                )
+                self._count_failure()
 
     def deliver(self, alert: Alert) -> bool:
         """Deliver one alert now, retrying as described; return whether the endpoint took it."""
@@ -575,24 +573,22 @@ class WebhookSender:
                 delay = min(MAX_RETRY_DELAY, wait)
             if self._give_up.wait(delay):
                 break
-        logger.warning("webhook for alert %s not delivered to %s", alert.id, self.url)
+        logger.warning("webhook for alert %s not delivered to %s", alert.id, self.shown_url)
         self._count_failure()
         return False
 
     def _attempt(self, event_id: str, body: bytes) -> tuple[_Outcome, float | None]:
         """One POST; for a retry, the seconds the endpoint asked to wait (``Retry-After``), if any."""
-        request = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": f"meterware/{__version__}",
-                # Signed at each attempt: a retry an hour later still passes the receiver's tolerance.
-                SIGNATURE_HEADER: sign(body, self._secret, int(time.time())),
-                EVENT_ID_HEADER: event_id,
-            },
-        )
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"meterware/{__version__}",
+            # Signed at each attempt: a retry an hour later still passes the receiver's tolerance.
+            SIGNATURE_HEADER: sign(body, self._secret, int(time.time())),
+            EVENT_ID_HEADER: event_id,
+        }
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        request = urllib.request.Request(self._endpoint, data=body, method="POST", headers=headers)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 response.read()
@@ -601,14 +597,25 @@ class WebhookSender:
             error.close()
             if error.code in (408, 429) or error.code >= 500:
                 logger.info("webhook for %s: HTTP %d, retrying", event_id, error.code)
-                return "retry", _retry_after(error.headers.get("Retry-After"), time.time())
+                return "retry", retry_after_seconds(error.headers.get("Retry-After"))
             logger.warning("webhook for %s refused with HTTP %d", event_id, error.code)
             return "refused", None
         except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets
-            logger.info("webhook for %s failed (%s), retrying", event_id, error)
+            logger.info("webhook for %s failed (%s), retrying", event_id, redact_text(str(error), self.url))
             return "retry", None
 
     def _count_failure(self) -> None:
         self.failed += 1
         if self.metrics is not None:
             self.metrics.webhooks_failed.inc()
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its userinfo, and the Basic ``Authorization`` the userinfo stands for (if any)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"

@@ -38,6 +38,7 @@ from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Batch, Settlement, Storage
 from meterware.storage.memory import MemoryStorage
 from meterware.storage.redis import RedisStorage
+from tests.export.providers import Elsewhere, Redirector
 from tests.rollup.helpers import event
 
 C = 1_000_000  # micro-credits per credit
@@ -533,6 +534,16 @@ def test_the_webhook_url_is_logged_without_userinfo_or_query(caplog: pytest.LogC
     assert "not delivered to http://***@127.0.0.1:" in caplog.text
     assert "/hooks?token=***" in caplog.text
     assert not [part for part in SECRET_URL_PARTS if part in caplog.text]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_webhook_redirect_is_not_followed_and_its_credentials_stay_home(status: int) -> None:
+    """A 3xx is a refused delivery (counted failed): nothing, so no Basic auth, reaches the other host."""
+    with Elsewhere() as elsewhere, Redirector(status, elsewhere.url) as moved:
+        sender = WebhookSender(secret_url(moved.url + "/hooks"), SECRET, attempts=3, base_delay=0.01)
+        assert not sender.deliver(ALERT)
+        assert len(moved.requests) == 1
+    assert (elsewhere.requests, sender.delivered, sender.failed) == ([], 0, 1)
 
 
 def test_a_bad_webhook_url_is_refused_without_showing_its_secrets(

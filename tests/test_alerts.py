@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from meterware._core import Customer, period_bounds
@@ -33,6 +38,7 @@ from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Batch, Settlement, Storage
 from meterware.storage.memory import MemoryStorage
 from meterware.storage.redis import RedisStorage
+from tests.export.providers import Elsewhere, Redirector
 from tests.rollup.helpers import event
 
 C = 1_000_000  # micro-credits per credit
@@ -304,6 +310,73 @@ def test_verify_signature(body: bytes | str, header: str, secret: str, now: int,
     assert verify_signature(body, header, secret, now=now) is valid
 
 
+GOOD = sign(BODY, SECRET, 1000)
+DIGEST = GOOD.rpartition("v1=")[2]
+
+
+@pytest.mark.parametrize(
+    ("body", "header"),
+    [
+        pytest.param(BODY, None, id="none"),
+        pytest.param(BODY, "", id="empty"),
+        pytest.param(BODY, ",,,", id="commas"),
+        pytest.param(BODY, f"v1={DIGEST}", id="no-t"),
+        pytest.param(BODY, "t=1000", id="no-v1"),
+        pytest.param(BODY, f"t=,v1={DIGEST}", id="empty-t"),
+        pytest.param(BODY, f"t=-1000,v1={DIGEST}", id="negative-t"),
+        pytest.param(BODY, f"t=1e3,v1={DIGEST}", id="float-t"),
+        pytest.param(BODY, f"t=²,v1={DIGEST}", id="superscript-t"),
+        pytest.param(BODY, f"t=\u0661\u0660\u0660\u0660,v1={DIGEST}", id="arabic-indic-t"),
+        pytest.param(BODY, f"t={'9' * 400},v1={DIGEST}", id="huge-t"),
+        pytest.param(BODY, f"t={'9' * 5000},v1={DIGEST}", id="more-digits-than-int-reads"),
+        pytest.param(BODY, "t=1000,v1=zz", id="non-hex-v1"),
+        pytest.param(BODY, "t=1000,v1=é" + DIGEST[1:], id="non-ascii-v1"),
+        pytest.param(BODY, f"t=1000,v1={DIGEST.upper()}é", id="non-ascii-after-v1"),
+        pytest.param(BODY, f"t=1000,t=1000,v1={DIGEST}", id="repeated-t"),
+        pytest.param(BODY, f"t=999,{GOOD}", id="two-different-t"),
+        pytest.param(BODY, GOOD.encode(), id="bytes-header-is-read-as-ascii"),
+        pytest.param(BODY, b"t=1000,v1=\xff\xfe", id="bytes-header-not-ascii"),
+        pytest.param(BODY.decode() + "\ud800", GOOD, id="text-body-with-a-lone-surrogate"),
+        pytest.param(BODY, GOOD + "\x00", id="nul"),
+        pytest.param(1000, GOOD, id="body-not-bytes-or-text"),
+        pytest.param(BODY, 1000, id="header-not-text"),
+    ],
+)
+def test_verify_signature_returns_false_on_garbage(body: Any, header: Any) -> None:
+    """A malformed header or body is a failed verification, never an exception (the receiver answers 400)."""
+    expected = header == GOOD.encode()  # a well-formed bytes header (ASGI scopes carry bytes) verifies
+    assert verify_signature(body, header, SECRET, now=1000) is expected
+
+
+def test_an_empty_secret_verifies_nothing() -> None:
+    """A receiver whose secret variable is empty refuses everything (anyone can sign with an empty key)."""
+    assert not verify_signature(BODY, sign(BODY, "", 1000), "", now=1000)
+
+
+@given(
+    st.one_of(st.binary(), st.text()),
+    st.one_of(
+        st.none(), st.text(), st.binary(), st.builds(lambda t, v: f"t={t},v1={v}", st.text(), st.text())
+    ),
+    st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(10**30), max_value=10**30),
+)
+@example(BODY, "t=²,v1=00", 1000)
+@example(BODY, f"t={'9' * 400},v1={DIGEST}", 1000)
+@example(BODY, "t=1000,v1=é", 1000)
+def test_verify_signature_never_raises(body: bytes | str, header: str | bytes | None, now: float) -> None:
+    """Fuzzed bodies, headers and clocks: verify_signature answers True or False, nothing else."""
+    assert verify_signature(body, header, SECRET, now=now) in (True, False)
+
+
+@given(st.binary(), st.integers(min_value=0, max_value=10**12 - 1))
+def test_what_sign_makes_verify_signature_takes(body: bytes, timestamp: int) -> None:
+    """Any body signed at any time (to year 33658) verifies at that time, the header as text or bytes."""
+    header = sign(body, SECRET, timestamp)
+    assert verify_signature(body, header, SECRET, now=timestamp)
+    assert verify_signature(body, header.encode(), SECRET, now=timestamp)
+    assert not verify_signature(body + b"x", header, SECRET, now=timestamp)
+
+
 def test_the_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
     """The header is Stripe's scheme, reproducible with hmac alone (as the README shows receivers)."""
     import hashlib
@@ -395,6 +468,101 @@ def test_a_webhook_to_a_closed_port_is_retried_then_counted() -> None:
     sender = WebhookSender(url, SECRET, attempts=2, base_delay=0.01, timeout=1)
     assert not sender.deliver(ALERT)
     assert sender.failed == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        pytest.param("²", id="superscript-two"),
+        pytest.param("-5", id="negative"),
+        pytest.param("1.5", id="fraction"),
+        pytest.param("soon", id="garbage"),
+        pytest.param("Mon, 99 Jan 2020 00:00:00 GMT", id="impossible-date"),
+        pytest.param("Wed, 21 Oct 2015 07:28:00 GMT", id="past-date"),
+    ],
+)
+def test_an_unreadable_retry_after_falls_back_to_backoff_and_the_alert_is_delivered(retry_after: str) -> None:
+    """A Retry-After that is not ASCII delta-seconds or an HTTP date is ignored: the sender's own backoff
+    applies, its thread lives on, and the alert is delivered and counted."""
+    registry = CollectorRegistry()
+    metrics = RollupMetrics(registry)
+    with Receiver([(503, {"Retry-After": retry_after})]) as receiver:
+        sender = WebhookSender(receiver.url, SECRET, attempts=3, base_delay=0.01, metrics=metrics)
+        assert sender.submit(ALERT)
+        sender.close(timeout=10)
+    assert (sender.delivered, sender.failed, len(receiver.requests)) == (1, 0, 2)
+    assert registry.get_sample_value("meterware_alert_webhooks_delivered_total") == 1
+
+
+def test_a_delivery_that_raises_is_counted_and_the_sender_carries_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever one delivery raises is logged and counted failed; the thread goes on with the next alert."""
+    registry = CollectorRegistry()
+    metrics = RollupMetrics(registry)
+    unencodable = replace(ALERT, id="alrt_unencodable", quota=Decimal(10))  # json.dumps refuses a Decimal
+    with Receiver([]) as receiver:
+        sender = WebhookSender(receiver.url, SECRET, attempts=2, base_delay=0.01, metrics=metrics)
+        assert sender.submit(unencodable)
+        assert sender.submit(ALERT)
+        sender.close(timeout=10)
+    assert (sender.delivered, sender.failed) == (1, 1)
+    assert [json.loads(body)["id"] for _, _, body in receiver.requests] == ["alrt_0123"]
+    assert registry.get_sample_value("meterware_alert_webhooks_failed_total") == 1
+    assert "alrt_unencodable" in caplog.text
+
+
+SECRET_URL_PARTS = ("t0k3n", "pa55", "hooker")
+
+
+def secret_url(url: str) -> str:
+    """``url`` with userinfo and a query token, as a webhook endpoint may require."""
+    return url.replace("http://", "http://hooker:pa55@") + "?token=t0k3n"
+
+
+def test_the_webhook_url_is_logged_without_userinfo_or_query(caplog: pytest.LogCaptureFixture) -> None:
+    """Logs show scheme, host, port and path of the endpoint; its credentials and query values never."""
+    caplog.set_level(logging.DEBUG)
+    with Receiver([(503, {}), (404, {})]) as receiver:
+        sender = WebhookSender(secret_url(receiver.url), SECRET, attempts=2, base_delay=0.01)
+        assert not sender.deliver(ALERT)
+        # The credentials in the URL are sent, as Basic auth, to the URL's own host only.
+        assert receiver.requests[0][1]["Authorization"] == "Basic aG9va2VyOnBhNTU="
+        assert receiver.requests[0][1]["Host"] == receiver.url.split("/")[2]
+    closed = WebhookSender(secret_url(receiver.url), SECRET, attempts=2, base_delay=0.01, timeout=1)
+    assert not closed.deliver(ALERT)
+    assert "not delivered to http://***@127.0.0.1:" in caplog.text
+    assert "/hooks?token=***" in caplog.text
+    assert not [part for part in SECRET_URL_PARTS if part in caplog.text]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_webhook_redirect_is_not_followed_and_its_credentials_stay_home(status: int) -> None:
+    """A 3xx is a refused delivery (counted failed): nothing, so no Basic auth, reaches the other host."""
+    with Elsewhere() as elsewhere, Redirector(status, elsewhere.url) as moved:
+        sender = WebhookSender(secret_url(moved.url + "/hooks"), SECRET, attempts=3, base_delay=0.01)
+        assert not sender.deliver(ALERT)
+        assert len(moved.requests) == 1
+    assert (elsewhere.requests, sender.delivered, sender.failed) == ([], 0, 1)
+
+
+def test_a_bad_webhook_url_is_refused_without_showing_its_secrets(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`meterware config check` names alerts.webhook_url and shows the URL redacted."""
+    from meterware.cli import main
+
+    path = tmp_path / "meterware.toml"
+    path.write_text('[alerts]\nwebhook_url = "hooks.example.com/in?token=t0k3n"\n')
+    assert main(["config", "check", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert (
+        "alerts.webhook_url: must be an http:// or https:// URL, got 'hooks.example.com/in?token=***'"
+        in error
+    )
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict({"alerts": {"webhook_url": "ftp://hooker:pa55@example.com/x?token=t0k3n"}})
+    assert not [part for part in SECRET_URL_PARTS if part in str(caught.value)]
 
 
 def test_the_worker_fires_webhooks_without_waiting_for_them(monkeypatch: pytest.MonkeyPatch) -> None:

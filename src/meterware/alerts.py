@@ -15,7 +15,7 @@ Verify it on the receiving side with :func:`verify_signature` (the scheme is Str
 
 from __future__ import annotations
 
-import email.utils
+import base64
 import hashlib
 import hmac
 import http.client
@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -33,9 +34,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from meterware.__about__ import __version__
 from meterware._core import Customer, period_bounds
+from meterware._http import no_redirects_opener, redact_text, redact_url, retry_after_seconds
 from meterware.config import AlertRules, Config, Plan, format_credits
 from meterware.errors import ConfigError, StorageError
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
@@ -71,6 +74,8 @@ QUEUE_SIZE: Final = 1000
 MAX_REMEMBERED: Final = 100_000
 #: Longest wait between two delivery attempts, in seconds (a longer Retry-After is cut to it).
 MAX_RETRY_DELAY: Final = 60.0
+_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
+_HEX_DIGEST: Final = re.compile(r"[0-9a-f]{64}")
 
 
 def _percent(used: int, quota: int) -> str:
@@ -417,55 +422,49 @@ def sign(body: bytes, secret: str, timestamp: int) -> str:
 
 
 def verify_signature(
-    body: bytes | str, header: str | None, secret: str, tolerance: float = 300, *, now: float | None = None
+    body: bytes | str,
+    header: str | bytes | None,
+    secret: str,
+    tolerance: float = 300,
+    *,
+    now: float | None = None,
 ) -> bool:
     """Whether ``header`` (``Meterware-Signature``) signs ``body`` (the raw request body) with ``secret``.
 
     The timestamp must be within ``tolerance`` seconds of ``now``, so a captured request cannot be
     replayed later. Compare the raw bytes received, before any JSON parsing. Any ``v1`` entry may match
-    (several appear while a secret is being rolled).
+    (several appear while a secret is being rolled). Anything malformed (no or several ``t``, a ``t``
+    that is not ASCII digits, a ``v1`` that is not 64 hex digits, a header that is not ASCII, a body
+    that is neither bytes nor text, an empty secret) is False, never an exception.
     """
-    if not header:
+    if not isinstance(body, bytes | str) or not isinstance(header, bytes | str) or not secret:
         return False
-    raw = body.encode() if isinstance(body, str) else body
-    timestamp: int | None = None
+    try:
+        raw = body.encode() if isinstance(body, str) else body
+        text = header.decode("ascii") if isinstance(header, bytes) else header
+    except UnicodeError:  # a lone surrogate in the text; a bytes header that is not ASCII
+        return False
+    if not text.isascii():
+        return False
+    timestamps: list[str] = []
     candidates: list[str] = []
-    for item in header.split(","):
+    for item in text.split(","):
         name, _, value = item.strip().partition("=")
-        if name == "t" and value.isdigit():
-            timestamp = int(value)
-        elif name == "v1":
+        if name == "t":
+            timestamps.append(value)
+        elif name == "v1" and _HEX_DIGEST.fullmatch(value):
             candidates.append(value)
-    if timestamp is None or not candidates:
+    # One t, of at most 12 digits (year 33658): the float arithmetic below cannot overflow.
+    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]) or not candidates:
         return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance:
+    timestamp = int(timestamps[0])
+    if not abs((time.time() if now is None else now) - timestamp) <= tolerance:  # NaN: not within
         return False
     expected = sign(raw, secret, timestamp).rpartition("v1=")[2]
     return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
 
 
 # -- delivery -----------------------------------------------------------------------------------------
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A webhook endpoint answers; a redirect would turn the POST into a GET without the body."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 class WebhookSender:
@@ -475,7 +474,11 @@ class WebhookSender:
     ``base_delay * 2**n`` seconds (n = 0, 1, ...; at most :data:`MAX_RETRY_DELAY`) with jitter (half to
     the whole of it), or after the ``Retry-After`` the endpoint asked for. Other answers end the
     delivery. The queue holds :data:`QUEUE_SIZE` alerts; past it, and after the last attempt, an alert
-    stays on the alerts stream only and ``failed`` counts it.
+    stays on the alerts stream only and ``failed`` counts it. So does an alert whose delivery raised
+    anything else: the thread logs it and goes on with the next one.
+
+    Redirects are never followed. Credentials in the URL (``https://user:pass@host/...``) are sent as
+    Basic auth to that host; logs show the URL without them and without its query values.
     """
 
     def __init__(
@@ -490,6 +493,9 @@ class WebhookSender:
         metrics: RollupMetrics | None = None,
     ) -> None:
         self.url = url
+        #: The URL as logs show it (:func:`meterware._http.redact_url`).
+        self.shown_url = redact_url(url)
+        self._endpoint, self._authorization = _split_credentials(url)
         self._secret = secret
         self.attempts = attempts
         self.timeout = timeout
@@ -501,7 +507,7 @@ class WebhookSender:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._give_up = threading.Event()
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._opener = no_redirects_opener()
 
     def submit(self, alert: Alert) -> bool:
         """Queue ``alert`` for delivery; False if the queue is full (it stays on the stream)."""
@@ -538,7 +544,17 @@ class WebhookSender:
             if self._give_up.is_set():
                 self._count_failure()
                 continue
-            self.deliver(alert)
+            try:
+                self.deliver(alert)
+            except Exception as error:  # one alert's bad luck must not end the deliveries of all others
+                logger.warning(
+                    "webhook for alert %s to %s failed: %s: %s",
+                    alert.id,
+                    self.shown_url,
+                    type(error).__name__,
+                    redact_text(str(error), self.url),
+                )
+                self._count_failure()
 
     def deliver(self, alert: Alert) -> bool:
         """Deliver one alert now, retrying as described; return whether the endpoint took it."""
@@ -557,24 +573,22 @@ class WebhookSender:
                 delay = min(MAX_RETRY_DELAY, wait)
             if self._give_up.wait(delay):
                 break
-        logger.warning("webhook for alert %s not delivered to %s", alert.id, self.url)
+        logger.warning("webhook for alert %s not delivered to %s", alert.id, self.shown_url)
         self._count_failure()
         return False
 
     def _attempt(self, event_id: str, body: bytes) -> tuple[_Outcome, float | None]:
         """One POST; for a retry, the seconds the endpoint asked to wait (``Retry-After``), if any."""
-        request = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": f"meterware/{__version__}",
-                # Signed at each attempt: a retry an hour later still passes the receiver's tolerance.
-                SIGNATURE_HEADER: sign(body, self._secret, int(time.time())),
-                EVENT_ID_HEADER: event_id,
-            },
-        )
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"meterware/{__version__}",
+            # Signed at each attempt: a retry an hour later still passes the receiver's tolerance.
+            SIGNATURE_HEADER: sign(body, self._secret, int(time.time())),
+            EVENT_ID_HEADER: event_id,
+        }
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        request = urllib.request.Request(self._endpoint, data=body, method="POST", headers=headers)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 response.read()
@@ -583,14 +597,25 @@ class WebhookSender:
             error.close()
             if error.code in (408, 429) or error.code >= 500:
                 logger.info("webhook for %s: HTTP %d, retrying", event_id, error.code)
-                return "retry", _retry_after(error.headers.get("Retry-After"), time.time())
+                return "retry", retry_after_seconds(error.headers.get("Retry-After"))
             logger.warning("webhook for %s refused with HTTP %d", event_id, error.code)
             return "refused", None
         except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets
-            logger.info("webhook for %s failed (%s), retrying", event_id, error)
+            logger.info("webhook for %s failed (%s), retrying", event_id, redact_text(str(error), self.url))
             return "retry", None
 
     def _count_failure(self) -> None:
         self.failed += 1
         if self.metrics is not None:
             self.metrics.webhooks_failed.inc()
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its userinfo, and the Basic ``Authorization`` the userinfo stands for (if any)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"

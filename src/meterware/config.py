@@ -20,7 +20,9 @@ from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from fnmatch import translate
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
+from urllib.parse import urlsplit
 
+from meterware._http import redact_url
 from meterware.errors import ConfigError
 from meterware.pricing import (
     DEFAULT_CURRENCY,
@@ -807,14 +809,26 @@ def parse_alert_rules(section: _Section) -> AlertRules:
     return AlertRules(percents, amounts("credits_below"), amounts("spend_above"))
 
 
+def _is_http_url(url: str) -> bool:
+    if not re.match(r"^https?://[^\s/]+[^\s]*\Z", url):
+        return False
+    try:
+        urlsplit(url).port  # noqa: B018  # raises on a port that is not a number, an unclosed "[" ...
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_alerts(root: _Section, plans: Mapping[str, Plan]) -> Alerts:
     if "alerts" not in root.data:
         root.seen.add("alerts")
         return Alerts()
     section = root.section("alerts")
     url = section.get("webhook_url", str, "") or None
-    if url is not None and not re.match(r"^https?://[^\s/]+[^\s]*\Z", url):
-        raise ConfigError("alerts.webhook_url", f"must be an http:// or https:// URL, got {_shown(url)!r}")
+    if url is not None and not _is_http_url(url):
+        raise ConfigError(
+            "alerts.webhook_url", f"must be an http:// or https:// URL, got {redact_url(url)!r}"
+        )
     defaults = Alerts()
     secret_env = section.get("secret_env", str, defaults.secret_env)
     if not _ENV_NAME_RE.match(secret_env):

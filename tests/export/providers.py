@@ -371,3 +371,75 @@ SERVERS: dict[str, type[ProviderServer]] = {
 
 def all_names() -> Iterator[str]:
     yield from SERVERS
+
+
+class _Server:
+    """A threaded HTTP server on 127.0.0.1 that records every request and answers through ``answer``."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def handle_one(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                record = Recorded(
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length),
+                )
+                server.requests.append(record)
+                status, headers, payload = server.answer(record)
+                record.status = status
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_HEAD = handle_one
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, record: Recorded) -> tuple[int, dict[str, str], bytes]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+class Elsewhere(_Server):
+    """Another host: takes whatever reaches it with a 200 every provider's client reads as a success."""
+
+    def answer(self, record: Recorded) -> tuple[int, dict[str, str], bytes]:
+        body = {"object": "billing.meter_event", "ingested_count": 1, "events": []}
+        return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+    def keys_received(self) -> list[str]:
+        """The Authorization headers that arrived here."""
+        return [r.headers["authorization"] for r in self.requests if "authorization" in r.headers]
+
+
+class Redirector(_Server):
+    """A provider address that moved: every request is answered ``status`` with a Location elsewhere."""
+
+    def __init__(self, status: int, location: str) -> None:
+        super().__init__()
+        self.status = status
+        self.location = location
+
+    def answer(self, record: Recorded) -> tuple[int, dict[str, str], bytes]:
+        return self.status, {"Location": self.location + record.path}, b""

@@ -24,7 +24,7 @@ from meterware.rollup.worker import RollupWorker
 from meterware.storage import open_storage
 from meterware.storage.base import ExportMark, Storage
 from meterware.wsgi import WSGIMeteringMiddleware
-from tests.export.providers import API_KEY, SERVERS, Answer, ProviderServer
+from tests.export.providers import API_KEY, SERVERS, Answer, Elsewhere, ProviderServer, Redirector
 
 PROVIDERS = list(SERVERS)
 HOUR = 3600
@@ -183,6 +183,50 @@ def test_5xx_backs_off_exponentially_then_gives_up_and_a_rerun_resumes(world: Wo
     assert world.server.events == {}
     world.export()
     assert world.server.totals() == {("ext_acme", "api_calls"): 1, ("ext_acme", "llm_tokens"): 3}
+
+
+def confirmed_marks(world: World) -> list[ExportMark]:
+    """The marks of this hour that say the provider took the event."""
+    marks = world.storage.read_export_marks(world.provider, "acme", "hour", [hour_start()])
+    return [mark for meters in marks.values() for mark in meters.values() if mark.confirmed]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_redirect_is_never_followed_and_nothing_is_recorded_as_delivered(
+    status: int, provider: str
+) -> None:
+    """A 3xx ends the run as a failure: no request (and no API key) reaches the other host, no mark is
+    confirmed, and the next run sends the same events to the right address."""
+    with Elsewhere() as elsewhere, SERVERS[provider](time.time()) as server:
+        with Redirector(status, elsewhere.url) as moved:
+            url = f"memory://export-{uuid.uuid4().hex}"
+            world = World(make_config(url, provider, moved.url), server)
+            world.customer("acme", "ext_acme")
+            world.calls("acme", 1, tokens=2)
+            with pytest.raises(ExportError, match=f"HTTP {status}.*not followed"):
+                world.export()
+            assert len(moved.requests) == 1  # not retried either: the address is wrong for every event
+        assert (elsewhere.keys_received(), elsewhere.requests) == ([], [])
+        assert confirmed_marks(world) == []
+        world.config = make_config(url, provider, server.url)
+        assert len(world.export().sent) == 2
+        assert world.server.totals() == {("ext_acme", "api_calls"): 1, ("ext_acme", "llm_tokens"): 2}
+
+
+@pytest.mark.parametrize("status", [200, 201, 202])
+def test_openmeter_takes_only_its_documented_204_as_delivered(status: int) -> None:
+    """OpenMeter answers 204 when it accepts events; another 2xx (a proxy, a wrong base_url) is a failure."""
+    with SERVERS["openmeter"](time.time()) as server:
+        world = World(make_config(f"memory://export-{uuid.uuid4().hex}", "openmeter", server.url), server)
+        world.customer("acme", "ext_acme")
+        world.calls("acme", 1, tokens=2)
+        server.inject(Answer(status, {"ok": True}))
+        with pytest.raises(ExportError, match=f"HTTP {status}.*204"):
+            world.export()
+        assert confirmed_marks(world) == []
+        assert len(world.export().sent) == 2
+        assert server.totals() == {("ext_acme", "api_calls"): 1, ("ext_acme", "llm_tokens"): 2}
 
 
 class FailingMarks:

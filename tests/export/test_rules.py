@@ -1,12 +1,10 @@
-"""The pure parts of the export (ids, Retry-After, backoff, the [export.*] section) and its CLI."""
+"""The pure parts of the export (ids, backoff, the [export.*] section) and its CLI."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import pytest
 from meterware.cli import main
 from meterware.config import Config
 from meterware.errors import ConfigError
-from meterware.export import backoff_delay, event_id, retry_after_seconds
+from meterware.export import backoff_delay, event_id
 
 LONG = "a" * 100
 HASHED = "mw:" + hashlib.sha256(f"mw:{LONG}:calls:hour:3600".encode()).hexdigest()[:40]
@@ -34,28 +32,6 @@ HASHED = "mw:" + hashlib.sha256(f"mw:{LONG}:calls:hour:3600".encode()).hexdigest
 def test_event_ids_are_deterministic(customer: str, revision: int, limit: int | None, expected: str) -> None:
     """Ids name customer, meter, window and start; revisions add ``:r<n>``; ids past the limit are hashed."""
     assert event_id(customer, "calls", "hour", 3600, revision, limit) == expected
-
-
-NOW = 1_800_000_000.0
-
-
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        pytest.param(None, None, id="absent"),
-        pytest.param("2", 2.0, id="seconds"),
-        pytest.param(" 1.5 ", 1.5, id="fraction"),
-        pytest.param("-3", 0.0, id="negative-is-now"),
-        pytest.param(
-            format_datetime(datetime.fromtimestamp(NOW + 30, UTC), usegmt=True), 30.0, id="http-date"
-        ),
-        pytest.param("soon", None, id="garbage"),
-        pytest.param("nan", None, id="nan"),
-    ],
-)
-def test_retry_after(header: str | None, expected: float | None) -> None:
-    """Retry-After is delay-seconds or an HTTP date; anything else is ignored."""
-    assert retry_after_seconds(header, now=NOW) == expected
 
 
 def test_backoff_prefers_retry_after_else_full_jitter_capped() -> None:

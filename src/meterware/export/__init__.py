@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
 from meterware.config import EXPORT_PROVIDERS, Config, ExportTarget
@@ -200,21 +198,6 @@ def backoff_delay(attempt: int, retry_after: float | None, rng: Callable[[], flo
     if retry_after is not None:
         return max(0.0, retry_after)
     return rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Parse a ``Retry-After`` header: delay-seconds or an HTTP date (None if absent or unreadable)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now)
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def open_exporter(target: ExportTarget, api_key: str | None = None) -> Exporter:
@@ -509,6 +492,13 @@ def status_failure(
     records: Sequence[UsageRecord], status: int | None, reason: str, retry_after: float | None
 ) -> SendResult:
     """Classify a failed request: raise :class:`TransientError` for 429/5xx/network, else refuse all."""
+    if status is not None and 300 <= status < 400:
+        # Following it would send the events, and perhaps the API key, to an address nobody configured;
+        # and whatever answers there is not the provider saying it took them.
+        raise ExportError(
+            f"the provider answered HTTP {status} (a redirect), not followed: the API key goes to "
+            f"base_url only; set base_url to the provider's API address ({reason})"
+        )
     if status is None or status == 429 or status >= 500 or status == 409:
         raise TransientError(f"HTTP {status or 'error'}: {reason}", retry_after)
     if status in (401, 403):  # the key, not the events: nothing would get through

@@ -5,7 +5,9 @@
 inside one request fails the whole request (ours never repeat). Timestamps older than one hour or more
 than five minutes ahead are rejected, so run the export at least every half hour. The API reference
 allows 1,000 events per request, the usage-based billing guide 100: 100 it is. Metadata values are
-scalars; the value goes under ``value_key`` (the Dodo meter's aggregation key).
+scalars; the value goes under ``value_key`` (the Dodo meter's aggregation key). The SDK's httpx client
+follows redirects by default (and counts whatever answers there as Dodo's answer): here it follows
+none, a 3xx fails the run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from meterware._http import retry_after_seconds
 from meterware.config import ExportTarget
 from meterware.export import (
     SendResult,
@@ -21,7 +24,6 @@ from meterware.export import (
     header,
     missing_sdk,
     one_line,
-    retry_after_seconds,
     status_failure,
 )
 
@@ -48,7 +50,10 @@ class DodoExporter:
         self._sdk: Any = dodopayments
         # Retries are ours (bounded, Retry-After aware), so the SDK makes none.
         self.client: Any = dodopayments.DodoPayments(
-            bearer_token=api_key, base_url=target.base_url or DEFAULT_BASE_URL, max_retries=0
+            bearer_token=api_key,
+            base_url=target.base_url or DEFAULT_BASE_URL,
+            max_retries=0,
+            http_client=dodopayments.DefaultHttpxClient(follow_redirects=False),
         )
 
     def event(self, record: UsageRecord) -> dict[str, Any]:

@@ -11,6 +11,8 @@ documents no age limit (late events still count towards open or grace-period inv
 The request goes through the SDK's own request functions rather than ``client.events.batch_create``:
 in lago-python-client 1.55 that method does not pass the client's ``RateLimitRetryConfig`` on, so it
 would retry 429s by itself (three times, sleeping) whatever the client was told; here retries are ours.
+Redirects are not followed (``follow_redirects=False``, httpx's default, said out loud); a 3xx, which
+the SDK would report as an unreadable 500, fails the run as what it is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from meterware._http import retry_after_seconds
 from meterware.config import ExportTarget
 from meterware.export import (
     SendResult,
@@ -26,7 +29,6 @@ from meterware.export import (
     mapping_of,
     missing_sdk,
     one_line,
-    retry_after_seconds,
     status_failure,
 )
 
@@ -92,7 +94,10 @@ class LagoExporter:
                 content=self._to_json(batch.dict()),
                 headers=self._headers,
                 rate_limit_retry_config=self._no_retries,
+                follow_redirects=False,
             )
+            if 300 <= response.status_code < 400:
+                return status_failure(records, response.status_code, one_line(response.reason_phrase), None)
             self._verify(response)
         except self._errors as error:
             status: int | None = getattr(error, "status_code", None)

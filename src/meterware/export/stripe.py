@@ -5,7 +5,8 @@
 for at least 24 hours) and ``timestamp`` (Unix seconds, at most 35 days old, 5 minutes ahead). The
 identifier is also sent as the ``Idempotency-Key``. Values are whole numbers of at most 15 digits.
 Stripe allows 1,000 calls per second and one concurrent call per customer and meter: the run is
-sequential, and backs off on 429 as Stripe advises.
+sequential, and backs off on 429 as Stripe advises. The SDK's ``requests`` session would follow a
+redirect (and count whatever answers there as Stripe's answer): here it follows none, a 3xx fails the run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from meterware._http import retry_after_seconds
 from meterware.config import ExportTarget
 from meterware.export import (
     SendResult,
@@ -20,7 +22,6 @@ from meterware.export import (
     header,
     missing_sdk,
     one_line,
-    retry_after_seconds,
     status_failure,
 )
 
@@ -42,16 +43,24 @@ class StripeExporter:
 
     def __init__(self, target: ExportTarget, api_key: str) -> None:
         try:
+            import requests
             import stripe
         except ImportError:
             raise missing_sdk("Stripe", "stripe", "stripe") from None
+
+        class NoRedirects(requests.Session):
+            def get_redirect_target(self, resp: Any) -> None:
+                return None
+
         self.target = target
         self._stripe: Any = stripe
+        self._session = NoRedirects()
         # Retries are ours (429 included, which the SDK does not retry), so the SDK makes none.
         self.client: Any = stripe.StripeClient(
             api_key,
             base_addresses={"api": target.base_url or DEFAULT_BASE_URL},
             max_network_retries=0,
+            http_client=stripe.RequestsClient(session=self._session),
         )
 
     def params(self, record: UsageRecord) -> dict[str, Any]:
@@ -82,4 +91,4 @@ class StripeExporter:
         return SendResult(delivered=[record.event_id])
 
     def close(self) -> None:
-        pass
+        self._session.close()

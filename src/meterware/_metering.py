@@ -38,7 +38,15 @@ from meterware._core import (
 )
 from meterware.config import MAX_CALL_COST, Config, Plan, format_credits
 from meterware.errors import StorageError
-from meterware.events import SCHEMA_VERSION, Outcome, UsageEvent, event_row, new_event_id
+from meterware.events import (
+    SCHEMA_VERSION,
+    Outcome,
+    UsageEvent,
+    bounded_method,
+    bounded_route,
+    event_row,
+    new_event_id,
+)
 from meterware.flusher import Pending, Pipeline
 from meterware.metrics import NO_PLAN, AppMetrics, UnitCounts, unit_counts
 from meterware.storage import open_async_storage, open_storage
@@ -750,6 +758,7 @@ class Metering:
         if call.usage.rejected:
             self.metrics.units_rejected.inc(call.usage.rejected)
         now_ms = time.time_ns() // 1_000_000
+        recorded = bounded_route(route or call.path)
         # The event as written (a UsageEvent's fields in order), built directly: this runs for every call.
         row = [
             SCHEMA_VERSION,
@@ -758,8 +767,8 @@ class Metering:
             request.customer,
             call.key.key_id,
             request.plan.name,
-            route or call.path,
-            call.method,
+            recorded,
+            bounded_method(call.method),
             status,
             outcome,
             (ended - call.started_ns) // 1000,
@@ -772,7 +781,7 @@ class Metering:
         ]
         self._queue(Pending(request.shard, row, self._settlement(call, billable, settled)))
         self.metrics.call(
-            route or UNMATCHED_ROUTE,
+            recorded if route else UNMATCHED_ROUTE,
             call.method,
             outcome,
             request.plan.name,
@@ -862,8 +871,8 @@ class Metering:
             customer=request.customer,
             key_id=key.key_id,
             plan=request.plan.name,
-            route=route,
-            method=method,
+            route=bounded_route(route),
+            method=bounded_method(method),
             status=status,
             outcome="rejected",
             duration_us=0,

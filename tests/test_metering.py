@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 import uuid
@@ -118,3 +119,4 @@ def test_known_keys_survive_a_flood_of_unknown_ones_through_an_outage(
             unknown = {"Authorization": f"Bearer {generate_key().plaintext}"}
             assert client.get("/v1/hello", headers=unknown).json()["reason"] == "backend_unavailable"
         middleware.drain()  # into the spool: Redis is gone
+        atexit.unregister(middleware.metering.drain_at_exit)  # the spool goes with tmp_path

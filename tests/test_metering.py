@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,9 +14,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meterware import Accounts, Config, MeteringMiddleware
+from meterware import Accounts, Config, MeteringMiddleware, _metering
 from meterware._metering import ThrottledWarning
+from meterware.keys import generate_key
 from meterware.rollup import RollupWorker
+from meterware.storage import open_storage
+from meterware.wsgi import WSGIMeteringMiddleware
+from tests.servers import redis_server
 
 
 def test_outage_warnings_are_logged_once_per_interval_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
@@ -71,3 +77,46 @@ def test_asgi_response_headers_may_come_as_any_iterable(tmp_path: Path) -> None:
     assert "x-usage-tokens" not in response.headers
     RollupWorker(accounts.storage, config, owner="test").drain()
     assert accounts.usage("acme").meters["tokens"] == 7
+
+
+@pytest.mark.redis
+def test_known_keys_survive_a_flood_of_unknown_ones_through_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three times more unknown keys than the key caches hold, then Redis stops: a key served before is
+    still served (failing open, as last resolved), an unknown one gets 503, and the unknown keys' cache
+    stayed within its bound."""
+    monkeypatch.setattr(_metering, "KEY_CACHE_MAX_ENTRIES", 50)
+    monkeypatch.setattr(_metering, "UNKNOWN_KEY_CACHE_MAX_ENTRIES", 50)
+    with redis_server() as server:
+        config = Config.from_dict(
+            {
+                "storage": {"url": server.url, "shards": 2},
+                "plans": {"open": {}},
+                "policy": {"on_backend_error": "open", "key_cache_ttl": 0.2, "timeout": 0.5},
+                "pipeline": {"spool_dir": str(tmp_path / "spool")},
+            }
+        )
+        accounts = Accounts(open_storage(server.url, shards=2), config)
+        accounts.create_customer("acme", plan="open")
+        known = {"Authorization": f"Bearer {accounts.create_key('acme').plaintext}"}
+        accounts.close()
+
+        def app(environ: Any, start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+
+        middleware = WSGIMeteringMiddleware(app, config, registry=CollectorRegistry())
+        with httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://test") as client:
+            assert client.get("/v1/hello", headers=known).status_code == 200
+            for _ in range(150):
+                unknown = {"Authorization": f"Bearer {generate_key().plaintext}"}
+                assert client.get("/v1/hello", headers=unknown).json()["reason"] == "unknown_key"
+            assert len(middleware.metering._unknown) == 50
+            server.stop()
+            time.sleep(0.3)  # past the key cache's TTL: the known key is looked up again, and that fails
+            assert client.get("/v1/hello", headers=known).status_code == 200
+            unknown = {"Authorization": f"Bearer {generate_key().plaintext}"}
+            assert client.get("/v1/hello", headers=unknown).json()["reason"] == "backend_unavailable"
+        middleware.drain()  # into the spool: Redis is gone
+        atexit.unregister(middleware.metering.drain_at_exit)  # the spool goes with tmp_path

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from meterware import keys
+from meterware._cache import LRUCache
 from meterware._core import (
     CLIENT_CLOSED_REQUEST,
     AdmitRequest,
@@ -39,7 +40,15 @@ from meterware._core import (
 from meterware._unsettled import CallChange
 from meterware.config import MAX_CALL_COST, Config, Plan, format_credits
 from meterware.errors import StorageError
-from meterware.events import SCHEMA_VERSION, Outcome, UsageEvent, event_row, new_event_id
+from meterware.events import (
+    SCHEMA_VERSION,
+    Outcome,
+    UsageEvent,
+    bounded_method,
+    bounded_route,
+    event_row,
+    new_event_id,
+)
 from meterware.flusher import Pending, Pipeline
 from meterware.metrics import NO_PLAN, AppMetrics, UnitCounts, unit_counts
 from meterware.storage import open_async_storage, open_storage
@@ -55,6 +64,8 @@ logger = logging.getLogger("meterware")
 #: Unknown keys are remembered for a shorter time than known ones, so a new key works almost at once.
 NEGATIVE_CACHE_SECONDS: Final = 1.0
 KEY_CACHE_MAX_ENTRIES: Final = 100_000
+#: Unknown key hashes remembered at most (apart from known keys: no number of them evicts a known key).
+UNKNOWN_KEY_CACHE_MAX_ENTRIES: Final = 10_000
 UNMATCHED_ROUTE: Final = "<unmatched>"
 #: What a call served without the backend (fail-open) gets instead of an admission decision.
 FAIL_OPEN: Final = Decision(allowed=True)
@@ -217,9 +228,12 @@ class Metering:
         self.usage_headers = {
             meter.header.encode("latin-1"): name for name, meter in config.meters.items() if meter.header
         }
-        self._keys: dict[str, tuple[float, KeyInfo | None]] = {}
+        #: Known keys by hash: until when the resolution is fresh, and the key (kept past that for outages).
+        self._keys: LRUCache[str, tuple[float, KeyInfo]] = LRUCache(KEY_CACHE_MAX_ENTRIES)
+        #: Unknown key hashes: until when they are refused without a lookup.
+        self._unknown: LRUCache[str, float] = LRUCache(UNKNOWN_KEY_CACHE_MAX_ENTRIES)
         #: Presented keys already hashed (a key's calls skip the SHA-256 and the shape check).
-        self._hashes: dict[str, str] = {}
+        self._hashes: LRUCache[str, str] = LRUCache(KEY_CACHE_MAX_ENTRIES)
         self._terms: dict[tuple[str, int, int, bool], CallTerms] = {}
         self._shards: dict[str, int] = {}
         self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
@@ -683,23 +697,28 @@ class Metering:
         if key_hash is None:
             if not keys.is_well_formed(presented):
                 return problem("malformed_key")
-            if len(self._hashes) >= KEY_CACHE_MAX_ENTRIES:
-                self._hashes.clear()
-            key_hash = self._hashes[presented] = keys.hash_key(presented)
+            key_hash = keys.hash_key(presented)
+            self._hashes.put(presented, key_hash)
+        now = time.monotonic()
         entry = self._keys.get(key_hash)
-        if entry is None or entry[0] < time.monotonic():
-            return key_hash
-        return entry[1] if entry[1] is not None else problem("unknown_key")
+        if entry is not None and now <= entry[0]:
+            return entry[1]
+        unknown_until = self._unknown.get(key_hash)
+        if unknown_until is not None and now <= unknown_until:
+            return problem("unknown_key")
+        return key_hash
 
     def resolved(self, key_hash: str, key: KeyInfo | None) -> KeyInfo | Problem:
-        """Remember what the backend said about a key hash (briefly; unknown keys even more briefly)."""
-        if len(self._keys) >= KEY_CACHE_MAX_ENTRIES:
-            self._keys.clear()
-        ttl = self.policy.key_cache_ttl
+        """Remember what the backend said about a key hash (briefly; unknown keys even more briefly, in a
+        cache of their own, so no number of them makes this process forget a known key)."""
+        now = time.monotonic()
         if key is None:
-            ttl = min(NEGATIVE_CACHE_SECONDS, ttl)
-        self._keys[key_hash] = (time.monotonic() + ttl, key)
-        return key if key is not None else problem("unknown_key")
+            self._keys.pop(key_hash)
+            self._unknown.put(key_hash, now + min(NEGATIVE_CACHE_SECONDS, self.policy.key_cache_ttl))
+            return problem("unknown_key")
+        self._unknown.pop(key_hash)
+        self._keys.put(key_hash, (now + self.policy.key_cache_ttl, key))
+        return key
 
     def lookup_failed(self, error: StorageError, key_hash: str) -> KeyInfo | Problem:
         """The backend failed to resolve a key: without it an unknown key cannot be told from a known one.
@@ -708,7 +727,7 @@ class Metering:
         fails open too), so an outage longer than ``key_cache_ttl`` does not turn into refusals.
         """
         entry = self._keys.get(key_hash)
-        if self.policy.on_backend_error == "open" and entry is not None and entry[1] is not None:
+        if self.policy.on_backend_error == "open" and entry is not None:
             self._outage.warn("key lookup failed (%s); serving keys as last seen", error)
             return entry[1]
         self._outage.warn("key lookup failed (%s); refusing keys not seen before", error)
@@ -815,6 +834,7 @@ class Metering:
         if call.usage.rejected:
             self.metrics.units_rejected.inc(call.usage.rejected)
         now_ms = time.time_ns() // 1_000_000
+        recorded = bounded_route(route or call.path)
         # The event as written (a UsageEvent's fields in order), built directly: this runs for every call.
         row = [
             SCHEMA_VERSION,
@@ -823,8 +843,8 @@ class Metering:
             request.customer,
             call.key.key_id,
             request.plan.name,
-            route or call.path,
-            call.method,
+            recorded,
+            bounded_method(call.method),
             status,
             outcome,
             (ended - call.started_ns) // 1000,
@@ -839,7 +859,7 @@ class Metering:
         change = self._change(call, billable, settled, settlement) if request.holds else None
         self._queue(Pending(request.shard, row, settlement, change))
         self.metrics.call(
-            route or UNMATCHED_ROUTE,
+            recorded if route else UNMATCHED_ROUTE,
             call.method,
             outcome,
             request.plan.name,
@@ -929,8 +949,8 @@ class Metering:
             customer=request.customer,
             key_id=key.key_id,
             plan=request.plan.name,
-            route=route,
-            method=method,
+            route=bounded_route(route),
+            method=bounded_method(method),
             status=status,
             outcome="rejected",
             duration_us=0,

@@ -31,6 +31,25 @@ OUTCOMES: Final[tuple[Outcome, ...]] = ("success", "client_error", "server_error
 Units = Mapping[str, int | str]
 
 
+#: An event's route holds at most this many characters (a raw path is cut: the client chose its length).
+MAX_ROUTE_LENGTH: Final = 256
+#: The methods an event names; any other becomes :data:`OTHER_METHOD` (the client chose it).
+HTTP_METHODS: Final = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+)
+OTHER_METHOD: Final = "<other>"
+
+
+def bounded_route(route: str) -> str:
+    """``route`` as an event holds it: cut to :data:`MAX_ROUTE_LENGTH` characters, ending in an ellipsis."""
+    return route if len(route) <= MAX_ROUTE_LENGTH else route[: MAX_ROUTE_LENGTH - 1] + "\u2026"
+
+
+def bounded_method(method: str) -> str:
+    """``method`` as an event holds it: a standard one, or :data:`OTHER_METHOD`."""
+    return method if method in HTTP_METHODS else OTHER_METHOD
+
+
 class EventDecodeError(ValueError):
     """A stream entry is not a valid batch of events; the message says why."""
 

@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from meterware._core import Reason
+from meterware.events import bounded_method
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -54,9 +55,6 @@ MAX_ROUTES: Final = 500
 OTHER: Final = "<other>"
 #: The plan label of calls refused before their customer was known (no key, unknown key, backend down).
 NO_PLAN: Final = "<none>"
-HTTP_METHODS: Final = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
-)
 REJECTION_REASONS: Final = get_args(Reason)
 #: Request latency buckets (seconds): API calls, up to minute-long streams.
 REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -388,7 +386,7 @@ class AppMetrics:
                 self._routes.add(route)
             else:
                 label = OTHER
-        verb = method if method in HTTP_METHODS else OTHER
+        verb = bounded_method(method)
         duration = self._durations.get((label, outcome))
         if duration is None:
             duration = self._durations[(label, outcome)] = Tally(self, self.duration.labels(label, outcome))

@@ -11,6 +11,12 @@ A ``GET`` with the caller's key (the headers or query parameter of ``policy``, a
 it) returns JSON; a missing, malformed, unknown, revoked or expired key gets the middleware's 401 problem
 document. Usage comes from the rollup (the worker's lag behind), the balance and the key from the backend.
 List the mount path under ``routes.exclude`` so reading one's account is not a metered call.
+
+Unknown keys cost a bounded number of backend lookups: each is refused without one for a second once
+looked up (as the middleware does), and lookups of keys this process has not seen resolve take a token
+from one bucket per process (:data:`UNKNOWN_KEY_LOOKUPS_PER_SECOND`, :data:`UNKNOWN_KEY_LOOKUP_BURST`)
+that only unknown keys spend; with the bucket empty such a key gets 429 with ``Retry-After``. The bucket
+is global, not per client address: behind a proxy every client has the proxy's address.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
-from meterware._core import Reason, problem, rate_limit_name
+from meterware._cache import LRUCache
+from meterware._core import Decision, Reason, problem, rate_limit_name
+from meterware._metering import KEY_CACHE_MAX_ENTRIES, NEGATIVE_CACHE_SECONDS, UNKNOWN_KEY_CACHE_MAX_ENTRIES
 from meterware.accounts import Accounts
 from meterware.config import MICROS_PER_CREDIT, Config, resolve_config
 from meterware.errors import NotFoundError, StorageError
@@ -39,6 +47,10 @@ __all__ = ["AccountView", "SelfServiceApp", "SelfServiceWSGIApp", "asgi_app", "w
 
 Headers = list[tuple[bytes, bytes]]
 _JSON: Final = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+#: Lookups of keys that turn out unknown, per second and process (a typo'd key is one; a flood is capped).
+UNKNOWN_KEY_LOOKUPS_PER_SECOND: Final = 10.0
+UNKNOWN_KEY_LOOKUP_BURST: Final = 20
+_OUT_OF_LOOKUPS: Final = Decision(allowed=False, retry_after=1)
 
 
 def _credits(micros: int) -> str:
@@ -51,8 +63,8 @@ def _iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _refusal(reason: Reason) -> tuple[int, Headers, bytes]:
-    refused = problem(reason)
+def _refusal(reason: Reason, decision: Decision | None = None) -> tuple[int, Headers, bytes]:
+    refused = problem(reason, decision)
     return refused.status, [*refused.response_headers(), (b"cache-control", b"no-store")], refused.body()
 
 
@@ -61,6 +73,33 @@ def _json(
 ) -> tuple[int, Headers, bytes]:
     body = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
     return status, [*_JSON, (b"content-length", str(len(body)).encode()), *extra], body
+
+
+class _TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; safe to share between threads."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Take a token if there is one."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+    def give_back(self) -> None:
+        """Return a token taken for nothing."""
+        with self._lock:
+            self._tokens = min(self.burst, self._tokens + 1)
 
 
 class AccountView:
@@ -76,6 +115,11 @@ class AccountView:
         self.config = resolve_config(config, overrides)
         self._accounts: Accounts | None = None
         self._lock = threading.Lock()
+        #: Key hashes that resolved to a key: their lookups spend no token (their answer is not cached).
+        self._known: LRUCache[str, bool] = LRUCache(KEY_CACHE_MAX_ENTRIES)
+        #: Unknown key hashes: until when they are refused without a lookup.
+        self._unknown: LRUCache[str, float] = LRUCache(UNKNOWN_KEY_CACHE_MAX_ENTRIES)
+        self._lookups = _TokenBucket(UNKNOWN_KEY_LOOKUPS_PER_SECOND, UNKNOWN_KEY_LOOKUP_BURST)
 
     @property
     def accounts(self) -> Accounts:
@@ -98,18 +142,29 @@ class AccountView:
         if presented is None:
             return _refusal("missing_key")
         if not is_well_formed(presented):
-            return _refusal("malformed_key")
+            return _refusal("malformed_key")  # before any hash or lookup: it costs the backend nothing
+        key_hash = hash_key(presented)
+        unknown_until = self._unknown.get(key_hash)
+        if unknown_until is not None and time.monotonic() <= unknown_until:
+            return _refusal("unknown_key")
+        spent = self._known.get(key_hash) is None
+        if spent and not self._lookups.take():
+            return _refusal("rate_limited", _OUT_OF_LOOKUPS)
         try:
-            return self._account(presented)
+            return self._account(key_hash, spent)
         except StorageError:
             return _refusal("backend_unavailable")
 
-    def _account(self, presented: str) -> tuple[int, Headers, bytes]:
+    def _account(self, key_hash: str, spent: bool) -> tuple[int, Headers, bytes]:
+        """The account of the key with ``key_hash`` (``spent``: its lookup took a token)."""
         storage = self.accounts.storage
-        info = storage.resolve_key(hash_key(presented))
+        info = storage.resolve_key(key_hash)
         record = None if info is None else storage.get_key(info.key_id)
         if info is None or record is None:
-            return _refusal("unknown_key")
+            return self._unknown_key(key_hash)
+        self._known.put(key_hash, True)
+        if spent:
+            self._lookups.give_back()
         if record.status != "active":
             return _refusal("revoked_key")
         if record.expires_ms and time.time() * 1000 >= record.expires_ms:
@@ -117,9 +172,15 @@ class AccountView:
         try:
             data = self.account(info.customer.id, live=info.live)
         except NotFoundError:  # a key left behind by a customer that is gone
-            return _refusal("unknown_key")
+            return self._unknown_key(key_hash)
         data["key"] = {"id": record.key_id, "prefix": record.prefix, "live": record.live}
         return _json(200, data)
+
+    def _unknown_key(self, key_hash: str) -> tuple[int, Headers, bytes]:
+        """Refuse an unknown key, and keep refusing it without a lookup for a while."""
+        self._known.pop(key_hash)
+        self._unknown.put(key_hash, time.monotonic() + NEGATIVE_CACHE_SECONDS)
+        return _refusal("unknown_key")
 
     def account(self, customer_id: str, *, live: bool = True) -> dict[str, Any]:
         """What the endpoint returns for ``customer_id`` (``live``: its live or its test usage)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from meterware.events import MAX_ROUTE_LENGTH
 from tests.behaviour.apps import CALLS
 
 Api = Any
@@ -238,6 +239,23 @@ def test_events_carry_route_templates_and_no_key(api: Api) -> None:
     assert event.key_id.startswith("key_")
     assert key.encode() not in repr(event).encode()
     assert event.duration_us > 0
+
+
+def test_events_hold_bounded_fields_whatever_the_client_sends(api: Api) -> None:
+    """A 20 KB path and a 1 KB method, on served and refused calls: each event's route is at most
+    ``MAX_ROUTE_LENGTH`` characters and its method a standard one or ``<other>``."""
+    served = api.customer("open")
+    broke = api.customer("percall")  # no credits: refused with 402
+    huge_path = "/v1/items/" + "a" * 20_000
+    for key in (served, broke):
+        api.call("GET", huge_path, key)
+        api.call("X" * 1_000, "/v1/hello", key)
+    api.settle()
+    events = api.events()
+    assert len(events) == 4
+    assert [event.outcome for event in events].count("rejected") == 2
+    assert max(len(event.route) for event in events) <= MAX_ROUTE_LENGTH
+    assert {event.method for event in events} == {"GET", "<other>"}
 
 
 def test_streaming_response_is_timed_to_its_last_chunk(api: Api) -> None:

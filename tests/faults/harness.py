@@ -230,10 +230,19 @@ def _gunicorn(*options: str) -> list[str]:
 
 class App:
     """The metered fault app under a real server, restartable on one port: ``uvicorn`` (one process) or
-    ``gunicorn`` (``workers`` gthread workers of 4 threads)."""
+    ``gunicorn`` (``workers`` gthread workers of 4 threads); ``options``: more command-line options."""
 
-    def __init__(self, kind: str, env: dict[str, str], log_dir: Path, *, workers: int = 2) -> None:
+    def __init__(
+        self,
+        kind: str,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        workers: int = 2,
+        options: tuple[str, ...] = (),
+    ) -> None:
         self.kind = kind
+        self.options = options
         self.env = dict(env)
         self.log_dir = log_dir
         self.workers = workers
@@ -253,12 +262,12 @@ class App:
         if self.kind == "uvicorn":
             return [
                 sys.executable, "-m", "uvicorn", "tests.faults.asgi_server:app",
-                "--port", str(self.port), "--log-level", "warning",
+                "--port", str(self.port), "--log-level", "warning", *self.options,
             ]  # fmt: skip
         return _gunicorn(
             "--workers", str(self.workers), "--worker-class", "gthread", "--threads", "4",
             "--graceful-timeout", "10",
-            "--bind", f"127.0.0.1:{self.port}", "tests.faults.wsgi_server:app",
+            "--bind", f"127.0.0.1:{self.port}", *self.options, "tests.faults.wsgi_server:app",
         )  # fmt: skip
 
     def start(self) -> App:

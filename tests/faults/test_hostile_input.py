@@ -13,6 +13,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from meterware import keys as keys_module
 from meterware._core import Problem
 from meterware._metering import Metering
 from meterware.config import Config
+from meterware.events import MAX_ROUTE_LENGTH
 from meterware.keys import generate_key
 from meterware.storage import open_storage
 from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM
@@ -32,7 +34,9 @@ from tests.faults.harness import (
     TOKEN_PRICE,
     App,
     FaultRedis,
+    Load,
     Stream,
+    assert_exact,
     base_config,
     base_env,
     books,
@@ -42,6 +46,7 @@ from tests.faults.harness import (
     provision,
     rollup_once,
     to_toml,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
@@ -341,3 +346,75 @@ def test_hostile_units_are_ignored_counted_and_never_charged(
     assert ledger.spend == ledger.charged == len(kinds) * CALL_PRICE + valid_tokens * TOKEN_PRICE
     assert ledger.reserved == 0
     figures("hostile-units", kinds=kinds, rejected=rejected, charged_micros=ledger.charged)
+
+
+#: The size of each hostile method and path (the request line is twice that).
+HOSTILE_FIELD_BYTES = 100_000
+REFUSED_CALLS = 1_000
+
+
+def test_refused_calls_with_huge_paths_and_methods_leave_redis_almost_untouched(
+    tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
+) -> None:
+    """1,000 calls refused for lack of credits, each with a 100 KB method and a 100 KB path, while another
+    customer is served: once flushed and rolled up, Redis has grown by less than 1 MiB, every refusal is
+    recorded with bounded fields, and the served customer is charged exactly."""
+    server = make_redis()
+    redis_client = server.client()
+    # A headroom like the one of the report (past it, admissions fail, and fail open: calls go free).
+    redis_client.config_set("maxmemory", "64mb")
+    config = tmp_path / "meterware.toml"
+    # The default flush interval: each flush leaves a batch marker (24 h) per shard, and the suite's
+    # 0.05 s would make their number, not the refusals, what grows with a slow machine's flood time.
+    changes = {"pipeline": {"flush_interval": 0.2}}
+    config.write_text(to_toml(merged(base_config(server.url, tmp_path / "spool"), changes)))
+    accounts = open_accounts(config)
+    served_key = provision(accounts).plaintext
+    accounts.create_customer("broke", plan="payg")  # no credits: every call is refused with 402
+    broke = b"Authorization: Bearer " + accounts.create_key("broke").plaintext.encode()
+    # h11 (uvicorn's parser here) refuses a request line past 16 KiB by default: let these reach the app.
+    options = ("--h11-max-incomplete-event-size", str(4 * HOSTILE_FIELD_BYTES))
+    app = make_app("uvicorn", base_env(config), options=options).start()
+    env = base_env(config)
+    # Warm up (scripts loaded, streams and rollup state made), then measure from a flushed, rolled-up state.
+    assert get(app.port, "/v1/ok/warm", b"Authorization: Bearer " + served_key.encode())[0] == 200
+    assert get(app.port, "/v1/ok/warm-refused", broke)[0] == 402
+    wait_until(lambda: len(Stream.read(redis_client).events) == 2, 10, "the warm-up events flushed")
+    rollup_once(env, tmp_path / "rollup.log")
+    before = int(redis_client.info("memory")["used_memory"])
+
+    def refused_call(number: int) -> str:
+        path = f"/v1/ok/refused-{number}-".encode() + b"a" * HOSTILE_FIELD_BYTES
+        request = b"X" * HOSTILE_FIELD_BYTES + b" " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+        status, headers, body = raw_request(app.port, request + broke + b"\r\nConnection: close\r\n\r\n")
+        return problem_reason(status, headers, body)
+
+    began = time.monotonic()
+    served = Load(app.url, served_key, lambda n: f"/v1/ok/served-{n}", threads=2, limit=400)
+    with served as load, ThreadPoolExecutor(max_workers=8) as pool:
+        reasons = Counter(pool.map(refused_call, range(REFUSED_CALLS)))
+    flood_seconds = time.monotonic() - began
+    app.stop()
+    rollup_once(env, tmp_path / "rollup.log")
+    grown = int(redis_client.info("memory")["used_memory"]) - before
+
+    assert reasons == {"insufficient_credits": REFUSED_CALLS}
+    assert load.statuses() == {200: len(load.results)}
+    stream = Stream.read(redis_client)
+    rejected = [event for event in stream.events if event.outcome == "rejected"]
+    assert len(rejected) == REFUSED_CALLS + 1
+    assert {event.method for event in rejected} == {"<other>", "GET"}
+    assert max(len(event.route) for event in rejected) <= MAX_ROUTE_LENGTH
+    assert accounts.usage("broke").calls["rejected"] == REFUSED_CALLS + 1
+    assert accounts.balance("broke").balance == 0
+    assert_exact(stream, books(accounts), load.paths(200) | {"/v1/ok/warm"})
+    assert grown < 1 << 20, f"Redis grew by {grown} bytes"
+    figures(
+        "hostile-refusals",
+        refused=REFUSED_CALLS,
+        request_line_bytes=2 * HOSTILE_FIELD_BYTES,
+        redis_growth_bytes=grown,
+        bytes_per_refusal=grown // REFUSED_CALLS,
+        served=len(load.results),
+        flood_seconds=round(flood_seconds, 1),
+    )

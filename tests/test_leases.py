@@ -25,7 +25,6 @@ from starlette.routing import Route
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware.rollup import RollupWorker
-from meterware.storage.base import Balance
 
 QUOTA = 150
 PRICE_MICROS = 10_000  # "0.01" credits a call

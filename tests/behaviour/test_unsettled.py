@@ -51,9 +51,7 @@ def test_finished_calls_charges_count_before_they_are_flushed(held_back: Api) ->
     """On a plan priced by tokens the handler reports, 0.01 credits pay for 100 tokens: sequential calls
     of 60 tokens are served while the balance is positive after the finished ones, so exactly two."""
     key = held_back.customer("tokens", credits="0.01")
-    statuses = [
-        held_back.call("GET", "/v1/chat-sync?tokens=60", key).status_code for _ in range(20)
-    ]
+    statuses = [held_back.call("GET", "/v1/chat-sync?tokens=60", key).status_code for _ in range(20)]
     assert statuses == [200, 200] + [402] * 18
     held_back.settle()
     # The overspend is the second call's: it was admitted with 0.004 credits left and used 0.006.

@@ -115,7 +115,6 @@ def dead_letters(storage: Storage, shard: int) -> list[dict[bytes, bytes]]:
     return [dict(entry.fields) for entry in storage.dead_letters(shard)]
 
 
-
 # -- finished calls not yet flushed --------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware.errors import NotFoundError
 from meterware.ledger import default_grant
-from meterware.storage._keyspace import shard_of
+from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import (
     ALERTS_MAXLEN,
     Balance,
@@ -469,6 +469,7 @@ class MemoryStorage:
     # -- accounts -----------------------------------------------------------------------------------
 
     def create_customer(self, customer: Customer) -> None:
+        check_customer_id(customer.id)
         with self._lock:
             if customer.id in self._accounts:
                 raise ValueError(f"customer {customer.id!r} already exists")
@@ -482,6 +483,7 @@ class MemoryStorage:
     def update_customer(
         self, customer_id: str, *, plan: str | None = None, status: str | None = None
     ) -> None:
+        check_customer_id(customer_id)
         with self._lock:
             account = self._account(customer_id)
             customer = account.customer

@@ -820,7 +820,7 @@ class RedisStorage:
     # -- accounts
 
     def create_customer(self, customer: Customer) -> None:
-        shard = self._shard(customer.id)
+        shard = self._shard(ks.check_customer_id(customer.id))
         keys = [ks.customer(shard, customer.id), ks.customers(shard)]
         with self._call():
             created = self._run(
@@ -837,6 +837,7 @@ class RedisStorage:
     def update_customer(
         self, customer_id: str, *, plan: str | None = None, status: str | None = None
     ) -> None:
+        ks.check_customer_id(customer_id)
         changes: list[Arg] = []
         if plan:
             changes += ["plan", plan]

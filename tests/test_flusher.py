@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from meterware.config import Pipeline as PipelineConfig
-from meterware.errors import StorageError
-from meterware.events import UsageEvent, decode_batch, event_row, new_event_id
+from meterware.errors import ConfigError, StorageError
+from meterware.events import UsageEvent, decode_batch, event_row, format_event_id, new_event_id
 from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
 from meterware.storage import open_async_storage, open_storage
-from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from tests.servers import free_port
 
 SHARDS = 4
@@ -598,3 +601,122 @@ def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: s
         flusher.drain()
         flusher.storage.close()
         storage.close()
+
+
+# -- the spool's integrity ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def any_storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
+    """memory:// and a real redis-server in turn, empty."""
+    url = (
+        f"memory://{uuid.uuid4().hex}" if request.param == "memory" else request.getfixturevalue("redis_url")
+    )
+    storage = open_storage(url, shards=SHARDS)
+    yield storage
+    storage.close()
+
+
+def test_a_spooled_batch_with_a_negative_price_is_refused_and_mints_nothing(
+    tmp_path: Path, any_storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crafted spool file whose call has a negative price (it would raise a balance of 1 credit to
+    1000.99) is refused by the backend and set aside as .refused: the balance does not move."""
+    from meterware._core import Customer
+    from meterware.storage._keyspace import shard_of
+
+    any_storage.create_customer(Customer("acme", "pro"))
+    any_storage.grant_credits("acme", 1_000_000)
+    minting = replace(SETTLEMENT, charges_credits=True, meters=(("calls", 1, -999_990_000, 0),))
+    (batch,) = make_batches([pending(0, shard_of("acme", SHARDS), minting)])
+    Spool(tmp_path / "spool", max_bytes=1_000_000).write(batch)
+
+    pipeline = Pipeline(config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.flush_sync(any_storage)
+    assert any_storage.get_balance("acme").balance == 1_000_000
+    assert stream(any_storage) == []
+    assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{batch.batch_id}.refused"]
+    assert pipeline.stats.quarantined_batches == 1
+    assert "price" in caplog.records[0].getMessage()
+
+
+def test_the_spool_is_created_private(tmp_path: Path) -> None:
+    """The spool directory is made 0700 and its files 0600, whatever the umask."""
+    previous = os.umask(0)
+    try:
+        spool = Spool(tmp_path / "deep" / "spool", max_bytes=1_000_000)
+        assert spool.write(make_batches([pending(0)])[0])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "deep" / "spool").stat().st_mode) == 0o700
+    (path,) = spool.pending()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777], ids=["world-writable", "group-writable", "sticky"])
+def test_a_spool_writable_by_others_is_refused_at_start_up_and_at_first_use(
+    tmp_path: Path, mode: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool directory others can write to (they could plant batches that charge or credit anyone) is
+    refused with one line naming it: at start-up, and if it turns so later, nothing is spooled into it
+    (the batch is dropped and counted) and nothing in it is replayed."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(ConfigError, match=rf"pipeline.spool_dir: {directory} is writable by group or others"):
+        Pipeline(config(tmp_path))
+
+    directory.chmod(0o700)
+    pipeline = Pipeline(config(tmp_path))
+    (planted,) = make_batches([pending(0)])
+    pipeline.spool.write(planted)
+    directory.chmod(mode)
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.spill(make_batches([pending(1)]))
+        assert pipeline.spool.pending() == []
+    assert pipeline.stats.dropped_events == 1
+    assert f"{directory} is writable by group or others" in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_spool_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A spool directory owned by another user is refused at start-up, naming it."""
+    if os.geteuid() == 0:
+        directory = tmp_path / "spool"
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 65534, 65534)  # nobody
+    else:
+        directory = Path("/usr")  # root's
+    with pytest.raises(ConfigError, match=rf"pipeline.spool_dir: {directory} is owned by uid \d+, not by"):
+        Pipeline(replace(PipelineConfig(), spool_dir=str(directory)))
+
+
+def test_a_spooled_batch_older_than_its_marker_is_set_aside_not_replayed(
+    tmp_path: Path, memory_storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spooled batch older than the backend remembers batch ids (it may have been applied before its
+    ambiguous failure: a replay would charge it twice) is set aside as .expired, logged and counted; the
+    younger batches beside it are replayed."""
+    from prometheus_client import CollectorRegistry
+
+    from meterware.metrics import AppMetrics
+
+    now_ms = time.time_ns() // 1_000_000
+    (fresh,) = make_batches([pending(0)])
+    old = replace(fresh, batch_id=format_event_id(new_event_id(now_ms - (BATCH_MEMORY_SECONDS + 60) * 1000)))
+    (young,) = make_batches([pending(1)])
+    spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
+    spool.write(old)
+    spool.write(young)
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline(config(tmp_path), metrics=AppMetrics(registry))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.flush_sync(memory_storage)
+    assert [batch_id for _, batch_id, _ in stream(memory_storage)] == [young.batch_id]
+    assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{old.batch_id}.expired"]
+    assert pipeline.stats.expired_batches == 1
+    assert registry.get_sample_value("meterware_batches_expired_total") == 1
+    message = caplog.records[0].getMessage()
+    assert f"spooled batch {old.batch_id}.batch is older than" in message

@@ -17,8 +17,10 @@ import contextlib
 import logging
 import operator
 import os
+import stat
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,9 +30,10 @@ from typing import TYPE_CHECKING, Final, overload
 import msgpack
 
 from meterware.config import Pipeline as PipelineConfig
-from meterware.errors import StorageError
+from meterware.errors import ConfigError, StorageError
 from meterware.events import EventRow, encode_rows, encode_rows_async, format_event_id, new_event_id
-from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
+from meterware.storage._keyspace import check_customer_id
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 
 if TYPE_CHECKING:
     from meterware._core import AdmitRequest
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("meterware.flusher")
 
 MAX_BACKOFF_SECONDS = 5.0
+#: A spooled batch is replayed only while the backend remembers its id (an hour's margin for clocks).
+REPLAY_WITHIN_SECONDS: Final = BATCH_MEMORY_SECONDS - 3600
 
 
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
@@ -61,6 +66,7 @@ class FlushStats:
     spooled_events: int = 0
     replayed_batches: int = 0
     quarantined_batches: int = 0
+    expired_batches: int = 0
     dropped_events: int = 0
     failures: int = 0
 
@@ -161,7 +167,12 @@ def _count_events(batch: Batch) -> int:
 
 
 class Spool:
-    """Batches kept on local disk while the backend is unreachable, one file per batch."""
+    """Batches kept on local disk while the backend is unreachable, one file per batch.
+
+    A spooled batch is replayed as it reads (it names the customers to charge and the prices), so the
+    directory is private: made 0700 with files 0600, and refused if another user owns it or if group or
+    others may write to it.
+    """
 
     SUFFIX = ".batch"
 
@@ -170,21 +181,44 @@ class Spool:
         self.max_bytes = max_bytes
         self._size: int | None = None
 
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the directory if it exists and is not private to this user."""
+        try:
+            found = self.directory.stat()
+        except FileNotFoundError:
+            return
+        if found.st_uid != os.geteuid():
+            problem = (
+                f"{self.directory} is owned by uid {found.st_uid}, not by this process's ({os.geteuid()})"
+            )
+        elif found.st_mode & 0o022:
+            mode = stat.S_IMODE(found.st_mode)
+            problem = f"{self.directory} is writable by group or others (mode {mode:04o}); make it 0700"
+        else:
+            return
+        raise ConfigError("pipeline.spool_dir", problem)
+
     def write(self, batch: Batch) -> bool:
-        """Persist ``batch``; return False if the spool is full (the batch is then dropped)."""
+        """Persist ``batch``; return False if the spool is full (the batch is then dropped).
+
+        Raise ``ConfigError`` if the directory is not private, ``OSError`` if it cannot be written.
+        """
         data = msgpack.packb(
             [batch.shard, batch.batch_id, batch.payload, [_settlement_row(s) for s in batch.settlements]],
             use_bin_type=True,
         )
         if self.size() + len(data) > self.max_bytes:
             return False
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.check()
         final = self.directory / f"{batch.batch_id}{self.SUFFIX}"
         temporary = final.with_suffix(f".tmp{os.getpid()}")
-        with open(temporary, "wb") as file:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(descriptor, "wb") as file:
+            os.fchmod(descriptor, 0o600)  # one left behind by a crash keeps its mode otherwise
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            os.fsync(descriptor)
         os.replace(temporary, final)
         self._size = self.size() + len(data)
         return True
@@ -202,7 +236,12 @@ class Spool:
             return []
 
     def pending(self) -> list[Path]:
-        """Spooled batch files, oldest first."""
+        """Spooled batch files, oldest first (none, and an error logged, if the directory is not private)."""
+        try:
+            self.check()
+        except ConfigError as error:
+            logger.error("meterware: spooled batches are not replayed: %s", error)
+            return []
         files = self._files()
         self._size = None if files else 0
         return files
@@ -211,7 +250,9 @@ class Spool:
         """Load one spooled batch; a damaged file is set aside as ``.bad`` and None returned."""
         try:
             shard, batch_id, payload, rows = msgpack.unpackb(path.read_bytes(), raw=False)
-            return Batch(shard, batch_id, payload, tuple(_settlement_from_row(row) for row in rows))
+            batch = Batch(shard, batch_id, payload, tuple(_settlement_from_row(row) for row in rows))
+            batch_time(batch)
+            return batch
         except FileNotFoundError:
             return None  # replayed meanwhile by another process
         except Exception as error:
@@ -222,6 +263,14 @@ class Spool:
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         self._size = None
+
+
+def batch_time(batch: Batch) -> float:
+    """When ``batch`` was made (epoch seconds, from its UUIDv7 id); ``ValueError`` if its id is not one."""
+    value = uuid.UUID(batch.batch_id)
+    if value.version != 7:
+        raise ValueError(f"batch id {batch.batch_id!r:.60} is not a UUIDv7")
+    return (value.int >> 80) / 1000
 
 
 #: Prefixed to the reservation id of a spooled settlement that captures from its block (ids are hex).
@@ -245,7 +294,7 @@ def _settlement_from_row(row: list[object] | None) -> Settlement | None:
     customer, live, period_start, reservation_id, billable, charges, meters = row
     closes = not str(reservation_id).startswith(CAPTURE_MARK)
     return Settlement(
-        str(customer),
+        check_customer_id(str(customer)),
         bool(live),
         int(period_start),  # type: ignore[call-overload]
         str(reservation_id).removeprefix(CAPTURE_MARK),
@@ -273,6 +322,7 @@ class Pipeline:
         self.config = config
         self.buffer = EventBuffer(config.buffer_size)
         self.spool = Spool(config.spool_dir, config.spool_max_bytes)
+        self.spool.check()
         self.stats = FlushStats()
         self.on_flushed = on_flushed
         self.metrics = metrics
@@ -397,7 +447,11 @@ class Pipeline:
 
     def spill(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
-            if self.spool.write(batch):
+            try:
+                problem = "" if self.spool.write(batch) else f"spool full ({self.spool.max_bytes} bytes)"
+            except (ConfigError, OSError) as error:
+                problem = f"cannot spool ({' '.join(str(error).split())})"
+            if not problem:
                 self.stats.spooled_events += _count_events(batch)
                 if self.metrics is not None:
                     self.metrics.events_spooled.inc(_count_events(batch))
@@ -405,11 +459,27 @@ class Pipeline:
                 self.stats.dropped_events += _count_events(batch)
                 if self.metrics is not None:
                     self.metrics.events_dropped.inc(_count_events(batch))
-                logger.error(
-                    "meterware: spool full (%d bytes); dropped a batch of %d events",
-                    self.spool.max_bytes,
-                    _count_events(batch),
-                )
+                logger.error("meterware: %s; dropped a batch of %d events", problem, _count_events(batch))
+
+    def replayable(self, path: Path) -> Batch | None:
+        """The spooled batch at ``path``, unless it is damaged (set aside as ``.bad``) or older than the
+        backend remembers batch ids (set aside as ``.expired``: it may have been applied before the failure
+        that spooled it, and a replay would then charge it twice)."""
+        batch = self.spool.read(path)
+        if batch is None or time.time() - batch_time(batch) < REPLAY_WITHIN_SECONDS:
+            return batch
+        self.stats.expired_batches += 1
+        if self.metrics is not None:
+            self.metrics.batches_expired.inc()
+        logger.error(
+            "meterware: spooled batch %s is older than %d hours (the backend may have applied it and "
+            "forgotten its id: a replay could charge it twice); set aside as .expired, not replayed",
+            path.name,
+            REPLAY_WITHIN_SECONDS // 3600,
+        )
+        path.rename(path.with_suffix(".expired"))
+        self.spool.remove(path)
+        return None
 
     def flush_sync(self, storage: Storage, *, final: bool = False) -> None:
         """Flush everything buffered and spooled now (the thread flusher's step; also used at exit).
@@ -427,7 +497,7 @@ class Pipeline:
                     break
             if self.healthy():
                 for path in self.spool.pending():
-                    batch = self.spool.read(path)
+                    batch = self.replayable(path)
                     if batch is None:
                         continue
                     try:
@@ -491,7 +561,7 @@ class Pipeline:
                 break
         if self.healthy():
             for path in self.spool.pending():
-                batch = self.spool.read(path)
+                batch = self.replayable(path)
                 if batch is None:
                     continue
                 try:

@@ -305,6 +305,12 @@ class AppMetrics:
             "Spooled event batches the backend refuses as they are, set aside as .refused files.",
             registry=registry,
         )
+        self.batches_expired = Counter(
+            "meterware_batches_expired",
+            "Spooled event batches set aside as .expired, never replayed: older than the backend remembers "
+            "batch ids, so a replay could charge them twice.",
+            registry=registry,
+        )
         self.flush_duration = Histogram(
             "meterware_flush_duration_seconds",
             "Time of one batch flush (append to the stream and settle), failed ones included.",

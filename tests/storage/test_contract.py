@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
-from meterware.errors import NotFoundError
+from meterware.errors import NotFoundError, StorageError
 from meterware.storage._keyspace import CUSTOMER_ID_RE, shard_of
 from meterware.storage.base import (
     START_OFFSET,
@@ -543,6 +543,36 @@ def test_flush_records_calls_without_reservation(storage: Storage) -> None:
     assert entry.fields[b"c"] == b"100,0"
     assert storage.get_balance("acme").balance == 400
     assert quota_left(storage.admit(admit_request(storage, plan))) == 5 - 1 - 1
+
+
+@pytest.mark.parametrize(
+    "meters",
+    [
+        pytest.param((("calls", 1, -999_990_000, 0),), id="negative-price"),
+        pytest.param((("calls", -5, 100, 0),), id="negative-units"),
+        pytest.param((("calls", 1, 100, -1),), id="negative-included"),
+        pytest.param((("calls", 1, 2**53, 0),), id="price-beyond-2^53"),
+        pytest.param((("calls", 2**60, 1, 0),), id="units-beyond-2^53"),
+    ],
+)
+@pytest.mark.parametrize("billable", [True, False], ids=["billable", "refunded"])
+def test_flush_refuses_a_settlement_out_of_range_and_changes_nothing(
+    storage: Storage, meters: tuple[tuple[str, int, int, int], ...], billable: bool
+) -> None:
+    """A batch with a settlement whose units, price or included units are not integers from 0 to 2^53-1
+    (a crafted spool file) is refused as it is, with one line naming it: nothing appended, charged or
+    credited (a negative price once minted credits)."""
+    open_account(storage, credits=1_000_000)
+    period_start = period_bounds(0, "month", time.time())[0]
+    good = Settlement("acme", True, period_start, "", True, True, (("calls", 1, 100, 0),))
+    bad = Settlement("acme", True, period_start, "", billable, True, meters)
+    with pytest.raises(StorageError, match=r"BADVALUE batch \S+ .*(price|units|included)") as refused:
+        flush(storage, good, bad)
+    assert refused.value.refused
+    assert "\n" not in str(refused.value)
+    assert storage.get_balance("acme") == Balance(1_000_000, 0)
+    assert storage.stream_length(shard_of("acme", storage.shards)) == 0
+    assert [entry.kind for entry in storage.read_ledger("acme")] == ["grant"]
 
 
 def test_flush_is_idempotent_by_batch_id(storage: Storage) -> None:

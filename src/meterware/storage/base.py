@@ -19,6 +19,10 @@ from typing import Literal, Protocol
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
 
+#: Flushed batch ids are remembered this long (the batch marker), so a retried flush is recognised; a
+#: spooled batch older than this is never replayed (it may have been applied: it would be charged twice).
+BATCH_MEMORY_SECONDS = 86_400
+
 
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
 @dataclass(slots=True)

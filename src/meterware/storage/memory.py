@@ -21,11 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
-from meterware.errors import NotFoundError
+from meterware.errors import NotFoundError, StorageError
 from meterware.ledger import default_grant
 from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import (
     ALERTS_MAXLEN,
+    BATCH_MEMORY_SECONDS,
     Balance,
     Batch,
     Billed,
@@ -38,9 +39,6 @@ from meterware.storage.base import (
     StreamEntry,
     Window,
 )
-
-#: Flushed batch ids are remembered this long, so a retried flush is recognised.
-BATCH_MEMORY_SECONDS = 86_400
 
 
 @functools.cache
@@ -95,6 +93,20 @@ def _less(reservation: _Reservation, taken: _Reservation) -> _Reservation:
         (meter, held - took) for (meter, held), (_, took) in zip(reservation.holds, taken.holds, strict=True)
     )
     return replace(reservation, credits=reservation.credits - taken.credits, holds=holds)
+
+
+#: The largest units, price, included units or cost per meter a settlement may hold (flush.lua's too).
+MAX_AMOUNT = 2**53 - 1
+
+
+def _check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, value: object) -> None:
+    """Raise the refusal flush.lua replies with if ``value`` is not an integer from 0 to 2^53-1."""
+    if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
+        raise StorageError(
+            f"memory: BADVALUE batch {batch.batch_id} customer {settlement.customer} meter {meter}: "
+            f"{name} {value!r:.40} is not an integer from 0 to 2^53-1",
+            refused=True,
+        )
 
 
 @dataclass(slots=True)
@@ -306,6 +318,13 @@ class MemoryStorage:
             now = time.time()
             if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
                 return False
+            # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
+            for settlement in batch.settlements:
+                if settlement is not None:
+                    for meter, units, price, included in settlement.meters:
+                        for name, value in (("units", units), ("price", price), ("included", included)):
+                            _check_amount(batch, settlement, meter, name, value)
+                        _check_amount(batch, settlement, meter, "cost", units * price)
             # Plan every change, then make them (flush.lua does the same): the entry first, then the
             # settlements. A unit counter reads what the batch's earlier settlements added to it.
             # What the reservations named still hold (None once closed), and what goes back.

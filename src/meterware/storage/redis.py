@@ -50,6 +50,7 @@ from meterware.ledger import default_grant
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import (
     ALERTS_MAXLEN,
+    BATCH_MEMORY_SECONDS,
     START_OFFSET,
     Balance,
     Batch,
@@ -61,7 +62,6 @@ from meterware.storage.base import (
     RollupCommit,
     StreamEntry,
 )
-from meterware.storage.memory import BATCH_MEMORY_SECONDS
 
 __all__ = ["AsyncRedisStorage", "RedisStorage"]
 

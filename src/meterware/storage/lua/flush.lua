@@ -62,6 +62,27 @@ local function checked_counter(key, field, raw)
   return entry
 end
 
+-- A settlement's numbers come from the client, and from a spool file on disk at worst: units, prices,
+-- included units and a call's cost per meter must be integers from 0 to 2^53-1 (a negative price would
+-- credit the call's cost instead of charging it), and the costs text a list of such integers.
+local MAX_AMOUNT = 2 ^ 53 - 1
+
+local function bad_amount(customer_key, meter, name, value)
+  if type(value) ~= 'number' or value < 0 or value > MAX_AMOUNT or value ~= math.floor(value) then
+    return 'BADVALUE batch ' .. ARGV[1] .. ' customer key ' .. customer_key .. ' meter ' .. tostring(meter) ..
+      ': ' .. name .. ' ' .. tostring(value) .. ' is not an integer from 0 to 2^53-1'
+  end
+end
+
+local function bad_meter(customer_key, meter, units, price, included)
+  if type(meter) ~= 'string' then
+    return 'BADVALUE batch ' .. ARGV[1] .. ' customer key ' .. customer_key .. ': a meter name is not text'
+  end
+  return bad_amount(customer_key, meter, 'units', units) or bad_amount(customer_key, meter, 'price', price)
+    or bad_amount(customer_key, meter, 'included', included)
+    or bad_amount(customer_key, meter, 'cost', units * price)
+end
+
 local terms, term_order, expiries, expiry_order, accounts, balances = {}, {}, {}, {}, {}, {}
 local paid = ARGV[7] ~= ''  -- while every counter the batch moves starts past its included units
 local list, at = cmsgpack.unpack(ARGV[4]), 1
@@ -87,6 +108,10 @@ while list[at] do
   local term, meters, names = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}, {}
   for j = at, at + 4 * list[at - 1] - 1, 4 do
     local units, price, included = list[j + 1], list[j + 2], list[j + 3]
+    refused = bad_meter(customer_key, list[j], units, price, included)
+    if refused then
+      return redis.error_reply(refused)
+    end
     if billable and units ~= 0 then
       local entry
       entry, refused = checked_counter(quota_key, list[j] .. ':u')
@@ -124,6 +149,11 @@ while list[at] do
   end
   terms[number] = term
   term_order[#term_order + 1] = term
+end
+
+if ARGV[7] ~= '' and (string.find(ARGV[7], '[^%d,]') or string.find(',' .. ARGV[7] .. ',', ',,')
+    or string.find(ARGV[7], '%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d')) then
+  return redis.error_reply('BADVALUE batch ' .. ARGV[1] .. ' costs are not integers from 0 to 10^14-1')
 end
 
 local costs, charged_order, event_costs = ARGV[7], {}, nil

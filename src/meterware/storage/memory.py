@@ -221,6 +221,11 @@ class MemoryStorage:
             return [0, "expired_key", 0, 0, 0]
         if account.customer.status != "active":
             return [0, "suspended", 0, 0, 0]
+        for limit in request.plan.rate_limits:
+            # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
+            rate_key, latest = (request.live, request.customer, limit.seconds), now + limit.seconds * 1000
+            if self._rates.get(rate_key, now) > latest:
+                self._rates[rate_key] = latest
 
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         available = account.balance - account.reserved

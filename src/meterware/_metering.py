@@ -699,7 +699,7 @@ class Metering:
         free all that time, so their calls are refused (503) whatever the policy.
         """
         if error.refused:
-            self._bad_values.warn("admission refused (%s); refusing the customer's calls until repaired", error)
+            self._bad_values.warn("admission refused (%s); refusing the customer until repaired", error)
             return BACKEND_DOWN
         self._outage.warn("admission failed (%s); failing %s", error, self.policy.on_backend_error)
         if self.policy.on_backend_error == "open":

@@ -720,3 +720,82 @@ def test_a_spooled_batch_older_than_its_marker_is_set_aside_not_replayed(
     assert registry.get_sample_value("meterware_batches_expired_total") == 1
     message = caplog.records[0].getMessage()
     assert f"spooled batch {old.batch_id}.batch is older than" in message
+
+
+def same_shard_customers(count: int) -> list[str]:
+    """``count`` customer ids whose keys share one shard (of SHARDS)."""
+    from meterware.storage._keyspace import shard_of
+
+    names = [f"c{index}" for index in range(200)]
+    return [name for name in names if shard_of(name, SHARDS) == shard_of(names[0], SHARDS)][:count]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("path", ["live-sync", "live-async", "replayed"])
+def test_one_customers_clobbered_counter_sets_aside_only_their_part_of_a_batch(
+    tmp_path: Path, redis_url: str, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch holding the calls of a customer whose balance was clobbered (not an integer) still settles
+    the other customers of the shard: only that customer's part is set aside as a .refused batch (logged
+    with the reason, counted), to be put back once the value is repaired."""
+    import redis as redis_py
+
+    from meterware._core import Customer
+    from meterware.storage import _keyspace
+    from meterware.storage.base import Balance
+
+    storage = open_storage(redis_url, shards=SHARDS)
+    victim, payer, other = same_shard_customers(3)
+    shard = _keyspace.shard_of(victim, SHARDS)
+    for customer in (victim, payer, other):
+        storage.create_customer(Customer(customer, "pro"))
+        storage.grant_credits(customer, 1_000_000)
+    client = redis_py.Redis.from_url(redis_url)
+    client.hset(_keyspace.customer(shard, victim), "balance", "oops")
+    calls = [(victim, 0), (payer, 1), (victim, 2), (other, 3), (payer, 4)]
+    items = [
+        Pending(
+            shard, event_row(event(n, customer)), replace(SETTLEMENT, customer=customer, charges_credits=True)
+        )
+        for customer, n in calls
+    ]
+
+    pipeline = Pipeline(config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        if path == "replayed":
+            pipeline.spool.write(make_batches(items)[0])
+            pipeline.flush_sync(storage)
+        else:
+            for item in items:
+                pipeline.put(item)
+            if path == "live-sync":
+                pipeline.flush_sync(storage)
+            else:
+
+                async def flush_async() -> None:
+                    async_storage = open_async_storage(redis_url, shards=SHARDS)
+                    await pipeline.flush_async(async_storage, final=True)
+                    await async_storage.aclose()
+
+                asyncio.run(flush_async())
+    assert storage.get_balance(payer) == Balance(1_000_000 - 2 * 2000, 0)
+    assert storage.get_balance(other) == Balance(1_000_000 - 2000, 0)
+    assert [routes(events) for _, _, events in stream(storage)] == [
+        ["/v1/items/1", "/v1/items/3", "/v1/items/4"]
+    ]
+    [refused] = (tmp_path / "spool").glob("*.refused")
+    aside = Spool(tmp_path / "spool", 1 << 20).read(refused.rename(refused.with_suffix(".batch")))
+    assert aside is not None
+    assert [s.customer for s in aside.settlements if s] == [victim, victim]
+    assert routes(decode_batch(aside.payload)) == ["/v1/items/0", "/v1/items/2"]
+    assert pipeline.stats.quarantined_batches == 1
+    [line] = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert f"{victim} field balance is not an integer" in line
+    assert f"2 events of customer {victim}" in line
+
+    # Repaired, the set-aside part is put back in the spool and replayed: the customer is charged.
+    client.hset(_keyspace.customer(shard, victim), "balance", "1000000")
+    pipeline.flush_sync(storage)
+    assert storage.get_balance(victim) == Balance(1_000_000 - 2 * 2000, 0)
+    client.close()
+    storage.close()

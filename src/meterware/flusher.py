@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import operator
 import os
@@ -203,15 +204,21 @@ class Spool:
 
         Raise ``ConfigError`` if the directory is not private, ``OSError`` if it cannot be written.
         """
-        data = msgpack.packb(
-            [batch.shard, batch.batch_id, batch.payload, [_settlement_row(s) for s in batch.settlements]],
-            use_bin_type=True,
-        )
+        data = _batch_data(batch)
         if self.size() + len(data) > self.max_bytes:
             return False
+        self._store(batch.batch_id + self.SUFFIX, data)
+        self._size = self.size() + len(data)
+        return True
+
+    def set_aside(self, batch: Batch, suffix: str) -> Path:
+        """Keep ``batch`` in the directory under ``suffix`` (not replayed; beyond the size cap)."""
+        return self._store(batch.batch_id + suffix, _batch_data(batch))
+
+    def _store(self, name: str, data: bytes) -> Path:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.check()
-        final = self.directory / f"{batch.batch_id}{self.SUFFIX}"
+        final = self.directory / name
         temporary = final.with_suffix(f".tmp{os.getpid()}")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with open(descriptor, "wb") as file:
@@ -220,8 +227,7 @@ class Spool:
             file.flush()
             os.fsync(descriptor)
         os.replace(temporary, final)
-        self._size = self.size() + len(data)
-        return True
+        return final
 
     def size(self) -> int:
         """Bytes currently spooled (by every process sharing the directory, as last counted)."""
@@ -263,6 +269,45 @@ class Spool:
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         self._size = None
+
+
+def _batch_data(batch: Batch) -> bytes:
+    """What a spool file holds."""
+    settlements = [_settlement_row(s) for s in batch.settlements]
+    return msgpack.packb([batch.shard, batch.batch_id, batch.payload, settlements], use_bin_type=True)
+
+
+def split_batch(batch: Batch, customers: Iterable[str]) -> tuple[Batch, Batch | None]:
+    """The calls of ``customers`` in ``batch``, and the others (None if none, or if it cannot be split):
+    each with an id made from the batch's (its time, and the same ids however often it is split)."""
+    named = frozenset(customers)
+    rows = msgpack.unpackb(batch.payload, raw=False)
+    if not isinstance(rows, list) or len(rows) != len(batch.settlements):
+        return batch, None
+    picked = [s is not None and s.customer in named for s in batch.settlements]
+    if all(picked) or not any(picked):
+        return batch, None
+    tag = " ".join(sorted(named))
+    parts = []
+    for keep in (True, False):
+        chosen = [index for index, chose in enumerate(picked) if chose is keep]
+        parts.append(
+            Batch(
+                batch.shard,
+                _derived_id(batch.batch_id, f"{keep} {tag}"),
+                encode_rows([rows[index] for index in chosen]),
+                tuple(batch.settlements[index] for index in chosen),
+            )
+        )
+    return parts[0], parts[1]
+
+
+def _derived_id(batch_id: str, tag: str) -> str:
+    """A UUIDv7 with the time of ``batch_id`` and bits drawn from ``tag``."""
+    drawn = int.from_bytes(hashlib.sha256(f"{batch_id} {tag}".encode()).digest()[:10], "big")
+    value = uuid.UUID(batch_id).int >> 80 << 80 | drawn
+    value = value & ~(0xF << 76 | 0b11 << 62) | 7 << 76 | 0b10 << 62  # version 7, RFC 9562 variant
+    return str(uuid.UUID(int=value))
 
 
 def batch_time(batch: Batch) -> float:
@@ -428,22 +473,46 @@ class Pipeline:
         self.retry_at = time.monotonic() + self.backoff
         logger.warning("meterware: flush failed (%s); spooling, retry in %.1fs", error, self.backoff)
 
-    def quarantine(self, path: Path, batch: Batch, error: StorageError) -> None:
-        """Set aside a spooled batch the backend refuses as it is, so it cannot hold up the others.
+    def refused(self, batch: Batch, error: StorageError, path: Path | None = None) -> Path | None:
+        """Set aside what the backend refuses of ``batch`` as it is, so it cannot hold up the rest: the
+        calls of the customers whose stored values it cannot settle (``error.customers``), else all of it.
 
-        The file stays on disk (``.refused``) for an operator to repair the data and put it back.
+        The part set aside stays on disk (``.refused``) for an operator to repair the data and put it back
+        (as ``.batch``); the rest goes to the spool, to be flushed next (its path is returned). ``path``:
+        the spool file ``batch`` came from, removed once its parts are kept.
         """
+        aside, rest = split_batch(batch, error.customers) if error.customers else (batch, None)
         self.stats.quarantined_batches += 1
         if self.metrics is not None:
             self.metrics.batches_quarantined.inc()
+        whose = f" of customer {', '.join(error.customers)}" if rest is not None else ""
         logger.error(
-            "meterware: the backend refuses spooled batch %s of %d events (%s); set aside as .refused",
-            path.name,
-            _count_events(batch),
+            "meterware: the backend refuses %s (%s): %d events%s set aside as .refused",
+            path.name if path is not None else f"batch {batch.batch_id}",
             error,
+            _count_events(aside),
+            whose,
         )
-        path.rename(path.with_suffix(".refused"))
-        self.spool.remove(path)
+        try:
+            if path is not None and rest is None:
+                path.rename(path.with_suffix(".refused"))
+                self.spool.remove(path)
+                return None
+            self.spool.set_aside(aside, ".refused")
+            kept = self.spool.set_aside(rest, Spool.SUFFIX) if rest is not None else None
+        except (ConfigError, OSError) as problem:
+            self.stats.dropped_events += _count_events(batch)
+            if self.metrics is not None:
+                self.metrics.events_dropped.inc(_count_events(batch))
+            logger.error(
+                "meterware: cannot set aside (%s); dropped a batch of %d events",
+                problem,
+                len(batch.settlements),
+            )
+            return None
+        if path is not None:
+            self.spool.remove(path)
+        return kept
 
     def spill(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
@@ -496,7 +565,8 @@ class Pipeline:
                 if not self.more_to_flush(final):
                     break
             if self.healthy():
-                for path in self.spool.pending():
+                paths = self.spool.pending()
+                for path in paths:  # grows by what is left of a batch refused in part
                     batch = self.replayable(path)
                     if batch is None:
                         continue
@@ -504,7 +574,7 @@ class Pipeline:
                         applied = self._timed_flush(storage, batch)
                     except StorageError as error:
                         if error.refused:
-                            self.quarantine(path, batch, error)
+                            paths += filter(None, [self.refused(batch, error, path)])
                             continue
                         self.failed(error)
                         return
@@ -526,6 +596,9 @@ class Pipeline:
             try:
                 applied = self._timed_flush(storage, batch)
             except StorageError as error:
+                if error.refused:  # the backend answered: the rest goes on
+                    self.refused(batch, error)
+                    continue
                 self.failed(error)
                 self.spill(batches[index:])
                 return
@@ -560,7 +633,8 @@ class Pipeline:
             if not self.more_to_flush(final):
                 break
         if self.healthy():
-            for path in self.spool.pending():
+            paths = self.spool.pending()
+            for path in paths:  # grows by what is left of a batch refused in part
                 batch = self.replayable(path)
                 if batch is None:
                     continue
@@ -568,7 +642,7 @@ class Pipeline:
                     applied = await self._timed_flush_async(storage, batch)
                 except StorageError as error:
                     if error.refused:
-                        self.quarantine(path, batch, error)
+                        paths += filter(None, [self.refused(batch, error, path)])
                         continue
                     self.failed(error)
                     return
@@ -620,6 +694,9 @@ class Pipeline:
             applied = await task
         except StorageError as error:
             del flying[0]
+            if error.refused:  # the backend answered: the rest goes on
+                self.refused(batch, error)
+                return True
             self.failed(error)
             self.spill([batch])
             return False

@@ -302,7 +302,8 @@ class AppMetrics:
         )
         self.batches_quarantined = Counter(
             "meterware_batches_quarantined",
-            "Spooled event batches the backend refuses as they are, set aside as .refused files.",
+            "Event batches (or one customer's part of one) the backend refuses as they are, set aside as "
+            ".refused files.",
             registry=registry,
         )
         self.batches_expired = Counter(

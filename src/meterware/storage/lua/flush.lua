@@ -15,6 +15,13 @@
 -- none) and only grows, so every call of a term costs its units times their prices. The client sends the
 -- costs text such a batch has; the script checks that it holds and then works per term, never per event.
 --
+-- A value of one customer that the settlement cannot work with (a key of theirs of the wrong type, a
+-- counter that is not an integer, a reservation record of one of their calls that is not one) refuses the
+-- batch with the reply {customer key, error} instead of an error, before the first write: the client
+-- flushes the rest of the batch without that customer's calls and sets theirs aside, so one clobbered
+-- value never stops the billing of a whole shard. What is wrong with the batch itself, or with the keys
+-- of the shard, refuses it whole (an error reply).
+--
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
 -- ARGV: batch id, payload, marker ttl (s), then three msgpack arrays (one argument each, not thousands:
 --       Redis and the client pay per argument):
@@ -83,6 +90,13 @@ local function bad_meter(customer_key, meter, units, price, included)
     or bad_amount(customer_key, meter, 'cost', units * price)
 end
 
+-- The customer key of each customer, ledger and quota key (whose customer a refusal names).
+local owners = {}
+
+local function refuse(key, problem)
+  return {owners[key] or key, problem}
+end
+
 local terms, term_order, expiries, expiry_order, accounts, balances = {}, {}, {}, {}, {}, {}
 local paid = ARGV[7] ~= ''  -- while every counter the batch moves starts past its included units
 local list, at = cmsgpack.unpack(ARGV[4]), 1
@@ -91,13 +105,14 @@ while list[at] do
   local customer_key, ledger_key, quota_key = KEYS[list[at + 2]], KEYS[list[at + 3]], KEYS[list[at + 4]]
   local expire_at, billable, charges_credits = list[at + 5], list[at + 6] == 1, list[at + 7] == 1
   at = at + 9
+  owners[customer_key], owners[ledger_key], owners[quota_key] = customer_key, customer_key, customer_key
   -- Every customer hash holds a balance: one found proves the key is a customer's.
   local balance = balances[customer_key]
   if balance == nil then
     local problem
     balance, problem = read('hash', 'HGET', customer_key, 'balance')
     if problem then
-      return redis.error_reply(problem)
+      return refuse(customer_key, problem)
     end
     balances[customer_key] = balance
     if balance then
@@ -116,7 +131,7 @@ while list[at] do
       local entry
       entry, refused = checked_counter(quota_key, list[j] .. ':u')
       if refused then
-        return redis.error_reply(refused)
+        return refuse(customer_key, refused)
       end
       meters[#meters + 1] = entry
       meters[#meters + 1] = units
@@ -131,7 +146,7 @@ while list[at] do
   at = at + 4 * list[at - 1]
   refused = (#meters == 0 and expect(quota_key, 'hash')) or expect(ledger_key, 'stream')
   if refused then
-    return redis.error_reply(refused)
+    return refuse(customer_key, refused)
   end
   term.meters, term.names = meters, names
   -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
@@ -219,11 +234,13 @@ end
 -- The settlement names the reservation's own customer, mode and period (both come from the admission).
 -- A call served without a reservation (fail-open, or a lease's whose block is gone) has none to look up.
 local entries, ids, records, closed, captured = cmsgpack.unpack(ARGV[6]), {}, {}, {}, {}
+local holders = {}  -- reservation id -> the customer key of the first call naming it
 for at = 1, #entries, 4 do
   local reservation_id = entries[at]
   if records[reservation_id] == nil then
     records[reservation_id] = false
     ids[#ids + 1] = reservation_id
+    holders[reservation_id] = terms[entries[at + 1]] and terms[entries[at + 1]].customer
   end
 end
 local CHUNK = 1000  -- unpack() has a small stack: ask for the records in slices
@@ -235,7 +252,7 @@ for first = 1, #ids, CHUNK do
     if record then
       local fields, problem = reservation_fields(record, KEYS[3] .. ' field ' .. ids[i])
       if problem then
-        return redis.error_reply(problem)
+        return holders[ids[i]] and refuse(holders[ids[i]], problem) or redis.error_reply(problem)
       end
       records[ids[i]] = fields
     end
@@ -248,7 +265,7 @@ for at = 1, #entries, 4 do
     if entries[at + 3] == 1 then
       refused = release(fields, term.customer, term.quota, KEYS[3] .. ' field ' .. reservation_id)
       if refused then
-        return redis.error_reply(refused)
+        return refuse(term.customer, refused)
       end
       records[reservation_id] = false
       closed[#closed + 1] = reservation_id
@@ -303,9 +320,11 @@ for _, quota_key in ipairs(expiry_order) do
   end
 end
 
-refused = check_counters()
-if refused then
-  return redis.error_reply(refused)
+for _, entry in ipairs(counter_order) do
+  refused = bad_counter(entry.key, entry.field, entry.raw, entry.moved)
+  if refused then
+    return refuse(entry.key, refused)
+  end
 end
 redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', costs, 'i', ARGV[1])
 for _, account in ipairs(charged_order) do

@@ -132,6 +132,11 @@ def test_customers_set(cli: Cli) -> None:
             id="create-bad-id",
         ),
         pytest.param(
+            ("customers", "create", "acme\n"),
+            "customer id 'acme\\n' must be 1-128 letters, digits, '_', '.', '@' or '-'",
+            id="create-trailing-newline",
+        ),
+        pytest.param(
             ("customers", "create", "acme2", "--plan", "gold"),
             "plan: 'gold' is not defined (known: free, payg, pro, tokens)",
             id="create-unknown-plan",

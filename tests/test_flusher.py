@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from meterware.config import Pipeline as PipelineConfig
-from meterware.errors import StorageError
-from meterware.events import UsageEvent, decode_batch, event_row, new_event_id
+from meterware.errors import ConfigError, StorageError
+from meterware.events import UsageEvent, decode_batch, event_row, format_event_id, new_event_id
 from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
 from meterware.storage import open_async_storage, open_storage
-from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from tests.servers import free_port
 
 SHARDS = 4
@@ -598,3 +601,201 @@ def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: s
         flusher.drain()
         flusher.storage.close()
         storage.close()
+
+
+# -- the spool's integrity ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def any_storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
+    """memory:// and a real redis-server in turn, empty."""
+    url = (
+        f"memory://{uuid.uuid4().hex}" if request.param == "memory" else request.getfixturevalue("redis_url")
+    )
+    storage = open_storage(url, shards=SHARDS)
+    yield storage
+    storage.close()
+
+
+def test_a_spooled_batch_with_a_negative_price_is_refused_and_mints_nothing(
+    tmp_path: Path, any_storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crafted spool file whose call has a negative price (it would raise a balance of 1 credit to
+    1000.99) is refused by the backend and set aside as .refused: the balance does not move."""
+    from meterware._core import Customer
+    from meterware.storage._keyspace import shard_of
+
+    any_storage.create_customer(Customer("acme", "pro"))
+    any_storage.grant_credits("acme", 1_000_000)
+    minting = replace(SETTLEMENT, charges_credits=True, meters=(("calls", 1, -999_990_000, 0),))
+    (batch,) = make_batches([pending(0, shard_of("acme", SHARDS), minting)])
+    Spool(tmp_path / "spool", max_bytes=1_000_000).write(batch)
+
+    pipeline = Pipeline(config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.flush_sync(any_storage)
+    assert any_storage.get_balance("acme").balance == 1_000_000
+    assert stream(any_storage) == []
+    assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{batch.batch_id}.refused"]
+    assert pipeline.stats.quarantined_batches == 1
+    assert "price" in caplog.records[0].getMessage()
+
+
+def test_the_spool_is_created_private(tmp_path: Path) -> None:
+    """The spool directory is made 0700 and its files 0600, whatever the umask."""
+    previous = os.umask(0)
+    try:
+        spool = Spool(tmp_path / "deep" / "spool", max_bytes=1_000_000)
+        assert spool.write(make_batches([pending(0)])[0])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "deep" / "spool").stat().st_mode) == 0o700
+    (path,) = spool.pending()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777], ids=["world-writable", "group-writable", "sticky"])
+def test_a_spool_writable_by_others_is_refused_at_start_up_and_at_first_use(
+    tmp_path: Path, mode: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool directory others can write to (they could plant batches that charge or credit anyone) is
+    refused with one line naming it: at start-up, and if it turns so later, nothing is spooled into it
+    (the batch is dropped and counted) and nothing in it is replayed."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(ConfigError, match=rf"pipeline.spool_dir: {directory} is writable by group or others"):
+        Pipeline(config(tmp_path))
+
+    directory.chmod(0o700)
+    pipeline = Pipeline(config(tmp_path))
+    (planted,) = make_batches([pending(0)])
+    pipeline.spool.write(planted)
+    directory.chmod(mode)
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.spill(make_batches([pending(1)]))
+        assert pipeline.spool.pending() == []
+    assert pipeline.stats.dropped_events == 1
+    assert f"{directory} is writable by group or others" in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_spool_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A spool directory owned by another user is refused at start-up, naming it."""
+    if os.geteuid() == 0:
+        directory = tmp_path / "spool"
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 65534, 65534)  # nobody
+    else:
+        directory = Path("/usr")  # root's
+    with pytest.raises(ConfigError, match=rf"pipeline.spool_dir: {directory} is owned by uid \d+, not by"):
+        Pipeline(replace(PipelineConfig(), spool_dir=str(directory)))
+
+
+def test_a_spooled_batch_older_than_its_marker_is_set_aside_not_replayed(
+    tmp_path: Path, memory_storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spooled batch older than the backend remembers batch ids (it may have been applied before its
+    ambiguous failure: a replay would charge it twice) is set aside as .expired, logged and counted; the
+    younger batches beside it are replayed."""
+    from prometheus_client import CollectorRegistry
+
+    from meterware.metrics import AppMetrics
+
+    now_ms = time.time_ns() // 1_000_000
+    (fresh,) = make_batches([pending(0)])
+    old = replace(fresh, batch_id=format_event_id(new_event_id(now_ms - (BATCH_MEMORY_SECONDS + 60) * 1000)))
+    (young,) = make_batches([pending(1)])
+    spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
+    spool.write(old)
+    spool.write(young)
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline(config(tmp_path), metrics=AppMetrics(registry))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        pipeline.flush_sync(memory_storage)
+    assert [batch_id for _, batch_id, _ in stream(memory_storage)] == [young.batch_id]
+    assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{old.batch_id}.expired"]
+    assert pipeline.stats.expired_batches == 1
+    assert registry.get_sample_value("meterware_batches_expired_total") == 1
+    message = caplog.records[0].getMessage()
+    assert f"spooled batch {old.batch_id}.batch is older than" in message
+
+
+def same_shard_customers(count: int) -> list[str]:
+    """``count`` customer ids whose keys share one shard (of SHARDS)."""
+    from meterware.storage._keyspace import shard_of
+
+    names = [f"c{index}" for index in range(200)]
+    return [name for name in names if shard_of(name, SHARDS) == shard_of(names[0], SHARDS)][:count]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("path", ["live-sync", "live-async", "replayed"])
+def test_one_customers_clobbered_counter_sets_aside_only_their_part_of_a_batch(
+    tmp_path: Path, redis_url: str, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch holding the calls of a customer whose balance was clobbered (not an integer) still settles
+    the other customers of the shard: only that customer's part is set aside as a .refused batch (logged
+    with the reason, counted), to be put back once the value is repaired."""
+    import redis as redis_py
+
+    from meterware._core import Customer
+    from meterware.storage import _keyspace
+    from meterware.storage.base import Balance
+
+    storage = open_storage(redis_url, shards=SHARDS)
+    victim, payer, other = same_shard_customers(3)
+    shard = _keyspace.shard_of(victim, SHARDS)
+    for customer in (victim, payer, other):
+        storage.create_customer(Customer(customer, "pro"))
+        storage.grant_credits(customer, 1_000_000)
+    client = redis_py.Redis.from_url(redis_url)
+    client.hset(_keyspace.customer(shard, victim), "balance", "oops")
+    calls = [(victim, 0), (payer, 1), (victim, 2), (other, 3), (payer, 4)]
+    items = [
+        Pending(
+            shard, event_row(event(n, customer)), replace(SETTLEMENT, customer=customer, charges_credits=True)
+        )
+        for customer, n in calls
+    ]
+
+    pipeline = Pipeline(config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
+        if path == "replayed":
+            pipeline.spool.write(make_batches(items)[0])
+            pipeline.flush_sync(storage)
+        else:
+            for item in items:
+                pipeline.put(item)
+            if path == "live-sync":
+                pipeline.flush_sync(storage)
+            else:
+
+                async def flush_async() -> None:
+                    async_storage = open_async_storage(redis_url, shards=SHARDS)
+                    await pipeline.flush_async(async_storage, final=True)
+                    await async_storage.aclose()
+
+                asyncio.run(flush_async())
+    assert storage.get_balance(payer) == Balance(1_000_000 - 2 * 2000, 0)
+    assert storage.get_balance(other) == Balance(1_000_000 - 2000, 0)
+    assert [routes(events) for _, _, events in stream(storage)] == [
+        ["/v1/items/1", "/v1/items/3", "/v1/items/4"]
+    ]
+    [refused] = (tmp_path / "spool").glob("*.refused")
+    aside = Spool(tmp_path / "spool", 1 << 20).read(refused.rename(refused.with_suffix(".batch")))
+    assert aside is not None
+    assert [s.customer for s in aside.settlements if s] == [victim, victim]
+    assert routes(decode_batch(aside.payload)) == ["/v1/items/0", "/v1/items/2"]
+    assert pipeline.stats.quarantined_batches == 1
+    [line] = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert f"{victim} field balance is not an integer" in line
+    assert f"2 events of customer {victim}" in line
+
+    # Repaired, the set-aside part is put back in the spool and replayed: the customer is charged.
+    client.hset(_keyspace.customer(shard, victim), "balance", "1000000")
+    pipeline.flush_sync(storage)
+    assert storage.get_balance(victim) == Balance(1_000_000 - 2 * 2000, 0)
+    client.close()
+    storage.close()

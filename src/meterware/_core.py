@@ -355,7 +355,7 @@ def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str
                     LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
                 )
                 index += 1
-    retry_after = until_period_end if reason == "quota_exceeded" else -(-int(reply[2]) // 1000)
+    retry_after = until_period_end if reason == "quota_exceeded" else max(0, -(-int(reply[2]) // 1000))
     reserved_credits = int(reply[3])
     # Positional: this runs for every call admitted on its own.
     return Decision(

@@ -243,6 +243,7 @@ class Metering:
         self._rollup: Any = None
         self._next_full_rollup = 0.0
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
+        self._bad_values = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self.leasing = config.policy.admission == "lease"
         #: Spent leases' blocks being closed by the flusher: what closing each releases.
         self._closing_blocks: dict[str, CallChange] = {}
@@ -775,7 +776,15 @@ class Metering:
         )
 
     def admit_failed(self, error: StorageError) -> Decision:
-        """Apply the failure policy: serve without the backend (fail open) or refuse with 503."""
+        """Apply the failure policy: serve without the backend (fail open) or refuse with 503.
+
+        A refusal of the backend (a key of the wrong type, a counter that is not an integer) is about this
+        customer's stored values, and lasts until they are repaired: failing open would serve the customer
+        free all that time, so their calls are refused (503) whatever the policy.
+        """
+        if error.refused:
+            self._bad_values.warn("admission refused (%s); refusing the customer until repaired", error)
+            return BACKEND_DOWN
         self._outage.warn("admission failed (%s); failing %s", error, self.policy.on_backend_error)
         if self.policy.on_backend_error == "open":
             return FAIL_OPEN

@@ -23,7 +23,7 @@ from meterware.invoices import Invoice, close, periods_to_close, preview
 from meterware.keys import NewKey, generate_key
 from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, Lot, expire_due_grants, new_grant_id, replay
 from meterware.storage import open_storage
-from meterware.storage._keyspace import CUSTOMER_ID_RE
+from meterware.storage._keyspace import check_customer_id
 from meterware.storage.base import Balance, LedgerEntry, Storage
 
 
@@ -84,10 +84,10 @@ class Accounts:
         self, customer_id: str, *, plan: str | None = None, anchor: int | None = None
     ) -> Customer:
         """Create a customer on ``plan`` whose billing periods start at ``anchor`` (default: now)."""
-        if not CUSTOMER_ID_RE.match(customer_id):
-            raise UsageError(
-                f"customer id {customer_id!r} must be 1-128 letters, digits, '_', '.', '@' or '-'"
-            )
+        try:
+            check_customer_id(customer_id)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         plan = plan or self.config.default_plan
         self._check_plan(plan)
         anchor = int(time.time()) if anchor is None else anchor

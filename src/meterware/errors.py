@@ -23,11 +23,14 @@ class StorageError(MeterwareError):
 
     ``refused``: the backend answered and refused this very input (e.g. a key of the wrong type), so
     retrying it unchanged fails again; otherwise the failure may pass (connection, timeout, memory).
+    ``customers``: a refused flush that is about these customers' stored values alone (the rest of the
+    batch can go without their calls).
     """
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, customers: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.refused = refused
+        self.customers = customers
 
 
 class NotFoundError(MeterwareError):

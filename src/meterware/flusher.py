@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import operator
 import os
+import stat
 import threading
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,9 +32,10 @@ import msgpack
 
 from meterware._unsettled import CallChange, Unsettled
 from meterware.config import Pipeline as PipelineConfig
-from meterware.errors import StorageError
+from meterware.errors import ConfigError, StorageError
 from meterware.events import EventRow, encode_rows, encode_rows_async, format_event_id, new_event_id
-from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
+from meterware.storage._keyspace import check_customer_id
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 
 if TYPE_CHECKING:
     from meterware._core import AdmitRequest
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("meterware.flusher")
 
 MAX_BACKOFF_SECONDS = 5.0
+#: A spooled batch is replayed only while the backend remembers its id (an hour's margin for clocks).
+REPLAY_WITHIN_SECONDS: Final = BATCH_MEMORY_SECONDS - 3600
 
 
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
@@ -64,6 +70,7 @@ class FlushStats:
     spooled_events: int = 0
     replayed_batches: int = 0
     quarantined_batches: int = 0
+    expired_batches: int = 0
     dropped_events: int = 0
     failures: int = 0
 
@@ -172,7 +179,12 @@ def _count_events(batch: Batch) -> int:
 
 
 class Spool:
-    """Batches kept on local disk while the backend is unreachable, one file per batch."""
+    """Batches kept on local disk while the backend is unreachable, one file per batch.
+
+    A spooled batch is replayed as it reads (it names the customers to charge and the prices), so the
+    directory is private: made 0700 with files 0600, and refused if another user owns it or if group or
+    others may write to it.
+    """
 
     SUFFIX = ".batch"
 
@@ -181,24 +193,52 @@ class Spool:
         self.max_bytes = max_bytes
         self._size: int | None = None
 
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the directory if it exists and is not private to this user."""
+        try:
+            found = self.directory.stat()
+        except FileNotFoundError:
+            return
+        if found.st_uid != os.geteuid():
+            problem = (
+                f"{self.directory} is owned by uid {found.st_uid}, not by this process's ({os.geteuid()})"
+            )
+        elif found.st_mode & 0o022:
+            mode = stat.S_IMODE(found.st_mode)
+            problem = f"{self.directory} is writable by group or others (mode {mode:04o}); make it 0700"
+        else:
+            return
+        raise ConfigError("pipeline.spool_dir", problem)
+
     def write(self, batch: Batch) -> bool:
-        """Persist ``batch``; return False if the spool is full (the batch is then dropped)."""
-        data = msgpack.packb(
-            [batch.shard, batch.batch_id, batch.payload, [_settlement_row(s) for s in batch.settlements]],
-            use_bin_type=True,
-        )
+        """Persist ``batch``; return False if the spool is full (the batch is then dropped).
+
+        Raise ``ConfigError`` if the directory is not private, ``OSError`` if it cannot be written.
+        """
+        data = _batch_data(batch)
         if self.size() + len(data) > self.max_bytes:
             return False
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"{batch.batch_id}{self.SUFFIX}"
-        temporary = final.with_suffix(f".tmp{os.getpid()}")
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final)
+        self._store(batch.batch_id + self.SUFFIX, data)
         self._size = self.size() + len(data)
         return True
+
+    def set_aside(self, batch: Batch, suffix: str) -> Path:
+        """Keep ``batch`` in the directory under ``suffix`` (not replayed; beyond the size cap)."""
+        return self._store(batch.batch_id + suffix, _batch_data(batch))
+
+    def _store(self, name: str, data: bytes) -> Path:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.check()
+        final = self.directory / name
+        temporary = final.with_suffix(f".tmp{os.getpid()}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(descriptor, "wb") as file:
+            os.fchmod(descriptor, 0o600)  # one left behind by a crash keeps its mode otherwise
+            file.write(data)
+            file.flush()
+            os.fsync(descriptor)
+        os.replace(temporary, final)
+        return final
 
     def size(self) -> int:
         """Bytes currently spooled (by every process sharing the directory, as last counted)."""
@@ -213,7 +253,12 @@ class Spool:
             return []
 
     def pending(self) -> list[Path]:
-        """Spooled batch files, oldest first."""
+        """Spooled batch files, oldest first (none, and an error logged, if the directory is not private)."""
+        try:
+            self.check()
+        except ConfigError as error:
+            logger.error("meterware: spooled batches are not replayed: %s", error)
+            return []
         files = self._files()
         self._size = None if files else 0
         return files
@@ -222,7 +267,9 @@ class Spool:
         """Load one spooled batch; a damaged file is set aside as ``.bad`` and None returned."""
         try:
             shard, batch_id, payload, rows = msgpack.unpackb(path.read_bytes(), raw=False)
-            return Batch(shard, batch_id, payload, tuple(_settlement_from_row(row) for row in rows))
+            batch = Batch(shard, batch_id, payload, tuple(_settlement_from_row(row) for row in rows))
+            batch_time(batch)
+            return batch
         except FileNotFoundError:
             return None  # replayed meanwhile by another process
         except Exception as error:
@@ -233,6 +280,53 @@ class Spool:
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         self._size = None
+
+
+def _batch_data(batch: Batch) -> bytes:
+    """What a spool file holds."""
+    settlements = [_settlement_row(s) for s in batch.settlements]
+    return msgpack.packb([batch.shard, batch.batch_id, batch.payload, settlements], use_bin_type=True)
+
+
+def split_batch(batch: Batch, customers: Iterable[str]) -> tuple[Batch, Batch | None]:
+    """The calls of ``customers`` in ``batch``, and the others (None if none, or if it cannot be split):
+    each with an id made from the batch's (its time, and the same ids however often it is split)."""
+    named = frozenset(customers)
+    rows = msgpack.unpackb(batch.payload, raw=False)
+    if not isinstance(rows, list) or len(rows) != len(batch.settlements):
+        return batch, None
+    picked = [s is not None and s.customer in named for s in batch.settlements]
+    if all(picked) or not any(picked):
+        return batch, None
+    tag = " ".join(sorted(named))
+    parts = []
+    for keep in (True, False):
+        chosen = [index for index, chose in enumerate(picked) if chose is keep]
+        parts.append(
+            Batch(
+                batch.shard,
+                _derived_id(batch.batch_id, f"{keep} {tag}"),
+                encode_rows([rows[index] for index in chosen]),
+                tuple(batch.settlements[index] for index in chosen),
+            )
+        )
+    return parts[0], parts[1]
+
+
+def _derived_id(batch_id: str, tag: str) -> str:
+    """A UUIDv7 with the time of ``batch_id`` and bits drawn from ``tag``."""
+    drawn = int.from_bytes(hashlib.sha256(f"{batch_id} {tag}".encode()).digest()[:10], "big")
+    value = uuid.UUID(batch_id).int >> 80 << 80 | drawn
+    value = value & ~(0xF << 76 | 0b11 << 62) | 7 << 76 | 0b10 << 62  # version 7, RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
+def batch_time(batch: Batch) -> float:
+    """When ``batch`` was made (epoch seconds, from its UUIDv7 id); ``ValueError`` if its id is not one."""
+    value = uuid.UUID(batch.batch_id)
+    if value.version != 7:
+        raise ValueError(f"batch id {batch.batch_id!r:.60} is not a UUIDv7")
+    return (value.int >> 80) / 1000
 
 
 #: Prefixed to the reservation id of a spooled settlement that captures from its block (ids are hex).
@@ -256,7 +350,7 @@ def _settlement_from_row(row: list[object] | None) -> Settlement | None:
     customer, live, period_start, reservation_id, billable, charges, meters = row
     closes = not str(reservation_id).startswith(CAPTURE_MARK)
     return Settlement(
-        str(customer),
+        check_customer_id(str(customer)),
         bool(live),
         int(period_start),  # type: ignore[call-overload]
         str(reservation_id).removeprefix(CAPTURE_MARK),
@@ -284,6 +378,7 @@ class Pipeline:
         self.config = config
         self.buffer = EventBuffer(config.buffer_size)
         self.spool = Spool(config.spool_dir, config.spool_max_bytes)
+        self.spool.check()
         self.stats = FlushStats()
         self.on_flushed = on_flushed
         self.metrics = metrics
@@ -399,27 +494,56 @@ class Pipeline:
         self.retry_at = time.monotonic() + self.backoff
         logger.warning("meterware: flush failed (%s); spooling, retry in %.1fs", error, self.backoff)
 
-    def quarantine(self, path: Path, batch: Batch, error: StorageError) -> None:
-        """Set aside a spooled batch the backend refuses as it is, so it cannot hold up the others.
+    def refused(self, batch: Batch, error: StorageError, path: Path | None = None) -> Path | None:
+        """Set aside what the backend refuses of ``batch`` as it is, so it cannot hold up the rest: the
+        calls of the customers whose stored values it cannot settle (``error.customers``), else all of it.
 
-        The file stays on disk (``.refused``) for an operator to repair the data and put it back.
+        The part set aside stays on disk (``.refused``) for an operator to repair the data and put it back
+        (as ``.batch``); the rest goes to the spool, to be flushed next (its path is returned). ``path``:
+        the spool file ``batch`` came from, removed once its parts are kept.
         """
+        aside, rest = split_batch(batch, error.customers) if error.customers else (batch, None)
         self.stats.quarantined_batches += 1
         if self.metrics is not None:
             self.metrics.batches_quarantined.inc()
+        whose = f" of customer {', '.join(error.customers)}" if rest is not None else ""
         logger.error(
-            "meterware: the backend refuses spooled batch %s of %d events (%s); set aside as .refused",
-            path.name,
-            _count_events(batch),
+            "meterware: the backend refuses %s (%s): %d events%s set aside as .refused",
+            path.name if path is not None else f"batch {batch.batch_id}",
             error,
+            _count_events(aside),
+            whose,
         )
-        path.rename(path.with_suffix(".refused"))
-        self.spool.remove(path)
+        # Not written as it is: its calls stop counting at admission (a part kept is counted once written).
         self.unsettled.settled(batch.batch_id)
+        try:
+            if path is not None and rest is None:
+                path.rename(path.with_suffix(".refused"))
+                self.spool.remove(path)
+                return None
+            self.spool.set_aside(aside, ".refused")
+            kept = self.spool.set_aside(rest, Spool.SUFFIX) if rest is not None else None
+        except (ConfigError, OSError) as problem:
+            self.stats.dropped_events += _count_events(batch)
+            if self.metrics is not None:
+                self.metrics.events_dropped.inc(_count_events(batch))
+            logger.error(
+                "meterware: cannot set aside (%s); dropped a batch of %d events",
+                problem,
+                len(batch.settlements),
+            )
+            return None
+        if path is not None:
+            self.spool.remove(path)
+        return kept
 
     def spill(self, batches: Iterable[Batch]) -> None:
         for batch in batches:
-            if self.spool.write(batch):
+            try:
+                problem = "" if self.spool.write(batch) else f"spool full ({self.spool.max_bytes} bytes)"
+            except (ConfigError, OSError) as error:
+                problem = f"cannot spool ({' '.join(str(error).split())})"
+            if not problem:
                 self.stats.spooled_events += _count_events(batch)
                 if self.metrics is not None:
                     self.metrics.events_spooled.inc(_count_events(batch))
@@ -428,11 +552,27 @@ class Pipeline:
                 self.stats.dropped_events += _count_events(batch)
                 if self.metrics is not None:
                     self.metrics.events_dropped.inc(_count_events(batch))
-                logger.error(
-                    "meterware: spool full (%d bytes); dropped a batch of %d events",
-                    self.spool.max_bytes,
-                    _count_events(batch),
-                )
+                logger.error("meterware: %s; dropped a batch of %d events", problem, _count_events(batch))
+
+    def replayable(self, path: Path) -> Batch | None:
+        """The spooled batch at ``path``, unless it is damaged (set aside as ``.bad``) or older than the
+        backend remembers batch ids (set aside as ``.expired``: it may have been applied before the failure
+        that spooled it, and a replay would then charge it twice)."""
+        batch = self.spool.read(path)
+        if batch is None or time.time() - batch_time(batch) < REPLAY_WITHIN_SECONDS:
+            return batch
+        self.stats.expired_batches += 1
+        if self.metrics is not None:
+            self.metrics.batches_expired.inc()
+        logger.error(
+            "meterware: spooled batch %s is older than %d hours (the backend may have applied it and "
+            "forgotten its id: a replay could charge it twice); set aside as .expired, not replayed",
+            path.name,
+            REPLAY_WITHIN_SECONDS // 3600,
+        )
+        path.rename(path.with_suffix(".expired"))
+        self.spool.remove(path)
+        return None
 
     def flush_sync(self, storage: Storage, *, final: bool = False) -> None:
         """Flush everything buffered and spooled now (the thread flusher's step; also used at exit).
@@ -449,15 +589,16 @@ class Pipeline:
                 if not self.more_to_flush(final):
                     break
             if self.healthy():
-                for path in self.spool.pending():
-                    batch = self.spool.read(path)
+                paths = self.spool.pending()
+                for path in paths:  # grows by what is left of a batch refused in part
+                    batch = self.replayable(path)
                     if batch is None:
                         continue
                     try:
                         applied = self._timed_flush(storage, batch)
                     except StorageError as error:
                         if error.refused:
-                            self.quarantine(path, batch, error)
+                            paths += filter(None, [self.refused(batch, error, path)])
                             continue
                         self.failed(error)
                         return
@@ -480,6 +621,9 @@ class Pipeline:
             try:
                 applied = self._timed_flush(storage, batch)
             except StorageError as error:
+                if error.refused:  # the backend answered: the rest goes on
+                    self.refused(batch, error)
+                    continue
                 self.failed(error)
                 self.spill(batches[index:])
                 return
@@ -514,15 +658,16 @@ class Pipeline:
             if not self.more_to_flush(final):
                 break
         if self.healthy():
-            for path in self.spool.pending():
-                batch = self.spool.read(path)
+            paths = self.spool.pending()
+            for path in paths:  # grows by what is left of a batch refused in part
+                batch = self.replayable(path)
                 if batch is None:
                     continue
                 try:
                     applied = await self._timed_flush_async(storage, batch)
                 except StorageError as error:
                     if error.refused:
-                        self.quarantine(path, batch, error)
+                        paths += filter(None, [self.refused(batch, error, path)])
                         continue
                     self.failed(error)
                     return
@@ -575,6 +720,9 @@ class Pipeline:
             applied = await task
         except StorageError as error:
             del flying[0]
+            if error.refused:  # the backend answered: the rest goes on
+                self.refused(batch, error)
+                return True
             self.failed(error)
             self.spill([batch])
             return False

@@ -300,7 +300,14 @@ class AppMetrics:
         )
         self.batches_quarantined = Counter(
             "meterware_batches_quarantined",
-            "Spooled event batches the backend refuses as they are, set aside as .refused files.",
+            "Event batches (or one customer's part of one) the backend refuses as they are, set aside as "
+            ".refused files.",
+            registry=registry,
+        )
+        self.batches_expired = Counter(
+            "meterware_batches_expired",
+            "Spooled event batches set aside as .expired, never replayed: older than the backend remembers "
+            "batch ids, so a replay could charge them twice.",
             registry=registry,
         )
         self.flush_duration = Histogram(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -10,14 +11,17 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
 from meterware._unsettled import Unsettled
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
-from meterware.errors import NotFoundError
-from meterware.storage._keyspace import shard_of
+from meterware.errors import NotFoundError, StorageError
+from meterware.storage._keyspace import CUSTOMER_ID_RE, shard_of
 from meterware.storage.base import (
     START_OFFSET,
+    Balance,
     Batch,
     RollupCommit,
     Settlement,
@@ -184,6 +188,46 @@ def test_update_customer_changes_only_what_is_given(storage: Storage) -> None:
     assert storage.get_customer("acme") == Customer("acme", "pro", "suspended", 5)
     with pytest.raises(NotFoundError):
         storage.update_customer("nobody", plan="pro")
+
+
+def test_a_customer_id_with_a_trailing_newline_is_refused(storage: Storage) -> None:
+    """An id that is a valid one plus a newline is refused by create and update (on Redis its reservation
+    records, split into words, would name the other customer: its orphan refund would land there)."""
+    names = (f"t{i}" for i in itertools.count())
+    name = next(n for n in names if shard_of(f"{n}\n", storage.shards) == shard_of(n, storage.shards))
+    open_account(storage, name, credits=1000)
+    with pytest.raises(ValueError, match=r"customer id .* must be 1-128 letters"):
+        storage.create_customer(Customer(f"{name}\n", "test"))
+    with pytest.raises(ValueError, match=r"customer id .* must be 1-128 letters"):
+        storage.update_customer(f"{name}\n", status="suspended")
+    assert storage.get_customer(f"{name}\n") is None
+    assert storage.list_customers() == [name]
+
+
+#: Every customer id the fuzz tries gets a fresh prefix: the storage outlives hypothesis's examples.
+_fuzzed = itertools.count()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(suffix=st.text(st.sampled_from("aZ09_.@-\n\r\t :{}\x00\u00e9\u0661"), max_size=6))
+@example(suffix="\n")
+@example(suffix="")
+def test_fuzzed_customer_ids_are_refused_or_refunded_to_their_owner(storage: Storage, suffix: str) -> None:
+    """Through create -> admit -> orphan refund, an id is either refused by create (not 1-128 of letters,
+    digits, '_', '.', '@', '-') and stored nowhere, or its orphaned reservation goes back to it alone."""
+    customer = f"c{next(_fuzzed)}{suffix}"
+    if not CUSTOMER_ID_RE.fullmatch(customer):
+        with pytest.raises(ValueError, match="customer id"):
+            storage.create_customer(Customer(customer, "test"))
+        assert customer not in storage.list_customers()
+        return
+    plan = make_plan(price=100, prepaid=True)
+    open_account(storage, customer, credits=1000)
+    orphan = storage.admit(admit_request(storage, plan, customer, timeout_ms=1))
+    assert (orphan.allowed, storage.get_balance(customer).reserved) == (True, 100)
+    time.sleep(0.005)
+    assert storage.expire_reservations(shard_of(customer, storage.shards), 100) == 1
+    assert storage.get_balance(customer) == Balance(1000, 0)
 
 
 def test_list_customers_spans_every_shard(storage: Storage) -> None:
@@ -542,6 +586,36 @@ def test_flush_records_calls_without_reservation(storage: Storage) -> None:
     assert entry.fields[b"c"] == b"100,0"
     assert storage.get_balance("acme").balance == 400
     assert quota_left(storage.admit(admit_request(storage, plan))) == 5 - 1 - 1
+
+
+@pytest.mark.parametrize(
+    "meters",
+    [
+        pytest.param((("calls", 1, -999_990_000, 0),), id="negative-price"),
+        pytest.param((("calls", -5, 100, 0),), id="negative-units"),
+        pytest.param((("calls", 1, 100, -1),), id="negative-included"),
+        pytest.param((("calls", 1, 2**53, 0),), id="price-beyond-2^53"),
+        pytest.param((("calls", 2**60, 1, 0),), id="units-beyond-2^53"),
+    ],
+)
+@pytest.mark.parametrize("billable", [True, False], ids=["billable", "refunded"])
+def test_flush_refuses_a_settlement_out_of_range_and_changes_nothing(
+    storage: Storage, meters: tuple[tuple[str, int, int, int], ...], billable: bool
+) -> None:
+    """A batch with a settlement whose units, price or included units are not integers from 0 to 2^53-1
+    (a crafted spool file) is refused as it is, with one line naming it: nothing appended, charged or
+    credited (a negative price once minted credits)."""
+    open_account(storage, credits=1_000_000)
+    period_start = period_bounds(0, "month", time.time())[0]
+    good = Settlement("acme", True, period_start, "", True, True, (("calls", 1, 100, 0),))
+    bad = Settlement("acme", True, period_start, "", billable, True, meters)
+    with pytest.raises(StorageError, match=r"BADVALUE batch \S+ .*(price|units|included)") as refused:
+        flush(storage, good, bad)
+    assert refused.value.refused
+    assert "\n" not in str(refused.value)
+    assert storage.get_balance("acme") == Balance(1_000_000, 0)
+    assert storage.stream_length(shard_of("acme", storage.shards)) == 0
+    assert [entry.kind for entry in storage.read_ledger("acme")] == ["grant"]
 
 
 def test_flush_is_idempotent_by_batch_id(storage: Storage) -> None:

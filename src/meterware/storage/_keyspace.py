@@ -13,7 +13,17 @@ import re
 import zlib
 from typing import Final
 
-CUSTOMER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline. An id with spaces or newlines would also split
+# into other words in a reservation record (common.lua), whose orphan refund would go to another customer.
+CUSTOMER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,128}\Z")
+
+
+def check_customer_id(customer_id: str) -> str:
+    """``customer_id`` if it is one, else raise ``ValueError`` saying what an id is."""
+    if not CUSTOMER_ID_RE.match(customer_id):
+        shown = f"{customer_id!r:.150}"  # a one-line error, whatever its size
+        raise ValueError(f"customer id {shown} must be 1-128 letters, digits, '_', '.', '@' or '-'")
+    return customer_id
 
 
 def shard_of(customer: str, shards: int) -> int:

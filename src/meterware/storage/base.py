@@ -19,6 +19,10 @@ from typing import Literal, Protocol
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
 
+#: Flushed batch ids are remembered this long (the batch marker), so a retried flush is recognised; a
+#: spooled batch older than this is never replayed (it may have been applied: it would be charged twice).
+BATCH_MEMORY_SECONDS = 86_400
+
 
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
 @dataclass(slots=True)
@@ -222,7 +226,7 @@ class Storage(Protocol):
     def trim_stream(self, shard: int, min_id: str) -> int: ...
     def stream_length(self, shard: int) -> int: ...
 
-    # -- accounts
+    # -- accounts (an id that is not 1-128 of [A-Za-z0-9_.@-] raises ValueError: _keyspace.CUSTOMER_ID_RE)
     def create_customer(self, customer: Customer) -> None: ...
     def get_customer(self, customer_id: str) -> Customer | None: ...
     def update_customer(

@@ -21,11 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
-from meterware.errors import NotFoundError
+from meterware.errors import NotFoundError, StorageError
 from meterware.ledger import default_grant
-from meterware.storage._keyspace import shard_of
+from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import (
     ALERTS_MAXLEN,
+    BATCH_MEMORY_SECONDS,
     Balance,
     Batch,
     Billed,
@@ -38,9 +39,6 @@ from meterware.storage.base import (
     StreamEntry,
     Window,
 )
-
-#: Flushed batch ids are remembered this long, so a retried flush is recognised.
-BATCH_MEMORY_SECONDS = 86_400
 
 
 @functools.cache
@@ -95,6 +93,20 @@ def _less(reservation: _Reservation, taken: _Reservation) -> _Reservation:
         (meter, held - took) for (meter, held), (_, took) in zip(reservation.holds, taken.holds, strict=True)
     )
     return replace(reservation, credits=reservation.credits - taken.credits, holds=holds)
+
+
+#: The largest units, price, included units or cost per meter a settlement may hold (flush.lua's too).
+MAX_AMOUNT = 2**53 - 1
+
+
+def _check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, value: object) -> None:
+    """Raise the refusal flush.lua replies with if ``value`` is not an integer from 0 to 2^53-1."""
+    if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
+        raise StorageError(
+            f"memory: BADVALUE batch {batch.batch_id} customer {settlement.customer} meter {meter}: "
+            f"{name} {value!r:.40} is not an integer from 0 to 2^53-1",
+            refused=True,
+        )
 
 
 @dataclass(slots=True)
@@ -209,6 +221,11 @@ class MemoryStorage:
             return [0, "expired_key", 0, 0, 0]
         if account.customer.status != "active":
             return [0, "suspended", 0, 0, 0]
+        for limit in request.plan.rate_limits:
+            # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
+            rate_key, latest = (request.live, request.customer, limit.seconds), now + limit.seconds * 1000
+            if self._rates.get(rate_key, now) > latest:
+                self._rates[rate_key] = latest
 
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
@@ -333,6 +350,13 @@ class MemoryStorage:
             now = time.time()
             if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
                 return False
+            # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
+            for settlement in batch.settlements:
+                if settlement is not None:
+                    for meter, units, price, included in settlement.meters:
+                        for name, value in (("units", units), ("price", price), ("included", included)):
+                            _check_amount(batch, settlement, meter, name, value)
+                        _check_amount(batch, settlement, meter, "cost", units * price)
             # Plan every change, then make them (flush.lua does the same): the entry first, then the
             # settlements. A unit counter reads what the batch's earlier settlements added to it.
             # What the reservations named still hold (None once closed), and what goes back.
@@ -496,6 +520,7 @@ class MemoryStorage:
     # -- accounts -----------------------------------------------------------------------------------
 
     def create_customer(self, customer: Customer) -> None:
+        check_customer_id(customer.id)
         with self._lock:
             if customer.id in self._accounts:
                 raise ValueError(f"customer {customer.id!r} already exists")
@@ -509,6 +534,7 @@ class MemoryStorage:
     def update_customer(
         self, customer_id: str, *, plan: str | None = None, status: str | None = None
     ) -> None:
+        check_customer_id(customer_id)
         with self._lock:
             account = self._account(customer_id)
             customer = account.customer

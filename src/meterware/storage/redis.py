@@ -51,6 +51,7 @@ from meterware.ledger import default_grant
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import (
     ALERTS_MAXLEN,
+    BATCH_MEMORY_SECONDS,
     START_OFFSET,
     Balance,
     Batch,
@@ -62,7 +63,6 @@ from meterware.storage.base import (
     RollupCommit,
     StreamEntry,
 )
-from meterware.storage.memory import BATCH_MEMORY_SECONDS
 
 __all__ = ["AsyncRedisStorage", "RedisStorage"]
 
@@ -499,6 +499,18 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
     return keys.keys, args
 
 
+def flush_result(batch: Batch, reply: Any, errors: _DriverErrors) -> bool:
+    """Whether ``flush.lua`` applied ``batch`` (False: it had already); raise its refusal of a customer's
+    stored values as a ``StorageError`` naming the customer (``customers``), so the rest can go."""
+    if not isinstance(reply, list):
+        return bool(reply)
+    customer_key, problem = _text(reply[0]), _text(reply[1])
+    owners = {ks.customer(batch.shard, s.customer): s.customer for s in batch.settlements if s is not None}
+    customer = owners.get(customer_key)
+    message = errors.message(ResponseError(problem))
+    raise StorageError(message, refused=True, customers=(customer,) if customer else ())
+
+
 def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:
     """KEYS and ARGV of ``correct.lua``."""
     shard, customer = correction.shard, correction.customer
@@ -781,7 +793,8 @@ class RedisStorage:
     def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)
         with self._call():
-            return bool(self._run("flush", keys, args))
+            reply = self._run("flush", keys, args)
+        return flush_result(batch, reply, self._errors)
 
     def release(self, admissions: Sequence[AdmitRequest]) -> int:
         with self._call():
@@ -847,7 +860,7 @@ class RedisStorage:
     # -- accounts
 
     def create_customer(self, customer: Customer) -> None:
-        shard = self._shard(customer.id)
+        shard = self._shard(ks.check_customer_id(customer.id))
         keys = [ks.customer(shard, customer.id), ks.customers(shard)]
         with self._call():
             created = self._run(
@@ -864,6 +877,7 @@ class RedisStorage:
     def update_customer(
         self, customer_id: str, *, plan: str | None = None, status: str | None = None
     ) -> None:
+        ks.check_customer_id(customer_id)
         changes: list[Arg] = []
         if plan:
             changes += ["plan", plan]
@@ -1325,7 +1339,8 @@ class AsyncRedisStorage:
     async def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)
         async with self._call():
-            return bool(await self._run("flush", keys, args))
+            reply = await self._run("flush", keys, args)
+        return flush_result(batch, reply, self._errors)
 
     async def release(self, admissions: Sequence[AdmitRequest]) -> int:
         async with self._call():

@@ -50,6 +50,13 @@ local function admit(KEYS, ARGV, unsettled)
   if account[1] ~= 'active' then
     return {0, 'suspended', 0, 0, 0}
   end
+  -- A counter that is not an integer (clobbered) would be read as whatever tonumber makes of it ('1e308'
+  -- credits, '-1e300' calls used): refused, as a key of the wrong type is (the request path then refuses
+  -- the call whatever its failure policy: serving it would serve the customer free until repaired).
+  refused = bad_counter(KEYS[2], 'balance', account[2], 0) or bad_counter(KEYS[2], 'reserved', account[3], 0)
+  if refused then
+    return {-1, refused}
+  end
 
   -- Read everything the decision needs (rate TATs, quota counters) before deciding anything.
   local calls = tonumber(ARGV[7])
@@ -66,6 +73,12 @@ local function admit(KEYS, ARGV, unsettled)
     -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
     stored = tonumber(stored)
     local tat = (stored and stored == stored) and math.max(stored, now) or now
+    if tat > now + seconds * 1000 then
+      -- Never written so (a TAT is at most one period ahead): clamped, and repaired (the one write before
+      -- a check, and what any admission would write), so the limit recovers within one period.
+      tat = now + seconds * 1000
+      redis.call('SET', KEYS[5 + i], string.format('%.17g', tat), 'PX', int(seconds * 1000))
+    end
     limits[i] = {key = KEYS[5 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
   end
   pos = pos + 1
@@ -73,6 +86,8 @@ local function admit(KEYS, ARGV, unsettled)
   for i = 1, tonumber(ARGV[pos]) do
     local counts
     counts, refused = read('hash', 'HMGET', KEYS[3], ARGV[pos + 1] .. ':u', ARGV[pos + 1] .. ':h')
+    refused = refused or bad_counter(KEYS[3], ARGV[pos + 1] .. ':u', counts[1], 0)
+      or bad_counter(KEYS[3], ARGV[pos + 1] .. ':h', counts[2], 0)
     if refused then
       return {-1, refused}
     end

@@ -15,6 +15,13 @@
 -- none) and only grows, so every call of a term costs its units times their prices. The client sends the
 -- costs text such a batch has; the script checks that it holds and then works per term, never per event.
 --
+-- A value of one customer that the settlement cannot work with (a key of theirs of the wrong type, a
+-- counter that is not an integer, a reservation record of one of their calls that is not one) refuses the
+-- batch with the reply {customer key, error} instead of an error, before the first write: the client
+-- flushes the rest of the batch without that customer's calls and sets theirs aside, so one clobbered
+-- value never stops the billing of a whole shard. What is wrong with the batch itself, or with the keys
+-- of the shard, refuses it whole (an error reply).
+--
 -- KEYS: batch marker, events stream, reservations, reservation deadlines, then customer and quota keys
 -- ARGV: batch id, payload, marker ttl (s), then three msgpack arrays (one argument each, not thousands:
 --       Redis and the client pay per argument):
@@ -62,6 +69,34 @@ local function checked_counter(key, field, raw)
   return entry
 end
 
+-- A settlement's numbers come from the client, and from a spool file on disk at worst: units, prices,
+-- included units and a call's cost per meter must be integers from 0 to 2^53-1 (a negative price would
+-- credit the call's cost instead of charging it), and the costs text a list of such integers.
+local MAX_AMOUNT = 2 ^ 53 - 1
+
+local function bad_amount(customer_key, meter, name, value)
+  if type(value) ~= 'number' or value < 0 or value > MAX_AMOUNT or value ~= math.floor(value) then
+    return 'BADVALUE batch ' .. ARGV[1] .. ' customer key ' .. customer_key .. ' meter ' .. tostring(meter) ..
+      ': ' .. name .. ' ' .. tostring(value) .. ' is not an integer from 0 to 2^53-1'
+  end
+end
+
+local function bad_meter(customer_key, meter, units, price, included)
+  if type(meter) ~= 'string' then
+    return 'BADVALUE batch ' .. ARGV[1] .. ' customer key ' .. customer_key .. ': a meter name is not text'
+  end
+  return bad_amount(customer_key, meter, 'units', units) or bad_amount(customer_key, meter, 'price', price)
+    or bad_amount(customer_key, meter, 'included', included)
+    or bad_amount(customer_key, meter, 'cost', units * price)
+end
+
+-- The customer key of each customer, ledger and quota key (whose customer a refusal names).
+local owners = {}
+
+local function refuse(key, problem)
+  return {owners[key] or key, problem}
+end
+
 local terms, term_order, expiries, expiry_order, accounts, balances = {}, {}, {}, {}, {}, {}
 local paid = ARGV[7] ~= ''  -- while every counter the batch moves starts past its included units
 local list, at = cmsgpack.unpack(ARGV[4]), 1
@@ -70,13 +105,14 @@ while list[at] do
   local customer_key, ledger_key, quota_key = KEYS[list[at + 2]], KEYS[list[at + 3]], KEYS[list[at + 4]]
   local expire_at, billable, charges_credits = list[at + 5], list[at + 6] == 1, list[at + 7] == 1
   at = at + 9
+  owners[customer_key], owners[ledger_key], owners[quota_key] = customer_key, customer_key, customer_key
   -- Every customer hash holds a balance: one found proves the key is a customer's.
   local balance = balances[customer_key]
   if balance == nil then
     local problem
     balance, problem = read('hash', 'HGET', customer_key, 'balance')
     if problem then
-      return redis.error_reply(problem)
+      return refuse(customer_key, problem)
     end
     balances[customer_key] = balance
     if balance then
@@ -87,11 +123,15 @@ while list[at] do
   local term, meters, names = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}, {}
   for j = at, at + 4 * list[at - 1] - 1, 4 do
     local units, price, included = list[j + 1], list[j + 2], list[j + 3]
+    refused = bad_meter(customer_key, list[j], units, price, included)
+    if refused then
+      return redis.error_reply(refused)
+    end
     if billable and units ~= 0 then
       local entry
       entry, refused = checked_counter(quota_key, list[j] .. ':u')
       if refused then
-        return redis.error_reply(refused)
+        return refuse(customer_key, refused)
       end
       meters[#meters + 1] = entry
       meters[#meters + 1] = units
@@ -106,7 +146,7 @@ while list[at] do
   at = at + 4 * list[at - 1]
   refused = (#meters == 0 and expect(quota_key, 'hash')) or expect(ledger_key, 'stream')
   if refused then
-    return redis.error_reply(refused)
+    return refuse(customer_key, refused)
   end
   term.meters, term.names = meters, names
   -- Usage recorded without an admission (served fail-open) still needs the quota hash to expire.
@@ -124,6 +164,11 @@ while list[at] do
   end
   terms[number] = term
   term_order[#term_order + 1] = term
+end
+
+if ARGV[7] ~= '' and (string.find(ARGV[7], '[^%d,]') or string.find(',' .. ARGV[7] .. ',', ',,')
+    or string.find(ARGV[7], '%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d')) then
+  return redis.error_reply('BADVALUE batch ' .. ARGV[1] .. ' costs are not integers from 0 to 10^14-1')
 end
 
 local costs, charged_order, event_costs = ARGV[7], {}, nil
@@ -189,11 +234,13 @@ end
 -- The settlement names the reservation's own customer, mode and period (both come from the admission).
 -- A call served without a reservation (fail-open, or a lease's whose block is gone) has none to look up.
 local entries, ids, records, closed, captured = cmsgpack.unpack(ARGV[6]), {}, {}, {}, {}
+local holders = {}  -- reservation id -> the customer key of the first call naming it
 for at = 1, #entries, 4 do
   local reservation_id = entries[at]
   if records[reservation_id] == nil then
     records[reservation_id] = false
     ids[#ids + 1] = reservation_id
+    holders[reservation_id] = terms[entries[at + 1]] and terms[entries[at + 1]].customer
   end
 end
 local CHUNK = 1000  -- unpack() has a small stack: ask for the records in slices
@@ -205,7 +252,7 @@ for first = 1, #ids, CHUNK do
     if record then
       local fields, problem = reservation_fields(record, KEYS[3] .. ' field ' .. ids[i])
       if problem then
-        return redis.error_reply(problem)
+        return holders[ids[i]] and refuse(holders[ids[i]], problem) or redis.error_reply(problem)
       end
       records[ids[i]] = fields
     end
@@ -218,7 +265,7 @@ for at = 1, #entries, 4 do
     if entries[at + 3] == 1 then
       refused = release(fields, term.customer, term.quota, KEYS[3] .. ' field ' .. reservation_id)
       if refused then
-        return redis.error_reply(refused)
+        return refuse(term.customer, refused)
       end
       records[reservation_id] = false
       closed[#closed + 1] = reservation_id
@@ -273,9 +320,11 @@ for _, quota_key in ipairs(expiry_order) do
   end
 end
 
-refused = check_counters()
-if refused then
-  return redis.error_reply(refused)
+for _, entry in ipairs(counter_order) do
+  refused = bad_counter(entry.key, entry.field, entry.raw, entry.moved)
+  if refused then
+    return refuse(entry.key, refused)
+  end
 end
 redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', costs, 'i', ARGV[1])
 for _, account in ipairs(charged_order) do

@@ -220,6 +220,11 @@ class Metering:
         self._calls_only = all(meter.source == "call" for meter in config.meters.values())
         #: By the holds' identity and the route weight: the holds, the units and what a settlement charges.
         self._measured: dict[tuple[int, int], Measured] = {}
+        #: By the settled meters' identity, billable, and whether a reservation is held: what calls of
+        #: the same terms change at admission until flushed (kept with the settled meters they name).
+        self._changes: dict[
+            tuple[int, bool, bool], tuple[SettledMeters, tuple[tuple[str, int, int], ...]]
+        ] = {}
         self.pipeline = Pipeline(
             config.pipeline,
             on_flushed=self._rollup_in_process if self.embedded else None,
@@ -616,18 +621,23 @@ class Metering:
         """What a finished call's settlement will change of its customer's counters once it is written:
         the units it charges, and what it releases of its reservation (its own, or its lease's block)."""
         request, lease = call.request, call.lease
+        account = (request.customer, request.live, request.period_start)
         if lease is not None:
             with self._lease_lock:
                 released, freed = lease.releases(settlement, settled, billable)
-        elif call.decision.reservation_id:
-            released, freed = call.decision.reserved_credits, [hold.hold for hold in request.holds]
-        else:  # served without a reservation (fail-open): it only charges
-            released, freed = 0, [0] * len(request.holds)
-        meters = tuple(
-            (meter, units if billable else 0, free)
-            for (meter, units, _, _), free in zip(settled, freed, strict=True)
-        )
-        return (request.customer, request.live, request.period_start), released, meters
+            return account, released, _meter_changes(settled, billable, freed)
+        holding = bool(call.decision.reservation_id)  # else served fail-open: it only charges
+        released = call.decision.reserved_credits if holding else 0
+        # Calls of the same terms share their settled meters (``_measure``): their changes too.
+        # (Benchmark: Metering.finish in benchmarks/micro.py.)
+        cache_key = (id(settled), billable, holding)
+        cached = self._changes.get(cache_key)
+        if cached is None or cached[0] is not settled:
+            freed = [hold.hold for hold in request.holds] if holding else [0] * len(request.holds)
+            if len(self._changes) >= KEY_CACHE_MAX_ENTRIES:
+                self._changes.clear()
+            cached = self._changes[cache_key] = (settled, _meter_changes(settled, billable, freed))
+        return account, released, cached[1]
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one
@@ -1026,6 +1036,16 @@ Measured = tuple[tuple[MeterHold, ...], dict[str, int | str], SettledMeters, Uni
 def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:
     """What a call's settlement charges of each held meter: ``(meter, units, price, included)``."""
     return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+
+
+def _meter_changes(
+    settled: SettledMeters, billable: bool, freed: list[int]
+) -> tuple[tuple[str, int, int], ...]:
+    """Per held meter, ``(meter, units charged, units released)`` of a call's settlement."""
+    return tuple(
+        (meter, units if billable else 0, free)
+        for (meter, units, _, _), free in zip(settled, freed, strict=True)
+    )
 
 
 def lease_key(key_id: str, terms: CallTerms | AdmitRequest) -> LeaseKey:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+import meterware
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware._metering import ThrottledWarning
 from meterware.rollup import RollupWorker
@@ -71,3 +74,53 @@ def test_asgi_response_headers_may_come_as_any_iterable(tmp_path: Path) -> None:
     assert "x-usage-tokens" not in response.headers
     RollupWorker(accounts.storage, config, owner="test").drain()
     assert accounts.usage("acme").meters["tokens"] == 7
+
+
+def test_units_reported_after_the_call_ended_are_warned_about_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Units a thread the handler left running reports once the call's event is made are ignored (never
+    charged), warned about and counted in ``meterware_units_rejected_total``; the call keeps its own."""
+    config = Config.from_dict(
+        {
+            "storage": {"url": f"memory://{uuid.uuid4().hex}"},
+            "meters": {"tokens": {"aggregation": "sum", "source": "handler"}},
+            "plans": {"open": {"meters": {"tokens": {}}}},
+            "pipeline": {"spool_dir": str(tmp_path / "spool")},
+        }
+    )
+    accounts = Accounts.open(config)
+    accounts.create_customer("acme", plan="open")
+    key = accounts.create_key("acme").plaintext
+    release, reported = threading.Event(), threading.Event()
+
+    def report_later() -> None:
+        release.wait(10)
+        meterware.usage.add("tokens", 3)
+        reported.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        meterware.usage.add("tokens", 2)
+        threading.Thread(target=contextvars.copy_context().run, args=(report_later,)).start()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    registry = CollectorRegistry()
+    middleware = MeteringMiddleware(app, config, registry=registry)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.get("/v1/anything", headers={"authorization": f"Bearer {key}"})
+
+    with caplog.at_level(logging.WARNING, logger="meterware"):
+        assert asyncio.run(call()).status_code == 200
+        release.set()
+        assert reported.wait(10)
+    asyncio.run(middleware.drain())
+    assert registry.get_sample_value("meterware_units_rejected_total") == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "meterware: ignored usage for meter 'tokens': reported after its call had ended"
+    ]
+    RollupWorker(accounts.storage, config, owner="test").drain()
+    assert accounts.usage("acme").meters["tokens"] == 2

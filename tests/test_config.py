@@ -80,7 +80,11 @@ def test_example_file_parses_to_the_documented_values() -> None:
     assert config.routes.exclude == ("/health", "/metrics", "/docs*", "/openapi.json")
     assert config.routes.weights == (("/v1/embeddings/batch", 10),)
     policy = config.policy
-    assert (policy.on_backend_error, policy.bill_client_errors) == ("open", False)
+    assert (policy.on_backend_error, policy.bill_client_errors, policy.refund_aborted_streams) == (
+        "open",
+        False,
+        False,
+    )
     assert policy.key_headers == ("authorization", "x-api-key")
     assert policy.key_query is None  # the example's key_query = "" means "no query parameter"
     assert (policy.timeout, policy.reservation_timeout, policy.key_cache_ttl) == (0.25, 300.0, 10.0)
@@ -507,6 +511,12 @@ INVALID = [
         "policy.timeout",
         "must be an integer or a number, got a boolean",
         id="timeout-bool",
+    ),
+    pytest.param(
+        {"policy": {"refund_aborted_streams": "yes"}},
+        "policy.refund_aborted_streams",
+        "must be true or false, got a string",
+        id="refund-aborted-str",
     ),
     pytest.param(
         {"policy": {"strip_usage_headers": "no"}},

@@ -25,7 +25,7 @@ from meterware._core import (
     period_bounds,
     problem,
 )
-from meterware.config import Meter, MeterTerms, Plan, RateLimit
+from meterware.config import Meter, MeterTerms, Plan, Policy, RateLimit
 from meterware.events import Outcome
 
 
@@ -247,21 +247,31 @@ def test_classify(status: int, outcome: Outcome) -> None:
 
 
 @pytest.mark.parametrize(
-    ("outcome", "bill_client_errors", "billable"),
+    ("outcome", "status", "policy", "billable"),
     [
-        pytest.param("success", False, True, id="success"),
-        pytest.param("success", True, True, id="success-bill-4xx"),
-        pytest.param("client_error", False, False, id="client-error"),
-        pytest.param("client_error", True, True, id="client-error-bill-4xx"),
-        pytest.param("server_error", False, False, id="server-error"),
-        pytest.param("server_error", True, False, id="server-error-bill-4xx"),
-        pytest.param("aborted", True, False, id="aborted"),
-        pytest.param("rejected", True, False, id="rejected"),
+        pytest.param("success", 200, Policy(), True, id="200"),
+        pytest.param("success", 204, Policy(bill_client_errors=True), True, id="204-bill-4xx"),
+        pytest.param("success", 101, Policy(), False, id="101"),
+        pytest.param("success", 301, Policy(), False, id="301"),
+        pytest.param("success", 307, Policy(bill_client_errors=True), False, id="307-bill-4xx"),
+        pytest.param("success", 304, Policy(), False, id="304"),
+        pytest.param("client_error", 404, Policy(), False, id="404"),
+        pytest.param("client_error", 404, Policy(bill_client_errors=True), True, id="404-bill-4xx"),
+        pytest.param("server_error", 500, Policy(), False, id="500"),
+        pytest.param("server_error", 200, Policy(bill_client_errors=True), False, id="failed-after-200"),
+        pytest.param("aborted", 200, Policy(), True, id="aborted-after-200"),
+        pytest.param("aborted", 200, Policy(refund_aborted_streams=True), False, id="aborted-refunded"),
+        pytest.param("aborted", 0, Policy(bill_client_errors=True), False, id="aborted-before-response"),
+        pytest.param("aborted", 302, Policy(), False, id="aborted-after-302"),
+        pytest.param("aborted", 404, Policy(), False, id="aborted-after-404"),
+        pytest.param("aborted", 404, Policy(bill_client_errors=True), True, id="aborted-after-404-bill-4xx"),
+        pytest.param("rejected", 429, Policy(bill_client_errors=True), False, id="rejected"),
     ],
 )
-def test_is_billable(outcome: Outcome, bill_client_errors: bool, billable: bool) -> None:
-    """Successes are charged, 4xx only when configured; failures and refusals never are."""
-    assert is_billable(outcome, bill_client_errors=bill_client_errors) is billable
+def test_is_billable(outcome: Outcome, status: int, policy: Policy, billable: bool) -> None:
+    """2xx responses are charged, 4xx only when configured; redirects, failures and refusals never; a call
+    whose client left after its response started is charged as that response, unless the policy refunds."""
+    assert is_billable(outcome, status, policy) is billable
 
 
 # -- holds ---------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+import meterware
 from meterware import Accounts, Config, MeteringMiddleware, _metering
 from meterware._metering import ThrottledWarning
 from meterware.keys import generate_key
@@ -120,3 +123,53 @@ def test_known_keys_survive_a_flood_of_unknown_ones_through_an_outage(
             assert client.get("/v1/hello", headers=unknown).json()["reason"] == "backend_unavailable"
         middleware.drain()  # into the spool: Redis is gone
         atexit.unregister(middleware.metering.drain_at_exit)  # the spool goes with tmp_path
+
+
+def test_units_reported_after_the_call_ended_are_warned_about_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Units a thread the handler left running reports once the call's event is made are ignored (never
+    charged), warned about and counted in ``meterware_units_rejected_total``; the call keeps its own."""
+    config = Config.from_dict(
+        {
+            "storage": {"url": f"memory://{uuid.uuid4().hex}"},
+            "meters": {"tokens": {"aggregation": "sum", "source": "handler"}},
+            "plans": {"open": {"meters": {"tokens": {}}}},
+            "pipeline": {"spool_dir": str(tmp_path / "spool")},
+        }
+    )
+    accounts = Accounts.open(config)
+    accounts.create_customer("acme", plan="open")
+    key = accounts.create_key("acme").plaintext
+    release, reported = threading.Event(), threading.Event()
+
+    def report_later() -> None:
+        release.wait(10)
+        meterware.usage.add("tokens", 3)
+        reported.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        meterware.usage.add("tokens", 2)
+        threading.Thread(target=contextvars.copy_context().run, args=(report_later,)).start()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    registry = CollectorRegistry()
+    middleware = MeteringMiddleware(app, config, registry=registry)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.get("/v1/anything", headers={"authorization": f"Bearer {key}"})
+
+    with caplog.at_level(logging.WARNING, logger="meterware"):
+        assert asyncio.run(call()).status_code == 200
+        release.set()
+        assert reported.wait(10)
+    asyncio.run(middleware.drain())
+    assert registry.get_sample_value("meterware_units_rejected_total") == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "meterware: ignored usage for meter 'tokens': reported after its call had ended"
+    ]
+    RollupWorker(accounts.storage, config, owner="test").drain()
+    assert accounts.usage("acme").meters["tokens"] == 2

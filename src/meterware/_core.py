@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 from meterware._unsettled import Change, Unsettled
-from meterware.config import Meter, Plan
+from meterware.config import Meter, Plan, Policy
 from meterware.events import Outcome
 
 CustomerStatus = Literal["active", "suspended"]
@@ -244,9 +244,20 @@ def classify(status: int) -> Outcome:
     return "success"
 
 
-def is_billable(outcome: Outcome, *, bill_client_errors: bool) -> bool:
-    """Whether a call with this outcome is charged: successes, and 4xx only if configured."""
-    return outcome == "success" or (bill_client_errors and outcome == "client_error")
+def is_billable(outcome: Outcome, status: int, policy: Policy) -> bool:
+    """Whether a call is charged: a 2xx response, a 4xx one with ``policy.bill_client_errors``; never a
+    redirect (3xx), a failure or a refusal.
+
+    ``status`` is the status its client was sent: for an ``aborted`` call (the client left before the end),
+    that of the response it had started to receive, or 0 if none had started. Such a call was served, and
+    is charged unless ``policy.refund_aborted_streams``.
+    """
+    if outcome == "aborted":
+        if policy.refund_aborted_streams:
+            return False
+    elif outcome != "success" and outcome != "client_error":
+        return False
+    return 200 <= status < 300 or (policy.bill_client_errors and 400 <= status < 500)
 
 
 # -- responses ---------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ LIVE_ONLY: Final = Decision(allowed=False, reason="test_key_not_allowed")
 
 #: During an outage every call fails the same way: say so at most once in this many seconds.
 OUTAGE_WARNING_SECONDS: Final = 10.0
+#: A bad usage header is the app's doing and repeats on every call: warn of each meter's at most this often.
+BAD_USAGE_HEADER_WARNING_SECONDS: Final = 60.0
 
 KeyGetter = Callable[[Any], "str | None"]
 
@@ -83,8 +85,9 @@ KeyGetter = Callable[[Any], "str | None"]
 class ThrottledWarning:
     """A warning logged at most once per interval, with the count of the ones held back."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, what: str = "backend failed: ") -> None:
         self.interval = interval
+        self.what = what
         self._next = 0.0
         self._held = 0
 
@@ -95,7 +98,7 @@ class ThrottledWarning:
             return
         held, self._held, self._next = self._held, 0, now + self.interval
         suffix = f" ({held} more like it held back)" if held else ""
-        logger.warning("meterware: backend failed: " + message + suffix, *args)
+        logger.warning("meterware: " + self.what + message + suffix, *args)
 
 
 @dataclass(slots=True)
@@ -122,6 +125,10 @@ class Call:
     arrived_ns: int = 0
     #: The lease that admitted the call (``admission = "lease"``), or None when the backend did.
     lease: Lease | None = None
+    #: Whether the response started while the client was there (a client that leaves later was served).
+    responded: bool = False
+    #: When the last chunk of the response went out, if the call ends later (its background tasks run).
+    ended_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +256,11 @@ class Metering:
         self._next_full_rollup = 0.0
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self._bad_values = ThrottledWarning(OUTAGE_WARNING_SECONDS)
+        self._bad_usage_headers = {
+            meter: ThrottledWarning(BAD_USAGE_HEADER_WARNING_SECONDS, "")
+            for meter in self.usage_headers.values()
+        }
+        self._reject_late_units = self.metrics.units_rejected.inc
         self.leasing = config.policy.admission == "lease"
         #: Spent leases' blocks being closed by the flusher: what closing each releases.
         self._closing_blocks: dict[str, CallChange] = {}
@@ -833,23 +845,29 @@ class Metering:
     def finish(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:
         """Record a finished call: classify it, measure its units, and queue its event.
 
-        ``failed``: the app raised or never completed its response; ``aborted``: the client went away.
-        Either way the call is not charged.
+        ``failed``: the app raised or never completed its response (not charged); ``aborted``: the client
+        went away before the end (charged as the response it had started to receive, if any: see
+        :func:`~meterware._core.is_billable`).
         """
         if call.finished:
             return
         call.finished = True
-        ended = time.perf_counter_ns()
+        ended = call.ended_ns or time.perf_counter_ns()
         outcome: Outcome
+        sent = call.status
         if aborted:
             status, outcome = call.status or CLIENT_CLOSED_REQUEST, "aborted"
+            if not call.responded:
+                sent = 0
         elif failed:
             status, outcome = call.status if call.status >= 500 else 500, "server_error"
         else:
             status, outcome = call.status, classify(call.status)
-        billable = is_billable(outcome, bill_client_errors=self.policy.bill_client_errors)
+        billable = is_billable(outcome, sent, self.policy)
         request = call.request
         _, units, settled, counted = self._measure(call, ended)
+        # Units reported from now on (by work the handler left running) miss the event: counted as rejected.
+        call.usage.late = self._reject_late_units
         if call.usage.rejected:
             self.metrics.units_rejected.inc(call.usage.rejected)
         now_ms = time.time_ns() // 1_000_000
@@ -932,11 +950,14 @@ class Metering:
                 units[name] = (ended_ns - call.started_ns) // 1_000_000
             elif call.header_units and name in call.header_units:
                 value = call.header_units[name].strip()
-                if value.isdigit() and len(value) < 16:
+                # isdigit() alone takes '²' and other digits that int() refuses (once the response is gone).
+                if value.isascii() and value.isdigit() and len(value) < 16:
                     units[name] = int(value)
                 else:
                     call.usage.rejected += 1
-                    logger.warning("meterware: ignored usage header for meter %r: not a whole number", name)
+                    self._bad_usage_headers[name].warn(
+                        "ignored usage header for meter %r: not a whole number", name
+                    )
         return units
 
     def _bound_cost(self, call: Call, units: dict[str, int | str]) -> None:

@@ -4,8 +4,9 @@
     app = MeteringMiddleware(app, config="meterware.toml")   # any ASGI app
 
 A pure ASGI middleware (not ``BaseHTTPMiddleware``): the response streams through untouched except for the
-``RateLimit`` headers added to its start message, and the call's event is queued once the last body chunk
-has gone out, so streaming and server-sent events are timed to their end.
+``RateLimit`` headers added to its start message. The call is timed to its last body chunk, so streaming and
+server-sent events are timed to their end, and its event is queued when the app returns, so units that
+background tasks report after the response count against the call.
 """
 
 from __future__ import annotations
@@ -144,10 +145,13 @@ class MeteringMiddleware:
             slow_calls.discard(id(call))
             if exchange.watcher is not None:
                 exchange.watcher.cancel()
-            if not call.finished:
-                # The app raised, or returned without finishing its response (the client went away, or
-                # the app gave up): not charged.
-                route = _route(scope, exchange.root_path)
+            route = _route(scope, exchange.root_path)
+            if call.ended_ns:
+                # The response went out whole (then its background tasks ran, whatever they did).
+                metering.finish(call, route, aborted=exchange.aborted)
+            else:
+                # The app raised, or returned without finishing its response: the client went away (charged
+                # if its response had started), or the app gave up (not charged).
                 metering.finish(call, route, failed=True, aborted=exchange.disconnected)
             flusher.ensure_running()
 
@@ -181,7 +185,7 @@ class MeteringMiddleware:
 class _Exchange:
     """The messages of one metered call: the app's ``receive`` and ``send``, wrapped.
 
-    ``send`` adds the call's headers to the response and finishes the call with its last body chunk.
+    ``send`` adds the call's headers to the response and notes when its last body chunk went out.
 
     Servers such as uvicorn drop what an app sends after the client left, without a word, and many apps
     never call receive() once they have the body: a watcher reads the next message itself, so a client
@@ -193,6 +197,7 @@ class _Exchange:
     """
 
     __slots__ = (
+        "aborted",
         "arrived",
         "call",
         "disconnected",
@@ -215,6 +220,8 @@ class _Exchange:
         self.extra_headers = metering.response_headers(call)
         self.root_path = scope.get("root_path", "")
         self.disconnected = False
+        #: Whether the client had gone when the last body chunk was sent.
+        self.aborted = False
         #: What the watcher read for the app.
         self.early: list[Message] = []
         #: Set when the watcher read a message (or stopped).
@@ -267,13 +274,14 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         call = self.call
         kind = message["type"]
-        # A client gone before the last chunk did not get the response (whatever the server does with this
-        # chunk); one that leaves once it has it got it.
+        # A client gone before the last chunk did not get the whole response (whatever the server does with
+        # this chunk); one that leaves once it has it got it.
         aborted = self.disconnected
         last = False
         if kind == "http.response.start":
             call.status = message["status"]
             call.ttfb_ns = time.perf_counter_ns()
+            call.responded = not aborted
             headers = message.get("headers", ())
             usage_headers = self.metering.usage_headers
             if usage_headers:
@@ -291,9 +299,12 @@ class _Exchange:
             await self.to_server(message)
         except OSError:  # the server could not write: the client is gone
             self.disconnected = True
+            if kind == "http.response.start":
+                call.responded = False
             raise
         if last:
-            self.metering.finish(call, _route(self.scope, self.root_path), aborted=aborted)
+            call.ended_ns = time.perf_counter_ns()
+            self.aborted = aborted
 
 
 def _route(scope: Scope, root_path: str) -> str:

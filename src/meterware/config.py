@@ -228,8 +228,11 @@ class Policy:
     #: When the backend fails on admission: ``open`` serves the call (and meters it later),
     #: ``closed`` answers 503.
     on_backend_error: FailureMode = "open"
-    #: Whether 4xx responses are charged (5xx, exceptions and disconnects never are).
+    #: Whether 4xx responses are charged (3xx, 5xx, exceptions and disconnects before the response never are).
     bill_client_errors: bool = False
+    #: Whether a call whose client left after its (billable) response started is refunded; by default it is
+    #: charged for the call and the units reported until the handler finished.
+    refund_aborted_streams: bool = False
     key_headers: tuple[str, ...] = DEFAULT_KEY_HEADERS
     key_query: str | None = None
     #: Budget in seconds for one backend call on the request path.
@@ -727,6 +730,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
     parsed_policy = Policy(
         on_backend_error=policy.choice("on_backend_error", get_args(FailureMode), "open"),  # type: ignore[arg-type]
         bill_client_errors=policy.get("bill_client_errors", bool, False),
+        refund_aborted_streams=policy.get("refund_aborted_streams", bool, False),
         key_headers=key_headers,
         key_query=key_query,
         timeout=policy.number("timeout", defaults.policy.timeout),

@@ -205,6 +205,8 @@ class MeteringMiddleware:
                     _current.reset(token)
                 call.response_bytes += len(chunk)
                 yield chunk
+                # The server sent it and came back for more: a client that leaves now was served.
+                call.responded = True
         except Exception:
             failed = True
             raise
@@ -227,6 +229,8 @@ class MeteringMiddleware:
                     _current.reset(token)
                 call.response_bytes += len(chunk)
                 yield chunk
+                # The server sent it and came back for more: a client that leaves now was served.
+                call.responded = True
         except Exception:
             failed = True
             raise

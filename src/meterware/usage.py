@@ -9,16 +9,17 @@
         return reply
 
 The units belong to the call being handled, through a context variable, so the same call works from async
-and sync endpoints, from threads started by the framework, and from nested helpers. Units reported outside
-a metered call, for an unknown meter, or with a value that cannot be metered are ignored with a warning
-(never charged wrongly).
+and sync endpoints, from threads started by the framework, from nested helpers, and from work that runs
+once the response is sent (Starlette/FastAPI background tasks, werkzeug's ``call_on_close``): the call's
+event waits for it. Units reported outside a metered call, after its event was made, for an unknown meter,
+or with a value that cannot be metered are ignored with a warning (never charged wrongly).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Final
@@ -38,9 +39,15 @@ class CallUsage:
     meters: Mapping[str, Meter]
     units: dict[str, int | str] = field(default_factory=dict)
     rejected: int = 0
+    #: Set once the call's event is made: counts each value reported later (ignored, never charged).
+    late: Callable[[], object] | None = None
 
     def add(self, meter: str, value: int | str) -> None:
         """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value)."""
+        if self.late is not None:
+            self.late()
+            logger.warning("meterware: ignored usage for meter %r: reported after its call had ended", meter)
+            return
         definition = self.meters.get(meter)
         problem = _problem(definition, meter, value)
         if problem:

@@ -155,15 +155,21 @@ class _MeteredResponse:
                 _current.reset(token)
             call.response_bytes += len(chunk)
             yield chunk
+            # The server wrote it and came back for more: a client that leaves now was served.
+            call.responded = True
 
     def close(self) -> None:
+        call = self.call
+        # Work the response runs when it is closed (werkzeug's ``call_on_close``) reports units of the call.
+        token = _current.set(call.usage)
         try:
             close: Callable[[], None] | None = getattr(self.iterable, "close", None)
             if close is not None:
                 close()
         finally:
-            call = self.call
-            # Not iterated to the end and no error: the server stopped early, the client went away.
+            _current.reset(token)
+            # Not iterated to the end and no error: the server stopped early, the client went away (charged if
+            # a chunk of the response had reached it).
             aborted = not self.completed and not self.failed
             route = call.route or _route(self.environ, call)
             self.owner.metering.finish(call, route, failed=self.failed, aborted=aborted)

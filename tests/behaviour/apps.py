@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import BackgroundTasks, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 import meterware
 
@@ -24,7 +24,9 @@ CALLS: list[str] = []
 
 def starlette_app() -> Any:
     from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
     from starlette.requests import Request as StarletteRequest
+    from starlette.responses import RedirectResponse
     from starlette.routing import Route
 
     async def hello(request: StarletteRequest) -> JSONResponse:
@@ -60,7 +62,16 @@ def starlette_app() -> Any:
 
     async def header_tokens(request: StarletteRequest) -> JSONResponse:
         CALLS.append("header-tokens")
-        return JSONResponse({"ok": True}, headers={"X-Usage-Tokens": "42"})
+        return JSONResponse({"ok": True}, headers={"X-Usage-Tokens": request.query_params.get("value", "42")})
+
+    async def moved(request: StarletteRequest) -> RedirectResponse:
+        CALLS.append("moved")
+        return RedirectResponse("/v1/hello", status_code=302)
+
+    async def background(request: StarletteRequest) -> JSONResponse:
+        CALLS.append("background")
+        meterware.usage.add("tokens", BACKGROUND_TOKENS[0])
+        return JSONResponse({"ok": True}, background=BackgroundTask(_report_later, BACKGROUND_TOKENS[1]))
 
     async def stream(request: StarletteRequest) -> StreamingResponse:
         CALLS.append("stream")
@@ -88,12 +99,27 @@ def starlette_app() -> Any:
             Route("/v1/chat", chat, methods=["POST"]),
             Route("/v1/chat-sync", chat_sync),
             Route("/v1/header-tokens", header_tokens),
+            Route("/v1/moved", moved),
+            Route("/v1/background", background),
             Route("/v1/stream", stream),
             Route("/v1/stream-broken", stream_broken),
             Route("/v1/heavy", heavy),
             Route("/health", health),
         ]
     )
+
+
+#: Tokens the ``/v1/background`` endpoints report: in the handler, then in work run after the response.
+BACKGROUND_TOKENS = (5, 7)
+
+
+async def _report_later(tokens: int) -> None:
+    await asyncio.sleep(0.01)
+    meterware.usage.add("tokens", tokens)
+
+
+def _report_later_sync(tokens: int) -> None:
+    meterware.usage.add("tokens", tokens)
 
 
 async def _chunks() -> AsyncIterator[bytes]:
@@ -161,9 +187,21 @@ def fastapi_app() -> Any:
         return {"ok": True}
 
     @app.get("/v1/header-tokens")
-    async def header_tokens() -> JSONResponse:
+    async def header_tokens(value: str = "42") -> JSONResponse:
         CALLS.append("header-tokens")
-        return JSONResponse({"ok": True}, headers={"X-Usage-Tokens": "42"})
+        return JSONResponse({"ok": True}, headers={"X-Usage-Tokens": value})
+
+    @app.get("/v1/moved")
+    async def moved() -> RedirectResponse:
+        CALLS.append("moved")
+        return RedirectResponse("/v1/hello", status_code=302)
+
+    @app.get("/v1/background")
+    async def background(tasks: BackgroundTasks) -> dict[str, bool]:
+        CALLS.append("background")
+        meterware.usage.add("tokens", BACKGROUND_TOKENS[0])
+        tasks.add_task(_report_later_sync, BACKGROUND_TOKENS[1])  # a sync task: run in a thread
+        return {"ok": True}
 
     @app.get("/v1/stream")
     async def stream() -> StreamingResponse:
@@ -189,7 +227,7 @@ def fastapi_app() -> Any:
 
 
 def flask_app() -> Any:
-    from flask import Flask, Response, request
+    from flask import Flask, Response, jsonify, redirect, request
 
     app = Flask(__name__)
 
@@ -233,7 +271,26 @@ def flask_app() -> Any:
     @app.get("/v1/header-tokens")
     def header_tokens() -> Any:
         CALLS.append("header-tokens")
-        return {"ok": True}, 200, {"X-Usage-Tokens": "42"}
+        return {"ok": True}, 200, {"X-Usage-Tokens": request.args.get("value", "42")}
+
+    @app.get("/v1/moved")
+    def moved() -> Any:
+        CALLS.append("moved")
+        return redirect("/v1/hello", 302)
+
+    @app.get("/v1/folder/")
+    def folder() -> Any:
+        CALLS.append("folder")
+        return {"ok": True}
+
+    @app.get("/v1/background")
+    def background() -> Any:
+        CALLS.append("background")
+        meterware.usage.add("tokens", BACKGROUND_TOKENS[0])
+        response = jsonify(ok=True)
+        # Run by the server once the response is sent (in the response's close()).
+        response.call_on_close(lambda: _report_later_sync(BACKGROUND_TOKENS[1]))
+        return response
 
     @app.get("/v1/stream")
     def stream() -> Any:
@@ -262,6 +319,7 @@ def wsgi_app() -> Any:
     """A bare PEP 3333 app on werkzeug's Request, Response and URL map (no framework)."""
     from werkzeug.exceptions import HTTPException
     from werkzeug.routing import Map, Rule
+    from werkzeug.utils import redirect
     from werkzeug.wrappers import Request, Response
 
     def reply(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -295,7 +353,19 @@ def wsgi_app() -> Any:
         return reply({"ok": True})
 
     def header_tokens(request: Request) -> Response:
-        return reply({"ok": True}, headers={"X-Usage-Tokens": "42"})
+        return reply({"ok": True}, headers={"X-Usage-Tokens": request.args.get("value", "42")})
+
+    def moved(request: Request) -> Response:
+        return redirect("/v1/hello", 302)
+
+    def folder(request: Request) -> Response:
+        return reply({"ok": True})
+
+    def background(request: Request) -> Response:
+        meterware.usage.add("tokens", BACKGROUND_TOKENS[0])
+        response = reply({"ok": True})
+        response.call_on_close(lambda: _report_later_sync(BACKGROUND_TOKENS[1]))
+        return response
 
     def stream(request: Request) -> Response:
         return Response(_sync_chunks(), mimetype="text/plain")
@@ -319,6 +389,9 @@ def wsgi_app() -> Any:
             Rule("/v1/chat", endpoint=chat, methods=["POST"]),
             Rule("/v1/chat-sync", endpoint=chat_sync),
             Rule("/v1/header-tokens", endpoint=header_tokens),
+            Rule("/v1/moved", endpoint=moved),
+            Rule("/v1/folder/", endpoint=folder),
+            Rule("/v1/background", endpoint=background),
             Rule("/v1/stream", endpoint=stream),
             Rule("/v1/stream-broken", endpoint=stream_broken),
             Rule("/v1/heavy", endpoint=heavy),
@@ -372,7 +445,13 @@ def django_urlpatterns(mode: Literal["sync", "async"]) -> list[Any]:
 
     Either way ``/v1/chat`` is async and ``/v1/chat-sync`` sync, so units are reported from both kinds.
     """
-    from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+    from django.http import (
+        HttpRequest,
+        HttpResponse,
+        HttpResponseRedirect,
+        JsonResponse,
+        StreamingHttpResponse,
+    )
     from django.urls import path
     from django.views.decorators.http import require_POST
 
@@ -410,8 +489,12 @@ def django_urlpatterns(mode: Literal["sync", "async"]) -> list[Any]:
     def header_tokens(request: HttpRequest) -> HttpResponse:
         CALLS.append("header-tokens")
         response = JsonResponse({"ok": True})
-        response["X-Usage-Tokens"] = "42"
+        response["X-Usage-Tokens"] = request.GET.get("value", "42")
         return response
+
+    def moved(request: HttpRequest) -> HttpResponse:
+        CALLS.append("moved")
+        return HttpResponseRedirect("/v1/hello")
 
     def stream(request: HttpRequest) -> HttpResponse:
         CALLS.append("stream")
@@ -446,6 +529,7 @@ def django_urlpatterns(mode: Literal["sync", "async"]) -> list[Any]:
         "v1/chat": chat,
         "v1/chat-sync": chat_sync,
         "v1/header-tokens": header_tokens,
+        "v1/moved": moved,
         "v1/stream": stream,
         "v1/stream-broken": stream_broken,
         "v1/heavy": heavy,
@@ -483,13 +567,15 @@ class Framework:
     #: The route events of ``GET /v1/items/12345`` carry: the framework's template syntax, or the path
     #: itself for a bare WSGI app (it has no router the middleware could read).
     item_route: str
+    #: A path the router itself answers with a redirect (a trailing slash added or removed), if any.
+    slash_redirect: str | None = None
 
 
 FRAMEWORKS = {
-    "starlette": Framework("asgi", starlette_app, "/v1/items/{item_id}"),
-    "fastapi": Framework("asgi", fastapi_app, "/v1/items/{item_id}"),
-    "flask": Framework("wsgi", flask_app, "/v1/items/<item_id>"),
-    "wsgi": Framework("wsgi", wsgi_app, "/v1/items/12345"),
+    "starlette": Framework("asgi", starlette_app, "/v1/items/{item_id}", "/v1/hello/"),
+    "fastapi": Framework("asgi", fastapi_app, "/v1/items/{item_id}", "/v1/hello/"),
+    "flask": Framework("wsgi", flask_app, "/v1/items/<item_id>", "/v1/folder"),
+    "wsgi": Framework("wsgi", wsgi_app, "/v1/items/12345", "/v1/folder"),
     "django-sync": Framework("django-wsgi", lambda: DJANGO_URLCONFS["sync"], "/v1/items/<str:item_id>"),
     "django-async": Framework("django-asgi", lambda: DJANGO_URLCONFS["async"], "/v1/items/<str:item_id>"),
 }

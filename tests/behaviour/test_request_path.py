@@ -6,12 +6,14 @@ each backend (memory, real Redis).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from meterware.events import MAX_ROUTE_LENGTH
-from tests.behaviour.apps import CALLS
+from tests.behaviour.apps import BACKGROUND_TOKENS, CALLS
 
 Api = Any
 
@@ -210,6 +212,61 @@ def test_usage_header_is_metered_and_stripped(api: Api) -> None:
     assert "x-usage-tokens" not in response.headers
     api.settle()
     assert api.usage(key).meters["header_tokens"] == 42
+
+
+def test_a_usage_header_that_is_not_an_ascii_number_is_rejected_and_the_call_still_charged(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``X-Usage-Tokens: ²`` (a digit to ``str.isdigit``, not to ``int``): the call is still recorded and
+    charged, the value ignored, counted in ``meterware_units_rejected_total`` and warned about once."""
+    key = api.customer("payg", credits="1")
+    rejected = REGISTRY.get_sample_value("meterware_units_rejected_total") or 0
+    with caplog.at_level(logging.WARNING, logger="meterware"):
+        for value in ["\N{SUPERSCRIPT TWO}", "7", "\N{SUPERSCRIPT THREE}"]:
+            response = api.call("GET", "/v1/header-tokens", key, params={"value": value})
+            assert response.status_code == 200
+            assert "x-usage-tokens" not in response.headers
+        api.settle()
+    assert REGISTRY.get_sample_value("meterware_units_rejected_total") == rejected + 2
+    warnings = [r.getMessage() for r in caplog.records if "usage header" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert [event.outcome for event in api.events()] == ["success"] * 3
+    usage = api.usage(key)
+    assert (usage.meters["calls"], usage.meters["header_tokens"]) == (3, 7)
+    assert api.balance(key).balance == 1_000_000 - 3 * 10_000
+
+
+def test_redirects_are_recorded_but_not_charged(api: Api) -> None:
+    """A 3xx (the app's own redirect, or the router's for a trailing slash) is not charged and its hold
+    goes back: the client pays once, for the call it was sent on to."""
+    key = api.customer("payg", credits="1")
+    paths = ["/v1/moved", *([api.framework.slash_redirect] if api.framework.slash_redirect else [])]
+    for path in paths:
+        response = api.call("GET", path, key, follow_redirects=False)
+        assert response.is_redirect, (path, response.status_code)
+        assert api.call("GET", response.headers["location"], key).status_code == 200
+    api.settle()
+    redirects = [event for event in api.events() if 300 <= event.status < 400]
+    assert len(redirects) == len(paths)
+    assert not any(event.billable for event in redirects)
+    usage = api.usage(key)
+    assert usage.meters["calls"] == len(paths)
+    assert usage.spend == len(paths) * 10_000
+    assert (api.balance(key).balance, api.balance(key).reserved) == (1_000_000 - len(paths) * 10_000, 0)
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi", "flask", "wsgi"])
+def test_units_reported_after_the_response_was_sent_count_against_the_call(api: Api) -> None:
+    """Units reported by work that runs once the response is sent (Starlette's ``BackgroundTask``,
+    FastAPI's ``BackgroundTasks``, werkzeug's ``call_on_close``) are charged with the call."""
+    key = api.customer("payg", credits="1")
+    assert api.call("GET", "/v1/background", key).status_code == 200
+    api.settle()
+    (event,) = api.events()
+    tokens = sum(BACKGROUND_TOKENS)
+    assert (event.outcome, event.billable, event.units["tokens"]) == ("success", True, tokens)
+    assert api.usage(key).meters["tokens"] == tokens
+    assert api.balance(key).balance == 1_000_000 - 10_000 - tokens * 100
 
 
 def test_excluded_routes_need_no_key_and_are_not_metered(api: Api) -> None:

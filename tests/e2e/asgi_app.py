@@ -10,7 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
+from fastapi import BackgroundTasks, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 
 import meterware
@@ -62,3 +62,28 @@ async def slow() -> dict[str, bool]:
     """A call that takes a while (a model answering, say), sent in one message."""
     await asyncio.sleep(1.0)
     return {"ok": True}
+
+
+@app.get("/v1/token-stream")
+async def token_stream() -> StreamingResponse:
+    """Up to 200 chunks, one token each, 10 ms apart: long enough for a client to go away in the middle."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for index in range(200):
+            meterware.usage.add("tokens", 1)
+            yield f"chunk {index}\n".encode()
+            await asyncio.sleep(0.01)
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+@app.get("/v1/background/{count}")
+async def background(count: int, tasks: BackgroundTasks) -> dict[str, int]:
+    """Report ``count`` tokens from a background task, well after the response has gone."""
+    tasks.add_task(_report_later, count)
+    return {"tokens": count}
+
+
+async def _report_later(count: int) -> None:
+    await asyncio.sleep(0.2)
+    meterware.usage.add("tokens", count)

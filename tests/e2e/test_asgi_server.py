@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from meterware import Accounts, Config
+from meterware.events import UsageEvent, decode_batch
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -91,3 +92,78 @@ def test_usage_totals_are_exact_after_a_graceful_shutdown(
     assert usage.spend == cost
     balance = accounts.balance("acme")
     assert (balance.balance, balance.reserved) == (100_000_000 - cost, 0)
+
+
+def test_a_client_gone_mid_stream_pays_for_the_call_and_the_tokens_reported(
+    uvicorn_server: Any, e2e_env: dict[str, str]
+) -> None:
+    """A FastAPI stream left after its first chunk: an aborted event, charged for the call and for the
+    tokens its handler reported until Starlette stopped it (its response had started)."""
+    accounts = _accounts(e2e_env)
+    accounts.create_customer("leaver", plan="payg")
+    accounts.grant_credits("leaver", "1")
+    key = accounts.create_key("leaver").plaintext
+    with (
+        httpx.Client(base_url=uvicorn_server.url, timeout=20) as client,
+        client.stream("GET", "/v1/token-stream", headers={"Authorization": f"Bearer {key}"}) as response,
+    ):
+        assert next(response.iter_lines()) == "chunk 0"
+    (event,) = _wait_for_events(accounts, 1)
+    output = uvicorn_server.stop()
+    assert "meterware:" not in output
+    tokens = int(event.units["tokens"])
+    assert (event.outcome, event.billable) == ("aborted", True)
+    assert 1 <= tokens < 200  # stopped when the client left, not run to its end
+    subprocess.run(
+        [sys.executable, "-m", "meterware", "rollup", "--once"], env=e2e_env, check=True, timeout=60
+    )
+    usage = accounts.usage("leaver")
+    assert (usage.calls["aborted"], usage.meters["calls"], usage.meters["tokens"]) == (1, 1, tokens)
+    balance = accounts.balance("leaver")
+    assert (balance.balance, balance.reserved) == (1_000_000 - 10_000 - tokens * 100, 0)
+
+
+def test_units_of_a_background_task_and_redirects_are_billed_right(
+    uvicorn_server: Any, e2e_env: dict[str, str]
+) -> None:
+    """Tokens a FastAPI background task reports 0.2 s after the response count against the call; the
+    router's trailing-slash redirect (307) is recorded but not charged: the client pays once."""
+    accounts = _accounts(e2e_env)
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "1")
+    key = accounts.create_key("acme").plaintext
+    with httpx.Client(
+        base_url=uvicorn_server.url, timeout=20, headers={"Authorization": f"Bearer {key}"}
+    ) as client:
+        assert client.get("/v1/background/25").json() == {"tokens": 25}
+        redirect = client.get("/v1/hello/")
+        assert redirect.status_code == 307
+        assert client.get(redirect.headers["location"]).status_code == 200
+    events = _wait_for_events(accounts, 3)
+    output = uvicorn_server.stop()
+    assert "meterware:" not in output
+    assert sorted((event.status, event.billable, event.units.get("tokens", 0)) for event in events) == [
+        (200, True, 0),
+        (200, True, 25),
+        (307, False, 0),
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "meterware", "rollup", "--once"], env=e2e_env, check=True, timeout=60
+    )
+    usage = accounts.usage("acme")
+    assert (usage.meters["calls"], usage.meters["tokens"]) == (2, 25)
+    balance = accounts.balance("acme")
+    assert (balance.balance, balance.reserved) == (1_000_000 - 2 * 10_000 - 25 * 100, 0)
+
+
+def _wait_for_events(accounts: Accounts, count: int) -> list[UsageEvent]:
+    """The events in the streams once there are ``count`` of them (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        shards = range(accounts.config.shards)
+        entries = [entry for shard in shards for entry in accounts.storage.read_stream(shard, "0-0", 100)]
+        events = [event for entry in entries for event in decode_batch(entry.fields[b"b"])]
+        if len(events) >= count:
+            return events
+        assert time.monotonic() < deadline, f"{len(events)} events of {count} after 10 s"
+        time.sleep(0.02)

@@ -124,10 +124,11 @@ def test_usage_totals_are_exact_after_a_graceful_shutdown(server: Any, e2e_env: 
     assert (balance.balance, balance.reserved) == (100_000_000 - cost, 0)
 
 
-def test_a_client_gone_mid_stream_is_recorded_as_aborted_and_not_charged(
+def test_a_client_gone_mid_stream_is_recorded_as_aborted_and_charged_as_served(
     server: Any, e2e_env: dict[str, str]
 ) -> None:
-    """The server notices the client left on its next write; the call is an aborted event, not charged."""
+    """The server notices the client left on its next write; the call is an aborted event, charged: its
+    response had started (``policy.refund_aborted_streams`` would refund it)."""
     accounts = _accounts(e2e_env)
     accounts.create_customer("acme", plan="payg")
     accounts.grant_credits("acme", "1")
@@ -146,14 +147,14 @@ def test_a_client_gone_mid_stream_is_recorded_as_aborted_and_not_charged(
     output = server.stop()
     assert "meterware:" not in output
     (event,) = _events(accounts)
-    assert (event.outcome, event.billable) == ("aborted", False)
+    assert (event.outcome, event.billable) == ("aborted", True)
     assert event.duration_us < 1_500_000  # not run to its end
     subprocess.run(
         [sys.executable, "-m", "meterware", "rollup", "--once"], env=e2e_env, check=True, timeout=60
     )
     assert accounts.usage("acme").calls["aborted"] == 1
     balance = accounts.balance("acme")
-    assert (balance.balance, balance.reserved) == (1_000_000, 0)
+    assert (balance.balance, balance.reserved) == (1_000_000 - 10_000, 0)
 
 
 def _events(accounts: Accounts) -> list[UsageEvent]:

@@ -1,4 +1,4 @@
-"""A client that disconnects mid-stream: the call is recorded as aborted and never charged.
+"""A client that disconnects mid-stream: the call is recorded as aborted and charged for what it was served.
 
 The streaming endpoints here never watch for the disconnect themselves (many hand-written streams do not):
 the middleware must notice on its own, under uvicorn (ASGI) and gunicorn (WSGI).
@@ -23,6 +23,7 @@ from tests.faults.harness import (
     base_env,
     books,
     figures,
+    merged,
     open_accounts,
     provision,
     rollup_once,
@@ -47,14 +48,25 @@ def read_first_chunk_and_leave(port: int, path: str, key: str) -> None:
         assert received.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.parametrize("refund", [False, True], ids=["default", "refund-policy"])
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
-def test_client_leaving_mid_stream_is_aborted_and_not_charged(
-    kind: str, tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
+def test_client_leaving_mid_stream_is_aborted_and_pays_for_what_it_was_served(
+    kind: str,
+    refund: bool,
+    tmp_path: Path,
+    make_redis: Callable[..., FaultRedis],
+    make_app: Callable[..., App],
 ) -> None:
-    """Streams the client leaves after the first chunk: aborted, not charged; complete streams charged."""
+    """Streams the client leaves after the first chunk are aborted events. By default each is charged for
+    the call and the tokens its handler reported until it finished (under uvicorn the handler never sees
+    the client leave and runs to its end: every token counts); with ``policy.refund_aborted_streams`` they
+    are refunded. Complete streams are charged in full either way."""
     server = make_redis()
     config = tmp_path / "meterware.toml"
-    config.write_text(to_toml(base_config(server.url, tmp_path / "spool")))
+    # The default is not written out: the setting is the policy choice a deployment makes.
+    policy = {"policy": {"refund_aborted_streams": True}} if refund else {}
+    settings = merged(base_config(server.url, tmp_path / "spool"), policy)
+    config.write_text(to_toml(settings))
     accounts = open_accounts(config)
     key = provision(accounts).plaintext
     app = make_app(kind, base_env(config)).start()
@@ -66,21 +78,36 @@ def test_client_leaving_mid_stream_is_aborted_and_not_charged(
         for path in complete:
             response = client.get(f"{path}?n={CHUNKS}&delay=0.001")
             assert response.text.count("chunk") == CHUNKS
-    # The handlers of the streams left behind run on until their next write fails.
+    # The handlers of the streams left behind run on until they end (uvicorn) or their next write fails.
     wait_until(lambda: app.metrics().get("meterware_requests_total", 0) >= 8, 10, "every stream ended")
     app.stop()
     rollup_once(base_env(config), tmp_path / "rollup.log")
 
     stream = Stream.read(server.client())
     stream.assert_no_duplicates()
-    outcomes = {event.route: event.outcome for event in stream.events}
-    assert {path: outcomes.get(path) for path in left} == dict.fromkeys(left, "aborted")
-    assert {path: outcomes.get(path) for path in complete} == dict.fromkeys(complete, "success")
+    events = {event.route: event for event in stream.events}
+    assert {path: events[path].outcome for path in left} == dict.fromkeys(left, "aborted")
+    assert {path: events[path].billable for path in left} == dict.fromkeys(left, not refund)
+    assert {path: events[path].outcome for path in complete} == dict.fromkeys(complete, "success")
+    left_tokens = [int(events[path].units.get("tokens", 0)) for path in left]
+    if kind == "uvicorn":
+        assert left_tokens == [CHUNKS] * len(left)
+    else:  # gunicorn closes the handler's generator at the write that fails
+        assert all(1 <= tokens <= CHUNKS for tokens in left_tokens), left_tokens
     ledger = books(accounts)
     assert ledger.calls["aborted"] == len(left)
     assert ledger.calls["success"] == len(complete)
-    assert ledger.tokens == len(complete) * CHUNKS
+    served_tokens = 0 if refund else sum(left_tokens)
+    assert ledger.tokens == len(complete) * CHUNKS + served_tokens
     expected = len(complete) * (CALL_PRICE + CHUNKS * TOKEN_PRICE)
+    if not refund:
+        expected += len(left) * CALL_PRICE + served_tokens * TOKEN_PRICE
     assert ledger.spend == ledger.charged == stream.charged() == expected
     assert ledger.reserved == 0
-    figures(f"disconnect-{kind}", aborted=len(left), complete=len(complete), charged_micros=ledger.charged)
+    figures(
+        f"disconnect-{kind}-{'refund' if refund else 'default'}",
+        aborted=len(left),
+        aborted_tokens=left_tokens,
+        complete=len(complete),
+        charged_micros=ledger.charged,
+    )

@@ -237,13 +237,10 @@ def _sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis
         nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
         return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **auth, **options), None
     if target.kind == "sentinel":
-        # redis-py leaves the synchronous Sentinel untyped.
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts), sentinel_kwargs=dict(options), **options
-        )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, db=target.db, retry=retry, **auth
-        )
+        # Sentinel is untyped before redis-py 6 and typed since: called through Any, both pass mypy.
+        untyped_sentinel: Any = redis.sentinel.Sentinel
+        sentinel = untyped_sentinel(list(target.hosts), sentinel_kwargs=dict(options), **options)
+        client: redis.Redis = sentinel.master_for(target.service, db=target.db, retry=retry, **auth)
         return client, sentinel
     return redis.Redis.from_url(target.url, retry=retry, **options), None
 
@@ -263,7 +260,9 @@ def _async_client(
         client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **auth, **options)
         return client, None
     if target.kind == "sentinel":
-        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        # As the synchronous one: untyped before redis-py 6, typed since.
+        untyped_sentinel: Any = redis.asyncio.sentinel.Sentinel
+        sentinel: redis.asyncio.sentinel.Sentinel = untyped_sentinel(
             list(target.hosts), sentinel_kwargs=dict(options), **options
         )
         return sentinel.master_for(target.service, db=target.db, retry=retry, **auth), sentinel

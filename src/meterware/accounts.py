@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from meterware._core import Customer, KeyRecord, period_bounds
@@ -348,11 +349,21 @@ class Accounts:
         self, customer_id: str, *, period_start: int | None = None, at: float | None = None
     ) -> Invoice:
         """The invoice of the period starting at ``period_start`` (default: the period containing ``at``,
-        default now): frozen if the period was closed, otherwise a preview of its usage so far."""
+        default now): frozen if the period was closed, otherwise a preview of its usage so far.
+
+        A period that ends by the customer's billing anchor is refused: the customer had no plan then,
+        so neither a base fee nor a minimum (periods_to_close never closes one either).
+        """
         customer = self.customer(customer_id)
         plan = self.config.plan(customer.plan)
         instant = (time.time() if at is None else at) if period_start is None else period_start
         bounds = period_bounds(customer.anchor, plan.period, instant)
+        if bounds[1] <= customer.anchor:
+            first = datetime.fromtimestamp(customer.anchor, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            raise UsageError(
+                f"{customer_id} has no billing period before its first, which starts at "
+                f"{first} ({customer.anchor})"
+            )
         if period_start is not None and bounds[0] != period_start:
             raise UsageError(
                 f"no billing period of {customer_id} starts at {period_start}; "

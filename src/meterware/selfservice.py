@@ -182,7 +182,10 @@ class AccountView:
                 for limit in plan.rate_limits
             ],
             # Test keys are never charged: their invoice would be the live one, so it is not shown.
-            "invoice": accounts.invoice(customer_id).as_dict() if live else None,
+            # Nor before the customer's first period (an anchor in the future): there is no invoice yet.
+            "invoice": accounts.invoice(customer_id).as_dict()
+            if live and report.period_end > customer.anchor
+            else None,
             "as_of": int(time.time()),
         }
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from meterware._core import Customer, KeyRecord, period_bounds
 from meterware.alerts import Alert, read_alerts, rules_from_json, rules_to_json
@@ -23,8 +23,9 @@ from meterware.events import OUTCOMES
 from meterware.invoices import Invoice, close, periods_to_close, preview
 from meterware.keys import NewKey, generate_key
 from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, Lot, expire_due_grants, new_grant_id, replay
+from meterware.rollup.aggregate import parse_columns
 from meterware.storage import open_storage
-from meterware.storage._keyspace import CUSTOMER_ID_RE
+from meterware.storage._keyspace import CUSTOMER_ID_RE, shard_of
 from meterware.storage.base import Balance, LedgerEntry, Storage
 
 
@@ -61,6 +62,8 @@ def _one_line(text: str) -> str:
 
 #: 9999-12-31T23:59:59Z: billing periods are computed with datetime, which ends in year 9999.
 LATEST_ANCHOR = 253_402_300_799
+#: Stream entries read at most to count the events waiting for the rollup (about batch_size events each).
+PENDING_SCAN: Final = 10_000
 
 
 class Accounts:
@@ -342,6 +345,27 @@ class Accounts:
         calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
         meters = {name: totals.get(name, 0) for name in self.config.meters}
         return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))
+
+    def pending_events(self, customer_id: str) -> tuple[int, bool]:
+        """Events on the customer's shard flushed but not rolled up yet, and whether that is all of them.
+
+        Usage reports lag by these. At most ``PENDING_SCAN`` stream entries are read (the count is then a
+        lower bound: False).
+        """
+        storage = self.storage
+        shard = shard_of(self.customer(customer_id).id, storage.shards)
+        after = storage.committed_offset(shard)
+        events = read = 0
+        while read < PENDING_SCAN:
+            entries = storage.read_stream(shard, after, min(1000, PENDING_SCAN - read))
+            if not entries:
+                return events, True
+            read += len(entries)
+            after = entries[-1].entry_id
+            for entry in entries:
+                parsed = parse_columns(entry.fields, self.config.meters)
+                events += 0 if isinstance(parsed, str) else len(parsed[1])  # a dead letter holds none
+        return events, not storage.read_stream(shard, after, 1)
 
     # -- invoices
 

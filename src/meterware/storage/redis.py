@@ -811,6 +811,17 @@ class RedisStorage:
         with self._call() as client:
             return int(client.xlen(ks.events(shard)))
 
+    def lease_holder(self, shard: int) -> tuple[str, int] | None:
+        """Who holds the shard's rollup lease, and until when (epoch ms); None when no one does."""
+        with self._call() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.get(ks.lease(shard))
+            pipe.pttl(ks.lease(shard))
+            owner, ttl_ms = pipe.execute()
+        if owner is None or ttl_ms < 0:
+            return None
+        return _text(owner), time.time_ns() // 1_000_000 + int(ttl_ms)
+
     def dead_letters(self, shard: int) -> list[StreamEntry]:
         """Entries the worker could not decode (for inspection)."""
         with self._call() as client:

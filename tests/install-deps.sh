@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install the system programs the test suite runs (it starts its own servers from them):
-# redis-server and redis-cli (Redis 7, the cluster tests need redis-cli) and promtool (checks the
-# Prometheus rules and dashboard queries in examples/). Debian/Ubuntu, with apt-get.
+# Install the system programs the test command needs on a fresh Debian/Ubuntu machine, with apt-get:
+# python3-venv (Debian's python3 cannot make a venv without it), redis-server and redis-cli (Redis 7, the
+# cluster tests need redis-cli) and promtool (checks the Prometheus rules and dashboard queries in
+# examples/). The tests start their own servers from them.
 set -euo pipefail
 missing=()
+python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
 command -v promtool >/dev/null || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0

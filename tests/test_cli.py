@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -375,6 +376,8 @@ def test_usage_reports_the_rolled_up_period(cli: Cli, redis_url: str) -> None:
         "meters": {"calls": 2, "tokens": 0},
         "calls": {"success": 2, "client_error": 0, "server_error": 1, "aborted": 0, "rejected": 0},
         "spend_micros": 4000,
+        "pending_events": 0,
+        "pending_events_complete": True,
     }
     text = cli("usage", "acme").out.splitlines()
     assert text[0].startswith("acme (live) ")
@@ -611,3 +614,53 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert invoice[0].split()[2:5] == ["bigco,", "plan", "pro,"]
     assert invoice[1].split()[:8] == ["calls", "16", "units,", "10", "included,", "6", "billed,", "0.005"]
     assert invoice[-1].split() == ["total", "0.03"]  # 6 calls over the included 10, at 0.005
+
+
+# -- what the worker and usage say while behind -----------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_rollup_once_says_which_shards_a_crashed_worker_still_holds(
+    cli: Cli, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--once cannot take shards whose lease another (crashed) worker holds: it names each, with the
+    holder and until when, and exits 3; once the lease is gone it rolls them up and exits 0."""
+    create_customer(cli)
+    record_calls(redis_url, "acme", [("success", True)])
+    config = Config.from_file(EXAMPLE)
+    storage = open_storage(redis_url, shards=config.shards)
+    shard = shard_of("acme", config.shards)
+    before = time.time()
+    assert storage.acquire_lease(shard, "crashed:1234:abcd", 60_000) is not None
+    caplog.set_level("INFO", logger="meterware.rollup")
+    assert cli("rollup", "--once").code == 3
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    prefix = f"shard {shard} not rolled up: worker crashed:1234:abcd holds its lease until "
+    assert line.startswith(prefix), line
+    until = datetime.strptime(line[len(prefix) :].split()[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert before + 58 <= until.timestamp() <= time.time() + 60
+    assert cli("usage", "acme", "--json").json()["calls"]["success"] == 0
+    storage.release_lease(shard, "crashed:1234:abcd")
+    caplog.clear()
+    assert cli("rollup", "--once").code == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert cli("usage", "acme", "--json").json()["calls"]["success"] == 1
+    storage.close()
+
+
+@pytest.mark.redis
+def test_usage_says_how_many_events_wait_for_the_rollup(cli: Cli, redis_url: str) -> None:
+    """Events flushed but not rolled up yet are counted and shown, so zeros are not taken for the truth."""
+    create_customer(cli)
+    record_calls(redis_url, "acme", [("success", True), ("success", True), ("server_error", True)])
+    report = cli("usage", "acme", "--json").json()
+    assert report["calls"]["success"] == 0
+    assert report["pending_events"] == 3
+    text = cli("usage", "acme").out.splitlines()
+    assert text[-1] == (
+        "  3 events on acme's shard wait for the rollup (meterware rollup): the figures above are behind"
+    )
+    assert cli("rollup", "--once").code == 0
+    report = cli("usage", "acme", "--json").json()
+    assert (report["calls"]["success"], report["pending_events"]) == (2, 0)
+    assert "wait for the rollup" not in cli("usage", "acme").out

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -425,3 +426,34 @@ def _value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_value(item) for item in value) + "]"
     return json.dumps(value)
+
+
+def test_cli_invoice_of_an_unknown_customer_or_before_the_first_period_is_refused(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No invoice (nor base fee, nor minimum) for a customer that does not exist, or for a period that
+    ended before the customer's billing anchor: an error naming it, exit status 1."""
+    url = f"memory://{uuid.uuid4().hex}"
+    config = tmp_path / "meterware.toml"
+    config.write_text(_toml(settings(url)), encoding="utf-8")
+    api = Api(url)
+    customer = api.customer("pro")
+    anchor = api.accounts.customer(customer).anchor
+
+    def fails(*args: str) -> str:
+        capsys.readouterr()
+        assert main([*args, "--config", str(config)]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        return captured.err.splitlines(keepends=True)[-1]  # after memory://'s note
+
+    assert fails("invoice", "ghost") == "meterware: error: no customer 'ghost'\n"
+    for before in (str(anchor - 1), str(anchor - 40 * DAY), "2001-01-01"):
+        assert fails("invoice", customer, "--period", before) == (
+            f"meterware: error: {customer} has no billing period before its first, which starts at "
+            f"{datetime.fromtimestamp(anchor, UTC):%Y-%m-%d %H:%M:%S}Z ({anchor})\n"
+        )
+    capsys.readouterr()
+    assert main(["invoice", customer, "--period", str(anchor), "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["period_start"] == anchor
+    api.close()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
 from meterware._core import Customer, KeyRecord, period_bounds
 from meterware.alerts import Alert, read_alerts, rules_from_json, rules_to_json
@@ -22,8 +23,9 @@ from meterware.events import OUTCOMES
 from meterware.invoices import Invoice, close, periods_to_close, preview
 from meterware.keys import NewKey, generate_key
 from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, Lot, expire_due_grants, new_grant_id, replay
+from meterware.rollup.aggregate import parse_columns
 from meterware.storage import open_storage
-from meterware.storage._keyspace import check_customer_id
+from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import Balance, LedgerEntry, Storage
 
 
@@ -60,6 +62,8 @@ def _one_line(text: str) -> str:
 
 #: 9999-12-31T23:59:59Z: billing periods are computed with datetime, which ends in year 9999.
 LATEST_ANCHOR = 253_402_300_799
+#: Stream entries read at most to count the events waiting for the rollup (about batch_size events each).
+PENDING_SCAN: Final = 10_000
 
 
 class Accounts:
@@ -342,17 +346,48 @@ class Accounts:
         meters = {name: totals.get(name, 0) for name in self.config.meters}
         return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))
 
+    def pending_events(self, customer_id: str) -> tuple[int, bool]:
+        """Events on the customer's shard flushed but not rolled up yet, and whether that is all of them.
+
+        Usage reports lag by these. At most ``PENDING_SCAN`` stream entries are read (the count is then a
+        lower bound: False).
+        """
+        storage = self.storage
+        shard = shard_of(self.customer(customer_id).id, storage.shards)
+        after = storage.committed_offset(shard)
+        events = read = 0
+        while read < PENDING_SCAN:
+            entries = storage.read_stream(shard, after, min(1000, PENDING_SCAN - read))
+            if not entries:
+                return events, True
+            read += len(entries)
+            after = entries[-1].entry_id
+            for entry in entries:
+                parsed = parse_columns(entry.fields, self.config.meters)
+                events += 0 if isinstance(parsed, str) else len(parsed[1])  # a dead letter holds none
+        return events, not storage.read_stream(shard, after, 1)
+
     # -- invoices
 
     def invoice(
         self, customer_id: str, *, period_start: int | None = None, at: float | None = None
     ) -> Invoice:
         """The invoice of the period starting at ``period_start`` (default: the period containing ``at``,
-        default now): frozen if the period was closed, otherwise a preview of its usage so far."""
+        default now): frozen if the period was closed, otherwise a preview of its usage so far.
+
+        A period that ends by the customer's billing anchor is refused: the customer had no plan then,
+        so neither a base fee nor a minimum (periods_to_close never closes one either).
+        """
         customer = self.customer(customer_id)
         plan = self.config.plan(customer.plan)
         instant = (time.time() if at is None else at) if period_start is None else period_start
         bounds = period_bounds(customer.anchor, plan.period, instant)
+        if bounds[1] <= customer.anchor:
+            first = datetime.fromtimestamp(customer.anchor, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            raise UsageError(
+                f"{customer_id} has no billing period before its first, which starts at "
+                f"{first} ({customer.anchor})"
+            )
         if period_start is not None and bounds[0] != period_start:
             raise UsageError(
                 f"no billing period of {customer_id} starts at {period_start}; "

@@ -273,6 +273,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
                 f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}"
             ) from None
     report = accounts.usage(args.customer, live=not args.test, at=at)
+    pending, complete = accounts.pending_events(args.customer)
     lines = [
         f"{report.customer} ({'live' if report.live else 'test'}) "
         f"{_when(report.period_start)} .. {_when(report.period_end)}",
@@ -280,7 +281,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
         "  calls: " + ", ".join(f"{outcome} {count}" for outcome, count in report.calls.items()),
         f"  spend: {format_credits(report.spend)} credits",
     ]
-    return _emit(args, report.as_dict(), "\n".join(lines))
+    if pending:
+        # Usage is the rollup's: events still in the stream (of this customer's shard) are not in it yet.
+        lines.append(
+            f"  {'' if complete else 'at least '}{pending} events on {report.customer}'s shard wait for "
+            "the rollup (meterware rollup): the figures above are behind"
+        )
+    data = {**report.as_dict(), "pending_events": pending, "pending_events_complete": complete}
+    return _emit(args, data, "\n".join(lines))
 
 
 def cmd_plans_list(args: argparse.Namespace) -> int:

@@ -181,6 +181,9 @@ class Routes:
     weights: tuple[tuple[str, int], ...] = ()
     #: Globs of paths that serve live keys only: test keys get 403 ``test_key_not_allowed``.
     live_only: tuple[str, ...] = ()
+    #: Where the customer's own account (:mod:`meterware.selfservice`) is mounted, without a trailing
+    #: slash: never metered, with or without the slash and below it, whatever ``exclude`` says.
+    account: str | None = None
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _live_only_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _weight_res: tuple[tuple[re.Pattern[str], int], ...] = field(
@@ -201,8 +204,13 @@ class Routes:
         ``/health/../v1/paid`` as ``/v1/paid``, one that does not would serve ``/v1/paid/../../health``
         from ``/v1/paid``; either way an exclusion could let a metered route through.
         """
+        if _has_dot_segments(path):
+            return False
+        account = self.account
+        if account is not None and (path == account or path.startswith(f"{account}/")):
+            return True
         pattern = self._exclude_re
-        return pattern is not None and pattern.match(path) is not None and not _has_dot_segments(path)
+        return pattern is not None and pattern.match(path) is not None
 
     def is_live_only(self, path: str) -> bool:
         """Whether ``path`` refuses test keys (as written, or with its dot segments resolved)."""
@@ -717,6 +725,10 @@ def _parse(data: Mapping[str, Any]) -> Config:
     for glob in weights_table.data:
         weights.append((glob, weights_table.integer(glob, 1, minimum=0)))
     live_only = routes.strings("live_only", ())
+    raw_account = routes.get("account", str, None)
+    account = None if raw_account is None else raw_account.rstrip("/")
+    if account is not None and (not account.startswith("/") or _has_dot_segments(account)):
+        raise ConfigError(routes.name("account"), f"must be a path like /v1/account, got {raw_account!r}")
     routes.done()
 
     _check_call_costs(plans, meters, max([1, *(weight for _, weight in weights)]))
@@ -778,7 +790,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         meters=meters,
         plans=plans,
         default_plan=default_plan,
-        routes=Routes(exclude, tuple(weights), live_only),
+        routes=Routes(exclude, tuple(weights), live_only, account),
         policy=parsed_policy,
         pipeline=parsed_pipeline,
         rollup=parsed_rollup,

@@ -7,10 +7,14 @@ Mount it with one line, with the configuration the middleware reads::
         app.wsgi_app, {"/v1/account": meterware.selfservice.wsgi_app()}
     )
 
+and name the mount path in the configuration, ``routes.account = "/v1/account"``: the middleware never
+meters it (with or without a trailing slash, whatever ``routes.exclude`` says), so a customer out of
+credits or over a hard quota reads their account, for free. An endpoint reached through a metered call
+answers 500 (not charged) with the line to add, rather than bill the read.
+
 A ``GET`` with the caller's key (the headers or query parameter of ``policy``, as the middleware reads
 it) returns JSON; a missing, malformed, unknown, revoked or expired key gets the middleware's 401 problem
 document. Usage comes from the rollup (the worker's lag behind), the balance and the key from the backend.
-List the mount path under ``routes.exclude`` so reading one's account is not a metered call.
 
 Unknown keys cost a bounded number of backend lookups: each is refused without one for a second once
 looked up (as the middleware does), and lookups of keys this process has not seen resolve take a token
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -38,12 +43,15 @@ from meterware.accounts import Accounts
 from meterware.config import MICROS_PER_CREDIT, Config, resolve_config
 from meterware.errors import NotFoundError, StorageError
 from meterware.keys import hash_key, is_well_formed, key_from_headers
+from meterware.usage import current
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from starlette.types import Receive, Scope, Send
 
 __all__ = ["AccountView", "SelfServiceApp", "SelfServiceWSGIApp", "asgi_app", "wsgi_app"]
+
+logger = logging.getLogger("meterware.selfservice")
 
 Headers = list[tuple[bytes, bytes]]
 _JSON: Final = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
@@ -129,6 +137,13 @@ class AccountView:
                 if self._accounts is None:
                     self._accounts = Accounts.open(self.config)
         return self._accounts
+
+    def metered(self, mount: str) -> tuple[int, Headers, bytes]:
+        """The answer when the middleware metered this request: a 500 (never charged) naming the fix."""
+        line = f'routes.account = "{mount or "/"}"'
+        detail = f"This endpoint is metered: set {line} in the configuration the middleware reads."
+        logger.error("meterware: the account endpoint at %s is metered; set %s", mount or "/", line)
+        return _json(500, {"title": "Account endpoint metered", "status": 500, "detail": detail})
 
     def respond(
         self, method: str, headers: Iterable[tuple[bytes, bytes]], query_string: bytes
@@ -228,7 +243,10 @@ class AccountView:
                 for limit in plan.rate_limits
             ],
             # Test keys are never charged: their invoice would be the live one, so it is not shown.
-            "invoice": accounts.invoice(customer_id).as_dict() if live else None,
+            # Nor before the customer's first period (an anchor in the future): there is no invoice yet.
+            "invoice": accounts.invoice(customer_id).as_dict()
+            if live and report.period_end > customer.anchor
+            else None,
             "as_of": int(time.time()),
         }
 
@@ -258,9 +276,12 @@ class SelfServiceApp:
         if scope["type"] != "http":
             return
         method = scope["method"]
-        status, headers, body = await asyncio.to_thread(
-            self.view.respond, method, scope["headers"], scope.get("query_string", b"")
-        )
+        if current() is not None:
+            status, headers, body = self.view.metered(scope.get("root_path", ""))
+        else:
+            status, headers, body = await asyncio.to_thread(
+                self.view.respond, method, scope["headers"], scope.get("query_string", b"")
+            )
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
@@ -287,7 +308,10 @@ class SelfServiceWSGIApp:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
-        status, headers, body = self.view.respond(method, _environ_headers(environ), query)
+        if current() is not None:
+            status, headers, body = self.view.metered(str(environ.get("SCRIPT_NAME", "")))
+        else:
+            status, headers, body = self.view.respond(method, _environ_headers(environ), query)
         start_response(
             f"{status} {HTTPStatus(status).phrase}",
             [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],

@@ -666,6 +666,23 @@ def test_lease_fence_grows_only_on_fresh_acquisition(storage: Storage) -> None:
     assert storage.acquire_lease(1, "worker-a", 10_000) == 1
 
 
+def test_lease_holder_names_the_owner_and_when_the_lease_runs_out(storage: Storage) -> None:
+    """Who holds a shard's lease and until when (epoch ms), as long as it is held; None otherwise."""
+    assert storage.lease_holder(2) is None
+    before = time.time_ns() // 1_000_000
+    storage.acquire_lease(2, "worker-a", 10_000)
+    holder = storage.lease_holder(2)
+    assert holder is not None
+    owner, until_ms = holder
+    assert owner == "worker-a"
+    assert before + 9_000 <= until_ms <= time.time_ns() // 1_000_000 + 10_000
+    storage.release_lease(2, "worker-a")
+    assert storage.lease_holder(2) is None
+    storage.acquire_lease(2, "worker-b", 1)
+    time.sleep(0.02)
+    assert storage.lease_holder(2) is None  # ran out
+
+
 def test_lease_expires(storage: Storage) -> None:
     """A lease not renewed within its ttl can be taken by another owner, with a new token."""
     assert storage.acquire_lease(3, "worker-a", 1) == 1

@@ -403,7 +403,9 @@ def run_worker(
 
     ``0`` when done, ``1`` when the backend failed (``--once``), cannot be opened, or the metrics port
     cannot be bound, ``2`` for a backend that cannot be rolled up from another process (``memory://``),
-    or a webhook without its secret in the environment.
+    or a webhook without its secret in the environment, ``3`` when ``--once`` could not take every
+    shard: other workers hold their leases (each is logged with its holder and until when; a crashed
+    worker's lease runs out after ``rollup.lease_seconds``), so those shards were not rolled up.
     ``metrics``: serve the worker's metrics over HTTP meanwhile.
     """
     if config.storage.startswith("memory:"):
@@ -443,13 +445,29 @@ def _run(worker: RollupWorker, stop: threading.Event, once: bool) -> int:
             return 0
         try:
             events = worker.drain()
+            # Shards another worker (or one that crashed, until its lease runs out) holds were not read.
+            held = [
+                (shard, holder)
+                for shard in worker.shards
+                if shard not in worker.owned and (holder := worker.storage.lease_holder(shard)) is not None
+            ]
         except StorageError as error:
             logger.error("backend error: %s", error)
             return 1
         finally:
             worker.release()
         logger.info("rolled up %d events", events)
-        return 0
+        for shard, (owner, until_ms) in held:
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until_ms / 1000))
+            left = max(0.0, until_ms / 1000 - time.time())
+            logger.error(
+                "shard %d not rolled up: worker %s holds its lease until %s (%.0fs from now)",
+                shard,
+                owner,
+                until,
+                left,
+            )
+        return 3 if held else 0
 
 
 @contextmanager

@@ -512,6 +512,12 @@ class MemoryStorage:
         with self._lock:
             return len(self._shards[shard].stream)
 
+    def lease_holder(self, shard: int) -> tuple[str, int] | None:
+        """Who holds the shard's rollup lease, and until when (epoch ms); None when no one does."""
+        with self._lock:
+            lease = self._shards[shard].lease
+            return lease if lease is not None and lease[1] > _now_ms() else None
+
     def dead_letters(self, shard: int) -> list[StreamEntry]:
         """Entries the worker could not decode (for inspection)."""
         with self._lock:

@@ -238,13 +238,10 @@ def _sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis
         nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
         return redis.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **auth, **options), None
     if target.kind == "sentinel":
-        # redis-py leaves the synchronous Sentinel untyped.
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts), sentinel_kwargs=dict(options), **options
-        )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, db=target.db, retry=retry, **auth
-        )
+        # Sentinel is untyped before redis-py 6 and typed since: called through Any, both pass mypy.
+        untyped_sentinel: Any = redis.sentinel.Sentinel
+        sentinel = untyped_sentinel(list(target.hosts), sentinel_kwargs=dict(options), **options)
+        client: redis.Redis = sentinel.master_for(target.service, db=target.db, retry=retry, **auth)
         return client, sentinel
     return redis.Redis.from_url(target.url, retry=retry, **options), None
 
@@ -264,7 +261,9 @@ def _async_client(
         client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, retry=retry, **auth, **options)
         return client, None
     if target.kind == "sentinel":
-        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        # As the synchronous one: untyped before redis-py 6, typed since.
+        untyped_sentinel: Any = redis.asyncio.sentinel.Sentinel
+        sentinel: redis.asyncio.sentinel.Sentinel = untyped_sentinel(
             list(target.hosts), sentinel_kwargs=dict(options), **options
         )
         return sentinel.master_for(target.service, db=target.db, retry=retry, **auth), sentinel
@@ -851,6 +850,17 @@ class RedisStorage:
     def stream_length(self, shard: int) -> int:
         with self._call() as client:
             return int(client.xlen(ks.events(shard)))
+
+    def lease_holder(self, shard: int) -> tuple[str, int] | None:
+        """Who holds the shard's rollup lease, and until when (epoch ms); None when no one does."""
+        with self._call() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.get(ks.lease(shard))
+            pipe.pttl(ks.lease(shard))
+            owner, ttl_ms = pipe.execute()
+        if owner is None or ttl_ms < 0:
+            return None
+        return _text(owner), time.time_ns() // 1_000_000 + int(ttl_ms)
 
     def dead_letters(self, shard: int) -> list[StreamEntry]:
         """Entries the worker could not decode (for inspection)."""

@@ -456,6 +456,12 @@ INVALID = [
         id="included-bool",
     ),
     pytest.param(
+        plan_meter({"included": 2**53}),
+        "plans.p.meters.tokens.included",
+        "must be at most 9007199254740991",
+        id="included-past-2-53",
+    ),
+    pytest.param(
         plan_meter({"quota_mode": "strict"}),
         "plans.p.meters.tokens.quota_mode",
         "must be one of 'hard', 'soft', got 'strict'",

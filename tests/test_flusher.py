@@ -18,7 +18,16 @@ import pytest
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import ConfigError, StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, format_event_id, new_event_id
-from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
+from meterware.flusher import (
+    MAX_BACKOFF_SECONDS,
+    AsyncFlusher,
+    EventBuffer,
+    Pending,
+    Pipeline,
+    Spool,
+    ThreadFlusher,
+    make_batches,
+)
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from tests.servers import free_port
@@ -256,6 +265,7 @@ def test_flush_sync_spools_when_the_backend_fails_and_replays_with_the_same_ids(
 ) -> None:
     """Batches that fail go to the spool; a later flush replays them with their ids, exactly once."""
     pipeline = Pipeline(config(tmp_path))
+    pipeline.backoff = MAX_BACKOFF_SECONDS  # the pass never retries (however long spooling takes)
     for number, shard in enumerate([0, 1, 2, 0]):
         pipeline.put(pending(number, shard))
     with caplog.at_level(logging.WARNING, logger="meterware.flusher"):
@@ -505,6 +515,7 @@ def test_flush_async_failure_spools_what_was_not_written_and_the_replay_complete
     """A flush fails while others are in flight: the ones answered are written, the failed one and the
     ones not sent go to the spool, and the replay writes each event exactly once."""
     pipeline = Pipeline(config(tmp_path, batch_size=2))
+    pipeline.backoff = MAX_BACKOFF_SECONDS  # the first pass never replays (however long it takes)
     for number in range(16):
         pipeline.put(pending(number, number % SHARDS))  # the batches alternate shards
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-from meterware._unsettled import Change, Unsettled
+from meterware._unsettled import Snapshot, Unsettled
 from meterware.config import Meter, Plan, Policy
 from meterware.events import Outcome
 
@@ -128,11 +128,12 @@ class AdmitRequest:
         """Whether calls spend the prepaid credit balance (live keys on prepaid plans)."""
         return self.live and self.plan.prepaid
 
-    def unsettled_changes(self) -> list[tuple[str, Change]]:
-        """``(batch id, change)`` still to come for this call's counters (the id "" if not in a batch)."""
+    def unsettled_changes(self) -> Snapshot | None:
+        """What this process's finished calls still change of this call's counters (None: nothing)."""
         if self.unsettled is None:
-            return []
-        return self.unsettled.of((self.customer, self.live, self.period_start))
+            return None
+        snapshot = self.unsettled.of((self.customer, self.live, self.period_start))
+        return snapshot if snapshot.changes else None
 
 
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.

@@ -229,7 +229,7 @@ class Metering:
         self._measured: dict[tuple[int, int], Measured] = {}
         #: By the settled meters' identity, billable, and whether a reservation is held: what calls of
         #: the same terms change at admission until flushed (kept with the settled meters they name).
-        self._changes: dict[
+        self._call_changes: dict[
             tuple[int, bool, bool], tuple[SettledMeters, tuple[tuple[str, int, int], ...]]
         ] = {}
         self.pipeline = Pipeline(
@@ -516,7 +516,7 @@ class Metering:
             self._headers(decision),
             left=decision.calls,
             until=time.monotonic() + self.policy.lease_seconds,
-            captures=all(hold.exact for hold in request.holds),
+            captures=captures(request, decision),
             credits_left=decision.reserved_credits,
             held_left=[hold.hold * decision.calls for hold in request.holds],
         )
@@ -640,15 +640,17 @@ class Metering:
             return account, released, _meter_changes(settled, billable, freed)
         holding = bool(call.decision.reservation_id)  # else served fail-open: it only charges
         released = call.decision.reserved_credits if holding else 0
+        freed = [hold.hold for hold in request.holds] if holding else [0] * len(request.holds)
+        if not self._calls_only:
+            return account, released, _meter_changes(settled, billable, freed)
         # Calls of the same terms share their settled meters (``_measure``): their changes too.
         # (Benchmark: Metering.finish in benchmarks/micro.py.)
         cache_key = (id(settled), billable, holding)
-        cached = self._changes.get(cache_key)
+        cached = self._call_changes.get(cache_key)
         if cached is None or cached[0] is not settled:
-            freed = [hold.hold for hold in request.holds] if holding else [0] * len(request.holds)
-            if len(self._changes) >= KEY_CACHE_MAX_ENTRIES:
-                self._changes.clear()
-            cached = self._changes[cache_key] = (settled, _meter_changes(settled, billable, freed))
+            if len(self._call_changes) >= KEY_CACHE_MAX_ENTRIES:
+                self._call_changes.clear()
+            cached = self._call_changes[cache_key] = (settled, _meter_changes(settled, billable, freed))
         return account, released, cached[1]
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
@@ -865,9 +867,9 @@ class Metering:
             status, outcome = call.status, classify(call.status)
         billable = is_billable(outcome, sent, self.policy)
         request = call.request
-        _, units, settled, counted = self._measure(call, ended)
         # Units reported from now on (by work the handler left running) miss the event: counted as rejected.
         call.usage.late = self._reject_late_units
+        _, units, settled, counted = self._measure(call, ended)
         if call.usage.rejected:
             self.metrics.units_rejected.inc(call.usage.rejected)
         now_ms = time.time_ns() // 1_000_000
@@ -1057,6 +1059,17 @@ Measured = tuple[tuple[MeterHold, ...], dict[str, int | str], SettledMeters, Uni
 def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:
     """What a call's settlement charges of each held meter: ``(meter, units, price, included)``."""
     return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+
+
+def captures(request: AdmitRequest, decision: Decision) -> bool:
+    """Whether a lease's calls take their share out of its block as they settle: when every meter a call
+    holds counts calls (a call's units are then its own hold) and the block holds each call's full price
+    (a block that spans the included units holds less for some calls: what a call's settlement takes of it
+    then depends on the order the calls are flushed in, which admission cannot know)."""
+    if not all(hold.exact for hold in request.holds):
+        return False
+    price = sum(hold.hold * hold.price for hold in request.holds) if request.charges_credits else 0
+    return decision.reserved_credits == decision.calls * price
 
 
 def _meter_changes(

@@ -14,7 +14,10 @@ flush lands. Changes not in a batch yet are counted as they are.
 
 from __future__ import annotations
 
+import os
+import random
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -25,6 +28,9 @@ Account = tuple[str, bool, int]
 #: Batches whose changes are remembered at most (a batch spooled by this process and replayed by
 #: another is never confirmed here); past it the oldest are forgotten (their markers exist by then).
 MAX_BATCHES: Final = 4096
+#: A batch's changes are forgotten this long after it was made, before its marker can expire (23 h of
+#: the 24 h the backend remembers a batch: a spooled batch older than this is never replayed).
+MAX_AGE_SECONDS: Final = 23 * 3600
 
 
 @dataclass(slots=True)
@@ -52,6 +58,24 @@ class Change:
 CallChange = tuple[Account, int, tuple[tuple[str, int, int], ...]]
 
 
+@dataclass(slots=True)
+class Snapshot:
+    """What an admission counts of one account's unsettled calls, as read when it is sent."""
+
+    #: ``(batch id, change)``; the id "" for calls not in a batch when read.
+    changes: list[tuple[str, Change]]
+    #: The reading process as a writer of batches, and the generation of its last batch then: if a batch
+    #: of a later generation is written before the admission runs, calls read as not in a batch may be
+    #: written already, and the admission is asked again.
+    writer: str
+    generation: int
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the admission must check that no later batch was written (calls not in a batch)."""
+        return any(not batch_id for batch_id, _ in self.changes)
+
+
 class Unsettled:
     """The changes of this process's finished calls that are not known to be written yet (thread-safe)."""
 
@@ -59,8 +83,12 @@ class Unsettled:
         self._lock = threading.Lock()
         #: Per account: its changes by batch id ("" for the calls not in a batch yet).
         self._changes: dict[Account, dict[str, Change]] = {}
-        #: The accounts of each batch, in the order the batches were made.
-        self._batches: dict[str, list[Account]] = {}
+        #: The accounts of each batch and when it was made (``time.monotonic()``), oldest first.
+        self._batches: dict[str, tuple[float, list[Account]]] = {}
+        #: Batches made so far, and the name of this process as a writer of batches (new after a fork).
+        self._generation = 0
+        self._writer = ""
+        self._pid = 0
 
     def add(self, change: CallChange) -> None:
         """A call finished: its settlement waits in the buffer."""
@@ -78,9 +106,13 @@ class Unsettled:
             for account, released, meters in changes:
                 self._unqueue(account, released, meters)
 
-    def batched(self, batch_id: str, changes: Iterable[CallChange]) -> None:
-        """The flusher took these calls into batch ``batch_id``: the backend knows when it is written."""
+    def batched(self, batch_id: str, changes: Iterable[CallChange]) -> tuple[str, int]:
+        """The flusher took these calls into batch ``batch_id``: the backend knows when it is written.
+
+        Return the batch's writer and generation (:attr:`Batch.writer`, :attr:`Batch.generation`).
+        """
         with self._lock:
+            self._generation += 1
             accounts = []
             for account, released, meters in changes:
                 self._unqueue(account, released, meters)
@@ -88,23 +120,55 @@ class Unsettled:
                     accounts.append(account)
                 self._change(account, batch_id).add(released, meters)
             if accounts:
-                if len(self._batches) >= MAX_BATCHES:
+                now = time.monotonic()
+                while self._batches and (
+                    len(self._batches) >= MAX_BATCHES
+                    or next(iter(self._batches.values()))[0] < now - MAX_AGE_SECONDS
+                ):
                     self._forget(next(iter(self._batches)))
-                self._batches[batch_id] = accounts
+                self._batches[batch_id] = now, accounts
+            return self.writer, self._generation
+
+    @property
+    def writer(self) -> str:
+        """This process's name as a writer of batches (random, and new in a forked child)."""
+        if self._pid != os.getpid():
+            self._pid, self._writer = os.getpid(), f"{random.getrandbits(64):016x}"
+        return self._writer
+
+    def split(self, batch_id: str, kept_id: str | None, refused: Iterable[str]) -> None:
+        """Batch ``batch_id`` is not written as it is: the calls of the ``refused`` customers are set
+        aside (they stop counting), the others' go on counting under ``kept_id`` (None: all set aside)."""
+        refused = set(refused)
+        with self._lock:
+            made, accounts = self._batches.pop(batch_id, (0.0, []))
+            kept = []
+            for account in accounts:
+                changes = self._changes[account]
+                change = changes.pop(batch_id)
+                if kept_id is not None and account[0] not in refused:
+                    changes[kept_id] = change
+                    kept.append(account)
+                elif not changes:
+                    del self._changes[account]
+            if kept_id is not None and kept:
+                self._batches[kept_id] = made, kept
 
     def settled(self, batch_id: str) -> None:
         """Batch ``batch_id`` is written (or never will be: it was dropped or set aside)."""
         with self._lock:
             self._forget(batch_id)
 
-    def of(self, account: Account) -> list[tuple[str, Change]]:
+    def of(self, account: Account) -> Snapshot:
         """The changes still to come for ``account``: ``(batch id, change)``, the id "" for calls not in a
-        batch yet (copies: calls go on while the caller reads them)."""
+        batch yet (copies: calls go on while the caller reads them), and the generation of the last batch
+        made when they were read (calls not in a batch then are in batches made after it)."""
         with self._lock:
             changes = self._changes.get(account)
             if not changes:
-                return []
-            return [(batch_id, _copy(change)) for batch_id, change in changes.items()]
+                return Snapshot([], self.writer, self._generation)
+            found = [(batch_id, _copy(change)) for batch_id, change in changes.items()]
+            return Snapshot(found, self.writer, self._generation)
 
     def _change(self, account: Account, batch_id: str) -> Change:
         changes = self._changes.get(account)
@@ -127,7 +191,7 @@ class Unsettled:
                 del self._changes[account]
 
     def _forget(self, batch_id: str) -> None:
-        for account in self._batches.pop(batch_id, ()):
+        for account in self._batches.pop(batch_id, (0.0, []))[1]:
             changes = self._changes.get(account)
             if changes is not None:
                 changes.pop(batch_id, None)

@@ -41,6 +41,8 @@ Admission = Literal["strict", "lease"]
 MICROS_PER_CREDIT = 1_000_000
 #: Largest amount in micro-credits: the Lua scripts compute in doubles, exact only up to 2**53.
 MAX_MICROS = 2**53 - 1
+#: Largest number of units in a counter or a term (the same reason).
+MAX_UNITS = 2**53 - 1
 #: Micro-credits one call may cost at most: the rollup refuses a cost of 16 digits (its whole batch would
 #: be a dead letter), and sums of a few such costs must stay exact.
 MAX_CALL_COST = 10**15 - 1
@@ -633,6 +635,8 @@ def _parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
             raise ConfigError(table.name("quota"), f"must be at least 0, got {quota}")
         hard = table.choice("quota_mode", ("hard", "soft"), "hard") == "hard"
         included = table.integer("included", 0)
+        if included > MAX_UNITS:
+            raise ConfigError(table.name("included"), f"must be at most {MAX_UNITS}, got {included}")
         table.seen.update(("price", "package", "tiers", "tier_mode"))
         price = parse_credits(table.data["price"], table.name("price")) if "price" in table.data else 0
         pricing = parse_price(table.data, where, included=included, prepaid=prepaid)

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, overload
 
@@ -139,8 +139,8 @@ class Batches(Sequence[Batch]):
         batch = self._batches.get(index)
         if batch is None:
             shard, group = self._groups[index]
-            batch = self._batches[index] = self._batch(shard, group, encode_rows(list(map(_row_of, group))))
-            self._name(batch, group)
+            batch = self._batch(shard, group, encode_rows(list(map(_row_of, group))))
+            batch = self._batches[index] = self._name(batch, group)
         return batch
 
     async def get_async(self, index: int) -> Batch:
@@ -149,14 +149,18 @@ class Batches(Sequence[Batch]):
         if batch is None:
             shard, group = self._groups[index]
             payload = await encode_rows_async(list(map(_row_of, group)))
-            batch = self._batches[index] = self._batch(shard, group, payload)
-            self._name(batch, group)
+            batch = self._batches[index] = self._name(self._batch(shard, group, payload), group)
         return batch
 
-    def _name(self, batch: Batch, group: list[Pending]) -> None:
-        """From now on the changes of the batch's calls count at admission until the batch is written."""
-        if self._unsettled is not None:
-            self._unsettled.batched(batch.batch_id, [item.change for item in group if item.change])
+    def _name(self, batch: Batch, group: list[Pending]) -> Batch:
+        """From now on the changes of the batch's calls count at admission until the batch is written:
+        the batch, with who made it and its generation."""
+        if self._unsettled is None:
+            return batch
+        writer, generation = self._unsettled.batched(
+            batch.batch_id, [item.change for item in group if item.change]
+        )
+        return replace(batch, writer=writer, generation=generation)
 
     @staticmethod
     def _batch(shard: int, group: list[Pending], payload: bytes) -> Batch:
@@ -514,8 +518,8 @@ class Pipeline:
             _count_events(aside),
             whose,
         )
-        # Not written as it is: its calls stop counting at admission (a part kept is counted once written).
-        self.unsettled.settled(batch.batch_id)
+        # What is set aside stops counting at admission; the rest counts under the id it is kept by.
+        self.unsettled.split(batch.batch_id, rest.batch_id if rest is not None else None, error.customers)
         try:
             if path is not None and rest is None:
                 path.rename(path.with_suffix(".refused"))
@@ -559,8 +563,13 @@ class Pipeline:
         backend remembers batch ids (set aside as ``.expired``: it may have been applied before the failure
         that spooled it, and a replay would then charge it twice)."""
         batch = self.spool.read(path)
-        if batch is None or time.time() - batch_time(batch) < REPLAY_WITHIN_SECONDS:
+        if batch is None:
+            # Damaged, or replayed by another process sharing the directory: not to be written from here.
+            self.unsettled.settled(path.stem)
+            return None
+        if time.time() - batch_time(batch) < REPLAY_WITHIN_SECONDS:
             return batch
+        self.unsettled.settled(batch.batch_id)
         self.stats.expired_batches += 1
         if self.metrics is not None:
             self.metrics.batches_expired.inc()

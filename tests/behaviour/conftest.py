@@ -47,6 +47,7 @@ def api_config(storage: str, spool_dir: Path, **sections: Any) -> dict[str, Any]
             },
             "percall": {"prepaid": True, "meters": {"calls": {"price": "0.01"}}},
             "tokens": {"prepaid": True, "meters": {"tokens": {"price": "0.0001"}}},
+            "starter": {"prepaid": True, "meters": {"calls": {"included": 5, "price": "0.01"}}},
             "pro": {"meters": {"calls": {"included": 3, "price": "0.5"}}},
             "tight": {"rate_limits": ["3/minute"]},
             "open": {},

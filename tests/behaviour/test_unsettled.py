@@ -21,7 +21,7 @@ def held_back(request: pytest.FixtureRequest, make_api: Any, tmp_path: Path) -> 
     """An app whose flusher does not flush during the test, in each admission mode."""
     return make_api(  # type: ignore[no-any-return]
         pipeline={"flush_interval": 60, "spool_dir": str(tmp_path / "held-spool")},
-        policy={"admission": request.param},
+        policy={"admission": request.param, "lease_calls": 10},
     )
 
 
@@ -58,10 +58,26 @@ def test_finished_calls_charges_count_before_they_are_flushed(held_back: Api) ->
     assert held_back.balance(key).balance == 10_000 - 2 * 60 * 100
 
 
-def test_finished_calls_count_in_the_quota_headers(held_back: Api) -> None:
-    """What a response says is left of a hard quota counts the calls finished before it."""
-    key = held_back.customer("free")
-    held_back.call("GET", "/v1/hello", key)
-    held_back.call("GET", "/v1/fail", key)
-    header = held_back.call("GET", "/v1/hello", key).headers["ratelimit"]
+def test_finished_calls_count_in_the_quota_headers(make_api: Any, tmp_path: Path) -> None:
+    """What a response says is left of a hard quota counts the calls finished before it (each call
+    admitted on its own: a lease's calls say what its block left when it was granted)."""
+    api = make_api(pipeline={"flush_interval": 60, "spool_dir": str(tmp_path / "held-spool")})
+    key = api.customer("free")
+    api.call("GET", "/v1/hello", key)
+    api.call("GET", "/v1/fail", key)
+    header = api.call("GET", "/v1/hello", key).headers["ratelimit"]
     assert '"quota-calls";r=3' in header
+
+
+def test_calls_across_the_included_units_never_overspend(held_back: Api) -> None:
+    """5 calls included, then 0.01 credits each, 0.05 credits granted: calls on two routes (two leases
+    under lease admission) are served while they are paid for, and the balance never goes below zero."""
+    key = held_back.customer("starter", credits="0.05")
+    statuses = [held_back.call("GET", ("/v1/hello", "/v1/heavy")[n % 2], key).status_code for n in range(14)]
+    assert set(statuses) <= {200, 402}
+    held_back.settle()
+    balance = held_back.balance(key)
+    assert balance.balance >= 0
+    assert balance.reserved == 0
+    served = statuses.count(200)
+    assert balance.balance == 50_000 - max(0, served - 5) * 10_000

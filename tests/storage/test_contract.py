@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
-from meterware._unsettled import Unsettled
+from meterware._unsettled import Snapshot, Unsettled
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import NotFoundError, StorageError
 from meterware.storage._keyspace import CUSTOMER_ID_RE, shard_of
@@ -146,6 +146,68 @@ def test_admission_counts_a_finished_calls_change_until_its_batch_is_written(sto
     unsettled.settled("batch-1")
     balance = storage.get_balance("acme")
     assert (balance.balance, balance.reserved) == (30, 30)
+
+
+class FlushWhileRead(Unsettled):
+    """Unsettled calls whose first reading lets a flush run (in a thread, given half a second) before
+    the admission that read them goes on: the flusher writing while an admission is on its way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.flush: Callable[[], object] = lambda: None
+        self.flushing = threading.Thread(target=lambda: self.flush())
+
+    def of(self, account: tuple[str, bool, int]) -> Snapshot:
+        snapshot = super().of(account)
+        self.reads += 1
+        if self.reads == 1:
+            self.flushing.start()
+            self.flushing.join(0.5)  # memory:// holds its lock while it admits: the flush waits for it
+        return snapshot
+
+
+@pytest.mark.parametrize("driver", ["sync", "asyncio"])
+def test_a_batch_written_while_an_admission_is_on_its_way_is_counted_once(
+    backend: Backend, driver: str
+) -> None:
+    """A call finished (10 credits reserved, 10 charged): the next admission reads it as not in a batch
+    yet, then the flusher batches and writes it before the admission runs. The admission counts it once:
+    on Redis it is answered STALE and asked again, on memory:// the flush waits for the admission."""
+    storage = backend.sync
+    open_account(storage, credits=30)
+    plan = make_plan(price=10, prepaid=True)
+    unsettled = FlushWhileRead()
+    first = admit_request(storage, plan)
+    decision = storage.admit(first)
+    change = (("acme", True, first.period_start), 10, (("calls", 1, 1),))
+    unsettled.add(change)
+
+    def flush_the_call() -> None:
+        writer, generation = unsettled.batched("batch-1", [change])
+        batch = Batch(first.shard, "batch-1", b"events", (settlement(first, decision),), writer, generation)
+        assert storage.flush(batch)
+
+    unsettled.flush = flush_the_call
+    second = replace(first, reservation_id=uuid.uuid4().hex, unsettled=unsettled)
+    if driver == "sync":
+        admitted = storage.admit(second)
+    else:
+
+        async def admit() -> Decision:
+            requests = backend.open_async()
+            try:
+                return await requests.admit(second)
+            finally:
+                await requests.aclose()
+
+        admitted = asyncio.run(admit())
+    assert admitted.available_credits == 30 - 10 - 10  # charged once, and its own 10 held
+    unsettled.flushing.join()
+    unsettled.settled("batch-1")
+    balance = storage.get_balance("acme")
+    assert (balance.balance, balance.reserved) == (20, 10)
+    assert unsettled.reads == (1 if backend.name == "memory" else 2)
 
 
 def test_admission_counts_what_finished_calls_charge_past_included_units(storage: Storage) -> None:

@@ -160,6 +160,11 @@ def flushed_batch(shard: int, batch_id: str) -> str:
     return f"{tag(shard)}:b:{batch_id}"
 
 
+def batch_writer(shard: int, writer: str) -> str:
+    """The highest generation written of the batches a process made (``Batch.writer``)."""
+    return f"{tag(shard)}:w:{writer}"
+
+
 def lease(shard: int) -> str:
     return f"{tag(shard)}:lease"
 

@@ -55,6 +55,11 @@ class Batch:
     payload: bytes
     #: One settlement per event, in order; ``None`` for events that hold nothing (refused calls).
     settlements: tuple[Settlement | None, ...]
+    #: The process that made it ("" if unknown, e.g. read from the spool) and its number among the
+    #: batches that process made: the backend keeps the highest number written, so an admission can tell
+    #: that a batch made after it read the process's unsettled calls has been written (_unsettled.py).
+    writer: str = ""
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)

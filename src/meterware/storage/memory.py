@@ -271,9 +271,11 @@ class MemoryStorage:
         process's finished calls still make, counted while their batches are not written (admit.lua)."""
         available = account.balance - account.reserved
         batches = self._shards[request.shard].batches
+        # Read under the storage's lock, as the flush writes: no batch lands in between (no guard needed).
+        snapshot = request.unsettled_changes()
         changes = [
             change
-            for batch_id, change in request.unsettled_changes()
+            for batch_id, change in (snapshot.changes if snapshot else ())
             if not batch_id or batches.get(batch_id, 0) <= now / 1000
         ]
         if not changes:

@@ -45,7 +45,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
-from meterware._unsettled import Change
+from meterware._unsettled import Snapshot
 from meterware.errors import NotFoundError, StorageError
 from meterware.ledger import default_grant
 from meterware.storage import _keyspace as ks
@@ -73,6 +73,18 @@ DEFAULT_TIMEOUT: Final = 5.0
 MAX_CONNECTIONS: Final = 64
 #: Rounds of admissions in flight at once per asyncio storage (two: one is written while the other waits).
 ADMISSION_ROUNDS: Final = 2
+#: Times a call is admitted when a batch of its process was written while the admission was on its way
+#: (so calls it counted as unwritten may be written: ``STALE``); the last time is not guarded.
+ADMIT_ATTEMPTS: Final = 3
+#: admit.lua's reply to a guarded call whose process wrote a batch since the call read its unsettled calls.
+STALE_REPLY: Final = -2
+
+
+class _Stale:
+    """An admission to ask again: see :data:`STALE_REPLY`."""
+
+
+STALE: Final = _Stale()
 #: A quota hash outlives its period by this much, so late settlements still find it.
 QUOTA_GRACE_SECONDS: Final = 35 * 86_400
 #: The longest billing period; a settlement only knows its period's start.
@@ -371,8 +383,12 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
     return template
 
 
-def admit_call(requests: Sequence[AdmitRequest]) -> tuple[list[str], list[Arg]]:
-    """KEYS and ARGV of ``admit.lua`` admitting ``requests`` (of one shard) in order."""
+def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``admit.lua`` admitting ``requests`` (of one shard) in order.
+
+    ``guarded``: a call whose unsettled calls were read outside any batch is answered ``STALE`` (and
+    writes nothing) if a batch its process made since has been written: it is to be asked again.
+    """
     keys: list[str] = []
     args: list[Arg] = [0]
     calls: list[Arg] = []
@@ -388,8 +404,8 @@ def admit_call(requests: Sequence[AdmitRequest]) -> tuple[list[str], list[Arg]]:
             keys += template_keys
             args += (len(template_keys), len(template_args), *template_args)
         calls += (number, request.reservation_id, "")
-        if changes := request.unsettled_changes():
-            unsettled.append((len(calls) - 1, _unsettled_rows(request, changes, markers)))
+        if snapshot := request.unsettled_changes():
+            unsettled.append((len(calls) - 1, _unsettled_rows(request, snapshot, markers, guarded)))
     for at, rows in unsettled:
         for row in rows:
             row[0] = row[0] and row[0] + len(keys)
@@ -399,11 +415,16 @@ def admit_call(requests: Sequence[AdmitRequest]) -> tuple[list[str], list[Arg]]:
 
 
 def _unsettled_rows(
-    request: AdmitRequest, changes: list[tuple[str, Change]], markers: list[str]
+    request: AdmitRequest, snapshot: Snapshot, markers: list[str], guarded: bool
 ) -> list[list[int]]:
-    """A call's changes still to come, as admit.lua reads them (marker positions counted in ``markers``)."""
-    rows = []
-    for batch_id, change in changes:
+    """A call's changes still to come, as admit.lua reads them (key positions counted in ``markers``):
+    first the guard (the key of its process's highest generation written, and the generation read),
+    then per change the key of its batch marker, the credits it releases, and per hold the units."""
+    rows = [[0, 0]]
+    if guarded and snapshot.guarded:
+        markers.append(ks.batch_writer(request.shard, snapshot.writer))
+        rows[0] = [len(markers), snapshot.generation]
+    for batch_id, change in snapshot.changes:
         marker = 0
         if batch_id:
             markers.append(ks.flushed_batch(request.shard, batch_id))
@@ -418,15 +439,21 @@ def _unsettled_rows(
 
 def decisions_from_replies(
     requests: Sequence[AdmitRequest], replies: Sequence[Any], errors: _DriverErrors
-) -> list[Decision | StorageError]:
-    """Each call's decision, or the refusal of a call whose keys hold garbage (it wrote nothing)."""
+) -> list[Decision | StorageError | _Stale]:
+    """Each call's decision, the refusal of a call whose keys hold garbage (it wrote nothing), or
+    ``STALE`` for a call to ask again (it wrote nothing either)."""
     now = time.time()
-    return [
-        StorageError(errors.message(ResponseError(_text(reply[1]))), refused=True)
-        if int(reply[0]) < 0
-        else decision_from_reply(request, reply, now)
-        for request, reply in zip(requests, replies, strict=True)
-    ]
+    return [_decision(request, reply, now, errors) for request, reply in zip(requests, replies, strict=True)]
+
+
+def _decision(
+    request: AdmitRequest, reply: Any, now: float, errors: _DriverErrors
+) -> Decision | StorageError | _Stale:
+    if int(reply[0]) >= 0:
+        return decision_from_reply(request, reply, now)
+    if int(reply[0]) == STALE_REPLY:
+        return STALE
+    return StorageError(errors.message(ResponseError(_text(reply[1]))), refused=True)
 
 
 _term_of: Final = operator.attrgetter(
@@ -495,6 +522,8 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
     costs = ",".join(map(texts.__getitem__, events)) if max(map(len, texts.values()), default=0) < 15 else ""
     args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
     args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations), costs]
+    writer = keys.index(ks.batch_writer(shard, batch.writer)) if batch.writer else 0
+    args += [writer, batch.generation]
     return keys.keys, args
 
 
@@ -781,13 +810,17 @@ class RedisStorage:
         return key_info_from(fields, customer_from(customer_id, values))
 
     def admit(self, request: AdmitRequest) -> Decision:
-        keys, args = admit_call((request,))
-        with self._call():
-            replies = self._run("admit", keys, args)
-        (decision,) = decisions_from_replies((request,), replies, self._errors)
-        if isinstance(decision, StorageError):
-            raise decision
-        return decision
+        for attempt in range(1, ADMIT_ATTEMPTS + 1):
+            with self._call():
+                # Read at the last moment: the calls this process finished until then count.
+                keys, args = admit_call((request,), guarded=attempt < ADMIT_ATTEMPTS)
+                replies = self._run("admit", keys, args)
+            (decision,) = decisions_from_replies((request,), replies, self._errors)
+            if isinstance(decision, StorageError):
+                raise decision
+            if isinstance(decision, Decision):
+                return decision
+        raise AssertionError("the last attempt is not guarded")
 
     def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)
@@ -1321,12 +1354,18 @@ class AsyncRedisStorage:
             self._admitters.discard(asyncio.current_task())
 
     async def _admit_shard(self, calls: list[tuple[AdmitRequest, asyncio.Future[Decision]]]) -> None:
-        requests = [request for request, _ in calls]
         try:
-            keys, args = admit_call(requests)
-            async with self._call():
-                replies = await self._run("admit", keys, args)
-            decisions = decisions_from_replies(requests, replies, self._errors)
+            for attempt in range(1, ADMIT_ATTEMPTS + 1):
+                requests = [request for request, _ in calls]
+                async with self._call():
+                    # Read at the last moment: the calls this process finished until then count.
+                    keys, args = admit_call(requests, guarded=attempt < ADMIT_ATTEMPTS)
+                    replies = await self._run("admit", keys, args)
+                decisions = decisions_from_replies(requests, replies, self._errors)
+                self._settle_admissions(calls, decisions)
+                calls = [call for call, decision in zip(calls, decisions, strict=True) if decision is STALE]
+                if not calls:
+                    return
         except StorageError as error:
             for _, future in calls:
                 if not future.done():
@@ -1339,11 +1378,18 @@ class AsyncRedisStorage:
                 if not future.done():
                     future.set_exception(error) if isinstance(error, Exception) else future.cancel()
             raise
+
+    @staticmethod
+    def _settle_admissions(
+        calls: list[tuple[AdmitRequest, asyncio.Future[Decision]]],
+        decisions: list[Decision | StorageError | _Stale],
+    ) -> None:
+        """Answer the waiting calls (a ``STALE`` one waits for the next attempt)."""
         for (_, future), decision in zip(calls, decisions, strict=True):
             if not future.done():
                 if isinstance(decision, StorageError):
                     future.set_exception(decision)
-                else:
+                elif isinstance(decision, Decision):
                     future.set_result(decision)
 
     async def flush(self, batch: Batch) -> bool:

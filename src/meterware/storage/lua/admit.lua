@@ -21,10 +21,13 @@
 --       count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
 --       number, reservation id, and the changes still to come from the calls this process finished
---       ("" if none; else msgpack: per change, the KEYS index of the batch marker that says it is
---       written (0: not in a batch yet), the credits it releases, then per hold of the template the
---       units it charges and the units it releases). A change counts while its batch is not written,
---       so the calls of a batch count once, flushed or not (_unsettled.py).
+--       ("" if none; else msgpack: first the guard, the KEYS index of the key holding the highest
+--       generation written of the process's batches (0: no guard) and the generation it read; then
+--       per change, the KEYS index of the batch marker that says it is written (0: not in a batch
+--       yet), the credits it releases, then per hold of the template the units it charges and the
+--       units it releases). A change counts while its batch is not written, so the calls of a batch
+--       count once, flushed or not (_unsettled.py); a call whose process wrote a batch made after it
+--       read its changes (those not in a batch then may be in it) is answered {-2} and asked again.
 
 local function admit(KEYS, ARGV, unsettled)
   local key, refused = read('hash', 'HMGET', KEYS[1], 'status', 'expires_ms', 'customer')
@@ -268,13 +271,22 @@ local replies = {}
 for c = pos, #ARGV, 3 do
   local template = templates[tonumber(ARGV[c])]
   template[2][3] = ARGV[c + 1]
-  local unsettled = nil
+  local unsettled, stale = nil, false
   if ARGV[c + 2] ~= '' then
     unsettled = cmsgpack.unpack(ARGV[c + 2])
+    local guard = table.remove(unsettled, 1)
+    if guard[1] ~= 0 then
+      local written = redis.pcall('GET', KEYS[guard[1]])
+      stale = type(written) == 'string' and (tonumber(written) or 0) > guard[2]
+    end
     for _, change in ipairs(unsettled) do
       change[1] = change[1] ~= 0 and KEYS[change[1]]
     end
   end
-  replies[#replies + 1] = admit(template[1], template[2], unsettled)
+  if stale then
+    replies[#replies + 1] = {-2, 'STALE'}
+  else
+    replies[#replies + 1] = admit(template[1], template[2], unsettled)
+  end
 end
 return replies

@@ -34,7 +34,9 @@
 --         name one: a call closes its own reservation (or, the last call of a lease, its block's); the
 --         other calls of a lease capture their share of the block's (their units and cost, at most what
 --         it still holds), so a settled call is never counted both as used and as held;
---       then the costs text if every call costs its units times their prices ("" if not offered).
+--       then the costs text if every call costs its units times their prices ("" if not offered);
+--       then the KEYS index of the key holding the highest generation written of the batches of the
+--       process that made this one ("0": unknown) and this batch's generation (Batch.generation).
 
 local refused = expect(KEYS[1], 'string')
 if refused then
@@ -332,4 +334,12 @@ for _, account in ipairs(charged_order) do
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 apply()
+-- The highest generation written of the batches of the process that made this one (admit.lua's guard).
+if ARGV[8] and ARGV[8] ~= '0' then
+  local key = KEYS[tonumber(ARGV[8])]
+  local written = redis.pcall('GET', key)
+  if type(written) ~= 'table' and tonumber(ARGV[9]) > (tonumber(written) or 0) then
+    redis.call('SET', key, ARGV[9], 'EX', ARGV[3])
+  end
+end
 return 1

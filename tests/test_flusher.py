@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,16 @@ import pytest
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, new_event_id
-from meterware.flusher import AsyncFlusher, EventBuffer, Pending, Pipeline, Spool, ThreadFlusher, make_batches
+from meterware.flusher import (
+    AsyncFlusher,
+    EventBuffer,
+    Pending,
+    Pipeline,
+    Spool,
+    ThreadFlusher,
+    exit_on_sigterm,
+    make_batches,
+)
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage.base import AsyncStorage, Batch, Settlement, Storage
 from tests.servers import free_port
@@ -597,4 +607,56 @@ def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: s
         admin.close()
         flusher.drain()
         flusher.storage.close()
+        storage.close()
+
+
+@pytest.fixture
+def sigterm_handler() -> Iterator[None]:
+    """SIGTERM's handler in this process, put back after the test."""
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.usefixtures("sigterm_handler")
+def test_sigterm_exits_through_the_exit_hooks_only_where_nothing_else_handles_it() -> None:
+    """Over the default action, from the main thread: a server's or app's own handler is left alone."""
+    thread = threading.Thread(target=exit_on_sigterm)
+    thread.start()
+    thread.join()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # signal.signal works in the main thread only
+    exit_on_sigterm()
+    ours = signal.getsignal(signal.SIGTERM)
+    assert callable(ours)
+    with pytest.raises(SystemExit) as exited:
+        ours(signal.SIGTERM, None)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM kills at once
+
+    def servers_own(signum: int, frame: object) -> None: ...
+
+    signal.signal(signal.SIGTERM, servers_own)
+    exit_on_sigterm()
+    assert signal.getsignal(signal.SIGTERM) is servers_own
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_on_sigterm()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_reloader_child_writes_each_event_when_its_call_finishes(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """Django's and werkzeug's reloaders SIGKILL their child on SIGTERM: it keeps nothing buffered."""
+    monkeypatch.setenv("RUN_MAIN", "true")
+    pipeline = Pipeline(PipelineConfig(flush_interval=60.0))
+    storage = open_storage(redis_url, shards=4)
+    flusher = ThreadFlusher(pipeline, storage)
+    try:
+        pipeline.put(pending(0))
+        flusher.ensure_running()  # what the adapters call as each call finishes
+        assert len(pipeline.buffer) == 0
+        assert pipeline.stats.flushed_events == 1
+    finally:
+        flusher.drain()
         storage.close()

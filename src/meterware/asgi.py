@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.flusher import AsyncFlusher
+from meterware.flusher import AsyncFlusher, exit_on_sigterm
 from meterware.storage.base import AsyncStorage
 from meterware.usage import _current
 
@@ -93,6 +93,7 @@ class MeteringMiddleware:
         self.app = app
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
+        exit_on_sigterm()
         self._storage: AsyncStorage | None = None
         self._flusher: AsyncFlusher | None = None
         self._slow_calls = SlowCalls()

@@ -24,7 +24,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, Metering, header_map
 from meterware.config import resolve_config
-from meterware.flusher import AsyncFlusher, ThreadFlusher
+from meterware.flusher import AsyncFlusher, ThreadFlusher, exit_on_sigterm
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.usage import _current
 
@@ -62,6 +62,7 @@ class MeteringMiddleware:
         if self.is_async:
             markcoroutinefunction(self)
         self.metering = Metering(resolve_config(getattr(settings, "METERWARE", None), {}))
+        exit_on_sigterm()
         self._storage: Storage | None = None
         self._async_storage: AsyncStorage | None = None
         self._flusher: ThreadFlusher | AsyncFlusher | None = None

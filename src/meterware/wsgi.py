@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.flusher import ThreadFlusher
+from meterware.flusher import ThreadFlusher, exit_on_sigterm
 from meterware.storage.base import Storage
 from meterware.usage import _current
 
@@ -53,6 +53,7 @@ class WSGIMeteringMiddleware:
         self.app = app
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
+        exit_on_sigterm()  # here: the first call may come on a server's worker thread
         self._storage: Storage | None = None
         self._flusher: ThreadFlusher | None = None
         self._header_keys = tuple(

@@ -7,6 +7,7 @@ deployment: ``METERWARE_CONFIG`` and ``METERWARE_STORAGE`` in the environment, `
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import make_server
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 
 
 def hello(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """``ok``; on ``/v1/slow``, after a second."""
+    if environ["PATH_INFO"] == "/v1/slow":
+        time.sleep(1.0)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
 

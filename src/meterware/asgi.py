@@ -74,7 +74,8 @@ class MeteringMiddleware:
 
     :param app: the ASGI application to wrap.
     :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
-        ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
+        ``None`` to load ``METERWARE_CONFIG`` or ``./meterware.toml`` (neither found: a ``ConfigError``,
+        unless ``METERWARE_CONFIG=defaults``).
     :param key_getter: optional callable taking the ASGI scope and returning the presented key (or None),
         replacing the header/query lookup.
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).

@@ -35,7 +35,8 @@ class WSGIMeteringMiddleware:
 
     :param app: the WSGI application to wrap.
     :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
-        ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
+        ``None`` to load ``METERWARE_CONFIG`` or ``./meterware.toml`` (neither found: a ``ConfigError``,
+        unless ``METERWARE_CONFIG=defaults``).
     :param key_getter: optional callable taking the WSGI environ and returning the presented key (or None).
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
     :param registry: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).

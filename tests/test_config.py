@@ -319,8 +319,12 @@ async def app_ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def test_a_middleware_started_with_no_configuration_found_refuses_to_start(tmp_path: Path) -> None:
-    """No config= , no METERWARE_CONFIG, no ./meterware.toml: one line naming the places searched.
+def test_a_middleware_started_with_no_configuration_found_refuses_to_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No config= , no METERWARE_CONFIG, no ./meterware.toml: one line naming the places searched, raised
+    and logged (a server may swallow the error: uvicorn does, in the lifespan that builds Starlette's
+    middleware).
 
     Started from the wrong directory, the app would otherwise run on an empty memory:// store, answering
     401 to every key (and, with METERWARE_STORAGE set, serving every customer on a plan without limits).
@@ -334,6 +338,7 @@ def test_a_middleware_started_with_no_configuration_found_refuses_to_start(tmp_p
         "or set METERWARE_CONFIG=defaults to run on the defaults (memory://, one plan without limits)"
     )
     assert "\n" not in message
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("ERROR", f"meterware: {message}")]
 
 
 @pytest.mark.parametrize("app", ["asgi", "wsgi", "self-service"])

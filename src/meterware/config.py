@@ -968,11 +968,15 @@ def _config_file(path: str | os.PathLike[str] | None, given_as: str) -> tuple[st
     found = Path(DEFAULT_CONFIG_FILE).absolute()
     if found.is_file():
         return str(found), f"file {found} (the working directory)"
-    raise ConfigError(
+    error = ConfigError(
         f"no configuration found (searched: {given_as}, METERWARE_CONFIG, {found})",
         f"create the file, pass config=, or set METERWARE_CONFIG={DEFAULTS} to run on the defaults"
         " (memory://, one plan without limits)",
     )
+    # Logged too: Starlette builds its middleware on the first ASGI message, the lifespan's, and uvicorn
+    # takes a lifespan that raises for one the app does not support, without showing the error.
+    logger.error("meterware: %s", error)
+    raise error
 
 
 def redacted(url: str) -> str:

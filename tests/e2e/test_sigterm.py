@@ -50,6 +50,18 @@ SERVERS = {
 }
 
 CALLS = 12
+#: How each server's process exits on SIGTERM: 143 (128 + SIGTERM) where meterware's handler turns the
+#: signal into an exit through the exit hooks; the status the server gives itself where it has a handler.
+EXIT_STATUS = {
+    "flask-run": 143,
+    "flask-run-reload": 0,  # werkzeug's reloader: sys.exit(0)
+    "flask-app-run": 143,
+    "wsgiref": 143,
+    "django-runserver-noreload": 143,
+    "django-runserver": 0,  # Django's reloader: sys.exit(0)
+    "uvicorn": -signal.SIGTERM,  # uvicorn re-raises the signal after its shutdown
+    "gunicorn-flask": 0,
+}
 #: werkzeug's reloader child finishes a call in the response's ``close()``, after its body went out, and
 #: writes its event then: a SIGTERM within that moment (its parent SIGKILLs it) loses the last call.
 PAUSE = {"flask-run-reload": 1.0}
@@ -128,6 +140,7 @@ def test_sigterm_right_after_the_last_response_loses_no_event(
     output = log.read_text(errors="replace")
     assert statuses == [200] * CALLS, output
     assert len(events(accounts)) == CALLS, f"exit status {returncode}\n{output}"
+    assert returncode == EXIT_STATUS[name], output
     assert "Traceback" not in output, output
     assert "meterware:" not in output, output  # nothing dropped or failed
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import meterware.flusher as flusher_module
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, new_event_id
@@ -611,8 +612,9 @@ def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: s
 
 
 @pytest.fixture
-def sigterm_handler() -> Iterator[None]:
-    """SIGTERM's handler in this process, put back after the test."""
+def sigterm_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """SIGTERM's handler in this process (and when it first fired), put back after the test."""
+    monkeypatch.setattr(flusher_module, "_sigterm_first", 0.0)
     before = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield

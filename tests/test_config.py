@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import tempfile
 import tomllib
@@ -311,6 +312,117 @@ def test_resolve_config_passes_an_instance_through() -> None:
 def test_resolve_config_path_loads_the_file(tmp_path: Path) -> None:
     """A middleware given a path reads that file."""
     assert resolve_config(str(write(tmp_path / "x.toml", SHARDS_4)), {}).shards == 4
+
+
+# -- which configuration a middleware starts with ------------------------------------------------------
+
+
+async def app_ok(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that answers 200."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_middleware_started_with_no_configuration_found_refuses_to_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No config= , no METERWARE_CONFIG, no ./meterware.toml: one line naming the places searched, raised
+    and logged (a server may swallow the error: uvicorn does, in the lifespan that builds Starlette's
+    middleware).
+
+    Started from the wrong directory, the app would otherwise run on an empty memory:// store, answering
+    401 to every key (and, with METERWARE_STORAGE set, serving every customer on a plan without limits).
+    """
+    with pytest.raises(ConfigError) as caught:
+        MeteringMiddleware(app_ok, registry=CollectorRegistry())
+    message = str(caught.value)
+    assert message == (
+        "no configuration found (searched: config=, METERWARE_CONFIG, "
+        f"{tmp_path / 'meterware.toml'}): create the file, pass config=, "
+        "or set METERWARE_CONFIG=defaults to run on the defaults (memory://, one plan without limits)"
+    )
+    assert "\n" not in message
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("ERROR", f"meterware: {message}")]
+
+
+@pytest.mark.parametrize("app", ["asgi", "wsgi", "self-service"])
+def test_every_start_up_with_no_configuration_found_refuses(app: str) -> None:
+    """The same rule for the ASGI and WSGI middleware and the self-service app; the storage URL alone
+    (``storage=``, ``METERWARE_STORAGE``) is not a configuration."""
+    from meterware.selfservice import AccountView
+    from meterware.wsgi import WSGIMeteringMiddleware
+
+    build = {
+        "asgi": lambda: MeteringMiddleware(app_ok, storage="memory://x", registry=CollectorRegistry()),
+        "wsgi": lambda: WSGIMeteringMiddleware(
+            lambda e, s: [], storage="memory://x", registry=CollectorRegistry()
+        ),
+        "self-service": lambda: AccountView(storage="memory://x"),
+    }[app]
+    with pytest.raises(ConfigError, match=r"^no configuration found"):
+        build()
+
+
+def test_the_defaults_are_an_explicit_choice(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """METERWARE_CONFIG=defaults starts on the defaults (and says so); so does config={}."""
+    monkeypatch.setenv("METERWARE_CONFIG", "defaults")
+    caplog.set_level(logging.INFO, logger="meterware")
+    assert MeteringMiddleware(app_ok, registry=CollectorRegistry()).metering.config == Config()
+    assert Config.load() == Config()
+    assert [r.getMessage() for r in caplog.records] == [
+        "meterware: config: none, the defaults (METERWARE_CONFIG=defaults); storage: memory://"
+    ]
+    monkeypatch.delenv("METERWARE_CONFIG")
+    assert resolve_config({}, {}) == Config()
+
+
+@pytest.mark.parametrize(
+    ("given", "environment", "expected"),
+    [
+        pytest.param("file", {}, "file {path}", id="path"),
+        pytest.param(None, {"METERWARE_CONFIG": "{path}"}, "file {path} (METERWARE_CONFIG)", id="env"),
+        pytest.param(None, {}, "file {path} (the working directory)", id="working-directory"),
+        pytest.param("dict", {}, "a dict (config=)", id="dict"),
+        pytest.param("instance", {}, "a Config instance (config=)", id="instance"),
+    ],
+)
+def test_start_up_logs_the_configuration_and_storage_in_use(
+    given: str | None,
+    environment: dict[str, str],
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One INFO line at start-up: where the configuration came from, and the storage (no password)."""
+    url = "redis://app:s3cret@redis.internal:6379/0"
+    path = write(tmp_path / "meterware.toml", f'[storage]\nurl = "{url}"\n')
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.format(path=path))
+    config = {
+        "file": str(path),
+        "dict": {"storage": url},
+        "instance": Config(storage=url),
+        None: None,
+    }[given]
+    caplog.set_level(logging.INFO, logger="meterware")
+    MeteringMiddleware(app_ok, config, registry=CollectorRegistry())
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert (
+        line == f"meterware: config: {expected.format(path=path)}; storage: redis://***@redis.internal:6379/0"
+    )
+    assert "s3cret" not in caplog.text
+
+
+def test_the_django_setting_is_named_as_the_configuration(caplog: pytest.LogCaptureFixture) -> None:
+    """Django's METERWARE setting is named in the start-up line and among the places searched."""
+    caplog.set_level(logging.INFO, logger="meterware")
+    resolve_config({"storage": "memory://"}, {}, given_as="the METERWARE setting")
+    assert caplog.messages == ["meterware: config: the METERWARE setting; storage: memory://"]
+    with pytest.raises(ConfigError, match=r"^no configuration found \(searched: the METERWARE setting, "):
+        resolve_config(None, {}, given_as="the METERWARE setting")
 
 
 def test_errors_from_keyword_arguments_name_arguments_as_source() -> None:

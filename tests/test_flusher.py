@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import meterware.flusher as flusher_module
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import ConfigError, StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, format_event_id, new_event_id
@@ -26,6 +28,7 @@ from meterware.flusher import (
     Pipeline,
     Spool,
     ThreadFlusher,
+    exit_on_sigterm,
     make_batches,
 )
 from meterware.storage import open_async_storage, open_storage
@@ -810,3 +813,56 @@ def test_one_customers_clobbered_counter_sets_aside_only_their_part_of_a_batch(
     assert storage.get_balance(victim) == Balance(1_000_000 - 2 * 2000, 0)
     client.close()
     storage.close()
+
+
+@pytest.fixture
+def sigterm_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """SIGTERM's handler in this process (and when it first fired), put back after the test."""
+    monkeypatch.setattr(flusher_module, "_sigterm_first", 0.0)
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.usefixtures("sigterm_handler")
+def test_sigterm_exits_through_the_exit_hooks_only_where_nothing_else_handles_it() -> None:
+    """Over the default action, from the main thread: a server's or app's own handler is left alone."""
+    thread = threading.Thread(target=exit_on_sigterm)
+    thread.start()
+    thread.join()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # signal.signal works in the main thread only
+    exit_on_sigterm()
+    ours = signal.getsignal(signal.SIGTERM)
+    assert callable(ours)
+    with pytest.raises(SystemExit) as exited:
+        ours(signal.SIGTERM, None)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM kills at once
+
+    def servers_own(signum: int, frame: object) -> None: ...
+
+    signal.signal(signal.SIGTERM, servers_own)
+    exit_on_sigterm()
+    assert signal.getsignal(signal.SIGTERM) is servers_own
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_on_sigterm()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_reloader_child_writes_each_event_when_its_call_finishes(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """Django's and werkzeug's reloaders SIGKILL their child on SIGTERM: it keeps nothing buffered."""
+    monkeypatch.setenv("RUN_MAIN", "true")
+    pipeline = Pipeline(PipelineConfig(flush_interval=60.0))
+    storage = open_storage(redis_url, shards=4)
+    flusher = ThreadFlusher(pipeline, storage)
+    try:
+        pipeline.put(pending(0))
+        flusher.ensure_running()  # what the adapters call as each call finishes
+        assert len(pipeline.buffer) == 0
+        assert pipeline.stats.flushed_events == 1
+    finally:
+        flusher.drain()
+        storage.close()

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.flusher import AsyncFlusher
+from meterware.flusher import AsyncFlusher, exit_on_sigterm
 from meterware.storage.base import AsyncStorage
 from meterware.usage import _current
 
@@ -75,7 +75,8 @@ class MeteringMiddleware:
 
     :param app: the ASGI application to wrap.
     :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
-        ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
+        ``None`` to load ``METERWARE_CONFIG`` or ``./meterware.toml`` (neither found: a ``ConfigError``,
+        unless ``METERWARE_CONFIG=defaults``).
     :param key_getter: optional callable taking the ASGI scope and returning the presented key (or None),
         replacing the header/query lookup.
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
@@ -94,6 +95,7 @@ class MeteringMiddleware:
         self.app = app
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
+        exit_on_sigterm()
         self._storage: AsyncStorage | None = None
         self._flusher: AsyncFlusher | None = None
         self._slow_calls = SlowCalls()

@@ -10,6 +10,7 @@ Nothing here does I/O except reading the file.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -33,6 +34,8 @@ from meterware.pricing import (
     parse_price,
 )
 
+logger = logging.getLogger("meterware")
+
 Aggregation = Literal["count", "sum", "max", "last", "unique"]
 Period = Literal["month", "week", "day"]
 FailureMode = Literal["open", "closed"]
@@ -47,6 +50,8 @@ MAX_UNITS = 2**53 - 1
 #: be a dead letter), and sums of a few such costs must stay exact.
 MAX_CALL_COST = 10**15 - 1
 DEFAULT_CONFIG_FILE = "meterware.toml"
+#: ``METERWARE_CONFIG`` set to this runs on the defaults without a file, as an explicit choice.
+DEFAULTS = "defaults"
 DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
 _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -425,7 +430,7 @@ class Config:
         source = "arguments"
         if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
             path = DEFAULT_CONFIG_FILE
-        if path is not None:
+        if path is not None and path != DEFAULTS:
             source = str(path)
             data = _read_toml(path)
         return cls.from_dict(_with_overrides(data, overrides), source=source)
@@ -959,13 +964,56 @@ def _export_key(section: _Section, key: str, default: str) -> str:
 
 
 def resolve_config(
-    config: Config | str | os.PathLike[str] | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+    config: Config | str | os.PathLike[str] | Mapping[str, Any] | None,
+    overrides: Mapping[str, Any],
+    *,
+    given_as: str = "config=",
 ) -> Config:
-    """The configuration a middleware was given: an instance, a file path, a dict, or None (load)."""
+    """The configuration an app starts with: an instance, a file path, a dict, or None (the file named by
+    ``METERWARE_CONFIG``, else ``./meterware.toml``); logs which one, and the storage, in one line.
+
+    Finding none is an error, unless ``METERWARE_CONFIG=defaults`` asks for the defaults: an app started
+    from the wrong directory would otherwise run on an empty ``memory://`` and refuse every key.
+    ``given_as``: how the caller names an explicit configuration (Django: its ``METERWARE`` setting).
+    """
     if isinstance(config, Config):
         if overrides:
             raise TypeError("pass either a Config instance or keyword overrides, not both")
-        return config
-    if isinstance(config, Mapping):
-        return Config.from_dict(_with_overrides(config, overrides), source="arguments")
-    return Config.load(config, **overrides)
+        resolved, origin = config, f"a Config instance ({given_as})"
+    elif isinstance(config, Mapping):
+        resolved = Config.from_dict(_with_overrides(config, overrides), source="arguments")
+        origin = "a dict (config=)" if given_as == "config=" else given_as
+    else:
+        path, origin = _config_file(config, given_as)
+        resolved = Config.load(path, **overrides)
+    logger.info("meterware: config: %s; storage: %s", origin, redacted(resolved.storage))
+    return resolved
+
+
+def _config_file(path: str | os.PathLike[str] | None, given_as: str) -> tuple[str, str]:
+    """The file a start-up reads (or ``defaults``), and how the log line names it."""
+    if path is not None:
+        return str(path), f"file {path}"
+    named = os.environ.get("METERWARE_CONFIG")
+    if named == DEFAULTS:
+        return DEFAULTS, f"none, the defaults (METERWARE_CONFIG={DEFAULTS})"
+    if named:
+        return named, f"file {named} (METERWARE_CONFIG)"
+    found = Path(DEFAULT_CONFIG_FILE).absolute()
+    if found.is_file():
+        return str(found), f"file {found} (the working directory)"
+    error = ConfigError(
+        f"no configuration found (searched: {given_as}, METERWARE_CONFIG, {found})",
+        f"create the file, pass config=, or set METERWARE_CONFIG={DEFAULTS} to run on the defaults"
+        " (memory://, one plan without limits)",
+    )
+    # Logged too: Starlette builds its middleware on the first ASGI message, the lifespan's, and uvicorn
+    # takes a lifespan that raises for one the app does not support, without showing the error.
+    logger.error("meterware: %s", error)
+    raise error
+
+
+def redacted(url: str) -> str:
+    """A storage URL without its credentials (what comes between ``://`` and ``@``)."""
+    scheme, separator, rest = url.partition("://")
+    return f"{scheme}{separator}***@{rest.rpartition('@')[2]}" if "@" in rest else url

@@ -1,13 +1,14 @@
 """Django middleware: one line in ``MIDDLEWARE``.
 
     MIDDLEWARE = ["meterware.django.MeteringMiddleware", ...]
-    METERWARE = {...}   # optional; otherwise METERWARE_CONFIG / ./meterware.toml / the defaults
+    METERWARE = {...}   # optional; otherwise METERWARE_CONFIG or ./meterware.toml
 
 Sync- and async-capable: under WSGI it runs synchronously, under ASGI natively async, so it never costs a
 thread hop. Put it near the top of ``MIDDLEWARE`` so refused calls skip the rest. The flusher starts
-lazily on the first call and drains at interpreter exit. Under an ASGI server, serve
-:func:`get_asgi_application` instead of Django's: Django answers no ASGI lifespan, and uvicorn ends on
-SIGTERM without running exit hooks, so the lifespan's shutdown is where the buffer is drained.
+lazily on the first call and drains at interpreter exit (on ``runserver``'s SIGTERM too). Under an ASGI
+server, serve :func:`get_asgi_application` instead of Django's: Django answers no ASGI lifespan, and
+uvicorn ends on SIGTERM without running exit hooks, so the lifespan's shutdown is where the buffer is
+drained.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, Metering, header_map
 from meterware.config import resolve_config
-from meterware.flusher import AsyncFlusher, ThreadFlusher
+from meterware.flusher import AsyncFlusher, ThreadFlusher, exit_on_sigterm
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.usage import _current
 
@@ -61,7 +62,10 @@ class MeteringMiddleware:
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
-        self.metering = Metering(resolve_config(getattr(settings, "METERWARE", None), {}))
+        self.metering = Metering(
+            resolve_config(getattr(settings, "METERWARE", None), {}, given_as="the METERWARE setting")
+        )
+        exit_on_sigterm()
         self._storage: Storage | None = None
         self._async_storage: AsyncStorage | None = None
         self._flusher: ThreadFlusher | AsyncFlusher | None = None

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import operator
 import os
+import signal
 import stat
 import threading
 import time
@@ -26,6 +27,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Final, overload
 
 import msgpack
@@ -805,11 +807,17 @@ class AsyncFlusher:
 
 
 class ThreadFlusher:
-    """Flushes a pipeline from a daemon thread, started lazily per process (after fork), restarted if dead."""
+    """Flushes a pipeline from a daemon thread, started lazily per process (after fork), restarted if dead.
+
+    In a development reloader's child (``manage.py runserver``, ``flask run --reload``) each call's event is
+    also written at once, by the thread that finished the call: the reloader answers SIGTERM by killing its
+    child with SIGKILL, which no exit hook survives.
+    """
 
     def __init__(self, pipeline: Pipeline, storage: Storage) -> None:
         self.pipeline = pipeline
         self.storage = storage
+        self.write_through = reloader_child()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._wake = threading.Event()
@@ -818,6 +826,8 @@ class ThreadFlusher:
 
     def ensure_running(self) -> None:
         """Start the thread in this process unless it is alive (cheap; called per event)."""
+        if self.write_through:
+            self.pipeline.flush_sync(self.storage)
         thread = self._thread
         if thread is not None and thread.is_alive() and self._pid == os.getpid():
             return
@@ -852,3 +862,56 @@ class ThreadFlusher:
             self._thread.join(timeout)
         self._thread = None
         self.pipeline.flush_sync(self.storage, final=True)
+
+
+def reloader_child() -> bool:
+    """Whether this process is the child of Django's or werkzeug's reloader (which SIGKILLs it on SIGTERM)."""
+    return os.environ.get("RUN_MAIN") == "true" or os.environ.get("WERKZEUG_RUN_MAIN") == "true"
+
+
+#: The modules whose code a SIGTERM does not interrupt in the main thread: a call's path and the drain.
+_UNINTERRUPTED: Final = frozenset(
+    {"meterware._metering", "meterware.flusher", "meterware.asgi", "meterware.wsgi", "meterware.django"}
+)
+#: How soon SIGTERM is raised again when it came while the main thread was in that code, and for how long.
+SIGTERM_RETRY_SECONDS: Final = 0.01
+SIGTERM_WAIT_SECONDS: Final = 5.0
+_sigterm_first = 0.0
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM leave through the interpreter's exit, whose hooks drain the buffer, where nothing else
+    handles it (the development servers: ``flask run``, ``app.run()``, ``manage.py runserver --noreload``,
+    ``wsgiref``). Python's default action kills the process without running exit hooks.
+
+    Only over the default action and only from the main thread (``signal.signal`` works nowhere else): a
+    server that handles SIGTERM itself (uvicorn, gunicorn) owns its shutdown, which drains through the
+    lifespan or the exit hooks, and replaces this handler when it installs its own after loading the app.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    with contextlib.suppress(ValueError):  # not the main interpreter
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _sigterm_first
+    now = time.monotonic()
+    _sigterm_first = _sigterm_first or now
+    # A single-threaded server (wsgiref) serves calls in the main thread, which this handler interrupts:
+    # not in the middle of a call's metering (its event not yet buffered) or of the drain. SIGTERM comes
+    # again shortly, until the thread is out of that code (a call still running after a few seconds is
+    # cut short: its reservation is refunded by the worker).
+    while frame is not None and now - _sigterm_first < SIGTERM_WAIT_SECONDS:
+        if frame.f_globals.get("__name__") in _UNINTERRUPTED:
+            retry = threading.Timer(SIGTERM_RETRY_SECONDS, os.kill, (os.getpid(), signum))
+            retry.daemon = True
+            retry.start()
+            return
+        frame = frame.f_back
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once, as it did
+    # SystemExit, as Django's and werkzeug's reloaders do on SIGTERM: the main thread unwinds, the exit
+    # hooks drain the buffer, and the status is the one a shell reports for a SIGTERM death.
+    raise SystemExit(128 + signum)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from meterware._core import Problem
 from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.flusher import ThreadFlusher
+from meterware.flusher import ThreadFlusher, exit_on_sigterm
 from meterware.storage.base import Storage
 from meterware.usage import _current
 
@@ -35,7 +35,8 @@ class WSGIMeteringMiddleware:
 
     :param app: the WSGI application to wrap.
     :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
-        ``None`` to load ``METERWARE_CONFIG`` / ``./meterware.toml`` / the defaults.
+        ``None`` to load ``METERWARE_CONFIG`` or ``./meterware.toml`` (neither found: a ``ConfigError``,
+        unless ``METERWARE_CONFIG=defaults``).
     :param key_getter: optional callable taking the WSGI environ and returning the presented key (or None).
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
     :param registry: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
@@ -53,6 +54,7 @@ class WSGIMeteringMiddleware:
         self.app = app
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
+        exit_on_sigterm()  # here: the first call may come on a server's worker thread
         self._storage: Storage | None = None
         self._flusher: ThreadFlusher | None = None
         self._header_keys = tuple(

@@ -62,3 +62,7 @@ def slow_stream() -> Response:
             time.sleep(0.01)
 
     return Response(chunks(), mimetype="text/plain")
+
+
+if __name__ == "__main__":  # `python flask_app.py`: Flask's own development server (werkzeug's run_simple)
+    app.run(host="127.0.0.1", port=int(os.environ["PORT"]))

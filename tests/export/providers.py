@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs
 
 API_KEY = "test-key-123"
@@ -44,7 +44,25 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class ProviderServer:
+class Serving:
+    """A threaded HTTP server on 127.0.0.1, serving while in a ``with`` block."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+class ProviderServer(Serving):
     """The common part: a threaded HTTP server that records, validates and answers."""
 
     name: ClassVar[str]
@@ -94,18 +112,7 @@ class ProviderServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> ProviderServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        self.serve(Handler)
 
     # -- what the tests read
 
@@ -373,7 +380,7 @@ def all_names() -> Iterator[str]:
     yield from SERVERS
 
 
-class _Server:
+class _Server(Serving):
     """A threaded HTTP server on 127.0.0.1 that records every request and answers through ``answer``."""
 
     def __init__(self) -> None:
@@ -404,21 +411,10 @@ class _Server:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serve(Handler)
 
     def answer(self, record: Recorded) -> tuple[int, dict[str, str], bytes]:
         raise NotImplementedError
-
-    def __enter__(self) -> Any:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
 
 
 class Elsewhere(_Server):

@@ -18,6 +18,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -85,10 +86,10 @@ class Unsettled:
         self._changes: dict[Account, dict[str, Change]] = {}
         #: The accounts of each batch and when it was made (``time.monotonic()``), oldest first.
         self._batches: dict[str, tuple[float, list[Account]]] = {}
-        #: Batches made so far, and the name of this process as a writer of batches (new after a fork).
+        #: Batches made so far, and its name as a writer of batches.
         self._generation = 0
-        self._writer = ""
-        self._pid = 0
+        self._writer = _new_writer()
+        _ALL.add(self)
 
     def add(self, change: CallChange) -> None:
         """A call finished: its settlement waits in the buffer."""
@@ -131,9 +132,7 @@ class Unsettled:
 
     @property
     def writer(self) -> str:
-        """This process's name as a writer of batches (random, and new in a forked child)."""
-        if self._pid != os.getpid():
-            self._pid, self._writer = os.getpid(), f"{random.getrandbits(64):016x}"
+        """Its name as a writer of batches (random; new in a forked child, which counts its own)."""
         return self._writer
 
     def split(self, batch_id: str, kept_id: str | None, refused: Iterable[str]) -> None:
@@ -197,6 +196,22 @@ class Unsettled:
                 changes.pop(batch_id, None)
                 if not changes:
                     del self._changes[account]
+
+
+def _new_writer() -> str:
+    return f"{random.getrandbits(64):016x}"
+
+
+_ALL: weakref.WeakSet[Unsettled] = weakref.WeakSet()
+
+
+def _renamed_after_fork() -> None:
+    # A forked child (a pre-fork server's worker) makes batches of its own, numbered from its own count.
+    for unsettled in list(_ALL):
+        unsettled._writer = _new_writer()
+
+
+os.register_at_fork(after_in_child=_renamed_after_fork)
 
 
 def _copy(change: Change) -> Change:

@@ -273,24 +273,29 @@ class MemoryStorage:
         batches = self._shards[request.shard].batches
         # Read under the storage's lock, as the flush writes: no batch lands in between (no guard needed).
         snapshot = request.unsettled_changes()
-        changes = [
-            change
-            for batch_id, change in (snapshot.changes if snapshot else ())
-            if not batch_id or batches.get(batch_id, 0) <= now / 1000
-        ]
-        if not changes:
+        if snapshot is None:
+            return counters, available
+        released, moved = 0, dict[str, list[int]]()  # meter -> [units charged, units released]
+        for batch_id, change in snapshot.changes:
+            if batch_id and batches.get(batch_id, 0) > now / 1000:
+                continue  # written: in the counters already
+            released += change.released
+            for meter, (used, held) in change.meters.items():
+                totals = moved.setdefault(meter, [0, 0])
+                totals[0] += used
+                totals[1] += held
+        if not released and not moved:
             return counters, available
         seen = dict(counters)
         cost = 0
         for hold in request.holds:
+            charged, freed = moved.get(hold.meter, (0, 0))
             used_key, held_key = _counter_names(hold.meter)
             used = seen.get(used_key, 0)
-            charged = sum(change.meters.get(hold.meter, (0, 0))[0] for change in changes)
-            released = sum(change.meters.get(hold.meter, (0, 0))[1] for change in changes)
             seen[used_key] = used + charged
-            seen[held_key] = max(0, seen.get(held_key, 0) - released)
+            seen[held_key] = max(0, seen.get(held_key, 0) - freed)
             cost += (max(hold.included, used + charged) - max(hold.included, used)) * hold.price
-        reserved = max(0, account.reserved - sum(change.released for change in changes))
+        reserved = max(0, account.reserved - released)
         return seen, account.balance - reserved - (cost if request.charges_credits else 0)
 
     def _decide(

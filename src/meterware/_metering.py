@@ -227,11 +227,6 @@ class Metering:
         self._calls_only = all(meter.source == "call" for meter in config.meters.values())
         #: By the holds' identity and the route weight: the holds, the units and what a settlement charges.
         self._measured: dict[tuple[int, int], Measured] = {}
-        #: By the settled meters' identity, billable, and whether a reservation is held: what calls of
-        #: the same terms change at admission until flushed (kept with the settled meters they name).
-        self._call_changes: dict[
-            tuple[int, bool, bool], tuple[SettledMeters, tuple[tuple[str, int, int], ...]]
-        ] = {}
         self.pipeline = Pipeline(
             config.pipeline,
             on_flushed=self._rollup_in_process if self.embedded else None,
@@ -629,9 +624,13 @@ class Metering:
 
     def _change(
         self, call: Call, billable: bool, settled: SettledMeters, settlement: Settlement
-    ) -> CallChange:
+    ) -> CallChange | None:
         """What a finished call's settlement will change of its customer's counters once it is written:
-        the units it charges, and what it releases of its reservation (its own, or its lease's block)."""
+        the units it charges, and what it releases of its reservation (its own, or its lease's block).
+
+        None when that nets out to nothing at admission (most calls: see :func:`nets_out`), so the
+        calls that do change something are the only ones carried to every admission.
+        """
         request, lease = call.request, call.lease
         account = (request.customer, request.live, request.period_start)
         if lease is not None:
@@ -639,19 +638,11 @@ class Metering:
                 released, freed = lease.releases(settlement, settled, billable)
             return account, released, _meter_changes(settled, billable, freed)
         holding = bool(call.decision.reservation_id)  # else served fail-open: it only charges
+        if billable and holding and nets_out(request, call.decision.reserved_credits):
+            return None
         released = call.decision.reserved_credits if holding else 0
         freed = [hold.hold for hold in request.holds] if holding else [0] * len(request.holds)
-        if not self._calls_only:
-            return account, released, _meter_changes(settled, billable, freed)
-        # Calls of the same terms share their settled meters (``_measure``): their changes too.
-        # (Benchmark: Metering.finish in benchmarks/micro.py.)
-        cache_key = (id(settled), billable, holding)
-        cached = self._call_changes.get(cache_key)
-        if cached is None or cached[0] is not settled:
-            if len(self._call_changes) >= KEY_CACHE_MAX_ENTRIES:
-                self._call_changes.clear()
-            cached = self._call_changes[cache_key] = (settled, _meter_changes(settled, billable, freed))
-        return account, released, cached[1]
+        return account, released, _meter_changes(settled, billable, freed)
 
     async def _aresolve(self, storage: AsyncStorage, key_hash: str) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know; concurrent calls with the same key share one
@@ -1059,6 +1050,18 @@ Measured = tuple[tuple[MeterHold, ...], dict[str, int | str], SettledMeters, Uni
 def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:
     """What a call's settlement charges of each held meter: ``(meter, units, price, included)``."""
     return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+
+
+def nets_out(request: AdmitRequest, reserved_credits: int) -> bool:
+    """Whether a charged call, settled from its own reservation, changes nothing an admission reads:
+    its meters count calls (it uses what it held: used + units, held - units) and its credits are
+    released as they are charged (its price, with no included units that could make it cheaper)."""
+    if not all(hold.exact for hold in request.holds):
+        return False
+    if not request.charges_credits:
+        return True
+    price = sum(hold.hold * hold.price for hold in request.holds)
+    return reserved_credits == price and not any(hold.included for hold in request.holds)
 
 
 def captures(request: AdmitRequest, decision: Decision) -> bool:

@@ -95,11 +95,7 @@ class Unsettled:
         """A call finished: its settlement waits in the buffer."""
         account, released, meters = change
         with self._lock:
-            changes = self._changes.get(account)
-            queued = changes.get("") if changes is not None else None
-            if queued is None:
-                queued = self._change(account, "")
-            queued.add(released, meters)
+            self._change(account, "").add(released, meters)
 
     def discard(self, changes: Iterable[CallChange]) -> None:
         """Calls whose settlements will never be written (their events were dropped)."""

@@ -1054,25 +1054,27 @@ def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str])
 
 def nets_out(request: AdmitRequest, reserved_credits: int) -> bool:
     """Whether a charged call, settled from its own reservation, changes nothing an admission reads:
-    its meters count calls (it uses what it held: used + units, held - units) and its credits are
-    released as they are charged (its price, with no included units that could make it cheaper)."""
-    if not all(hold.exact for hold in request.holds):
-        return False
-    if not request.charges_credits:
-        return True
-    price = sum(hold.hold * hold.price for hold in request.holds)
-    return reserved_credits == price and not any(hold.included for hold in request.holds)
+    it holds its full price (:func:`holds_full_price`) and no included units could make it cheaper."""
+    return holds_full_price(request, reserved_credits, 1) and not (
+        request.charges_credits and any(hold.included for hold in request.holds)
+    )
 
 
 def captures(request: AdmitRequest, decision: Decision) -> bool:
-    """Whether a lease's calls take their share out of its block as they settle: when every meter a call
-    holds counts calls (a call's units are then its own hold) and the block holds each call's full price
-    (a block that spans the included units holds less for some calls: what a call's settlement takes of it
-    then depends on the order the calls are flushed in, which admission cannot know)."""
+    """Whether a lease's calls take their share out of its block as they settle: when the block holds
+    each call's full price (a block that spans the included units holds less for some calls: what a
+    call's settlement takes of it then depends on the order the calls are flushed in, which admission
+    cannot know)."""
+    return holds_full_price(request, decision.reserved_credits, decision.calls)
+
+
+def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:
+    """Whether ``calls`` calls like ``request`` use exactly what they hold: every meter counts calls (a
+    call's units are its hold) and ``reserved_credits`` is their whole price (nothing if not charged)."""
     if not all(hold.exact for hold in request.holds):
         return False
     price = sum(hold.hold * hold.price for hold in request.holds) if request.charges_credits else 0
-    return decision.reserved_credits == decision.calls * price
+    return reserved_credits == calls * price
 
 
 def _meter_changes(

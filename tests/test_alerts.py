@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from meterware._core import Customer, period_bounds
-from meterware.accounts import Accounts
-from meterware.alerts import (
+from meterware.billing.accounts import Accounts
+from meterware.billing.alerts import (
     Alert,
     AlertEvaluator,
     Crossing,

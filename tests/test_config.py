@@ -349,7 +349,7 @@ def test_a_middleware_started_with_no_configuration_found_refuses_to_start(
 def test_every_start_up_with_no_configuration_found_refuses(app: str) -> None:
     """The same rule for the ASGI and WSGI middleware and the self-service app; the storage URL alone
     (``storage=``, ``METERWARE_STORAGE``) is not a configuration."""
-    from meterware.selfservice import AccountView
+    from meterware.billing.selfservice import AccountView
     from meterware.wsgi import WSGIMeteringMiddleware
 
     build = {

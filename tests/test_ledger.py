@@ -18,9 +18,9 @@ from starlette.types import Receive, Scope, Send
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
+from meterware.billing.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, replay
 from meterware.errors import UsageError
 from meterware.events import decode_batch, format_event_id
-from meterware.ledger import GRANT_PRIORITY, PURCHASE_PRIORITY, replay
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from meterware.storage.base import LedgerEntry

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from meterware.billing.pricing import Line, PlanPrices, Price, Tier, minor_unit, parse_money, round_amount
 from meterware.config import Config, MeterTerms
 from meterware.errors import ConfigError
-from meterware.pricing import Line, PlanPrices, Price, Tier, minor_unit, parse_money, round_amount
 
 D = Decimal
 #: The README's tiers: 1-10,000 at 0.001; 10,001-100,000 at 0.0008 + 5 flat; then 0.0005.

@@ -17,9 +17,9 @@ from starlette.routing import Mount, Route
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client
 
-from meterware import selfservice
-from meterware.accounts import Accounts
 from meterware.asgi import MeteringMiddleware
+from meterware.billing import selfservice
+from meterware.billing.accounts import Accounts
 from meterware.config import Config
 from meterware.rollup import RollupWorker
 from meterware.wsgi import WSGIMeteringMiddleware

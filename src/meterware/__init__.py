@@ -2,12 +2,12 @@
 
 from meterware import usage
 from meterware.__about__ import __version__
-from meterware.accounts import Accounts, UsageReport
 from meterware.asgi import MeteringMiddleware
+from meterware.billing.accounts import Accounts, UsageReport
+from meterware.billing.invoices import Invoice
+from meterware.billing.pricing import Price, Tier
 from meterware.config import Config
 from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError, UsageError
-from meterware.invoices import Invoice
-from meterware.pricing import Price, Tier
 from meterware.wsgi import WSGIMeteringMiddleware
 
 __all__ = [

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meterware.__about__ import __version__
-from meterware.accounts import Accounts
+from meterware.billing.accounts import Accounts
 from meterware.config import EXPORT_PROVIDERS, AlertRules, Config, format_credits
 from meterware.errors import MeterwareError
 from meterware.rollup.metrics import add_metrics_arguments
@@ -397,7 +397,7 @@ def _epoch(text: str | None, option: str) -> int | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from meterware.export import export_usage
+    from meterware.billing.export import export_usage
 
     accounts = _accounts(args)
     since, until = _epoch(args.since, "--since"), _epoch(args.until, "--until")

@@ -24,8 +24,7 @@ from typing import Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from meterware._http import redact_url
-from meterware.errors import ConfigError
-from meterware.pricing import (
+from meterware.billing.pricing import (
     DEFAULT_CURRENCY,
     PlanPrices,
     Price,
@@ -33,6 +32,7 @@ from meterware.pricing import (
     parse_money,
     parse_price,
 )
+from meterware.errors import ConfigError
 
 logger = logging.getLogger("meterware")
 
@@ -121,7 +121,7 @@ class MeterTerms:
     #: Price per unit beyond ``included``, in micro-credits (1 credit = 1,000,000).
     price: int = 0
     #: Package or tier pricing, priced on invoices only (``price`` is then 0: the request path charges
-    #: nothing); None: ``price`` per unit (:mod:`meterware.pricing`).
+    #: nothing); None: ``price`` per unit (:mod:`meterware.billing.pricing`).
     pricing: Price | None = None
 
 
@@ -188,7 +188,7 @@ class Routes:
     weights: tuple[tuple[str, int], ...] = ()
     #: Globs of paths that serve live keys only: test keys get 403 ``test_key_not_allowed``.
     live_only: tuple[str, ...] = ()
-    #: Where the customer's own account (:mod:`meterware.selfservice`) is mounted, without a trailing
+    #: Where the customer's own account (:mod:`meterware.billing.selfservice`) is mounted, without a trailing
     #: slash: never metered, with or without the slash and below it, whatever ``exclude`` says.
     account: str | None = None
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)

@@ -187,10 +187,10 @@ def _traffic(base: str, keys: dict[str, str]) -> Counter[tuple[str, int, str]]:
 
 class _Receiver:
     """A webhook endpoint on a loopback port, as a customer of meterware would run one: it checks
-    each alert's signature with :func:`meterware.alerts.verify_signature`."""
+    each alert's signature with :func:`meterware.billing.alerts.verify_signature`."""
 
     def __init__(self, secret: str) -> None:
-        from meterware.alerts import SIGNATURE_HEADER, verify_signature
+        from meterware.billing.alerts import SIGNATURE_HEADER, verify_signature
 
         self.received: list[tuple[bool, dict[str, Any]]] = []
         received = self.received
@@ -226,7 +226,7 @@ _ROW = "  {:<9} {:<5} {:>5} {:>6} {:>3} {:>3} {:>3} {:>7} {:>10} {:>10}"
 
 def run_demo(*, storage: str | None = None) -> int:
     """Run the demo end to end and print what happened."""
-    from meterware.accounts import Accounts
+    from meterware.billing.accounts import Accounts
     from meterware.config import Config, format_credits
 
     workdir = Path(tempfile.mkdtemp(prefix="meterware-demo-"))
@@ -239,7 +239,7 @@ def run_demo(*, storage: str | None = None) -> int:
     alerts += f'webhook_url = "{receiver.url}"\n'
     config_path.write_text(DEMO_CONFIG + f'spool_dir = "{workdir / "spool"}"\n' + alerts)
     # The demo prints the alerts itself (the log line is for operators).
-    logging.getLogger("meterware.alerts").addHandler(logging.NullHandler())
+    logging.getLogger("meterware.billing.alerts").addHandler(logging.NullHandler())
     # The app below and the worker process read the storage URL from the environment, like a deployment.
     os.environ.pop("METERWARE_REDIS_URL", None)
     os.environ.pop("METERWARE_STORAGE", None)

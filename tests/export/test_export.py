@@ -17,9 +17,9 @@ import pytest
 from werkzeug.test import Client
 
 from meterware import usage
-from meterware.accounts import Accounts
+from meterware.billing.accounts import Accounts
+from meterware.billing.export import ExportError, export_usage, open_exporter
 from meterware.config import Config
-from meterware.export import ExportError, export_usage, open_exporter
 from meterware.rollup.worker import RollupWorker
 from meterware.storage import open_storage
 from meterware.storage.base import ExportMark, Storage

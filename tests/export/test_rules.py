@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from meterware.billing.export import backoff_delay, event_id
 from meterware.cli import main
 from meterware.config import Config
 from meterware.errors import ConfigError
-from meterware.export import backoff_delay, event_id
 
 LONG = "a" * 100
 HASHED = "mw:" + hashlib.sha256(f"mw:{LONG}:calls:hour:3600".encode()).hexdigest()[:40]

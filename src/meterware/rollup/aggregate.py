@@ -15,7 +15,7 @@ late event lands in the windows of its own timestamp, however late it arrives. F
   configuration does not know is summed (or, for text values, counted as distinct values): usage is never
   dropped because the configuration changed.
 
-A correction (:mod:`meterware.corrections`) is an entry with a field ``n``: one sign per event, ``-1``
+A correction (:mod:`meterware.billing.corrections`) is an entry with a field ``n``: one sign per event, ``-1``
 for an event it subtracts (the voided or amended original: its call, its ``count`` and ``sum`` units and
 its cost) and ``1`` for one it adds (the amended version). ``max``, ``last`` and ``unique`` values cannot
 be taken back: corrections refuse events that hold them, and the fold skips them on a subtracted event.

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Final
 
-from meterware.alerts import AlertEvaluator, webhook_secret
+from meterware.billing.alerts import AlertEvaluator, webhook_secret
+from meterware.billing.ledger import expire_due_grants
 from meterware.config import Config
 from meterware.errors import ConfigError, StorageError
-from meterware.ledger import expire_due_grants
 from meterware.rollup.aggregate import Fold, parse_columns
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage, StreamEntry
@@ -91,7 +91,7 @@ class RollupWorker:
     :param shards: the shards to work on; all of the backend's by default.
     :param metrics: where to count its progress and lag (see :mod:`meterware.rollup.metrics`); measuring
         the lag costs two ``XLEN`` per shard and step.
-    :param alerts: evaluates the customers of each committed batch (:mod:`meterware.alerts`); made from
+    :param alerts: evaluates each committed batch's customers (:mod:`~meterware.billing.alerts`); made from
         ``config.alerts`` by default when the configuration has an ``[alerts]`` section.
 
     ``step()`` does one round over the shards, ``drain()`` steps until the shards it can own are caught

@@ -131,7 +131,7 @@ CloseResult = Literal["closed", "exists", "conflict"]
 
 @dataclass(frozen=True, slots=True)
 class Billed:
-    """What a customer's closed invoices billed, per closed period (written by :mod:`meterware.invoices`)."""
+    """What a customer's closed invoices billed, per closed period (see :mod:`meterware.billing.invoices`)."""
 
     #: Moved by every close; a close computed from another version is refused.
     version: int = 0
@@ -141,7 +141,7 @@ class Billed:
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One movement of a customer's balance (see :mod:`meterware.ledger`); ``amount`` is signed micros.
+    """A movement of the balance (see :mod:`meterware.billing.ledger`); ``amount`` is signed micros.
 
     ``kind`` is ``grant``, ``purchase``, ``charge``, ``refund``, ``adjustment`` or ``expiry``. Written with
     ``id=""``; read back with the ledger stream's entry id, whose first part is the time in ms.
@@ -193,7 +193,7 @@ ALERTS_MAXLEN = 10_000
 
 @dataclass(frozen=True, slots=True)
 class ExportMark:
-    """What was exported of one meter of one window to one provider (see :mod:`meterware.export`).
+    """What was exported of one meter of one window to one provider (see :mod:`meterware.billing.export`).
 
     Written before the event is sent (``confirmed`` false), and again once the provider took it, so a run
     that died in between sends the very same event (id and value) again, and the provider dedupes it.
@@ -249,7 +249,7 @@ class Storage(Protocol):
     def get_balance(self, customer_id: str) -> Balance: ...
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
 
-    # -- invoices (meterware.invoices): close_period stores the frozen invoice of a closed period unless one
+    # -- invoices: close_period stores the frozen invoice of a closed period unless one
     # is stored ("exists"), with the billed records of the periods it bills, only if the customer's billed
     # version is still ``version`` ("conflict" otherwise); all in one atomic step, or nothing.
     def read_billed(self, customer_id: str) -> Billed: ...
@@ -258,7 +258,7 @@ class Storage(Protocol):
         self, customer_id: str, period_start: int, invoice: str, billed: Mapping[int, str], version: int
     ) -> CloseResult: ...
 
-    # -- the credits ledger and corrections (meterware.ledger, meterware.corrections)
+    # -- the credits ledger and corrections (meterware.billing.ledger, meterware.billing.corrections)
     def move_credits(self, customer_id: str, entry: LedgerEntry) -> Balance: ...
     def read_ledger(
         self, customer_id: str, start: str = "-", end: str = "+", count: int | None = None
@@ -272,7 +272,7 @@ class Storage(Protocol):
     def imported_entries(self, shard: int, event_ids: Sequence[str]) -> dict[str, str]: ...
     def import_events(self, shard: int, event_ids: Sequence[str], payload: bytes) -> bool: ...
 
-    # -- alerts (meterware.alerts): fire_alert appends ``fields`` to the shard's alerts stream and sets the
+    # -- alerts: fire_alert appends ``fields`` to the shard's alerts stream and sets the
     # marker ``name`` (until ``expires_at``, epoch seconds) in one atomic step, unless the marker is
     # there already: then it writes nothing and returns None. So an alert fires once, whoever evaluates.
     def set_alert_rules(self, customer_id: str, rules: str | None) -> None: ...
@@ -282,7 +282,7 @@ class Storage(Protocol):
     ) -> str | None: ...
     def read_alerts(self, shard: int, after: str, count: int) -> list[StreamEntry]: ...
 
-    # -- export to billing providers (meterware.export): external customer ids, and what was exported of
+    # -- export to billing providers: external customer ids, and what was exported of
     # each window (a mark per meter; ``None`` removes one) and up to where (a cursor), per provider.
     def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None: ...
     def get_external_ids(self, customer_id: str) -> dict[str, str]: ...

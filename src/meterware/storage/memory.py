@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
+from meterware.billing.ledger import default_grant
 from meterware.errors import NotFoundError, StorageError
-from meterware.ledger import default_grant
 from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import (
     ALERTS_MAXLEN,

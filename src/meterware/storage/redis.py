@@ -46,8 +46,8 @@ from redis.retry import Retry
 
 from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware._unsettled import Snapshot
+from meterware.billing.ledger import default_grant
 from meterware.errors import NotFoundError, StorageError
-from meterware.ledger import default_grant
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import (
     ALERTS_MAXLEN,

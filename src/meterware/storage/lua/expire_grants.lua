@@ -1,6 +1,6 @@
 #!lua
 -- Expire grants of one customer: append an `expiry` entry for what is left of each (computed by
--- meterware.ledger from the ledger up to its last entry) and take it off the balance, only if the ledger
+-- meterware.billing.ledger from the ledger up to its last entry) and take it off the balance, only if the ledger
 -- has not moved since (so each grant expires once, by what was really left). Same as
 -- MemoryStorage.expire_grants (memory.py).
 -- KEYS: customer, ledger stream, grant expiries zset

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from meterware._http import retry_after_seconds
-from meterware.config import ExportTarget
-from meterware.export import (
+from meterware.billing.export import (
     SendResult,
     UsageRecord,
     header,
@@ -24,6 +23,7 @@ from meterware.export import (
     one_line,
     status_failure,
 )
+from meterware.config import ExportTarget
 
 #: Stripe takes meter events of the past 35 calendar days.
 MAX_AGE: Final = 35 * 86_400

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from meterware._http import no_redirects_opener, retry_after_seconds
+from meterware.billing.export import ExportError, SendResult, UsageRecord, one_line, status_failure
 from meterware.config import ExportTarget
-from meterware.export import ExportError, SendResult, UsageRecord, one_line, status_failure
 
 MAX_BATCH: Final = 100
 DEFAULT_BASE_URL: Final = "https://openmeter.cloud"

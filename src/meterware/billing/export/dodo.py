@@ -17,8 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from meterware._http import retry_after_seconds
-from meterware.config import ExportTarget
-from meterware.export import (
+from meterware.billing.export import (
     SendResult,
     UsageRecord,
     header,
@@ -26,6 +25,7 @@ from meterware.export import (
     one_line,
     status_failure,
 )
+from meterware.config import ExportTarget
 
 #: Dodo rejects events older than one hour.
 MAX_AGE: Final = 3600

@@ -115,7 +115,7 @@ class SendResult:
 
 
 class Exporter(Protocol):
-    """One provider's request shape (``meterware.export.stripe`` ...)."""
+    """One provider's request shape (``meterware.billing.export.stripe`` ...)."""
 
     name: str
     #: Most events one request may carry (documented by the provider).
@@ -206,19 +206,19 @@ def open_exporter(target: ExportTarget, api_key: str | None = None) -> Exporter:
     if not key:
         raise ExportError(f"export.{target.provider}: set the API key in ${target.api_key_env}")
     if target.provider == "stripe":
-        from meterware.export.stripe import StripeExporter
+        from meterware.billing.export.stripe import StripeExporter
 
         return StripeExporter(target, key)
     if target.provider == "dodo":
-        from meterware.export.dodo import DodoExporter
+        from meterware.billing.export.dodo import DodoExporter
 
         return DodoExporter(target, key)
     if target.provider == "openmeter":
-        from meterware.export.openmeter import OpenMeterExporter
+        from meterware.billing.export.openmeter import OpenMeterExporter
 
         return OpenMeterExporter(target, key)
     if target.provider == "lago":
-        from meterware.export.lago import LagoExporter
+        from meterware.billing.export.lago import LagoExporter
 
         return LagoExporter(target, key)
     raise ExportError(f"unknown provider {target.provider!r} ({', '.join(EXPORT_PROVIDERS)})")

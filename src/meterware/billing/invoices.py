@@ -2,7 +2,7 @@
 
 An invoice is built from the rollup's ``period`` window of the customer's live usage (one quantity per
 meter, and ``spend``: the micro-credits charged call by call on prepaid plans), priced by
-:class:`~meterware.pricing.PlanPrices`. Closing a period stores the invoice as it is (JSON) in the backend,
+:class:`~.pricing.PlanPrices`. Closing a period stores the invoice as it is (JSON) in the backend,
 once: a closed invoice is always read back from that snapshot, never recomputed.
 
 Late events (rolled up after their period closed) still add to that period's window, which is right for
@@ -24,9 +24,9 @@ from decimal import Decimal
 from typing import Any, Final, Literal
 
 from meterware._core import Customer, period_bounds
+from meterware.billing.pricing import ZERO, Line, PlanPrices, minor_unit, round_amount
 from meterware.config import MICROS_PER_CREDIT, Plan
 from meterware.errors import StorageError
-from meterware.pricing import ZERO, Line, PlanPrices, minor_unit, round_amount
 from meterware.storage.base import Billed, Storage
 
 InvoiceStatus = Literal["running", "closed"]

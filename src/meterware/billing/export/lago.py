@@ -21,8 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from meterware._http import retry_after_seconds
-from meterware.config import ExportTarget
-from meterware.export import (
+from meterware.billing.export import (
     SendResult,
     UsageRecord,
     header,
@@ -31,6 +30,7 @@ from meterware.export import (
     one_line,
     status_failure,
 )
+from meterware.config import ExportTarget
 
 MAX_BATCH: Final = 100
 DEFAULT_BASE_URL: Final = "https://api.getlago.com/"

@@ -1,0 +1,621 @@
+"""Alerts: thresholds of quota, credits and spend, fired once per billing period, as signed webhooks.
+
+The rollup worker evaluates the customers of each batch it commits (:class:`AlertEvaluator`): the usage of
+their billing period against the quotas of their plan, their prepaid balance, and their period spend.
+Each (customer, period, rule, threshold) fires at most once: the backend appends the alert to the shard's
+alerts stream and sets its marker in one atomic step that does nothing if the marker is there, so two
+workers, a restart or a replayed batch never fire twice. A fired alert is logged (``meterware.alerts``)
+and, with ``alerts.webhook_url``, POSTed by a background thread (:class:`WebhookSender`), signed::
+
+    Meterware-Signature: t=1767225600,v1=<hex HMAC-SHA256 of "1767225600.<body>" with the secret>
+    Meterware-Event-Id: alrt_...        (the same for every attempt: receivers dedupe on it)
+
+Verify it on the receiving side with :func:`verify_signature` (the scheme is Stripe's).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import queue
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import ROUND_DOWN, Decimal
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from meterware.__about__ import __version__
+from meterware._core import Customer, period_bounds
+from meterware._http import no_redirects_opener, redact_text, redact_url, retry_after_seconds
+from meterware.config import AlertRules, Config, Plan, format_credits
+from meterware.errors import ConfigError, StorageError
+from meterware.storage.base import START_OFFSET, RollupCommit, Storage
+
+if TYPE_CHECKING:
+    from meterware.rollup.metrics import RollupMetrics
+
+__all__ = [
+    "Alert",
+    "AlertEvaluator",
+    "Crossing",
+    "WebhookSender",
+    "crossings",
+    "read_alerts",
+    "rules_from_json",
+    "rules_to_json",
+    "sign",
+    "verify_signature",
+    "webhook_secret",
+]
+
+logger = logging.getLogger("meterware.alerts")
+
+AlertType = Literal["quota.threshold", "credits.low", "spend.threshold"]
+_Outcome = Literal["delivered", "refused", "retry"]
+SIGNATURE_HEADER: Final = "Meterware-Signature"
+EVENT_ID_HEADER: Final = "Meterware-Event-Id"
+#: An alert's marker outlives the end of its period by this much (a late event may still cross a threshold).
+MARKER_GRACE_SECONDS: Final = 35 * 86_400
+#: Alerts waiting for delivery at most; past it they stay on the stream only (and are counted).
+QUEUE_SIZE: Final = 1000
+#: Fired alerts an evaluator remembers (so it skips asking the backend again); forgotten all at once past it.
+MAX_REMEMBERED: Final = 100_000
+#: Longest wait between two delivery attempts, in seconds (a longer Retry-After is cut to it).
+MAX_RETRY_DELAY: Final = 60.0
+_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
+_HEX_DIGEST: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _percent(used: int, quota: int) -> str:
+    return str((Decimal(used) * 100 / Decimal(quota)).quantize(Decimal("0.01"), rounding=ROUND_DOWN))
+
+
+# -- what fires -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A threshold the customer's numbers are past: an alert, if it has not fired this period yet."""
+
+    type: AlertType
+    #: Names the rule and threshold, unique within a customer's period (``quota:calls:80``).
+    rule: str
+    #: The threshold and the value that crossed it: a percentage (quota) or credits (``"10.000000"``).
+    threshold: str
+    value: str
+    #: Quota alerts: the meter, its quota and the units used.
+    meter: str | None = None
+    quota: int | None = None
+    used: int | None = None
+
+
+def crossings(rules: AlertRules, plan: Plan, usage: Mapping[str, int], balance: int | None) -> list[Crossing]:
+    """Every threshold of ``rules`` that ``usage`` (the period window) and ``balance`` are past.
+
+    Quotas are reached at ``used >= percent% of quota`` (hard and soft quotas alike; a quota of 0 has
+    no percentage); credits are low *below* a threshold (prepaid plans, ``balance`` in micro-credits,
+    None: not evaluated); spend (``usage["spend"]``, micro-credits) is *above* a threshold.
+    """
+    found: list[Crossing] = []
+    for meter, terms in plan.meters.items():
+        if not terms.quota:
+            continue
+        used = usage.get(meter, 0)
+        for percent in rules.quota_percent or ():
+            if used * 100 >= percent * terms.quota:
+                found.append(
+                    Crossing(
+                        "quota.threshold",
+                        f"quota:{meter}:{percent}",
+                        str(percent),
+                        _percent(used, terms.quota),
+                        meter,
+                        terms.quota,
+                        used,
+                    )
+                )
+    if balance is not None and plan.prepaid:
+        for below in rules.credits_below or ():
+            if balance < below:
+                found.append(
+                    Crossing(
+                        "credits.low", f"credits:{below}", format_credits(below), format_credits(balance)
+                    )
+                )
+    spend = usage.get("spend", 0)
+    for above in rules.spend_above or ():
+        if spend > above:
+            found.append(
+                Crossing("spend.threshold", f"spend:{above}", format_credits(above), format_credits(spend))
+            )
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A fired alert: what the alerts stream holds, the log says and the webhook body carries."""
+
+    id: str
+    type: AlertType
+    customer: str
+    period_start: int
+    threshold: str
+    value: str
+    #: When it fired, epoch seconds.
+    created: int
+    meter: str | None = None
+    quota: int | None = None
+    used: int | None = None
+    #: The alerts stream entry (empty until stored).
+    entry_id: str = field(default="", compare=False)
+
+    @classmethod
+    def of(cls, customer: str, period_start: int, crossing: Crossing, created: int) -> Alert:
+        """The alert of ``crossing``; its id is the same whoever computes it (receivers dedupe on it)."""
+        digest = hashlib.sha256(f"{customer}\n{period_start}\n{crossing.rule}".encode()).hexdigest()
+        return cls(
+            f"alrt_{digest[:24]}",
+            crossing.type,
+            customer,
+            period_start,
+            crossing.threshold,
+            crossing.value,
+            created,
+            crossing.meter,
+            crossing.quota,
+            crossing.used,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON body of the webhook (quota alerts add ``meter``, ``quota`` and ``used``)."""
+        data: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type,
+            "customer": self.customer,
+            "period_start": self.period_start,
+            "threshold": self.threshold,
+            "value": self.value,
+            "created": self.created,
+        }
+        if self.meter is not None:
+            data |= {"meter": self.meter, "quota": self.quota, "used": self.used}
+        return data
+
+    def body(self) -> bytes:
+        return json.dumps(self.as_dict(), separators=(",", ":"), sort_keys=True).encode()
+
+    def fields(self) -> dict[str, str]:
+        """The alert as the fields of its stream entry."""
+        return {key: str(value) for key, value in self.as_dict().items()}
+
+    @classmethod
+    def from_entry(cls, entry_id: str, fields: Mapping[bytes, bytes]) -> Alert:
+        """Read an alert back from its stream entry."""
+        text = {key.decode(): value.decode() for key, value in fields.items()}
+        kind = text["type"]
+        if kind not in get_args(AlertType):
+            raise ValueError(f"alert entry {entry_id} has an unknown type {kind!r}")
+        return cls(
+            text["id"],
+            kind,  # type: ignore[arg-type]  # checked above
+            text["customer"],
+            int(text["period_start"]),
+            text["threshold"],
+            text["value"],
+            int(text["created"]),
+            text.get("meter"),
+            int(text["quota"]) if "quota" in text else None,
+            int(text["used"]) if "used" in text else None,
+            entry_id,
+        )
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        start = datetime.fromtimestamp(self.period_start, UTC).strftime("%Y-%m-%d")
+        if self.type == "quota.threshold":
+            what = f"used {self.value}% of its {self.meter} quota ({self.used} of {self.quota}), "
+            what += f"past {self.threshold}%"
+        elif self.type == "credits.low":
+            what = f"has {self.value} credits left, below {self.threshold}"
+        else:
+            what = f"spent {self.value} credits, above {self.threshold}"
+        return f"{self.type} {self.id}: customer {self.customer} {what} (period from {start})"
+
+
+def rules_to_json(rules: AlertRules) -> str:
+    """A customer's own thresholds as stored in the backend (amounts in micro-credits)."""
+    data = {
+        name: list(value)
+        for name, value in (
+            ("quota_percent", rules.quota_percent),
+            ("credits_below", rules.credits_below),
+            ("spend_above", rules.spend_above),
+        )
+        if value is not None
+    }
+    return json.dumps(data, sort_keys=True)
+
+
+def rules_from_json(text: str | None) -> AlertRules:
+    """Read back :func:`rules_to_json`; what is unreadable counts as no override."""
+    if not text:
+        return AlertRules()
+    try:
+        data = json.loads(text)
+
+        def numbers(name: str) -> tuple[int, ...] | None:
+            value = data.get(name)
+            return None if value is None else tuple(int(item) for item in value)
+
+        return AlertRules(numbers("quota_percent"), numbers("credits_below"), numbers("spend_above"))
+    except (ValueError, TypeError, AttributeError):
+        logger.warning("ignoring unreadable alert thresholds %r", text[:200])
+        return AlertRules()
+
+
+# -- evaluation (in the rollup worker) --------------------------------------------------------------
+
+
+class AlertEvaluator:
+    """Fire the alerts of customers whose usage a rollup commit moved.
+
+    Evaluation is level-triggered: it compares the period's totals with every threshold, so a batch whose
+    evaluation failed (backend error) is caught up by the customer's next one, and a threshold crossed
+    before alerts were configured fires at the next batch.
+
+    :param sender: delivers fired alerts as webhooks (None: the stream and the log only).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: Config,
+        *,
+        sender: WebhookSender | None = None,
+        metrics: RollupMetrics | None = None,
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.sender = sender
+        self.metrics = metrics
+        # (customer, marker name) known to have fired: a threshold stays crossed for the rest of its
+        # period, and asking the backend again at every batch would cost a script call each time.
+        self._fired: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_config(
+        cls, storage: Storage, config: Config, *, metrics: RollupMetrics | None = None
+    ) -> AlertEvaluator:
+        """The evaluator ``[alerts]`` describes; its webhook secret is read from the environment."""
+        settings = config.alerts
+        sender = None
+        secret = webhook_secret(config)
+        if settings.webhook_url and secret:
+            sender = WebhookSender(
+                settings.webhook_url,
+                secret,
+                attempts=settings.webhook_attempts,
+                timeout=settings.webhook_timeout,
+                metrics=metrics,
+            )
+        return cls(storage, config, sender=sender, metrics=metrics)
+
+    def rules_for(self, customer: Customer) -> AlertRules:
+        """The customer's thresholds: its own, over its plan's, over everyone's."""
+        own = rules_from_json(self.storage.get_alert_rules(customer.id))
+        return own.over(self.config.alerts.rules_for(customer.plan))
+
+    def after_commit(self, commit: RollupCommit) -> list[Alert]:
+        """Evaluate the customers whose live billing period the commit added to; return what fired."""
+        fired: list[Alert] = []
+        periods = sorted({(w.customer, w.start) for w in commit.windows if w.live and w.window == "period"})
+        for customer, period_start in periods:
+            try:
+                fired += self.evaluate(customer, period_start)
+            except StorageError as error:
+                # The commit stands; the customer's next batch evaluates its totals again.
+                logger.warning("alerts of customer %s not evaluated: %s", customer, error)
+        return fired
+
+    def evaluate(self, customer_id: str, period_start: int, *, now: float | None = None) -> list[Alert]:
+        """Fire what the customer's period has crossed and has not fired yet; return what fired."""
+        customer = self.storage.get_customer(customer_id)
+        if customer is None:
+            return []
+        rules = self.rules_for(customer)
+        if not (rules.quota_percent or rules.credits_below or rules.spend_above):
+            return []
+        plan = self.config.plan(customer.plan)
+        now = time.time() if now is None else now
+        _, period_end = period_bounds(customer.anchor, plan.period, period_start)
+        usage = self.storage.read_usage(customer_id, True, "period", period_start)
+        balance = None
+        # The balance is now's, so it speaks for the current period only.
+        if rules.credits_below and plan.prepaid and period_start <= now < period_end:
+            balance = self.storage.get_balance(customer_id).balance
+        fired = []
+        for crossing in crossings(rules, plan, usage, balance):
+            name = f"{period_start}:{crossing.rule}"
+            if (customer_id, name) in self._fired:
+                continue
+            alert = Alert.of(customer_id, period_start, crossing, int(now))
+            expires_at = max(period_end, int(now)) + MARKER_GRACE_SECONDS
+            entry_id = self.storage.fire_alert(customer_id, name, expires_at, alert.fields())
+            if len(self._fired) >= MAX_REMEMBERED:
+                self._fired.clear()
+            self._fired.add((customer_id, name))
+            if entry_id is None:
+                continue  # fired before (by us, a restarted us, or another worker)
+            alert = replace(alert, entry_id=entry_id)
+            fired.append(alert)
+            logger.warning("alert %s", alert.describe())
+            if self.metrics is not None:
+                self.metrics.alerts.labels(alert.type).inc()
+            if self.sender is not None:
+                self.sender.submit(alert)
+        return fired
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout`` seconds) for the webhooks still being delivered."""
+        if self.sender is not None:
+            self.sender.close(timeout)
+
+
+def webhook_secret(config: Config) -> str | None:
+    """The webhook's HMAC secret, from the environment (None without a webhook).
+
+    :raises ConfigError: naming ``alerts.secret_env`` when the variable is unset or empty.
+    """
+    settings = config.alerts
+    if not (settings.enabled and settings.webhook_url):
+        return None
+    secret = os.environ.get(settings.secret_env, "")
+    if not secret:
+        raise ConfigError(
+            "alerts.secret_env",
+            f"the environment variable {settings.secret_env} (the webhook's secret) is not set",
+        )
+    return secret
+
+
+def read_alerts(storage: Storage, *, customer: str | None = None, limit: int = 100) -> list[Alert]:
+    """The latest ``limit`` alerts of every shard's alerts stream (of one customer), oldest first."""
+    found: list[Alert] = []
+    for shard in range(storage.shards):
+        after = START_OFFSET
+        while True:
+            entries = storage.read_alerts(shard, after, 1000)
+            for entry in entries:
+                try:
+                    alert = Alert.from_entry(entry.entry_id, entry.fields)
+                except (KeyError, ValueError, UnicodeDecodeError) as error:
+                    logger.warning("unreadable alert entry %s: %s", entry.entry_id, error)
+                    continue
+                if customer is None or alert.customer == customer:
+                    found.append(alert)
+            if len(entries) < 1000:
+                break
+            after = entries[-1].entry_id
+    found.sort(key=lambda alert: (alert.created, alert.entry_id))
+    return found[-limit:] if limit > 0 else []
+
+
+# -- signatures ---------------------------------------------------------------------------------------
+
+
+def sign(body: bytes, secret: str, timestamp: int) -> str:
+    """The ``Meterware-Signature`` header of ``body`` sent at ``timestamp`` (epoch seconds)."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify_signature(
+    body: bytes | str,
+    header: str | bytes | None,
+    secret: str,
+    tolerance: float = 300,
+    *,
+    now: float | None = None,
+) -> bool:
+    """Whether ``header`` (``Meterware-Signature``) signs ``body`` (the raw request body) with ``secret``.
+
+    The timestamp must be within ``tolerance`` seconds of ``now``, so a captured request cannot be
+    replayed later. Compare the raw bytes received, before any JSON parsing. Any ``v1`` entry may match
+    (several appear while a secret is being rolled). Anything malformed (no or several ``t``, a ``t``
+    that is not ASCII digits, a ``v1`` that is not 64 hex digits, a header that is not ASCII, a body
+    that is neither bytes nor text, an empty secret) is False, never an exception.
+    """
+    if not isinstance(body, bytes | str) or not isinstance(header, bytes | str) or not secret:
+        return False
+    try:
+        raw = body.encode() if isinstance(body, str) else body
+        text = header.decode("ascii") if isinstance(header, bytes) else header
+    except UnicodeError:  # a lone surrogate in the text; a bytes header that is not ASCII
+        return False
+    if not text.isascii():
+        return False
+    timestamps: list[str] = []
+    candidates: list[str] = []
+    for item in text.split(","):
+        name, _, value = item.strip().partition("=")
+        if name == "t":
+            timestamps.append(value)
+        elif name == "v1" and _HEX_DIGEST.fullmatch(value):
+            candidates.append(value)
+    # One t, of at most 12 digits (year 33658): the float arithmetic below cannot overflow.
+    if len(timestamps) != 1 or not _TIMESTAMP.fullmatch(timestamps[0]) or not candidates:
+        return False
+    timestamp = int(timestamps[0])
+    if not abs((time.time() if now is None else now) - timestamp) <= tolerance:  # NaN: not within
+        return False
+    expected = sign(raw, secret, timestamp).rpartition("v1=")[2]
+    return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
+
+
+# -- delivery -----------------------------------------------------------------------------------------
+
+
+class WebhookSender:
+    """POST alerts to a URL from a background thread, signed, with retries; never blocks its caller.
+
+    Connection errors, timeouts, 408, 429 and 5xx are retried up to ``attempts`` times in all, after
+    ``base_delay * 2**n`` seconds (n = 0, 1, ...; at most :data:`MAX_RETRY_DELAY`) with jitter (half to
+    the whole of it), or after the ``Retry-After`` the endpoint asked for. Other answers end the
+    delivery. The queue holds :data:`QUEUE_SIZE` alerts; past it, and after the last attempt, an alert
+    stays on the alerts stream only and ``failed`` counts it. So does an alert whose delivery raised
+    anything else: the thread logs it and goes on with the next one.
+
+    Redirects are never followed. Credentials in the URL (``https://user:pass@host/...``) are sent as
+    Basic auth to that host; logs show the URL without them and without its query values.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        *,
+        attempts: int = 6,
+        timeout: float = 5.0,
+        base_delay: float = 0.5,
+        queue_size: int = QUEUE_SIZE,
+        metrics: RollupMetrics | None = None,
+    ) -> None:
+        self.url = url
+        #: The URL as logs show it (:func:`meterware._http.redact_url`).
+        self.shown_url = redact_url(url)
+        self._endpoint, self._authorization = _split_credentials(url)
+        self._secret = secret
+        self.attempts = attempts
+        self.timeout = timeout
+        self.base_delay = base_delay
+        self.metrics = metrics
+        self.delivered = 0
+        self.failed = 0
+        self._queue: queue.Queue[Alert | None] = queue.Queue(queue_size)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._give_up = threading.Event()
+        self._opener = no_redirects_opener()
+
+    def submit(self, alert: Alert) -> bool:
+        """Queue ``alert`` for delivery; False if the queue is full (it stays on the stream)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._give_up.clear()
+                self._thread = threading.Thread(target=self._run, name="meterware-webhooks", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(alert)
+        except queue.Full:
+            logger.warning("webhook queue full: alert %s stays on the alerts stream only", alert.id)
+            self._count_failure()
+            return False
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued within ``timeout`` seconds, then stop (what is left is counted failed)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(None)
+        thread.join(timeout)
+        if thread.is_alive():
+            self._give_up.set()
+            thread.join(self.timeout + 1)
+
+    def _run(self) -> None:
+        while True:
+            alert = self._queue.get()
+            if alert is None:
+                return
+            if self._give_up.is_set():
+                self._count_failure()
+                continue
+            try:
+                self.deliver(alert)
+            except Exception as error:  # one alert's bad luck must not end the deliveries of all others
+                logger.warning(
+                    "webhook for alert %s to %s failed: %s: %s",
+                    alert.id,
+                    self.shown_url,
+                    type(error).__name__,
+                    redact_text(str(error), self.url),
+                )
+                self._count_failure()
+
+    def deliver(self, alert: Alert) -> bool:
+        """Deliver one alert now, retrying as described; return whether the endpoint took it."""
+        body = alert.body()
+        for attempt in range(self.attempts):
+            outcome, wait = self._attempt(alert.id, body)
+            if outcome == "delivered":
+                self.delivered += 1
+                if self.metrics is not None:
+                    self.metrics.webhooks_delivered.inc()
+                return True
+            if outcome == "refused" or attempt + 1 == self.attempts:
+                break
+            delay = min(MAX_RETRY_DELAY, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+            if wait is not None:
+                delay = min(MAX_RETRY_DELAY, wait)
+            if self._give_up.wait(delay):
+                break
+        logger.warning("webhook for alert %s not delivered to %s", alert.id, self.shown_url)
+        self._count_failure()
+        return False
+
+    def _attempt(self, event_id: str, body: bytes) -> tuple[_Outcome, float | None]:
+        """One POST; for a retry, the seconds the endpoint asked to wait (``Retry-After``), if any."""
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"meterware/{__version__}",
+            # Signed at each attempt: a retry an hour later still passes the receiver's tolerance.
+            SIGNATURE_HEADER: sign(body, self._secret, int(time.time())),
+            EVENT_ID_HEADER: event_id,
+        }
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        request = urllib.request.Request(self._endpoint, data=body, method="POST", headers=headers)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                response.read()
+            return "delivered", None
+        except urllib.error.HTTPError as error:
+            error.close()
+            if error.code in (408, 429) or error.code >= 500:
+                logger.info("webhook for %s: HTTP %d, retrying", event_id, error.code)
+                return "retry", retry_after_seconds(error.headers.get("Retry-After"))
+            logger.warning("webhook for %s refused with HTTP %d", event_id, error.code)
+            return "refused", None
+        except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets
+            logger.info("webhook for %s failed (%s), retrying", event_id, redact_text(str(error), self.url))
+            return "retry", None
+
+    def _count_failure(self) -> None:
+        self.failed += 1
+        if self.metrics is not None:
+            self.metrics.webhooks_failed.inc()
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its userinfo, and the Basic ``Authorization`` the userinfo stands for (if any)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"

@@ -1,22 +1,80 @@
-"""meterware: sell access to your API with one line of middleware."""
+"""meterware: sell access to your API with one line of middleware.
 
-from meterware import usage
+The names below are imported on first use (PEP 562), so ``import meterware`` stays cheap: an app that
+mounts the ASGI middleware never loads the rollup worker, alerts or invoices.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from meterware.__about__ import __version__
-from meterware.asgi import MeteringMiddleware
-from meterware.billing.accounts import Accounts, UsageReport
-from meterware.billing.invoices import Invoice
-from meterware.billing.pricing import Price, Tier
-from meterware.config import Config
-from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError, UsageError
-from meterware.wsgi import WSGIMeteringMiddleware
+
+if TYPE_CHECKING:
+    from meterware import usage
+    from meterware._core import Customer, KeyRecord
+    from meterware.asgi import MeteringMiddleware
+    from meterware.billing.accounts import Accounts, UsageReport
+    from meterware.billing.alerts import Alert
+    from meterware.billing.corrections import CorrectionResult, ImportResult
+    from meterware.billing.export import ExportReport
+    from meterware.billing.invoices import Invoice
+    from meterware.billing.ledger import Lot
+    from meterware.billing.pricing import Price, Tier
+    from meterware.config import AlertRules, Config
+    from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError, UsageError
+    from meterware.keys import NewKey
+    from meterware.storage.base import Balance, LedgerEntry
+    from meterware.wsgi import WSGIMeteringMiddleware
+
+#: Where each public name lives: the entry points, then the types their methods return.
+_EXPORTS: dict[str, str] = {
+    "MeteringMiddleware": "meterware.asgi",
+    "WSGIMeteringMiddleware": "meterware.wsgi",
+    "Config": "meterware.config",
+    "Accounts": "meterware.billing.accounts",
+    "usage": "meterware.usage",
+    "MeterwareError": "meterware.errors",
+    "ConfigError": "meterware.errors",
+    "NotFoundError": "meterware.errors",
+    "StorageError": "meterware.errors",
+    "UsageError": "meterware.errors",
+    "Price": "meterware.billing.pricing",
+    "Tier": "meterware.billing.pricing",
+    "Alert": "meterware.billing.alerts",
+    "AlertRules": "meterware.config",
+    "Balance": "meterware.storage.base",
+    "CorrectionResult": "meterware.billing.corrections",
+    "Customer": "meterware._core",
+    "ExportReport": "meterware.billing.export",
+    "ImportResult": "meterware.billing.corrections",
+    "Invoice": "meterware.billing.invoices",
+    "KeyRecord": "meterware._core",
+    "LedgerEntry": "meterware.storage.base",
+    "Lot": "meterware.billing.ledger",
+    "NewKey": "meterware.keys",
+    "UsageReport": "meterware.billing.accounts",
+}
 
 __all__ = [
     "Accounts",
+    "Alert",
+    "AlertRules",
+    "Balance",
     "Config",
     "ConfigError",
+    "CorrectionResult",
+    "Customer",
+    "ExportReport",
+    "ImportResult",
     "Invoice",
+    "KeyRecord",
+    "LedgerEntry",
+    "Lot",
     "MeteringMiddleware",
     "MeterwareError",
+    "NewKey",
     "NotFoundError",
     "Price",
     "StorageError",
@@ -27,3 +85,19 @@ __all__ = [
     "__version__",
     "usage",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meterware' has no attribute {name!r}")
+    if name == module.rpartition(".")[2]:
+        value: Any = importlib.import_module(module)
+    else:
+        value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

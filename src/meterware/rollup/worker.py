@@ -22,22 +22,21 @@ import time
 import uuid
 from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Final
 
 from meterware.billing.alerts import AlertEvaluator, webhook_secret
-from meterware.billing.ledger import expire_due_grants
 from meterware.config import Config
 from meterware.errors import ConfigError, StorageError
 from meterware.rollup.aggregate import Fold, parse_columns
+from meterware.rollup.backlog import Backlog
+from meterware.rollup.housekeeping import housekeep
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
-from meterware.storage.base import START_OFFSET, RollupCommit, Storage, StreamEntry
+from meterware.storage.base import RollupCommit, Storage, StreamEntry
 
 logger = logging.getLogger("meterware.rollup")
 
-#: Reservations refunded per shard and step at most (the rest wait for the next step).
-EXPIRE_LIMIT: Final = 1000
 #: Timeout in seconds of one backend call of the worker (it is off the request path: it can wait).
 STORAGE_TIMEOUT: Final = 5.0
 #: Longest pause after backend errors, in seconds.
@@ -49,11 +48,6 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 @dataclass(slots=True)
 class _Lease:
     """What the worker remembers of a shard it owns."""
@@ -61,8 +55,8 @@ class _Lease:
     token: int
     #: The committed offset as of our last commit (None: read it from the backend).
     offset: str | None = None
-    #: Stream entries up to the committed offset, for the lag metric (None: not counted yet).
-    position: int | None = None
+    #: How far into the stream the committed offset is (for the lag metric).
+    backlog: Backlog = field(default_factory=Backlog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +219,10 @@ class RollupWorker:
                     entries += progress.entries
                     events += progress.events
                     if shard in self._leases:
-                        self._housekeep(shard, lease)
+                        trimmed = housekeep(
+                            self.storage, shard, lease.offset, self._retention_ms, self.metrics
+                        )
+                        lease.backlog.after_trim(trimmed)
             except StorageError as error:
                 # Another worker may take the shard meanwhile: whatever we knew of it is read again.
                 self._leases.pop(shard, None)
@@ -268,10 +265,12 @@ class RollupWorker:
         # At most batch_size entries, and about batch_size events: a backlog of big batches stays small.
         count = max(1, self.config.rollup.batch_size // self._events_per_entry.get(shard, self._full_entry))
         started = time.perf_counter()
-        length = self.storage.stream_length(shard) if self.metrics is not None else 0
+        before = self.storage.stream_length(shard) if self.metrics is not None else 0
         entries = self.storage.read_stream(shard, offset, count)
         if self.metrics is not None:
-            self._measure_lag(shard, lease, offset, entries, count, length)
+            after = self.storage.stream_length(shard)
+            lag = self.metrics.lag.setdefault(shard, ShardLag())
+            lease.backlog.after_read(lag, offset, entries, count, before, after)
         if not entries:
             return _Progress()
         dead: list[tuple[str, str]] = []
@@ -306,22 +305,6 @@ class RollupWorker:
 
     # -- metrics (only with ``metrics``) ---------------------------------------------------------------
 
-    def _measure_lag(
-        self, shard: int, lease: _Lease, offset: str, entries: list[StreamEntry], count: int, before: int
-    ) -> None:
-        """Note the shard's backlog as of a read; ``before`` is the stream's length just before it."""
-        assert self.metrics is not None
-        length = self.storage.stream_length(shard)
-        if offset == START_OFFSET:
-            lease.position = 0  # nothing committed, so nothing trimmed either
-        elif len(entries) < count and length == before:
-            # The read reached the end of a stream nobody appended to meanwhile: entry `length` is its last.
-            lease.position = length - len(entries)
-        lag = self.metrics.lag.setdefault(shard, ShardLag())
-        lag.length = length
-        lag.oldest_ms = _id_tuple(entries[0].entry_id)[0] if entries else None
-        lag.behind = None if lease.position is None else max(0, length - lease.position)
-
     def _committed(
         self,
         shard: int,
@@ -339,38 +322,7 @@ class RollupWorker:
         metrics.events.inc(events)
         if dead:
             metrics.dead_letters.inc(dead)
-        lag = metrics.lag.setdefault(shard, ShardLag())
-        if lease.position is not None:
-            lease.position += len(entries)
-            lag.behind = max(0, lag.length - lease.position)
-        if len(entries) < count or lag.behind == 0:
-            lag.oldest_ms = None  # the read reached the end
-        else:
-            # The next entry is no older than the last one read (and is read at the next step).
-            lag.oldest_ms = _id_tuple(entries[-1].entry_id)[0]
-
-    def _housekeep(self, shard: int, lease: _Lease) -> None:
-        refunded = self.storage.expire_reservations(shard, EXPIRE_LIMIT)
-        if refunded:
-            logger.info("shard %d: refunded %d reservations left open by dead app processes", shard, refunded)
-            if self.metrics is not None:
-                self.metrics.refunded.inc(refunded)
-        now_ms = time.time_ns() // 1_000_000
-        due = {customer for customer, _ in self.storage.due_grant_expiries(shard, now_ms, EXPIRE_LIMIT)}
-        if due:
-            # The customers' credit grants whose time has come: what is left of them expires (once).
-            expired = expire_due_grants(self.storage, sorted(due), now_ms, actor="meterware rollup")
-            if expired:
-                logger.info("shard %d: expired %d credit grants", shard, len(expired))
-        if lease.offset is None or lease.offset == START_OFFSET:
-            return
-        horizon = time.time_ns() // 1_000_000 - self._retention_ms
-        # Only entries both committed and older than the retention go; the committed entry itself stays.
-        floor = min(_id_tuple(lease.offset), (max(0, horizon), 0))
-        if floor > (0, 0):
-            trimmed = self.storage.trim_stream(shard, f"{floor[0]}-{floor[1]}")
-            if lease.position is not None:
-                lease.position = max(0, lease.position - trimmed)
+        lease.backlog.after_commit(metrics.lag.setdefault(shard, ShardLag()), entries, count)
 
 
 @contextmanager

@@ -1,0 +1,26 @@
+"""What every role of :class:`~meterware.billing.accounts.Accounts` stands on: the backend, the
+configuration and the customer lookup."""
+
+from __future__ import annotations
+
+from meterware._core import Customer
+from meterware.config import Config
+from meterware.errors import NotFoundError
+from meterware.storage.base import Storage
+
+#: 9999-12-31T23:59:59Z: billing periods are computed with datetime, which ends in year 9999.
+LATEST_ANCHOR = 253_402_300_799
+
+
+class AccountsBase:
+    """A backend and the configuration its customers are billed by."""
+
+    def __init__(self, storage: Storage, config: Config) -> None:
+        self.storage = storage
+        self.config = config
+
+    def customer(self, customer_id: str) -> Customer:
+        customer = self.storage.get_customer(customer_id)
+        if customer is None:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return customer

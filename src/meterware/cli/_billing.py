@@ -1,0 +1,159 @@
+"""``meterware usage``, ``invoice``, ``periods`` and ``plans``: billing periods and what they cost."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+
+from meterware.cli._common import Commands, emit, load_config, open_accounts, utc_time
+from meterware.config import format_credits
+from meterware.errors import MeterwareError
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    accounts = open_accounts(args)
+    at = time.time()
+    if args.period == "previous":
+        current = accounts.usage(args.customer, live=not args.test, at=at)
+        at = current.period_start - 1
+    elif args.period != "current":
+        try:
+            when = datetime.fromisoformat(args.period)
+            at = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+        except ValueError:
+            raise MeterwareError(
+                f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}"
+            ) from None
+    report = accounts.usage(args.customer, live=not args.test, at=at)
+    pending, complete = accounts.pending_events(args.customer)
+    lines = [
+        f"{report.customer} ({'live' if report.live else 'test'}) "
+        f"{utc_time(report.period_start)} .. {utc_time(report.period_end)}",
+        *(f"  {meter:<20} {value:>14}" for meter, value in report.meters.items()),
+        "  calls: " + ", ".join(f"{outcome} {count}" for outcome, count in report.calls.items()),
+        f"  spend: {format_credits(report.spend)} credits",
+    ]
+    if pending:
+        # Usage is the rollup's: events still in the stream (of this customer's shard) are not in it yet.
+        lines.append(
+            f"  {'' if complete else 'at least '}{pending} events on {report.customer}'s shard wait for "
+            "the rollup (meterware rollup): the figures above are behind"
+        )
+    data = {**report.as_dict(), "pending_events": pending, "pending_events_complete": complete}
+    return emit(args, data, "\n".join(lines))
+
+
+def cmd_plans_list(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    data = {}
+    lines = []
+    for plan in config.plans.values():
+        data[plan.name] = {
+            "period": plan.period,
+            "prepaid": plan.prepaid,
+            "rate_limits": [f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits],
+            "meters": {
+                name: {
+                    "quota": terms.quota,
+                    "quota_mode": "hard" if terms.hard else "soft",
+                    "included": terms.included,
+                    "price": format_credits(terms.price),
+                    "pricing": plan.prices().meters[name].describe(),
+                }
+                for name, terms in plan.meters.items()
+            },
+            "currency": plan.currency,
+            "base_fee": f"{plan.base_fee:f}",
+            "minimum": f"{plan.minimum:f}",
+        }
+        limits = (
+            ", ".join(f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits) or "no rate limit"
+        )
+        lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
+        for name, terms in plan.meters.items():
+            quota = (
+                "no quota"
+                if terms.quota is None
+                else f"{'hard' if terms.hard else 'soft'} quota {terms.quota}"
+            )
+            pricing = terms.pricing.describe() if terms.pricing else f"{format_credits(terms.price)} per unit"
+            lines.append(f"  {name}: {quota}, {terms.included} included, {pricing}")
+    return emit(args, data, "\n".join(lines))
+
+
+def _instant(text: str, option: str) -> float:
+    """Epoch seconds, or an ISO date or time (UTC unless it names its zone)."""
+    try:
+        return float(int(text))
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise MeterwareError(
+            f"{option} must be epoch seconds or a date like 2026-11-01, got {text!r}"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def cmd_invoice(args: argparse.Namespace) -> int:
+    if args.json and args.csv:
+        raise MeterwareError("choose one of --json and --csv")
+    accounts = open_accounts(args)
+    if args.period in ("current", "previous"):
+        invoice = accounts.invoice(args.customer)
+        if args.period == "previous":
+            invoice = accounts.invoice(args.customer, at=invoice.period_start - 1)
+    else:
+        invoice = accounts.invoice(args.customer, at=_instant(args.period, "--period"))
+    if args.csv:
+        print(invoice.to_csv(), end="")
+        return 0
+    return emit(args, invoice.as_dict(), invoice.to_text())
+
+
+def cmd_periods_close(args: argparse.Namespace) -> int:
+    at = time.time() - args.grace if args.at is None else _instant(args.at, "--at")
+    closed = open_accounts(args).close_periods(at=at, customer_id=args.customer)
+    lines = [
+        f"closed {invoice.id}: {utc_time(invoice.period_start)} .. {utc_time(invoice.period_end)}, "
+        f"total {invoice.as_dict()['total']} {invoice.currency}"
+        for invoice in closed
+    ]
+    return emit(args, [invoice.as_dict() for invoice in closed], "\n".join(lines) or "(no period to close)")
+
+
+def add_usage(commands: Commands) -> None:
+    sub = commands.command("usage", cmd_usage, "usage of a billing period")
+    sub.add_argument("customer")
+    sub.add_argument("--period", default="current", help="current, previous, or a date inside the period")
+    sub.add_argument("--test", action="store_true", help="sandbox (test key) usage")
+
+
+def add_invoice(commands: Commands) -> None:
+    sub = commands.command("invoice", cmd_invoice, "a billing period's invoice (running or closed)")
+    sub.add_argument("customer")
+    sub.add_argument(
+        "--period", default="current", help="current, previous, or a date or epoch seconds inside the period"
+    )
+    sub.add_argument("--csv", action="store_true", help="print CSV: one row per line, then the totals")
+
+
+def add_periods(commands: Commands) -> None:
+    periods = commands.group("periods", "billing periods")
+    sub = periods.command("close", cmd_periods_close, "freeze the invoices of the periods that ended")
+    sub.add_argument("--customer", help="only this customer (default: every customer)")
+    sub.add_argument(
+        "--grace",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="close only periods that ended this long ago",
+    )
+    sub.add_argument("--at", metavar="WHEN", help="close the periods that ended by then (epoch or date)")
+
+
+def add_plans(commands: Commands) -> None:
+    plans = commands.group("plans", "the configured plans")
+    plans.command("list", cmd_plans_list, "list plans, limits and prices")

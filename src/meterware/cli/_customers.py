@@ -1,0 +1,123 @@
+"""``meterware customers`` and ``meterware keys``."""
+
+from __future__ import annotations
+
+import argparse
+
+from meterware.cli._common import Commands, emit, open_accounts, utc_time
+from meterware.errors import MeterwareError
+
+
+def cmd_customers_create(args: argparse.Namespace) -> int:
+    accounts = open_accounts(args)
+    customer = accounts.create_customer(args.customer, plan=args.plan, anchor=args.anchor)
+    data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
+    return emit(args, data, f"created customer {customer.id} on plan {customer.plan}")
+
+
+def cmd_customers_show(args: argparse.Namespace) -> int:
+    accounts = open_accounts(args)
+    customer = accounts.customer(args.customer)
+    data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
+    anchor = utc_time(customer.anchor)
+    text = f"{customer.id}: plan {customer.plan}, {customer.status}, periods anchored at {anchor}"
+    external = accounts.external_ids(customer.id)
+    if external:
+        data["external_ids"] = external
+        text += "\n  external ids: " + ", ".join(f"{p}={i}" for p, i in sorted(external.items()))
+    return emit(args, data, text)
+
+
+def cmd_customers_list(args: argparse.Namespace) -> int:
+    ids = open_accounts(args).storage.list_customers()
+    return emit(args, ids, "\n".join(ids) or "(no customers)")
+
+
+def cmd_customers_set(args: argparse.Namespace) -> int:
+    accounts = open_accounts(args)
+    for pair in args.external_id or ():
+        provider, equals, external_id = pair.partition("=")
+        if not equals:
+            raise MeterwareError(f"--external-id must be PROVIDER=ID (empty ID removes it), got {pair!r}")
+        accounts.set_external_id(args.customer, provider, external_id)
+    if args.plan:
+        accounts.change_plan(args.customer, args.plan)
+    if args.status:
+        accounts.set_status(args.customer, args.status)
+    return cmd_customers_show(args)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key = open_accounts(args).create_key(args.customer, live=not args.test)
+    data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "live": key.live}
+    text = f"{key.plaintext}\n\nkey id {key.key_id}; this key is shown once - store it now."
+    return emit(args, data, text)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    records = open_accounts(args).list_keys(args.customer)
+    data = [
+        {
+            "key_id": r.key_id,
+            "prefix": r.prefix,
+            "live": r.live,
+            "status": r.status,
+            "created": r.created,
+            "expires_ms": r.expires_ms,
+        }
+        for r in records
+    ]
+    lines = []
+    for r in records:
+        expires = f", expires {utc_time(r.expires_ms // 1000)}" if r.expires_ms else ""
+        lines.append(f"{r.key_id}  {r.prefix}...  {'live' if r.live else 'test'}  {r.status}{expires}")
+    return emit(args, data, "\n".join(lines) or "(no keys)")
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    open_accounts(args).revoke_key(args.key_id)
+    return emit(args, {"key_id": args.key_id, "status": "revoked"}, f"revoked {args.key_id}")
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    key = open_accounts(args).rotate_key(args.key_id, grace_seconds=args.grace)
+    data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "replaces": args.key_id}
+    text = (
+        f"{key.plaintext}\n\nkey id {key.key_id} replaces {args.key_id}, which stops working in "
+        f"{args.grace:g}s; this key is shown once - store it now."
+    )
+    return emit(args, data, text)
+
+
+def add_customers(commands: Commands) -> None:
+    customers = commands.group("customers", "create and inspect customers")
+    sub = customers.command("create", cmd_customers_create, "create a customer")
+    sub.add_argument("customer")
+    sub.add_argument("--plan", help="plan name (default: the config's default_plan)")
+    sub.add_argument("--anchor", type=int, help="billing-period anchor, epoch seconds (default: now)")
+    customers.command("show", cmd_customers_show, "show a customer").add_argument("customer")
+    customers.command("list", cmd_customers_list, "list customer ids")
+    sub = customers.command("set", cmd_customers_set, "change a customer's plan or status")
+    sub.add_argument("customer")
+    sub.add_argument("--plan")
+    sub.add_argument("--status", choices=["active", "suspended"])
+    sub.add_argument(
+        "--external-id",
+        action="append",
+        metavar="PROVIDER=ID",
+        help="the customer's id at a billing provider, e.g. stripe=cus_123 (repeatable; stripe= removes it)",
+    )
+
+
+def add_keys(commands: Commands) -> None:
+    keys = commands.group("keys", "issue, list, revoke and rotate API keys")
+    sub = keys.command("create", cmd_keys_create, "issue a key (printed once)")
+    sub.add_argument("customer")
+    sub.add_argument("--test", action="store_true", help="a sandbox key: metered separately, never charged")
+    keys.command("list", cmd_keys_list, "list a customer's keys").add_argument("customer")
+    keys.command("revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
+    sub = keys.command("rotate", cmd_keys_rotate, "issue a replacement key")
+    sub.add_argument("key_id")
+    sub.add_argument(
+        "--grace", type=float, default=0.0, metavar="SECONDS", help="how long the old key keeps working"
+    )

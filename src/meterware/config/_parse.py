@@ -1,0 +1,388 @@
+"""Parsing each section of a configuration table into its value, with one error naming the field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final, get_args
+from urllib.parse import urlsplit
+
+from meterware._http import redact_url
+from meterware.billing.pricing import DEFAULT_CURRENCY, parse_currency, parse_money, parse_price
+from meterware.config._credits import MAX_CALL_COST, MAX_UNITS, format_credits, parse_credits
+from meterware.config._routes import DEFAULT_EXCLUDE, Routes, has_dot_segments
+from meterware.config._sections import (
+    DEFAULT_KEY_HEADERS,
+    EXPORT_PROVIDERS,
+    Admission,
+    Aggregation,
+    AlertRules,
+    Alerts,
+    ExportTarget,
+    ExportWindow,
+    FailureMode,
+    Meter,
+    MeterTerms,
+    Period,
+    Pipeline,
+    Plan,
+    Policy,
+    RateLimit,
+    Rollup,
+)
+from meterware.config._table import Section, check_name, shown_url, toml_key
+from meterware.errors import ConfigError
+
+_SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
+
+
+def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple[str, int]:
+    """The storage URL and shard count (``storage = "URL"`` or a ``[storage]`` table)."""
+    storage = root.get("storage", (str, dict), default_url)
+    shards = default_shards
+    if isinstance(storage, dict):
+        table = Section(storage, "storage")
+        shards = table.integer("shards", shards, minimum=1)
+        url = table.get("url", str, default_url)
+        table.done()
+    else:
+        url = storage
+    if "://" not in url:
+        raise ConfigError(
+            "storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {shown_url(url)!r}"
+        )
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
+        raise ConfigError(
+            "storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)"
+        )
+    from meterware.storage import check_url  # imports the Redis driver for Redis URLs only
+
+    try:
+        check_url(url)  # a URL the driver refuses fails here, not on the first call
+    except ValueError as error:
+        raise ConfigError("storage.url", str(error).removeprefix("storage URL: ")) from None
+    if shards > 1024:
+        raise ConfigError("storage.shards", f"must be at most 1024, got {shards}")
+    return url, shards
+
+
+def parse_meter(name: str, raw: Any) -> Meter:
+    section = Section(raw, f"meters.{toml_key(check_name(name, f'meters.{toml_key(name)}'))}")
+    aggregation = section.choice("aggregation", get_args(Aggregation), "count")
+    source = section.get("source", str, "call")
+    if source.startswith("header:"):
+        if not _HEADER_RE.match(source[7:]):
+            raise ConfigError(section.name("source"), f"{source!r} does not name a valid header")
+    elif source not in _SOURCES:
+        options = ", ".join(repr(s) for s in (*_SOURCES, "header:<Name>"))
+        raise ConfigError(section.name("source"), f"must be one of {options}, got {source!r}")
+    if aggregation == "unique" and source != "handler":
+        raise ConfigError(section.name("source"), "a 'unique' meter counts values reported by the handler")
+    reserve = section.integer("reserve", 0)
+    if reserve and source == "call":
+        raise ConfigError(
+            section.name("reserve"), "only value meters hold an estimate; calls hold their weight"
+        )
+    section.done()
+    return Meter(name, aggregation, source, reserve)  # type: ignore[arg-type]  # choice() checked it
+
+
+def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
+    section = Section(raw, f"plans.{toml_key(check_name(name, f'plans.{toml_key(name)}'))}")
+    limits: list[RateLimit] = []
+    for index, text in enumerate(section.strings("rate_limits", ())):
+        try:
+            limits.append(RateLimit.parse(text))
+        except ValueError as error:
+            raise ConfigError(f"{section.name('rate_limits')}[{index}]", str(error)) from None
+    period = section.choice("period", get_args(Period), "month")
+    prepaid = section.get("prepaid", bool, False)
+    terms: dict[str, MeterTerms] = {}
+    meter_tables = section.section("meters")
+    for meter_name, meter_raw in meter_tables.data.items():
+        meter_tables.seen.add(meter_name)
+        where = meter_tables.name(meter_name)
+        if meter_name not in meters:
+            known = ", ".join(sorted(meters))
+            raise ConfigError(where, f"names no meter defined under [meters] (known: {known})")
+        table = Section(meter_raw, where)
+        quota = table.get("quota", int, None)
+        if quota is not None and quota < 0:
+            raise ConfigError(table.name("quota"), f"must be at least 0, got {quota}")
+        hard = table.choice("quota_mode", ("hard", "soft"), "hard") == "hard"
+        included = table.integer("included", 0)
+        if included > MAX_UNITS:
+            raise ConfigError(table.name("included"), f"must be at most {MAX_UNITS}, got {included}")
+        table.seen.update(("price", "package", "tiers", "tier_mode"))
+        price = parse_credits(table.data["price"], table.name("price")) if "price" in table.data else 0
+        pricing = parse_price(table.data, where, included=included, prepaid=prepaid)
+        table.done()
+        if not meters[meter_name].chargeable:
+            aggregation = meters[meter_name].aggregation
+            model = "package" if "package" in table.data else "tiers"
+            for name, value in (("quota", quota), ("included", included), ("price", price), (model, pricing)):
+                if value:
+                    raise ConfigError(table.name(name), f"a '{aggregation}' meter cannot carry a {name}")
+        terms[meter_name] = MeterTerms(quota, hard, included, price, pricing)
+    currency = parse_currency(section.get("currency", str, DEFAULT_CURRENCY), section.name("currency"))
+    section.seen.update(("base_fee", "minimum"))
+    base_fee, minimum = (
+        parse_money(section.data.get(key, 0), section.name(key)) for key in ("base_fee", "minimum")
+    )
+    section.done()
+    return Plan(name, tuple(limits), period, prepaid, terms, currency, base_fee, minimum)  # type: ignore[arg-type]
+
+
+def check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], heaviest: int) -> None:
+    """Refuse a plan whose price of a call itself, at the heaviest route weight, passes MAX_CALL_COST."""
+    for plan in plans.values():
+        costs = {
+            name: terms.price * (heaviest if meters[name].aggregation == "sum" else 1)
+            for name, terms in plan.meters.items()
+            if meters[name].source == "call"
+        }
+        total = sum(costs.values())
+        if total > MAX_CALL_COST:
+            priciest = max(costs, key=costs.__getitem__)
+            raise ConfigError(
+                f"plans.{toml_key(plan.name)}.meters.{toml_key(priciest)}.price",
+                f"a call may cost at most {format_credits(MAX_CALL_COST)} credits, "
+                f"one would cost {format_credits(total)} here (at route weight {heaviest})",
+            )
+
+
+def parse_routes(root: Section) -> Routes:
+    """The ``[routes]`` section."""
+    routes = root.section("routes")
+    exclude = routes.strings("exclude", DEFAULT_EXCLUDE)
+    weights_table = routes.section("weights")
+    weights: list[tuple[str, int]] = []
+    for glob in weights_table.data:
+        weights.append((glob, weights_table.integer(glob, 1, minimum=0)))
+    live_only = routes.strings("live_only", ())
+    raw_account = routes.get("account", str, None)
+    account = None if raw_account is None else raw_account.rstrip("/")
+    if account is not None and (not account.startswith("/") or has_dot_segments(account)):
+        raise ConfigError(routes.name("account"), f"must be a path like /v1/account, got {raw_account!r}")
+    routes.done()
+    return Routes(exclude, tuple(weights), live_only, account)
+
+
+def parse_policy(root: Section) -> Policy:
+    """The ``[policy]`` section."""
+    defaults = Policy()
+    policy = root.section("policy")
+    key_headers = tuple(h.lower() for h in policy.strings("key_headers", DEFAULT_KEY_HEADERS))
+    for index, header in enumerate(key_headers):
+        if not _HEADER_RE.match(header):
+            raise ConfigError(f"policy.key_headers[{index}]", f"{header!r} is not a valid header name")
+    key_query = policy.get("key_query", str, None) or None
+    parsed_policy = Policy(
+        on_backend_error=policy.choice("on_backend_error", get_args(FailureMode), "open"),  # type: ignore[arg-type]
+        bill_client_errors=policy.get("bill_client_errors", bool, False),
+        refund_aborted_streams=policy.get("refund_aborted_streams", bool, False),
+        key_headers=key_headers,
+        key_query=key_query,
+        timeout=policy.number("timeout", defaults.timeout),
+        reservation_timeout=policy.number("reservation_timeout", defaults.reservation_timeout),
+        key_cache_ttl=policy.number("key_cache_ttl", defaults.key_cache_ttl, positive=False),
+        strip_usage_headers=policy.get("strip_usage_headers", bool, True),
+        admission=policy.choice("admission", get_args(Admission), "strict"),  # type: ignore[arg-type]
+        lease_calls=policy.integer("lease_calls", defaults.lease_calls, minimum=1),
+        lease_seconds=policy.number("lease_seconds", defaults.lease_seconds),
+        balance_header=policy.get("balance_header", str, defaults.balance_header),
+    )
+    if parsed_policy.balance_header and not _HEADER_RE.match(parsed_policy.balance_header.lower()):
+        raise ConfigError(
+            "policy.balance_header", f"{parsed_policy.balance_header!r} is not a valid header name"
+        )
+    if parsed_policy.key_cache_ttl < 0:
+        raise ConfigError("policy.key_cache_ttl", "must not be negative")
+    policy.done()
+    return parsed_policy
+
+
+def parse_pipeline(root: Section) -> Pipeline:
+    """The ``[pipeline]`` section."""
+    defaults = Pipeline()
+    pipeline = root.section("pipeline")
+    parsed_pipeline = Pipeline(
+        batch_size=pipeline.integer("batch_size", defaults.batch_size, minimum=1),
+        flush_interval=pipeline.number("flush_interval", defaults.flush_interval),
+        flush_timeout=pipeline.number("flush_timeout", defaults.flush_timeout),
+        buffer_size=pipeline.integer("buffer_size", defaults.buffer_size, minimum=1),
+        spool_dir=pipeline.get("spool_dir", str, defaults.spool_dir),
+        spool_max_bytes=pipeline.integer("spool_max_bytes", defaults.spool_max_bytes),
+    )
+    pipeline.done()
+    return parsed_pipeline
+
+
+def parse_rollup(root: Section) -> Rollup:
+    """The ``[rollup]`` section."""
+    defaults = Rollup()
+    rollup = root.section("rollup")
+    parsed_rollup = Rollup(
+        batch_size=rollup.integer("batch_size", defaults.batch_size, minimum=1),
+        lease_seconds=rollup.number("lease_seconds", defaults.lease_seconds),
+        retention_seconds=rollup.number("retention_seconds", defaults.retention_seconds),
+    )
+    rollup.done()
+    return parsed_rollup
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def parse_alert_rules(section: Section) -> AlertRules:
+    """Read the thresholds of one alert scope (unset lists stay None: inherited)."""
+    percents: tuple[int, ...] | None = None
+    if "quota_percent" in section.data:
+        values = section.get("quota_percent", list, [])
+        for index, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ConfigError(
+                    f"{section.name('quota_percent')}[{index}]",
+                    f"must be a whole percentage from 1 to 1000, got {value!r}",
+                )
+        percents = tuple(sorted(set(values)))
+
+    def amounts(key: str) -> tuple[int, ...] | None:
+        if key not in section.data:
+            return None
+        values = section.get(key, list, [])
+        micros = {parse_credits(value, f"{section.name(key)}[{i}]") for i, value in enumerate(values)}
+        return tuple(sorted(micros))
+
+    return AlertRules(percents, amounts("credits_below"), amounts("spend_above"))
+
+
+def _is_http_url(url: str) -> bool:
+    if not re.match(r"^https?://[^\s/]+[^\s]*\Z", url):
+        return False
+    try:
+        urlsplit(url).port  # noqa: B018  # raises on a port that is not a number, an unclosed "[" ...
+    except ValueError:
+        return False
+    return True
+
+
+def parse_alerts(root: Section, plans: Mapping[str, Plan]) -> Alerts:
+    if "alerts" not in root.data:
+        root.seen.add("alerts")
+        return Alerts()
+    section = root.section("alerts")
+    url = section.get("webhook_url", str, "") or None
+    if url is not None and not _is_http_url(url):
+        raise ConfigError(
+            "alerts.webhook_url", f"must be an http:// or https:// URL, got {redact_url(url)!r}"
+        )
+    defaults = Alerts()
+    secret_env = section.get("secret_env", str, defaults.secret_env)
+    if not _ENV_NAME_RE.match(secret_env):
+        raise ConfigError("alerts.secret_env", f"must name an environment variable, got {secret_env!r}")
+    attempts = section.integer("webhook_attempts", defaults.webhook_attempts, minimum=1)
+    if attempts > 20:
+        raise ConfigError("alerts.webhook_attempts", f"must be at most 20, got {attempts}")
+    timeout = section.number("webhook_timeout", defaults.webhook_timeout)
+    for key in ("quota_percent", "credits_below", "spend_above"):
+        section.seen.add(key)
+    rules = parse_alert_rules(section)
+    overrides: dict[str, AlertRules] = {}
+    plan_tables = section.section("plans")
+    for name, raw in plan_tables.data.items():
+        plan_tables.seen.add(name)
+        if name not in plans:
+            known = ", ".join(plans)
+            raise ConfigError(plan_tables.name(name), f"names no plan defined under [plans] (known: {known})")
+        table = Section(raw, plan_tables.name(name))
+        for key in ("quota_percent", "credits_below", "spend_above"):
+            table.seen.add(key)
+        overrides[name] = parse_alert_rules(table)
+        table.done()
+    section.done()
+    return Alerts(True, url, secret_env, attempts, timeout, rules, overrides)
+
+
+_EXPORT_KEY_ENVS: Final = {
+    "stripe": "STRIPE_API_KEY",
+    "dodo": "DODO_PAYMENTS_API_KEY",
+    "openmeter": "OPENMETER_API_KEY",
+    "lago": "LAGO_API_KEY",
+}
+
+
+def parse_export(root: Section, meters: Mapping[str, Meter]) -> dict[str, ExportTarget]:
+    targets: dict[str, ExportTarget] = {}
+    providers = root.section("export")
+    for provider, raw in providers.data.items():
+        providers.seen.add(provider)
+        if provider not in EXPORT_PROVIDERS:
+            raise ConfigError(
+                providers.name(provider), f"is not a known provider ({', '.join(EXPORT_PROVIDERS)})"
+            )
+        section = Section(raw, providers.name(provider))
+        table = section.section("meters")
+        names: dict[str, str] = {}
+        for meter, event_name in table.data.items():
+            where = table.name(meter)
+            if meter not in meters:
+                known = ", ".join(sorted(meters))
+                raise ConfigError(where, f"names no meter defined under [meters] (known: {known})")
+            if not meters[meter].chargeable:
+                raise ConfigError(
+                    where,
+                    f"a '{meters[meter].aggregation}' meter cannot be exported: its window totals do not "
+                    "add up, so a late change could not be sent as a delta",
+                )
+            bad = not isinstance(event_name, str) or event_name.strip() != event_name
+            if bad or not 1 <= len(event_name) <= 100:
+                problem = f"must be the provider's event name (1-100 characters), got {event_name!r}"
+                raise ConfigError(where, problem)
+            names[meter] = event_name
+        if not names:
+            raise ConfigError(table.path, "must map at least one meter to the provider's event name")
+        api_key_env = section.get("api_key_env", str, _EXPORT_KEY_ENVS[provider])
+        if not _ENV_NAME_RE.match(api_key_env):
+            problem = f"must name an environment variable, got {api_key_env!r}"
+            raise ConfigError(section.name("api_key_env"), problem)
+        base_url = section.get("base_url", str, "") or None
+        if base_url is not None and not re.match(r"^https?://[^\s/]+[^\s]*\Z", base_url):
+            problem = f"must be an http:// or https:// URL, got {shown_url(base_url)!r}"
+            raise ConfigError(section.name("base_url"), problem)
+        max_age = section.number("max_age_seconds", 1.0) if "max_age_seconds" in section.data else None
+        batch_size = section.integer("batch_size", 1, minimum=1) if "batch_size" in section.data else None
+        max_attempts = section.integer("max_attempts", 5, minimum=1)
+        if max_attempts > 20:
+            raise ConfigError(section.name("max_attempts"), f"must be at most 20, got {max_attempts}")
+        defaults = ExportTarget(provider)
+        targets[provider] = ExportTarget(
+            provider=provider,
+            meters=names,
+            api_key_env=api_key_env,
+            base_url=base_url,
+            window=section.choice("window", get_args(ExportWindow), defaults.window),  # type: ignore[arg-type]
+            customer_ids=section.choice("customer_ids", ("external", "meterware"), "external"),  # type: ignore[arg-type]
+            settle_seconds=section.number("settle_seconds", defaults.settle_seconds, positive=False),
+            recheck_seconds=section.number("recheck_seconds", defaults.recheck_seconds, positive=False),
+            max_age_seconds=max_age,
+            batch_size=batch_size,
+            max_attempts=max_attempts,
+            value_key=_export_key(section, "value_key", defaults.value_key),
+            customer_key=_export_key(section, "customer_key", defaults.customer_key),
+            source=_export_key(section, "source", defaults.source),
+        )
+        for key in ("settle_seconds", "recheck_seconds"):
+            if getattr(targets[provider], key) < 0:
+                raise ConfigError(section.name(key), "must not be negative")
+        section.done()
+    return targets
+
+
+def _export_key(section: Section, key: str, default: str) -> str:
+    value: str = section.get(key, str, default)
+    if not 1 <= len(value) <= 100 or any(c.isspace() for c in value):
+        raise ConfigError(section.name(key), f"must be 1-100 characters without spaces, got {value!r}")
+    return value

@@ -297,13 +297,13 @@ def test_cluster_spreads_shards_over_nodes(
         settlement = Settlement(customer, True, request.period_start, decision.reservation_id, True, True,
                                 (("calls", 1, 10, 0),))  # fmt: skip
         assert storage.flush(Batch(request.shard, uuid.uuid4().hex, b"events", (settlement,)))
-        token = storage.acquire_lease(request.shard, f"worker-{customer}", 10_000)
+        token = storage.claim_shard(request.shard, f"worker-{customer}", 10_000)
         window = Window(True, customer, "day", 0)
         offset = storage.committed_offset(request.shard)
         commit = RollupCommit(request.shard, token or 0, offset, f"{time.time_ns()}-0",
                               {window: WindowTotals(sums={"calls": 1})})  # fmt: skip
         assert storage.commit_rollup(commit)
-        storage.release_lease(request.shard, f"worker-{customer}")
+        storage.release_shard(request.shard, f"worker-{customer}")
         assert storage.read_usage(customer, True, "day", 0) == {"calls": 1}
         assert storage.get_balance(customer).balance == 990
     assert storage.list_customers() == sorted(customers)

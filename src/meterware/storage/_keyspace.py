@@ -165,7 +165,9 @@ def batch_writer(shard: int, writer: str) -> str:
     return f"{tag(shard)}:w:{writer}"
 
 
-def lease(shard: int) -> str:
+def shard_claim(shard: int) -> str:
+    """Which rollup worker claims the shard. The key keeps its older name ("lease"), so workers of the
+    previous release and this one fence each other during a rolling upgrade."""
     return f"{tag(shard)}:lease"
 
 

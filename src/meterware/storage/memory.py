@@ -130,7 +130,7 @@ class _Shard:
     last_id: tuple[int, int] = (0, 0)
     batches: dict[str, int] = field(default_factory=dict)
     reservations: dict[str, _Reservation] = field(default_factory=dict)
-    lease: tuple[str, int] | None = None
+    claim: tuple[str, int] | None = None
     fence: int = 0
     offset: str = "0-0"
     #: (customer, grant id) -> expiry (ms), for grants that expire.
@@ -441,24 +441,24 @@ class MemoryStorage:
 
     # -- the rollup worker --------------------------------------------------------------------------
 
-    def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
+    def claim_shard(self, shard: int, owner: str, ttl_ms: int) -> int | None:
         if ttl_ms < 1:
-            raise ValueError(f"a lease lasts at least 1 ms, not {ttl_ms}")
+            raise ValueError(f"a shard claim lasts at least 1 ms, not {ttl_ms}")
         with self._lock:
             state = self._shards[shard]
             now = _now_ms()
-            if state.lease is not None and state.lease[0] != owner and state.lease[1] > now:
+            if state.claim is not None and state.claim[0] != owner and state.claim[1] > now:
                 return None
-            if state.lease is None or state.lease[0] != owner or state.lease[1] <= now:
+            if state.claim is None or state.claim[0] != owner or state.claim[1] <= now:
                 state.fence += 1
-            state.lease = (owner, now + ttl_ms)
+            state.claim = (owner, now + ttl_ms)
             return state.fence
 
-    def release_lease(self, shard: int, owner: str) -> None:
+    def release_shard(self, shard: int, owner: str) -> None:
         with self._lock:
             state = self._shards[shard]
-            if state.lease is not None and state.lease[0] == owner:
-                state.lease = None
+            if state.claim is not None and state.claim[0] == owner:
+                state.claim = None
 
     def committed_offset(self, shard: int) -> str:
         with self._lock:
@@ -519,11 +519,11 @@ class MemoryStorage:
         with self._lock:
             return len(self._shards[shard].stream)
 
-    def lease_holder(self, shard: int) -> tuple[str, int] | None:
-        """Who holds the shard's rollup lease, and until when (epoch ms); None when no one does."""
+    def shard_holder(self, shard: int) -> tuple[str, int] | None:
+        """Which worker claims the shard, and until when (epoch ms); None when no one does."""
         with self._lock:
-            lease = self._shards[shard].lease
-            return lease if lease is not None and lease[1] > _now_ms() else None
+            claim = self._shards[shard].claim
+            return claim if claim is not None and claim[1] > _now_ms() else None
 
     def dead_letters(self, shard: int) -> list[StreamEntry]:
         """Entries the worker could not decode (for inspection)."""

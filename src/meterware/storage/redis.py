@@ -91,7 +91,7 @@ QUOTA_GRACE_SECONDS: Final = 35 * 86_400
 LONGEST_PERIOD_SECONDS: Final = 31 * 86_400
 _CUSTOMER_FIELDS: Final = ("plan", "status", "anchor")
 _SCRIPTS: Final = (
-    "acquire_lease",
+    "claim_shard",
     "add_key",
     "admit",
     "close_period",
@@ -105,7 +105,7 @@ _SCRIPTS: Final = (
     "grant_credits",
     "import_events",
     "refund",
-    "release_lease",
+    "release_shard",
     "update_fields",
 )
 
@@ -834,16 +834,16 @@ class RedisStorage:
 
     # -- the rollup worker
 
-    def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None:
+    def claim_shard(self, shard: int, owner: str, ttl_ms: int) -> int | None:
         if ttl_ms < 1:
-            raise ValueError(f"a lease lasts at least 1 ms, not {ttl_ms}")
+            raise ValueError(f"a shard claim lasts at least 1 ms, not {ttl_ms}")
         with self._call():
-            token = self._run("acquire_lease", [ks.lease(shard), ks.fence(shard)], [owner, ttl_ms])
+            token = self._run("claim_shard", [ks.shard_claim(shard), ks.fence(shard)], [owner, ttl_ms])
         return None if token is None else int(token)
 
-    def release_lease(self, shard: int, owner: str) -> None:
+    def release_shard(self, shard: int, owner: str) -> None:
         with self._call():
-            self._run("release_lease", [ks.lease(shard)], [owner])
+            self._run("release_shard", [ks.shard_claim(shard)], [owner])
 
     def committed_offset(self, shard: int) -> str:
         with self._call() as client:
@@ -884,12 +884,12 @@ class RedisStorage:
         with self._call() as client:
             return int(client.xlen(ks.events(shard)))
 
-    def lease_holder(self, shard: int) -> tuple[str, int] | None:
-        """Who holds the shard's rollup lease, and until when (epoch ms); None when no one does."""
+    def shard_holder(self, shard: int) -> tuple[str, int] | None:
+        """Which worker claims the shard, and until when (epoch ms); None when no one does."""
         with self._call() as client:
             pipe = client.pipeline(transaction=False)
-            pipe.get(ks.lease(shard))
-            pipe.pttl(ks.lease(shard))
+            pipe.get(ks.shard_claim(shard))
+            pipe.pttl(ks.shard_claim(shard))
             owner, ttl_ms = pipe.execute()
         if owner is None or ttl_ms < 0:
             return None

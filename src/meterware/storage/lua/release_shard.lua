@@ -1,5 +1,5 @@
 #!lua
--- Give up a shard's lease, only if ARGV[1] still holds it. KEYS: lease.
+-- Give up a claim on a shard, only if ARGV[1] still holds it. KEYS: claim.
 
 local refused = expect(KEYS[1], 'string')
 if refused then

@@ -1,7 +1,7 @@
 #!lua
--- Take or renew the lease of a shard's rollup. The fencing token grows only on a fresh acquisition, so a
--- commit from a worker that lost the lease is refused. Same as MemoryStorage.acquire_lease (memory.py).
--- KEYS: lease, fence; ARGV: owner, ttl ms. Reply: the token, or nil while another owner holds the lease.
+-- Take or renew a rollup worker's claim on a shard. The fencing token grows only on a fresh claim, so a
+-- commit from a worker that lost its claim is refused. Same as MemoryStorage.claim_shard (memory.py).
+-- KEYS: claim, fence; ARGV: owner, ttl ms. Reply: the token, or nil while another owner holds the claim.
 
 local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'string')
 if refused then
@@ -15,7 +15,7 @@ end
 local token = redis.call('GET', KEYS[2])
 refused = bad_counter(KEYS[2], nil, token, 1)
 if not string.find(ARGV[2], '^[1-9]%d*$') then
-  refused = refused or 'ERR lease ttl must be a whole number of ms, at least 1'
+  refused = refused or 'ERR claim ttl must be a whole number of ms, at least 1'
 end
 if refused then
   return redis.error_reply(refused)

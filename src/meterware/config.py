@@ -33,6 +33,7 @@ from meterware.billing.pricing import (
     parse_price,
 )
 from meterware.errors import ConfigError
+from meterware.storage import check_url
 
 logger = logging.getLogger("meterware")
 
@@ -704,15 +705,8 @@ def _parse(data: Mapping[str, Any]) -> Config:
         raise ConfigError(
             "storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {_shown(url)!r}"
         )
-    scheme = url.split("://", 1)[0]
-    if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
-        raise ConfigError(
-            "storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)"
-        )
-    from meterware.storage import check_url  # imports the Redis driver for Redis URLs only
-
     try:
-        check_url(url)  # a URL the driver refuses fails here, not on the first call
+        check_url(url)  # an unknown scheme, or a URL the driver refuses, fails here, not on the first call
     except ValueError as error:
         raise ConfigError("storage.url", str(error).removeprefix("storage URL: ")) from None
     if shards > 1024:

@@ -139,7 +139,7 @@ def _gcra_divisions() -> list[tuple[float, float]]:
 
 @pytest.mark.redis
 def test_lua_floor_division_matches_python(redis_url: str) -> None:
-    """The scripts' floor division gives Python's a // b, so GCRA replies match memory.py exactly."""
+    """The scripts' floor division gives Python's a // b, so GCRA replies match MemoryStorage exactly."""
     client = redis.Redis.from_url(redis_url)
     common = resources.files("meterware.storage").joinpath("lua", "common.lua").read_text()
     script = client.register_script(f"{common}\nreturn floordiv(tonumber(ARGV[1]), tonumber(ARGV[2]))")
@@ -250,7 +250,7 @@ def test_open_storage_picks_the_backend_by_scheme() -> None:
     """Redis URLs open the Redis twins (without I/O); unknown schemes raise ValueError."""
     assert isinstance(open_storage("redis://127.0.0.1:1/0", shards=4, timeout=0.1), RedisStorage)
     assert isinstance(open_async_storage("rediss://127.0.0.1:1/0", shards=4), AsyncRedisStorage)
-    with pytest.raises(ValueError, match="unknown storage URL scheme"):
+    with pytest.raises(ValueError, match="storage URL: unknown scheme"):
         open_storage("postgres://db", shards=4)
 
 

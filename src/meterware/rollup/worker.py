@@ -32,6 +32,7 @@ from meterware.config import Config
 from meterware.errors import ConfigError, StorageError
 from meterware.rollup.aggregate import Fold, parse_columns
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
+from meterware.storage import open_storage
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage, StreamEntry
 
 logger = logging.getLogger("meterware.rollup")
@@ -414,8 +415,6 @@ def run_worker(
             "a rollup worker needs a shared backend such as redis://"
         )
         return 2
-    from meterware.storage import open_storage  # the Redis backend imports its driver: only when needed
-
     try:
         webhook_secret(config)
     except ConfigError as error:

@@ -1,6 +1,6 @@
 #!lua
 -- Take or renew a rollup worker's claim on a shard. The fencing token grows only on a fresh claim, so a
--- commit from a worker that lost its claim is refused. Same as MemoryStorage.claim_shard (memory.py).
+-- commit from a worker that lost its claim is refused. Same as MemoryStorage.claim_shard (storage/memory/).
 -- KEYS: claim, fence; ARGV: owner, ttl ms. Reply: the token, or nil while another owner holds the claim.
 
 local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'string')

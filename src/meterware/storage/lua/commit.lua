@@ -1,7 +1,7 @@
 #!lua
 -- Commit one rollup step of a shard: add the aggregates, move dead letters aside and advance the offset,
 -- at once, only for the lease holder that read from the current offset. Same as
--- MemoryStorage.commit_rollup (memory.py). All or nothing (common.lua): a first pass over the windows
+-- MemoryStorage.commit_rollup (storage/memory/). All or nothing (common.lua): a first pass over the windows
 -- reads and checks every key and field; a second pass writes, after the dead letters (appends, the one
 -- write no check covers), and the offset comes last.
 --

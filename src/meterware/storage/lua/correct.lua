@@ -2,7 +2,7 @@
 -- Correct one event (void or amend), once: only if its marker still holds the state the correction was
 -- computed from, append the correction to the shard's stream (the rollup subtracts the event, and adds
 -- its amended version), move the credits with their ledger entry, and record the new state. Same as
--- MemoryStorage.correct_event (memory.py).
+-- MemoryStorage.correct_event (storage/memory/).
 -- KEYS: correction marker, events stream, customer, ledger stream
 -- ARGV: expected state ("" if none), new state, payload, costs, signs, entry tag, then the ledger entry
 --       (amount, kind, grant, actor, reason, ref, priority, expires_ms; amount "0": no entry)

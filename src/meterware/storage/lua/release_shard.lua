@@ -1,9 +1,9 @@
 #!lua
 -- Give up a claim on a shard, only if ARGV[1] still holds it. KEYS: claim.
 
-local refused = expect(KEYS[1], 'string')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'string'})
+if stop then
+  return reply
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])

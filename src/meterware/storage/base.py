@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
@@ -224,6 +224,10 @@ class ExportMark:
     confirmed: bool
 
 
+#: Marks to write, per window start and meter (``None`` removes a meter's mark).
+ExportMarks: TypeAlias = Mapping[int, Mapping[str, ExportMark | None]]
+
+
 # -- the roles of a backend: each consumer types against the one it uses ------------------------------
 
 
@@ -336,12 +340,7 @@ class ExportStorage(Protocol):
         self, provider: str, customer_id: str, window: str, starts: Sequence[int]
     ) -> dict[int, dict[str, ExportMark]]: ...
     def write_export_marks(
-        self,
-        provider: str,
-        customer_id: str,
-        window: str,
-        marks: Mapping[int, Mapping[str, ExportMark | None]],
-        ttl: int,
+        self, provider: str, customer_id: str, window: str, marks: ExportMarks, ttl: int
     ) -> None: ...
     def read_export_cursor(self, provider: str, customer_id: str, window: str) -> int | None: ...
     def write_export_cursor(self, provider: str, customer_id: str, window: str, end: int) -> None: ...

@@ -8,10 +8,9 @@
 --       (amount, kind, grant, actor, reason, ref, priority, expires_ms; amount "0": no entry)
 -- Reply: 1 if applied, 0 if the marker changed meanwhile.
 
-local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'stream') or expect(KEYS[3], 'hash')
-  or expect(KEYS[4], 'stream')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'string', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'stream'})
+if stop then
+  return reply
 end
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
   return 0
@@ -19,7 +18,7 @@ end
 local amount = tonumber(ARGV[7])
 local credits = amount ~= 0 and existed(KEYS[3])
 if credits then
-  refused = bad_counter(KEYS[3], 'balance', redis.call('HGET', KEYS[3], 'balance'), math.abs(amount))
+  local refused = bad_counter(KEYS[3], 'balance', redis.call('HGET', KEYS[3], 'balance'), math.abs(amount))
   if refused then
     return redis.error_reply(refused)
   end

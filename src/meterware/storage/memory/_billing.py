@@ -12,6 +12,7 @@ from meterware.storage.base import (
     Billed,
     CloseResult,
     ExportMark,
+    ExportMarks,
     StreamEntry,
 )
 from meterware.storage.memory._state import (
@@ -107,12 +108,7 @@ class ExportMixin(MemoryState):
             return {start: dict(held) for start, held in found.items() if held}
 
     def write_export_marks(
-        self,
-        provider: str,
-        customer_id: str,
-        window: str,
-        marks: Mapping[int, Mapping[str, ExportMark | None]],
-        ttl: int,
+        self, provider: str, customer_id: str, window: str, marks: ExportMarks, ttl: int
     ) -> None:
         with self._lock:
             for start, meters in marks.items():

@@ -11,6 +11,7 @@ from meterware.storage.base import (
     Billed,
     CloseResult,
     ExportMark,
+    ExportMarks,
     StreamEntry,
 )
 from meterware.storage.redis._connection import Connection
@@ -95,12 +96,7 @@ class ExportCommands(Connection):
         return marks
 
     def write_export_marks(
-        self,
-        provider: str,
-        customer_id: str,
-        window: str,
-        marks: Mapping[int, Mapping[str, ExportMark | None]],
-        ttl: int,
+        self, provider: str, customer_id: str, window: str, marks: ExportMarks, ttl: int
     ) -> None:
         shard = self._shard(customer_id)
         with self._call() as client:

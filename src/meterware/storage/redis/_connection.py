@@ -50,14 +50,19 @@ def check_url(url: str) -> None:
         raise ValueError(f"storage URL: {text}") from None
 
 
-def sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.sentinel.Sentinel | None]:
+def _options(target: RedisTarget, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The connection options and the credentials of a client of ``target``."""
     # No retries and short timeouts: the request path fails fast and its own policy decides what next.
-    options: dict[str, Any] = {
+    options = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "max_connections": MAX_CONNECTIONS,
     }
-    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    return options, {"username": target.username, "password": target.password}
+
+
+def sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.sentinel.Sentinel | None]:
+    options, auth = _options(target, timeout)
     retry = Retry(NoBackoff(), 0)
     if target.kind == "cluster":
         nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
@@ -74,12 +79,7 @@ def sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.
 def async_client(
     target: RedisTarget, timeout: float
 ) -> tuple[AsyncClient, redis.asyncio.sentinel.Sentinel | None]:
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "max_connections": MAX_CONNECTIONS,
-    }
-    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    options, auth = _options(target, timeout)
     retry = AsyncRetry(NoBackoff(), 0)
     if target.kind == "cluster":
         nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.hosts]

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from benchmarks._harness import OthersClock, RedisServer
 from benchmarks.apps import CONFIG, create_customer
 from meterware import Accounts, Config, keys
-from meterware._core import KeyInfo, decision_from_reply, limit_headers
+from meterware._core import KeyInfo, limit_headers
 from meterware._metering import Call, Metering
 from meterware.events import (
     UsageEvent,
@@ -40,6 +40,7 @@ from meterware.events import (
 from meterware.flusher import Pending, make_batches
 from meterware.rollup.aggregate import Fold, fold, parse_columns, parse_entry
 from meterware.storage import open_async_storage, open_storage
+from meterware.storage._admission import decision_from_reply
 from meterware.storage.base import Batch, Storage, Window, WindowTotals
 
 BATCH = 1000

@@ -631,7 +631,7 @@ def test_rollup_once_says_which_shards_a_crashed_worker_still_holds(
     storage = open_storage(redis_url, shards=config.shards)
     shard = shard_of("acme", config.shards)
     before = time.time()
-    assert storage.acquire_lease(shard, "crashed:1234:abcd", 60_000) is not None
+    assert storage.claim_shard(shard, "crashed:1234:abcd", 60_000) is not None
     caplog.set_level("INFO", logger="meterware.rollup")
     assert cli("rollup", "--once").code == 3
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -640,7 +640,7 @@ def test_rollup_once_says_which_shards_a_crashed_worker_still_holds(
     until = datetime.strptime(line[len(prefix) :].split()[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert before + 58 <= until.timestamp() <= time.time() + 60
     assert cli("usage", "acme", "--json").json()["calls"]["success"] == 0
-    storage.release_lease(shard, "crashed:1234:abcd")
+    storage.release_shard(shard, "crashed:1234:abcd")
     caplog.clear()
     assert cli("rollup", "--once").code == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

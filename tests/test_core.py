@@ -18,7 +18,6 @@ from meterware._core import (
     MeterHold,
     Reason,
     classify,
-    decision_from_reply,
     is_billable,
     limit_headers,
     meter_holds,
@@ -27,6 +26,7 @@ from meterware._core import (
 )
 from meterware.config import Meter, MeterTerms, Plan, Policy, RateLimit
 from meterware.events import Outcome
+from meterware.storage._admission import decision_from_reply
 
 
 def utc(text: str) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import calendar
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
@@ -339,44 +339,3 @@ def call_units(meter: Meter, weight: int) -> int:
 def holds_anything(request: AdmitRequest, reserved_credits: int) -> bool:
     """Whether an admitted call opens a reservation (only calls that hold units or credits do)."""
     return reserved_credits > 0 or any(hold.hold for hold in request.holds)
-
-
-def decision_from_reply(request: AdmitRequest, reply: Sequence[int | bytes | str], now: float) -> Decision:
-    """Read the admission script's reply (the same list from every backend).
-
-    ``[allowed, reason, retry_after_ms, reserved_credits, available_credits, calls_granted,
-    (rate_remaining, rate_reset_ms) per rate limit..., quota_remaining per hard-quota hold...]``
-    """
-    allowed = bool(int(reply[0]))
-    reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-    until_period_end = max(0, request.period_end - int(now))
-    limits: list[LimitState] = []
-    # Refusals decided before the limits were looked at (key, customer) carry no limit state.
-    if len(reply) > 6:
-        index = 6
-        for limit in request.plan.rate_limits:
-            remaining, reset_ms = int(reply[index]), int(reply[index + 1])
-            name = rate_limit_name(limit.seconds)
-            limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
-            index += 2
-        window = request.period_end - request.period_start
-        for hold in request.holds:
-            if hold.quota >= 0:
-                remaining = max(0, int(reply[index]))
-                limits.append(
-                    LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
-                )
-                index += 1
-    retry_after = until_period_end if reason == "quota_exceeded" else max(0, -(-int(reply[2]) // 1000))
-    reserved_credits = int(reply[3])
-    # Positional: this runs for every call admitted on its own.
-    return Decision(
-        allowed,
-        reason or None,  # type: ignore[arg-type]
-        request.reservation_id if allowed and holds_anything(request, reserved_credits) else "",
-        reserved_credits,
-        retry_after,
-        tuple(limits),
-        int(reply[4]) if request.charges_credits else None,
-        int(reply[5]) if len(reply) > 5 else 0,
-    )

@@ -1,4 +1,4 @@
-"""The rollup worker on the in-process backend: exact totals, dead letters, leases and fencing."""
+"""The rollup worker on the in-process backend: exact totals, dead letters, shard claims and fencing."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_only_dead_letters_still_progress(storage: Storage) -> None:
 
 
 def test_two_workers_never_double_count(storage: Storage) -> None:
-    """Two workers stepping in turn, with leases expiring between steps, count every event once."""
+    """Two workers stepping in turn, with claims expiring between steps, count every event once."""
     written = write_events(storage, random_events(random.Random(4), 2000), batch_size=25)
     expected = expected_usage(written)
     settings = config(batch_size=60, lease_seconds=0.001)
@@ -143,7 +143,7 @@ def test_two_workers_never_double_count(storage: Storage) -> None:
     deadline = time.monotonic() + 30
     for turn in range(10_000):
         committed += workers[turn % 2].step()
-        time.sleep(0.002)  # let the lease lapse, so the other worker takes the shard over
+        time.sleep(0.002)  # let the claim lapse, so the other worker takes the shard over
         if committed == 2000 or time.monotonic() > deadline:
             break
     assert committed == 2000
@@ -171,8 +171,8 @@ def test_two_workers_in_threads(storage: Storage) -> None:
     assert read_all(storage, expected) == expected
 
 
-def test_held_lease_keeps_other_workers_out(storage: Storage) -> None:
-    """A shard whose lease another worker holds is left alone until the lease is released."""
+def test_held_claim_keeps_other_workers_out(storage: Storage) -> None:
+    """A shard another worker claims is left alone until the claim is released."""
     storage.flush(batch(ACME, [event()]))
     first = RollupWorker(storage, config(lease_seconds=60), owner="first", shards=[ACME])
     second = RollupWorker(storage, config(lease_seconds=60), owner="second", shards=[ACME])
@@ -186,12 +186,12 @@ def test_held_lease_keeps_other_workers_out(storage: Storage) -> None:
 
 
 def test_stale_token_cannot_commit(storage: Storage) -> None:
-    """A commit under a token from before another worker took the expired lease is refused."""
+    """A commit under a token from before another worker took the expired claim is refused."""
     storage.flush(batch(ACME, [event()]))
-    old = storage.acquire_lease(ACME, "a", 1)
+    old = storage.claim_shard(ACME, "a", 1)
     assert old is not None
     time.sleep(0.005)
-    new = storage.acquire_lease(ACME, "b", 60_000)
+    new = storage.claim_shard(ACME, "b", 60_000)
     assert new is not None
     assert new != old
     entries = storage.read_stream(ACME, "0-0", 10)
@@ -212,8 +212,8 @@ class RacingStorage(MemoryStorage):
         return super().commit_rollup(commit)
 
 
-def test_worker_that_lost_its_lease_mid_step_commits_nothing() -> None:
-    """A worker whose lease lapsed and was taken between its read and its commit counts nothing."""
+def test_worker_that_lost_its_claim_mid_step_commits_nothing() -> None:
+    """A worker whose claim lapsed and was taken between its read and its commit counts nothing."""
     storage = RacingStorage(shards=1)
     written = write_events(storage, random_events(random.Random(6), 100), batch_size=10)
     expected = expected_usage(written)
@@ -302,7 +302,7 @@ def test_keeps_entries_within_retention(storage: Storage) -> None:
 
 
 def test_run_until_stopped(storage: Storage) -> None:
-    """``run`` rolls up events as they come until stopped, then releases its leases."""
+    """``run`` rolls up events as they come until stopped, then releases its claims."""
     worker = RollupWorker(storage, config(lease_seconds=60), owner="runner")
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"idle_sleep": 0.005})
@@ -321,7 +321,7 @@ def test_run_until_stopped(storage: Storage) -> None:
     expected = expected_usage(written)
     assert read_all(storage, expected) == expected
     assert worker.owned == ()
-    assert all(storage.acquire_lease(s, "next", 1000) is not None for s in range(SHARDS))
+    assert all(storage.claim_shard(s, "next", 1000) is not None for s in range(SHARDS))
 
 
 def test_owners_are_unique() -> None:

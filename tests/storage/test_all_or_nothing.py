@@ -61,7 +61,7 @@ def quota_key() -> str:
 
 @dataclass
 class World:
-    """A shard in use: an account, an open and a due reservation, a stream, a lease and a rollup."""
+    """A shard in use: an account, an open and a due reservation, a stream, a shard claim and a rollup."""
 
     storage: RedisStorage
     open_request: AdmitRequest
@@ -82,7 +82,7 @@ def build_world(storage: RedisStorage) -> World:
     assert open_decision.allowed
     assert due.allowed
     assert storage.flush(Batch(SHARD, "batch-0", b"events-0", (None,)))
-    token = storage.acquire_lease(SHARD, "worker", 60_000)
+    token = storage.claim_shard(SHARD, "worker", 60_000)
     assert token is not None
     [first] = storage.read_stream(SHARD, "0-0", 10)
     totals = WindowTotals(sums={"calls": 2}, maxes={"latency": 50}, lasts={"level": (1_000, 3)},
@@ -105,8 +105,8 @@ OPERATIONS: dict[str, Callable[[World], object]] = {
         RollupCommit(SHARD, w.token, w.committed, w.pending, {WINDOW: TOTALS}, ((w.pending, "bad"),))
     ),
     "expire_reservations": lambda w: w.storage.expire_reservations(SHARD, 100),
-    "acquire_lease": lambda w: w.storage.acquire_lease(SHARD, "worker", 60_000),
-    "release_lease": lambda w: w.storage.release_lease(SHARD, "worker"),
+    "claim_shard": lambda w: w.storage.claim_shard(SHARD, "worker", 60_000),
+    "release_shard": lambda w: w.storage.release_shard(SHARD, "worker"),
     "create_customer": lambda w: w.storage.create_customer(Customer(NEWCO, "pro")),
     "add_key": lambda w: w.storage.add_key(
         KeyRecord("key-2", ACME, "mw_live_cd34", True, "active", 2), "hash-2"
@@ -147,9 +147,9 @@ KEY_POSITIONS: list[tuple[str, str, Callable[[], str], str]] = [
     ("expire_reservations", "deadlines", lambda: ks.reservation_deadlines(SHARD), "zset"),
     ("expire_reservations", "customer", lambda: ks.customer(SHARD, ACME), "hash"),
     ("expire_reservations", "quota", quota_key, "hash"),
-    ("acquire_lease", "lease", lambda: ks.lease(SHARD), "string"),
-    ("acquire_lease", "fence", lambda: ks.fence(SHARD), "string"),
-    ("release_lease", "lease", lambda: ks.lease(SHARD), "string"),
+    ("claim_shard", "claim", lambda: ks.shard_claim(SHARD), "string"),
+    ("claim_shard", "fence", lambda: ks.fence(SHARD), "string"),
+    ("release_shard", "claim", lambda: ks.shard_claim(SHARD), "string"),
     ("create_customer", "customer", lambda: ks.customer(ks.shard_of(NEWCO, SHARDS), NEWCO), "hash"),
     ("create_customer", "customer-set", lambda: ks.customers(ks.shard_of(NEWCO, SHARDS)), "set"),
     ("add_key", "customer", lambda: ks.customer(SHARD, ACME), "hash"),
@@ -306,7 +306,7 @@ OOM_OPERATIONS = {
     **{name: OPERATIONS[name] for name in ("admit", "flush", "commit", "expire_reservations")},
     # Refused before it runs: an old-style script would have answered this without writing.
     "admit-unknown-key": lambda w: w.storage.admit(admit_request(w.storage, key_id="key-unknown")),
-    "acquire_lease": OPERATIONS["acquire_lease"],
+    "claim_shard": OPERATIONS["claim_shard"],
     "grant_credits": OPERATIONS["grant_credits"],
 }
 
@@ -389,7 +389,7 @@ def test_a_commit_that_cannot_be_sent_changes_nothing(storage: Storage) -> None:
     """A dead-letter reason that cannot be encoded raises on every backend, and commits nothing."""
     assert storage.flush(Batch(SHARD, "batch-0", b"events", ()))
     [entry] = storage.read_stream(SHARD, "0-0", 10)
-    token = storage.acquire_lease(SHARD, "worker", 60_000)
+    token = storage.claim_shard(SHARD, "worker", 60_000)
     assert token is not None
     dead = ((entry.entry_id, "bad \udc80"),)
     with pytest.raises(UnicodeEncodeError):
@@ -399,8 +399,8 @@ def test_a_commit_that_cannot_be_sent_changes_nothing(storage: Storage) -> None:
 
 
 @pytest.mark.parametrize("ttl_ms", [0, -5])
-def test_a_lease_shorter_than_a_millisecond_is_refused(storage: Storage, ttl_ms: int) -> None:
-    """acquire_lease refuses a ttl under 1 ms with ValueError on every backend, taking no token."""
+def test_a_claim_shorter_than_a_millisecond_is_refused(storage: Storage, ttl_ms: int) -> None:
+    """claim_shard refuses a ttl under 1 ms with ValueError on every backend, taking no token."""
     with pytest.raises(ValueError, match="at least 1 ms"):
-        storage.acquire_lease(SHARD, "worker", ttl_ms)
-    assert storage.acquire_lease(SHARD, "worker", 60_000) == 1
+        storage.claim_shard(SHARD, "worker", ttl_ms)
+    assert storage.claim_shard(SHARD, "worker", 60_000) == 1

@@ -716,40 +716,40 @@ def test_expire_reservations_refunds_after_the_timeout(storage: Storage) -> None
 # -- the rollup worker ---------------------------------------------------------------------------------
 
 
-def test_lease_fence_grows_only_on_fresh_acquisition(storage: Storage) -> None:
-    """Renewing keeps the token, another owner is refused while the lease is held, each shard counts apart."""
-    assert storage.acquire_lease(0, "worker-a", 10_000) == 1
-    assert storage.acquire_lease(0, "worker-a", 10_000) == 1
-    assert storage.acquire_lease(0, "worker-b", 10_000) is None
-    storage.release_lease(0, "worker-b")  # not the holder: nothing happens
-    assert storage.acquire_lease(0, "worker-b", 10_000) is None
-    storage.release_lease(0, "worker-a")
-    assert storage.acquire_lease(0, "worker-b", 10_000) == 2
-    assert storage.acquire_lease(1, "worker-a", 10_000) == 1
+def test_claim_fence_grows_only_on_a_fresh_claim(storage: Storage) -> None:
+    """Renewing keeps the token, another owner is refused while the claim is held, each shard counts apart."""
+    assert storage.claim_shard(0, "worker-a", 10_000) == 1
+    assert storage.claim_shard(0, "worker-a", 10_000) == 1
+    assert storage.claim_shard(0, "worker-b", 10_000) is None
+    storage.release_shard(0, "worker-b")  # not the holder: nothing happens
+    assert storage.claim_shard(0, "worker-b", 10_000) is None
+    storage.release_shard(0, "worker-a")
+    assert storage.claim_shard(0, "worker-b", 10_000) == 2
+    assert storage.claim_shard(1, "worker-a", 10_000) == 1
 
 
-def test_lease_holder_names_the_owner_and_when_the_lease_runs_out(storage: Storage) -> None:
-    """Who holds a shard's lease and until when (epoch ms), as long as it is held; None otherwise."""
-    assert storage.lease_holder(2) is None
+def test_shard_holder_names_the_owner_and_when_the_claim_runs_out(storage: Storage) -> None:
+    """Who claims a shard and until when (epoch ms), as long as it is held; None otherwise."""
+    assert storage.shard_holder(2) is None
     before = time.time_ns() // 1_000_000
-    storage.acquire_lease(2, "worker-a", 10_000)
-    holder = storage.lease_holder(2)
+    storage.claim_shard(2, "worker-a", 10_000)
+    holder = storage.shard_holder(2)
     assert holder is not None
     owner, until_ms = holder
     assert owner == "worker-a"
     assert before + 9_000 <= until_ms <= time.time_ns() // 1_000_000 + 10_000
-    storage.release_lease(2, "worker-a")
-    assert storage.lease_holder(2) is None
-    storage.acquire_lease(2, "worker-b", 1)
+    storage.release_shard(2, "worker-a")
+    assert storage.shard_holder(2) is None
+    storage.claim_shard(2, "worker-b", 1)
     time.sleep(0.02)
-    assert storage.lease_holder(2) is None  # ran out
+    assert storage.shard_holder(2) is None  # ran out
 
 
-def test_lease_expires(storage: Storage) -> None:
-    """A lease not renewed within its ttl can be taken by another owner, with a new token."""
-    assert storage.acquire_lease(3, "worker-a", 1) == 1
+def test_shard_claim_expires(storage: Storage) -> None:
+    """A claim not renewed within its ttl can be taken by another owner, with a new token."""
+    assert storage.claim_shard(3, "worker-a", 1) == 1
     time.sleep(0.02)
-    assert storage.acquire_lease(3, "worker-b", 10_000) == 2
+    assert storage.claim_shard(3, "worker-b", 10_000) == 2
 
 
 def _window(storage: Storage) -> tuple[int, Window]:
@@ -759,7 +759,7 @@ def _window(storage: Storage) -> tuple[int, Window]:
 def test_commit_rollup_applies_aggregates_and_moves_the_offset(storage: Storage) -> None:
     """A fenced commit adds its totals and sets the shard's offset."""
     shard, window = _window(storage)
-    token = storage.acquire_lease(shard, "worker", 10_000)
+    token = storage.claim_shard(shard, "worker", 10_000)
     assert token is not None
     totals = WindowTotals(sums={"calls": 3}, maxes={"latency": 50}, lasts={"level": (1_000, 7)})
     assert storage.commit_rollup(RollupCommit(shard, token, START_OFFSET, "5-0", {window: totals}))
@@ -770,8 +770,8 @@ def test_commit_rollup_applies_aggregates_and_moves_the_offset(storage: Storage)
 
 
 def _stale_token(storage: Storage, shard: int, token: int) -> int:
-    storage.release_lease(shard, "worker")
-    assert storage.acquire_lease(shard, "other-worker", 10_000) == token + 1
+    storage.release_shard(shard, "worker")
+    assert storage.claim_shard(shard, "other-worker", 10_000) == token + 1
     return token
 
 
@@ -780,7 +780,7 @@ def _stale_token(storage: Storage, shard: int, token: int) -> int:
     [
         pytest.param(lambda storage, shard, token: (token + 1, "5-0"), id="wrong-token"),
         pytest.param(
-            lambda storage, shard, token: (_stale_token(storage, shard, token), "5-0"), id="lost-lease"
+            lambda storage, shard, token: (_stale_token(storage, shard, token), "5-0"), id="lost-claim"
         ),
         pytest.param(lambda storage, shard, token: (token, "4-0"), id="wrong-offset"),
     ],
@@ -790,7 +790,7 @@ def test_commit_rollup_is_fenced(
 ) -> None:
     """A commit with a stale token or from a moved offset is refused and applies nothing."""
     shard, window = _window(storage)
-    token = storage.acquire_lease(shard, "worker", 10_000)
+    token = storage.claim_shard(shard, "worker", 10_000)
     assert token is not None
     assert storage.commit_rollup(RollupCommit(shard, token, START_OFFSET, "5-0", {}))
     bad_token, expected = break_commit(storage, shard, token)
@@ -805,7 +805,7 @@ def test_commit_rollup_is_fenced(
 def test_read_usage_merges_every_aggregation(storage: Storage) -> None:
     """Sums add up, maxes keep the largest, the newest last value wins, unique values are counted once."""
     shard, window = _window(storage)
-    token = storage.acquire_lease(shard, "worker", 10_000)
+    token = storage.claim_shard(shard, "worker", 10_000)
     assert token is not None
     first = WindowTotals(
         sums={"calls": 3, "tokens": 100},
@@ -849,7 +849,7 @@ def test_dead_letters_keep_the_entry_and_the_reason(storage: Storage) -> None:
     shard = shard_of("acme", storage.shards)
     assert storage.flush(Batch(shard, "batch-1", b"\x00garbage", ()))
     [entry] = storage.read_stream(shard, START_OFFSET, 10)
-    token = storage.acquire_lease(shard, "worker", 10_000)
+    token = storage.claim_shard(shard, "worker", 10_000)
     assert token is not None
     commit = RollupCommit(
         shard, token, START_OFFSET, entry.entry_id, {}, dead_letters=((entry.entry_id, "not msgpack"),)

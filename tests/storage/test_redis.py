@@ -139,7 +139,7 @@ def _gcra_divisions() -> list[tuple[float, float]]:
 
 @pytest.mark.redis
 def test_lua_floor_division_matches_python(redis_url: str) -> None:
-    """The scripts' floor division gives Python's a // b, so GCRA replies match memory.py exactly."""
+    """The scripts' floor division gives Python's a // b, so GCRA replies match MemoryStorage exactly."""
     client = redis.Redis.from_url(redis_url)
     common = resources.files("meterware.storage").joinpath("lua", "common.lua").read_text()
     script = client.register_script(f"{common}\nreturn floordiv(tonumber(ARGV[1]), tonumber(ARGV[2]))")
@@ -250,7 +250,7 @@ def test_open_storage_picks_the_backend_by_scheme() -> None:
     """Redis URLs open the Redis twins (without I/O); unknown schemes raise ValueError."""
     assert isinstance(open_storage("redis://127.0.0.1:1/0", shards=4, timeout=0.1), RedisStorage)
     assert isinstance(open_async_storage("rediss://127.0.0.1:1/0", shards=4), AsyncRedisStorage)
-    with pytest.raises(ValueError, match="unknown storage URL scheme"):
+    with pytest.raises(ValueError, match="storage URL: unknown scheme"):
         open_storage("postgres://db", shards=4)
 
 
@@ -297,13 +297,13 @@ def test_cluster_spreads_shards_over_nodes(
         settlement = Settlement(customer, True, request.period_start, decision.reservation_id, True, True,
                                 (("calls", 1, 10, 0),))  # fmt: skip
         assert storage.flush(Batch(request.shard, uuid.uuid4().hex, b"events", (settlement,)))
-        token = storage.acquire_lease(request.shard, f"worker-{customer}", 10_000)
+        token = storage.claim_shard(request.shard, f"worker-{customer}", 10_000)
         window = Window(True, customer, "day", 0)
         offset = storage.committed_offset(request.shard)
         commit = RollupCommit(request.shard, token or 0, offset, f"{time.time_ns()}-0",
                               {window: WindowTotals(sums={"calls": 1})})  # fmt: skip
         assert storage.commit_rollup(commit)
-        storage.release_lease(request.shard, f"worker-{customer}")
+        storage.release_shard(request.shard, f"worker-{customer}")
         assert storage.read_usage(customer, True, "day", 0) == {"calls": 1}
         assert storage.get_balance(customer).balance == 990
     assert storage.list_customers() == sorted(customers)

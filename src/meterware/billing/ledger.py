@@ -19,25 +19,20 @@ A grant can be spent until its ``expiry`` entry is written (by ``meterware credi
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from meterware.errors import UsageError
-from meterware.storage.base import LedgerEntry, Storage
+from meterware.storage.base import GRANT_PRIORITY as GRANT_PRIORITY  # the grants' rules live with the records
+from meterware.storage.base import LedgerEntry, LedgerStorage
+from meterware.storage.base import default_grant as default_grant
+from meterware.storage.base import new_grant_id as new_grant_id
 
 Kind = Literal["grant", "purchase", "charge", "refund", "adjustment", "expiry"]
 KINDS: Final[tuple[Kind, ...]] = ("grant", "purchase", "charge", "refund", "adjustment", "expiry")
-#: Default burn priority of promotional grants (lower burns first).
-GRANT_PRIORITY: Final = 10
 #: Default burn priority of purchased credits, refunds and positive adjustments.
 PURCHASE_PRIORITY: Final = 50
-
-
-def new_grant_id() -> str:
-    """A fresh grant id (``g_`` and 16 hex digits)."""
-    return f"g_{uuid.uuid4().hex[:16]}"
 
 
 @dataclass(slots=True)
@@ -149,13 +144,8 @@ def replay(entries: Iterable[LedgerEntry]) -> Replay:
     return Replay(lots, debt, balance, last_id)
 
 
-def default_grant(micros: int) -> LedgerEntry:
-    """The entry of a plain ``grant_credits(customer, micros)``: a promotional grant that never expires."""
-    return LedgerEntry("grant", micros, grant=new_grant_id(), priority=GRANT_PRIORITY)
-
-
 def expire_due_grants(
-    storage: Storage, customers: Iterable[str], now_ms: int, actor: str
+    storage: LedgerStorage, customers: Iterable[str], now_ms: int, actor: str
 ) -> list[tuple[str, str, int]]:
     """Expire what is left of each customer's grants whose time has come: ``(customer, grant id, micros
     removed)`` of each. Idempotent: the write only happens if the ledger has not moved since it was read

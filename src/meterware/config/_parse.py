@@ -32,6 +32,7 @@ from meterware.config._sections import (
 )
 from meterware.config._table import Section, check_name, shown_url, toml_key
 from meterware.errors import ConfigError
+from meterware.storage import check_url
 
 _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
@@ -52,15 +53,8 @@ def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple
         raise ConfigError(
             "storage.url", f"must be a URL like 'memory://' or 'redis://host:6379/0', got {shown_url(url)!r}"
         )
-    scheme = url.split("://", 1)[0]
-    if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
-        raise ConfigError(
-            "storage.url", f"unknown scheme {scheme!r} (memory, redis, rediss, redis+sentinel, redis+cluster)"
-        )
-    from meterware.storage import check_url  # imports the Redis driver for Redis URLs only
-
     try:
-        check_url(url)  # a URL the driver refuses fails here, not on the first call
+        check_url(url)  # an unknown scheme, or a URL the driver refuses, fails here, not on the first call
     except ValueError as error:
         raise ConfigError("storage.url", str(error).removeprefix("storage URL: ")) from None
     if shards > 1024:

@@ -1,6 +1,6 @@
 """The rollup worker: read the shard streams, aggregate, and commit each batch exactly once.
 
-Each shard is owned by one worker at a time through a lease with a fencing token. A step reads the next
+Each shard is owned by one worker at a time through a claim with a fencing token. A step reads the next
 entries after the shard's committed offset, folds them (:mod:`meterware.rollup.aggregate`) and commits the
 aggregates *and* the new offset in one atomic call that checks the token and the offset it read from. A
 worker that crashes anywhere before the commit leaves the offset where it was, so its successor reads the
@@ -33,6 +33,7 @@ from meterware.rollup.aggregate import Fold, parse_columns
 from meterware.rollup.backlog import Backlog
 from meterware.rollup.housekeeping import housekeep
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
+from meterware.storage import open_storage
 from meterware.storage.base import RollupCommit, Storage, StreamEntry
 
 logger = logging.getLogger("meterware.rollup")
@@ -49,7 +50,7 @@ def default_owner() -> str:
 
 
 @dataclass(slots=True)
-class _Lease:
+class _Claim:
     """What the worker remembers of a shard it owns."""
 
     token: int
@@ -65,7 +66,7 @@ class _Progress:
 
     entries: int = 0
     events: int = 0
-    #: Shards whose backend calls all answered (leased to us or not).
+    #: Shards whose backend calls all answered (claimed by us or not).
     worked: tuple[int, ...] = ()
     #: Shards whose backend calls failed, with the error.
     failed: tuple[tuple[int, StorageError], ...] = ()
@@ -81,7 +82,7 @@ class RollupWorker:
 
     :param storage: the backend (any :class:`~meterware.storage.base.Storage`).
     :param config: the meters (how each is aggregated) and the ``[rollup]`` settings.
-    :param owner: the name this worker holds leases under; unique by default.
+    :param owner: the name this worker holds claims under; unique by default.
     :param shards: the shards to work on; all of the backend's by default.
     :param metrics: where to count its progress and lag (see :mod:`meterware.rollup.metrics`); measuring
         the lag costs two ``XLEN`` per shard and step.
@@ -90,7 +91,7 @@ class RollupWorker:
 
     ``step()`` does one round over the shards, ``drain()`` steps until the shards it can own are caught
     up (``meterware rollup --once``, and the in-process rollup of ``memory://``), and ``run(stop)``
-    steps until ``stop`` is set, then releases its leases::
+    steps until ``stop`` is set, then releases its claims::
 
         worker = RollupWorker(storage, config)
         worker.drain()
@@ -114,9 +115,9 @@ class RollupWorker:
         self.config = config
         self.owner = owner or default_owner()
         self.shards = tuple(range(storage.shards) if shards is None else shards)
-        self._lease_ms = max(1, int(config.rollup.lease_seconds * 1000))
+        self._claim_ms = max(1, int(config.rollup.lease_seconds * 1000))
         self._retention_ms = int(config.rollup.retention_seconds * 1000)
-        self._leases: dict[int, _Lease] = {}
+        self._claims: dict[int, _Claim] = {}
         # Events per entry seen last on each shard: reads aim at about batch_size events. Until a shard
         # is read, assume full flusher batches, so a backlog of big batches is never read all at once.
         self._events_per_entry: dict[int, int] = {}
@@ -124,8 +125,8 @@ class RollupWorker:
 
     @property
     def owned(self) -> tuple[int, ...]:
-        """The shards this worker holds the lease of (as of its last step)."""
-        return tuple(sorted(self._leases))
+        """The shards this worker claims (as of its last step)."""
+        return tuple(sorted(self._claims))
 
     def step(self) -> int:
         """Do one round over the shards; return the number of events committed.
@@ -151,10 +152,10 @@ class RollupWorker:
     def run(self, stop: threading.Event, idle_sleep: float | None = None) -> None:
         """Step until ``stop`` is set, pausing when idle and backing off on backend errors.
 
-        The leases are released on the way out, so another worker can take the shards over at once.
+        The claims are released on the way out, so another worker can take the shards over at once.
         """
         if idle_sleep is None:
-            # Idle steps renew the leases: sleep well within them.
+            # Idle steps renew the claims: sleep well within them.
             idle_sleep = min(1.0, self.config.rollup.lease_seconds / 3)
         backoff = 0.0
         # Shards whose own calls failed (a poisoned key, say) wait apart, without holding up the rest.
@@ -187,20 +188,20 @@ class RollupWorker:
             logger.info("rollup worker %s stopped", self.owner)
 
     def release(self) -> None:
-        """Give up every lease this worker holds (and deliver the webhooks still queued, for a while)."""
+        """Give up every claim this worker holds (and deliver the webhooks still queued, for a while)."""
         if self.alerts is not None:
             self.alerts.close()
-        leases, self._leases = self._leases, {}
+        claims, self._claims = self._claims, {}
         if self.metrics is not None:
             self.metrics.shards_owned.set(0)
-            for shard in leases:
+            for shard in claims:
                 self.metrics.lag.pop(shard, None)  # the next owner reports it
-        for shard in leases:
+        for shard in claims:
             try:
-                self.storage.release_lease(shard, self.owner)
+                self.storage.release_shard(shard, self.owner)
             except StorageError as error:
-                # The lease expires on its own; the next worker only waits a little longer.
-                logger.warning("could not release the lease of shard %d: %s", shard, error)
+                # The claim expires on its own; the next worker only waits a little longer.
+                logger.warning("could not release its claim on shard %d: %s", shard, error)
 
     # -- one step -------------------------------------------------------------------------------------
 
@@ -213,19 +214,19 @@ class RollupWorker:
             if shard in skip:
                 continue
             try:
-                lease = self._acquire(shard)
-                if lease is not None:
-                    progress = self._roll(shard, lease)
+                claim = self._claim(shard)
+                if claim is not None:
+                    progress = self._roll(shard, claim)
                     entries += progress.entries
                     events += progress.events
-                    if shard in self._leases:
+                    if shard in self._claims:
                         trimmed = housekeep(
-                            self.storage, shard, lease.offset, self._retention_ms, self.metrics
+                            self.storage, shard, claim.offset, self._retention_ms, self.metrics
                         )
-                        lease.backlog.after_trim(trimmed)
+                        claim.backlog.after_trim(trimmed)
             except StorageError as error:
                 # Another worker may take the shard meanwhile: whatever we knew of it is read again.
-                self._leases.pop(shard, None)
+                self._claims.pop(shard, None)
                 failed.append((shard, error))
                 if self.metrics is not None:
                     self.metrics.errors.labels(str(shard)).inc()
@@ -236,32 +237,32 @@ class RollupWorker:
             streak = 0
             worked.append(shard)
         if self.metrics is not None:
-            self.metrics.shards_owned.set(len(self._leases))
+            self.metrics.shards_owned.set(len(self._claims))
             if worked or not failed:
                 self.metrics.last_round.set(time.time())
         return _Progress(entries, events, tuple(worked), tuple(failed))
 
-    def _acquire(self, shard: int) -> _Lease | None:
-        token = self.storage.acquire_lease(shard, self.owner, self._lease_ms)
-        lease = self._leases.get(shard)
+    def _claim(self, shard: int) -> _Claim | None:
+        token = self.storage.claim_shard(shard, self.owner, self._claim_ms)
+        claim = self._claims.get(shard)
         if token is None:
-            if lease is not None:
+            if claim is not None:
                 logger.info("shard %d is now owned by another worker", shard)
-                del self._leases[shard]
+                del self._claims[shard]
             if self.metrics is not None:
                 self.metrics.lag.pop(shard, None)  # its owner reports it
             return None
-        if lease is None or lease.token != token:
+        if claim is None or claim.token != token:
             # New or regained: someone may have committed in between, so the offset is read afresh.
-            if lease is None:
+            if claim is None:
                 logger.info("worker %s owns shard %d (token %d)", self.owner, shard, token)
-            lease = self._leases[shard] = _Lease(token)
-        return lease
+            claim = self._claims[shard] = _Claim(token)
+        return claim
 
-    def _roll(self, shard: int, lease: _Lease) -> _Progress:
-        offset = lease.offset
+    def _roll(self, shard: int, claim: _Claim) -> _Progress:
+        offset = claim.offset
         if offset is None:
-            offset = lease.offset = self.storage.committed_offset(shard)
+            offset = claim.offset = self.storage.committed_offset(shard)
         # At most batch_size entries, and about batch_size events: a backlog of big batches stays small.
         count = max(1, self.config.rollup.batch_size // self._events_per_entry.get(shard, self._full_entry))
         started = time.perf_counter()
@@ -270,7 +271,7 @@ class RollupWorker:
         if self.metrics is not None:
             after = self.storage.stream_length(shard)
             lag = self.metrics.lag.setdefault(shard, ShardLag())
-            lease.backlog.after_read(lag, offset, entries, count, before, after)
+            claim.backlog.after_read(lag, offset, entries, count, before, after)
         if not entries:
             return _Progress()
         dead: list[tuple[str, str]] = []
@@ -287,18 +288,18 @@ class RollupWorker:
         windows = folding.totals()
         events = folding.events
         new_offset = entries[-1].entry_id
-        commit = RollupCommit(shard, lease.token, offset, new_offset, windows, tuple(dead))
+        commit = RollupCommit(shard, claim.token, offset, new_offset, windows, tuple(dead))
         if not self.storage.commit_rollup(commit):
-            # Another worker took the lease or moved the offset: nothing of this batch counted.
-            logger.info("shard %d: commit refused (lease lost or offset moved); dropping the shard", shard)
-            self._leases.pop(shard, None)
+            # Another worker took the claim or moved the offset: nothing of this batch counted.
+            logger.info("shard %d: commit refused (claim lost or offset moved); dropping the shard", shard)
+            self._claims.pop(shard, None)
             return _Progress()
-        lease.offset = new_offset
+        claim.offset = new_offset
         valid = len(entries) - len(dead)
         if valid:
             self._events_per_entry[shard] = max(1, events // valid)
         if self.metrics is not None:
-            self._committed(shard, lease, entries, count, events, len(dead), started)
+            self._committed(shard, claim, entries, count, events, len(dead), started)
         if self.alerts is not None:
             self.alerts.after_commit(commit)  # after the commit: what it counted is in the totals read
         return _Progress(len(entries), events)
@@ -308,7 +309,7 @@ class RollupWorker:
     def _committed(
         self,
         shard: int,
-        lease: _Lease,
+        claim: _Claim,
         entries: list[StreamEntry],
         count: int,
         events: int,
@@ -322,7 +323,7 @@ class RollupWorker:
         metrics.events.inc(events)
         if dead:
             metrics.dead_letters.inc(dead)
-        lease.backlog.after_commit(metrics.lag.setdefault(shard, ShardLag()), entries, count)
+        claim.backlog.after_commit(metrics.lag.setdefault(shard, ShardLag()), entries, count)
 
 
 @contextmanager
@@ -356,8 +357,8 @@ def run_worker(
     ``0`` when done, ``1`` when the backend failed (``--once``), cannot be opened, or the metrics port
     cannot be bound, ``2`` for a backend that cannot be rolled up from another process (``memory://``),
     or a webhook without its secret in the environment, ``3`` when ``--once`` could not take every
-    shard: other workers hold their leases (each is logged with its holder and until when; a crashed
-    worker's lease runs out after ``rollup.lease_seconds``), so those shards were not rolled up.
+    shard: other workers hold their claims (each is logged with its holder and until when; a crashed
+    worker's claim runs out after ``rollup.lease_seconds``), so those shards were not rolled up.
     ``metrics``: serve the worker's metrics over HTTP meanwhile.
     """
     if config.storage.startswith("memory:"):
@@ -366,7 +367,6 @@ def run_worker(
             "a rollup worker needs a shared backend such as redis://"
         )
         return 2
-    from meterware.storage import open_storage  # the Redis backend imports its driver: only when needed
 
     try:
         webhook_secret(config)
@@ -397,11 +397,11 @@ def _run(worker: RollupWorker, stop: threading.Event, once: bool) -> int:
             return 0
         try:
             events = worker.drain()
-            # Shards another worker (or one that crashed, until its lease runs out) holds were not read.
+            # Shards another worker (or one that crashed, until its claim runs out) holds were not read.
             held = [
                 (shard, holder)
                 for shard in worker.shards
-                if shard not in worker.owned and (holder := worker.storage.lease_holder(shard)) is not None
+                if shard not in worker.owned and (holder := worker.storage.shard_holder(shard)) is not None
             ]
         except StorageError as error:
             logger.error("backend error: %s", error)

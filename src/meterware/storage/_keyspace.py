@@ -16,6 +16,8 @@ from typing import Final
 # \Z, not $: "$" also matches before a trailing newline. An id with spaces or newlines would also split
 # into other words in a reservation record (common.lua), whose orphan refund would go to another customer.
 CUSTOMER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,128}\Z")
+#: A quota hash outlives its period by this much, so late settlements still find it.
+QUOTA_GRACE_SECONDS: Final = 35 * 86_400
 
 
 def check_customer_id(customer_id: str) -> str:
@@ -165,7 +167,9 @@ def batch_writer(shard: int, writer: str) -> str:
     return f"{tag(shard)}:w:{writer}"
 
 
-def lease(shard: int) -> str:
+def shard_claim(shard: int) -> str:
+    """Which rollup worker claims the shard. The key keeps its older name ("lease"), so workers of the
+    previous release and this one fence each other during a rolling upgrade."""
     return f"{tag(shard)}:lease"
 
 

@@ -8,16 +8,18 @@ operations carry meterware's promises:
 * ``flush`` appends a batch of events to its shard's stream and settles their reservations (charges the
   billable calls, refunds the rest) at once, idempotently by batch id;
 * ``commit_rollup`` adds a batch of aggregates and moves the shard's stream offset at once, fenced by the
-  worker's lease token, so every event is counted exactly once.
+  worker's shard claim token, so every event is counted exactly once.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias
 
-from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
+if TYPE_CHECKING:
+    from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
 
 #: Flushed batch ids are remembered this long (the batch marker), so a retried flush is recognised; a
 #: spooled batch older than this is never replayed (it may have been applied: it would be charged twice).
@@ -166,6 +168,20 @@ class LedgerEntry:
         return int(self.id.partition("-")[0] or 0)
 
 
+#: Default burn priority of promotional grants (lower burns first; see :mod:`meterware.billing.ledger`).
+GRANT_PRIORITY: Final = 10
+
+
+def new_grant_id() -> str:
+    """A fresh grant id (``g_`` and 16 hex digits)."""
+    return f"g_{uuid.uuid4().hex[:16]}"
+
+
+def default_grant(micros: int) -> LedgerEntry:
+    """The entry of a plain ``grant_credits(customer, micros)``: a promotional grant that never expires."""
+    return LedgerEntry("grant", micros, grant=new_grant_id(), priority=GRANT_PRIORITY)
+
+
 @dataclass(frozen=True, slots=True)
 class Correction:
     """One atomic correction of an event (void or amend), applied only if its marker still holds ``expected``.
@@ -208,12 +224,18 @@ class ExportMark:
     confirmed: bool
 
 
-class Storage(Protocol):
-    """A synchronous backend (WSGI request path, rollup worker, CLI)."""
+#: Marks to write, per window start and meter (``None`` removes a meter's mark).
+ExportMarks: TypeAlias = Mapping[int, Mapping[str, ExportMark | None]]
+
+
+# -- the roles of a backend: each consumer types against the one it uses ------------------------------
+
+
+class RequestPathStorage(Protocol):
+    """What the synchronous request path (WSGI) and the flusher use."""
 
     shards: int
 
-    # -- the request path
     def resolve_key(self, key_hash: str) -> KeyInfo | None: ...
     def admit(self, request: AdmitRequest) -> Decision: ...
     def flush(self, batch: Batch) -> bool: ...
@@ -221,18 +243,35 @@ class Storage(Protocol):
     #: they still hold; ones already closed are left alone. Returns how many were closed.
     def release(self, admissions: Sequence[AdmitRequest]) -> int: ...
 
-    # -- the rollup worker
-    def acquire_lease(self, shard: int, owner: str, ttl_ms: int) -> int | None: ...
-    def release_lease(self, shard: int, owner: str) -> None: ...
+
+class RollupStorage(Protocol):
+    """What the rollup worker uses: a shard is claimed by one worker at a time, under a fencing token."""
+
+    shards: int
+
+    def claim_shard(self, shard: int, owner: str, ttl_ms: int) -> int | None: ...
+    def release_shard(self, shard: int, owner: str) -> None: ...
+    def shard_holder(self, shard: int) -> tuple[str, int] | None: ...
     def committed_offset(self, shard: int) -> str: ...
     def read_stream(self, shard: int, after: str, count: int) -> list[StreamEntry]: ...
     def commit_rollup(self, commit: RollupCommit) -> bool: ...
     def expire_reservations(self, shard: int, limit: int) -> int: ...
     def trim_stream(self, shard: int, min_id: str) -> int: ...
     def stream_length(self, shard: int) -> int: ...
-    def lease_holder(self, shard: int) -> tuple[str, int] | None: ...
 
-    # -- accounts (an id that is not 1-128 of [A-Za-z0-9_.@-] raises ValueError: _keyspace.CUSTOMER_ID_RE)
+
+class UsageStorage(Protocol):
+    """The rolled-up usage, which accounts, invoices, alerts and exports read."""
+
+    def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
+
+
+class AccountStorage(UsageStorage, Protocol):
+    """Customers, keys and balances (an id that is not 1-128 of [A-Za-z0-9_.@-] raises ValueError:
+    ``_keyspace.CUSTOMER_ID_RE``)."""
+
+    shards: int
+
     def create_customer(self, customer: Customer) -> None: ...
     def get_customer(self, customer_id: str) -> Customer | None: ...
     def update_customer(
@@ -247,18 +286,11 @@ class Storage(Protocol):
     ) -> None: ...
     def grant_credits(self, customer_id: str, micros: int) -> Balance: ...
     def get_balance(self, customer_id: str) -> Balance: ...
-    def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
 
-    # -- invoices: close_period stores the frozen invoice of a closed period unless one
-    # is stored ("exists"), with the billed records of the periods it bills, only if the customer's billed
-    # version is still ``version`` ("conflict" otherwise); all in one atomic step, or nothing.
-    def read_billed(self, customer_id: str) -> Billed: ...
-    def read_invoice(self, customer_id: str, period_start: int) -> str | None: ...
-    def close_period(
-        self, customer_id: str, period_start: int, invoice: str, billed: Mapping[int, str], version: int
-    ) -> CloseResult: ...
 
-    # -- the credits ledger and corrections (meterware.billing.ledger, meterware.billing.corrections)
+class LedgerStorage(Protocol):
+    """The credits ledger and corrections (:mod:`meterware.billing.ledger`, ``billing.corrections``)."""
+
     def move_credits(self, customer_id: str, entry: LedgerEntry) -> Balance: ...
     def read_ledger(
         self, customer_id: str, start: str = "-", end: str = "+", count: int | None = None
@@ -272,9 +304,24 @@ class Storage(Protocol):
     def imported_entries(self, shard: int, event_ids: Sequence[str]) -> dict[str, str]: ...
     def import_events(self, shard: int, event_ids: Sequence[str], payload: bytes) -> bool: ...
 
-    # -- alerts: fire_alert appends ``fields`` to the shard's alerts stream and sets the
-    # marker ``name`` (until ``expires_at``, epoch seconds) in one atomic step, unless the marker is
-    # there already: then it writes nothing and returns None. So an alert fires once, whoever evaluates.
+
+class InvoiceStorage(UsageStorage, Protocol):
+    """Frozen invoices. ``close_period`` stores the frozen invoice of a closed period unless one is stored
+    ("exists"), with the billed records of the periods it bills, only if the customer's billed version is
+    still ``version`` ("conflict" otherwise); all in one atomic step, or nothing."""
+
+    def read_billed(self, customer_id: str) -> Billed: ...
+    def read_invoice(self, customer_id: str, period_start: int) -> str | None: ...
+    def close_period(
+        self, customer_id: str, period_start: int, invoice: str, billed: Mapping[int, str], version: int
+    ) -> CloseResult: ...
+
+
+class AlertStorage(Protocol):
+    """Alert rules and fired alerts. ``fire_alert`` appends ``fields`` to the shard's alerts stream and sets
+    the marker ``name`` (until ``expires_at``, epoch seconds) in one atomic step, unless the marker is there
+    already: then it writes nothing and returns None. So an alert fires once, whoever evaluates."""
+
     def set_alert_rules(self, customer_id: str, rules: str | None) -> None: ...
     def get_alert_rules(self, customer_id: str) -> str | None: ...
     def fire_alert(
@@ -282,23 +329,34 @@ class Storage(Protocol):
     ) -> str | None: ...
     def read_alerts(self, shard: int, after: str, count: int) -> list[StreamEntry]: ...
 
-    # -- export to billing providers: external customer ids, and what was exported of
-    # each window (a mark per meter; ``None`` removes one) and up to where (a cursor), per provider.
+
+class ExportStorage(Protocol):
+    """Export to billing providers: external customer ids, and what was exported of each window (a mark
+    per meter; ``None`` removes one) and up to where (a cursor), per provider."""
+
     def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None: ...
     def get_external_ids(self, customer_id: str) -> dict[str, str]: ...
     def read_export_marks(
         self, provider: str, customer_id: str, window: str, starts: Sequence[int]
     ) -> dict[int, dict[str, ExportMark]]: ...
     def write_export_marks(
-        self,
-        provider: str,
-        customer_id: str,
-        window: str,
-        marks: Mapping[int, Mapping[str, ExportMark | None]],
-        ttl: int,
+        self, provider: str, customer_id: str, window: str, marks: ExportMarks, ttl: int
     ) -> None: ...
     def read_export_cursor(self, provider: str, customer_id: str, window: str) -> int | None: ...
     def write_export_cursor(self, provider: str, customer_id: str, window: str, end: int) -> None: ...
+
+
+class Storage(
+    RequestPathStorage,
+    RollupStorage,
+    AccountStorage,
+    LedgerStorage,
+    InvoiceStorage,
+    AlertStorage,
+    ExportStorage,
+    Protocol,
+):
+    """A whole synchronous backend (WSGI request path, rollup worker, CLI): every role."""
 
     def close(self) -> None: ...
 

@@ -1,10 +1,10 @@
 #!lua
 -- Admit calls, one after the other: for each, key, customer, rate limits, hard quotas and credits are
 -- checked, then the call's units and credits are reserved. The calls of one script run are those of
--- concurrent requests on one shard (redis.py coalesces them), so one round trip admits many. Step for step
--- each admission is MemoryStorage._admit (memory.py); its reply is the list _core.decision_from_reply
--- reads, or {-1, error} when a key holds garbage (that call alone is refused, before its first write:
--- common.lua, all or nothing per call). The keys it reads are type-checked by those reads, the two it only
+-- concurrent requests on one shard (the asyncio client coalesces them), so one round trip admits many.
+-- Step for step each admission is MemoryStorage._admit (memory/_request.py); its reply is the list
+-- storage/_admission.py describes and reads, or {SCRIPT_REFUSED, error} when a key holds garbage (that
+-- call alone is refused, before its first write: common.lua, all or nothing per call). The keys it reads are type-checked by those reads, the two it only
 -- writes by TYPE, and only when it will.
 --
 -- A lease asks for many calls at once (`calls`): it gets as many as fit, the largest of calls, calls/2,
@@ -27,51 +27,63 @@
 --       yet), the credits it releases, then per hold of the template the units it charges and the
 --       units it releases). A change counts while its batch is not written, so the calls of a batch
 --       count once, flushed or not (_unsettled.py); a call whose process wrote a batch made after it
---       read its changes (those not in a batch then may be in it) is answered {-2} and asked again.
+--       read its changes (those not in a batch then may be in it) is answered {STALE} and asked again.
+
+-- Positions in a template's KEYS and arguments, and the first value of a reply that decides nothing
+-- (storage/_admission.py builds and reads the same layout).
+local KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, FIRST_RATE = 1, 2, 3, 4, 5, 6
+local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_ID, RESERVATION_TIMEOUT_MS = 1, 2, 3, 4
+local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 5, 6, 7, 8
+local SCRIPT_REFUSED, STALE = -1, -2
+
+-- The reply refusing a call before any limit is read (the key or the customer).
+local function refusal(reason)
+  return {0, reason, 0, 0, 0}
+end
 
 local function admit(KEYS, ARGV, unsettled)
-  local key, refused = read('hash', 'HMGET', KEYS[1], 'status', 'expires_ms', 'customer')
+  local key, refused = read('hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
   if refused then
-    return {-1, refused}
+    return {SCRIPT_REFUSED, refused}
   end
   local account
-  account, refused = read('hash', 'HMGET', KEYS[2], 'status', 'balance', 'reserved')
+  account, refused = read('hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
   if refused then
-    return {-1, refused}
+    return {SCRIPT_REFUSED, refused}
   end
   local now = now_ms()
-  if not key[1] or not account[1] or key[3] ~= ARGV[1] then
-    return {0, 'unknown_key', 0, 0, 0}
+  if not key[1] or not account[1] or key[3] ~= ARGV[CUSTOMER_ID] then
+    return refusal('unknown_key')
   end
   if key[1] ~= 'active' then
-    return {0, 'revoked_key', 0, 0, 0}
+    return refusal('revoked_key')
   end
   local expires_ms = tonumber(key[2]) or 0
   if expires_ms ~= 0 and now >= expires_ms then
-    return {0, 'expired_key', 0, 0, 0}
+    return refusal('expired_key')
   end
   if account[1] ~= 'active' then
-    return {0, 'suspended', 0, 0, 0}
+    return refusal('suspended')
   end
   -- A counter that is not an integer (clobbered) would be read as whatever tonumber makes of it ('1e308'
   -- credits, '-1e300' calls used): refused, as a key of the wrong type is (the request path then refuses
   -- the call whatever its failure policy: serving it would serve the customer free until repaired).
-  refused = bad_counter(KEYS[2], 'balance', account[2], 0) or bad_counter(KEYS[2], 'reserved', account[3], 0)
+  refused = bad_counter(KEYS[CUSTOMER], 'balance', account[2], 0) or bad_counter(KEYS[CUSTOMER], 'reserved', account[3], 0)
   if refused then
-    return {-1, refused}
+    return {SCRIPT_REFUSED, refused}
   end
 
   -- Read everything the decision needs (rate TATs, quota counters) before deciding anything.
-  local calls = tonumber(ARGV[7])
-  local pos = 8
+  local calls = tonumber(ARGV[CALLS])
+  local pos = RATE_LIMITS
   local limits = {}
   for i = 1, tonumber(ARGV[pos]) do
     local amount, seconds = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
     pos = pos + 2
     local stored
-    stored, refused = read('string', 'GET', KEYS[5 + i])
+    stored, refused = read('string', 'GET', KEYS[FIRST_RATE - 1 + i])
     if refused then
-      return {-1, refused}
+      return {SCRIPT_REFUSED, refused}
     end
     -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
     stored = tonumber(stored)
@@ -80,19 +92,19 @@ local function admit(KEYS, ARGV, unsettled)
       -- Never written so (a TAT is at most one period ahead): clamped, and repaired (the one write before
       -- a check, and what any admission would write), so the limit recovers within one period.
       tat = now + seconds * 1000
-      redis.call('SET', KEYS[5 + i], string.format('%.17g', tat), 'PX', int(seconds * 1000))
+      redis.call('SET', KEYS[FIRST_RATE - 1 + i], string.format('%.17g', tat), 'PX', int(seconds * 1000))
     end
-    limits[i] = {key = KEYS[5 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
+    limits[i] = {key = KEYS[FIRST_RATE - 1 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
   end
   pos = pos + 1
   local terms = {}
   for i = 1, tonumber(ARGV[pos]) do
     local counts
-    counts, refused = read('hash', 'HMGET', KEYS[3], ARGV[pos + 1] .. ':u', ARGV[pos + 1] .. ':h')
-    refused = refused or bad_counter(KEYS[3], ARGV[pos + 1] .. ':u', counts[1], 0)
-      or bad_counter(KEYS[3], ARGV[pos + 1] .. ':h', counts[2], 0)
+    counts, refused = read('hash', 'HMGET', KEYS[QUOTA], ARGV[pos + 1] .. ':u', ARGV[pos + 1] .. ':h')
+    refused = refused or bad_counter(KEYS[QUOTA], ARGV[pos + 1] .. ':u', counts[1], 0)
+      or bad_counter(KEYS[QUOTA], ARGV[pos + 1] .. ':h', counts[2], 0)
     if refused then
-      return {-1, refused}
+      return {SCRIPT_REFUSED, refused}
     end
     terms[i] = {
       meter = ARGV[pos + 1], quota = tonumber(ARGV[pos + 2]), included = tonumber(ARGV[pos + 3]),
@@ -102,7 +114,7 @@ local function admit(KEYS, ARGV, unsettled)
     }
     pos = pos + 7
   end
-  local charges_credits = ARGV[2] == '1'
+  local charges_credits = ARGV[CHARGES_CREDITS] == '1'
   local reserved = tonumber(account[3]) or 0
   local pending_cost = 0
   if unsettled then
@@ -213,18 +225,18 @@ local function admit(KEYS, ARGV, unsettled)
   local holds_any = false
   for i, term in ipairs(terms) do
     if d.holds[i] ~= 0 then
-      refused = refused or bad_counter(KEYS[3], term.meter .. ':h', term.raw_held, math.abs(d.holds[i]))
+      refused = refused or bad_counter(KEYS[QUOTA], term.meter .. ':h', term.raw_held, math.abs(d.holds[i]))
       holds_any = true
     end
   end
   if credits ~= 0 then
-    refused = refused or bad_counter(KEYS[2], 'reserved', account[3], math.abs(credits))
+    refused = refused or bad_counter(KEYS[CUSTOMER], 'reserved', account[3], math.abs(credits))
   end
   if credits ~= 0 or holds_any then
-    refused = refused or expect(KEYS[4], 'hash') or expect(KEYS[5], 'zset')
+    refused = refused or expect(KEYS[RESERVATIONS], 'hash') or expect(KEYS[DEADLINES], 'zset')
   end
   if refused then
-    return {-1, refused}
+    return {SCRIPT_REFUSED, refused}
   end
 
   for _, entry in ipairs(d.new_tats) do
@@ -233,22 +245,22 @@ local function admit(KEYS, ARGV, unsettled)
     local ttl = math.max(1, math.ceil(entry[2] - now))
     redis.call('SET', entry[1], string.format('%.17g', entry[2]), 'PX', int(ttl))
   end
-  local record = ARGV[6] .. ' ' .. int(credits)
+  local record = ARGV[RECORD_HEAD] .. ' ' .. int(credits)
   for i, term in ipairs(terms) do
     if d.holds[i] ~= 0 then
-      redis.call('HINCRBY', KEYS[3], term.meter .. ':h', int(d.holds[i]))
+      redis.call('HINCRBY', KEYS[QUOTA], term.meter .. ':h', int(d.holds[i]))
     end
     record = record .. ' ' .. term.meter .. ' ' .. int(d.holds[i])
   end
   if holds_any then
-    redis.call('EXPIREAT', KEYS[3], ARGV[5])
+    redis.call('EXPIREAT', KEYS[QUOTA], ARGV[QUOTA_EXPIRE_AT])
   end
   if credits ~= 0 then
-    redis.call('HINCRBY', KEYS[2], 'reserved', int(credits))
+    redis.call('HINCRBY', KEYS[CUSTOMER], 'reserved', int(credits))
   end
   if credits ~= 0 or holds_any then
-    redis.call('HSET', KEYS[4], ARGV[3], record)
-    redis.call('ZADD', KEYS[5], int(now + tonumber(ARGV[4])), ARGV[3])
+    redis.call('HSET', KEYS[RESERVATIONS], ARGV[RESERVATION_ID], record)
+    redis.call('ZADD', KEYS[DEADLINES], int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), ARGV[RESERVATION_ID])
   end
   return reply(1, '', 0, credits, available - credits, n)
 end
@@ -270,7 +282,7 @@ end
 local replies = {}
 for c = pos, #ARGV, 3 do
   local template = templates[tonumber(ARGV[c])]
-  template[2][3] = ARGV[c + 1]
+  template[2][RESERVATION_ID] = ARGV[c + 1]
   local unsettled, stale = nil, false
   if ARGV[c + 2] ~= '' then
     unsettled = cmsgpack.unpack(ARGV[c + 2])
@@ -284,7 +296,7 @@ for c = pos, #ARGV, 3 do
     end
   end
   if stale then
-    replies[#replies + 1] = {-2, 'STALE'}
+    replies[#replies + 1] = {STALE, 'STALE'}
   else
     replies[#replies + 1] = admit(template[1], template[2], unsettled)
   end

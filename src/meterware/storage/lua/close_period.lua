@@ -4,15 +4,12 @@
 -- record (JSON) pairs. Reply: 1 closed, 0 an invoice was frozen already, -1 the billed version moved since
 -- (another close billed something meanwhile): nothing is written in either case.
 
-local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'hash')
-if refused then
-  return redis.error_reply(refused)
-end
-if existed(KEYS[1]) then
-  return 0
+local stop, reply = preamble({KEYS[1], 'string', KEYS[2], 'hash'}, KEYS[1], false, 0)
+if stop then
+  return reply
 end
 local version = redis.call('HGET', KEYS[2], 'v')
-refused = bad_counter(KEYS[2], 'v', version, 1)
+local refused = bad_counter(KEYS[2], 'v', version, 1)
 if refused then
   return redis.error_reply(refused)
 end

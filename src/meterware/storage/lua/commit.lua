@@ -1,7 +1,7 @@
 #!lua
 -- Commit one rollup step of a shard: add the aggregates, move dead letters aside and advance the offset,
 -- at once, only for the lease holder that read from the current offset. Same as
--- MemoryStorage.commit_rollup (memory.py). All or nothing (common.lua): a first pass over the windows
+-- MemoryStorage.commit_rollup (storage/memory/). All or nothing (common.lua): a first pass over the windows
 -- reads and checks every key and field; a second pass writes, after the dead letters (appends, the one
 -- write no check covers), and the offset comes last.
 --
@@ -13,10 +13,9 @@
 -- A usage hash holds s:<field> (sum), m:<field> (max), l:<field> + t:<field> (last value and its
 -- timestamp) and u:<field> (marks that the unique-value set of <field> exists).
 
-local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'string') or expect(KEYS[3], 'stream')
-  or expect(KEYS[4], 'stream')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'string', KEYS[2], 'string', KEYS[3], 'stream', KEYS[4], 'stream'})
+if stop then
+  return reply
 end
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] or (redis.call('GET', KEYS[2]) or '0-0') ~= ARGV[2] then
   return 0
@@ -24,6 +23,7 @@ end
 
 -- Check: every field a window touches is read at once (the read checks the hash's type too). Each field
 -- appears once per commit, so what a check sees is what the write will find.
+local refused
 local stored = {}  -- per window, the fields read, in ARGV order
 local arg = reader(ARGV, 4)
 local windows = tonumber(arg())

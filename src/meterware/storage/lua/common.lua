@@ -1,4 +1,4 @@
--- Shared helpers, placed after the shebang line of each meterware script when it is loaded (redis.py).
+-- Shared helpers, placed after the shebang line of each meterware script when it is loaded (redis/_scripts.py).
 
 -- Integers go to Redis as decimal text: tostring() would print large numbers as 1e+15.
 local function int(n)
@@ -70,6 +70,22 @@ local function existed(key)
   return type_of(key) ~= 'none'
 end
 
+-- How most scripts start: every key of `checks` (key, kind, key, kind...) must be absent or hold its kind,
+-- else the script stops with an error naming the first that does not; then, if `key` is given, it goes
+-- on only if `key` exists (`exists` true) or is absent (false), else it stops with the reply `otherwise`.
+-- Returns true and the reply to stop with, or nothing to go on.
+local function preamble(checks, key, exists, otherwise)
+  for i = 1, #checks, 2 do
+    local problem = expect(checks[i], checks[i + 1])
+    if problem then
+      return true, redis.error_reply(problem)
+    end
+  end
+  if key and existed(key) ~= exists then
+    return true, otherwise
+  end
+end
+
 -- Redis counters are 64-bit; Lua numbers are doubles, exact below 2**53 (meterware bounds each amount
 -- below that: config, usage.add and the worker, though a counter adds up many). A counter whose value
 -- plus the sizes of all changes planned for it stays below 2**62 never leaves int64 on the way: doubles
@@ -107,25 +123,21 @@ local function plan(...)
   planned[#planned + 1] = {...}
 end
 
--- A hash field the plan increments: its text before the script (false if absent), the net change planned
--- so far and the total size of the changes (how far it may move on the way).
-local function counter(key, field)
+-- A hash field the plan increments: its text before the script (false if absent; `raw` if the script read
+-- it already), the net change planned so far and the total size of the changes (how far it may move on
+-- the way).
+local function counter(key, field, raw)
   local id = key .. '\n' .. field
   local entry = counters[id]
   if not entry then
-    local raw = redis.call('HGET', key, field)
+    if raw == nil then
+      raw = redis.call('HGET', key, field)
+    end
     entry = {key = key, field = field, raw = raw, start = tonumber(raw) or 0, net = 0, moved = 0}
     counters[id] = entry
     counter_order[#counter_order + 1] = entry
   end
   return entry
-end
-
--- What the field will hold once the increments planned so far are made (what a script writing as it went
--- would read at this point).
-local function planned_value(key, field)
-  local entry = counter(key, field)
-  return entry.start + entry.net
 end
 
 -- Plan HINCRBY (`incremented[key]`: the key exists once the plan is made). apply() makes one HINCRBY of
@@ -197,7 +209,7 @@ local function release(record, customer_key, quota_key, where)
   end
 end
 
--- Python's float floor division (CPython's float_floor_div), so the GCRA matches memory.py bit for bit:
+-- Python's float floor division (CPython's float_floor_div), so the GCRA matches MemoryStorage bit for bit:
 -- math.floor(a / b) differs from a // b when a / b rounds up to a whole number.
 local function floordiv(a, b)
   local mod = math.fmod(a, b)
@@ -216,7 +228,7 @@ local function floordiv(a, b)
 end
 
 -- The fields of a ledger entry from 8 arguments starting at `at` (amount, kind, grant, actor, reason,
--- ref, priority, expires_ms): kind and amount always, the others only when set (as memory.py reads them).
+-- ref, priority, expires_ms): kind and amount always, the others only when set (as MemoryStorage reads them).
 local function ledger_fields(list, at)
   local fields = {'k', list[at + 1], 'a', list[at]}
   local names = {'g', 'by', 'why', 'r', 'p', 'x'}

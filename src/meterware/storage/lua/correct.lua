@@ -2,16 +2,15 @@
 -- Correct one event (void or amend), once: only if its marker still holds the state the correction was
 -- computed from, append the correction to the shard's stream (the rollup subtracts the event, and adds
 -- its amended version), move the credits with their ledger entry, and record the new state. Same as
--- MemoryStorage.correct_event (memory.py).
+-- MemoryStorage.correct_event (storage/memory/).
 -- KEYS: correction marker, events stream, customer, ledger stream
 -- ARGV: expected state ("" if none), new state, payload, costs, signs, entry tag, then the ledger entry
 --       (amount, kind, grant, actor, reason, ref, priority, expires_ms; amount "0": no entry)
 -- Reply: 1 if applied, 0 if the marker changed meanwhile.
 
-local refused = expect(KEYS[1], 'string') or expect(KEYS[2], 'stream') or expect(KEYS[3], 'hash')
-  or expect(KEYS[4], 'stream')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'string', KEYS[2], 'stream', KEYS[3], 'hash', KEYS[4], 'stream'})
+if stop then
+  return reply
 end
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
   return 0
@@ -19,7 +18,7 @@ end
 local amount = tonumber(ARGV[7])
 local credits = amount ~= 0 and existed(KEYS[3])
 if credits then
-  refused = bad_counter(KEYS[3], 'balance', redis.call('HGET', KEYS[3], 'balance'), math.abs(amount))
+  local refused = bad_counter(KEYS[3], 'balance', redis.call('HGET', KEYS[3], 'balance'), math.abs(amount))
   if refused then
     return redis.error_reply(refused)
   end

@@ -2,9 +2,9 @@
 -- List up to ARGV[1] reservations of a shard past their deadline (Redis's clock), as id, record pairs.
 -- KEYS: reservations, reservation deadlines. Deadlines whose reservation is already settled are dropped.
 
-local refused = expect(KEYS[1], 'hash') or expect(KEYS[2], 'zset')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'hash', KEYS[2], 'zset'})
+if stop then
+  return reply
 end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now_ms()), 'LIMIT', 0, ARGV[1])) do

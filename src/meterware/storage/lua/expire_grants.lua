@@ -2,17 +2,14 @@
 -- Expire grants of one customer: append an `expiry` entry for what is left of each (computed by
 -- meterware.billing.ledger from the ledger up to its last entry) and take it off the balance, only if the ledger
 -- has not moved since (so each grant expires once, by what was really left). Same as
--- MemoryStorage.expire_grants (memory.py).
+-- MemoryStorage.expire_grants (storage/memory/).
 -- KEYS: customer, ledger stream, grant expiries zset
 -- ARGV: expected last ledger entry id ("0-0": empty), actor, then (grant id, amount, zset member)...
 -- Reply: 1 if applied, 0 if the ledger moved (recompute and retry), nil if the customer does not exist.
 
-local refused = expect(KEYS[1], 'hash') or expect(KEYS[2], 'stream') or expect(KEYS[3], 'zset')
-if refused then
-  return redis.error_reply(refused)
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return false
+local stop, reply = preamble({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'zset'}, KEYS[1], true, false)
+if stop then
+  return reply
 end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if (last[1] and last[1][1] or '0-0') ~= ARGV[1] then
@@ -23,7 +20,7 @@ for i = 3, #ARGV, 3 do
   total = total + tonumber(ARGV[i + 1])
   moved = moved + math.abs(tonumber(ARGV[i + 1]))
 end
-refused = bad_counter(KEYS[1], 'balance', redis.call('HGET', KEYS[1], 'balance'), moved)
+local refused = bad_counter(KEYS[1], 'balance', redis.call('HGET', KEYS[1], 'balance'), moved)
 if refused then
   return redis.error_reply(refused)
 end

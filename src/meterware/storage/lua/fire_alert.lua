@@ -3,12 +3,9 @@
 -- ARGV: expires_at (epoch seconds, for the marker), the stream's length cap, then field, value, ...
 -- Reply: the new entry id, or false (the marker exists: the alert fired already; nothing is written).
 
-local refused = expect(KEYS[2], 'stream')
-if refused then
-  return redis.error_reply(refused)
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return false
+local stop, reply = preamble({KEYS[2], 'stream'}, KEYS[1], false, false)
+if stop then
+  return reply
 end
 local command = {'XADD', KEYS[2], 'MAXLEN', ARGV[2], '*'}
 for index = 3, #ARGV do

@@ -1,6 +1,6 @@
 #!lua
 -- Flush one batch: append it to the shard's stream and settle each event's reservation (charge billable
--- calls, refund the rest), at once and only once per batch id. Same as MemoryStorage.flush (memory.py).
+-- calls, refund the rest), at once and only once per batch id. Same as MemoryStorage.flush (storage/memory/).
 -- All or nothing (common.lua): the settlements are planned and checked first; then the append (the one
 -- write no check covers: a stream out of ids) comes before the batch marker and the settlement writes.
 -- Each customer charged gets one `charge` entry in its credits ledger for the batch (amount: minus the
@@ -38,37 +38,26 @@
 --       then the KEYS index of the key holding the highest generation written of the batches of the
 --       process that made this one ("0": unknown) and this batch's generation (Batch.generation).
 
-local refused = expect(KEYS[1], 'string')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'string'}, KEYS[1], false, 0)
+if stop then
+  return reply
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-refused = expect(KEYS[2], 'stream') or expect(KEYS[3], 'hash') or expect(KEYS[4], 'zset')
+local refused = expect(KEYS[2], 'stream') or expect(KEYS[3], 'hash') or expect(KEYS[4], 'zset')
 if refused then
   return redis.error_reply(refused)
 end
 
--- The counter of a hash field, read with a read that doubles as the hash's type check (`raw`: its text
--- if read already, or nil), registered (so checked and written) only once the script moves it.
+-- common.lua's counter(), first read (if the script has not read it yet) with a read that doubles as the
+-- hash's type check: the entry, or nil and the error to reply with.
 local function checked_counter(key, field, raw)
-  local id = key .. '\n' .. field
-  local entry = counters[id]
-  if entry then
-    return entry
-  end
-  if raw == nil then
+  if raw == nil and not counters[key .. '\n' .. field] then
     local problem
     raw, problem = read('hash', 'HGET', key, field)
     if problem then
       return nil, problem
     end
   end
-  entry = {key = key, field = field, raw = raw, start = tonumber(raw) or 0, net = 0, moved = 0}
-  counters[id] = entry
-  counter_order[#counter_order + 1] = entry
-  return entry
+  return counter(key, field, raw)
 end
 
 -- A settlement's numbers come from the client, and from a spool file on disk at worst: units, prices,

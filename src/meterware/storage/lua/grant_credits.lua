@@ -1,19 +1,16 @@
 #!lua
 -- Move a customer's balance by one ledger entry (grant, purchase, adjustment, refund): append the entry
 -- and add its amount, at once, so the balance always equals the sum of the ledger. A grant that expires
--- is also listed in the shard's zset of expiries. Same as MemoryStorage.move_credits (memory.py).
+-- is also listed in the shard's zset of expiries. Same as MemoryStorage.move_credits (storage/memory/).
 -- KEYS: customer, ledger stream, grant expiries zset
 -- ARGV: amount (signed micros), kind, grant id, actor, reason, ref, priority, expires_ms, zset member
 -- Reply: {balance, reserved}, or nil if the customer does not exist.
 
-local refused = expect(KEYS[1], 'hash') or expect(KEYS[2], 'stream') or expect(KEYS[3], 'zset')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'hash', KEYS[2], 'stream', KEYS[3], 'zset'}, KEYS[1], true, false)
+if stop then
+  return reply
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return false
-end
-refused = bad_counter(KEYS[1], 'balance', redis.call('HGET', KEYS[1], 'balance'), math.abs(tonumber(ARGV[1])))
+local refused = bad_counter(KEYS[1], 'balance', redis.call('HGET', KEYS[1], 'balance'), math.abs(tonumber(ARGV[1])))
 if refused then
   return redis.error_reply(refused)
 end

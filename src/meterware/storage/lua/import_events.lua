@@ -1,14 +1,14 @@
 #!lua
 -- Append backfilled events to the shard's stream as one entry, unless any of them was imported before
 -- (then nothing: the caller leaves those out and retries). Imported events charge no credits (cost 0).
--- Same as MemoryStorage.import_events (memory.py).
+-- Same as MemoryStorage.import_events (storage/memory/).
 -- KEYS: imported hash (event id -> entry id), events stream
 -- ARGV: payload, costs, entry tag, then the event ids
 -- Reply: 1 if appended, 0 if an event was already imported.
 
-local refused = expect(KEYS[1], 'hash') or expect(KEYS[2], 'stream')
-if refused then
-  return redis.error_reply(refused)
+local stop, reply = preamble({KEYS[1], 'hash', KEYS[2], 'stream'})
+if stop then
+  return reply
 end
 for i = 4, #ARGV do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then

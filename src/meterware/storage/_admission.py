@@ -1,0 +1,195 @@
+"""admit.lua's protocol, named once: the arguments of the calls to admit and the reply to each.
+
+The Redis backend builds the arguments here; both backends reply in the same list (``MemoryStorage``
+builds it with :func:`admitted` and :func:`refused`), read by :func:`decision_from_reply`. The header of
+``admit.lua`` describes the same layout from the script's side.
+
+The reply to one call is ``[allowed, reason, retry_after_ms, reserved_credits, available_credits,
+calls_granted, (rate_remaining, rate_reset_ms) per rate limit..., quota_remaining per hard-quota
+hold...]``. A refusal decided before any limit was read (key, customer) stops after ``available_credits``.
+The script also replies ``[SCRIPT_REFUSED, error]`` for a call whose keys hold garbage (it wrote nothing)
+and ``[STALE_REPLY, "STALE"]`` for a guarded call to ask again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, TypeAlias
+
+import msgpack
+
+from meterware._core import AdmitRequest, Decision, LimitState, holds_anything, quota_name, rate_limit_name
+from meterware._unsettled import Snapshot
+from meterware.storage import _keyspace as ks
+
+Arg: TypeAlias = str | int | bytes
+Reply: TypeAlias = Sequence[int | bytes | str]
+
+#: The first value of a reply to a call whose keys hold garbage (refused before its first write).
+SCRIPT_REFUSED: Final = -1
+#: The first value of the reply to a guarded call whose process wrote a batch since the call read its
+#: unsettled calls: it wrote nothing and is to be asked again.
+STALE_REPLY: Final = -2
+#: Where the limit states start in a reply (after the six values every decided call has).
+LIMITS_AT: Final = 6
+
+
+def refused(reason: str) -> list[int | str]:
+    """The reply refusing a call before any limit is read (unknown, revoked or expired key, suspended)."""
+    return [0, reason, 0, 0, 0]
+
+
+def admitted(
+    allowed: bool, reason: str, retry_ms: int, credits: int, available: int, calls: int, limits: list[int]
+) -> list[int | str]:
+    """The reply to a call decided on its limits: admitted (``calls`` granted) or refused for ``reason``."""
+    return [int(allowed), reason, retry_ms, credits, available, calls, *limits]
+
+
+def decision_from_reply(request: AdmitRequest, reply: Reply, now: float) -> Decision:
+    """Read the reply to one call (the same list from every backend; see the module's docstring)."""
+    allowed = bool(int(reply[0]))
+    reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+    until_period_end = max(0, request.period_end - int(now))
+    limits: list[LimitState] = []
+    # Refusals decided before the limits were looked at (key, customer) carry no limit state.
+    if len(reply) > LIMITS_AT:
+        index = LIMITS_AT
+        for limit in request.plan.rate_limits:
+            remaining, reset_ms = int(reply[index]), int(reply[index + 1])
+            name = rate_limit_name(limit.seconds)
+            limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
+            index += 2
+        window = request.period_end - request.period_start
+        for hold in request.holds:
+            if hold.quota >= 0:
+                remaining = max(0, int(reply[index]))
+                limits.append(
+                    LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
+                )
+                index += 1
+    retry_after = until_period_end if reason == "quota_exceeded" else max(0, -(-int(reply[2]) // 1000))
+    reserved_credits = int(reply[3])
+    # Positional: this runs for every call admitted on its own.
+    return Decision(
+        allowed,
+        reason or None,  # type: ignore[arg-type]
+        request.reservation_id if allowed and holds_anything(request, reserved_credits) else "",
+        reserved_credits,
+        retry_after,
+        tuple(limits),
+        int(reply[4]) if request.charges_credits else None,
+        int(reply[5]) if len(reply) > 5 else 0,
+    )
+
+
+#: Admission templates kept (a template per key, plan terms, period and route weight in use).
+TEMPLATE_CACHE_SIZE: Final = 10_000
+_templates: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[Arg, ...]]] = {}
+
+
+def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, ...]]:
+    """The KEYS and arguments of one call in ``admit.lua``, less its reservation id (cached: calls with
+    the same key, terms and period share them)."""
+    identity = (
+        request.shard,
+        request.key_id,
+        request.customer,
+        request.live,
+        request.plan.name,
+        request.plan.prepaid,
+        request.plan.rate_limits,
+        request.period_start,
+        request.period_end,
+        request.holds,
+        request.reservation_timeout_ms,
+        request.calls,
+    )
+    template = _templates.get(identity)
+    if template is not None:
+        return template
+    shard, customer, live = request.shard, request.customer, request.live
+    # KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, then FIRST_RATE on (admit.lua's names).
+    keys = [
+        ks.key_record(shard, request.key_id),
+        ks.customer(shard, customer),
+        ks.quota(shard, live, customer, request.period_start),
+        ks.reservations(shard),
+        ks.reservation_deadlines(shard),
+    ]
+    keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
+    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_ID, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD,
+    # CALLS, RATE_LIMITS (admit.lua's names), then the limits and the holds.
+    args: list[Arg] = [
+        customer,
+        int(request.charges_credits),
+        "",  # the reservation id: each call's own
+        request.reservation_timeout_ms,
+        request.period_end + ks.QUOTA_GRACE_SECONDS,
+        f"{customer} {int(live)} {request.period_start}",
+        request.calls,
+        len(request.plan.rate_limits),
+    ]
+    for limit in request.plan.rate_limits:
+        args += [limit.amount, limit.seconds]
+    args.append(len(request.holds))
+    for hold in request.holds:
+        args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
+    if len(_templates) >= TEMPLATE_CACHE_SIZE:
+        _templates.clear()
+    template = _templates[identity] = (tuple(keys), tuple(args))
+    return template
+
+
+def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``admit.lua`` admitting ``requests`` (of one shard) in order.
+
+    ``guarded``: a call whose unsettled calls were read outside any batch is answered ``STALE`` (and
+    writes nothing) if a batch its process made since has been written: it is to be asked again.
+    """
+    keys: list[str] = []
+    args: list[Arg] = [0]
+    calls: list[Arg] = []
+    numbers: dict[int, int] = {}
+    markers: list[str] = []  # batch markers, after every template's keys
+    unsettled: list[tuple[int, list[list[int]]]] = []
+    for request in requests:
+        template = admit_template(request)
+        number = numbers.get(id(template))
+        if number is None:
+            number = numbers[id(template)] = len(numbers) + 1
+            template_keys, template_args = template
+            keys += template_keys
+            args += (len(template_keys), len(template_args), *template_args)
+        calls += (number, request.reservation_id, "")
+        if snapshot := request.unsettled_changes():
+            unsettled.append((len(calls) - 1, _unsettled_rows(request, snapshot, markers, guarded)))
+    for at, rows in unsettled:
+        for row in rows:
+            row[0] = row[0] and row[0] + len(keys)
+        calls[at] = msgpack.packb(rows)
+    args[0] = len(numbers)
+    return keys + markers, args + calls
+
+
+def _unsettled_rows(
+    request: AdmitRequest, snapshot: Snapshot, markers: list[str], guarded: bool
+) -> list[list[int]]:
+    """A call's changes still to come, as admit.lua reads them (key positions counted in ``markers``):
+    first the guard (the key of its process's highest generation written, and the generation read),
+    then per change the key of its batch marker, the credits it releases, and per hold the units."""
+    rows = [[0, 0]]
+    if guarded and snapshot.guarded:
+        markers.append(ks.batch_writer(request.shard, snapshot.writer))
+        rows[0] = [len(markers), snapshot.generation]
+    for batch_id, change in snapshot.changes:
+        marker = 0
+        if batch_id:
+            markers.append(ks.flushed_batch(request.shard, batch_id))
+            marker = len(markers)
+        row = [marker, change.released]
+        for hold in request.holds:
+            used, held = change.meters.get(hold.meter, (0, 0))
+            row += (used, held)
+        rows.append(row)
+    return rows

@@ -1,0 +1,272 @@
+"""The in-process backend's request path: admission (as admit.lua), flush (as flush.lua), release."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+from meterware._core import AdmitRequest, Decision, KeyInfo
+from meterware.storage._admission import admitted, decision_from_reply, refused
+from meterware.storage.base import (
+    BATCH_MEMORY_SECONDS,
+    Batch,
+    LedgerEntry,
+    StreamEntry,
+)
+from meterware.storage.memory._state import (
+    Account,
+    Admission,
+    MemoryState,
+    Reservation,
+    captured,
+    check_amount,
+    clock_ms,
+    counter_names,
+    less,
+)
+
+
+class AdmissionMixin(MemoryState):
+    """Resolve keys and admit calls."""
+
+    def resolve_key(self, key_hash: str) -> KeyInfo | None:
+        with self._lock:
+            key_id = self._key_ids_by_hash.get(key_hash)
+            if key_id is None:
+                return None
+            record = self._keys[key_id]
+            account = self._accounts[record.customer]
+            return KeyInfo(key_id, account.customer, record.live, record.prefix)
+
+    def admit(self, request: AdmitRequest) -> Decision:
+        with self._lock:
+            now_ms = clock_ms()
+            reply = self._admit(request, now_ms)
+        return decision_from_reply(request, reply, now_ms / 1000)
+
+    def _admit(self, request: AdmitRequest, now: int) -> list[int | str]:
+        record = self._keys.get(request.key_id)
+        account = self._accounts.get(request.customer)
+        # A key presented for another customer is as good as unknown (the Redis script finds no record).
+        if record is None or account is None or record.customer != request.customer:
+            return refused("unknown_key")
+        if record.status != "active":
+            return refused("revoked_key")
+        if record.expires_ms and now >= record.expires_ms:
+            return refused("expired_key")
+        if account.customer.status != "active":
+            return refused("suspended")
+        for limit in request.plan.rate_limits:
+            # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
+            rate_key, latest = (request.live, request.customer, limit.seconds), now + limit.seconds * 1000
+            if self._rates.get(rate_key, now) > latest:
+                self._rates[rate_key] = latest
+
+        counters = self._quotas[(request.live, request.customer, request.period_start)]
+        seen, available = self._unsettled(request, counters, account, now)
+        calls = request.calls
+        decision = self._decide(request, seen, available, now, calls)
+        if decision.reason and calls > 1:
+            # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
+            while decision.reason and calls > 1:
+                calls //= 2
+                decision = self._decide(request, seen, available, now, calls)
+            if not decision.reason and calls > 1:
+                calls //= 2
+                decision = self._decide(request, seen, available, now, calls)
+        limits = [*decision.rates, *decision.quotas]
+        if decision.reason:
+            retry = int(decision.retry_ms) if decision.reason == "rate_limited" else 0
+            return admitted(False, decision.reason, retry, 0, available, 0, limits)
+
+        credits = decision.credits
+        reservation = None
+        if credits or any(decision.holds):
+            reservation = Reservation(
+                request.customer,
+                request.live,
+                request.period_start,
+                credits,
+                tuple((hold.meter, held) for hold, held in zip(request.holds, decision.holds, strict=True)),
+                now + request.reservation_timeout_ms,
+            )
+        for rate_key, new_tat in decision.new_tats:
+            self._rates[rate_key] = new_tat
+        for hold, held in zip(request.holds, decision.holds, strict=True):
+            counters[counter_names(hold.meter)[1]] += held
+        account.reserved += credits
+        if reservation is not None:
+            self._shards[request.shard].reservations[request.reservation_id] = reservation
+        return admitted(True, "", 0, credits, available - credits, calls, limits)
+
+    def _unsettled(
+        self, request: AdmitRequest, counters: Mapping[str, int], account: Account, now: int
+    ) -> tuple[Mapping[str, int], int]:
+        """The counters and the credits available as the admission sees them: with the changes this
+        process's finished calls still make, counted while their batches are not written (admit.lua)."""
+        available = account.balance - account.reserved
+        batches = self._shards[request.shard].batches
+        # Read under the storage's lock, as the flush writes: no batch lands in between (no guard needed).
+        snapshot = request.unsettled_changes()
+        if snapshot is None:
+            return counters, available
+        released, moved = 0, dict[str, list[int]]()  # meter -> [units charged, units released]
+        for batch_id, change in snapshot.changes:
+            if batch_id and batches.get(batch_id, 0) > now / 1000:
+                continue  # written: in the counters already
+            released += change.released
+            for meter, (used, held) in change.meters.items():
+                totals = moved.setdefault(meter, [0, 0])
+                totals[0] += used
+                totals[1] += held
+        if not released and not moved:
+            return counters, available
+        seen = dict(counters)
+        cost = 0
+        for hold in request.holds:
+            charged, freed = moved.get(hold.meter, (0, 0))
+            used_key, held_key = counter_names(hold.meter)
+            used = seen.get(used_key, 0)
+            seen[used_key] = used + charged
+            seen[held_key] = max(0, seen.get(held_key, 0) - freed)
+            cost += (max(hold.included, used + charged) - max(hold.included, used)) * hold.price
+        reserved = max(0, account.reserved - released)
+        return seen, account.balance - reserved - (cost if request.charges_credits else 0)
+
+    def _decide(
+        self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
+    ) -> Admission:
+        """What admitting ``calls`` calls would do (admit.lua's decide())."""
+        retry_ms = 0.0
+        rates: list[int] = []
+        new_tats: list[tuple[tuple[bool, str, int], float]] = []
+        for limit in request.plan.rate_limits:
+            period_ms = limit.seconds * 1000
+            interval = period_ms / limit.amount
+            rate_key = (request.live, request.customer, limit.seconds)
+            tat = max(self._rates.get(rate_key, now), now)
+            new_tat = tat + interval * calls
+            if new_tat - now > period_ms:
+                retry_ms = max(retry_ms, new_tat - period_ms - now)
+                rates += (int((period_ms - (tat - now)) // interval), int(tat - now))
+            else:
+                rates += (int((period_ms - (new_tat - now)) // interval), int(new_tat - now))
+                new_tats.append((rate_key, new_tat))
+        over_quota = needs_positive_balance = False
+        credits = 0
+        quotas: list[int] = []
+        holds: list[int] = []
+        for hold in request.holds:
+            # A value meter's size is unknown until the end: one unit left admits it, however many calls.
+            need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
+            used_key, held_key = counter_names(hold.meter)
+            used, held = counters.get(used_key, 0), counters.get(held_key, 0)
+            holds.append(held_now)
+            if hold.quota >= 0:
+                if used + held + need > hold.quota:
+                    over_quota = True
+                    quotas.append(hold.quota - used - held)
+                else:
+                    quotas.append(hold.quota - used - held - held_now)
+            if hold.price:
+                base = used + held
+                credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
+                if not hold.exact and base + held_now >= hold.included:
+                    needs_positive_balance = True
+        if not request.charges_credits:
+            credits = 0
+        reason = ""
+        if retry_ms:
+            reason = "rate_limited"
+        elif over_quota:
+            reason = "quota_exceeded"
+        elif request.charges_credits and (
+            available < credits or (needs_positive_balance and available - credits <= 0)
+        ):
+            reason = "insufficient_credits"
+        return Admission(reason, retry_ms, credits, rates, quotas, holds, new_tats)
+
+
+class SettlementMixin(MemoryState):
+    """Flush batches and release admissions."""
+
+    def flush(self, batch: Batch) -> bool:
+        with self._lock:
+            shard = self._shards[batch.shard]
+            now = time.time()
+            if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
+                return False
+            # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
+            for settlement in batch.settlements:
+                if settlement is not None:
+                    for meter, units, price, included in settlement.meters:
+                        for name, value in (("units", units), ("price", price), ("included", included)):
+                            check_amount(batch, settlement, meter, name, value)
+                        check_amount(batch, settlement, meter, "cost", units * price)
+            # Plan every change, then make them (flush.lua does the same): the entry first, then the
+            # settlements. A unit counter reads what the batch's earlier settlements added to it.
+            # What the reservations named still hold (None once closed), and what goes back.
+            holding: dict[str, Reservation | None] = {}
+            freed: list[Reservation] = []
+            used: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            charges: dict[str, int] = defaultdict(int)
+            costs = []
+            for settlement in batch.settlements:
+                cost = 0
+                if settlement is not None:
+                    if settlement.billable:
+                        quota = (settlement.live, settlement.customer, settlement.period_start)
+                        counters, added = self._quotas.get(quota, {}), used[quota]
+                        for meter, units, price, included in settlement.meters:
+                            before = counters.get(f"{meter}:u", 0) + added[f"{meter}:u"]
+                            added[f"{meter}:u"] += units
+                            cost += (max(included, before + units) - max(included, before)) * price
+                        if settlement.charges_credits and settlement.customer in self._accounts:
+                            charges[settlement.customer] += cost
+                    reservation_id = settlement.reservation_id
+                    if reservation_id and reservation_id not in holding:
+                        holding[reservation_id] = shard.reservations.get(reservation_id)
+                    reservation = holding.get(reservation_id)
+                    if reservation is not None:
+                        if settlement.closes:
+                            freed.append(reservation)
+                            holding[reservation_id] = None
+                        elif settlement.billable:
+                            taken = captured(reservation, settlement, cost)
+                            freed.append(taken)
+                            holding[reservation_id] = less(reservation, taken)
+                costs.append(cost)
+            fields = {
+                b"b": batch.payload,
+                b"c": ",".join(map(str, costs)).encode(),
+                b"i": batch.batch_id.encode(),
+            }
+
+            shard.stream.append(StreamEntry(shard.next_id(), fields))
+            shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
+            for reservation_id, reservation in holding.items():
+                if reservation is None:
+                    shard.reservations.pop(reservation_id, None)
+                elif reservation_id in shard.reservations:
+                    shard.reservations[reservation_id] = reservation
+            for reservation in freed:
+                self._release(reservation)
+            for quota, added in used.items():
+                counters = self._quotas[quota]
+                for name, units in added.items():
+                    counters[name] += units
+            for customer, cost in charges.items():
+                if cost:  # one ledger entry per customer and batch (as flush.lua)
+                    self._accounts[customer].record(LedgerEntry("charge", -cost, ref=batch.batch_id))
+            return True
+
+    def release(self, admissions: Sequence[AdmitRequest]) -> int:
+        with self._lock:
+            released = 0
+            for admission in admissions:
+                reservation = self._shards[admission.shard].reservations.pop(admission.reservation_id, None)
+                if reservation is not None:
+                    self._release(reservation)
+                    released += 1
+            return released

@@ -1,0 +1,211 @@
+"""The request path: admit, flush and release, as script arguments and replies (pure, shared by the
+synchronous and the asyncio client), and the synchronous commands.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgpack
+from redis.exceptions import ResponseError
+
+from meterware._core import AdmitRequest, Customer, Decision, KeyInfo
+from meterware.errors import StorageError
+from meterware.storage import _keyspace as ks
+from meterware.storage._admission import STALE_REPLY, admit_call, decision_from_reply
+from meterware.storage.base import (
+    BATCH_MEMORY_SECONDS,
+    Batch,
+)
+from meterware.storage.redis._connection import Connection, DriverErrors
+from meterware.storage.redis._scripts import Arg, Fields, Keys, Text, as_str
+
+#: Rounds of admissions in flight at once per asyncio storage (two: one is written while the other waits).
+ADMISSION_ROUNDS: Final = 2
+#: Times a call is admitted when a batch of its process was written while the admission was on its way
+#: (so calls it counted as unwritten may be written: ``STALE``); the last time is not guarded.
+ADMIT_ATTEMPTS: Final = 3
+
+
+class Stale:
+    """An admission to ask again: see :data:`STALE_REPLY`."""
+
+
+STALE: Final = Stale()
+#: The longest billing period; a settlement only knows its period's start.
+LONGEST_PERIOD_SECONDS: Final = 31 * 86_400
+CUSTOMER_FIELDS: Final = ("plan", "status", "anchor")
+
+
+def decisions_from_replies(
+    requests: Sequence[AdmitRequest], replies: Sequence[Any], errors: DriverErrors
+) -> list[Decision | StorageError | Stale]:
+    """Each call's decision, the refusal of a call whose keys hold garbage (it wrote nothing), or
+    ``STALE`` for a call to ask again (it wrote nothing either)."""
+    now = time.time()
+    return [_decision(request, reply, now, errors) for request, reply in zip(requests, replies, strict=True)]
+
+
+def _decision(
+    request: AdmitRequest, reply: Any, now: float, errors: DriverErrors
+) -> Decision | StorageError | Stale:
+    if int(reply[0]) >= 0:
+        return decision_from_reply(request, reply, now)
+    if int(reply[0]) == STALE_REPLY:
+        return STALE
+    return StorageError(errors.message(ResponseError(as_str(reply[1]))), refused=True)
+
+
+_term_of: Final = operator.attrgetter(
+    "customer", "live", "period_start", "billable", "charges_credits", "meters"
+)
+_reservation_of: Final = operator.attrgetter("reservation_id")
+
+
+def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
+    """KEYS and ARGV of ``flush.lua`` (every settlement's customer lives in the batch's shard).
+
+    A batch holds many calls of few customers: the settlements are sent as terms (what calls of one
+    customer with the same flags and meters share), each once; every event names its term (by the
+    position of the term's first event), and only the reservations to close go one by one.
+    """
+    shard = batch.shard
+    keys = Keys(
+        ks.flushed_batch(shard, batch.batch_id),
+        ks.events(shard),
+        ks.reservations(shard),
+        ks.reservation_deadlines(shard),
+    )
+    settlements = batch.settlements
+    identities: list[tuple[Any, ...] | None]
+    reservation_ids: list[str | None]
+    try:
+        identities = list(map(_term_of, settlements))
+        reservation_ids = list(map(_reservation_of, settlements))
+    except AttributeError:  # refused calls (None) settle nothing
+        identities = [None if item is None else _term_of(item) for item in settlements]
+        reservation_ids = [None if item is None else item.reservation_id for item in settlements]
+    first: dict[tuple[Any, ...] | None, int] = {}
+    events = list(map(first.setdefault, identities, itertools.count(1)))
+    counts = Counter(events)
+    # The costs text of the batch if no call crosses its included units (flush.lua checks that).
+    texts: dict[int, str] = {}
+    term_args: list[Arg] = []
+    for identity, number in first.items():
+        if identity is None:
+            texts[number] = "0"
+            continue
+        customer, live, period_start, billable, charges_credits, meters = identity
+        texts[number] = str(sum(units * price for _, units, price, _ in meters) if billable else 0)
+        term_args += [
+            number,
+            counts[number],
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.ledger(shard, customer)),
+            keys.index(ks.quota(shard, live, customer, period_start)),
+            period_start + LONGEST_PERIOD_SECONDS + ks.QUOTA_GRACE_SECONDS,
+            int(billable),
+            int(charges_credits),
+            len(meters),
+        ]
+        for meter in meters:
+            term_args += meter
+    reservations: list[Arg] = []
+    if any(reservation_ids):
+        for number, (settlement, reservation_id, term) in enumerate(
+            zip(settlements, reservation_ids, events, strict=True), 1
+        ):
+            if reservation_id:
+                assert settlement is not None
+                reservations += (reservation_id, term, number, int(settlement.closes))
+    # Beyond 14 digits Lua's numbers would print (and sum) otherwise: such a batch is priced per call.
+    costs = ",".join(map(texts.__getitem__, events)) if max(map(len, texts.values()), default=0) < 15 else ""
+    args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
+    args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations), costs]
+    writer = keys.index(ks.batch_writer(shard, batch.writer)) if batch.writer else 0
+    args += [writer, batch.generation]
+    return keys.keys, args
+
+
+def flush_result(batch: Batch, reply: Any, errors: DriverErrors) -> bool:
+    """Whether ``flush.lua`` applied ``batch`` (False: it had already); raise its refusal of a customer's
+    stored values as a ``StorageError`` naming the customer (``customers``), so the rest can go."""
+    if not isinstance(reply, list):
+        return bool(reply)
+    customer_key, problem = as_str(reply[0]), as_str(reply[1])
+    owners = {ks.customer(batch.shard, s.customer): s.customer for s in batch.settlements if s is not None}
+    customer = owners.get(customer_key)
+    message = errors.message(ResponseError(problem))
+    raise StorageError(message, refused=True, customers=(customer,) if customer else ())
+
+
+def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], list[Arg]]]:
+    """KEYS and ARGV of ``refund.lua`` closing the reservations of ``admissions``, one call per shard."""
+    by_shard: dict[int, tuple[Keys, list[Arg]]] = {}
+    for admission in admissions:
+        shard, customer = admission.shard, admission.customer
+        keys, args = by_shard.setdefault(
+            shard, (Keys(ks.reservations(shard), ks.reservation_deadlines(shard)), [])
+        )
+        args += [
+            admission.reservation_id,
+            keys.index(ks.customer(shard, customer)),
+            keys.index(ks.quota(shard, admission.live, customer, admission.period_start)),
+        ]
+    return [(keys.keys, args) for keys, args in by_shard.values()]
+
+
+def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
+    """A customer from the ``plan, status, anchor`` fields of its hash."""
+    plan, status, anchor = values
+    if plan is None or status is None:
+        return None
+    return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0))  # type: ignore[arg-type]
+
+
+def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
+    """What a key hash resolves to, from the key-hash index entry and the owner's record."""
+    if not fields or customer is None:
+        return None
+    return KeyInfo(as_str(fields[b"key_id"]), customer, fields[b"live"] == b"1", as_str(fields[b"prefix"]))
+
+
+class RequestPathCommands(Connection):
+    """The request path of :class:`~meterware.storage.redis.RedisStorage`."""
+
+    def resolve_key(self, key_hash: str) -> KeyInfo | None:
+        with self._call() as client:
+            fields = client.hgetall(ks.key_by_hash(key_hash))
+            if not fields:
+                return None
+            customer_id = as_str(fields[b"customer"])
+            values = client.hmget(ks.customer(self._shard(customer_id), customer_id), CUSTOMER_FIELDS)
+        return key_info_from(fields, customer_from(customer_id, values))
+
+    def admit(self, request: AdmitRequest) -> Decision:
+        for attempt in range(1, ADMIT_ATTEMPTS + 1):
+            with self._call():
+                # Read at the last moment: the calls this process finished until then count.
+                keys, args = admit_call((request,), guarded=attempt < ADMIT_ATTEMPTS)
+                replies = self._run("admit", keys, args)
+            (decision,) = decisions_from_replies((request,), replies, self._errors)
+            if isinstance(decision, StorageError):
+                raise decision
+            if isinstance(decision, Decision):
+                return decision
+        raise AssertionError("the last attempt is not guarded")
+
+    def flush(self, batch: Batch) -> bool:
+        keys, args = flush_call(batch)
+        with self._call():
+            reply = self._run("flush", keys, args)
+        return flush_result(batch, reply, self._errors)
+
+    def release(self, admissions: Sequence[AdmitRequest]) -> int:
+        with self._call():
+            return sum(int(self._run("refund", keys, args)) for keys, args in release_calls(admissions))

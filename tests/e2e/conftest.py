@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import free_port, wait_for_port
+from tests.servers import ServerProcess, free_port
 
 CONFIG = """
 [storage]
@@ -33,36 +31,6 @@ price = "0.0001"
 [pipeline]
 flush_interval = 0.05
 """
-
-
-class ServerProcess:
-    """A real server process (uvicorn, gunicorn...) on a loopback port."""
-
-    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        # Output goes to a file: a pipe nobody reads would block the server once it fills up.
-        with open(log, "wb") as output:
-            self.process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, timeout=20)
-        except TimeoutError:
-            self.stop(signal.SIGKILL)
-            raise RuntimeError(f"server did not start:\n{self.output()}") from None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self, sig: int = signal.SIGTERM) -> str:
-        """Stop the server (SIGTERM: graceful, the lifespan drains the buffer) and return its output."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        self.process.wait(timeout=30)
-        return self.output()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture

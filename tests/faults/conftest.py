@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.faults.harness import App, FaultRedis, Worker
-from tests.faults.proxy import RedisProxy
+from tests.faults.harness import App, FaultRedis, Scenario, Worker
+from tests.faults.proxy import RedisProxy, Rule
 
 
 @pytest.fixture
@@ -71,3 +71,28 @@ def make_proxy() -> Iterator[Callable[..., RedisProxy]]:
     yield make
     for proxy in proxies:
         proxy.close()
+
+
+@pytest.fixture
+def make_scenario(
+    tmp_path: Path,
+    make_redis: Callable[..., FaultRedis],
+    make_app: Callable[..., App],
+    make_worker: Callable[..., Worker],
+    make_proxy: Callable[..., RedisProxy],
+) -> Callable[..., Scenario]:
+    """Set up a fault test's deployment (a :class:`Scenario`): ``changes`` to the base configuration, a
+    ``persistent`` or ``password``-protected Redis, and a ``proxy`` applying a rule in front of it."""
+
+    def make(
+        changes: Mapping[str, Any] | None = None,
+        *,
+        persistent: bool = False,
+        password: str | None = None,
+        proxy: Rule | None = None,
+    ) -> Scenario:
+        server = make_redis(persistent=persistent, password=password)
+        relay = None if proxy is None else make_proxy(server.port, rule=proxy)
+        return Scenario(tmp_path, server, relay, changes or {}, make_app, make_worker)
+
+    return make

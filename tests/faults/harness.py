@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from meterware.flusher import Spool
 from meterware.keys import NewKey
 from meterware.rollup.aggregate import parse_entry
 from meterware.storage import _keyspace, open_storage
-from tests.e2e.conftest import ServerProcess
-from tests.servers import RedisServer, free_port
+from tests.faults.proxy import RedisProxy
+from tests.helpers import merged, new_customer, paths_cycling, to_toml
+from tests.servers import RedisServer, ServerProcess, free_port, gunicorn_command
 
 SHARDS = 4
 CUSTOMER = "acme"
@@ -77,45 +78,6 @@ def base_config(url: str, spool_dir: Path) -> dict[str, Any]:
         },
         "rollup": {"lease_seconds": 1.0},
     }
-
-
-def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with the settings of ``changes`` (one level deep: sections are merged, not replaced)."""
-    result = dict(base)
-    for section, values in changes.items():
-        if isinstance(values, Mapping) and isinstance(result.get(section), Mapping):
-            result[section] = {**result[section], **values}
-        else:
-            result[section] = values
-    return result
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """A TOML document for a configuration (tables of tables, strings, numbers, booleans, lists)."""
-    lines: list[str] = []
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, int | float):
-            return repr(item)
-        if isinstance(item, str):
-            return json.dumps(item)
-        if isinstance(item, list):
-            return "[" + ", ".join(value(element) for element in item) + "]"
-        raise TypeError(f"cannot write {item!r} as TOML")
-
-    def table(prefix: str, content: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in content.items() if not isinstance(v, Mapping)}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{json.dumps(k)} = {value(v)}" for k, v in scalars.items())
-        for key, sub in content.items():
-            if isinstance(sub, Mapping):
-                table(f"{prefix}.{json.dumps(key)}" if prefix else json.dumps(key), sub)
-
-    table("", data)
-    return "\n".join(lines) + "\n"
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
@@ -219,15 +181,6 @@ def base_env(config_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _gunicorn(*options: str) -> list[str]:
-    from gunicorn.config import KNOWN_SETTINGS
-
-    # Recent gunicorn opens a control socket at a fixed path in $HOME: concurrent servers would share it.
-    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
-        options += ("--no-control-socket",)
-    return [sys.executable, "-m", "gunicorn", *options]
-
-
 class App:
     """The metered fault app under a real server, restartable on one port: ``uvicorn`` (one process) or
     ``gunicorn`` (``workers`` gthread workers of 4 threads); ``options``: more command-line options."""
@@ -264,10 +217,10 @@ class App:
                 sys.executable, "-m", "uvicorn", "tests.faults.asgi_server:app",
                 "--port", str(self.port), "--log-level", "warning", *self.options,
             ]  # fmt: skip
-        return _gunicorn(
+        return gunicorn_command(
+            "tests.faults.wsgi_server:app",
             "--workers", str(self.workers), "--worker-class", "gthread", "--threads", "4",
-            "--graceful-timeout", "10",
-            "--bind", f"127.0.0.1:{self.port}", *self.options, "tests.faults.wsgi_server:app",
+            "--graceful-timeout", "10", "--bind", f"127.0.0.1:{self.port}", *self.options,
         )  # fmt: skip
 
     def start(self) -> App:
@@ -392,6 +345,15 @@ class Result:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: ``time.monotonic()`` when the answer (or the failure) came.
     at: float = 0.0
+
+
+#: The usual traffic: half successes, a quarter failing handlers, a quarter calls reporting 3 tokens each.
+MIXED_PATHS = paths_cycling(["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"])
+
+
+def tokens_of(paths: Iterable[str], per_call: int = 3) -> int:
+    """The tokens reported by the calls to ``/v1/tokens/`` among ``paths`` (``per_call`` each)."""
+    return per_call * sum(1 for path in paths if path.startswith("/v1/tokens/"))
 
 
 #: Request numbers, unique in the test process (so two loads never send the same path).
@@ -541,6 +503,15 @@ class Stream:
         return sum(self.costs)
 
 
+def rolled_up(client: redis.Redis) -> bool:
+    """Whether every shard's committed offset is its stream's last entry (the worker caught up)."""
+    for shard in range(SHARDS):
+        last = client.xrevrange(_keyspace.events(shard), count=1)
+        if last and client.get(_keyspace.offset(shard)) != last[0][0]:
+            return False
+    return True
+
+
 def spooled_events(spool_dir: Path) -> list[UsageEvent]:
     """Events waiting in a spool directory (read without replaying them)."""
     spool = Spool(spool_dir, 1 << 40)
@@ -608,9 +579,7 @@ def open_accounts(config_path: Path, url: str | None = None) -> Accounts:
 
 def provision(accounts: Accounts, customer: str = CUSTOMER) -> NewKey:
     """A customer on the ``payg`` plan with credits, and a live key."""
-    accounts.create_customer(customer, plan="payg")
-    accounts.grant_credits(customer, str(INITIAL_CREDITS))
-    return accounts.create_key(customer)
+    return new_customer(accounts, customer, str(INITIAL_CREDITS))
 
 
 def restore(accounts: Accounts, customer: Customer, key: NewKey) -> None:
@@ -619,6 +588,62 @@ def restore(accounts: Accounts, customer: Customer, key: NewKey) -> None:
     accounts.grant_credits(customer.id, str(INITIAL_CREDITS))
     record = KeyRecord(key.key_id, customer.id, key.prefix, key.live, "active", int(time.time()))
     accounts.storage.add_key(record, key.hash)
+
+
+class Scenario:
+    """A fault test's deployment: a Redis it may kill, a configuration (the base one with ``changes``) whose
+    spool is ``spool``, the customer ``acme`` with credits and a live ``key``, and the ``env`` of the app and
+    worker processes.
+
+    With a ``proxy``, the app and worker reach Redis through it while the test itself (accounts, the books,
+    the one-off rollup) goes to Redis directly.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        server: FaultRedis,
+        proxy: RedisProxy | None,
+        changes: Mapping[str, Any],
+        make_app: Callable[..., App],
+        make_worker: Callable[..., Worker],
+    ) -> None:
+        self.server = server
+        self.proxy = proxy
+        self.spool = tmp_path / "spool"
+        self.config = tmp_path / "meterware.toml"
+        url = proxy.url() if proxy else server.url
+        self.config.write_text(to_toml(merged(base_config(url, self.spool), changes)))
+        self.env = base_env(self.config)
+        #: The environment of a process of the test's own, which reaches Redis directly.
+        self.direct = {**self.env, "METERWARE_STORAGE": server.url} if proxy else self.env
+        self.rollup_log = tmp_path / "rollup.log"
+        self.accounts = self.open_accounts()
+        self.new_key = provision(self.accounts)
+        self.key = self.new_key.plaintext
+        self._make_app = make_app
+        self._make_worker = make_worker
+
+    def open_accounts(self) -> Accounts:
+        """Accounts on Redis itself, on a new connection (Redis may have been restarted)."""
+        return open_accounts(self.config, self.server.url)
+
+    def app(self, kind: str = "uvicorn", **options: Any) -> App:
+        """Start the metered app under ``uvicorn`` or ``gunicorn`` (``options``: see :class:`App`)."""
+        return self._make_app(kind, self.env, **options).start()
+
+    def worker(self, *options: str) -> Worker:
+        """Start a continuous rollup worker (``options``: its command-line options)."""
+        return self._make_worker(self.env, *options)
+
+    def rollup_once(self) -> str:
+        return rollup_once(self.direct, self.rollup_log)
+
+    def stream(self, *, valid_only: bool = False) -> Stream:
+        return Stream.read(self.server.client(), valid_only=valid_only)
+
+    def books(self, customer: str = CUSTOMER) -> Books:
+        return books(self.open_accounts(), customer)
 
 
 def figures(name: str, **values: Any) -> None:

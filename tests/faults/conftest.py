@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import App, FaultRedis, Scenario, Worker
+from tests.faults.harness import App, FaultRedis, Worker
 from tests.faults.proxy import RedisProxy, Rule
+from tests.faults.scenario import Scenario
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The fault suite's tools: Redis and app processes it can kill, a load generator, and the books.
+"""The fault suite's tools: Redis and app processes it can kill, and a load generator.
 
 Every process here is started by the test that signals it, and every signal goes to a PID it holds.
 """
@@ -24,15 +24,7 @@ import httpx
 import pytest
 import redis
 
-from meterware import Accounts, Config
-from meterware._core import Customer, KeyRecord
-from meterware.events import UsageEvent, decode_batch
-from meterware.flusher import Spool
-from meterware.keys import NewKey
-from meterware.rollup.aggregate import parse_entry
-from meterware.storage import _keyspace, open_storage
-from tests.faults.proxy import RedisProxy
-from tests.helpers import merged, new_customer, paths_cycling, to_toml
+from tests.helpers import paths_cycling
 from tests.servers import RedisServer, ServerProcess, free_port, gunicorn_command
 
 SHARDS = 4
@@ -46,38 +38,6 @@ INITIAL_MICROS = INITIAL_CREDITS * 1_000_000
 TIMEOUT = 0.2
 #: No request may take longer than this, whatever the fault (a correctness bound, not a benchmark).
 LATENCY_BOUND = TIMEOUT * 4 + 1.0
-
-
-def base_config(url: str, spool_dir: Path) -> dict[str, Any]:
-    """The configuration the fault tests start from (tests replace single settings)."""
-    return {
-        "storage": {"url": url, "shards": SHARDS},
-        "meters": {
-            "calls": {"aggregation": "count"},
-            "tokens": {"aggregation": "sum", "source": "handler"},
-            "rows": {"aggregation": "sum", "source": "handler"},  # counted, never priced
-        },
-        "plans": {
-            "payg": {
-                "prepaid": True,
-                "meters": {"calls": {"price": "0.01"}, "tokens": {"price": "0.0001"}},
-            },
-        },
-        "routes": {"exclude": ["/health", "/metrics"]},
-        "policy": {
-            "on_backend_error": "open",
-            "timeout": TIMEOUT,
-            "reservation_timeout": 2.0,
-            "key_cache_ttl": 10.0,
-        },
-        "pipeline": {
-            "flush_interval": 0.05,
-            "flush_timeout": 1.0,
-            "batch_size": 200,
-            "spool_dir": str(spool_dir),
-        },
-        "rollup": {"lease_seconds": 1.0},
-    }
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
@@ -456,194 +416,6 @@ class Load:
 
     def slowest(self) -> Result:
         return max(self.snapshot(), key=lambda result: result.seconds)
-
-
-# -- the books ---------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Stream:
-    """Every event in the shard streams of a Redis database, with its cost and batch id."""
-
-    events: list[UsageEvent]
-    costs: list[int]
-    entries: int
-    batch_ids: list[str]
-
-    @classmethod
-    def read(cls, client: redis.Redis, *, valid_only: bool = False) -> Stream:
-        """Decode every entry (``valid_only``: every entry the rollup would accept; skip the others)."""
-        events: list[UsageEvent] = []
-        costs: list[int] = []
-        batch_ids: list[str] = []
-        entries = 0
-        for shard in range(SHARDS):
-            for _, fields in client.xrange(_keyspace.events(shard)):
-                if valid_only and isinstance(parse_entry(fields, {}), str):
-                    continue
-                entries += 1
-                batch = decode_batch(fields[b"b"])
-                events += batch
-                costs += [int(cost) for cost in fields[b"c"].split(b",")] if fields[b"c"] else []
-                batch_ids.append(fields[b"i"].decode())
-        return cls(events, costs, entries, batch_ids)
-
-    def assert_no_duplicates(self) -> None:
-        """Each batch appended once, each event once, each request (unique path) recorded once."""
-        assert len(set(self.batch_ids)) == len(self.batch_ids), "a batch was appended twice"
-        ids = Counter(event.id for event in self.events)
-        assert not [i for i, n in ids.items() if n > 1], "an event is in the stream twice"
-        paths = Counter(event.route for event in self.events)
-        assert not [p for p, n in paths.items() if n > 1], "a request has two events"
-
-    def paths(self, outcome: str) -> set[str]:
-        return {event.route for event in self.events if event.outcome == outcome}
-
-    def charged(self) -> int:
-        return sum(self.costs)
-
-
-def rolled_up(client: redis.Redis) -> bool:
-    """Whether every shard's committed offset is its stream's last entry (the worker caught up)."""
-    for shard in range(SHARDS):
-        last = client.xrevrange(_keyspace.events(shard), count=1)
-        if last and client.get(_keyspace.offset(shard)) != last[0][0]:
-            return False
-    return True
-
-
-def spooled_events(spool_dir: Path) -> list[UsageEvent]:
-    """Events waiting in a spool directory (read without replaying them)."""
-    spool = Spool(spool_dir, 1 << 40)
-    events: list[UsageEvent] = []
-    for path in spool.pending():
-        batch = spool.read(path)
-        if batch is not None:
-            events += decode_batch(batch.payload)
-    return events
-
-
-def spool_bytes(spool_dir: Path) -> int:
-    """Bytes waiting in a spool that the app may be replaying meanwhile (a listed file may be gone)."""
-    total = 0
-    for path in spool_dir.glob("*.batch") if spool_dir.exists() else ():
-        with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_size
-    return total
-
-
-@dataclass(slots=True)
-class Books:
-    """What the backend says about the customer once everything is rolled up."""
-
-    calls: dict[str, int]
-    tokens: int
-    spend: int
-    charged: int
-    reserved: int
-
-
-def books(accounts: Accounts, customer: str = CUSTOMER) -> Books:
-    usage = accounts.usage(customer)
-    balance = accounts.balance(customer)
-    return Books(
-        calls=usage.calls,
-        tokens=usage.meters.get("tokens", 0),
-        spend=usage.spend,
-        charged=INITIAL_MICROS - balance.balance,
-        reserved=balance.reserved,
-    )
-
-
-def assert_exact(stream: Stream, ledger: Books, succeeded: set[str], *, tokens: int = 0) -> None:
-    """The promise: client-seen successes == successful calls in the rollup == calls charged, once each."""
-    stream.assert_no_duplicates()
-    assert stream.paths("success") == succeeded, (
-        f"{len(succeeded - stream.paths('success'))} successes without an event, "
-        f"{len(stream.paths('success') - succeeded)} events of calls the client did not see succeed"
-    )
-    assert ledger.calls["success"] == len(succeeded)
-    expected = len(succeeded) * CALL_PRICE + tokens * TOKEN_PRICE
-    assert ledger.spend == stream.charged() == ledger.charged == expected
-    assert ledger.reserved == 0, "reservations left open"
-
-
-# -- customers ---------------------------------------------------------------------------------------------
-
-
-def open_accounts(config_path: Path, url: str | None = None) -> Accounts:
-    """Accounts on the configured backend, or on ``url`` (Redis itself, when the app goes through a proxy)."""
-    config = Config.from_file(config_path)
-    return Accounts(open_storage(url or config.storage, shards=config.shards, timeout=10), config)
-
-
-def provision(accounts: Accounts, customer: str = CUSTOMER) -> NewKey:
-    """A customer on the ``payg`` plan with credits, and a live key."""
-    return new_customer(accounts, customer, str(INITIAL_CREDITS))
-
-
-def restore(accounts: Accounts, customer: Customer, key: NewKey) -> None:
-    """Provision the same customer and key again on an empty backend (as a restore from backup would)."""
-    accounts.storage.create_customer(customer)
-    accounts.grant_credits(customer.id, str(INITIAL_CREDITS))
-    record = KeyRecord(key.key_id, customer.id, key.prefix, key.live, "active", int(time.time()))
-    accounts.storage.add_key(record, key.hash)
-
-
-class Scenario:
-    """A fault test's deployment: a Redis it may kill, a configuration (the base one with ``changes``) whose
-    spool is ``spool``, the customer ``acme`` with credits and a live ``key``, and the ``env`` of the app and
-    worker processes.
-
-    With a ``proxy``, the app and worker reach Redis through it while the test itself (accounts, the books,
-    the one-off rollup) goes to Redis directly.
-    """
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        server: FaultRedis,
-        proxy: RedisProxy | None,
-        changes: Mapping[str, Any],
-        make_app: Callable[..., App],
-        make_worker: Callable[..., Worker],
-    ) -> None:
-        self.server = server
-        self.proxy = proxy
-        self.spool = tmp_path / "spool"
-        self.config = tmp_path / "meterware.toml"
-        url = proxy.url() if proxy else server.url
-        self.config.write_text(to_toml(merged(base_config(url, self.spool), changes)))
-        self.env = base_env(self.config)
-        #: The environment of a process of the test's own, which reaches Redis directly.
-        self.direct = {**self.env, "METERWARE_STORAGE": server.url} if proxy else self.env
-        self.rollup_log = tmp_path / "rollup.log"
-        self.accounts = self.open_accounts()
-        self.new_key = provision(self.accounts)
-        self.key = self.new_key.plaintext
-        self._make_app = make_app
-        self._make_worker = make_worker
-
-    def open_accounts(self) -> Accounts:
-        """Accounts on Redis itself, on a new connection (Redis may have been restarted)."""
-        return open_accounts(self.config, self.server.url)
-
-    def app(self, kind: str = "uvicorn", **options: Any) -> App:
-        """Start the metered app under ``uvicorn`` or ``gunicorn`` (``options``: see :class:`App`)."""
-        return self._make_app(kind, self.env, **options).start()
-
-    def worker(self, *options: str) -> Worker:
-        """Start a continuous rollup worker (``options``: its command-line options)."""
-        return self._make_worker(self.env, *options)
-
-    def rollup_once(self) -> str:
-        return rollup_once(self.direct, self.rollup_log)
-
-    def stream(self, *, valid_only: bool = False) -> Stream:
-        return Stream.read(self.server.client(), valid_only=valid_only)
-
-    def books(self, customer: str = CUSTOMER) -> Books:
-        return books(self.open_accounts(), customer)
 
 
 def figures(name: str, **values: Any) -> None:

@@ -15,17 +15,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.faults.harness import (
-    MIXED_PATHS,
-    Load,
-    Scenario,
-    assert_exact,
-    figures,
-    spool_bytes,
-    tokens_of,
-    wait_until,
-)
+from tests.faults.books import assert_exact, spool_bytes
+from tests.faults.harness import MIXED_PATHS, Load, figures, tokens_of, wait_until
 from tests.faults.proxy import Action, script_of
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

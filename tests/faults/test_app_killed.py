@@ -19,20 +19,19 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.faults.books import spool_bytes, spooled_events
 from tests.faults.harness import (
     CALL_PRICE,
     CUSTOMER,
     TOKEN_PRICE,
     Load,
-    Scenario,
     children,
     figures,
-    spool_bytes,
-    spooled_events,
     tokens_of,
     wait_until,
 )
 from tests.faults.proxy import Action, script_of
+from tests.faults.scenario import Scenario
 from tests.helpers import paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]

@@ -13,16 +13,9 @@ import pytest
 
 from meterware.events import encode_batch
 from meterware.storage import _keyspace
-from tests.faults.harness import (
-    SHARDS,
-    Load,
-    Scenario,
-    assert_exact,
-    figures,
-    parse_metrics,
-    rolled_up,
-    wait_until,
-)
+from tests.faults.books import assert_exact, rolled_up
+from tests.faults.harness import SHARDS, Load, figures, parse_metrics, wait_until
+from tests.faults.scenario import Scenario
 from tests.servers import free_port
 from tests.test_events import sample_event
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.faults.harness import CALL_PRICE, TOKEN_PRICE, Scenario, figures, wait_until
+from tests.faults.harness import CALL_PRICE, TOKEN_PRICE, figures, wait_until
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

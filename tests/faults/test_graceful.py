@@ -17,16 +17,9 @@ import redis
 
 from meterware.storage import _keyspace
 from meterware.storage.base import START_OFFSET
-from tests.faults.harness import (
-    SHARDS,
-    Load,
-    Scenario,
-    assert_exact,
-    figures,
-    rolled_up,
-    tokens_of,
-    wait_until,
-)
+from tests.faults.books import assert_exact, rolled_up
+from tests.faults.harness import SHARDS, Load, figures, tokens_of, wait_until
+from tests.faults.scenario import Scenario
 from tests.helpers import paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]

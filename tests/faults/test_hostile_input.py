@@ -28,17 +28,9 @@ from meterware.events import MAX_ROUTE_LENGTH
 from meterware.keys import generate_key
 from meterware.storage import open_storage
 from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM
-from tests.faults.harness import (
-    CALL_PRICE,
-    CUSTOMER,
-    TOKEN_PRICE,
-    Load,
-    Scenario,
-    Stream,
-    assert_exact,
-    figures,
-    wait_until,
-)
+from tests.faults.books import Stream, assert_exact
+from tests.faults.harness import CALL_PRICE, CUSTOMER, TOKEN_PRICE, Load, figures, wait_until
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

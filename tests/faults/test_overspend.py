@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.faults.harness import TOKEN_PRICE, Load, Scenario, figures
+from tests.faults.harness import TOKEN_PRICE, Load, figures
+from tests.faults.scenario import Scenario
 from tests.helpers import new_customer, paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.faults.books import Stream, assert_exact, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
     CUSTOMER,
@@ -29,16 +30,12 @@ from tests.faults.harness import (
     TOKEN_PRICE,
     Load,
     Result,
-    Scenario,
-    Stream,
-    assert_exact,
     figures,
-    restore,
-    spool_bytes,
     tokens_of,
     wait_until,
 )
 from tests.faults.proxy import forward_all
+from tests.faults.scenario import Scenario, restore
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

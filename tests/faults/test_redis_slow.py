@@ -17,19 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.books import assert_exact, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
     LATENCY_BOUND,
     MIXED_PATHS,
     App,
     Load,
-    Scenario,
-    assert_exact,
     figures,
-    spool_bytes,
     tokens_of,
     wait_until,
 )
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 

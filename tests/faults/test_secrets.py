@@ -22,7 +22,9 @@ import httpx
 import pytest
 
 from meterware.storage import _keyspace
-from tests.faults.harness import CUSTOMER, SHARDS, Load, Scenario, figures, spool_bytes, wait_until
+from tests.faults.books import spool_bytes
+from tests.faults.harness import CUSTOMER, SHARDS, Load, figures, wait_until
+from tests.faults.scenario import Scenario
 from tests.helpers import paths_cycling
 from tests.servers import free_port
 

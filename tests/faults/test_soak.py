@@ -20,19 +20,18 @@ from collections.abc import Callable
 import pytest
 
 from meterware.storage import _keyspace
+from tests.faults.books import rolled_up, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
     SHARDS,
     TOKEN_PRICE,
     Load,
-    Scenario,
     figures,
-    rolled_up,
     rss_kib,
-    spool_bytes,
     tokens_of,
     wait_until,
 )
+from tests.faults.scenario import Scenario
 from tests.helpers import paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]

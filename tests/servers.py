@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -15,6 +16,15 @@ from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
+
+
+def child_env(**settings: str) -> dict[str, str]:
+    """The environment of a process a test starts: this interpreter's import path, ``settings``, and no
+    ``METERWARE_*`` or ``PROMETHEUS_*`` variable from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERWARE_", "PROMETHEUS_"))}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env.update(settings)
+    return env
 
 
 def free_port() -> int:

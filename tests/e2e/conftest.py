@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import ServerProcess, free_port
+from tests.servers import ServerProcess, child_env, free_port
 
 CONFIG = """
 [storage]
@@ -37,13 +36,11 @@ flush_interval = 0.05
 def e2e_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
     config = tmp_path / "meterware.toml"
     config.write_text(CONFIG + f'spool_dir = "{tmp_path / "spool"}"\n')
-    return {
-        **os.environ,
-        "METERWARE_CONFIG": str(config),
-        "METERWARE_STORAGE": redis_url,
-        "E2E_STREAM_FLAG": str(tmp_path / "stream-flag"),
-        "PYTHONPATH": os.pathsep.join(sys.path),
-    }
+    return child_env(
+        METERWARE_CONFIG=str(config),
+        METERWARE_STORAGE=redis_url,
+        E2E_STREAM_FLAG=str(tmp_path / "stream-flag"),
+    )
 
 
 @pytest.fixture

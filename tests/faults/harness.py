@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from tests.helpers import paths_cycling
-from tests.servers import RedisServer, ServerProcess, free_port, gunicorn_command
+from tests.servers import RedisServer, ServerProcess, child_env, free_port, gunicorn_command
 
 SHARDS = 4
 CUSTOMER = "acme"
@@ -132,13 +132,9 @@ class FaultRedis(RedisServer):
 # -- the app and the worker -------------------------------------------------------------------------------
 
 
-def base_env(config_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of the app and worker processes (no METERWARE_* from outside leaks in)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERWARE_", "PROMETHEUS_"))}
-    env["METERWARE_CONFIG"] = str(config_path)
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    env.update(extra)
-    return env
+def base_env(config_path: Path) -> dict[str, str]:
+    """The environment of the app and worker processes, configured by ``config_path``."""
+    return child_env(METERWARE_CONFIG=str(config_path))
 
 
 class App:

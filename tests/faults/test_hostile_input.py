@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,15 +22,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meterware import keys as keys_module
-from meterware._core import Problem
-from meterware._metering import Metering
-from meterware.config import Config
 from meterware.events import MAX_ROUTE_LENGTH
 from meterware.keys import generate_key
-from meterware.storage import open_storage
-from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM
+from meterware.wsgi import WSGIMeteringMiddleware
+from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM, bare_wsgi
 from tests.faults.books import Stream, assert_exact
 from tests.faults.harness import CALL_PRICE, CUSTOMER, TOKEN_PRICE, Load, figures, wait_until
+from tests.faults.proxy import Action
 from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
@@ -177,29 +176,34 @@ def test_hostile_keys_are_refused_and_never_charged(hostile: Scenario) -> None:
     figures("hostile-keys", refused=Counter(refusals), served=len(served), charged_micros=ledger.charged)
 
 
-class CountingStorage:
-    """A storage that records the arguments of every call made on it."""
+class Recorder:
+    """A proxy rule that records every command on its way to Redis."""
 
-    def __init__(self, storage: Any) -> None:
-        self.storage = storage
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+    #: What a client sends when it connects, before any command of its own.
+    HANDSHAKE = frozenset({b"CLIENT", b"HELLO", b"AUTH", b"SELECT", b"PING"})
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.storage, name)
+    def __init__(self) -> None:
+        self.commands: list[list[bytes]] = []
+        self._lock = threading.Lock()
 
-        def recorded(*args: Any) -> Any:
-            self.calls.append((name, args))
-            return method(*args)
+    def __call__(self, command: list[bytes]) -> Action:
+        with self._lock:
+            self.commands.append(command)
+        return Action.FORWARD
 
-        return recorded
+    def sent_since(self, start: int) -> list[list[bytes]]:
+        """The commands recorded since the ``start``-th, but for connection handshakes."""
+        with self._lock:
+            return [command for command in self.commands[start:] if command[0].upper() not in self.HANDSHAKE]
 
 
 def test_unknown_and_known_keys_take_the_same_path_to_the_backend(
     make_scenario: Callable[..., Scenario], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No timing oracle: any well-formed key costs one hash and one lookup by hash; nothing compares it."""
-    scenario = make_scenario()
-    config = Config.from_file(scenario.config)
+    recorder = Recorder()
+    # No flush while a call is measured: the commands the recorder sees meanwhile are the call's own.
+    scenario = make_scenario({"pipeline": {"flush_interval": 60.0}}, proxy=recorder)
     accounts, known = scenario.accounts, scenario.key
     revoked = accounts.create_key(CUSTOMER)
     accounts.revoke_key(revoked.key_id)
@@ -207,35 +211,40 @@ def test_unknown_and_known_keys_take_the_same_path_to_the_backend(
     hashed: list[str] = []
     real_hash = keys_module.hash_key
     monkeypatch.setattr(keys_module, "hash_key", lambda text: hashed.append(text) or real_hash(text))
-    storage = open_storage(scenario.server.url, shards=config.shards, timeout=5)
 
-    for presented, found in [
-        (known, True),
-        (generate_key().plaintext, False),
-        (near_miss, False),
-        (revoked.plaintext, True),
-        (generate_key(live=False).plaintext, False),
-    ]:
+    def call(header: str, presented: str) -> tuple[int, list[list[bytes]]]:
+        """One call through a new middleware (no key cached): its status and the commands it sent."""
         hashed.clear()
-        counting = CountingStorage(storage)
-        metering = Metering(config, registry=CollectorRegistry())
-        headers = [(b"authorization", f"Bearer {presented}".encode())]
-        result = metering.start(counting, None, headers, b"", "GET", "/v1/ok/1")  # type: ignore[arg-type]
+        middleware = WSGIMeteringMiddleware(bare_wsgi, config=scenario.config, registry=CollectorRegistry())
+        start = len(recorder.commands)
+        with httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://test") as client:
+            status = client.get("/v1/ok/1", headers={header: presented}).status_code
+        sent = recorder.sent_since(start)
+        middleware.drain()  # its event, if any, goes out too (and is searched below)
+        return status, sent
+
+    presented_keys = {
+        known: True,
+        generate_key().plaintext: False,
+        near_miss: False,
+        revoked.plaintext: False,
+        generate_key(live=False).plaintext: False,
+    }
+    for presented, served in presented_keys.items():
+        status, sent = call("Authorization", f"Bearer {presented}")
+        key_hash = hashlib.sha256(presented.encode()).hexdigest().encode()
         assert hashed == [presented]
-        lookups = [args for name, args in counting.calls if name == "resolve_key"]
-        assert lookups == [(hashlib.sha256(presented.encode()).hexdigest(),)]
-        assert counting.calls[0][0] == "resolve_key"
-        # The backend never sees the key itself, only its hash.
-        assert all(presented not in repr(args) for _, args in counting.calls)
-        assert isinstance(result, Problem) != found or presented == revoked.plaintext
+        lookups = [command for command in sent if any(key_hash in argument for argument in command)]
+        assert len(lookups) == 1, lookups
+        assert sent[0] is lookups[0], "the lookup by hash is the call's first command"
+        assert (status == 200) == served, status
+    # The backend never sees a key itself, only its hash.
+    keys = [presented.encode() for presented in presented_keys]
+    assert not [command for command in recorder.commands if any(k in arg for k in keys for arg in command)]
     # Malformed keys are refused before any hash or lookup.
-    hashed.clear()
-    counting = CountingStorage(storage)
-    metering = Metering(config, registry=CollectorRegistry())
-    malformed = [(b"x-api-key", b"mw_live_" + b"!" * 32)]
-    result = metering.start(counting, None, malformed, b"", "GET", "/")  # type: ignore[arg-type]
-    assert isinstance(result, Problem)
-    assert (hashed, counting.calls) == ([], [])
+    status, sent = call("X-API-Key", "mw_live_" + "!" * 32)
+    assert status == 401
+    assert (hashed, sent) == ([], [])
 
 
 def test_hostile_requests_are_metered_like_any_other(hostile: Scenario) -> None:

@@ -131,4 +131,8 @@ class Scenario:
         return Stream.read(self.server.client(), valid_only=valid_only)
 
     def books(self, customer: str = CUSTOMER) -> Books:
-        return books(self.open_accounts(), customer)
+        accounts = self.open_accounts()
+        try:
+            return books(accounts, customer)
+        finally:
+            accounts.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from tests.servers import RedisServer, free_port, wait_for_port
+from tests.servers import RedisServer, free_port, gunicorn_command, wait_for_port
 
 from benchmarks import ROOT, SRC
 
@@ -187,14 +187,10 @@ class Server:
     @classmethod
     def gunicorn(cls, factory: str, worker_class: str, threads: int, env: dict[str, str]) -> Server:
         """gunicorn with one worker of ``worker_class`` (sync or gthread)."""
-        from gunicorn.config import KNOWN_SETTINGS
-
         port = free_port()
-        args = [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", worker_class]
-        args += ["--threads", str(threads), "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
-        if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
-            args.append("--no-control-socket")
-        return cls([*args, f"{factory}()"], port, env, forks_worker=True)
+        options = ["--workers", "1", "--worker-class", worker_class, "--threads", str(threads)]
+        options += ["--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+        return cls(gunicorn_command(f"{factory}()", *options), port, env, forks_worker=True)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

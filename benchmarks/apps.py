@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+from tests.helpers import new_customer
 
 from meterware import Accounts, Config, MeteringMiddleware
 
@@ -56,9 +57,7 @@ spool_dir = "{spool}"
 def create_customer(accounts: Accounts) -> tuple[str, str]:
     """A new benchmark customer with unlimited credits: its id and its key's plaintext."""
     customer = f"bench-{uuid.uuid4().hex[:12]}"
-    accounts.create_customer(customer, plan=PLAN)
-    accounts.grant_credits(customer, CREDITS)
-    return customer, accounts.create_key(customer).plaintext
+    return customer, new_customer(accounts, customer, CREDITS, plan=PLAN).plaintext
 
 
 async def hello(request: Request) -> JSONResponse:

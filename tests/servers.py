@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,6 +16,15 @@ from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
+
+
+def child_env(**settings: str) -> dict[str, str]:
+    """The environment of a process a test starts: this interpreter's import path, ``settings``, and no
+    ``METERWARE_*`` or ``PROMETHEUS_*`` variable from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERWARE_", "PROMETHEUS_"))}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env.update(settings)
+    return env
 
 
 def free_port() -> int:
@@ -31,6 +43,46 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s") from None
             time.sleep(0.02)
+
+
+def gunicorn_command(app: str, *options: str) -> list[str]:
+    """The command line of a gunicorn serving ``app`` (``module:name`` or ``module:factory()``)."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    # Recent gunicorn opens a control socket at a fixed path in $HOME: concurrent servers would share it.
+    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+        options += ("--no-control-socket",)
+    return [sys.executable, "-m", "gunicorn", *options, app]
+
+
+class ServerProcess:
+    """A real server process (uvicorn, gunicorn...) on a loopback port, its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        # Output goes to a file: a pipe nobody reads would block the server once it fills up.
+        with open(log, "wb") as output:
+            self.process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, timeout=20)
+        except TimeoutError:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(f"server did not start:\n{self.output()}") from None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Stop the server (SIGTERM: graceful, the lifespan drains the buffer) and return its output."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait(timeout=30)
+        return self.output()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
 
 class RedisServer:

@@ -11,22 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
-from meterware import Accounts, Config
+from meterware import Accounts
 from meterware.events import UsageEvent, decode_batch
+from tests.helpers import accounts_of, new_customer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-def _accounts(env: dict[str, str]) -> Accounts:
-    return Accounts.open(Config.load(env["METERWARE_CONFIG"], storage=env["METERWARE_STORAGE"]))
-
-
 def test_streaming_response_is_delivered_chunk_by_chunk(uvicorn_server: Any, e2e_env: dict[str, str]) -> None:
     """The first chunk reaches the client while the handler is still running: nothing is buffered."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("streamer", plan="payg")
-    accounts.grant_credits("streamer", "1")
-    key = accounts.create_key("streamer").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "streamer", "1").plaintext
     headers = {"Authorization": f"Bearer {key}"}
     with (
         httpx.Client(base_url=uvicorn_server.url, timeout=20) as client,
@@ -42,10 +37,8 @@ def test_a_client_gone_before_a_slow_answer_is_not_charged(
     uvicorn_server: Any, e2e_env: dict[str, str]
 ) -> None:
     """A client that leaves while a one-message call is still working gets an aborted event, no charge."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("leaver", plan="payg")
-    accounts.grant_credits("leaver", "1")
-    key = accounts.create_key("leaver").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "leaver", "1").plaintext
     with pytest.raises(httpx.ReadTimeout):
         httpx.get(f"{uvicorn_server.url}/v1/slow", headers={"Authorization": f"Bearer {key}"}, timeout=0.3)
     assert httpx.get(f"{uvicorn_server.url}/v1/hello", headers={"Authorization": f"Bearer {key}"}).is_success
@@ -63,10 +56,8 @@ def test_usage_totals_are_exact_after_a_graceful_shutdown(
     uvicorn_server: Any, e2e_env: dict[str, str]
 ) -> None:
     """Every success is counted and charged once, failures never; nothing is lost when the server stops."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("acme", plan="payg")
-    accounts.grant_credits("acme", "100")
-    key = accounts.create_key("acme").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "acme", "100").plaintext
     headers = {"Authorization": f"Bearer {key}"}
     expected = {"success": 0, "server_error": 0}
     tokens = 0
@@ -99,10 +90,8 @@ def test_a_client_gone_mid_stream_pays_for_the_call_and_the_tokens_reported(
 ) -> None:
     """A FastAPI stream left after its first chunk: an aborted event, charged for the call and for the
     tokens its handler reported until Starlette stopped it (its response had started)."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("leaver", plan="payg")
-    accounts.grant_credits("leaver", "1")
-    key = accounts.create_key("leaver").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "leaver", "1").plaintext
     with (
         httpx.Client(base_url=uvicorn_server.url, timeout=20) as client,
         client.stream("GET", "/v1/token-stream", headers={"Authorization": f"Bearer {key}"}) as response,
@@ -128,10 +117,8 @@ def test_units_of_a_background_task_and_redirects_are_billed_right(
 ) -> None:
     """Tokens a FastAPI background task reports 0.2 s after the response count against the call; the
     router's trailing-slash redirect (307) is recorded but not charged: the client pays once."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("acme", plan="payg")
-    accounts.grant_credits("acme", "1")
-    key = accounts.create_key("acme").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "acme", "1").plaintext
     with httpx.Client(
         base_url=uvicorn_server.url, timeout=20, headers={"Authorization": f"Bearer {key}"}
     ) as client:

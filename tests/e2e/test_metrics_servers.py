@@ -15,13 +15,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meterware import Accounts, Config
+from meterware import Config
 from meterware._core import AdmitRequest, meter_holds, period_bounds
 from meterware.keys import generate_key
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
-from tests.e2e.conftest import ServerProcess
-from tests.servers import free_port
+from tests.helpers import accounts_of
+from tests.servers import ServerProcess, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -63,10 +63,6 @@ def serving(args: list[str], env: dict[str, str], port: int, log: Path) -> Itera
         yield server
     finally:
         server.stop()
-
-
-def accounts_of(env: dict[str, str]) -> Accounts:
-    return Accounts.open(Config.load(env["METERWARE_CONFIG"], storage=env["METERWARE_STORAGE"]))
 
 
 def bearer(key: str) -> dict[str, str]:

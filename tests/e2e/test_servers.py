@@ -18,21 +18,16 @@ from typing import Any
 import httpx
 import pytest
 
-from meterware import Accounts, Config
+from meterware import Accounts
 from meterware.events import UsageEvent, decode_batch
-from tests.e2e.conftest import ServerProcess
-from tests.servers import free_port
+from tests.helpers import accounts_of, new_customer
+from tests.servers import ServerProcess, free_port, gunicorn_command
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 def _gunicorn(app: str, *options: str) -> list[str]:
-    from gunicorn.config import KNOWN_SETTINGS
-
-    # Recent gunicorn opens a control socket at a fixed path in $HOME: concurrent servers would share it.
-    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
-        options += ("--no-control-socket",)
-    return [sys.executable, "-m", "gunicorn", *options, "--graceful-timeout", "10", app]
+    return gunicorn_command(app, *options, "--graceful-timeout", "10")
 
 
 PRELOADED_FLASK = ("tests.e2e.flask_app:app", "--preload", "--workers", "2")
@@ -73,17 +68,11 @@ def server(
     process.stop()
 
 
-def _accounts(env: dict[str, str]) -> Accounts:
-    return Accounts.open(Config.load(env["METERWARE_CONFIG"], storage=env["METERWARE_STORAGE"]))
-
-
 @pytest.mark.parametrize("flush_interval", [60.0])  # nothing flushes while serving: all at exit
 def test_usage_totals_are_exact_after_a_graceful_shutdown(server: Any, e2e_env: dict[str, str]) -> None:
     """Concurrent traffic, SIGTERM right after the last response: every call counted and charged once."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("acme", plan="payg")
-    accounts.grant_credits("acme", "100")
-    key = accounts.create_key("acme").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "acme", "100").plaintext
     paths = [
         ["/v1/hello", "/v1/fail", "/v1/boom", f"/v1/tokens/{index}", f"/v1/stream/{index % 7}"][index % 5]
         for index in range(200)
@@ -129,10 +118,8 @@ def test_a_client_gone_mid_stream_is_recorded_as_aborted_and_charged_as_served(
 ) -> None:
     """The server notices the client left on its next write; the call is an aborted event, charged: its
     response had started (``policy.refund_aborted_streams`` would refund it)."""
-    accounts = _accounts(e2e_env)
-    accounts.create_customer("acme", plan="payg")
-    accounts.grant_credits("acme", "1")
-    key = accounts.create_key("acme").plaintext
+    accounts = accounts_of(e2e_env)
+    key = new_customer(accounts, "acme", "1").plaintext
     headers = {"Authorization": f"Bearer {key}"}
     with (
         httpx.Client(base_url=server.url, timeout=20) as client,

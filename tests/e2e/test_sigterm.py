@@ -21,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meterware import Accounts, Config
+from meterware import Accounts
 from meterware.events import UsageEvent, decode_batch
 from tests.e2e.test_servers import _gunicorn
+from tests.helpers import accounts_of, new_customer
 from tests.servers import free_port, wait_for_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -77,7 +78,7 @@ def env(e2e_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture
 def accounts(env: dict[str, str]) -> Iterator[Accounts]:
-    accounts = Accounts.open(Config.load(env["METERWARE_CONFIG"], storage=env["METERWARE_STORAGE"]))
+    accounts = accounts_of(env)
     yield accounts
     accounts.close()
 
@@ -114,9 +115,7 @@ def test_sigterm_right_after_the_last_response_loses_no_event(
     name: str, env: dict[str, str], accounts: Accounts, tmp_path: Path
 ) -> None:
     """Calls answered, then SIGTERM to the server's process at once: every call's event is in Redis."""
-    accounts.create_customer("acme", plan="payg")
-    accounts.grant_credits("acme", "100")
-    key = accounts.create_key("acme").plaintext
+    key = new_customer(accounts, "acme", "100").plaintext
     log = tmp_path / f"{name}.log"
     process, url = serve(name, env, log)
     try:
@@ -149,9 +148,7 @@ def test_sigterm_while_the_main_thread_serves_a_call_lets_it_finish(
     env: dict[str, str], accounts: Accounts, tmp_path: Path
 ) -> None:
     """wsgiref serves calls in its main thread: a SIGTERM in the middle of one exits once it is recorded."""
-    accounts.create_customer("acme", plan="payg")
-    accounts.grant_credits("acme", "100")
-    key = accounts.create_key("acme").plaintext
+    key = new_customer(accounts, "acme", "100").plaintext
     log = tmp_path / "wsgiref.log"
     process, url = serve("wsgiref", env, log)
     with (

@@ -1,4 +1,4 @@
-"""The fault suite's tools: Redis and app processes it can kill, a load generator, and the books.
+"""The fault suite's tools: Redis and app processes it can kill, and a load generator.
 
 Every process here is started by the test that signals it, and every signal goes to a PID it holds.
 """
@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,8 @@ import httpx
 import pytest
 import redis
 
-from meterware import Accounts, Config
-from meterware._core import Customer, KeyRecord
-from meterware.events import UsageEvent, decode_batch
-from meterware.flusher import Spool
-from meterware.keys import NewKey
-from meterware.rollup.aggregate import parse_entry
-from meterware.storage import _keyspace, open_storage
-from tests.e2e.conftest import ServerProcess
-from tests.servers import RedisServer, free_port
+from tests.helpers import paths_cycling
+from tests.servers import RedisServer, ServerProcess, child_env, free_port, gunicorn_command
 
 SHARDS = 4
 CUSTOMER = "acme"
@@ -45,77 +38,6 @@ INITIAL_MICROS = INITIAL_CREDITS * 1_000_000
 TIMEOUT = 0.2
 #: No request may take longer than this, whatever the fault (a correctness bound, not a benchmark).
 LATENCY_BOUND = TIMEOUT * 4 + 1.0
-
-
-def base_config(url: str, spool_dir: Path) -> dict[str, Any]:
-    """The configuration the fault tests start from (tests replace single settings)."""
-    return {
-        "storage": {"url": url, "shards": SHARDS},
-        "meters": {
-            "calls": {"aggregation": "count"},
-            "tokens": {"aggregation": "sum", "source": "handler"},
-            "rows": {"aggregation": "sum", "source": "handler"},  # counted, never priced
-        },
-        "plans": {
-            "payg": {
-                "prepaid": True,
-                "meters": {"calls": {"price": "0.01"}, "tokens": {"price": "0.0001"}},
-            },
-        },
-        "routes": {"exclude": ["/health", "/metrics"]},
-        "policy": {
-            "on_backend_error": "open",
-            "timeout": TIMEOUT,
-            "reservation_timeout": 2.0,
-            "key_cache_ttl": 10.0,
-        },
-        "pipeline": {
-            "flush_interval": 0.05,
-            "flush_timeout": 1.0,
-            "batch_size": 200,
-            "spool_dir": str(spool_dir),
-        },
-        "rollup": {"lease_seconds": 1.0},
-    }
-
-
-def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with the settings of ``changes`` (one level deep: sections are merged, not replaced)."""
-    result = dict(base)
-    for section, values in changes.items():
-        if isinstance(values, Mapping) and isinstance(result.get(section), Mapping):
-            result[section] = {**result[section], **values}
-        else:
-            result[section] = values
-    return result
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """A TOML document for a configuration (tables of tables, strings, numbers, booleans, lists)."""
-    lines: list[str] = []
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, int | float):
-            return repr(item)
-        if isinstance(item, str):
-            return json.dumps(item)
-        if isinstance(item, list):
-            return "[" + ", ".join(value(element) for element in item) + "]"
-        raise TypeError(f"cannot write {item!r} as TOML")
-
-    def table(prefix: str, content: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in content.items() if not isinstance(v, Mapping)}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{json.dumps(k)} = {value(v)}" for k, v in scalars.items())
-        for key, sub in content.items():
-            if isinstance(sub, Mapping):
-                table(f"{prefix}.{json.dumps(key)}" if prefix else json.dumps(key), sub)
-
-    table("", data)
-    return "\n".join(lines) + "\n"
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
@@ -210,22 +132,9 @@ class FaultRedis(RedisServer):
 # -- the app and the worker -------------------------------------------------------------------------------
 
 
-def base_env(config_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of the app and worker processes (no METERWARE_* from outside leaks in)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERWARE_", "PROMETHEUS_"))}
-    env["METERWARE_CONFIG"] = str(config_path)
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    env.update(extra)
-    return env
-
-
-def _gunicorn(*options: str) -> list[str]:
-    from gunicorn.config import KNOWN_SETTINGS
-
-    # Recent gunicorn opens a control socket at a fixed path in $HOME: concurrent servers would share it.
-    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
-        options += ("--no-control-socket",)
-    return [sys.executable, "-m", "gunicorn", *options]
+def base_env(config_path: Path) -> dict[str, str]:
+    """The environment of the app and worker processes, configured by ``config_path``."""
+    return child_env(METERWARE_CONFIG=str(config_path))
 
 
 class App:
@@ -264,10 +173,10 @@ class App:
                 sys.executable, "-m", "uvicorn", "tests.faults.asgi_server:app",
                 "--port", str(self.port), "--log-level", "warning", *self.options,
             ]  # fmt: skip
-        return _gunicorn(
+        return gunicorn_command(
+            "tests.faults.wsgi_server:app",
             "--workers", str(self.workers), "--worker-class", "gthread", "--threads", "4",
-            "--graceful-timeout", "10",
-            "--bind", f"127.0.0.1:{self.port}", *self.options, "tests.faults.wsgi_server:app",
+            "--graceful-timeout", "10", "--bind", f"127.0.0.1:{self.port}", *self.options,
         )  # fmt: skip
 
     def start(self) -> App:
@@ -394,6 +303,15 @@ class Result:
     at: float = 0.0
 
 
+#: The usual traffic: half successes, a quarter failing handlers, a quarter calls reporting 3 tokens each.
+MIXED_PATHS = paths_cycling(["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"])
+
+
+def tokens_of(paths: Iterable[str], per_call: int = 3) -> int:
+    """The tokens reported by the calls to ``/v1/tokens/`` among ``paths`` (``per_call`` each)."""
+    return per_call * sum(1 for path in paths if path.startswith("/v1/tokens/"))
+
+
 #: Request numbers, unique in the test process (so two loads never send the same path).
 _SEQUENCE = itertools.count()
 
@@ -494,131 +412,6 @@ class Load:
 
     def slowest(self) -> Result:
         return max(self.snapshot(), key=lambda result: result.seconds)
-
-
-# -- the books ---------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Stream:
-    """Every event in the shard streams of a Redis database, with its cost and batch id."""
-
-    events: list[UsageEvent]
-    costs: list[int]
-    entries: int
-    batch_ids: list[str]
-
-    @classmethod
-    def read(cls, client: redis.Redis, *, valid_only: bool = False) -> Stream:
-        """Decode every entry (``valid_only``: every entry the rollup would accept; skip the others)."""
-        events: list[UsageEvent] = []
-        costs: list[int] = []
-        batch_ids: list[str] = []
-        entries = 0
-        for shard in range(SHARDS):
-            for _, fields in client.xrange(_keyspace.events(shard)):
-                if valid_only and isinstance(parse_entry(fields, {}), str):
-                    continue
-                entries += 1
-                batch = decode_batch(fields[b"b"])
-                events += batch
-                costs += [int(cost) for cost in fields[b"c"].split(b",")] if fields[b"c"] else []
-                batch_ids.append(fields[b"i"].decode())
-        return cls(events, costs, entries, batch_ids)
-
-    def assert_no_duplicates(self) -> None:
-        """Each batch appended once, each event once, each request (unique path) recorded once."""
-        assert len(set(self.batch_ids)) == len(self.batch_ids), "a batch was appended twice"
-        ids = Counter(event.id for event in self.events)
-        assert not [i for i, n in ids.items() if n > 1], "an event is in the stream twice"
-        paths = Counter(event.route for event in self.events)
-        assert not [p for p, n in paths.items() if n > 1], "a request has two events"
-
-    def paths(self, outcome: str) -> set[str]:
-        return {event.route for event in self.events if event.outcome == outcome}
-
-    def charged(self) -> int:
-        return sum(self.costs)
-
-
-def spooled_events(spool_dir: Path) -> list[UsageEvent]:
-    """Events waiting in a spool directory (read without replaying them)."""
-    spool = Spool(spool_dir, 1 << 40)
-    events: list[UsageEvent] = []
-    for path in spool.pending():
-        batch = spool.read(path)
-        if batch is not None:
-            events += decode_batch(batch.payload)
-    return events
-
-
-def spool_bytes(spool_dir: Path) -> int:
-    """Bytes waiting in a spool that the app may be replaying meanwhile (a listed file may be gone)."""
-    total = 0
-    for path in spool_dir.glob("*.batch") if spool_dir.exists() else ():
-        with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_size
-    return total
-
-
-@dataclass(slots=True)
-class Books:
-    """What the backend says about the customer once everything is rolled up."""
-
-    calls: dict[str, int]
-    tokens: int
-    spend: int
-    charged: int
-    reserved: int
-
-
-def books(accounts: Accounts, customer: str = CUSTOMER) -> Books:
-    usage = accounts.usage(customer)
-    balance = accounts.balance(customer)
-    return Books(
-        calls=usage.calls,
-        tokens=usage.meters.get("tokens", 0),
-        spend=usage.spend,
-        charged=INITIAL_MICROS - balance.balance,
-        reserved=balance.reserved,
-    )
-
-
-def assert_exact(stream: Stream, ledger: Books, succeeded: set[str], *, tokens: int = 0) -> None:
-    """The promise: client-seen successes == successful calls in the rollup == calls charged, once each."""
-    stream.assert_no_duplicates()
-    assert stream.paths("success") == succeeded, (
-        f"{len(succeeded - stream.paths('success'))} successes without an event, "
-        f"{len(stream.paths('success') - succeeded)} events of calls the client did not see succeed"
-    )
-    assert ledger.calls["success"] == len(succeeded)
-    expected = len(succeeded) * CALL_PRICE + tokens * TOKEN_PRICE
-    assert ledger.spend == stream.charged() == ledger.charged == expected
-    assert ledger.reserved == 0, "reservations left open"
-
-
-# -- customers ---------------------------------------------------------------------------------------------
-
-
-def open_accounts(config_path: Path, url: str | None = None) -> Accounts:
-    """Accounts on the configured backend, or on ``url`` (Redis itself, when the app goes through a proxy)."""
-    config = Config.from_file(config_path)
-    return Accounts(open_storage(url or config.storage, shards=config.shards, timeout=10), config)
-
-
-def provision(accounts: Accounts, customer: str = CUSTOMER) -> NewKey:
-    """A customer on the ``payg`` plan with credits, and a live key."""
-    accounts.create_customer(customer, plan="payg")
-    accounts.grant_credits(customer, str(INITIAL_CREDITS))
-    return accounts.create_key(customer)
-
-
-def restore(accounts: Accounts, customer: Customer, key: NewKey) -> None:
-    """Provision the same customer and key again on an empty backend (as a restore from backup would)."""
-    accounts.storage.create_customer(customer)
-    accounts.grant_credits(customer.id, str(INITIAL_CREDITS))
-    record = KeyRecord(key.key_id, customer.id, key.prefix, key.live, "active", int(time.time()))
-    accounts.storage.add_key(record, key.hash)
 
 
 def figures(name: str, **values: Any) -> None:

@@ -12,29 +12,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (
-    App,
-    FaultRedis,
-    Load,
-    Stream,
-    assert_exact,
-    base_config,
-    base_env,
-    books,
-    figures,
-    merged,
-    open_accounts,
-    provision,
-    rollup_once,
-    spool_bytes,
-    to_toml,
-    wait_until,
-)
-from tests.faults.proxy import Action, RedisProxy, script_of
+from tests.faults.books import assert_exact, spool_bytes
+from tests.faults.harness import MIXED_PATHS, Load, figures, tokens_of, wait_until
+from tests.faults.proxy import Action, script_of
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -66,31 +50,14 @@ class LoseSome:
         return Action.FORWARD
 
 
-def test_lost_replies_never_duplicate_events_or_charges(
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_proxy: Callable[..., RedisProxy],
-) -> None:
+def test_lost_replies_never_duplicate_events_or_charges(make_scenario: Callable[..., Scenario]) -> None:
     """Flush and admission replies lost after Redis applied them: every call counted and charged once."""
-    server = make_redis()
     rule = LoseSome()
-    proxy = make_proxy(server.port, rule=rule)
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    config.write_text(to_toml(merged(base_config(proxy.url(), spool), {})))
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext
-    # The test reads the backend directly; the app goes through the proxy.
-    env = base_env(config)
-    direct = {**env, "METERWARE_STORAGE": server.url}
-    app = make_app("uvicorn", env).start()
-
-    def path_of(n: int) -> str:
-        return ["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"][n % 4].format(n)
+    scenario = make_scenario(proxy=rule)
+    app = scenario.app()
 
     began = time.monotonic()
-    with Load(app.url, key, path_of, threads=4, limit=1200) as load:
+    with Load(app.url, scenario.key, MIXED_PATHS, threads=4, limit=1200) as load:
         wait_until(
             lambda: len(rule.flushes) == LOST_FLUSHES and rule.admissions == LOST_ADMISSIONS,
             30,
@@ -98,18 +65,17 @@ def test_lost_replies_never_duplicate_events_or_charges(
         )
         time.sleep(0.5)
     lost_admissions_at = time.monotonic()
-    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spooled batches were never replayed")
+    wait_until(lambda: spool_bytes(scenario.spool) == 0, 15, "the spooled batches were never replayed")
     output = app.stop()
-    assert spool_bytes(spool) == 0
+    assert spool_bytes(scenario.spool) == 0
     # Reservations whose admission reply was lost are due after reservation_timeout (2 s).
     time.sleep(max(0.0, lost_admissions_at + 2.2 - time.monotonic()))
-    rollup_once(direct, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
-    stream = Stream.read(server.client())
-    ledger = books(accounts)
+    stream = scenario.stream()
+    ledger = scenario.books()
     succeeded = load.paths(200)
-    tokens = 3 * sum(1 for path in succeeded if path.startswith("/v1/tokens/"))
-    assert_exact(stream, ledger, succeeded, tokens=tokens)
+    assert_exact(stream, ledger, succeeded, tokens=tokens_of(succeeded))
     for batch_id in rule.flushes:
         assert stream.batch_ids.count(batch_id) == 1, f"batch {batch_id} is not in the stream exactly once"
     assert ledger.calls["server_error"] == len(load.paths(503))

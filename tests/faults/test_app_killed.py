@@ -16,38 +16,30 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
+from tests.faults.books import spool_bytes, spooled_events
 from tests.faults.harness import (
     CALL_PRICE,
+    CUSTOMER,
     TOKEN_PRICE,
-    App,
-    FaultRedis,
     Load,
-    Stream,
-    base_config,
-    base_env,
-    books,
     children,
     figures,
-    open_accounts,
-    provision,
-    rollup_once,
-    spool_bytes,
-    spooled_events,
-    to_toml,
+    tokens_of,
     wait_until,
 )
-from tests.faults.proxy import Action, RedisProxy, script_of
+from tests.faults.proxy import Action, script_of
+from tests.faults.scenario import Scenario
+from tests.helpers import paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 
-def path_of(n: int) -> str:
-    paths = ["/v1/ok/{}", "/v1/slow/{}?s=0.5", "/v1/tokens/{}?n=3", "/v1/ok/{}", "/v1/ok/{}", "/v1/ok/{}"]
-    return paths[n % len(paths)].format(n)
+TRAFFIC = paths_cycling(
+    ["/v1/ok/{}", "/v1/slow/{}?s=0.5", "/v1/tokens/{}?n=3", "/v1/ok/{}", "/v1/ok/{}", "/v1/ok/{}"]
+)
 
 
 class RefuseFlushes:
@@ -64,26 +56,14 @@ class RefuseFlushes:
 
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
 def test_sigkilled_app_loses_no_spooled_event_and_charges_no_call_without_one(
-    kind: str,
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_proxy: Callable[..., RedisProxy],
+    kind: str, make_scenario: Callable[..., Scenario]
 ) -> None:
     """SIGKILL under load: spooled events are replayed, unsettled reservations refunded, totals agree."""
-    server = make_redis()
     rule = RefuseFlushes()
-    proxy = make_proxy(server.port, rule=rule)
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    config.write_text(to_toml(base_config(proxy.url(), spool)))
-    accounts = open_accounts(config, server.url)
-    key = provision(accounts).plaintext
-    env = base_env(config)
-    direct = {**env, "METERWARE_STORAGE": server.url}
-    app = make_app(kind, env).start()
+    scenario = make_scenario(proxy=rule)
+    app = scenario.app(kind)
 
-    with Load(app.url, key, path_of, threads=8) as load:
+    with Load(app.url, scenario.key, TRAFFIC, threads=8) as load:
         time.sleep(1.5)
         rule.on.set()
         time.sleep(1.5)
@@ -93,21 +73,23 @@ def test_sigkilled_app_loses_no_spooled_event_and_charges_no_call_without_one(
             victim = children(app.pid)[0]
             os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
-        spooled = spooled_events(spool)
-        reserved_at_kill = accounts.balance("acme").reserved
+        spooled = spooled_events(scenario.spool)
+        reserved_at_kill = scenario.accounts.balance(CUSTOMER).reserved
         rule.on.clear()
         if kind == "gunicorn":
             time.sleep(1.5)  # the surviving and the respawned worker serve on, and replay the spool
     if kind == "uvicorn":
         app.start()  # no traffic: the spool must be replayed at start-up
-    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool of the killed process was never replayed")
+    wait_until(
+        lambda: spool_bytes(scenario.spool) == 0, 15, "the spool of the killed process was never replayed"
+    )
     app.stop()
     time.sleep(max(0.0, killed + 2.2 - time.monotonic()))  # unsettled reservations are due after 2 s
-    rollup_once(direct, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
-    stream = Stream.read(server.client())
+    stream = scenario.stream()
     stream.assert_no_duplicates()
-    ledger = books(accounts)
+    ledger = scenario.books()
     sent = {result.path.split("?")[0] for result in load.snapshot()}
     succeeded = load.paths(200)
     events = stream.paths("success")
@@ -118,7 +100,7 @@ def test_sigkilled_app_loses_no_spooled_event_and_charges_no_call_without_one(
     assert events <= sent
     lost = succeeded - events  # in the killed process's memory: never written anywhere
     # Only calls with an event are counted and charged; every other reservation was refunded.
-    tokens = 3 * sum(1 for path in events if path.startswith("/v1/tokens/"))
+    tokens = tokens_of(events)
     assert ledger.calls["success"] == len(events)
     assert (
         ledger.spend == stream.charged() == ledger.charged == len(events) * CALL_PRICE + tokens * TOKEN_PRICE

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import msgpack
@@ -14,24 +13,9 @@ import pytest
 
 from meterware.events import encode_batch
 from meterware.storage import _keyspace
-from tests.faults.harness import (
-    SHARDS,
-    App,
-    FaultRedis,
-    Load,
-    Stream,
-    Worker,
-    assert_exact,
-    base_config,
-    base_env,
-    books,
-    figures,
-    open_accounts,
-    parse_metrics,
-    provision,
-    to_toml,
-    wait_until,
-)
+from tests.faults.books import assert_exact, rolled_up
+from tests.faults.harness import SHARDS, Load, figures, parse_metrics, wait_until
+from tests.faults.scenario import Scenario
 from tests.servers import free_port
 from tests.test_events import sample_event
 
@@ -54,39 +38,23 @@ GARBAGE: list[tuple[dict[bytes, bytes], str]] = [
 ]
 
 
-def caught_up(client: object) -> bool:
-    for shard in range(SHARDS):
-        last = client.xrevrange(_keyspace.events(shard), count=1)  # type: ignore[attr-defined]
-        if last and client.get(_keyspace.offset(shard)) != last[0][0]:  # type: ignore[attr-defined]
-            return False
-    return True
-
-
 def test_garbage_entries_become_counted_dead_letters_and_the_worker_goes_on(
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_worker: Callable[..., Worker],
+    make_scenario: Callable[..., Scenario],
 ) -> None:
     """Garbage, truncated and unknown-version entries amid real traffic: dead letters with reasons."""
-    server = make_redis()
-    config = tmp_path / "meterware.toml"
-    config.write_text(to_toml(base_config(server.url, tmp_path / "spool")))
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext
-    env = base_env(config)
-    app = make_app("uvicorn", env).start()
+    scenario = make_scenario()
+    app = scenario.app()
     metrics_port = free_port()
-    worker = make_worker(env, "--metrics-port", str(metrics_port))
-    client = server.client()
+    worker = scenario.worker("--metrics-port", str(metrics_port))
+    client = scenario.server.client()
 
-    with Load(app.url, key, "/v1/ok/{}".format, threads=3) as load:
+    with Load(app.url, scenario.key, "/v1/ok/{}".format, threads=3) as load:
         for index, (fields, _) in enumerate(GARBAGE):
             client.xadd(_keyspace.events(index % SHARDS), fields)
             time.sleep(0.1)
         time.sleep(0.5)
     app.stop()
-    wait_until(lambda: caught_up(client), 20, "the worker stopped rolling up")
+    wait_until(lambda: rolled_up(client), 20, "the worker stopped rolling up")
     assert worker.process.poll() is None, worker.output()
     worker_metrics = parse_metrics(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text)
     assert worker.terminate() == 0
@@ -102,8 +70,8 @@ def test_garbage_entries_become_counted_dead_letters_and_the_worker_goes_on(
     assert worker_metrics["meterware_rollup_dead_letters_total"] == len(GARBAGE)
     assert worker.output().count("is a dead letter") == len(GARBAGE)
 
-    valid = Stream.read(client, valid_only=True)
-    ledger = books(accounts)
+    valid = scenario.stream(valid_only=True)
+    ledger = scenario.books()
     assert_exact(valid, ledger, load.paths(200))
     figures(
         "dead-letters",

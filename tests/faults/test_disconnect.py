@@ -8,28 +8,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.faults.harness import (
-    CALL_PRICE,
-    TOKEN_PRICE,
-    App,
-    FaultRedis,
-    Stream,
-    base_config,
-    base_env,
-    books,
-    figures,
-    merged,
-    open_accounts,
-    provision,
-    rollup_once,
-    to_toml,
-    wait_until,
-)
+from tests.faults.harness import CALL_PRICE, TOKEN_PRICE, figures, wait_until
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -51,25 +35,16 @@ def read_first_chunk_and_leave(port: int, path: str, key: str) -> None:
 @pytest.mark.parametrize("refund", [False, True], ids=["default", "refund-policy"])
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
 def test_client_leaving_mid_stream_is_aborted_and_pays_for_what_it_was_served(
-    kind: str,
-    refund: bool,
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
+    kind: str, refund: bool, make_scenario: Callable[..., Scenario]
 ) -> None:
     """Streams the client leaves after the first chunk are aborted events. By default each is charged for
     the call and the tokens its handler reported until it finished (under uvicorn the handler never sees
     the client leave and runs to its end: every token counts); with ``policy.refund_aborted_streams`` they
     are refunded. Complete streams are charged in full either way."""
-    server = make_redis()
-    config = tmp_path / "meterware.toml"
     # The default is not written out: the setting is the policy choice a deployment makes.
-    policy = {"policy": {"refund_aborted_streams": True}} if refund else {}
-    settings = merged(base_config(server.url, tmp_path / "spool"), policy)
-    config.write_text(to_toml(settings))
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext
-    app = make_app(kind, base_env(config)).start()
+    scenario = make_scenario({"policy": {"refund_aborted_streams": True}} if refund else {})
+    key = scenario.key
+    app = scenario.app(kind)
     left = [f"/v1/stream/left-{index}" for index in range(5)]
     for path in left:
         read_first_chunk_and_leave(app.port, f"{path}?n={CHUNKS}&delay=0.02", key)
@@ -81,9 +56,9 @@ def test_client_leaving_mid_stream_is_aborted_and_pays_for_what_it_was_served(
     # The handlers of the streams left behind run on until they end (uvicorn) or their next write fails.
     wait_until(lambda: app.metrics().get("meterware_requests_total", 0) >= 8, 10, "every stream ended")
     app.stop()
-    rollup_once(base_env(config), tmp_path / "rollup.log")
+    scenario.rollup_once()
 
-    stream = Stream.read(server.client())
+    stream = scenario.stream()
     stream.assert_no_duplicates()
     events = {event.route: event for event in stream.events}
     assert {path: events[path].outcome for path in left} == dict.fromkeys(left, "aborted")
@@ -94,7 +69,7 @@ def test_client_leaving_mid_stream_is_aborted_and_pays_for_what_it_was_served(
         assert left_tokens == [CHUNKS] * len(left)
     else:  # gunicorn closes the handler's generator at the write that fails
         assert all(1 <= tokens <= CHUNKS for tokens in left_tokens), left_tokens
-    ledger = books(accounts)
+    ledger = scenario.books()
     assert ledger.calls["aborted"] == len(left)
     assert ledger.calls["success"] == len(complete)
     served_tokens = 0 if refund else sum(left_tokens)

@@ -11,98 +11,61 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+import redis
 
 from meterware.storage import _keyspace
 from meterware.storage.base import START_OFFSET
-from tests.faults.harness import (
-    App,
-    FaultRedis,
-    Load,
-    Stream,
-    Worker,
-    assert_exact,
-    base_config,
-    base_env,
-    books,
-    figures,
-    merged,
-    open_accounts,
-    provision,
-    rollup_once,
-    to_toml,
-    wait_until,
-)
+from tests.faults.books import assert_exact, rolled_up
+from tests.faults.harness import SHARDS, Load, figures, tokens_of, wait_until
+from tests.faults.scenario import Scenario
+from tests.helpers import paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 
-def path_of(n: int) -> str:
-    paths = ["/v1/ok/{}", "/v1/slow/{}?s=0.3", "/v1/tokens/{}?n=3", "/v1/fail/{}", "/v1/ok/{}"]
-    return paths[n % len(paths)].format(n)
+TRAFFIC = paths_cycling(["/v1/ok/{}", "/v1/slow/{}?s=0.3", "/v1/tokens/{}?n=3", "/v1/fail/{}", "/v1/ok/{}"])
 
 
-def caught_up(server: FaultRedis) -> bool:
-    """Whether every shard's committed offset is its stream's last entry."""
-    client = server.client()
-    for shard in range(4):
-        last = client.xrevrange(_keyspace.events(shard), count=1)
-        offset = client.get(_keyspace.offset(shard))
-        if last and (offset is None or offset != last[0][0]):
-            return False
-    return True
-
-
-def committed_anything(server: FaultRedis) -> bool:
-    client = server.client()
+def committed_anything(client: redis.Redis) -> bool:
+    """Whether the worker committed an offset in some shard."""
     return any(
-        (client.get(_keyspace.offset(s)) or START_OFFSET.encode()) != START_OFFSET.encode() for s in range(4)
+        (client.get(_keyspace.offset(s)) or START_OFFSET.encode()) != START_OFFSET.encode()
+        for s in range(SHARDS)
     )
 
 
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
 def test_sigterm_to_worker_and_app_under_load_loses_nothing(
-    kind: str,
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_worker: Callable[..., Worker],
+    kind: str, make_scenario: Callable[..., Scenario]
 ) -> None:
     """SIGTERM the worker, then the app, while calls run: every call counted and charged once."""
-    server = make_redis()
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    changes = {"pipeline": {"flush_interval": 1.0}, "policy": {"reservation_timeout": 60.0}}
-    config.write_text(to_toml(merged(base_config(server.url, spool), changes)))
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext
-    env = base_env(config)
-    app = make_app(kind, env).start()
-    first = make_worker(env)
+    scenario = make_scenario({"pipeline": {"flush_interval": 1.0}, "policy": {"reservation_timeout": 60.0}})
+    client = scenario.server.client()
+    app = scenario.app(kind)
+    first = scenario.worker()
 
-    with Load(app.url, key, path_of, threads=6) as load:
-        wait_until(lambda: committed_anything(server), 15, "the worker never committed")
+    with Load(app.url, scenario.key, TRAFFIC, threads=6) as load:
+        wait_until(lambda: committed_anything(client), 15, "the worker never committed")
         assert first.terminate() == 0, first.output()
-        second = make_worker(env)
+        second = scenario.worker()
         time.sleep(1.5)
         signalled = time.monotonic()
         output = app.stop()
         stopped = time.monotonic()
-    wait_until(lambda: caught_up(server), 20, "the second worker did not catch up")
+    wait_until(lambda: rolled_up(client), 20, "the second worker did not catch up")
     assert second.terminate() == 0, second.output()
-    assert "rolled up 0 events" in rollup_once(env, tmp_path / "rollup.log")
+    assert "rolled up 0 events" in scenario.rollup_once()
 
     assert "stopped" in first.output()
     assert "Traceback" not in first.output() + second.output()
     assert "meterware:" not in output, output  # no flush failed, nothing dropped
     finished_in_shutdown = [r for r in load.snapshot() if r.status is not None and signalled < r.at < stopped]
-    stream = Stream.read(server.client())
-    ledger = books(accounts)
+    stream = scenario.stream()
+    ledger = scenario.books()
     succeeded = load.paths(200)
-    tokens = 3 * sum(1 for path in succeeded if path.startswith("/v1/tokens/"))
-    assert_exact(stream, ledger, succeeded, tokens=tokens)
+    assert_exact(stream, ledger, succeeded, tokens=tokens_of(succeeded))
     assert ledger.calls["server_error"] == len(load.paths(503))
     figures(
         f"sigterm-{kind}-and-worker",

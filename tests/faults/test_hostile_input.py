@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,32 +22,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meterware import keys as keys_module
-from meterware._core import Problem
-from meterware._metering import Metering
-from meterware.config import Config
 from meterware.events import MAX_ROUTE_LENGTH
 from meterware.keys import generate_key
-from meterware.storage import open_storage
-from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM
-from tests.faults.harness import (
-    CALL_PRICE,
-    TOKEN_PRICE,
-    App,
-    FaultRedis,
-    Load,
-    Stream,
-    assert_exact,
-    base_config,
-    base_env,
-    books,
-    figures,
-    merged,
-    open_accounts,
-    provision,
-    rollup_once,
-    to_toml,
-    wait_until,
-)
+from meterware.wsgi import WSGIMeteringMiddleware
+from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM, bare_wsgi
+from tests.faults.books import Stream, assert_exact
+from tests.faults.harness import CALL_PRICE, CUSTOMER, TOKEN_PRICE, Load, figures, wait_until
+from tests.faults.proxy import Action
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -95,28 +77,23 @@ def problem_reason(status: int, headers: dict[str, str], body: bytes) -> str:
 
 
 @pytest.fixture
-def hostile_app(
-    tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
-) -> tuple[App, FaultRedis, Path]:
-    server = make_redis()
-    config = tmp_path / "meterware.toml"
+def hostile(make_scenario: Callable[..., Scenario]) -> Scenario:
+    """The hostile-input deployment: more excluded routes, a live-only one, keys cached briefly."""
     changes = {
         "routes": {"exclude": ["/health", "/metrics", "/docs*"], "live_only": ["/v1/live/*"]},
         "policy": {"key_cache_ttl": 0.2},
     }
-    config.write_text(to_toml(merged(base_config(server.url, tmp_path / "spool"), changes)))
-    return make_app("uvicorn", base_env(config)).start(), server, config
+    return make_scenario(changes)
 
 
-def test_hostile_keys_are_refused_and_never_charged(hostile_app: tuple[App, FaultRedis, Path]) -> None:
+def test_hostile_keys_are_refused_and_never_charged(hostile: Scenario) -> None:
     """Empty, huge, non-ASCII, wrong-prefix, unknown, revoked, expired keys; test keys on live-only routes."""
-    app, server, config = hostile_app
-    accounts = open_accounts(config)
-    live = provision(accounts)
-    test_key = accounts.create_key("acme", live=False)
-    revoked = accounts.create_key("acme")
+    app = hostile.app()
+    accounts, live = hostile.accounts, hostile.new_key
+    test_key = accounts.create_key(CUSTOMER, live=False)
+    revoked = accounts.create_key(CUSTOMER)
     accounts.revoke_key(revoked.key_id)
-    rotated = accounts.create_key("acme")
+    rotated = accounts.create_key(CUSTOMER)
     replacement = accounts.rotate_key(rotated.key_id, grace_seconds=1.0)
     port = app.port
     served: list[str] = []
@@ -182,16 +159,15 @@ def test_hostile_keys_are_refused_and_never_charged(hostile_app: tuple[App, Faul
 
     metrics = app.metrics()
     app.stop()
-    env = base_env(config)
-    rollup_once(env, config.parent / "rollup.log")
-    stream = Stream.read(server.client())
+    hostile.rollup_once()
+    stream = hostile.stream()
     stream.assert_no_duplicates()
-    ledger = books(accounts)
+    ledger = hostile.books()
     assert stream.paths("success") - {"/v1/ok/22"} == set(served)
     assert ledger.calls["success"] == len(served)
     assert ledger.spend == ledger.charged == len(served) * CALL_PRICE
     assert ledger.reserved == 0
-    sandbox = accounts.usage("acme", live=False)
+    sandbox = accounts.usage(CUSTOMER, live=False)
     assert sandbox.calls["success"] == 1
     assert sandbox.calls["rejected"] == 2  # the two live-only refusals of a known customer
     assert sandbox.spend == 0
@@ -200,75 +176,81 @@ def test_hostile_keys_are_refused_and_never_charged(hostile_app: tuple[App, Faul
     figures("hostile-keys", refused=Counter(refusals), served=len(served), charged_micros=ledger.charged)
 
 
-class CountingStorage:
-    """A storage that records the arguments of every call made on it."""
+class Recorder:
+    """A proxy rule that records every command on its way to Redis."""
 
-    def __init__(self, storage: Any) -> None:
-        self.storage = storage
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+    #: What a client sends when it connects, before any command of its own.
+    HANDSHAKE = frozenset({b"CLIENT", b"HELLO", b"AUTH", b"SELECT", b"PING"})
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.storage, name)
+    def __init__(self) -> None:
+        self.commands: list[list[bytes]] = []
+        self._lock = threading.Lock()
 
-        def recorded(*args: Any) -> Any:
-            self.calls.append((name, args))
-            return method(*args)
+    def __call__(self, command: list[bytes]) -> Action:
+        with self._lock:
+            self.commands.append(command)
+        return Action.FORWARD
 
-        return recorded
+    def sent_since(self, start: int) -> list[list[bytes]]:
+        """The commands recorded since the ``start``-th, but for connection handshakes."""
+        with self._lock:
+            return [command for command in self.commands[start:] if command[0].upper() not in self.HANDSHAKE]
 
 
 def test_unknown_and_known_keys_take_the_same_path_to_the_backend(
-    tmp_path: Path, make_redis: Callable[..., FaultRedis], monkeypatch: pytest.MonkeyPatch
+    make_scenario: Callable[..., Scenario], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No timing oracle: any well-formed key costs one hash and one lookup by hash; nothing compares it."""
-    server = make_redis()
-    config_path = tmp_path / "meterware.toml"
-    config_path.write_text(to_toml(base_config(server.url, tmp_path / "spool")))
-    config = Config.from_file(config_path)
-    accounts = open_accounts(config_path)
-    known = provision(accounts).plaintext
-    revoked = accounts.create_key("acme")
+    recorder = Recorder()
+    # No flush while a call is measured: the commands the recorder sees meanwhile are the call's own.
+    scenario = make_scenario({"pipeline": {"flush_interval": 60.0}}, proxy=recorder)
+    accounts, known = scenario.accounts, scenario.key
+    revoked = accounts.create_key(CUSTOMER)
     accounts.revoke_key(revoked.key_id)
     near_miss = known[:-1] + ("b" if known[-1] != "b" else "c")
     hashed: list[str] = []
     real_hash = keys_module.hash_key
     monkeypatch.setattr(keys_module, "hash_key", lambda text: hashed.append(text) or real_hash(text))
-    storage = open_storage(server.url, shards=config.shards, timeout=5)
 
-    for presented, found in [
-        (known, True),
-        (generate_key().plaintext, False),
-        (near_miss, False),
-        (revoked.plaintext, True),
-        (generate_key(live=False).plaintext, False),
-    ]:
+    def call(header: str, presented: str) -> tuple[int, list[list[bytes]]]:
+        """One call through a new middleware (no key cached): its status and the commands it sent."""
         hashed.clear()
-        counting = CountingStorage(storage)
-        metering = Metering(config, registry=CollectorRegistry())
-        headers = [(b"authorization", f"Bearer {presented}".encode())]
-        result = metering.start(counting, None, headers, b"", "GET", "/v1/ok/1")  # type: ignore[arg-type]
+        middleware = WSGIMeteringMiddleware(bare_wsgi, config=scenario.config, registry=CollectorRegistry())
+        start = len(recorder.commands)
+        with httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://test") as client:
+            status = client.get("/v1/ok/1", headers={header: presented}).status_code
+        sent = recorder.sent_since(start)
+        middleware.drain()  # its event, if any, goes out too (and is searched below)
+        return status, sent
+
+    presented_keys = {
+        known: True,
+        generate_key().plaintext: False,
+        near_miss: False,
+        revoked.plaintext: False,
+        generate_key(live=False).plaintext: False,
+    }
+    for presented, served in presented_keys.items():
+        status, sent = call("Authorization", f"Bearer {presented}")
+        key_hash = hashlib.sha256(presented.encode()).hexdigest().encode()
         assert hashed == [presented]
-        lookups = [args for name, args in counting.calls if name == "resolve_key"]
-        assert lookups == [(hashlib.sha256(presented.encode()).hexdigest(),)]
-        assert counting.calls[0][0] == "resolve_key"
-        # The backend never sees the key itself, only its hash.
-        assert all(presented not in repr(args) for _, args in counting.calls)
-        assert isinstance(result, Problem) != found or presented == revoked.plaintext
+        lookups = [command for command in sent if any(key_hash in argument for argument in command)]
+        assert len(lookups) == 1, lookups
+        assert sent[0] is lookups[0], "the lookup by hash is the call's first command"
+        assert (status == 200) == served, status
+    # The backend never sees a key itself, only its hash.
+    keys = [presented.encode() for presented in presented_keys]
+    assert not [command for command in recorder.commands if any(k in arg for k in keys for arg in command)]
     # Malformed keys are refused before any hash or lookup.
-    hashed.clear()
-    counting = CountingStorage(storage)
-    metering = Metering(config, registry=CollectorRegistry())
-    malformed = [(b"x-api-key", b"mw_live_" + b"!" * 32)]
-    result = metering.start(counting, None, malformed, b"", "GET", "/")  # type: ignore[arg-type]
-    assert isinstance(result, Problem)
-    assert (hashed, counting.calls) == ([], [])
+    status, sent = call("X-API-Key", "mw_live_" + "!" * 32)
+    assert status == 401
+    assert (hashed, sent) == ([], [])
 
 
-def test_hostile_requests_are_metered_like_any_other(hostile_app: tuple[App, FaultRedis, Path]) -> None:
+def test_hostile_requests_are_metered_like_any_other(hostile: Scenario) -> None:
     """Huge and duplicated headers, no Host, odd methods, encoded paths: charged once or not at all."""
-    app, server, config = hostile_app
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext.encode()
+    app = hostile.app()
+    key = hostile.key.encode()
     auth = b"Authorization: Bearer " + key
     port = app.port
     answers: dict[str, int] = {}
@@ -294,11 +276,11 @@ def test_hostile_requests_are_metered_like_any_other(hostile_app: tuple[App, Fau
     assert send("/v1/ok/h14/" + "a/" * 2000, auth) in (200, 400, 414)
     metrics = app.metrics()
     app.stop()
-    rollup_once(base_env(config), config.parent / "rollup.log")
+    hostile.rollup_once()
 
-    stream = Stream.read(server.client())
+    stream = hostile.stream()
     stream.assert_no_duplicates()
-    ledger = books(accounts)
+    ledger = hostile.books()
     succeeded = sum(1 for status in answers.values() if status == 200)
     assert len(stream.paths("success")) == ledger.calls["success"] == succeeded
     assert ledger.calls["client_error"] == sum(1 for status in answers.values() if status == 404)
@@ -311,28 +293,27 @@ def test_hostile_requests_are_metered_like_any_other(hostile_app: tuple[App, Fau
     figures("hostile-requests", answers=answered, succeeded=succeeded, charged_micros=ledger.charged)
 
 
-def test_hostile_units_are_ignored_counted_and_never_charged(
-    hostile_app: tuple[App, FaultRedis, Path],
-) -> None:
+def test_hostile_units_are_ignored_counted_and_never_charged(hostile: Scenario) -> None:
     """Negative, NaN, infinite, fractional, huge, costly, wrongly typed units and unknown meters: a warning
     and a metric each; the call is charged for itself and its valid units only."""
-    app, server, config = hostile_app
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext
+    app, key = hostile.app(), hostile.key
     kinds = [*HOSTILE_UNITS, "huge-sum"]
     with httpx.Client(base_url=app.url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as client:
         for kind in kinds:
             assert client.get(f"/v1/units/{kind}?kind={kind}").status_code == 200, kind
     metrics = app.metrics()
     output = app.stop()
-    rollup_once(base_env(config), config.parent / "rollup.log")
+    hostile.rollup_once()
 
     rejected = len(kinds) - 1  # all but "valid"; "huge-sum" reports valid values whose total is not
     assert metrics["meterware_units_rejected_total"] == rejected
     assert output.count("meterware: ignored usage") == rejected, output
-    stream = Stream.read(server.client())
+    stream = hostile.stream()
     stream.assert_no_duplicates()
-    assert [dead for shard in range(4) for dead in server.client().xrange(f"mw:{{s{shard}}}:dead")] == []
+    dead_letters = [
+        dead for shard in range(4) for dead in hostile.server.client().xrange(f"mw:{{s{shard}}}:dead")
+    ]
+    assert dead_letters == []
     units = {event.route: event.units for event in stream.events}
     valid_tokens = HOSTILE_UNITS["valid"][1]
     assert units["/v1/units/valid"] == {"calls": 1, "tokens": valid_tokens}
@@ -340,7 +321,7 @@ def test_hostile_units_are_ignored_counted_and_never_charged(
     assert all(
         units[f"/v1/units/{kind}"] == {"calls": 1} for kind in kinds if kind not in ("valid", "huge-sum")
     )
-    ledger = books(accounts)
+    ledger = hostile.books()
     assert ledger.calls["success"] == len(kinds)
     assert ledger.tokens == valid_tokens
     assert ledger.spend == ledger.charged == len(kinds) * CALL_PRICE + valid_tokens * TOKEN_PRICE
@@ -354,33 +335,27 @@ REFUSED_CALLS = 1_000
 
 
 def test_refused_calls_with_huge_paths_and_methods_leave_redis_almost_untouched(
-    tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
+    make_scenario: Callable[..., Scenario],
 ) -> None:
     """1,000 calls refused for lack of credits, each with a 100 KB method and a 100 KB path, while another
     customer is served: once flushed and rolled up, Redis has grown by less than 1 MiB, every refusal is
     recorded with bounded fields, and the served customer is charged exactly."""
-    server = make_redis()
-    redis_client = server.client()
-    # A headroom like the one of the report (past it, admissions fail, and fail open: calls go free).
-    redis_client.config_set("maxmemory", "64mb")
-    config = tmp_path / "meterware.toml"
     # The default flush interval: each flush leaves a batch marker (24 h) per shard, and the suite's
     # 0.05 s would make their number, not the refusals, what grows with a slow machine's flood time.
-    changes = {"pipeline": {"flush_interval": 0.2}}
-    config.write_text(to_toml(merged(base_config(server.url, tmp_path / "spool"), changes)))
-    accounts = open_accounts(config)
-    served_key = provision(accounts).plaintext
+    scenario = make_scenario({"pipeline": {"flush_interval": 0.2}})
+    redis_client = scenario.server.client()
+    # A headroom like the one of the report (past it, admissions fail, and fail open: calls go free).
+    redis_client.config_set("maxmemory", "64mb")
+    accounts, served_key = scenario.accounts, scenario.key
     accounts.create_customer("broke", plan="payg")  # no credits: every call is refused with 402
     broke = b"Authorization: Bearer " + accounts.create_key("broke").plaintext.encode()
     # h11 (uvicorn's parser here) refuses a request line past 16 KiB by default: let these reach the app.
-    options = ("--h11-max-incomplete-event-size", str(4 * HOSTILE_FIELD_BYTES))
-    app = make_app("uvicorn", base_env(config), options=options).start()
-    env = base_env(config)
+    app = scenario.app(options=("--h11-max-incomplete-event-size", str(4 * HOSTILE_FIELD_BYTES)))
     # Warm up (scripts loaded, streams and rollup state made), then measure from a flushed, rolled-up state.
     assert get(app.port, "/v1/ok/warm", b"Authorization: Bearer " + served_key.encode())[0] == 200
     assert get(app.port, "/v1/ok/warm-refused", broke)[0] == 402
     wait_until(lambda: len(Stream.read(redis_client).events) == 2, 10, "the warm-up events flushed")
-    rollup_once(env, tmp_path / "rollup.log")
+    scenario.rollup_once()
     before = int(redis_client.info("memory")["used_memory"])
 
     def refused_call(number: int) -> str:
@@ -395,7 +370,7 @@ def test_refused_calls_with_huge_paths_and_methods_leave_redis_almost_untouched(
         reasons = Counter(pool.map(refused_call, range(REFUSED_CALLS)))
     flood_seconds = time.monotonic() - began
     app.stop()
-    rollup_once(env, tmp_path / "rollup.log")
+    scenario.rollup_once()
     grown = int(redis_client.info("memory")["used_memory"]) - before
 
     assert reasons == {"insufficient_credits": REFUSED_CALLS}
@@ -407,7 +382,7 @@ def test_refused_calls_with_huge_paths_and_methods_leave_redis_almost_untouched(
     assert max(len(event.route) for event in rejected) <= MAX_ROUTE_LENGTH
     assert accounts.usage("broke").calls["rejected"] == REFUSED_CALLS + 1
     assert accounts.balance("broke").balance == 0
-    assert_exact(stream, books(accounts), load.paths(200) | {"/v1/ok/warm"})
+    assert_exact(stream, scenario.books(), load.paths(200) | {"/v1/ok/warm"})
     assert grown < 1 << 20, f"Redis grew by {grown} bytes"
     figures(
         "hostile-refusals",

@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (
-    TOKEN_PRICE,
-    App,
-    FaultRedis,
-    Load,
-    base_config,
-    base_env,
-    figures,
-    merged,
-    open_accounts,
-    rollup_once,
-    to_toml,
-)
+from tests.faults.harness import TOKEN_PRICE, Load, figures
+from tests.faults.scenario import Scenario
+from tests.helpers import new_customer, paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -39,32 +28,25 @@ CREDITS = "0.01"  # 10,000 micro-credits: 100 tokens' worth
 
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
 def test_concurrent_token_calls_overspend_at_most_the_calls_in_flight(
-    kind: str, tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
+    kind: str, make_scenario: Callable[..., Scenario]
 ) -> None:
     """1,000 calls of 60 tokens from 50 connections against 0.01 credits: the balance ends at or above
     -(50 x 60 tokens), every call served is charged, and the rest are refused with 402."""
-    server = make_redis()
-    config = tmp_path / "meterware.toml"
     plans = {"tokens": {"prepaid": True, "meters": {"tokens": {"price": "0.0001"}}}}
     policy = {"timeout": 5.0, "on_backend_error": "closed"}
     # Flushes half a second apart (the default is 0.2 s): finished calls wait a while to be written.
-    changes = {"plans": plans, "policy": policy, "pipeline": {"flush_interval": 0.5}}
-    config.write_text(to_toml(merged(base_config(server.url, tmp_path / "spool"), changes)))
-    app = make_app(kind, base_env(config), workers=1).start()
-    accounts = open_accounts(config)
-    accounts.create_customer("thin", plan="tokens")
-    accounts.grant_credits("thin", CREDITS)
-    key = accounts.create_key("thin").plaintext
+    scenario = make_scenario({"plans": plans, "policy": policy, "pipeline": {"flush_interval": 0.5}})
+    app = scenario.app(kind, workers=1)
+    accounts = scenario.accounts
+    key = new_customer(accounts, "thin", CREDITS, plan="tokens").plaintext
+    traffic = paths_cycling([f"/v1/tokens/{{}}?n={TOKENS_PER_CALL}"])
 
-    def path_of(n: int) -> str:
-        return f"/v1/tokens/{n}?n={TOKENS_PER_CALL}"
-
-    with Load(app.url, key, path_of, threads=CONCURRENCY, limit=1_000) as load:
+    with Load(app.url, key, traffic, threads=CONCURRENCY, limit=1_000) as load:
         deadline = time.monotonic() + 60
         while len(load.snapshot()) < 1_000 and time.monotonic() < deadline:
             time.sleep(0.05)
     app.stop()
-    rollup_once(base_env(config), tmp_path / "rollup.log")
+    scenario.rollup_once()
     statuses = load.statuses()
     balance = accounts.balance("thin")
     served = statuses[200]

@@ -17,45 +17,31 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
+from tests.faults.books import Stream, assert_exact, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
+    CUSTOMER,
     INITIAL_MICROS,
     LATENCY_BOUND,
+    MIXED_PATHS,
     TOKEN_PRICE,
-    App,
-    FaultRedis,
     Load,
     Result,
-    Stream,
-    assert_exact,
-    base_config,
-    base_env,
-    books,
     figures,
-    merged,
-    open_accounts,
-    provision,
-    restore,
-    rollup_once,
-    spool_bytes,
-    to_toml,
+    tokens_of,
     wait_until,
 )
-from tests.faults.proxy import RedisProxy
+from tests.faults.proxy import forward_all
+from tests.faults.scenario import Scenario, restore
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 #: How long Redis stays away: longer than the key cache TTL below, so the outage outlives cached keys.
 OUTAGE_SECONDS = 2.5
 KEY_CACHE_TTL = 0.5
-
-
-def path_of(n: int) -> str:
-    return ["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"][n % 4].format(n)
 
 
 def reason(result: Result) -> str | None:
@@ -65,16 +51,9 @@ def reason(result: Result) -> str | None:
     return str(json.loads(result.body)["reason"])
 
 
-def tokens_of(paths: set[str]) -> int:
-    return 3 * sum(1 for path in paths if path.startswith("/v1/tokens/"))
-
-
-def write_config(tmp_path: Path, url: str, policy: str) -> tuple[Path, Path]:
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    changes = {"policy": {"on_backend_error": policy, "key_cache_ttl": KEY_CACHE_TTL}}
-    config.write_text(to_toml(merged(base_config(url, spool), changes)))
-    return config, spool
+def outage_policy(policy: str) -> dict[str, dict[str, object]]:
+    """The configuration's changes: the backend-error ``policy``, and keys cached for less than the outage."""
+    return {"policy": {"on_backend_error": policy, "key_cache_ttl": KEY_CACHE_TTL}}
 
 
 def check_refusals(load: Load, *, refusals: bool) -> None:
@@ -96,21 +75,16 @@ def check_refusals(load: Load, *, refusals: bool) -> None:
 
 @pytest.mark.parametrize("policy", ["open", "closed"])
 def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
-    policy: str,
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
+    policy: str, make_scenario: Callable[..., Scenario]
 ) -> None:
     """App started without Redis, then Redis SIGKILLed under load and restarted (AOF): exact totals."""
-    server = make_redis(persistent=True)
-    config, spool = write_config(tmp_path, server.url, policy)
-    key = provision(open_accounts(config)).plaintext
-    env = base_env(config)
+    scenario = make_scenario(outage_policy(policy), persistent=True)
+    server, key = scenario.server, scenario.key
     server.kill()
 
     # 1. Down at start-up: the app starts, refuses clearly (keys cannot be resolved), recovers by itself.
-    app = make_app("uvicorn", env).start()
-    with Load(app.url, key, path_of, threads=2) as startup:
+    app = scenario.app()
+    with Load(app.url, key, MIXED_PATHS, threads=2) as startup:
         time.sleep(1.0)
         restarted = time.monotonic()  # answers before this came while Redis was down
         server.start()
@@ -123,7 +97,7 @@ def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
     check_refusals(startup, refusals=True)
 
     # 2. Killed mid-load, restarted from its append-only file.
-    with Load(app.url, key, path_of, threads=4) as load:
+    with Load(app.url, key, MIXED_PATHS, threads=4) as load:
         time.sleep(1.5)
         server.kill()
         killed = time.monotonic()
@@ -131,11 +105,11 @@ def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
         server.start()
         back = time.monotonic()
         time.sleep(1.5)
-    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
+    wait_until(lambda: spool_bytes(scenario.spool) == 0, 15, "the spool was never replayed")
     app.stop()
-    assert spool_bytes(spool) == 0
+    assert spool_bytes(scenario.spool) == 0
     time.sleep(2.2)  # admissions applied just before the kill, reply lost: refunded after 2 s
-    rollup_once(env, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
     check_refusals(load, refusals=policy == "closed")
     during = [r for r in load.snapshot() if killed < r.at < back and r.path.startswith("/v1/ok/")]
@@ -149,8 +123,8 @@ def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
     failed = [(r.path, r.status, reason(r), f"{r.at - back:+.2f}s") for r in after if r.status != 200]
     assert not failed, f"the app did not recover by itself: {failed[:5]}"
 
-    stream = Stream.read(server.client())
-    ledger = books(open_accounts(config))
+    stream = scenario.stream()
+    ledger = scenario.books()
     succeeded = startup.paths(200) | load.paths(200)
     assert_exact(stream, ledger, succeeded, tokens=tokens_of(succeeded))
     # Refused calls of a known customer are recorded (never charged); refused lookups have no customer.
@@ -172,52 +146,43 @@ def test_redis_down_at_start_up_then_killed_mid_load_with_persistence(
     )
 
 
-def test_redis_killed_mid_load_without_persistence_fail_open(
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_proxy: Callable[..., RedisProxy],
-) -> None:
+def test_redis_killed_mid_load_without_persistence_fail_open(make_scenario: Callable[..., Scenario]) -> None:
     """Redis without persistence SIGKILLed under load: what the app held reaches the new Redis once."""
-    server = make_redis()
-    proxy = make_proxy(server.port)
-    config, spool = write_config(tmp_path, proxy.url(), "open")
-    accounts = open_accounts(config, server.url)
-    new_key = provision(accounts)
-    customer = accounts.customer("acme")
-    env = base_env(config)
-    direct = {**env, "METERWARE_STORAGE": server.url}
-    app = make_app("uvicorn", env).start()
+    scenario = make_scenario(outage_policy("open"), proxy=forward_all)
+    server, proxy = scenario.server, scenario.proxy
+    assert proxy is not None
+    customer = scenario.accounts.customer(CUSTOMER)
+    app = scenario.app()
 
-    with Load(app.url, new_key.plaintext, path_of, threads=4) as load:
+    with Load(app.url, scenario.key, MIXED_PATHS, threads=4) as load:
         time.sleep(1.5)
         # Freeze the old Redis's data: writes wait, replies of applied writes go out, then read it all.
         client = server.client()
         client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
         time.sleep(0.3)
         before = Stream.read(client)
-        old_balance = open_accounts(config, server.url).balance("acme")
+        old_balance = scenario.open_accounts().balance(CUSTOMER)
         server.kill()
         killed = time.monotonic()
         proxy.block()  # the app cannot reach the new Redis until the customer is restored
         time.sleep(OUTAGE_SECONDS)
         server.start()
-        restore(open_accounts(config, server.url), customer, new_key)
+        restore(scenario.open_accounts(), customer, scenario.new_key)
         proxy.unblock()
         back = time.monotonic()
         time.sleep(1.5)
-    wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
+    wait_until(lambda: spool_bytes(scenario.spool) == 0, 15, "the spool was never replayed")
     app.stop()
     time.sleep(2.2)
-    rollup_once(direct, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
     check_refusals(load, refusals=False)
     during = [r for r in load.snapshot() if killed < r.at < back and r.path.startswith("/v1/ok/")]
     assert during, "no call was made during the outage"
     assert all(r.status == 200 for r in during), "fail-open stopped serving during the outage"
 
-    after = Stream.read(server.client())
-    ledger = books(open_accounts(config, server.url))
+    after = scenario.stream()
+    ledger = scenario.books()
     after.assert_no_duplicates()
     before.assert_no_duplicates()
     succeeded = load.paths(200)

@@ -17,32 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.books import assert_exact, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
     LATENCY_BOUND,
+    MIXED_PATHS,
     App,
-    FaultRedis,
     Load,
-    Stream,
-    assert_exact,
-    base_config,
-    base_env,
-    books,
     figures,
-    merged,
-    open_accounts,
-    provision,
-    rollup_once,
-    spool_bytes,
-    to_toml,
+    tokens_of,
     wait_until,
 )
+from tests.faults.scenario import Scenario
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
-
-
-def path_of(n: int) -> str:
-    return ["/v1/ok/{}", "/v1/ok/{}", "/v1/fail/{}", "/v1/tokens/{}?n=3"][n % 4].format(n)
 
 
 class Sampler:
@@ -76,20 +64,14 @@ class Sampler:
             self.spool_metric.append(metrics.get("meterware_spool_bytes", 0.0))
 
 
-def test_slow_redis_never_stalls_a_request(
-    tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
-) -> None:
+def test_slow_redis_never_stalls_a_request(make_scenario: Callable[..., Scenario]) -> None:
     """DEBUG SLEEP, CLIENT PAUSE and SIGSTOP under load: requests keep their budget, totals stay exact."""
-    server = make_redis()
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    config.write_text(to_toml(base_config(server.url, spool)))
-    key = provision(open_accounts(config)).plaintext
-    env = base_env(config)
-    app = make_app("uvicorn", env).start()
+    scenario = make_scenario()
+    server, spool = scenario.server, scenario.spool
+    app = scenario.app()
     control = server.client()
 
-    with Load(app.url, key, path_of, threads=4) as load, Sampler(app, spool) as sampler:
+    with Load(app.url, scenario.key, MIXED_PATHS, threads=4) as load, Sampler(app, spool) as sampler:
         time.sleep(1.0)
         control.execute_command("DEBUG", "SLEEP", "1.2")  # blocks this client too, like every other
         time.sleep(0.5)
@@ -103,7 +85,7 @@ def test_slow_redis_never_stalls_a_request(
     wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
     app.stop()
     time.sleep(2.2)  # admissions that ran after the app gave up on them: refunded after 2 s
-    rollup_once(env, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
     slowest = load.slowest()
     assert slowest.seconds <= LATENCY_BOUND, f"{slowest.path} took {slowest.seconds:.2f}s"
@@ -114,11 +96,10 @@ def test_slow_redis_never_stalls_a_request(
     assert metrics["meterware_events_spooled_total"] > 0
     assert metrics["meterware_events_dropped_total"] == 0
     assert max(sampler.buffer) <= 100_000
-    stream = Stream.read(server.client())
-    ledger = books(open_accounts(config))
+    stream = scenario.stream()
+    ledger = scenario.books()
     succeeded = load.paths(200)
-    tokens = 3 * sum(1 for path in succeeded if path.startswith("/v1/tokens/"))
-    assert_exact(stream, ledger, succeeded, tokens=tokens)
+    assert_exact(stream, ledger, succeeded, tokens=tokens_of(succeeded))
     figures(
         "redis-slow",
         requests=len(load.snapshot()),
@@ -140,19 +121,15 @@ SPOOL_MAX_BYTES = 4000
 
 
 def test_buffer_and_spool_bounds_hold_and_every_drop_is_counted(
-    tmp_path: Path, make_redis: Callable[..., FaultRedis], make_app: Callable[..., App]
+    make_scenario: Callable[..., Scenario],
 ) -> None:
     """Redis stopped for 4.5 s, a tiny buffer and spool: bounds hold, drops are counted, none is charged."""
-    server = make_redis()
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
     changes = {"pipeline": {"buffer_size": BUFFER_SIZE, "batch_size": 5, "spool_max_bytes": SPOOL_MAX_BYTES}}
-    config.write_text(to_toml(merged(base_config(server.url, spool), changes)))
-    key = provision(open_accounts(config)).plaintext
-    env = base_env(config)
-    app = make_app("uvicorn", env).start()
+    scenario = make_scenario(changes)
+    server, spool = scenario.server, scenario.spool
+    app = scenario.app()
 
-    with Load(app.url, key, "/v1/ok/{}".format, threads=8) as load, Sampler(app, spool) as sampler:
+    with Load(app.url, scenario.key, "/v1/ok/{}".format, threads=8) as load, Sampler(app, spool) as sampler:
         time.sleep(1.0)
         server.pause()
         # Long enough for the spool to fill whatever the app's pace: the flusher spools only between its
@@ -164,7 +141,7 @@ def test_buffer_and_spool_bounds_hold_and_every_drop_is_counted(
     wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
     output = app.stop()
     time.sleep(2.2)  # reservations of dropped events, and of admissions run after the app gave up
-    rollup_once(env, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
     slowest = load.slowest()
     assert slowest.seconds <= LATENCY_BOUND, f"{slowest.path} took {slowest.seconds:.2f}s"
@@ -175,9 +152,9 @@ def test_buffer_and_spool_bounds_hold_and_every_drop_is_counted(
     assert dropped > 0, "the bounds were never reached"
     assert "spool full" in output
     assert "event buffer full" in output
-    stream = Stream.read(server.client())
+    stream = scenario.stream()
     stream.assert_no_duplicates()
-    ledger = books(open_accounts(config))
+    ledger = scenario.books()
     succeeded = load.paths(200)
     assert load.statuses() == {200: len(load.snapshot())}
     # Every success has an event, but for the drops; only events are charged; nothing stays reserved.

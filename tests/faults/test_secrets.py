@@ -22,33 +22,21 @@ import httpx
 import pytest
 
 from meterware.storage import _keyspace
-from tests.faults.harness import (
-    SHARDS,
-    App,
-    FaultRedis,
-    Load,
-    Worker,
-    base_config,
-    base_env,
-    figures,
-    open_accounts,
-    provision,
-    rollup_once,
-    spool_bytes,
-    to_toml,
-    wait_until,
-)
+from tests.faults.books import spool_bytes
+from tests.faults.harness import CUSTOMER, SHARDS, Load, figures, wait_until
+from tests.faults.scenario import Scenario
+from tests.helpers import paths_cycling
 from tests.servers import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 
-def path_of(n: int) -> str:
-    paths = [
+TRAFFIC = paths_cycling(
+    [
         "/v1/ok/{}", "/v1/fail/{}", "/v1/boom/{}", "/v1/tokens/{}?n=2", "/v1/units/{}?kind=nan",
         "/v1/stream/{}?n=3&delay=0.001", "/v1/ok/{}",
-    ]  # fmt: skip
-    return paths[n % len(paths)].format(n)
+    ]
+)  # fmt: skip
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -59,32 +47,24 @@ def cli(env: dict[str, str], *args: str) -> str:
 
 
 def test_no_key_hash_or_password_appears_in_anything_produced(
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_worker: Callable[..., Worker],
+    tmp_path: Path, make_scenario: Callable[..., Scenario]
 ) -> None:
     """A full run with faults; then the grep: no plaintext key, no key hash, no Redis password anywhere."""
     password = "pw-" + secrets.token_hex(16)
-    server = make_redis(persistent=True, password=password)
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    config.write_text(to_toml(base_config(server.url, spool)))
-    env = base_env(config)
-    accounts = open_accounts(config)
-    live = provision(accounts)
-    test_key = accounts.create_key("acme", live=False)
-    revoked = accounts.create_key("acme")
+    scenario = make_scenario(persistent=True, password=password)
+    server, spool, env, accounts = scenario.server, scenario.spool, scenario.env, scenario.accounts
+    live = scenario.new_key
+    test_key = accounts.create_key(CUSTOMER, live=False)
+    revoked = accounts.create_key(CUSTOMER)
     accounts.revoke_key(revoked.key_id)
-    rotated = accounts.create_key("acme")
+    rotated = accounts.create_key(CUSTOMER)
     replacement = accounts.rotate_key(rotated.key_id, grace_seconds=0)
     keys = [live, test_key, revoked, rotated, replacement]
     produced: dict[str, str | bytes] = {}
 
-    app = make_app("uvicorn", env)
-    app.start()
+    app = scenario.app()
     worker_port = free_port()
-    worker = make_worker(env, "--metrics-port", str(worker_port), "--log-level", "DEBUG")
+    worker = scenario.worker("--metrics-port", str(worker_port), "--log-level", "DEBUG")
     responses: list[str] = []
 
     def call(path: str, key: str) -> None:
@@ -95,7 +75,7 @@ def test_no_key_hash_or_password_appears_in_anything_produced(
     for presented in [near_miss, revoked.plaintext, rotated.plaintext, live.plaintext + "x", "mw_live_short"]:
         call("/v1/ok/refused", presented)
     call("/v1/ok/test", test_key.plaintext)
-    with Load(app.url, live.plaintext, path_of, threads=3) as load:
+    with Load(app.url, live.plaintext, TRAFFIC, threads=3) as load:
         time.sleep(1.0)
         server.kill()
         wait_until(lambda: spool_bytes(spool) > 0, 10, "nothing was spooled during the outage")
@@ -109,7 +89,7 @@ def test_no_key_hash_or_password_appears_in_anything_produced(
     wait_until(lambda: server.client().xlen(_keyspace.dead_letters(0)) == 1, 15, "no dead letter")
     produced["worker metrics"] = httpx.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=5).text
     assert worker.terminate() == 0
-    rollup_once(env, tmp_path / "rollup.log")
+    scenario.rollup_once()
 
     unreachable = f"redis://:{password}@127.0.0.1:{free_port()}/0"
     typo = tmp_path / "typo.toml"
@@ -138,7 +118,7 @@ def test_no_key_hash_or_password_appears_in_anything_produced(
     )
     produced["app logs"] = app.logs()
     produced["worker log"] = worker.output()
-    produced["rollup log"] = (tmp_path / "rollup.log").read_text()
+    produced["rollup log"] = scenario.rollup_log.read_text()
     produced["redis log"] = server.log()
     for path in sorted((tmp_path / "spool-copy").iterdir()):
         produced[f"spool {path.name}"] = path.read_bytes()

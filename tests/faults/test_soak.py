@@ -16,30 +16,23 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from meterware.storage import _keyspace
+from tests.faults.books import rolled_up, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
     SHARDS,
-    App,
-    FaultRedis,
+    TOKEN_PRICE,
     Load,
-    Worker,
-    base_config,
-    base_env,
-    books,
     figures,
-    merged,
-    open_accounts,
-    provision,
     rss_kib,
-    spool_bytes,
-    to_toml,
+    tokens_of,
     wait_until,
 )
+from tests.faults.scenario import Scenario
+from tests.helpers import paths_cycling
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -49,33 +42,19 @@ RATE = 150  # requests per second
 MARKER_BYTES = 250
 
 
-def caught_up(server: FaultRedis) -> bool:
-    client = server.client()
-    for shard in range(SHARDS):
-        last = client.xrevrange(_keyspace.events(shard), count=1)
-        if last and client.get(_keyspace.offset(shard)) != last[0][0]:
-            return False
-    return True
+#: Three fixed paths: a bare app's metrics are labelled by path, so unique paths would grow by design.
+TRAFFIC = paths_cycling(["/v1/ok/soak", "/v1/tokens/soak?n=2", "/v1/fail/soak"])
 
 
 def test_steady_load_leaves_memory_buffer_spool_and_redis_flat(
-    tmp_path: Path,
-    make_redis: Callable[..., FaultRedis],
-    make_app: Callable[..., App],
-    make_worker: Callable[..., Worker],
+    make_scenario: Callable[..., Scenario],
 ) -> None:
     """RSS, buffer, spool, Redis memory and stream lengths stay flat over the run; totals exact."""
-    server = make_redis()
-    spool = tmp_path / "spool"
-    config = tmp_path / "meterware.toml"
-    changes = {"rollup": {"retention_seconds": 2.0}}
-    config.write_text(to_toml(merged(base_config(server.url, spool), changes)))
-    accounts = open_accounts(config)
-    key = provision(accounts).plaintext
-    env = base_env(config)
-    app = make_app("uvicorn", env).start()
-    worker = make_worker(env)
-    client = server.client()
+    scenario = make_scenario({"rollup": {"retention_seconds": 2.0}})
+    spool = scenario.spool
+    app = scenario.app()
+    worker = scenario.worker()
+    client = scenario.server.client()
     samples: list[dict[str, float]] = []
     stop = threading.Event()
 
@@ -95,17 +74,14 @@ def test_steady_load_leaves_memory_buffer_spool_and_redis_flat(
                 }
             )
 
-    def path_of(n: int) -> str:
-        return ["/v1/ok/soak", "/v1/tokens/soak?n=2", "/v1/fail/soak"][n % 3]
-
     sampler = threading.Thread(target=sample, daemon=True)
-    with Load(app.url, key, path_of, threads=3, rate=RATE) as load:
+    with Load(app.url, scenario.key, TRAFFIC, threads=3, rate=RATE) as load:
         sampler.start()
         time.sleep(SOAK_SECONDS)
         stop.set()
         sampler.join(10)
     app.stop()
-    wait_until(lambda: caught_up(server), 30, "the worker did not catch up")
+    wait_until(lambda: rolled_up(client), 30, "the worker did not catch up")
     assert worker.terminate() == 0
 
     third = len(samples) // 3
@@ -125,13 +101,13 @@ def test_steady_load_leaves_memory_buffer_spool_and_redis_flat(
 
     statuses = load.statuses()
     assert set(statuses) <= {200, 503}, statuses
-    ledger = books(accounts)
+    ledger = scenario.books()
     succeeded = statuses[200]
     assert ledger.calls["success"] == succeeded
     assert ledger.calls["server_error"] == statuses[503]
-    tokens = 2 * sum(1 for result in load.snapshot() if result.status == 200 and "tokens" in result.path)
+    tokens = tokens_of((result.path for result in load.snapshot() if result.status == 200), per_call=2)
     assert ledger.tokens == tokens
-    assert ledger.spend == ledger.charged == succeeded * CALL_PRICE + tokens * 100
+    assert ledger.spend == ledger.charged == succeeded * CALL_PRICE + tokens * TOKEN_PRICE
     assert ledger.reserved == 0
     figures(
         "soak",

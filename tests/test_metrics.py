@@ -495,7 +495,8 @@ def scripted_traffic(registry: CollectorRegistry) -> tuple[AppMetrics, Depth]:
     app.buffer_capacity.inc(100)
     app.spool_bytes.set(2048)
     buffer = Depth(4)
-    app.counts_buffer(buffer)
+    if app.counts_buffer(buffer):  # multiprocess mode: the pipeline counts its events in and out
+        app.buffer_events.inc(len(buffer))
     worker = RollupMetrics(registry)
     worker.events.inc(50)
     worker.entries.inc(10)
@@ -520,9 +521,17 @@ def scripted_traffic(registry: CollectorRegistry) -> tuple[AppMetrics, Depth]:
         pytest.param("application/openmetrics-text", "metrics_scrape.openmetrics.txt", id="openmetrics"),
     ],
 )
-def test_a_scrape_shows_every_name_label_help_bucket_and_value(accept: str | None, expected: str) -> None:
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["tallied", "multiprocess-mode-metrics"])
+def test_a_scrape_shows_every_name_label_help_bucket_and_value(
+    accept: str | None, expected: str, multiprocess: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The whole scrape of scripted traffic, line by line, as dashboards and rules read it (the creation
-    times aside: each is the time its series was first counted)."""
+    times aside: each is the time its series was first counted); the same from the metrics made for
+    multiprocess mode (prometheus-client's own, read here from this process's registry)."""
+    if multiprocess:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    else:
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     registry = CollectorRegistry()
     began = time.time()
     _, buffer = scripted_traffic(registry)

@@ -27,6 +27,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
 
 Kind = Literal["counter", "gauge", "histogram"]
+#: How prometheus-client's multiprocess mode adds up a gauge over processes (meterware's gauges).
+GaugeMode = Literal["all", "livesum", "livemax"]
 
 
 def multiprocess_dir() -> str | None:
@@ -214,19 +216,12 @@ class Tallies(Collector):
         name: str,
         documentation: str,
         *,
-        multiprocess_mode: Literal["all", "livesum", "livemax"] = "all",
+        multiprocess_mode: GaugeMode = "all",
         read: Callable[[], float] | None = None,
     ) -> Tally:
         """A gauge; ``read`` gives its value at each scrape instead (not in multiprocess mode, where a
         scrape runs in another process: there the owner counts with ``inc`` and ``dec``)."""
-        client = None
-        if not self.tallied:
-            client = Gauge(name, documentation, registry=self.registry, multiprocess_mode=multiprocess_mode)
-        family = Family(
-            self.lock, "gauge", name, documentation, (), (), read if self.tallied else None, client
-        )
-        self.families.append(family)
-        return family.labels()
+        return self._declare("gauge", name, documentation, (), (), multiprocess_mode, read).labels()
 
     def _declare(
         self,
@@ -235,14 +230,25 @@ class Tallies(Collector):
         documentation: str,
         labelnames: tuple[str, ...],
         buckets: tuple[float, ...] = (),
+        multiprocess_mode: GaugeMode = "all",
+        read: Callable[[], float] | None = None,
     ) -> Family:
-        client: Counter | Histogram | None = None
+        client: Counter | Gauge | Histogram | None = None
         if not self.tallied:
+            read = None
             if kind == "counter":
                 client = Counter(name, documentation, labelnames, registry=self.registry)
+            elif kind == "gauge":
+                client = Gauge(
+                    name,
+                    documentation,
+                    labelnames,
+                    registry=self.registry,
+                    multiprocess_mode=multiprocess_mode,
+                )
             else:
                 client = Histogram(name, documentation, labelnames, registry=self.registry, buckets=buckets)
-        family = Family(self.lock, kind, name, documentation, labelnames, buckets, None, client)
+        family = Family(self.lock, kind, name, documentation, labelnames, buckets, read, client)
         self.families.append(family)
         return family
 

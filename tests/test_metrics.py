@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from flask import Flask
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics, enable_created_metrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -542,3 +542,24 @@ def test_a_scrape_shows_every_name_label_help_bucket_and_value(
     assert created
     assert all(began <= when <= time.time() for when in created)
     assert CREATED.sub(r"\1 CREATED", body) == (SCRAPES / expected).read_text()
+
+
+def test_switching_off_created_series_holds_for_meterware_too() -> None:
+    """``disable_created_metrics()`` (or ``PROMETHEUS_DISABLE_CREATED_SERIES``) drops every ``_created``."""
+    registry = CollectorRegistry()
+    scripted_traffic(registry)
+    disable_created_metrics()
+    try:
+        body = metrics.exposition(None, registry)[0].decode()
+    finally:
+        enable_created_metrics()
+    assert "_total" in body
+    assert "_created" not in body
+
+
+def test_a_scrape_filtered_by_name_reads_the_current_values() -> None:
+    """``?name[]=...`` (a restricted registry) finds meterware's families and what was counted so far."""
+    registry = CollectorRegistry()
+    AppMetrics(registry).call("/v1/x", "GET", "success", "payg", 0.01)
+    restricted = registry.restricted_registry(["meterware_requests_total"])
+    assert [sample.value for family in restricted.collect() for sample in family.samples] == [1.0]

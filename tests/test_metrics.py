@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from flask import Flask
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics, enable_created_metrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -28,6 +31,7 @@ from meterware.events import UsageEvent, event_row, new_event_id
 from meterware.flusher import Pending, Pipeline
 from meterware.keys import generate_key
 from meterware.metrics import AppMetrics
+from meterware.rollup.metrics import RollupMetrics, ShardLag
 from meterware.storage import open_storage
 from meterware.storage.base import Settlement
 from meterware.wsgi import WSGIMeteringMiddleware
@@ -448,3 +452,114 @@ def test_child_exit_is_harmless_outside_multiprocess_mode(monkeypatch: pytest.Mo
 
     metrics.child_exit(None, Worker())
     assert metrics.exposition_registry() is not None
+
+
+# -- the scrape, sample by sample ---------------------------------------------------------------------
+
+SCRAPES = Path(__file__).parent / "data"
+CREATED = re.compile(r"^(\w+_created(?:\{.*\})?) (\S+)$", re.MULTILINE)
+
+
+class Depth:
+    """A buffer of a fixed depth (what the depth gauge reads)."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return self.depth
+
+
+def scripted_traffic(registry: CollectorRegistry) -> tuple[AppMetrics, Depth]:
+    """Every update the request path, the flusher and the worker make, with fixed values (the metrics
+    returned are kept, as a middleware keeps them)."""
+    app = AppMetrics(registry)
+    app.call("/v1/hello", "GET", "success", "payg", 0.003, (("calls", 1),))
+    app.call("/v1/hello", "GET", "success", "payg", 0.2, (("calls", 1), ("tokens", 7)))
+    app.call("/v1/items/{id}", "POST", "server_error", "payg", 1.5)
+    app.call("/v1/hello", "PURGE", "success", "free", 61.0, (("tokens", 2),))
+    app.refused("missing_key", "GET", "<none>", "<unmatched>", 0.001)
+    app.refused("rate_limited", "GET", "tight", "<unmatched>", 0.0005)
+    app.admit_duration.observe(0.0004)
+    app.admit_duration.observe(0.001)  # on a bucket's bound: counted in that bucket
+    app.resolve_duration.observe(0.02)
+    for errors in (app.admit_errors, app.resolve_errors, app.flush_errors):
+        errors.inc()
+    app.units_rejected.inc(3)
+    app.events_flushed.inc(5)
+    app.events_spooled.inc(2)
+    app.events_dropped.inc()
+    for batches in (app.batches_flushed, app.batches_replayed, app.batches_quarantined, app.batches_expired):
+        batches.inc()
+    app.flush_duration.observe(0.03)
+    app.buffer_capacity.inc(100)
+    app.spool_bytes.set(2048)
+    buffer = Depth(4)
+    if app.counts_buffer(buffer):  # multiprocess mode: the pipeline counts its events in and out
+        app.buffer_events.inc(len(buffer))
+    worker = RollupMetrics(registry)
+    worker.events.inc(50)
+    worker.entries.inc(10)
+    worker.dead_letters.inc()
+    worker.batch_duration.observe(0.07)
+    worker.refunded.inc(2)
+    worker.errors.labels("3").inc()
+    worker.last_round.set(1700000000.5)
+    worker.shards_owned.set(4)
+    worker.alerts.labels("quota").inc()
+    worker.webhooks_delivered.inc()
+    worker.webhooks_failed.inc()
+    worker.lag[0] = ShardLag(None, 3, 7)
+    worker.lag[2] = ShardLag(None, None, 0)
+    return app, buffer
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        pytest.param(None, "metrics_scrape.txt", id="text"),
+        pytest.param("application/openmetrics-text", "metrics_scrape.openmetrics.txt", id="openmetrics"),
+    ],
+)
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["tallied", "multiprocess-mode-metrics"])
+def test_a_scrape_shows_every_name_label_help_bucket_and_value(
+    accept: str | None, expected: str, multiprocess: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole scrape of scripted traffic, line by line, as dashboards and rules read it (the creation
+    times aside: each is the time its series was first counted); the same from the metrics made for
+    multiprocess mode (prometheus-client's own, read here from this process's registry)."""
+    if multiprocess:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    else:
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    registry = CollectorRegistry()
+    began = time.time()
+    _, buffer = scripted_traffic(registry)
+    gc.collect()
+    body = metrics.exposition(accept, registry)[0].decode()
+    assert buffer.depth == value(registry, "meterware_buffer_events")
+    created = [float(found) for _, found in CREATED.findall(body)]
+    assert created
+    assert all(began <= when <= time.time() for when in created)
+    assert CREATED.sub(r"\1 CREATED", body) == (SCRAPES / expected).read_text()
+
+
+def test_switching_off_created_series_holds_for_meterware_too() -> None:
+    """``disable_created_metrics()`` (or ``PROMETHEUS_DISABLE_CREATED_SERIES``) drops every ``_created``."""
+    registry = CollectorRegistry()
+    scripted_traffic(registry)
+    disable_created_metrics()
+    try:
+        body = metrics.exposition(None, registry)[0].decode()
+    finally:
+        enable_created_metrics()
+    assert "_total" in body
+    assert "_created" not in body
+
+
+def test_a_scrape_filtered_by_name_reads_the_current_values() -> None:
+    """``?name[]=...`` (a restricted registry) finds meterware's families and what was counted so far."""
+    registry = CollectorRegistry()
+    AppMetrics(registry).call("/v1/x", "GET", "success", "payg", 0.01)
+    restricted = registry.restricted_registry(["meterware_requests_total"])
+    assert [sample.value for family in restricted.collect() for sample in family.samples] == [1.0]

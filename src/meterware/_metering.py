@@ -1005,7 +1005,6 @@ class Metering:
 
     def drain_at_exit(self) -> None:
         """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
-        self.metrics.fold()
         # A flusher thread (a daemon: it dies with the interpreter) may hold events it has taken out of
         # the buffer and not written yet: wait for it first.
         with self.pipeline.flushing:

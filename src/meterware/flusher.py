@@ -465,7 +465,6 @@ class Pipeline:
         metrics = self.metrics
         if metrics is None:
             return
-        metrics.fold()  # what the request path tallied (what a scrape of another process reads)
         if self._counted_pid != os.getpid():
             # Counted by the process that flushes, never by a pre-fork master that only built the app.
             self._counted_pid = os.getpid()

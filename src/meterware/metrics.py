@@ -16,21 +16,18 @@ aggregate every worker process's values.
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 import weakref
-from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sized
+from collections.abc import Mapping, Sized
 from typing import TYPE_CHECKING, Any, Final, get_args
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder, make_asgi_app, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.requests import Request
 from starlette.responses import Response
 
 from meterware._core import Reason
+from meterware._tallies import Family, PerRegistry, Tallies, Tally, multiprocess_dir
 from meterware.events import bounded_method
 
 if TYPE_CHECKING:
@@ -46,8 +43,6 @@ __all__ = [
     "exposition_registry",
     "wsgi_app",
 ]
-
-logger = logging.getLogger("meterware")
 
 #: Distinct route labels kept per registry and process; later ones are counted as ``<other>``.
 MAX_ROUTES: Final = 500
@@ -65,97 +60,6 @@ FLUSH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 _MAX_CACHED: Final = 10_000
 
 
-_registered: weakref.WeakKeyDictionary[CollectorRegistry, AppMetrics] = weakref.WeakKeyDictionary()
-_registered_lock = threading.Lock()
-
-
-class Tally:
-    """What the request path adds to one metric child, kept in plain Python until the next fold.
-
-    prometheus-client updates each value under a lock of its own, and a histogram observation walks its
-    buckets in Python: counting a call, its latency, its units and its event that way costs about 4 us.
-    Here a call adds to a few numbers under one lock; :meth:`AppMetrics.fold` hands the sums to
-    prometheus-client at every scrape of the registry and at every flush pass.
-
-    In multiprocess mode another process reads the values, with no way to ask for a fold first: there
-    every update goes to prometheus-client at once.
-    """
-
-    __slots__ = ("amount", "bounds", "buckets", "child", "dirty", "owner")
-
-    def __init__(self, owner: AppMetrics, child: Counter | Gauge | Histogram) -> None:
-        self.owner = owner
-        self.child = child
-        #: A histogram's upper bounds (the last bucket is +Inf), or () for a counter or a gauge.
-        self.bounds: tuple[float, ...] = tuple(child._upper_bounds) if isinstance(child, Histogram) else ()
-        #: A counter's or gauge's increments, or a histogram's sum of observations.
-        self.amount: float = 0
-        #: Observations per bucket (not cumulative, as prometheus-client keeps them).
-        self.buckets = [0] * len(self.bounds)
-        self.dirty = False
-
-    def inc(self, amount: float = 1) -> None:
-        owner = self.owner
-        if not owner.deferred:
-            self.child.inc(amount)  # type: ignore[union-attr]
-            return
-        with owner.lock:
-            self.amount += amount
-            self.listed()
-
-    def dec(self, amount: float = 1) -> None:
-        self.inc(-amount)
-
-    def observe(self, value: float) -> None:
-        owner = self.owner
-        if not owner.deferred:
-            self.child.observe(value)  # type: ignore[union-attr]
-            return
-        with owner.lock:
-            self.add(value)
-            self.listed()
-
-    def add(self, value: float) -> None:
-        """Observe ``value`` (a histogram's; under the owner's lock)."""
-        self.amount += value
-        self.buckets[bisect_left(self.bounds, value)] += 1
-
-    def listed(self) -> None:
-        """Be listed for the next fold, once (under the owner's lock)."""
-        if not self.dirty:
-            self.dirty = True
-            self.owner.dirty.append(self)
-
-    def _fold(self) -> None:
-        child, self.dirty = self.child, False
-        if isinstance(child, Histogram):
-            # What Histogram.observe does per observation, once per bucket: the sum, then each count.
-            child._sum.inc(self.amount)
-            for index, count in enumerate(self.buckets):
-                if count:
-                    child._buckets[index].inc(count)
-                    self.buckets[index] = 0
-        else:
-            child.inc(self.amount)
-        self.amount = 0
-
-
-class _FoldOnCollect:
-    """Registered ahead of the metrics: a scrape of the registry folds the tallies first."""
-
-    def __init__(self, metrics: AppMetrics) -> None:
-        self._metrics = weakref.ref(metrics)
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> list[Metric]:
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.fold()
-        return []
-
-
 #: What a billable call adds to ``meterware_units``: ``(meter, units)`` pairs.
 UnitCounts = tuple[tuple[str, int], ...]
 
@@ -167,165 +71,126 @@ def unit_counts(units: Mapping[str, int | str], additive: frozenset[str]) -> Uni
     )
 
 
-def _buffered_events(metrics: weakref.ReferenceType[AppMetrics]) -> Callable[[], float]:
-    """The depth gauge's function (holding its metrics weakly, as the folding collector does)."""
-
-    def buffered() -> float:
-        owner = metrics()
-        return 0.0 if owner is None else float(owner.buffered_events())
-
-    return buffered
-
-
 class _CallSeries:
     """The tallies a call adds to: its count and latency series, and its plan's units by meter."""
 
-    __slots__ = ("count", "duration", "plan", "units")
+    __slots__ = ("count", "duration", "plan", "units", "units_family")
 
-    def __init__(self, count: Tally, duration: Tally, plan: str) -> None:
+    def __init__(self, count: Tally, duration: Tally, units: Family, plan: str) -> None:
         self.count = count
         self.duration = duration
+        self.units_family = units
         self.plan = plan
         self.units: dict[str, Tally] = {}
 
+    def unit(self, meter: str) -> Tally:
+        """The units tally of ``meter`` on the series' plan."""
+        tally = self.units[meter] = self.units_family.labels(meter, self.plan)
+        return tally
 
-class AppMetrics:
-    """The app side's metrics in one registry, with label children cached for the request path.
+
+class AppMetrics(PerRegistry):
+    """The app side's metrics in one registry, with the series the request path adds to cached.
 
     One instance per registry and process (:meth:`for_registry`), shared by every middleware instance
-    that uses the registry, so nothing is registered twice. What the request path counts goes through
-    :class:`Tally` objects.
+    that uses the registry, so nothing is registered twice.
     """
 
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> AppMetrics:
-        """The metrics registered in ``registry`` (prometheus-client's ``REGISTRY`` by default)."""
-        registry = REGISTRY if registry is None else registry
-        with _registered_lock:
-            metrics = _registered.get(registry)
-            if metrics is None:
-                metrics = _registered[registry] = cls(registry)
-            return metrics
-
     def __init__(self, registry: CollectorRegistry) -> None:
-        #: Whether the request path's updates wait for a fold (not in multiprocess mode).
-        self.deferred = multiprocess_dir() is None
-        self.lock = threading.Lock()
-        #: Tallies added to since the last fold, in the order they were first added to.
-        self.dirty: list[Tally] = []
-        registry.register(_FoldOnCollect(self))
-        self.requests = Counter(
+        metrics = Tallies(registry)
+        #: Whether the values stay in this process until scraped (not in multiprocess mode).
+        self.tallied = metrics.tallied
+        self.lock = metrics.lock
+        self.requests = metrics.counters(
             "meterware_requests",
             "Metered calls by route template, method, outcome and plan.",
             ("route", "method", "outcome", "plan"),
-            registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = metrics.histograms(
             "meterware_request_duration_seconds",
             "Time from a call's arrival at the middleware to its last response byte (or its refusal).",
             ("route", "outcome"),
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
+            REQUEST_BUCKETS,
         )
-        self.units = Counter(
+        self.units = metrics.counters(
             "meterware_units",
             "Billable units of successful live calls, by meter and plan (count and sum meters).",
             ("meter", "plan"),
-            registry=registry,
         )
-        self.units_rejected = Counter(
+        self.units_rejected = metrics.counter(
             "meterware_units_rejected",
             "Units a handler or a usage header reported that could not be metered (ignored, never charged).",
-            registry=registry,
         )
-        rejections = Counter(
-            "meterware_rejections", "Refused calls by reason.", ("reason",), registry=registry
-        )
-        backend_duration = Histogram(
+        rejections = metrics.counters("meterware_rejections", "Refused calls by reason.", ("reason",))
+        backend_duration = metrics.histograms(
             "meterware_backend_duration_seconds",
             "Backend calls on the request path (key lookups, admissions), failed ones included.",
             ("operation",),
-            buckets=BACKEND_BUCKETS,
-            registry=registry,
+            BACKEND_BUCKETS,
         )
-        backend_errors = Counter(
+        backend_errors = metrics.counters(
             "meterware_backend_errors",
             "Backend calls that failed (timeouts, connection errors), by operation.",
             ("operation",),
-            registry=registry,
-        )
-        self.buffer_events = Gauge(
-            "meterware_buffer_events",
-            "Events waiting in the in-process buffer for the flusher.",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
         #: The buffers whose depth the gauge reads when scraped (counting each event in and out would
         #: cost every call; in multiprocess mode, where a scrape reads files, their pipelines count).
         self._buffers: weakref.WeakSet[Sized] = weakref.WeakSet()
-        if self.deferred:
-            self.buffer_events.set_function(_buffered_events(weakref.ref(self)))
-        self.buffer_capacity = Gauge(
+        self.buffer_events = metrics.gauge(
+            "meterware_buffer_events",
+            "Events waiting in the in-process buffer for the flusher.",
+            multiprocess_mode="livesum",
+            read=self.buffered_events,
+        )
+        self.buffer_capacity = metrics.gauge(
             "meterware_buffer_capacity_events",
             "Events the in-process buffer holds at most (summed over live processes).",
-            registry=registry,
             multiprocess_mode="livesum",
         )
-        self.spool_bytes = Gauge(
+        self.spool_bytes = metrics.gauge(
             "meterware_spool_bytes",
             "Bytes of event batches waiting in the spool directory for the backend to return.",
-            registry=registry,
             multiprocess_mode="livemax",
         )
-        self.events_flushed = Counter(
-            "meterware_events_flushed", "Events written to the backend's streams.", registry=registry
+        self.events_flushed = metrics.counter(
+            "meterware_events_flushed", "Events written to the backend's streams."
         )
-        self.events_spooled = Counter(
-            "meterware_events_spooled",
-            "Events written to the spool directory because the backend failed.",
-            registry=registry,
+        self.events_spooled = metrics.counter(
+            "meterware_events_spooled", "Events written to the spool directory because the backend failed."
         )
-        self.events_dropped = Counter(
-            "meterware_events_dropped",
-            "Events lost because the buffer or the spool was full.",
-            registry=registry,
+        self.events_dropped = metrics.counter(
+            "meterware_events_dropped", "Events lost because the buffer or the spool was full."
         )
-        self.batches_flushed = Counter(
-            "meterware_batches_flushed", "Event batches written to the backend.", registry=registry
+        self.batches_flushed = metrics.counter(
+            "meterware_batches_flushed", "Event batches written to the backend."
         )
-        self.batches_replayed = Counter(
-            "meterware_batches_replayed",
-            "Spooled event batches replayed to the backend.",
-            registry=registry,
+        self.batches_replayed = metrics.counter(
+            "meterware_batches_replayed", "Spooled event batches replayed to the backend."
         )
-        self.batches_quarantined = Counter(
+        self.batches_quarantined = metrics.counter(
             "meterware_batches_quarantined",
             "Event batches (or one customer's part of one) the backend refuses as they are, set aside as "
             ".refused files.",
-            registry=registry,
         )
-        self.batches_expired = Counter(
+        self.batches_expired = metrics.counter(
             "meterware_batches_expired",
             "Spooled event batches set aside as .expired, never replayed: older than the backend remembers "
             "batch ids, so a replay could charge them twice.",
-            registry=registry,
         )
-        self.flush_duration = Histogram(
+        self.flush_duration = metrics.histogram(
             "meterware_flush_duration_seconds",
             "Time of one batch flush (append to the stream and settle), failed ones included.",
-            buckets=FLUSH_BUCKETS,
-            registry=registry,
+            FLUSH_BUCKETS,
         )
-        # Pre-bound children: the request path never looks a label up for these.
-        self.resolve_duration = Tally(self, backend_duration.labels("resolve_key"))
-        self.admit_duration = Tally(self, backend_duration.labels("admit"))
+        metrics.register()
+        # Pre-bound series: the request path never looks a label up for these.
+        self.resolve_duration = backend_duration.labels("resolve_key")
+        self.admit_duration = backend_duration.labels("admit")
         self.resolve_errors = backend_errors.labels("resolve_key")
         self.admit_errors = backend_errors.labels("admit")
         self.flush_errors = backend_errors.labels("flush")
         self._rejections = {reason: rejections.labels(reason) for reason in REJECTION_REASONS}
         self._calls: dict[tuple[str, str, str, str], _CallSeries] = {}
-        self._durations: dict[tuple[str, str], Tally] = {}
-        self._units: dict[tuple[str, str], Tally] = {}
         self._routes: set[str] = set()
 
     def call(
@@ -336,50 +201,31 @@ class AppMetrics:
         series = self._calls.get((route, method, outcome, plan))
         if series is None:
             series = self._call_series(route, method, outcome, plan)
-        if not self.deferred:
-            series.count.child.inc()  # type: ignore[union-attr]
-            series.duration.child.observe(seconds)  # type: ignore[union-attr]
+        if not self.tallied:
+            series.count.inc()
+            series.duration.observe(seconds)
             for meter, amount in units:
-                self._units_of(series, meter).child.inc(amount)  # type: ignore[union-attr]
+                (series.units.get(meter) or series.unit(meter)).inc(amount)
             return
-        count, duration = series.count, series.duration
         with self.lock:  # one lock for everything a call adds
-            count.amount += 1
-            count.listed()
-            duration.add(seconds)
-            duration.listed()
+            series.count.amount += 1
+            series.duration.add(seconds)
             for meter, amount in units:
-                tally = series.units.get(meter) or self._units_of(series, meter)
-                tally.amount += amount
-                tally.listed()
-
-    def fold(self) -> None:
-        """Hand what was tallied since the last fold to prometheus-client (never raises: it runs before
-        every flush pass, which must go on whatever happens to the metrics)."""
-        with self.lock:
-            dirty, self.dirty = self.dirty, []
-            for done, tally in enumerate(dirty):
-                try:
-                    tally._fold()
-                except Exception:
-                    logger.exception("meterware: folding the request metrics failed; they stay tallied")
-                    tally.dirty = True
-                    self.dirty = dirty[done:] + self.dirty
-                    return
+                (series.units.get(meter) or series.unit(meter)).amount += amount
 
     def counts_buffer(self, buffer: Sized) -> bool:
         """Have ``meterware_buffer_events`` show ``buffer``'s depth: read at each scrape (False), or, in
         multiprocess mode, counted by its owner as events go in and out (True)."""
-        if self.deferred:
+        if self.tallied:
             with self.lock:  # a scrape may be reading the set meanwhile
                 self._buffers.add(buffer)
-        return not self.deferred
+        return not self.tallied
 
-    def buffered_events(self) -> int:
+    def buffered_events(self) -> float:
         """Events waiting in the buffers the depth gauge reads."""
         with self.lock:
             buffers = list(self._buffers)
-        return sum(len(buffer) for buffer in buffers)
+        return float(sum(len(buffer) for buffer in buffers))
 
     def refused(self, reason: str, method: str, plan: str, route: str, seconds: float) -> None:
         """Count a refused call (a ``rejected`` call, and its reason)."""
@@ -393,30 +239,18 @@ class AppMetrics:
                 self._routes.add(route)
             else:
                 label = OTHER
-        verb = bounded_method(method)
-        duration = self._durations.get((label, outcome))
-        if duration is None:
-            duration = self._durations[(label, outcome)] = Tally(self, self.duration.labels(label, outcome))
-        series = _CallSeries(Tally(self, self.requests.labels(label, verb, outcome, plan)), duration, plan)
+        series = _CallSeries(
+            self.requests.labels(label, bounded_method(method), outcome, plan),
+            self.duration.labels(label, outcome),
+            self.units,
+            plan,
+        )
         if len(self._calls) < _MAX_CACHED:
             self._calls[(route, method, outcome, plan)] = series
         return series
 
-    def _units_of(self, series: _CallSeries, meter: str) -> Tally:
-        """The units tally of ``meter`` on the series' plan (made once per meter and plan)."""
-        tally = self._units.get((meter, series.plan))
-        if tally is None:
-            tally = self._units[(meter, series.plan)] = Tally(self, self.units.labels(meter, series.plan))
-        series.units[meter] = tally
-        return tally
-
 
 # -- exposition -----------------------------------------------------------------------------------------
-
-
-def multiprocess_dir() -> str | None:
-    """The prometheus-client multiprocess directory of this process, if it runs in that mode."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 def exposition_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:

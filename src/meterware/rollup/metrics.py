@@ -12,16 +12,16 @@ import argparse
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from meterware._core import period_bounds
+from meterware._tallies import PerRegistry, Tallies
 from meterware.config import MICROS_PER_CREDIT, Config
 from meterware.errors import StorageError
 from meterware.storage.base import Storage
@@ -100,77 +100,52 @@ class ShardLag:
     length: int = 0
 
 
-_registered: weakref.WeakKeyDictionary[CollectorRegistry, RollupMetrics] = weakref.WeakKeyDictionary()
-_registered_lock = threading.Lock()
-
-
-class RollupMetrics:
+class RollupMetrics(PerRegistry):
     """The worker's metrics in one registry (one instance per registry and process)."""
 
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> RollupMetrics:
-        """The metrics registered in ``registry`` (prometheus-client's ``REGISTRY`` by default)."""
-        registry = REGISTRY if registry is None else registry
-        with _registered_lock:
-            metrics = _registered.get(registry)
-            if metrics is None:
-                metrics = _registered[registry] = cls(registry)
-            return metrics
-
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.events = Counter(
-            "meterware_rollup_events", "Events rolled up (committed exactly once).", registry=registry
+        metrics = Tallies(registry)
+        self.events = metrics.counter("meterware_rollup_events", "Events rolled up (committed exactly once).")
+        self.entries = metrics.counter(
+            "meterware_rollup_entries", "Stream entries (event batches) committed, dead letters included."
         )
-        self.entries = Counter(
-            "meterware_rollup_entries",
-            "Stream entries (event batches) committed, dead letters included.",
-            registry=registry,
-        )
-        self.dead_letters = Counter(
+        self.dead_letters = metrics.counter(
             "meterware_rollup_dead_letters",
             "Stream entries moved to the dead-letter stream (not valid event batches).",
-            registry=registry,
         )
-        self.batch_duration = Histogram(
+        self.batch_duration = metrics.histogram(
             "meterware_rollup_batch_duration_seconds",
             "Time to read, fold and commit one batch of one shard.",
-            buckets=BATCH_BUCKETS,
-            registry=registry,
+            BATCH_BUCKETS,
         )
-        self.refunded = Counter(
+        self.refunded = metrics.counter(
             "meterware_rollup_reservations_refunded",
             "Reservations refunded after policy.reservation_timeout (their app process never settled).",
-            registry=registry,
         )
-        self.errors = Counter(
-            "meterware_rollup_errors",
-            "Backend errors met by the worker, by shard.",
-            ("shard",),
-            registry=registry,
+        self.errors = metrics.counters(
+            "meterware_rollup_errors", "Backend errors met by the worker, by shard.", ("shard",)
         )
-        self.last_round = Gauge(
+        self.last_round = metrics.gauge(
             "meterware_rollup_last_round_timestamp_seconds",
             "When the worker last completed a round over its shards with the backend answering (Unix time).",
-            registry=registry,
         )
-        self.shards_owned = Gauge(
-            "meterware_rollup_shards_owned", "Shards this worker holds the lease of.", registry=registry
+        self.shards_owned = metrics.gauge(
+            "meterware_rollup_shards_owned", "Shards this worker holds the lease of."
         )
-        self.alerts = Counter(
+        self.alerts = metrics.counters(
             "meterware_alerts",
             "Alerts fired (each once per customer, billing period and threshold), by type.",
             ("type",),
-            registry=registry,
         )
-        self.webhooks_delivered = Counter(
-            "meterware_alert_webhooks_delivered", "Alerts delivered to the webhook.", registry=registry
+        self.webhooks_delivered = metrics.counter(
+            "meterware_alert_webhooks_delivered", "Alerts delivered to the webhook."
         )
-        self.webhooks_failed = Counter(
+        self.webhooks_failed = metrics.counter(
             "meterware_alert_webhooks_failed",
             "Alerts not delivered to the webhook (attempts used up, refused, or queue full): "
             "on the alerts stream only.",
-            registry=registry,
         )
+        metrics.register()
         #: Per shard this worker works on: its backlog (read by the lag collector at scrape time).
         self.lag: dict[int, ShardLag] = {}
         registry.register(_LagCollector(self.lag))

@@ -45,6 +45,7 @@ from tests.faults.harness import (
     open_accounts,
     provision,
     rollup_once,
+    stream_fields,
     to_toml,
     wait_until,
 )
@@ -76,7 +77,9 @@ def raw_request(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, 
     return int(lines[0].split()[1]), headers, body
 
 
-def get(port: int, path: str, *header_lines: bytes, method: bytes = b"GET", version: bytes = b"1.1") -> Any:
+def get(
+    port: int, path: str, *header_lines: bytes, method: bytes = b"GET", version: bytes = b"1.1"
+) -> tuple[int, dict[str, str], bytes]:
     lines = [
         method + b" " + path.encode("latin-1") + b" HTTP/" + version,
         *header_lines,
@@ -232,7 +235,12 @@ def test_unknown_and_known_keys_take_the_same_path_to_the_backend(
     near_miss = known[:-1] + ("b" if known[-1] != "b" else "c")
     hashed: list[str] = []
     real_hash = keys_module.hash_key
-    monkeypatch.setattr(keys_module, "hash_key", lambda text: hashed.append(text) or real_hash(text))
+
+    def hash_key(text: str) -> str:
+        hashed.append(text)
+        return real_hash(text)
+
+    monkeypatch.setattr(keys_module, "hash_key", hash_key)
     storage = open_storage(server.url, shards=config.shards, timeout=5)
 
     for presented, found in [
@@ -332,7 +340,9 @@ def test_hostile_units_are_ignored_counted_and_never_charged(
     assert output.count("meterware: ignored usage") == rejected, output
     stream = Stream.read(server.client())
     stream.assert_no_duplicates()
-    assert [dead for shard in range(4) for dead in server.client().xrange(f"mw:{{s{shard}}}:dead")] == []
+    assert [
+        dead for shard in range(4) for dead in stream_fields(server.client(), f"mw:{{s{shard}}}:dead")
+    ] == []
     units = {event.route: event.units for event in stream.events}
     valid_tokens = HOSTILE_UNITS["valid"][1]
     assert units["/v1/units/valid"] == {"calls": 1, "tokens": valid_tokens}

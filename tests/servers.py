@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -91,6 +92,7 @@ class RedisServer:
     def __init__(self, *extra: str, port: int | None = None, config: str | None = None) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (the README's test command installs it)")
+        self.binary = REDIS_SERVER
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mw-redis-"))
         self.extra = extra
@@ -102,8 +104,8 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+    def start(self) -> Self:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         if self.config is not None:
             config = self.dir / "redis.conf"
             config.write_text(self.config)

@@ -452,7 +452,8 @@ def test_a_webhook_is_retried_after_500_and_429_then_delivered_once() -> None:
 
 def test_a_webhook_gives_up_after_its_attempts_and_on_a_4xx() -> None:
     """Attempts are bounded; a 4xx other than 408/429 is final; both count as failed deliveries."""
-    with Receiver([(503, {})] * 3 + [(404, {})]) as receiver:
+    no_headers: dict[str, str] = {}
+    with Receiver([(503, no_headers)] * 3 + [(404, no_headers)]) as receiver:
         sender = WebhookSender(receiver.url, SECRET, attempts=3, base_delay=0.01)
         assert not sender.deliver(ALERT)
         assert len(receiver.requests) == 3
@@ -500,7 +501,7 @@ def test_a_delivery_that_raises_is_counted_and_the_sender_carries_on(
     """Whatever one delivery raises is logged and counted failed; the thread goes on with the next alert."""
     registry = CollectorRegistry()
     metrics = RollupMetrics(registry)
-    unencodable = replace(ALERT, id="alrt_unencodable", quota=Decimal(10))  # json.dumps refuses a Decimal
+    unencodable = replace(ALERT, id="alrt_unencodable", quota=Decimal(10))  # type: ignore[arg-type]  # json.dumps refuses a Decimal
     with Receiver([]) as receiver:
         sender = WebhookSender(receiver.url, SECRET, attempts=2, base_delay=0.01, metrics=metrics)
         assert sender.submit(unencodable)

@@ -24,4 +24,13 @@ def test_the_constraints_pin_every_package_exactly() -> None:
     ]
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[A-Za-z0-9_.+!-]+", line) for line in lines), lines
     names = {line.split("==")[0].lower() for line in lines}
-    assert {"pytest", "redis", "starlette", "werkzeug", "django", "gunicorn", "mypy"} <= names
+    tools = {"pytest", "pytest-cov", "mypy", "ruff"}
+    assert tools | {"redis", "starlette", "werkzeug", "django", "gunicorn"} <= names
+
+
+def test_pre_commit_runs_the_ruff_ci_runs() -> None:
+    """The ruff hooks of .pre-commit-config.yaml pin the ruff of ci/constraints.txt."""
+    pinned = re.search(r"^ruff==(\S+)$", (ROOT / "ci" / "constraints.txt").read_text(), re.MULTILINE)
+    assert pinned is not None
+    hooks = re.findall(r'"ruff==([^"]+)"', (ROOT / ".pre-commit-config.yaml").read_text())
+    assert hooks == [pinned.group(1)] * 2

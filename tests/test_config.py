@@ -1160,7 +1160,7 @@ _METER_NAMES = ("calls", "tokens", "bytes", "peak", "users")
 @st.composite
 def plausible_configs(draw: st.DrawFn) -> dict[str, Any]:
     """Configurations shaped like real ones, with values anywhere in their ranges (and some beyond)."""
-    meters = {}
+    meters: dict[str, dict[str, Any]] = {}
     for name in draw(st.lists(st.sampled_from(_METER_NAMES), min_size=1, max_size=4, unique=True)):
         source = draw(
             st.sampled_from(

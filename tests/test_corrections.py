@@ -193,7 +193,7 @@ def test_a_bad_line_rejects_the_whole_file(
 def test_a_repeated_id_in_a_file_names_both_lines(accounts: Accounts, tmp_path: Path) -> None:
     """An id that appears twice in one file is refused, naming the first line."""
     accounts.create_customer("acme", plan="invoiced", anchor=0)
-    line = {"id": EVENT, "customer": "acme", "units": {"calls": 1}}
+    line: dict[str, object] = {"id": EVENT, "customer": "acme", "units": {"calls": 1}}
     other = str(uuid.UUID(bytes=new_event_id()))
     with pytest.raises(UsageError, match=r"events\.jsonl:3: id: .* repeats line 1"):
         accounts.import_events(str(backfill(tmp_path, [line, {**line, "id": other}, line])))

@@ -168,7 +168,7 @@ def test_spool_round_trip(tmp_path: Path) -> None:
     paths = spool.pending()
     assert [path.name for path in paths] == sorted(f"{batch.batch_id}.batch" for batch in batches)
     assert spool.size() == sum(path.stat().st_size for path in paths)
-    assert sorted((spool.read(path) for path in paths), key=lambda b: b.shard) == batches  # type: ignore[arg-type, return-value]
+    assert sorted((spool.read(path) for path in paths), key=lambda b: b.shard) == batches  # type: ignore[arg-type, return-value, union-attr]
     for path in paths:
         spool.remove(path)
     assert spool.pending() == []

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
@@ -106,7 +107,7 @@ class Api:
             messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             started = asyncio.Event()
 
-            async def send(message: dict[str, Any]) -> None:
+            async def send(message: Message) -> None:
                 if message["type"] == "lifespan.startup.complete":
                     started.set()
 

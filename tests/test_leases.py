@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
@@ -80,8 +81,8 @@ class Process:
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.middleware), base_url="http://testserver"
         )
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._events: asyncio.Queue[Message] = asyncio.Queue()
+        self._replies: asyncio.Queue[Message] = asyncio.Queue()
         self._lifespan: asyncio.Task[None] | None = None
 
     async def call(self, key: str) -> httpx.Response:

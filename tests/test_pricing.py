@@ -202,11 +202,11 @@ def test_existing_plans_price_per_unit_in_usd() -> None:
     """A plan without the new settings keeps its terms: USD, no fee, its micro-credit price per unit."""
     plan = config({"meters": {"calls": {"included": 100, "price": "0.0005"}}}).plans["scale"]
     assert plan.meters["calls"] == MeterTerms(included=100, price=500)
-    assert (plan.currency, plan.base_fee, plan.minimum) == ("USD", 0, 0)
+    assert (plan.currency, plan.base_fee, plan.minimum) == ("USD", D(0), D(0))
     assert plan.prices().meters["calls"] == Price.unit(D("0.0005"), included=100)
 
 
-TIER_OK = [{"up_to": 10, "price": "1"}, {"price": "0.5"}]
+TIER_OK: list[dict[str, Any]] = [{"up_to": 10, "price": "1"}, {"price": "0.5"}]
 CALLS = "plans.scale.meters.calls"
 
 

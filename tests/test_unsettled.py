@@ -14,7 +14,7 @@ def change(account: tuple[str, bool, int] = ACME, released: int = 10, used: int 
     return account, released, (("calls", used, 1),)
 
 
-def totals(unsettled: Unsettled, account: tuple[str, bool, int] = ACME) -> dict[str, tuple[int, int, int]]:
+def totals(unsettled: Unsettled, account: tuple[str, bool, int] = ACME) -> dict[str, tuple[int, ...]]:
     """Per batch id ("" before a batch): credits released, units charged, units released."""
     return {
         batch_id: (found.released, *found.meters["calls"])

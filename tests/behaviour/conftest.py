@@ -157,7 +157,7 @@ class WsgiApi(Api):
         app = self.framework.build()
         if isinstance(app, Flask):
             app.wsgi_app = self.middleware = WSGIMeteringMiddleware(app.wsgi_app, config=self.config)  # type: ignore[method-assign]
-            self.app = app
+            self.app: Flask | WSGIMeteringMiddleware = app
         else:
             self.app = self.middleware = WSGIMeteringMiddleware(app, config=self.config)
 
@@ -229,7 +229,7 @@ class DjangoAsgiApi(DjangoApi):
     """
 
     def _handler(self) -> Any:
-        handler = get_asgi_application()
+        handler: Any = get_asgi_application()  # its Django handler is replaced below
         handler.app = _ClosingASGIHandler()
         return handler
 

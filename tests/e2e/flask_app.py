@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 from flask import Flask, Response
 
@@ -29,7 +30,7 @@ def fail() -> tuple[dict[str, str], int]:
 
 
 @app.get("/v1/boom")
-def boom() -> None:
+def boom() -> NoReturn:
     raise RuntimeError("boom")
 
 

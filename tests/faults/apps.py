@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
+from starlette.types import Receive, Scope, Send
+
 import meterware
 from meterware.metrics import asgi_app as metrics_asgi_app
 from meterware.metrics import wsgi_app as metrics_wsgi_app
@@ -78,7 +80,7 @@ def _json(data: object) -> bytes:
 # -- ASGI -----------------------------------------------------------------------------------------------
 
 
-async def bare_asgi(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+async def bare_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI app under the middleware."""
     if scope["type"] == "lifespan":
         while True:

@@ -14,7 +14,7 @@ from meterware.events import UsageEvent, decode_batch
 from meterware.flusher import Spool
 from meterware.rollup.aggregate import parse_entry
 from meterware.storage import _keyspace
-from tests.faults.harness import CALL_PRICE, CUSTOMER, INITIAL_MICROS, SHARDS, TOKEN_PRICE
+from tests.faults.harness import CALL_PRICE, CUSTOMER, INITIAL_MICROS, SHARDS, TOKEN_PRICE, stream_fields
 
 
 @dataclass(slots=True)
@@ -34,7 +34,7 @@ class Stream:
         batch_ids: list[str] = []
         entries = 0
         for shard in range(SHARDS):
-            for _, fields in client.xrange(_keyspace.events(shard)):
+            for fields in stream_fields(client, _keyspace.events(shard)):
                 if valid_only and isinstance(parse_entry(fields, {}), str):
                     continue
                 entries += 1

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -229,10 +229,15 @@ class App:
             self.kill()
 
 
+def stream_fields(client: redis.Redis, key: str) -> list[dict[bytes, bytes]]:
+    """The fields of each entry of a stream (bytes: the suite's clients do not decode responses)."""
+    return [cast("dict[bytes, bytes]", fields) for _, fields in client.xrange(key) or ()]
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text exposition: each sample as written (``name{labels}``), and each name summed over
     its labels."""
-    samples: dict[str, float] = Counter()
+    samples: defaultdict[str, float] = defaultdict(float)
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue

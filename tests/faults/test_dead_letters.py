@@ -10,11 +10,12 @@ from collections.abc import Callable
 import httpx
 import msgpack
 import pytest
+from redis.typing import EncodableT, FieldT
 
 from meterware.events import encode_batch
 from meterware.storage import _keyspace
 from tests.faults.books import assert_exact, rolled_up
-from tests.faults.harness import SHARDS, Load, figures, parse_metrics, wait_until
+from tests.faults.harness import SHARDS, Load, figures, parse_metrics, stream_fields, wait_until
 from tests.faults.scenario import Scenario
 from tests.servers import free_port
 from tests.test_events import sample_event
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 VALID = encode_batch([sample_event(), sample_event()])
 #: Entries that are not event batches, and what the dead letter's reason must say about each.
-GARBAGE: list[tuple[dict[bytes, bytes], str]] = [
+GARBAGE: list[tuple[dict[FieldT, EncodableT], str]] = [
     ({b"b": b"\xc1 junk", b"c": b"0"}, "not a msgpack document"),
     ({b"b": VALID[: len(VALID) // 2], b"c": b"0,0"}, "not a msgpack document"),
     ({b"b": msgpack.packb([{"v": 99, "id": b"x" * 16}]), b"c": b"0"}, "unknown schema version 99"),
@@ -59,7 +60,9 @@ def test_garbage_entries_become_counted_dead_letters_and_the_worker_goes_on(
     worker_metrics = parse_metrics(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text)
     assert worker.terminate() == 0
 
-    dead = [fields for shard in range(SHARDS) for _, fields in client.xrange(_keyspace.dead_letters(shard))]
+    dead = [
+        fields for shard in range(SHARDS) for fields in stream_fields(client, _keyspace.dead_letters(shard))
+    ]
     assert len(dead) == len(GARBAGE)
     reasons = sorted(fields[b"reason"].decode() for fields in dead)
     for _, expected in GARBAGE:

@@ -27,7 +27,7 @@ from meterware.keys import generate_key
 from meterware.wsgi import WSGIMeteringMiddleware
 from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM, bare_wsgi
 from tests.faults.books import Stream, assert_exact
-from tests.faults.harness import CALL_PRICE, CUSTOMER, TOKEN_PRICE, Load, figures, wait_until
+from tests.faults.harness import CALL_PRICE, CUSTOMER, TOKEN_PRICE, Load, figures, stream_fields, wait_until
 from tests.faults.proxy import Action
 from tests.faults.scenario import Scenario
 
@@ -58,7 +58,9 @@ def raw_request(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, 
     return int(lines[0].split()[1]), headers, body
 
 
-def get(port: int, path: str, *header_lines: bytes, method: bytes = b"GET", version: bytes = b"1.1") -> Any:
+def get(
+    port: int, path: str, *header_lines: bytes, method: bytes = b"GET", version: bytes = b"1.1"
+) -> tuple[int, dict[str, str], bytes]:
     lines = [
         method + b" " + path.encode("latin-1") + b" HTTP/" + version,
         *header_lines,
@@ -210,7 +212,12 @@ def test_unknown_and_known_keys_take_the_same_path_to_the_backend(
     near_miss = known[:-1] + ("b" if known[-1] != "b" else "c")
     hashed: list[str] = []
     real_hash = keys_module.hash_key
-    monkeypatch.setattr(keys_module, "hash_key", lambda text: hashed.append(text) or real_hash(text))
+
+    def hash_key(text: str) -> str:
+        hashed.append(text)
+        return real_hash(text)
+
+    monkeypatch.setattr(keys_module, "hash_key", hash_key)
 
     def call(header: str, presented: str) -> tuple[int, list[list[bytes]]]:
         """One call through a new middleware (no key cached): its status and the commands it sent."""
@@ -311,7 +318,7 @@ def test_hostile_units_are_ignored_counted_and_never_charged(hostile: Scenario) 
     stream = hostile.stream()
     stream.assert_no_duplicates()
     dead_letters = [
-        dead for shard in range(4) for dead in hostile.server.client().xrange(f"mw:{{s{shard}}}:dead")
+        dead for shard in range(4) for dead in stream_fields(hostile.server.client(), f"mw:{{s{shard}}}:dead")
     ]
     assert dead_letters == []
     units = {event.route: event.units for event in stream.events}

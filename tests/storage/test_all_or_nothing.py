@@ -40,7 +40,7 @@ WINDOW = Window(True, ACME, "day", 1_772_323_200)
 TOTALS = WindowTotals(
     sums={"calls": 1}, maxes={"latency": 900}, lasts={"level": (2_000, 4)}, uniques={"users": {"u2"}}, ttl=0
 )
-Snapshot = dict[bytes, tuple[bytes, bytes | None, bool]]
+Snapshot = dict[bytes, tuple[bytes | str, bytes | None, bool]]
 
 
 def admit_request(storage: Storage, *, plan: Plan = PLAN, key_id: str = "key-acme", timeout_ms: int = 60_000

@@ -4,8 +4,14 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from tests.servers import RedisClusterServers, RedisServer, redis_cluster, redis_sentinel, redis_server
+
+# Property tests check properties, never timing: on a loaded 2-core machine (or under coverage) a slow
+# example is not a failure.
+settings.register_profile("meterware", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("meterware")
 
 
 @pytest.fixture(scope="session")

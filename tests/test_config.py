@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -1075,7 +1075,7 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200)
 @given(st.dictionaries(_keys, _json, max_size=6))
 def test_from_dict_returns_config_or_raises_config_error(data: dict[str, Any]) -> None:
     """Any JSON-like dict gives a Config or a ConfigError naming a field, never another exception."""
@@ -1130,7 +1130,7 @@ def mangled(draw: st.DrawFn, document: bytes) -> bytes:
 
 
 @pytest.mark.faults
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300)
 @given(st.dictionaries(_keys, _json, max_size=6).map(toml_document).flatmap(mangled))
 def test_any_toml_file_gives_a_config_or_one_line_error(document: bytes) -> None:
     """Any file, valid TOML or not, gives a Config or a one-line ConfigError naming the file; never a
@@ -1219,7 +1219,7 @@ def plausible_configs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @pytest.mark.faults
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100)
 @example(  # found by reasoning, then by this test: a valid price whose call cost the rollup refused
     {"storage": "memory://fuzz-price", "plans": {"pro": {"meters": {"calls": {"price": "9007199254"}}}}},
     "/v1/a",

@@ -25,10 +25,10 @@ import pytest
 import redis
 
 from meterware import Accounts, Config
-from meterware._core import Customer, KeyRecord
 from meterware.events import UsageEvent, decode_batch
-from meterware.flusher import Spool
 from meterware.keys import NewKey
+from meterware.metering.records import Customer, KeyRecord
+from meterware.metering.spool import Spool
 from meterware.rollup.aggregate import parse_entry
 from meterware.storage import _keyspace, open_storage
 from tests.e2e.conftest import ServerProcess

@@ -22,11 +22,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meterware import keys as keys_module
-from meterware._core import Problem
-from meterware._metering import Metering
 from meterware.config import Config
 from meterware.events import MAX_ROUTE_LENGTH
 from meterware.keys import generate_key
+from meterware.metering.facade import Metering
+from meterware.metering.responses import Problem
 from meterware.storage import open_storage
 from tests.faults.apps import HOSTILE_UNITS, HUGE_SUM
 from tests.faults.harness import (

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from meterware._core import Customer, KeyRecord, period_bounds
 from meterware.billing.alerts import Alert, read_alerts, rules_from_json, rules_to_json
 from meterware.billing.corrections import (
     CorrectionResult,
@@ -36,6 +35,8 @@ from meterware.config import EXPORT_PROVIDERS, AlertRules, Config, parse_credits
 from meterware.errors import ConfigError, NotFoundError, UsageError
 from meterware.events import OUTCOMES
 from meterware.keys import NewKey, generate_key
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer, KeyRecord
 from meterware.rollup.aggregate import parse_columns
 from meterware.storage import open_storage
 from meterware.storage._keyspace import check_customer_id, shard_of

@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from meterware.__about__ import __version__
-from meterware._core import Customer, period_bounds
 from meterware._http import no_redirects_opener, redact_text, redact_url, retry_after_seconds
 from meterware.config import AlertRules, Config, Plan, format_credits
 from meterware.errors import ConfigError, StorageError
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
 
 if TYPE_CHECKING:

@@ -20,9 +20,10 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
 from meterware.billing.ledger import default_grant
 from meterware.errors import NotFoundError, StorageError
+from meterware.metering.admission import AdmitRequest, Decision, decision_from_reply
+from meterware.metering.records import Customer, KeyInfo, KeyRecord
 from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import (
     ALERTS_MAXLEN,

@@ -44,10 +44,11 @@ from redis.commands.core import AsyncScript, Script
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord, decision_from_reply
-from meterware._unsettled import Snapshot
 from meterware.billing.ledger import default_grant
 from meterware.errors import NotFoundError, StorageError
+from meterware.metering.admission import AdmitRequest, Decision, decision_from_reply
+from meterware.metering.records import Customer, KeyInfo, KeyRecord
+from meterware.metering.unsettled import Snapshot
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import (
     ALERTS_MAXLEN,

@@ -52,7 +52,8 @@ class SyncDriver:
         if not isinstance(request, AdmitRequest):
             return request
         assert isinstance(key, KeyInfo)
-        answer = self.renew(storage, request) or self.admit(storage, request)
+        renewed = self.renew(storage, request) if core.leasing else None
+        answer = renewed or self.admit(storage, request)
         return core.admitted(key, request, answer, method, path, arrived)
 
     def resolve(self, storage: Storage, key_hash: NeedsLookup) -> KeyInfo | Problem:
@@ -138,7 +139,9 @@ class AsyncDriver:
     async def _admit_call(
         self, storage: AsyncStorage, key: KeyInfo, request: AdmitRequest, method: str, path: str, arrived: int
     ) -> Call | Problem:
-        answer = await self.renew(storage, request) or await self.admit(storage, request)
+        # Strict admission makes no renewal coroutine (a call's coroutines are most of its cost here).
+        renewed = await self.renew(storage, request) if self.core.leasing else None
+        answer = renewed or await self.admit(storage, request)
         return self.core.admitted(key, request, answer, method, path, arrived)
 
     async def resolve(self, storage: AsyncStorage, key_hash: NeedsLookup) -> KeyInfo | Problem:

@@ -59,11 +59,10 @@ def new_event_id(now_ms: int | None = None) -> bytes:
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     # One draw for both random fields (it runs for every call); the variant bits are cleared from it, then
     # set. `random` is reseeded in forked children, so pre-fork workers never share a sequence.
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | _random_bits(76) & _RANDOM_FIELDS | _VERSION_AND_VARIANT
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | random.getrandbits(76) & _RANDOM_FIELDS | _VERSION_AND_VARIANT
     return value.to_bytes(16, "big")
 
 
-_random_bits: Final = random.getrandbits
 #: Where a UUIDv7's random bits go (``rand_a``: 12 bits, ``rand_b``: 62), and its version and variant.
 _RANDOM_FIELDS: Final = 0xFFF << 64 | (1 << 62) - 1
 _VERSION_AND_VARIANT: Final = 0x7 << 76 | 0b10 << 62

@@ -46,7 +46,7 @@ class SyncDriver:
         core = self.core
         arrived = time.perf_counter_ns()
         key = core.identify(native_request, headers, query)
-        if isinstance(key, NeedsLookup):
+        if isinstance(key, str):  # NeedsLookup
             key = self.resolve(storage, key)
         request = core.admission(key, method, path, arrived)
         if not isinstance(request, AdmitRequest):
@@ -116,7 +116,7 @@ class AsyncDriver:
         coroutine to await for it (most calls of a busy process need none, and skip a coroutine's cost)."""
         arrived = time.perf_counter_ns()
         key = self.core.identify(native_request, headers, query)
-        if isinstance(key, NeedsLookup):
+        if isinstance(key, str):  # NeedsLookup
             return self._resolve_and_admit(storage, key, method, path, arrived)
         return self._known(storage, key, method, path, arrived)
 

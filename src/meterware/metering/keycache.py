@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import Final, NewType
 
 from meterware import keys
 from meterware.config import Policy
@@ -21,10 +21,9 @@ KEY_CACHE_MAX_ENTRIES: Final = 100_000
 UNKNOWN_KEY_CACHE_MAX_ENTRIES: Final = 10_000
 
 
-class NeedsLookup(str):
-    """A key hash the cache cannot answer for: the backend must resolve it (``resolve_key``)."""
-
-    __slots__ = ()
+#: A key hash the cache cannot answer for: the backend must resolve it (``resolve_key``). A plain ``str``
+#: at run time (the caches' dicts stay the fast all-``str`` kind), told apart by ``isinstance(_, str)``.
+NeedsLookup = NewType("NeedsLookup", str)
 
 
 class KeyCache:
@@ -38,8 +37,7 @@ class KeyCache:
         self._keys: LRUCache[str, tuple[float, KeyInfo]] = LRUCache(KEY_CACHE_MAX_ENTRIES)
         #: Unknown key hashes: until when they are refused without a lookup.
         self.unknown: LRUCache[str, float] = LRUCache(UNKNOWN_KEY_CACHE_MAX_ENTRIES)
-        #: Presented keys already hashed (a key's calls skip the SHA-256 and the shape check); the hashes
-        #: are kept as :class:`NeedsLookup`, so a miss makes no object.
+        #: Presented keys already hashed (a key's calls skip the SHA-256 and the shape check).
         self._hashes: LRUCache[str, NeedsLookup] = LRUCache(KEY_CACHE_MAX_ENTRIES)
 
     def lookup(self, presented: str | None) -> KeyInfo | NeedsLookup | Problem:

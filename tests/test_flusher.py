@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -20,8 +21,9 @@ import meterware.metering.flushers as flusher_module
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import ConfigError, StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, format_event_id, new_event_id
+from meterware.metering.admission import AdmitRequest
 from meterware.metering.batcher import MAX_BACKOFF_SECONDS, Batcher
-from meterware.metering.batching import EventBuffer, Pending, make_batches
+from meterware.metering.batching import Batches, EventBuffer, Pending, make_batches
 from meterware.metering.flushers import AsyncFlusher, ThreadFlusher, exit_on_sigterm, flush_async, flush_sync
 from meterware.metering.spool import Spool
 from meterware.storage import open_async_storage, open_storage
@@ -101,7 +103,7 @@ def test_buffer_is_fifo_and_bounded() -> None:
     assert buffer.take(10) == []
 
 
-def test_pipeline_put_drops_and_counts_when_the_buffer_is_full(
+def test_batcher_put_drops_and_counts_when_the_buffer_is_full(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Batcher.put never blocks: past buffer_size, events are dropped, counted and logged."""
@@ -188,7 +190,7 @@ def test_spool_refuses_batches_beyond_its_cap(tmp_path: Path) -> None:
     assert [path.name for path in capped.pending()] == [f"{first.batch_id}.batch"]
 
 
-def test_pipeline_counts_batches_the_full_spool_drops(
+def test_batcher_counts_batches_the_full_spool_drops(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the spool is full too, the batch's events are dropped and counted."""
@@ -348,6 +350,46 @@ def test_a_batch_the_backend_refuses_is_set_aside_and_the_others_replay(
     assert [routes(events) for _, _, events in stream(storage)] == [["/v1/items/1"]]
     client.close()
     storage.close()
+
+
+def test_a_flush_pass_asks_for_its_writes_and_makes_none(tmp_path: Path) -> None:
+    """``Batcher.flush_pass`` writes nothing itself: it yields the buffered events' batches, then each
+    spooled batch to replay (sent what writing it gave), then the spent leases' blocks to close."""
+    Batcher(config(tmp_path)).spill(make_batches([pending(1)]))
+    batcher = Batcher(config(tmp_path))
+    block = cast(AdmitRequest, "a spent lease's block")
+    batcher.spent_leases = lambda final: [block]
+    closed: list[list[AdmitRequest]] = []
+    batcher.released = closed.append
+    batcher.put(pending(0))
+    steps = batcher.flush_pass(final=False)
+    buffered = next(steps)
+    assert isinstance(buffered, Batches)
+    assert [routes(decode_batch(batch.payload)) for batch in buffered] == [["/v1/items/0"]]
+    batcher.succeeded(buffered[0], True)  # the buffered batches' writer records their outcomes
+    replayed = steps.send(None)
+    assert isinstance(replayed, Batch)
+    assert routes(decode_batch(replayed.payload)) == ["/v1/items/1"]
+    assert steps.send(True) == [block]
+    with pytest.raises(StopIteration):
+        steps.send(None)
+    assert (closed, batcher.releasing, batcher.spool.pending()) == ([[block]], [], [])
+    assert (batcher.stats.flushed_batches, batcher.stats.replayed_batches) == (2, 1)
+
+
+def test_a_flush_pass_ends_at_a_failed_replay_and_keeps_the_leases_open(tmp_path: Path) -> None:
+    """A replay that fails ends the pass: the batch stays spooled, the batcher backs off, and the spent
+    leases stay listed (closed while a call of theirs waits in the spool, their units could be taken
+    again)."""
+    Batcher(config(tmp_path)).spill(make_batches([pending(1)]))
+    batcher = Batcher(config(tmp_path))
+    block = cast(AdmitRequest, "a spent lease's block")
+    batcher.spent_leases = lambda final: [block]
+    steps = batcher.flush_pass(final=False)
+    assert isinstance(next(steps), Batch)  # nothing buffered: the replay comes first
+    with pytest.raises(StopIteration):
+        steps.send(StorageError("connection refused"))
+    assert (len(batcher.spool.pending()), batcher.releasing, batcher.healthy()) == (1, [block], False)
 
 
 def test_flush_during_backoff_spools_without_calling_the_backend(

@@ -2,10 +2,10 @@
 
     python -m benchmarks.metrics_overhead [--calls 20000] [--rounds 7]
 
-Times the request path of :class:`meterware._metering.Metering` (identify, admit on ``memory://``, decide,
-finish) per call, and alone the metric updates that path makes for one call (one request counter and
-latency observation, one backend latency observation, the units, the buffer depth). Bounded: ``rounds``
-rounds of ``calls`` calls each.
+Times the request path of :class:`meterware.metering.facade.Metering` (identify, admit on
+``memory://``, decide, finish) per call, and alone the metric updates that path makes for one call (one
+request counter and latency observation, one backend latency observation, the units, the buffer depth).
+Bounded: ``rounds`` rounds of ``calls`` calls each.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from meterware import Accounts, Config
-from meterware._core import Problem
-from meterware._metering import Metering
+from meterware.metering.facade import Metering
+from meterware.metering.responses import Problem
 from meterware.metrics import AppMetrics
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         metering.finish(started, "/v1/hello")
 
     def drop_events() -> None:
-        metering.pipeline.buffer.take(10**9)
+        metering.batcher.buffer.take(10**9)
 
     metrics = AppMetrics(CollectorRegistry())
 

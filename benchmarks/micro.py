@@ -27,8 +27,6 @@ from prometheus_client import CollectorRegistry
 from benchmarks._harness import OthersClock, RedisServer
 from benchmarks.apps import CONFIG, create_customer
 from meterware import Accounts, Config, keys
-from meterware._core import KeyInfo, limit_headers
-from meterware._metering import Call, Metering
 from meterware.events import (
     UsageEvent,
     decode_batch,
@@ -37,7 +35,11 @@ from meterware.events import (
     encode_rows,
     new_event_id,
 )
-from meterware.flusher import Pending, make_batches
+from meterware.metering.batching import Pending, make_batches
+from meterware.metering.calls import Call
+from meterware.metering.facade import Metering
+from meterware.metering.records import KeyInfo
+from meterware.metering.responses import limit_headers
 from meterware.rollup.aggregate import Fold, fold, parse_columns, parse_entry
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._admission import decision_from_reply
@@ -104,11 +106,10 @@ class Bench:
         assert info is not None
         self.key: KeyInfo = info
         self.metering = Metering(self.config, registry=CollectorRegistry())
-        self.metering.resolved(key_hash, info)
+        self.metering.core.keys.resolved(key_hash, info)
         self.headers = [*HEADERS, (b"authorization", f"Bearer {self.plaintext}".encode())]
-        self.request = self.metering.admit_request(
-            self.key, self.metering.call_terms(self.key, "/v1/hello", time.time())
-        )
+        core = self.metering.core
+        self.request = core.admit_request(self.key, core.call_terms(self.key, "/v1/hello", time.time()))
         self.decision = self.storage.admit(self.request)
         assert self.decision.allowed, self.decision
 
@@ -117,14 +118,14 @@ class Bench:
         return [1, b"", 0, 1, 999_999_999_999, 1, 999_999, 1, 999_999_999_999]
 
     def call(self) -> Call:
-        call = self.metering.decide(self.key, self.request, self.decision, "GET", "/v1/hello")
+        call = self.metering.core.decide(self.key, self.request, self.decision, "GET", "/v1/hello")
         assert isinstance(call, Call)
         call.status, call.ttfb_ns, call.response_bytes = 200, call.started_ns + 100_000, 17
         return call
 
     def pending(self, count: int) -> list[Pending]:
         """``count`` finished calls, as the request path leaves them in the buffer."""
-        pipeline = self.metering.pipeline
+        pipeline = self.metering.batcher
         for _ in range(count):
             self.metering.finish(self.call(), "/v1/hello")
         return pipeline.buffer.take(count)
@@ -161,25 +162,26 @@ def events(count: int, customers: int = 200, spread_ms: int = 300_000) -> list[U
 
 def core(bench: Bench, repeat: int) -> Iterator[Piece]:
     metering, key, request = bench.metering, bench.key, bench.request
+    core = metering.core
     now = time.time()
     reply = bench.reply()
     yield timed(
         "keys.hash_key (SHA-256 of the presented key)", lambda: keys.hash_key(bench.plaintext), repeat
     )
     yield timed(
-        "Metering.identify (cached key, 6 headers)",
-        lambda: metering.identify(None, bench.headers, b""),
+        "RequestCore.identify (cached key, 6 headers)",
+        lambda: core.identify(None, bench.headers, b""),
         repeat,
     )
     yield timed(
-        "Metering.call_terms + admit_request",
-        lambda: metering.admit_request(key, metering.call_terms(key, "/v1/hello", now)),
+        "RequestCore.call_terms + admit_request",
+        lambda: core.admit_request(key, core.call_terms(key, "/v1/hello", now)),
         repeat,
     )
     yield timed("decision_from_reply", lambda: decision_from_reply(request, reply, now), repeat)
     yield timed(
-        "Metering.decide (the admitted Call)",
-        lambda: metering.decide(key, request, bench.decision, "GET", "/v1/hello"),
+        "RequestCore.decide (the admitted Call)",
+        lambda: core.decide(key, request, bench.decision, "GET", "/v1/hello"),
         repeat,
     )
     yield timed("limit_headers (RateLimit headers)", lambda: limit_headers(bench.decision.limits), repeat)
@@ -197,7 +199,7 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
         def run() -> int:
             for call in calls:
                 metering.finish(call, "/v1/hello")
-            metering.pipeline.buffer.take(len(calls))
+            metering.batcher.buffer.take(len(calls))
             return len(calls)
 
         return run
@@ -213,11 +215,11 @@ def codec(bench: Bench, repeat: int) -> Iterator[Piece]:
     yield timed(f"events.decode_batch ({BATCH} events)", lambda: decode_batch(payload), repeat, BATCH)
     yield timed(f"events.decode_columns ({BATCH} events)", lambda: decode_columns(payload), repeat, BATCH)
     yield timed(
-        f"flusher.make_batches ({BATCH} events, 1 shard)", lambda: make_batches(pending), repeat, BATCH
+        f"batching.make_batches ({BATCH} events, 1 shard)", lambda: make_batches(pending), repeat, BATCH
     )
     spread = [replace(item, shard=index % 16) for index, item in enumerate(pending)]
     yield timed(
-        f"flusher.make_batches ({BATCH} events, 16 shards)", lambda: make_batches(spread), repeat, BATCH
+        f"batching.make_batches ({BATCH} events, 16 shards)", lambda: make_batches(spread), repeat, BATCH
     )
 
 
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.filter.lower() in piece.name.lower():
                     print(_line(piece, piece.measure()), flush=True)
         # Nothing is left in the inputs' buffer to drain at exit.
-        bench.metering.pipeline.buffer.take(10**9)
+        bench.metering.batcher.buffer.take(10**9)
     print(f"\nother processes used {others.cores():.2f} cores on average meanwhile")
     return 0
 

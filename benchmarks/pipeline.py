@@ -1,11 +1,12 @@
 """Event pipeline and rollup throughput against a real Redis, in events per second.
 
 * **flusher**: one process's buffer, filled with the events and settlements a metered call leaves
-  behind, written to Redis by the real ``Pipeline.flush_sync`` (the WSGI flusher thread's step) or
-  ``Pipeline.flush_async`` (the ASGI flusher task's, on uvloop): batches of ``pipeline.batch_size``
-  events taken from the buffer, grouped per shard, encoded, and each appended as one stream entry and
-  settled by one script. The settlements charge credits and count quota as real ones do, but open no
-  reservation (admission is not part of this benchmark), so the script's HGET of the reservation misses.
+  behind, written to Redis by the real flush passes of ``meterware.metering.flushers``: ``flush_sync``
+  (the WSGI flusher thread's step) or ``flush_async`` (the ASGI flusher task's, on uvloop): batches of
+  ``pipeline.batch_size`` events taken from the buffer, grouped per shard, encoded, and each appended as
+  one stream entry and settled by one script. The settlements charge credits and count quota as real
+  ones do, but open no reservation (admission is not part of this benchmark), so the script's HGET of
+  the reservation misses.
 * **rollup**: ``RollupWorker.drain()`` in its own process over the 16 shards those flushes filled; then
   two worker processes over 32 shards filled with twice the customers and events (the same per shard,
   and the same events per stream entry), to show how throughput grows with shards and workers.
@@ -33,10 +34,13 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from benchmarks._harness import OthersClock, Retries
-from meterware._core import Customer, period_bounds
 from meterware.config import Config
 from meterware.events import UsageEvent, event_row, new_event_id
-from meterware.flusher import Pending, Pipeline
+from meterware.metering import flushers
+from meterware.metering.batcher import Batcher
+from meterware.metering.batching import Pending
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer
 from meterware.metrics import AppMetrics
 from meterware.rollup import RollupWorker
 from meterware.storage import open_async_storage, open_storage
@@ -112,8 +116,8 @@ def pending(count: int, customers: list[str], shards: int) -> list[Pending]:
     return items
 
 
-def _filled(url: str, shards: int, batch_size: int, items: Iterable[Pending]) -> Pipeline:
-    pipeline = Pipeline(
+def _filled(url: str, shards: int, batch_size: int, items: Iterable[Pending]) -> Batcher:
+    pipeline = Batcher(
         config(url, shards, batch_size).pipeline, metrics=AppMetrics.for_registry(CollectorRegistry())
     )
     for item in items:
@@ -121,19 +125,19 @@ def _filled(url: str, shards: int, batch_size: int, items: Iterable[Pending]) ->
     return pipeline
 
 
-def _check(pipeline: Pipeline, count: int) -> None:
+def _check(pipeline: Batcher, count: int) -> None:
     stats = pipeline.stats
     if stats.flushed_events != count or stats.failures or stats.spooled_events or stats.dropped_events:
         raise RuntimeError(f"the flush did not write every event: {stats}")
 
 
 def flush_sync(url: str, items: list[Pending], shards: int = SHARDS, batch_size: int = BATCH_SIZE) -> float:
-    """Events per second of ``Pipeline.flush_sync`` writing ``items`` to Redis."""
+    """Events per second of ``flush_sync`` writing ``items`` to Redis."""
     pipeline = _filled(url, shards, batch_size, items)
     storage = open_storage(url, shards=shards, timeout=30)
     storage.stream_length(0)  # connected before the clock starts
     started = time.perf_counter()
-    pipeline.flush_sync(storage)
+    flushers.flush_sync(pipeline, storage)
     elapsed = time.perf_counter() - started
     storage.close()
     _check(pipeline, len(items))
@@ -141,14 +145,14 @@ def flush_sync(url: str, items: list[Pending], shards: int = SHARDS, batch_size:
 
 
 def flush_async(url: str, items: list[Pending]) -> float:
-    """Events per second of ``Pipeline.flush_async`` writing ``items`` to Redis, on uvloop."""
+    """Events per second of ``flush_async`` writing ``items`` to Redis, on uvloop."""
     pipeline = _filled(url, SHARDS, BATCH_SIZE, items)
 
     async def flush() -> float:
         storage = open_async_storage(url, shards=SHARDS, timeout=30)
         await storage.resolve_key("0" * 64)  # connected before the clock starts
         started = time.perf_counter()
-        await pipeline.flush_async(storage)
+        await flushers.flush_async(pipeline, storage)
         elapsed = time.perf_counter() - started
         await storage.aclose()
         return elapsed

@@ -17,7 +17,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from meterware._core import Customer, period_bounds
 from meterware.billing.accounts import Accounts
 from meterware.billing.alerts import (
     Alert,
@@ -32,6 +31,8 @@ from meterware.billing.alerts import (
 from meterware.config import AlertRules, Config, MeterTerms, Plan
 from meterware.errors import ConfigError
 from meterware.events import encode_batch
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer
 from meterware.rollup import RollupWorker
 from meterware.rollup.metrics import RollupMetrics
 from meterware.storage._keyspace import shard_of

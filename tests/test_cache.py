@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from meterware._cache import LRUCache
+from meterware.metering.cache import LRUCache
 
 
 def test_holds_at_most_max_size_entries_forgetting_the_least_recently_used() -> None:

@@ -13,11 +13,13 @@ from typing import Any, Protocol
 
 import pytest
 
-from meterware._core import period_bounds
 from meterware.cli import main
 from meterware.config import Config
 from meterware.events import UsageEvent, event_row, new_event_id
-from meterware.flusher import Pending, Pipeline
+from meterware.metering.batcher import Batcher
+from meterware.metering.batching import Pending
+from meterware.metering.flushers import flush_sync
+from meterware.metering.periods import period_bounds
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Settlement
@@ -329,7 +331,7 @@ def record_calls(redis_url: str, customer: str, outcomes: list[tuple[str, bool]]
     config = Config.from_file(EXAMPLE)
     storage = open_storage(redis_url, shards=config.shards)
     start, _ = period_bounds(ANCHOR, "month", time.time())
-    pipeline = Pipeline(config.pipeline)
+    pipeline = Batcher(config.pipeline)
     for number, (outcome, live) in enumerate(outcomes):
         billable = outcome == "success"
         price = 2000 if live else 0
@@ -352,7 +354,7 @@ def record_calls(redis_url: str, customer: str, outcomes: list[tuple[str, bool]]
         )
         settlement = Settlement(customer, live, start, "", billable, live, (("calls", 1, price, 0),))
         pipeline.put(Pending(shard_of(customer, config.shards), event_row(event), settlement))
-    pipeline.flush_sync(storage)
+    flush_sync(pipeline, storage)
     assert pipeline.stats.flushed_events == len(outcomes)
     storage.close()
 

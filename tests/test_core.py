@@ -11,21 +11,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterware._core import (
+from meterware.config import Meter, MeterTerms, Plan, Policy, RateLimit
+from meterware.events import Outcome
+from meterware.metering.admission import (
     AdmitRequest,
     Decision,
     LimitState,
     MeterHold,
     Reason,
-    classify,
-    is_billable,
-    limit_headers,
     meter_holds,
-    period_bounds,
-    problem,
 )
-from meterware.config import Meter, MeterTerms, Plan, Policy, RateLimit
-from meterware.events import Outcome
+from meterware.metering.outcomes import classify, is_billable
+from meterware.metering.periods import period_bounds
+from meterware.metering.responses import limit_headers, problem
 from meterware.storage._admission import decision_from_reply
 
 

@@ -13,24 +13,19 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-import meterware.flusher as flusher_module
+import meterware.metering.flushers as flusher_module
 from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import ConfigError, StorageError
 from meterware.events import UsageEvent, decode_batch, event_row, format_event_id, new_event_id
-from meterware.flusher import (
-    MAX_BACKOFF_SECONDS,
-    AsyncFlusher,
-    EventBuffer,
-    Pending,
-    Pipeline,
-    Spool,
-    ThreadFlusher,
-    exit_on_sigterm,
-    make_batches,
-)
+from meterware.metering.admission import AdmitRequest
+from meterware.metering.batcher import MAX_BACKOFF_SECONDS, Batcher
+from meterware.metering.batching import Batches, EventBuffer, Pending, make_batches
+from meterware.metering.flushers import AsyncFlusher, ThreadFlusher, exit_on_sigterm, flush_async, flush_sync
+from meterware.metering.spool import Spool
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from tests.servers import free_port
@@ -108,11 +103,11 @@ def test_buffer_is_fifo_and_bounded() -> None:
     assert buffer.take(10) == []
 
 
-def test_pipeline_put_drops_and_counts_when_the_buffer_is_full(
+def test_batcher_put_drops_and_counts_when_the_buffer_is_full(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Pipeline.put never blocks: past buffer_size, events are dropped, counted and logged."""
-    pipeline = Pipeline(config(tmp_path, buffer_size=3))
+    """Batcher.put never blocks: past buffer_size, events are dropped, counted and logged."""
+    pipeline = Batcher(config(tmp_path, buffer_size=3))
     with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
         for number in range(5):
             pipeline.put(pending(number))
@@ -195,11 +190,11 @@ def test_spool_refuses_batches_beyond_its_cap(tmp_path: Path) -> None:
     assert [path.name for path in capped.pending()] == [f"{first.batch_id}.batch"]
 
 
-def test_pipeline_counts_batches_the_full_spool_drops(
+def test_batcher_counts_batches_the_full_spool_drops(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the spool is full too, the batch's events are dropped and counted."""
-    pipeline = Pipeline(config(tmp_path, spool_max_bytes=0))
+    pipeline = Batcher(config(tmp_path, spool_max_bytes=0))
     with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
         pipeline.spill(make_batches([pending(0), pending(1), pending(2, 1)]))
     assert pipeline.stats.dropped_events == 3
@@ -244,10 +239,10 @@ def test_reading_a_batch_replayed_meanwhile_returns_none(tmp_path: Path) -> None
 def test_flush_sync_writes_every_event_to_its_shard(tmp_path: Path, memory_storage: Storage) -> None:
     """flush_sync empties the buffer into one stream entry per shard and counts what it flushed."""
     flushed: list[Batch] = []
-    pipeline = Pipeline(config(tmp_path), on_flushed=flushed.append)
+    pipeline = Batcher(config(tmp_path), on_flushed=flushed.append)
     for number, shard in enumerate([0, 1, 1, 3, 0]):
         pipeline.put(pending(number, shard))
-    pipeline.flush_sync(memory_storage)
+    flush_sync(pipeline, memory_storage)
     assert len(pipeline.buffer) == 0
     entries = stream(memory_storage)
     assert [(shard, routes(events)) for shard, _, events in entries] == [
@@ -267,12 +262,12 @@ def test_flush_sync_spools_when_the_backend_fails_and_replays_with_the_same_ids(
     tmp_path: Path, unreachable_storage: Storage, memory_storage: Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Batches that fail go to the spool; a later flush replays them with their ids, exactly once."""
-    pipeline = Pipeline(config(tmp_path))
+    pipeline = Batcher(config(tmp_path))
     pipeline.backoff = MAX_BACKOFF_SECONDS  # the pass never retries (however long spooling takes)
     for number, shard in enumerate([0, 1, 2, 0]):
         pipeline.put(pending(number, shard))
     with caplog.at_level(logging.WARNING, logger="meterware.flusher"):
-        pipeline.flush_sync(unreachable_storage)
+        flush_sync(pipeline, unreachable_storage)
     assert len(pipeline.buffer) == 0
     assert (pipeline.stats.failures, pipeline.stats.spooled_events, pipeline.stats.flushed_events) == (
         1,
@@ -285,8 +280,8 @@ def test_flush_sync_spools_when_the_backend_fails_and_replays_with_the_same_ids(
     assert sorted(batch.shard for batch in spooled if batch) == [0, 1, 2]
 
     # Another process sharing the spool directory (or this one once its backoff is over) replays it.
-    replayer = Pipeline(config(tmp_path))
-    replayer.flush_sync(memory_storage)
+    replayer = Batcher(config(tmp_path))
+    flush_sync(replayer, memory_storage)
     assert replayer.spool.pending() == []
     assert (replayer.stats.replayed_batches, replayer.stats.flushed_events) == (3, 4)
     entries = stream(memory_storage)
@@ -301,7 +296,7 @@ def test_flush_sync_spools_when_the_backend_fails_and_replays_with_the_same_ids(
     for batch in spooled:
         assert batch is not None
         replayer.spool.write(batch)
-    replayer.flush_sync(memory_storage)
+    flush_sync(replayer, memory_storage)
     assert replayer.spool.pending() == []
     assert stream(memory_storage) == entries
     assert (replayer.stats.replayed_batches, replayer.stats.flushed_batches) == (6, 3)
@@ -312,8 +307,8 @@ def test_replay_stops_at_the_first_failure(tmp_path: Path, unreachable_storage: 
     spool = Spool(tmp_path / "spool", max_bytes=1_000_000)
     for batch in make_batches([pending(0, 0), pending(1, 1)]):
         spool.write(batch)
-    pipeline = Pipeline(config(tmp_path))
-    pipeline.flush_sync(unreachable_storage)
+    pipeline = Batcher(config(tmp_path))
+    flush_sync(pipeline, unreachable_storage)
     assert len(pipeline.spool.pending()) == 2
     assert (pipeline.stats.failures, pipeline.stats.replayed_batches) == (1, 0)
     assert not pipeline.healthy()
@@ -326,7 +321,7 @@ def test_a_batch_the_backend_refuses_is_set_aside_and_the_others_replay(
     """A spooled batch refused as it is (a clobbered key) is quarantined; the batches behind it still flow."""
     import redis as redis_py
 
-    from meterware._core import Customer
+    from meterware.metering.records import Customer
     from meterware.storage import _keyspace
 
     storage = open_storage(redis_url, shards=SHARDS)
@@ -345,9 +340,9 @@ def test_a_batch_the_backend_refuses_is_set_aside_and_the_others_replay(
     client.delete(_keyspace.customer(acme_shard, "acme"))
     client.set(_keyspace.customer(acme_shard, "acme"), "clobbered")  # an operator's mistake
 
-    pipeline = Pipeline(config(tmp_path))
+    pipeline = Batcher(config(tmp_path))
     with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
-        pipeline.flush_sync(storage)
+        flush_sync(pipeline, storage)
     assert pipeline.spool.pending() == []
     assert (pipeline.stats.quarantined_batches, pipeline.stats.replayed_batches) == (1, 1)
     assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{refused[0].batch_id}.refused"]
@@ -357,15 +352,55 @@ def test_a_batch_the_backend_refuses_is_set_aside_and_the_others_replay(
     storage.close()
 
 
+def test_a_flush_pass_asks_for_its_writes_and_makes_none(tmp_path: Path) -> None:
+    """``Batcher.flush_pass`` writes nothing itself: it yields the buffered events' batches, then each
+    spooled batch to replay (sent what writing it gave), then the spent leases' blocks to close."""
+    Batcher(config(tmp_path)).spill(make_batches([pending(1)]))
+    batcher = Batcher(config(tmp_path))
+    block = cast(AdmitRequest, "a spent lease's block")
+    batcher.spent_leases = lambda final: [block]
+    closed: list[list[AdmitRequest]] = []
+    batcher.released = closed.append
+    batcher.put(pending(0))
+    steps = batcher.flush_pass(final=False)
+    buffered = next(steps)
+    assert isinstance(buffered, Batches)
+    assert [routes(decode_batch(batch.payload)) for batch in buffered] == [["/v1/items/0"]]
+    batcher.succeeded(buffered[0], True)  # the buffered batches' writer records their outcomes
+    replayed = steps.send(None)
+    assert isinstance(replayed, Batch)
+    assert routes(decode_batch(replayed.payload)) == ["/v1/items/1"]
+    assert steps.send(True) == [block]
+    with pytest.raises(StopIteration):
+        steps.send(None)
+    assert (closed, batcher.releasing, batcher.spool.pending()) == ([[block]], [], [])
+    assert (batcher.stats.flushed_batches, batcher.stats.replayed_batches) == (2, 1)
+
+
+def test_a_flush_pass_ends_at_a_failed_replay_and_keeps_the_leases_open(tmp_path: Path) -> None:
+    """A replay that fails ends the pass: the batch stays spooled, the batcher backs off, and the spent
+    leases stay listed (closed while a call of theirs waits in the spool, their units could be taken
+    again)."""
+    Batcher(config(tmp_path)).spill(make_batches([pending(1)]))
+    batcher = Batcher(config(tmp_path))
+    block = cast(AdmitRequest, "a spent lease's block")
+    batcher.spent_leases = lambda final: [block]
+    steps = batcher.flush_pass(final=False)
+    assert isinstance(next(steps), Batch)  # nothing buffered: the replay comes first
+    with pytest.raises(StopIteration):
+        steps.send(StorageError("connection refused"))
+    assert (len(batcher.spool.pending()), batcher.releasing, batcher.healthy()) == (1, [block], False)
+
+
 def test_flush_during_backoff_spools_without_calling_the_backend(
     tmp_path: Path, unreachable_storage: Storage
 ) -> None:
     """After a failure, new batches go straight to the spool until the backoff is over."""
-    pipeline = Pipeline(config(tmp_path))
+    pipeline = Batcher(config(tmp_path))
     pipeline.put(pending(0))
-    pipeline.flush_sync(unreachable_storage)
+    flush_sync(pipeline, unreachable_storage)
     pipeline.put(pending(1, 1))
-    pipeline.flush_sync(unreachable_storage)
+    flush_sync(pipeline, unreachable_storage)
     assert pipeline.stats.failures == 1
     assert pipeline.stats.spooled_events == 2
     assert len(pipeline.spool.pending()) == 2
@@ -382,7 +417,7 @@ def test_thread_flusher_starts_once_and_drain_flushes_everything(
     tmp_path: Path, memory_storage: Storage
 ) -> None:
     """ensure_running starts one thread however often it is called; drain flushes all and stops it."""
-    pipeline = Pipeline(config(tmp_path, flush_interval=60.0))
+    pipeline = Batcher(config(tmp_path, flush_interval=60.0))
     flusher = ThreadFlusher(pipeline, memory_storage)
     before = set(flusher_threads())
     for number in range(50):
@@ -400,7 +435,7 @@ def test_thread_flusher_starts_once_and_drain_flushes_everything(
 
 def test_thread_flusher_restarts_after_drain(tmp_path: Path, memory_storage: Storage) -> None:
     """A drained flusher starts a new thread when events arrive again."""
-    pipeline = Pipeline(config(tmp_path, flush_interval=60.0))
+    pipeline = Batcher(config(tmp_path, flush_interval=60.0))
     flusher = ThreadFlusher(pipeline, memory_storage)
     before = set(flusher_threads())
     flusher.ensure_running()
@@ -417,7 +452,7 @@ def test_thread_flusher_restarts_after_drain(tmp_path: Path, memory_storage: Sto
 
 def test_thread_flusher_wakes_up_on_a_full_batch(tmp_path: Path, memory_storage: Storage) -> None:
     """A full batch wakes the thread before its interval: the events arrive without a drain."""
-    pipeline = Pipeline(config(tmp_path, flush_interval=60.0, batch_size=10))
+    pipeline = Batcher(config(tmp_path, flush_interval=60.0, batch_size=10))
     flushed = threading.Event()
     pipeline.on_flushed = lambda batch: flushed.set()
     flusher = ThreadFlusher(pipeline, memory_storage)
@@ -434,7 +469,7 @@ def test_thread_flusher_wakes_up_on_a_full_batch(tmp_path: Path, memory_storage:
 def test_async_flusher_drain_flushes_everything(tmp_path: Path) -> None:
     """The asyncio flusher starts on the running loop and its drain flushes everything buffered."""
     url = f"memory://{uuid.uuid4().hex}"
-    pipeline = Pipeline(config(tmp_path, flush_interval=60.0))
+    pipeline = Batcher(config(tmp_path, flush_interval=60.0))
 
     async def serve() -> None:
         flusher = AsyncFlusher(pipeline, open_async_storage(url, shards=SHARDS))
@@ -491,14 +526,14 @@ def test_flush_async_sends_the_next_batch_while_one_is_in_redis_never_two_of_a_s
 ) -> None:
     """Two batches are in flight at once (the next is encoded and sent while Redis runs one), never two
     of one shard: each shard's stream keeps its events in order."""
-    pipeline = Pipeline(config(tmp_path, batch_size=2))
+    pipeline = Batcher(config(tmp_path, batch_size=2))
     for number in range(16):
         pipeline.put(pending(number, number // 4))  # 4 events, 2 batches, per shard
 
     async def flush() -> WatchedFlushes:
         storage = open_async_storage(redis_url, shards=SHARDS)
         watched = WatchedFlushes(storage)
-        await pipeline.flush_async(storage)
+        await flush_async(pipeline, storage)
         await storage.aclose()
         return watched
 
@@ -517,7 +552,7 @@ def test_flush_async_failure_spools_what_was_not_written_and_the_replay_complete
 ) -> None:
     """A flush fails while others are in flight: the ones answered are written, the failed one and the
     ones not sent go to the spool, and the replay writes each event exactly once."""
-    pipeline = Pipeline(config(tmp_path, batch_size=2))
+    pipeline = Batcher(config(tmp_path, batch_size=2))
     pipeline.backoff = MAX_BACKOFF_SECONDS  # the first pass never replays (however long it takes)
     for number in range(16):
         pipeline.put(pending(number, number % SHARDS))  # the batches alternate shards
@@ -525,11 +560,11 @@ def test_flush_async_failure_spools_what_was_not_written_and_the_replay_complete
     async def flush() -> WatchedFlushes:
         storage = open_async_storage(redis_url, shards=SHARDS)
         watched = WatchedFlushes(storage, fail_at=3)
-        await pipeline.flush_async(storage)
+        await flush_async(pipeline, storage)
         written = pipeline.stats.flushed_events
         assert written in (4, 6)  # the first two batches, and the one in flight with the failed one
         assert pipeline.stats.spooled_events == 16 - written
-        await pipeline.flush_async(storage, final=True)  # the backend answers again: the spool replays
+        await flush_async(pipeline, storage, final=True)  # the backend answers again: the spool replays
         await storage.aclose()
         return watched
 
@@ -545,14 +580,14 @@ def test_flush_async_failure_spools_what_was_not_written_and_the_replay_complete
 def test_flush_async_cancelled_mid_flush_keeps_every_batch(tmp_path: Path, redis_url: str) -> None:
     """The loop ends while batches are in flight: each batch is written or spooled, and the replay writes
     each event exactly once."""
-    pipeline = Pipeline(config(tmp_path, batch_size=2))
+    pipeline = Batcher(config(tmp_path, batch_size=2))
     for number in range(16):
         pipeline.put(pending(number, number % SHARDS))
 
     async def cancel_mid_flush() -> None:
         storage = open_async_storage(redis_url, shards=SHARDS)
         WatchedFlushes(storage, delay=0.05)
-        flush = asyncio.ensure_future(pipeline.flush_async(storage))
+        flush = asyncio.ensure_future(flush_async(pipeline, storage))
         await asyncio.sleep(0.01)
         flush.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -565,7 +600,7 @@ def test_flush_async_cancelled_mid_flush_keeps_every_batch(tmp_path: Path, redis
 
     async def replay() -> None:
         storage = open_async_storage(redis_url, shards=SHARDS)
-        await pipeline.flush_async(storage, final=True)
+        await flush_async(pipeline, storage, final=True)
         await storage.aclose()
 
     asyncio.run(replay())
@@ -583,8 +618,8 @@ def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: s
     """
     import redis
 
-    from meterware._metering import Metering
     from meterware.config import Config
+    from meterware.metering.facade import Metering
 
     metering = Metering(
         Config.from_dict(
@@ -595,18 +630,18 @@ def test_exit_drain_waits_for_the_flush_in_progress(tmp_path: Path, redis_url: s
         )
     )
     storage = metering.backend()
-    flusher = ThreadFlusher(metering.pipeline, metering.backend(flushing=True))
+    flusher = ThreadFlusher(metering.batcher, metering.backend(flushing=True))
     admin = redis.Redis.from_url(redis_url)
     try:
         flusher.ensure_running()
         admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
-        metering.pipeline.put(pending(0))
-        metering.pipeline.wake()
+        metering.batcher.put(pending(0))
+        metering.batcher.wake()
         for _ in range(200):  # at most 2 s for the thread to take the event
-            if not len(metering.pipeline.buffer):
+            if not len(metering.batcher.buffer):
                 break
             threading.Event().wait(0.01)
-        assert not len(metering.pipeline.buffer), "the flusher thread never took the event"
+        assert not len(metering.batcher.buffer), "the flusher thread never took the event"
         metering.drain_at_exit()
         assert routes([e for _, _, events in stream(storage) for e in events]) == ["/v1/items/0"]
     finally:
@@ -636,7 +671,7 @@ def test_a_spooled_batch_with_a_negative_price_is_refused_and_mints_nothing(
 ) -> None:
     """A crafted spool file whose call has a negative price (it would raise a balance of 1 credit to
     1000.99) is refused by the backend and set aside as .refused: the balance does not move."""
-    from meterware._core import Customer
+    from meterware.metering.records import Customer
     from meterware.storage._keyspace import shard_of
 
     any_storage.create_customer(Customer("acme", "pro"))
@@ -645,9 +680,9 @@ def test_a_spooled_batch_with_a_negative_price_is_refused_and_mints_nothing(
     (batch,) = make_batches([pending(0, shard_of("acme", SHARDS), minting)])
     Spool(tmp_path / "spool", max_bytes=1_000_000).write(batch)
 
-    pipeline = Pipeline(config(tmp_path))
+    pipeline = Batcher(config(tmp_path))
     with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
-        pipeline.flush_sync(any_storage)
+        flush_sync(pipeline, any_storage)
     assert any_storage.get_balance("acme").balance == 1_000_000
     assert stream(any_storage) == []
     assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{batch.batch_id}.refused"]
@@ -679,10 +714,10 @@ def test_a_spool_writable_by_others_is_refused_at_start_up_and_at_first_use(
     directory.mkdir()
     directory.chmod(mode)
     with pytest.raises(ConfigError, match=rf"pipeline.spool_dir: {directory} is writable by group or others"):
-        Pipeline(config(tmp_path))
+        Batcher(config(tmp_path))
 
     directory.chmod(0o700)
-    pipeline = Pipeline(config(tmp_path))
+    pipeline = Batcher(config(tmp_path))
     (planted,) = make_batches([pending(0)])
     pipeline.spool.write(planted)
     directory.chmod(mode)
@@ -703,7 +738,7 @@ def test_a_spool_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     else:
         directory = Path("/usr")  # root's
     with pytest.raises(ConfigError, match=rf"pipeline.spool_dir: {directory} is owned by uid \d+, not by"):
-        Pipeline(replace(PipelineConfig(), spool_dir=str(directory)))
+        Batcher(replace(PipelineConfig(), spool_dir=str(directory)))
 
 
 def test_a_spooled_batch_older_than_its_marker_is_set_aside_not_replayed(
@@ -725,9 +760,9 @@ def test_a_spooled_batch_older_than_its_marker_is_set_aside_not_replayed(
     spool.write(young)
 
     registry = CollectorRegistry()
-    pipeline = Pipeline(config(tmp_path), metrics=AppMetrics(registry))
+    pipeline = Batcher(config(tmp_path), metrics=AppMetrics(registry))
     with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
-        pipeline.flush_sync(memory_storage)
+        flush_sync(pipeline, memory_storage)
     assert [batch_id for _, batch_id, _ in stream(memory_storage)] == [young.batch_id]
     assert [path.name for path in (tmp_path / "spool").iterdir()] == [f"{old.batch_id}.expired"]
     assert pipeline.stats.expired_batches == 1
@@ -754,7 +789,7 @@ def test_one_customers_clobbered_counter_sets_aside_only_their_part_of_a_batch(
     with the reason, counted), to be put back once the value is repaired."""
     import redis as redis_py
 
-    from meterware._core import Customer
+    from meterware.metering.records import Customer
     from meterware.storage import _keyspace
     from meterware.storage.base import Balance
 
@@ -774,24 +809,24 @@ def test_one_customers_clobbered_counter_sets_aside_only_their_part_of_a_batch(
         for customer, n in calls
     ]
 
-    pipeline = Pipeline(config(tmp_path))
+    pipeline = Batcher(config(tmp_path))
     with caplog.at_level(logging.ERROR, logger="meterware.flusher"):
         if path == "replayed":
             pipeline.spool.write(make_batches(items)[0])
-            pipeline.flush_sync(storage)
+            flush_sync(pipeline, storage)
         else:
             for item in items:
                 pipeline.put(item)
             if path == "live-sync":
-                pipeline.flush_sync(storage)
+                flush_sync(pipeline, storage)
             else:
 
-                async def flush_async() -> None:
+                async def flush_all() -> None:
                     async_storage = open_async_storage(redis_url, shards=SHARDS)
-                    await pipeline.flush_async(async_storage, final=True)
+                    await flush_async(pipeline, async_storage, final=True)
                     await async_storage.aclose()
 
-                asyncio.run(flush_async())
+                asyncio.run(flush_all())
     assert storage.get_balance(payer) == Balance(1_000_000 - 2 * 2000, 0)
     assert storage.get_balance(other) == Balance(1_000_000 - 2000, 0)
     assert [routes(events) for _, _, events in stream(storage)] == [
@@ -809,7 +844,7 @@ def test_one_customers_clobbered_counter_sets_aside_only_their_part_of_a_batch(
 
     # Repaired, the set-aside part is put back in the spool and replayed: the customer is charged.
     client.hset(_keyspace.customer(shard, victim), "balance", "1000000")
-    pipeline.flush_sync(storage)
+    flush_sync(pipeline, storage)
     assert storage.get_balance(victim) == Balance(1_000_000 - 2 * 2000, 0)
     client.close()
     storage.close()
@@ -855,7 +890,7 @@ def test_a_reloader_child_writes_each_event_when_its_call_finishes(
 ) -> None:
     """Django's and werkzeug's reloaders SIGKILL their child on SIGTERM: it keeps nothing buffered."""
     monkeypatch.setenv("RUN_MAIN", "true")
-    pipeline = Pipeline(PipelineConfig(flush_interval=60.0))
+    pipeline = Batcher(PipelineConfig(flush_interval=60.0))
     storage = open_storage(redis_url, shards=4)
     flusher = ThreadFlusher(pipeline, storage)
     try:

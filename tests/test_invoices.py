@@ -25,9 +25,9 @@ from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
-from meterware._core import Customer
 from meterware.cli import main
 from meterware.errors import StorageError, UsageError
+from meterware.metering.records import Customer
 from meterware.rollup import RollupWorker
 from meterware.storage import _keyspace as ks
 from meterware.storage import open_storage

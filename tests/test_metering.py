@@ -17,9 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import meterware
-from meterware import Accounts, Config, MeteringMiddleware, _metering
-from meterware._metering import ThrottledWarning
+from meterware import Accounts, Config, MeteringMiddleware
 from meterware.keys import generate_key
+from meterware.metering import keycache
+from meterware.metering.logs import ThrottledWarning
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from meterware.wsgi import WSGIMeteringMiddleware
@@ -89,8 +90,8 @@ def test_known_keys_survive_a_flood_of_unknown_ones_through_an_outage(
     """Three times more unknown keys than the key caches hold, then Redis stops: a key served before is
     still served (failing open, as last resolved), an unknown one gets 503, and the unknown keys' cache
     stayed within its bound."""
-    monkeypatch.setattr(_metering, "KEY_CACHE_MAX_ENTRIES", 50)
-    monkeypatch.setattr(_metering, "UNKNOWN_KEY_CACHE_MAX_ENTRIES", 50)
+    monkeypatch.setattr(keycache, "KEY_CACHE_MAX_ENTRIES", 50)
+    monkeypatch.setattr(keycache, "UNKNOWN_KEY_CACHE_MAX_ENTRIES", 50)
     with redis_server() as server:
         config = Config.from_dict(
             {
@@ -115,7 +116,7 @@ def test_known_keys_survive_a_flood_of_unknown_ones_through_an_outage(
             for _ in range(150):
                 unknown = {"Authorization": f"Bearer {generate_key().plaintext}"}
                 assert client.get("/v1/hello", headers=unknown).json()["reason"] == "unknown_key"
-            assert len(middleware.metering._unknown) == 50
+            assert len(middleware.metering.core.keys.unknown) == 50
             server.stop()
             time.sleep(0.3)  # past the key cache's TTL: the known key is looked up again, and that fails
             assert client.get("/v1/hello", headers=known).status_code == 200

@@ -28,8 +28,10 @@ from werkzeug.test import Client
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware, metrics
 from meterware.events import UsageEvent, event_row, new_event_id
-from meterware.flusher import Pending, Pipeline
 from meterware.keys import generate_key
+from meterware.metering.batcher import Batcher
+from meterware.metering.batching import Pending
+from meterware.metering.flushers import flush_sync
 from meterware.metrics import AppMetrics
 from meterware.rollup.metrics import RollupMetrics, ShardLag
 from meterware.storage import open_storage
@@ -357,9 +359,9 @@ def pending(shard: int = 0) -> Pending:
     return Pending(shard, event_row(event), Settlement("acme", True, 0, "", True, False, ()))
 
 
-def pipeline(tmp_path: Path, registry: CollectorRegistry, **settings: Any) -> Pipeline:
+def pipeline(tmp_path: Path, registry: CollectorRegistry, **settings: Any) -> Batcher:
     config = Config.from_dict({"pipeline": {"spool_dir": str(tmp_path / "spool"), **settings}})
-    return Pipeline(config.pipeline, metrics=AppMetrics(registry))
+    return Batcher(config.pipeline, metrics=AppMetrics(registry))
 
 
 def test_buffer_depth_scrapes_while_pipelines_are_made(tmp_path: Path) -> None:
@@ -367,12 +369,12 @@ def test_buffer_depth_scrapes_while_pipelines_are_made(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     shared = AppMetrics(registry)
     config = Config.from_dict({"pipeline": {"spool_dir": str(tmp_path / "spool")}})
-    made: list[Pipeline] = []
+    made: list[Batcher] = []
     stop = threading.Event()
 
     def make_pipelines() -> None:
         while not stop.is_set() and len(made) < 5_000:
-            made.append(Pipeline(config.pipeline, metrics=shared))
+            made.append(Batcher(config.pipeline, metrics=shared))
 
     maker = threading.Thread(target=make_pipelines)
     maker.start()
@@ -393,7 +395,7 @@ def test_pipeline_exports_buffer_depth_and_flushes(tmp_path: Path) -> None:
     for shard in (0, 0, 1):
         flow.put(pending(shard))
     assert value(registry, "meterware_buffer_events") == 3
-    flow.flush_sync(open_storage(f"memory://{uuid.uuid4().hex}", shards=4))
+    flush_sync(flow, open_storage(f"memory://{uuid.uuid4().hex}", shards=4))
     assert value(registry, "meterware_buffer_events") == 0
     assert value(registry, "meterware_buffer_capacity_events") == 100  # counted by the flushing process
     assert value(registry, "meterware_events_flushed_total") == 3
@@ -409,22 +411,22 @@ def test_pipeline_exports_spooling_replay_and_drops(tmp_path: Path) -> None:
         flow.put(pending())
     assert value(registry, "meterware_events_dropped_total") == 1  # the buffer holds two
     down = open_storage(f"redis://127.0.0.1:{free_port()}/0", shards=4, timeout=0.5)
-    flow.flush_sync(down)
+    flush_sync(flow, down)
     assert value(registry, "meterware_backend_errors_total", operation="flush") == 1
     assert value(registry, "meterware_flush_duration_seconds_count") == 1
     assert value(registry, "meterware_events_spooled_total") == 2
-    flow.flush_sync(down)  # backing off: nothing tried
+    flush_sync(flow, down)  # backing off: nothing tried
     assert value(registry, "meterware_spool_bytes") > 0
     up = open_storage(f"memory://{uuid.uuid4().hex}", shards=4)
-    flow.flush_sync(up, final=True)
+    flush_sync(flow, up, final=True)
     assert value(registry, "meterware_batches_replayed_total") == 1
     assert value(registry, "meterware_events_flushed_total") == 2
-    flow.flush_sync(up)
+    flush_sync(flow, up)
     assert value(registry, "meterware_spool_bytes") == 0
     full_registry = CollectorRegistry()
     full = pipeline(tmp_path / "full", full_registry, spool_max_bytes=0)
     full.put(pending())
-    full.flush_sync(down)
+    flush_sync(full, down)
     assert value(full_registry, "meterware_events_dropped_total") == 1  # the spool is full too
 
 

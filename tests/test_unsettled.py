@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterware._unsettled import MAX_AGE_SECONDS, CallChange, Unsettled
+from meterware.metering.unsettled import MAX_AGE_SECONDS, CallChange, Unsettled
 
 ACME = ("acme", True, 0)
 BETA = ("beta", True, 0)
@@ -56,7 +56,7 @@ def test_batches_are_forgotten_before_their_markers_expire(monkeypatch: pytest.M
     it can never count again."""
     unsettled = Unsettled()
     clock = [1000.0]
-    monkeypatch.setattr("meterware._unsettled.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("meterware.metering.unsettled.time.monotonic", lambda: clock[0])
     unsettled.add(change())
     unsettled.batched("old", [change()])
     clock[0] += MAX_AGE_SECONDS + 1

@@ -13,7 +13,6 @@ from meterware.__about__ import __version__
 
 if TYPE_CHECKING:
     from meterware import usage
-    from meterware._core import Customer, KeyRecord
     from meterware.asgi import MeteringMiddleware
     from meterware.billing.accounts import Accounts, UsageReport
     from meterware.billing.alerts import Alert
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     from meterware.config import AlertRules, Config
     from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError, UsageError
     from meterware.keys import NewKey
+    from meterware.metering.records import Customer, KeyRecord
     from meterware.storage.base import Balance, LedgerEntry
     from meterware.wsgi import WSGIMeteringMiddleware
 
@@ -46,11 +46,11 @@ _EXPORTS: dict[str, str] = {
     "AlertRules": "meterware.config",
     "Balance": "meterware.storage.base",
     "CorrectionResult": "meterware.billing.corrections",
-    "Customer": "meterware._core",
+    "Customer": "meterware.metering.records",
     "ExportReport": "meterware.billing.export",
     "ImportResult": "meterware.billing.corrections",
     "Invoice": "meterware.billing.invoices",
-    "KeyRecord": "meterware._core",
+    "KeyRecord": "meterware.metering.records",
     "LedgerEntry": "meterware.storage.base",
     "Lot": "meterware.billing.ledger",
     "NewKey": "meterware.keys",

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meterware._core import Problem
-from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.flusher import AsyncFlusher, exit_on_sigterm
+from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.core import KeyGetter
+from meterware.metering.facade import Metering
+from meterware.metering.flushers import AsyncFlusher, exit_on_sigterm
+from meterware.metering.responses import Problem
 from meterware.storage.base import AsyncStorage
 from meterware.usage import _current
 

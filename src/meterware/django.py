@@ -22,10 +22,11 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from meterware._core import Problem
-from meterware._metering import UNMATCHED_ROUTE, Call, Metering, header_map
 from meterware.config import resolve_config
-from meterware.flusher import AsyncFlusher, ThreadFlusher, exit_on_sigterm
+from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.facade import Metering
+from meterware.metering.flushers import AsyncFlusher, ThreadFlusher, exit_on_sigterm
+from meterware.metering.responses import Problem
 from meterware.storage.base import AsyncStorage, Storage
 from meterware.usage import _current
 

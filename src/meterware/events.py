@@ -59,11 +59,10 @@ def new_event_id(now_ms: int | None = None) -> bytes:
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     # One draw for both random fields (it runs for every call); the variant bits are cleared from it, then
     # set. `random` is reseeded in forked children, so pre-fork workers never share a sequence.
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | _random_bits(76) & _RANDOM_FIELDS | _VERSION_AND_VARIANT
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | random.getrandbits(76) & _RANDOM_FIELDS | _VERSION_AND_VARIANT
     return value.to_bytes(16, "big")
 
 
-_random_bits: Final = random.getrandbits
 #: Where a UUIDv7's random bits go (``rand_a``: 12 bits, ``rand_b``: 62), and its version and variant.
 _RANDOM_FIELDS: Final = 0xFFF << 64 | (1 << 62) - 1
 _VERSION_AND_VARIANT: Final = 0x7 << 76 | 0b10 << 62
@@ -129,10 +128,50 @@ _FIELDS: Final = (
 EventRow = list[Any]
 
 
-def event_row(event: UsageEvent) -> EventRow:
-    """The row of ``event`` (what :func:`encode_rows` writes)."""
+def make_row(
+    id: bytes,
+    timestamp_ms: int,
+    customer: str,
+    key_id: str,
+    plan: str,
+    route: str,
+    method: str,
+    status: int,
+    outcome: Outcome,
+    duration_us: int,
+    ttfb_us: int,
+    units: Units,
+    billable: bool,
+    live: bool,
+    period_start: int,
+    reason: str,
+) -> EventRow:
+    """The row of an event with these fields (what :func:`encode_rows` writes); the one place that knows
+    their order, besides ``_FIELDS``."""
     return [
         SCHEMA_VERSION,
+        id,
+        timestamp_ms,
+        customer,
+        key_id,
+        plan,
+        route,
+        method,
+        status,
+        outcome,
+        duration_us,
+        ttfb_us,
+        units,
+        billable,
+        live,
+        period_start,
+        reason,
+    ]
+
+
+def event_row(event: UsageEvent) -> EventRow:
+    """The row of ``event`` (what :func:`encode_rows` writes)."""
+    return make_row(
         event.id,
         event.timestamp_ms,
         event.customer,
@@ -149,7 +188,7 @@ def event_row(event: UsageEvent) -> EventRow:
         event.live,
         event.period_start,
         event.reason,
-    ]
+    )
 
 
 def encode_rows(rows: Sequence[EventRow]) -> bytes:

@@ -26,9 +26,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from starlette.requests import Request
 from starlette.responses import Response
 
-from meterware._core import Reason
 from meterware._tallies import Family, PerRegistry, Tallies, Tally, multiprocess_dir
 from meterware.events import bounded_method
+from meterware.metering.admission import Reason
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication

@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from meterware._core import Problem
-from meterware._metering import UNMATCHED_ROUTE, Call, KeyGetter, Metering, header_map
 from meterware.config import Config, resolve_config
-from meterware.flusher import ThreadFlusher, exit_on_sigterm
+from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.core import KeyGetter
+from meterware.metering.facade import Metering
+from meterware.metering.flushers import ThreadFlusher, exit_on_sigterm
+from meterware.metering.responses import Problem
 from meterware.storage.base import Storage
 from meterware.usage import _current
 

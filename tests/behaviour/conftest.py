@@ -20,7 +20,7 @@ from meterware import Accounts, Config, MeteringMiddleware
 from meterware.django import MeteringMiddleware as DjangoMeteringMiddleware
 from meterware.django import get_asgi_application
 from meterware.events import UsageEvent, decode_batch
-from meterware.flusher import ThreadFlusher
+from meterware.metering.flushers import ThreadFlusher
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from meterware.wsgi import WSGIMeteringMiddleware

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis as redis_py
 
-from meterware._core import period_bounds
+from meterware.metering.periods import period_bounds
 from meterware.storage import _keyspace as ks
 from meterware.storage.memory import MemoryStorage
 from tests.behaviour.apps import CALLS

@@ -16,8 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterware import Config
-from meterware._core import AdmitRequest, meter_holds, period_bounds
 from meterware.keys import generate_key
+from meterware.metering.admission import AdmitRequest, meter_holds
+from meterware.metering.periods import period_bounds
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
 from tests.helpers import accounts_of

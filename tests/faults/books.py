@@ -11,7 +11,7 @@ import redis
 
 from meterware import Accounts
 from meterware.events import UsageEvent, decode_batch
-from meterware.flusher import Spool
+from meterware.metering.spool import Spool
 from meterware.rollup.aggregate import parse_entry
 from meterware.storage import _keyspace
 from tests.faults.harness import CALL_PRICE, CUSTOMER, INITIAL_MICROS, SHARDS, TOKEN_PRICE, stream_fields

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from meterware import Accounts, Config
-from meterware._core import Customer, KeyRecord
 from meterware.keys import NewKey
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import open_storage
 from tests.faults.books import Books, Stream, books
 from tests.faults.harness import (

@@ -9,9 +9,11 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meterware._core import AdmitRequest, Customer, KeyRecord, meter_holds, period_bounds
 from meterware.config import Config, MeterTerms, Plan, RateLimit
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, meter_holds
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer, KeyRecord
 from meterware.rollup import RollupWorker, run_worker
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics
 from meterware.storage import open_storage

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from meterware._core import AdmitRequest, Customer, KeyRecord, meter_holds
 from meterware.config import MeterTerms, Plan, RateLimit
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, meter_holds
+from meterware.metering.records import Customer, KeyRecord
 from meterware.rollup import RollupWorker, run_worker
 from meterware.rollup.aggregate import windows_of
 from meterware.rollup.worker import default_owner

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis
 
-from meterware._core import AdmitRequest, Decision
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, Decision
 from meterware.storage import _keyspace as ks
 from meterware.storage.redis import AsyncRedisStorage, RedisStorage
 from tests.storage.conftest import SHARDS, TIMEOUT

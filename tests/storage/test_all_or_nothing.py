@@ -17,9 +17,11 @@ import pytest
 import redis
 import redis.cluster
 
-from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, Decision, meter_holds
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import Balance, Batch, RollupCommit, Settlement, Storage, Window, WindowTotals
 from meterware.storage.redis import RedisStorage, script_sources

@@ -14,10 +14,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from meterware._core import AdmitRequest, Customer, Decision, KeyRecord, meter_holds, period_bounds
-from meterware._unsettled import Snapshot, Unsettled
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import NotFoundError, StorageError
+from meterware.metering.admission import AdmitRequest, Decision, meter_holds
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer, KeyRecord
+from meterware.metering.unsettled import Snapshot, Unsettled
 from meterware.storage._keyspace import CUSTOMER_ID_RE, shard_of
 from meterware.storage.base import (
     START_OFFSET,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from meterware._core import Customer
 from meterware.events import UsageEvent, encode_batch, new_event_id
+from meterware.metering.records import Customer
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Batch, Correction, LedgerEntry, Settlement, Storage
 

@@ -11,9 +11,11 @@ from importlib import resources
 import pytest
 import redis
 
-from meterware._core import AdmitRequest, Customer, KeyRecord, meter_holds, period_bounds
 from meterware.config import Meter, MeterTerms, Plan
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, meter_holds
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import START_OFFSET, Batch, RollupCommit, Settlement, Window, WindowTotals

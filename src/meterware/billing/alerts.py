@@ -27,12 +27,13 @@ from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
-from meterware._core import Customer, period_bounds
 from meterware.billing.webhooks import EVENT_ID_HEADER as EVENT_ID_HEADER
 from meterware.billing.webhooks import SIGNATURE_HEADER as SIGNATURE_HEADER
 from meterware.billing.webhooks import WebhookSender, sign, verify_signature
 from meterware.config import AlertRules, Config, Plan, format_credits
 from meterware.errors import ConfigError, StorageError
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
 
 if TYPE_CHECKING:

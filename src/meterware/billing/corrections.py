@@ -23,10 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from meterware._core import Customer, period_bounds
 from meterware.config import Config
 from meterware.errors import NotFoundError, StorageError, UsageError
 from meterware.events import EventDecodeError, UsageEvent, decode_batch, encode_batch
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer
 from meterware.rollup.aggregate import MAX_VALUE
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import Correction, LedgerEntry, Storage

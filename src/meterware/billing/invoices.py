@@ -23,10 +23,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Literal
 
-from meterware._core import Customer, period_bounds
 from meterware.billing.pricing import ZERO, Line, PlanPrices, minor_unit, round_amount
 from meterware.config import MICROS_PER_CREDIT, Plan
 from meterware.errors import StorageError
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import Customer
 from meterware.storage.base import Billed, Storage
 
 InvoiceStatus = Literal["running", "closed"]

@@ -36,13 +36,18 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
-from meterware._cache import LRUCache
-from meterware._core import Decision, Reason, problem, rate_limit_name
-from meterware._metering import KEY_CACHE_MAX_ENTRIES, NEGATIVE_CACHE_SECONDS, UNKNOWN_KEY_CACHE_MAX_ENTRIES
 from meterware.billing.accounts import Accounts
 from meterware.config import MICROS_PER_CREDIT, Config, resolve_config
 from meterware.errors import NotFoundError, StorageError
 from meterware.keys import hash_key, is_well_formed, key_from_headers
+from meterware.metering.admission import Decision, Reason, rate_limit_name
+from meterware.metering.cache import LRUCache
+from meterware.metering.keycache import (
+    KEY_CACHE_MAX_ENTRIES,
+    NEGATIVE_CACHE_SECONDS,
+    UNKNOWN_KEY_CACHE_MAX_ENTRIES,
+)
+from meterware.metering.responses import problem
 from meterware.usage import current
 
 if TYPE_CHECKING:

@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from meterware._core import period_bounds
 from meterware._tallies import PerRegistry, Tallies
 from meterware.config import MICROS_PER_CREDIT, Config
 from meterware.errors import StorageError
+from meterware.metering.periods import period_bounds
 from meterware.storage.base import Storage
 
 logger = logging.getLogger("meterware.rollup")

@@ -18,8 +18,15 @@ from typing import Final, TypeAlias
 
 import msgpack
 
-from meterware._core import AdmitRequest, Decision, LimitState, holds_anything, quota_name, rate_limit_name
-from meterware._unsettled import Snapshot
+from meterware.metering.admission import (
+    AdmitRequest,
+    Decision,
+    LimitState,
+    holds_anything,
+    quota_name,
+    rate_limit_name,
+)
+from meterware.metering.unsettled import Snapshot
 from meterware.storage import _keyspace as ks
 
 Arg: TypeAlias = str | int | bytes

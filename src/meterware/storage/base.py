@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias
 
 if TYPE_CHECKING:
-    from meterware._core import AdmitRequest, Customer, Decision, KeyInfo, KeyRecord
+    from meterware.metering.admission import AdmitRequest, Decision
+    from meterware.metering.records import Customer, KeyInfo, KeyRecord
 
 #: Flushed batch ids are remembered this long (the batch marker), so a retried flush is recognised; a
 #: spooled batch older than this is never replayed (it may have been applied: it would be charged twice).

@@ -3,9 +3,9 @@ configuration and the customer lookup."""
 
 from __future__ import annotations
 
-from meterware._core import Customer
 from meterware.config import Config
 from meterware.errors import NotFoundError
+from meterware.metering.records import Customer
 from meterware.storage.base import Storage
 
 #: 9999-12-31T23:59:59Z: billing periods are computed with datetime, which ends in year 9999.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from meterware._core import Customer, KeyRecord
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
 from meterware.config import EXPORT_PROVIDERS
 from meterware.errors import ConfigError, NotFoundError, UsageError
 from meterware.keys import NewKey, generate_key
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage._keyspace import check_customer_id
 
 

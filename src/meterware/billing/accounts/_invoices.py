@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from meterware._core import period_bounds
 from meterware.billing.accounts._base import AccountsBase
 from meterware.billing.invoices import Invoice, close, periods_to_close, preview
 from meterware.errors import UsageError
+from meterware.metering.periods import period_bounds
 
 
 class Invoicing(AccountsBase):

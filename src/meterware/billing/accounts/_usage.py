@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from meterware._core import period_bounds
 from meterware.billing.accounts._base import AccountsBase
 from meterware.billing.corrections import (
     CorrectionResult,
@@ -17,6 +16,7 @@ from meterware.billing.corrections import (
     parse_import,
 )
 from meterware.events import OUTCOMES
+from meterware.metering.periods import period_bounds
 from meterware.rollup.aggregate import parse_columns
 from meterware.storage._keyspace import shard_of
 

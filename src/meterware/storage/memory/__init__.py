@@ -18,7 +18,8 @@ import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
-from meterware._core import AdmitRequest, Decision, KeyInfo
+from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.records import KeyInfo
 from meterware.storage._registry import Backend
 from meterware.storage.base import Batch
 from meterware.storage.memory._accounts import AccountMixin, LedgerMixin

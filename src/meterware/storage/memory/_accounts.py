@@ -6,8 +6,8 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import replace
 
-from meterware._core import Customer, KeyRecord
 from meterware.errors import NotFoundError
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage._keyspace import check_customer_id, shard_of
 from meterware.storage.base import (
     Balance,

@@ -6,7 +6,8 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from meterware._core import AdmitRequest, Decision, KeyInfo
+from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.records import KeyInfo
 from meterware.storage._admission import admitted, decision_from_reply, refused
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,

@@ -8,8 +8,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
-from meterware._core import Customer, KeyRecord
 from meterware.errors import NotFoundError, StorageError
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage.base import (
     Batch,
     Billed,

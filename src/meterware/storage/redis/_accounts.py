@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from meterware._core import Customer, KeyRecord
 from meterware.errors import NotFoundError
+from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import (
     Balance,

@@ -17,8 +17,9 @@ import redis.sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from meterware._core import AdmitRequest, Decision, KeyInfo
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.records import KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import admit_call
 from meterware.storage._url import parse_url

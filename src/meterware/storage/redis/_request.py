@@ -14,8 +14,9 @@ from typing import Any, Final
 import msgpack
 from redis.exceptions import ResponseError
 
-from meterware._core import AdmitRequest, Customer, Decision, KeyInfo
 from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.records import Customer, KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import STALE_REPLY, admit_call, decision_from_reply
 from meterware.storage.base import (

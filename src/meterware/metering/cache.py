@@ -27,11 +27,14 @@ class LRUCache(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         """The value of ``key`` (now the most recently used), or None."""
+        # Read on every call, several times: one ``try`` and a subscript, not ``.get()`` (micro:
+        # RequestCore.identify, Metering.finish).
+        entries = self._entries
         try:
-            self._entries.move_to_end(key)
-        except KeyError:
+            entries.move_to_end(key)
+            return entries[key]
+        except KeyError:  # unknown, or removed by another thread meanwhile
             return None
-        return self._entries.get(key)  # None if another thread removed it meanwhile
 
     def put(self, key: K, value: V) -> None:
         """Remember ``value`` for ``key`` as the most recently used, forgetting the least if full."""

@@ -1,0 +1,181 @@
+"""Admission: what a call asks of the backend's one atomic check, and what the backend answers.
+
+The request path and every storage backend share these records and rules, so what a call holds at
+admission and how the admission script's reply reads are written once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from meterware.config import Meter, Plan
+from meterware.metering.unsettled import Snapshot, Unsettled
+
+Reason = Literal[
+    "missing_key",
+    "malformed_key",
+    "unknown_key",
+    "revoked_key",
+    "expired_key",
+    "suspended",
+    "rate_limited",
+    "quota_exceeded",
+    "insufficient_credits",
+    "backend_unavailable",
+    "test_key_not_allowed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterHold:
+    """What one call holds of one meter at admission, and the plan's terms for that meter."""
+
+    meter: str
+    #: Hard quota for the period, or -1 when the meter has none (soft quotas are not enforced).
+    quota: int
+    included: int
+    #: Micro-credits per unit beyond ``included`` (0 for test keys: the sandbox is never charged).
+    price: int
+    #: Units that must still fit under the hard quota for the call to be admitted.
+    need: int
+    #: Units held until the call settles (the call's weight, or a value meter's estimate).
+    hold: int
+    #: Whether the hold is the call's exact size (``call`` meters); value meters are open-ended, so a
+    #: priced one needs a positive balance once its included units are used.
+    exact: bool = True
+
+
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per
+# field (benchmarks/micro.py: RequestCore.call_terms + admit_request).
+@dataclass(slots=True)
+class AdmitRequest:
+    """Everything the one atomic admission call needs."""
+
+    shard: int
+    customer: str
+    key_id: str
+    live: bool
+    plan: Plan
+    period_start: int
+    period_end: int
+    holds: tuple[MeterHold, ...]
+    reservation_id: str
+    reservation_timeout_ms: int
+    #: Calls admitted at once: 1, or a lease's block (``holds`` then hold all of them).
+    calls: int = 1
+    #: The changes this process's finished calls still make to the customer's counters (read when the
+    #: admission is sent, so it sees every call finished by then), or None when the call holds nothing.
+    unsettled: Unsettled | None = None
+
+    @property
+    def charges_credits(self) -> bool:
+        """Whether calls spend the prepaid credit balance (live keys on prepaid plans)."""
+        return self.live and self.plan.prepaid
+
+    def unsettled_changes(self) -> Snapshot | None:
+        """What this process's finished calls still change of this call's counters (None: nothing)."""
+        if self.unsettled is None:
+            return None
+        snapshot = self.unsettled.of((self.customer, self.live, self.period_start))
+        return snapshot if snapshot.changes else None
+
+
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per
+# field (benchmarks/micro.py: decision_from_reply).
+@dataclass(slots=True)
+class LimitState:
+    """One line of the ``RateLimit`` headers: a policy and where the caller stands in it."""
+
+    name: str
+    quota: int
+    window: int
+    remaining: int
+    #: Seconds until the caller gets more of this policy.
+    reset: int
+
+
+# Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per
+# field (benchmarks/micro.py: decision_from_reply).
+@dataclass(slots=True)
+class Decision:
+    """The answer of the admission call."""
+
+    allowed: bool
+    reason: Reason | None = None
+    #: Id of the reservation to settle, or "" when the call holds nothing.
+    reservation_id: str = ""
+    reserved_credits: int = 0
+    #: Seconds the caller should wait before retrying a rejected call.
+    retry_after: int = 0
+    limits: tuple[LimitState, ...] = ()
+    #: Credits the customer still has after this call's reservation (prepaid plans), in micro-credits.
+    available_credits: int | None = None
+    #: Calls admitted: 1, up to a lease's ``calls`` (as many as fit), 0 when refused.
+    calls: int = 1
+
+
+def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool) -> tuple[MeterHold, ...]:
+    """What a call of ``weight`` units holds of each meter the plan limits or prices."""
+    holds = []
+    for name, terms in plan.meters.items():
+        if terms.quota is None and not terms.price and not terms.included:
+            continue
+        meter = meters[name]
+        is_call = meter.source == "call"
+        units = call_units(meter, weight)
+        holds.append(
+            MeterHold(
+                meter=name,
+                quota=terms.quota if terms.quota is not None and terms.hard else -1,
+                included=terms.included,
+                price=terms.price if live else 0,
+                # A value meter's size is unknown until the end: admit while one unit is left.
+                need=units if is_call else 1,
+                hold=units if is_call else meter.reserve,
+                exact=is_call,
+            )
+        )
+    return tuple(holds)
+
+
+@functools.cache
+def rate_limit_name(seconds: int) -> str:
+    """Name of a rate-limit policy in the ``RateLimit`` headers."""
+    return f"rate-{seconds}s"
+
+
+@functools.cache
+def quota_name(meter: str) -> str:
+    """Name of a period-quota policy in the ``RateLimit`` headers."""
+    return f"quota-{meter}"
+
+
+def call_units(meter: Meter, weight: int) -> int:
+    """Units a call of ``weight`` adds to a ``call`` meter: its weight if summed, one if counted."""
+    return weight if meter.aggregation == "sum" else 1
+
+
+def holds_anything(request: AdmitRequest, reserved_credits: int) -> bool:
+    """Whether an admitted call opens a reservation (only calls that hold units or credits do)."""
+    return reserved_credits > 0 or any(hold.hold for hold in request.holds)
+
+
+#: What a call's settlement charges of each held meter: ``(meter, units, price, included)``.
+SettledMeters = tuple[tuple[str, int, int, int], ...]
+
+
+def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:
+    """What a call's settlement charges of each held meter: ``(meter, units, price, included)``."""
+    return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+
+
+def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:
+    """Whether ``calls`` calls like ``request`` use exactly what they hold: every meter counts calls (a
+    call's units are its hold) and ``reserved_credits`` is their whole price (nothing if not charged)."""
+    if not all(hold.exact for hold in request.holds):
+        return False
+    price = sum(hold.hold * hold.price for hold in request.holds) if request.charges_credits else 0
+    return reserved_credits == calls * price

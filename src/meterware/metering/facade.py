@@ -1,0 +1,125 @@
+"""What an adapter (ASGI, WSGI, Django) holds: one middleware instance's request core, its two drivers,
+its batcher and its backends."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from meterware.config import Config
+from meterware.metering.batcher import Batcher
+from meterware.metering.batching import Pending
+from meterware.metering.core import KeyGetter, RequestCore
+from meterware.metering.drivers import AsyncDriver, SyncDriver
+from meterware.metering.flushers import flush_sync
+from meterware.metering.leases import LeaseTable
+from meterware.metering.measure import Measurer
+from meterware.metrics import AppMetrics
+from meterware.storage import open_async_storage, open_storage
+from meterware.storage.base import AsyncStorage, Batch, Storage
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+
+class Metering:
+    """The per-process state and decisions behind one middleware instance.
+
+    ``registry``: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        key_getter: KeyGetter | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.routes = config.routes
+        self.policy = config.policy
+        self.metrics = AppMetrics.for_registry(registry)
+        self.batcher = Batcher(
+            config.pipeline,
+            on_flushed=self._rollup_in_process if self.embedded else None,
+            metrics=self.metrics,
+        )
+        self.usage_headers = {
+            meter.header.encode("latin-1"): name for name, meter in config.meters.items() if meter.header
+        }
+        self.leases = LeaseTable(self.policy, self.batcher.unsettled)
+        if self.policy.admission == "lease":
+            self.batcher.spent_leases = self.leases.spent
+            self.batcher.released = self.leases.closed
+        self.measurer = Measurer(config, self.metrics, self.leases, self._queue)
+        self.core = RequestCore(config, self.metrics, self.measurer, self.batcher.unsettled, key_getter)
+        # The adapters' entry points, bound once (each is called for every call).
+        self.start = SyncDriver(self.core).start
+        self.astart = AsyncDriver(self.core).start
+        self.finish = self.measurer.finish
+        self.response_headers = self.core.response_headers
+        self._exit_hook = False
+        self._rollup_lock = threading.Lock()
+        self._rollup: Any = None
+        self._next_full_rollup = 0.0
+
+    @property
+    def pipeline(self) -> Batcher:
+        """The batcher (the name the adapters knew it by)."""
+        return self.batcher
+
+    def backend(self, *, flushing: bool = False) -> Storage:
+        """A synchronous backend client: short timeouts for the request path, longer ones for flushing."""
+        config = self.config
+        timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
+        return open_storage(config.storage, shards=config.shards, timeout=timeout)
+
+    def async_backend(self, *, flushing: bool = False) -> AsyncStorage:
+        """The asyncio twin of :meth:`backend` (no I/O until its first call)."""
+        config = self.config
+        timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
+        return open_async_storage(config.storage, shards=config.shards, timeout=timeout)
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the backend is the in-process ``memory://`` store (the rollup then runs in-process)."""
+        return self.config.storage.startswith("memory://")
+
+    def _queue(self, item: Pending) -> None:
+        if not self._exit_hook:
+            # Once per instance: a process forked after this inherits the registration.
+            self._exit_hook = True
+            atexit.register(self.drain_at_exit)
+        self.batcher.put(item)
+
+    def drain_at_exit(self) -> None:
+        """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
+        batcher = self.batcher
+        # A flusher thread (a daemon: it dies with the interpreter) may hold events it has taken out of
+        # the buffer and not written yet: wait for it first.
+        with batcher.flushing:
+            if not len(batcher.buffer) and not batcher.spool.pending() and not self.leases:
+                return
+            storage = self.backend(flushing=True)
+            try:
+                flush_sync(batcher, storage, final=True)
+            finally:
+                storage.close()
+
+    def _rollup_in_process(self, batch: Batch) -> None:
+        from meterware.rollup import RollupWorker
+
+        with self._rollup_lock:
+            if self._rollup is None:
+                storage = self.backend(flushing=True)
+                self._rollup = RollupWorker(storage, self.config, owner=f"in-process-{os.getpid()}")
+            # The flushed shard at once; every shard (and its housekeeping: expired reservations) each second.
+            now = time.monotonic()
+            if now >= self._next_full_rollup:
+                self._next_full_rollup = now + 1.0
+                self._rollup.drain()
+            else:
+                self._rollup.drain(only=batch.shard)

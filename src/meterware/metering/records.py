@@ -1,0 +1,43 @@
+"""The stored records the request path reads: customers and their API keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+CustomerStatus = Literal["active", "suspended"]
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    """A paying (or sandboxed) user of the API."""
+
+    id: str
+    plan: str
+    status: CustomerStatus = "active"
+    #: Billing-period anchor, epoch seconds: periods start at this instant and every period after it.
+    anchor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What the request path knows about a presented key once it is resolved (cached briefly)."""
+
+    key_id: str
+    customer: Customer
+    live: bool
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key as listed to its owner (never the plaintext)."""
+
+    key_id: str
+    customer: str
+    prefix: str
+    live: bool
+    status: Literal["active", "revoked"]
+    created: int
+    #: Epoch milliseconds after which the key stops working (0: never), e.g. a rotated key's grace end.
+    expires_ms: int = 0

@@ -191,6 +191,9 @@ class Routes:
     #: Where the customer's own account (:mod:`meterware.billing.selfservice`) is mounted, without a trailing
     #: slash: never metered, with or without the slash and below it, whatever ``exclude`` says.
     account: str | None = None
+    #: Route templates of an app without a router (werkzeug rules, ``/v1/items/<id>``): its calls' events
+    #: and metrics carry the template their path matches (:class:`meterware.metering.serving.RouteTemplates`).
+    templates: tuple[str, ...] = ()
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _live_only_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _weight_res: tuple[tuple[re.Pattern[str], int], ...] = field(
@@ -738,6 +741,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
     account = None if raw_account is None else raw_account.rstrip("/")
     if account is not None and (not account.startswith("/") or _has_dot_segments(account)):
         raise ConfigError(routes.name("account"), f"must be a path like /v1/account, got {raw_account!r}")
+    templates = routes.strings("templates", ())
     routes.done()
 
     _check_call_costs(plans, meters, max([1, *(weight for _, weight in weights)]))
@@ -799,7 +803,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         meters=meters,
         plans=plans,
         default_plan=default_plan,
-        routes=Routes(exclude, tuple(weights), live_only, account),
+        routes=Routes(exclude, tuple(weights), live_only, account, templates),
         policy=parsed_policy,
         pipeline=parsed_pipeline,
         rollup=parsed_rollup,

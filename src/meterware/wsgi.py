@@ -144,7 +144,9 @@ class _MeteredResponse:
         self.body = MeteredBody(call)
 
     def __iter__(self) -> Iterator[bytes]:
-        return self.body.chunks(self.iterable)
+        # A generator of this module, not the helper's own: SIGTERM waits while one of the adapters' modules
+        # is on the main thread's stack (``flusher.exit_on_sigterm``), a streamed body's too.
+        yield from self.body.chunks(self.iterable)
 
     def close(self) -> None:
         call = self.call

@@ -40,7 +40,8 @@ def test_a_bare_wsgi_apps_events_carry_the_declared_route_templates(
     server = ServerProcess([*args, "tests.e2e.wsgiref_app:app"], e2e_env, port, tmp_path / "gunicorn.log")
     paths = ["/v1/items/1", "/v1/items/22", "/v1/items/3/parts/x", "/v1/files/a/b.txt", "/v1/items/x", "/v1"]
     try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=server.url, timeout=20, headers=headers) as client:
             statuses = [client.get(path).status_code for path in paths]
     finally:
         output = server.stop()  # SIGTERM: the worker drains its buffer on its way out

@@ -176,7 +176,7 @@ class MeteredBody:
             except StopAsyncIteration:
                 self.completed = True
                 return
-            except BaseException:
+            except Exception:  # not a cancellation: the server cancels a stream whose client went away
                 self.failed = True
                 raise
             call.response_bytes += len(chunk)

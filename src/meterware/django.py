@@ -90,13 +90,14 @@ class MeteringMiddleware:
         if isinstance(call, Problem):
             clients.flusher.ensure_running()
             return _refusal(call)
+        scope = reporting_to(call.usage)
         try:
-            with reporting_to(call.usage):
+            with scope:
                 response = self.get_response(request)
         except BaseException:
             self._failed(request, call)
             raise
-        return self._respond(request, call, response)
+        return self._respond(request, call, response, scope)
 
     async def __acall__(self, request: HttpRequest) -> Any:
         path = request.path_info
@@ -112,19 +113,22 @@ class MeteringMiddleware:
         if isinstance(call, Problem):
             clients.flusher.ensure_running()
             return _refusal(call)
+        scope = reporting_to(call.usage)
         try:
-            with reporting_to(call.usage):
+            with scope:
                 response = await self.get_response(request)
         except BaseException:
             self._failed(request, call)
             raise
-        return self._respond(request, call, response)
+        return self._respond(request, call, response, scope)
 
     def _failed(self, request: HttpRequest, call: Call) -> None:
         """Record a call whose view raised through the middleware (``DEBUG_PROPAGATE_EXCEPTIONS``)."""
         self.clients.finished(call, _route(request, call), failed=True)
 
-    def _respond(self, request: HttpRequest, call: Call, response: HttpResponseBase) -> HttpResponseBase:
+    def _respond(
+        self, request: HttpRequest, call: Call, response: HttpResponseBase, scope: reporting_to
+    ) -> HttpResponseBase:
         metering = self.metering
         call.status = response.status_code
         call.ttfb_ns = time.perf_counter_ns()
@@ -138,29 +142,35 @@ class MeteringMiddleware:
                 del response.headers[stripped.decode("latin-1")]
         if isinstance(response, StreamingHttpResponse):
             # Timed to the last chunk: Django closes the iterator we install when the response ends.
-            if response.is_async:
-                response.streaming_content = self._finish_after_async(call, response.streaming_content)
-            else:
-                response.streaming_content = self._finish_after(call, response.streaming_content)
+            body, content = MeteredBody(call, scope), response.streaming_content
+            response.streaming_content = (
+                self._finish_after_async(body, content)
+                if response.is_async
+                else self._finish_after(body, content)
+            )
         else:
             call.response_bytes = len(getattr(response, "content", b""))
             self.clients.finished(call, call.route)
         return response
 
-    def _finish_after(self, call: Call, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        body = MeteredBody(call)
+    def _finish_after(self, body: MeteredBody, chunks: Iterable[bytes]) -> Iterator[bytes]:
         try:
             yield from body.chunks(chunks)
         finally:
-            self.clients.finished(call, call.route, failed=body.failed, aborted=body.aborted)
+            self._finished(body)
 
-    async def _finish_after_async(self, call: Call, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        body = MeteredBody(call)
+    async def _finish_after_async(
+        self, body: MeteredBody, chunks: AsyncIterable[bytes]
+    ) -> AsyncIterator[bytes]:
         try:
             async for chunk in body.achunks(chunks):
                 yield chunk
         finally:
-            self.clients.finished(call, call.route, failed=body.failed, aborted=body.aborted)
+            self._finished(body)
+
+    def _finished(self, body: MeteredBody) -> None:
+        call = body.call
+        self.clients.finished(call, call.route, failed=body.failed, aborted=body.aborted)
 
 
 #: The middleware serving this process under ASGI, drained by the lifespan of get_asgi_application().

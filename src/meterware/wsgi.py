@@ -110,13 +110,14 @@ class WSGIMeteringMiddleware:
                     headers = str_headers(sent)
             return start_response(status, headers + extra_headers, exc_info)
 
+        scope = reporting_to(call.usage)  # one per call: made once, entered for the app, each chunk, close()
         try:
-            with reporting_to(call.usage):
+            with scope:
                 iterable = self.app(environ, metered_start_response)
         except BaseException:
             self.clients.finished(call, call.route or self._route(environ, call), failed=True)
             raise
-        return _MeteredResponse(iterable, call, environ, self)
+        return _MeteredResponse(iterable, MeteredBody(call, scope), environ, self)
 
     def _route(self, environ: WSGIEnvironment, call: Call) -> str:
         """The route template: Flask leaves the matched rule on its request; a bare WSGI app has no router
@@ -135,13 +136,17 @@ class _MeteredResponse:
     """Wraps the app's response iterable: counts bytes, keeps ``usage`` reachable, finishes in ``close()``."""
 
     def __init__(
-        self, iterable: Iterable[bytes], call: Call, environ: WSGIEnvironment, owner: WSGIMeteringMiddleware
+        self,
+        iterable: Iterable[bytes],
+        body: MeteredBody,
+        environ: WSGIEnvironment,
+        owner: WSGIMeteringMiddleware,
     ) -> None:
         self.iterable = iterable
-        self.call = call
+        self.body = body
+        self.call = body.call
         self.environ = environ
         self.owner = owner
-        self.body = MeteredBody(call)
 
     def __iter__(self) -> Iterator[bytes]:
         # A generator of this module, not the helper's own: SIGTERM waits while one of the adapters' modules
@@ -154,7 +159,7 @@ class _MeteredResponse:
             close: Callable[[], None] | None = getattr(self.iterable, "close", None)
             if close is not None:
                 # Work the response runs when closed (werkzeug's ``call_on_close``) reports units of the call.
-                with reporting_to(call.usage):
+                with self.body.scope:
                     close()
         finally:
             # Not iterated to the end and no error: the server stopped early, the client went away (charged if

@@ -130,12 +130,16 @@ def take_usage_headers(metering: Metering, call: Call, headers: Headers) -> Head
 
 class MeteredBody:
     """A response body as it goes out: each chunk counted on the call and made with the call's usage in
-    scope (a streamed body runs the handler's code lazily), and how the iteration ended."""
+    scope (a streamed body runs the handler's code lazily), and how the iteration ended.
 
-    __slots__ = ("call", "completed", "failed")
+    ``scope``: the call's :class:`~meterware.usage.reporting_to`, when the adapter has one (one per call).
+    """
 
-    def __init__(self, call: Call) -> None:
+    __slots__ = ("call", "completed", "failed", "scope")
+
+    def __init__(self, call: Call, scope: reporting_to | None = None) -> None:
         self.call = call
+        self.scope = scope or reporting_to(call.usage)
         self.completed = False
         self.failed = False
 
@@ -146,9 +150,8 @@ class MeteredBody:
 
     def chunks(self, body: Iterable[bytes]) -> Iterator[bytes]:
         """The chunks of ``body``."""
-        call = self.call
+        call, scope = self.call, self.scope
         iterator = iter(body)
-        scope = reporting_to(call.usage)
         while True:
             try:
                 with scope:
@@ -166,9 +169,8 @@ class MeteredBody:
 
     async def achunks(self, body: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """The asyncio twin of :meth:`chunks`."""
-        call = self.call
+        call, scope = self.call, self.scope
         iterator = aiter(body)
-        scope = reporting_to(call.usage)
         while True:
             try:
                 with scope:

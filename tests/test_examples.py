@@ -138,7 +138,7 @@ def test_django_example_under_wsgi(accounts: Accounts, key: str) -> None:
         chat_and_stream(client, key)
     # A WSGI server drains at exit; here the middleware Django built is drained directly.
     middleware = application._middleware_chain.__wrapped__
-    middleware._flusher.drain()
+    middleware.clients.drain()
     assert_charged(accounts)
 
 
@@ -154,7 +154,7 @@ def test_django_example_under_the_django_test_client(accounts: Accounts, key: st
     assert b"".join(stream.streaming_content) == b"data: You\n\ndata: said:\n\ndata: a\n\ndata: b\n\n"
     stream.close()
     assert Client().get("/v1/stream").status_code == 401
-    client.handler._middleware_chain.__wrapped__._flusher.drain()
+    client.handler._middleware_chain.__wrapped__.clients.drain()
     assert_charged(accounts)
 
 

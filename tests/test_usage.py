@@ -136,13 +136,38 @@ def test_add_inside_a_call_reaches_that_call() -> None:
     first, second = CallUsage(METERS), CallUsage(METERS)
 
     def handler(call: CallUsage, tokens: int) -> None:
-        usage._current.set(call)
-        assert usage.current() is call
-        usage.add("tokens", tokens)
-        usage.add("tokens", 1)
+        with usage.reporting_to(call) as reporting:
+            assert reporting is call
+            assert usage.current() is call
+            usage.add("tokens", tokens)
+            usage.add("tokens", 1)
 
     contextvars.copy_context().run(handler, first, 5)
     contextvars.copy_context().run(handler, second, 100)
     assert first.units == {"tokens": 6}
     assert second.units == {"tokens": 101}
+    assert usage.current() is None
+
+
+def test_reporting_to_ends_with_its_block_and_nests() -> None:
+    """Inside ``reporting_to`` units go to its call; after the block, to the call around it (or nowhere)."""
+    outer, inner = CallUsage(METERS), CallUsage(METERS)
+    scope = usage.reporting_to(outer)
+    with scope:
+        usage.add("tokens", 1)
+        with usage.reporting_to(inner):
+            usage.add("tokens", 10)
+        usage.add("tokens", 2)
+    assert usage.current() is None
+    with scope:  # reusable, one block at a time
+        usage.add("tokens", 4)
+    assert outer.units == {"tokens": 7}
+    assert inner.units == {"tokens": 10}
+
+
+def test_reporting_to_ends_when_its_block_raises() -> None:
+    """An exception leaving the block still ends the call's scope."""
+    call = CallUsage(METERS)
+    with pytest.raises(RuntimeError), usage.reporting_to(call):
+        raise RuntimeError("the handler failed")
     assert usage.current() is None

@@ -19,16 +19,18 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterware.config import Config, resolve_config
-from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.calls import UNMATCHED_ROUTE, Call
 from meterware.metering.core import KeyGetter
 from meterware.metering.facade import Metering
-from meterware.metering.flushers import AsyncFlusher, exit_on_sigterm
 from meterware.metering.responses import Problem
-from meterware.storage.base import AsyncStorage
-from meterware.usage import _current
+from meterware.metering.serving import AsyncClients, RouteTemplates, take_usage_headers
+from meterware.usage import reporting_to
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from meterware.metering.flushers import AsyncFlusher
+    from meterware.storage.base import AsyncStorage
 
 #: A call running this long gets a task watching for its client leaving (a streamed one, at once).
 WATCH_AFTER_SECONDS: Final = 0.05
@@ -97,23 +99,18 @@ class MeteringMiddleware:
         self.app = app
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
-        exit_on_sigterm()
-        self._storage: AsyncStorage | None = None
-        self._flusher: AsyncFlusher | None = None
+        self.clients = AsyncClients(self.metering)
+        self._templates = RouteTemplates(self.metering.routes.templates)
         self._slow_calls = SlowCalls()
 
     @property
     def storage(self) -> AsyncStorage:
         """The backend client, made on first use (never at import or construction)."""
-        if self._storage is None:
-            self._storage = self.metering.async_backend()
-        return self._storage
+        return self.clients.storage
 
     @property
     def flusher(self) -> AsyncFlusher:
-        if self._flusher is None:
-            self._flusher = AsyncFlusher(self.metering.pipeline, self.metering.async_backend(flushing=True))
-        return self._flusher
+        return self.clients.flusher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,36 +125,32 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         query = scope.get("query_string", b"")
-        started = metering.astart(
-            self._storage or self.storage, scope, scope["headers"], query, scope["method"], path
-        )
+        clients = self.clients
+        started = metering.astart(clients.storage, scope, scope["headers"], query, scope["method"], path)
         call = started if isinstance(started, Call | Problem) else await started
-        flusher = self._flusher or self.flusher
         if isinstance(call, Problem):
-            flusher.ensure_running()  # a refused call of a known customer is an event too
+            clients.flusher.ensure_running()  # a refused call of a known customer is an event too
             await self._refuse(send, call)
             return
         # Served here rather than in a method of its own: a coroutine per call is a cost on every call.
         exchange = _Exchange(metering, scope, receive, send, call)
-        token = _current.set(call.usage)
         slow_calls = self._slow_calls
         slow_calls.add(id(call), exchange)
         try:
-            await self.app(scope, exchange.receive, exchange.send)
+            with reporting_to(call.usage):
+                await self.app(scope, exchange.receive, exchange.send)
         finally:
-            _current.reset(token)
             slow_calls.discard(id(call))
             if exchange.watcher is not None:
                 exchange.watcher.cancel()
-            route = _route(scope, exchange.root_path)
+            route = _route(scope, exchange.root_path, self._templates)
             if call.ended_ns:
                 # The response went out whole (then its background tasks ran, whatever they did).
-                metering.finish(call, route, aborted=exchange.aborted)
+                clients.finished(call, route, aborted=exchange.aborted)
             else:
                 # The app raised, or returned without finishing its response: the client went away (charged
                 # if its response had started), or the app gave up (not charged).
-                metering.finish(call, route, failed=True, aborted=exchange.disconnected)
-            flusher.ensure_running()
+                clients.finished(call, route, failed=True, aborted=exchange.disconnected)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_draining(message: Message) -> None:
@@ -166,18 +159,14 @@ class MeteringMiddleware:
                 self.flusher.ensure_running()
             elif message["type"] == "lifespan.shutdown.complete":
                 await self.drain()
-                # Connections belong to this loop, which is ending.
-                if self._storage is not None:
-                    await self._storage.aclose()
-                if self._flusher is not None:
-                    await self._flusher.storage.aclose()
+                await self.clients.aclose()  # connections belong to this loop, which is ending
             await send(message)
 
         await self.app(scope, receive, send_after_draining)
 
     async def drain(self) -> None:
         """Flush every buffered event now (called at lifespan shutdown; safe to call any time)."""
-        await self.flusher.drain()
+        await self.clients.drain()
 
     async def _refuse(self, send: Send, refusal: Problem) -> None:
         await send(
@@ -287,12 +276,8 @@ class _Exchange:
             call.ttfb_ns = time.perf_counter_ns()
             call.responded = not aborted
             headers = message.get("headers", ())
-            usage_headers = self.metering.usage_headers
-            if usage_headers:
-                headers = list(headers)  # any iterable, read more than once here
-                call.header_units = header_map(headers, usage_headers)
-                if self.metering.policy.strip_usage_headers and call.header_units:
-                    headers = [(k, v) for k, v in headers if k.lower() not in usage_headers]
+            if self.metering.usage_headers:
+                headers = take_usage_headers(self.metering, call, list(headers))  # any iterable: a list
             message["headers"] = [*headers, *self.extra_headers]
         elif kind == "http.response.body":
             call.response_bytes += len(message.get("body", b""))
@@ -311,12 +296,12 @@ class _Exchange:
             self.aborted = aborted
 
 
-def _route(scope: Scope, root_path: str) -> str:
+def _route(scope: Scope, root_path: str, templates: RouteTemplates) -> str:
     """The route template that served the call (Starlette/FastAPI set ``scope["route"]``)."""
     route = scope.get("route")
     template = getattr(route, "path", None)
     if not isinstance(template, str):
-        return UNMATCHED_ROUTE if scope.get("router") is not None else str(scope["path"])
+        return UNMATCHED_ROUTE if scope.get("router") is not None else templates.route(scope["path"])
     mounted_at = scope.get("root_path", "")
     if mounted_at == root_path:
         return template

@@ -23,12 +23,19 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from meterware.config import resolve_config
-from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.calls import UNMATCHED_ROUTE, Call
 from meterware.metering.facade import Metering
-from meterware.metering.flushers import AsyncFlusher, ThreadFlusher, exit_on_sigterm
 from meterware.metering.responses import Problem
-from meterware.storage.base import AsyncStorage, Storage
-from meterware.usage import _current
+from meterware.metering.serving import (
+    AsyncClients,
+    Clients,
+    EnvironCredentials,
+    MeteredBody,
+    bytes_headers,
+    str_headers,
+    take_usage_headers,
+)
+from meterware.usage import reporting_to
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,10 +44,9 @@ GetResponse = Callable[[HttpRequest], Any]
 
 
 def _refusal(refusal: Problem) -> HttpResponse:
-    response = HttpResponse(refusal.body(), status=refusal.status, content_type="application/problem+json")
-    for name, value in refusal.headers:
-        response.headers[name.decode("latin-1")] = value.decode("latin-1")
-    return response
+    return HttpResponse(
+        refusal.body(), status=refusal.status, headers=str_headers(refusal.response_headers())
+    )
 
 
 def _route(request: HttpRequest, call: Call) -> str:
@@ -66,50 +72,11 @@ class MeteringMiddleware:
         self.metering = Metering(
             resolve_config(getattr(settings, "METERWARE", None), {}, given_as="the METERWARE setting")
         )
-        exit_on_sigterm()
-        self._storage: Storage | None = None
-        self._async_storage: AsyncStorage | None = None
-        self._flusher: ThreadFlusher | AsyncFlusher | None = None
-        config = self.metering.config
-        self._header_keys = tuple(
-            (name.encode("latin-1"), "HTTP_" + name.upper().replace("-", "_"))
-            for name in config.policy.key_headers
-        )
+        # Made on first use, in the serving process (never at import); asyncio ones under ASGI.
+        self.clients = AsyncClients(self.metering) if self.is_async else Clients(self.metering)
+        self._credentials = EnvironCredentials(self.metering.policy.key_headers)
         if self.is_async:
             _async_middleware.add(self)
-
-    # Storage and flusher are made on first use, in the serving process (never at import).
-
-    @property
-    def storage(self) -> Storage:
-        if self._storage is None:
-            self._storage = self.metering.backend()
-        return self._storage
-
-    @property
-    def async_storage(self) -> AsyncStorage:
-        if self._async_storage is None:
-            self._async_storage = self.metering.async_backend()
-        return self._async_storage
-
-    async def _shutdown(self) -> None:
-        """Flush every buffered event and close the asyncio clients, on the loop that made them."""
-        flusher = self._flusher
-        if isinstance(flusher, AsyncFlusher):
-            await flusher.drain()
-            await flusher.storage.aclose()
-        if self._async_storage is not None:
-            await self._async_storage.aclose()
-
-    def _ensure_flusher(self) -> None:
-        if self._flusher is None:
-            pipeline = self.metering.pipeline
-            self._flusher = (
-                AsyncFlusher(pipeline, self.metering.async_backend(flushing=True))
-                if self.is_async
-                else ThreadFlusher(pipeline, self.metering.backend(flushing=True))
-            )
-        self._flusher.ensure_running()
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
@@ -117,131 +84,94 @@ class MeteringMiddleware:
         path = request.path_info
         if self.metering.routes.is_excluded(path):
             return self.get_response(request)
-        headers, query = self._credentials(request)
-        call = self.metering.start(self.storage, request, headers, query, request.method or "GET", path)
+        headers, query = self._credentials.read(request.META)
+        clients = self.clients
+        assert isinstance(clients, Clients)
+        call = self.metering.start(clients.storage, request, headers, query, request.method or "GET", path)
         if isinstance(call, Problem):
-            self._ensure_flusher()
+            clients.flusher.ensure_running()
             return _refusal(call)
-        token = _current.set(call.usage)
+        scope = reporting_to(call.usage)
         try:
-            response = self.get_response(request)
+            with scope:
+                response = self.get_response(request)
         except BaseException:
             self._failed(request, call)
             raise
-        finally:
-            _current.reset(token)
-        return self._respond(request, call, response)
+        return self._respond(request, call, response, scope)
 
     async def __acall__(self, request: HttpRequest) -> Any:
         path = request.path_info
         if self.metering.routes.is_excluded(path):
             return await self.get_response(request)
-        headers, query = self._credentials(request)
+        headers, query = self._credentials.read(request.META)
+        clients = self.clients
+        assert isinstance(clients, AsyncClients)
         started = self.metering.astart(
-            self.async_storage, request, headers, query, request.method or "GET", path
+            clients.storage, request, headers, query, request.method or "GET", path
         )
         call = started if isinstance(started, Call | Problem) else await started
         if isinstance(call, Problem):
-            self._ensure_flusher()
+            clients.flusher.ensure_running()
             return _refusal(call)
-        token = _current.set(call.usage)
+        scope = reporting_to(call.usage)
         try:
-            response = await self.get_response(request)
+            with scope:
+                response = await self.get_response(request)
         except BaseException:
             self._failed(request, call)
             raise
-        finally:
-            _current.reset(token)
-        return self._respond(request, call, response)
-
-    def _credentials(self, request: HttpRequest) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        meta = request.META
-        headers = [
-            (name, value.encode("latin-1")) for name, env in self._header_keys if (value := meta.get(env))
-        ]
-        return headers, meta.get("QUERY_STRING", "").encode("latin-1")
+        return self._respond(request, call, response, scope)
 
     def _failed(self, request: HttpRequest, call: Call) -> None:
         """Record a call whose view raised through the middleware (``DEBUG_PROPAGATE_EXCEPTIONS``)."""
-        self.metering.finish(call, _route(request, call), failed=True)
-        self._ensure_flusher()
+        self.clients.finished(call, _route(request, call), failed=True)
 
-    def _respond(self, request: HttpRequest, call: Call, response: HttpResponseBase) -> HttpResponseBase:
+    def _respond(
+        self, request: HttpRequest, call: Call, response: HttpResponseBase, scope: reporting_to
+    ) -> HttpResponseBase:
         metering = self.metering
         call.status = response.status_code
         call.ttfb_ns = time.perf_counter_ns()
         call.route = _route(request, call)
-        for name, value in metering.response_headers(call):
-            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        for name, value in str_headers(metering.response_headers(call)):
+            response.headers[name] = value
         if metering.usage_headers:
-            raw = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.items()]
-            call.header_units = header_map(raw, metering.usage_headers)
-            if metering.policy.strip_usage_headers:
-                for meter in call.header_units:
-                    usage_header = metering.config.meters[meter].header
-                    if usage_header is not None:
-                        del response.headers[usage_header]
+            raw = bytes_headers((name, str(value)) for name, value in response.items())
+            sent = take_usage_headers(metering, call, raw)
+            for stripped in {name for name, _ in raw}.difference(name for name, _ in sent):
+                del response.headers[stripped.decode("latin-1")]
         if isinstance(response, StreamingHttpResponse):
             # Timed to the last chunk: Django closes the iterator we install when the response ends.
-            if response.is_async:
-                response.streaming_content = self._finish_after_async(call, response.streaming_content)
-            else:
-                response.streaming_content = self._finish_after(call, response.streaming_content)
+            body, content = MeteredBody(call, scope), response.streaming_content
+            response.streaming_content = (
+                self._finish_after_async(body, content)
+                if response.is_async
+                else self._finish_after(body, content)
+            )
         else:
             call.response_bytes = len(getattr(response, "content", b""))
-            metering.finish(call, call.route)
-            self._ensure_flusher()
+            self.clients.finished(call, call.route)
         return response
 
-    # A streamed body runs view code lazily: ``usage`` stays reachable while each chunk is made.
-
-    def _finish_after(self, call: Call, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        completed = failed = False
-        iterator = iter(chunks)
+    def _finish_after(self, body: MeteredBody, chunks: Iterable[bytes]) -> Iterator[bytes]:
         try:
-            while True:
-                token = _current.set(call.usage)
-                try:
-                    chunk = next(iterator)
-                except StopIteration:
-                    completed = True
-                    return
-                finally:
-                    _current.reset(token)
-                call.response_bytes += len(chunk)
-                yield chunk
-                # The server sent it and came back for more: a client that leaves now was served.
-                call.responded = True
-        except Exception:
-            failed = True
-            raise
+            yield from body.chunks(chunks)
         finally:
-            self.metering.finish(call, call.route, failed=failed, aborted=not completed and not failed)
-            self._ensure_flusher()
+            self._finished(body)
 
-    async def _finish_after_async(self, call: Call, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        completed = failed = False
-        iterator = aiter(chunks)
+    async def _finish_after_async(
+        self, body: MeteredBody, chunks: AsyncIterable[bytes]
+    ) -> AsyncIterator[bytes]:
         try:
-            while True:
-                token = _current.set(call.usage)
-                try:
-                    chunk = await anext(iterator)
-                except StopAsyncIteration:
-                    completed = True
-                    return
-                finally:
-                    _current.reset(token)
-                call.response_bytes += len(chunk)
+            async for chunk in body.achunks(chunks):
                 yield chunk
-                # The server sent it and came back for more: a client that leaves now was served.
-                call.responded = True
-        except Exception:
-            failed = True
-            raise
         finally:
-            self.metering.finish(call, call.route, failed=failed, aborted=not completed and not failed)
-            self._ensure_flusher()
+            self._finished(body)
+
+    def _finished(self, body: MeteredBody) -> None:
+        call = body.call
+        self.clients.finished(call, call.route, failed=body.failed, aborted=body.aborted)
 
 
 #: The middleware serving this process under ASGI, drained by the lifespan of get_asgi_application().
@@ -278,6 +208,7 @@ class _Lifespan:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 for middleware in list(_async_middleware):
-                    await middleware._shutdown()
+                    if isinstance(middleware.clients, AsyncClients):
+                        await middleware.clients.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

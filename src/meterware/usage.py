@@ -13,6 +13,9 @@ and sync endpoints, from threads started by the framework, from nested helpers, 
 once the response is sent (Starlette/FastAPI background tasks, werkzeug's ``call_on_close``): the call's
 event waits for it. Units reported outside a metered call, after its event was made, for an unknown meter,
 or with a value that cannot be metered are ignored with a warning (never charged wrongly).
+
+An adapter runs the app's code for a call inside :class:`reporting_to` (the three adapters here do; so can
+one for another framework).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Final
 
 from meterware.config import Meter
@@ -97,6 +101,36 @@ def _problem(definition: Meter | None, meter: str, value: object) -> str | None:
 
 
 _current: ContextVar[CallUsage | None] = ContextVar("meterware_usage", default=None)
+
+
+class reporting_to:  # lower case, like contextlib.suppress: it reads as ``with usage.reporting_to(...)``
+    """Send the units that :func:`add` reports inside the block to ``usage`` (the call being served).
+
+    What an adapter wraps around the app's code for one call: the handler, a streamed body's chunks as
+    they are made, the response's ``close()``. The context follows the block into the tasks it starts
+    (and the threads frameworks run sync code in), so their units reach the same call::
+
+        with meterware.usage.reporting_to(call.usage):
+            response = app(request)
+
+    Reusable, but not re-entrant (one block at a time per instance). A class rather than a
+    ``contextlib.contextmanager``: it runs on every call, and a generator-based one costs more.
+    """
+
+    __slots__ = ("_token", "usage")
+    _token: Token[CallUsage | None]
+
+    def __init__(self, usage: CallUsage) -> None:
+        self.usage = usage
+
+    def __enter__(self) -> CallUsage:
+        self._token = _current.set(self.usage)
+        return self.usage
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        _current.reset(self._token)
 
 
 def add(meter: str, value: int | str) -> None:

@@ -19,17 +19,27 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from meterware.config import Config, resolve_config
-from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.calls import UNMATCHED_ROUTE, Call
 from meterware.metering.core import KeyGetter
 from meterware.metering.facade import Metering
-from meterware.metering.flushers import ThreadFlusher, exit_on_sigterm
 from meterware.metering.responses import Problem
-from meterware.storage.base import Storage
-from meterware.usage import _current
+from meterware.metering.serving import (
+    Clients,
+    EnvironCredentials,
+    MeteredBody,
+    RouteTemplates,
+    bytes_headers,
+    str_headers,
+    take_usage_headers,
+)
+from meterware.usage import reporting_to
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from prometheus_client import CollectorRegistry
+
+    from meterware.metering.flushers import ThreadFlusher
+    from meterware.storage.base import Storage
 
 
 class WSGIMeteringMiddleware:
@@ -56,143 +66,113 @@ class WSGIMeteringMiddleware:
         self.app = app
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
-        exit_on_sigterm()  # here: the first call may come on a server's worker thread
-        self._storage: Storage | None = None
-        self._flusher: ThreadFlusher | None = None
-        self._header_keys = tuple(
-            (name.encode("latin-1"), "HTTP_" + name.upper().replace("-", "_"))
-            for name in self.metering.policy.key_headers
-        )
+        self.clients = Clients(self.metering)
+        self._credentials = EnvironCredentials(self.metering.policy.key_headers)
+        self._templates = RouteTemplates(self.metering.routes.templates)
 
     @property
     def storage(self) -> Storage:
         """The backend client, made on first use (never at import: safe with pre-fork servers)."""
-        if self._storage is None:
-            self._storage = self.metering.backend()
-        return self._storage
+        return self.clients.storage
 
     @property
     def flusher(self) -> ThreadFlusher:
-        if self._flusher is None:
-            self._flusher = ThreadFlusher(self.metering.pipeline, self.metering.backend(flushing=True))
-        return self._flusher
+        return self.clients.flusher
 
     def drain(self) -> None:
         """Flush every buffered event now (also done at interpreter exit)."""
-        self.flusher.drain()
+        self.clients.drain()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # By hand, not with werkzeug's Request, Response or Headers: on every call (and every refusal)
+        # they would cost 3 to 10 times what these few lookups do.
         path = environ.get("PATH_INFO", "") or "/"
         if self.metering.routes.is_excluded(path):
             return self.app(environ, start_response)
-        headers = [
-            (name, value.encode("latin-1")) for name, env in self._header_keys if (value := environ.get(env))
-        ]
-        query = environ.get("QUERY_STRING", "").encode("latin-1")
+        headers, query = self._credentials.read(environ)
         method = environ.get("REQUEST_METHOD", "GET")
-        call = self.metering.start(self.storage, environ, headers, query, method, path)
+        call = self.metering.start(self.clients.storage, environ, headers, query, method, path)
         if isinstance(call, Problem):
-            self.flusher.ensure_running()  # a refused call of a known customer is an event too
+            self.clients.flusher.ensure_running()  # a refused call of a known customer is an event too
             return _refuse(start_response, call)
         return self._serve(environ, start_response, call)
 
     def _serve(self, environ: WSGIEnvironment, start_response: StartResponse, call: Call) -> Iterable[bytes]:
         metering = self.metering
-        extra_headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in metering.response_headers(call)
-        ]
-        usage_headers = metering.usage_headers
-        strip = metering.policy.strip_usage_headers and bool(usage_headers)
+        extra_headers = str_headers(metering.response_headers(call))
 
         def metered_start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             call.status = int(status[:3])
             # Flask clears its request from the environ when its context ends: read the route now.
-            call.route = _route(environ, call)
+            call.route = self._route(environ, call)
             call.ttfb_ns = time.perf_counter_ns()
-            if usage_headers:
-                raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-                call.header_units = header_map(raw, usage_headers)
-                if strip and call.header_units:
-                    headers = [(k, v) for k, v in headers if k.lower().encode("latin-1") not in usage_headers]
+            if metering.usage_headers:
+                raw = bytes_headers(headers)
+                if (sent := take_usage_headers(metering, call, raw)) is not raw:
+                    headers = str_headers(sent)
             return start_response(status, headers + extra_headers, exc_info)
 
-        token = _current.set(call.usage)
+        scope = reporting_to(call.usage)  # one per call: made once, entered for the app, each chunk, close()
         try:
-            iterable = self.app(environ, metered_start_response)
+            with scope:
+                iterable = self.app(environ, metered_start_response)
         except BaseException:
-            metering.finish(call, call.route or _route(environ, call), failed=True)
-            self.flusher.ensure_running()
+            self.clients.finished(call, call.route or self._route(environ, call), failed=True)
             raise
-        finally:
-            _current.reset(token)
-        return _MeteredResponse(iterable, call, environ, self)
+        return _MeteredResponse(iterable, MeteredBody(call, scope), environ, self)
+
+    def _route(self, environ: WSGIEnvironment, call: Call) -> str:
+        """The route template: Flask leaves the matched rule on its request; a bare WSGI app has no router
+        (``routes.templates`` may name its routes)."""
+        request = environ.get("werkzeug.request")
+        rule = getattr(request, "url_rule", None)
+        template = getattr(rule, "rule", None)
+        if isinstance(template, str):
+            return str(environ.get("SCRIPT_NAME", "")) + template
+        if request is not None and hasattr(request, "url_rule"):
+            return UNMATCHED_ROUTE
+        return self._templates.route(call.path)
 
 
 class _MeteredResponse:
     """Wraps the app's response iterable: counts bytes, keeps ``usage`` reachable, finishes in ``close()``."""
 
     def __init__(
-        self, iterable: Iterable[bytes], call: Call, environ: WSGIEnvironment, owner: WSGIMeteringMiddleware
+        self,
+        iterable: Iterable[bytes],
+        body: MeteredBody,
+        environ: WSGIEnvironment,
+        owner: WSGIMeteringMiddleware,
     ) -> None:
         self.iterable = iterable
-        self.call = call
+        self.body = body
+        self.call = body.call
         self.environ = environ
         self.owner = owner
-        self.failed = False
-        self.completed = False
 
     def __iter__(self) -> Iterator[bytes]:
-        call = self.call
-        iterator = iter(self.iterable)
-        while True:
-            # A streamed body runs the handler's code lazily: keep its usage reachable meanwhile.
-            token = _current.set(call.usage)
-            try:
-                chunk = next(iterator)
-            except StopIteration:
-                self.completed = True
-                return
-            except BaseException:
-                self.failed = True
-                raise
-            finally:
-                _current.reset(token)
-            call.response_bytes += len(chunk)
-            yield chunk
-            # The server wrote it and came back for more: a client that leaves now was served.
-            call.responded = True
+        # A generator of this module, not the helper's own: SIGTERM waits while one of the adapters' modules
+        # is on the main thread's stack (``flusher.exit_on_sigterm``), a streamed body's too.
+        yield from self.body.chunks(self.iterable)
 
     def close(self) -> None:
         call = self.call
-        # Work the response runs when it is closed (werkzeug's ``call_on_close``) reports units of the call.
-        token = _current.set(call.usage)
         try:
             close: Callable[[], None] | None = getattr(self.iterable, "close", None)
             if close is not None:
-                close()
+                # Work the response runs when closed (werkzeug's ``call_on_close``) reports units of the call.
+                with self.body.scope:
+                    close()
         finally:
-            _current.reset(token)
             # Not iterated to the end and no error: the server stopped early, the client went away (charged if
             # a chunk of the response had reached it).
-            aborted = not self.completed and not self.failed
-            route = call.route or _route(self.environ, call)
-            self.owner.metering.finish(call, route, failed=self.failed, aborted=aborted)
-            self.owner.flusher.ensure_running()
-
-
-def _route(environ: WSGIEnvironment, call: Call) -> str:
-    """The route template: Flask leaves the matched rule on its request; a bare WSGI app has no router."""
-    request = environ.get("werkzeug.request")
-    rule = getattr(request, "url_rule", None)
-    template = getattr(rule, "rule", None)
-    if isinstance(template, str):
-        return str(environ.get("SCRIPT_NAME", "")) + template
-    if request is not None and hasattr(request, "url_rule"):
-        return UNMATCHED_ROUTE
-    return call.path
+            body, owner = self.body, self.owner
+            route = call.route or owner._route(self.environ, call)
+            owner.clients.finished(call, route, failed=body.failed, aborted=body.aborted)
 
 
 def _refuse(start_response: StartResponse, refusal: Problem) -> list[bytes]:
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in refusal.response_headers()]
-    start_response(f"{refusal.status} {HTTPStatus(refusal.status).phrase}", headers)
+    start_response(
+        f"{refusal.status} {HTTPStatus(refusal.status).phrase}", str_headers(refusal.response_headers())
+    )
     return [refusal.body()]

@@ -20,7 +20,7 @@ from meterware import Accounts, Config, MeteringMiddleware
 from meterware.django import MeteringMiddleware as DjangoMeteringMiddleware
 from meterware.django import get_asgi_application
 from meterware.events import UsageEvent, decode_batch
-from meterware.metering.flushers import ThreadFlusher
+from meterware.metering.serving import Clients
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from meterware.wsgi import WSGIMeteringMiddleware
@@ -215,10 +215,9 @@ class DjangoWsgiApi(DjangoApi):
 
     def _stop(self) -> None:
         self.client.close()
-        flusher = self.middleware._flusher
-        if flusher is not None:
-            assert isinstance(flusher, ThreadFlusher)
-            flusher.drain()
+        clients = self.middleware.clients
+        assert isinstance(clients, Clients)
+        clients.drain()
 
 
 class DjangoAsgiApi(DjangoApi):

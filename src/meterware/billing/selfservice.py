@@ -31,10 +31,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
+
+from werkzeug.wrappers import Request, Response
 
 from meterware.billing.accounts import Accounts
 from meterware.config import MICROS_PER_CREDIT, Config, resolve_config
@@ -48,6 +49,7 @@ from meterware.metering.keycache import (
     UNKNOWN_KEY_CACHE_MAX_ENTRIES,
 )
 from meterware.metering.responses import problem
+from meterware.metering.serving import bytes_headers, str_headers
 from meterware.usage import current
 
 if TYPE_CHECKING:
@@ -298,30 +300,21 @@ def asgi_app(
     return SelfServiceApp(AccountView(config, **overrides))
 
 
-def _environ_headers(environ: WSGIEnvironment) -> Iterator[tuple[bytes, bytes]]:
-    for name, value in environ.items():
-        if name.startswith("HTTP_") and isinstance(value, str):
-            yield name[5:].lower().replace("_", "-").encode("latin-1"), value.encode("latin-1")
-
-
 class SelfServiceWSGIApp:
-    """The endpoint as a WSGI app."""
+    """The endpoint as a WSGI app (a werkzeug ``Response``: it answers ``HEAD`` without the body)."""
 
     def __init__(self, view: AccountView) -> None:
         self.view = view
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
-        query = str(environ.get("QUERY_STRING", "")).encode("latin-1")
+        request = Request(environ)
         if current() is not None:
-            status, headers, body = self.view.metered(str(environ.get("SCRIPT_NAME", "")))
+            status, headers, body = self.view.metered(request.root_path)
         else:
-            status, headers, body = self.view.respond(method, _environ_headers(environ), query)
-        start_response(
-            f"{status} {HTTPStatus(status).phrase}",
-            [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
-        )
-        return [b"" if method == "HEAD" else body]
+            status, headers, body = self.view.respond(
+                request.method, bytes_headers(request.headers.items()), request.query_string
+            )
+        return Response(body, status, str_headers(headers))(environ, start_response)
 
 
 def wsgi_app(

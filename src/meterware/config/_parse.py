@@ -160,8 +160,9 @@ def parse_routes(root: Section) -> Routes:
     account = None if raw_account is None else raw_account.rstrip("/")
     if account is not None and (not account.startswith("/") or has_dot_segments(account)):
         raise ConfigError(routes.name("account"), f"must be a path like /v1/account, got {raw_account!r}")
+    templates = routes.strings("templates", ())
     routes.done()
-    return Routes(exclude, tuple(weights), live_only, account)
+    return Routes(exclude, tuple(weights), live_only, account, templates)
 
 
 def parse_policy(root: Section) -> Policy:

@@ -49,6 +49,9 @@ class Routes:
     #: Where the customer's own account (:mod:`meterware.billing.selfservice`) is mounted, without a trailing
     #: slash: never metered, with or without the slash and below it, whatever ``exclude`` says.
     account: str | None = None
+    #: Route templates of an app without a router (werkzeug rules, ``/v1/items/<id>``): its calls' events
+    #: and metrics carry the template their path matches (:class:`meterware.metering.serving.RouteTemplates`).
+    templates: tuple[str, ...] = ()
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _live_only_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _weight_res: tuple[tuple[re.Pattern[str], int], ...] = field(

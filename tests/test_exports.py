@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import types
 
+import pytest
+
 import meterware
 
 
@@ -43,3 +45,10 @@ def test_version_is_a_string() -> None:
     """__version__ is exported as a non-empty string."""
     assert isinstance(meterware.__version__, str)
     assert meterware.__version__
+
+
+def test_public_names_load_on_first_use_and_unknown_names_fail() -> None:
+    """``meterware.__getattr__`` knows exactly the names of __all__; any other name is an AttributeError."""
+    assert set(meterware.__all__) == {*meterware._EXPORTS, "__version__"}
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = meterware.Nope  # type: ignore[attr-defined]

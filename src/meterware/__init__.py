@@ -4,14 +4,13 @@ The names below are imported on first use (PEP 562), so ``import meterware`` sta
 mounts the ASGI middleware never loads the rollup worker, alerts or invoices.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+# Aliased: the package's namespace holds only its public names (tests/test_exports.py).
+import importlib as _importlib
+import typing as _typing
 
 from meterware.__about__ import __version__
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from meterware import usage
     from meterware.asgi import MeteringMiddleware
     from meterware.billing.accounts import Accounts, UsageReport
@@ -87,14 +86,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'meterware' has no attribute {name!r}")
     if name == module.rpartition(".")[2]:
-        value: Any = importlib.import_module(module)
+        value: _typing.Any = _importlib.import_module(module)
     else:
-        value = getattr(importlib.import_module(module), name)
+        value = getattr(_importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

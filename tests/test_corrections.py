@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from meterware import Accounts
+from meterware.billing.accounts._usage import UsageReport
+from meterware.billing.corrections import CorrectionResult
 from meterware.errors import NotFoundError, UsageError
 from meterware.events import new_event_id
 from tests.test_ledger import (  # noqa: F401  # fixtures
@@ -231,3 +233,30 @@ def test_cli_voids_amends_and_imports(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n')
     assert run("events", "import", str(bad)) == (1, f"meterware: error: {bad}:1: id: must be a UUID, got 1\n")
+
+
+def test_correction_result_as_dict_names_credit_in_micros_last() -> None:
+    """A correction's result as data: its fields in order, the credit as ``credit_micros``."""
+    result = CorrectionResult("e1", "acme", "void", True, "voided", -3)
+    assert list(result.as_dict().items()) == [
+        ("event_id", "e1"),
+        ("customer", "acme"),
+        ("action", "void"),
+        ("applied", True),
+        ("message", "voided"),
+        ("credit_micros", -3),
+    ]
+
+
+def test_usage_report_as_dict_names_spend_in_micros_last() -> None:
+    """A usage report as data: its fields in order, the spend as ``spend_micros``."""
+    report = UsageReport("acme", True, 10, 20, {"calls": 2}, {"success": 2}, 4000)
+    assert list(report.as_dict().items()) == [
+        ("customer", "acme"),
+        ("live", True),
+        ("period_start", 10),
+        ("period_end", 20),
+        ("meters", {"calls": 2}),
+        ("calls", {"success": 2}),
+        ("spend_micros", 4000),
+    ]

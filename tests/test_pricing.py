@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from meterware.billing.pricing import Line, PlanPrices, Price, Tier, minor_unit, parse_money, round_amount
+from meterware.billing.pricing import (
+    Line,
+    PlanPrices,
+    Price,
+    Tier,
+    TierUse,
+    minor_unit,
+    parse_money,
+    round_amount,
+)
 from meterware.config import Config, MeterTerms
 from meterware.errors import ConfigError
 
@@ -298,3 +307,16 @@ def test_pricing_mistakes_name_their_field(plan: dict[str, Any], field: str, pro
 def test_money_is_parsed_exactly(value: Any, amount: str) -> None:
     """Amounts are decimal strings or integers, kept exactly as written."""
     assert str(parse_money(value, "x")) == amount
+
+
+def test_tier_use_as_dict_keeps_field_order_with_amounts_as_text() -> None:
+    """A tier's use as data: its fields in order, the amounts as strings."""
+    use = TierUse(1, None, 3, D("0.50"), D("0"), D("1.5"))
+    assert list(use.as_dict().items()) == [
+        ("first", 1),
+        ("up_to", None),
+        ("units", 3),
+        ("price", "0.5"),
+        ("flat", "0"),
+        ("amount", "1.5"),
+    ]

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 
 from meterware import usage
 from meterware.billing.accounts import Accounts
-from meterware.billing.export import ExportError, export_usage, open_exporter
+from meterware.billing.export import ExportError, ExportReport, UsageRecord, export_usage, open_exporter
 from meterware.config import Config
 from meterware.rollup.worker import RollupWorker
 from meterware.storage import open_storage
@@ -351,3 +351,35 @@ def test_export_on_redis_keeps_marks_cursor_and_external_ids(redis_url: str) -> 
         ]
         assert server.totals() == {("cus_acme", "api_calls"): 3, ("cus_acme", "llm_tokens"): 9}
         assert server.invalid == []
+
+
+def test_report_as_dict_keeps_field_order() -> None:
+    """A run's report as data: fields in order, records as dicts, ``unmapped`` as ``unmapped_customers``."""
+    record = UsageRecord("e1", "acme", "cus_1", "calls", "api_calls", 5, "day", 100, 199, 2)
+    report = ExportReport("stripe", sent=[record], rejected={"e2": "bad"}, decreased=[("e3", 4, 2)])
+    report.unmapped = 1
+    record_data = [
+        ("event_id", "e1"),
+        ("customer", "acme"),
+        ("external_id", "cus_1"),
+        ("meter", "calls"),
+        ("name", "api_calls"),
+        ("value", 5),
+        ("window", "day"),
+        ("start", 100),
+        ("timestamp", 199),
+        ("revision", 2),
+    ]
+    assert list(record.as_dict().items()) == record_data
+    assert list(report.as_dict().items()) == [
+        ("provider", "stripe"),
+        ("dry_run", False),
+        ("windows_read", 0),
+        ("requests", 0),
+        ("retries", 0),
+        ("sent", [dict(record_data)]),
+        ("rejected", {"e2": "bad"}),
+        ("too_late", []),
+        ("decreased", [["e3", 4, 2]]),
+        ("unmapped_customers", 1),
+    ]

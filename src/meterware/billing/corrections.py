@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from meterware.billing._asdict import fields_dict
 from meterware.config import Config
 from meterware.errors import NotFoundError, StorageError, UsageError
 from meterware.events import EventDecodeError, UsageEvent, decode_batch, encode_batch
@@ -68,14 +69,7 @@ class CorrectionResult:
     credit: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "customer": self.customer,
-            "action": self.action,
-            "applied": self.applied,
-            "message": self.message,
-            "credit_micros": self.credit,
-        }
+        return fields_dict(self, credit="credit_micros")
 
 
 @dataclass(frozen=True, slots=True)

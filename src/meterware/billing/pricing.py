@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any, Final, Literal
 
+from meterware.billing._asdict import fields_dict
 from meterware.errors import ConfigError
 
 PriceModel = Literal["unit", "package", "graduated", "volume"]
@@ -110,14 +111,8 @@ class TierUse:
     amount: Decimal
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "first": self.first,
-            "up_to": self.up_to,
-            "units": self.units,
-            "price": text(self.price),
-            "flat": text(self.flat),
-            "amount": text(self.amount),
-        }
+        amounts = {name: text(getattr(self, name)) for name in ("price", "flat", "amount")}
+        return fields_dict(self) | amounts  # a replaced key keeps its place
 
 
 @dataclass(frozen=True, slots=True)

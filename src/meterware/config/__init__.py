@@ -13,6 +13,7 @@ section's parser) and ``_load`` (:class:`Config` and where it comes from).
 
 from __future__ import annotations
 
+from meterware.config import _sections
 from meterware.config._credits import (
     MAX_CALL_COST,
     MAX_MICROS,
@@ -24,52 +25,17 @@ from meterware.config._credits import (
 from meterware.config._load import DEFAULT_CONFIG_FILE, DEFAULTS, Config, redacted, resolve_config
 from meterware.config._parse import parse_alert_rules
 from meterware.config._routes import DEFAULT_EXCLUDE, Routes
-from meterware.config._sections import (
-    DEFAULT_KEY_HEADERS,
-    EXPORT_PROVIDERS,
-    Admission,
-    Aggregation,
-    AlertRules,
-    Alerts,
-    ExportTarget,
-    ExportWindow,
-    FailureMode,
-    Meter,
-    MeterTerms,
-    Period,
-    Pipeline,
-    Plan,
-    Policy,
-    RateLimit,
-    Rollup,
-)
+from meterware.config._sections import *  # noqa: F403  # every name of its __all__
 
 __all__ = [
     "DEFAULTS",
     "DEFAULT_CONFIG_FILE",
     "DEFAULT_EXCLUDE",
-    "DEFAULT_KEY_HEADERS",
-    "EXPORT_PROVIDERS",
     "MAX_CALL_COST",
     "MAX_MICROS",
     "MAX_UNITS",
     "MICROS_PER_CREDIT",
-    "Admission",
-    "Aggregation",
-    "AlertRules",
-    "Alerts",
     "Config",
-    "ExportTarget",
-    "ExportWindow",
-    "FailureMode",
-    "Meter",
-    "MeterTerms",
-    "Period",
-    "Pipeline",
-    "Plan",
-    "Policy",
-    "RateLimit",
-    "Rollup",
     "Routes",
     "format_credits",
     "parse_alert_rules",
@@ -77,3 +43,4 @@ __all__ = [
     "redacted",
     "resolve_config",
 ]
+__all__ += _sections.__all__

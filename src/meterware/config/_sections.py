@@ -11,6 +11,26 @@ from typing import Final, Literal
 
 from meterware.billing.pricing import DEFAULT_CURRENCY, PlanPrices, Price
 
+__all__ = [
+    "DEFAULT_KEY_HEADERS",
+    "EXPORT_PROVIDERS",
+    "Admission",
+    "Aggregation",
+    "AlertRules",
+    "Alerts",
+    "ExportTarget",
+    "ExportWindow",
+    "FailureMode",
+    "Meter",
+    "MeterTerms",
+    "Period",
+    "Pipeline",
+    "Plan",
+    "Policy",
+    "RateLimit",
+    "Rollup",
+]
+
 Aggregation = Literal["count", "sum", "max", "last", "unique"]
 Period = Literal["month", "week", "day"]
 FailureMode = Literal["open", "closed"]

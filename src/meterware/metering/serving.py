@@ -8,6 +8,7 @@ response to these.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -24,17 +25,31 @@ if TYPE_CHECKING:
 Headers = list[tuple[bytes, bytes]]
 
 
-class Clients:
+class _Clients(ABC):
+    """What both twins do: stop on SIGTERM, and see that a flusher will send a finished call's event."""
+
+    def __init__(self, metering: Metering) -> None:
+        self.metering = metering
+        exit_on_sigterm()  # here: the first call may come on a server's worker thread
+
+    @property
+    @abstractmethod
+    def flusher(self) -> ThreadFlusher | AsyncFlusher:
+        """The flusher, made on first use."""
+
+    def finished(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:
+        """Record a finished call and see that a flusher will send its event."""
+        self.metering.finish(call, route, failed=failed, aborted=aborted)
+        self.flusher.ensure_running()
+
+
+class Clients(_Clients):
     """A synchronous middleware's backend client and flusher thread, made on first use in the serving
     process (never at import or construction: safe with pre-fork servers).
 
     Made in the middleware's constructor, which may run in the main thread: SIGTERM then leaves through
     the interpreter's exit, whose hooks drain the buffer.
     """
-
-    def __init__(self, metering: Metering) -> None:
-        self.metering = metering
-        exit_on_sigterm()  # here: the first call may come on a server's worker thread
 
     @cached_property
     def storage(self) -> Storage:
@@ -45,22 +60,13 @@ class Clients:
     def flusher(self) -> ThreadFlusher:
         return ThreadFlusher(self.metering.pipeline, self.metering.backend(flushing=True))
 
-    def finished(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:
-        """Record a finished call and see that a flusher will send its event."""
-        self.metering.finish(call, route, failed=failed, aborted=aborted)
-        self.flusher.ensure_running()
-
     def drain(self) -> None:
         """Flush every buffered event now (also done at interpreter exit)."""
         self.flusher.drain()
 
 
-class AsyncClients:
+class AsyncClients(_Clients):
     """The asyncio twin of :class:`Clients`: the clients belong to the loop that made them."""
-
-    def __init__(self, metering: Metering) -> None:
-        self.metering = metering
-        exit_on_sigterm()
 
     @cached_property
     def storage(self) -> AsyncStorage:
@@ -70,11 +76,6 @@ class AsyncClients:
     @cached_property
     def flusher(self) -> AsyncFlusher:
         return AsyncFlusher(self.metering.pipeline, self.metering.async_backend(flushing=True))
-
-    def finished(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:
-        """Record a finished call and see that a flusher will send its event."""
-        self.metering.finish(call, route, failed=failed, aborted=aborted)
-        self.flusher.ensure_running()
 
     async def drain(self) -> None:
         """Flush every buffered event now."""

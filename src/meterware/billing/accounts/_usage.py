@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meterware.billing._asdict import fields_dict
 from meterware.billing.accounts._base import AccountsBase
 from meterware.billing.corrections import (
     CorrectionResult,
@@ -40,15 +41,7 @@ class UsageReport:
     spend: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "customer": self.customer,
-            "live": self.live,
-            "period_start": self.period_start,
-            "period_end": self.period_end,
-            "meters": self.meters,
-            "calls": self.calls,
-            "spend_micros": self.spend,
-        }
+        return fields_dict(self, spend="spend_micros")
 
 
 class Usage(AccountsBase):

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from meterware.billing._asdict import fields_dict
 from meterware.config import EXPORT_PROVIDERS, Config, ExportTarget
 from meterware.errors import MeterwareError
 from meterware.rollup.aggregate import WINDOW_TTLS
@@ -92,18 +93,7 @@ class UsageRecord:
     revision: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "customer": self.customer,
-            "external_id": self.external_id,
-            "meter": self.meter,
-            "name": self.name,
-            "value": self.value,
-            "window": self.window,
-            "start": self.start,
-            "timestamp": self.timestamp,
-            "revision": self.revision,
-        }
+        return fields_dict(self)
 
 
 @dataclass(slots=True)
@@ -152,18 +142,8 @@ class ExportReport:
     unmapped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "dry_run": self.dry_run,
-            "windows_read": self.windows_read,
-            "requests": self.requests,
-            "retries": self.retries,
-            "sent": [record.as_dict() for record in self.sent],
-            "rejected": self.rejected,
-            "too_late": [record.as_dict() for record in self.too_late],
-            "decreased": [list(item) for item in self.decreased],
-            "unmapped_customers": self.unmapped,
-        }
+        decreased = [list(item) for item in self.decreased]
+        return fields_dict(self, unmapped="unmapped_customers") | {"decreased": decreased}
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from meterware._http import MAX_DELTA_SECONDS, redact_text, redact_url, retry_after_seconds
+from meterware._http import MAX_DELTA_SECONDS, retry_after_seconds
+from meterware._redact import redact_text, redact_url
 
 NOW = 1_800_000_000.0
 

@@ -1,5 +1,5 @@
-"""What meterware's outgoing HTTP clients (exporters, alert webhooks) share: reading ``Retry-After``, and
-showing a URL without its secrets."""
+"""What meterware's outgoing HTTP clients (exporters, alert webhooks) share: reading ``Retry-After`` and
+an opener that never follows redirects."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import urllib.request
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 #: RFC 9110 delta-seconds: ASCII digits only (``str.isdigit`` also takes ``²``, which ``int`` refuses).
 _DELTA_SECONDS: Final = re.compile(r"[0-9]+")
@@ -40,36 +39,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         when = when.replace(tzinfo=UTC)
     seconds = when.timestamp() - (time.time() if now is None else now)
     return min(max(0.0, seconds), MAX_DELTA_SECONDS)
-
-
-def redact_url(url: str) -> str:
-    """``url`` as logs and messages show it: scheme, host, port and path; userinfo and query values hidden."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unreadable URL>"
-    _, at, host = parts.netloc.rpartition("@")
-    shown = f"{parts.scheme}://" if parts.scheme else ""
-    shown += ("***@" if at else "") + host + parts.path
-    if parts.query:
-        # A bare item (``?s3cret``) may be the token itself: only names before an ``=`` are shown.
-        items = (item.partition("=") for item in parts.query.split("&"))
-        shown += "?" + "&".join(f"{name}=***" if eq else "***" for name, eq, _ in items)
-    return shown
-
-
-def redact_text(text: str, url: str) -> str:
-    """``text`` (an error message) with the secret parts of ``url`` it may quote hidden."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return text.replace(url, "<URL>")
-    text = text.replace(url, redact_url(url))
-    userinfo = parts.netloc.rpartition("@")[0]
-    for secret in (userinfo, parts.query, parts.fragment):
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

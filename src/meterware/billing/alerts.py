@@ -32,6 +32,7 @@ from meterware.billing.webhooks import SIGNATURE_HEADER as SIGNATURE_HEADER
 from meterware.billing.webhooks import WebhookSender, sign, verify_signature
 from meterware.config import AlertRules, Config, Plan, format_credits
 from meterware.errors import ConfigError, StorageError
+from meterware.metering.cache import LRUCache
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
@@ -276,7 +277,7 @@ class AlertEvaluator:
         self.metrics = metrics
         # (customer, marker name) known to have fired: a threshold stays crossed for the rest of its
         # period, and asking the backend again at every batch would cost a script call each time.
-        self._fired: set[tuple[str, str]] = set()
+        self._fired: LRUCache[tuple[str, str], bool] = LRUCache(MAX_REMEMBERED)
 
     @classmethod
     def from_config(
@@ -337,9 +338,7 @@ class AlertEvaluator:
             alert = Alert.of(customer_id, period_start, crossing, int(now))
             expires_at = max(period_end, int(now)) + MARKER_GRACE_SECONDS
             entry_id = self.storage.fire_alert(customer_id, name, expires_at, alert.fields())
-            if len(self._fired) >= MAX_REMEMBERED:
-                self._fired.clear()
-            self._fired.add((customer_id, name))
+            self._fired.put((customer_id, name), True)
             if entry_id is None:
                 continue  # fired before (by us, a restarted us, or another worker)
             alert = replace(alert, entry_id=entry_id)

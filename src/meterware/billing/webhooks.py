@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from meterware.__about__ import __version__
-from meterware._http import no_redirects_opener, redact_text, redact_url, retry_after_seconds
+from meterware._http import no_redirects_opener, retry_after_seconds
+from meterware._redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from meterware.rollup.metrics import RollupMetrics

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Final, get_args
 from urllib.parse import urlsplit
 
-from meterware._http import redact_url
+from meterware._redact import redact_url
 from meterware.billing.pricing import DEFAULT_CURRENCY, parse_currency, parse_money, parse_price
 from meterware.config._credits import MAX_CALL_COST, MAX_UNITS, format_credits, parse_credits
 from meterware.config._routes import DEFAULT_EXCLUDE, Routes, has_dot_segments

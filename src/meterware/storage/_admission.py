@@ -26,6 +26,7 @@ from meterware.metering.admission import (
     quota_name,
     rate_limit_name,
 )
+from meterware.metering.cache import LRUCache
 from meterware.metering.unsettled import Snapshot
 from meterware.storage import _keyspace as ks
 
@@ -92,7 +93,8 @@ def decision_from_reply(request: AdmitRequest, reply: Reply, now: float) -> Deci
 
 #: Admission templates kept (a template per key, plan terms, period and route weight in use).
 TEMPLATE_CACHE_SIZE: Final = 10_000
-_templates: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[Arg, ...]]] = {}
+Template: TypeAlias = tuple[tuple[str, ...], tuple[Arg, ...]]
+_templates: LRUCache[tuple[object, ...], Template] = LRUCache(TEMPLATE_CACHE_SIZE)
 
 
 def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, ...]]:
@@ -142,9 +144,8 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
     args.append(len(request.holds))
     for hold in request.holds:
         args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
-    if len(_templates) >= TEMPLATE_CACHE_SIZE:
-        _templates.clear()
-    template = _templates[identity] = (tuple(keys), tuple(args))
+    template = (tuple(keys), tuple(args))
+    _templates.put(identity, template)
     return template
 
 

@@ -66,11 +66,6 @@ class Metering:
         self._rollup: Any = None
         self._next_full_rollup = 0.0
 
-    @property
-    def pipeline(self) -> Batcher:
-        """The batcher (the name the adapters knew it by)."""
-        return self.batcher
-
     def backend(self, *, flushing: bool = False) -> Storage:
         """A synchronous backend client: short timeouts for the request path, longer ones for flushing."""
         config = self.config

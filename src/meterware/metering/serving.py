@@ -58,7 +58,7 @@ class Clients(_Clients):
 
     @cached_property
     def flusher(self) -> ThreadFlusher:
-        return ThreadFlusher(self.metering.pipeline, self.metering.backend(flushing=True))
+        return ThreadFlusher(self.metering.batcher, self.metering.backend(flushing=True))
 
     def drain(self) -> None:
         """Flush every buffered event now (also done at interpreter exit)."""
@@ -75,7 +75,7 @@ class AsyncClients(_Clients):
 
     @cached_property
     def flusher(self) -> AsyncFlusher:
-        return AsyncFlusher(self.metering.pipeline, self.metering.async_backend(flushing=True))
+        return AsyncFlusher(self.metering.batcher, self.metering.async_backend(flushing=True))
 
     async def drain(self) -> None:
         """Flush every buffered event now."""

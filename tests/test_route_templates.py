@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from werkzeug.test import Client
 
 from meterware import Accounts, Config, ConfigError, MeteringMiddleware
-from meterware.metering.serving import RouteTemplates
+from meterware.config import Routes
 from meterware.wsgi import WSGIMeteringMiddleware
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def test_a_path_is_recorded_as_the_template_it_matches(
     templates: tuple[str, ...], path: str, route: str
 ) -> None:
     """The template a path matches; ``<unmatched>`` when none does; the path itself when none are declared."""
-    assert RouteTemplates(templates).route(path) == route
+    assert Routes(templates=templates).route_of(path) == route
 
 
 @pytest.mark.parametrize(
@@ -50,10 +50,10 @@ def test_a_path_is_recorded_as_the_template_it_matches(
     ],
 )
 def test_a_template_werkzeug_refuses_stops_the_start_naming_it(template: str) -> None:
-    """A bad template is a ConfigError naming ``routes.templates[index]`` when the middleware is built."""
-    config = Config.from_dict({"storage": {"url": "memory://"}, "routes": {"templates": ["/ok", template]}})
-    with pytest.raises(ConfigError, match=r"routes\.templates\[1\]"):
-        WSGIMeteringMiddleware(_wsgi_app, config=config, registry=CollectorRegistry())
+    """A bad template is a ConfigError naming ``routes.templates[index]`` as the configuration is read, so
+    ``meterware config check`` finds it before any process starts."""
+    with pytest.raises(ConfigError, match=r"^routes\.templates\[1\]: "):
+        Config.from_dict({"storage": {"url": "memory://"}, "routes": {"templates": ["/ok", template]}})
 
 
 def _wsgi_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meterware.config import Config, resolve_config
-from meterware.metering.calls import UNMATCHED_ROUTE, Call
+from meterware.config import UNMATCHED_ROUTE, Config, Routes, resolve_config
+from meterware.metering.calls import Call
 from meterware.metering.core import KeyGetter
 from meterware.metering.facade import Metering
 from meterware.metering.responses import Problem
-from meterware.metering.serving import AsyncClients, RouteTemplates, take_usage_headers
+from meterware.metering.serving import AsyncClients, take_usage_headers
 from meterware.usage import reporting_to
 
 if TYPE_CHECKING:
@@ -100,7 +100,6 @@ class MeteringMiddleware:
         overrides = {"storage": storage} if storage else {}
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
         self.clients = AsyncClients(self.metering)
-        self._templates = RouteTemplates(self.metering.routes.templates)
         self._slow_calls = SlowCalls()
 
     @property
@@ -143,7 +142,7 @@ class MeteringMiddleware:
             slow_calls.discard(id(call))
             if exchange.watcher is not None:
                 exchange.watcher.cancel()
-            route = _route(scope, exchange.root_path, self._templates)
+            route = _route(scope, exchange.root_path, self.metering.routes)
             if call.ended_ns:
                 # The response went out whole (then its background tasks ran, whatever they did).
                 clients.finished(call, route, aborted=exchange.aborted)
@@ -296,12 +295,12 @@ class _Exchange:
             self.aborted = aborted
 
 
-def _route(scope: Scope, root_path: str, templates: RouteTemplates) -> str:
+def _route(scope: Scope, root_path: str, routes: Routes) -> str:
     """The route template that served the call (Starlette/FastAPI set ``scope["route"]``)."""
     route = scope.get("route")
     template = getattr(route, "path", None)
     if not isinstance(template, str):
-        return UNMATCHED_ROUTE if scope.get("router") is not None else templates.route(scope["path"])
+        return UNMATCHED_ROUTE if scope.get("router") is not None else routes.route_of(scope["path"])
     mounted_at = scope.get("root_path", "")
     if mounted_at == root_path:
         return template

@@ -22,8 +22,8 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from meterware.config import resolve_config
-from meterware.metering.calls import UNMATCHED_ROUTE, Call
+from meterware.config import UNMATCHED_ROUTE, resolve_config
+from meterware.metering.calls import Call
 from meterware.metering.facade import Metering
 from meterware.metering.responses import Problem
 from meterware.metering.serving import (

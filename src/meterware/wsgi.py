@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from meterware.config import Config, resolve_config
-from meterware.metering.calls import UNMATCHED_ROUTE, Call
+from meterware.config import UNMATCHED_ROUTE, Config, resolve_config
+from meterware.metering.calls import Call
 from meterware.metering.core import KeyGetter
 from meterware.metering.facade import Metering
 from meterware.metering.responses import Problem
@@ -27,7 +27,6 @@ from meterware.metering.serving import (
     Clients,
     EnvironCredentials,
     MeteredBody,
-    RouteTemplates,
     bytes_headers,
     str_headers,
     take_usage_headers,
@@ -68,7 +67,6 @@ class WSGIMeteringMiddleware:
         self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
         self.clients = Clients(self.metering)
         self._credentials = EnvironCredentials(self.metering.policy.key_headers)
-        self._templates = RouteTemplates(self.metering.routes.templates)
 
     @property
     def storage(self) -> Storage:
@@ -131,7 +129,7 @@ class WSGIMeteringMiddleware:
             return str(environ.get("SCRIPT_NAME", "")) + template
         if request is not None and hasattr(request, "url_rule"):
             return UNMATCHED_ROUTE
-        return self._templates.route(call.path)
+        return self.metering.routes.route_of(call.path)
 
 
 class _MeteredResponse:

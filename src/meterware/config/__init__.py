@@ -24,7 +24,7 @@ from meterware.config._credits import (
 )
 from meterware.config._load import DEFAULT_CONFIG_FILE, DEFAULTS, Config, redacted, resolve_config
 from meterware.config._parse import parse_alert_rules
-from meterware.config._routes import DEFAULT_EXCLUDE, Routes
+from meterware.config._routes import DEFAULT_EXCLUDE, UNMATCHED_ROUTE, Routes
 from meterware.config._sections import *  # noqa: F403  # every name of its __all__
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "MAX_MICROS",
     "MAX_UNITS",
     "MICROS_PER_CREDIT",
+    "UNMATCHED_ROUTE",
     "Config",
     "Routes",
     "format_credits",

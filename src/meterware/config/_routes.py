@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fnmatch import translate
-from typing import Final
+from typing import Any, Final
+
+from meterware.errors import ConfigError
+
+#: The route of a call no route or template of the app matched.
+UNMATCHED_ROUTE: Final = "<unmatched>"
 
 #: Paths excluded when the configuration names none: the metrics endpoint (``meterware.metrics``).
 DEFAULT_EXCLUDE: Final = ("/metrics", "/metrics/")
@@ -37,6 +42,23 @@ def _globs(globs: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{translate(glob)})" for glob in globs)) if globs else None
 
 
+def _template_matcher(templates: tuple[str, ...]) -> Any:
+    """The bound ``werkzeug.routing.Map`` matching ``templates`` (None for none); a rule werkzeug refuses is
+    a ``ConfigError`` naming it."""
+    if not templates:
+        return None
+    # Imported here: only apps that declare templates pay for werkzeug's routing.
+    from werkzeug.routing import Map, Rule
+
+    rules = Map(strict_slashes=False, merge_slashes=False)
+    for index, template in enumerate(templates):
+        try:
+            rules.add(Rule(template, endpoint=template))
+        except (ValueError, LookupError) as error:  # a malformed rule, an unknown converter
+            raise ConfigError(f"routes.templates[{index}]", f"{template!r}: {error}") from None
+    return rules.bind("")
+
+
 @dataclass(frozen=True, slots=True)
 class Routes:
     """Which paths are metered, and what a call to each costs in units of the ``call`` meters."""
@@ -50,13 +72,14 @@ class Routes:
     #: slash: never metered, with or without the slash and below it, whatever ``exclude`` says.
     account: str | None = None
     #: Route templates of an app without a router (werkzeug rules, ``/v1/items/<id>``): its calls' events
-    #: and metrics carry the template their path matches (:class:`meterware.metering.serving.RouteTemplates`).
+    #: and metrics carry the template their path matches (:meth:`route_of`).
     templates: tuple[str, ...] = ()
     _exclude_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _live_only_re: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _weight_res: tuple[tuple[re.Pattern[str], int], ...] = field(
         default=(), init=False, repr=False, compare=False
     )
+    _templates: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_exclude_re", _globs(self.exclude))
@@ -64,6 +87,21 @@ class Routes:
         object.__setattr__(
             self, "_weight_res", tuple((re.compile(translate(glob)), w) for glob, w in self.weights)
         )
+        object.__setattr__(self, "_templates", _template_matcher(self.templates))
+
+    def route_of(self, path: str) -> str:
+        """The route of a call to an app without a router: the template ``path`` matches,
+        :data:`UNMATCHED_ROUTE`, or ``path`` itself when no templates are declared."""
+        templates = self._templates
+        if templates is None:
+            return path
+        from werkzeug.exceptions import HTTPException  # loaded with the routing map already
+
+        try:
+            template, _ = templates.match(path)
+        except HTTPException:
+            return UNMATCHED_ROUTE
+        return str(template)
 
     def is_excluded(self, path: str) -> bool:
         """Whether calls to ``path`` (a route template or raw path) bypass metering entirely.

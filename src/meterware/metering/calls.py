@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
 
 from meterware.config import Plan
 from meterware.metering.admission import AdmitRequest, Decision, MeterHold
@@ -13,7 +12,6 @@ from meterware.metering.records import KeyInfo
 from meterware.usage import CallUsage
 
 #: The route of a call whose route template the framework never told (refused calls, unmatched paths).
-UNMATCHED_ROUTE: Final = "<unmatched>"
 
 
 @dataclass(slots=True)

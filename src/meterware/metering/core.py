@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from meterware import keys
-from meterware.config import Config, format_credits
+from meterware.config import UNMATCHED_ROUTE, Config, format_credits
 from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision, meter_holds
 from meterware.metering.cache import LRUCache
-from meterware.metering.calls import UNMATCHED_ROUTE, Call, CallTerms
+from meterware.metering.calls import Call, CallTerms
 from meterware.metering.keycache import KeyCache, NeedsLookup
 from meterware.metering.leases import Lease, LeaseTable, lease_block, lease_key
 from meterware.metering.logs import OUTAGE_WARNING_SECONDS, ThrottledWarning

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from meterware.config import MAX_CALL_COST, Config
+from meterware.config import MAX_CALL_COST, UNMATCHED_ROUTE, Config
 from meterware.events import Outcome, bounded_method, bounded_route, make_row, new_event_id
 from meterware.metering.admission import (
     AdmitRequest,
@@ -19,7 +19,7 @@ from meterware.metering.admission import (
 )
 from meterware.metering.batching import Pending
 from meterware.metering.cache import LRUCache
-from meterware.metering.calls import UNMATCHED_ROUTE, Call
+from meterware.metering.calls import Call
 from meterware.metering.leases import LeaseTable
 from meterware.metering.logs import BAD_USAGE_HEADER_WARNING_SECONDS, ThrottledWarning, logger
 from meterware.metering.outcomes import CLIENT_CLOSED_REQUEST, classify, is_billable

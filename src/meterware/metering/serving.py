@@ -13,8 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Ma
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from meterware.errors import ConfigError
-from meterware.metering.calls import UNMATCHED_ROUTE, Call, header_map
+from meterware.metering.calls import Call, header_map
 from meterware.metering.facade import Metering
 from meterware.metering.flushers import AsyncFlusher, ThreadFlusher, exit_on_sigterm
 from meterware.usage import reporting_to
@@ -186,39 +185,3 @@ class MeteredBody:
             call.response_bytes += len(chunk)
             yield chunk
             call.responded = True
-
-
-class RouteTemplates:
-    """The route of a call to an app without a router (a bare WSGI or ASGI app), from ``routes.templates``.
-
-    The templates are werkzeug rules (``/v1/items/<id>``, ``/v1/files/<path:name>``) matched in a
-    ``werkzeug.routing.Map``: a call's events and metrics carry the template its path matches, or
-    ``<unmatched>`` (as under a router). With no templates declared, they carry the path itself.
-    """
-
-    def __init__(self, templates: tuple[str, ...]) -> None:
-        self.declared = bool(templates)
-        if not templates:
-            return
-        # Imported here: only apps that declare templates pay for werkzeug's routing.
-        from werkzeug.exceptions import HTTPException
-        from werkzeug.routing import Map, Rule
-
-        rules = Map(strict_slashes=False, merge_slashes=False)
-        for index, template in enumerate(templates):
-            try:
-                rules.add(Rule(template, endpoint=template))
-            except (ValueError, LookupError) as error:  # a malformed rule, an unknown converter
-                raise ConfigError(f"routes.templates[{index}]", f"{template!r}: {error}") from None
-        self._match = rules.bind("").match
-        self._no_match = HTTPException
-
-    def route(self, path: str) -> str:
-        """The template ``path`` matches, :data:`UNMATCHED_ROUTE`, or ``path`` when none are declared."""
-        if not self.declared:
-            return path
-        try:
-            template, _ = self._match(path)
-        except self._no_match:
-            return UNMATCHED_ROUTE
-        return str(template)

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from meterware.errors import StorageError
+from meterware.config import Plan, RateLimit
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.storage import _keyspace as ks
 from meterware.storage.redis import AsyncRedisStorage, RedisStorage
@@ -120,3 +121,51 @@ def test_calls_arriving_as_rounds_end_are_never_stranded(redis_url: str, sync_st
     assert asyncio.run(run()) == sum(
         1 + (burst + offset) % 3 for burst in range(bursts) for offset in range(3)
     )
+
+
+@pytest.mark.parametrize(
+    ("plan", "credits"),
+    [
+        pytest.param(make_plan(rates=(RateLimit(5, 60),), price=1), 0, id="rate-limit"),
+        pytest.param(make_plan(quota=7), 0, id="hard-quota"),
+        pytest.param(make_plan(price=10, prepaid=True), 60, id="credits"),
+        pytest.param(
+            make_plan(rates=(RateLimit(10, 60),), quota=8, price=10, included=2, prepaid=True), 55, id="all"
+        ),
+    ],
+)
+def test_one_run_decides_as_calls_one_by_one(
+    redis_url: str, sync_storage: RedisStorage, plan: Plan, credits: int
+) -> None:
+    """A script run admitting 12 calls of a customer, past its limits, decides each call and leaves
+    the customer's counters exactly as 12 runs of one call each do (the run keeps what its earlier calls
+    admitted, and writes once at its end)."""
+    client = redis.Redis.from_url(redis_url)
+    together = [admit_request(sync_storage, plan, "acme") for _ in range(12)]
+    alone = [admit_request(sync_storage, plan, "globex") for _ in range(12)]
+    for customer in ("acme", "globex"):
+        open_account(sync_storage, customer, credits=credits)
+    client.config_resetstat()
+
+    in_one_run = _admit_all(redis_url, together)
+    assert _script_runs(redis_url) == 1
+    one_by_one = [sync_storage.admit(request) for request in alone]
+
+    def seen(decision: Decision | BaseException) -> tuple[object, ...]:
+        assert isinstance(decision, Decision)
+        remaining = [(limit.name, limit.remaining) for limit in decision.limits]
+        return decision.allowed, decision.reason, decision.reserved_credits, decision.available_credits, remaining
+
+    assert [seen(d) for d in in_one_run] == [seen(d) for d in one_by_one]
+    assert any(isinstance(d, Decision) and not d.allowed for d in in_one_run) or plan.prepaid is False
+    acme, globex = sync_storage.get_balance("acme"), sync_storage.get_balance("globex")
+    assert (acme.balance, acme.reserved) == (globex.balance, globex.reserved)
+    period = together[0].period_start
+    for live_quota in ((ks.quota(r.shard, True, r.customer, period) for r in (together[0], alone[0])),):
+        acme_quota, globex_quota = (client.hgetall(key) for key in live_quota)
+        assert acme_quota == globex_quota
+    reservations = client.hgetall(ks.reservations(together[0].shard))
+    held = {r.reservation_id for r in together if r.reservation_id.encode() in reservations}
+    assert held == {r.reservation_id for r, d in zip(together, in_one_run, strict=True) if d.reservation_id}
+    deadlines = {member.decode() for member in client.zrange(ks.reservation_deadlines(together[0].shard), 0, -1)}
+    assert held <= deadlines

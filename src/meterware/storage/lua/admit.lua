@@ -36,22 +36,148 @@ local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_ID, RESERVATION_TIMEOUT_MS = 1, 
 local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 5, 6, 7, 8
 local SCRIPT_REFUSED, STALE = -1, -2
 
+-- The calls of a run mostly share their keys (one customer's concurrent calls): each key is read once
+-- per run, each call sees what the calls before it admitted (kept here), and the writes wait for the end
+-- of the run, one command per key. Every call is still decided exactly as if it ran alone, in order.
+local now = now_ms()
+local replies_read = {}   -- a read's key and fields -> {reply, error}
+local fields = {}         -- "key\nfield" -> a counter field the run moves: {key, field, raw, net}
+local field_order = {}
+local tats = {}           -- rate key -> the TAT the run left (its admissions' are written at the end)
+local writes = {}         -- per command, key -> its arguments, in the order the run came to each key
+local write_order = {}
+
+-- Note a write for the end of the run: `append` adds arguments to the key's, else they replace them.
+local function write(command, key, append, ...)
+  local by_key = writes[command]
+  if not by_key then
+    by_key = {}
+    writes[command] = by_key
+  end
+  local args = by_key[key]
+  if not args then
+    args = {}
+    by_key[key] = args
+    write_order[#write_order + 1] = {command, key}
+  elseif not append then
+    for i = #args, 1, -1 do
+      args[i] = nil
+    end
+  end
+  for _, value in ipairs({...}) do
+    args[#args + 1] = value
+  end
+end
+
+-- A read of this run, made once (nothing the run writes before its end changes what it returned).
+local function read_once(kind, command, key, ...)
+  local id = table.concat({key, ...}, '\n')
+  local known = replies_read[id]
+  if not known then
+    local reply, refused = read(kind, command, key, ...)
+    known = {reply, refused}
+    replies_read[id] = known
+  end
+  return known[1], known[2]
+end
+
+-- A counter field the run may move, as its first read found it (`raw`: its text, or false if absent).
+local function field_of(key, field, raw)
+  local id = key .. '\n' .. field
+  local entry = fields[id]
+  if not entry then
+    entry = {key = key, field = field, raw = raw, net = 0}
+    fields[id] = entry
+    field_order[#field_order + 1] = entry
+  end
+  return entry
+end
+
+-- The field's text as HINCRBY would have left it after the run's admissions so far.
+local function current(entry)
+  if entry.net == 0 then
+    return entry.raw
+  end
+  return int((tonumber(entry.raw) or 0) + entry.net)
+end
+
 -- The reply refusing a call before any limit is read (the key or the customer).
 local function refusal(reason)
   return {0, reason, 0, 0, 0}
 end
 
+-- What admitting n calls would do: the refusal reason (or nil), and the state the reply reports.
+local function decide(limits, terms, n, charges_credits, available)
+  local d = {rates = {}, new_tats = {}, quotas = {}, holds = {}, retry_ms = 0, credits = 0}
+  for _, limit in ipairs(limits) do
+    local period_ms, interval, tat = limit.period_ms, limit.interval, limit.tat
+    local new_tat = tat + interval * n
+    if new_tat - now > period_ms then
+      d.retry_ms = math.max(d.retry_ms, new_tat - period_ms - now)
+      d.rates[#d.rates + 1] = floordiv(period_ms - (tat - now), interval)
+      d.rates[#d.rates + 1] = math.floor(tat - now)
+    else
+      d.rates[#d.rates + 1] = floordiv(period_ms - (new_tat - now), interval)
+      d.rates[#d.rates + 1] = math.floor(new_tat - now)
+      d.new_tats[#d.new_tats + 1] = {limit.key, new_tat}
+    end
+  end
+  local over_quota, needs_positive_balance = false, false
+  for i, term in ipairs(terms) do
+    -- A value meter's size is unknown until the end: one unit left admits it, however many calls.
+    local need, hold = term.exact and term.need * n or term.need, term.hold * n
+    local used, held = term.used, term.held
+    d.holds[i] = hold
+    if term.quota >= 0 then
+      if used + held + need > term.quota then
+        over_quota = true
+        d.quotas[#d.quotas + 1] = term.quota - used - held
+      else
+        d.quotas[#d.quotas + 1] = term.quota - used - held - hold
+      end
+    end
+    if term.price ~= 0 then
+      local base = used + held
+      d.credits = d.credits + (math.max(term.included, base + hold) - math.max(term.included, base)) * term.price
+      if not term.exact and base + hold >= term.included then
+        needs_positive_balance = true
+      end
+    end
+  end
+  if not charges_credits then
+    d.credits = 0
+  end
+  if d.retry_ms > 0 then
+    d.reason = 'rate_limited'
+  elseif over_quota then
+    d.reason = 'quota_exceeded'
+  elseif charges_credits and (available < d.credits or (needs_positive_balance and available - d.credits <= 0)) then
+    d.reason = 'insufficient_credits'
+  end
+  return d
+end
+
+local function reply(d, allowed, reason, retry, reserved, left, granted)
+  local out = {allowed, reason, math.floor(retry), reserved, left, granted}
+  for _, value in ipairs(d.rates) do
+    out[#out + 1] = value
+  end
+  for _, value in ipairs(d.quotas) do
+    out[#out + 1] = value
+  end
+  return out
+end
+
 local function admit(KEYS, ARGV, unsettled)
-  local key, refused = read('hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
+  local key, refused = read_once('hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
   local account
-  account, refused = read('hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
+  account, refused = read_once('hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
-  local now = now_ms()
   if not key[1] or not account[1] or key[3] ~= ARGV[CUSTOMER_ID] then
     return refusal('unknown_key')
   end
@@ -68,7 +194,9 @@ local function admit(KEYS, ARGV, unsettled)
   -- A counter that is not an integer (clobbered) would be read as whatever tonumber makes of it ('1e308'
   -- credits, '-1e300' calls used): refused, as a key of the wrong type is (the request path then refuses
   -- the call whatever its failure policy: serving it would serve the customer free until repaired).
-  refused = bad_counter(KEYS[CUSTOMER], 'balance', account[2], 0) or bad_counter(KEYS[CUSTOMER], 'reserved', account[3], 0)
+  local reserved_field = field_of(KEYS[CUSTOMER], 'reserved', account[3])
+  refused = bad_counter(KEYS[CUSTOMER], 'balance', account[2], 0)
+    or bad_counter(KEYS[CUSTOMER], 'reserved', current(reserved_field), 0)
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
@@ -80,42 +208,46 @@ local function admit(KEYS, ARGV, unsettled)
   for i = 1, tonumber(ARGV[pos]) do
     local amount, seconds = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
     pos = pos + 2
+    local rate_key = KEYS[FIRST_RATE - 1 + i]
     local stored
-    stored, refused = read('string', 'GET', KEYS[FIRST_RATE - 1 + i])
+    stored, refused = read_once('string', 'GET', rate_key)
     if refused then
       return {SCRIPT_REFUSED, refused}
     end
     -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
-    stored = tonumber(stored)
+    stored = tats[rate_key] or tonumber(stored)
     local tat = (stored and stored == stored) and math.max(stored, now) or now
     if tat > now + seconds * 1000 then
       -- Never written so (a TAT is at most one period ahead): clamped, and repaired (the one write before
       -- a check, and what any admission would write), so the limit recovers within one period.
       tat = now + seconds * 1000
-      redis.call('SET', KEYS[FIRST_RATE - 1 + i], string.format('%.17g', tat), 'PX', int(seconds * 1000))
+      redis.call('SET', rate_key, string.format('%.17g', tat), 'PX', int(seconds * 1000))
+      tats[rate_key] = tat
     end
-    limits[i] = {key = KEYS[FIRST_RATE - 1 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
+    limits[i] = {key = rate_key, period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
   end
   pos = pos + 1
   local terms = {}
   for i = 1, tonumber(ARGV[pos]) do
+    local meter = ARGV[pos + 1]
     local counts
-    counts, refused = read('hash', 'HMGET', KEYS[QUOTA], ARGV[pos + 1] .. ':u', ARGV[pos + 1] .. ':h')
-    refused = refused or bad_counter(KEYS[QUOTA], ARGV[pos + 1] .. ':u', counts[1], 0)
-      or bad_counter(KEYS[QUOTA], ARGV[pos + 1] .. ':h', counts[2], 0)
+    counts, refused = read_once('hash', 'HMGET', KEYS[QUOTA], meter .. ':u', meter .. ':h')
+    local held_field = counts and field_of(KEYS[QUOTA], meter .. ':h', counts[2])
+    refused = refused or bad_counter(KEYS[QUOTA], meter .. ':u', counts[1], 0)
+      or bad_counter(KEYS[QUOTA], meter .. ':h', current(held_field), 0)
     if refused then
       return {SCRIPT_REFUSED, refused}
     end
     terms[i] = {
-      meter = ARGV[pos + 1], quota = tonumber(ARGV[pos + 2]), included = tonumber(ARGV[pos + 3]),
+      meter = meter, quota = tonumber(ARGV[pos + 2]), included = tonumber(ARGV[pos + 3]),
       price = tonumber(ARGV[pos + 4]), need = tonumber(ARGV[pos + 5]), hold = tonumber(ARGV[pos + 6]),
-      exact = ARGV[pos + 7] == '1', used = tonumber(counts[1]) or 0, held = tonumber(counts[2]) or 0,
-      raw_held = counts[2],
+      exact = ARGV[pos + 7] == '1', used = tonumber(counts[1]) or 0,
+      held = tonumber(current(held_field)) or 0, held_field = held_field,
     }
     pos = pos + 7
   end
   local charges_credits = ARGV[CHARGES_CREDITS] == '1'
-  local reserved = tonumber(account[3]) or 0
+  local reserved = tonumber(current(reserved_field)) or 0
   local pending_cost = 0
   if unsettled then
     local released, charged, freed = 0, {}, {}
@@ -141,96 +273,34 @@ local function admit(KEYS, ARGV, unsettled)
   end
   local available = (tonumber(account[2]) or 0) - reserved - (charges_credits and pending_cost or 0)
 
-  -- What admitting n calls would do: the refusal reason (or nil), and the state the reply reports.
-  local function decide(n)
-    local d = {rates = {}, new_tats = {}, quotas = {}, holds = {}, retry_ms = 0, credits = 0}
-    for _, limit in ipairs(limits) do
-      local period_ms, interval, tat = limit.period_ms, limit.interval, limit.tat
-      local new_tat = tat + interval * n
-      if new_tat - now > period_ms then
-        d.retry_ms = math.max(d.retry_ms, new_tat - period_ms - now)
-        d.rates[#d.rates + 1] = floordiv(period_ms - (tat - now), interval)
-        d.rates[#d.rates + 1] = math.floor(tat - now)
-      else
-        d.rates[#d.rates + 1] = floordiv(period_ms - (new_tat - now), interval)
-        d.rates[#d.rates + 1] = math.floor(new_tat - now)
-        d.new_tats[#d.new_tats + 1] = {limit.key, new_tat}
-      end
-    end
-    local over_quota, needs_positive_balance = false, false
-    for i, term in ipairs(terms) do
-      -- A value meter's size is unknown until the end: one unit left admits it, however many calls.
-      local need, hold = term.exact and term.need * n or term.need, term.hold * n
-      local used, held = term.used, term.held
-      d.holds[i] = hold
-      if term.quota >= 0 then
-        if used + held + need > term.quota then
-          over_quota = true
-          d.quotas[#d.quotas + 1] = term.quota - used - held
-        else
-          d.quotas[#d.quotas + 1] = term.quota - used - held - hold
-        end
-      end
-      if term.price ~= 0 then
-        local base = used + held
-        d.credits = d.credits + (math.max(term.included, base + hold) - math.max(term.included, base)) * term.price
-        if not term.exact and base + hold >= term.included then
-          needs_positive_balance = true
-        end
-      end
-    end
-    if not charges_credits then
-      d.credits = 0
-    end
-    if d.retry_ms > 0 then
-      d.reason = 'rate_limited'
-    elseif over_quota then
-      d.reason = 'quota_exceeded'
-    elseif charges_credits and (available < d.credits or (needs_positive_balance and available - d.credits <= 0)) then
-      d.reason = 'insufficient_credits'
-    end
-    return d
-  end
-
   local n = calls
-  local d = decide(n)
+  local d = decide(limits, terms, n, charges_credits, available)
   if d.reason and n > 1 then
     repeat
       n = math.floor(n / 2)
-      d = decide(n)
+      d = decide(limits, terms, n, charges_credits, available)
     until not d.reason or n == 1
     if not d.reason and n > 1 then
       n = math.floor(n / 2)
-      d = decide(n)
+      d = decide(limits, terms, n, charges_credits, available)
     end
-  end
-
-  local function reply(allowed, reason, retry, reserved, left, granted)
-    local out = {allowed, reason, math.floor(retry), reserved, left, granted}
-    for _, value in ipairs(d.rates) do
-      out[#out + 1] = value
-    end
-    for _, value in ipairs(d.quotas) do
-      out[#out + 1] = value
-    end
-    return out
   end
 
   if d.reason then
-    return reply(0, d.reason, d.reason == 'rate_limited' and d.retry_ms or 0, 0, available, 0)
+    return reply(d, 0, d.reason, d.reason == 'rate_limited' and d.retry_ms or 0, 0, available, 0)
   end
 
-  -- The writes below cannot fail once these hold (plan meters are distinct, so each field moves once).
+  -- The writes cannot fail once these hold (plan meters are distinct, so each field moves once per call).
   local credits = d.credits
   local holds_any = false
   for i, term in ipairs(terms) do
     if d.holds[i] ~= 0 then
-      refused = refused or bad_counter(KEYS[QUOTA], term.meter .. ':h', term.raw_held, math.abs(d.holds[i]))
+      refused = refused or bad_counter(KEYS[QUOTA], term.meter .. ':h', current(term.held_field), math.abs(d.holds[i]))
       holds_any = true
     end
   end
   if credits ~= 0 then
-    refused = refused or bad_counter(KEYS[CUSTOMER], 'reserved', account[3], math.abs(credits))
+    refused = refused or bad_counter(KEYS[CUSTOMER], 'reserved', current(reserved_field), math.abs(credits))
   end
   if credits ~= 0 or holds_any then
     refused = refused or expect(KEYS[RESERVATIONS], 'hash') or expect(KEYS[DEADLINES], 'zset')
@@ -239,30 +309,25 @@ local function admit(KEYS, ARGV, unsettled)
     return {SCRIPT_REFUSED, refused}
   end
 
+  -- Admitted: what it writes joins the run's writes.
   for _, entry in ipairs(d.new_tats) do
-    -- %.17g keeps the float exactly; the key is worthless once the TAT has passed. A TAT within a float's
-    -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
-    local ttl = math.max(1, math.ceil(entry[2] - now))
-    redis.call('SET', entry[1], string.format('%.17g', entry[2]), 'PX', int(ttl))
+    tats[entry[1]] = entry[2]
+    write('SET', entry[1], false, entry[2])
   end
   local record = ARGV[RECORD_HEAD] .. ' ' .. int(credits)
   for i, term in ipairs(terms) do
-    if d.holds[i] ~= 0 then
-      redis.call('HINCRBY', KEYS[QUOTA], term.meter .. ':h', int(d.holds[i]))
-    end
+    term.held_field.net = term.held_field.net + d.holds[i]
     record = record .. ' ' .. term.meter .. ' ' .. int(d.holds[i])
   end
   if holds_any then
-    redis.call('EXPIREAT', KEYS[QUOTA], ARGV[QUOTA_EXPIRE_AT])
+    write('EXPIREAT', KEYS[QUOTA], false, ARGV[QUOTA_EXPIRE_AT])
   end
-  if credits ~= 0 then
-    redis.call('HINCRBY', KEYS[CUSTOMER], 'reserved', int(credits))
-  end
+  reserved_field.net = reserved_field.net + credits
   if credits ~= 0 or holds_any then
-    redis.call('HSET', KEYS[RESERVATIONS], ARGV[RESERVATION_ID], record)
-    redis.call('ZADD', KEYS[DEADLINES], int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), ARGV[RESERVATION_ID])
+    write('HSET', KEYS[RESERVATIONS], true, ARGV[RESERVATION_ID], record)
+    write('ZADD', KEYS[DEADLINES], true, int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), ARGV[RESERVATION_ID])
   end
-  return reply(1, '', 0, credits, available - credits, n)
+  return reply(d, 1, '', 0, credits, available - credits, n)
 end
 
 local templates, key_pos, pos = {}, 1, 2
@@ -299,6 +364,28 @@ for c = pos, #ARGV, 3 do
     replies[#replies + 1] = {STALE, 'STALE'}
   else
     replies[#replies + 1] = admit(template[1], template[2], unsettled)
+  end
+end
+
+-- The run's writes: the counters first (an EXPIREAT must find the key they create).
+for _, entry in ipairs(field_order) do
+  if entry.net ~= 0 then
+    redis.call('HINCRBY', entry.key, entry.field, int(entry.net))
+  end
+end
+for _, at in ipairs(write_order) do
+  local command, key = at[1], at[2]
+  local args = writes[command][key]
+  if command == 'SET' then
+    -- %.17g keeps the float exactly; the key is worthless once the TAT has passed. A TAT within a float's
+    -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
+    local tat = args[1]
+    redis.call('SET', key, string.format('%.17g', tat), 'PX', int(math.max(1, math.ceil(tat - now))))
+  else
+    -- In slices: Lua's unpack takes a few thousand values at most.
+    for first = 1, #args, 1000 do
+      redis.call(command, key, unpack(args, first, math.min(first + 999, #args)))
+    end
   end
 end
 return replies

@@ -36,13 +36,14 @@ from meterware.storage.redis._request import (
     ADMIT_ATTEMPTS,
     CUSTOMER_FIELDS,
     STALE,
-    Stale,
     customer_from,
     decisions_from_replies,
+    fail_admissions,
     flush_call,
     flush_result,
     key_info_from,
     release_calls,
+    settle_admissions,
 )
 from meterware.storage.redis._scripts import Arg, as_str, sources
 
@@ -164,35 +165,18 @@ class AsyncRedisStorage:
                     keys, args = admit_call(requests, guarded=attempt < ADMIT_ATTEMPTS)
                     replies = await self._run("admit", keys, args)
                 decisions = decisions_from_replies(requests, replies, self._errors)
-                self._settle_admissions(calls, decisions)
+                settle_admissions([future for _, future in calls], decisions)
                 calls = [call for call, decision in zip(calls, decisions, strict=True) if decision is STALE]
                 if not calls:
                     return
         except StorageError as error:
-            for _, future in calls:
-                if not future.done():
-                    # Each caller raises its own exception: one object raised in many tasks would gather
-                    # all their tracebacks.
-                    future.set_exception(StorageError(str(error), refused=error.refused))
+            fail_admissions([future for _, future in calls], error)
             return
         except BaseException as error:
             for _, future in calls:
                 if not future.done():
                     future.set_exception(error) if isinstance(error, Exception) else future.cancel()
             raise
-
-    @staticmethod
-    def _settle_admissions(
-        calls: list[tuple[AdmitRequest, asyncio.Future[Decision]]],
-        decisions: list[Decision | StorageError | Stale],
-    ) -> None:
-        """Answer the waiting calls (a ``STALE`` one waits for the next attempt)."""
-        for (_, future), decision in zip(calls, decisions, strict=True):
-            if not future.done():
-                if isinstance(decision, StorageError):
-                    future.set_exception(decision)
-                elif isinstance(decision, Decision):
-                    future.set_result(decision)
 
     async def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)

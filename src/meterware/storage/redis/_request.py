@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import itertools
 import operator
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 from redis.exceptions import ResponseError
@@ -176,8 +177,72 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
     return KeyInfo(as_str(fields[b"key_id"]), customer, fields[b"live"] == b"1", as_str(fields[b"prefix"]))
 
 
+class Answer(Protocol):
+    """Where a waiting call's admission goes: an ``asyncio.Future``, or a thread's :class:`Waiting`."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Decision, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+def settle_admissions(
+    answers: Sequence[Answer], decisions: Sequence[Decision | StorageError | Stale]
+) -> None:
+    """Answer the waiting calls of a script run (a ``STALE`` one waits for the next attempt)."""
+    for answer, decision in zip(answers, decisions, strict=True):
+        if not answer.done():
+            if isinstance(decision, StorageError):
+                answer.set_exception(decision)
+            elif isinstance(decision, Decision):
+                answer.set_result(decision)
+
+
+def fail_admissions(answers: Sequence[Answer], error: StorageError) -> None:
+    """Fail the calls still waiting: each raises its own exception (one object raised in many tasks or
+    threads would gather all their tracebacks)."""
+    for answer in answers:
+        if not answer.done():
+            answer.set_exception(StorageError(str(error), refused=error.refused))
+
+
+class Waiting:
+    """A thread's call waiting for its admission, or for its turn to lead a round."""
+
+    __slots__ = ("_decision", "_error", "leads", "ready", "request")
+
+    def __init__(self, request: AdmitRequest) -> None:
+        self.request = request
+        self.leads = False
+        self.ready = threading.Event()
+        self._decision: Decision | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._decision is not None or self._error is not None
+
+    def set_result(self, result: Decision, /) -> None:
+        self._decision = result
+        self.ready.set()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._error = exception
+        self.ready.set()
+
+    def result(self) -> Decision:
+        if self._error is not None:
+            raise self._error
+        assert self._decision is not None
+        return self._decision
+
+
 class RequestPathCommands(Connection):
     """The request path of :class:`~meterware.storage.redis.RedisStorage`."""
+
+    def __init__(self, url: str, *, shards: int = 16, timeout: float | None = None) -> None:
+        super().__init__(url, shards=shards, timeout=timeout)
+        self._admissions = threading.Lock()
+        self._waiting: list[Waiting] = []
+        self._leading = False
 
     def resolve_key(self, key_hash: str) -> KeyInfo | None:
         with self._call() as client:
@@ -189,17 +254,64 @@ class RequestPathCommands(Connection):
         return key_info_from(fields, customer_from(customer_id, values))
 
     def admit(self, request: AdmitRequest) -> Decision:
-        for attempt in range(1, ADMIT_ATTEMPTS + 1):
-            with self._call():
-                # Read at the last moment: the calls this process finished until then count.
-                keys, args = admit_call((request,), guarded=attempt < ADMIT_ATTEMPTS)
-                replies = self._run("admit", keys, args)
-            (decision,) = decisions_from_replies((request,), replies, self._errors)
-            if isinstance(decision, StorageError):
-                raise decision
-            if isinstance(decision, Decision):
-                return decision
-        raise AssertionError("the last attempt is not guarded")
+        """Admit a call together with the calls other threads ask for meanwhile.
+
+        One thread at a time leads a round: it admits every call waiting when the round starts (one
+        script run per shard), and the calls that arrive meanwhile go in the next round, led by the
+        first of them. A round trip costs a process more than the rest of a call, and a threaded
+        server's calls spend most of their admission waiting for one. Each call is still decided on its
+        own, in order, exactly as alone.
+        """
+        waiting = Waiting(request)
+        with self._admissions:
+            self._waiting.append(waiting)
+            waiting.leads = not self._leading
+            self._leading = True
+        if not waiting.leads:
+            waiting.ready.wait()  # answered, or asked to lead the next round
+        if waiting.leads:
+            self._lead_round()
+        return waiting.result()
+
+    def _lead_round(self) -> None:
+        with self._admissions:
+            calls, self._waiting = self._waiting, []
+        try:
+            by_shard: dict[int, list[Waiting]] = {}
+            for call in calls:
+                by_shard.setdefault(call.request.shard, []).append(call)
+            for shard_calls in by_shard.values():
+                self._admit_shard(shard_calls)
+        except BaseException as error:
+            for call in calls:
+                if not call.done():
+                    call.set_exception(error)
+            raise
+        finally:
+            with self._admissions:
+                if self._waiting:
+                    following = self._waiting[0]
+                    following.leads = True
+                    following.ready.set()
+                else:
+                    self._leading = False
+
+    def _admit_shard(self, calls: list[Waiting]) -> None:
+        """The twin of :meth:`AsyncRedisStorage._admit_shard`."""
+        try:
+            for attempt in range(1, ADMIT_ATTEMPTS + 1):
+                requests = [call.request for call in calls]
+                with self._call():
+                    # Read at the last moment: the calls this process finished until then count.
+                    keys, args = admit_call(requests, guarded=attempt < ADMIT_ATTEMPTS)
+                    replies = self._run("admit", keys, args)
+                decisions = decisions_from_replies(requests, replies, self._errors)
+                settle_admissions(calls, decisions)
+                calls = [call for call, decision in zip(calls, decisions, strict=True) if decision is STALE]
+                if not calls:
+                    return
+        except StorageError as error:
+            fail_admissions(calls, error)
 
     def flush(self, batch: Batch) -> bool:
         keys, args = flush_call(batch)

@@ -269,15 +269,24 @@ def run_rounds(
             shift = number % len(modes)
             for mode in modes[shift:] + modes[:shift]:
                 attempt = 0
-                run = run_once(framework, mode, number, settings, redis, workdir)
+                run = _measure(framework, mode, number, settings, redis, workdir)
                 progress(_describe(run, settings.rounds))
                 while settings.retries.again(run.others_cores, attempt):
                     attempt += 1
                     progress(f"other processes used {run.others_cores:.2f} cores: measuring it again")
-                    run = run_once(framework, mode, number, settings, redis, workdir)
+                    run = _measure(framework, mode, number, settings, redis, workdir)
                     progress(_describe(run, settings.rounds))
                 runs.append(run)
     return runs
+
+
+def _measure(
+    framework: Framework, mode: str, number: int, settings: Settings, redis: RedisServer, workdir: Path
+) -> Run:
+    try:
+        return run_once(framework, mode, number, settings, redis, workdir)
+    except RuntimeError as error:
+        raise RuntimeError(f"{framework.name} {mode}, round {number + 1}: {error}") from error
 
 
 def _describe(run: Run, rounds: int) -> str:

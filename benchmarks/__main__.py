@@ -252,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             " pip install -r benchmarks/requirements.txt, or pass --no-peers"
         )
     rounds = args.rounds or (2 if quick else 4)
-    runs = rounds * sum(len(framework.modes(args.peers)) for framework in frameworks)
+    run_count = rounds * sum(len(framework.modes(args.peers)) for framework in frameworks)
     # Re-measuring up to a fifth of the runs (a tenth with --quick) keeps the suite bounded in time.
-    budget = runs // (10 if quick else 5)
+    budget = run_count // (10 if quick else 5)
     retries = Retries(budget, args.max_others)
     settings = Settings(
         rounds=rounds,

@@ -183,7 +183,7 @@ class PipelinedAdmission:
         self.sha = await self.client.script_load(ADMIT_SCRIPT)
 
     async def admit(self, authorization: str) -> int:
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.waiting.append((_admit_keys(authorization), future))
         if self.in_flight < IN_FLIGHT:
             self.in_flight += 1

@@ -3,7 +3,7 @@
 Starts its own redis-server and app servers on loopback ports, measures every framework bare, behind its
 peers (other libraries' middleware) and behind meterware in interleaved rounds (``benchmarks.throughput``),
 then the event pipeline and the rollup (``benchmarks.pipeline``), and prints the medians, the ratios to the
-bare app of the same round and the targets of issue 5 next to them. About 13 minutes by default, about 4
+bare app of the same round and the targets of issue 5 next to them. About 12 minutes by default, about 4
 with ``--quick``.
 """
 
@@ -204,7 +204,7 @@ def _wait_quiet(minutes: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 short rounds and a small pipeline (~3 min)")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds and a small pipeline (~4 min)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the HTTP variants (4)")
     parser.add_argument("--seconds", type=int, help="seconds of each measured wrk run (5)")
     parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up of each server (1)")
@@ -345,7 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "machine": facts,
                     "load_average": {"start": before, "end": after},
                     "others_cores": busy,
-                    "settings": {"rounds": settings.rounds, "seconds": settings.seconds, "events": events},
+                    "settings": {
+                        "rounds": settings.rounds,
+                        "seconds": settings.seconds,
+                        "events": events,
+                        "peers": settings.peers,
+                    },
                     "runs": [asdict(run) for run in runs],
                     "rows": [asdict(row) for row in rows],
                     "pipeline": [asdict(run) for run in pipeline_runs],

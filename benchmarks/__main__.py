@@ -252,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             " pip install -r benchmarks/requirements.txt, or pass --no-peers"
         )
     rounds = args.rounds or (2 if quick else 4)
-    run_count = rounds * sum(len(framework.modes(args.peers)) for framework in frameworks)
+    per_round = sum(len(framework.modes(args.peers)) for framework in frameworks)
     # Re-measuring up to a fifth of the runs (a tenth with --quick) keeps the suite bounded in time.
-    budget = run_count // (10 if quick else 5)
+    budget = rounds * per_round // (10 if quick else 5)
     retries = Retries(budget, args.max_others)
     settings = Settings(
         rounds=rounds,
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.skip_http:
             print(
-                f"HTTP: {settings.rounds} rounds of {settings.runs_per_round()} runs",
+                f"HTTP: {settings.rounds} rounds of {per_round} runs",
                 file=sys.stderr,
             )
             pin_process(server.process.pid, str(LOAD_CPU))

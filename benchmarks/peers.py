@@ -70,6 +70,8 @@ if left < 0 then
 end
 return left
 """
+#: The limit, a window of one second, a credit a call.
+ADMIT_ARGS = [RATE_LIMIT, 1, 1]
 RATE_LIMITED = -1
 NO_CREDITS = -2
 
@@ -154,9 +156,6 @@ def _admit_keys(authorization: str) -> list[str]:
     return [f"{RATE_PREFIX}{authorization}:{int(time.time())}", ACCOUNT_PREFIX + authorization]
 
 
-ADMIT_ARGS = [RATE_LIMIT, 1, 1]
-
-
 class PerCallAdmission:
     """One EVALSHA per call, awaited by the call (redis-py's registered script)."""
 
@@ -178,6 +177,8 @@ class PipelinedAdmission:
         self.sha = ""
         self.waiting: list[tuple[list[str], asyncio.Future[int]]] = []
         self.in_flight = 0
+        # The loop keeps only weak references to tasks.
+        self.senders: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.sha = await self.client.script_load(ADMIT_SCRIPT)
@@ -187,25 +188,29 @@ class PipelinedAdmission:
         self.waiting.append((_admit_keys(authorization), future))
         if self.in_flight < IN_FLIGHT:
             self.in_flight += 1
-            asyncio.get_running_loop().create_task(self._send())
+            sender = asyncio.get_running_loop().create_task(self._send())
+            self.senders.add(sender)
+            sender.add_done_callback(self.senders.discard)
         return await future
 
     async def _send(self) -> None:
+        """Send what is waiting, one round trip at a time, until nothing is."""
         try:
             while self.waiting:
                 batch, self.waiting = self.waiting, []
                 try:
-                    replies = await self._run(batch)
+                    replies: list[Any] = await self._run(batch)
                 except Exception as error:
-                    for _, future in batch:
-                        future.set_exception(error)
-                    continue
+                    replies = [error] * len(batch)
                 for (_, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its call was cancelled
+                        continue
                     if isinstance(reply, Exception):
                         future.set_exception(reply)
                     else:
                         future.set_result(int(reply))
         finally:
+            # In the same step as the last check of ``waiting``: a call queued after it starts a sender.
             self.in_flight -= 1
 
     async def _run(self, batch: list[tuple[list[str], asyncio.Future[int]]]) -> list[Any]:

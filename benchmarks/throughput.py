@@ -157,9 +157,6 @@ class Settings:
     #: Measure each framework's peers in the same rounds.
     peers: bool = True
 
-    def runs_per_round(self) -> int:
-        return sum(len(framework.modes(self.peers)) for framework in self.frameworks)
-
 
 @dataclass(frozen=True, slots=True)
 class Run:

@@ -1,9 +1,10 @@
 """Run the whole benchmark suite: ``python -m benchmarks [--quick]`` (see benchmarks/README.md).
 
-Starts its own redis-server and app servers on loopback ports, measures every framework bare and behind
-meterware in interleaved rounds (``benchmarks.throughput``), then the event pipeline and the rollup
-(``benchmarks.pipeline``), and prints the medians, the ratios to the bare app of the same round and the
-targets of issue 5 next to them. About 9 minutes by default, about 2 with ``--quick``.
+Starts its own redis-server and app servers on loopback ports, measures every framework bare, behind its
+peers (other libraries' middleware) and behind meterware in interleaved rounds (``benchmarks.throughput``),
+then the event pipeline and the rollup (``benchmarks.pipeline``), and prints the medians, the ratios to the
+bare app of the same round and the targets of issue 5 next to them. About 12 minutes by default, about 4
+with ``--quick``.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from benchmarks._harness import (
 )
 from benchmarks.apps import CONFIG, create_customer
 from benchmarks.pipeline import PipelineRun
-from benchmarks.throughput import FRAMEWORKS, MODES, REDIS_MODES, Row, Settings
+from benchmarks.throughput import FRAMEWORKS, REDIS_MODES, Row, Settings, missing_packages
 from meterware import Accounts, Config
 
 LABELS = {framework.name: framework.label for framework in FRAMEWORKS}
+PEER_LABELS = {peer.mode: peer.label for framework in FRAMEWORKS for peer in framework.peers}
 MODE_LABELS = {
     "bare": "bare",
     "memory": "+ meterware memory://",
@@ -58,21 +60,24 @@ def _ratio(value: float) -> str:
 
 def http_table(rows: Sequence[Row]) -> list[str]:
     lines = [
-        "| variant | req/s | x bare (range) | p99 ms | p99 x bare | server busy | Redis us/req | RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | req/s | x bare (range) | p99 ms | p99 x bare | server busy | server us/req added"
+        " | Redis us/req | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for framework in dict.fromkeys(row.framework for row in rows):
-        for row in (row for row in rows if row.framework == framework):
-            name = f"{LABELS[framework]} {MODE_LABELS[row.mode]}"
+    for framework in FRAMEWORKS:
+        mine = {row.mode: row for row in rows if row.framework == framework.name}
+        for row in (mine[mode] for mode in framework.modes(with_peers=True) if mode in mine):
+            name = f"{framework.label} {PEER_LABELS.get(row.mode) or MODE_LABELS[row.mode]}"
             ratio = f"{_ratio(row.ratio)} ({row.ratio_low:.2f}-{row.ratio_high:.2f})"
+            added = f"{row.server_us_added:+.0f}"
             if row.mode == "bare":
-                ratio = "1.00x"
+                ratio, added = "1.00x", ""
             if row.charged_ok is False:
-                name += " (NOT every call charged!)"
+                name += " (NOT every call counted in Redis!)"
             redis_us = "" if row.redis_us is None else f"{row.redis_us:.0f}"
             lines.append(
                 f"| {name} | {row.requests_per_second:,.0f} | {ratio} | {row.p99_ms:.2f} |"
-                f" {_ratio(row.p99_ratio)} | {row.server_busy:.0%} | {redis_us} |"
+                f" {_ratio(row.p99_ratio)} | {row.server_busy:.0%} | {added} | {redis_us} |"
                 f" {row.rss_start_mib:.1f} -> {row.rss_end_mib:.1f} |"
             )
     return lines
@@ -199,7 +204,7 @@ def _wait_quiet(minutes: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 short rounds and a small pipeline (~3 min)")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds and a small pipeline (~4 min)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the HTTP variants (4)")
     parser.add_argument("--seconds", type=int, help="seconds of each measured wrk run (5)")
     parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up of each server (1)")
@@ -209,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--frameworks",
         default=",".join(framework.name for framework in FRAMEWORKS),
         help="comma-separated subset of: %(default)s",
+    )
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the frameworks' peers (limits, Flask-Limiter...) in the same rounds (default: yes)",
     )
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
@@ -231,16 +242,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     quick = args.quick
-    # Re-measuring up to a fifth of the runs keeps the suite bounded in time.
-    budget = 3 if quick else 12
-    retries = Retries(budget, args.max_others)
     names = args.frameworks.split(",")
+    if unknown := set(names) - set(LABELS):
+        parser.error(f"unknown frameworks: {', '.join(sorted(unknown))}")
+    frameworks = tuple(framework for framework in FRAMEWORKS if framework.name in names)
+    if args.peers and not args.skip_http and (missing := missing_packages(frameworks)):
+        parser.error(
+            f"the peers need {', '.join(missing)}: run benchmarks/run (it installs them), or"
+            " pip install -r benchmarks/requirements.txt, or pass --no-peers"
+        )
+    rounds = args.rounds or (2 if quick else 4)
+    per_round = sum(len(framework.modes(args.peers)) for framework in frameworks)
+    # Re-measuring up to a fifth of the runs (a tenth with --quick) keeps the suite bounded in time.
+    budget = rounds * per_round // (10 if quick else 5)
+    retries = Retries(budget, args.max_others)
     settings = Settings(
-        rounds=args.rounds or (2 if quick else 4),
+        rounds=rounds,
         seconds=args.seconds or (2 if quick else 5),
         warmup=args.warmup or 1,
-        frameworks=tuple(framework for framework in FRAMEWORKS if framework.name in names),
+        frameworks=frameworks,
         retries=retries,
+        peers=args.peers,
     )
     events = args.events or (20_000 if quick else 100_000)
     pipeline_rounds = args.pipeline_rounds or (1 if quick else 3)
@@ -266,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.skip_http:
             print(
-                f"HTTP: {settings.rounds} rounds of {len(settings.frameworks) * len(MODES)} runs",
+                f"HTTP: {settings.rounds} rounds of {per_round} runs",
                 file=sys.stderr,
             )
             pin_process(server.process.pid, str(LOAD_CPU))
@@ -323,7 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "machine": facts,
                     "load_average": {"start": before, "end": after},
                     "others_cores": busy,
-                    "settings": {"rounds": settings.rounds, "seconds": settings.seconds, "events": events},
+                    "settings": {
+                        "rounds": settings.rounds,
+                        "seconds": settings.seconds,
+                        "events": events,
+                        "peers": settings.peers,
+                    },
                     "runs": [asdict(run) for run in runs],
                     "rows": [asdict(row) for row in rows],
                     "pipeline": [asdict(run) for run in pipeline_runs],

@@ -60,6 +60,9 @@ LIBRARIES = (
     "msgpack",
     "prometheus-client",
     "py-spy",
+    "limits",
+    "flask-limiter",
+    "prometheus-fastapi-instrumentator",
 )
 
 

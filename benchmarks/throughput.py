@@ -7,20 +7,27 @@ core, and stops it with SIGTERM (so it drains its events the way it would in pro
 * ``bare``: the app alone;
 * ``memory``: behind meterware on ``memory://`` (everything in the server process, rollup included);
 * ``strict``: behind meterware on Redis: every call admitted by one atomic script in Redis, its event
-  flushed to Redis; afterwards the customer's balance must show every served call charged.
+  flushed to Redis; afterwards the customer's balance must show every served call charged;
+* ``lease``: the same, the calls reserved in blocks;
+* the framework's peers (``benchmarks.peers``, ``benchmarks.wsgi_apps.flask_limiter``): the app behind
+  another library's middleware; afterwards Redis must show a script run for every served call, and the
+  reference's accounts and stream every served call charged and recorded.
 
 The order of the modes rotates from round to round, so no mode always runs first or last.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import peers
 from benchmarks._harness import (
     OthersClock,
     RedisServer,
@@ -42,6 +49,58 @@ CONNECTIONS = 32
 
 
 @dataclass(frozen=True, slots=True)
+class Peer:
+    """The framework's app behind another library's middleware, measured in the same rounds."""
+
+    #: Its name among the modes of a round.
+    mode: str
+    #: What the table says after the framework's name.
+    label: str
+    #: ``module:function``, the app factory.
+    factory: str
+    #: The module it needs installed (``benchmarks/requirements.txt``), or "".
+    needs: str = ""
+    #: Served with the suite's Redis: its Redis CPU is measured and every answered call must have run a
+    #: script there.
+    redis: bool = False
+    #: The reference: its accounts must show every answered call charged, its stream every call recorded.
+    reference: bool = False
+
+
+NOOP = Peer("noop", "+ pure-ASGI no-op middleware", "benchmarks.peers:starlette_noop")
+LIMITS = Peer(
+    "limits", "+ limits (fixed window, Redis)", "benchmarks.peers:starlette_limits", "limits", redis=True
+)
+REFERENCE = Peer(
+    "reference",
+    "+ reference: EVALSHA per call + batched XADD",
+    "benchmarks.peers:starlette_reference",
+    redis=True,
+    reference=True,
+)
+PIPELINED = Peer(
+    "pipelined",
+    "+ reference: EVALSHAs pipelined + batched XADD",
+    "benchmarks.peers:starlette_reference_pipelined",
+    redis=True,
+    reference=True,
+)
+INSTRUMENTATOR = Peer(
+    "instrumentator",
+    "+ prometheus-fastapi-instrumentator",
+    "benchmarks.peers:fastapi_instrumentator",
+    "prometheus_fastapi_instrumentator",
+)
+FLASK_LIMITER = Peer(
+    "flask-limiter",
+    "+ Flask-Limiter (fixed window, Redis)",
+    "benchmarks.wsgi_apps:flask_limiter",
+    "flask_limiter",
+    redis=True,
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Framework:
     name: str
     label: str
@@ -49,8 +108,19 @@ class Framework:
     apps: str
     #: "uvicorn", or the gunicorn worker class ("sync", "gthread").
     server: str
+    peers: tuple[Peer, ...] = ()
+
+    def modes(self, with_peers: bool) -> tuple[str, ...]:
+        """The modes of a round: the bare app, the peers, meterware's modes."""
+        peer_modes = tuple(peer.mode for peer in self.peers) if with_peers else ()
+        return (MODES[0], *peer_modes, *MODES[1:])
+
+    def peer(self, mode: str) -> Peer | None:
+        return next((peer for peer in self.peers if peer.mode == mode), None)
 
     def factory(self, mode: str) -> str:
+        if peer := self.peer(mode):
+            return peer.factory
         return f"{self.apps}_{'bare' if mode == 'bare' else 'metered'}"
 
     def serve(self, mode: str, env: dict[str, str], threads: int) -> Server:
@@ -60,11 +130,19 @@ class Framework:
 
 
 FRAMEWORKS = (
-    Framework("starlette", "Starlette", "benchmarks.apps:starlette", "uvicorn"),
-    Framework("fastapi", "FastAPI", "benchmarks.apps:fastapi", "uvicorn"),
-    Framework("flask-sync", "Flask sync", "benchmarks.wsgi_apps:flask", "sync"),
-    Framework("flask-gthread", "Flask gthread", "benchmarks.wsgi_apps:flask", "gthread"),
+    Framework(
+        "starlette", "Starlette", "benchmarks.apps:starlette", "uvicorn", (NOOP, LIMITS, REFERENCE, PIPELINED)
+    ),
+    Framework("fastapi", "FastAPI", "benchmarks.apps:fastapi", "uvicorn", (INSTRUMENTATOR,)),
+    Framework("flask-sync", "Flask sync", "benchmarks.wsgi_apps:flask", "sync", (FLASK_LIMITER,)),
+    Framework("flask-gthread", "Flask gthread", "benchmarks.wsgi_apps:flask", "gthread", (FLASK_LIMITER,)),
 )
+
+
+def missing_packages(frameworks: Sequence[Framework]) -> list[str]:
+    """The modules the peers of ``frameworks`` need that are not installed."""
+    needed = {peer.needs for framework in frameworks for peer in framework.peers if peer.needs}
+    return sorted(name for name in needed if importlib.util.find_spec(name) is None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +154,8 @@ class Settings:
     threads: int = 4
     frameworks: tuple[Framework, ...] = FRAMEWORKS
     retries: Retries = field(default_factory=lambda: Retries(0, 1.0))
+    #: Measure each framework's peers in the same rounds.
+    peers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +170,7 @@ class Run:
     rss_start_mib: float
     rss_end_mib: float
     #: Strict mode: calls the customer was charged for, and calls wrk saw answered (warm-up included).
+    #: The reference peers: credits their accounts lost (one a call).
     charged: int | None = None
     answered: int = 0
     #: CPU used by other processes during the measured run, in cores (a shared machine's noise).
@@ -98,12 +179,20 @@ class Run:
     server_busy: float = 0.0
     #: Strict mode: CPU microseconds Redis spent per request during the measured run.
     redis_us: float | None = None
+    #: Redis-backed peers: scripts Redis ran while the server lived (at least one per answered call).
+    scripts: int | None = None
+    #: The reference peers: usage events in their stream after the server stopped.
+    streamed: int | None = None
+    #: CPU microseconds the serving process spent per request during the measured run.
+    server_us: float = 0.0
 
 
 def run_once(
     framework: Framework, mode: str, number: int, settings: Settings, redis: RedisServer, workdir: Path
 ) -> Run:
     """Serve, check, warm up, measure and stop one server of ``framework`` in ``mode``."""
+    peer = framework.peer(mode)
+    uses_redis = mode in REDIS_MODES or (peer is not None and peer.redis)
     storage = redis.url if mode in REDIS_MODES else "memory://"
     assert redis.process is not None
     config = workdir / f"{mode}.toml"
@@ -113,13 +202,19 @@ def run_once(
     if mode in REDIS_MODES:
         accounts = Accounts.open(Config.from_file(config))
         customer, key = create_customer(accounts)
-    env = child_env(METERWARE_CONFIG=str(config))
+    if peer is not None:
+        key = f"bench-{uuid.uuid4().hex[:12]}"
+        if peer.reference:
+            peers.open_account(redis.url, f"Bearer {key}")
+    scripts_before = peers.scripts_run(redis.url) if peer is not None and peer.redis else 0
+    env = child_env(METERWARE_CONFIG=str(config), BENCH_REDIS_URL=redis.url)
     server = framework.serve(mode, env, settings.threads)
     try:
         if mode == "memory":
             key = server.get("/bench/key")[2]
         status, headers, body = server.get("/v1/hello", key)
-        if status != 200 or ("ratelimit" in headers) != (mode != "bare"):
+        metered = mode in MODES[1:]
+        if status != 200 or ("ratelimit" in headers) != metered:
             raise RuntimeError(f"{framework.name} {mode}: unexpected first answer {status} {headers} {body}")
         warm = wrk(server.url("/v1/hello"), settings.warmup, key=key, connections=CONNECTIONS)
         rss_start = rss_mib(server.pid)
@@ -131,12 +226,17 @@ def run_once(
         rss_end = rss_mib(server.pid)
     finally:
         server.stop()
-    charged = None
+    charged = streamed = scripts = None
     if accounts is not None and customer is not None:
         charged = CREDITS_MICROS - accounts.balance(customer).balance
         accounts.close()
+    if peer is not None and peer.redis:
+        scripts = peers.scripts_run(redis.url) - scripts_before
+    if peer is not None and peer.reference:
+        charged = peers.spent(redis.url, f"Bearer {key}")
+        streamed = peers.take_streamed(redis.url)
     answered = 1 + warm.requests + result.requests
-    redis_us = storing / result.requests * 1e6 if mode in REDIS_MODES else None
+    redis_us = storing / result.requests * 1e6 if uses_redis else None
     return Run(
         framework.name,
         mode,
@@ -149,6 +249,9 @@ def run_once(
         others_cores,
         serving / elapsed,
         redis_us,
+        scripts,
+        streamed,
+        serving / result.requests * 1e6,
     )
 
 
@@ -158,25 +261,34 @@ def run_rounds(
     """Every (framework, mode) once per round; the modes' order rotates from round to round."""
     runs: list[Run] = []
     for number in range(settings.rounds):
-        shift = number % len(MODES)
-        modes = MODES[shift:] + MODES[:shift]
         for framework in settings.frameworks:
-            for mode in modes:
+            modes = framework.modes(settings.peers)
+            shift = number % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
                 attempt = 0
-                run = run_once(framework, mode, number, settings, redis, workdir)
+                run = _measure(framework, mode, number, settings, redis, workdir)
                 progress(_describe(run, settings.rounds))
                 while settings.retries.again(run.others_cores, attempt):
                     attempt += 1
                     progress(f"other processes used {run.others_cores:.2f} cores: measuring it again")
-                    run = run_once(framework, mode, number, settings, redis, workdir)
+                    run = _measure(framework, mode, number, settings, redis, workdir)
                     progress(_describe(run, settings.rounds))
                 runs.append(run)
     return runs
 
 
+def _measure(
+    framework: Framework, mode: str, number: int, settings: Settings, redis: RedisServer, workdir: Path
+) -> Run:
+    try:
+        return run_once(framework, mode, number, settings, redis, workdir)
+    except RuntimeError as error:
+        raise RuntimeError(f"{framework.name} {mode}, round {number + 1}: {error}") from error
+
+
 def _describe(run: Run, rounds: int) -> str:
     text = (
-        f"round {run.round + 1}/{rounds} {run.framework:<13} {run.mode:<7}"
+        f"round {run.round + 1}/{rounds} {run.framework:<13} {run.mode:<14}"
         f" {run.result.requests_per_second:>9,.0f} req/s  p99 {run.result.p99_ms:6.2f} ms"
         f"  RSS {run.rss_start_mib:.1f} -> {run.rss_end_mib:.1f} MiB  server busy {run.server_busy:.0%}"
         f"  others {run.others_cores:.2f} cores"
@@ -185,6 +297,10 @@ def _describe(run: Run, rounds: int) -> str:
         text += f"  Redis {run.redis_us:.0f} us/request"
     if run.charged is not None:
         text += f"  charged {run.charged:,} of {run.answered:,} answered"
+    if run.streamed is not None:
+        text += f"  {run.streamed:,} events streamed"
+    if run.scripts is not None:
+        text += f"  {run.scripts:,} scripts run"
     return text
 
 
@@ -203,13 +319,16 @@ class Row:
     p99_ratio: float
     rss_start_mib: float
     rss_end_mib: float
-    #: Strict mode: whether every answered call was charged (a few more may be: requests in flight
-    #: when wrk stopped are answered to no one).
+    #: Whether Redis shows every answered call done (a few more may be: requests in flight when wrk
+    #: stopped are answered to no one): charged (strict, lease, the reference), recorded in the stream
+    #: (the reference), a script run (the Redis-backed peers). None where nothing is checked.
     charged_ok: bool | None
     #: The most CPU other processes used during one of the runs, in cores.
     others_max: float
     server_busy: float
     redis_us: float | None
+    #: Server CPU per request beyond the bare app's in the same round, in microseconds.
+    server_us_added: float
 
 
 def summarize(runs: Sequence[Run]) -> list[Row]:
@@ -221,7 +340,8 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
         pairs = [(run, by_key[(framework, "bare", run.round)]) for run in mine]
         ratios = [run.result.requests_per_second / bare.result.requests_per_second for run, bare in pairs]
         p99_ratios = [run.result.p99_ms / bare.result.p99_ms for run, bare in pairs]
-        charged = [run for run in mine if run.charged is not None]
+        added = [run.server_us - bare.server_us for run, bare in pairs]
+        checked = [run for run in mine if run.charged is not None or run.scripts is not None]
         rows.append(
             Row(
                 framework,
@@ -235,10 +355,11 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
                 statistics.median(p99_ratios),
                 statistics.median(run.rss_start_mib for run in mine),
                 statistics.median(run.rss_end_mib for run in mine),
-                all(_charged_ok(run) for run in charged) if charged else None,
+                all(_charged_ok(run) for run in checked) if checked else None,
                 max(run.others_cores for run in mine),
                 statistics.median(run.server_busy for run in mine),
                 statistics.median(redis_us) if (redis_us := _redis_us(mine)) else None,
+                statistics.median(added),
             )
         )
     return rows
@@ -249,9 +370,10 @@ def _redis_us(runs: Sequence[Run]) -> list[float]:
 
 
 def _charged_ok(run: Run) -> bool:
-    assert run.charged is not None
     # Each wrk run may leave one request per connection answered after it stopped counting.
-    return run.answered <= run.charged <= run.answered + 2 * CONNECTIONS
+    counts = [count for count in (run.charged, run.streamed) if count is not None]
+    exact = all(run.answered <= count <= run.answered + 2 * CONNECTIONS for count in counts)
+    return exact and (run.scripts is None or run.scripts >= run.answered)
 
 
 if __name__ == "__main__":

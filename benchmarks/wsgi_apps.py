@@ -1,4 +1,5 @@
-"""The Flask apps the benchmarks serve: the same trivial JSON endpoint, bare and behind meterware.
+"""The Flask apps the benchmarks serve: the same trivial JSON endpoint, bare, behind meterware, and
+behind Flask-Limiter (a peer).
 
 Factories, for gunicorn's ``module:factory()``; ``benchmarks.apps`` says what ``/bench/key`` is for.
 """
@@ -34,5 +35,21 @@ def flask_metered() -> Flask:
 
     app.wsgi_app = WSGIMeteringMiddleware(  # type: ignore[method-assign]
         app.wsgi_app, config=os.environ["METERWARE_CONFIG"]
+    )
+    return app
+
+
+def flask_limiter() -> Flask:
+    """The bare app behind Flask-Limiter: a fixed window of 1,000,000/second per Authorization header, on
+    the suite's Redis (``BENCH_REDIS_URL``): one script in Redis per call, 429 when over."""
+    from flask import request
+    from flask_limiter import Limiter
+
+    app = flask_bare()
+    Limiter(
+        lambda: request.headers["Authorization"],
+        app=app,
+        default_limits=["1000000/second"],
+        storage_uri=os.environ["BENCH_REDIS_URL"],
     )
     return app

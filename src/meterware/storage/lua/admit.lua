@@ -40,38 +40,16 @@ local SCRIPT_REFUSED, STALE = -1, -2
 -- per run, each call sees what the calls before it admitted (kept here), and the writes wait for the end
 -- of the run, one command per key. Every call is still decided exactly as if it ran alone, in order.
 local now = now_ms()
-local replies_read = {}   -- a read's key and fields -> {reply, error}
+local replies_read = {}   -- what a read returned: by its key (and meter), {reply, error}
 local fields = {}         -- "key\nfield" -> a counter field the run moves: {key, field, raw, net}
 local field_order = {}
 local tats = {}           -- rate key -> the TAT the run left (its admissions' are written at the end)
-local writes = {}         -- per command, key -> its arguments, in the order the run came to each key
-local write_order = {}
+local expire_at = {}      -- quota key -> the EXPIREAT of the run's last admission holding units in it
+local reservations = {}   -- {reservations key, deadlines key, HSET arguments, ZADD arguments}, per pair
 
--- Note a write for the end of the run: `append` adds arguments to the key's, else they replace them.
-local function write(command, key, append, ...)
-  local by_key = writes[command]
-  if not by_key then
-    by_key = {}
-    writes[command] = by_key
-  end
-  local args = by_key[key]
-  if not args then
-    args = {}
-    by_key[key] = args
-    write_order[#write_order + 1] = {command, key}
-  elseif not append then
-    for i = #args, 1, -1 do
-      args[i] = nil
-    end
-  end
-  for _, value in ipairs({...}) do
-    args[#args + 1] = value
-  end
-end
-
--- A read of this run, made once (nothing the run writes before its end changes what it returned).
-local function read_once(kind, command, key, ...)
-  local id = table.concat({key, ...}, '\n')
+-- A read of this run, made once (nothing the run writes before its end changes what it returned): `id`
+-- names it, `key` or `key .. meter`.
+local function read_once(id, kind, command, key, ...)
   local known = replies_read[id]
   if not known then
     local reply, refused = read(kind, command, key, ...)
@@ -169,12 +147,12 @@ local function reply(d, allowed, reason, retry, reserved, left, granted)
 end
 
 local function admit(KEYS, ARGV, unsettled)
-  local key, refused = read_once('hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
+  local key, refused = read_once(KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
   local account
-  account, refused = read_once('hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
+  account, refused = read_once(KEYS[CUSTOMER], 'hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
@@ -210,7 +188,7 @@ local function admit(KEYS, ARGV, unsettled)
     pos = pos + 2
     local rate_key = KEYS[FIRST_RATE - 1 + i]
     local stored
-    stored, refused = read_once('string', 'GET', rate_key)
+    stored, refused = read_once(rate_key, 'string', 'GET', rate_key)
     if refused then
       return {SCRIPT_REFUSED, refused}
     end
@@ -218,10 +196,9 @@ local function admit(KEYS, ARGV, unsettled)
     stored = tats[rate_key] or tonumber(stored)
     local tat = (stored and stored == stored) and math.max(stored, now) or now
     if tat > now + seconds * 1000 then
-      -- Never written so (a TAT is at most one period ahead): clamped, and repaired (the one write before
-      -- a check, and what any admission would write), so the limit recovers within one period.
+      -- Never written so (a TAT is at most one period ahead): clamped, and repaired at the end of the run
+      -- (what any admission would write), so the limit recovers within one period.
       tat = now + seconds * 1000
-      redis.call('SET', rate_key, string.format('%.17g', tat), 'PX', int(seconds * 1000))
       tats[rate_key] = tat
     end
     limits[i] = {key = rate_key, period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
@@ -231,7 +208,7 @@ local function admit(KEYS, ARGV, unsettled)
   for i = 1, tonumber(ARGV[pos]) do
     local meter = ARGV[pos + 1]
     local counts
-    counts, refused = read_once('hash', 'HMGET', KEYS[QUOTA], meter .. ':u', meter .. ':h')
+    counts, refused = read_once(KEYS[QUOTA] .. '\n' .. meter, 'hash', 'HMGET', KEYS[QUOTA], meter .. ':u', meter .. ':h')
     local held_field = counts and field_of(KEYS[QUOTA], meter .. ':h', counts[2])
     refused = refused or bad_counter(KEYS[QUOTA], meter .. ':u', counts[1], 0)
       or bad_counter(KEYS[QUOTA], meter .. ':h', current(held_field), 0)
@@ -312,7 +289,6 @@ local function admit(KEYS, ARGV, unsettled)
   -- Admitted: what it writes joins the run's writes.
   for _, entry in ipairs(d.new_tats) do
     tats[entry[1]] = entry[2]
-    write('SET', entry[1], false, entry[2])
   end
   local record = ARGV[RECORD_HEAD] .. ' ' .. int(credits)
   for i, term in ipairs(terms) do
@@ -320,12 +296,21 @@ local function admit(KEYS, ARGV, unsettled)
     record = record .. ' ' .. term.meter .. ' ' .. int(d.holds[i])
   end
   if holds_any then
-    write('EXPIREAT', KEYS[QUOTA], false, ARGV[QUOTA_EXPIRE_AT])
+    expire_at[KEYS[QUOTA]] = ARGV[QUOTA_EXPIRE_AT]
   end
   reserved_field.net = reserved_field.net + credits
   if credits ~= 0 or holds_any then
-    write('HSET', KEYS[RESERVATIONS], true, ARGV[RESERVATION_ID], record)
-    write('ZADD', KEYS[DEADLINES], true, int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), ARGV[RESERVATION_ID])
+    local id = KEYS[RESERVATIONS] .. '\n' .. KEYS[DEADLINES]
+    local pending = reservations[id]
+    if not pending then
+      pending = {KEYS[RESERVATIONS], KEYS[DEADLINES], {}, {}}
+      reservations[id] = pending
+    end
+    local records, deadlines = pending[3], pending[4]
+    records[#records + 1] = ARGV[RESERVATION_ID]
+    records[#records + 1] = record
+    deadlines[#deadlines + 1] = int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS]))
+    deadlines[#deadlines + 1] = ARGV[RESERVATION_ID]
   end
   return reply(d, 1, '', 0, credits, available - credits, n)
 end
@@ -373,16 +358,18 @@ for _, entry in ipairs(field_order) do
     redis.call('HINCRBY', entry.key, entry.field, int(entry.net))
   end
 end
-for _, at in ipairs(write_order) do
-  local command, key = at[1], at[2]
-  local args = writes[command][key]
-  if command == 'SET' then
-    -- %.17g keeps the float exactly; the key is worthless once the TAT has passed. A TAT within a float's
-    -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
-    local tat = args[1]
-    redis.call('SET', key, string.format('%.17g', tat), 'PX', int(math.max(1, math.ceil(tat - now))))
-  else
-    -- In slices: Lua's unpack takes a few thousand values at most.
+for quota_key, at in pairs(expire_at) do
+  redis.call('EXPIREAT', quota_key, at)
+end
+for rate_key, tat in pairs(tats) do
+  -- %.17g keeps the float exactly; the key is worthless once the TAT has passed. A TAT within a float's
+  -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
+  redis.call('SET', rate_key, string.format('%.17g', tat), 'PX', int(math.max(1, math.ceil(tat - now))))
+end
+for _, pending in pairs(reservations) do
+  -- In slices: Lua's unpack takes a few thousand values at most.
+  for _, write in ipairs({{'HSET', pending[1], pending[3]}, {'ZADD', pending[2], pending[4]}}) do
+    local command, key, args = write[1], write[2], write[3]
     for first = 1, #args, 1000 do
       redis.call(command, key, unpack(args, first, math.min(first + 999, #args)))
     end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -10,10 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "Retries",
     "Server",
     "WrkResult",
+    "checkout",
     "child_env",
     "cpu_seconds",
     "cpu_times",
@@ -88,10 +91,37 @@ def pin_process(pid: int, cpus: str) -> None:
         subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True)
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a server process: this tree's code first, whatever is installed."""
-    path = os.pathsep.join(filter(None, [str(SRC), str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1", **extra}
+def child_env(src: Path = SRC, **extra: str) -> dict[str, str]:
+    """The environment of a server process: the meterware of ``src`` (this tree's by default) and this
+    tree's benchmarks first, whatever is installed."""
+    path = os.pathsep.join(filter(None, [str(src), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "BENCH_METERWARE_SRC": str(src),
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def checkout(revision: str) -> Iterator[tuple[str, Path]]:
+    """A temporary ``git worktree`` of ``revision`` of this repository: its short hash and its ``src/``."""
+    short = _git("rev-parse", "--short", f"{revision}^{{commit}}")
+    tree = Path(tempfile.mkdtemp(prefix=f"mw-baseline-{short}-"))
+    _git("worktree", "add", "--detach", str(tree), short)
+    try:
+        yield short, tree / "src"
+    finally:
+        _git("worktree", "remove", "--force", str(tree))
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
 
 
 # -- wrk ---------------------------------------------------------------------------------------------

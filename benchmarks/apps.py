@@ -3,6 +3,8 @@
 Factories, for ``uvicorn --factory``: the metered ones read ``METERWARE_CONFIG`` (written by the suite).
 ``/bench/key`` (excluded from metering) creates a customer with effectively unlimited credits and quota
 inside the server process and returns its key: a ``memory://`` store lives in the process that serves.
+``/bench/where`` (excluded too) answers the path of the meterware the server imported, which the suite
+checks before it measures (``--baseline`` serves another revision's).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from tests.helpers import new_customer
 
+import meterware
 from meterware import Accounts, Config, MeteringMiddleware
 
 #: The plan of the benchmark customer: a rate limit, a hard quota and prepaid credits, all checked on
@@ -69,6 +72,10 @@ async def new_key(request: Request) -> PlainTextResponse:
     return PlainTextResponse(key)
 
 
+async def where(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(meterware.__file__))
+
+
 def starlette_bare() -> Starlette:
     return Starlette(routes=[Route("/v1/hello", hello)])
 
@@ -87,7 +94,8 @@ def starlette_busy() -> Starlette:
 
 
 def starlette_metered() -> Starlette:
-    app = Starlette(routes=[Route("/v1/hello", hello), Route("/bench/key", new_key)])
+    routes = [Route("/v1/hello", hello), Route("/bench/key", new_key), Route("/bench/where", where)]
+    app = Starlette(routes=routes)
     app.add_middleware(MeteringMiddleware, config=os.environ["METERWARE_CONFIG"])
     return app
 
@@ -105,5 +113,6 @@ def fastapi_bare() -> FastAPI:
 def fastapi_metered() -> FastAPI:
     app = fastapi_bare()
     app.add_api_route("/bench/key", new_key, response_class=PlainTextResponse)
+    app.add_api_route("/bench/where", where, response_class=PlainTextResponse)
     app.add_middleware(MeteringMiddleware, config=os.environ["METERWARE_CONFIG"])
     return app

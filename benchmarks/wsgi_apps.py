@@ -10,6 +10,7 @@ import os
 
 from flask import Flask
 
+import meterware
 from benchmarks.apps import create_customer
 from meterware import Accounts, Config
 from meterware.wsgi import WSGIMeteringMiddleware
@@ -32,6 +33,10 @@ def flask_metered() -> Flask:
     def new_key() -> str:
         _, key = create_customer(Accounts.open(Config.load(os.environ["METERWARE_CONFIG"])))
         return key
+
+    @app.get("/bench/where")
+    def where() -> str:
+        return str(meterware.__file__)
 
     app.wsgi_app = WSGIMeteringMiddleware(  # type: ignore[method-assign]
         app.wsgi_app, config=os.environ["METERWARE_CONFIG"]

@@ -4,12 +4,14 @@ Starts its own redis-server and app servers on loopback ports, measures every fr
 peers (other libraries' middleware) and behind meterware in interleaved rounds (``benchmarks.throughput``),
 then the event pipeline and the rollup (``benchmarks.pipeline``), and prints the medians, the ratios to the
 bare app of the same round and the targets of issue 5 next to them. About 12 minutes by default, about 4
-with ``--quick``.
+with ``--quick``. ``--baseline REV`` adds meterware's modes served by another revision's ``src/`` to the
+same rounds (a before/after table from one run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -18,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks import pipeline, throughput
@@ -28,6 +30,7 @@ from benchmarks._harness import (
     RedisServer,
     Retries,
     Server,
+    checkout,
     child_env,
     load_average,
     machine,
@@ -37,7 +40,7 @@ from benchmarks._harness import (
 )
 from benchmarks.apps import CONFIG, create_customer
 from benchmarks.pipeline import PipelineRun
-from benchmarks.throughput import FRAMEWORKS, REDIS_MODES, Row, Settings, missing_packages
+from benchmarks.throughput import FRAMEWORKS, REDIS_MODES, Baseline, Row, Settings, missing_packages
 from meterware import Accounts, Config
 
 LABELS = {framework.name: framework.label for framework in FRAMEWORKS}
@@ -58,7 +61,13 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}x"
 
 
-def http_table(rows: Sequence[Row]) -> list[str]:
+def _label(mode: str) -> str:
+    kind, _, revision = mode.partition("@")
+    label = PEER_LABELS.get(kind) or MODE_LABELS[kind]
+    return f"{label} @{revision}" if revision else label
+
+
+def http_table(rows: Sequence[Row], baseline: str = "") -> list[str]:
     lines = [
         "| variant | req/s | x bare (range) | p99 ms | p99 x bare | server busy | server us/req added"
         " | Redis us/req | RSS MiB |",
@@ -66,8 +75,8 @@ def http_table(rows: Sequence[Row]) -> list[str]:
     ]
     for framework in FRAMEWORKS:
         mine = {row.mode: row for row in rows if row.framework == framework.name}
-        for row in (mine[mode] for mode in framework.modes(with_peers=True) if mode in mine):
-            name = f"{framework.label} {PEER_LABELS.get(row.mode) or MODE_LABELS[row.mode]}"
+        for row in (mine[mode] for mode in framework.modes(True, baseline) if mode in mine):
+            name = f"{framework.label} {_label(row.mode)}"
             ratio = f"{_ratio(row.ratio)} ({row.ratio_low:.2f}-{row.ratio_high:.2f})"
             added = f"{row.server_us_added:+.0f}"
             if row.mode == "bare":
@@ -221,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=True,
         help="measure the frameworks' peers (limits, Flask-Limiter...) in the same rounds (default: yes)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure meterware's modes served by REV's src/ (a temporary git worktree), in the same"
+        " rounds, with this checkout's apps and configuration",
+    )
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--soak", type=int, default=0, help="then a Starlette strict run this long (RSS)")
@@ -252,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             " pip install -r benchmarks/requirements.txt, or pass --no-peers"
         )
     rounds = args.rounds or (2 if quick else 4)
-    per_round = sum(len(framework.modes(args.peers)) for framework in frameworks)
+    per_round = sum(len(framework.modes(args.peers, args.baseline or "")) for framework in frameworks)
     # Re-measuring up to a fifth of the runs (a tenth with --quick) keeps the suite bounded in time.
     budget = rounds * per_round // (10 if quick else 5)
     retries = Retries(budget, args.max_others)
@@ -282,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = RedisServer().start()
     assert server.process is not None
     rows: list[Row] = []
+    revision = ""
     runs: list[throughput.Run] = []
     pipeline_runs: list[PipelineRun] = []
     extra: list[str] = []
@@ -292,7 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             pin_process(server.process.pid, str(LOAD_CPU))
-            runs = throughput.run_rounds(settings, server, workdir, _progress)
+            with contextlib.ExitStack() as stack:
+                if args.baseline:
+                    revision, src = stack.enter_context(checkout(args.baseline))
+                    print(f"baseline: the meterware of {revision}, from {src}", file=sys.stderr)
+                    settings = replace(settings, baseline=Baseline(revision, src))
+                runs = throughput.run_rounds(settings, server, workdir, _progress)
             rows = throughput.summarize(runs)
         if not args.skip_pipeline:
             print(f"pipeline: {pipeline_rounds} rounds of {events:,} events", file=sys.stderr)
@@ -317,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" other processes used {noise:.2f} cores during the median run,"
             f" {max(row.others_max for row in rows):.2f} at most"
         )
-        print("\n".join(http_table(rows)))
+        print("\n".join(http_table(rows, revision)))
         print()
     if result is not None:
         print(
@@ -350,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "seconds": settings.seconds,
                         "events": events,
                         "peers": settings.peers,
+                        "baseline": revision or None,
                     },
                     "runs": [asdict(run) for run in runs],
                     "rows": [asdict(row) for row in rows],

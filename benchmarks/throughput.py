@@ -11,7 +11,10 @@ core, and stops it with SIGTERM (so it drains its events the way it would in pro
 * ``lease``: the same, the calls reserved in blocks;
 * the framework's peers (``benchmarks.peers``, ``benchmarks.wsgi_apps.flask_limiter``): the app behind
   another library's middleware; afterwards Redis must show a script run for every served call, and the
-  reference's accounts and stream every served call charged and recorded.
+  reference's accounts and stream every served call charged and recorded;
+* with ``--baseline REV``, ``memory@REV``, ``strict@REV`` and ``lease@REV``: meterware's modes again, the
+  same apps and configuration of this checkout, but the servers import meterware from ``REV``'s ``src/``
+  (checked before measuring) and the customer is created and read by that meterware too.
 
 The order of the modes rotates from round to round, so no mode always runs first or last.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -27,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import peers
+from benchmarks import ROOT, SRC, peers
 from benchmarks._harness import (
     OthersClock,
     RedisServer,
@@ -39,8 +43,7 @@ from benchmarks._harness import (
     rss_mib,
     wrk,
 )
-from benchmarks.apps import CONFIG, CREDITS_MICROS, create_customer
-from meterware import Accounts, Config
+from benchmarks.apps import CONFIG
 
 MODES = ("bare", "memory", "strict", "lease")
 #: Modes served by Redis (their customer lives there; wrk's calls must all be charged).
@@ -110,10 +113,11 @@ class Framework:
     server: str
     peers: tuple[Peer, ...] = ()
 
-    def modes(self, with_peers: bool) -> tuple[str, ...]:
-        """The modes of a round: the bare app, the peers, meterware's modes."""
+    def modes(self, with_peers: bool, baseline: str = "") -> tuple[str, ...]:
+        """The modes of a round: the bare app, the peers, meterware's modes (then the baseline's)."""
         peer_modes = tuple(peer.mode for peer in self.peers) if with_peers else ()
-        return (MODES[0], *peer_modes, *MODES[1:])
+        baseline_modes = tuple(f"{mode}@{baseline}" for mode in MODES[1:]) if baseline else ()
+        return (MODES[0], *peer_modes, *MODES[1:], *baseline_modes)
 
     def peer(self, mode: str) -> Peer | None:
         return next((peer for peer in self.peers if peer.mode == mode), None)
@@ -146,6 +150,16 @@ def missing_packages(frameworks: Sequence[Framework]) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Baseline:
+    """Another revision's meterware (``--baseline``), measured in the same rounds."""
+
+    #: Its short commit hash: the suffix of its modes (``strict@32f2214``).
+    revision: str
+    #: The ``src/`` of its temporary worktree.
+    src: Path
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     rounds: int
     seconds: int
@@ -156,6 +170,10 @@ class Settings:
     retries: Retries = field(default_factory=lambda: Retries(0, 1.0))
     #: Measure each framework's peers in the same rounds.
     peers: bool = True
+    baseline: Baseline | None = None
+
+    def modes(self, framework: Framework) -> tuple[str, ...]:
+        return framework.modes(self.peers, self.baseline.revision if self.baseline else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,28 +210,32 @@ def run_once(
 ) -> Run:
     """Serve, check, warm up, measure and stop one server of ``framework`` in ``mode``."""
     peer = framework.peer(mode)
-    uses_redis = mode in REDIS_MODES or (peer is not None and peer.redis)
-    storage = redis.url if mode in REDIS_MODES else "memory://"
+    # "strict@32f2214": strict mode, served by the baseline's meterware.
+    kind, _, revision = mode.partition("@")
+    src = settings.baseline.src if revision and settings.baseline else SRC
+    uses_redis = kind in REDIS_MODES or (peer is not None and peer.redis)
+    storage = redis.url if kind in REDIS_MODES else "memory://"
     assert redis.process is not None
     config = workdir / f"{mode}.toml"
-    admission = "lease" if mode == "lease" else "strict"
+    admission = "lease" if kind == "lease" else "strict"
     config.write_text(CONFIG.format(storage=storage, spool=workdir / "spool", admission=admission))
-    accounts = customer = key = None
-    if mode in REDIS_MODES:
-        accounts = Accounts.open(Config.from_file(config))
-        customer, key = create_customer(accounts)
+    env = child_env(src, METERWARE_CONFIG=str(config), BENCH_REDIS_URL=redis.url)
+    customer = key = None
+    if kind in REDIS_MODES:
+        customer, key = _customers(env, "new").split()
     if peer is not None:
         key = f"bench-{uuid.uuid4().hex[:12]}"
         if peer.reference:
             peers.open_account(redis.url, f"Bearer {key}")
     scripts_before = peers.scripts_run(redis.url) if peer is not None and peer.redis else 0
-    env = child_env(METERWARE_CONFIG=str(config), BENCH_REDIS_URL=redis.url)
     server = framework.serve(mode, env, settings.threads)
     try:
-        if mode == "memory":
+        metered = kind in MODES[1:]
+        if metered:
+            _check_serves(server, src)
+        if kind == "memory":
             key = server.get("/bench/key")[2]
         status, headers, body = server.get("/v1/hello", key)
-        metered = mode in MODES[1:]
         if status != 200 or ("ratelimit" in headers) != metered:
             raise RuntimeError(f"{framework.name} {mode}: unexpected first answer {status} {headers} {body}")
         warm = wrk(server.url("/v1/hello"), settings.warmup, key=key, connections=CONNECTIONS)
@@ -227,9 +249,8 @@ def run_once(
     finally:
         server.stop()
     charged = streamed = scripts = None
-    if accounts is not None and customer is not None:
-        charged = CREDITS_MICROS - accounts.balance(customer).balance
-        accounts.close()
+    if customer is not None:
+        charged = int(_customers(env, "charged", customer))
     if peer is not None and peer.redis:
         scripts = peers.scripts_run(redis.url) - scripts_before
     if peer is not None and peer.reference:
@@ -255,6 +276,22 @@ def run_once(
     )
 
 
+def _check_serves(server: Server, src: Path) -> None:
+    """Fail unless the server imported the meterware of ``src``."""
+    status, _, where = server.get("/bench/where")
+    if status != 200 or not Path(where).resolve().is_relative_to(src.resolve()):
+        raise RuntimeError(f"the server runs the meterware at {where!r} ({status}), not the one in {src}")
+
+
+def _customers(env: dict[str, str], *args: str) -> str:
+    """``python -m benchmarks.customers ARGS`` with the meterware the server of ``env`` runs."""
+    command = [sys.executable, "-m", "benchmarks.customers", *args]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"benchmarks.customers {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
 def run_rounds(
     settings: Settings, redis: RedisServer, workdir: Path, progress: Callable[[str], None]
 ) -> list[Run]:
@@ -262,7 +299,7 @@ def run_rounds(
     runs: list[Run] = []
     for number in range(settings.rounds):
         for framework in settings.frameworks:
-            modes = framework.modes(settings.peers)
+            modes = settings.modes(framework)
             shift = number % len(modes)
             for mode in modes[shift:] + modes[:shift]:
                 attempt = 0

@@ -36,6 +36,7 @@ from benchmarks._harness import (
     machine,
     pin_process,
     rss_mib,
+    short_commit,
     wrk,
 )
 from benchmarks.apps import CONFIG, create_customer
@@ -266,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"the peers need {', '.join(missing)}: run benchmarks/run (it installs them), or"
             " pip install -r benchmarks/requirements.txt, or pass --no-peers"
         )
+    if args.baseline:
+        try:
+            short_commit(args.baseline)
+        except RuntimeError as error:
+            parser.error(f"--baseline: {error}")
     rounds = args.rounds or (2 if quick else 4)
     per_round = sum(len(framework.modes(args.peers, args.baseline or "")) for framework in frameworks)
     # Re-measuring up to a fifth of the runs (a tenth with --quick) keeps the suite bounded in time.

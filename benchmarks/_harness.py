@@ -42,6 +42,7 @@ __all__ = [
     "pin_process",
     "pinned",
     "rss_mib",
+    "short_commit",
     "wrk",
 ]
 
@@ -107,7 +108,7 @@ def child_env(src: Path = SRC, **extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def checkout(revision: str) -> Iterator[tuple[str, Path]]:
     """A temporary ``git worktree`` of ``revision`` of this repository: its short hash and its ``src/``."""
-    short = _git("rev-parse", "--short", f"{revision}^{{commit}}")
+    short = short_commit(revision)
     tree = Path(tempfile.mkdtemp(prefix=f"mw-baseline-{short}-"))
     _git("worktree", "add", "--detach", str(tree), short)
     try:
@@ -115,6 +116,11 @@ def checkout(revision: str) -> Iterator[tuple[str, Path]]:
     finally:
         _git("worktree", "remove", "--force", str(tree))
         shutil.rmtree(tree, ignore_errors=True)
+
+
+def short_commit(revision: str) -> str:
+    """The short hash of ``revision`` of this repository (RuntimeError if there is no such commit)."""
+    return _git("rev-parse", "--short", f"{revision}^{{commit}}")
 
 
 def _git(*args: str) -> str:

@@ -32,51 +32,116 @@
 -- Positions in a template's KEYS and arguments, and the first value of a reply that decides nothing
 -- (storage/_admission.py builds and reads the same layout).
 local KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, FIRST_RATE = 1, 2, 3, 4, 5, 6
-local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_ID, RESERVATION_TIMEOUT_MS = 1, 2, 3, 4
+local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS = 1, 2, 4
 local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 5, 6, 7, 8
 local SCRIPT_REFUSED, STALE = -1, -2
 
 -- The calls of a run mostly share their keys (one customer's concurrent calls): each key is read once
 -- per run, each call sees what the calls before it admitted (kept here), and the writes wait for the end
 -- of the run, one command per key. Every call is still decided exactly as if it ran alone, in order.
+-- A template's arguments are read once per run too (`parse`).
 local now = now_ms()
-local replies_read = {}   -- what a read returned: by its key (and meter), {reply, error}
-local fields = {}         -- "key\nfield" -> a counter field the run moves: {key, field, raw, net}
-local field_order = {}
-local tats = {}           -- rate key -> the TAT the run left (its admissions' are written at the end)
+local reads = {}          -- what a read returned: by its key (or quota key and meter)
+local read_errors = {}    -- the error of a read that failed, by the same names
+local problems = {}       -- a counter's text checked once: by its key (or quota key and meter), false or the error
+local counters_moved = {} -- the counter fields admissions move, by customer key or quota key and meter
+local moved_order = {}
+local tats = {}           -- rate key -> the TAT the run left (written at the end)
 local expire_at = {}      -- quota key -> the EXPIREAT of the run's last admission holding units in it
-local reservations = {}   -- {reservations key, deadlines key, HSET arguments, ZADD arguments}, per pair
+local reservations = {}   -- reservations and deadlines keys -> {the two keys, HSET arguments, ZADD arguments}
 
--- A read of this run, made once (nothing the run writes before its end changes what it returned): `id`
--- names it, `key` or `key .. meter`.
+-- A read of this run, made once (nothing the run writes before its end changes what it returned).
 local function read_once(id, kind, command, key, ...)
-  local known = replies_read[id]
-  if not known then
-    local reply, refused = read(kind, command, key, ...)
-    known = {reply, refused}
-    replies_read[id] = known
+  local reply = reads[id]
+  if reply == nil then
+    local refused
+    reply, refused = read(kind, command, key, ...)
+    reads[id], read_errors[id] = reply or false, refused
   end
-  return known[1], known[2]
+  return reply, read_errors[id]
 end
 
--- A counter field the run may move, as its first read found it (`raw`: its text, or false if absent).
-local function field_of(key, field, raw)
-  local id = key .. '\n' .. field
-  local entry = fields[id]
+-- bad_counter(key, field, raw, 0) for a counter the run does not move, checked once (by `id`).
+local function problem_once(id, key, field, raw)
+  local problem = problems[id]
+  if problem == nil then
+    problem = bad_counter(key, field, raw, 0) or false
+    problems[id] = problem
+  end
+  return problem
+end
+
+-- A counter field admissions move (`id` names it): what its first read found, and its value since.
+local function counter_of(id, key, field, raw)
+  local entry = counters_moved[id]
   if not entry then
-    entry = {key = key, field = field, raw = raw, net = 0}
-    fields[id] = entry
-    field_order[#field_order + 1] = entry
+    local value = tonumber(raw) or 0
+    entry = {key = key, field = field, problem = bad_counter(key, field, raw, 0), value = value, net = 0}
+    counters_moved[id] = entry
+    moved_order[#moved_order + 1] = entry
   end
   return entry
 end
 
--- The field's text as HINCRBY would have left it after the run's admissions so far.
-local function current(entry)
-  if entry.net == 0 then
-    return entry.raw
+-- bad_counter() of the field's text as HINCRBY would have left it after the run's admissions so far: a
+-- text that was not an integer was never moved (every move is checked first), so it still is not one.
+local function cannot_move(entry, moved)
+  if entry.problem then
+    return entry.problem
   end
-  return int((tonumber(entry.raw) or 0) + entry.net)
+  if not (math.abs(entry.value) + moved < COUNTER_LIMIT) then
+    return 'BADVALUE ' .. entry.key .. ' field ' .. entry.field .. ' would go beyond 2^62'
+  end
+end
+
+-- A template's arguments, read once per run: its limits, its terms and what its records share.
+local function parse(KEYS, ARGV)
+  local spec = {
+    keys = KEYS, customer_id = ARGV[CUSTOMER_ID], charges_credits = ARGV[CHARGES_CREDITS] == '1',
+    calls = tonumber(ARGV[CALLS]), expire_at = ARGV[QUOTA_EXPIRE_AT], head = ARGV[RECORD_HEAD],
+    deadline = int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), limits = {}, terms = {}, records = {},
+  }
+  local pos = RATE_LIMITS
+  for i = 1, tonumber(ARGV[pos]) do
+    local amount, seconds = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+    spec.limits[i] = {key = KEYS[FIRST_RATE - 1 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount}
+    pos = pos + 2
+  end
+  pos = pos + 1
+  for i = 1, tonumber(ARGV[pos]) do
+    local meter = ARGV[pos + 1]
+    spec.terms[i] = {
+      meter = meter, id = KEYS[QUOTA] .. '\n' .. meter, used = meter .. ':u', held = meter .. ':h',
+      quota = tonumber(ARGV[pos + 2]), included = tonumber(ARGV[pos + 3]), price = tonumber(ARGV[pos + 4]),
+      need = tonumber(ARGV[pos + 5]), hold = tonumber(ARGV[pos + 6]), exact = ARGV[pos + 7] == '1',
+    }
+    pos = pos + 7
+  end
+  local pair = KEYS[RESERVATIONS] .. '\n' .. KEYS[DEADLINES]
+  spec.reservations = reservations[pair] or {KEYS[RESERVATIONS], KEYS[DEADLINES], {}, {}}
+  reservations[pair] = spec.reservations
+  return spec
+end
+
+-- The reservation record of `n` calls reserving `credits` ("customer live period_start credits meter hold
+-- ..."), made once per run for each.
+local function record_of(spec, n, credits)
+  local by_credits = spec.records[n]
+  if not by_credits then
+    by_credits = {}
+    spec.records[n] = by_credits
+  end
+  local record = by_credits[credits]
+  if not record then
+    local parts = {spec.head, int(credits)}
+    for _, term in ipairs(spec.terms) do
+      parts[#parts + 1] = term.meter
+      parts[#parts + 1] = int(term.hold * n)
+    end
+    record = table.concat(parts, ' ')
+    by_credits[credits] = record
+  end
+  return record
 end
 
 -- The reply refusing a call before any limit is read (the key or the customer).
@@ -85,33 +150,33 @@ local function refusal(reason)
 end
 
 -- What admitting n calls would do: the refusal reason (or nil), and the state the reply reports.
-local function decide(limits, terms, n, charges_credits, available)
-  local d = {rates = {}, new_tats = {}, quotas = {}, holds = {}, retry_ms = 0, credits = 0}
-  for _, limit in ipairs(limits) do
-    local period_ms, interval, tat = limit.period_ms, limit.interval, limit.tat
+-- (Admitted, every rate limit moves its TAT by n intervals and every term holds n times its hold.)
+local function decide(spec, tat_of, used_of, held_of, n, available)
+  local states = {}  -- the rate limits' (remaining, reset ms), then the hard quotas' remaining
+  local d = {states = states, retry_ms = 0, credits = 0}
+  for i, limit in ipairs(spec.limits) do
+    local period_ms, interval, tat = limit.period_ms, limit.interval, tat_of[i]
     local new_tat = tat + interval * n
     if new_tat - now > period_ms then
       d.retry_ms = math.max(d.retry_ms, new_tat - period_ms - now)
-      d.rates[#d.rates + 1] = floordiv(period_ms - (tat - now), interval)
-      d.rates[#d.rates + 1] = math.floor(tat - now)
+      states[#states + 1] = floordiv(period_ms - (tat - now), interval)
+      states[#states + 1] = math.floor(tat - now)
     else
-      d.rates[#d.rates + 1] = floordiv(period_ms - (new_tat - now), interval)
-      d.rates[#d.rates + 1] = math.floor(new_tat - now)
-      d.new_tats[#d.new_tats + 1] = {limit.key, new_tat}
+      states[#states + 1] = floordiv(period_ms - (new_tat - now), interval)
+      states[#states + 1] = math.floor(new_tat - now)
     end
   end
   local over_quota, needs_positive_balance = false, false
-  for i, term in ipairs(terms) do
+  for i, term in ipairs(spec.terms) do
     -- A value meter's size is unknown until the end: one unit left admits it, however many calls.
     local need, hold = term.exact and term.need * n or term.need, term.hold * n
-    local used, held = term.used, term.held
-    d.holds[i] = hold
+    local used, held = used_of[i], held_of[i]
     if term.quota >= 0 then
       if used + held + need > term.quota then
         over_quota = true
-        d.quotas[#d.quotas + 1] = term.quota - used - held
+        states[#states + 1] = term.quota - used - held
       else
-        d.quotas[#d.quotas + 1] = term.quota - used - held - hold
+        states[#states + 1] = term.quota - used - held - hold
       end
     end
     if term.price ~= 0 then
@@ -122,6 +187,7 @@ local function decide(limits, terms, n, charges_credits, available)
       end
     end
   end
+  local charges_credits = spec.charges_credits
   if not charges_credits then
     d.credits = 0
   end
@@ -136,17 +202,11 @@ local function decide(limits, terms, n, charges_credits, available)
 end
 
 local function reply(d, allowed, reason, retry, reserved, left, granted)
-  local out = {allowed, reason, math.floor(retry), reserved, left, granted}
-  for _, value in ipairs(d.rates) do
-    out[#out + 1] = value
-  end
-  for _, value in ipairs(d.quotas) do
-    out[#out + 1] = value
-  end
-  return out
+  return {allowed, reason, math.floor(retry), reserved, left, granted, unpack(d.states)}
 end
 
-local function admit(KEYS, ARGV, unsettled)
+local function admit(spec, reservation_id, unsettled)
+  local KEYS = spec.keys
   local key, refused = read_once(KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
   if refused then
     return {SCRIPT_REFUSED, refused}
@@ -156,7 +216,7 @@ local function admit(KEYS, ARGV, unsettled)
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
-  if not key[1] or not account[1] or key[3] ~= ARGV[CUSTOMER_ID] then
+  if not key[1] or not account[1] or key[3] ~= spec.customer_id then
     return refusal('unknown_key')
   end
   if key[1] ~= 'active' then
@@ -172,94 +232,85 @@ local function admit(KEYS, ARGV, unsettled)
   -- A counter that is not an integer (clobbered) would be read as whatever tonumber makes of it ('1e308'
   -- credits, '-1e300' calls used): refused, as a key of the wrong type is (the request path then refuses
   -- the call whatever its failure policy: serving it would serve the customer free until repaired).
-  local reserved_field = field_of(KEYS[CUSTOMER], 'reserved', account[3])
-  refused = bad_counter(KEYS[CUSTOMER], 'balance', account[2], 0)
-    or bad_counter(KEYS[CUSTOMER], 'reserved', current(reserved_field), 0)
+  local reserved_counter = counter_of(KEYS[CUSTOMER], KEYS[CUSTOMER], 'reserved', account[3])
+  refused = problem_once(KEYS[CUSTOMER], KEYS[CUSTOMER], 'balance', account[2]) or cannot_move(reserved_counter, 0)
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
 
   -- Read everything the decision needs (rate TATs, quota counters) before deciding anything.
-  local calls = tonumber(ARGV[CALLS])
-  local pos = RATE_LIMITS
-  local limits = {}
-  for i = 1, tonumber(ARGV[pos]) do
-    local amount, seconds = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
-    pos = pos + 2
-    local rate_key = KEYS[FIRST_RATE - 1 + i]
-    local stored
-    stored, refused = read_once(rate_key, 'string', 'GET', rate_key)
-    if refused then
-      return {SCRIPT_REFUSED, refused}
+  local tat_of = {}
+  for i, limit in ipairs(spec.limits) do
+    local tat = tats[limit.key]
+    if not tat then
+      local stored
+      stored, refused = read_once(limit.key, 'string', 'GET', limit.key)
+      if refused then
+        return {SCRIPT_REFUSED, refused}
+      end
+      -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
+      stored = tonumber(stored)
+      tat = (stored and stored == stored) and math.max(stored, now) or now
+      if tat > now + limit.period_ms then
+        -- Never written so (a TAT is at most one period ahead): clamped, and repaired at the end of the
+        -- run (what any admission would write), so the limit recovers within one period.
+        tat = now + limit.period_ms
+        tats[limit.key] = tat
+      end
     end
-    -- Text that is not a number (nan included) counts as no TAT, as if the key had expired.
-    stored = tats[rate_key] or tonumber(stored)
-    local tat = (stored and stored == stored) and math.max(stored, now) or now
-    if tat > now + seconds * 1000 then
-      -- Never written so (a TAT is at most one period ahead): clamped, and repaired at the end of the run
-      -- (what any admission would write), so the limit recovers within one period.
-      tat = now + seconds * 1000
-      tats[rate_key] = tat
-    end
-    limits[i] = {key = rate_key, period_ms = seconds * 1000, interval = seconds * 1000 / amount, tat = tat}
+    tat_of[i] = math.max(tat, now)
   end
-  pos = pos + 1
-  local terms = {}
-  for i = 1, tonumber(ARGV[pos]) do
-    local meter = ARGV[pos + 1]
+  local used_of, held_of, held_counters = {}, {}, {}
+  for i, term in ipairs(spec.terms) do
     local counts
-    counts, refused = read_once(KEYS[QUOTA] .. '\n' .. meter, 'hash', 'HMGET', KEYS[QUOTA], meter .. ':u', meter .. ':h')
-    local held_field = counts and field_of(KEYS[QUOTA], meter .. ':h', counts[2])
-    refused = refused or bad_counter(KEYS[QUOTA], meter .. ':u', counts[1], 0)
-      or bad_counter(KEYS[QUOTA], meter .. ':h', current(held_field), 0)
+    counts, refused = read_once(term.id, 'hash', 'HMGET', KEYS[QUOTA], term.used, term.held)
     if refused then
       return {SCRIPT_REFUSED, refused}
     end
-    terms[i] = {
-      meter = meter, quota = tonumber(ARGV[pos + 2]), included = tonumber(ARGV[pos + 3]),
-      price = tonumber(ARGV[pos + 4]), need = tonumber(ARGV[pos + 5]), hold = tonumber(ARGV[pos + 6]),
-      exact = ARGV[pos + 7] == '1', used = tonumber(counts[1]) or 0,
-      held = tonumber(current(held_field)) or 0, held_field = held_field,
-    }
-    pos = pos + 7
+    local held = counter_of(term.id, KEYS[QUOTA], term.held, counts[2])
+    refused = problem_once(term.id, KEYS[QUOTA], term.used, counts[1]) or cannot_move(held, 0)
+    if refused then
+      return {SCRIPT_REFUSED, refused}
+    end
+    used_of[i], held_of[i], held_counters[i] = tonumber(counts[1]) or 0, held.value, held
   end
-  local charges_credits = ARGV[CHARGES_CREDITS] == '1'
-  local reserved = tonumber(current(reserved_field)) or 0
+  local charges_credits = spec.charges_credits
+  local reserved = reserved_counter.value
   local pending_cost = 0
   if unsettled then
     local released, charged, freed = 0, {}, {}
-    for i = 1, #terms do
+    for i = 1, #spec.terms do
       charged[i], freed[i] = 0, 0
     end
     for _, change in ipairs(unsettled) do
       if not change[1] or redis.call('EXISTS', change[1]) == 0 then
         released = released + change[2]
-        for i = 1, #terms do
+        for i = 1, #spec.terms do
           charged[i] = charged[i] + change[1 + 2 * i]
           freed[i] = freed[i] + change[2 + 2 * i]
         end
       end
     end
-    for i, term in ipairs(terms) do
-      local used = term.used
-      term.used = used + charged[i]
-      term.held = math.max(0, term.held - freed[i])
-      pending_cost = pending_cost + (math.max(term.included, term.used) - math.max(term.included, used)) * term.price
+    for i, term in ipairs(spec.terms) do
+      local used = used_of[i]
+      used_of[i] = used + charged[i]
+      held_of[i] = math.max(0, held_of[i] - freed[i])
+      pending_cost = pending_cost + (math.max(term.included, used_of[i]) - math.max(term.included, used)) * term.price
     end
     reserved = math.max(0, reserved - released)
   end
   local available = (tonumber(account[2]) or 0) - reserved - (charges_credits and pending_cost or 0)
 
-  local n = calls
-  local d = decide(limits, terms, n, charges_credits, available)
+  local n = spec.calls
+  local d = decide(spec, tat_of, used_of, held_of, n, available)
   if d.reason and n > 1 then
     repeat
       n = math.floor(n / 2)
-      d = decide(limits, terms, n, charges_credits, available)
+      d = decide(spec, tat_of, used_of, held_of, n, available)
     until not d.reason or n == 1
     if not d.reason and n > 1 then
       n = math.floor(n / 2)
-      d = decide(limits, terms, n, charges_credits, available)
+      d = decide(spec, tat_of, used_of, held_of, n, available)
     end
   end
 
@@ -270,14 +321,14 @@ local function admit(KEYS, ARGV, unsettled)
   -- The writes cannot fail once these hold (plan meters are distinct, so each field moves once per call).
   local credits = d.credits
   local holds_any = false
-  for i, term in ipairs(terms) do
-    if d.holds[i] ~= 0 then
-      refused = refused or bad_counter(KEYS[QUOTA], term.meter .. ':h', current(term.held_field), math.abs(d.holds[i]))
+  for i, term in ipairs(spec.terms) do
+    if term.hold ~= 0 then
+      refused = refused or cannot_move(held_counters[i], math.abs(term.hold * n))
       holds_any = true
     end
   end
   if credits ~= 0 then
-    refused = refused or bad_counter(KEYS[CUSTOMER], 'reserved', current(reserved_field), math.abs(credits))
+    refused = refused or cannot_move(reserved_counter, math.abs(credits))
   end
   if credits ~= 0 or holds_any then
     refused = refused or expect(KEYS[RESERVATIONS], 'hash') or expect(KEYS[DEADLINES], 'zset')
@@ -287,35 +338,29 @@ local function admit(KEYS, ARGV, unsettled)
   end
 
   -- Admitted: what it writes joins the run's writes.
-  for _, entry in ipairs(d.new_tats) do
-    tats[entry[1]] = entry[2]
+  for i, limit in ipairs(spec.limits) do
+    tats[limit.key] = tat_of[i] + limit.interval * n
   end
-  local record = ARGV[RECORD_HEAD] .. ' ' .. int(credits)
-  for i, term in ipairs(terms) do
-    term.held_field.net = term.held_field.net + d.holds[i]
-    record = record .. ' ' .. term.meter .. ' ' .. int(d.holds[i])
+  for i, counter in ipairs(held_counters) do
+    local hold = spec.terms[i].hold * n
+    counter.value, counter.net = counter.value + hold, counter.net + hold
   end
+  reserved_counter.value, reserved_counter.net = reserved_counter.value + credits, reserved_counter.net + credits
   if holds_any then
-    expire_at[KEYS[QUOTA]] = ARGV[QUOTA_EXPIRE_AT]
+    expire_at[KEYS[QUOTA]] = spec.expire_at
   end
-  reserved_field.net = reserved_field.net + credits
   if credits ~= 0 or holds_any then
-    local id = KEYS[RESERVATIONS] .. '\n' .. KEYS[DEADLINES]
-    local pending = reservations[id]
-    if not pending then
-      pending = {KEYS[RESERVATIONS], KEYS[DEADLINES], {}, {}}
-      reservations[id] = pending
-    end
+    local pending = spec.reservations
     local records, deadlines = pending[3], pending[4]
-    records[#records + 1] = ARGV[RESERVATION_ID]
-    records[#records + 1] = record
-    deadlines[#deadlines + 1] = int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS]))
-    deadlines[#deadlines + 1] = ARGV[RESERVATION_ID]
+    records[#records + 1] = reservation_id
+    records[#records + 1] = record_of(spec, n, credits)
+    deadlines[#deadlines + 1] = spec.deadline
+    deadlines[#deadlines + 1] = reservation_id
   end
   return reply(d, 1, '', 0, credits, available - credits, n)
 end
 
-local templates, key_pos, pos = {}, 1, 2
+local specs, key_pos, pos = {}, 1, 2
 for t = 1, tonumber(ARGV[1]) do
   local key_count, arg_count = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
   local keys, args = {}, {}
@@ -326,13 +371,11 @@ for t = 1, tonumber(ARGV[1]) do
   for i = 1, arg_count do
     args[i] = ARGV[pos + 1 + i]
   end
-  templates[t] = {keys, args}
+  specs[t] = parse(keys, args)
   pos = pos + 2 + arg_count
 end
 local replies = {}
 for c = pos, #ARGV, 3 do
-  local template = templates[tonumber(ARGV[c])]
-  template[2][RESERVATION_ID] = ARGV[c + 1]
   local unsettled, stale = nil, false
   if ARGV[c + 2] ~= '' then
     unsettled = cmsgpack.unpack(ARGV[c + 2])
@@ -348,14 +391,14 @@ for c = pos, #ARGV, 3 do
   if stale then
     replies[#replies + 1] = {STALE, 'STALE'}
   else
-    replies[#replies + 1] = admit(template[1], template[2], unsettled)
+    replies[#replies + 1] = admit(specs[tonumber(ARGV[c])], ARGV[c + 1], unsettled)
   end
 end
 
 -- The run's writes: the counters first (an EXPIREAT must find the key they create).
-for _, entry in ipairs(field_order) do
-  if entry.net ~= 0 then
-    redis.call('HINCRBY', entry.key, entry.field, int(entry.net))
+for _, counter in ipairs(moved_order) do
+  if counter.net ~= 0 then
+    redis.call('HINCRBY', counter.key, counter.field, int(counter.net))
   end
 end
 for quota_key, at in pairs(expire_at) do
@@ -366,13 +409,14 @@ for rate_key, tat in pairs(tats) do
   -- rounding of now (a rate finer than the clock can tell) still gets a valid expiry.
   redis.call('SET', rate_key, string.format('%.17g', tat), 'PX', int(math.max(1, math.ceil(tat - now))))
 end
-for _, pending in pairs(reservations) do
-  -- In slices: Lua's unpack takes a few thousand values at most.
-  for _, write in ipairs({{'HSET', pending[1], pending[3]}, {'ZADD', pending[2], pending[4]}}) do
-    local command, key, args = write[1], write[2], write[3]
-    for first = 1, #args, 1000 do
-      redis.call(command, key, unpack(args, first, math.min(first + 999, #args)))
-    end
+-- One command with many arguments, in slices (Lua's unpack takes a few thousand values at most).
+local function call_sliced(command, key, args)
+  for first = 1, #args, 1000 do
+    redis.call(command, key, unpack(args, first, math.min(first + 999, #args)))
   end
+end
+for _, pending in pairs(reservations) do
+  call_sliced('HSET', pending[1], pending[3])
+  call_sliced('ZADD', pending[2], pending[4])
 end
 return replies

@@ -161,8 +161,14 @@ def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tup
     numbers: dict[int, int] = {}
     markers: list[str] = []  # batch markers, after every template's keys
     unsettled: list[tuple[int, list[list[int]]]] = []
+    # The calls of a round are mostly one key's: their template is found once (cheap identities: the
+    # objects all live while this runs).
+    seen: dict[tuple[object, ...], Template] = {}
     for request in requests:
-        template = admit_template(request)
+        same = (request.key_id, id(request.plan), id(request.holds), request.period_start, request.calls)
+        template = seen.get(same)
+        if template is None:
+            template = seen[same] = admit_template(request)
         number = numbers.get(id(template))
         if number is None:
             number = numbers[id(template)] = len(numbers) + 1

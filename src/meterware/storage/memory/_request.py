@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import KeyInfo
-from meterware.storage._admission import admitted, decision_from_reply, refused
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,
     Batch,
@@ -24,7 +23,9 @@ from meterware.storage.memory._state import (
     check_amount,
     clock_ms,
     counter_names,
+    decided,
     less,
+    refusal,
 )
 
 
@@ -42,22 +43,20 @@ class AdmissionMixin(MemoryState):
 
     def admit(self, request: AdmitRequest) -> Decision:
         with self._lock:
-            now_ms = clock_ms()
-            reply = self._admit(request, now_ms)
-        return decision_from_reply(request, reply, now_ms / 1000)
+            return self._admit(request, clock_ms())
 
-    def _admit(self, request: AdmitRequest, now: int) -> list[int | str]:
+    def _admit(self, request: AdmitRequest, now: int) -> Decision:
         record = self._keys.get(request.key_id)
         account = self._accounts.get(request.customer)
         # A key presented for another customer is as good as unknown (the Redis script finds no record).
         if record is None or account is None or record.customer != request.customer:
-            return refused("unknown_key")
+            return refusal(request, "unknown_key")
         if record.status != "active":
-            return refused("revoked_key")
+            return refusal(request, "revoked_key")
         if record.expires_ms and now >= record.expires_ms:
-            return refused("expired_key")
+            return refusal(request, "expired_key")
         if account.customer.status != "active":
-            return refused("suspended")
+            return refusal(request, "suspended")
         for limit in request.plan.rate_limits:
             # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
             rate_key, latest = (request.live, request.customer, limit.seconds), now + limit.seconds * 1000
@@ -76,10 +75,8 @@ class AdmissionMixin(MemoryState):
             if not decision.reason and calls > 1:
                 calls //= 2
                 decision = self._decide(request, seen, available, now, calls)
-        limits = [*decision.rates, *decision.quotas]
         if decision.reason:
-            retry = int(decision.retry_ms) if decision.reason == "rate_limited" else 0
-            return admitted(False, decision.reason, retry, 0, available, 0, limits)
+            return decided(request, decision, now, available, 0)
 
         credits = decision.credits
         reservation = None
@@ -99,7 +96,7 @@ class AdmissionMixin(MemoryState):
         account.reserved += credits
         if reservation is not None:
             self._shards[request.shard].reservations[request.reservation_id] = reservation
-        return admitted(True, "", 0, credits, available - credits, calls, limits)
+        return decided(request, decision, now, available - credits, calls)
 
     def _unsettled(
         self, request: AdmitRequest, counters: Mapping[str, int], account: Account, now: int

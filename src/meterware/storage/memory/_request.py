@@ -6,7 +6,14 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.admission import (
+    AdmitRequest,
+    Decision,
+    LimitState,
+    Reason,
+    quota_name,
+    rate_limit_name,
+)
 from meterware.metering.records import KeyInfo
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,
@@ -23,7 +30,6 @@ from meterware.storage.memory._state import (
     check_amount,
     clock_ms,
     counter_names,
-    decided,
     less,
     refusal,
 )
@@ -75,8 +81,10 @@ class AdmissionMixin(MemoryState):
             if not decision.reason and calls > 1:
                 calls //= 2
                 decision = self._decide(request, seen, available, now, calls)
+        charges_credits = request.charges_credits
         if decision.reason:
-            return decided(request, decision, now, available, 0)
+            left = available if charges_credits else None
+            return Decision(False, decision.reason, "", 0, decision.retry_after, decision.limits, left, 0)
 
         credits = decision.credits
         reservation = None
@@ -96,7 +104,17 @@ class AdmissionMixin(MemoryState):
         account.reserved += credits
         if reservation is not None:
             self._shards[request.shard].reservations[request.reservation_id] = reservation
-        return decided(request, decision, now, available - credits, calls)
+        # Positional: this runs for every call.
+        return Decision(
+            True,
+            None,
+            "" if reservation is None else request.reservation_id,
+            credits,
+            0,
+            decision.limits,
+            available - credits if charges_credits else None,
+            calls,
+        )
 
     def _unsettled(
         self, request: AdmitRequest, counters: Mapping[str, int], account: Account, now: int
@@ -135,9 +153,9 @@ class AdmissionMixin(MemoryState):
     def _decide(
         self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
     ) -> Admission:
-        """What admitting ``calls`` calls would do (admit.lua's decide())."""
+        """What admitting ``calls`` calls would do (admit.lua's decide()), and where the caller stands."""
         retry_ms = 0.0
-        rates: list[int] = []
+        limits: list[LimitState] = []
         new_tats: list[tuple[tuple[bool, str, int], float]] = []
         for limit in request.plan.rate_limits:
             period_ms = limit.seconds * 1000
@@ -147,14 +165,17 @@ class AdmissionMixin(MemoryState):
             new_tat = tat + interval * calls
             if new_tat - now > period_ms:
                 retry_ms = max(retry_ms, new_tat - period_ms - now)
-                rates += (int((period_ms - (tat - now)) // interval), int(tat - now))
+                new_tat = tat  # refused: the caller stands where the TAT is
             else:
-                rates += (int((period_ms - (new_tat - now)) // interval), int(new_tat - now))
                 new_tats.append((rate_key, new_tat))
+            remaining, reset_ms = int((period_ms - (new_tat - now)) // interval), int(new_tat - now)
+            name = rate_limit_name(limit.seconds)
+            limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
         over_quota = needs_positive_balance = False
         credits = 0
-        quotas: list[int] = []
         holds: list[int] = []
+        window = request.period_end - request.period_start
+        until_period_end = max(0, request.period_end - now // 1000)
         for hold in request.holds:
             # A value meter's size is unknown until the end: one unit left admits it, however many calls.
             need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
@@ -162,11 +183,13 @@ class AdmissionMixin(MemoryState):
             used, held = counters.get(used_key, 0), counters.get(held_key, 0)
             holds.append(held_now)
             if hold.quota >= 0:
+                remaining = hold.quota - used - held
                 if used + held + need > hold.quota:
                     over_quota = True
-                    quotas.append(hold.quota - used - held)
                 else:
-                    quotas.append(hold.quota - used - held - held_now)
+                    remaining -= held_now
+                name = quota_name(hold.meter)
+                limits.append(LimitState(name, hold.quota, window, max(0, remaining), until_period_end))
             if hold.price:
                 base = used + held
                 credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
@@ -174,16 +197,18 @@ class AdmissionMixin(MemoryState):
                     needs_positive_balance = True
         if not request.charges_credits:
             credits = 0
-        reason = ""
+        reason: Reason | None = None
+        retry_after = 0
         if retry_ms:
-            reason = "rate_limited"
+            # admit.lua replies the whole milliseconds; the caller is told the seconds, rounded up.
+            reason, retry_after = "rate_limited", -(-int(retry_ms) // 1000)
         elif over_quota:
-            reason = "quota_exceeded"
+            reason, retry_after = "quota_exceeded", until_period_end
         elif request.charges_credits and (
             available < credits or (needs_positive_balance and available - credits <= 0)
         ):
             reason = "insufficient_credits"
-        return Admission(reason, retry_ms, credits, rates, quotas, holds, new_tats)
+        return Admission(reason, retry_after, credits, tuple(limits), holds, new_tats)
 
 
 class SettlementMixin(MemoryState):

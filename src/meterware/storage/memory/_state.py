@@ -14,9 +14,6 @@ from meterware.metering.admission import (
     Decision,
     LimitState,
     Reason,
-    holds_anything,
-    quota_name,
-    rate_limit_name,
 )
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage.base import (
@@ -100,51 +97,15 @@ def check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, va
 
 @dataclass(slots=True)
 class Admission:
-    """What admitting some calls would do (the state an admission reply reports)."""
+    """What admitting some calls would do, and the caller's standing in each limit then."""
 
-    reason: str
-    retry_ms: float
+    reason: Reason | None
+    #: Seconds to wait before retrying a refused call.
+    retry_after: int
     credits: int
-    rates: list[int]
-    quotas: list[int]
+    limits: tuple[LimitState, ...]
     holds: list[int]
     new_tats: list[tuple[tuple[bool, str, int], float]]
-
-
-def decided(request: AdmitRequest, admission: Admission, now: int, available: int, calls: int) -> Decision:
-    """The decision on a call's limits: admitted (``calls`` granted) or refused, ``available`` credits
-    left after its reservation (as ``decision_from_reply`` reads admit.lua's reply)."""
-    until_period_end = max(0, request.period_end - now // 1000)
-    limits = []
-    rates = admission.rates
-    for index, limit in enumerate(request.plan.rate_limits):
-        remaining, reset_ms = rates[2 * index], rates[2 * index + 1]
-        name = rate_limit_name(limit.seconds)
-        limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
-    window = request.period_end - request.period_start
-    quotas = iter(admission.quotas)
-    for hold in request.holds:
-        if hold.quota >= 0:
-            remaining = max(0, next(quotas))
-            limits.append(LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end))
-    reason = admission.reason
-    retry_after = 0
-    if reason == "quota_exceeded":
-        retry_after = until_period_end
-    elif reason == "rate_limited":
-        retry_after = max(0, -(-int(admission.retry_ms) // 1000))
-    credits = 0 if reason else admission.credits
-    # Positional: this runs for every call.
-    return Decision(
-        not reason,
-        reason or None,  # type: ignore[arg-type]
-        request.reservation_id if not reason and holds_anything(request, credits) else "",
-        credits,
-        retry_after,
-        tuple(limits),
-        available if request.charges_credits else None,
-        calls,
-    )
 
 
 def refusal(request: AdmitRequest, reason: Reason) -> Decision:

@@ -63,12 +63,6 @@ class AdmissionMixin(MemoryState):
             return refusal(request, "expired_key")
         if account.customer.status != "active":
             return refusal(request, "suspended")
-        for limit in request.plan.rate_limits:
-            # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
-            rate_key, latest = (request.live, request.customer, limit.seconds), now + limit.seconds * 1000
-            if self._rates.get(rate_key, now) > latest:
-                self._rates[rate_key] = latest
-
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
@@ -86,21 +80,21 @@ class AdmissionMixin(MemoryState):
             left = available if charges_credits else None
             return Decision(False, decision.reason, "", 0, decision.retry_after, decision.limits, left, 0)
 
-        credits = decision.credits
+        credits, holds = decision.credits, decision.holds
         reservation = None
-        if credits or any(decision.holds):
+        if credits or any(held for _, held in holds):
             reservation = Reservation(
                 request.customer,
                 request.live,
                 request.period_start,
                 credits,
-                tuple((hold.meter, held) for hold, held in zip(request.holds, decision.holds, strict=True)),
+                holds,
                 now + request.reservation_timeout_ms,
             )
         for rate_key, new_tat in decision.new_tats:
             self._rates[rate_key] = new_tat
-        for hold, held in zip(request.holds, decision.holds, strict=True):
-            counters[counter_names(hold.meter)[1]] += held
+        for meter, held in holds:
+            counters[counter_names(meter)[1]] += held
         account.reserved += credits
         if reservation is not None:
             self._shards[request.shard].reservations[request.reservation_id] = reservation
@@ -153,7 +147,9 @@ class AdmissionMixin(MemoryState):
     def _decide(
         self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
     ) -> Admission:
-        """What admitting ``calls`` calls would do (admit.lua's decide()), and where the caller stands."""
+        """What admitting ``calls`` calls would do (admit.lua's decide()), and where the caller stands.
+
+        A rate limit's TAT more than a period ahead is clamped first, in the store (admit.lua too)."""
         retry_ms = 0.0
         limits: list[LimitState] = []
         new_tats: list[tuple[tuple[bool, str, int], float]] = []
@@ -162,6 +158,9 @@ class AdmissionMixin(MemoryState):
             interval = period_ms / limit.amount
             rate_key = (request.live, request.customer, limit.seconds)
             tat = max(self._rates.get(rate_key, now), now)
+            if tat - now > period_ms:
+                # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
+                tat = self._rates[rate_key] = now + period_ms
             new_tat = tat + interval * calls
             if new_tat - now > period_ms:
                 retry_ms = max(retry_ms, new_tat - period_ms - now)
@@ -173,7 +172,7 @@ class AdmissionMixin(MemoryState):
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
         over_quota = needs_positive_balance = False
         credits = 0
-        holds: list[int] = []
+        holds: list[tuple[str, int]] = []
         window = request.period_end - request.period_start
         until_period_end = max(0, request.period_end - now // 1000)
         for hold in request.holds:
@@ -181,7 +180,7 @@ class AdmissionMixin(MemoryState):
             need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
             used_key, held_key = counter_names(hold.meter)
             used, held = counters.get(used_key, 0), counters.get(held_key, 0)
-            holds.append(held_now)
+            holds.append((hold.meter, held_now))
             if hold.quota >= 0:
                 remaining = hold.quota - used - held
                 if used + held + need > hold.quota:
@@ -195,7 +194,8 @@ class AdmissionMixin(MemoryState):
                 credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
                 if not hold.exact and base + held_now >= hold.included:
                     needs_positive_balance = True
-        if not request.charges_credits:
+        charges_credits = request.charges_credits
+        if not charges_credits:
             credits = 0
         reason: Reason | None = None
         retry_after = 0
@@ -204,11 +204,11 @@ class AdmissionMixin(MemoryState):
             reason, retry_after = "rate_limited", -(-int(retry_ms) // 1000)
         elif over_quota:
             reason, retry_after = "quota_exceeded", until_period_end
-        elif request.charges_credits and (
+        elif charges_credits and (
             available < credits or (needs_positive_balance and available - credits <= 0)
         ):
             reason = "insufficient_credits"
-        return Admission(reason, retry_after, credits, tuple(limits), holds, new_tats)
+        return Admission(reason, retry_after, credits, tuple(limits), tuple(holds), new_tats)
 
 
 class SettlementMixin(MemoryState):

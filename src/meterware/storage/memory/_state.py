@@ -56,7 +56,9 @@ class Account:
         self.balance += entry.amount
 
 
-@dataclass(frozen=True, slots=True)
+# Made for every admitted call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__
+# per field; never changed once made (captured() and less() make new ones).
+@dataclass(slots=True)
 class Reservation:
     customer: str
     live: bool
@@ -104,7 +106,8 @@ class Admission:
     retry_after: int
     credits: int
     limits: tuple[LimitState, ...]
-    holds: list[int]
+    #: ``(meter, units held)`` for each hold of the call.
+    holds: tuple[tuple[str, int], ...]
     new_tats: list[tuple[tuple[bool, str, int], float]]
 
 

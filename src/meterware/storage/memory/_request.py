@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from meterware.metering.admission import (
@@ -27,7 +26,7 @@ from meterware.storage.memory._state import (
     MemoryState,
     Reservation,
     captured,
-    check_amount,
+    check_amounts,
     clock_ms,
     counter_names,
     less,
@@ -220,45 +219,48 @@ class SettlementMixin(MemoryState):
             now = time.time()
             if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
                 return False
-            # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
-            for settlement in batch.settlements:
-                if settlement is not None:
-                    for meter, units, price, included in settlement.meters:
-                        for name, value in (("units", units), ("price", price), ("included", included)):
-                            check_amount(batch, settlement, meter, name, value)
-                        check_amount(batch, settlement, meter, "cost", units * price)
             # Plan every change, then make them (flush.lua does the same): the entry first, then the
             # settlements. A unit counter reads what the batch's earlier settlements added to it.
             # What the reservations named still hold (None once closed), and what goes back.
             holding: dict[str, Reservation | None] = {}
             freed: list[Reservation] = []
-            used: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-            charges: dict[str, int] = defaultdict(int)
+            used: dict[tuple[bool, str, int], dict[str, int]] = {}
+            charges: dict[str, int] = {}
             costs = []
+            reservations = shard.reservations
             for settlement in batch.settlements:
                 cost = 0
                 if settlement is not None:
+                    # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
+                    # Checked before anything is changed: the plan changes nothing.
+                    check_amounts(batch, settlement)
                     if settlement.billable:
                         quota = (settlement.live, settlement.customer, settlement.period_start)
-                        counters, added = self._quotas.get(quota, {}), used[quota]
+                        counters = self._quotas.get(quota, {})
+                        added = used.get(quota)
+                        if added is None:
+                            added = used[quota] = {}
                         for meter, units, price, included in settlement.meters:
-                            before = counters.get(f"{meter}:u", 0) + added[f"{meter}:u"]
-                            added[f"{meter}:u"] += units
+                            name = counter_names(meter)[0]
+                            before = counters.get(name, 0) + added.get(name, 0)
+                            added[name] = added.get(name, 0) + units
                             cost += (max(included, before + units) - max(included, before)) * price
                         if settlement.charges_credits and settlement.customer in self._accounts:
-                            charges[settlement.customer] += cost
+                            charges[settlement.customer] = charges.get(settlement.customer, 0) + cost
                     reservation_id = settlement.reservation_id
-                    if reservation_id and reservation_id not in holding:
-                        holding[reservation_id] = shard.reservations.get(reservation_id)
-                    reservation = holding.get(reservation_id)
-                    if reservation is not None:
-                        if settlement.closes:
-                            freed.append(reservation)
-                            holding[reservation_id] = None
-                        elif settlement.billable:
-                            taken = captured(reservation, settlement, cost)
-                            freed.append(taken)
-                            holding[reservation_id] = less(reservation, taken)
+                    if reservation_id:
+                        if reservation_id in holding:
+                            reservation = holding[reservation_id]
+                        else:
+                            reservation = holding[reservation_id] = reservations.get(reservation_id)
+                        if reservation is not None:
+                            if settlement.closes:
+                                freed.append(reservation)
+                                holding[reservation_id] = None
+                            elif settlement.billable:
+                                taken = captured(reservation, settlement, cost)
+                                freed.append(taken)
+                                holding[reservation_id] = less(reservation, taken)
                 costs.append(cost)
             fields = {
                 b"b": batch.payload,
@@ -270,9 +272,9 @@ class SettlementMixin(MemoryState):
             shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
             for reservation_id, reservation in holding.items():
                 if reservation is None:
-                    shard.reservations.pop(reservation_id, None)
-                elif reservation_id in shard.reservations:
-                    shard.reservations[reservation_id] = reservation
+                    reservations.pop(reservation_id, None)
+                elif reservation_id in reservations:
+                    reservations[reservation_id] = reservation
             for reservation in freed:
                 self._release(reservation)
             for quota, added in used.items():

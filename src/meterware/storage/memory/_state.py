@@ -87,8 +87,27 @@ def less(reservation: Reservation, taken: Reservation) -> Reservation:
 MAX_AMOUNT = 2**53 - 1
 
 
-def check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, value: object) -> None:
-    """Raise the refusal flush.lua replies with if ``value`` is not an integer from 0 to 2^53-1."""
+def check_amounts(batch: Batch, settlement: Settlement) -> None:
+    """Raise the refusal flush.lua replies with if a meter's units, price, included units or cost is not
+    an integer from 0 to 2^53-1."""
+    for meter, units, price, included in settlement.meters:
+        if (
+            type(units) is int
+            and type(price) is int
+            and type(included) is int
+            and 0 <= units <= MAX_AMOUNT
+            and 0 <= price <= MAX_AMOUNT
+            and 0 <= included <= MAX_AMOUNT
+            and units * price <= MAX_AMOUNT
+        ):
+            continue
+        # Name the first bad value, as flush.lua does.
+        for name, value in (("units", units), ("price", price), ("included", included)):
+            _check_amount(batch, settlement, meter, name, value)
+        _check_amount(batch, settlement, meter, "cost", units * price)
+
+
+def _check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, value: object) -> None:
     if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
         raise StorageError(
             f"memory: BADVALUE batch {batch.batch_id} customer {settlement.customer} meter {meter}: "
@@ -196,7 +215,7 @@ class MemoryState:
     def _release(self, reservation: Reservation) -> None:
         counters = self._quotas[(reservation.live, reservation.customer, reservation.period_start)]
         for meter, held in reservation.holds:
-            counters[f"{meter}:h"] -= held
+            counters[counter_names(meter)[1]] -= held
         account = self._accounts.get(reservation.customer)
         if account is not None:
             account.reserved -= reservation.credits

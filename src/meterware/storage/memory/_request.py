@@ -22,8 +22,9 @@ from meterware.storage.base import (
 )
 from meterware.storage.memory._state import (
     Account,
-    Admission,
+    Holds,
     MemoryState,
+    NewTat,
     Reservation,
     captured,
     check_amounts,
@@ -65,24 +66,21 @@ class AdmissionMixin(MemoryState):
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
-        decision = self._decide(request, seen, available, now, calls)
-        if decision.reason and calls > 1:
+        decision, holds, new_tats = self._decide(request, seen, available, now, calls)
+        if not decision.allowed and calls > 1:
             # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
-            while decision.reason and calls > 1:
+            while not decision.allowed and calls > 1:
                 calls //= 2
-                decision = self._decide(request, seen, available, now, calls)
-            if not decision.reason and calls > 1:
+                decision, holds, new_tats = self._decide(request, seen, available, now, calls)
+            if decision.allowed and calls > 1:
                 calls //= 2
-                decision = self._decide(request, seen, available, now, calls)
-        charges_credits = request.charges_credits
-        if decision.reason:
-            left = available if charges_credits else None
-            return Decision(False, decision.reason, "", 0, decision.retry_after, decision.limits, left, 0)
+                decision, holds, new_tats = self._decide(request, seen, available, now, calls)
+        if not decision.allowed:
+            return decision
 
-        credits, holds = decision.credits, decision.holds
-        reservation = None
+        credits = decision.reserved_credits
         if credits or any(held for _, held in holds):
-            reservation = Reservation(
+            self._shards[request.shard].reservations[request.reservation_id] = Reservation(
                 request.customer,
                 request.live,
                 request.period_start,
@@ -90,24 +88,12 @@ class AdmissionMixin(MemoryState):
                 holds,
                 now + request.reservation_timeout_ms,
             )
-        for rate_key, new_tat in decision.new_tats:
+        for rate_key, new_tat in new_tats:
             self._rates[rate_key] = new_tat
         for meter, held in holds:
             counters[counter_names(meter)[1]] += held
         account.reserved += credits
-        if reservation is not None:
-            self._shards[request.shard].reservations[request.reservation_id] = reservation
-        # Positional: this runs for every call.
-        return Decision(
-            True,
-            None,
-            "" if reservation is None else request.reservation_id,
-            credits,
-            0,
-            decision.limits,
-            available - credits if charges_credits else None,
-            calls,
-        )
+        return decision
 
     def _unsettled(
         self, request: AdmitRequest, counters: Mapping[str, int], account: Account, now: int
@@ -145,13 +131,14 @@ class AdmissionMixin(MemoryState):
 
     def _decide(
         self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
-    ) -> Admission:
-        """What admitting ``calls`` calls would do (admit.lua's decide()), and where the caller stands.
+    ) -> tuple[Decision, Holds, list[NewTat]]:
+        """What admitting ``calls`` calls would do (admit.lua's decide()): the decision, then what to write
+        if it admits them: the units each meter holds and the rate limits' new TATs.
 
         A rate limit's TAT more than a period ahead is clamped first, in the store (admit.lua too)."""
         retry_ms = 0.0
         limits: list[LimitState] = []
-        new_tats: list[tuple[tuple[bool, str, int], float]] = []
+        new_tats: list[NewTat] = []
         for limit in request.plan.rate_limits:
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
@@ -207,7 +194,31 @@ class AdmissionMixin(MemoryState):
             available < credits or (needs_positive_balance and available - credits <= 0)
         ):
             reason = "insufficient_credits"
-        return Admission(reason, retry_after, credits, tuple(limits), tuple(holds), new_tats)
+        # Positional: this runs for every call.
+        if reason:
+            decision = Decision(
+                False,
+                reason,
+                "",
+                0,
+                retry_after,
+                tuple(limits),
+                available if charges_credits else None,
+                0,
+            )
+        else:
+            holding = credits or any(held for _, held in holds)
+            decision = Decision(
+                True,
+                None,
+                request.reservation_id if holding else "",
+                credits,
+                0,
+                tuple(limits),
+                available - credits if charges_credits else None,
+                calls,
+            )
+        return decision, tuple(holds), new_tats
 
 
 class SettlementMixin(MemoryState):

@@ -7,12 +7,12 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias
 
 from meterware.errors import NotFoundError, StorageError
 from meterware.metering.admission import (
     AdmitRequest,
     Decision,
-    LimitState,
     Reason,
 )
 from meterware.metering.records import Customer, KeyRecord
@@ -56,6 +56,12 @@ class Account:
         self.balance += entry.amount
 
 
+#: ``(meter, units held)`` for each hold of a call.
+Holds: TypeAlias = tuple[tuple[str, int], ...]
+#: A rate limit's key in the store and the TAT an admission moves it to.
+NewTat: TypeAlias = tuple[tuple[bool, str, int], float]
+
+
 # Made for every admitted call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__
 # per field; never changed once made (captured() and less() make new ones).
 @dataclass(slots=True)
@@ -64,7 +70,7 @@ class Reservation:
     live: bool
     period_start: int
     credits: int
-    holds: tuple[tuple[str, int], ...]
+    holds: Holds
     deadline_ms: int
 
 
@@ -114,20 +120,6 @@ def _check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, v
             f"{name} {value!r:.40} is not an integer from 0 to 2^53-1",
             refused=True,
         )
-
-
-@dataclass(slots=True)
-class Admission:
-    """What admitting some calls would do, and the caller's standing in each limit then."""
-
-    reason: Reason | None
-    #: Seconds to wait before retrying a refused call.
-    retry_after: int
-    credits: int
-    limits: tuple[LimitState, ...]
-    #: ``(meter, units held)`` for each hold of the call.
-    holds: tuple[tuple[str, int], ...]
-    new_tats: list[tuple[tuple[bool, str, int], float]]
 
 
 def refusal(request: AdmitRequest, reason: Reason) -> Decision:

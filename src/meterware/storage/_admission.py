@@ -1,8 +1,8 @@
 """admit.lua's protocol, named once: the arguments of the calls to admit and the reply to each.
 
-The Redis backend builds the arguments here; both backends reply in the same list (``MemoryStorage``
-builds it with :func:`admitted` and :func:`refused`), read by :func:`decision_from_reply`. The header of
-``admit.lua`` describes the same layout from the script's side.
+The Redis backend builds the arguments here and reads the reply with :func:`decision_from_reply`;
+``MemoryStorage``, whose admission the script mirrors, builds the same ``Decision`` without a reply. The
+header of ``admit.lua`` describes the same layout from the script's side.
 
 The reply to one call is ``[allowed, reason, retry_after_ms, reserved_credits, available_credits,
 calls_granted, (rate_remaining, rate_reset_ms) per rate limit..., quota_remaining per hard-quota
@@ -42,20 +42,8 @@ STALE_REPLY: Final = -2
 LIMITS_AT: Final = 6
 
 
-def refused(reason: str) -> list[int | str]:
-    """The reply refusing a call before any limit is read (unknown, revoked or expired key, suspended)."""
-    return [0, reason, 0, 0, 0]
-
-
-def admitted(
-    allowed: bool, reason: str, retry_ms: int, credits: int, available: int, calls: int, limits: list[int]
-) -> list[int | str]:
-    """The reply to a call decided on its limits: admitted (``calls`` granted) or refused for ``reason``."""
-    return [int(allowed), reason, retry_ms, credits, available, calls, *limits]
-
-
 def decision_from_reply(request: AdmitRequest, reply: Reply, now: float) -> Decision:
-    """Read the reply to one call (the same list from every backend; see the module's docstring)."""
+    """Read the reply to one call (see the module's docstring)."""
     allowed = bool(int(reply[0]))
     reason = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     until_period_end = max(0, request.period_end - int(now))

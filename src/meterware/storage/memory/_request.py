@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.admission import (
+    AdmitRequest,
+    Decision,
+    LimitState,
+    Reason,
+    quota_name,
+    rate_limit_name,
+)
 from meterware.metering.records import KeyInfo
-from meterware.storage._admission import admitted, decision_from_reply, refused
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,
     Batch,
@@ -17,14 +22,16 @@ from meterware.storage.base import (
 )
 from meterware.storage.memory._state import (
     Account,
-    Admission,
+    Holds,
     MemoryState,
+    NewTat,
     Reservation,
     captured,
-    check_amount,
+    check_amounts,
     clock_ms,
     counter_names,
     less,
+    refusal,
 )
 
 
@@ -42,64 +49,51 @@ class AdmissionMixin(MemoryState):
 
     def admit(self, request: AdmitRequest) -> Decision:
         with self._lock:
-            now_ms = clock_ms()
-            reply = self._admit(request, now_ms)
-        return decision_from_reply(request, reply, now_ms / 1000)
+            return self._admit(request, clock_ms())
 
-    def _admit(self, request: AdmitRequest, now: int) -> list[int | str]:
+    def _admit(self, request: AdmitRequest, now: int) -> Decision:
         record = self._keys.get(request.key_id)
         account = self._accounts.get(request.customer)
         # A key presented for another customer is as good as unknown (the Redis script finds no record).
         if record is None or account is None or record.customer != request.customer:
-            return refused("unknown_key")
+            return refusal(request, "unknown_key")
         if record.status != "active":
-            return refused("revoked_key")
+            return refusal(request, "revoked_key")
         if record.expires_ms and now >= record.expires_ms:
-            return refused("expired_key")
+            return refusal(request, "expired_key")
         if account.customer.status != "active":
-            return refused("suspended")
-        for limit in request.plan.rate_limits:
-            # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
-            rate_key, latest = (request.live, request.customer, limit.seconds), now + limit.seconds * 1000
-            if self._rates.get(rate_key, now) > latest:
-                self._rates[rate_key] = latest
-
+            return refusal(request, "suspended")
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
-        decision = self._decide(request, seen, available, now, calls)
-        if decision.reason and calls > 1:
+        decision, holds, new_tats = self._decide(request, seen, available, now, calls)
+        if not decision.allowed and calls > 1:
             # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
-            while decision.reason and calls > 1:
+            while not decision.allowed and calls > 1:
                 calls //= 2
-                decision = self._decide(request, seen, available, now, calls)
-            if not decision.reason and calls > 1:
+                decision, holds, new_tats = self._decide(request, seen, available, now, calls)
+            if decision.allowed and calls > 1:
                 calls //= 2
-                decision = self._decide(request, seen, available, now, calls)
-        limits = [*decision.rates, *decision.quotas]
-        if decision.reason:
-            retry = int(decision.retry_ms) if decision.reason == "rate_limited" else 0
-            return admitted(False, decision.reason, retry, 0, available, 0, limits)
+                decision, holds, new_tats = self._decide(request, seen, available, now, calls)
+        if not decision.allowed:
+            return decision
 
-        credits = decision.credits
-        reservation = None
-        if credits or any(decision.holds):
-            reservation = Reservation(
+        credits = decision.reserved_credits
+        if credits or any(held for _, held in holds):
+            self._shards[request.shard].reservations[request.reservation_id] = Reservation(
                 request.customer,
                 request.live,
                 request.period_start,
                 credits,
-                tuple((hold.meter, held) for hold, held in zip(request.holds, decision.holds, strict=True)),
+                holds,
                 now + request.reservation_timeout_ms,
             )
-        for rate_key, new_tat in decision.new_tats:
+        for rate_key, new_tat in new_tats:
             self._rates[rate_key] = new_tat
-        for hold, held in zip(request.holds, decision.holds, strict=True):
-            counters[counter_names(hold.meter)[1]] += held
+        for meter, held in holds:
+            counters[counter_names(meter)[1]] += held
         account.reserved += credits
-        if reservation is not None:
-            self._shards[request.shard].reservations[request.reservation_id] = reservation
-        return admitted(True, "", 0, credits, available - credits, calls, limits)
+        return decision
 
     def _unsettled(
         self, request: AdmitRequest, counters: Mapping[str, int], account: Account, now: int
@@ -137,56 +131,94 @@ class AdmissionMixin(MemoryState):
 
     def _decide(
         self, request: AdmitRequest, counters: Mapping[str, int], available: int, now: int, calls: int
-    ) -> Admission:
-        """What admitting ``calls`` calls would do (admit.lua's decide())."""
+    ) -> tuple[Decision, Holds, list[NewTat]]:
+        """What admitting ``calls`` calls would do (admit.lua's decide()): the decision, then what to write
+        if it admits them: the units each meter holds and the rate limits' new TATs.
+
+        A rate limit's TAT more than a period ahead is clamped first, in the store (admit.lua too)."""
         retry_ms = 0.0
-        rates: list[int] = []
-        new_tats: list[tuple[tuple[bool, str, int], float]] = []
+        limits: list[LimitState] = []
+        new_tats: list[NewTat] = []
         for limit in request.plan.rate_limits:
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
             rate_key = (request.live, request.customer, limit.seconds)
             tat = max(self._rates.get(rate_key, now), now)
+            if tat - now > period_ms:
+                # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
+                tat = self._rates[rate_key] = now + period_ms
             new_tat = tat + interval * calls
             if new_tat - now > period_ms:
                 retry_ms = max(retry_ms, new_tat - period_ms - now)
-                rates += (int((period_ms - (tat - now)) // interval), int(tat - now))
+                new_tat = tat  # refused: the caller stands where the TAT is
             else:
-                rates += (int((period_ms - (new_tat - now)) // interval), int(new_tat - now))
                 new_tats.append((rate_key, new_tat))
+            remaining, reset_ms = int((period_ms - (new_tat - now)) // interval), int(new_tat - now)
+            name = rate_limit_name(limit.seconds)
+            limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
         over_quota = needs_positive_balance = False
         credits = 0
-        quotas: list[int] = []
-        holds: list[int] = []
+        holds: list[tuple[str, int]] = []
+        window = request.period_end - request.period_start
+        until_period_end = max(0, request.period_end - now // 1000)
         for hold in request.holds:
             # A value meter's size is unknown until the end: one unit left admits it, however many calls.
             need, held_now = (hold.need * calls if hold.exact else hold.need), hold.hold * calls
             used_key, held_key = counter_names(hold.meter)
             used, held = counters.get(used_key, 0), counters.get(held_key, 0)
-            holds.append(held_now)
+            holds.append((hold.meter, held_now))
             if hold.quota >= 0:
+                remaining = hold.quota - used - held
                 if used + held + need > hold.quota:
                     over_quota = True
-                    quotas.append(hold.quota - used - held)
                 else:
-                    quotas.append(hold.quota - used - held - held_now)
+                    remaining -= held_now
+                name = quota_name(hold.meter)
+                limits.append(LimitState(name, hold.quota, window, max(0, remaining), until_period_end))
             if hold.price:
                 base = used + held
                 credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
                 if not hold.exact and base + held_now >= hold.included:
                     needs_positive_balance = True
-        if not request.charges_credits:
+        charges_credits = request.charges_credits
+        if not charges_credits:
             credits = 0
-        reason = ""
+        reason: Reason | None = None
+        retry_after = 0
         if retry_ms:
-            reason = "rate_limited"
+            # admit.lua replies the whole milliseconds; the caller is told the seconds, rounded up.
+            reason, retry_after = "rate_limited", -(-int(retry_ms) // 1000)
         elif over_quota:
-            reason = "quota_exceeded"
-        elif request.charges_credits and (
+            reason, retry_after = "quota_exceeded", until_period_end
+        elif charges_credits and (
             available < credits or (needs_positive_balance and available - credits <= 0)
         ):
             reason = "insufficient_credits"
-        return Admission(reason, retry_ms, credits, rates, quotas, holds, new_tats)
+        # Positional: this runs for every call.
+        if reason:
+            decision = Decision(
+                False,
+                reason,
+                "",
+                0,
+                retry_after,
+                tuple(limits),
+                available if charges_credits else None,
+                0,
+            )
+        else:
+            holding = credits or any(held for _, held in holds)
+            decision = Decision(
+                True,
+                None,
+                request.reservation_id if holding else "",
+                credits,
+                0,
+                tuple(limits),
+                available - credits if charges_credits else None,
+                calls,
+            )
+        return decision, tuple(holds), new_tats
 
 
 class SettlementMixin(MemoryState):
@@ -198,45 +230,48 @@ class SettlementMixin(MemoryState):
             now = time.time()
             if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
                 return False
-            # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
-            for settlement in batch.settlements:
-                if settlement is not None:
-                    for meter, units, price, included in settlement.meters:
-                        for name, value in (("units", units), ("price", price), ("included", included)):
-                            check_amount(batch, settlement, meter, name, value)
-                        check_amount(batch, settlement, meter, "cost", units * price)
             # Plan every change, then make them (flush.lua does the same): the entry first, then the
             # settlements. A unit counter reads what the batch's earlier settlements added to it.
             # What the reservations named still hold (None once closed), and what goes back.
             holding: dict[str, Reservation | None] = {}
             freed: list[Reservation] = []
-            used: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-            charges: dict[str, int] = defaultdict(int)
+            used: dict[tuple[bool, str, int], dict[str, int]] = {}
+            charges: dict[str, int] = {}
             costs = []
+            reservations = shard.reservations
             for settlement in batch.settlements:
                 cost = 0
                 if settlement is not None:
+                    # As flush.lua: a settlement's numbers come from the client (a spool file at worst).
+                    # Checked before anything is changed: the plan changes nothing.
+                    check_amounts(batch, settlement)
                     if settlement.billable:
                         quota = (settlement.live, settlement.customer, settlement.period_start)
-                        counters, added = self._quotas.get(quota, {}), used[quota]
+                        counters = self._quotas.get(quota, {})
+                        added = used.get(quota)
+                        if added is None:
+                            added = used[quota] = {}
                         for meter, units, price, included in settlement.meters:
-                            before = counters.get(f"{meter}:u", 0) + added[f"{meter}:u"]
-                            added[f"{meter}:u"] += units
+                            name = counter_names(meter)[0]
+                            before = counters.get(name, 0) + added.get(name, 0)
+                            added[name] = added.get(name, 0) + units
                             cost += (max(included, before + units) - max(included, before)) * price
                         if settlement.charges_credits and settlement.customer in self._accounts:
-                            charges[settlement.customer] += cost
+                            charges[settlement.customer] = charges.get(settlement.customer, 0) + cost
                     reservation_id = settlement.reservation_id
-                    if reservation_id and reservation_id not in holding:
-                        holding[reservation_id] = shard.reservations.get(reservation_id)
-                    reservation = holding.get(reservation_id)
-                    if reservation is not None:
-                        if settlement.closes:
-                            freed.append(reservation)
-                            holding[reservation_id] = None
-                        elif settlement.billable:
-                            taken = captured(reservation, settlement, cost)
-                            freed.append(taken)
-                            holding[reservation_id] = less(reservation, taken)
+                    if reservation_id:
+                        if reservation_id in holding:
+                            reservation = holding[reservation_id]
+                        else:
+                            reservation = holding[reservation_id] = reservations.get(reservation_id)
+                        if reservation is not None:
+                            if settlement.closes:
+                                freed.append(reservation)
+                                holding[reservation_id] = None
+                            elif settlement.billable:
+                                taken = captured(reservation, settlement, cost)
+                                freed.append(taken)
+                                holding[reservation_id] = less(reservation, taken)
                 costs.append(cost)
             fields = {
                 b"b": batch.payload,
@@ -248,9 +283,9 @@ class SettlementMixin(MemoryState):
             shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
             for reservation_id, reservation in holding.items():
                 if reservation is None:
-                    shard.reservations.pop(reservation_id, None)
-                elif reservation_id in shard.reservations:
-                    shard.reservations[reservation_id] = reservation
+                    reservations.pop(reservation_id, None)
+                elif reservation_id in reservations:
+                    reservations[reservation_id] = reservation
             for reservation in freed:
                 self._release(reservation)
             for quota, added in used.items():

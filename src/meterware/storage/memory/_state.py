@@ -7,8 +7,14 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias
 
 from meterware.errors import NotFoundError, StorageError
+from meterware.metering.admission import (
+    AdmitRequest,
+    Decision,
+    Reason,
+)
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage.base import (
     Batch,
@@ -50,13 +56,21 @@ class Account:
         self.balance += entry.amount
 
 
-@dataclass(frozen=True, slots=True)
+#: ``(meter, units held)`` for each hold of a call.
+Holds: TypeAlias = tuple[tuple[str, int], ...]
+#: A rate limit's key in the store and the TAT an admission moves it to.
+NewTat: TypeAlias = tuple[tuple[bool, str, int], float]
+
+
+# Made for every admitted call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__
+# per field; never changed once made (captured() and less() make new ones).
+@dataclass(slots=True)
 class Reservation:
     customer: str
     live: bool
     period_start: int
     credits: int
-    holds: tuple[tuple[str, int], ...]
+    holds: Holds
     deadline_ms: int
 
 
@@ -79,8 +93,27 @@ def less(reservation: Reservation, taken: Reservation) -> Reservation:
 MAX_AMOUNT = 2**53 - 1
 
 
-def check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, value: object) -> None:
-    """Raise the refusal flush.lua replies with if ``value`` is not an integer from 0 to 2^53-1."""
+def check_amounts(batch: Batch, settlement: Settlement) -> None:
+    """Raise the refusal flush.lua replies with if a meter's units, price, included units or cost is not
+    an integer from 0 to 2^53-1."""
+    for meter, units, price, included in settlement.meters:
+        if (
+            type(units) is int
+            and type(price) is int
+            and type(included) is int
+            and 0 <= units <= MAX_AMOUNT
+            and 0 <= price <= MAX_AMOUNT
+            and 0 <= included <= MAX_AMOUNT
+            and units * price <= MAX_AMOUNT
+        ):
+            continue
+        # Name the first bad value, as flush.lua does.
+        for name, value in (("units", units), ("price", price), ("included", included)):
+            _check_amount(batch, settlement, meter, name, value)
+        _check_amount(batch, settlement, meter, "cost", units * price)
+
+
+def _check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, value: object) -> None:
     if type(value) is not int or not 0 <= value <= MAX_AMOUNT:
         raise StorageError(
             f"memory: BADVALUE batch {batch.batch_id} customer {settlement.customer} meter {meter}: "
@@ -89,17 +122,9 @@ def check_amount(batch: Batch, settlement: Settlement, meter: str, name: str, va
         )
 
 
-@dataclass(slots=True)
-class Admission:
-    """What admitting some calls would do (the state an admission reply reports)."""
-
-    reason: str
-    retry_ms: float
-    credits: int
-    rates: list[int]
-    quotas: list[int]
-    holds: list[int]
-    new_tats: list[tuple[tuple[bool, str, int], float]]
+def refusal(request: AdmitRequest, reason: Reason) -> Decision:
+    """The decision refusing a call before any limit is read (unknown, revoked or expired key, suspended)."""
+    return Decision(False, reason, "", 0, 0, (), 0 if request.charges_credits else None, 0)
 
 
 @dataclass(slots=True)
@@ -182,7 +207,7 @@ class MemoryState:
     def _release(self, reservation: Reservation) -> None:
         counters = self._quotas[(reservation.live, reservation.customer, reservation.period_start)]
         for meter, held in reservation.holds:
-            counters[f"{meter}:h"] -= held
+            counters[counter_names(meter)[1]] -= held
         account = self._accounts.get(reservation.customer)
         if account is not None:
             account.reserved -= reservation.credits

@@ -213,7 +213,8 @@ class Waiting:
     def __init__(self, request: AdmitRequest) -> None:
         self.request = request
         self.leads = False
-        self.ready = threading.Event()
+        #: Set when answered or asked to lead; made only for a call that waits (a leader's never does).
+        self.ready: threading.Event | None = None
         self._decision: Decision | None = None
         self._error: BaseException | None = None
 
@@ -222,11 +223,15 @@ class Waiting:
 
     def set_result(self, result: Decision, /) -> None:
         self._decision = result
-        self.ready.set()
+        self.wake()
 
     def set_exception(self, exception: BaseException, /) -> None:
         self._error = exception
-        self.ready.set()
+        self.wake()
+
+    def wake(self) -> None:
+        if self.ready is not None:
+            self.ready.set()
 
     def result(self) -> Decision:
         if self._error is not None:
@@ -266,8 +271,10 @@ class RequestPathCommands(Connection):
         with self._admissions:
             self._waiting.append(waiting)
             waiting.leads = not self._leading
+            if not waiting.leads:
+                waiting.ready = threading.Event()
             self._leading = True
-        if not waiting.leads:
+        if waiting.ready is not None:
             waiting.ready.wait()  # answered, or asked to lead the next round
         if waiting.leads:
             self._lead_round()
@@ -292,7 +299,7 @@ class RequestPathCommands(Connection):
                 if self._waiting:
                     following = self._waiting[0]
                     following.leads = True
-                    following.ready.set()
+                    following.wake()
                 else:
                     self._leading = False
 

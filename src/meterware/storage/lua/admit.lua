@@ -1,11 +1,11 @@
 #!lua
 -- Admit calls, one after the other: for each, key, customer, rate limits, hard quotas and credits are
 -- checked, then the call's units and credits are reserved. The calls of one script run are those of
--- concurrent requests on one shard (the asyncio client coalesces them), so one round trip admits many.
+-- concurrent requests on one shard (both clients coalesce them), so one round trip admits many.
 -- Step for step each admission is MemoryStorage._admit (memory/_request.py); its reply is the list
 -- storage/_admission.py describes and reads, or {SCRIPT_REFUSED, error} when a key holds garbage (that
--- call alone is refused, before its first write: common.lua, all or nothing per call). The keys it reads are type-checked by those reads, the two it only
--- writes by TYPE, and only when it will.
+-- call alone is refused and adds nothing to the run's writes: common.lua, all or nothing per call). The
+-- keys it reads are type-checked by those reads, the two it only writes by TYPE, and only when it will.
 --
 -- A lease asks for many calls at once (`calls`): it gets as many as fit, the largest of calls, calls/2,
 -- calls/4... under every limit, halved once more when not all fit (near a limit, what is left is shared

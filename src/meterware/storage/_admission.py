@@ -115,12 +115,11 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         ks.reservation_deadlines(shard),
     ]
     keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
-    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_ID, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD,
-    # CALLS, RATE_LIMITS (admit.lua's names), then the limits and the holds.
+    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS,
+    # RATE_LIMITS (admit.lua's names), then the limits and the holds.
     args: list[Arg] = [
         customer,
         int(request.charges_credits),
-        "",  # the reservation id: each call's own
         request.reservation_timeout_ms,
         request.period_end + ks.QUOTA_GRACE_SECONDS,
         f"{customer} {int(live)} {request.period_start}",

@@ -16,9 +16,8 @@
 -- KEYS: per template: key record, customer, quota, reservations, reservation deadlines, one rate key per
 --       rate limit
 -- ARGV: template count, then per template: key count, argument count, its arguments (customer id, charges
---       credits (1/0), reservation id (a placeholder), reservation timeout ms, quota expire-at (s),
---       reservation record head ("customer live period_start"), calls (1, or a lease's), rate limit
---       count, (amount, seconds)...,
+--       credits (1/0), reservation timeout ms, quota expire-at (s), reservation record head ("customer
+--       live period_start"), calls (1, or a lease's), rate limit count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
 --       number, reservation id, and the changes still to come from the calls this process finished
 --       ("" if none; else msgpack: first the guard, the KEYS index of the key holding the highest
@@ -32,8 +31,8 @@
 -- Positions in a template's KEYS and arguments, and the first value of a reply that decides nothing
 -- (storage/_admission.py builds and reads the same layout).
 local KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, FIRST_RATE = 1, 2, 3, 4, 5, 6
-local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS = 1, 2, 4
-local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 5, 6, 7, 8
+local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS = 1, 2, 3
+local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 4, 5, 6, 7
 local SCRIPT_REFUSED, STALE = -1, -2
 
 -- The calls of a run mostly share their keys (one customer's concurrent calls): each key is read once

@@ -43,7 +43,7 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
     if args.plan:
         accounts.change_plan(args.customer, args.plan)
     if args.status:
-        accounts.set_status(args.customer, args.status)
+        accounts.set_status(args.customer, args.status, reason=args.reason or "", actor="cli")
     return cmd_customers_show(args)
 
 
@@ -101,6 +101,7 @@ def add_customers(commands: Commands) -> None:
     sub.add_argument("customer")
     sub.add_argument("--plan")
     sub.add_argument("--status", choices=["active", "suspended"])
+    sub.add_argument("--reason", help="why the status changes (kept in the customer's ledger)")
     sub.add_argument(
         "--external-id",
         action="append",

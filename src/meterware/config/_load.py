@@ -19,12 +19,13 @@ from meterware.config._parse import (
     parse_pipeline,
     parse_plan,
     parse_policy,
+    parse_portal,
     parse_rollup,
     parse_routes,
     parse_storage,
 )
 from meterware.config._routes import Routes
-from meterware.config._sections import Alerts, ExportTarget, Meter, Pipeline, Plan, Policy, Rollup
+from meterware.config._sections import Alerts, ExportTarget, Meter, Pipeline, Plan, Policy, Portal, Rollup
 from meterware.config._table import Section
 from meterware.errors import ConfigError
 
@@ -59,6 +60,7 @@ class Config:
     rollup: Rollup = field(default_factory=Rollup)
     alerts: Alerts = field(default_factory=Alerts)
     export: Mapping[str, ExportTarget] = field(default_factory=dict)
+    portal: Portal = field(default_factory=Portal)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
@@ -144,6 +146,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
     rollup = parse_rollup(root)
     alerts = parse_alerts(root, plans)
     export = parse_export(root, meters)
+    portal = parse_portal(root)
     root.done()
 
     return Config(
@@ -158,6 +161,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         rollup=rollup,
         alerts=alerts,
         export=export,
+        portal=portal,
     )
 
 

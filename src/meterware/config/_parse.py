@@ -27,6 +27,7 @@ from meterware.config._sections import (
     Pipeline,
     Plan,
     Policy,
+    Portal,
     RateLimit,
     Rollup,
 )
@@ -156,13 +157,15 @@ def parse_routes(root: Section) -> Routes:
     for glob in weights_table.data:
         weights.append((glob, weights_table.integer(glob, 1, minimum=0)))
     live_only = routes.strings("live_only", ())
-    raw_account = routes.get("account", str, None)
-    account = None if raw_account is None else raw_account.rstrip("/")
-    if account is not None and (not account.startswith("/") or has_dot_segments(account)):
-        raise ConfigError(routes.name("account"), f"must be a path like /v1/account, got {raw_account!r}")
+    mounts: dict[str, str | None] = {}
+    for name, example in (("account", "/v1/account"), ("portal", "/portal"), ("admin", "/admin")):
+        raw = routes.get(name, str, None)
+        mount = mounts[name] = None if raw is None else raw.rstrip("/")
+        if mount is not None and (not mount.startswith("/") or has_dot_segments(mount)):
+            raise ConfigError(routes.name(name), f"must be a path like {example}, got {raw!r}")
     templates = routes.strings("templates", ())
     routes.done()
-    return Routes(exclude, tuple(weights), live_only, account, templates)
+    return Routes(exclude, tuple(weights), live_only, templates=templates, **mounts)
 
 
 def parse_policy(root: Section) -> Policy:
@@ -229,6 +232,35 @@ def parse_rollup(root: Section) -> Rollup:
 
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def parse_portal(root: Section) -> Portal:
+    """The ``[portal]`` section."""
+    defaults = Portal()
+    section = root.section("portal")
+    names = {}
+    for key in ("secret_env", "admin_token_env"):
+        names[key] = section.get(key, str, getattr(defaults, key))
+        if not _ENV_NAME_RE.match(names[key]):
+            raise ConfigError(section.name(key), f"must name an environment variable, got {names[key]!r}")
+    base_url = section.get("base_url", str, defaults.base_url).rstrip("/")
+    if base_url and not _is_http_url(base_url):
+        raise ConfigError(section.name("base_url"), f"must be an http:// or https:// URL, got {base_url!r}")
+    seconds = {}
+    for key, most in (("link_seconds", 7 * 86_400), ("session_seconds", 30 * 86_400)):
+        seconds[key] = float(section.number(key, getattr(defaults, key)))
+        if not 1 <= seconds[key] <= most:
+            raise ConfigError(section.name(key), f"must be from 1 to {most} seconds, got {seconds[key]:g}")
+    secure = section.get("secure_cookies", bool, defaults.secure_cookies)
+    section.done()
+    return Portal(
+        names["secret_env"],
+        names["admin_token_env"],
+        base_url,
+        seconds["link_seconds"],
+        seconds["session_seconds"],
+        secure,
+    )
 
 
 def parse_alert_rules(section: Section) -> AlertRules:

@@ -71,6 +71,10 @@ class Routes:
     #: Where the customer's own account (:mod:`meterware.billing.selfservice`) is mounted, without a trailing
     #: slash: never metered, with or without the slash and below it, whatever ``exclude`` says.
     account: str | None = None
+    #: Where the customer portal and its operator view (:mod:`meterware.portal`) are mounted: never metered
+    #: either, as ``account``.
+    portal: str | None = None
+    admin: str | None = None
     #: Route templates of an app without a router (werkzeug rules, ``/v1/items/<id>``): its calls' events
     #: and metrics carry the template their path matches (:meth:`route_of`).
     templates: tuple[str, ...] = ()
@@ -112,9 +116,9 @@ class Routes:
         """
         if has_dot_segments(path):
             return False
-        account = self.account
-        if account is not None and (path == account or path.startswith(f"{account}/")):
-            return True
+        for mount in (self.account, self.portal, self.admin):
+            if mount is not None and (path == mount or path.startswith(f"{mount}/")):
+                return True
         pattern = self._exclude_re
         return pattern is not None and pattern.match(path) is not None
 

@@ -27,6 +27,7 @@ __all__ = [
     "Pipeline",
     "Plan",
     "Policy",
+    "Portal",
     "RateLimit",
     "Rollup",
 ]
@@ -171,6 +172,24 @@ class Pipeline:
     buffer_size: int = 100_000
     spool_dir: str = ".meterware-spool"
     spool_max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Portal:
+    """The ``[portal]`` section: the customer portal's sign-in links and sessions."""
+
+    #: The environment variable holding the secret that signs links, sessions and forms (never the file).
+    secret_env: str = "METERWARE_PORTAL_SECRET"
+    #: The environment variable holding the operator view's admin token (when no auth hook is given).
+    admin_token_env: str = "METERWARE_ADMIN_TOKEN"
+    #: Where the portal is mounted, e.g. ``https://api.example.com/portal``: the base of the links issued.
+    base_url: str = ""
+    #: How long a sign-in link works (it works once).
+    link_seconds: float = 900.0
+    #: How long a session lasts after sign-in; then a new link is needed.
+    session_seconds: float = 3600.0
+    #: Whether cookies are ``Secure`` (sent over HTTPS only); false only for local http.
+    secure_cookies: bool = True
 
 
 @dataclass(frozen=True, slots=True)

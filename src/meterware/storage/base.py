@@ -146,7 +146,8 @@ class Billed:
 class LedgerEntry:
     """A movement of the balance (see :mod:`meterware.billing.ledger`); ``amount`` is signed micros.
 
-    ``kind`` is ``grant``, ``purchase``, ``charge``, ``refund``, ``adjustment`` or ``expiry``. Written with
+    ``kind`` is ``grant``, ``purchase``, ``charge``, ``refund``, ``adjustment``, ``expiry``, or ``status`` (a
+    suspension or reactivation with its reason, amount 0). Written with
     ``id=""``; read back with the ledger stream's entry id, whose first part is the time in ms.
     """
 
@@ -331,6 +332,14 @@ class AlertStorage(Protocol):
     def read_alerts(self, shard: int, after: str, count: int) -> list[StreamEntry]: ...
 
 
+class PortalStorage(Protocol):
+    """One-use markers of the customer portal's sign-in links. ``use_once`` records ``token_id`` of
+    ``customer_id`` as used until ``expires_ms`` (epoch ms; the marker is gone after) and says whether this
+    call was the first to use it: True once, then False until it expires."""
+
+    def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool: ...
+
+
 class ExportStorage(Protocol):
     """Export to billing providers: external customer ids, and what was exported of each window (a mark
     per meter; ``None`` removes one) and up to where (a cursor), per provider."""
@@ -355,6 +364,7 @@ class Storage(
     InvoiceStorage,
     AlertStorage,
     ExportStorage,
+    PortalStorage,
     Protocol,
 ):
     """A whole synchronous backend (WSGI request path, rollup worker, CLI): every role."""

@@ -10,6 +10,7 @@ from meterware.errors import ConfigError, NotFoundError, UsageError
 from meterware.keys import NewKey, generate_key
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage._keyspace import check_customer_id
+from meterware.storage.base import LedgerEntry
 
 
 class Customers(AccountsBase):
@@ -40,11 +41,19 @@ class Customers(AccountsBase):
         self.customer(customer_id)
         self.storage.update_customer(customer_id, plan=plan)
 
-    def set_status(self, customer_id: str, status: str) -> None:
+    def set_status(self, customer_id: str, status: str, *, reason: str = "", actor: str = "api") -> None:
+        """Suspend (calls refused) or reactivate a customer. A ``reason`` is kept in the ledger, as an entry
+        of kind ``status`` that moves no credits, so the customer's history says why and who."""
         if status not in ("active", "suspended"):
             raise UsageError(f"status must be 'active' or 'suspended', got {status!r}")
         self.customer(customer_id)
         self.storage.update_customer(customer_id, status=status)
+        reason = " ".join(reason.split())[:500]
+        if reason:
+            actor = " ".join(actor.split())[:500]
+            self.storage.move_credits(
+                customer_id, LedgerEntry("status", 0, actor=actor, reason=f"{status}: {reason}")
+            )
 
     def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None:
         """Record the customer's id at a billing provider (``None`` or ``""`` removes it)."""

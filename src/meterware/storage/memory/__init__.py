@@ -23,7 +23,7 @@ from meterware.metering.records import KeyInfo
 from meterware.storage._registry import Backend
 from meterware.storage.base import Batch
 from meterware.storage.memory._accounts import AccountMixin, LedgerMixin
-from meterware.storage.memory._billing import AlertMixin, ExportMixin, InvoiceMixin
+from meterware.storage.memory._billing import AlertMixin, ExportMixin, InvoiceMixin, PortalMixin
 from meterware.storage.memory._request import AdmissionMixin, SettlementMixin
 from meterware.storage.memory._rollup import RollupMixin
 from meterware.storage.memory._state import MemoryState
@@ -43,6 +43,7 @@ class MemoryStorage(
     InvoiceMixin,
     AlertMixin,
     ExportMixin,
+    PortalMixin,
     Backend,
 ):
     """The embedded backend (synchronous; see :class:`AsyncMemoryStorage` for asyncio)."""

@@ -1,4 +1,4 @@
-"""The in-process backend's invoices, alerts and export marks."""
+"""The in-process backend's invoices, alerts, export marks and portal link markers."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from meterware.storage.memory._state import (
     entry_id_key,
     id_tuple,
 )
+
+#: Markers kept before the expired ones are swept (links live minutes, so few are live at once).
+USED_LINKS_PRUNE_AT = 1024
 
 
 class InvoiceMixin(MemoryState):
@@ -126,3 +129,20 @@ class ExportMixin(MemoryState):
     def write_export_cursor(self, provider: str, customer_id: str, window: str, end: int) -> None:
         with self._lock:
             self._export_cursors[(provider, customer_id, window)] = end
+
+
+class PortalMixin(MemoryState):
+    """The portal's one-use link markers."""
+
+    def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
+        now_ms = time.time_ns() // 1_000_000
+        with self._lock:
+            used = self._used_links
+            if len(used) >= USED_LINKS_PRUNE_AT:  # markers of expired links are dropped, as Redis would
+                for marker in [marker for marker, until in used.items() if until <= now_ms]:
+                    del used[marker]
+            marker = (customer_id, token_id)
+            if used.get(marker, 0) > now_ms:
+                return False
+            used[marker] = expires_ms
+            return True

@@ -197,6 +197,8 @@ class MemoryState:
         #: (provider, customer, window, start) -> meter -> mark; kept for good (as the windows are here).
         self._export_marks: dict[tuple[str, str, str, int], dict[str, ExportMark]] = defaultdict(dict)
         self._export_cursors: dict[tuple[str, str, str], int] = {}
+        #: (customer, portal link id) -> epoch ms its one-use marker expires at.
+        self._used_links: dict[tuple[str, str], int] = {}
 
     def _account(self, customer_id: str) -> Account:
         account = self._accounts.get(customer_id)

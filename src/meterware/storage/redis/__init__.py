@@ -19,7 +19,7 @@ from meterware.storage._registry import Backend
 from meterware.storage._url import RedisTarget, parse_url
 from meterware.storage.redis._accounts import AccountCommands, LedgerCommands
 from meterware.storage.redis._async import AsyncRedisStorage
-from meterware.storage.redis._billing import AlertCommands, ExportCommands, InvoiceCommands
+from meterware.storage.redis._billing import AlertCommands, ExportCommands, InvoiceCommands, PortalCommands
 from meterware.storage.redis._connection import check_url
 from meterware.storage.redis._request import RequestPathCommands
 from meterware.storage.redis._rollup import RollupCommands
@@ -36,6 +36,7 @@ class RedisStorage(
     InvoiceCommands,
     AlertCommands,
     ExportCommands,
+    PortalCommands,
     Backend,
 ):
     """The Redis backend for threads: the WSGI request path, the rollup worker and the CLI.

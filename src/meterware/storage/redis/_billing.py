@@ -161,3 +161,12 @@ class AlertCommands(Connection):
             return []
         with self._call() as client:
             return stream_entries(client.xrange(ks.alerts(shard), min=f"({after}", max="+", count=count))
+
+
+class PortalCommands(Connection):
+    """The portal's one-use link markers of :class:`~meterware.storage.redis.RedisStorage`."""
+
+    def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
+        key = ks.used_link(self._shard(customer_id), customer_id, token_id)
+        with self._call() as client:
+            return bool(client.set(key, 1, nx=True, pxat=max(1, expires_ms)))

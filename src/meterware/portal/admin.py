@@ -1,0 +1,330 @@
+"""The operator view: every customer with plan, status, balance, period usage and spend (searchable,
+sortable); any customer's portal pages; granting credits and suspending with a reason kept in the ledger.
+
+Who may use it is your call, in one of two ways:
+
+* ``authorize``: a function of the :class:`~meterware.portal.http.PortalRequest` (headers, cookies) that
+  returns the operator's name, or None to refuse, e.g. reading the session of your own admin site;
+* otherwise the admin token in ``$METERWARE_ADMIN_TOKEN`` (``portal.admin_token_env``, at least 32
+  characters): sent as ``Authorization: Bearer <token>``, or typed once into the sign-in form, which opens
+  an operator session.
+
+Forms carry the operator session's token, as the customer's pages do.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlencode
+
+from markupsafe import Markup
+
+from meterware.config import Config
+from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError
+from meterware.portal import html
+from meterware.portal.http import PortalRequest, PortalResponse, redirect
+from meterware.portal.tokens import MIN_SECRET_LENGTH, Session, new_session
+from meterware.portal.views import PortalCore, render
+
+#: Your own check of a request: the operator's name, or None to refuse.
+Authorize = Callable[[PortalRequest], str | None]
+
+SESSION_COOKIE: Final = "meterware_admin"
+#: Operator sessions last this long at most (or ``portal.session_seconds`` if shorter).
+OPERATOR_SESSION_SECONDS: Final = 8 * 3600
+#: Customers listed per page.
+PAGE_SIZE: Final = 50
+SORTS: Final = ("id", "plan", "status", "balance", "calls", "spend")
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRow:
+    id: str
+    plan: str
+    status: str
+    balance: int
+    calls: int
+    spend: int
+
+
+class OperatorView(PortalCore):
+    """The operator view without a server (see :mod:`meterware.portal.admin`)."""
+
+    def __init__(self, config: Config, *, authorize: Authorize | None = None) -> None:
+        super().__init__(config)
+        self.authorize = authorize
+        self._token = b""
+        if authorize is None:
+            name = config.portal.admin_token_env
+            token = os.environ.get(name, "")
+            if len(token) < MIN_SECRET_LENGTH:
+                raise ConfigError(
+                    "portal.admin_token_env",
+                    f"the operator view needs an authorize= hook or ${name} set to a random token of at "
+                    f"least {MIN_SECRET_LENGTH} characters",
+                )
+            self._token = token.encode()
+
+    def __call__(self, request: PortalRequest) -> PortalResponse:
+        try:
+            return self._respond(request)
+        except StorageError:
+            return html.message_page(
+                request.root, 503, "Temporarily unavailable", "The backend cannot be read now."
+            )
+
+    def _token_matches(self, presented: str) -> bool:
+        return bool(self._token) and hmac.compare_digest(presented.encode(), self._token)
+
+    def operator(self, request: PortalRequest) -> str | None:
+        """Who is asking: the hook's answer, or the bearer token's, or the operator session's."""
+        if self.authorize is not None:
+            return self.authorize(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self._token_matches(token.strip()):
+            return "admin"
+        return None
+
+    def _respond(self, request: PortalRequest) -> PortalResponse:
+        root, path = request.root, request.path
+        if path == "/static/portal.css":
+            return html.stylesheet()
+        if path == "/login" and self.authorize is None:
+            return self.sign_in(request)
+        session = self.signer.open_session(request.cookies.get(SESSION_COOKIE, ""))
+        if session is not None and not session.operator:
+            session = None
+        named = self.operator(request)
+        if self.authorize is not None and named is None:
+            return html.message_page(
+                root, 403, "Not allowed", "You are not allowed to use the operator view."
+            )
+        if named is None and session is None:
+            return redirect(f"{root}/login")
+        fresh = session is None or (named is not None and session.operator != named)
+        if session is None or fresh:
+            session = new_session("-", self._session_seconds(), operator=named or "admin")
+        refused = self.checked_post(request, session)
+        if refused is not None:
+            return refused
+        if path == "/logout" and request.method == "POST":
+            return self.clear_session(redirect(f"{root}/login"), SESSION_COOKIE, root)
+        response = self.route(request, session)
+        return self.set_session(response, SESSION_COOKIE, session, root) if fresh else response
+
+    def _session_seconds(self) -> float:
+        return min(OPERATOR_SESSION_SECONDS, self.config.portal.session_seconds)
+
+    def sign_in(self, request: PortalRequest) -> PortalResponse:
+        root = request.root
+        problem = Markup("")
+        if request.method == "POST":
+            if self._token_matches(request.form.get("token", "")):
+                session = new_session("-", self._session_seconds(), operator="admin")
+                return self.set_session(redirect(f"{root}/"), SESSION_COOKIE, session, root)
+            problem = html.notice("That token is not the admin token.", kind="error")
+        content = Markup(
+            '<main class="message"><h1>Operator sign-in</h1>{}<form method="post" action="{}/login">'
+            '<div class="field"><label for="token">Admin token</label>'
+            '<input id="token" name="token" type="password" autocomplete="current-password" required></div>'
+            '<button type="submit">Sign in</button></form></main>'
+        ).format(problem, root)
+        return html.document(root, "Operator sign-in", content, status=403 if problem else 200)
+
+    def route(self, request: PortalRequest, session: Session) -> PortalResponse:
+        root, path = request.root, request.path
+        if path in ("", "/"):
+            return self.customers(request, session)
+        prefix = "/customers/"
+        if not path.startswith(prefix):
+            return html.message_page(root, 404, "Not found", "There is no such page.")
+        customer_id, _, rest = path[len(prefix) :].partition("/")
+        base = f"{root}/customers/{customer_id}"
+        try:
+            ctx = self.context(
+                session,
+                customer_id,
+                root,
+                base,
+                operator=session.operator,
+                banner=Markup(
+                    '<div class="banner" role="note">Operator view ({}) of customer {}. '
+                    '<a href="{}/">All customers</a> \u00b7 <a href="{}/manage">Credits and status</a></div>'
+                ).format(session.operator, customer_id, root, base),
+            )
+        except (NotFoundError, ValueError):
+            return html.message_page(root, 404, "Not found", "There is no such customer.")
+        if rest == "manage":
+            return self.manage(ctx, request)
+        return render(ctx, request, f"/{rest}")
+
+    def summaries(self) -> list[CustomerRow]:
+        """One row per customer: a few reads each (the list is for thousands of customers, not millions)."""
+        accounts = self.accounts
+        rows = []
+        for customer_id in accounts.storage.list_customers():
+            try:
+                customer = accounts.customer(customer_id)
+                report = accounts.usage(customer_id)
+                balance = accounts.balance(customer_id)
+            except NotFoundError:
+                continue
+            calls = sum(report.calls.values()) - report.calls.get("rejected", 0)
+            rows.append(
+                CustomerRow(customer.id, customer.plan, customer.status, balance.balance, calls, report.spend)
+            )
+        return rows
+
+    def customers(self, request: PortalRequest, session: Session) -> PortalResponse:
+        root, query = request.root, request.query
+        search = query.get("q", "").strip()[:128]
+        sort = query.get("sort", "id") if query.get("sort") in SORTS else "id"
+        descending = query.get("order") == "desc"
+        rows = [
+            row for row in self.summaries() if search.lower() in f"{row.id} {row.plan} {row.status}".lower()
+        ]
+        rows.sort(key=lambda row: (getattr(row, sort), row.id), reverse=descending)
+        try:
+            page_number = max(1, int(query.get("page", "1")))
+        except ValueError:
+            page_number = 1
+        shown = rows[(page_number - 1) * PAGE_SIZE : page_number * PAGE_SIZE]
+
+        def heading(column: str, label: str) -> Markup:
+            order = "desc" if sort == column and not descending else "asc"
+            href = f"{root}/?{urlencode({'q': search, 'sort': column, 'order': order})}"
+            return Markup('<a href="{}">{}</a>').format(href, label)
+
+        table = html.table(
+            f"{len(rows)} customers" + (f" matching \u201c{search}\u201d" if search else ""),
+            [
+                heading(c, label)
+                for c, label in zip(
+                    SORTS,
+                    ("Customer", "Plan", "Status", "Balance", "Calls this period", "Spend this period"),
+                    strict=True,
+                )
+            ],
+            [
+                (
+                    Markup('<a href="{}/customers/{}/">{}</a>').format(root, row.id, row.id),
+                    row.plan,
+                    Markup('<span class="status-{}">{}</span>').format(row.status, row.status),
+                    html.data(f"{row.id}.balance", html.credits(row.balance), row.balance),
+                    html.data(f"{row.id}.calls", html.number(row.calls), row.calls),
+                    html.data(f"{row.id}.spend", html.credits(row.spend), row.spend),
+                )
+                for row in shown
+            ],
+            numeric=[3, 4, 5],
+            name="customers",
+            empty="No customer matches.",
+        )
+        pager = Markup("")
+        if len(rows) > PAGE_SIZE:
+            pages = (len(rows) + PAGE_SIZE - 1) // PAGE_SIZE
+            pager = Markup('<p class="pager">Page {} of {}{}</p>').format(
+                page_number,
+                pages,
+                Markup(' \u00b7 <a href="{}/?{}">Next</a>').format(
+                    root,
+                    urlencode(
+                        {
+                            "q": search,
+                            "sort": sort,
+                            "order": query.get("order", "asc"),
+                            "page": page_number + 1,
+                        }
+                    ),
+                )
+                if page_number < pages
+                else "",
+            )
+        search_form = Markup(
+            '<form method="get" action="{}/" role="search"><div class="field">'
+            '<label for="q">Search customers</label><input id="q" name="q" type="search" value="{}"></div>'
+            '<button type="submit">Search</button></form>'
+        ).format(root, search)
+        sign_out = Markup("")
+        if self.authorize is None:
+            sign_out = Markup(
+                '<form method="post" action="{}/logout" class="sign-out">'
+                '<input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>'
+            ).format(root, self.signer.form_token(session))
+        content = Markup(
+            '<header><div class="brand">Operator view</div><div class="who">{}{}</div></header>'
+            "<main><h1>Customers</h1>{}{}{}</main>"
+        ).format(session.operator, sign_out, search_form, table, pager)
+        return html.document(root, "Customers \u00b7 operator view", content)
+
+    def manage(self, ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
+        """Grant credits, suspend or reactivate, each with a reason the ledger keeps."""
+        accounts, customer = ctx.accounts, ctx.customer
+        done = Markup("")
+        if request.method == "POST":
+            action, reason = request.form.get("action", ""), request.form.get("reason", "").strip()
+            actor = f"portal:{ctx.operator}"
+            try:
+                if not reason:
+                    raise MeterwareError("a reason is required")
+                if action == "grant":
+                    accounts.grant_credits(
+                        customer.id, request.form.get("amount", ""), reason=reason, actor=actor
+                    )
+                    done = html.notice(f"Granted {request.form.get('amount')} credits.", kind="ok")
+                elif action in ("suspended", "active"):
+                    accounts.set_status(customer.id, action, reason=reason, actor=actor)
+                    done = html.notice(f"The customer is now {action}.", kind="ok")
+                else:
+                    raise MeterwareError("unknown action")
+            except MeterwareError as error:
+                done = html.notice(str(error), kind="error")
+            customer = accounts.customer(customer.id)
+        grant = html.form(
+            ctx,
+            "/manage",
+            Markup('<input type="hidden" name="action" value="grant">')
+            + html.field_row(
+                "Amount",
+                Markup('<input id="amount" name="amount" inputmode="decimal" required>'),
+                hint="Credits, e.g. 25.00",
+            )
+            + html.field_row(
+                "Reason",
+                Markup('<input id="reason" name="reason" required>'),
+                hint="Kept in the customer's ledger.",
+            ),
+            "Grant credits",
+            name="grant",
+        )
+        target = "active" if customer.status == "suspended" else "suspended"
+        status = html.form(
+            ctx,
+            "/manage",
+            Markup('<input type="hidden" name="action" value="{}">').format(target)
+            + html.field_row(
+                "Reason for the change", Markup('<input id="reason-for-the-change" name="reason" required>')
+            ),
+            "Reactivate" if target == "active" else "Suspend",
+            danger=target == "suspended",
+            name="status",
+        )
+        balance = accounts.balance(customer.id)
+        body = Markup(
+            "<h1>Credits and status</h1>{}{}<h2>Grant credits</h2>{}<h2>Status</h2><p>Now: {}.</p>{}"
+        ).format(
+            done,
+            html.definition_list(
+                {"Balance": html.data("credits.balance", html.credits(balance.balance), balance.balance)}
+            ),
+            grant,
+            Markup('<span class="status-{}" data-field="status">{}</span>').format(
+                customer.status, customer.status
+            ),
+            status,
+        )
+        return html.page(ctx, title="Credits and status", current="", body=body)

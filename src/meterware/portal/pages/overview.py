@@ -1,0 +1,160 @@
+"""The overview: this period's usage against what the plan includes and allows, spend so far and where
+the period is heading, the credit balance, the rate limits and the latest alerts. It reloads itself."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Final
+
+from markupsafe import Markup
+
+from meterware.billing.pricing import money
+from meterware.metering.admission import rate_limit_name
+from meterware.portal import html
+from meterware.portal.http import PortalRequest, PortalResponse
+
+#: Seconds between the page's reloads (the rollup's lag is a few seconds).
+REFRESH_SECONDS: Final = 30
+#: Alerts listed on the overview (the Alerts page lists more).
+LATEST_ALERTS: Final = 5
+
+
+def projected_quantities(used: dict[str, int], start: int, end: int, now: float) -> dict[str, int]:
+    """Usage at the period's end if it goes on at the pace so far (the usage itself before a minute in)."""
+    elapsed = now - start
+    if elapsed < 60 or now >= end:
+        return dict(used)
+    factor = (end - start) / elapsed
+    return {meter: round(units * factor) for meter, units in used.items()}
+
+
+def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
+    accounts, customer = ctx.accounts, ctx.customer
+    plan = ctx.config.plan(customer.plan)
+    report = accounts.usage(customer.id)
+    now = time.time()
+    period = Markup("{} to {}, {} days left").format(
+        html.day(report.period_start),
+        html.day(report.period_end),
+        max(0, int((report.period_end - now) // 86_400)),
+    )
+    cards = []
+    for meter, used in report.meters.items():
+        terms = plan.meters.get(meter)
+        limit = terms.quota if terms is not None else None
+        included = terms.included if terms is not None else 0
+        lines = [Markup("{} used").format(html.data(f"usage.{meter}.used", html.number(used), used))]
+        if included:
+            lines.append(
+                Markup("{} included").format(
+                    html.data(f"usage.{meter}.included", html.number(included), included)
+                )
+            )
+        gauge = Markup("")
+        if limit is not None:
+            mode = "hard" if terms is not None and terms.hard else "soft"
+            lines.append(
+                Markup("quota {} ({})").format(
+                    html.data(f"usage.{meter}.quota", html.number(limit), limit), mode
+                )
+            )
+            gauge = Markup(
+                '<meter min="0" max="{}" value="{}" aria-label="{} used of the quota">{}%</meter>'
+            ).format(limit, min(used, limit), meter, round(100 * used / limit) if limit else 100)
+        cards.append(
+            Markup(
+                '<section class="card"><h3>{}</h3><div class="big">{}</div>{}'
+                '<div class="sub">{}</div></section>'
+            ).format(meter, html.number(used), gauge, Markup("<br>").join(lines))
+        )
+    invoice = accounts.invoice(customer.id) if report.period_end > customer.anchor else None
+    money_cards = []
+    if invoice is not None:
+        prices = plan.prices()
+        projected = prices.lines(
+            projected_quantities(report.meters, report.period_start, report.period_end, now)
+        )
+        projection = sum((line.amount for line in projected), Decimal(0))
+        money_cards.append(
+            Markup(
+                '<section class="card"><h3>Spend this period</h3><div class="big">{} {}</div>'
+                '<div class="sub">projected for the period: {} {}</div></section>'
+            ).format(
+                html.data("invoice.subtotal", money(invoice.subtotal, invoice.decimals)),
+                invoice.currency,
+                html.data("invoice.projected", money(projection, invoice.decimals)),
+                invoice.currency,
+            )
+        )
+    if plan.prepaid:
+        balance = accounts.balance(customer.id)
+        money_cards.append(
+            Markup(
+                '<section class="card"><h3>Credit balance</h3><div class="big">{}</div>'
+                '<div class="sub">{} reserved by calls in flight, {} available</div></section>'
+            ).format(
+                html.data("credits.balance", html.credits(balance.balance), balance.balance),
+                html.data("credits.reserved", html.credits(balance.reserved), balance.reserved),
+                html.data("credits.available", html.credits(balance.available), balance.available),
+            )
+        )
+    money_cards.append(
+        Markup(
+            '<section class="card"><h3>Charged from credits</h3><div class="big">{}</div>'
+            '<div class="sub">credits spent on calls this period</div></section>'
+        ).format(html.data("spend", html.credits(report.spend), report.spend))
+    )
+    calls = html.table(
+        "Calls this period by outcome",
+        ["Outcome", "Calls"],
+        [
+            (outcome.replace("_", " "), html.data(f"calls.{outcome}", html.number(n), n))
+            for outcome, n in report.calls.items()
+        ],
+        numeric=[1],
+        name="calls",
+    )
+    limits = html.table(
+        "Rate limits",
+        ["Limit", "Calls", "Per"],
+        [
+            (rate_limit_name(limit.seconds), html.number(limit.amount), f"{limit.seconds:g} s")
+            for limit in plan.rate_limits
+        ],
+        numeric=[1, 2],
+        name="rate-limits",
+        empty="No rate limits on this plan.",
+    )
+    fired = list(reversed(accounts.alerts(customer.id, limit=LATEST_ALERTS)))
+    alerts = html.table(
+        "Latest alerts",
+        ["When", "Alert", "Threshold", "Value"],
+        [
+            (html.when(alert.created), alert.type.replace("_", " "), alert.threshold, alert.value)
+            for alert in fired
+        ],
+        name="alerts",
+        empty="No alert has fired.",
+    )
+    status = Markup("")
+    if customer.status != "active":
+        status = html.notice(
+            "This account is suspended: calls are refused. Contact the seller.", kind="error"
+        )
+    body = Markup(
+        '<h1>Overview</h1>{}<p class="period">Billing period: {}. As of {} (updates every {} seconds; usage '
+        "trails calls by the rollup's few seconds).</p>"
+        '<h2>Usage</h2><div class="cards">{}</div><h2>Money</h2><div class="cards">{}</div>{}{}{}'
+    ).format(
+        status,
+        period,
+        html.when(now),
+        REFRESH_SECONDS,
+        Markup("").join(cards),
+        Markup("").join(money_cards),
+        calls,
+        limits,
+        alerts,
+    )
+    return html.page(ctx, title="Overview", current="/", body=body, refresh=REFRESH_SECONDS)

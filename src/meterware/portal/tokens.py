@@ -1,0 +1,172 @@
+"""What the portal signs: sign-in links, session cookies and form tokens, each an HMAC-SHA256 under the
+secret named by ``portal.secret_env``, with its purpose in the signature so no token passes for another.
+
+A link carries its customer, its end and a random id; it works once (the backend marks the id used) and
+opens a session. A session cookie carries its customer (or the operator, in the operator view), its end and
+a random id, from which the form token is derived: a form posted without the token of the session that
+loaded it is refused, so another site cannot post a form in the customer's name (CSRF).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+from meterware.config import Config, Portal
+from meterware.errors import ConfigError, UsageError
+from meterware.storage._keyspace import CUSTOMER_ID_RE
+
+#: Shortest secret accepted: 32 characters of ``secrets.token_urlsafe`` carry 192 bits.
+MIN_SECRET_LENGTH: Final = 32
+#: Longest token read: anything longer is refused before it is decoded.
+MAX_TOKEN_LENGTH: Final = 1024
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def portal_secret(portal: Portal) -> bytes:
+    """The signing secret from the environment, or a :class:`ConfigError` saying how to set one."""
+    secret = os.environ.get(portal.secret_env, "")
+    if len(secret) < MIN_SECRET_LENGTH:
+        problem = "is not set" if not secret else f"is shorter than {MIN_SECRET_LENGTH} characters"
+        raise ConfigError(
+            "portal.secret_env",
+            f"${portal.secret_env} {problem}: set it to a random secret, the same in every process, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+    return secret.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """Who a session is for: a customer, or (``operator`` set) an operator in the operator view."""
+
+    customer: str
+    expires: int
+    id: str
+    operator: str = ""
+
+
+class Signer:
+    """Signs and checks the portal's tokens."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _mac(self, purpose: str, body: str) -> str:
+        return _b64(hmac.new(self._secret, f"{purpose}.{body}".encode(), hashlib.sha256).digest())
+
+    def sign(self, purpose: str, payload: dict[str, Any]) -> str:
+        body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
+        return f"{body}.{self._mac(purpose, body)}"
+
+    def open(self, purpose: str, token: str, *, now: float | None = None) -> dict[str, Any] | None:
+        """The payload of a token signed for ``purpose`` that has not expired (its ``x``), else None."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            return None
+        body, _, mac = token.partition(".")
+        if not hmac.compare_digest(mac.encode(), self._mac(purpose, body).encode()):
+            return None
+        try:
+            payload = json.loads(_unb64(body))
+        except (binascii.Error, ValueError):
+            return None
+        if not isinstance(payload, dict):
+            return None
+        expires = payload.get("x")
+        if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
+            return None
+        return dict(payload)
+
+    # -- links and sessions
+
+    def link_token(self, customer: str, seconds: float) -> str:
+        """A sign-in token for ``customer``, valid ``seconds``."""
+        if not CUSTOMER_ID_RE.match(customer):
+            raise UsageError(f"customer id {customer!r:.150} is not one")
+        expires = int(time.time() + seconds)
+        return self.sign("link", {"c": customer, "x": expires, "n": secrets.token_urlsafe(16)})
+
+    def open_link(self, token: str) -> tuple[str, str, int] | None:
+        """``(customer, link id, expires)`` of a valid link token (its single use is checked elsewhere)."""
+        payload = self.open("link", token)
+        if payload is None:
+            return None
+        customer, link_id = payload.get("c"), payload.get("n")
+        if (
+            not isinstance(customer, str)
+            or not CUSTOMER_ID_RE.match(customer)
+            or not isinstance(link_id, str)
+        ):
+            return None
+        return customer, link_id, payload["x"]
+
+    def session_cookie(self, session: Session) -> str:
+        payload = {"c": session.customer, "x": session.expires, "s": session.id, "o": session.operator}
+        return self.sign("session", payload)
+
+    def open_session(self, cookie: str) -> Session | None:
+        payload = self.open("session", cookie)
+        if payload is None:
+            return None
+        customer, session_id, operator = payload.get("c"), payload.get("s"), payload.get("o", "")
+        if not (isinstance(customer, str) and isinstance(session_id, str) and isinstance(operator, str)):
+            return None
+        return Session(customer, payload["x"], session_id, operator)
+
+    def form_token(self, session: Session) -> str:
+        """The token every form of ``session`` carries."""
+        return self._mac("form", session.id)
+
+    def check_form_token(self, session: Session, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.form_token(session).encode())
+
+
+def new_session(customer: str, seconds: float, *, operator: str = "") -> Session:
+    return Session(customer, int(time.time() + seconds), secrets.token_urlsafe(16), operator)
+
+
+def sign_in_link(
+    customer_id: str,
+    *,
+    config: Config | None = None,
+    seconds: float | None = None,
+    base_url: str | None = None,
+) -> str:
+    """A link that signs ``customer_id`` in to the portal once, within ``seconds`` (default
+    ``portal.link_seconds``), at ``base_url`` (default ``portal.base_url``: where the portal is mounted).
+
+    The customer must exist (checked in the backend). Give the link to the customer only: it opens their
+    portal to whoever follows it first.
+    """
+    from meterware.billing.accounts import Accounts  # the backend, only when a link is issued
+
+    config = config or Config.load()
+    portal = config.portal
+    base = (portal.base_url if base_url is None else base_url).rstrip("/")
+    if not base:
+        raise UsageError("no base URL for the link: set portal.base_url or pass base_url (--base-url)")
+    seconds = portal.link_seconds if seconds is None else seconds
+    if not 1 <= seconds <= 7 * 86_400:
+        raise UsageError(f"a link lasts from 1 second to 7 days, got {seconds:g} seconds")
+    signer = Signer(portal_secret(portal))
+    accounts = Accounts.open(config)
+    try:
+        accounts.customer(customer_id)
+    finally:
+        accounts.close()
+    return f"{base}/login?token={signer.link_token(customer_id, seconds)}"

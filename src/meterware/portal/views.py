@@ -1,0 +1,201 @@
+"""The customer's portal without a server: sign-in, sessions, form tokens and the routing to the pages.
+
+Every page is a function ``(ctx, request, **arguments) -> PortalResponse`` of a module of
+:mod:`meterware.portal.pages`, given a :class:`~meterware.portal.html.PageContext` of the session's own
+customer: no URL names a customer, so no request can reach another customer's data. The operator view
+(:mod:`meterware.portal.admin`) serves the same functions for the customer it names.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import Map, Rule
+
+from meterware.billing.accounts import Accounts
+from meterware.config import Config
+from meterware.errors import NotFoundError, StorageError
+from meterware.portal import html
+from meterware.portal.http import PortalRequest, PortalResponse, redirect
+from meterware.portal.pages import alerts, billing, keys, overview, usage
+from meterware.portal.tokens import Session, Signer, new_session, portal_secret
+
+#: The customer session's cookie (its path is the mount, so the operator view's cookie never meets it).
+SESSION_COOKIE: Final = "meterware_portal"
+
+Page = Callable[..., PortalResponse]
+
+#: Every page of a customer, by path inside the customer's pages.
+PAGES: Final = Map(
+    [
+        Rule("/", endpoint=overview.show),
+        Rule("/usage", endpoint=usage.show),
+        Rule("/usage.csv", endpoint=usage.download),
+        Rule("/invoices", endpoint=billing.invoices),
+        Rule("/invoices/<period>", endpoint=billing.invoice),
+        Rule("/invoices/<period>.<any(csv, json):fmt>", endpoint=billing.invoice_download),
+        Rule("/credits", endpoint=billing.credits),
+        Rule("/keys", endpoint=keys.index),
+        Rule("/keys/new", endpoint=keys.create, methods=["GET", "POST"]),
+        Rule("/keys/<key_id>/rotate", endpoint=keys.rotate, methods=["GET", "POST"]),
+        Rule("/keys/<key_id>/revoke", endpoint=keys.revoke, methods=["GET", "POST"]),
+        Rule("/alerts", endpoint=alerts.show, methods=["GET", "POST"]),
+    ],
+    strict_slashes=False,
+    merge_slashes=False,
+)
+
+
+def same_origin(request: PortalRequest) -> bool:
+    """Whether a form post comes from the portal's own origin, when the browser says (``Origin``)."""
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
+
+
+def render(ctx: html.PageContext, request: PortalRequest, path: str) -> PortalResponse:
+    """The page at ``path`` (inside the customer's pages) for ``ctx``'s customer."""
+    try:
+        endpoint, arguments = PAGES.bind("", "/").match(path, method=request.method)
+    except MethodNotAllowed:
+        return html.message_page(ctx.root, 405, "Method not allowed", "This page does not take that method.")
+    except HTTPException:
+        return html.message_page(ctx.root, 404, "Not found", "There is no such page.")
+    page: Page = endpoint
+    try:
+        return page(ctx, request, **arguments)
+    except NotFoundError:
+        return html.message_page(ctx.root, 404, "Not found", "There is no such page.")
+
+
+class PortalCore:
+    """What both views share: the configuration, the signer and the backend (opened on first use)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        # Read now, so a missing secret stops the app at start-up, not at the first customer's visit.
+        self.signer = Signer(portal_secret(config.portal))
+        self._accounts: Accounts | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def accounts(self) -> Accounts:
+        if self._accounts is None:
+            with self._lock:
+                if self._accounts is None:
+                    self._accounts = Accounts.open(self.config)
+        return self._accounts
+
+    def set_session(self, response: PortalResponse, name: str, session: Session, root: str) -> PortalResponse:
+        max_age = max(1, int(session.expires - time.time()))
+        return response.set_cookie(
+            name,
+            self.signer.session_cookie(session),
+            path=f"{root}/",
+            max_age=max_age,
+            secure=self.config.portal.secure_cookies,
+        )
+
+    def clear_session(self, response: PortalResponse, name: str, root: str) -> PortalResponse:
+        return response.set_cookie(
+            name, "", path=f"{root}/", max_age=0, secure=self.config.portal.secure_cookies
+        )
+
+    def context(
+        self, session: Session, customer_id: str, root: str, base: str, **extra: Any
+    ) -> html.PageContext:
+        accounts = self.accounts
+        return html.PageContext(
+            accounts=accounts,
+            config=self.config,
+            customer=accounts.customer(customer_id),
+            root=root,
+            base=base,
+            form_token=self.signer.form_token(session),
+            **extra,
+        )
+
+    def checked_post(self, request: PortalRequest, session: Session) -> PortalResponse | None:
+        """The refusal of a form post without the session's token or from another origin, else None."""
+        if request.method != "POST":
+            return None
+        token = request.form.get("csrf", "")
+        if not same_origin(request) or not self.signer.check_form_token(session, token):
+            return html.message_page(
+                request.root,
+                403,
+                "Form expired",
+                "This form was not sent from your current session. Reload the page and try again.",
+            )
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            accounts, self._accounts = self._accounts, None
+        if accounts is not None:
+            accounts.close()
+
+
+class CustomerPortal(PortalCore):
+    """The customer's own pages, behind a session opened by a sign-in link."""
+
+    def __call__(self, request: PortalRequest) -> PortalResponse:
+        try:
+            return self._respond(request)
+        except StorageError:
+            return html.message_page(
+                request.root,
+                503,
+                "Temporarily unavailable",
+                "Your account cannot be read right now. Retry soon.",
+            )
+
+    def _respond(self, request: PortalRequest) -> PortalResponse:
+        path = request.path
+        if path == "/static/portal.css":
+            return html.stylesheet()
+        if path == "/login":
+            return self.sign_in(request)
+        session = self.signer.open_session(request.cookies.get(SESSION_COOKIE, ""))
+        if session is None or session.operator:
+            return html.message_page(
+                request.root,
+                401,
+                "Signed out",
+                "Your session has ended or you are not signed in. Open the portal with a new link.",
+            )
+        refused = self.checked_post(request, session)
+        if refused is not None:
+            return refused
+        if path == "/logout" and request.method == "POST":
+            response = html.message_page(request.root, 200, "Signed out", "You are signed out.")
+            return self.clear_session(response, SESSION_COOKIE, request.root)
+        try:
+            ctx = self.context(session, session.customer, request.root, request.root)
+        except NotFoundError:  # the customer was removed since the session opened
+            return html.message_page(request.root, 401, "Signed out", "This account no longer exists.")
+        return render(ctx, request, path)
+
+    def sign_in(self, request: PortalRequest) -> PortalResponse:
+        """Open a session from a link: valid, unexpired, never used, for a customer that exists."""
+        opened = self.signer.open_link(request.query.get("token", ""))
+        refused = html.message_page(
+            request.root,
+            403,
+            "This link does not work",
+            "The sign-in link is invalid, has expired or was used already. Ask for a new one.",
+        )
+        if opened is None:
+            return refused
+        customer_id, link_id, expires = opened
+        try:
+            self.accounts.customer(customer_id)
+        except NotFoundError:
+            return refused
+        if not self.accounts.storage.use_once(customer_id, link_id, expires * 1000):
+            return refused
+        session = new_session(customer_id, self.config.portal.session_seconds)
+        return self.set_session(redirect(f"{request.root}/"), SESSION_COOKIE, session, request.root)

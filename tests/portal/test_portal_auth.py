@@ -1,0 +1,317 @@
+"""Who may see what in the portal: links work once and briefly, sessions are cookies that expire, every form
+needs its session's token, and no request reaches another customer's data (memory:// and real Redis)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+from werkzeug.test import Client
+
+import meterware.portal
+from meterware.asgi import MeteringMiddleware
+from meterware.billing.accounts import Accounts
+from meterware.config import Config
+from meterware.errors import ConfigError, UsageError
+from meterware.portal.tokens import Session, Signer, portal_secret
+
+SECRET = "portal-secret-for-tests-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-for-tests-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERWARE_PORTAL_SECRET", SECRET)
+    monkeypatch.setenv("METERWARE_ADMIN_TOKEN", ADMIN_TOKEN)
+
+
+@pytest.fixture(
+    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
+)
+def config(request: pytest.FixtureRequest) -> Config:
+    url = f"memory://portal-{uuid.uuid4().hex}"
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    return Config.from_dict(
+        {
+            "storage": {"url": url, "shards": 4},
+            "plans": {"pro": {"prepaid": True, "meters": {"calls": {"price": "0.01"}}}},
+            "portal": {"base_url": "http://testserver/portal", "secure_cookies": False},
+        }
+    )
+
+
+@pytest.fixture
+def accounts(config: Config) -> Iterator[Accounts]:
+    accounts = Accounts.open(config)
+    for customer in ("acme", "globex"):
+        accounts.create_customer(customer, plan="pro")
+        accounts.grant_credits(customer, "5.00")
+    yield accounts
+    accounts.close()
+
+
+def link_path(link: str) -> str:
+    """The link as a path under the mount (the apps are served at the root in these tests)."""
+    parts = urlsplit(link)
+    return f"{parts.path.removeprefix('/portal')}?{parts.query}"
+
+
+def signed_in(config: Config, customer: str = "acme") -> Client:
+    client = Client(meterware.portal.wsgi_app(config))
+    response = client.get(link_path(meterware.portal.sign_in_link(customer, config=config)))
+    assert response.status_code == 303, response.text
+    return client
+
+
+def form_token(client: Client, path: str = "/keys/new") -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', client.get(path).text)
+    assert match is not None
+    return match[1]
+
+
+def test_a_link_opens_a_session_once(config: Config, accounts: Accounts) -> None:
+    link = link_path(meterware.portal.sign_in_link("acme", config=config))
+    first = Client(meterware.portal.wsgi_app(config))
+    response = first.get(link)
+    assert response.status_code == 303 and response.headers["Location"] == "/"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # secure_cookies = false, for local http
+    assert 'data-field="customer"' in first.get("/").text
+
+    again = Client(meterware.portal.wsgi_app(config)).get(link)  # another process, the same backend
+    assert again.status_code == 403 and "used already" in again.text
+    assert "Set-Cookie" not in again.headers
+
+
+def test_cookies_are_secure_by_default_and_scoped_to_the_mount(accounts: Accounts, config: Config) -> None:
+    strict = Config.from_dict(
+        {
+            "storage": {"url": config.storage, "shards": 4},
+            "plans": {"pro": {}},
+            "portal": {"base_url": "http://x"},
+        }
+    )
+    app = meterware.portal.wsgi_app(strict)
+    token = Signer(SECRET.encode()).link_token("acme", 60)
+    response = Client(app).get(f"/login?token={token}", environ_overrides={"SCRIPT_NAME": "/portal"})
+    assert response.status_code == 303 and response.headers["Location"] == "/portal/"
+    cookie = response.headers["Set-Cookie"]
+    assert "Secure" in cookie and "Path=/portal/" in cookie and "HttpOnly" in cookie
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(lambda s: "", id="missing"),
+        pytest.param(lambda s: "not-a-token", id="garbage"),
+        pytest.param(lambda s: "x" * 5000, id="huge"),
+        pytest.param(
+            lambda s: Signer(b"another-secret-0123456789abcdef-xyz").link_token("acme", 60), id="forged"
+        ),
+        pytest.param(
+            lambda s: s.sign("link", {"c": "acme", "x": int(time.time()) - 1, "n": "n"}), id="expired"
+        ),
+        pytest.param(
+            lambda s: s.sign("session", {"c": "acme", "x": int(time.time()) + 60, "n": "n"}),
+            id="other-purpose",
+        ),
+        pytest.param(lambda s: s.link_token("nobody", 60), id="unknown-customer"),
+        pytest.param(lambda s: s.link_token("acme", 60)[:-2] + "AA", id="tampered-signature"),
+    ],
+)
+def test_a_bad_link_opens_nothing(config: Config, accounts: Accounts, token: Any) -> None:
+    client = Client(meterware.portal.wsgi_app(config))
+    response = client.get("/login", query_string={"token": token(Signer(SECRET.encode()))})
+    assert response.status_code == 403
+    assert "Set-Cookie" not in response.headers
+    assert client.get("/").status_code == 401
+
+
+def test_a_changed_payload_does_not_pass_for_another_customer(config: Config, accounts: Accounts) -> None:
+    signer = Signer(SECRET.encode())
+    body, _, mac = signer.link_token("acme", 60).partition(".")
+    other_body = signer.link_token("globex", 60).partition(".")[0]
+    response = Client(meterware.portal.wsgi_app(config)).get(
+        "/login", query_string={"token": f"{other_body}.{mac}"}
+    )
+    assert response.status_code == 403
+
+
+def test_an_expired_session_is_signed_out(config: Config, accounts: Accounts) -> None:
+    client = Client(meterware.portal.wsgi_app(config))
+    old = Signer(SECRET.encode()).session_cookie(Session("acme", int(time.time()) - 1, "sid"))
+    client.set_cookie("meterware_portal", old)
+    response = client.get("/")
+    assert response.status_code == 401 and "Signed out" in response.text
+
+
+def test_every_form_needs_its_sessions_token_and_origin(config: Config, accounts: Accounts) -> None:
+    client = signed_in(config)
+    keys_before = len(accounts.list_keys("acme"))
+    assert client.post("/keys/new", data={"mode": "live"}).status_code == 403
+    other = signed_in(config, "acme")
+    assert client.post("/keys/new", data={"mode": "live", "csrf": form_token(other)}).status_code == 403
+    token = form_token(client)
+    cross_site = client.post(
+        "/keys/new", data={"mode": "live", "csrf": token}, headers={"Origin": "https://evil.test"}
+    )
+    assert cross_site.status_code == 403
+    assert len(accounts.list_keys("acme")) == keys_before
+    created = client.post(
+        "/keys/new", data={"mode": "live", "csrf": token}, headers={"Origin": "http://localhost"}
+    )
+    assert created.status_code == 200 and 'data-field="new-key"' in created.text
+    assert len(accounts.list_keys("acme")) == keys_before + 1
+
+
+def test_no_request_reaches_another_customers_keys(config: Config, accounts: Accounts) -> None:
+    theirs = accounts.create_key("globex")
+    client = signed_in(config, "acme")
+    token = form_token(client)
+    for path in (f"/keys/{theirs.key_id}/revoke", f"/keys/{theirs.key_id}/rotate"):
+        assert client.get(path).status_code == 404
+        assert client.post(path, data={"csrf": token, "grace": "0"}).status_code == 404
+    assert accounts.key(theirs.key_id).status == "active"
+    assert theirs.key_id not in client.get("/keys").text
+    # Pages take no customer: whatever the query or path says, the session's customer is shown.
+    for path in ("/?customer=globex", "/keys?customer=globex", "/../globex/", "/customers/globex/"):
+        response = client.get(path)
+        assert "globex" not in response.text, path
+
+
+def test_an_operator_session_does_not_open_the_customer_portal(config: Config, accounts: Accounts) -> None:
+    client = Client(meterware.portal.wsgi_app(config))
+    operator = Signer(SECRET.encode()).session_cookie(Session("acme", int(time.time()) + 60, "sid", "admin"))
+    client.set_cookie("meterware_portal", operator)
+    assert client.get("/").status_code == 401
+
+
+def test_sign_out_ends_the_session_in_the_browser(config: Config, accounts: Accounts) -> None:
+    client = signed_in(config)
+    response = client.post("/logout", data={"csrf": form_token(client)})
+    assert response.status_code == 200 and "Max-Age=0" in response.headers["Set-Cookie"]
+    assert client.get("/").status_code == 401
+
+
+def test_the_secret_is_required_at_start_up(monkeypatch: pytest.MonkeyPatch, config: Config) -> None:
+    monkeypatch.setenv("METERWARE_PORTAL_SECRET", "short")
+    with pytest.raises(ConfigError, match="METERWARE_PORTAL_SECRET is shorter than 32"):
+        meterware.portal.asgi_app(config)
+    monkeypatch.delenv("METERWARE_PORTAL_SECRET")
+    with pytest.raises(ConfigError, match="METERWARE_PORTAL_SECRET is not set"):
+        portal_secret(config.portal)
+
+
+def test_links_are_bounded_and_need_a_base(config: Config, accounts: Accounts) -> None:
+    bare = Config.from_dict({"storage": {"url": config.storage, "shards": 4}})
+    with pytest.raises(UsageError, match="no base URL"):
+        meterware.portal.sign_in_link("acme", config=bare)
+    with pytest.raises(UsageError, match="from 1 second to 7 days"):
+        meterware.portal.sign_in_link("acme", config=config, seconds=30 * 86_400)
+
+
+# -- the operator view
+
+
+def admin(config: Config, **kwargs: Any) -> Client:
+    return Client(meterware.portal.admin_wsgi_app(config, **kwargs))
+
+
+def test_the_operator_view_needs_the_token_or_the_hook(config: Config, accounts: Accounts) -> None:
+    anonymous = admin(config)
+    assert anonymous.get("/").status_code == 303
+    assert anonymous.get("/customers/acme/").status_code == 303
+    assert anonymous.post("/login", data={"token": "wrong"}).status_code == 403
+    # A customer's session is no operator session.
+    customer = signed_in(config)
+    anonymous.set_cookie("meterware_admin", customer.get_cookie("meterware_portal").value)  # type: ignore[union-attr]
+    assert anonymous.get("/").status_code == 303
+
+    signed = admin(config)
+    assert signed.post("/login", data={"token": ADMIN_TOKEN}).status_code == 303
+    listing = signed.get("/").text
+    assert 'data-field="acme.balance" data-value="5000000"' in listing and "globex" in listing
+
+    bearer = admin(config).get("/", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert bearer.status_code == 200
+
+    hooked = admin(config, authorize=lambda request: "ops" if request.headers.get("x-ops") == "yes" else None)
+    assert hooked.get("/", headers={"x-ops": "no"}).status_code == 403
+    assert hooked.get("/", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 403
+    assert hooked.get("/", headers={"x-ops": "yes"}).status_code == 200
+
+
+def test_the_operator_view_needs_an_auth_at_start_up(monkeypatch: pytest.MonkeyPatch, config: Config) -> None:
+    monkeypatch.delenv("METERWARE_ADMIN_TOKEN")
+    with pytest.raises(ConfigError, match="authorize= hook or \\$METERWARE_ADMIN_TOKEN"):
+        meterware.portal.admin_asgi_app(config)
+    meterware.portal.admin_asgi_app(config, authorize=lambda request: "ops")
+
+
+def test_operators_grant_and_suspend_with_a_reason_the_ledger_keeps(
+    config: Config, accounts: Accounts
+) -> None:
+    client = admin(config, authorize=lambda request: "alice")
+    page = client.get("/customers/acme/manage")
+    assert page.status_code == 200
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]  # type: ignore[index]
+    assert (
+        client.post(
+            "/customers/acme/manage", data={"action": "grant", "amount": "2.50", "reason": ""}
+        ).status_code
+        == 403
+    )
+    granted = client.post(
+        "/customers/acme/manage",
+        data={"csrf": token, "action": "grant", "amount": "2.50", "reason": "goodwill"},
+    )
+    assert "Granted 2.50 credits" in granted.text
+    refused = client.post(
+        "/customers/acme/manage", data={"csrf": token, "action": "suspended", "reason": " "}
+    )
+    assert "a reason is required" in refused.text and accounts.customer("acme").status == "active"
+    client.post(
+        "/customers/acme/manage", data={"csrf": token, "action": "suspended", "reason": "unpaid invoice"}
+    )
+    assert accounts.customer("acme").status == "suspended"
+    assert accounts.balance("acme").balance == 7_500_000
+    last_two = accounts.ledger("acme")[-2:]
+    assert [(e.kind, e.amount, e.reason, e.actor) for e in last_two] == [
+        ("grant", 2_500_000, "goodwill", "portal:alice"),
+        ("status", 0, "suspended: unpaid invoice", "portal:alice"),
+    ]
+    # The customer's pages, seen by the operator, are those of the customer named.
+    assert 'data-field="customer">acme<' in client.get("/customers/acme/").text
+    assert client.get("/customers/nobody/").status_code == 404
+
+
+def test_a_metered_portal_answers_500_with_the_fix(config: Config, accounts: Accounts, tmp_path: Any) -> None:
+    key = accounts.create_key("acme")
+    metered = Config.from_dict(
+        {
+            "storage": {"url": config.storage, "shards": 4},
+            "plans": {"pro": {"prepaid": True, "meters": {"calls": {"price": "0.01"}}}},
+            "pipeline": {"spool_dir": str(tmp_path / "spool")},
+        }
+    )
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    app = Starlette(routes=[Route("/v1/hello", hello), Mount("/portal", meterware.portal.asgi_app(config))])
+    app.add_middleware(MeteringMiddleware, config=metered)
+    with TestClient(app) as client:
+        response = client.get("/portal/", headers={"Authorization": f"Bearer {key.plaintext}"})
+    assert response.status_code == 500
+    assert 'routes.portal = "/portal"' in response.text

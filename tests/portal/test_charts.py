@@ -8,6 +8,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from itertools import pairwise
 
 import pytest
@@ -400,6 +401,13 @@ def test_negative_and_non_finite_values_count_as_zero() -> None:
     root = chart([-5, math.nan, math.inf, 2])
     assert [p.get("data-value") for p in points(root)] == ["0", "0", "0", "2"]
     assert [float(p.get("height", "nan")) for p in points(root)][:3] == [0, 0, 0]
+
+
+def test_decimal_amounts_are_drawn_as_numbers() -> None:
+    """Billing keeps credits as Decimal; a chart of them draws like one of floats."""
+    root = chart([Decimal("0.0015"), Decimal("0.5")], unit="credits")  # type: ignore[list-item]
+    assert [p.get("data-value") for p in points(root)] == ["0.0015", "0.5"]
+    assert tooltip(points(root)[0]) == "2026-12-07 14:00 UTC: 0.0015 credits"
 
 
 def test_a_sparkline_is_a_small_labelled_image() -> None:

@@ -405,6 +405,7 @@ def _clamp(value: int | float) -> _Number:
     """Usage is never negative: a negative, NaN or infinite value counts as zero."""
     if isinstance(value, int):
         return max(value, 0)
+    value = float(value)  # a Decimal too, so that it adds up with the floats of the layout
     return value if math.isfinite(value) and value > 0 else 0
 
 

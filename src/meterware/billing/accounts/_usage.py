@@ -3,6 +3,8 @@ rollup, corrections and backfills."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -18,10 +20,11 @@ from meterware.billing.corrections import (
     import_events,
     parse_import,
 )
+from meterware.config import format_credits
 from meterware.errors import UsageError
 from meterware.events import OUTCOMES
 from meterware.metering.periods import period_bounds
-from meterware.rollup.aggregate import parse_columns
+from meterware.rollup.aggregate import outcome_field, parse_columns
 from meterware.storage._keyspace import shard_of
 
 #: Windows one history may hold at most (the longest default, 90 days, holds 90).
@@ -84,6 +87,18 @@ class UsageHistory:
 
     def as_dict(self) -> dict[str, Any]:
         return fields_dict(self) | {"points": [fields_dict(p, spend="spend_micros") for p in self.points]}
+
+    def to_csv(self) -> str:
+        """A header (start_iso, start, each meter, ``n:<outcome>``..., spend), then one row per window; the
+        spend in credits."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        meters = list(self.points[0].meters) if self.points else []
+        writer.writerow(["start_iso", "start", *meters, *map(outcome_field, OUTCOMES), "spend"])
+        for point in self.points:
+            counts = [*point.meters.values(), *point.calls.values()]
+            writer.writerow([_iso(point.start), point.start, *counts, format_credits(point.spend)])
+        return out.getvalue()
 
 
 def _epoch(value: float, name: str) -> float:

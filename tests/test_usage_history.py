@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from meterware.billing.accounts import Accounts, UsageHistory, UsagePoint
-from meterware.billing.accounts._usage import MAX_HISTORY_POINTS
+from meterware.billing.accounts._usage import MAX_HISTORY_POINTS, history_range
 from meterware.errors import NotFoundError, UsageError
 from meterware.events import OUTCOMES, UsageEvent
 from meterware.rollup import RollupWorker
@@ -197,6 +197,26 @@ def test_the_default_range_ends_with_the_current_window(
     assert len(history.points) == points
     assert (history.points[-1].start, history.start) == (current, history.end - points * seconds)
     assert point_at(history, now - now % seconds).calls["success"] == 1
+
+
+@pytest.mark.parametrize(
+    ("window", "start", "end", "now", "expected"),
+    [
+        pytest.param("hour", None, None, T0, (T0_HOUR - 47 * HOUR, T0_HOUR + HOUR), id="now-inside-an-hour"),
+        pytest.param(
+            "hour", None, None, T0_HOUR, (T0_HOUR - 47 * HOUR, T0_HOUR + HOUR), id="now-on-the-hour"
+        ),
+        pytest.param("day", None, T0_DAY, T0, (T0_DAY - 90 * DAY, T0_DAY), id="end-on-a-day-is-exclusive"),
+        pytest.param("day", T0_DAY + 0.5, T0_DAY + 1.5, T0, (T0_DAY, T0_DAY + DAY), id="fractions"),
+        pytest.param("minute", T0 - 60, None, T0, (T0 - 60 - T0 % 60, T0 - T0 % 60 + 60), id="start-alone"),
+    ],
+)
+def test_history_range(
+    window: str, start: float | None, end: float | None, now: float, expected: tuple[int, int]
+) -> None:
+    """The range is whole windows: start aligned down, end up; without end, the window running now is
+    the last, even when now is its first second."""
+    assert history_range(window, start, end, now) == expected
 
 
 def test_an_end_alone_ends_the_default_range_there(accounts: Accounts) -> None:

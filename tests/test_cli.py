@@ -503,17 +503,8 @@ def test_usage_window_json_is_the_history(cli: Cli, redis_url: str) -> None:
     sandbox = cli(*args, "--test", "--json").json()
     assert sandbox["live"] is False
     assert [p["calls"]["success"] for p in sandbox["points"]] == [0, 0, 1]
-    by_epoch = cli(
-        "usage",
-        "acme",
-        "--window",
-        "hour",
-        "--from",
-        str(FEB_10 + 36_000),
-        "--to",
-        str(FEB_10 + 46_800),
-        "--json",
-    )
+    epochs = ("--from", str(FEB_10 + 36_000), "--to", str(FEB_10 + 46_800))
+    by_epoch = cli("usage", "acme", "--window", "hour", *epochs, "--json")
     assert by_epoch.json() == data
     default = cli("usage", "acme", "--window", "hour", "--json").json()
     assert len(default["points"]) == 48

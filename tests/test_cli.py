@@ -177,6 +177,39 @@ def test_customers_set(cli: Cli) -> None:
         pytest.param(("credits", "show", "ghost"), "no customer 'ghost'", id="credits-unknown-customer"),
         pytest.param(("usage", "ghost"), "no customer 'ghost'", id="usage-unknown-customer"),
         pytest.param(
+            ("usage", "ghost", "--window", "day"), "no customer 'ghost'", id="history-unknown-customer"
+        ),
+        pytest.param(
+            ("usage", "acme", "--window", "hour", "--from", "soon"),
+            "--from must be epoch seconds or a date like 2026-11-01, got 'soon'",
+            id="history-bad-from",
+        ),
+        pytest.param(
+            ("usage", "acme", "--window", "hour", "--from", "2026-01-02", "--to", "2026-01-01"),
+            "start (2026-01-02T00:00:00Z) must be before end (2026-01-01T00:00:00Z)",
+            id="history-reversed",
+        ),
+        pytest.param(
+            ("usage", "acme", "--window", "minute", "--from", "2026-01-01", "--to", "2026-01-03"),
+            "2880 minute windows asked for, at most 1000: shorten the range or use a longer window",
+            id="history-too-long",
+        ),
+        pytest.param(
+            ("usage", "acme", "--to", "2026-01-03"),
+            "--from, --to and --csv need --window (minute, hour or day)",
+            id="history-range-without-window",
+        ),
+        pytest.param(
+            ("usage", "acme", "--window", "day", "--period", "previous"),
+            "--period and --window exclude each other (--from and --to choose the range)",
+            id="history-with-period",
+        ),
+        pytest.param(
+            ("usage", "acme", "--window", "day", "--csv", "--json"),
+            "choose one of --json and --csv",
+            id="history-json-and-csv",
+        ),
+        pytest.param(
             ("usage", "acme", "--period", "soon"),
             "--period must be current, previous or a date like 2026-11-01, got 'soon'",
             id="usage-bad-period",
@@ -326,18 +359,22 @@ def test_credits_grant_and_show(cli: Cli) -> None:
 # -- usage ---------------------------------------------------------------------------------------------
 
 
-def record_calls(redis_url: str, customer: str, outcomes: list[tuple[str, bool]]) -> None:
-    """Flush real events (outcome, live) for ``customer`` of the payg plan into Redis, like the middleware."""
+def record_calls(
+    redis_url: str, customer: str, outcomes: list[tuple[str, bool]], at: float | None = None
+) -> None:
+    """Flush real events (outcome, live) for ``customer`` of the payg plan into Redis, like the middleware;
+    made ``at`` that time (default: now)."""
     config = Config.from_file(EXAMPLE)
     storage = open_storage(redis_url, shards=config.shards)
-    start, _ = period_bounds(ANCHOR, "month", time.time())
+    at = time.time() if at is None else at
+    start, _ = period_bounds(ANCHOR, "month", at)
     pipeline = Batcher(config.pipeline)
     for number, (outcome, live) in enumerate(outcomes):
         billable = outcome == "success"
         price = 2000 if live else 0
         event = UsageEvent(
             id=new_event_id(),
-            timestamp_ms=int(time.time() * 1000),
+            timestamp_ms=int(at * 1000),
             customer=customer,
             key_id="key_0123456789abcdef",
             plan="payg",
@@ -416,6 +453,106 @@ def test_usage_previous_and_dated_periods(cli: Cli, redis_url: str) -> None:
     dated = cli("usage", "acme", "--period", "2026-01-15", "--json").json()
     assert (dated["period_start"], dated["period_end"]) == period_bounds(
         ANCHOR, "month", ANCHOR + 14 * 86_400
+    )
+
+
+FEB_10 = 1_770_681_600  # 2026-02-10T00:00:00Z
+
+
+def record_history(redis_url: str) -> None:
+    """Live calls at 10:15 (two successes, a server error) and 12:30 (a success) on 2026-02-10, a test
+    key's call at 12:30, and a success on 2026-02-11; rolled up."""
+    record_calls(redis_url, "acme", [("success", True)] * 2 + [("server_error", True)], FEB_10 + 36_900)
+    record_calls(redis_url, "acme", [("success", True), ("success", False)], FEB_10 + 45_000)
+    record_calls(redis_url, "acme", [("success", True)], FEB_10 + 86_400 + 60)
+
+
+@pytest.mark.redis
+def test_usage_window_json_is_the_history(cli: Cli, redis_url: str) -> None:
+    """usage --window hour --json prints Accounts.usage_history's as_dict: every hour of the range, calls
+    in the hour they were made, zeros elsewhere; --test reads the test keys' history."""
+    create_customer(cli)
+    cli("credits", "grant", "acme", "1")
+    record_history(redis_url)
+    assert cli("rollup", "--once").code == 0
+    args = ("usage", "acme", "--window", "hour", "--from", "2026-02-10T10:00", "--to", "2026-02-10T13:00")
+    data = cli(*args, "--json").json()
+    assert {key: data[key] for key in ("customer", "live", "window", "start", "end")} == {
+        "customer": "acme",
+        "live": True,
+        "window": "hour",
+        "start": FEB_10 + 36_000,
+        "end": FEB_10 + 46_800,
+    }
+    zero = dict.fromkeys(["success", "client_error", "server_error", "aborted", "rejected"], 0)
+    assert data["points"] == [
+        {
+            "start": FEB_10 + 36_000,
+            "meters": {"calls": 2, "tokens": 0},
+            "calls": zero | {"success": 2, "server_error": 1},
+            "spend_micros": 4000,
+        },
+        {"start": FEB_10 + 39_600, "meters": {"calls": 0, "tokens": 0}, "calls": zero, "spend_micros": 0},
+        {
+            "start": FEB_10 + 43_200,
+            "meters": {"calls": 1, "tokens": 0},
+            "calls": zero | {"success": 1},
+            "spend_micros": 2000,
+        },
+    ]
+    sandbox = cli(*args, "--test", "--json").json()
+    assert sandbox["live"] is False
+    assert [p["calls"]["success"] for p in sandbox["points"]] == [0, 0, 1]
+    epochs = ("--from", str(FEB_10 + 36_000), "--to", str(FEB_10 + 46_800))
+    by_epoch = cli("usage", "acme", "--window", "hour", *epochs, "--json")
+    assert by_epoch.json() == data
+    default = cli("usage", "acme", "--window", "hour", "--json").json()
+    assert len(default["points"]) == 48
+    assert default["end"] - 3600 <= time.time() < default["end"]
+
+
+@pytest.mark.redis
+def test_usage_window_csv(cli: Cli, redis_url: str) -> None:
+    """usage --window day --csv prints a header, then one row per day: its start (ISO and epoch), each
+    meter, the calls per outcome and the spend in credits."""
+    create_customer(cli)
+    record_history(redis_url)
+    assert cli("rollup", "--once").code == 0
+    result = cli("usage", "acme", "--window", "day", "--from", "2026-02-09", "--to", "2026-02-12", "--csv")
+    assert result.code == 0
+    assert result.out.splitlines() == [
+        "start_iso,start,calls,tokens,n:success,n:client_error,n:server_error,n:aborted,n:rejected,spend",
+        f"2026-02-09T00:00:00Z,{FEB_10 - 86_400},0,0,0,0,0,0,0,0.000000",
+        f"2026-02-10T00:00:00Z,{FEB_10},3,0,3,0,1,0,0,0.006000",
+        f"2026-02-11T00:00:00Z,{FEB_10 + 86_400},1,0,1,0,0,0,0,0.002000",
+    ]
+
+
+@pytest.mark.redis
+def test_usage_window_table(cli: Cli, redis_url: str) -> None:
+    """usage --window prints a table: a title with the range, a header, one row per window; and, as usage
+    does, how many events wait for the rollup."""
+    create_customer(cli)
+    record_history(redis_url)
+    assert cli("rollup", "--once").code == 0
+    lines = cli(
+        "usage", "acme", "--window", "hour", "--from", "2026-02-10T10:00", "--to", "2026-02-10T12:59"
+    ).out
+    assert lines.splitlines() == [
+        "acme (live) by hour, 2026-02-10 10:00:00Z .. 2026-02-10 13:00:00Z",
+        "start (UTC)       calls  tokens  success  client_error  server_error  aborted  rejected     spend",
+        "2026-02-10 10:00      2       0        2             0             1        0         0  0.004000",
+        "2026-02-10 11:00      0       0        0             0             0        0         0  0.000000",
+        "2026-02-10 12:00      1       0        1             0             0        0         0  0.002000",
+    ]
+    days = cli("usage", "acme", "--window", "day", "--from", "2026-02-10", "--to", "2026-02-11").out
+    assert days.splitlines()[1:] == [
+        "start (UTC)  calls  tokens  success  client_error  server_error  aborted  rejected     spend",
+        "2026-02-10       3       0        3             0             1        0         0  0.006000",
+    ]
+    record_calls(redis_url, "acme", [("success", True)], FEB_10 + 60)
+    assert cli("usage", "acme", "--window", "day").out.splitlines()[-1] == (
+        "  1 events on acme's shard wait for the rollup (meterware rollup): the figures above are behind"
     )
 
 

@@ -829,6 +829,39 @@ def test_read_usage_merges_every_aggregation(storage: Storage) -> None:
     assert usage == {"calls": 5, "tokens": 100, "latency": 50, "level": 7, "depth": 9, "users": 3}
 
 
+def test_read_usage_windows_reads_each_window_in_order(storage: Storage) -> None:
+    """Many windows in one read: each as read_usage reports it, in the order asked, {} where nothing was
+    written (a gap, another mode), uniques counted per window."""
+    shard, window = _window(storage)
+    token = storage.claim_shard(shard, "worker", 10_000)
+    assert token is not None
+    first, third = window, replace(window, start=window.start + 2 * DAY)
+    commit = RollupCommit(
+        shard,
+        token,
+        START_OFFSET,
+        "1-0",
+        {
+            first: WindowTotals(sums={"calls": 3}, uniques={"users": {"u1", "u2"}}),
+            third: WindowTotals(sums={"calls": 1}, maxes={"latency": 9}, uniques={"users": {"u1"}}),
+            replace(first, live=False): WindowTotals(sums={"calls": 7}),
+        },
+    )
+    assert storage.commit_rollup(commit)
+    starts = [third.start, first.start + DAY, first.start]
+    assert storage.read_usage_windows("acme", True, "day", starts) == [
+        {"calls": 1, "latency": 9, "users": 1},
+        {},
+        {"calls": 3, "users": 2},
+    ]
+    assert storage.read_usage_windows("acme", True, "day", starts) == [
+        storage.read_usage("acme", True, "day", start) for start in starts
+    ]
+    assert storage.read_usage_windows("acme", False, "day", [first.start]) == [{"calls": 7}]
+    assert storage.read_usage_windows("acme", True, "hour", [first.start]) == [{}]
+    assert storage.read_usage_windows("acme", True, "day", []) == []
+
+
 def test_read_and_trim_stream(storage: Storage) -> None:
     """read_stream pages after an offset; trim_stream drops entries below an id only."""
     open_account(storage)

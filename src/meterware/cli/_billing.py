@@ -6,18 +6,24 @@ import argparse
 import time
 from datetime import UTC, datetime
 
+from meterware.billing.accounts import UsageHistory
 from meterware.cli._common import Commands, emit, load_config, open_accounts, utc_time
 from meterware.config import format_credits
 from meterware.errors import MeterwareError
+from meterware.events import OUTCOMES
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    if args.window is not None:
+        return _usage_history(args)
+    if args.start is not None or args.end is not None or args.csv:
+        raise MeterwareError("--from, --to and --csv need --window (minute, hour or day)")
     accounts = open_accounts(args)
     at = time.time()
     if args.period == "previous":
         current = accounts.usage(args.customer, live=not args.test, at=at)
         at = current.period_start - 1
-    elif args.period != "current":
+    elif args.period not in (None, "current"):
         try:
             when = datetime.fromisoformat(args.period)
             at = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
@@ -26,7 +32,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
                 f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}"
             ) from None
     report = accounts.usage(args.customer, live=not args.test, at=at)
-    pending, complete = accounts.pending_events(args.customer)
     lines = [
         f"{report.customer} ({'live' if report.live else 'test'}) "
         f"{utc_time(report.period_start)} .. {utc_time(report.period_end)}",
@@ -34,14 +39,67 @@ def cmd_usage(args: argparse.Namespace) -> int:
         "  calls: " + ", ".join(f"{outcome} {count}" for outcome, count in report.calls.items()),
         f"  spend: {format_credits(report.spend)} credits",
     ]
-    if pending:
-        # Usage is the rollup's: events still in the stream (of this customer's shard) are not in it yet.
-        lines.append(
-            f"  {'' if complete else 'at least '}{pending} events on {report.customer}'s shard wait for "
-            "the rollup (meterware rollup): the figures above are behind"
-        )
+    pending, complete = accounts.pending_events(args.customer)
+    lines += _pending_note(args.customer, pending, complete)
     data = {**report.as_dict(), "pending_events": pending, "pending_events_complete": complete}
     return emit(args, data, "\n".join(lines))
+
+
+def _pending_note(customer_id: str, pending: int, complete: bool) -> list[str]:
+    """A line saying how many events wait for the rollup, if any (usage is the rollup's)."""
+    if not pending:
+        return []
+    return [
+        f"  {'' if complete else 'at least '}{pending} events on {customer_id}'s shard wait for "
+        "the rollup (meterware rollup): the figures above are behind"
+    ]
+
+
+def _usage_history(args: argparse.Namespace) -> int:
+    if args.period is not None:
+        raise MeterwareError("--period and --window exclude each other (--from and --to choose the range)")
+    if args.json and args.csv:
+        raise MeterwareError("choose one of --json and --csv")
+    start = None if args.start is None else _instant(args.start, "--from")
+    end = None if args.end is None else _instant(args.end, "--to")
+    accounts = open_accounts(args)
+    history = accounts.usage_history(
+        args.customer, window=args.window, start=start, end=end, live=not args.test
+    )
+    if args.csv:
+        print(history.to_csv(), end="")
+        return 0
+    text = ""
+    if not args.json:
+        note = _pending_note(args.customer, *accounts.pending_events(args.customer))
+        text = "\n".join([_history_table(history), *note])
+    return emit(args, history.as_dict(), text)
+
+
+def _history_table(history: UsageHistory) -> str:
+    """A title, then one row per window: its start, each meter, the calls per outcome and the spend."""
+    title = (
+        f"{history.customer} ({'live' if history.live else 'test'}) by {history.window}, "
+        f"{utc_time(history.start)} .. {utc_time(history.end)}"
+    )
+    shape = "%Y-%m-%d" if history.window == "day" else "%Y-%m-%d %H:%M"
+    header = ["start (UTC)", *(history.points[0].meters if history.points else ()), *OUTCOMES, "spend"]
+    rows = [
+        [
+            datetime.fromtimestamp(point.start, UTC).strftime(shape),
+            *map(str, point.meters.values()),
+            *map(str, point.calls.values()),
+            format_credits(point.spend),
+        ]
+        for point in history.points
+    ]
+    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
+    lines = [title]
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
 
 
 def cmd_plans_list(args: argparse.Namespace) -> int:
@@ -127,8 +185,18 @@ def cmd_periods_close(args: argparse.Namespace) -> int:
 def add_usage(commands: Commands) -> None:
     sub = commands.command("usage", cmd_usage, "usage of a billing period")
     sub.add_argument("customer")
-    sub.add_argument("--period", default="current", help="current, previous, or a date inside the period")
+    sub.add_argument("--period", help="current (the default), previous, or a date inside the period")
     sub.add_argument("--test", action="store_true", help="sandbox (test key) usage")
+    sub.add_argument(
+        "--window",
+        choices=("minute", "hour", "day"),
+        help="print the history window by window (default range: 2 hours, 48 hours, 90 days to now)",
+    )
+    sub.add_argument("--from", dest="start", metavar="WHEN", help="with --window: from then (epoch or date)")
+    sub.add_argument(
+        "--to", dest="end", metavar="WHEN", help="with --window: up to then, exclusive (default: now)"
+    )
+    sub.add_argument("--csv", action="store_true", help="with --window: print CSV, one row per window")
 
 
 def add_invoice(commands: Commands) -> None:

@@ -266,6 +266,10 @@ class UsageStorage(Protocol):
     """The rolled-up usage, which accounts, invoices, alerts and exports read."""
 
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]: ...
+    #: What ``read_usage`` reports for each of ``starts``, in order, read at once (one round trip).
+    def read_usage_windows(
+        self, customer_id: str, live: bool, window: str, starts: Sequence[int]
+    ) -> list[dict[str, int]]: ...
 
 
 class AccountStorage(UsageStorage, Protocol):

@@ -12,11 +12,11 @@ from meterware.billing.accounts._alerts import AlertThresholds
 from meterware.billing.accounts._credits import Credits
 from meterware.billing.accounts._customers import Customers
 from meterware.billing.accounts._invoices import Invoicing
-from meterware.billing.accounts._usage import Usage, UsageReport
+from meterware.billing.accounts._usage import Usage, UsageHistory, UsagePoint, UsageReport
 from meterware.config import Config
 from meterware.storage import open_storage
 
-__all__ = ["Accounts", "UsageReport"]
+__all__ = ["Accounts", "UsageHistory", "UsagePoint", "UsageReport"]
 
 
 class Accounts(Customers, Credits, Usage, AlertThresholds, Invoicing):

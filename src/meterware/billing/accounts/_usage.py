@@ -1,14 +1,18 @@
-"""The usage record: a period's report, the events still waiting for the rollup, corrections and
-backfills."""
+"""The usage record: a period's report, its history window by window, the events still waiting for the
+rollup, corrections and backfills."""
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from meterware.billing._asdict import fields_dict
-from meterware.billing.accounts._base import AccountsBase
+from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
 from meterware.billing.corrections import (
     CorrectionResult,
     ImportResult,
@@ -16,11 +20,19 @@ from meterware.billing.corrections import (
     import_events,
     parse_import,
 )
+from meterware.config import format_credits
+from meterware.errors import UsageError
 from meterware.events import OUTCOMES
 from meterware.metering.periods import period_bounds
-from meterware.rollup.aggregate import parse_columns
+from meterware.rollup.aggregate import outcome_field, parse_columns
 from meterware.storage._keyspace import shard_of
 
+#: Windows one history may hold at most (the longest default, 90 days, holds 90).
+MAX_HISTORY_POINTS: Final = 1000
+#: Seconds in each window a history can be read by (the rollup's UTC-aligned windows).
+HISTORY_WINDOWS: Final = {"minute": 60, "hour": 3600, "day": 86_400}
+#: The span of a history whose start is not given, per window.
+DEFAULT_SPANS: Final = {"minute": 2 * 3600, "hour": 48 * 3600, "day": 90 * 86_400}
 #: Stream entries read at most to count the events waiting for the rollup (about batch_size events each).
 PENDING_SCAN: Final = 10_000
 
@@ -44,6 +56,87 @@ class UsageReport:
         return fields_dict(self, spend="spend_micros")
 
 
+@dataclass(frozen=True, slots=True)
+class UsagePoint:
+    """A customer's usage in one window of a :class:`UsageHistory`."""
+
+    #: The window's start, epoch seconds (UTC-aligned).
+    start: int
+    #: Totals per configured meter (billable calls only); 0 when never written.
+    meters: dict[str, int]
+    #: Calls per outcome, in ``OUTCOMES`` order.
+    calls: dict[str, int]
+    #: Micro-credits charged (prepaid) or accrued (invoiced) in the window.
+    spend: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageHistory:
+    """A customer's usage window by window over a time range, from the rollups."""
+
+    customer: str
+    live: bool
+    #: ``minute``, ``hour`` or ``day``.
+    window: str
+    #: The first window's start (epoch seconds).
+    start: int
+    #: The end of the last window (exclusive).
+    end: int
+    #: One point per window, oldest first, every window of the range present.
+    points: list[UsagePoint]
+
+    def as_dict(self) -> dict[str, Any]:
+        return fields_dict(self) | {"points": [fields_dict(p, spend="spend_micros") for p in self.points]}
+
+    def to_csv(self) -> str:
+        """A header (start_iso, start, each meter, ``n:<outcome>``..., spend), then one row per window; the
+        spend in credits."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        meters = list(self.points[0].meters) if self.points else []
+        writer.writerow(["start_iso", "start", *meters, *map(outcome_field, OUTCOMES), "spend"])
+        for point in self.points:
+            counts = [*point.meters.values(), *point.calls.values()]
+            writer.writerow([_iso(point.start), point.start, *counts, format_credits(point.spend)])
+        return out.getvalue()
+
+
+def _epoch(value: float, name: str) -> float:
+    if not 0 <= value <= LATEST_ANCHOR:  # also false for NaN
+        raise UsageError(f"{name} must be epoch seconds from 1970 to 9999, got {value!r}")
+    return value
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def history_range(window: str, start: float | None, end: float | None, now: float) -> tuple[int, int]:
+    """The aligned ``[start, end)`` of a history (see :meth:`Usage.usage_history`), or UsageError."""
+    seconds = HISTORY_WINDOWS.get(window)
+    if seconds is None:
+        raise UsageError(f"window must be minute, hour or day, got {window!r}")
+    if end is None:
+        until = now
+        aligned_end = int(now) // seconds * seconds + seconds  # the window running now included
+    else:
+        until = _epoch(end, "end")
+        aligned_end = math.ceil(until / seconds) * seconds
+    if start is None:
+        aligned_start = aligned_end - DEFAULT_SPANS[window]
+    elif _epoch(start, "start") >= until:
+        raise UsageError(f"start ({_iso(start)}) must be before end ({_iso(until)})")
+    else:
+        aligned_start = int(start) // seconds * seconds
+    points = (aligned_end - aligned_start) // seconds
+    if points > MAX_HISTORY_POINTS:
+        raise UsageError(
+            f"{points} {window} windows asked for, at most {MAX_HISTORY_POINTS}: "
+            "shorten the range or use a longer window"
+        )
+    return aligned_start, aligned_end
+
+
 class Usage(AccountsBase):
     """Read a customer's usage, and correct or backfill the events it is made of."""
 
@@ -56,6 +149,36 @@ class Usage(AccountsBase):
         calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
         meters = {name: totals.get(name, 0) for name in self.config.meters}
         return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))
+
+    def usage_history(
+        self,
+        customer_id: str,
+        *,
+        window: str = "hour",
+        start: float | None = None,
+        end: float | None = None,
+        live: bool = True,
+    ) -> UsageHistory:
+        """Usage window by window from ``start`` to ``end`` (epoch seconds), read in one round trip.
+
+        ``window`` is ``minute``, ``hour`` or ``day`` (UTC); ``start`` is aligned down to a window and
+        ``end`` up. By default the range ends with the window running now and spans 2 hours of minutes,
+        48 hours of hours or 90 days of days. At most ``MAX_HISTORY_POINTS`` windows. Every window is a
+        point: one never written reads as zeros, and so does one older than the rollup keeps its kind
+        (``rollup.aggregate.WINDOW_TTLS``: minutes 2 days, hours 35 days, days 400 days).
+        """
+        first, last = history_range(window, start, end, time.time())
+        self.customer(customer_id)
+        seconds = HISTORY_WINDOWS[window]
+        starts = range(first, last, seconds)
+        windows = self.storage.read_usage_windows(customer_id, live, window, starts)
+        points = [self._point(at, totals) for at, totals in zip(starts, windows, strict=True)]
+        return UsageHistory(customer_id, live, window, first, last, points)
+
+    def _point(self, start: int, totals: dict[str, int]) -> UsagePoint:
+        calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
+        meters = {name: totals.get(name, 0) for name in self.config.meters}
+        return UsagePoint(start, meters, calls, totals.get("spend", 0))
 
     def pending_events(self, customer_id: str) -> tuple[int, bool]:
         """Events on the customer's shard flushed but not rolled up yet, and whether that is all of them.

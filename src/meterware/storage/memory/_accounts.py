@@ -89,14 +89,23 @@ class AccountMixin(MemoryState):
             return Balance(account.balance, account.reserved)
 
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]:
+        return self.read_usage_windows(customer_id, live, window, [start])[0]
+
+    def read_usage_windows(
+        self, customer_id: str, live: bool, window: str, starts: Sequence[int]
+    ) -> list[dict[str, int]]:
+        found: list[dict[str, int]] = []
         with self._lock:
-            usage = self._usage.get(Window(live, customer_id, window, start))
-            if usage is None:
-                return {}
-            totals = dict(usage.sums) | usage.maxes
-            totals |= {name: value for name, (_, value) in usage.lasts.items()}
-            totals |= {name: len(values) for name, values in usage.uniques.items()}
-            return totals
+            for start in starts:
+                usage = self._usage.get(Window(live, customer_id, window, start))
+                if usage is None:
+                    found.append({})
+                    continue
+                totals = dict(usage.sums) | usage.maxes
+                totals |= {name: value for name, (_, value) in usage.lasts.items()}
+                totals |= {name: len(values) for name, values in usage.uniques.items()}
+                found.append(totals)
+        return found
 
 
 class LedgerMixin(MemoryState):

@@ -222,17 +222,31 @@ class AccountCommands(Connection):
         return Balance(int(balance), int(reserved or 0))
 
     def read_usage(self, customer_id: str, live: bool, window: str, start: int) -> dict[str, int]:
-        where = (self._shard(customer_id), live, customer_id, window, start)
+        return self.read_usage_windows(customer_id, live, window, [start])[0]
+
+    def read_usage_windows(
+        self, customer_id: str, live: bool, window: str, starts: Sequence[int]
+    ) -> list[dict[str, int]]:
+        if not starts:
+            return []
+        shard = self._shard(customer_id)
         with self._call() as client:
-            fields = client.hgetall(ks.usage(*where))
-            names = unique_names(fields)
+            pipe = client.pipeline(transaction=False)
+            for start in starts:
+                pipe.hgetall(ks.usage(shard, live, customer_id, window, start))
+            hashes: list[Fields] = pipe.execute()
+            # Unique values are sets of their own: counted in a second round trip, only if there are any.
+            uniques = [(index, name) for index, fields in enumerate(hashes) for name in unique_names(fields)]
             counts: list[int] = []
-            if names:
+            if uniques:
                 pipe = client.pipeline(transaction=False)
-                for name in names:
-                    pipe.scard(ks.unique_values(*where, name))
+                for index, name in uniques:
+                    pipe.scard(ks.unique_values(shard, live, customer_id, window, starts[index], name))
                 counts = pipe.execute()
-        return usage_from(fields, dict(zip(names, counts, strict=True)))
+        per_window: list[dict[str, int]] = [{} for _ in starts]
+        for (index, name), number in zip(uniques, counts, strict=True):
+            per_window[index][name] = number
+        return [usage_from(fields, found) for fields, found in zip(hashes, per_window, strict=True)]
 
 
 class LedgerCommands(Connection):

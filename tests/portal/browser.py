@@ -3,8 +3,8 @@
 Playwright's sync API marks its event loop as running in the thread that drives it, for as long as it
 lives; ``asyncio.run`` (and anyio's runner) refuse to start in that thread then, and a Playwright call made
 while the mark is gone kills its connection. So the session keeps Chromium open but marks the loop only
-while a test uses it (``ChromiumSession.in_use``, the ``browser`` and ``page`` fixtures): the rest of the
-suite runs its own event loops as before. A test that holds ``browser`` or ``page`` runs asyncio code in
+while a test uses it (``ChromiumSession.in_use``; the ``browser``, ``page`` and ``open_page`` fixtures): the
+rest of the suite runs its own event loops as before. A test holding one of them runs asyncio code in
 another thread.
 """
 

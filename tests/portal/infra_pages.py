@@ -20,6 +20,7 @@ GOOD_PAGE = """<!doctype html>
   .muted { color: #595959; }
   .banner { background: rgba(0, 0, 0, 0.8); color: #ffffff; padding: 4px; }
   .large { font-size: 24px; color: #949494; }
+  .caption { color: oklch(40% 0 0); }
   .sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
   .tall { height: 1500px; }
 </style>
@@ -37,6 +38,7 @@ GOOD_PAGE = """<!doctype html>
 <h3>Table</h3>
 <p class="muted">Windows never written read as zero.</p>
 <p class="large">Projected invoice</p>
+<p class="caption">Times are UTC.</p>
 <span class="sr-only" style="color: #eeeeee">for screen readers</span>
 <h2>Keys</h2>
 <form method="post">
@@ -66,6 +68,7 @@ CHANGES = {
         ".large { font-size: 24px; color: #949494; }",
         ".large { font-size: 24px; color: #aaaaaa; }",
     ),
+    "low-contrast-oklch-text": (".caption { color: oklch(40% 0 0); }", ".caption { color: oklch(80% 0 0); }"),
     "translucent-background": ("background: rgba(0, 0, 0, 0.8)", "background: rgba(0, 0, 0, 0.2)"),
     "faded-text": ('<p class="muted">', '<p class="muted" style="opacity: 0.5">'),
     "low-contrast-svg-text": ('fill="#333333">hour', 'fill="#bbbbbb">hour'),

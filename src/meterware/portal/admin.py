@@ -23,10 +23,12 @@ from urllib.parse import urlencode
 
 from markupsafe import Markup
 
+from meterware.billing.accounts import Accounts
 from meterware.config import Config
-from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError
+from meterware.errors import ConfigError, NotFoundError, StorageError
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse, redirect
+from meterware.portal.pages.manage import manage
 from meterware.portal.tokens import MIN_SECRET_LENGTH, Session, new_session
 from meterware.portal.views import PortalCore, render
 
@@ -49,6 +51,23 @@ class CustomerRow:
     balance: int
     calls: int
     spend: int
+
+
+def summaries(accounts: Accounts) -> list[CustomerRow]:
+    """One row per customer: a few reads each (the list is for thousands of customers, not millions)."""
+    rows = []
+    for customer_id in accounts.storage.list_customers():
+        try:
+            customer = accounts.customer(customer_id)
+            report = accounts.usage(customer_id)
+            balance = accounts.balance(customer_id)
+        except NotFoundError:
+            continue
+        calls = sum(report.calls.values()) - report.calls.get("rejected", 0)
+        rows.append(
+            CustomerRow(customer.id, customer.plan, customer.status, balance.balance, calls, report.spend)
+        )
+    return rows
 
 
 class OperatorView(PortalCore):
@@ -159,33 +178,17 @@ class OperatorView(PortalCore):
         except (NotFoundError, ValueError):
             return html.message_page(root, 404, "Not found", "There is no such customer.")
         if rest == "manage":
-            return self.manage(ctx, request)
+            return manage(ctx, request)
         return render(ctx, request, f"/{rest}")
-
-    def summaries(self) -> list[CustomerRow]:
-        """One row per customer: a few reads each (the list is for thousands of customers, not millions)."""
-        accounts = self.accounts
-        rows = []
-        for customer_id in accounts.storage.list_customers():
-            try:
-                customer = accounts.customer(customer_id)
-                report = accounts.usage(customer_id)
-                balance = accounts.balance(customer_id)
-            except NotFoundError:
-                continue
-            calls = sum(report.calls.values()) - report.calls.get("rejected", 0)
-            rows.append(
-                CustomerRow(customer.id, customer.plan, customer.status, balance.balance, calls, report.spend)
-            )
-        return rows
 
     def customers(self, request: PortalRequest, session: Session) -> PortalResponse:
         root, query = request.root, request.query
         search = query.get("q", "").strip()[:128]
         sort = query.get("sort", "id") if query.get("sort") in SORTS else "id"
         descending = query.get("order") == "desc"
+        needle = search.lower()
         rows = [
-            row for row in self.summaries() if search.lower() in f"{row.id} {row.plan} {row.status}".lower()
+            row for row in summaries(self.accounts) if needle in f"{row.id} {row.plan} {row.status}".lower()
         ]
         rows.sort(key=lambda row: (getattr(row, sort), row.id), reverse=descending)
         try:
@@ -260,71 +263,3 @@ class OperatorView(PortalCore):
             "<main><h1>Customers</h1>{}{}{}</main>"
         ).format(session.operator, sign_out, search_form, table, pager)
         return html.document(root, "Customers \u00b7 operator view", content)
-
-    def manage(self, ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
-        """Grant credits, suspend or reactivate, each with a reason the ledger keeps."""
-        accounts, customer = ctx.accounts, ctx.customer
-        done = Markup("")
-        if request.method == "POST":
-            action, reason = request.form.get("action", ""), request.form.get("reason", "").strip()
-            actor = f"portal:{ctx.operator}"
-            try:
-                if not reason:
-                    raise MeterwareError("a reason is required")
-                if action == "grant":
-                    accounts.grant_credits(
-                        customer.id, request.form.get("amount", ""), reason=reason, actor=actor
-                    )
-                    done = html.notice(f"Granted {request.form.get('amount')} credits.", kind="ok")
-                elif action in ("suspended", "active"):
-                    accounts.set_status(customer.id, action, reason=reason, actor=actor)
-                    done = html.notice(f"The customer is now {action}.", kind="ok")
-                else:
-                    raise MeterwareError("unknown action")
-            except MeterwareError as error:
-                done = html.notice(str(error), kind="error")
-            customer = accounts.customer(customer.id)
-        grant = html.form(
-            ctx,
-            "/manage",
-            Markup('<input type="hidden" name="action" value="grant">')
-            + html.field_row(
-                "Amount",
-                Markup('<input id="amount" name="amount" inputmode="decimal" required>'),
-                hint="Credits, e.g. 25.00",
-            )
-            + html.field_row(
-                "Reason",
-                Markup('<input id="reason" name="reason" required>'),
-                hint="Kept in the customer's ledger.",
-            ),
-            "Grant credits",
-            name="grant",
-        )
-        target = "active" if customer.status == "suspended" else "suspended"
-        status = html.form(
-            ctx,
-            "/manage",
-            Markup('<input type="hidden" name="action" value="{}">').format(target)
-            + html.field_row(
-                "Reason for the change", Markup('<input id="reason-for-the-change" name="reason" required>')
-            ),
-            "Reactivate" if target == "active" else "Suspend",
-            danger=target == "suspended",
-            name="status",
-        )
-        balance = accounts.balance(customer.id)
-        body = Markup(
-            "<h1>Credits and status</h1>{}{}<h2>Grant credits</h2>{}<h2>Status</h2><p>Now: {}.</p>{}"
-        ).format(
-            done,
-            html.definition_list(
-                {"Balance": html.data("credits.balance", html.credits(balance.balance), balance.balance)}
-            ),
-            grant,
-            Markup('<span class="status-{}" data-field="status">{}</span>').format(
-                customer.status, customer.status
-            ),
-            status,
-        )
-        return html.page(ctx, title="Credits and status", current="", body=body)

@@ -525,3 +525,22 @@ def test_an_empty_account(deployment: Deployment) -> None:
     credits = deployment.page(client, "/credits")
     assert credits.field("credits.balance") == "0"
     assert credits.rows("ledger") == [["No movement yet."]]
+
+
+def test_the_operator_view_shows_who_moved_the_credits(deployment: Deployment, tmp_path: Path) -> None:
+    """An operator sees the same pages under the customer's folder, the ledger with who did each entry."""
+    customer, starts = history(deployment, tmp_path)
+    deployment.accounts.grant_credits(customer, "3", reason="sorry", actor="alice")
+    view = meterware.portal.admin_wsgi_app(deployment.config, authorize=lambda request: "ops")
+    admin = Client(view)
+    base = f"/customers/{customer}"
+    credits = Page(admin.get(f"{base}/credits").get_data(as_text=True))
+    assert credits.rows("ledger")[0][3:] == ["sorry", "priority 10, never expires", "alice"]
+    invoices = Page(admin.get(f"{base}/invoices").get_data(as_text=True))
+    assert f"{base}/invoices/{starts[0]}" in invoices.links.values()
+    download = admin.get(f"{base}/invoices/{starts[0]}.json")
+    assert (
+        json.loads(download.get_data())
+        == deployment.accounts.invoice(customer, period_start=starts[0]).as_dict()
+    )
+    view.close()

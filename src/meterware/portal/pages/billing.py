@@ -127,18 +127,13 @@ def invoices(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
     period = ctx.config.plan(customer.plan).period
     now = time.time()
     current_start, current_end = period_bounds(customer.anchor, period, now)
+    # No period yet while the anchor is ahead (the current period would end by it).
     count = period_count(customer.anchor, period, current_start) if current_end > customer.anchor else 0
     pages = max(1, math.ceil(count / INVOICES_PER_PAGE))
     number = page_number(request, pages)
-    starts = (
-        period_starts(
-            customer.anchor, period, current_start, (number - 1) * INVOICES_PER_PAGE, INVOICES_PER_PAGE
-        )
-        if count
-        else []
-    )
+    skip = (number - 1) * INVOICES_PER_PAGE
     rows = []
-    for start in starts:
+    for start in period_starts(customer.anchor, period, current_start, skip, INVOICES_PER_PAGE):
         invoice = ctx.accounts.invoice(customer.id, period_start=start)
         data = invoice.as_dict()
         name = f"invoices.{start}"
@@ -154,7 +149,6 @@ def invoices(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
                 invoice.currency,
             )
         )
-    first = f"Your first billing period starts {html.when(customer.anchor)}." if not count else ""
     body = Markup(
         "<h1>Invoices</h1><p>The invoice of the running period changes as you use the API until the "
         "period closes; a closed period's invoice never changes. Late usage of a closed period is "
@@ -166,7 +160,7 @@ def invoices(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
             rows,
             numeric=[2, 3, 4],
             name="invoices",
-            empty=first or "No invoice yet.",
+            empty=f"Your first billing period starts {html.when(customer.anchor)}.",
         ),
         pager(ctx, "/invoices", number, pages),
     )
@@ -181,7 +175,6 @@ def invoice(ctx: html.PageContext, request: PortalRequest, period: str) -> Porta
     found = find_invoice(ctx, period)
     data = found.as_dict()
     now = time.time()
-
     lines = [
         (
             line.description,

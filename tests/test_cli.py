@@ -755,6 +755,54 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert invoice[-1].split() == ["total", "0.03"]  # 6 calls over the included 10, at 0.005
 
 
+@pytest.mark.slow
+def test_demo_serve_keeps_the_api_and_the_portal_running_with_a_link_per_customer(tmp_path: Path) -> None:
+    """`meterware demo --serve` prints each customer's key and portal link; both work until SIGTERM."""
+    import re
+    import signal
+
+    import httpx
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "meterware", "demo", "--serve", "--port", str(free_port())]
+    errors = tmp_path / "stderr.txt"
+    with (
+        errors.open("w") as stderr,
+        subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+        ) as process,
+    ):
+        try:
+            assert process.stdout is not None
+            lines: list[str] = []
+            deadline = time.monotonic() + 90
+            while not (lines and lines[-1].startswith("  Try: curl")) and time.monotonic() < deadline:
+                line = process.stdout.readline()
+                assert line, f"the demo ended early: {errors.read_text()}"
+                lines.append(line.rstrip("\n"))
+            text = "\n".join(lines)
+            keys = dict(re.findall(r"^  (\w+): API key (\S+)$", text, re.MULTILINE))
+            links = re.findall(r"portal \(the link works once, for an hour\): (\S+)", text)
+            assert set(keys) == {"hobbyist", "startup", "bigco"}
+            assert len(links) == 3
+            base = re.search(r"at (http://127\.0\.0\.1:\d+) ", text)[1]  # type: ignore[index]
+            token = re.search(r"admin token: (\S+)\)", text)[1]  # type: ignore[index]
+            with httpx.Client(base_url=base, timeout=10) as client:
+                hello = client.get("/v1/hello", headers={"Authorization": f"Bearer {keys['bigco']}"})
+                assert hello.status_code == 200
+                assert client.get(links[2].removeprefix(base)).status_code == 303
+                overview = client.get("/portal/")
+                assert overview.status_code == 200
+                assert 'data-field="customer">bigco<' in overview.text
+                assert client.get(links[2].removeprefix(base)).status_code == 403  # a link works once
+                admin = client.get("/admin/", headers={"Authorization": f"Bearer {token}"})
+                assert admin.status_code == 200
+                assert "hobbyist" in admin.text
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0, errors.read_text()
+
+
 # -- what the worker and usage say while behind -----------------------------------------------------------
 
 

@@ -62,8 +62,13 @@ quota_mode = "soft"
 
 [routes]
 exclude = ["/health", "/docs*", "/openapi.json"]
+portal = "/portal"                # the customer portal and the operator view are never metered
+admin = "/admin"
 [routes.weights]
 "/v1/chat" = 1
+
+[portal]
+secure_cookies = false            # the demo serves plain http on loopback
 
 [pipeline]
 flush_interval = 0.05
@@ -82,10 +87,13 @@ def build_app(config_path: str) -> Any:
     from fastapi.responses import StreamingResponse
 
     import meterware
+    import meterware.portal
     from meterware import MeteringMiddleware
 
     app = FastAPI(title="meterware demo API")
     app.add_middleware(MeteringMiddleware, config=config_path)
+    app.mount("/portal", meterware.portal.asgi_app(config_path))
+    app.mount("/admin", meterware.portal.admin_asgi_app(config_path))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -123,12 +131,12 @@ def build_app(config_path: str) -> Any:
 
 
 class _Server:
-    """uvicorn in a thread on a loopback port."""
+    """uvicorn in a thread on a loopback port (``port`` 0: a free one)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, port: int = 0) -> None:
         import uvicorn
 
-        self.port = _free_port()
+        self.port = port or _free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -224,8 +232,10 @@ class _Receiver:
 _ROW = "  {:<9} {:<5} {:>5} {:>6} {:>3} {:>3} {:>3} {:>7} {:>10} {:>10}"
 
 
-def run_demo(*, storage: str | None = None) -> int:
-    """Run the demo end to end and print what happened."""
+def run_demo(*, storage: str | None = None, serve: bool = False, port: int = 0) -> int:
+    """Run the demo end to end and print what happened; ``serve``: then keep the API, the rollup and the
+    portal running (on ``port``, default a free one) until interrupted, and print a portal link for each
+    customer."""
     from meterware.billing.accounts import Accounts
     from meterware.config import Config, format_credits
 
@@ -234,6 +244,9 @@ def run_demo(*, storage: str | None = None) -> int:
     # Alerts go to the alerts stream, the log and a webhook: a receiver on a loopback port, with a secret
     # passed the way meterware reads it (the environment; the worker process inherits it).
     os.environ["METERWARE_WEBHOOK_SECRET"] = secret = secrets.token_hex(16)
+    # The portal signs its links and sessions with a secret from the environment, as in a deployment.
+    os.environ.setdefault("METERWARE_PORTAL_SECRET", secrets.token_urlsafe(32))
+    os.environ.setdefault("METERWARE_ADMIN_TOKEN", secrets.token_urlsafe(32))
     receiver = _Receiver(secret)
     alerts = '\n[alerts]\nquota_percent = [80, 100]\ncredits_below = ["0.1"]\n'
     alerts += f'webhook_url = "{receiver.url}"\n'
@@ -325,4 +338,33 @@ def run_demo(*, storage: str | None = None) -> int:
     for line in accounts.invoice("bigco").to_text().splitlines():
         print(f"  {line}")
     accounts.close()
+    if serve:
+        _serve(config, str(config_path), keys, port)
     return 0
+
+
+def _serve(config: Any, config_path: str, keys: dict[str, str], port: int) -> None:
+    """Keep the demo API with its portal, and the rollup, running until Ctrl-C or SIGTERM."""
+    import signal
+
+    from meterware.portal import sign_in_link
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    worker = None
+    if not config.storage.startswith("memory://"):  # on memory:// the app rolls up in process
+        command = [sys.executable, "-m", "meterware", "rollup", "--config", config_path]
+        worker = subprocess.Popen(command)
+    with _Server(build_app(config_path), port) as base:
+        print(f"\nServing the demo API, its portal and the operator view at {base} (Ctrl-C stops)")
+        for customer, key in keys.items():
+            link = sign_in_link(customer, config=config, seconds=3600, base_url=f"{base}/portal")
+            print(f"  {customer}: API key {key}\n    portal (the link works once, for an hour): {link}")
+        print(f"  Operator view: {base}/admin/  (admin token: {os.environ['METERWARE_ADMIN_TOKEN']})")
+        print(f"  Try: curl -H 'Authorization: Bearer {keys['bigco']}' {base}/v1/hello")
+        sys.stdout.flush()
+        stop.wait()
+    if worker is not None:
+        worker.terminate()
+        worker.wait(15)

@@ -68,7 +68,7 @@ def cmd_rollup(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from meterware.demo import run_demo
 
-    return run_demo(storage=args.storage)
+    return run_demo(storage=args.storage, serve=args.serve, port=args.port)
 
 
 def add_config(commands: Commands) -> None:
@@ -91,4 +91,12 @@ def add_rollup(commands: Commands) -> None:
 
 
 def add_demo(commands: Commands) -> None:
-    commands.command("demo", cmd_demo, "run the demo: an API, customers, traffic, usage")
+    sub = commands.command("demo", cmd_demo, "run the demo: an API, customers, traffic, usage")
+    sub.add_argument(
+        "--serve",
+        action="store_true",
+        help="then keep the API, the rollup and the portal running, with links",
+    )
+    sub.add_argument(
+        "--port", type=int, default=0, help="the port to serve on with --serve (default: a free one)"
+    )

@@ -82,6 +82,7 @@ def bar_chart(
     series: Mapping[str, Sequence[int | float]],
     lines: Sequence[tuple[str, float]] = (),
     chart_id: str,
+    per: str | None = None,
 ) -> Markup:
     """Bars per window start (epoch seconds, UTC; window "minute"|"hour"|"day" decides the tick labels:
     "14:00" for hours with the date at day changes, "Mar 03" for days). One series: plain bars; several:
@@ -91,7 +92,8 @@ def bar_chart(
     ``starts`` are ascending, one per bar (pass every window, zeros included: bars sit side by side);
     each series holds one value per start, and the first series is the bottom of the stack. ``chart_id``
     is the prefix of the ids inside the SVG (``{chart_id}-title``, ``{chart_id}-desc``): a letter, then
-    letters, digits, ``-`` or ``_``, unique on the page.
+    letters, digits, ``-`` or ``_``, unique on the page. ``per``: what a bar covers, for the axis
+    caption, when it is not the window (``billing period``).
     """
     if not _CHART_ID.fullmatch(chart_id):
         raise ValueError(f"chart_id must be a letter then letters, digits, '-' or '_': {chart_id!r}")
@@ -121,7 +123,7 @@ def bar_chart(
     ]
     if stacked:
         parts.append(_textures(chart_id, len(names)))
-    caption = f"{unit} per {window} (UTC)"
+    caption = f"{unit} per {per or window} (UTC)"
     parts.append(f'<text class="unit" x="{_LEFT}" y="15">{escape(caption)}</text>')
     parts.extend(_legend(chart_id, legend_rows))
     parts.extend(plot.y_axis())

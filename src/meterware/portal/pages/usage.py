@@ -123,6 +123,7 @@ def _periods_section(ctx: html.PageContext) -> Markup:
             series={meter: values},
             lines=lines,
             chart_id=f"period-{html.slug(meter) or 'meter'}",
+            per="billing period",
         )
         parts.append(
             Markup('<figure class="chart" data-chart="period-{}">{}</figure>{}').format(

@@ -184,6 +184,25 @@ def test_every_form_needs_its_sessions_token_and_origin(config: Config, accounts
     assert len(accounts.list_keys("acme")) == keys_before + 1
 
 
+def test_behind_a_proxy_the_base_urls_origin_is_the_portals_own(config: Config, accounts: Accounts) -> None:
+    """A TLS proxy that rewrites Host: the browser's Origin is the public base URL's."""
+    client = signed_in(config)
+    token = form_token(client)
+    cookie = client.get_cookie("meterware_portal")
+    assert cookie is not None
+    proxied = Client(meterware.portal.wsgi_app(config), use_cookies=False)
+
+    def post(origin: str) -> int:
+        data = {"mode": "test", "csrf": token}
+        # base_url is http://testserver/portal; the proxy sends Host: 10.0.0.7:8000.
+        headers = {"Origin": origin, "Host": "10.0.0.7:8000", "Cookie": f"meterware_portal={cookie.value}"}
+        return proxied.post("/keys/new", data=data, headers=headers).status_code
+
+    assert post("https://testserver") == 200
+    assert post("https://testserver.evil.test") == 403
+    assert post("https://10.0.0.7:8000") == 200
+
+
 def test_no_request_reaches_another_customers_keys(config: Config, accounts: Accounts) -> None:
     theirs = accounts.create_key("globex")
     client = signed_in(config, "acme")

@@ -59,8 +59,7 @@ class PortalRequest:
     cookies: Mapping[str, str] = field(default_factory=dict)
     #: Lower-case names; the last value of a repeated header.
     headers: Mapping[str, str] = field(default_factory=dict)
-    #: ``http`` or ``https``, and the host the request was sent to (for the same-origin check).
-    scheme: str = "http"
+    #: The host the request was sent to (for the same-origin check of forms).
     host: str = ""
 
 
@@ -118,7 +117,6 @@ def build_request(
     query_string: bytes | str,
     headers: Iterable[tuple[str, str]],
     body: bytes,
-    scheme: str,
 ) -> PortalRequest:
     """A :class:`PortalRequest` from what any server gives (headers as ``(name, value)`` text pairs)."""
     header_map = {name.lower(): value for name, value in headers}
@@ -132,7 +130,6 @@ def build_request(
         form=form,
         cookies=dict(parse_cookie(header_map.get("cookie", ""))),
         headers=header_map,
-        scheme=scheme,
         host=header_map.get("host", ""),
     )
 
@@ -192,7 +189,12 @@ class PortalASGIApp:
                 return plain(413, "The form is too large.")
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
         request = build_request(
-            scope["method"], path, root, scope.get("query_string", b""), headers, body, scope["scheme"]
+            scope["method"],
+            path,
+            root,
+            scope.get("query_string", b""),
+            headers,
+            body,
         )
         return await asyncio.to_thread(self.handler, request)
 
@@ -241,6 +243,5 @@ class PortalWSGIApp:
                 environ.get("QUERY_STRING", ""),
                 headers,
                 body,
-                environ.get("wsgi.url_scheme", "http"),
             )
         )

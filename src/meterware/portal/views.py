@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import Map, Rule
@@ -50,10 +51,15 @@ PAGES: Final = Map(
 )
 
 
-def same_origin(request: PortalRequest) -> bool:
-    """Whether a form post comes from the portal's own origin, when the browser says (``Origin``)."""
+def same_origin(request: PortalRequest, base_url: str) -> bool:
+    """Whether a form post comes from the portal's own site, when the browser says (``Origin``): the host
+    the request was sent to, or the one of ``portal.base_url`` (behind a proxy that rewrites ``Host``).
+    The scheme is not compared: behind a TLS proxy the app sees http for an https page."""
     origin = request.headers.get("origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
+    if origin is None:
+        return True
+    host = urlsplit(origin).netloc
+    return host in (request.host, urlsplit(base_url).netloc) and bool(host)
 
 
 def render(ctx: html.PageContext, request: PortalRequest, path: str) -> PortalResponse:
@@ -123,7 +129,9 @@ class PortalCore:
         if request.method != "POST":
             return None
         token = request.form.get("csrf", "")
-        if not same_origin(request) or not self.signer.check_form_token(session, token):
+        if not same_origin(request, self.config.portal.base_url) or not self.signer.check_form_token(
+            session, token
+        ):
             return html.message_page(
                 request.root,
                 403,

@@ -187,7 +187,7 @@ def test_too_many_thresholds_of_a_kind_are_refused_and_nothing_is_stored(storage
     customers(storage)
     accounts = Accounts(storage, Config.from_dict(CONFIG))
     accounts.set_alerts("hobby", quota_percent=list(range(1, MAX_OWN_THRESHOLDS + 1)))
-    with pytest.raises(UsageError, match=f"spend_above takes at most {MAX_OWN_THRESHOLDS} thresholds"):
+    with pytest.raises(UsageError, match=f"spend_above: at most {MAX_OWN_THRESHOLDS} thresholds"):
         accounts.set_alerts("hobby", quota_percent=[50], spend_above=[str(n) for n in range(11)])
     assert accounts.alert_rules("hobby").quota_percent == tuple(range(1, MAX_OWN_THRESHOLDS + 1))
 

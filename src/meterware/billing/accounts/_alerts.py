@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Final
 
 from meterware.billing.accounts._base import AccountsBase
@@ -19,6 +20,26 @@ from meterware.errors import UsageError
 
 #: Thresholds of each kind a customer may set (each can fire once a period).
 MAX_OWN_THRESHOLDS: Final = 10
+
+
+def checked_thresholds(kind: str, values: Sequence[object], name: str = "") -> tuple[int, ...]:
+    """A customer's ``values`` of one kind (``quota_percent``, ``credits_below``, ``spend_above``) as
+    stored: distinct, sorted, amounts in micro-credits.
+
+    :raises UsageError: (ConfigError for an amount) naming ``name`` (default: ``kind``): more than
+        :data:`MAX_OWN_THRESHOLDS`, or one that is not a percentage from 1 to 1000 or an amount of credits.
+    """
+    name = name or kind
+    if len(values) > MAX_OWN_THRESHOLDS:
+        raise UsageError(f"{name}: at most {MAX_OWN_THRESHOLDS} thresholds, got {len(values)}")
+    if kind != "quota_percent":
+        return tuple(sorted({parse_credits(value, name) for value in values}))
+    percents = set()
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise UsageError(f"{name}: must be whole percentages from 1 to 1000, got {value!r}")
+        percents.add(value)
+    return tuple(sorted(percents))
 
 
 def _checked(value: str | None, check: Callable[[str], str]) -> str | None:
@@ -47,25 +68,17 @@ class AlertThresholds(AccountsBase):
         :data:`MAX_OWN_THRESHOLDS` of each kind. Nothing is stored unless every list is valid.
         """
         self.customer(customer_id)
-        for name, values in (
-            ("quota_percent", quota_percent),
-            ("credits_below", credits_below),
-            ("spend_above", spend_above),
-        ):
-            if values is not None and len(values) > MAX_OWN_THRESHOLDS:
-                raise UsageError(f"{name} takes at most {MAX_OWN_THRESHOLDS} thresholds, got {len(values)}")
+        given = {
+            kind: checked_thresholds(kind, values)
+            for kind, values in (
+                ("quota_percent", quota_percent),
+                ("credits_below", credits_below),
+                ("spend_above", spend_above),
+            )
+            if values is not None
+        }
         own = AlertRules() if clear else rules_from_json(self.storage.get_alert_rules(customer_id))
-        if quota_percent is not None:
-            for value in quota_percent:
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-                    raise UsageError(f"quota_percent must be whole percentages from 1 to 1000, got {value!r}")
-            own = AlertRules(tuple(sorted(set(quota_percent))), own.credits_below, own.spend_above)
-        if credits_below is not None:
-            micros = sorted({parse_credits(value, "credits_below") for value in credits_below})
-            own = AlertRules(own.quota_percent, tuple(micros), own.spend_above)
-        if spend_above is not None:
-            micros = sorted({parse_credits(value, "spend_above") for value in spend_above})
-            own = AlertRules(own.quota_percent, own.credits_below, tuple(micros))
+        own = replace(own, **given)
         empty = own == AlertRules()
         self.storage.set_alert_rules(customer_id, None if empty else rules_to_json(own))
         return self.alert_rules(customer_id)

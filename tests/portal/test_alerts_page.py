@@ -113,6 +113,7 @@ def test_the_page_shows_the_plans_thresholds_until_the_customer_sets_its_own(por
     assert values(page, "alerts.spend_above") == ["20.000000"]
     assert fields(page, "alerts.quota_percent.source") == ["your plan&#39;s"]
     assert 'data-form="reset-thresholds"' not in page
+    assert "Credit balance below (prepaid plans only: not watched on yours)" in page
     for label, control in (("Quota percentages", "quota-percentages"), ("Email address", "email-address")):
         assert f'<label for="{control}">{label}</label>' in page
         assert f'id="{control}"' in page
@@ -156,40 +157,48 @@ def test_the_reset_falls_back_to_the_plans_thresholds(portal: Portal) -> None:
 
 
 @pytest.mark.parametrize(
-    ("form", "message"),
+    ("form", "invalid", "message"),
     [
         pytest.param(
             {"quota_percent": "50, lots"},
+            "quota_percent",
             "Quota percentages: must be whole percentages from 1 to 1000, got &#39;lots&#39;",
             id="not-a-number",
         ),
         pytest.param(
             {"quota_percent": "0"},
+            "quota_percent",
             "Quota percentages: must be whole percentages from 1 to 1000, got 0",
             id="zero-percent",
         ),
         pytest.param(
-            {"quota_percent": "12.5"}, "Quota percentages: must be whole percentages", id="fraction-percent"
+            {"quota_percent": "12.5"},
+            "quota_percent",
+            "Quota percentages: must be whole percentages",
+            id="fraction-percent",
         ),
         pytest.param(
             {"quota_percent": "80", "credits_below": "-1"},
+            "credits_below",
             "Credits below: must not be negative, got &#39;-1&#39;",
             id="negative-credits",
         ),
         pytest.param(
             {"spend_above": "0.0000001"},
+            "spend_above",
             "Spend above: must be a number of credits with at most 6 decimals",
             id="too-precise",
         ),
         pytest.param(
             {"spend_above": ", ".join(str(n) for n in range(1, 12))},
+            "spend_above",
             "Spend above: at most 10 thresholds, got 11",
             id="too-many",
         ),
     ],
 )
 def test_invalid_thresholds_are_refused_with_the_reason_and_nothing_is_saved(
-    portal: Portal, form: dict[str, str], message: str
+    portal: Portal, form: dict[str, str], invalid: str, message: str
 ) -> None:
     """A wrong field shows the check's message as an error; no list is saved, not even the valid ones."""
     portal.accounts.set_alerts("hobby", quota_percent=[70])
@@ -198,9 +207,13 @@ def test_invalid_thresholds_are_refused_with_the_reason_and_nothing_is_saved(
     error = re.search(r'<p class="notice error" role="status">([^<]*)</p>', page)
     assert error is not None
     assert message in error[1]
-    assert error[1].endswith("Nothing was saved.")
+    assert error[1].endswith(". Nothing was saved.")
     assert portal.accounts.own_alert_rules("hobby") == before
     assert values(page, "alerts.quota_percent") == ["70"]  # the page shows what is in force
+    # The field at fault is marked, pointing at the notice; the others are not.
+    marked = re.findall(r'name="(\w+)" value="[^"]*" autocomplete="off" aria-invalid="true"', page)
+    assert marked == [invalid]
+    assert 'aria-describedby="thresholds-status"' in page
 
 
 def test_submitted_text_is_shown_back_escaped(portal: Portal) -> None:
@@ -232,6 +245,7 @@ def test_destinations_are_validated_and_stored(portal: Portal) -> None:
         error = re.search(r'<p class="notice error" role="status">([^<]*)</p>', page)
         assert error is not None
         assert reason in error[1]
+        assert page.count('aria-invalid="true"') == 1
         assert portal.accounts.alert_destinations("hobby") == AlertDestinations("ops@acme.example", HOOK)
     portal.post({"action": "destinations", "email": "", "webhook_url": ""})
     assert portal.accounts.alert_destinations("hobby") == AlertDestinations()

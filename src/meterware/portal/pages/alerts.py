@@ -8,7 +8,8 @@ Nothing here, nor the worker, sends anything to an address the customer typed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final
 
@@ -16,7 +17,7 @@ from markupsafe import Markup
 
 from meterware.billing.accounts._alerts import checked_thresholds
 from meterware.billing.alerts import Alert
-from meterware.billing.destinations import MAX_EMAIL_CHARS, MAX_URL_CHARS
+from meterware.billing.destinations import MAX_EMAIL_CHARS, MAX_URL_CHARS, check_email, check_webhook_url
 from meterware.config import MICROS_PER_CREDIT, AlertRules, format_credits, parse_credits
 from meterware.errors import MeterwareError
 from meterware.portal import html
@@ -90,11 +91,26 @@ def _percents(parts: list[str]) -> list[int | str]:
     return [int(part) if part.isascii() and part.isdigit() else part for part in parts]
 
 
-def _save_thresholds(ctx: html.PageContext, request: PortalRequest) -> tuple[Markup, dict[str, str]]:
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a form post did: its notice, and after an error the text sent back and the fields at fault."""
+
+    notice: Markup = field(default_factory=Markup)
+    submitted: Mapping[str, str] = field(default_factory=dict)
+    invalid: frozenset[str] = frozenset()
+
+    def control(self, name: str, status_id: str) -> Markup:
+        """The attributes marking field ``name`` invalid, pointing at the notice (``status_id``) on why."""
+        if name not in self.invalid:
+            return Markup("")
+        return Markup(' aria-invalid="true" aria-describedby="{}"').format(status_id)
+
+
+def _save_thresholds(ctx: html.PageContext, request: PortalRequest) -> Outcome:
     """Set the customer's own thresholds from the form: all of them, or none if one field is wrong."""
     submitted = {kind.name: request.form.get(kind.name, "") for kind in KINDS}
     parts = {kind.name: _parts(submitted[kind.name]) for kind in KINDS}
-    errors = []
+    errors = {}
     for kind in KINDS:
         given = parts[kind.name]
         if given is None:
@@ -104,9 +120,10 @@ def _save_thresholds(ctx: html.PageContext, request: PortalRequest) -> tuple[Mar
                 kind.name, _percents(given) if kind.name == "quota_percent" else given, kind.label
             )
         except MeterwareError as error:
-            errors.append(str(error))
+            errors[kind.name] = str(error)
     if errors:
-        return html.notice(" ".join([*errors, "Nothing was saved."]), kind="error"), submitted
+        notice = html.notice("; ".join(errors.values()) + ". Nothing was saved.", kind="error")
+        return Outcome(notice, submitted, frozenset(errors))
     quota, below, above = (parts[kind.name] for kind in KINDS)
     # The form states all of the customer's own thresholds: a blank field falls back to the plan's.
     ctx.accounts.set_alerts(
@@ -116,41 +133,44 @@ def _save_thresholds(ctx: html.PageContext, request: PortalRequest) -> tuple[Mar
         spend_above=above,
         clear=True,
     )
-    return html.notice("Your thresholds are saved.", kind="ok"), {}
+    return Outcome(html.notice("Your thresholds are saved.", kind="ok"))
 
 
-def _save_destinations(ctx: html.PageContext, request: PortalRequest) -> tuple[Markup, dict[str, str]]:
+def _save_destinations(ctx: html.PageContext, request: PortalRequest) -> Outcome:
     submitted = {name: request.form.get(name, "") for name in ("email", "webhook_url")}
-    try:
-        ctx.accounts.set_alert_destinations(
-            ctx.customer.id, email=submitted["email"], webhook_url=submitted["webhook_url"]
-        )
-    except MeterwareError as error:
-        message = str(error)
-        return html.notice(
-            message[:1].upper() + message[1:] + ". Nothing was saved.", kind="error"
-        ), submitted
-    return html.notice("Where your alerts go is saved.", kind="ok"), {}
+    for name, check in (("email", check_email), ("webhook_url", check_webhook_url)):
+        try:
+            if submitted[name].strip():
+                check(submitted[name])
+        except MeterwareError as error:
+            message = str(error)
+            notice = html.notice(f"{message[:1].upper()}{message[1:]}. Nothing was saved.", kind="error")
+            return Outcome(notice, submitted, frozenset({name}))
+    ctx.accounts.set_alert_destinations(
+        ctx.customer.id, email=submitted["email"], webhook_url=submitted["webhook_url"]
+    )
+    return Outcome(html.notice("Where your alerts go is saved.", kind="ok"))
 
 
 def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
-    notices: dict[str, Markup] = {}
-    submitted: dict[str, str] = {}
+    outcomes: dict[str, Outcome] = {}
     if request.method == "POST":
         action = request.form.get("action", "")
         if action == "thresholds":
-            notices["thresholds"], submitted = _save_thresholds(ctx, request)
+            outcomes["thresholds"] = _save_thresholds(ctx, request)
         elif action == "reset":
             ctx.accounts.set_alerts(ctx.customer.id, clear=True)
-            notices["thresholds"] = html.notice("Your plan's thresholds apply again.", kind="ok")
+            outcomes["thresholds"] = Outcome(html.notice("Your plan's thresholds apply again.", kind="ok"))
         elif action == "destinations":
-            notices["destinations"], submitted = _save_destinations(ctx, request)
+            outcomes["destinations"] = _save_destinations(ctx, request)
         else:
-            notices["thresholds"] = html.notice("This form is not one of this page's.", kind="error")
+            outcomes["thresholds"] = Outcome(
+                html.notice("This form is not one of this page's.", kind="error")
+            )
     body = Markup("<h1>Alerts</h1>{}{}{}{}").format(
         _disabled_notice(ctx),
-        _thresholds(ctx, notices.get("thresholds", Markup("")), submitted),
-        _destinations(ctx, notices.get("destinations", Markup("")), submitted),
+        _thresholds(ctx, outcomes.get("thresholds", Outcome())),
+        _destinations(ctx, outcomes.get("destinations", Outcome())),
         _fired(ctx),
     )
     return html.page(ctx, title="Alerts", current="/alerts", body=body)
@@ -165,7 +185,7 @@ def _disabled_notice(ctx: html.PageContext) -> Markup:
     )
 
 
-def _thresholds(ctx: html.PageContext, notice: Markup, submitted: dict[str, str]) -> Markup:
+def _thresholds(ctx: html.PageContext, outcome: Outcome) -> Markup:
     own = ctx.accounts.own_alert_rules(ctx.customer.id)
     plans = ctx.config.alerts.rules_for(ctx.customer.plan)
     rows = []
@@ -173,19 +193,22 @@ def _thresholds(ctx: html.PageContext, notice: Markup, submitted: dict[str, str]
     for kind in KINDS:
         mine, theirs = _values(own, kind), _values(plans, kind) or ()
         in_force = theirs if mine is None else mine
+        watches = kind.watches
+        if kind.name == "credits_below" and not ctx.config.plan(ctx.customer.plan).prepaid:
+            watches += " (prepaid plans only: not watched on yours)"
         rows.append(
             (
-                kind.watches,
+                watches,
                 html.data(f"alerts.{kind.name}", _shown(kind, in_force), _exact(kind, in_force)),
                 html.data(f"alerts.{kind.name}.source", "your plan's" if mine is None else "yours"),
             )
         )
-        value = submitted.get(kind.name, _editable(kind, mine))
+        value = outcome.submitted.get(kind.name, _editable(kind, mine))
         fields.append(
             html.field_row(
                 kind.label,
-                Markup('<input type="text" id="{}" name="{}" value="{}" autocomplete="off">').format(
-                    html.slug(kind.label), kind.name, value
+                Markup('<input type="text" id="{}" name="{}" value="{}" autocomplete="off"{}>').format(
+                    html.slug(kind.label), kind.name, value, outcome.control(kind.name, "thresholds-status")
                 ),
                 hint=f"Comma-separated, e.g. {kind.example}. Blank: your plan's ({_shown(kind, theirs)}); "
                 "none: no alerts of this kind.",
@@ -218,12 +241,12 @@ def _thresholds(ctx: html.PageContext, notice: Markup, submitted: dict[str, str]
         "Save thresholds",
         name="thresholds",
     )
-    return Markup("<h2>Thresholds</h2>{}{}{}<h3>Set your own</h3>{}{}").format(
-        notice, table, reset, hint, form
-    )
+    return Markup(
+        '<h2>Thresholds</h2><div id="thresholds-status">{}</div>{}{}<h3>Set your own</h3>{}{}'
+    ).format(outcome.notice, table, reset, hint, form)
 
 
-def _destinations(ctx: html.PageContext, notice: Markup, submitted: dict[str, str]) -> Markup:
+def _destinations(ctx: html.PageContext, outcome: Outcome) -> Markup:
     stored = ctx.accounts.alert_destinations(ctx.customer.id)
     facts = html.definition_list(
         {
@@ -237,14 +260,20 @@ def _destinations(ctx: html.PageContext, notice: Markup, submitted: dict[str, st
         "Email address",
         Markup(
             '<input type="email" id="email-address" name="email" value="{}" maxlength="{}" '
-            'autocomplete="email">'
-        ).format(submitted.get("email", stored.email or ""), MAX_EMAIL_CHARS),
+            'autocomplete="email"{}>'
+        ).format(
+            outcome.submitted.get("email", stored.email or ""),
+            MAX_EMAIL_CHARS,
+            outcome.control("email", "destinations-status"),
+        ),
         hint="One address. Blank: no email.",
     )
     url = html.field_row(
         "Webhook URL",
-        Markup('<input type="url" id="webhook-url" name="webhook_url" value="{}" maxlength="{}">').format(
-            submitted.get("webhook_url", stored.webhook_url or ""), MAX_URL_CHARS
+        Markup('<input type="url" id="webhook-url" name="webhook_url" value="{}" maxlength="{}"{}>').format(
+            outcome.submitted.get("webhook_url", stored.webhook_url or ""),
+            MAX_URL_CHARS,
+            outcome.control("webhook_url", "destinations-status"),
         ),
         hint="An https:// URL of a public host that you own, without a user name or password (put a secret "
         "token in its path or query instead). Blank: no webhook.",
@@ -262,7 +291,9 @@ def _destinations(ctx: html.PageContext, notice: Markup, submitted: dict[str, st
         "Save destinations",
         name="destinations",
     )
-    return Markup("<h2>Where alerts go</h2>{}{}{}{}").format(notice, help_text, facts, form)
+    return Markup('<h2>Where alerts go</h2><div id="destinations-status">{}</div>{}{}{}').format(
+        outcome.notice, help_text, facts, form
+    )
 
 
 def _credits_text(text: str) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meterware.billing.accounts import Accounts
-from meterware.billing.accounts._alerts import MAX_OWN_THRESHOLDS
-from meterware.billing.alerts import verify_signature
+from meterware.billing.alerts import MAX_OWN_THRESHOLDS, verify_signature
 from meterware.billing.destinations import AlertDestinations, check_email, check_webhook_url
 from meterware.config import AlertRules, Config
 from meterware.errors import NotFoundError, UsageError
@@ -101,7 +103,10 @@ def test_public_https_urls_are_taken(url: str) -> None:
         pytest.param("https://10.1.2.3/in", "private or local address", id="private"),
         pytest.param("https://169.254.169.254/latest", "private or local address", id="link-local-metadata"),
         pytest.param("https://0.0.0.0/in", "private or local address", id="unspecified"),
-        pytest.param("https://hooks.acme.example:x/in", "invalid port", id="bad-port"),
+        pytest.param("https://hooks.acme.example:x/in", "invalid host or port", id="bad-port"),
+        pytest.param("https://hooks.acme.example:99999/in", "invalid host or port", id="port-out-of-range"),
+        pytest.param("https://[::1/in", "invalid host or port", id="unclosed-bracket"),
+        pytest.param("https://[v1.fe]/in", "public host", id="bracketed-name"),
         pytest.param("https://hooks.acme.example/a b", "without spaces", id="space"),
         pytest.param("https://hooks.acme.example/\u00e9", "without spaces", id="not-ascii"),
         pytest.param("https://h.example/" + "p" * 2031, "at most 2048 characters", id="2049-chars"),
@@ -111,6 +116,14 @@ def test_other_urls_are_refused(url: str, message: str) -> None:
     """Not https, credentials, local or private hosts, spaces and overlong URLs are refused, saying why."""
     with pytest.raises(UsageError, match=message):
         check_webhook_url(url)
+
+
+@given(st.text(max_size=300) | st.builds(lambda tail: "https://" + tail, st.text(max_size=300)))
+def test_the_checks_refuse_with_usage_error_and_nothing_else(text: str) -> None:
+    """Any text: the checks answer it checked, or refuse with UsageError (what the portal shows)."""
+    for check in (check_email, check_webhook_url):
+        with contextlib.suppress(UsageError):
+            assert check(text) == text.strip()
 
 
 # -- stored per customer, over every backend ----------------------------------------------------------

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
@@ -32,8 +32,8 @@ from meterware.billing.destinations import AlertDestinations, destinations_from_
 from meterware.billing.webhooks import EVENT_ID_HEADER as EVENT_ID_HEADER
 from meterware.billing.webhooks import SIGNATURE_HEADER as SIGNATURE_HEADER
 from meterware.billing.webhooks import WebhookSender, sign, verify_signature
-from meterware.config import AlertRules, Config, Plan, format_credits
-from meterware.errors import ConfigError, StorageError
+from meterware.config import AlertRules, Config, Plan, format_credits, parse_credits
+from meterware.errors import ConfigError, StorageError, UsageError
 from meterware.metering.cache import LRUCache
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer
@@ -47,6 +47,7 @@ __all__ = [
     "AlertEvaluator",
     "Crossing",
     "WebhookSender",
+    "checked_thresholds",
     "crossings",
     "read_alerts",
     "rules_from_json",
@@ -225,6 +226,30 @@ class Alert:
         else:
             what = f"spent {self.value} credits, above {self.threshold}"
         return f"{self.type} {self.id}: customer {self.customer} {what} (period from {start})"
+
+
+#: Thresholds of each kind a customer may set (each can fire once a period).
+MAX_OWN_THRESHOLDS: Final = 10
+
+
+def checked_thresholds(kind: str, values: Sequence[object], name: str = "") -> tuple[int, ...]:
+    """A customer's ``values`` of one kind (``quota_percent``, ``credits_below``, ``spend_above``) as
+    stored: distinct, sorted, amounts in micro-credits.
+
+    :raises UsageError: (ConfigError for an amount) naming ``name`` (default: ``kind``): more than
+        :data:`MAX_OWN_THRESHOLDS`, or one that is not a percentage from 1 to 1000 or an amount of credits.
+    """
+    name = name or kind
+    if len(values) > MAX_OWN_THRESHOLDS:
+        raise UsageError(f"{name}: at most {MAX_OWN_THRESHOLDS} thresholds, got {len(values)}")
+    if kind != "quota_percent":
+        return tuple(sorted({parse_credits(value, name) for value in values}))
+    percents = set()
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise UsageError(f"{name}: must be whole percentages from 1 to 1000, got {value!r}")
+        percents.add(value)
+    return tuple(sorted(percents))
 
 
 def rules_to_json(rules: AlertRules) -> str:

@@ -75,20 +75,20 @@ def check_webhook_url(text: str) -> str:
         raise UsageError(f"the webhook URL must be at most {MAX_URL_CHARS} characters")
     if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
         raise UsageError("the webhook URL must be one URL without spaces (encode other characters)")
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "https" or not url.lower().startswith("https://"):
+    if not url.lower().startswith("https://"):
         raise UsageError("the webhook URL must start with https://")
-    if "@" in parts.netloc:
-        raise UsageError("the webhook URL must not carry a user name or password: put a token in its path")
     try:
+        parts = urlsplit(url)
         parts.port  # noqa: B018  # raises on a port that is not a number
     except ValueError:
-        raise UsageError("the webhook URL has an invalid port") from None
+        raise UsageError("the webhook URL has an invalid host or port") from None
+    if "@" in parts.netloc:
+        raise UsageError("the webhook URL must not carry a user name or password: put a token in its path")
     host = (parts.hostname or "").rstrip(".")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        if not _public_host_name(host):
+        if "[" in parts.netloc or not _public_host_name(host):
             raise UsageError(
                 f"the webhook URL must name a public host like hooks.example.com, got {host!r}"
             ) from None

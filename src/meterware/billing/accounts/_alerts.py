@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Final
 
 from meterware.billing.accounts._base import AccountsBase
-from meterware.billing.alerts import Alert, read_alerts, rules_from_json, rules_to_json
+from meterware.billing.alerts import Alert, checked_thresholds, read_alerts, rules_from_json, rules_to_json
 from meterware.billing.destinations import (
     AlertDestinations,
     check_email,
@@ -15,31 +14,7 @@ from meterware.billing.destinations import (
     destinations_from_json,
     destinations_to_json,
 )
-from meterware.config import AlertRules, parse_credits
-from meterware.errors import UsageError
-
-#: Thresholds of each kind a customer may set (each can fire once a period).
-MAX_OWN_THRESHOLDS: Final = 10
-
-
-def checked_thresholds(kind: str, values: Sequence[object], name: str = "") -> tuple[int, ...]:
-    """A customer's ``values`` of one kind (``quota_percent``, ``credits_below``, ``spend_above``) as
-    stored: distinct, sorted, amounts in micro-credits.
-
-    :raises UsageError: (ConfigError for an amount) naming ``name`` (default: ``kind``): more than
-        :data:`MAX_OWN_THRESHOLDS`, or one that is not a percentage from 1 to 1000 or an amount of credits.
-    """
-    name = name or kind
-    if len(values) > MAX_OWN_THRESHOLDS:
-        raise UsageError(f"{name}: at most {MAX_OWN_THRESHOLDS} thresholds, got {len(values)}")
-    if kind != "quota_percent":
-        return tuple(sorted({parse_credits(value, name) for value in values}))
-    percents = set()
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-            raise UsageError(f"{name}: must be whole percentages from 1 to 1000, got {value!r}")
-        percents.add(value)
-    return tuple(sorted(percents))
+from meterware.config import AlertRules
 
 
 def _checked(value: str | None, check: Callable[[str], str]) -> str | None:
@@ -65,7 +40,8 @@ class AlertThresholds(AccountsBase):
 
         Each list given replaces the plan's (an empty list: none of that kind); the others stay as they
         were. ``clear`` drops the customer's own thresholds first. Amounts are credits (``"2.50"``). At most
-        :data:`MAX_OWN_THRESHOLDS` of each kind. Nothing is stored unless every list is valid.
+        10 of each kind (:data:`~meterware.billing.alerts.MAX_OWN_THRESHOLDS`); nothing is stored unless
+        every list is valid.
         """
         self.customer(customer_id)
         given = {

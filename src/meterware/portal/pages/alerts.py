@@ -15,8 +15,7 @@ from typing import Final
 
 from markupsafe import Markup
 
-from meterware.billing.accounts._alerts import checked_thresholds
-from meterware.billing.alerts import Alert
+from meterware.billing.alerts import Alert, checked_thresholds
 from meterware.billing.destinations import MAX_EMAIL_CHARS, MAX_URL_CHARS, check_email, check_webhook_url
 from meterware.config import MICROS_PER_CREDIT, AlertRules, format_credits, parse_credits
 from meterware.errors import MeterwareError

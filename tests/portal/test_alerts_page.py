@@ -299,3 +299,30 @@ def test_a_fired_alerts_webhook_carries_the_destinations_set_in_the_page(
         assert verify_signature(body, headers["Meterware-Signature"], SECRET)
     assert values(page, "alert.threshold") == ["60", "30"]  # newest first
     assert fields(page, "alert.value") == ["60.00% (6 of 10)", "30.00% (3 of 10)"]
+
+
+def test_the_page_says_when_the_service_evaluates_no_alerts(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an [alerts] section the page warns that settings are kept but nothing fires."""
+    data = settings(storage_url)
+    del data["alerts"]
+    for portal in open_portal(data, monkeypatch):
+        page = portal.page()
+        assert "Alerts are not switched on for this service yet" in page
+        assert fields(page, "alerts.quota_percent") == ["none"]
+
+
+def test_only_the_customers_own_alerts_are_listed(storage_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another customer's fired alerts never show on this customer's page."""
+    for portal in open_portal(settings(storage_url), monkeypatch):
+        portal.accounts.create_customer("other", plan="free", anchor=ANCHOR)
+        calls(portal.accounts.storage, "other", 9)
+        calls(portal.accounts.storage, "hobby", 5)
+        RollupWorker(portal.accounts.storage, portal.config).drain()
+        assert len(portal.accounts.alerts("other")) == 2
+        page = portal.page()
+        assert values(page, "alert.threshold") == ["50"]
+        assert [alert.id for alert in portal.accounts.alerts("hobby")] == re.findall(
+            r'data-alert="([^"]+)"', page
+        )

@@ -624,6 +624,7 @@ def test_the_cli_sets_shows_and_lists_alerts(
         "quota_percent": [80, 100],
         "credits_below": ["0.500000", "5.000000"],
         "spend_above": [],
+        "notify": {"email": None, "webhook_url": None},
     }
     assert run("alerts", "show", "hobby")["quota_percent"] == [80, 100]
     calls(accounts.storage, "hobby", 9)

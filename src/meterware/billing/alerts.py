@@ -6,7 +6,8 @@ Each (customer, period, rule, threshold) fires at most once: the backend appends
 alerts stream and sets its marker in one atomic step that does nothing if the marker is there, so two
 workers, a restart or a replayed batch never fire twice. A fired alert is logged (``meterware.alerts``)
 and, with ``alerts.webhook_url``, POSTed by a background thread (:class:`WebhookSender`, from
-:mod:`meterware.billing.webhooks`), signed::
+:mod:`meterware.billing.webhooks`) with the customer's own destinations as ``notify`` (see
+:mod:`meterware.billing.destinations`: the seller's code emails or forwards; meterware never does), signed::
 
     Meterware-Signature: t=1767225600,v1=<hex HMAC-SHA256 of "1767225600.<body>" with the secret>
     Meterware-Event-Id: alrt_...        (the same for every attempt: receivers dedupe on it)
@@ -21,17 +22,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
+from meterware.billing.destinations import AlertDestinations, destinations_from_json
 from meterware.billing.webhooks import EVENT_ID_HEADER as EVENT_ID_HEADER
 from meterware.billing.webhooks import SIGNATURE_HEADER as SIGNATURE_HEADER
 from meterware.billing.webhooks import WebhookSender, sign, verify_signature
-from meterware.config import AlertRules, Config, Plan, format_credits
-from meterware.errors import ConfigError, StorageError
+from meterware.config import AlertRules, Config, Plan, format_credits, parse_credits
+from meterware.errors import ConfigError, StorageError, UsageError
 from meterware.metering.cache import LRUCache
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer
@@ -45,6 +47,7 @@ __all__ = [
     "AlertEvaluator",
     "Crossing",
     "WebhookSender",
+    "checked_thresholds",
     "crossings",
     "read_alerts",
     "rules_from_json",
@@ -145,6 +148,8 @@ class Alert:
     used: int | None = None
     #: The alerts stream entry (empty until stored).
     entry_id: str = field(default="", compare=False)
+    #: Where the customer wants it to go, as the worker read it when the alert fired (not on the stream).
+    notify: AlertDestinations | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, customer: str, period_start: int, crossing: Crossing, created: int) -> Alert:
@@ -164,7 +169,7 @@ class Alert:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON body of the webhook (quota alerts add ``meter``, ``quota`` and ``used``)."""
+        """The alert as its stream entry and the CLI hold it (quota alerts add meter, quota and used)."""
         data: dict[str, Any] = {
             "id": self.id,
             "type": self.type,
@@ -179,7 +184,11 @@ class Alert:
         return data
 
     def body(self) -> bytes:
-        return json.dumps(self.as_dict(), separators=(",", ":"), sort_keys=True).encode()
+        """The webhook's JSON body: :meth:`as_dict`, and ``notify`` (the customer's destinations) if known."""
+        data = self.as_dict()
+        if self.notify is not None:
+            data["notify"] = self.notify.as_dict()
+        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
     def fields(self) -> dict[str, str]:
         """The alert as the fields of its stream entry."""
@@ -217,6 +226,30 @@ class Alert:
         else:
             what = f"spent {self.value} credits, above {self.threshold}"
         return f"{self.type} {self.id}: customer {self.customer} {what} (period from {start})"
+
+
+#: Thresholds of each kind a customer may set (each can fire once a period).
+MAX_OWN_THRESHOLDS: Final = 10
+
+
+def checked_thresholds(kind: str, values: Sequence[object], name: str = "") -> tuple[int, ...]:
+    """A customer's ``values`` of one kind (``quota_percent``, ``credits_below``, ``spend_above``) as
+    stored: distinct, sorted, amounts in micro-credits.
+
+    :raises UsageError: (ConfigError for an amount) naming ``name`` (default: ``kind``): more than
+        :data:`MAX_OWN_THRESHOLDS`, or one that is not a percentage from 1 to 1000 or an amount of credits.
+    """
+    name = name or kind
+    if len(values) > MAX_OWN_THRESHOLDS:
+        raise UsageError(f"{name}: at most {MAX_OWN_THRESHOLDS} thresholds, got {len(values)}")
+    if kind != "quota_percent":
+        return tuple(sorted({parse_credits(value, name) for value in values}))
+    percents = set()
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise UsageError(f"{name}: must be whole percentages from 1 to 1000, got {value!r}")
+        percents.add(value)
+    return tuple(sorted(percents))
 
 
 def rules_to_json(rules: AlertRules) -> str:
@@ -331,17 +364,20 @@ class AlertEvaluator:
         if rules.credits_below and plan.prepaid and period_start <= now < period_end:
             balance = self.storage.get_balance(customer_id).balance
         fired = []
+        notify: AlertDestinations | None = None
         for crossing in crossings(rules, plan, usage, balance):
             name = f"{period_start}:{crossing.rule}"
             if (customer_id, name) in self._fired:
                 continue
+            if notify is None:  # read before firing: once fired, a failed read would lose the webhook
+                notify = destinations_from_json(self.storage.get_alert_destinations(customer_id))
             alert = Alert.of(customer_id, period_start, crossing, int(now))
             expires_at = max(period_end, int(now)) + MARKER_GRACE_SECONDS
             entry_id = self.storage.fire_alert(customer_id, name, expires_at, alert.fields())
             self._fired.put((customer_id, name), True)
             if entry_id is None:
                 continue  # fired before (by us, a restarted us, or another worker)
-            alert = replace(alert, entry_id=entry_id)
+            alert = replace(alert, entry_id=entry_id, notify=notify)
             fired.append(alert)
             logger.warning("alert %s", alert.describe())
             if self.metrics is not None:

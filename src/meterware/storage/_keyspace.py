@@ -93,6 +93,11 @@ def alert_rules(shard: int, customer_id: str) -> str:
     return f"{tag(shard)}:ar:{customer_id}"
 
 
+def alert_destinations(shard: int, customer_id: str) -> str:
+    """Where the customer wants its alerts to go (JSON: email, webhook_url)."""
+    return f"{tag(shard)}:an:{customer_id}"
+
+
 def alert_fired(shard: int, customer_id: str, name: str) -> str:
     """Marker of an alert that fired (``name`` holds the period, the rule and the threshold)."""
     return f"{tag(shard)}:af:{customer_id}:{name}"

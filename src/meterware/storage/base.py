@@ -324,12 +324,15 @@ class InvoiceStorage(UsageStorage, Protocol):
 
 
 class AlertStorage(Protocol):
-    """Alert rules and fired alerts. ``fire_alert`` appends ``fields`` to the shard's alerts stream and sets
-    the marker ``name`` (until ``expires_at``, epoch seconds) in one atomic step, unless the marker is there
-    already: then it writes nothing and returns None. So an alert fires once, whoever evaluates."""
+    """Alert rules and destinations (JSON of an existing customer; None removes them) and fired alerts.
+    ``fire_alert`` appends ``fields`` to the shard's alerts stream and sets the marker ``name`` (until
+    ``expires_at``, epoch seconds) in one atomic step, unless the marker is there already: then it writes
+    nothing and returns None. So an alert fires once, whoever evaluates."""
 
     def set_alert_rules(self, customer_id: str, rules: str | None) -> None: ...
     def get_alert_rules(self, customer_id: str) -> str | None: ...
+    def set_alert_destinations(self, customer_id: str, destinations: str | None) -> None: ...
+    def get_alert_destinations(self, customer_id: str) -> str | None: ...
     def fire_alert(
         self, customer_id: str, name: str, expires_at: int, fields: Mapping[str, str]
     ) -> str | None: ...

@@ -51,7 +51,7 @@ class InvoiceMixin(MemoryState):
 
 
 class AlertMixin(MemoryState):
-    """Alert rules and fired alerts."""
+    """Alert rules, destinations and fired alerts."""
 
     def set_alert_rules(self, customer_id: str, rules: str | None) -> None:
         with self._lock:
@@ -64,6 +64,18 @@ class AlertMixin(MemoryState):
     def get_alert_rules(self, customer_id: str) -> str | None:
         with self._lock:
             return self._alert_rules.get(customer_id)
+
+    def set_alert_destinations(self, customer_id: str, destinations: str | None) -> None:
+        with self._lock:
+            self._account(customer_id)
+            if destinations is None:
+                self._alert_destinations.pop(customer_id, None)
+            else:
+                self._alert_destinations[customer_id] = destinations
+
+    def get_alert_destinations(self, customer_id: str) -> str | None:
+        with self._lock:
+            return self._alert_destinations.get(customer_id)
 
     def fire_alert(
         self, customer_id: str, name: str, expires_at: int, fields: Mapping[str, str]

@@ -191,6 +191,7 @@ class MemoryState:
         self._invoices: dict[tuple[str, int], str] = {}
         self._billed: dict[str, Billed] = {}
         self._alert_rules: dict[str, str] = {}
+        self._alert_destinations: dict[str, str] = {}
         #: (customer, alert name) -> epoch seconds the marker expires at.
         self._alerts_fired: dict[tuple[str, str], int] = {}
         self._external_ids: dict[str, dict[str, str]] = defaultdict(dict)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from meterware.errors import NotFoundError, StorageError
 from meterware.storage import _keyspace as ks
@@ -128,22 +128,36 @@ class ExportCommands(Connection):
 
 
 class AlertCommands(Connection):
-    """Alert rules and fired alerts of :class:`~meterware.storage.redis.RedisStorage`."""
+    """Alert rules, destinations and fired alerts of :class:`~meterware.storage.redis.RedisStorage`."""
 
     def set_alert_rules(self, customer_id: str, rules: str | None) -> None:
-        shard = self._shard(customer_id)
-        with self._call() as client:
-            if not client.exists(ks.customer(shard, customer_id)):
-                raise NotFoundError(f"no customer {customer_id!r}")
-            if rules is None:
-                client.delete(ks.alert_rules(shard, customer_id))
-            else:
-                client.set(ks.alert_rules(shard, customer_id), rules)
+        self._set_customer_string(customer_id, ks.alert_rules, rules)
 
     def get_alert_rules(self, customer_id: str) -> str | None:
         with self._call() as client:
             rules = client.get(ks.alert_rules(self._shard(customer_id), customer_id))
         return None if rules is None else as_str(rules)
+
+    def set_alert_destinations(self, customer_id: str, destinations: str | None) -> None:
+        self._set_customer_string(customer_id, ks.alert_destinations, destinations)
+
+    def get_alert_destinations(self, customer_id: str) -> str | None:
+        with self._call() as client:
+            destinations = client.get(ks.alert_destinations(self._shard(customer_id), customer_id))
+        return None if destinations is None else as_str(destinations)
+
+    def _set_customer_string(
+        self, customer_id: str, key_of: Callable[[int, str], str], value: str | None
+    ) -> None:
+        """Set (None: delete) a string of an existing customer's."""
+        shard = self._shard(customer_id)
+        with self._call() as client:
+            if not client.exists(ks.customer(shard, customer_id)):
+                raise NotFoundError(f"no customer {customer_id!r}")
+            if value is None:
+                client.delete(key_of(shard, customer_id))
+            else:
+                client.set(key_of(shard, customer_id), value)
 
     def fire_alert(
         self, customer_id: str, name: str, expires_at: int, fields: Mapping[str, str]

@@ -360,10 +360,14 @@ def test_credits_grant_and_show(cli: Cli) -> None:
 
 
 def record_calls(
-    redis_url: str, customer: str, outcomes: list[tuple[str, bool]], at: float | None = None
+    redis_url: str,
+    customer: str,
+    outcomes: list[tuple[str, bool]],
+    at: float | None = None,
+    reasons: list[str] | None = None,
 ) -> None:
     """Flush real events (outcome, live) for ``customer`` of the payg plan into Redis, like the middleware;
-    made ``at`` that time (default: now)."""
+    made ``at`` that time (default: now); each refused for its reason in ``reasons``, if given."""
     config = Config.from_file(EXAMPLE)
     storage = open_storage(redis_url, shards=config.shards)
     at = time.time() if at is None else at
@@ -388,6 +392,7 @@ def record_calls(
             billable=billable,
             live=live,
             period_start=start,
+            reason=reasons[number] if reasons else "",
         )
         settlement = Settlement(customer, live, start, "", billable, live, (("calls", 1, price, 0),))
         pipeline.put(Pending(shard_of(customer, config.shards), event_row(event), settlement))
@@ -414,6 +419,7 @@ def test_usage_reports_the_rolled_up_period(cli: Cli, redis_url: str) -> None:
         "period_end": end,
         "meters": {"calls": 2, "tokens": 0},
         "calls": {"success": 2, "client_error": 0, "server_error": 1, "aborted": 0, "rejected": 0},
+        "refusals": {},
         "spend_micros": 4000,
         "pending_events": 0,
         "pending_events_complete": True,
@@ -421,8 +427,34 @@ def test_usage_reports_the_rolled_up_period(cli: Cli, redis_url: str) -> None:
     text = cli("usage", "acme").out.splitlines()
     assert text[0].startswith("acme (live) ")
     assert "  calls: success 2, client_error 0, server_error 1, aborted 0, rejected 0" in text
+    assert not any("rejected by reason" in line for line in text)
     assert text[-1] == "  spend: 0.004000 credits"
     assert cli("credits", "show", "acme", "--json").json()["balance"] == "0.996000"
+
+
+@pytest.mark.redis
+def test_usage_shows_rejected_calls_by_reason(cli: Cli, redis_url: str) -> None:
+    """usage (text and JSON) and usage --window show the rejected calls per reason that occurred."""
+    create_customer(cli)
+    reasons = ["", "rate_limited", "quota_exceeded", "rate_limited"]
+    record_calls(redis_url, "acme", [("success", True)] + [("rejected", True)] * 3, FEB_10 + 36_900, reasons)
+    assert cli("rollup", "--once").code == 0
+
+    dated = ("--period", "2026-02-10")
+    report = cli("usage", "acme", *dated, "--json").json()
+    assert report["calls"]["rejected"] == 3
+    assert report["refusals"] == {"rate_limited": 2, "quota_exceeded": 1}
+    text = cli("usage", "acme", *dated).out.splitlines()
+    assert "  rejected by reason: rate_limited 2, quota_exceeded 1" in text
+
+    args = ("usage", "acme", "--window", "hour", "--from", "2026-02-10T10:00", "--to", "2026-02-10T12:00")
+    points = cli(*args, "--json").json()["points"]
+    assert [p["refusals"] for p in points] == [{"rate_limited": 2, "quota_exceeded": 1}, {}]
+    lines = cli(*args).out.splitlines()
+    header = lines[1].split()
+    assert header[-3:] == ["rejected:rate_limited", "rejected:quota_exceeded", "spend"]
+    assert lines[2].split()[-3:] == ["2", "1", "0.002000"]
+    assert lines[3].split()[-3:] == ["0", "0", "0.000000"]
 
 
 @pytest.mark.redis
@@ -490,13 +522,21 @@ def test_usage_window_json_is_the_history(cli: Cli, redis_url: str) -> None:
             "start": FEB_10 + 36_000,
             "meters": {"calls": 2, "tokens": 0},
             "calls": zero | {"success": 2, "server_error": 1},
+            "refusals": {},
             "spend_micros": 4000,
         },
-        {"start": FEB_10 + 39_600, "meters": {"calls": 0, "tokens": 0}, "calls": zero, "spend_micros": 0},
+        {
+            "start": FEB_10 + 39_600,
+            "meters": {"calls": 0, "tokens": 0},
+            "calls": zero,
+            "refusals": {},
+            "spend_micros": 0,
+        },
         {
             "start": FEB_10 + 43_200,
             "meters": {"calls": 1, "tokens": 0},
             "calls": zero | {"success": 1},
+            "refusals": {},
             "spend_micros": 2000,
         },
     ]

@@ -250,7 +250,7 @@ def test_correction_result_as_dict_names_credit_in_micros_last() -> None:
 
 def test_usage_report_as_dict_names_spend_in_micros_last() -> None:
     """A usage report as data: its fields in order, the spend as ``spend_micros``."""
-    report = UsageReport("acme", True, 10, 20, {"calls": 2}, {"success": 2}, 4000)
+    report = UsageReport("acme", True, 10, 20, {"calls": 2}, {"success": 2}, {"rate_limited": 1}, 4000)
     assert list(report.as_dict().items()) == [
         ("customer", "acme"),
         ("live", True),
@@ -258,5 +258,6 @@ def test_usage_report_as_dict_names_spend_in_micros_last() -> None:
         ("period_end", 20),
         ("meters", {"calls": 2}),
         ("calls", {"success": 2}),
+        ("refusals", {"rate_limited": 1}),
         ("spend_micros", 4000),
     ]

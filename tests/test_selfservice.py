@@ -350,6 +350,8 @@ def check_nothing_charged(accounts: Accounts) -> None:
     assert accounts.usage("capped").calls["success"] == 2
     assert accounts.usage("capped").calls["rejected"] == 1
     assert accounts.usage("capped").meters["calls"] == 2
+    assert accounts.usage("broke").refusals == {"insufficient_credits": 1}
+    assert accounts.usage("capped").refusals == {"quota_exceeded": 1}
 
 
 @pytest.mark.redis

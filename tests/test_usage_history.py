@@ -17,6 +17,7 @@ from meterware.billing.accounts._usage import MAX_HISTORY_POINTS, history_range
 from meterware.errors import NotFoundError, UsageError
 from meterware.events import OUTCOMES, UsageEvent
 from meterware.rollup import RollupWorker
+from meterware.rollup.aggregate import REFUSAL_REASONS
 from meterware.storage import open_storage
 from meterware.storage.base import Window
 from tests.rollup.helpers import (
@@ -66,14 +67,19 @@ def point_at(history: UsageHistory, start: int) -> UsagePoint:
 
 def zero_point(start: int) -> UsagePoint:
     calls: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
-    return UsagePoint(start, dict.fromkeys(METERS, 0), calls, 0)
+    return UsagePoint(start, dict.fromkeys(METERS, 0), calls, {}, 0)
 
 
 def as_point(start: int, totals: dict[str, int]) -> UsagePoint:
     """The point a window's totals (as read_usage reports them) make."""
     meters = {name: totals.get(name, 0) for name in METERS}
     calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
-    return UsagePoint(start, meters, calls, totals.get("spend", 0))
+    refusals = {
+        reason: totals[f"n:rejected:{reason}"]
+        for reason in REFUSAL_REASONS
+        if totals.get(f"n:rejected:{reason}", 0)
+    }
+    return UsagePoint(start, meters, calls, refusals, totals.get("spend", 0))
 
 
 def test_calls_land_in_the_hour_and_the_day_of_their_timestamp(accounts: Accounts) -> None:
@@ -139,6 +145,42 @@ def test_the_history_equals_the_rollup_windows_exactly(accounts: Accounts) -> No
                     for point in history.points
                 ]
     assert sum(p.calls["success"] for p in history.points) > 0  # the minutes were not all empty
+    assert sum(sum(p.refusals.values()) for p in history.points) == sum(
+        p.calls["rejected"] for p in history.points
+    )
+
+
+def test_refused_calls_count_by_reason(accounts: Accounts) -> None:
+    """Rejected calls count per reason in their hour, day and billing period, only reasons that occurred;
+    a reason no admission gives counts as ``other``; other outcomes' reasons are not counted."""
+    served(
+        accounts,
+        [
+            event(ts=T0_MS, outcome="rejected", reason="rate_limited"),
+            event(ts=T0_MS + 1, outcome="rejected", reason="rate_limited"),
+            event(ts=T0_MS + 2, outcome="rejected", reason="quota_exceeded"),
+            event(ts=T0_MS + 3, outcome="success", reason="suspended"),
+            event(ts=T0_MS + HOUR * 1000, outcome="rejected", reason="from-a-newer-writer"),
+            event(ts=T0_MS + HOUR * 1000, outcome="rejected", reason="insufficient_credits", live=False),
+        ],
+    )
+    window = accounts.storage.read_usage("acme", True, "hour", T0_HOUR)
+    assert {name: n for name, n in window.items() if name.startswith("n:rejected")} == {
+        "n:rejected": 3,
+        "n:rejected:rate_limited": 2,
+        "n:rejected:quota_exceeded": 1,
+    }
+    hours = accounts.usage_history("acme", window="hour", start=T0_DAY, end=T0_DAY + DAY)
+    assert point_at(hours, T0_HOUR).refusals == {"rate_limited": 2, "quota_exceeded": 1}
+    assert point_at(hours, T0_HOUR).calls["rejected"] == 3
+    assert point_at(hours, T0_HOUR + HOUR).refusals == {"other": 1}
+    assert [p.refusals for p in hours.points if p.start not in (T0_HOUR, T0_HOUR + HOUR)] == [{}] * 22
+    (day,) = accounts.usage_history("acme", window="day", start=T0_DAY, end=T0_DAY + 1).points
+    report = accounts.usage("acme", at=T0)
+    assert day.refusals == report.refusals == {"rate_limited": 2, "quota_exceeded": 1, "other": 1}
+    assert list(report.refusals) == ["rate_limited", "quota_exceeded", "other"]  # in REFUSAL_REASONS order
+    assert accounts.usage("acme", at=T0, live=False).refusals == {"insufficient_credits": 1}
+    assert report.as_dict()["refusals"] == report.refusals
 
 
 def test_hours_add_up_to_the_day_and_the_period(accounts: Accounts) -> None:
@@ -292,12 +334,14 @@ def test_as_dict_is_json_ready(accounts: Accounts) -> None:
                 "start": T0_HOUR,
                 "meters": {"calls": 1, "tokens": 0, "peak": 0, "gauge": 0, "users": 0},
                 "calls": {"success": 1, "client_error": 0, "server_error": 0, "aborted": 0, "rejected": 0},
+                "refusals": {},
                 "spend_micros": PRICE,
             },
             {
                 "start": T0_HOUR + HOUR,
                 "meters": {"calls": 0, "tokens": 0, "peak": 0, "gauge": 0, "users": 0},
                 "calls": dict.fromkeys(OUTCOMES, 0),
+                "refusals": {},
                 "spend_micros": 0,
             },
         ],

@@ -43,8 +43,10 @@ def event(
     live: bool = True,
     units: dict[str, int | str] | None = None,
     period_start: int = PERIOD,
+    reason: str | None = None,
 ) -> UsageEvent:
-    """One event; successes are billable unless said otherwise, and count one call."""
+    """One event; successes are billable unless said otherwise, and count one call; a rejected call is
+    refused for ``rate_limited`` unless ``reason`` says otherwise."""
     status = {"success": 200, "client_error": 404, "server_error": 500, "aborted": 499, "rejected": 429}
     return UsageEvent(
         id=new_event_id(ts),
@@ -62,6 +64,7 @@ def event(
         billable=outcome == "success" if billable is None else billable,
         live=live,
         period_start=period_start,
+        reason=("rate_limited" if outcome == "rejected" else "") if reason is None else reason,
     )
 
 
@@ -91,11 +94,20 @@ def flat(totals: WindowTotals) -> dict[str, int]:
 
 CUSTOMERS = tuple(f"cust-{i}" for i in range(12))
 OUTCOMES = ("success",) * 6 + ("client_error", "server_error", "aborted", "rejected")
+#: Why random events were refused (any outcome carries one, only rejected calls count it): known reasons,
+#: and reasons no writer of this version makes.
+REASONS = ("rate_limited",) * 3 + (
+    "quota_exceeded",
+    "insufficient_credits",
+    "suspended",
+    "",
+    "from-the-future",
+)
 
 
 def random_events(rng: random.Random, count: int) -> list[UsageEvent]:
     """Events of several customers over three days (out of order, so some arrive late), live and test."""
-    events = []
+    events: list[UsageEvent] = []
     for _ in range(count):
         units: dict[str, int | str] = {"calls": 1, "tokens": rng.randrange(200), "peak": rng.randrange(9999)}
         units |= {"gauge": rng.randrange(-50, 50), "users": f"user-{rng.randrange(30)}"}
@@ -109,6 +121,7 @@ def random_events(rng: random.Random, count: int) -> list[UsageEvent]:
                 live=rng.random() < 0.8,
                 units=units,
                 period_start=PERIOD if rng.random() < 0.9 else PERIOD - 28 * 86_400,
+                reason=REASONS[len(events) % len(REASONS)],  # not drawn: the draws stay as they were
             )
         )
     return events

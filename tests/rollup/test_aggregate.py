@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import get_args
 
 import msgpack
 import pytest
@@ -10,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterware.events import UsageEvent, decode_columns, encode_batch
-from meterware.rollup.aggregate import MAX_VALUE, WINDOW_TTLS, Fold, fold, parse_entry, windows_of
+from meterware.metering.admission import Reason
+from meterware.rollup.aggregate import (
+    MAX_VALUE,
+    REFUSAL_REASONS,
+    WINDOW_TTLS,
+    Fold,
+    fold,
+    parse_entry,
+    windows_of,
+)
 from meterware.storage.base import Window, WindowTotals
 from tests.rollup.helpers import METERS, PERIOD, T0_MS, event, flat
 
@@ -134,7 +144,9 @@ def test_customers_apart() -> None:
         ),
         pytest.param("server_error", False, {"n:server_error": 1, "spend": 0}, id="server-error"),
         pytest.param("aborted", False, {"n:aborted": 1, "spend": 0}, id="aborted"),
-        pytest.param("rejected", False, {"n:rejected": 1, "spend": 0}, id="rejected"),
+        pytest.param(
+            "rejected", False, {"n:rejected": 1, "n:rejected:rate_limited": 1, "spend": 0}, id="rejected"
+        ),
     ],
 )
 def test_outcomes(outcome: str, billable: bool, expected: dict[str, int]) -> None:
@@ -143,6 +155,73 @@ def test_outcomes(outcome: str, billable: bool, expected: dict[str, int]) -> Non
     e = event(outcome=outcome, billable=billable, units={"calls": 1, "tokens": 9})
     for values in window_totals([e], [cost]).values():
         assert values == expected
+
+
+@pytest.mark.parametrize(
+    ("calls", "expected"),
+    [
+        pytest.param(
+            [("rejected", "quota_exceeded", 1)],
+            {"n:rejected": 1, "n:rejected:quota_exceeded": 1},
+            id="one-reason",
+        ),
+        pytest.param(
+            [("rejected", "rate_limited", 1)] * 3 + [("rejected", "insufficient_credits", 1)],
+            {"n:rejected": 4, "n:rejected:rate_limited": 3, "n:rejected:insufficient_credits": 1},
+            id="reasons-apart",
+        ),
+        pytest.param(
+            [("rejected", "backend_unavailable", 1), ("rejected", "test_key_not_allowed", 1)],
+            {"n:rejected": 2, "n:rejected:backend_unavailable": 1, "n:rejected:test_key_not_allowed": 1},
+            id="every-known-reason-its-field",
+        ),
+        pytest.param(
+            [("rejected", "from-a-newer-writer", 1), ("rejected", "x" * 10_000, 1), ("rejected", "", 1)],
+            {"n:rejected": 3, "n:rejected:other": 3},
+            id="unknown-long-and-empty-are-other",
+        ),
+        pytest.param(
+            [("rejected", "Rate_Limited", 1), ("rejected", "n:rejected:rate_limited", 1)],
+            {"n:rejected": 2, "n:rejected:other": 2},
+            id="near-misses-are-other",
+        ),
+        pytest.param(
+            [("success", "rate_limited", 1), ("server_error", "suspended", 1)],
+            {"n:success": 1, "n:server_error": 1, "calls": 1},
+            id="only-rejected-calls-count",
+        ),
+        pytest.param(
+            [("rejected", "suspended", 1), ("rejected", "suspended", 1), ("rejected", "suspended", -1)],
+            {"n:rejected": 1, "n:rejected:suspended": 1},
+            id="correction-subtracts",
+        ),
+        pytest.param(
+            [("rejected", "garbage", 1), ("rejected", "garbage", -1), ("rejected", "rate_limited", -1)],
+            {"n:rejected": -1, "n:rejected:other": 0, "n:rejected:rate_limited": -1},
+            id="correction-of-other",
+        ),
+    ],
+)
+def test_refusals_by_reason(calls: list[tuple[str, str, int]], expected: dict[str, int]) -> None:
+    """Rejected calls also count per reason, one field per known reason and ``other`` for any other
+    reason; corrections subtract them."""
+    events = []
+    for outcome, reason, sign in calls:
+        e = event(outcome=outcome, reason=reason)
+        e.sign = sign
+        events.append(e)
+    for values in window_totals(events).values():
+        assert values == {"spend": 0, **expected}
+
+
+def test_refusal_fields_are_bounded() -> None:
+    """However many reasons a stream holds, a window has one field per known reason and ``other``."""
+    reasons = [*REFUSAL_REASONS, *(f"reason-{i}" for i in range(500))]
+    events = [event(outcome="rejected", reason=reason) for reason in reasons]
+    totals = window_totals(events)[at("period", PERIOD)]
+    assert set(totals) == {"spend", "n:rejected", *(f"n:rejected:{reason}" for reason in REFUSAL_REASONS)}
+    assert totals["n:rejected:other"] == 501
+    assert (*get_args(Reason), "other") == REFUSAL_REASONS
 
 
 def test_spend_adds_costs() -> None:
@@ -316,14 +395,15 @@ def test_fold_is_independent_of_batching(
             st.integers(0, 3 * 60_000),  # ms after T0
             st.integers(-5, 5),  # units
             st.booleans(),  # billable
-            st.sampled_from(["success", "client_error", "server_error"]),
+            st.sampled_from(["success", "client_error", "server_error", "rejected"]),
+            st.sampled_from(["rate_limited", "suspended", "", "garbage"]),  # reason
             st.integers(0, 3),  # cost
         ),
         max_size=30,
     ),
 )
 def test_fold_without_signs_equals_fold_with_signs_of_one(
-    raw: list[tuple[int, int, int, bool, str, int]],
+    raw: list[tuple[int, int, int, bool, str, str, int]],
 ) -> None:
     """A batch without signs (counted in C) folds as the same batch with every sign 1 (event by event)."""
     events = [
@@ -333,8 +413,9 @@ def test_fold_without_signs_equals_fold_with_signs_of_one(
             billable=billable,
             outcome=outcome,
             units={"calls": 1, "tokens": value, "gauge": value, "peak": value, "users": str(value)},
+            reason=reason,
         )
-        for customer, offset, value, billable, outcome, _ in raw
+        for customer, offset, value, billable, outcome, reason, _ in raw
     ]
     columns = decode_columns(encode_batch(events))
     costs = [cost for *_, cost in raw]

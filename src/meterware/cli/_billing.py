@@ -11,6 +11,7 @@ from meterware.cli._common import Commands, emit, load_config, open_accounts, ut
 from meterware.config import format_credits
 from meterware.errors import MeterwareError
 from meterware.events import OUTCOMES
+from meterware.rollup.aggregate import REFUSAL_REASONS
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -37,12 +38,20 @@ def cmd_usage(args: argparse.Namespace) -> int:
         f"{utc_time(report.period_start)} .. {utc_time(report.period_end)}",
         *(f"  {meter:<20} {value:>14}" for meter, value in report.meters.items()),
         "  calls: " + ", ".join(f"{outcome} {count}" for outcome, count in report.calls.items()),
+        *_refusals_line(report.refusals),
         f"  spend: {format_credits(report.spend)} credits",
     ]
     pending, complete = accounts.pending_events(args.customer)
     lines += _pending_note(args.customer, pending, complete)
     data = {**report.as_dict(), "pending_events": pending, "pending_events_complete": complete}
     return emit(args, data, "\n".join(lines))
+
+
+def _refusals_line(refusals: dict[str, int]) -> list[str]:
+    """A line with the rejected calls per reason, if any were rejected."""
+    if not refusals:
+        return []
+    return ["  rejected by reason: " + ", ".join(f"{reason} {count}" for reason, count in refusals.items())]
 
 
 def _pending_note(customer_id: str, pending: int, complete: bool) -> list[str]:
@@ -77,18 +86,22 @@ def _usage_history(args: argparse.Namespace) -> int:
 
 
 def _history_table(history: UsageHistory) -> str:
-    """A title, then one row per window: its start, each meter, the calls per outcome and the spend."""
+    """A title, then one row per window: its start, each meter, the calls per outcome, the rejected calls
+    per reason (a column per reason that occurred in the range) and the spend."""
     title = (
         f"{history.customer} ({'live' if history.live else 'test'}) by {history.window}, "
         f"{utc_time(history.start)} .. {utc_time(history.end)}"
     )
     shape = "%Y-%m-%d" if history.window == "day" else "%Y-%m-%d %H:%M"
-    header = ["start (UTC)", *(history.points[0].meters if history.points else ()), *OUTCOMES, "spend"]
+    reasons = [reason for reason in REFUSAL_REASONS if any(p.refusals.get(reason) for p in history.points)]
+    meters = history.points[0].meters if history.points else ()
+    header = ["start (UTC)", *meters, *OUTCOMES, *(f"rejected:{reason}" for reason in reasons), "spend"]
     rows = [
         [
             datetime.fromtimestamp(point.start, UTC).strftime(shape),
             *map(str, point.meters.values()),
             *map(str, point.calls.values()),
+            *(str(point.refusals.get(reason, 0)) for reason in reasons),
             format_credits(point.spend),
         ]
         for point in history.points

@@ -8,6 +8,10 @@ Each event adds to four windows of its customer, kept apart for live and test ke
 late event lands in the windows of its own timestamp, however late it arrives. Fields of a window:
 
 * ``n:<outcome>``: calls with that outcome (every event, billable or not);
+* ``n:rejected:<reason>``: rejected calls refused for that reason, one field per
+  :data:`~meterware.metering.admission.Reason` and ``n:rejected:other`` for any other reason an event
+  holds (empty, garbled, a newer writer's), so a window holds a bounded set of fields whatever the stream
+  says; they add up to ``n:rejected``;
 * ``spend``: micro-credits charged for the calls (the per-event costs recorded when the batch was flushed);
 * one field per meter, for billable events only, by the meter's aggregation: ``count`` adds one per
   call, ``sum`` adds the units, ``max`` keeps the largest value, ``last`` the newest one (by event
@@ -29,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, compress, count, repeat, starmap
 from operator import attrgetter, floordiv
-from typing import Final
+from typing import Final, get_args
 
 from meterware.config import Meter
 from meterware.events import (
@@ -40,6 +44,7 @@ from meterware.events import (
     UsageEvent,
     decode_columns,
 )
+from meterware.metering.admission import Reason
 from meterware.storage.base import Window, WindowTotals
 
 _DAY: Final = 86_400
@@ -63,6 +68,9 @@ _COSTS_RE: Final = re.compile(rb"\d{1,15}(?:,\d{1,15})*")
 _INTEGER_AGGREGATIONS: Final = frozenset({"sum", "max", "last"})
 _TIMESTAMP, _CUSTOMER, _PERIOD = COLUMN["timestamp_ms"], COLUMN["customer"], COLUMN["period_start"]
 _OUTCOME, _UNITS, _BILLABLE, _LIVE = COLUMN["outcome"], COLUMN["units"], COLUMN["billable"], COLUMN["live"]
+_REASON: Final = COLUMN["reason"]
+#: The reasons rejected calls are counted by: every admission ``Reason``, then ``other`` for the rest.
+REFUSAL_REASONS: Final[tuple[str, ...]] = (*get_args(Reason), "other")
 
 
 def outcome_field(outcome: str) -> str:
@@ -70,7 +78,14 @@ def outcome_field(outcome: str) -> str:
     return f"n:{outcome}"
 
 
+def refusal_field(reason: str) -> str:
+    """The window field counting rejected calls refused for ``reason`` (one of ``REFUSAL_REASONS``)."""
+    return f"n:rejected:{reason}"
+
+
 _OUTCOME_FIELDS: Final = {outcome: outcome_field(outcome) for outcome in OUTCOMES}
+_REFUSAL_FIELDS: Final = {reason: refusal_field(reason) for reason in REFUSAL_REASONS}
+_OTHER_REFUSALS: Final = refusal_field("other")
 
 
 def windows_of(event: UsageEvent) -> tuple[Window, Window, Window, Window]:
@@ -213,6 +228,8 @@ class Fold:
             counted = _OUTCOME_FIELDS.get(outcome) or outcome_field(outcome)
             sums[counted] = sums.get(counted, 0) + number
             sums[SPEND] = sums.get(SPEND, 0) + number * cost
+        if "rejected" in columns[_OUTCOME]:
+            self._add_refusals(of_events, columns, signs)
         # Units of billable events, each at its position in the stream (later events win ``last`` ties).
         billed = compress(
             zip(
@@ -249,6 +266,21 @@ class Fold:
                     if previous is None or previous[0] <= stamp:
                         group.lasts[name] = (stamp, position, value)
         self.events += len(stamps)
+
+    @staticmethod
+    def _add_refusals(of_events: list[_Group], columns: EventColumns, signs: Sequence[int] | None) -> None:
+        """Count the rejected events of a batch per reason (a reason not known counts as ``other``)."""
+        rejected = list(map("rejected".__eq__, columns[_OUTCOME]))
+        refused = compress(zip(of_events, columns[_REASON], strict=True), rejected)
+        if signs is None:
+            refusals = Counter(refused)
+        else:
+            refusals = Counter()
+            for pair, sign in zip(refused, compress(signs, rejected), strict=True):
+                refusals[pair] += sign
+        for (group, reason), number in refusals.items():
+            counted = _REFUSAL_FIELDS.get(reason, _OTHER_REFUSALS)
+            group.sums[counted] = group.sums.get(counted, 0) + number
 
     def totals(self, into: dict[Window, WindowTotals] | None = None) -> dict[Window, WindowTotals]:
         """The window totals of everything folded, added to ``into`` (extended in place) if given."""

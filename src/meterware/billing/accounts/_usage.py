@@ -24,7 +24,7 @@ from meterware.config import format_credits
 from meterware.errors import UsageError
 from meterware.events import OUTCOMES
 from meterware.metering.periods import period_bounds
-from meterware.rollup.aggregate import outcome_field, parse_columns
+from meterware.rollup.aggregate import REFUSAL_REASONS, outcome_field, parse_columns, refusal_field
 from meterware.storage._keyspace import shard_of
 
 #: Windows one history may hold at most (the longest default, 90 days, holds 90).
@@ -49,6 +49,8 @@ class UsageReport:
     meters: dict[str, int]
     #: Calls per outcome: success, client_error, server_error, aborted, rejected.
     calls: dict[str, int]
+    #: Rejected calls per reason (``REFUSAL_REASONS`` order), only the reasons that occurred.
+    refusals: dict[str, int]
     #: Micro-credits charged (prepaid) or accrued (invoiced) in the period.
     spend: int
 
@@ -66,6 +68,8 @@ class UsagePoint:
     meters: dict[str, int]
     #: Calls per outcome, in ``OUTCOMES`` order.
     calls: dict[str, int]
+    #: Rejected calls per reason (``REFUSAL_REASONS`` order), only the reasons that occurred.
+    refusals: dict[str, int]
     #: Micro-credits charged (prepaid) or accrued (invoiced) in the window.
     spend: int
 
@@ -146,9 +150,10 @@ class Usage(AccountsBase):
         plan = self.config.plan(customer.plan)
         start, end = period_bounds(customer.anchor, plan.period, time.time() if at is None else at)
         totals = self.storage.read_usage(customer_id, live, "period", start)
-        calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
-        meters = {name: totals.get(name, 0) for name in self.config.meters}
-        return UsageReport(customer_id, live, start, end, meters, calls, totals.get("spend", 0))
+        point = self._point(start, totals)
+        return UsageReport(
+            customer_id, live, start, end, point.meters, point.calls, point.refusals, point.spend
+        )
 
     def usage_history(
         self,
@@ -176,9 +181,11 @@ class Usage(AccountsBase):
         return UsageHistory(customer_id, live, window, first, last, points)
 
     def _point(self, start: int, totals: dict[str, int]) -> UsagePoint:
-        calls: dict[str, int] = {outcome: totals.get(f"n:{outcome}", 0) for outcome in OUTCOMES}
+        calls: dict[str, int] = {outcome: totals.get(outcome_field(outcome), 0) for outcome in OUTCOMES}
+        refused = ((reason, totals.get(refusal_field(reason), 0)) for reason in REFUSAL_REASONS)
+        refusals = {reason: number for reason, number in refused if number}
         meters = {name: totals.get(name, 0) for name in self.config.meters}
-        return UsagePoint(start, meters, calls, totals.get("spend", 0))
+        return UsagePoint(start, meters, calls, refusals, totals.get("spend", 0))
 
     def pending_events(self, customer_id: str) -> tuple[int, bool]:
         """Events on the customer's shard flushed but not rolled up yet, and whether that is all of them.

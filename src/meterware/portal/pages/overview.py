@@ -105,15 +105,19 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
             '<div class="sub">credits spent on calls this period</div></section>'
         ).format(html.data("spend", html.credits(report.spend), report.spend))
     )
+    outcome_rows = []
+    for outcome, n in report.calls.items():
+        outcome_rows.append((outcome.replace("_", " "), html.data(f"calls.{outcome}", html.number(n), n)))
+        if outcome == "rejected":
+            outcome_rows += [
+                (
+                    Markup('<span class="reason">rejected: {}</span>').format(reason.replace("_", " ")),
+                    html.data(f"refusals.{reason}", html.number(refused), refused),
+                )
+                for reason, refused in report.refusals.items()
+            ]
     calls = html.table(
-        "Calls this period by outcome",
-        ["Outcome", "Calls"],
-        [
-            (outcome.replace("_", " "), html.data(f"calls.{outcome}", html.number(n), n))
-            for outcome, n in report.calls.items()
-        ],
-        numeric=[1],
-        name="calls",
+        "Calls this period by outcome", ["Outcome", "Calls"], outcome_rows, numeric=[1], name="calls"
     )
     limits = html.table(
         "Rate limits",

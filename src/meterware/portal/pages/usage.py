@@ -1,5 +1,6 @@
 """Usage over time: each meter by hour (48 hours), by day (90 days) and by billing period against the
-plan's quota and included units; calls by outcome; a table of the same numbers under each plot, and CSV.
+plan's quota and included units; calls by outcome, and the refused calls by reason; a table of the same
+numbers under each plot, and CSV.
 
 Every number comes from the rollup's windows (:meth:`Accounts.usage_history`), so the page says what
 ``meterware usage CUSTOMER --window hour|day --json`` says.
@@ -19,6 +20,7 @@ from meterware.metering.periods import period_bounds
 from meterware.portal import html
 from meterware.portal.charts import bar_chart
 from meterware.portal.http import PortalRequest, PortalResponse
+from meterware.rollup.aggregate import REFUSAL_REASONS
 
 #: Billing periods plotted at most (their windows are kept for good).
 PERIODS_SHOWN: Final = 12
@@ -90,11 +92,33 @@ def _history_section(ctx: html.PageContext, history: UsageHistory) -> Markup:
             window, chart, _table(title, window, starts, outcomes, f"{window}-outcomes")
         )
     )
+    parts.append(_refusals_table(history))
     heading = "By hour" if window == "hour" else "By day"
     download = Markup('<p class="downloads"><a href="{}" download>Download CSV ({})</a></p>').format(
         ctx.url("/usage.csv", window=window), heading.lower()
     )
     return Markup("<h2>{}</h2>{}{}").format(heading, Markup("").join(parts), download)
+
+
+def _refusals_table(history: UsageHistory) -> Markup:
+    """The windows in which calls were refused, a column per reason that occurred (no plot: most windows
+    have none, and the reasons are few)."""
+    window = history.window
+    reasons = [reason for reason in REFUSAL_REASONS if any(p.refusals.get(reason) for p in history.points)]
+    label = html.when if window == "hour" else html.day
+    rows = [
+        (label(point.start), *(html.number(point.refusals.get(reason, 0)) for reason in reasons))
+        for point in history.points
+        if point.refusals
+    ]
+    return html.table(
+        f"Refused calls by reason {WINDOWS[window]}",
+        ["Start (UTC)", *(reason.replace("_", " ") for reason in reasons)],
+        rows,
+        numeric=range(1, len(reasons) + 1),
+        name=f"{window}-refusals",
+        empty="No call was refused in this range.",
+    )
 
 
 def _periods_section(ctx: html.PageContext) -> Markup:

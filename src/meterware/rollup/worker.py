@@ -101,7 +101,8 @@ class _KeyUses:
             now = time.monotonic()
             if now - self._warned_at >= KEY_USE_WARNING_INTERVAL:
                 logger.warning(
-                    "shard %d: keys' last used times not recorded (%d failures since the last warning): %s",
+                    "shard %d: could not record when keys were last used (batches missed since the last "
+                    "warning: %d): %s",
                     shard,
                     self._unreported,
                     error,

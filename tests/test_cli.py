@@ -279,15 +279,24 @@ def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
         assert test["key"] not in output
     assert sorted(text.out.splitlines()) == sorted(
         [
-            f"{live['key_id']}  {live['prefix']}...  live  active",
-            f"{test['key_id']}  {test['prefix']}...  test  active",
+            f"{live['key_id']}  {live['prefix']}...  live  active  never used",
+            f"{test['key_id']}  {test['prefix']}...  test  active  never used",
         ]
     )
     rows = {row["key_id"]: row for row in as_json.json()}
     assert set(rows) == {live["key_id"], test["key_id"]}
-    assert set(rows[live["key_id"]]) == {"key_id", "prefix", "live", "status", "created", "expires_ms"}
+    assert set(rows[live["key_id"]]) == {
+        "key_id",
+        "prefix",
+        "live",
+        "status",
+        "created",
+        "expires_ms",
+        "last_used_ms",
+    }
     assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
     assert rows[live["key_id"]]["expires_ms"] == 0
+    assert rows[live["key_id"]]["last_used_ms"] == 0
 
 
 @pytest.mark.redis

@@ -345,6 +345,48 @@ def test_set_key_state(storage: Storage) -> None:
         storage.set_key_state("k-unknown", status="revoked")
 
 
+def test_record_key_use_keeps_each_keys_latest_use(storage: Storage) -> None:
+    """record_key_use raises each key's last_used_ms to the newest time given (keys of customers in
+    several shards at once), never lowers it, and leaves the rest of the record alone."""
+    names = [f"cust-{index}" for index in range(6)]
+    assert len({shard_of(name, storage.shards) for name in names}) > 1
+    for name in names:
+        open_account(storage, name)
+    storage.set_key_state("key-cust-1", status="revoked")
+    assert storage.get_key("key-cust-0") == KeyRecord(
+        "key-cust-0", "cust-0", "mw_live_ab12", True, "active", created=1
+    )
+    storage.record_key_use({})
+    storage.record_key_use({f"key-{name}": 1_000 + index for index, name in enumerate(names)})
+    storage.record_key_use({"key-cust-0": 5_000, "key-cust-1": 999, "key-cust-2": 1_002})
+    expected = {f"key-{name}": 1_000 + index for index, name in enumerate(names)} | {"key-cust-0": 5_000}
+    assert {name: storage.list_keys(name)[0].last_used_ms for name in names} == {
+        name: expected[f"key-{name}"] for name in names
+    }
+    revoked = storage.get_key("key-cust-1")
+    assert revoked is not None
+    assert (revoked.status, revoked.last_used_ms) == ("revoked", 1_001)
+    first = storage.get_key("key-cust-0")
+    assert first == KeyRecord("key-cust-0", "cust-0", "mw_live_ab12", True, "active", 1, last_used_ms=5_000)
+
+
+def test_record_key_use_never_creates_a_key(storage: Storage) -> None:
+    """A key id that names no key is skipped: no record appears, and the known keys are still recorded."""
+    key_id = open_account(storage)
+    storage.record_key_use({"k-unknown": 7, key_id: 8, "": 9})
+    assert storage.get_key("k-unknown") is None
+    assert storage.get_key("") is None
+    assert [(record.key_id, record.last_used_ms) for record in storage.list_keys("acme")] == [(key_id, 8)]
+
+
+def test_a_key_is_added_with_its_last_use(storage: Storage) -> None:
+    """add_key keeps the record's last_used_ms (0 for a new key): a record reads back as it was added."""
+    storage.create_customer(Customer("acme", "pro"))
+    record = KeyRecord("k1", "acme", "mw_live_ab12", True, "active", created=10, last_used_ms=42)
+    storage.add_key(record, "hash-1")
+    assert storage.get_key("k1") == record
+
+
 def test_credits_are_granted_to_known_customers(storage: Storage) -> None:
     """grant_credits adds to the balance and returns it; unknown customers raise NotFoundError."""
     storage.create_customer(Customer("acme", "pro"))

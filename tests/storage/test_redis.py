@@ -17,7 +17,7 @@ from meterware.metering.admission import AdmitRequest, meter_holds
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import open_async_storage, open_storage
-from meterware.storage._keyspace import shard_of
+from meterware.storage._keyspace import key_record, shard_of
 from meterware.storage.base import START_OFFSET, Batch, RollupCommit, Settlement, Window, WindowTotals
 from meterware.storage.memory import AsyncMemoryStorage, MemoryStorage
 from meterware.storage.redis import AsyncRedisStorage, RedisStorage, RedisTarget, parse_url, script_sources
@@ -320,4 +320,36 @@ def test_cluster_spreads_shards_over_nodes(
     assert all(len(ports) == 1 for ports in nodes_by_customer.values())
     assert len(set().union(*nodes_by_customer.values())) > 1
     assert storage.committed_offset(shard_of(customers[0], shards)) != START_OFFSET
+    storage.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("where", ["redis", "cluster"])
+def test_record_key_use_never_recreates_a_deleted_record(request: pytest.FixtureRequest, where: str) -> None:
+    """A key whose record is gone (its id still pointing at its customer) is not recorded back into
+    existence; the script is loaded again where a node forgot it (SCRIPT FLUSH), in one call."""
+    url = request.getfixturevalue("redis_url" if where == "redis" else "cluster_url")
+    storage = RedisStorage(url, shards=8, timeout=2.0)
+    customers = [f"customer-{index}" for index in range(8)]
+    for customer in customers:
+        _open_account(storage, customer)
+    gone = key_record(shard_of("customer-0", 8), "key-customer-0")
+    if where == "redis":
+        nodes = [redis.Redis.from_url(url)]
+        data: redis.Redis | redis.RedisCluster = nodes[0]
+    else:
+        ports = [node.port for node in request.getfixturevalue("redis_cluster_servers").nodes]
+        nodes = [redis.Redis(port=port) for port in ports]
+        data = redis.RedisCluster(host="127.0.0.1", port=ports[0])
+    data.delete(gone)
+    for client in nodes:
+        client.script_flush()
+    storage.record_key_use({f"key-{customer}": 77 for customer in customers})
+    assert storage.get_key("key-customer-0") is None
+    assert not data.exists(gone)
+    for customer in customers[1:]:
+        assert storage.list_keys(customer)[0].last_used_ms == 77
+    for client in nodes:
+        client.close()
+    data.close()
     storage.close()

@@ -64,13 +64,16 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             "status": r.status,
             "created": r.created,
             "expires_ms": r.expires_ms,
+            "last_used_ms": r.last_used_ms,
         }
         for r in records
     ]
     lines = []
     for r in records:
         expires = f", expires {utc_time(r.expires_ms // 1000)}" if r.expires_ms else ""
-        lines.append(f"{r.key_id}  {r.prefix}...  {'live' if r.live else 'test'}  {r.status}{expires}")
+        used = f"last used {utc_time(r.last_used_ms // 1000)}" if r.last_used_ms else "never used"
+        mode = "live" if r.live else "test"
+        lines.append(f"{r.key_id}  {r.prefix}...  {mode}  {r.status}{expires}  {used}")
     return emit(args, data, "\n".join(lines) or "(no keys)")
 
 

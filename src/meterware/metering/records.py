@@ -41,3 +41,5 @@ class KeyRecord:
     created: int
     #: Epoch milliseconds after which the key stops working (0: never), e.g. a rotated key's grace end.
     expires_ms: int = 0
+    #: Epoch milliseconds of the newest call made with the key that the rollup has seen (0: none yet).
+    last_used_ms: int = 0

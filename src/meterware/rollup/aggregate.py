@@ -68,7 +68,7 @@ _COSTS_RE: Final = re.compile(rb"\d{1,15}(?:,\d{1,15})*")
 _INTEGER_AGGREGATIONS: Final = frozenset({"sum", "max", "last"})
 _TIMESTAMP, _CUSTOMER, _PERIOD = COLUMN["timestamp_ms"], COLUMN["customer"], COLUMN["period_start"]
 _OUTCOME, _UNITS, _BILLABLE, _LIVE = COLUMN["outcome"], COLUMN["units"], COLUMN["billable"], COLUMN["live"]
-_REASON: Final = COLUMN["reason"]
+_REASON, _KEY_ID = COLUMN["reason"], COLUMN["key_id"]
 #: The reasons rejected calls are counted by: every admission ``Reason``, then ``other`` for the rest.
 REFUSAL_REASONS: Final[tuple[str, ...]] = (*get_args(Reason), "other")
 
@@ -197,7 +197,8 @@ class Fold:
     """Events folded, batch after batch in stream order, into the totals of their windows.
 
     Each event goes once into its group (customer, minute, billing period), straight from the decoded
-    columns; :meth:`totals` then adds each group to its four windows.
+    columns; :meth:`totals` then adds each group to its four windows. :attr:`key_uses` keeps the newest
+    event of each key on the side (one entry per key id folded).
     """
 
     def __init__(self, meters: Mapping[str, Meter]) -> None:
@@ -205,6 +206,9 @@ class Fold:
         self._groups: defaultdict[_GroupKey, _Group] = defaultdict(_Group)
         #: Events folded so far (the next one's position in the stream, which breaks ``last`` ties).
         self.events = 0
+        #: key id -> timestamp (ms) of its newest event folded, whatever the outcome: a refused call used
+        #: its key too. Calls refused before their key was known carry none.
+        self.key_uses: dict[str, int] = {}
 
     def add(self, columns: EventColumns, costs: Sequence[int], signs: Sequence[int] | None = None) -> None:
         """Fold one batch (as :func:`~meterware.events.decode_columns` gives it), with a cost and a sign
@@ -265,7 +269,16 @@ class Fold:
                     previous = group.lasts.get(name)
                     if previous is None or previous[0] <= stamp:
                         group.lasts[name] = (stamp, position, value)
+        self._add_key_uses(columns[_KEY_ID], stamps)
         self.events += len(stamps)
+
+    def _add_key_uses(self, key_ids: Sequence[str], stamps: Sequence[int]) -> None:
+        uses = self.key_uses
+        newest = uses.get
+        for key_id, stamp in zip(key_ids, stamps, strict=True):
+            if stamp > newest(key_id, -1):
+                uses[key_id] = stamp
+        uses.pop("", None)
 
     @staticmethod
     def _add_refusals(of_events: list[_Group], columns: EventColumns, signs: Sequence[int] | None) -> None:

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -42,6 +42,8 @@ logger = logging.getLogger("meterware.rollup")
 STORAGE_TIMEOUT: Final = 5.0
 #: Longest pause after backend errors, in seconds.
 MAX_BACKOFF: Final = 30.0
+#: Seconds between two warnings that keys' last uses could not be recorded (each failure is counted).
+KEY_USE_WARNING_INTERVAL: Final = 60.0
 
 
 def default_owner() -> str:
@@ -75,6 +77,37 @@ class _Progress:
         """Raise the first failure, if any (the other shards' work is committed)."""
         if self.failed:
             raise self.failed[0][1]
+
+
+class _KeyUses:
+    """Record when keys were last used after each commit, best-effort: the commit stands whatever happens
+    here, and a failure is counted as a backend error of the shard and logged once in a while."""
+
+    def __init__(self, storage: Storage, metrics: RollupMetrics | None) -> None:
+        self.storage = storage
+        self.metrics = metrics
+        self._warned_at = -KEY_USE_WARNING_INTERVAL
+        self._unreported = 0
+
+    def record(self, shard: int, uses: Mapping[str, int]) -> None:
+        if not uses:
+            return
+        try:
+            self.storage.record_key_use(uses)
+        except StorageError as error:
+            if self.metrics is not None:
+                self.metrics.errors.labels(str(shard)).inc()
+            self._unreported += 1
+            now = time.monotonic()
+            if now - self._warned_at >= KEY_USE_WARNING_INTERVAL:
+                logger.warning(
+                    "shard %d: could not record when keys were last used (batches missed since the last "
+                    "warning: %d): %s",
+                    shard,
+                    self._unreported,
+                    error,
+                )
+                self._warned_at, self._unreported = now, 0
 
 
 class RollupWorker:
@@ -122,6 +155,7 @@ class RollupWorker:
         # is read, assume full flusher batches, so a backlog of big batches is never read all at once.
         self._events_per_entry: dict[int, int] = {}
         self._full_entry = max(1, config.pipeline.batch_size)
+        self._key_uses = _KeyUses(storage, metrics)
 
     @property
     def owned(self) -> tuple[int, ...]:
@@ -295,6 +329,7 @@ class RollupWorker:
             self._claims.pop(shard, None)
             return _Progress()
         claim.offset = new_offset
+        self._key_uses.record(shard, folding.key_uses)
         valid = len(entries) - len(dead)
         if valid:
             self._events_per_entry[shard] = max(1, events // valid)

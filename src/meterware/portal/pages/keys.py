@@ -35,6 +35,12 @@ def _status(record: KeyRecord, now_ms: int) -> Markup:
     return Markup('<span class="status-active">active</span>')
 
 
+def _last_used(record: KeyRecord) -> Markup:
+    """When the key was last used, as far as the rollup has seen its calls."""
+    ms = record.last_used_ms
+    return html.data(f"keys.{record.key_id}.last_used", html.when(ms / 1000) if ms else "never", ms)
+
+
 def _owned(ctx: html.PageContext, key_id: str) -> KeyRecord:
     """The key if it is this customer's (another customer's key is as unknown as a made-up id)."""
     record = ctx.accounts.storage.get_key(key_id)
@@ -64,6 +70,7 @@ def index(ctx: html.PageContext, request: PortalRequest, *, shown: Markup | None
                 Markup('<code data-key="{}">{}\u2026</code>').format(record.key_id, record.prefix),
                 "live" if record.live else "test",
                 html.when(record.created),
+                _last_used(record),
                 _status(record, now_ms),
                 actions,
             )
@@ -72,7 +79,7 @@ def index(ctx: html.PageContext, request: PortalRequest, *, shown: Markup | None
         shown or Markup(""),
         html.table(
             "Your keys, newest first",
-            ["Key", "Mode", "Created", "Status", ""],
+            ["Key", "Mode", "Created", "Last used", "Status", ""],
             rows,
             name="keys",
             empty="No keys yet.",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from meterware.errors import NotFoundError
@@ -82,6 +82,13 @@ class AccountMixin(MemoryState):
                 status=status or record.status,  # type: ignore[arg-type]
                 expires_ms=record.expires_ms if expires_ms is None else expires_ms,
             )
+
+    def record_key_use(self, uses: Mapping[str, int]) -> None:
+        with self._lock:
+            for key_id, used_ms in uses.items():
+                record = self._keys.get(key_id)
+                if record is not None and used_ms > record.last_used_ms:
+                    self._keys[key_id] = replace(record, last_used_ms=used_ms)
 
     def get_balance(self, customer_id: str) -> Balance:
         with self._lock:

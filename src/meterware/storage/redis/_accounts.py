@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from redis.exceptions import NoScriptError
+
 from meterware.errors import NotFoundError
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import _keyspace as ks
@@ -80,6 +82,7 @@ def key_fields(record: KeyRecord) -> dict[str, Arg]:
         "status": record.status,
         "created": record.created,
         "expires_ms": record.expires_ms,
+        "last_used_ms": record.last_used_ms,
     }
 
 
@@ -95,6 +98,7 @@ def key_record_from(fields: Fields) -> KeyRecord | None:
         status=as_str(fields[b"status"]),  # type: ignore[arg-type]
         created=int(fields[b"created"]),
         expires_ms=int(fields.get(b"expires_ms", 0)),
+        last_used_ms=int(fields.get(b"last_used_ms", 0)),
     )
 
 
@@ -211,6 +215,32 @@ class AccountCommands(Connection):
             )
         if not found:
             raise NotFoundError(f"no key {key_id!r}")
+
+    def record_key_use(self, uses: Mapping[str, int]) -> None:
+        if not uses:
+            return
+        key_ids = list(uses)
+        with self._call() as client:
+            # The records live in their customers' shards (on Cluster, slots apart): one script per record,
+            # pipelined, after the ids are resolved to their owners.
+            pipe = client.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.get(ks.key_owner(key_id))
+            calls = [
+                ([ks.key_record(self._shard(as_str(owner)), key_id)], [uses[key_id]])
+                for key_id, owner in zip(key_ids, pipe.execute(), strict=True)
+                if owner is not None
+            ]
+            script = self._scripts["record_key_use"]
+            for keys, args in calls:
+                script(keys=keys, args=args, client=pipe)
+            replies = pipe.execute(raise_on_error=False)
+            for (keys, args), reply in zip(calls, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    # A cluster pipeline leaves loading to its caller: a single call loads it on every node.
+                    self._run("record_key_use", keys, args)
+                elif isinstance(reply, Exception):
+                    raise reply
 
     def get_balance(self, customer_id: str) -> Balance:
         with self._call() as client:

@@ -23,6 +23,7 @@ _SCRIPTS: Final = (
     "flush",
     "grant_credits",
     "import_events",
+    "record_key_use",
     "refund",
     "release_shard",
     "update_fields",

@@ -762,6 +762,54 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     assert "invalid choice: 'bill-everyone'" in capsys.readouterr().err
 
 
+# -- portal links ----------------------------------------------------------------------------------------
+
+
+def test_portal_link_opens_the_customers_portal_once(
+    cli: Cli, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`meterware portal link` prints a link the portal (another process, the same Redis) honours once."""
+    from urllib.parse import urlsplit
+
+    from werkzeug.test import Client
+
+    import meterware.portal
+
+    monkeypatch.setenv("METERWARE_PORTAL_SECRET", "a-portal-secret-of-at-least-32-characters")
+    create_customer(cli)
+    base = "https://api.example.com/portal"
+    result = cli("portal", "link", "acme", "--ttl", "2m", "--base-url", base, "--json")
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["customer"] == "acme"
+    assert data["url"].startswith(f"{base}/login?token=")
+    assert abs(data["expires"] - (time.time() + 120)) < 5
+    config = Config.load(EXAMPLE, storage=redis_url, portal={"secure_cookies": False})
+    client = Client(meterware.portal.wsgi_app(config))
+    link = urlsplit(data["url"])
+    assert client.get(f"/login?{link.query}").status_code == 303
+    assert client.get("/").status_code == 200
+    assert client.get(f"/login?{link.query}").status_code == 403
+
+    text = cli("portal", "link", "acme", "--base-url", base)
+    assert text.code == 0
+    assert text.out.startswith(f"{base}/login?token=")
+    assert "works once, until" in text.out
+    assert_one_line_error(
+        cli("portal", "link", "acme", "--ttl", "soon", "--base-url", base),
+        "--ttl must be seconds or a number with s, m, h or d (15m), got 'soon'",
+    )
+    assert_one_line_error(cli("portal", "link", "nobody", "--base-url", base), "no customer 'nobody'")
+    assert_one_line_error(
+        cli("portal", "link", "acme"),
+        "no base URL for the link: set portal.base_url or pass base_url (--base-url)",
+    )
+    monkeypatch.delenv("METERWARE_PORTAL_SECRET")
+    assert cli("portal", "link", "acme", "--base-url", base).err.startswith(
+        "meterware: error: portal.secret_env: $METERWARE_PORTAL_SECRET is not set"
+    )
+
+
 # -- the demo, as a real process -----------------------------------------------------------------------
 
 

@@ -203,6 +203,32 @@ def test_behind_a_proxy_the_base_urls_origin_is_the_portals_own(config: Config, 
     assert post("https://10.0.0.7:8000") == 200
 
 
+def test_a_session_cannot_grow_the_keys_without_bound(
+    config: Config, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meterware.portal.pages import keys
+
+    monkeypatch.setattr(keys, "MAX_ACTIVE_KEYS", 3)
+    monkeypatch.setattr(keys, "MAX_KEYS", 5)
+    client = signed_in(config)
+    token = form_token(client)
+
+    def create() -> str:
+        return client.post("/keys/new", data={"mode": "live", "csrf": token}).text
+
+    for _ in range(3):
+        assert 'data-field="new-key"' in create()
+    assert "You have 3 working keys: revoke one first." in create()
+    first = accounts.list_keys("acme")[0].key_id
+    client.post(f"/keys/{first}/revoke", data={"csrf": token})
+    assert 'data-field="new-key"' in create()  # 3 working, 4 in all
+    second = next(r.key_id for r in accounts.list_keys("acme") if r.status == "active")
+    rotated = client.post(f"/keys/{second}/rotate", data={"csrf": token, "grace": "0"}).text
+    assert 'data-field="new-key"' in rotated  # a replacement: 5 in all
+    assert "This account has 5 keys: ask us to remove old ones." in create()
+    assert len(accounts.list_keys("acme")) == 5
+
+
 def test_no_request_reaches_another_customers_keys(config: Config, accounts: Accounts) -> None:
     theirs = accounts.create_key("globex")
     client = signed_in(config, "acme")

@@ -15,6 +15,9 @@ from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse
 
 #: Grace periods offered when rotating a key: (seconds, label).
+#: Keys a customer may hold through the portal: working ones, and all of them (revoked ones are kept).
+MAX_ACTIVE_KEYS: Final = 25
+MAX_KEYS: Final = 500
 GRACE_CHOICES: Final = (
     (0, "none: the old key stops now"),
     (3600, "1 hour"),
@@ -47,6 +50,19 @@ def _owned(ctx: html.PageContext, key_id: str) -> KeyRecord:
     if record is None or record.customer != ctx.customer.id:
         raise NotFoundError(f"no key {key_id!r}")
     return record
+
+
+def _too_many(ctx: html.PageContext, *, replacing: bool = False) -> Markup | None:
+    """Why the customer may not get another key here, if so: a session must not grow the backend without
+    bound (the seller can still issue keys with the CLI or ``Accounts``). A replacement (``replacing``)
+    is bounded by the total only: the key it replaces stops working."""
+    now_ms = int(time.time() * 1000)
+    records = ctx.accounts.list_keys(ctx.customer.id)
+    if len(records) >= MAX_KEYS:
+        return html.notice(f"This account has {len(records)} keys: ask us to remove old ones.", kind="error")
+    if not replacing and sum(_usable(record, now_ms) for record in records) >= MAX_ACTIVE_KEYS:
+        return html.notice(f"You have {MAX_ACTIVE_KEYS} working keys: revoke one first.", kind="error")
+    return None
 
 
 def _usable(record: KeyRecord, now_ms: int) -> bool:
@@ -98,6 +114,9 @@ def _shown_once(new: NewKey, what: str) -> Markup:
 
 def create(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
     if request.method == "POST":
+        refused = _too_many(ctx)
+        if refused is not None:
+            return index(ctx, request, shown=refused)
         live = request.form.get("mode", "live") != "test"
         new = ctx.accounts.create_key(ctx.customer.id, live=live)
         return index(ctx, request, shown=_shown_once(new, f"Your new {'live' if live else 'test'} key:"))
@@ -131,6 +150,9 @@ def rotate(ctx: html.PageContext, request: PortalRequest, key_id: str) -> Portal
             return index(
                 ctx, request, shown=html.notice("Choose a grace period from the list.", kind="error")
             )
+        refused = _too_many(ctx, replacing=True)
+        if refused is not None:
+            return index(ctx, request, shown=refused)
         new = ctx.accounts.rotate_key(key_id, grace_seconds=grace)
         ends = "stops working now" if grace == 0 else f"keeps working for {dict(GRACE_CHOICES)[grace]}"
         return index(

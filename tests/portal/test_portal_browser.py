@@ -374,6 +374,32 @@ def test_the_numbers_on_the_pages_are_the_clis(served: Served, page: Page) -> No
     assert sum(int(value) for value in field_values(page, "ledger.amount")) == ledger["balance_micros"]
 
 
+def test_refused_calls_count_on_the_overview_as_the_cli_counts_them(served: Served, page: Page) -> None:
+    """globex (out of credits) and initech (rate limited): their overview's calls by outcome, spend and
+    balance are ``meterware usage`` and ``credits show``'s, and what their calls came to."""
+    globex, initech = served.ids["globex"], served.ids["initech"]
+    answers = served.cli(
+        ["usage", globex], ["credits", "show", globex], ["usage", initech], ["credits", "show", initech]
+    )
+    for role, (usage, balance) in zip(("globex", "initech"), (answers[:2], answers[2:]), strict=True):
+        assert usage["calls"] == rolled_up_calls(served.outcomes[role])
+        assert usage["calls"]["rejected"] > 0
+        served.sign_in(page, role)
+        assert opened(page, f"{served.url}/portal/") == 200
+        shown = dict(fields(page))
+        assert {name: shown[f"calls.{name}"] for name in OUTCOMES} == {
+            name: str(count) for name, count in usage["calls"].items()
+        }
+        assert shown["usage.calls.used"] == str(usage["meters"]["calls"])
+        assert shown["spend"] == str(usage["spend_micros"])
+        assert shown["credits.balance"] == str(balance["balance_micros"])
+        served.shot(page, f"overview-{role}")
+    # globex paid 3 calls at 0.01 from 0.031337; initech's calls all failed: nothing billed.
+    assert answers[0]["spend_micros"] == 30_000
+    assert answers[1]["balance_micros"] == 1337
+    assert (answers[2]["meters"]["calls"], answers[2]["spend_micros"]) == (0, 0)
+
+
 def test_the_plots_have_a_point_per_window_valued_as_the_cli_says(served: Served, page: Page) -> None:
     """48 hourly and 90 daily points per meter, 5 outcome series of as many, a bar per billing period;
     each point's value is ``meterware usage --window hour|day --json``'s for its window."""
@@ -597,7 +623,9 @@ def test_a_customers_session_reads_no_other_customers_page_by_any_url(served: Se
     asked = page.request.get(f"{portal}/usage.csv?window=hour&customer={globex}")
     assert asked.status == own_csv.status == 200
     assert asked.text() == own_csv.text()
-    assert served.api(other_key.plaintext).status_code == 402  # still globex's, still active: no credits
+    record = served.accounts.storage.get_key(other_key.key_id)
+    assert record is not None
+    assert (record.customer, record.status) == (globex, "active")
 
     # Paths exactly as sent, with acme's cookie attached even where a browser would not send it.
     cookie = "; ".join(f"{c['name']}={c['value']}" for c in page.context.cookies())

@@ -104,6 +104,17 @@ def rolled_up_calls(outcomes: list[str]) -> dict[str, int]:
     return {name: seen.get(name, 0) for name in OUTCOMES}
 
 
+#: What acme's calls come to: 10 successes, 3 not found, 2 failures, 2 successes (the quota's 12th), then
+#: 2 refused as the quota is used up.
+ACME_OUTCOMES = [
+    *["success"] * 10,
+    *["client_error"] * 3,
+    *["server_error"] * 2,
+    *["success"] * 2,
+    *["quota_exceeded"] * 2,
+]
+
+
 # -- the deployment ----------------------------------------------------------------------------------------
 
 
@@ -163,8 +174,7 @@ def make_traffic(served: Served) -> None:
         def call(role: str, path: str) -> str:
             return outcome(client.get(path, headers={"Authorization": f"Bearer {keys[role]}"}))
 
-        # acme: 10 successes (100 tokens), 3 not found, 2 failures, 2 more successes (the quota's 12),
-        # then 2 refused: its quota is used up.
+        # acme: 6 calls, 4 reporting 100 tokens in all, 3 not found, 2 failures, 4 calls (see ACME_OUTCOMES).
         paths = ["/v1/hello"] * 6 + [f"/v1/tokens/{n}" for n in (10, 20, 30, 40)]
         paths += ["/v1/missing"] * 3 + ["/v1/fail"] * 2 + ["/v1/hello"] * 4
         served.outcomes["acme"] = [call("acme", path) for path in paths]
@@ -173,22 +183,16 @@ def make_traffic(served: Served) -> None:
         # initech: 30 calls at once against a limit of 25 a minute.
         with ThreadPoolExecutor(6) as pool:
             served.outcomes["initech"] = list(pool.map(lambda _: call("initech", "/v1/missing"), range(30)))
-    assert (
-        served.outcomes["acme"]
-        == ["success"] * 10
-        + ["client_error"] * 3
-        + ["server_error"] * 2
-        + ["success"] * 2
-        + ["quota_exceeded"] * 2
-    )
+    assert served.outcomes["acme"] == ACME_OUTCOMES
     assert served.outcomes["globex"] == ["success"] * 8 + ["insufficient_credits"] * 2
     limited = Counter(served.outcomes["initech"])
     assert limited["rate_limited"] >= 1, limited
     assert set(limited) == {"client_error", "rate_limited"}, limited
 
 
-def wait_for_rollup(served: Served, timeout: float = 30.0) -> None:
-    """Until the worker has rolled up every call made (and nothing waits in the streams)."""
+def wait_for_rollup(served: Served, log: Path, timeout: float = 30.0) -> None:
+    """Until the worker (its output in ``log``) has rolled up every call made, and nothing waits in the
+    streams."""
     expected = {served.ids[role]: rolled_up_calls(outcomes) for role, outcomes in served.outcomes.items()}
     deadline = time.monotonic() + timeout
     while True:
@@ -197,7 +201,10 @@ def wait_for_rollup(served: Served, timeout: float = 30.0) -> None:
         if seen == expected and all(waiting == (0, True) for waiting in pending):
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"the rollup did not catch up: expected {expected}, got {seen}, {pending}")
+            raise AssertionError(
+                f"the rollup did not catch up: expected {expected}, got {seen}, pending {pending}\n"
+                + log.read_text(errors="replace")
+            )
         time.sleep(0.2)
 
 
@@ -222,7 +229,8 @@ def served(
     accounts = Accounts.open(Config.load(config_path))
     served = Served(kind, url, config_path, env, accounts)
     now = int(time.time())
-    # acme is 3 days into daily periods (4 invoices); globex's periods start 10 minutes earlier.
+    # acme is 3 days into daily periods (3 closed invoices and the running one); globex's periods start
+    # 10 minutes earlier.
     anchors = {"acme": now - 3 * DAY - 60, "globex": now - 3 * DAY - 660}
     credits = {"acme": "10", "globex": "0.031337", "initech": "10", "hooli": "10", "umbrella": "1"}
     for role, amount in credits.items():
@@ -230,18 +238,21 @@ def served(
         accounts.create_customer(customer, plan="pro", anchor=anchors.get(role))
         accounts.grant_credits(customer, amount, reason="welcome credits")
         served.keys[role] = accounts.create_key(customer)
+    assert len(accounts.close_periods(at=now, customer_id=served.ids["acme"])) == 3
 
-    server = ServerProcess(server_command(kind, port), env, port, tmp / "server.log")
     with open(tmp / "rollup.log", "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "meterware", "rollup"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        make_traffic(served)
-        wait_for_rollup(served)
-        yield served
+        server = ServerProcess(server_command(kind, port), env, port, tmp / "server.log")
+        try:
+            make_traffic(served)
+            wait_for_rollup(served, tmp / "rollup.log")
+            yield served
+        finally:
+            output = server.stop()
     finally:
-        output = server.stop()
         worker.terminate()
         worker.wait(timeout=30)
         accounts.close()
@@ -297,7 +308,7 @@ def test_every_customer_page_renders_accessibly(served: Served, page: Page) -> N
         "overview": "/",
         "usage": "/usage",
         "invoices": "/invoices",
-        "invoice-earlier-period": f"/invoices/{anchor + DAY}",
+        "invoice-closed": f"/invoices/{anchor + DAY}",
         "invoice-current": "/invoices/current",
         "credits": "/credits",
         "keys": "/keys",
@@ -326,8 +337,12 @@ def test_the_numbers_on_the_pages_are_the_clis(served: Served, page: Page) -> No
     """Overview, the running invoice and the credits page show what ``meterware usage``, ``invoice``,
     ``credits show`` and ``credits ledger`` print with ``--json``, and what the calls made add up to."""
     acme = served.ids["acme"]
-    usage, invoice, balance, ledger = served.cli(
-        ["usage", acme], ["invoice", acme], ["credits", "show", acme], ["credits", "ledger", acme]
+    usage, invoice, previous, balance, ledger = served.cli(
+        ["usage", acme],
+        ["invoice", acme],
+        ["invoice", acme, "--period", "previous"],
+        ["credits", "show", acme],
+        ["credits", "ledger", acme],
     )
     # 12 calls, 7 past the 5 included at 0.01, and 100 tokens at 0.001: 0.17 credits.
     assert usage["meters"] == {"calls": 12, "tokens": 100}
@@ -359,10 +374,16 @@ def test_the_numbers_on_the_pages_are_the_clis(served: Served, page: Page) -> No
         for name in ("quantity", "included", "billable"):
             if line[name] is not None:
                 assert shown[f"line.{index}.{name}"] == str(line[name]), (index, name)
+    assert opened(page, f"{served.url}/portal/invoices/{previous['period_start']}") == 200
+    shown = dict(fields(page))
+    assert previous["status"] == shown["invoice.status"] == "closed"
+    for name in ("id", "subtotal", "credits_applied", "total"):
+        assert shown[f"invoice.{name}"] == str(previous[name]), name
     assert opened(page, f"{served.url}/portal/invoices") == 200
-    assert field_value(page, f"invoices.{invoice['period_start']}.total") == invoice["total"]
-    assert len(field_values(page, "invoices." + str(invoice["period_start"]) + ".status")) == 1
     assert page.locator("table[data-table=invoices] tbody tr").count() == 4
+    for listed in (invoice, previous):
+        for name in ("status", "subtotal", "total"):
+            assert field_value(page, f"invoices.{listed['period_start']}.{name}") == listed[name]
 
     assert opened(page, f"{served.url}/portal/credits") == 200
     shown = dict(fields(page))

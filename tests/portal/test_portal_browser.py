@@ -73,7 +73,7 @@ def settings(storage: str, base_url: str, spool: Path) -> dict[str, Any]:
         "portal": {"base_url": f"{base_url}/portal", "secure_cookies": False},
         "pipeline": {"flush_interval": 0.05, "spool_dir": str(spool)},
         # The worker's idle pause is a third of its lease: usage shows up within a second.
-        "rollup": {"lease_seconds": 3},
+        "rollup": {"lease_seconds": 1.5},
     }
 
 
@@ -519,26 +519,37 @@ def signed_out(page: Page, served: Served) -> bool:
 def test_forged_expired_and_reused_links_open_no_session(
     served: Served, open_page: Callable[[], Page]
 ) -> None:
-    """A link signed with another secret, one past its time, and one followed a second time: 403, and
-    the browser stays signed out."""
+    """A link signed with another secret, one whose payload names another customer than its signature
+    did, one past its time, and one followed a second time: 403, and the browser stays signed out."""
     customer = served.ids["initech"]
     login = f"{served.url}/portal/login?token="
+    signer = Signer(SECRET.encode())
     forged = Signer(b"not-the-portal-secret-0123456789abcdef").link_token(customer, 600)
-    expired = Signer(SECRET.encode()).sign("link", {"c": customer, "x": int(time.time()) - 1, "n": "x1"})
+    signed_for_hooli = signer.link_token(served.ids["hooli"], 600).partition(".")[2]
+    tampered = f"{signer.link_token(customer, 600).partition('.')[0]}.{signed_for_hooli}"
+    expired = signer.sign("link", {"c": customer, "x": int(time.time()) - 1, "n": "x1"})
     first = open_page()
     link = served.link(customer)
     assert opened(first, link) == 200
     assert field_value(first, "customer") == customer
-    for name, url in (("forged", login + forged), ("expired", login + expired), ("reused", link)):
-        browser_page = open_page()
+    browser_page = open_page()
+    for name, url in (
+        ("forged", login + forged),
+        ("tampered", login + tampered),
+        ("expired", login + expired),
+        ("reused", link),
+    ):
         assert opened(browser_page, url) == 403, name
         assert browser_page.locator("h1").inner_text() == "This link does not work"
         assert browser_page.context.cookies() == [], name
         served.shot(browser_page, f"link-{name}")
         assert signed_out(browser_page, served), name
     served.shot(browser_page, "signed-out")
-    # The genuine link still holds its one session.
-    assert opened(first, f"{served.url}/portal/") == 200
+    # The genuine link holds its one session, until the customer signs out.
+    assert opened(first, f"{served.url}/portal/credits") == 200
+    first.get_by_role("button", name="Sign out").click()
+    first.get_by_role("heading", name="Signed out").wait_for()
+    assert signed_out(first, served)
 
 
 def test_a_form_without_its_csrf_token_is_refused(served: Served, page: Page) -> None:

@@ -153,17 +153,30 @@ class Served:
     def api(self, key: str, path: str = "/v1/hello") -> httpx.Response:
         return httpx.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
 
-    def cli(self, *commands: list[str]) -> list[Any]:
-        """Run ``python -m meterware COMMAND --json`` on this deployment's configuration, concurrently."""
+    def cli(self, *commands: list[str]) -> Callable[[], list[Any]]:
+        """Start ``python -m meterware COMMAND --json`` on this deployment's configuration for each command,
+        all at once (the browser works meanwhile); the function returned waits for their answers."""
+        config = ["--json", "--config", str(self.config_path)]
+        running = [
+            subprocess.Popen(
+                [sys.executable, "-m", "meterware", *command, *config],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for command in commands
+        ]
 
-        def run(command: list[str]) -> Any:
-            args = [sys.executable, "-m", "meterware", *command, "--json", "--config", str(self.config_path)]
-            done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, (command, done.stderr)
-            return json.loads(done.stdout)
+        def answers() -> list[Any]:
+            found = []
+            for command, process in zip(commands, running, strict=True):
+                out, err = process.communicate(timeout=60)
+                assert process.returncode == 0, (command, err)
+                found.append(json.loads(out))
+            return found
 
-        with ThreadPoolExecutor(3) as pool:
-            return list(pool.map(run, commands))
+        return answers
 
 
 def make_traffic(served: Served) -> None:
@@ -337,20 +350,21 @@ def test_the_numbers_on_the_pages_are_the_clis(served: Served, page: Page) -> No
     """Overview, the running invoice and the credits page show what ``meterware usage``, ``invoice``,
     ``credits show`` and ``credits ledger`` print with ``--json``, and what the calls made add up to."""
     acme = served.ids["acme"]
-    usage, invoice, previous, balance, ledger = served.cli(
+    answers = served.cli(
         ["usage", acme],
         ["invoice", acme],
         ["invoice", acme, "--period", "previous"],
         ["credits", "show", acme],
         ["credits", "ledger", acme],
     )
+    served.sign_in(page, "acme")
+    usage, invoice, previous, balance, ledger = answers()
     # 12 calls, 7 past the 5 included at 0.01, and 100 tokens at 0.001: 0.17 credits.
     assert usage["meters"] == {"calls": 12, "tokens": 100}
     assert usage["calls"] == rolled_up_calls(served.outcomes["acme"])
     assert usage["spend_micros"] == 170_000
     assert balance["balance_micros"] == 10_000_000 - 170_000
 
-    served.sign_in(page, "acme")
     assert opened(page, f"{served.url}/portal/") == 200
     shown = dict(fields(page))
     for meter, used in usage["meters"].items():
@@ -399,22 +413,25 @@ def test_refused_calls_count_on_the_overview_as_the_cli_counts_them(served: Serv
     """globex (out of credits) and initech (rate limited): their overview's calls by outcome, spend and
     balance are ``meterware usage`` and ``credits show``'s, and what their calls came to."""
     globex, initech = served.ids["globex"], served.ids["initech"]
-    answers = served.cli(
+    waiting = served.cli(
         ["usage", globex], ["credits", "show", globex], ["usage", initech], ["credits", "show", initech]
     )
+    shown_by_role = {}
+    for role in ("globex", "initech"):
+        served.sign_in(page, role)
+        shown_by_role[role] = dict(fields(page))
+        served.shot(page, f"overview-{role}")
+    answers = waiting()
     for role, (usage, balance) in zip(("globex", "initech"), (answers[:2], answers[2:]), strict=True):
         assert usage["calls"] == rolled_up_calls(served.outcomes[role])
         assert usage["calls"]["rejected"] > 0
-        served.sign_in(page, role)
-        assert opened(page, f"{served.url}/portal/") == 200
-        shown = dict(fields(page))
+        shown = shown_by_role[role]
         assert {name: shown[f"calls.{name}"] for name in OUTCOMES} == {
             name: str(count) for name, count in usage["calls"].items()
         }
         assert shown["usage.calls.used"] == str(usage["meters"]["calls"])
         assert shown["spend"] == str(usage["spend_micros"])
         assert shown["credits.balance"] == str(balance["balance_micros"])
-        served.shot(page, f"overview-{role}")
     # globex paid 3 calls at 0.01 from 0.031337; initech's calls all failed: nothing billed.
     assert answers[0]["spend_micros"] == 30_000
     assert answers[1]["balance_micros"] == 1337
@@ -425,11 +442,12 @@ def test_the_plots_have_a_point_per_window_valued_as_the_cli_says(served: Served
     """48 hourly and 90 daily points per meter, 5 outcome series of as many, a bar per billing period;
     each point's value is ``meterware usage --window hour|day --json``'s for its window."""
     acme = served.ids["acme"]
-    usage, hours, days = served.cli(
+    answers = served.cli(
         ["usage", acme], ["usage", acme, "--window", "hour"], ["usage", acme, "--window", "day"]
     )
     served.sign_in(page, "acme")
     assert opened(page, f"{served.url}/portal/usage") == 200
+    usage, hours, days = answers()
     for window, history, count in (("hour", hours, 48), ("day", days, 90)):
         cli_points = {point["start"]: point for point in history["points"]}
         assert len(cli_points) == count

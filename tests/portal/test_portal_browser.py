@@ -269,7 +269,9 @@ def served(
         worker.terminate()
         worker.wait(timeout=30)
         accounts.close()
+    # Nothing went wrong in the server, and the middleware never metered the portal's own pages.
     assert "Traceback" not in output, output
+    assert "meterware:" not in output, output
 
 
 # -- reading pages -----------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ MAX_FIELDS: Final = 32
 #: Longest path served; longer ones get 404 without being looked at.
 MAX_PATH: Final = 512
 
-#: Sent with every page: nothing cached or framed, no script, no referrer (links carry tokens).
+#: Sent with every page: nothing cached or framed, no script, no referrer to another origin (links carry
+#: tokens). Not ``no-referrer``: browsers then send ``Origin: null`` with the page's own form posts, which
+#: the same-origin check refuses.
 SECURITY_HEADERS: Final = (
     ("Cache-Control", "no-store"),
     (
@@ -39,7 +41,7 @@ SECURITY_HEADERS: Final = (
         "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'",
     ),
-    ("Referrer-Policy", "no-referrer"),
+    ("Referrer-Policy", "same-origin"),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
 )

@@ -774,6 +774,7 @@ def test_portal_link_opens_the_customers_portal_once(
     from werkzeug.test import Client
 
     import meterware.portal
+    from tests.portal.test_portal_auth import follow_link
 
     monkeypatch.setenv("METERWARE_PORTAL_SECRET", "a-portal-secret-of-at-least-32-characters")
     create_customer(cli)
@@ -787,9 +788,10 @@ def test_portal_link_opens_the_customers_portal_once(
     config = Config.load(EXAMPLE, storage=redis_url, portal={"secure_cookies": False})
     client = Client(meterware.portal.wsgi_app(config))
     link = urlsplit(data["url"])
-    assert client.get(f"/login?{link.query}").status_code == 303
+    assert follow_link(client, f"/login?{link.query}").status_code == 303
     assert client.get("/").status_code == 200
     assert client.get(f"/login?{link.query}").status_code == 403
+    assert client.post("/login", data={"token": link.query.removeprefix("token=")}).status_code == 403
 
     text = cli("portal", "link", "acme", "--base-url", base)
     assert text.code == 0
@@ -887,7 +889,9 @@ def test_demo_serve_keeps_the_api_and_the_portal_running_with_a_link_per_custome
             with httpx.Client(base_url=base, timeout=10) as client:
                 hello = client.get("/v1/hello", headers={"Authorization": f"Bearer {keys['bigco']}"})
                 assert hello.status_code == 200
-                assert client.get(links[2].removeprefix(base)).status_code == 303
+                link_token = links[2].partition("token=")[2]
+                assert client.get(links[2].removeprefix(base)).status_code == 200  # its page: Continue
+                assert client.post("/portal/login", data={"token": link_token}).status_code == 303
                 overview = client.get("/portal/")
                 assert overview.status_code == 200
                 assert 'data-field="customer">bigco<' in overview.text

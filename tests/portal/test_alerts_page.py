@@ -17,6 +17,7 @@ from meterware.billing.accounts import Accounts
 from meterware.billing.destinations import AlertDestinations
 from meterware.config import AlertRules, Config
 from meterware.rollup import RollupWorker
+from tests.portal.test_portal_auth import follow_link
 from tests.test_alerts import ANCHOR, SECRET, Receiver, calls
 
 C = 1_000_000
@@ -79,7 +80,7 @@ def open_portal(data: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterat
     app = meterware.portal.wsgi_app(config)
     client = Client(app)
     link = meterware.portal.sign_in_link("hobby", config=config)
-    assert client.get(link.removeprefix("http://localhost")).status_code == 303
+    assert follow_link(client, link.removeprefix("http://localhost")).status_code == 303
     try:
         yield Portal(client, accounts, config, "hobby")
     finally:

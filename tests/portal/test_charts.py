@@ -4,7 +4,6 @@ accessible colours and text, escaped input, and well-formed SVG for every shape 
 from __future__ import annotations
 
 import math
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -14,7 +13,7 @@ from itertools import pairwise
 import pytest
 from markupsafe import Markup
 
-from meterware.portal.charts import PALETTE, bar_chart, sparkline
+from meterware.portal.charts import PALETTE, bar_chart
 
 SVG = "{http://www.w3.org/2000/svg}"
 HOUR = 3600
@@ -408,24 +407,3 @@ def test_decimal_amounts_are_drawn_as_numbers() -> None:
     root = chart([Decimal("0.0015"), Decimal("0.5")], unit="credits")  # type: ignore[list-item]
     assert [p.get("data-value") for p in points(root)] == ["0.0015", "0.5"]
     assert tooltip(points(root)[0]) == "2026-12-07 14:00 UTC: 0.0015 credits"
-
-
-def test_a_sparkline_is_a_small_labelled_image() -> None:
-    """An inline SVG with role="img", its (escaped) label as text alternative, and one vertex per value."""
-    svg = sparkline([1, 5, 2, 0], label=HOSTILE)
-    assert isinstance(svg, Markup)
-    root = ET.fromstring(str(svg))
-    assert (root.get("role"), root.get("aria-label")) == ("img", HOSTILE)
-    polyline = root.find(f"{SVG}polyline")
-    assert polyline is not None
-    vertices = (polyline.get("points") or "").split()
-    assert len(vertices) == 4
-    heights = [float(vertex.split(",")[1]) for vertex in vertices]
-    assert heights.index(min(heights)) == 1, "the largest value is the highest vertex"
-
-
-@pytest.mark.parametrize("values", [[], [0], [0, 0, 0], [-1, 3]])
-def test_a_sparkline_of_little_or_flat_data_is_still_valid(values: list[float]) -> None:
-    root = ET.fromstring(str(sparkline(values, label="calls")))
-    assert root.get("viewBox") == "0 0 120 24"
-    assert not re.search(r"nan|inf", str(sparkline(values, label="calls")))

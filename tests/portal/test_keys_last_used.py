@@ -26,7 +26,7 @@ from meterware.portal import html
 from meterware.rollup import RollupWorker
 from meterware.storage._keyspace import shard_of
 from meterware.wsgi import WSGIMeteringMiddleware
-from tests.portal.test_portal_auth import SECRET, link_path
+from tests.portal.test_portal_auth import SECRET, follow_link, link_path
 from tests.portal.test_refusals import data_fields, tables
 
 QUOTA = 4
@@ -147,7 +147,10 @@ def test_each_keys_last_use_is_its_newest_call_in_the_cli_and_the_portal(
         assert lines[key_id].endswith(f"last used {utc_time(ms // 1000)}" if ms else "never used")
 
     client = Client(meterware.portal.wsgi_app(config))
-    assert client.get(link_path(meterware.portal.sign_in_link("acme", config=config))).status_code == 303
+    assert (
+        follow_link(client, link_path(meterware.portal.sign_in_link("acme", config=config))).status_code
+        == 303
+    )
     page = client.get("/keys").text
     fields = data_fields(page)
     assert {key_id: int(fields[f"keys.{key_id}.last_used"]) for key_id in expected} == expected

@@ -3,12 +3,13 @@ needs its session's token, and no request reaches another customer's data (memor
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from starlette.applications import Starlette
@@ -66,9 +67,18 @@ def link_path(link: str) -> str:
     return f"{parts.path.removeprefix('/portal')}?{parts.query}"
 
 
+def follow_link(client: Any, target: str, **post_options: Any) -> Any:
+    """Open a sign-in link as a person does: GET its page, then press Continue (a post of the link's
+    token); the post's response is returned."""
+    page = client.get(target)
+    assert page.status_code == 200, page.text
+    path, _, query = target.partition("?")
+    return client.post(path, data={"token": parse_qs(query)["token"][0]}, **post_options)
+
+
 def signed_in(config: Config, customer: str = "acme") -> Client:
     client = Client(meterware.portal.wsgi_app(config))
-    response = client.get(link_path(meterware.portal.sign_in_link(customer, config=config)))
+    response = follow_link(client, link_path(meterware.portal.sign_in_link(customer, config=config)))
     assert response.status_code == 303, response.text
     return client
 
@@ -82,7 +92,13 @@ def form_token(client: Client, path: str = "/keys/new") -> str:
 def test_a_link_opens_a_session_once(config: Config, accounts: Accounts) -> None:
     link = link_path(meterware.portal.sign_in_link("acme", config=config))
     first = Client(meterware.portal.wsgi_app(config))
-    response = first.get(link)
+    # A preview, a mail scanner or the person fetches the link: a page to continue from, no session yet.
+    for method in ("HEAD", "GET", "GET"):
+        page = first.open(link, method=method)
+        assert page.status_code == 200
+        assert "Set-Cookie" not in page.headers
+    assert 'data-form="sign-in"' in first.get(link).text
+    response = follow_link(first, link)
     assert response.status_code == 303
     assert response.headers["Location"] == "/"
     cookie = response.headers["Set-Cookie"]
@@ -92,10 +108,22 @@ def test_a_link_opens_a_session_once(config: Config, accounts: Accounts) -> None
     assert "Secure" not in cookie  # secure_cookies = false, for local http
     assert 'data-field="customer"' in first.get("/").text
 
-    again = Client(meterware.portal.wsgi_app(config)).get(link)  # another process, the same backend
-    assert again.status_code == 403
-    assert "used already" in again.text
-    assert "Set-Cookie" not in again.headers
+    token = parse_qs(link.partition("?")[2])["token"][0]
+    other = Client(meterware.portal.wsgi_app(config))  # another process, the same backend
+    for again in (other.get(link), other.post("/login", data={"token": token})):
+        assert again.status_code == 403
+        assert "used already" in again.text
+        assert "Set-Cookie" not in again.headers
+
+
+def test_a_link_posted_from_another_site_signs_nobody_in(config: Config, accounts: Accounts) -> None:
+    """Login CSRF: a page elsewhere posting its own link would sign the visitor in to that account."""
+    token = Signer(SECRET.encode()).link_token("acme", 60)
+    client = Client(meterware.portal.wsgi_app(config))
+    refused = client.post("/login", data={"token": token}, headers={"Origin": "https://evil.test"})
+    assert refused.status_code == 403
+    assert "Set-Cookie" not in refused.headers
+    assert follow_link(client, f"/login?token={token}").status_code == 303  # the link still works once
 
 
 def test_cookies_are_secure_by_default_and_scoped_to_the_mount(accounts: Accounts, config: Config) -> None:
@@ -108,7 +136,7 @@ def test_cookies_are_secure_by_default_and_scoped_to_the_mount(accounts: Account
     )
     app = meterware.portal.wsgi_app(strict)
     token = Signer(SECRET.encode()).link_token("acme", 60)
-    response = Client(app).get(f"/login?token={token}", environ_overrides={"SCRIPT_NAME": "/portal"})
+    response = Client(app).post("/login", data={"token": token}, environ_overrides={"SCRIPT_NAME": "/portal"})
     assert response.status_code == 303
     assert response.headers["Location"] == "/portal/"
     cookie = response.headers["Set-Cookie"]
@@ -139,9 +167,13 @@ def test_cookies_are_secure_by_default_and_scoped_to_the_mount(accounts: Account
 )
 def test_a_bad_link_opens_nothing(config: Config, accounts: Accounts, token: Any) -> None:
     client = Client(meterware.portal.wsgi_app(config))
-    response = client.get("/login", query_string={"token": token(Signer(SECRET.encode()))})
-    assert response.status_code == 403
-    assert "Set-Cookie" not in response.headers
+    signed = token(Signer(SECRET.encode()))
+    for response in (
+        client.get("/login", query_string={"token": signed}),
+        client.post("/login", data={"token": signed}),
+    ):
+        assert response.status_code == 403
+        assert "Set-Cookie" not in response.headers
     assert client.get("/").status_code == 401
 
 
@@ -157,7 +189,7 @@ def test_a_changed_payload_does_not_pass_for_another_customer(config: Config, ac
 
 def test_an_expired_session_is_signed_out(config: Config, accounts: Accounts) -> None:
     client = Client(meterware.portal.wsgi_app(config))
-    old = Signer(SECRET.encode()).session_cookie(Session("acme", int(time.time()) - 1, "sid"))
+    old = Signer(SECRET.encode()).session_cookie(Session("acme", int(time.time()) - 1, "sid"), "customer")
     client.set_cookie("meterware_portal", old)
     response = client.get("/")
     assert response.status_code == 401
@@ -223,6 +255,9 @@ def test_a_session_cannot_grow_the_keys_without_bound(
     client.post(f"/keys/{first}/revoke", data={"csrf": token})
     assert 'data-field="new-key"' in create()  # 3 working, 4 in all
     second = next(r.key_id for r in accounts.list_keys("acme") if r.status == "active")
+    # With a grace period the old key keeps working: that would be a 4th working key.
+    graced = client.post(f"/keys/{second}/rotate", data={"csrf": token, "grace": "3600"}).text
+    assert "You have 3 working keys: revoke one first." in graced
     rotated = client.post(f"/keys/{second}/rotate", data={"csrf": token, "grace": "0"}).text
     assert 'data-field="new-key"' in rotated  # a replacement: 5 in all
     assert "This account has 5 keys: ask us to remove old ones." in create()
@@ -246,17 +281,87 @@ def test_no_request_reaches_another_customers_keys(config: Config, accounts: Acc
 
 def test_an_operator_session_does_not_open_the_customer_portal(config: Config, accounts: Accounts) -> None:
     client = Client(meterware.portal.wsgi_app(config))
-    operator = Signer(SECRET.encode()).session_cookie(Session("acme", int(time.time()) + 60, "sid", "admin"))
+    operator = Signer(SECRET.encode()).session_cookie(
+        Session("acme", int(time.time()) + 60, "sid"), "operator"
+    )
     client.set_cookie("meterware_portal", operator)
     assert client.get("/").status_code == 401
 
 
-def test_sign_out_ends_the_session_in_the_browser(config: Config, accounts: Accounts) -> None:
+def test_sign_out_ends_the_session_everywhere(config: Config, accounts: Accounts) -> None:
+    """Signing out clears the cookie, and a copy of it (another device, a thief) stops working too."""
     client = signed_in(config)
+    cookie = client.get_cookie("meterware_portal")
+    assert cookie is not None
+    copy = Client(meterware.portal.wsgi_app(config))
+    copy.set_cookie("meterware_portal", cookie.value)
+    assert copy.get("/keys").status_code == 200
     response = client.post("/logout", data={"csrf": form_token(client)})
     assert response.status_code == 200
     assert "Max-Age=0" in response.headers["Set-Cookie"]
     assert client.get("/").status_code == 401
+    assert copy.get("/keys").status_code == 401
+    assert (
+        copy.post("/keys/new", data={"mode": "live", "csrf": form_token(signed_in(config))}).status_code
+        == 401
+    )
+
+
+def test_the_mount_without_its_slash_leads_to_it(config: Config, accounts: Accounts) -> None:
+    """The cookie's path is the mount with a slash: /portal is sent to /portal/ (WSGI as Starlette does)."""
+    client = signed_in(config)
+    response = client.get("", environ_overrides={"SCRIPT_NAME": "/portal"}, query_string="a=1")
+    assert response.status_code == 308
+    assert response.headers["Location"] == "/portal/?a=1"
+
+
+def test_cookies_split_over_several_headers_are_all_read(config: Config, accounts: Accounts) -> None:
+    """HTTP/2 servers may pass each cookie as a header of its own (ASGI)."""
+    client = signed_in(config)
+    cookie = client.get_cookie("meterware_portal")
+    assert cookie is not None
+    app = meterware.portal.asgi_app(config)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    headers = [
+        (b"cookie", f"meterware_portal={cookie.value}".encode()),
+        (b"cookie", b"other=1"),
+        (b"host", b"x"),
+    ]
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/keys",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("query", ["page=" + "1" * 5000, "page=99999999999999999999", "page=-1"])
+def test_huge_or_odd_page_numbers_are_not_found_not_errors(
+    config: Config, accounts: Accounts, query: str
+) -> None:
+    client = signed_in(config)
+    for path in ("/credits", "/invoices"):
+        assert client.get(path, query_string=query).status_code == 404
+
+
+def test_a_huge_threshold_is_a_form_error(config: Config, accounts: Accounts) -> None:
+    client = signed_in(config)
+    token = form_token(client, "/alerts")
+    data = {"csrf": token, "action": "thresholds", "quota_percent": "1" * 5000}
+    response = client.post("/alerts", data=data)
+    assert response.status_code == 200
+    assert "Nothing was saved." in response.text
 
 
 def test_the_secret_is_required_at_start_up(monkeypatch: pytest.MonkeyPatch, config: Config) -> None:
@@ -308,6 +413,38 @@ def test_the_operator_view_needs_the_token_or_the_hook(config: Config, accounts:
     assert hooked.get("/", headers={"x-ops": "yes"}).status_code == 200
 
 
+def test_a_hook_that_answers_an_empty_name_lets_nobody_in(config: Config, accounts: Accounts) -> None:
+    """A hook reading a header a proxy sets answers "" when the header is missing: that is a refusal."""
+    hooked = admin(config, authorize=lambda request: request.headers.get("x-forwarded-user", ""))
+    assert hooked.get("/").status_code == 403
+    assert hooked.get("/customers/acme/").status_code == 403
+    assert hooked.get("/", headers={"X-Forwarded-User": "alice"}).status_code == 200
+
+
+def test_a_new_admin_token_ends_the_old_tokens_sessions(
+    config: Config, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed = admin(config)
+    assert signed.post("/login", data={"token": ADMIN_TOKEN}).status_code == 303
+    assert signed.get("/").status_code == 200
+    monkeypatch.setenv("METERWARE_ADMIN_TOKEN", "a-brand-new-admin-token-0123456789abcdef")
+    moved = Client(meterware.portal.admin_wsgi_app(config))
+    cookie = signed.get_cookie("meterware_admin")
+    assert cookie is not None
+    moved.set_cookie("meterware_admin", cookie.value)
+    assert moved.get("/").status_code == 303  # to the sign-in form
+
+
+def test_scripts_with_the_admin_token_post_without_a_session(config: Config, accounts: Accounts) -> None:
+    """A bearer token is no cookie: another site cannot make a browser send it, so forms need no token."""
+    script = Client(meterware.portal.admin_wsgi_app(config), use_cookies=False)
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    data = {"action": "grant", "amount": "1.25", "reason": "script"}
+    response = script.post("/customers/acme/manage", data=data, headers=bearer)
+    assert response.status_code == 303
+    assert accounts.balance("acme").balance == 6_250_000
+
+
 def test_the_operator_view_needs_an_auth_at_start_up(monkeypatch: pytest.MonkeyPatch, config: Config) -> None:
     monkeypatch.delenv("METERWARE_ADMIN_TOKEN")
     with pytest.raises(ConfigError, match="authorize= hook or \\$METERWARE_ADMIN_TOKEN"):
@@ -328,11 +465,12 @@ def test_operators_grant_and_suspend_with_a_reason_the_ledger_keeps(
         ).status_code
         == 403
     )
-    granted = client.post(
-        "/customers/acme/manage",
-        data={"csrf": token, "action": "grant", "amount": "2.50", "reason": "goodwill"},
-    )
-    assert "Granted 2.50 credits" in granted.text
+    data = {"csrf": token, "action": "grant", "amount": "2.50", "reason": "goodwill"}
+    granted = client.post("/customers/acme/manage", data=data)
+    # Redirected after the post: reloading the page shows the notice and grants nothing more.
+    assert granted.status_code == 303
+    assert granted.headers["Location"] == "/customers/acme/manage?done=grant"
+    assert "The credits were granted." in client.get(granted.headers["Location"]).text
     refused = client.post(
         "/customers/acme/manage", data={"csrf": token, "action": "suspended", "reason": " "}
     )

@@ -20,7 +20,7 @@ from meterware.config import Config
 from meterware.rollup import RollupWorker
 from meterware.storage._keyspace import shard_of
 from meterware.wsgi import WSGIMeteringMiddleware
-from tests.portal.test_portal_auth import SECRET, link_path
+from tests.portal.test_portal_auth import SECRET, follow_link, link_path
 from tests.rollup.helpers import batch, event
 
 
@@ -86,7 +86,7 @@ def refuse_calls(config: Config, accounts: Accounts) -> None:
 
 def signed_in(config: Config, customer: str) -> Client:
     client = Client(meterware.portal.wsgi_app(config))
-    response = client.get(link_path(meterware.portal.sign_in_link(customer, config=config)))
+    response = follow_link(client, link_path(meterware.portal.sign_in_link(customer, config=config)))
     assert response.status_code == 303, response.text
     return client
 

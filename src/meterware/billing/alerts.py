@@ -37,6 +37,7 @@ from meterware.errors import ConfigError, StorageError, UsageError
 from meterware.metering.cache import LRUCache
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer
+from meterware.storage._keyspace import shard_of
 from meterware.storage.base import START_OFFSET, RollupCommit, Storage
 
 if TYPE_CHECKING:
@@ -410,9 +411,11 @@ def webhook_secret(config: Config) -> str | None:
 
 
 def read_alerts(storage: Storage, *, customer: str | None = None, limit: int = 100) -> list[Alert]:
-    """The latest ``limit`` alerts of every shard's alerts stream (of one customer), oldest first."""
+    """The latest ``limit`` alerts of every shard's alerts stream (of one customer: its shard's only),
+    oldest first."""
     found: list[Alert] = []
-    for shard in range(storage.shards):
+    shards = range(storage.shards) if customer is None else [shard_of(customer, storage.shards)]
+    for shard in shards:
         after = START_OFFSET
         while True:
             entries = storage.read_alerts(shard, after, 1000)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 
 from meterware.cli._common import Commands, emit, load_config, utc_time
 from meterware.errors import MeterwareError
@@ -22,12 +21,11 @@ def duration(text: str) -> float:
 
 
 def cmd_portal_link(args: argparse.Namespace) -> int:
-    from meterware.portal import sign_in_link
+    from meterware.portal.tokens import issue_link
 
     config = load_config(args)
     seconds = config.portal.link_seconds if args.ttl is None else duration(args.ttl)
-    url = sign_in_link(args.customer, config=config, seconds=seconds, base_url=args.base_url)
-    expires = int(time.time() + seconds)
+    url, expires = issue_link(config, args.customer, seconds, args.base_url)
     data = {"customer": args.customer, "url": url, "expires": expires}
     return emit(args, data, f"{url}\n(works once, until {utc_time(expires)})")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from meterware.config import Config, resolve_config
 from meterware.portal.admin import Authorize, OperatorView
-from meterware.portal.http import PortalASGIApp, PortalWSGIApp
+from meterware.portal.http import PortalASGIApp, PortalRequest, PortalResponse, PortalWSGIApp
 from meterware.portal.tokens import sign_in_link
 from meterware.portal.views import CustomerPortal
 
@@ -34,6 +34,8 @@ __all__ = [
     "Authorize",
     "CustomerPortal",
     "OperatorView",
+    "PortalRequest",
+    "PortalResponse",
     "admin_asgi_app",
     "admin_wsgi_app",
     "asgi_app",

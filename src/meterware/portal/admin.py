@@ -25,12 +25,12 @@ from markupsafe import Markup
 
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
-from meterware.errors import ConfigError, NotFoundError, StorageError
+from meterware.errors import ConfigError, NotFoundError
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse, redirect
 from meterware.portal.pages.manage import manage
 from meterware.portal.tokens import MIN_SECRET_LENGTH, Session, new_session
-from meterware.portal.views import PortalCore, render
+from meterware.portal.views import PortalCore, render, same_origin
 
 #: Your own check of a request: the operator's name, or None to refuse.
 Authorize = Callable[[PortalRequest], str | None]
@@ -73,6 +73,9 @@ def summaries(accounts: Accounts) -> list[CustomerRow]:
 class OperatorView(PortalCore):
     """The operator view without a server (see :mod:`meterware.portal.admin`)."""
 
+    cookie = SESSION_COOKIE
+    kind = "operator"
+
     def __init__(self, config: Config, *, authorize: Authorize | None = None) -> None:
         super().__init__(config)
         self.authorize = authorize
@@ -88,63 +91,73 @@ class OperatorView(PortalCore):
                 )
             self._token = token.encode()
 
-    def __call__(self, request: PortalRequest) -> PortalResponse:
-        try:
-            return self._respond(request)
-        except StorageError:
-            return html.message_page(
-                request.root, 503, "Temporarily unavailable", "The backend cannot be read now."
-            )
-
     def _token_matches(self, presented: str) -> bool:
         return bool(self._token) and hmac.compare_digest(presented.encode(), self._token)
 
-    def operator(self, request: PortalRequest) -> str | None:
-        """Who is asking: the hook's answer, or the bearer token's, or the operator session's."""
-        if self.authorize is not None:
-            return self.authorize(request)
+    def _bearer(self, request: PortalRequest) -> bool:
+        """Whether the request carries the admin token itself (a script: no session, no form token)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and self._token_matches(token.strip()):
-            return "admin"
-        return None
+        return scheme.lower() == "bearer" and self._token_matches(token.strip())
 
-    def _respond(self, request: PortalRequest) -> PortalResponse:
+    def _key(self) -> str:
+        """The admin token's fingerprint: the sessions it opened end when it changes."""
+        return self.signer.fingerprint(self._token.decode()) if self._token else ""
+
+    def respond(self, request: PortalRequest) -> PortalResponse:
         root, path = request.root, request.path
         if path == "/static/portal.css":
             return html.stylesheet()
-        if path == "/login" and self.authorize is None:
+        if self.authorize is not None:
+            named = self.authorize(request)
+            if not named or not isinstance(named, str):  # None, "" or anything else: refused
+                return html.message_page(
+                    root, 403, "Not allowed", "You are not allowed to use the operator view."
+                )
+            return self._as(request, named)
+        if path == "/login":
             return self.sign_in(request)
-        session = self.signer.open_session(request.cookies.get(SESSION_COOKIE, ""))
-        if session is not None and not session.operator:
-            session = None
-        named = self.operator(request)
-        if self.authorize is not None and named is None:
-            return html.message_page(
-                root, 403, "Not allowed", "You are not allowed to use the operator view."
-            )
-        if named is None and session is None:
+        if self._bearer(request):
+            return self.route(request, new_session("admin", 60, key=self._key()))
+        session = self.session(request)
+        if session is None or session.key != self._key():
             return redirect(f"{root}/login")
-        fresh = session is None or (named is not None and session.operator != named)
-        if session is None or fresh:
-            session = new_session("-", self._session_seconds(), operator=named or "admin")
+        return self._with_session(request, session)
+
+    def _as(self, request: PortalRequest, named: str) -> PortalResponse:
+        """A request the hook let in as ``named``: its session (for the form token) is made when needed."""
+        session = self.session(request)
+        if session is not None and session.subject == named:
+            return self._with_session(request, session)
+        session = new_session(named, self._session_seconds())
+        refused = self.checked_post(request, session)  # a post can't carry a session it never had
+        return refused or self.set_session(self.route(request, session), session, request.root)
+
+    def _with_session(self, request: PortalRequest, session: Session) -> PortalResponse:
         refused = self.checked_post(request, session)
         if refused is not None:
             return refused
-        if path == "/logout" and request.method == "POST":
-            return self.clear_session(redirect(f"{root}/login"), SESSION_COOKIE, root)
-        response = self.route(request, session)
-        return self.set_session(response, SESSION_COOKIE, session, root) if fresh else response
+        if request.path == "/logout" and request.method == "POST":
+            after = (
+                redirect(f"{request.root}/login")
+                if self.authorize is None
+                else html.message_page(request.root, 200, "Signed out", "You are signed out.")
+            )
+            return self.sign_out(after, session, request.root)
+        return self.route(request, session)
 
     def _session_seconds(self) -> float:
         return min(OPERATOR_SESSION_SECONDS, self.config.portal.session_seconds)
 
     def sign_in(self, request: PortalRequest) -> PortalResponse:
+        """The admin token's form: a post with the token opens an operator session."""
         root = request.root
         problem = Markup("")
         if request.method == "POST":
-            if self._token_matches(request.form.get("token", "")):
-                session = new_session("-", self._session_seconds(), operator="admin")
-                return self.set_session(redirect(f"{root}/"), SESSION_COOKIE, session, root)
+            if self._token_matches(request.form.get("token", "")) and same_origin(
+                request, self.config.portal.base_url
+            ):
+                session = new_session("admin", self._session_seconds(), key=self._key())
+                return self.set_session(redirect(f"{root}/"), session, root)
             problem = html.notice("That token is not the admin token.", kind="error")
         content = Markup(
             '<main class="message"><h1>Operator sign-in</h1>{}<form method="post" action="{}/login">'
@@ -155,6 +168,7 @@ class OperatorView(PortalCore):
         return html.document(root, "Operator sign-in", content, status=403 if problem else 200)
 
     def route(self, request: PortalRequest, session: Session) -> PortalResponse:
+        """The page asked for, for the operator of ``session``."""
         root, path = request.root, request.path
         if path in ("", "/"):
             return self.customers(request, session)
@@ -169,11 +183,11 @@ class OperatorView(PortalCore):
                 customer_id,
                 root,
                 base,
-                operator=session.operator,
+                operator=session.subject,
                 banner=Markup(
                     '<div class="banner" role="note">Operator view ({}) of customer {}. '
                     '<a href="{}/">All customers</a> \u00b7 <a href="{}/manage">Credits and status</a></div>'
-                ).format(session.operator, customer_id, root, base),
+                ).format(session.subject, customer_id, root, base),
             )
         except (NotFoundError, ValueError):
             return html.message_page(root, 404, "Not found", "There is no such customer.")
@@ -191,10 +205,10 @@ class OperatorView(PortalCore):
             row for row in summaries(self.accounts) if needle in f"{row.id} {row.plan} {row.status}".lower()
         ]
         rows.sort(key=lambda row: (getattr(row, sort), row.id), reverse=descending)
-        try:
-            page_number = max(1, int(query.get("page", "1")))
-        except ValueError:
-            page_number = 1
+        pages = max(1, (len(rows) + PAGE_SIZE - 1) // PAGE_SIZE)
+        asked = query.get("page", "1")
+        page_number = min(pages, int(asked)) if asked.isascii() and asked.isdigit() and len(asked) < 10 else 1
+        page_number = max(1, page_number)
         shown = rows[(page_number - 1) * PAGE_SIZE : page_number * PAGE_SIZE]
 
         def heading(column: str, label: str) -> Markup:
@@ -228,38 +242,27 @@ class OperatorView(PortalCore):
             empty="No customer matches.",
         )
         pager = Markup("")
-        if len(rows) > PAGE_SIZE:
-            pages = (len(rows) + PAGE_SIZE - 1) // PAGE_SIZE
-            pager = Markup('<p class="pager">Page {} of {}{}</p>').format(
+        if pages > 1:
+
+            def step(label: str, number: int) -> Markup:
+                order = query.get("order", "asc")
+                link = urlencode({"q": search, "sort": sort, "order": order, "page": number})
+                return Markup(' \u00b7 <a href="{}/?{}">{}</a>').format(root, link, label)
+
+            pager = Markup('<p class="pager">Page {} of {}{}{}</p>').format(
                 page_number,
                 pages,
-                Markup(' \u00b7 <a href="{}/?{}">Next</a>').format(
-                    root,
-                    urlencode(
-                        {
-                            "q": search,
-                            "sort": sort,
-                            "order": query.get("order", "asc"),
-                            "page": page_number + 1,
-                        }
-                    ),
-                )
-                if page_number < pages
-                else "",
+                step("Previous", page_number - 1) if page_number > 1 else "",
+                step("Next", page_number + 1) if page_number < pages else "",
             )
         search_form = Markup(
             '<form method="get" action="{}/" role="search"><div class="field">'
             '<label for="q">Search customers</label><input id="q" name="q" type="search" value="{}"></div>'
             '<button type="submit">Search</button></form>'
         ).format(root, search)
-        sign_out = Markup("")
-        if self.authorize is None:
-            sign_out = Markup(
-                '<form method="post" action="{}/logout" class="sign-out">'
-                '<input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>'
-            ).format(root, self.signer.form_token(session))
+        sign_out = html.sign_out_form(root, self.signer.form_token(session))
         content = Markup(
             '<header><div class="brand">Operator view</div><div class="who">{}{}</div></header>'
             "<main><h1>Customers</h1>{}{}{}</main>"
-        ).format(session.operator, sign_out, search_form, table, pager)
+        ).format(session.subject, sign_out, search_form, table, pager)
         return html.document(root, "Customers \u00b7 operator view", content)

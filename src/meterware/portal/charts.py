@@ -1,4 +1,4 @@
-"""Server-side SVG plots for the customer portal: bars per time window, and inline sparklines.
+"""Server-side SVG plots for the customer portal: bars per time window.
 
 The SVG needs no script and no style sheet: it fills its container's width at a fixed aspect (``viewBox``),
 names its unit, and carries a text alternative (``<title>`` and ``<desc>``). Every data point is one element
@@ -136,33 +136,6 @@ def bar_chart(
     parts.extend(plot.references(references, unit))
     parts.append("</svg>")
     return Markup("".join(parts))
-
-
-def sparkline(values: Sequence[int | float], *, label: str) -> Markup:
-    """A small inline line of ``values`` (no axes) for the overview page; ``label`` is its text alternative.
-
-    Values are spaced evenly and scaled from zero to their largest; the last one is marked with a dot.
-    """
-    width, height, pad = 120, 24, 2.5
-    clamped = [_clamp(value) for value in values]
-    top = max(clamped, default=0) or 1
-    span = width - 2 * pad
-    points = [
-        (pad + (index * span / (len(clamped) - 1) if len(clamped) > 1 else span / 2),
-         height - pad - value / top * (height - 2 * pad))
-        for index, value in enumerate(clamped)
-    ]  # fmt: skip
-    shape = ""
-    if len(points) > 1:
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-        shape = f'<polyline points="{path}" fill="none" stroke="{PALETTE[0]}" stroke-width="1.5"/>'
-    if points:
-        x, y = points[-1]
-        shape += f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{PALETTE[0]}"/>'
-    return Markup(
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="sparkline" role="img" aria-label="{escape(label)}" '
-        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">{shape}</svg>'
-    )
 
 
 class _Plot:

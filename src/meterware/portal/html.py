@@ -72,6 +72,7 @@ def credits(micros: int) -> str:
 
 
 def number(value: int | float) -> str:
+    """A count with its thousands grouped (``1,234``); a float with two decimals."""
     return f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
 
 
@@ -83,6 +84,7 @@ def when(epoch: float | None) -> str:
 
 
 def day(epoch: float) -> str:
+    """A UTC date (``2026-12-07``)."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d")
 
 
@@ -153,10 +155,12 @@ def field_row(label: str, control: Markup, *, hint: str = "") -> Markup:
 
 
 def slug(text: str) -> str:
+    """``text`` as an HTML id: lower case, anything but letters and digits a dash."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 def notice(text: str, *, kind: str = "info") -> Markup:
+    """A status line (``kind``: info, ok, warn or error), announced to screen readers."""
     return Markup('<p class="notice {}" role="status">{}</p>').format(kind, text)
 
 
@@ -177,14 +181,7 @@ def page(
         for path, label in NAVIGATION
     )
     customer = ctx.customer
-    sign_out = (
-        Markup("")
-        if ctx.operator
-        else Markup(
-            '<form method="post" action="{}/logout" class="sign-out">'
-            '<input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>'
-        ).format(ctx.root, ctx.form_token)
-    )
+    sign_out = Markup("") if ctx.operator else sign_out_form(ctx.root, ctx.form_token)
     header = Markup(
         '{}<header><div class="brand">{}</div><div class="who"><span data-field="customer">{}</span> '
         '<span class="plan" data-field="plan">{}</span>{}</div></header>'
@@ -197,6 +194,26 @@ def page(
         refresh,
         status,
     )
+
+
+def sign_out_form(root: str, form_token: str) -> Markup:
+    """The header's sign-out button (the view's ``/logout`` at the mount)."""
+    return Markup(
+        '<form method="post" action="{}/logout" class="sign-out">'
+        '<input type="hidden" name="csrf" value="{}"><button type="submit">Sign out</button></form>'
+    ).format(root, form_token)
+
+
+def sign_in_page(root: str, customer_id: str, token: str) -> PortalResponse:
+    """What a sign-in link opens: a button that posts the link back (the post signs in)."""
+    content = Markup(
+        '<main class="message"><h1>Sign in</h1>'
+        '<p>Open the account of <strong data-field="customer">{}</strong>.</p>'
+        '<form method="post" action="{}/login" data-form="sign-in">'
+        '<input type="hidden" name="token" value="{}">'
+        '<button type="submit">Continue to the account</button></form></main>'
+    ).format(customer_id, root, token)
+    return document(root, "Sign in", content)
 
 
 def document(
@@ -220,10 +237,12 @@ def message_page(root: str, status: int, title: str, detail: str) -> PortalRespo
 
 
 def stylesheet() -> PortalResponse:
+    """The portal's stylesheet."""
     return PortalResponse(200, STYLESHEET, "text/css; charset=utf-8")
 
 
 def definition_list(items: Mapping[str, Markup | str]) -> Markup:
+    """Labelled facts side by side (balance, reserved, available...)."""
     return Markup('<dl class="facts">{}</dl>').format(
         Markup("").join(Markup("<div><dt>{}</dt><dd>{}</dd></div>").format(k, v) for k, v in items.items())
     )

@@ -93,10 +93,12 @@ class PortalResponse:
 
 
 def redirect(location: str, *, status: int = 303) -> PortalResponse:
+    """A redirect (303: after a form, the browser GETs ``location``)."""
     return PortalResponse(status, b"", headers=[("Location", location)])
 
 
 def plain(status: int, text: str) -> PortalResponse:
+    """A plain-text answer, for what comes before any page (a metered mount, a request too large)."""
     return PortalResponse(status, text.encode(), "text/plain; charset=utf-8")
 
 
@@ -121,26 +123,43 @@ def build_request(
     body: bytes,
 ) -> PortalRequest:
     """A :class:`PortalRequest` from what any server gives (headers as ``(name, value)`` text pairs)."""
-    header_map = {name.lower(): value for name, value in headers}
+    header_map: dict[str, str] = {}
+    cookies: list[str] = []
+    for name, value in headers:
+        name = name.lower()
+        header_map[name] = value
+        if name == "cookie":  # HTTP/2 servers may pass each cookie as a header of its own
+            cookies.append(value)
     content_type = header_map.get("content-type", "").partition(";")[0].strip().lower()
     form = _fields(body) if content_type == "application/x-www-form-urlencoded" else {}
     return PortalRequest(
         method=method.upper(),
-        path=path or "/",
+        path=path,
         root=root.rstrip("/"),
         query=_fields(query_string),
         form=form,
-        cookies=dict(parse_cookie(header_map.get("cookie", ""))),
+        cookies=dict(parse_cookie("; ".join(cookies))),
         headers=header_map,
         host=header_map.get("host", ""),
     )
 
 
-def metered(root: str, setting: str) -> PortalResponse:
-    """The answer when the middleware metered a portal request: a 500 (never charged) naming the fix."""
-    line = f'routes.{setting} = "{root or "/"}"'
-    logger.error("meterware: the %s at %s is metered; set %s", setting, root or "/", line)
-    return plain(500, f"This page is metered: set {line} in the configuration the middleware reads.")
+def refusal(root: str, path: str, query_string: bytes | str, setting: str) -> PortalResponse | None:
+    """What both servers answer before reading a request, if anything: the mount itself without its
+    slash is sent to it (the cookies' path ends with one); a path too long is not found; and a request
+    the middleware metered gets a 500 (never charged) naming the line to add."""
+    if current() is not None:
+        line = (
+            f'routes.{setting} = "{root}"' if root else f"routes.{setting} = (the path where it is mounted)"
+        )
+        logger.error("meterware: the %s at %s is metered; set %s", setting, root or "/", line)
+        return plain(500, f"This page is metered: set {line} in the configuration the middleware reads.")
+    if not path:
+        query = query_string.decode("latin-1") if isinstance(query_string, bytes) else query_string
+        return redirect(f"{root}/" + (f"?{query}" if query else ""), status=308)
+    if len(path) > MAX_PATH:
+        return plain(404, "Not found.")
+    return None
 
 
 class PortalASGIApp:
@@ -175,10 +194,9 @@ class PortalASGIApp:
         # Starlette's Mount keeps the whole path in "path" and the mount in "root_path".
         if root and path.startswith(root):
             path = path[len(root) :]
-        if current() is not None:
-            return metered(root, self.setting)
-        if len(path) > MAX_PATH:
-            return plain(404, "Not found.")
+        refused = refusal(root, path, scope.get("query_string", b""), self.setting)
+        if refused is not None:
+            return refused
         body = b""
         more = scope["method"] == "POST"
         while more:
@@ -216,13 +234,12 @@ class PortalWSGIApp:
         return [b"" if environ["REQUEST_METHOD"] == "HEAD" else response.body]
 
     def _respond(self, environ: WSGIEnvironment) -> PortalResponse:
-        root: str = environ.get("SCRIPT_NAME", "")
-        # PEP 3333: PATH_INFO is bytes decoded as latin-1; the portal's paths are UTF-8.
+        # PEP 3333: SCRIPT_NAME and PATH_INFO are bytes decoded as latin-1; the portal's paths are UTF-8.
+        root = environ.get("SCRIPT_NAME", "").encode("latin-1").decode("utf-8", "replace")
         path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
-        if current() is not None:
-            return metered(root, self.setting)
-        if len(path) > MAX_PATH:
-            return plain(404, "Not found.")
+        refused = refusal(root, path, environ.get("QUERY_STRING", ""), self.setting)
+        if refused is not None:
+            return refused
         body = b""
         if environ["REQUEST_METHOD"] == "POST":
             try:

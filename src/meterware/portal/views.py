@@ -23,10 +23,12 @@ from meterware.errors import NotFoundError, StorageError
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse, redirect
 from meterware.portal.pages import alerts, billing, keys, overview, usage
-from meterware.portal.tokens import Session, Signer, new_session, portal_secret
+from meterware.portal.tokens import Session, SessionKind, Signer, new_session, portal_secret
 
 #: The customer session's cookie (its path is the mount, so the operator view's cookie never meets it).
 SESSION_COOKIE: Final = "meterware_portal"
+#: Whose name operator sessions' sign-out markers are kept under (a customer id cannot hold a space).
+OPERATORS: Final = "operator sessions"
 
 Page = Callable[..., PortalResponse]
 
@@ -78,7 +80,11 @@ def render(ctx: html.PageContext, request: PortalRequest, path: str) -> PortalRe
 
 
 class PortalCore:
-    """What both views share: the configuration, the signer and the backend (opened on first use)."""
+    """What both views share: the configuration, the signer, the backend (opened on first use), their
+    session cookie (``cookie``, signed as ``kind``) and the 503 when the backend fails."""
+
+    cookie: str
+    kind: SessionKind
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -95,19 +101,47 @@ class PortalCore:
                     self._accounts = Accounts.open(self.config)
         return self._accounts
 
-    def set_session(self, response: PortalResponse, name: str, session: Session, root: str) -> PortalResponse:
-        max_age = max(1, int(session.expires - time.time()))
+    def __call__(self, request: PortalRequest) -> PortalResponse:
+        try:
+            return self.respond(request)
+        except StorageError:
+            return html.message_page(
+                request.root,
+                503,
+                "Temporarily unavailable",
+                "The account cannot be read right now. Retry soon.",
+            )
+
+    def respond(self, request: PortalRequest) -> PortalResponse:
+        raise NotImplementedError
+
+    # -- sessions
+
+    def _signed_out_marker(self, session: Session) -> tuple[str, str]:
+        """Where the backend marks ``session`` signed out: under its customer, or the operators' name."""
+        return session.subject if self.kind == "customer" else OPERATORS, f"session:{session.id}"
+
+    def session(self, request: PortalRequest) -> Session | None:
+        """The request's session: signed for this view, unexpired, not signed out."""
+        session = self.signer.open_session(request.cookies.get(self.cookie, ""), self.kind)
+        if session is None or self.accounts.storage.is_used(*self._signed_out_marker(session)):
+            return None
+        return session
+
+    def set_session(self, response: PortalResponse, session: Session, root: str) -> PortalResponse:
         return response.set_cookie(
-            name,
-            self.signer.session_cookie(session),
+            self.cookie,
+            self.signer.session_cookie(session, self.kind),
             path=f"{root}/",
-            max_age=max_age,
+            max_age=max(1, int(session.expires - time.time())),
             secure=self.config.portal.secure_cookies,
         )
 
-    def clear_session(self, response: PortalResponse, name: str, root: str) -> PortalResponse:
+    def sign_out(self, response: PortalResponse, session: Session, root: str) -> PortalResponse:
+        """End ``session`` in the backend (a copy of the cookie stops working too) and in the browser."""
+        self.accounts.storage.use_once(*self._signed_out_marker(session), session.expires * 1000)
         return response.set_cookie(
-            name, "", path=f"{root}/", max_age=0, secure=self.config.portal.secure_cookies
+            self.cookie, "", path=f"{root}/", max_age=0, secure=self.config.portal.secure_cookies
         )
 
     def context(
@@ -150,27 +184,19 @@ class PortalCore:
 class CustomerPortal(PortalCore):
     """The customer's own pages, behind a session opened by a sign-in link."""
 
-    def __call__(self, request: PortalRequest) -> PortalResponse:
-        try:
-            return self._respond(request)
-        except StorageError:
-            return html.message_page(
-                request.root,
-                503,
-                "Temporarily unavailable",
-                "Your account cannot be read right now. Retry soon.",
-            )
+    cookie = SESSION_COOKIE
+    kind = "customer"
 
-    def _respond(self, request: PortalRequest) -> PortalResponse:
-        path = request.path
+    def respond(self, request: PortalRequest) -> PortalResponse:
+        path, root = request.path, request.root
         if path == "/static/portal.css":
             return html.stylesheet()
         if path == "/login":
             return self.sign_in(request)
-        session = self.signer.open_session(request.cookies.get(SESSION_COOKIE, ""))
-        if session is None or session.operator:
+        session = self.session(request)
+        if session is None:
             return html.message_page(
-                request.root,
+                root,
                 401,
                 "Signed out",
                 "Your session has ended or you are not signed in. Open the portal with a new link.",
@@ -179,31 +205,41 @@ class CustomerPortal(PortalCore):
         if refused is not None:
             return refused
         if path == "/logout" and request.method == "POST":
-            response = html.message_page(request.root, 200, "Signed out", "You are signed out.")
-            return self.clear_session(response, SESSION_COOKIE, request.root)
+            return self.sign_out(
+                html.message_page(root, 200, "Signed out", "You are signed out."), session, root
+            )
         try:
-            ctx = self.context(session, session.customer, request.root, request.root)
+            ctx = self.context(session, session.subject, root, root)
         except NotFoundError:  # the customer was removed since the session opened
-            return html.message_page(request.root, 401, "Signed out", "This account no longer exists.")
+            return html.message_page(root, 401, "Signed out", "This account no longer exists.")
         return render(ctx, request, path)
 
     def sign_in(self, request: PortalRequest) -> PortalResponse:
-        """Open a session from a link: valid, unexpired, never used, for a customer that exists."""
-        opened = self.signer.open_link(request.query.get("token", ""))
+        """A link's page: GET (or HEAD) shows a button that posts the link back; the post opens the session.
+
+        Only the post uses the link up, so a mail scanner or a preview that fetches it leaves it working;
+        and its ``Origin`` must be the portal, so another site cannot sign a visitor in to its own account.
+        """
+        root = request.root
+        token = request.form.get("token", "") if request.method == "POST" else request.query.get("token", "")
+        opened = self.signer.open_link(token)
         refused = html.message_page(
-            request.root,
+            root,
             403,
             "This link does not work",
             "The sign-in link is invalid, has expired or was used already. Ask for a new one.",
         )
-        if opened is None:
+        if opened is None or (
+            request.method == "POST" and not same_origin(request, self.config.portal.base_url)
+        ):
             return refused
         customer_id, link_id, expires = opened
-        try:
-            self.accounts.customer(customer_id)
-        except NotFoundError:
+        storage = self.accounts.storage
+        if storage.get_customer(customer_id) is None or storage.is_used(customer_id, link_id):
             return refused
-        if not self.accounts.storage.use_once(customer_id, link_id, expires * 1000):
+        if request.method != "POST":
+            return html.sign_in_page(root, customer_id, token)
+        if not storage.use_once(customer_id, link_id, expires * 1000):
             return refused
         session = new_session(customer_id, self.config.portal.session_seconds)
-        return self.set_session(redirect(f"{request.root}/"), SESSION_COOKIE, session, request.root)
+        return self.set_session(redirect(f"{root}/"), session, root)

@@ -85,8 +85,8 @@ def usage(shard: int, live: bool, customer_id: str, window: str, start: int) -> 
     return f"{tag(shard)}:u:{_mode(live)}:{customer_id}:{window}:{start}"
 
 
-def used_link(shard: int, customer_id: str, token_id: str) -> str:
-    return f"{tag(shard)}:pl:{customer_id}:{token_id}"
+def portal_marker(shard: int, customer_id: str, token_id: str) -> str:
+    return f"{tag(shard)}:pm:{customer_id}:{token_id}"
 
 
 def alert_rules(shard: int, customer_id: str) -> str:

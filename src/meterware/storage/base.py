@@ -343,11 +343,13 @@ class AlertStorage(Protocol):
 
 
 class PortalStorage(Protocol):
-    """One-use markers of the customer portal's sign-in links. ``use_once`` records ``token_id`` of
-    ``customer_id`` as used until ``expires_ms`` (epoch ms; the marker is gone after) and says whether this
-    call was the first to use it: True once, then False until it expires."""
+    """One-use markers of the customer portal: sign-in links used, sessions signed out. ``use_once``
+    records ``token_id`` of ``customer_id`` as used until ``expires_ms`` (epoch ms; the marker is gone
+    after) and says whether this call was the first to use it: True once, then False until it expires.
+    ``is_used`` says whether it is marked, marking nothing."""
 
     def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool: ...
+    def is_used(self, customer_id: str, token_id: str) -> bool: ...
 
 
 class ExportStorage(Protocol):

@@ -87,7 +87,7 @@ def _parts(text: str) -> list[str] | None:
 
 def _percents(parts: list[str]) -> list[int | str]:
     """Whole numbers as numbers; anything else stays text, for the check to name it."""
-    return [int(part) if part.isascii() and part.isdigit() else part for part in parts]
+    return [int(part) if part.isascii() and part.isdigit() and len(part) < 10 else part for part in parts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +303,8 @@ def _credits_text(text: str) -> str:
         return text
 
 
-def _fired_row(alert: Alert) -> tuple[object, ...]:
+def fired_row(alert: Alert) -> tuple[object, ...]:
+    """A fired alert as a table row: when, what, threshold, value, its billing period."""
     if alert.type == "quota.threshold":
         what = f"{alert.meter} quota used"
         threshold, value = f"{alert.threshold}%", f"{alert.value}% ({alert.used} of {alert.quota})"
@@ -333,7 +334,7 @@ def _fired(ctx: html.PageContext) -> Markup:
     table = html.table(
         f"Alerts that fired, newest first (the latest {FIRED_SHOWN})",
         ["When", "Alert", "Threshold", "Value", "Billing period from"],
-        [_fired_row(alert) for alert in fired],
+        [fired_row(alert) for alert in fired],
         name="alerts",
         empty="No alert has fired.",
     )

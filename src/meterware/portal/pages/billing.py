@@ -40,7 +40,8 @@ PERIOD_SECONDS: Final = {"day": 86_400, "week": 7 * 86_400}
 def page_number(request: PortalRequest, pages: int) -> int:
     """The ``?page=`` asked for, 1 (the newest) by default; a page that does not exist is not found."""
     text = request.query.get("page", "1")
-    if not (text.isascii() and text.isdigit()) or text != str(int(text)) or not 1 <= int(text) <= pages:
+    canonical = text.isascii() and text.isdigit() and len(text) < 10 and text == str(int(text))
+    if not canonical or not 1 <= int(text) <= pages:
         raise NotFoundError(f"no page {text!r:.40}")
     return int(text)
 
@@ -104,7 +105,7 @@ def find_invoice(ctx: html.PageContext, period: str) -> Invoice:
         if period == "current":
             return ctx.accounts.invoice(ctx.customer.id)
         # Only the canonical spelling: one URL per invoice, and no huge number reaches the calendar.
-        if not (period.isascii() and period.isdigit()) or period != str(int(period)):
+        if not (period.isascii() and period.isdigit() and len(period) < 15) or period != str(int(period)):
             raise NotFoundError(f"no period {period!r:.40}")
         if int(period) > time.time():
             raise NotFoundError(f"the period {period} has not started")

@@ -14,10 +14,10 @@ from meterware.metering.records import KeyRecord
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse
 
-#: Grace periods offered when rotating a key: (seconds, label).
 #: Keys a customer may hold through the portal: working ones, and all of them (revoked ones are kept).
 MAX_ACTIVE_KEYS: Final = 25
 MAX_KEYS: Final = 500
+#: Grace periods offered when rotating a key: (seconds, label).
 GRACE_CHOICES: Final = (
     (0, "none: the old key stops now"),
     (3600, "1 hour"),
@@ -54,8 +54,8 @@ def _owned(ctx: html.PageContext, key_id: str) -> KeyRecord:
 
 def _too_many(ctx: html.PageContext, *, replacing: bool = False) -> Markup | None:
     """Why the customer may not get another key here, if so: a session must not grow the backend without
-    bound (the seller can still issue keys with the CLI or ``Accounts``). A replacement (``replacing``)
-    is bounded by the total only: the key it replaces stops working."""
+    bound (the seller can still issue keys with the CLI or ``Accounts``). A replacement without a grace
+    period (``replacing``) is bounded by the total only: the key it replaces stops at once."""
     now_ms = int(time.time() * 1000)
     records = ctx.accounts.list_keys(ctx.customer.id)
     if len(records) >= MAX_KEYS:
@@ -70,6 +70,7 @@ def _usable(record: KeyRecord, now_ms: int) -> bool:
 
 
 def index(ctx: html.PageContext, request: PortalRequest, *, shown: Markup | None = None) -> PortalResponse:
+    """The customer's keys, newest first, with ``shown`` (a new key, a notice) above them."""
     now_ms = int(time.time() * 1000)
     records = sorted(
         ctx.accounts.list_keys(ctx.customer.id), key=lambda r: (r.created, r.key_id), reverse=True
@@ -113,6 +114,7 @@ def _shown_once(new: NewKey, what: str) -> Markup:
 
 
 def create(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
+    """The new-key form; its post creates a live or test key and shows it once."""
     if request.method == "POST":
         refused = _too_many(ctx)
         if refused is not None:
@@ -135,6 +137,7 @@ def create(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
 
 
 def rotate(ctx: html.PageContext, request: PortalRequest, key_id: str) -> PortalResponse:
+    """The rotation's confirmation, with the grace period; its post issues the replacement."""
     record = _owned(ctx, key_id)
     now_ms = int(time.time() * 1000)
     if not _usable(record, now_ms):
@@ -150,7 +153,7 @@ def rotate(ctx: html.PageContext, request: PortalRequest, key_id: str) -> Portal
             return index(
                 ctx, request, shown=html.notice("Choose a grace period from the list.", kind="error")
             )
-        refused = _too_many(ctx, replacing=True)
+        refused = _too_many(ctx, replacing=grace == 0)
         if refused is not None:
             return index(ctx, request, shown=refused)
         new = ctx.accounts.rotate_key(key_id, grace_seconds=grace)
@@ -178,6 +181,7 @@ def rotate(ctx: html.PageContext, request: PortalRequest, key_id: str) -> Portal
 
 
 def revoke(ctx: html.PageContext, request: PortalRequest, key_id: str) -> PortalResponse:
+    """The revocation's confirmation; its post stops the key at once."""
     record = _owned(ctx, key_id)
     if request.method == "POST":
         if record.status != "revoked":

@@ -3,17 +3,29 @@ ledger keeps (only the operator view routes here)."""
 
 from __future__ import annotations
 
+from typing import Final
+
 from markupsafe import Markup
 
 from meterware.errors import MeterwareError
 from meterware.portal import html
-from meterware.portal.http import PortalRequest, PortalResponse
+from meterware.portal.http import PortalRequest, PortalResponse, redirect
+
+#: What a successful post did, by the ``done`` the page is redirected with.
+DONE: Final = {
+    "grant": "The credits were granted.",
+    "suspended": "The customer is now suspended.",
+    "active": "The customer is now active.",
+}
 
 
 def manage(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
-    """Grant credits, suspend or reactivate, each with a reason the ledger keeps."""
+    """Grant credits, suspend or reactivate, each with a reason the ledger keeps. A successful post is
+    redirected to this page (reloading the page does not grant the credits again)."""
     accounts, customer = ctx.accounts, ctx.customer
     done = Markup("")
+    if request.query.get("done") in DONE:
+        done = html.notice(DONE[request.query["done"]], kind="ok")
     if request.method == "POST":
         action, reason = request.form.get("action", ""), request.form.get("reason", "").strip()
         actor = f"portal:{ctx.operator}"
@@ -24,15 +36,13 @@ def manage(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
                 accounts.grant_credits(
                     customer.id, request.form.get("amount", ""), reason=reason, actor=actor
                 )
-                done = html.notice(f"Granted {request.form.get('amount')} credits.", kind="ok")
             elif action in ("suspended", "active"):
                 accounts.set_status(customer.id, action, reason=reason, actor=actor)
-                done = html.notice(f"The customer is now {action}.", kind="ok")
             else:
                 raise MeterwareError("unknown action")
+            return redirect(ctx.url("/manage", done=action))
         except MeterwareError as error:
             done = html.notice(str(error), kind="error")
-        customer = accounts.customer(customer.id)
     grant = html.form(
         ctx,
         "/manage",

@@ -13,6 +13,7 @@ from meterware.billing.pricing import money
 from meterware.metering.admission import rate_limit_name
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse
+from meterware.portal.pages.alerts import fired_row
 
 #: Seconds between the page's reloads (the rollup's lag is a few seconds).
 REFRESH_SECONDS: Final = 30
@@ -20,16 +21,21 @@ REFRESH_SECONDS: Final = 30
 LATEST_ALERTS: Final = 5
 
 
-def projected_quantities(used: dict[str, int], start: int, end: int, now: float) -> dict[str, int]:
-    """Usage at the period's end if it goes on at the pace so far (the usage itself before a minute in)."""
+def projected_quantities(
+    used: dict[str, int], hard_quotas: dict[str, int], start: int, end: int, now: float
+) -> dict[str, int]:
+    """Usage at the period's end if it goes on at the pace so far (the usage itself before a minute in),
+    never past a hard quota: calls beyond it are refused, so never billed."""
     elapsed = now - start
     if elapsed < 60 or now >= end:
         return dict(used)
     factor = (end - start) / elapsed
-    return {meter: round(units * factor) for meter, units in used.items()}
+    projected = {meter: round(units * factor) for meter, units in used.items()}
+    return {meter: min(units, hard_quotas.get(meter, units)) for meter, units in projected.items()}
 
 
 def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
+    """The overview of the period running now."""
     accounts, customer = ctx.accounts, ctx.customer
     plan = ctx.config.plan(customer.plan)
     report = accounts.usage(customer.id)
@@ -71,10 +77,13 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
     invoice = accounts.invoice(customer.id) if report.period_end > customer.anchor else None
     money_cards = []
     if invoice is not None:
-        prices = plan.prices()
-        projected = prices.lines(
-            projected_quantities(report.meters, report.period_start, report.period_end, now)
-        )
+        hard = {
+            meter: terms.quota
+            for meter, terms in plan.meters.items()
+            if terms.hard and terms.quota is not None
+        }
+        at_pace = projected_quantities(report.meters, hard, report.period_start, report.period_end, now)
+        projected = plan.prices().lines(at_pace)
         projection = sum((line.amount for line in projected), Decimal(0))
         money_cards.append(
             Markup(
@@ -130,14 +139,11 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
         name="rate-limits",
         empty="No rate limits on this plan.",
     )
-    fired = list(reversed(accounts.alerts(customer.id, limit=LATEST_ALERTS)))
+    fired = reversed(accounts.alerts(customer.id, limit=LATEST_ALERTS))
     alerts = html.table(
         "Latest alerts",
-        ["When", "Alert", "Threshold", "Value"],
-        [
-            (html.when(alert.created), alert.type.replace("_", " "), alert.threshold, alert.value)
-            for alert in fired
-        ],
+        ["When", "Alert", "Threshold", "Value", "Billing period from"],
+        [fired_row(alert) for alert in fired],
         name="alerts",
         empty="No alert has fired.",
     )

@@ -20,24 +20,12 @@ from meterware.metering.periods import period_bounds
 from meterware.portal import html
 from meterware.portal.charts import bar_chart
 from meterware.portal.http import PortalRequest, PortalResponse
+from meterware.portal.pages.billing import period_starts
 from meterware.rollup.aggregate import REFUSAL_REASONS
 
 #: Billing periods plotted at most (their windows are kept for good).
 PERIODS_SHOWN: Final = 12
 WINDOWS: Final = {"hour": "by hour, last 48 hours", "day": "by day, last 90 days"}
-
-
-def period_starts(anchor: int, period: str, now: float, count: int) -> list[int]:
-    """The starts of the last ``count`` billing periods up to the one running at ``now``, oldest first
-    (never before the customer's first period)."""
-    starts: list[int] = []
-    start = period_bounds(anchor, period, now)[0]
-    while len(starts) < count:
-        starts.append(start)
-        if start <= anchor:
-            break
-        start = period_bounds(anchor, period, start - 1)[0]
-    return starts[::-1]
 
 
 def _table(
@@ -125,7 +113,10 @@ def _periods_section(ctx: html.PageContext) -> Markup:
     """Each chargeable meter per billing period, with the plan's quota and included units drawn."""
     customer = ctx.customer
     plan = ctx.config.plan(customer.plan)
-    starts = period_starts(customer.anchor, plan.period, time.time(), PERIODS_SHOWN)
+    current = period_bounds(customer.anchor, plan.period, time.time())[0]
+    starts = period_starts(customer.anchor, plan.period, current, 0, PERIODS_SHOWN)[::-1]
+    if not starts:  # the customer's first period is ahead
+        return Markup("")
     windows = ctx.accounts.storage.read_usage_windows(customer.id, True, "period", starts)
     parts = []
     for meter, spec in ctx.config.meters.items():
@@ -160,6 +151,7 @@ def _periods_section(ctx: html.PageContext) -> Markup:
 
 
 def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
+    """The plots and tables: per billing period, by hour, by day."""
     accounts = ctx.accounts
     hours = accounts.usage_history(ctx.customer.id, window="hour")
     days = accounts.usage_history(ctx.customer.id, window="day")

@@ -144,7 +144,7 @@ class ExportMixin(MemoryState):
 
 
 class PortalMixin(MemoryState):
-    """The portal's one-use link markers."""
+    """The portal's one-use markers."""
 
     def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
         now_ms = time.time_ns() // 1_000_000
@@ -158,3 +158,7 @@ class PortalMixin(MemoryState):
                 return False
             used[marker] = expires_ms
             return True
+
+    def is_used(self, customer_id: str, token_id: str) -> bool:
+        with self._lock:
+            return self._used_links.get((customer_id, token_id), 0) > time.time_ns() // 1_000_000

@@ -178,9 +178,14 @@ class AlertCommands(Connection):
 
 
 class PortalCommands(Connection):
-    """The portal's one-use link markers of :class:`~meterware.storage.redis.RedisStorage`."""
+    """The portal's one-use markers of :class:`~meterware.storage.redis.RedisStorage`."""
 
     def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
-        key = ks.used_link(self._shard(customer_id), customer_id, token_id)
+        key = ks.portal_marker(self._shard(customer_id), customer_id, token_id)
         with self._call() as client:
             return bool(client.set(key, 1, nx=True, pxat=max(1, expires_ms)))
+
+    def is_used(self, customer_id: str, token_id: str) -> bool:
+        key = ks.portal_marker(self._shard(customer_id), customer_id, token_id)
+        with self._call() as client:
+            return bool(client.exists(key))

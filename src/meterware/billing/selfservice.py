@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from werkzeug.wrappers import Request, Response
 
+from meterware.billing._apps import LazyAccounts, serve_lifespan
 from meterware.billing.accounts import Accounts
 from meterware.config import MICROS_PER_CREDIT, Config, resolve_config
 from meterware.errors import NotFoundError, StorageError
@@ -128,8 +129,7 @@ class AccountView:
         self, config: Config | str | os.PathLike[str] | Mapping[str, Any] | None = None, **overrides: Any
     ) -> None:
         self.config = resolve_config(config, overrides)
-        self._accounts: Accounts | None = None
-        self._lock = threading.Lock()
+        self._accounts = LazyAccounts(self.config)
         #: Key hashes that resolved to a key: their lookups spend no token (their answer is not cached).
         self._known: LRUCache[str, bool] = LRUCache(KEY_CACHE_MAX_ENTRIES)
         #: Unknown key hashes: until when they are refused without a lookup.
@@ -138,12 +138,8 @@ class AccountView:
 
     @property
     def accounts(self) -> Accounts:
-        """The backend, opened on first use (memory:// is the process's own store, as the middleware's)."""
-        if self._accounts is None:
-            with self._lock:
-                if self._accounts is None:
-                    self._accounts = Accounts.open(self.config)
-        return self._accounts
+        """The backend, opened on first use."""
+        return self._accounts.get()
 
     def metered(self, mount: str) -> tuple[int, Headers, bytes]:
         """The answer when the middleware metered this request: a 500 (never charged) naming the fix."""
@@ -258,10 +254,7 @@ class AccountView:
         }
 
     def close(self) -> None:
-        with self._lock:
-            accounts, self._accounts = self._accounts, None
-        if accounts is not None:
-            accounts.close()
+        self._accounts.close()
 
 
 class SelfServiceApp:
@@ -272,14 +265,8 @@ class SelfServiceApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await asyncio.to_thread(self.view.close)
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send, self.view.close)
+            return
         if scope["type"] != "http":
             return
         method = scope["method"]

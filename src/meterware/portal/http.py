@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 
 from werkzeug.http import HTTP_STATUS_CODES, dump_cookie, parse_cookie
 
+from meterware.billing._apps import serve_lifespan
 from meterware.usage import current
 
 if TYPE_CHECKING:
@@ -172,14 +173,8 @@ class PortalASGIApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await asyncio.to_thread(self.close)
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send, self.close)
+            return
         if scope["type"] != "http":
             return
         response = await self._respond(scope, receive)

@@ -8,7 +8,6 @@ customer: no URL names a customer, so no request can reach another customer's da
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import Map, Rule
 
+from meterware.billing._apps import LazyAccounts
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
 from meterware.errors import NotFoundError, StorageError
@@ -90,16 +90,12 @@ class PortalCore:
         self.config = config
         # Read now, so a missing secret stops the app at start-up, not at the first customer's visit.
         self.signer = Signer(portal_secret(config.portal))
-        self._accounts: Accounts | None = None
-        self._lock = threading.Lock()
+        self._accounts = LazyAccounts(config)
 
     @property
     def accounts(self) -> Accounts:
-        if self._accounts is None:
-            with self._lock:
-                if self._accounts is None:
-                    self._accounts = Accounts.open(self.config)
-        return self._accounts
+        """The backend, opened on first use."""
+        return self._accounts.get()
 
     def __call__(self, request: PortalRequest) -> PortalResponse:
         try:
@@ -175,10 +171,7 @@ class PortalCore:
         return None
 
     def close(self) -> None:
-        with self._lock:
-            accounts, self._accounts = self._accounts, None
-        if accounts is not None:
-            accounts.close()
+        self._accounts.close()
 
 
 class CustomerPortal(PortalCore):

@@ -855,8 +855,12 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_serve_keeps_the_api_and_the_portal_running_with_a_link_per_customer(tmp_path: Path) -> None:
-    """`meterware demo --serve` prints each customer's key and portal link; both work until SIGTERM."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_demo_serve_keeps_the_api_and_the_portal_running_with_a_link_per_customer(
+    tmp_path: Path, stop: str
+) -> None:
+    """`meterware demo --serve` prints each customer's key and portal link; both work until SIGTERM or
+    Ctrl-C (SIGINT), which stop it cleanly."""
     import re
     import signal
 
@@ -900,7 +904,7 @@ def test_demo_serve_keeps_the_api_and_the_portal_running_with_a_link_per_custome
                 assert admin.status_code == 200
                 assert "hobbyist" in admin.text
         finally:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(getattr(signal, stop))
             assert process.wait(30) == 0, errors.read_text()
 
 

@@ -349,9 +349,13 @@ def _serve(config: Any, config_path: str, keys: dict[str, str], port: int) -> No
 
     from meterware.portal import sign_in_link
 
-    stop = threading.Event()
+    def interrupt(signum: int, frame: object) -> None:
+        # Raised where the main thread waits: a handler that set an Event the main thread waits on could
+        # deadlock on the Event's own lock.
+        raise KeyboardInterrupt
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, interrupt)
     worker = None
     if not config.storage.startswith("memory://"):  # on memory:// the app rolls up in process
         command = [sys.executable, "-m", "meterware", "rollup", "--config", config_path]
@@ -364,7 +368,11 @@ def _serve(config: Any, config_path: str, keys: dict[str, str], port: int) -> No
         print(f"  Operator view: {base}/admin/  (admin token: {os.environ['METERWARE_ADMIN_TOKEN']})")
         print(f"  Try: curl -H 'Authorization: Bearer {keys['bigco']}' {base}/v1/hello")
         sys.stdout.flush()
-        stop.wait()
+        try:
+            while True:
+                signal.pause()
+        except KeyboardInterrupt:
+            print("\nStopping.")
     if worker is not None:
         worker.terminate()
         worker.wait(15)

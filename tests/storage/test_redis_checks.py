@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from meterware import Config, MeteringMiddleware
 from meterware.cli import main
-from meterware.errors import UnsafeStorageError
+from meterware.errors import ConfigError, UnsafeStorageError
 from meterware.keys import generate_key
 from meterware.rollup.worker import run_worker
 from meterware.storage.redis import _checks
@@ -305,3 +305,28 @@ async def _lifespan_then_raise(url: str) -> None:
     sent = await _lifespan(_asgi(url))
     if sent[0]["type"] == "lifespan.startup.failed":
         raise UnsafeStorageError(sent[0]["message"])
+
+
+def test_doctor_through_sentinel_checks_its_primary(
+    sentinel_url: str, redis_process: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through a Sentinel, the primary it names is checked (the suite's Redis: no persistence)."""
+    code, out = _doctor(capsys, sentinel_url, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["status"] == "warning"
+    assert {check["node"] for check in report["checks"]} == {f"127.0.0.1:{redis_process.port}"}
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        pytest.param({"allow_eviction": "yes"}, "storage.allow_eviction", id="not-a-boolean"),
+        pytest.param({"allow_evictions": True}, "allow_evictions", id="misspelt"),
+    ],
+)
+def test_allow_eviction_is_a_boolean_setting(table: dict[str, Any], message: str) -> None:
+    """`[storage] allow_eviction` is checked as every setting is: the error names the field."""
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({"storage": {"url": "memory://", **table}})
+    assert Config.from_dict({"storage": {"url": "memory://", "allow_eviction": True}}).allow_eviction

@@ -133,10 +133,9 @@ def _config(answer: Any) -> Mapping[str, str]:
 
 
 def _address(kwargs: Mapping[str, Any]) -> str:
-    # A Sentinel's client finds its primary when it connects: its options name no host.
     if "path" in kwargs:
         return str(kwargs["path"])
-    return f"{kwargs['host']}:{kwargs.get('port', 6379)}" if "host" in kwargs else "primary"
+    return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
 
 
 def read_nodes(client: SyncClient) -> list[NodeReport]:
@@ -147,7 +146,11 @@ def read_nodes(client: SyncClient) -> list[NodeReport]:
             for node in client.get_primaries()  # type: ignore[no-untyped-call]
         ]
     else:
-        targets = [(_address(client.connection_pool.connection_kwargs), {})]
+        pool: Any = client.connection_pool
+        # A Sentinel's client finds its primary when it connects: its options name no host.
+        found = pool.get_master_address() if hasattr(pool, "get_master_address") else None
+        address = f"{found[0]}:{found[1]}" if found else _address(pool.connection_kwargs)
+        targets = [(address, {})]
     reports = []
     for address, where in targets:
         info = client.info(**where)
@@ -166,7 +169,10 @@ async def aread_nodes(client: AsyncClient) -> list[NodeReport]:
             (node.name, {"target_nodes": node}) for node in client.get_primaries()
         ]
     else:
-        targets = [(_address(client.connection_pool.connection_kwargs), {})]
+        pool: Any = client.connection_pool
+        found = await pool.get_master_address() if hasattr(pool, "get_master_address") else None
+        address = f"{found[0]}:{found[1]}" if found else _address(pool.connection_kwargs)
+        targets = [(address, {})]
     reports = []
     for address, where in targets:
         info = await client.info(**where)

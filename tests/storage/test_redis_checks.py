@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,13 @@ from meterware.rollup.worker import run_worker
 from meterware.storage.redis import _checks
 from meterware.storage.redis._checks import Finding, NodeReport, findings
 from meterware.wsgi import WSGIMeteringMiddleware
-from tests.servers import RedisServer, free_port, redis_server
+from tests.servers import RedisServer, ServerProcess, child_env, free_port, redis_server
 
 KEY = {"Authorization": f"Bearer {generate_key().plaintext}"}  # unknown: its lookup reaches Redis
 EVICTING = ("--maxmemory-policy", "allkeys-lru")
 AOF = ("--appendonly", "yes")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.redis
 
@@ -211,6 +215,43 @@ def test_an_unreachable_redis_at_startup_keeps_todays_behaviour() -> None:
             return await client.get("/v1/hello", headers=KEY)
 
     assert asyncio.run(call()).json()["reason"] == "backend_unavailable"
+
+
+def test_uvicorn_refuses_to_start_on_an_evicting_redis(evicting: RedisServer, tmp_path: Path) -> None:
+    """A real uvicorn exits at start-up with the line; allowed (by config file), it serves."""
+    refused, allowed = tmp_path / "refused.toml", tmp_path / "allowed.toml"
+    refused.write_text(f'[storage]\nurl = "{evicting.url}"\n')
+    allowed.write_text(f'[storage]\nurl = "{evicting.url}"\nallow_eviction = true\n')
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "tests.faults.asgi_server:app", "--port", str(port)]
+    env = child_env(METERWARE_CONFIG=str(refused))
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "meterware refuses to start" in done.stderr
+    assert "allkeys-lru" in done.stderr
+    assert "[storage] allow_eviction = true" in done.stderr
+
+    server = ServerProcess(args, child_env(METERWARE_CONFIG=str(allowed)), port, tmp_path / "uvicorn.log")
+    try:
+        assert httpx.get(f"{server.url}/v1/hello", headers=KEY).json()["reason"] == "unknown_key"
+    finally:
+        output = server.stop()
+    assert "allowed by storage.allow_eviction" in output
+
+
+def test_a_redis_down_at_startup_is_checked_when_first_reached() -> None:
+    """No refusal while Redis is away (the call fails per on_backend_error); once it answers, the
+    check runs before anything is served from it."""
+    port = free_port()
+    middleware = _wsgi(f"redis://127.0.0.1:{port}/0")
+    with httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://test") as client:
+        assert client.get("/v1/hello", headers=KEY).json()["reason"] == "backend_unavailable"
+        server = RedisServer(*EVICTING, port=port).start()
+        try:
+            with pytest.raises(UnsafeStorageError, match="allkeys-lru"):
+                client.get("/v1/hello", headers=KEY)
+        finally:
+            server.cleanup()
 
 
 def test_the_worker_refuses_an_evicting_redis(

@@ -199,15 +199,20 @@ def _settle(where: str, allow_eviction: bool, found: list[Finding]) -> None:
     if first:
         for finding in found:
             if finding.level == "warning":
-                logger.warning("Redis at %s (%s): %s", where, finding.node, finding.message)
+                logger.warning("%s: %s", _at(where, finding), finding.message)
     refuse(where, found)
+
+
+def _at(where: str, finding: Finding) -> str:
+    """The Redis a finding is about: the URL, and the node when the URL does not name it."""
+    return f"Redis at {where}" if finding.node in where else f"Redis at {where} ({finding.node})"
 
 
 def refuse(where: str, found: Sequence[Finding]) -> None:
     """Raise :class:`UnsafeStorageError` with the first error found, if any."""
     for finding in found:
         if finding.level == "error":
-            raise UnsafeStorageError(f"Redis at {where} ({finding.node}): {finding.message}")
+            raise UnsafeStorageError(f"{_at(where, finding)}: {finding.message}")
 
 
 def guard(client: SyncClient, where: str, allow_eviction: bool) -> None:

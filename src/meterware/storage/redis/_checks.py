@@ -29,14 +29,13 @@ MIN_VERSION: Final = 7
 ALLOW_SETTING: Final = "[storage] allow_eviction = true"
 
 # Why any policy but noeviction loses money: allkeys-* evict any key (a balance, a ledger, an API key);
-# volatile-* evict keys that carry a TTL, and meterware sets TTLs on quota and usage windows, rate-limit
-# state, reservations and one-use tokens: an evicted window resets a quota, an evicted reservation frees
-# credits twice.
+# volatile-* only keys with a TTL, but meterware gives one to its quota counters (EXPIREAT at the period's
+# end), rate-limit state, usage windows, shard claims, alert markers and export marks.
 _WHY: Final = {
     "allkeys": "evicts any key: a balance, a ledger or an API key evicted is money lost",
     "volatile": (
-        "evicts keys that carry a TTL: meterware's quota and usage windows, rate limits and reservations "
-        "(an evicted window resets a quota: calls go unbilled)"
+        "evicts keys that carry a TTL, and meterware's quota counters, rate limits and usage windows do "
+        "(an evicted quota counter gives a customer its quota again)"
     ),
 }
 

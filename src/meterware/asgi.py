@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterware.config import UNMATCHED_ROUTE, Config, Routes, resolve_config
+from meterware.errors import StorageError, UnsafeStorageError
 from meterware.metering.calls import Call
 from meterware.metering.core import KeyGetter
 from meterware.metering.facade import Metering
@@ -154,6 +155,11 @@ class MeteringMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_draining(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
+                refusal = await self._refusal()
+                if refusal is not None:
+                    await self.clients.aclose()  # the server stops: no shut-down will close them
+                    await send({"type": "lifespan.startup.failed", "message": refusal})
+                    return
                 # Replay what an earlier process left in the spool without waiting for traffic.
                 self.flusher.ensure_running()
             elif message["type"] == "lifespan.shutdown.complete":
@@ -162,6 +168,16 @@ class MeteringMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_after_draining)
+
+    async def _refusal(self) -> str | None:
+        """Why the backend must not be used (an evicting Redis), checked at start-up."""
+        try:
+            await self.storage.ready()
+        except UnsafeStorageError as error:
+            return f"meterware refuses to start: {error}"
+        except StorageError:
+            pass  # unreachable: serve per policy.on_backend_error; checked when Redis is first reached
+        return None
 
     async def drain(self) -> None:
         """Flush every buffered event now (called at lifespan shutdown; safe to call any time)."""

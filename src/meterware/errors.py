@@ -33,6 +33,11 @@ class StorageError(MeterwareError):
         self.customers = customers
 
 
+class UnsafeStorageError(MeterwareError):
+    """The backend would lose money (a Redis that evicts keys, or too old): the app and the worker refuse
+    to start on it; the message names the setting and how to allow it."""
+
+
 class NotFoundError(MeterwareError):
     """A customer, key or other record does not exist."""
 

@@ -1,5 +1,5 @@
-"""The ``meterware`` command line: customers, keys, credits, usage, plans, portal links, the rollup worker and
-the demo."""
+"""The ``meterware`` command line: customers, keys, credits, usage, plans, portal links, the rollup worker,
+the Redis checks (doctor) and the demo."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from meterware.cli._billing import add_invoice, add_periods, add_plans, add_usag
 from meterware.cli._common import Commands
 from meterware.cli._credits import add_credits, add_events
 from meterware.cli._customers import add_customers, add_keys
+from meterware.cli._doctor import add_doctor
 from meterware.cli._portal import add_portal
 from meterware.cli._tools import add_config, add_demo, add_export, add_rollup
 from meterware.errors import MeterwareError
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_alerts,
         add_portal,
         add_rollup,
+        add_doctor,
         add_demo,
     ):
         add(commands)

@@ -50,6 +50,8 @@ class Config:
 
     storage: str = "memory://"
     shards: int = 16
+    #: Run on a Redis whose ``maxmemory-policy`` evicts keys (start-up refuses it otherwise).
+    allow_eviction: bool = False
     meters: Mapping[str, Meter] = field(default_factory=_default_meters)
     plans: Mapping[str, Plan] = field(default_factory=_default_plans)
     #: Plan given to new customers when none is named.
@@ -128,7 +130,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _parse(data: Mapping[str, Any]) -> Config:
     root = Section(data, "")
     defaults = Config()
-    url, shards = parse_storage(root, defaults.storage, defaults.shards)
+    url, shards, allow_eviction = parse_storage(root, defaults.storage, defaults.shards)
 
     meters = {name: parse_meter(name, raw) for name, raw in root.section("meters").data.items()}
     root.seen.add("meters")
@@ -152,6 +154,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
     return Config(
         storage=url,
         shards=shards,
+        allow_eviction=allow_eviction,
         meters=meters,
         plans=plans,
         default_plan=default_plan,

@@ -39,13 +39,15 @@ _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 
-def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple[str, int]:
-    """The storage URL and shard count (``storage = "URL"`` or a ``[storage]`` table)."""
+def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple[str, int, bool]:
+    """The storage URL, shard count and ``allow_eviction`` (``storage = "URL"`` or a ``[storage]`` table)."""
     storage = root.get("storage", (str, dict), default_url)
     shards = default_shards
+    allow_eviction = False
     if isinstance(storage, dict):
         table = Section(storage, "storage")
         shards = table.integer("shards", shards, minimum=1)
+        allow_eviction = table.get("allow_eviction", bool, False)
         url = table.get("url", str, default_url)
         table.done()
     else:
@@ -60,7 +62,7 @@ def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple
         raise ConfigError("storage.url", str(error).removeprefix("storage URL: ")) from None
     if shards > 1024:
         raise ConfigError("storage.shards", f"must be at most 1024, got {shards}")
-    return url, shards
+    return url, shards, allow_eviction
 
 
 def parse_meter(name: str, raw: Any) -> Meter:

@@ -70,13 +70,17 @@ class Metering:
         """A synchronous backend client: short timeouts for the request path, longer ones for flushing."""
         config = self.config
         timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
-        return open_storage(config.storage, shards=config.shards, timeout=timeout)
+        return open_storage(
+            config.storage, shards=config.shards, timeout=timeout, allow_eviction=config.allow_eviction
+        )
 
     def async_backend(self, *, flushing: bool = False) -> AsyncStorage:
         """The asyncio twin of :meth:`backend` (no I/O until its first call)."""
         config = self.config
         timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
-        return open_async_storage(config.storage, shards=config.shards, timeout=timeout)
+        return open_async_storage(
+            config.storage, shards=config.shards, timeout=timeout, allow_eviction=config.allow_eviction
+        )
 
     @property
     def embedded(self) -> bool:

@@ -28,7 +28,7 @@ from typing import Final
 
 from meterware.billing.alerts import AlertEvaluator, webhook_secret
 from meterware.config import Config
-from meterware.errors import ConfigError, StorageError
+from meterware.errors import ConfigError, StorageError, UnsafeStorageError
 from meterware.rollup.aggregate import Fold, parse_columns
 from meterware.rollup.backlog import Backlog
 from meterware.rollup.housekeeping import housekeep
@@ -389,7 +389,8 @@ def run_worker(
 ) -> int:
     """Run a rollup worker on the configured backend until SIGTERM/SIGINT (or once); return an exit code.
 
-    ``0`` when done, ``1`` when the backend failed (``--once``), cannot be opened, or the metrics port
+    ``0`` when done, ``1`` when the backend failed (``--once``), cannot be opened, evicts keys (unless
+    ``[storage] allow_eviction``), or the metrics port
     cannot be bound, ``2`` for a backend that cannot be rolled up from another process (``memory://``),
     or a webhook without its secret in the environment, ``3`` when ``--once`` could not take every
     shard: other workers hold their claims (each is logged with its holder and until when; a crashed
@@ -409,7 +410,12 @@ def run_worker(
         logger.error("%s", error)
         return 2
     try:
-        storage = open_storage(config.storage, shards=config.shards, timeout=STORAGE_TIMEOUT)
+        storage = open_storage(
+            config.storage,
+            shards=config.shards,
+            timeout=STORAGE_TIMEOUT,
+            allow_eviction=config.allow_eviction,
+        )
     except StorageError as error:
         logger.error("cannot open the backend: %s", error)
         return 1
@@ -421,6 +427,9 @@ def run_worker(
             if worker_metrics is None:
                 return 1
             return _run(RollupWorker(storage, config, metrics=worker_metrics), stop, once)
+    except UnsafeStorageError as error:  # raised by the first call that reaches Redis
+        logger.error("refusing to start: %s", error)
+        return 1
     finally:
         storage.close()
 

@@ -23,11 +23,20 @@ def check_url(url: str) -> None:
     backend_for(url).check_url(url)
 
 
-def open_storage(url: str, *, shards: int, timeout: float | None = None) -> Storage:
-    """Open the synchronous backend at ``url``; ``timeout`` bounds each Redis call, in seconds."""
-    return backend_for(url).open(url, shards=shards, timeout=timeout)
+def open_storage(
+    url: str, *, shards: int, timeout: float | None = None, allow_eviction: bool | None = None
+) -> Storage:
+    """Open the synchronous backend at ``url``; ``timeout`` bounds each Redis call, in seconds.
+
+    ``allow_eviction``: ``None`` (tools) skips the start-up check; otherwise the first call checks, once per
+    process, that Redis keeps the money, and raises :class:`~meterware.errors.UnsafeStorageError` on an
+    evicting policy unless ``True``.
+    """
+    return backend_for(url).open(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
 
 
-def open_async_storage(url: str, *, shards: int, timeout: float | None = None) -> AsyncStorage:
+def open_async_storage(
+    url: str, *, shards: int, timeout: float | None = None, allow_eviction: bool | None = None
+) -> AsyncStorage:
     """Open the asyncio request path of the backend at ``url`` (no I/O until the first call)."""
-    return backend_for(url).open_async(url, shards=shards, timeout=timeout)
+    return backend_for(url).open_async(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)

@@ -36,12 +36,17 @@ class Backend:
         """Raise ``ValueError`` naming the problem (never a password) if ``url`` could not be opened."""
 
     @classmethod
-    def open(cls, url: str, *, shards: int, timeout: float | None) -> Storage:
-        """The synchronous backend at ``url``."""
+    def open(
+        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+    ) -> Storage:
+        """The synchronous backend at ``url``; unless ``allow_eviction`` is ``None``, its first use checks
+        that the backend keeps the money and refuses an evicting one unless allowed."""
         raise NotImplementedError
 
     @classmethod
-    def open_async(cls, url: str, *, shards: int, timeout: float | None) -> AsyncStorage:
+    def open_async(
+        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+    ) -> AsyncStorage:
         """The asyncio request path of the backend at ``url``."""
         raise NotImplementedError
 

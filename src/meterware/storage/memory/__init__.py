@@ -51,8 +51,11 @@ class MemoryStorage(
     SCHEMES: ClassVar[tuple[str, ...]] = ("memory",)
 
     @classmethod
-    def open(cls, url: str, *, shards: int, timeout: float | None) -> MemoryStorage:
-        """The process-wide store of ``url`` and ``shards`` (``timeout`` is moot: nothing waits)."""
+    def open(
+        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+    ) -> MemoryStorage:
+        """The process-wide store of ``url`` and ``shards`` (``timeout`` and ``allow_eviction`` are moot:
+        nothing waits, nothing is evicted)."""
         with _stores_lock:
             store = _stores.get((url, shards))
             if store is None:
@@ -60,7 +63,9 @@ class MemoryStorage(
             return store
 
     @classmethod
-    def open_async(cls, url: str, *, shards: int, timeout: float | None) -> AsyncMemoryStorage:
+    def open_async(
+        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+    ) -> AsyncMemoryStorage:
         return AsyncMemoryStorage(cls.open(url, shards=shards, timeout=timeout))
 
     def close(self) -> None:
@@ -85,6 +90,9 @@ class AsyncMemoryStorage:
 
     async def release(self, admissions: Sequence[AdmitRequest]) -> int:
         return self.sync.release(admissions)
+
+    async def ready(self) -> None:
+        """Nothing to connect to or check."""
 
     async def aclose(self) -> None:
         pass

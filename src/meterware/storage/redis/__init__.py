@@ -20,12 +20,36 @@ from meterware.storage._url import RedisTarget, parse_url
 from meterware.storage.redis._accounts import AccountCommands, LedgerCommands
 from meterware.storage.redis._async import AsyncRedisStorage
 from meterware.storage.redis._billing import AlertCommands, ExportCommands, InvoiceCommands, PortalCommands
-from meterware.storage.redis._connection import check_url
+from meterware.storage.redis._checks import Finding, findings, read_nodes
+from meterware.storage.redis._connection import DEFAULT_TIMEOUT, DriverErrors, check_url, sync_client
 from meterware.storage.redis._request import RequestPathCommands
 from meterware.storage.redis._rollup import RollupCommands
 from meterware.storage.redis._scripts import script_sources
 
-__all__ = ["AsyncRedisStorage", "RedisStorage", "RedisTarget", "check_url", "parse_url", "script_sources"]
+__all__ = [
+    "AsyncRedisStorage",
+    "Finding",
+    "RedisStorage",
+    "RedisTarget",
+    "check_url",
+    "inspect_redis",
+    "parse_url",
+    "script_sources",
+]
+
+
+def inspect_redis(url: str, *, allow_eviction: bool = False, timeout: float | None = None) -> list[Finding]:
+    """Check that the Redis at ``url`` keeps the money (every primary); raise ``StorageError`` if it
+    cannot be reached."""
+    target = parse_url(url)
+    client, sentinel = sync_client(target, DEFAULT_TIMEOUT if timeout is None else timeout)
+    try:
+        with DriverErrors(target):
+            return findings(read_nodes(client), allow_eviction=allow_eviction)
+    finally:
+        client.close()
+        for node in sentinel.sentinels if sentinel is not None else ():
+            node.close()
 
 
 class RedisStorage(
@@ -52,9 +76,13 @@ class RedisStorage(
         check_url(url)
 
     @classmethod
-    def open(cls, url: str, *, shards: int, timeout: float | None) -> RedisStorage:
-        return cls(url, shards=shards, timeout=timeout)
+    def open(
+        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+    ) -> RedisStorage:
+        return cls(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
 
     @classmethod
-    def open_async(cls, url: str, *, shards: int, timeout: float | None) -> AsyncRedisStorage:
-        return AsyncRedisStorage(url, shards=shards, timeout=timeout)
+    def open_async(
+        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+    ) -> AsyncRedisStorage:
+        return AsyncRedisStorage(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)

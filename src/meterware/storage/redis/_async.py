@@ -24,6 +24,7 @@ from meterware.storage import _keyspace as ks
 from meterware.storage._admission import admit_call
 from meterware.storage._url import parse_url
 from meterware.storage.base import Batch
+from meterware.storage.redis._checks import aguard
 from meterware.storage.redis._connection import (
     DEFAULT_TIMEOUT,
     MAX_CONNECTIONS,
@@ -55,8 +56,11 @@ class AsyncRedisStorage:
     storage used from a new loop makes a new client there.
     """
 
-    def __init__(self, url: str, *, shards: int = 16, timeout: float | None = None) -> None:
+    def __init__(
+        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
+    ) -> None:
         self.shards = shards
+        self._allow_eviction = allow_eviction
         self._target = parse_url(url)
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self._errors = DriverErrors(self._target)
@@ -85,6 +89,9 @@ class AsyncRedisStorage:
             async with self._starting:
                 if not self._started and isinstance(client, redis.asyncio.cluster.RedisCluster):
                     await client.initialize()
+                if not self._started and self._allow_eviction is not None:
+                    # Once per process (see RedisStorage): failing to reach Redis leaves it for the next call.
+                    await aguard(client, self._target.where, self._allow_eviction)
                 self._started = True
         return client
 
@@ -188,6 +195,11 @@ class AsyncRedisStorage:
         async with self._call():
             replies = [await self._run("refund", keys, args) for keys, args in release_calls(admissions)]
         return sum(int(reply) for reply in replies)
+
+    async def ready(self) -> None:
+        """Connect and run the start-up check (at the ASGI lifespan's start-up)."""
+        async with self._call():
+            pass
 
     async def aclose(self) -> None:
         """Close the connections (the storage reconnects if used again)."""

@@ -26,6 +26,7 @@ from redis.retry import Retry
 from meterware.errors import StorageError
 from meterware.storage import _keyspace as ks
 from meterware.storage._url import RedisTarget, parse_url
+from meterware.storage.redis._checks import guard
 from meterware.storage.redis._scripts import Arg, sources
 
 #: Seconds each call may take when the caller gives no timeout (the worker and the CLI).
@@ -125,11 +126,15 @@ class Connection:
     """A synchronous connection to the Redis backend: every operation goes through ``_call``.
 
     ``timeout`` (seconds) bounds connecting and every call; nothing is retried. No connection is made
-    until the first call.
+    until the first call. ``allow_eviction``: unless ``None`` (the tools), the first call checks, once per
+    process, that Redis keeps the money (:mod:`._checks`).
     """
 
-    def __init__(self, url: str, *, shards: int = 16, timeout: float | None = None) -> None:
+    def __init__(
+        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
+    ) -> None:
         self.shards = shards
+        self._allow_eviction = allow_eviction
         self._target = parse_url(url)
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self._errors = DriverErrors(self._target)
@@ -148,6 +153,10 @@ class Connection:
                     client, self._sentinel = sync_client(self._target, self._timeout)
                     self._scripts = {name: client.register_script(text) for name, text in sources()}
                     self._client = client
+        if self._allow_eviction is not None:
+            # Not marked checked on failure: an unreachable Redis is checked when it is first reached.
+            guard(client, self._target.where, self._allow_eviction)
+            self._allow_eviction = None
         return client
 
     @contextmanager

@@ -243,8 +243,10 @@ class Waiting:
 class RequestPathCommands(Connection):
     """The request path of :class:`~meterware.storage.redis.RedisStorage`."""
 
-    def __init__(self, url: str, *, shards: int = 16, timeout: float | None = None) -> None:
-        super().__init__(url, shards=shards, timeout=timeout)
+    def __init__(
+        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
+    ) -> None:
+        super().__init__(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
         self._admissions = threading.Lock()
         self._waiting: list[Waiting] = []
         self._leading = False

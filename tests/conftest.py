@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +29,16 @@ def redis_url(redis_process: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_process.url
+
+
+@pytest.fixture(
+    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
+)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """A fresh memory:// store, or the suite's real, emptied redis-server: a test using it runs on both."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    return f"memory://{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="session")

@@ -30,17 +30,12 @@ from meterware.rollup import RollupWorker
 from meterware.wsgi import WSGIMeteringMiddleware
 
 
-@pytest.fixture(
-    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
-)
-def config(request: pytest.FixtureRequest, tmp_path: Any) -> Config:
+@pytest.fixture
+def config(storage_url: str, tmp_path: Any) -> Config:
     """A plan with a hard quota, included calls and a price, a rate limit; the endpoint is not metered."""
-    url = f"memory://selfservice-{uuid.uuid4().hex}"
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
     return Config.from_dict(
         {
-            "storage": {"url": url, "shards": 4},
+            "storage": {"url": storage_url, "shards": 4},
             "plans": {
                 "pro": {
                     "rate_limits": ["100/second", "1000/hour"],

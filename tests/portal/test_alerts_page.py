@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,17 +58,6 @@ def settings(storage_url: str, webhook_url: str = "") -> dict[str, Any]:
         "alerts": alerts,
         "portal": {"secure_cookies": False, "base_url": "http://localhost"},
     }
-
-
-@pytest.fixture(
-    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
-)
-def storage_url(request: pytest.FixtureRequest) -> str:
-    """A fresh memory:// store or the suite's real (emptied) redis-server."""
-    if request.param == "memory":
-        return f"memory://alerts-page-{uuid.uuid4().hex}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def open_portal(data: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Portal]:

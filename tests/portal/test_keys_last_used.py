@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,15 +34,6 @@ QUOTA = 4
 @pytest.fixture(autouse=True)
 def secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERWARE_PORTAL_SECRET", SECRET)
-
-
-@pytest.fixture(
-    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
-)
-def storage_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "redis":
-        return str(request.getfixturevalue("redis_url"))
-    return f"memory://last-used-{uuid.uuid4().hex}"
 
 
 @pytest.fixture

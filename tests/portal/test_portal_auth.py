@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,16 +34,11 @@ def secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERWARE_ADMIN_TOKEN", ADMIN_TOKEN)
 
 
-@pytest.fixture(
-    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
-)
-def config(request: pytest.FixtureRequest) -> Config:
-    url = f"memory://portal-{uuid.uuid4().hex}"
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
+@pytest.fixture
+def config(storage_url: str) -> Config:
     return Config.from_dict(
         {
-            "storage": {"url": url, "shards": 4},
+            "storage": {"url": storage_url, "shards": 4},
             "plans": {"pro": {"prepaid": True, "meters": {"calls": {"price": "0.01"}}}},
             "portal": {"base_url": "http://testserver/portal", "secure_cookies": False},
         }

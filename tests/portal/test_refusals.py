@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -29,17 +28,12 @@ def secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERWARE_PORTAL_SECRET", SECRET)
 
 
-@pytest.fixture(
-    params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis", marks=pytest.mark.redis)]
-)
-def config(request: pytest.FixtureRequest, tmp_path: Any) -> Config:
+@pytest.fixture
+def config(storage_url: str, tmp_path: Any) -> Config:
     """A plan of two calls a period (hard quota): the third call is refused."""
-    url = f"memory://refusals-{uuid.uuid4().hex}"
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
     return Config.from_dict(
         {
-            "storage": {"url": url, "shards": 4},
+            "storage": {"url": storage_url, "shards": 4},
             "plans": {"capped": {"meters": {"calls": {"quota": 2, "quota_mode": "hard"}}}},
             "pipeline": {"spool_dir": str(tmp_path / "spool")},
             "portal": {"base_url": "http://testserver/portal", "secure_cookies": False},

@@ -815,6 +815,22 @@ def test_portal_link_opens_the_customers_portal_once(
 # -- the demo, as a real process -----------------------------------------------------------------------
 
 
+def checked_demo_output(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The lines a `meterware demo` printed, once its exit, its usage table and the free plan's quota of 5
+    calls are checked."""
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    header = lines.index("Usage this period, from the rollup")
+    assert lines[header + 1].split() == [
+        *("customer", "plan", "calls", "tokens", "ok", "4xx", "5xx", "refused", "charged", "balance")
+    ]
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 5]}
+    assert set(rows) == {"hobbyist", "startup", "bigco"}
+    assert rows["hobbyist"][1:3] == ["free", "5"]  # the free plan's hard quota of 5 calls
+    return lines
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`python -m meterware demo` exits 0 and prints the usage table from the rollup."""
@@ -828,16 +844,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stdout.splitlines()
-    header = lines.index("Usage this period, from the rollup")
-    assert lines[header + 1].split() == [
-        *("customer", "plan", "calls", "tokens", "ok", "4xx", "5xx", "refused", "charged", "balance")
-    ]
-    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 5]}
-    assert set(rows) == {"hobbyist", "startup", "bigco"}
-    assert rows["hobbyist"][1:3] == ["free", "5"]  # the free plan's hard quota of 5 calls
+    lines = checked_demo_output(result)
     # The free tier crossing 80% and 100% of its quota fires two alerts (once each), the payg customer's
     # balance one; the local receiver got them as webhooks and verified every signature.
     fired = lines[lines.index(next(line for line in lines if line.startswith("Alerts fired"))) + 2 :]

@@ -228,11 +228,15 @@ class CustomerPortal(PortalCore):
             return refused
         customer_id, link_id, expires = opened
         storage = self.accounts.storage
-        if storage.get_customer(customer_id) is None or storage.is_used(customer_id, link_id):
+        if storage.get_customer(customer_id) is None:
             return refused
-        if request.method != "POST":
-            return html.sign_in_page(root, customer_id, token)
-        if not storage.use_once(customer_id, link_id, expires * 1000):
+        if request.method != "POST":  # the page says at once when the link was used already
+            return (
+                refused
+                if storage.is_used(customer_id, link_id)
+                else html.sign_in_page(root, customer_id, token)
+            )
+        if not storage.use_once(customer_id, link_id, expires * 1000):  # the one that marks it used wins
             return refused
         session = new_session(customer_id, self.config.portal.session_seconds)
         return self.set_session(redirect(f"{root}/"), session, root)

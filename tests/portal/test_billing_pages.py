@@ -28,13 +28,8 @@ from werkzeug.test import Client
 import meterware.portal
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware.cli import main
-from meterware.metering.periods import period_bounds
-from meterware.portal.pages.billing import (
-    INVOICES_PER_PAGE,
-    LEDGER_PER_PAGE,
-    period_count,
-    period_starts,
-)
+from meterware.metering.periods import period_bounds, period_count, period_starts
+from meterware.portal.pages.billing import INVOICES_PER_PAGE, LEDGER_PER_PAGE
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
 from tests.helpers import to_toml

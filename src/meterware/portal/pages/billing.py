@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
@@ -21,7 +20,7 @@ from meterware.billing.invoices import Invoice
 from meterware.billing.ledger import replay
 from meterware.billing.pricing import Line, money
 from meterware.errors import NotFoundError, UsageError
-from meterware.metering.periods import period_bounds
+from meterware.metering.periods import period_bounds, period_count, period_starts
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse
 from meterware.storage.base import LedgerEntry
@@ -30,8 +29,6 @@ from meterware.storage.base import LedgerEntry
 INVOICES_PER_PAGE: Final = 12
 #: Ledger entries listed on a page of the credits page.
 LEDGER_PER_PAGE: Final = 50
-#: The length of the billing periods that have one (months do not).
-PERIOD_SECONDS: Final = {"day": 86_400, "week": 7 * 86_400}
 
 
 # -- pages and periods -------------------------------------------------------------------------------------
@@ -63,32 +60,6 @@ def pager(ctx: html.PageContext, path: str, number: int, pages: int) -> Markup:
     return Markup('<nav class="pager" aria-label="Pages">{}<span>Page {} of {}</span>{}</nav>').format(
         newer, number, pages, older
     )
-
-
-def period_count(anchor: int, period: str, current_start: int) -> int:
-    """How many billing periods there are from the anchor's to the one starting at ``current_start``."""
-    if period in PERIOD_SECONDS:
-        return (current_start - anchor) // PERIOD_SECONDS[period] + 1
-    # Every monthly period starts in the calendar month after the previous one's (the 31st: the last day).
-    first, last = datetime.fromtimestamp(anchor, UTC), datetime.fromtimestamp(current_start, UTC)
-    return (last.year - first.year) * 12 + last.month - first.month + 1
-
-
-def period_starts(anchor: int, period: str, current_start: int, skip: int, count: int) -> list[int]:
-    """The starts of at most ``count`` periods, newest first, past the ``skip`` newest (none before the
-    anchor's)."""
-    if period in PERIOD_SECONDS:
-        length = PERIOD_SECONDS[period]
-        starts = (current_start - (skip + n) * length for n in range(count))
-        return [start for start in starts if start >= anchor]
-    start = current_start
-    for _ in range(skip):
-        start = period_bounds(anchor, period, start - 1)[0]
-    found: list[int] = []
-    while start >= anchor and len(found) < count:
-        found.append(start)
-        start = period_bounds(anchor, period, start - 1)[0]
-    return found
 
 
 def span(start: int, end: int) -> str:

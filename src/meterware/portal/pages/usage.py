@@ -16,11 +16,10 @@ from markupsafe import Markup
 
 from meterware.billing.accounts import UsageHistory
 from meterware.events import OUTCOMES
-from meterware.metering.periods import period_bounds
+from meterware.metering.periods import period_bounds, period_starts
 from meterware.portal import html
 from meterware.portal.charts import bar_chart
 from meterware.portal.http import PortalRequest, PortalResponse
-from meterware.portal.pages.billing import period_starts
 from meterware.rollup.aggregate import REFUSAL_REASONS
 
 #: Billing periods plotted at most (their windows are kept for good).

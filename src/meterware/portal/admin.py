@@ -60,7 +60,7 @@ def summaries(accounts: Accounts) -> list[CustomerRow]:
         try:
             customer = accounts.customer(customer_id)
             report = accounts.usage(customer_id)
-            balance = accounts.balance(customer_id)
+            balance = accounts.storage.get_balance(customer_id)
         except NotFoundError:
             continue
         calls = sum(report.calls.values()) - report.calls.get("rejected", 0)

@@ -72,7 +72,7 @@ def manage(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
         danger=target == "suspended",
         name="status",
     )
-    balance = accounts.balance(customer.id)
+    balance = accounts.storage.get_balance(customer.id)  # the customer was read with the page
     body = Markup(
         "<h1>Credits and status</h1>{}{}<h2>Grant credits</h2>{}<h2>Status</h2><p>Now: {}.</p>{}"
     ).format(

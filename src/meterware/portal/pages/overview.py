@@ -97,7 +97,7 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
             )
         )
     if plan.prepaid:
-        balance = accounts.balance(customer.id)
+        balance = accounts.storage.get_balance(customer.id)  # the customer was read with the page
         money_cards.append(
             Markup(
                 '<section class="card"><h3>Credit balance</h3><div class="big">{}</div>'

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from meterware.storage._registry import Backend
 from meterware.storage._url import RedisTarget, parse_url
+from meterware.storage.base import ReplicaWait
 from meterware.storage.redis._accounts import AccountCommands, LedgerCommands
 from meterware.storage.redis._async import AsyncRedisStorage
 from meterware.storage.redis._billing import AlertCommands, ExportCommands, InvoiceCommands, PortalCommands
@@ -77,12 +78,28 @@ class RedisStorage(
 
     @classmethod
     def open(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> RedisStorage:
-        return cls(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+        return cls(
+            url, shards=shards, timeout=timeout, allow_eviction=allow_eviction, replica_wait=replica_wait
+        )
 
     @classmethod
     def open_async(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> AsyncRedisStorage:
-        return AsyncRedisStorage(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+        return AsyncRedisStorage(
+            url, shards=shards, timeout=timeout, allow_eviction=allow_eviction, replica_wait=replica_wait
+        )

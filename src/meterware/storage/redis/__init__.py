@@ -39,14 +39,16 @@ __all__ = [
 ]
 
 
-def inspect_redis(url: str, *, allow_eviction: bool = False, timeout: float | None = None) -> list[Finding]:
+def inspect_redis(
+    url: str, *, allow_eviction: bool = False, wait_replicas: int = 0, timeout: float | None = None
+) -> list[Finding]:
     """Check that the Redis at ``url`` keeps the money (every primary); raise ``StorageError`` if it
     cannot be reached."""
     target = parse_url(url)
     client, sentinel = sync_client(target, DEFAULT_TIMEOUT if timeout is None else timeout)
     try:
         with DriverErrors(target):
-            return findings(read_nodes(client), allow_eviction=allow_eviction)
+            return findings(read_nodes(client), allow_eviction=allow_eviction, wait_replicas=wait_replicas)
     finally:
         client.close()
         for node in sentinel.sentinels if sentinel is not None else ():

@@ -104,7 +104,8 @@ class AsyncRedisStorage:
                     await client.initialize()
                 if not self._started and self._allow_eviction is not None:
                     # Once per process (see RedisStorage): failing to reach Redis leaves it for the next call.
-                    await aguard(client, self._target.where, self._allow_eviction)
+                    wait_replicas = self._replica_wait.replicas if self._replica_wait else 0
+                    await aguard(client, self._target.where, self._allow_eviction, wait_replicas)
                 self._started = True
         return client
 

@@ -165,7 +165,8 @@ class Connection:
                     self._client = client
         if self._allow_eviction is not None:
             # Not marked checked on failure: an unreachable Redis is checked when it is first reached.
-            guard(client, self._target.where, self._allow_eviction)
+            wait_replicas = self._replica_wait.replicas if self._replica_wait else 0
+            guard(client, self._target.where, self._allow_eviction, wait_replicas)
             self._allow_eviction = None
         return client
 

@@ -23,6 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     METERWARE_CONFIG=/etc/meterware/meterware.toml
 # The wheel is mounted from the build stage, never copied into a layer; the extras' packages all ship
 # binary wheels, so no compiler is needed.

@@ -1,4 +1,4 @@
-"""The deployment files run what the tests run.
+"""The deployment files start real meterware command lines, checked here as real processes.
 
 ``compose.yaml`` is checked against the compose-spec schema (``tests/data/compose-spec.json``), and every
 command it, the Dockerfile, the systemd unit and the Kubernetes manifests start is run here as a real
@@ -380,7 +380,7 @@ def test_compose_stack_meters_a_call_end_to_end(redis_url: str, tmp_path: Path) 
         assert reply.status_code == 200, reply.text
         assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
         healthchecks = [(api, api_port, option(argv, "--port"))] + [
-            (services[name], worker.port, "9464")
+            (services[name], worker.port, option(service_argv(services[name]), "--metrics-port"))
             for name, worker in zip(("rollup-1", "rollup-2"), workers, strict=True)
         ]
         for service, port, listening in healthchecks:

@@ -167,3 +167,19 @@ def test_the_wait_is_configured_under_storage() -> None:
         Config.from_dict({"storage": {"url": "memory://", "wait_replicas": 1}})
     with pytest.raises(ConfigError, match=r"storage.wait_timeout.*below pipeline.flush_timeout \(5s\)"):
         Config.from_dict({"storage": {"url": redis_url, "wait_replicas": 1, "wait_timeout": 5}})
+
+
+# The first loop's connections cannot be closed once it is gone (as for every client a loop leaves behind).
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_async_storage_moved_to_a_new_event_loop_waits_there(cluster_url: str) -> None:
+    """The per-node clients the cluster's waits use belong to a loop; a new loop gets new ones."""
+    storage = open_async_storage(cluster_url, shards=SHARDS, replica_wait=WAIT)
+
+    async def flush(close: bool) -> None:
+        with pytest.raises(StorageError, match=r"0 of 1 replica\(s\)"):
+            await storage.flush(a_batch())
+        if close:
+            await storage.aclose()
+
+    asyncio.run(flush(close=False))
+    asyncio.run(flush(close=True))  # a new event loop

@@ -95,6 +95,7 @@ class AsyncRedisStorage:
             client, self._sentinel = async_client(self._target, self._timeout)
             self._scripts = {name: client.register_script(text) for name, text in sources()}
             self._slots, self._starting = asyncio.BoundedSemaphore(MAX_CONNECTIONS), asyncio.Lock()
+            self._nodes = AsyncNodes(self._nodes.options)  # the old loop's clients are of no use here
             self._client, self._loop, self._started = client, loop, False
         if not self._started:
             # redis-py's asyncio cluster client breaks when many first commands race its lazy start

@@ -353,7 +353,6 @@ def rollup_runs(
         written: collections.Counter[str] = collections.Counter()
         homes = [cluster.primary_of(shard) for shard in range(shards)]
         for count in WORKERS:
-            others = OthersClock()
             cpu_before = cluster.cpu()
             flush_rate, chunk = _fill(cluster, shards, customers, events)
             flush_cpu = sum(cluster.cpu()) - sum(cpu_before)
@@ -368,11 +367,12 @@ def rollup_runs(
                 workers = _start_workers(config, count, workdir)
                 try:
                     cpu_before, workers_before = cluster.cpu(), _workers_cpu(workers)
-                    started = time.perf_counter()
+                    others, started = OthersClock(), time.perf_counter()
                     release()
                     first = _wait_drained(cluster, ends)
                     finished = time.perf_counter()
                     cpu_after, workers_after = cluster.cpu(), _workers_cpu(workers)
+                    others_cores = others.cores()
                     per_worker = tuple(_committed(port) for _, port in workers)
                     held = _held(cluster.url, shards)
                 finally:
@@ -392,7 +392,7 @@ def rollup_runs(
                 round(flush_cpu / events * 1e6, 2),
                 round((sum(cpu_after) - sum(cpu_before)) / events * 1e6, 2),
                 round((workers_after - workers_before) / events * 1e6, 2),
-                round(others.cores(), 2),
+                round(others_cores, 2),
                 _exact(cluster, shards, written),
             )
             progress(

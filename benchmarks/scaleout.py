@@ -18,8 +18,8 @@ It starts a 3-primary Redis Cluster on loopback (``tests.servers.RedisClusterSer
   usage windows (what one rollup window costs).
 * **request path**: the metered Starlette app (``benchmarks.apps``) under ``uvicorn --workers 1, 2, 4``,
   strict and lease admission on the cluster, loaded by ``wrk`` taking turns through 64 customers' keys
-  (so admissions spread over the primaries); afterwards the customers must have been charged for every
-  call answered.
+  (so admissions spread over the primaries), with the script runs per request and Redis's time in them
+  (``INFO commandstats``); afterwards the customers must have been charged for every call answered.
 
 Nothing is pinned: the processes of a configuration share the machine's cores as they would share a
 host. Other processes' CPU is measured during every run (``OthersClock``) and printed with it.
@@ -101,7 +101,7 @@ class RollupRun:
     #: Redis CPU (all primaries) per event, microseconds: of the flush, and of the rollup.
     flush_redis_us: float
     rollup_redis_us: float
-    #: The workers' own CPU per event, microseconds (a worker's events/s on a core of its own: 1e6 / it).
+    #: The workers' own CPU per event, microseconds.
     worker_us: float
     others_cores: float
     exact: bool
@@ -114,7 +114,7 @@ class Memory:
     bytes_per_customer: float
     events: int
     bytes_per_event: float
-    #: ``MEMORY USAGE`` of one usage window (a hash: the meter's count and the spend), per kind.
+    #: ``MEMORY USAGE`` of one usage window per kind (a hash: calls by outcome, spend, each meter).
     window_bytes: dict[str, float]
 
 
@@ -128,6 +128,9 @@ class HttpRun:
     app_cores: float
     primary_cores: tuple[float, ...]
     redis_us_per_request: float
+    #: Script runs per request, and the time Redis spent in them per request (microseconds).
+    scripts_per_request: float
+    script_us_per_request: float
     others_cores: float
     charged: int
     answered: int
@@ -157,6 +160,14 @@ class Cluster:
     def cpu(self) -> list[float]:
         pids = [node.process.pid for node in self.servers.nodes if node.process is not None]
         return [cpu_seconds(pid) for pid in pids]
+
+    def scripts(self) -> tuple[int, int]:
+        """Script runs and their microseconds so far, all primaries (``INFO commandstats``)."""
+        runs = usec = 0
+        for node in self.nodes:
+            stats = node.info("commandstats").get("cmdstat_evalsha", {})
+            runs, usec = runs + int(stats.get("calls", 0)), usec + int(stats.get("usec", 0))
+        return runs, usec
 
     def primary_of(self, shard: int) -> int:
         """The index of the primary that holds ``shard`` (its hash slot)."""
@@ -252,20 +263,23 @@ def _gated(cluster: Cluster, shards: int) -> Iterator[Callable[[], None]]:
 def _start_workers(config: Path, count: int, workdir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
     """``count`` ``meterware rollup`` processes, each serving its metrics; returned once all listen."""
     workers = []
+    env = child_env(METERWARE_CONFIG=str(config))
     for number in range(count):
         port = free_port()
-        log = open(workdir / f"worker-{number}.log", "wb")  # noqa: SIM115 (closed with the process)
         command = [sys.executable, "-m", "meterware", "rollup", "--metrics-port", str(port)]
-        env = child_env(METERWARE_CONFIG=str(config))
-        workers.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log), port))
-        log.close()
-    for process, port in workers:
-        try:
+        with open(workdir / f"worker-{number}.log", "wb") as log:  # the process keeps its own copy
+            workers.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log), port))
+    try:
+        for _, port in workers:
             wait_for_port(port, timeout=60)
-        except TimeoutError:
-            process.kill()
-            raise RuntimeError(f"a rollup worker did not start: exit {process.poll()}") from None
+    except TimeoutError:
+        _stop_workers(workers)
+        raise RuntimeError(f"a rollup worker did not start:\n{_logs(workdir)}") from None
     return workers
+
+
+def _logs(workdir: Path) -> str:
+    return "\n".join(path.read_text(errors="replace") for path in sorted(workdir.glob("worker-*.log")))
 
 
 def _workers_cpu(workers: list[tuple[subprocess.Popen[bytes], int]]) -> float:
@@ -293,7 +307,7 @@ def _stop_workers(workers: list[tuple[subprocess.Popen[bytes], int]]) -> None:
             process.wait()
 
 
-def _wait_drained(cluster: Cluster, ends: list[str]) -> float:
+def _wait_drained(cluster: Cluster, ends: list[str], workers: list[subprocess.Popen[bytes]]) -> float:
     """Return when every shard's committed offset is its stream's last entry: when (``perf_counter``) a
     first offset was seen to move. Polled every 0.1 s: a poll reads every shard left (pipelined)."""
     left = [shard for shard, end in enumerate(ends) if end != "0-0"]
@@ -307,6 +321,8 @@ def _wait_drained(cluster: Cluster, ends: list[str]) -> float:
         left = [shard for shard, offset in offsets.items() if offset != ends[shard]]
         if time.monotonic() > deadline:
             raise RuntimeError(f"{len(left)} shards not rolled up after {DRAIN_TIMEOUT:.0f}s")
+        if any(process.poll() is not None for process in workers):
+            raise RuntimeError("a rollup worker stopped before the streams were rolled up")
         if left:
             time.sleep(0.1)
     return first if first is not None else time.perf_counter()
@@ -369,7 +385,10 @@ def rollup_runs(
                     cpu_before, workers_before = cluster.cpu(), _workers_cpu(workers)
                     others, started = OthersClock(), time.perf_counter()
                     release()
-                    first = _wait_drained(cluster, ends)
+                    try:
+                        first = _wait_drained(cluster, ends, [process for process, _ in workers])
+                    except RuntimeError as error:
+                        raise RuntimeError(f"{error}\n{_logs(workdir)}") from error
                     finished = time.perf_counter()
                     cpu_after, workers_after = cluster.cpu(), _workers_cpu(workers)
                     others_cores = others.cores()
@@ -454,11 +473,12 @@ def http_runs(
                 answered += wrk(server.url("/v1/hello"), warmup, keys=keys, connections=CONNECTIONS).requests
                 others = OthersClock()
                 app_before, cpu_before = tree_cpu_seconds(server.pid), cluster.cpu()
+                scripts_before = cluster.scripts()
                 began = time.monotonic()
                 result = wrk(server.url("/v1/hello"), seconds, keys=keys, connections=CONNECTIONS)
                 elapsed = time.monotonic() - began
                 app_cores = (tree_cpu_seconds(server.pid) - app_before) / elapsed
-                cpu_after = cluster.cpu()
+                cpu_after, scripts_after = cluster.cpu(), cluster.scripts()
                 others_cores = others.cores()
                 answered += result.requests
             finally:
@@ -474,6 +494,8 @@ def http_runs(
                 round(app_cores, 2),
                 _cores(cpu_before, cpu_after, elapsed),
                 round((sum(cpu_after) - sum(cpu_before)) / result.requests * 1e6, 1),
+                round((scripts_after[0] - scripts_before[0]) / result.requests, 3),
+                round((scripts_after[1] - scripts_before[1]) / result.requests, 1),
                 round(others_cores, 2),
                 charged,
                 answered,
@@ -556,8 +578,9 @@ def memory_table(memories: Sequence[Memory]) -> list[str]:
 def http_table(runs: Sequence[HttpRun]) -> list[str]:
     lines = [
         "| admission | app processes | req/s (= events/s) | x 1 process | p99 ms | app cores"
-        " | primaries' cores | Redis us/req | charged / answered | others (cores) |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        " | primaries' cores | Redis us/req | script runs/req | script us/req | charged / answered"
+        " | others (cores) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     one = {run.admission: run.requests_per_second for run in runs if run.processes == 1}
     for run in runs:
@@ -565,6 +588,7 @@ def http_table(runs: Sequence[HttpRun]) -> list[str]:
             f"| {run.admission} | {run.processes} | {run.requests_per_second:,}"
             f" | {run.requests_per_second / one[run.admission]:.2f}x | {run.p99_ms:.1f} | {run.app_cores:.2f}"
             f" | {' / '.join(f'{c:.2f}' for c in run.primary_cores)} | {run.redis_us_per_request:.0f}"
+            f" | {run.scripts_per_request:.3f} | {run.script_us_per_request:.0f}"
             f" | {run.charged:,} / {run.answered:,}{'' if run.exact else ' **NOT EXACT**'}"
             f" | {run.others_cores:.2f} |"
         )

@@ -41,7 +41,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import redis
@@ -76,6 +76,8 @@ HTTP_CUSTOMERS = 64
 #: Events built and flushed at a time (the buffer of one busy process, bounded in memory here).
 CHUNK = 100_000
 GATE = "bench-gate"
+STREAMS = "mw:{s*}:events"
+LEDGERS = "mw:{s*}:ledger:*"
 DRAIN_TIMEOUT = 300.0
 
 
@@ -113,7 +115,14 @@ class Memory:
     customers: int
     bytes_per_customer: float
     events: int
+    #: ``used_memory`` per event written, all of it: the stream entry, and the customers' ledger entries.
     bytes_per_event: float
+    #: Of which the event streams (trimmed once rolled up and ``rollup.retention_seconds`` old).
+    stream_bytes_per_event: float
+    #: Credits-ledger entries (one per prepaid customer and flushed batch, kept for good) per event, and
+    #: what one more costs in a long ledger (``ledger_entry_bytes``).
+    ledger_entries_per_event: float
+    bytes_per_ledger_entry: float
     #: ``MEMORY USAGE`` of one usage window per kind (a hash: calls by outcome, spend, each meter).
     window_bytes: dict[str, float]
 
@@ -168,6 +177,19 @@ class Cluster:
             stats = node.info("commandstats").get("cmdstat_evalsha", {})
             runs, usec = runs + int(stats.get("calls", 0)), usec + int(stats.get("usec", 0))
         return runs, usec
+
+    def sizes(self, pattern: str) -> tuple[int, int]:
+        """The keys matching ``pattern`` (streams): their entries and their ``MEMORY USAGE``, summed."""
+        entries = size = 0
+        for node in self.nodes:
+            pipe = node.pipeline(transaction=False)
+            for key in node.scan_iter(match=pattern, count=1000):
+                pipe.xlen(key)
+                pipe.memory_usage(key, samples=0)
+            values = pipe.execute()
+            entries += sum(values[0::2])
+            size += sum(value or 0 for value in values[1::2])
+        return entries, size
 
     def primary_of(self, shard: int) -> int:
         """The index of the primary that holds ``shard`` (its hash slot)."""
@@ -367,6 +389,7 @@ def rollup_runs(
         customers = [name for name, _ in _customers(config, CUSTOMERS)]
         after_customers = cluster.used_memory()
         written: collections.Counter[str] = collections.Counter()
+        ledgers_before = cluster.sizes(LEDGERS)
         homes = [cluster.primary_of(shard) for shard in range(shards)]
         for count in WORKERS:
             cpu_before = cluster.cpu()
@@ -374,6 +397,8 @@ def rollup_runs(
             flush_cpu = sum(cluster.cpu()) - sum(cpu_before)
             written.update(chunk)
             after_events = cluster.used_memory()
+            if count == WORKERS[0]:
+                streams, ledgers = cluster.sizes(STREAMS), cluster.sizes(LEDGERS)
             per_primary = collections.Counter[int]()
             for name, written_now in chunk.items():
                 per_primary[homes[ks.shard_of(name, shards)]] += written_now
@@ -430,10 +455,29 @@ def rollup_runs(
                         round((after_customers - before) / CUSTOMERS, 1),
                         events,
                         round((after_events - after_customers) / events, 1),
+                        round(streams[1] / events, 1),
+                        round((ledgers[0] - ledgers_before[0]) / events, 3),
+                        0.0,
                         window_bytes(cluster),
                     )
                 )
+        memories[-1] = replace(
+            memories[-1], bytes_per_ledger_entry=ledger_entry_bytes(cluster, config, shards)
+        )
     return runs, memories
+
+
+def ledger_entry_bytes(cluster: Cluster, config: Path, shards: int) -> float:
+    """What one more entry costs in a long ledger: a new customer's 5,000 calls flushed one per batch.
+
+    (A stream's first node is allocated whole, so a few entries more show no growth at all.)
+    """
+    (name, _), *_ = _customers(config, 1)
+    pattern = ks.ledger(ks.shard_of(name, shards), name)
+    entries, size = cluster.sizes(pattern)
+    pipeline.flush_sync(cluster.url, pipeline.pending(5000, [name], shards), shards, batch_size=1)
+    entries_after, size_after = cluster.sizes(pattern)
+    return round((size_after - size) / (entries_after - entries), 1)
 
 
 def window_bytes(cluster: Cluster) -> dict[str, float]:
@@ -561,16 +605,18 @@ def primary_table(runs: Sequence[RollupRun]) -> list[str]:
 def memory_table(memories: Sequence[Memory]) -> list[str]:
     kinds = sorted({kind for memory in memories for kind in memory.window_bytes})
     lines = [
-        "| shards | bytes per customer (key, credits) | bytes per retained event | "
+        "| shards | bytes per customer (key, credits) | bytes per event written | of which its stream"
+        " | ledger entries per event | bytes per ledger entry | "
         + " | ".join(f"{kind} window bytes" for kind in kinds)
         + " |",
-        "|---:|---:|---:|" + "---:|" * len(kinds),
+        "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(kinds),
     ]
     for memory in memories:
         windows = " | ".join(f"{memory.window_bytes.get(kind, 0):,.0f}" for kind in kinds)
         lines.append(
             f"| {memory.shards} | {memory.bytes_per_customer:,.0f} | {memory.bytes_per_event:,.1f}"
-            f" | {windows} |"
+            f" | {memory.stream_bytes_per_event:,.1f} | {memory.ledger_entries_per_event:.3f}"
+            f" | {memory.bytes_per_ledger_entry:,.1f} | {windows} |"
         )
     return lines
 

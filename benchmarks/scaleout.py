@@ -381,26 +381,33 @@ def _exact(cluster: Cluster, shards: int, expected: collections.Counter[str]) ->
 
 
 def rollup_runs(
-    cluster: Cluster, events: int, workdir: Path, progress: Callable[[str], None]
+    cluster: Cluster,
+    events: int,
+    workdir: Path,
+    progress: Callable[[str], None],
+    *,
+    shard_counts: Sequence[int] = SHARDS,
+    worker_counts: Sequence[int] = WORKERS,
+    customer_count: int = CUSTOMERS,
 ) -> tuple[list[RollupRun], list[Memory]]:
     runs: list[RollupRun] = []
     memories: list[Memory] = []
-    for shards in SHARDS:
+    for shards in shard_counts:
         cluster.empty()
         config = _write_config(workdir, cluster.url, shards)
         before = cluster.used_memory()
-        customers = [name for name, _ in _customers(config, CUSTOMERS)]
+        customers = [name for name, _ in _customers(config, customer_count)]
         after_customers = cluster.used_memory()
         written: collections.Counter[str] = collections.Counter()
         ledgers_before = cluster.sizes(LEDGERS)
         homes = [cluster.primary_of(shard) for shard in range(shards)]
-        for count in WORKERS:
+        for count in worker_counts:
             cpu_before = cluster.cpu()
             flush_rate, chunk = _fill(cluster, shards, customers, events)
             flush_cpu = sum(cluster.cpu()) - sum(cpu_before)
             written.update(chunk)
             after_events = cluster.used_memory()
-            if count == WORKERS[0]:
+            if count == worker_counts[0]:
                 streams, ledgers = cluster.sizes(STREAMS), cluster.sizes(LEDGERS)
             per_primary = collections.Counter[int]()
             for name, written_now in chunk.items():
@@ -450,12 +457,12 @@ def rollup_runs(
                 f" {'exact' if run.exact else 'NOT EXACT'}"
             )
             runs.append(run)
-            if count == WORKERS[0]:
+            if count == worker_counts[0]:
                 memories.append(
                     Memory(
                         shards,
-                        CUSTOMERS,
-                        round((after_customers - before) / CUSTOMERS, 1),
+                        customer_count,
+                        round((after_customers - before) / customer_count, 1),
                         events,
                         round((after_events - after_customers) / events, 1),
                         round(streams[1] / events, 1),
@@ -465,20 +472,22 @@ def rollup_runs(
                     )
                 )
         memories[-1] = replace(
-            memories[-1], bytes_per_ledger_entry=ledger_entry_bytes(cluster, config, shards)
+            memories[-1], bytes_per_ledger_entry=ledger_entry_bytes(cluster, config, shards, events // 100)
         )
     return runs, memories
 
 
-def ledger_entry_bytes(cluster: Cluster, config: Path, shards: int) -> float:
-    """What one more entry costs in a long ledger: a new customer's 5,000 calls flushed one per batch.
+def ledger_entry_bytes(cluster: Cluster, config: Path, shards: int, calls: int) -> float:
+    """What one more entry costs in a long ledger: a new customer's ``calls`` (at least 1,000) flushed one
+    per batch.
 
     (A stream's first node is allocated whole, so a few entries more show no growth at all.)
     """
     (name, _), *_ = _customers(config, 1)
     pattern = ks.ledger(ks.shard_of(name, shards), name)
     entries, size = cluster.sizes(pattern)
-    pipeline.flush_sync(cluster.url, pipeline.pending(5000, [name], shards), shards, batch_size=1)
+    items = pipeline.pending(max(1000, calls), [name], shards)
+    pipeline.flush_sync(cluster.url, items, shards, batch_size=1)
     entries_after, size_after = cluster.sizes(pattern)
     return round((size_after - size) / (entries_after - entries), 1)
 
@@ -498,7 +507,13 @@ def window_bytes(cluster: Cluster) -> dict[str, float]:
 
 
 def http_runs(
-    cluster: Cluster, seconds: int, warmup: int, workdir: Path, progress: Callable[[str], None]
+    cluster: Cluster,
+    seconds: int,
+    warmup: int,
+    workdir: Path,
+    progress: Callable[[str], None],
+    *,
+    process_counts: Sequence[int] = APP_PROCESSES,
 ) -> list[HttpRun]:
     """Each admission mode from 1, 2 and 4 app processes; a run that fails (a 503: on a crowded machine
     a Redis call can outlast the storage timeout) is measured once more, then left out as failed."""
@@ -507,7 +522,7 @@ def http_runs(
     for admission in ADMISSIONS:
         config = _write_config(workdir, cluster.url, 16, admission)
         customers = _customers(config, HTTP_CUSTOMERS)
-        for processes in APP_PROCESSES:
+        for processes in process_counts:
             for attempt in (1, 2):
                 try:
                     run = _http_run(cluster, config, customers, processes, admission, seconds, warmup)
@@ -669,6 +684,10 @@ def http_table(runs: Sequence[HttpRun]) -> list[str]:
     return lines
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.scaleout", description=__doc__.splitlines()[0]
@@ -677,6 +696,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, help="events per rollup run (default 500,000; 150,000 quick)")
     parser.add_argument("--seconds", type=int, help="seconds of each measured HTTP run (default 5; 3 quick)")
     parser.add_argument("--skip-http", action="store_true", help="the rollup and memory only")
+    parser.add_argument("--shards", type=_counts, default=SHARDS, help="shard counts (default 16,64,256)")
+    parser.add_argument("--workers", type=_counts, default=WORKERS, help="rollup workers (default 1,2,4)")
+    parser.add_argument(
+        "--processes", type=_counts, default=APP_PROCESSES, help="app processes (default 1,2,4)"
+    )
+    parser.add_argument(
+        "--customers", type=int, default=CUSTOMERS, help="customers of the rollup runs (2,000)"
+    )
     parser.add_argument(
         "--json", metavar="FILE", help="also write every run's numbers and the machine as JSON"
     )
@@ -684,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     events = args.events or (150_000 if args.quick else 500_000)
     seconds = args.seconds or (3 if args.quick else 5)
     warmup = 1 if args.quick else 2
-    for program in ("redis-server", "redis-cli", "wrk"):
+    for program in ("redis-server", "redis-cli", *(() if args.skip_http else ("wrk",))):
         if shutil.which(program) is None:
             print(f"{program} is not installed (benchmarks/run installs it)", file=sys.stderr)
             return 2
@@ -697,8 +724,18 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mw-scaleout-"))
     try:
         with cluster() as running:
-            rollups, memories = rollup_runs(running, events, workdir, progress)
-            https = [] if args.skip_http else http_runs(running, seconds, warmup, workdir, progress)
+            rollups, memories = rollup_runs(
+                running,
+                events,
+                workdir,
+                progress,
+                shard_counts=args.shards,
+                worker_counts=args.workers,
+                customer_count=args.customers,
+            )
+            https = []
+            if not args.skip_http:
+                https = http_runs(running, seconds, warmup, workdir, progress, process_counts=args.processes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     minutes = (time.monotonic() - began) / 60

@@ -98,6 +98,8 @@ class RollupRun:
     per_worker: tuple[int, ...]
     #: Shards each worker held once the backlog was drained (most first): who keeps them from then on.
     shards_held: tuple[int, ...]
+    #: The shards one more worker, started then, took within 3.5 s (-1: not tried in this run).
+    late_worker_shards: int
     #: Per primary: events its shards received, and its redis-server's CPU in cores during the drain.
     primary_events: tuple[int, ...]
     primary_cores: tuple[float, ...]
@@ -285,14 +287,16 @@ def _gated(cluster: Cluster, shards: int) -> Iterator[Callable[[], None]]:
         storage.close()
 
 
-def _start_workers(config: Path, count: int, workdir: Path) -> list[tuple[subprocess.Popen[bytes], int]]:
+def _start_workers(
+    config: Path, count: int, workdir: Path, name: str = "worker"
+) -> list[tuple[subprocess.Popen[bytes], int]]:
     """``count`` ``meterware rollup`` processes, each serving its metrics; returned once all listen."""
     workers = []
     env = child_env(METERWARE_CONFIG=str(config))
     for number in range(count):
         port = free_port()
         command = [sys.executable, "-m", "meterware", "rollup", "--metrics-port", str(port)]
-        with open(workdir / f"worker-{number}.log", "wb") as log:  # the process keeps its own copy
+        with open(workdir / f"{name}-{number}.log", "wb") as log:  # the process keeps its own copy
             workers.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log), port))
     try:
         for _, port in workers:
@@ -353,16 +357,25 @@ def _wait_drained(cluster: Cluster, ends: list[str], workers: list[subprocess.Po
     return first if first is not None else time.perf_counter()
 
 
-def _held(url: str, shards: int) -> tuple[int, ...]:
-    """How many shards each worker holds a claim on, most first."""
+def _holders(url: str, shards: int) -> collections.Counter[str]:
+    """How many shards each worker (by its claims' owner name: host, pid, nonce) holds a claim on."""
     storage = open_storage(url, shards=shards, timeout=30)
     try:
-        holders = collections.Counter(
+        return collections.Counter(
             holder[0] for shard in range(shards) if (holder := storage.shard_holder(shard)) is not None
         )
     finally:
         storage.close()
-    return tuple(sorted(holders.values(), reverse=True))
+
+
+def _late_worker_shards(cluster: Cluster, config: Path, shards: int, workdir: Path) -> int:
+    """The shards a worker started after the others caught up takes within three idle rounds of theirs."""
+    [(late, port)] = _start_workers(config, 1, workdir, "late")
+    try:
+        time.sleep(3.5)
+        return sum(n for owner, n in _holders(cluster.url, shards).items() if f":{late.pid}:" in owner)
+    finally:
+        _stop_workers([(late, port)])
 
 
 def _exact(cluster: Cluster, shards: int, expected: collections.Counter[str]) -> bool:
@@ -428,7 +441,10 @@ def rollup_runs(
                     cpu_after, workers_after = cluster.cpu(), _workers_cpu(workers)
                     others_cores = others.cores()
                     per_worker = tuple(_committed(port) for _, port in workers)
-                    held = _held(cluster.url, shards)
+                    held = tuple(sorted(_holders(cluster.url, shards).values(), reverse=True))
+                    late = -1
+                    if count == worker_counts[-1]:
+                        late = _late_worker_shards(cluster, config, shards, workdir)
                 finally:
                     _stop_workers(workers)
             run = RollupRun(
@@ -441,6 +457,7 @@ def rollup_runs(
                 round(events / (finished - first)),
                 per_worker,
                 held,
+                late,
                 primary_events,
                 _cores(cpu_before, cpu_after, finished - started),
                 round(flush_cpu / events * 1e6, 2),
@@ -452,7 +469,8 @@ def rollup_runs(
             progress(
                 f"rollup {shards:>3} shards, {count} worker(s): {run.events_per_second:>9,} events/s"
                 f" ({run.seconds:.2f} s; per worker {run.per_worker}; flush {run.flush_events_per_second:,}"
-                f" events/s); shards held {run.shards_held}; primaries' cores {run.primary_cores};"
+                f" events/s); shards held {run.shards_held} (a late worker: {run.late_worker_shards});"
+                f" primaries' cores {run.primary_cores};"
                 f" others {run.others_cores:.2f} cores;"
                 f" {'exact' if run.exact else 'NOT EXACT'}"
             )
@@ -620,6 +638,7 @@ def rollup_table(runs: Sequence[RollupRun]) -> list[str]:
             f"| {run.shards} | {run.workers} | {run.events:,} | {run.events_per_second:,} | {ratio:.2f}x"
             f" | {' / '.join(f'{n:,}' for n in run.per_worker)}"
             f" | {' / '.join(map(str, run.shards_held))}"
+            f"{f'; a late worker: {run.late_worker_shards}' if run.late_worker_shards >= 0 else ''}"
             f" | {' / '.join(f'{c:.2f}' for c in run.primary_cores)}"
             f" | {run.flush_redis_us:.2f}, {run.rollup_redis_us:.2f} | {run.worker_us:.2f}"
             f" | {run.others_cores:.2f}"

@@ -301,7 +301,7 @@ class RedisSentinelGroup:
         deadline = time.monotonic() + timeout
         self.primary.start()
         self.replica.start()
-        _wait(lambda: self.in_sync(), deadline, "the replica is not in sync")
+        _wait(self.in_sync, deadline, "the replica is not in sync")
         for sentinel in self.sentinels:
             sentinel.start()
 
@@ -341,7 +341,8 @@ class RedisSentinelGroup:
         return pid
 
     def wait_for_failover(self, timeout: float = 30.0) -> float:
-        """Wait until every sentinel names the replica as the primary and it acts as one; return seconds."""
+        """Wait until every sentinel names the replica as the primary and it acts as one, then swap the
+        roles (``replica`` is now the dead node); return the seconds it took."""
         began = time.monotonic()
         promoted = ("127.0.0.1", self.replica.port)
 
@@ -352,7 +353,17 @@ class RedisSentinelGroup:
                 return bool(client.info("replication")["role"] == "master")
 
         _wait(done, began + timeout, "no sentinel promoted the replica")
+        self.primary, self.replica = self.replica, self.primary
         return time.monotonic() - began
+
+    def rejoin(self, timeout: float = 30.0) -> None:
+        """Restart the dead node, empty, as a replica of the promoted one (as a rebuilt node comes back);
+        wait until it is in sync."""
+        node = self.replica
+        assert node.process is None, "the replica is running"
+        node.extra = ("--repl-diskless-sync-delay", "0", "--replicaof", "127.0.0.1", str(self.primary.port))
+        node.start()
+        _wait(self.in_sync, time.monotonic() + timeout, "the rejoined node is not in sync")
 
     def cleanup(self) -> None:
         self.link.cut()

@@ -6,12 +6,15 @@ events with its charges. On loopback the replica is a fraction of a millisecond 
 made visible: the replication link is stalled for ``REPLICATION_LAG`` seconds before the kill (the replica
 falls behind as over a slow link), and what the link held dies with the primary. Just before the kill,
 writes are paused (``CLIENT PAUSE WRITE``) and the streams of the primary and of the replica are read: the
-batches on the primary and not on the replica are what the failover can lose ("at risk").
+batches on the primary and not on the replica are what the failover can lose ("at risk"). Once the
+sentinels have promoted the replica, the dead node comes back empty as a replica of the new primary (as a
+rebuilt node would), and the load goes on.
 
 - WAIT off: the calls lost are among the at-risk batches' calls, none is counted or charged twice, and the
   customer is charged exactly for the calls in the rollup (the reservations of lost calls are refunded).
 - WAIT on (``[storage] wait_replicas = 1``): a flush no replica acknowledged counts as failed and stays in
-  the spool, to be replayed on the promoted replica: successes == rollup == charges, exactly.
+  the spool, to be replayed on the promoted replica: successes == rollup == charges, exactly. Until the
+  node rejoins, the new primary has no replica: its flushes fail too, and the spool holds their events.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def fail_over_under_load(
     changes: dict[str, Any],
 ) -> Failover:
     """Serve a prepaid customer under load through uvicorn on the Sentinel URL; stall replication, kill the
-    primary, serve on through the failover, then drain the app, refund due reservations and roll up."""
+    primary, serve on through the failover and the dead node's rejoining, then drain the app, refund due
+    reservations and roll up."""
     spool = tmp_path / "spool"
     config = tmp_path / "meterware.toml"
     config.write_text(to_toml(merged(base_config(group.url, spool), changes)))
@@ -119,6 +123,7 @@ def fail_over_under_load(
         group.kill_primary()
         killed = time.monotonic()
         failover_seconds = group.wait_for_failover()
+        group.rejoin()
         time.sleep(1.5)
     wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
     app.stop()

@@ -75,9 +75,15 @@ class Failover:
     ledger: Books
     killed: float
     failover_seconds: float
+    app_metrics: dict[str, float]
 
     def at_risk_successes(self) -> set[str]:
         return self.at_risk.paths("success")
+
+    def spool_figures(self) -> dict[str, int]:
+        """How much of the load went through the spool, and that none of it was dropped."""
+        names = ("events_spooled", "batches_replayed", "events_dropped")
+        return {name: int(self.app_metrics.get(f"meterware_{name}_total", 0)) for name in names}
 
     def served_during_failover(self) -> int:
         promoted = self.killed + self.failover_seconds
@@ -126,6 +132,7 @@ def fail_over_under_load(
         group.rejoin()
         time.sleep(1.5)
     wait_until(lambda: spool_bytes(spool) == 0, 15, "the spool was never replayed")
+    app_metrics = app.metrics()
     app.stop()
     assert spool_bytes(spool) == 0
     # Reservations of calls whose batch died with the primary are refunded once due (after 2 s).
@@ -137,7 +144,7 @@ def fail_over_under_load(
         ledger = books(accounts)
     finally:
         accounts.close()
-    return Failover(load, at_risk, Stream.read(replica), ledger, killed, failover_seconds)
+    return Failover(load, at_risk, Stream.read(replica), ledger, killed, failover_seconds, app_metrics)
 
 
 def test_failover_without_wait_loses_at_most_the_unreplicated_batches(
@@ -175,4 +182,5 @@ def test_failover_without_wait_loses_at_most_the_unreplicated_batches(
         failover_seconds=round(run.failover_seconds, 2),
         charged_micros=ledger.charged,
         slowest_seconds=round(run.load.slowest().seconds, 3),
+        **run.spool_figures(),
     )

@@ -71,7 +71,11 @@ class Metering:
         config = self.config
         timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
         return open_storage(
-            config.storage, shards=config.shards, timeout=timeout, allow_eviction=config.allow_eviction
+            config.storage,
+            shards=config.shards,
+            timeout=timeout,
+            allow_eviction=config.allow_eviction,
+            replica_wait=config.replica_wait,
         )
 
     def async_backend(self, *, flushing: bool = False) -> AsyncStorage:
@@ -79,7 +83,11 @@ class Metering:
         config = self.config
         timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
         return open_async_storage(
-            config.storage, shards=config.shards, timeout=timeout, allow_eviction=config.allow_eviction
+            config.storage,
+            shards=config.shards,
+            timeout=timeout,
+            allow_eviction=config.allow_eviction,
+            replica_wait=config.replica_wait,
         )
 
     @property

@@ -27,6 +27,21 @@ if TYPE_CHECKING:
 BATCH_MEMORY_SECONDS = 86_400
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaWait:
+    """After each write that moves money (flush, ledger writes, period close), wait until ``replicas``
+    replicas have it, at most ``timeout`` seconds; if fewer do, the write is not acknowledged (it is
+    retried, and applied once). Redis replicates asynchronously: without this, a failover can lose the
+    last writes the primary acknowledged."""
+
+    replicas: int
+    timeout: float
+
+    @property
+    def timeout_ms(self) -> int:
+        return max(1, round(self.timeout * 1000))  # WAIT's 0 would wait for ever
+
+
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
 @dataclass(slots=True)
 class Settlement:

@@ -30,7 +30,9 @@ class Accounts(Customers, Credits, Usage, AlertThresholds, Invoicing):
     def open(cls, config: Config | None = None) -> Accounts:
         """Connect to the backend named by ``config`` (loaded from file/env when omitted)."""
         config = config or Config.load()
-        return cls(open_storage(config.storage, shards=config.shards), config)
+        return cls(
+            open_storage(config.storage, shards=config.shards, replica_wait=config.replica_wait), config
+        )
 
     def close(self) -> None:
         self.storage.close()

@@ -243,10 +243,8 @@ class Waiting:
 class RequestPathCommands(Connection):
     """The request path of :class:`~meterware.storage.redis.RedisStorage`."""
 
-    def __init__(
-        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
-    ) -> None:
-        super().__init__(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self._admissions = threading.Lock()
         self._waiting: list[Waiting] = []
         self._leading = False

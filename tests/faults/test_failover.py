@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.faults.books import Books, Stream, books, spool_bytes
+from tests.faults.books import Books, Stream, assert_exact, books, spool_bytes
 from tests.faults.harness import (
     CALL_PRICE,
     MIXED_PATHS,
@@ -50,6 +50,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 #: How far the replica is behind the primary when it dies (seconds of flushes it never received).
 REPLICATION_LAG = 0.5
+#: How long a flush waits for the replica's acknowledgement (below the flush timeout, 1 s).
+WAIT_TIMEOUT = 0.5
 
 
 @pytest.fixture
@@ -181,6 +183,35 @@ def test_failover_without_wait_loses_at_most_the_unreplicated_batches(
         served_during_failover=run.served_during_failover(),
         failover_seconds=round(run.failover_seconds, 2),
         charged_micros=ledger.charged,
+        slowest_seconds=round(run.load.slowest().seconds, 3),
+        **run.spool_figures(),
+    )
+
+
+def test_failover_with_wait_loses_nothing(
+    tmp_path: Path, sentinel_group: RedisSentinelGroup, make_app: Callable[..., App]
+) -> None:
+    """WAIT on: flushes the replica never acknowledged are replayed on the promoted replica; successes ==
+    rollup == charges, exactly."""
+    durable = {"storage": {"wait_replicas": 1, "wait_timeout": WAIT_TIMEOUT}}
+    run = fail_over_under_load(tmp_path, sentinel_group, make_app, durable)
+
+    at_risk = run.at_risk_successes()
+    assert at_risk, "no flush reached the primary while the replica was behind"
+    succeeded = run.load.paths(200)
+    assert_exact(run.stream, run.ledger, succeeded, tokens=tokens_of(succeeded))
+    figures(
+        "sentinel-failover-wait-on",
+        requests=len(run.load.snapshot()),
+        succeeded=len(succeeded),
+        rolled_up=len(run.stream.paths("success")),
+        lost=len(succeeded - run.stream.paths("success")),
+        at_risk_batches=run.at_risk.entries,
+        at_risk_successes_replayed=len(at_risk),
+        replication_lag_seconds=REPLICATION_LAG,
+        served_during_failover=run.served_during_failover(),
+        failover_seconds=round(run.failover_seconds, 2),
+        charged_micros=run.ledger.charged,
         slowest_seconds=round(run.load.slowest().seconds, 3),
         **run.spool_figures(),
     )

@@ -277,18 +277,21 @@ class RedisSentinelGroup:
         self, service: str = "mymaster", *, down_after: int = 1000, failover_timeout: int = 5000
     ) -> None:
         self.service = service
-        # Diskless full syncs wait 5 s by default for more replicas to join: there is only one.
-        self.primary = RedisServer("--repl-diskless-sync-delay", "0")
+        self.primary = self._node()
         self.link = ReplicationLink(self.primary.port)
-        self.replica = RedisServer(
-            "--repl-diskless-sync-delay", "0", "--replicaof", "127.0.0.1", str(self.link.port)
-        )
+        self.replica = self._node("--replicaof", "127.0.0.1", str(self.link.port))
+        self._dead: list[RedisServer] = []
         settings = (
             f"sentinel monitor {service} 127.0.0.1 {self.primary.port} 2\n"
             f"sentinel down-after-milliseconds {service} {down_after}\n"
             f"sentinel failover-timeout {service} {failover_timeout}\n"
         )
         self.sentinels = [RedisServer("--sentinel", config=settings) for _ in range(3)]
+
+    @staticmethod
+    def _node(*options: str) -> RedisServer:
+        # Diskless full syncs wait 5 s by default for more replicas to join: there is only one.
+        return RedisServer("--repl-diskless-sync-delay", "0", *options)
 
     @property
     def url(self) -> str:
@@ -318,11 +321,11 @@ class RedisSentinelGroup:
         return self
 
     def in_sync(self) -> bool:
-        """Whether the replica's link is up and it has everything the primary has written."""
+        """Whether the replica's link is up and it has everything the primary had written when asked."""
         with _client(self.primary.port) as primary, _client(self.replica.port) as replica:
-            info = replica.info("replication")
             written = primary.info("replication")["master_repl_offset"]
-        return bool(info.get("master_link_status") == "up" and info.get("slave_repl_offset") == written)
+            info = replica.info("replication")
+        return bool(info.get("master_link_status") == "up" and info.get("slave_repl_offset", -1) >= written)
 
     def primary_address(self, sentinel: RedisServer) -> tuple[str, int] | None:
         """The primary as ``sentinel`` names it (``SENTINEL GET-MASTER-ADDR-BY-NAME``)."""
@@ -357,17 +360,19 @@ class RedisSentinelGroup:
         return time.monotonic() - began
 
     def rejoin(self, timeout: float = 30.0) -> None:
-        """Restart the dead node, empty, as a replica of the promoted one (as a rebuilt node comes back);
-        wait until it is in sync."""
-        node = self.replica
-        assert node.process is None, "the replica is running"
-        node.extra = ("--repl-diskless-sync-delay", "0", "--replicaof", "127.0.0.1", str(self.primary.port))
-        node.start()
-        _wait(self.in_sync, time.monotonic() + timeout, "the rejoined node is not in sync")
+        """Start a new, empty node as a replica of the promoted one in place of the dead node (as a
+        rebuilt node joins); wait until it is in sync.
+
+        It gets a port of its own: the dead node's may have been taken meanwhile by another process.
+        """
+        assert self.replica.process is None, "the replica is running"
+        self._dead.append(self.replica)
+        self.replica = self._node("--replicaof", "127.0.0.1", str(self.primary.port)).start()
+        _wait(self.in_sync, time.monotonic() + timeout, "the new replica is not in sync")
 
     def cleanup(self) -> None:
         self.link.cut()
-        for server in (*self.sentinels, self.replica, self.primary):
+        for server in (*self.sentinels, self.replica, self.primary, *self._dead):
             server.cleanup()
 
 

@@ -7,14 +7,14 @@ made visible: the replication link is stalled for ``REPLICATION_LAG`` seconds be
 falls behind as over a slow link), and what the link held dies with the primary. Just before the kill,
 writes are paused (``CLIENT PAUSE WRITE``) and the streams of the primary and of the replica are read: the
 batches on the primary and not on the replica are what the failover can lose ("at risk"). Once the
-sentinels have promoted the replica, the dead node comes back empty as a replica of the new primary (as a
-rebuilt node would), and the load goes on.
+sentinels have promoted the replica, a new, empty node joins as a replica of the new primary (as a rebuilt
+node would), and the load goes on.
 
 - WAIT off: the calls lost are among the at-risk batches' calls, none is counted or charged twice, and the
   customer is charged exactly for the calls in the rollup (the reservations of lost calls are refunded).
 - WAIT on (``[storage] wait_replicas = 1``): a flush no replica acknowledged counts as failed and stays in
   the spool, to be replayed on the promoted replica: successes == rollup == charges, exactly. Until the
-  node rejoins, the new primary has no replica: its flushes fail too, and the spool holds their events.
+  new node joins, the new primary has no replica: its flushes fail too, and the spool holds their events.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def fail_over_under_load(
     changes: dict[str, Any],
 ) -> Failover:
     """Serve a prepaid customer under load through uvicorn on the Sentinel URL; stall replication, kill the
-    primary, serve on through the failover and the dead node's rejoining, then drain the app, refund due
+    primary, serve on through the failover and a new replica's joining, then drain the app, refund due
     reservations and roll up."""
     spool = tmp_path / "spool"
     config = tmp_path / "meterware.toml"
@@ -146,6 +146,9 @@ def fail_over_under_load(
         ledger = books(accounts)
     finally:
         accounts.close()
+    # The books were read through the sentinels: from the promoted replica, unless it failed over too.
+    promoted = ("127.0.0.1", group.primary.port)
+    assert all(group.primary_address(s) == promoted for s in group.sentinels), "a second failover"
     return Failover(load, at_risk, Stream.read(replica), ledger, killed, failover_seconds, app_metrics)
 
 

@@ -94,9 +94,9 @@ class Failover:
 
 def unreplicated(primary: Stream, replica: Stream) -> Stream:
     """The events of the batches ``primary`` holds and ``replica`` does not."""
-    replicated = {event.id for event in replica.events}
+    replicated, replicated_batches = {event.id for event in replica.events}, set(replica.batch_ids)
     kept = [(e, c) for e, c in zip(primary.events, primary.costs, strict=True) if e.id not in replicated]
-    batches = [batch for batch in primary.batch_ids if batch not in set(replica.batch_ids)]
+    batches = [batch for batch in primary.batch_ids if batch not in replicated_batches]
     return Stream([e for e, _ in kept], [c for _, c in kept], len(batches), batches)
 
 

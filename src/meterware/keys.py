@@ -12,9 +12,12 @@ import hashlib
 import re
 import secrets
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import parse_qsl
+
+from meterware.errors import UsageError
 
 KEY_PREFIX = "mw_"
 SECRET_LENGTH = 32
@@ -24,6 +27,11 @@ _ALPHABET = string.ascii_letters + string.digits
 _KEY_RE = re.compile(rf"^mw_(live|test)_[A-Za-z0-9]{{{SECRET_LENGTH}}}\Z")
 # Longest value worth looking at: anything longer cannot be a key and is refused without hashing.
 MAX_PRESENTED_LENGTH = 256
+#: Bounds of what a seller may attach to a key (kept with the key record, listed, never on the hot path).
+MAX_NAME_LENGTH: Final = 100
+MAX_METADATA_ENTRIES: Final = 16
+MAX_METADATA_KEY_LENGTH: Final = 40
+MAX_METADATA_VALUE_LENGTH: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,35 @@ def is_well_formed(presented: str) -> bool:
 def is_live(plaintext: str) -> bool:
     """Whether a well-formed key is a live key (as opposed to a test key)."""
     return plaintext.startswith("mw_live_")
+
+
+def check_name(name: str) -> str:
+    """A key's name, checked: one printable line of at most 100 characters ("" for none)."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise UsageError(f"a key's name must be printable text of at most {MAX_NAME_LENGTH} characters")
+    return name
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """A key's metadata, checked: a flat dict of at most 16 printable strings to printable strings."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or len(metadata) > MAX_METADATA_ENTRIES:
+        raise UsageError(f"a key's metadata must be a dict of at most {MAX_METADATA_ENTRIES} entries")
+    checked: dict[str, str] = {}
+    for name, value in metadata.items():
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_METADATA_KEY_LENGTH and name.isprintable()):
+            raise UsageError(
+                f"metadata names must be printable strings of 1-{MAX_METADATA_KEY_LENGTH} characters, "
+                f"got {name!r}"
+            )
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_LENGTH or not value.isprintable():
+            raise UsageError(
+                f"metadata {name!r} must be a printable string of at most {MAX_METADATA_VALUE_LENGTH} "
+                "characters"
+            )
+        checked[name] = value
+    return checked
 
 
 @functools.cache

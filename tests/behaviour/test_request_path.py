@@ -7,6 +7,7 @@ each backend (memory, real Redis).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -362,3 +363,15 @@ def test_exceptions_propagate_and_are_recorded_as_failures(make_api: Any) -> Non
     (event,) = api.events()
     assert (event.status, event.outcome, event.billable) == (500, "server_error", False)
     assert api.balance(key).balance == 1_000_000
+
+
+def test_a_key_created_with_an_expiry_stops_at_it(api: Api) -> None:
+    """A key created to expire is served until then, and refused with 401 expired_key after."""
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    expiring = api.accounts.create_key(customer, expires_at=time.time() + 0.5).plaintext
+    assert api.call("GET", "/v1/hello", expiring).status_code == 200
+    time.sleep(0.6)
+    response = api.call("GET", "/v1/hello", expiring)
+    assert (response.status_code, response.json()["reason"]) == (401, "expired_key")
+    assert api.call("GET", "/v1/hello", key).status_code == 200

@@ -324,6 +324,20 @@ def test_keys_are_added_listed_and_resolved(storage: Storage) -> None:
     assert storage.list_keys("acme") == [first, second]
 
 
+def test_a_key_keeps_its_name_and_metadata(storage: Storage) -> None:
+    """A key's name and metadata read back as added (by id and in the customer's list)."""
+    storage.create_customer(Customer("acme", "pro"))
+    metadata = {"team": "data", "ticket": "OPS-1 \u00e9", "empty": ""}
+    record = KeyRecord("k1", "acme", "mw_live_ab12", True, "active", 10, name="CI key", metadata=metadata)
+    storage.add_key(record, "hash-1")
+    assert storage.get_key("k1") == record
+    assert storage.list_keys("acme") == [record]
+    storage.set_key_state("k1", status="revoked")
+    revoked = storage.get_key("k1")
+    assert revoked is not None
+    assert (revoked.name, revoked.metadata) == ("CI key", metadata)
+
+
 def test_keys_need_an_existing_customer(storage: Storage) -> None:
     """Adding or listing keys of an unknown customer raises NotFoundError."""
     with pytest.raises(NotFoundError):

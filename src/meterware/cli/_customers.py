@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Any
 
-from meterware.cli._common import Commands, emit, open_accounts, utc_time
+from meterware.cli._common import Commands, duration, emit, open_accounts, utc_time
 from meterware.errors import MeterwareError
+from meterware.metering.records import KeyRecord
 
 
 def cmd_customers_create(args: argparse.Namespace) -> int:
@@ -48,33 +51,59 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    key = open_accounts(args).create_key(args.customer, live=not args.test)
+    metadata = {}
+    for pair in args.meta or ():
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise MeterwareError(f"--meta must be NAME=VALUE, got {pair!r}")
+        metadata[name] = value
+    if args.expires_in is not None and args.expires_at is not None:
+        raise MeterwareError("give --expires-in or --expires-at, not both")
+    expires_at = args.expires_at
+    if args.expires_in is not None:
+        expires_at = time.time() + duration(args.expires_in, "--expires-in")
+    key = open_accounts(args).create_key(
+        args.customer, live=not args.test, name=args.name or "", metadata=metadata, expires_at=expires_at
+    )
     data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "live": key.live}
     text = f"{key.plaintext}\n\nkey id {key.key_id}; this key is shown once - store it now."
     return emit(args, data, text)
 
 
+def _key_data(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "key_id": record.key_id,
+        "customer": record.customer,
+        "name": record.name,
+        "prefix": record.prefix,
+        "live": record.live,
+        "status": record.status,
+        "created": record.created,
+        "expires_ms": record.expires_ms,
+        "last_used_ms": record.last_used_ms,
+        "metadata": record.metadata,
+    }
+
+
+def _key_line(record: KeyRecord) -> str:
+    expires = f", expires {utc_time(record.expires_ms // 1000)}" if record.expires_ms else ""
+    used = f"last used {utc_time(record.last_used_ms // 1000)}" if record.last_used_ms else "never used"
+    mode = "live" if record.live else "test"
+    name = f"  {record.name!r}" if record.name else ""
+    return f"{record.key_id}  {record.prefix}...  {mode}  {record.status}{expires}  {used}{name}"
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     records = open_accounts(args).list_keys(args.customer)
-    data = [
-        {
-            "key_id": r.key_id,
-            "prefix": r.prefix,
-            "live": r.live,
-            "status": r.status,
-            "created": r.created,
-            "expires_ms": r.expires_ms,
-            "last_used_ms": r.last_used_ms,
-        }
-        for r in records
-    ]
-    lines = []
-    for r in records:
-        expires = f", expires {utc_time(r.expires_ms // 1000)}" if r.expires_ms else ""
-        used = f"last used {utc_time(r.last_used_ms // 1000)}" if r.last_used_ms else "never used"
-        mode = "live" if r.live else "test"
-        lines.append(f"{r.key_id}  {r.prefix}...  {mode}  {r.status}{expires}  {used}")
-    return emit(args, data, "\n".join(lines) or "(no keys)")
+    data = [_key_data(record) for record in records]
+    return emit(args, data, "\n".join(map(_key_line, records)) or "(no keys)")
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    record = open_accounts(args).key(args.key_id)
+    lines = [_key_line(record), f"  customer {record.customer}, created {utc_time(record.created)}"]
+    lines += [f"  {name} = {value}" for name, value in sorted(record.metadata.items())]
+    return emit(args, _key_data(record), "\n".join(lines))
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
@@ -118,7 +147,14 @@ def add_keys(commands: Commands) -> None:
     sub = keys.command("create", cmd_keys_create, "issue a key (printed once)")
     sub.add_argument("customer")
     sub.add_argument("--test", action="store_true", help="a sandbox key: metered separately, never charged")
+    sub.add_argument("--name", help="what you call the key (at most 100 characters)")
+    sub.add_argument(
+        "--meta", action="append", metavar="NAME=VALUE", help="your note on the key (repeatable, up to 16)"
+    )
+    sub.add_argument("--expires-in", metavar="DURATION", help="the key stops working after 3600, 12h, 30d...")
+    sub.add_argument("--expires-at", type=float, metavar="EPOCH", help="the key stops working at this time")
     keys.command("list", cmd_keys_list, "list a customer's keys").add_argument("customer")
+    keys.command("show", cmd_keys_show, "show a key (never its plaintext)").add_argument("key_id")
     keys.command("revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
     sub = keys.command("rotate", cmd_keys_rotate, "issue a replacement key")
     sub.add_argument("key_id")

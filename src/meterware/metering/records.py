@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 CustomerStatus = Literal["active", "suspended"]
@@ -43,3 +43,7 @@ class KeyRecord:
     expires_ms: int = 0
     #: Epoch milliseconds of the newest call made with the key that the rollup has seen (0: none yet).
     last_used_ms: int = 0
+    #: What the seller calls the key (at most 100 characters).
+    name: str = ""
+    #: The seller's own notes on the key, never read by meterware (a few short strings).
+    metadata: dict[str, str] = field(default_factory=dict)

@@ -45,7 +45,7 @@ _PROBLEMS: Final[dict[Reason, tuple[int, str, str]]] = {
     "malformed_key": (401, "Malformed API key", "The key does not have the shape of an API key."),
     "unknown_key": (401, "Unknown API key", "No active key matches the one presented."),
     "revoked_key": (401, "Revoked API key", "This key has been revoked."),
-    "expired_key": (401, "Expired API key", "This key has expired; use its replacement."),
+    "expired_key": (401, "Expired API key", "This key has expired."),
     "suspended": (403, "Account suspended", "The account this key belongs to is suspended."),
     "rate_limited": (429, "Rate limit exceeded", "Too many calls; retry after the time in Retry-After."),
     "quota_exceeded": (429, "Quota exhausted", "The quota of this billing period is used up."),

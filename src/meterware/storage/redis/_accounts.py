@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 from redis.exceptions import NoScriptError
@@ -83,6 +84,8 @@ def key_fields(record: KeyRecord) -> dict[str, Arg]:
         "created": record.created,
         "expires_ms": record.expires_ms,
         "last_used_ms": record.last_used_ms,
+        "name": record.name,
+        "meta": json.dumps(record.metadata, separators=(",", ":")),
     }
 
 
@@ -99,6 +102,8 @@ def key_record_from(fields: Fields) -> KeyRecord | None:
         created=int(fields[b"created"]),
         expires_ms=int(fields.get(b"expires_ms", 0)),
         last_used_ms=int(fields.get(b"last_used_ms", 0)),
+        name=as_str(fields.get(b"name", b"")),
+        metadata=json.loads(fields.get(b"meta", b"{}")),
     )
 
 

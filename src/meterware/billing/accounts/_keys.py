@@ -1,0 +1,87 @@
+"""API keys: issue them (with a name, metadata and an expiry), list, revoke and rotate them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
+from meterware.errors import NotFoundError, UsageError
+from meterware.keys import NewKey, check_metadata, check_name, generate_key
+from meterware.metering.records import KeyRecord
+
+
+class Keys(AccountsBase):
+    """Issue, list, revoke and rotate a customer's API keys."""
+
+    def create_key(
+        self,
+        customer_id: str,
+        *,
+        live: bool = True,
+        name: str = "",
+        metadata: Mapping[str, str] | None = None,
+        expires_at: float | None = None,
+    ) -> NewKey:
+        """Issue a key; its plaintext exists only in the returned object.
+
+        ``name`` and ``metadata`` (at most 16 short strings) are the seller's: listed, never read by
+        meterware. A key with ``expires_at`` (epoch seconds) is refused from then on (401 ``expired_key``).
+        """
+        name = check_name(name)
+        metadata = check_metadata(metadata)
+        expires_ms = _expiry_ms(expires_at)
+        self.customer(customer_id)
+        new = generate_key(live=live)
+        record = KeyRecord(
+            new.key_id,
+            customer_id,
+            new.prefix,
+            live,
+            "active",
+            int(time.time()),
+            expires_ms=expires_ms,
+            name=name,
+            metadata=metadata,
+        )
+        self.storage.add_key(record, new.hash)
+        return new
+
+    def list_keys(self, customer_id: str) -> list[KeyRecord]:
+        self.customer(customer_id)
+        return self.storage.list_keys(customer_id)
+
+    def key(self, key_id: str) -> KeyRecord:
+        record = self.storage.get_key(key_id)
+        if record is None:
+            raise NotFoundError(f"no key {key_id!r}")
+        return record
+
+    def revoke_key(self, key_id: str) -> None:
+        """Stop a key at once (the next admission refuses it, whatever the caches hold)."""
+        self.key(key_id)
+        self.storage.set_key_state(key_id, status="revoked")
+
+    def rotate_key(self, key_id: str, *, grace_seconds: float = 0) -> NewKey:
+        """Issue a replacement key (with the old one's name and metadata); the old one keeps working for
+        ``grace_seconds``, then expires."""
+        old = self.key(key_id)
+        if old.status != "active":
+            raise UsageError(f"key {key_id} is revoked and cannot be rotated")
+        new = self.create_key(old.customer, live=old.live, name=old.name, metadata=old.metadata)
+        expires_ms = int((time.time() + max(0.0, grace_seconds)) * 1000)
+        if old.expires_ms:
+            expires_ms = min(expires_ms, old.expires_ms)  # never past the original expiry
+        self.storage.set_key_state(key_id, expires_ms=expires_ms)
+        return new
+
+
+def _expiry_ms(expires_at: float | None) -> int:
+    """``expires_at`` (epoch seconds, in the future) in epoch milliseconds; 0 for never."""
+    if expires_at is None:
+        return 0
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+        raise UsageError(f"expires_at must be epoch seconds, got {expires_at!r}")
+    if not time.time() < expires_at <= LATEST_ANCHOR:
+        raise UsageError(f"expires_at must be epoch seconds in the future, got {expires_at!r}")
+    return int(expires_at * 1000)

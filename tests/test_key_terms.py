@@ -1,0 +1,79 @@
+"""What a seller attaches to a key through ``Accounts`` and the CLI: a name, metadata and an expiry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meterware.billing.accounts import Accounts
+from meterware.config import Config
+from meterware.errors import UsageError
+from meterware.storage import open_storage
+
+
+@pytest.fixture
+def accounts(storage_url: str) -> Iterator[Accounts]:
+    """Accounts over memory and a real Redis, with one customer, ``acme``."""
+    config = Config.from_dict({"storage": storage_url, "plans": {"free": {}}, "default_plan": "free"})
+    accounts = Accounts(open_storage(config.storage, shards=config.shards), config)
+    accounts.create_customer("acme")
+    yield accounts
+    accounts.close()
+
+
+def test_a_key_is_created_with_a_name_metadata_and_an_expiry(accounts: Accounts) -> None:
+    """create_key keeps the name, the metadata and the expiry (in ms), listed and shown by id."""
+    expires_at = time.time() + 3600
+    new = accounts.create_key("acme", name="Production", metadata={"team": "data"}, expires_at=expires_at)
+    record = accounts.key(new.key_id)
+    assert (record.name, record.metadata, record.expires_ms) == (
+        "Production",
+        {"team": "data"},
+        int(expires_at * 1000),
+    )
+    assert accounts.list_keys("acme") == [record]
+    plain = accounts.key(accounts.create_key("acme").key_id)
+    assert (plain.name, plain.metadata, plain.expires_ms) == ("", {}, 0)
+
+
+def test_rotation_keeps_the_name_and_metadata(accounts: Accounts) -> None:
+    """The replacement of a rotated key carries its name and metadata."""
+    old = accounts.create_key("acme", name="CI", metadata={"owner": "ops"})
+    new = accounts.rotate_key(old.key_id, grace_seconds=60)
+    record = accounts.key(new.key_id)
+    assert (record.name, record.metadata) == ("CI", {"owner": "ops"})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"name": "n" * 101}, "name must be printable text of at most 100", id="long-name"),
+        pytest.param({"name": "two\nlines"}, "name must be printable", id="name-newline"),
+        pytest.param(
+            {"metadata": {f"k{i}": "v" for i in range(17)}}, "at most 16 entries", id="too-many-entries"
+        ),
+        pytest.param({"metadata": {"k" * 41: "v"}}, "1-40 characters", id="long-metadata-name"),
+        pytest.param({"metadata": {"": "v"}}, "1-40 characters", id="empty-metadata-name"),
+        pytest.param({"metadata": {"k": "v" * 201}}, "at most 200", id="long-metadata-value"),
+        pytest.param({"metadata": {"k": {"nested": "no"}}}, "printable string", id="nested-metadata"),
+        pytest.param({"metadata": {"k": 1}}, "printable string", id="number-metadata"),
+        pytest.param({"metadata": ["k", "v"]}, "dict of at most 16", id="not-a-dict"),
+        pytest.param({"expires_at": time.time() - 1}, "in the future", id="expired-already"),
+        pytest.param({"expires_at": "tomorrow"}, "epoch seconds", id="expiry-not-a-number"),
+    ],
+)
+def test_bad_key_terms_are_refused(accounts: Accounts, options: dict[str, Any], message: str) -> None:
+    """Names, metadata and expiries out of bounds raise UsageError, and no key is created."""
+    with pytest.raises(UsageError, match=message):
+        accounts.create_key("acme", **options)
+    assert accounts.list_keys("acme") == []
+
+
+def test_bounds_are_inclusive(accounts: Accounts) -> None:
+    """A 100-character name and 16 entries of 40-character names and 200-character values are kept."""
+    metadata = {f"{i:02d}" + "k" * 38: "v" * 200 for i in range(16)}
+    new = accounts.create_key("acme", name="n" * 100, metadata=metadata)
+    assert accounts.key(new.key_id).metadata == metadata

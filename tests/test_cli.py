@@ -296,6 +296,7 @@ def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
         "expires_ms",
         "last_used_ms",
         "metadata",
+        "remaining",
     }
     assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
     assert rows[live["key_id"]]["expires_ms"] == 0
@@ -335,6 +336,9 @@ def test_keys_create_with_a_name_metadata_and_an_expiry(cli: Cli) -> None:
     assert "  team = data\n" in text
     assert created["key"] not in text
     assert "'Staging'" in cli("keys", "list", "acme").out
+    counted = cli("keys", "create", "acme", "--remaining", "50", "--json").json()
+    assert cli("keys", "show", counted["key_id"], "--json").json()["remaining"] == 50
+    assert ", 50 uses left  never used" in cli("keys", "show", counted["key_id"]).out
     at = cli("keys", "create", "acme", "--expires-at", str(int(after) + 60), "--json").json()
     assert cli("keys", "show", at["key_id"], "--json").json()["expires_ms"] == (int(after) + 60) * 1000
 

@@ -77,3 +77,37 @@ def test_bounds_are_inclusive(accounts: Accounts) -> None:
     metadata = {f"{i:02d}" + "k" * 38: "v" * 200 for i in range(16)}
     new = accounts.create_key("acme", name="n" * 100, metadata=metadata)
     assert accounts.key(new.key_id).metadata == metadata
+
+
+def test_a_key_is_created_with_remaining_uses(accounts: Accounts) -> None:
+    """create_key(remaining=N) keeps the count; None (the default) is no count at all."""
+    counted = accounts.create_key("acme", remaining=50)
+    assert accounts.key(counted.key_id).remaining == 50
+    assert accounts.key(accounts.create_key("acme").key_id).remaining is None
+
+
+@pytest.mark.parametrize(
+    "remaining",
+    [
+        pytest.param(-1, id="negative"),
+        pytest.param(1.5, id="fraction"),
+        pytest.param(True, id="bool"),
+        pytest.param(10**12 + 1, id="too-many"),
+    ],
+)
+def test_bad_remaining_uses_are_refused(accounts: Accounts, remaining: Any) -> None:
+    """Remaining uses are a whole number from 0 to 10^12."""
+    with pytest.raises(UsageError, match="remaining must be a whole number of uses"):
+        accounts.create_key("acme", remaining=remaining)
+    assert accounts.list_keys("acme") == []
+
+
+def test_rotation_hands_the_uses_left_to_the_replacement(accounts: Accounts) -> None:
+    """A key counting its uses is rotated without grace: it stops, and its replacement has its uses left;
+    a grace period is refused (both keys would spend them)."""
+    old = accounts.create_key("acme", remaining=5)
+    with pytest.raises(UsageError, match="rotated without a grace period"):
+        accounts.rotate_key(old.key_id, grace_seconds=60)
+    new = accounts.rotate_key(old.key_id)
+    assert accounts.key(new.key_id).remaining == 5
+    assert 0 < accounts.key(old.key_id).expires_ms <= time.time() * 1000

@@ -375,3 +375,18 @@ def test_a_key_created_with_an_expiry_stops_at_it(api: Api) -> None:
     response = api.call("GET", "/v1/hello", expiring)
     assert (response.status_code, response.json()["reason"]) == (401, "expired_key")
     assert api.call("GET", "/v1/hello", key).status_code == 200
+
+
+def test_a_key_with_remaining_uses_is_refused_with_403_once_they_are_used(api: Api) -> None:
+    """A key with 3 uses serves 3 calls (a failed one takes its use too, as Unkey's credits), then gets
+    403 key_exhausted without reaching the app; the customer's other keys still work."""
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    counted = api.accounts.create_key(customer, remaining=3).plaintext
+    statuses = [api.call("GET", path, counted).status_code for path in ("/v1/hello", "/v1/fail", "/v1/hello")]
+    assert statuses == [200, 502, 200]
+    response = api.call("GET", "/v1/hello", counted)
+    assert (response.status_code, response.json()["reason"]) == (403, "key_exhausted")
+    assert CALLS == ["hello", "fail", "hello"]
+    assert api.call("GET", "/v1/hello", key).status_code == 200
+    assert api.accounts.list_keys(customer)[1].remaining == 0

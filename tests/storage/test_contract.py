@@ -486,6 +486,81 @@ def test_admit_checks_key_and_customer(
         assert storage.get_balance("acme").reserved == 0
 
 
+def _key_with_uses(storage: Storage, remaining: int) -> str:
+    storage.create_customer(Customer("acme", "test"))
+    record = KeyRecord("key-acme", "acme", "mw_live_ab12", True, "active", created=1, remaining=remaining)
+    storage.add_key(record, "hash-key-acme")
+    return record.key_id
+
+
+def _remaining(storage: Storage) -> int | None:
+    record = storage.get_key("key-acme")
+    assert record is not None
+    return record.remaining
+
+
+def test_a_key_with_remaining_uses_gives_one_to_each_admitted_call(storage: Storage) -> None:
+    """A key with 3 uses serves 3 calls, then is refused (key_exhausted) before any limit; a call refused
+    by a limit takes no use; a key without the count resolves as such and never counts."""
+    _key_with_uses(storage, 3)
+    info = storage.resolve_key("hash-key-acme")
+    assert info is not None
+    assert info.counts_uses
+    assert _remaining(storage) == 3
+    plan = make_plan(rates=(RateLimit(2, 3600),))
+    assert [storage.admit(admit_request(storage, plan)).reason for _ in range(3)] == [
+        None,
+        None,
+        "rate_limited",
+    ]
+    assert _remaining(storage) == 1
+    unlimited = make_plan(quota=10)
+    assert storage.admit(admit_request(storage, unlimited)).allowed
+    refused = storage.admit(admit_request(storage, unlimited))
+    assert (refused.allowed, refused.reason, refused.limits, refused.reservation_id) == (
+        False,
+        "key_exhausted",
+        (),
+        "",
+    )
+    assert _remaining(storage) == 0
+    open_account(storage, "globex")
+    other = storage.resolve_key("hash-key-globex")
+    assert other is not None
+    assert not other.counts_uses
+    assert storage.get_key("key-globex") == KeyRecord(
+        "key-globex", "globex", "mw_live_ab12", True, "active", created=1
+    )
+
+
+def test_a_block_of_calls_gets_no_more_than_the_uses_left(storage: Storage) -> None:
+    """An admission asking for 10 calls at once by a key with 4 uses is granted 4."""
+    _key_with_uses(storage, 4)
+    decision = storage.admit(replace(admit_request(storage, make_plan(quota=100)), calls=10))
+    assert (decision.allowed, decision.calls) == (True, 4)
+    assert _remaining(storage) == 0
+    assert storage.admit(admit_request(storage, make_plan(quota=100))).reason == "key_exhausted"
+
+
+def test_concurrent_admits_never_pass_a_keys_uses(backend: Backend) -> None:
+    """200 admits gathered on one event loop by a key with 37 uses admit exactly 37."""
+    _key_with_uses(backend.sync, 37)
+    plan = make_plan(quota=1_000)
+    requests = [admit_request(backend.sync, plan) for _ in range(CONCURRENT_CALLS)]
+
+    async def admit_all() -> list[Decision]:
+        storage = backend.open_async()
+        try:
+            return list(await asyncio.gather(*(storage.admit(request) for request in requests)))
+        finally:
+            await storage.aclose()
+
+    decisions = asyncio.run(admit_all())
+    assert sum(decision.allowed for decision in decisions) == 37
+    assert {decision.reason for decision in decisions if not decision.allowed} == {"key_exhausted"}
+    assert _remaining(backend.sync) == 0
+
+
 def test_gcra_allows_a_burst_then_refuses(storage: Storage) -> None:
     """A rate of 3 per minute admits a burst of 3, then refuses with a retry-after of about 20 s."""
     open_account(storage)

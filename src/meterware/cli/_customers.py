@@ -63,7 +63,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if args.expires_in is not None:
         expires_at = time.time() + duration(args.expires_in, "--expires-in")
     key = open_accounts(args).create_key(
-        args.customer, live=not args.test, name=args.name or "", metadata=metadata, expires_at=expires_at
+        args.customer,
+        live=not args.test,
+        name=args.name or "",
+        metadata=metadata,
+        expires_at=expires_at,
+        remaining=args.remaining,
     )
     data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "live": key.live}
     text = f"{key.plaintext}\n\nkey id {key.key_id}; this key is shown once - store it now."
@@ -82,6 +87,7 @@ def _key_data(record: KeyRecord) -> dict[str, Any]:
         "expires_ms": record.expires_ms,
         "last_used_ms": record.last_used_ms,
         "metadata": record.metadata,
+        "remaining": record.remaining,
     }
 
 
@@ -89,8 +95,9 @@ def _key_line(record: KeyRecord) -> str:
     expires = f", expires {utc_time(record.expires_ms // 1000)}" if record.expires_ms else ""
     used = f"last used {utc_time(record.last_used_ms // 1000)}" if record.last_used_ms else "never used"
     mode = "live" if record.live else "test"
+    uses = "" if record.remaining is None else f", {record.remaining} uses left"
     name = f"  {record.name!r}" if record.name else ""
-    return f"{record.key_id}  {record.prefix}...  {mode}  {record.status}{expires}  {used}{name}"
+    return f"{record.key_id}  {record.prefix}...  {mode}  {record.status}{expires}{uses}  {used}{name}"
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -153,6 +160,9 @@ def add_keys(commands: Commands) -> None:
     )
     sub.add_argument("--expires-in", metavar="DURATION", help="the key stops working after 3600, 12h, 30d...")
     sub.add_argument("--expires-at", type=float, metavar="EPOCH", help="the key stops working at this time")
+    sub.add_argument(
+        "--remaining", type=int, metavar="N", help="the key serves N calls, then 403 key_exhausted"
+    )
     keys.command("list", cmd_keys_list, "list a customer's keys").add_argument("customer")
     keys.command("show", cmd_keys_show, "show a key (never its plaintext)").add_argument("key_id")
     keys.command("revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")

@@ -110,8 +110,10 @@ class RequestCore:
         terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self.started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
-        if self.leasing and (
-            lease := self.leases.take(lease_key(key.key_id, terms.holds, terms.period_start))
+        if (
+            self.leasing
+            and not key.counts_uses
+            and (lease := self.leases.take(lease_key(key.key_id, terms.holds, terms.period_start)))
         ):
             return self.leased_call(lease, key, method, path, arrived)
         return self.admit_request(key, terms)
@@ -148,6 +150,7 @@ class RequestCore:
             reservation_id=f"{random.getrandbits(64):016x}",
             reservation_timeout_ms=self._reservation_timeout_ms,
             unsettled=self.unsettled if terms.holds else None,
+            one_by_one=key.counts_uses,
         )
 
     def admitted(

@@ -27,6 +27,8 @@ class KeyInfo:
     customer: Customer
     live: bool
     prefix: str
+    #: Whether the key has a count of remaining uses (its calls are admitted one by one, never leased).
+    counts_uses: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +49,5 @@ class KeyRecord:
     name: str = ""
     #: The seller's own notes on the key, never read by meterware (a few short strings).
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Calls the key may still make (each admitted call takes one), or None for no such limit.
+    remaining: int | None = None

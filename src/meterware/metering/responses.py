@@ -46,6 +46,8 @@ _PROBLEMS: Final[dict[Reason, tuple[int, str, str]]] = {
     "unknown_key": (401, "Unknown API key", "No active key matches the one presented."),
     "revoked_key": (401, "Revoked API key", "This key has been revoked."),
     "expired_key": (401, "Expired API key", "This key has expired."),
+    # 403, not 429: like Unkey's USAGE_EXCEEDED it is the key's state, and waiting does not bring uses back.
+    "key_exhausted": (403, "API key used up", "This key has no uses left."),
     "suspended": (403, "Account suspended", "The account this key belongs to is suspended."),
     "rate_limited": (429, "Rate limit exceeded", "Too many calls; retry after the time in Retry-After."),
     "quota_exceeded": (429, "Quota exhausted", "The quota of this billing period is used up."),

@@ -10,6 +10,9 @@ from meterware.errors import NotFoundError, UsageError
 from meterware.keys import NewKey, check_metadata, check_name, generate_key
 from meterware.metering.records import KeyRecord
 
+#: Most uses a key may be given (exact in Lua's doubles, far below the counters' 2^62).
+MAX_USES = 10**12
+
 
 class Keys(AccountsBase):
     """Issue, list, revoke and rotate a customer's API keys."""
@@ -22,15 +25,24 @@ class Keys(AccountsBase):
         name: str = "",
         metadata: Mapping[str, str] | None = None,
         expires_at: float | None = None,
+        remaining: int | None = None,
     ) -> NewKey:
         """Issue a key; its plaintext exists only in the returned object.
 
         ``name`` and ``metadata`` (at most 16 short strings) are the seller's: listed, never read by
         meterware. A key with ``expires_at`` (epoch seconds) is refused from then on (401 ``expired_key``).
+        A key with ``remaining`` uses gives one to each call admitted (in the same atomic admission, never
+        given back, as Unkey's credits) and is refused once they are gone (403 ``key_exhausted``).
         """
         name = check_name(name)
         metadata = check_metadata(metadata)
         expires_ms = _expiry_ms(expires_at)
+        if remaining is not None and (
+            isinstance(remaining, bool) or not isinstance(remaining, int) or not 0 <= remaining <= MAX_USES
+        ):
+            raise UsageError(
+                f"remaining must be a whole number of uses from 0 to {MAX_USES}, got {remaining!r}"
+            )
         self.customer(customer_id)
         new = generate_key(live=live)
         record = KeyRecord(
@@ -43,6 +55,7 @@ class Keys(AccountsBase):
             expires_ms=expires_ms,
             name=name,
             metadata=metadata,
+            remaining=remaining,
         )
         self.storage.add_key(record, new.hash)
         return new
@@ -64,14 +77,25 @@ class Keys(AccountsBase):
 
     def rotate_key(self, key_id: str, *, grace_seconds: float = 0) -> NewKey:
         """Issue a replacement key (with the old one's name and metadata); the old one keeps working for
-        ``grace_seconds``, then expires."""
+        ``grace_seconds``, then expires.
+
+        A key with remaining uses hands them to its replacement and stops at once (a grace period would
+        let both keys spend them)."""
         old = self.key(key_id)
         if old.status != "active":
             raise UsageError(f"key {key_id} is revoked and cannot be rotated")
-        new = self.create_key(old.customer, live=old.live, name=old.name, metadata=old.metadata)
+        if old.remaining is not None and grace_seconds > 0:
+            raise UsageError(f"key {key_id} counts its uses: it is rotated without a grace period")
         expires_ms = int((time.time() + max(0.0, grace_seconds)) * 1000)
         if old.expires_ms:
             expires_ms = min(expires_ms, old.expires_ms)  # never past the original expiry
+        if old.remaining is not None:
+            # Stopped first: the uses read after it are the last it has.
+            self.storage.set_key_state(key_id, expires_ms=expires_ms)
+            old = self.key(key_id)
+        new = self.create_key(
+            old.customer, live=old.live, name=old.name, metadata=old.metadata, remaining=old.remaining
+        )
         self.storage.set_key_state(key_id, expires_ms=expires_ms)
         return new
 

@@ -7,6 +7,9 @@
 -- call alone is refused and adds nothing to the run's writes: common.lua, all or nothing per call). The
 -- keys it reads are type-checked by those reads, the two it only writes by TYPE, and only when it will.
 --
+-- A key record's `remaining` field, present only on a key that counts its uses, gives one use to each call
+-- admitted (a lease gets no more calls than uses left); with none left the key is refused, 'key_exhausted'.
+--
 -- A lease asks for many calls at once (`calls`): it gets as many as fit, the largest of calls, calls/2,
 -- calls/4... under every limit, halved once more when not all fit (near a limit, what is left is shared
 -- out in ever smaller leases); the reply says how many. A single call is a lease of 1.
@@ -206,7 +209,8 @@ end
 
 local function admit(spec, reservation_id, unsettled)
   local KEYS = spec.keys
-  local key, refused = read_once(KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
+  local key, refused = read_once(
+    KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer', 'remaining')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
@@ -224,6 +228,17 @@ local function admit(spec, reservation_id, unsettled)
   local expires_ms = tonumber(key[2]) or 0
   if expires_ms ~= 0 and now >= expires_ms then
     return refusal('expired_key')
+  end
+  -- A key with remaining uses (the field exists only then) gives one to each call admitted.
+  local uses
+  if key[4] then
+    uses = counter_of(KEYS[KEY_RECORD], KEYS[KEY_RECORD], 'remaining', key[4])
+    if uses.problem then
+      return {SCRIPT_REFUSED, uses.problem}
+    end
+    if uses.value <= 0 then
+      return refusal('key_exhausted')
+    end
   end
   if account[1] ~= 'active' then
     return refusal('suspended')
@@ -301,6 +316,9 @@ local function admit(spec, reservation_id, unsettled)
   local available = (tonumber(account[2]) or 0) - reserved - (charges_credits and pending_cost or 0)
 
   local n = spec.calls
+  if uses then
+    n = math.min(n, uses.value)  -- never more calls than uses left
+  end
   local d = decide(spec, tat_of, used_of, held_of, n, available)
   if d.reason and n > 1 then
     repeat
@@ -345,6 +363,9 @@ local function admit(spec, reservation_id, unsettled)
     counter.value, counter.net = counter.value + hold, counter.net + hold
   end
   reserved_counter.value, reserved_counter.net = reserved_counter.value + credits, reserved_counter.net + credits
+  if uses then
+    uses.value, uses.net = uses.value - n, uses.net - n
+  end
   if holds_any then
     expire_at[KEYS[QUOTA]] = spec.expire_at
   end

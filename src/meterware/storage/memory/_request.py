@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from meterware.metering.admission import (
     AdmitRequest,
@@ -45,7 +46,7 @@ class AdmissionMixin(MemoryState):
                 return None
             record = self._keys[key_id]
             account = self._accounts[record.customer]
-            return KeyInfo(key_id, account.customer, record.live, record.prefix)
+            return KeyInfo(key_id, account.customer, record.live, record.prefix, record.remaining is not None)
 
     def admit(self, request: AdmitRequest) -> Decision:
         with self._lock:
@@ -61,11 +62,15 @@ class AdmissionMixin(MemoryState):
             return refusal(request, "revoked_key")
         if record.expires_ms and now >= record.expires_ms:
             return refusal(request, "expired_key")
+        if record.remaining is not None and record.remaining <= 0:
+            return refusal(request, "key_exhausted")
         if account.customer.status != "active":
             return refusal(request, "suspended")
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
+        if record.remaining is not None:
+            calls = min(calls, record.remaining)  # as admit.lua: never more calls than uses left
         decision, holds, new_tats = self._decide(request, seen, available, now, calls)
         if not decision.allowed and calls > 1:
             # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
@@ -93,6 +98,8 @@ class AdmissionMixin(MemoryState):
         for meter, held in holds:
             counters[counter_names(meter)[1]] += held
         account.reserved += credits
+        if record.remaining is not None:
+            self._keys[request.key_id] = replace(record, remaining=record.remaining - decision.calls)
         return decision
 
     def _unsettled(

@@ -74,8 +74,8 @@ def ledger_entry_from(entry_id: Text, fields: Fields) -> LedgerEntry:
 
 
 def key_fields(record: KeyRecord) -> dict[str, Arg]:
-    """A key record as the fields of its hash."""
-    return {
+    """A key record as the fields of its hash (``remaining`` only on a key that counts its uses)."""
+    fields: dict[str, Arg] = {
         "key_id": record.key_id,
         "customer": record.customer,
         "prefix": record.prefix,
@@ -87,6 +87,9 @@ def key_fields(record: KeyRecord) -> dict[str, Arg]:
         "name": record.name,
         "meta": json.dumps(record.metadata, separators=(",", ":")),
     }
+    if record.remaining is not None:
+        fields["remaining"] = record.remaining
+    return fields
 
 
 def key_record_from(fields: Fields) -> KeyRecord | None:
@@ -104,6 +107,7 @@ def key_record_from(fields: Fields) -> KeyRecord | None:
         last_used_ms=int(fields.get(b"last_used_ms", 0)),
         name=as_str(fields.get(b"name", b"")),
         metadata=json.loads(fields.get(b"meta", b"{}")),
+        remaining=int(fields[b"remaining"]) if b"remaining" in fields else None,
     )
 
 
@@ -184,6 +188,7 @@ class AccountCommands(Connection):
                     "customer": record.customer,
                     "live": int(record.live),
                     "prefix": record.prefix,
+                    "uses": int(record.remaining is not None),
                 },
             )
 

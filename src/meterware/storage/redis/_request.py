@@ -174,7 +174,13 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
     """What a key hash resolves to, from the key-hash index entry and the owner's record."""
     if not fields or customer is None:
         return None
-    return KeyInfo(as_str(fields[b"key_id"]), customer, fields[b"live"] == b"1", as_str(fields[b"prefix"]))
+    return KeyInfo(
+        as_str(fields[b"key_id"]),
+        customer,
+        fields[b"live"] == b"1",
+        as_str(fields[b"prefix"]),
+        fields.get(b"uses") == b"1",
+    )
 
 
 class Answer(Protocol):

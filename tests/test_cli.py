@@ -297,6 +297,7 @@ def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
         "last_used_ms",
         "metadata",
         "remaining",
+        "scopes",
     }
     assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
     assert rows[live["key_id"]]["expires_ms"] == 0
@@ -336,6 +337,9 @@ def test_keys_create_with_a_name_metadata_and_an_expiry(cli: Cli) -> None:
     assert "  team = data\n" in text
     assert created["key"] not in text
     assert "'Staging'" in cli("keys", "list", "acme").out
+    scoped = cli("keys", "create", "acme", "--scope", "read", "--scope", "files:write", "--json").json()
+    assert cli("keys", "show", scoped["key_id"], "--json").json()["scopes"] == ["read", "files:write"]
+    assert "  scopes: read files:write\n" in cli("keys", "show", scoped["key_id"]).out
     counted = cli("keys", "create", "acme", "--remaining", "50", "--json").json()
     assert cli("keys", "show", counted["key_id"], "--json").json()["remaining"] == 50
     assert ", 50 uses left  never used" in cli("keys", "show", counted["key_id"]).out

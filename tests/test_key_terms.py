@@ -111,3 +111,29 @@ def test_rotation_hands_the_uses_left_to_the_replacement(accounts: Accounts) -> 
     new = accounts.rotate_key(old.key_id)
     assert accounts.key(new.key_id).remaining == 5
     assert 0 < accounts.key(old.key_id).expires_ms <= time.time() * 1000
+
+
+def test_a_key_is_created_with_scopes(accounts: Accounts) -> None:
+    """Scopes are kept in the order given, without repeats, and carried to a rotated key's replacement."""
+    new = accounts.create_key("acme", scopes=["files:read", "files:write", "files:read"])
+    assert accounts.key(new.key_id).scopes == ("files:read", "files:write")
+    rotated = accounts.rotate_key(new.key_id)
+    assert accounts.key(rotated.key_id).scopes == ("files:read", "files:write")
+
+
+@pytest.mark.parametrize(
+    ("scopes", "message"),
+    [
+        pytest.param("files:read", "a list of names, not one string", id="one-string"),
+        pytest.param(["has space"], "1-64 characters", id="space"),
+        pytest.param([""], "1-64 characters", id="empty"),
+        pytest.param(["s" * 65], "1-64 characters", id="long"),
+        pytest.param([7], "1-64 characters", id="not-a-string"),
+        pytest.param([f"s{i}" for i in range(33)], "at most 32 scopes", id="too-many"),
+    ],
+)
+def test_bad_scopes_are_refused(accounts: Accounts, scopes: Any, message: str) -> None:
+    """Scopes out of bounds raise UsageError, and no key is created."""
+    with pytest.raises(UsageError, match=message):
+        accounts.create_key("acme", scopes=scopes)
+    assert accounts.list_keys("acme") == []

@@ -32,6 +32,9 @@ MAX_NAME_LENGTH: Final = 100
 MAX_METADATA_ENTRIES: Final = 16
 MAX_METADATA_KEY_LENGTH: Final = 40
 MAX_METADATA_VALUE_LENGTH: Final = 200
+MAX_SCOPES: Final = 32
+#: A scope: 1-64 characters, no spaces (``read``, ``billing:write``, ``files/*``).
+_SCOPE_RE = re.compile(r"^[A-Za-z0-9_.:/*-]{1,64}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,21 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 "characters"
             )
         checked[name] = value
+    return checked
+
+
+def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    """A key's scopes, checked and without repeats (in the order given): at most 32 names of 1-64 of
+    ``[A-Za-z0-9_.:/*-]``."""
+    if isinstance(scopes, str):
+        raise UsageError("scopes must be a list of names, not one string")
+    given = list(scopes)
+    for scope in given:
+        if not isinstance(scope, str) or _SCOPE_RE.match(scope) is None:
+            raise UsageError(f"a scope is 1-64 characters of letters, digits and _.:/*-, got {scope!r}")
+    checked = tuple(dict.fromkeys(given))
+    if len(checked) > MAX_SCOPES:
+        raise UsageError(f"a key has at most {MAX_SCOPES} scopes, got {len(checked)}")
     return checked
 
 

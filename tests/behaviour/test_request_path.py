@@ -390,3 +390,22 @@ def test_a_key_with_remaining_uses_is_refused_with_403_once_they_are_used(api: A
     assert CALLS == ["hello", "fail", "hello"]
     assert api.call("GET", "/v1/hello", key).status_code == 200
     assert api.accounts.list_keys(customer)[1].remaining == 0
+
+
+def test_the_handler_reads_who_calls(api: Api) -> None:
+    """``meterware.current_call()`` gives the handler (async or sync, in a worker thread or not) the
+    admitted customer, plan, key id, scopes and mode of the call; a test key reads as not live."""
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    scoped = api.accounts.create_key(customer, scopes=["files:read", "files:write"])
+    assert api.call("GET", "/v1/whoami", scoped.plaintext).json() == {
+        "customer": customer,
+        "plan": "open",
+        "key_id": scoped.key_id,
+        "scopes": ["files:read", "files:write"],
+        "live": True,
+    }
+    test_key = api.accounts.create_key(customer, live=False)
+    found = api.call("GET", "/v1/whoami", test_key.plaintext).json()
+    assert (found["key_id"], found["scopes"], found["live"]) == (test_key.key_id, [], False)
+    assert CALLS == ["whoami", "whoami"]

@@ -338,6 +338,20 @@ def test_a_key_keeps_its_name_and_metadata(storage: Storage) -> None:
     assert (revoked.name, revoked.metadata) == ("CI key", metadata)
 
 
+def test_a_key_resolves_with_its_scopes(storage: Storage) -> None:
+    """A key's scopes are kept with its record and come with its resolution (none: an empty tuple)."""
+    storage.create_customer(Customer("acme", "pro"))
+    scopes = ("files:read", "files/*", "admin")
+    record = KeyRecord("k1", "acme", "mw_live_ab12", True, "active", 10, scopes=scopes)
+    storage.add_key(record, "hash-1")
+    storage.add_key(KeyRecord("k2", "acme", "mw_live_cd34", True, "active", 10), "hash-2")
+    assert storage.get_key("k1") == record
+    first, second = storage.resolve_key("hash-1"), storage.resolve_key("hash-2")
+    assert first is not None
+    assert second is not None
+    assert (first.scopes, second.scopes) == (scopes, ())
+
+
 def test_keys_need_an_existing_customer(storage: Storage) -> None:
     """Adding or listing keys of an unknown customer raises NotFoundError."""
     with pytest.raises(NotFoundError):

@@ -69,6 +69,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         metadata=metadata,
         expires_at=expires_at,
         remaining=args.remaining,
+        scopes=args.scope or (),
     )
     data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "live": key.live}
     text = f"{key.plaintext}\n\nkey id {key.key_id}; this key is shown once - store it now."
@@ -88,6 +89,7 @@ def _key_data(record: KeyRecord) -> dict[str, Any]:
         "last_used_ms": record.last_used_ms,
         "metadata": record.metadata,
         "remaining": record.remaining,
+        "scopes": list(record.scopes),
     }
 
 
@@ -109,6 +111,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 def cmd_keys_show(args: argparse.Namespace) -> int:
     record = open_accounts(args).key(args.key_id)
     lines = [_key_line(record), f"  customer {record.customer}, created {utc_time(record.created)}"]
+    if record.scopes:
+        lines.append(f"  scopes: {' '.join(record.scopes)}")
     lines += [f"  {name} = {value}" for name, value in sorted(record.metadata.items())]
     return emit(args, _key_data(record), "\n".join(lines))
 
@@ -160,6 +164,9 @@ def add_keys(commands: Commands) -> None:
     )
     sub.add_argument("--expires-in", metavar="DURATION", help="the key stops working after 3600, 12h, 30d...")
     sub.add_argument("--expires-at", type=float, metavar="EPOCH", help="the key stops working at this time")
+    sub.add_argument(
+        "--scope", action="append", help="what the key may do, for your app to check (repeatable)"
+    )
     sub.add_argument(
         "--remaining", type=int, metavar="N", help="the key serves N calls, then 403 key_exhausted"
     )

@@ -212,7 +212,7 @@ class RequestCore:
             method,
             path,
             time.perf_counter_ns(),
-            CallUsage(self.config.meters),
+            CallUsage(self.config.meters, key=key),
             arrived_ns=arrived,
             lease=lease,
         )
@@ -226,7 +226,13 @@ class RequestCore:
         is known and entitled to see it in their usage)."""
         if decision.allowed:
             return Call(
-                key, request, decision, method, path, time.perf_counter_ns(), CallUsage(self.config.meters)
+                key,
+                request,
+                decision,
+                method,
+                path,
+                time.perf_counter_ns(),
+                CallUsage(self.config.meters, key=key),
             )
         assert decision.reason is not None
         refusal = problem(decision.reason, decision)

@@ -29,6 +29,8 @@ class KeyInfo:
     prefix: str
     #: Whether the key has a count of remaining uses (its calls are admitted one by one, never leased).
     counts_uses: bool = False
+    #: What the seller lets the key do, for the app to check (``meterware.current_call().scopes``).
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +53,5 @@ class KeyRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     #: Calls the key may still make (each admitted call takes one), or None for no such limit.
     remaining: int | None = None
+    #: What the seller lets the key do (read by the app, never by meterware).
+    scopes: tuple[str, ...] = ()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
 from meterware.errors import NotFoundError, UsageError
-from meterware.keys import NewKey, check_metadata, check_name, generate_key
+from meterware.keys import NewKey, check_metadata, check_name, check_scopes, generate_key
 from meterware.metering.records import KeyRecord
 
 #: Most uses a key may be given (exact in Lua's doubles, far below the counters' 2^62).
@@ -26,6 +26,7 @@ class Keys(AccountsBase):
         metadata: Mapping[str, str] | None = None,
         expires_at: float | None = None,
         remaining: int | None = None,
+        scopes: Iterable[str] = (),
     ) -> NewKey:
         """Issue a key; its plaintext exists only in the returned object.
 
@@ -33,8 +34,10 @@ class Keys(AccountsBase):
         meterware. A key with ``expires_at`` (epoch seconds) is refused from then on (401 ``expired_key``).
         A key with ``remaining`` uses gives one to each call admitted (in the same atomic admission, never
         given back, as Unkey's credits) and is refused once they are gone (403 ``key_exhausted``).
+        ``scopes`` (at most 32 names) are for the app to check: ``meterware.current_call().scopes``.
         """
         name = check_name(name)
+        checked_scopes = check_scopes(scopes)
         metadata = check_metadata(metadata)
         expires_ms = _expiry_ms(expires_at)
         if remaining is not None and (
@@ -56,6 +59,7 @@ class Keys(AccountsBase):
             name=name,
             metadata=metadata,
             remaining=remaining,
+            scopes=checked_scopes,
         )
         self.storage.add_key(record, new.hash)
         return new
@@ -76,8 +80,8 @@ class Keys(AccountsBase):
         self.storage.set_key_state(key_id, status="revoked")
 
     def rotate_key(self, key_id: str, *, grace_seconds: float = 0) -> NewKey:
-        """Issue a replacement key (with the old one's name and metadata); the old one keeps working for
-        ``grace_seconds``, then expires.
+        """Issue a replacement key (with the old one's name, metadata and scopes); the old one keeps
+        working for ``grace_seconds``, then expires.
 
         A key with remaining uses hands them to its replacement and stops at once (a grace period would
         let both keys spend them)."""
@@ -94,7 +98,12 @@ class Keys(AccountsBase):
             self.storage.set_key_state(key_id, expires_ms=expires_ms)
             old = self.key(key_id)
         new = self.create_key(
-            old.customer, live=old.live, name=old.name, metadata=old.metadata, remaining=old.remaining
+            old.customer,
+            live=old.live,
+            name=old.name,
+            metadata=old.metadata,
+            remaining=old.remaining,
+            scopes=old.scopes,
         )
         self.storage.set_key_state(key_id, expires_ms=expires_ms)
         return new

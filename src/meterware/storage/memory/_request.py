@@ -46,7 +46,14 @@ class AdmissionMixin(MemoryState):
                 return None
             record = self._keys[key_id]
             account = self._accounts[record.customer]
-            return KeyInfo(key_id, account.customer, record.live, record.prefix, record.remaining is not None)
+            return KeyInfo(
+                key_id,
+                account.customer,
+                record.live,
+                record.prefix,
+                record.remaining is not None,
+                record.scopes,
+            )
 
     def admit(self, request: AdmitRequest) -> Decision:
         with self._lock:

@@ -86,6 +86,7 @@ def key_fields(record: KeyRecord) -> dict[str, Arg]:
         "last_used_ms": record.last_used_ms,
         "name": record.name,
         "meta": json.dumps(record.metadata, separators=(",", ":")),
+        "scopes": " ".join(record.scopes),
     }
     if record.remaining is not None:
         fields["remaining"] = record.remaining
@@ -108,6 +109,7 @@ def key_record_from(fields: Fields) -> KeyRecord | None:
         name=as_str(fields.get(b"name", b"")),
         metadata=json.loads(fields.get(b"meta", b"{}")),
         remaining=int(fields[b"remaining"]) if b"remaining" in fields else None,
+        scopes=tuple(as_str(fields.get(b"scopes", b"")).split()),
     )
 
 
@@ -189,6 +191,7 @@ class AccountCommands(Connection):
                     "live": int(record.live),
                     "prefix": record.prefix,
                     "uses": int(record.remaining is not None),
+                    "scopes": " ".join(record.scopes),
                 },
             )
 

@@ -180,6 +180,7 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
         fields[b"live"] == b"1",
         as_str(fields[b"prefix"]),
         fields.get(b"uses") == b"1",
+        tuple(as_str(fields.get(b"scopes", b"")).split()),
     )
 
 

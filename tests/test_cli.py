@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -369,6 +370,30 @@ def test_keys_create_refuses_bad_terms(cli: Cli, flags: tuple[str, ...], message
     assert result.out == ""
     assert result.err.startswith(f"meterware: error: {message}")
     assert cli("keys", "list", "acme", "--json").json() == []
+
+
+@pytest.mark.redis
+def test_keys_create_with_a_prefix_and_keys_import(cli: Cli) -> None:
+    """keys create --prefix makes <prefix>_...; keys import keeps another system's key by its hash."""
+    create_customer(cli)
+    custom = cli("keys", "create", "acme", "--prefix", "acme_live", "--json").json()
+    assert custom["key"].startswith("acme_live_")
+    assert custom["prefix"] == custom["key"][:14]
+    key_hash = hashlib.sha256(b"sk_live_0123456789abcdef").hexdigest()
+    imported = cli(
+        "keys", "import", "acme", "--hash", key_hash, "--start", "sk_live_0123", "--remaining", "9",
+        "--json",
+    ).json()  # fmt: skip
+    assert (imported["prefix"], imported["remaining"], imported["customer"]) == ("sk_live_0123", 9, "acme")
+    assert cli("keys", "show", imported["key_id"], "--json").json() == imported
+    assert_one_line_error(
+        cli("keys", "import", "acme", "--hash", key_hash), "a key with this hash exists already"
+    )
+    assert_one_line_error(
+        cli("keys", "create", "acme", "--prefix", "Acme"),
+        "a key prefix is 1-20 characters of a-z, 0-9 and _, got 'Acme'",
+    )
+    assert len(cli("keys", "list", "acme", "--json").json()) == 2
 
 
 @pytest.mark.redis

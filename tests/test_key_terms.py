@@ -11,6 +11,7 @@ import pytest
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
 from meterware.errors import UsageError
+from meterware.keys import hash_key
 from meterware.storage import open_storage
 
 
@@ -137,3 +138,43 @@ def test_bad_scopes_are_refused(accounts: Accounts, scopes: Any, message: str) -
     with pytest.raises(UsageError, match=message):
         accounts.create_key("acme", scopes=scopes)
     assert accounts.list_keys("acme") == []
+
+
+def test_a_key_is_created_with_a_custom_prefix_and_rotated_with_it(accounts: Accounts) -> None:
+    """create_key(prefix=) makes <prefix>_...; the replacement of a rotated key keeps the prefix."""
+    new = accounts.create_key("acme", prefix="acme_live")
+    assert new.plaintext.startswith("acme_live_")
+    assert accounts.key(new.key_id).prefix == new.plaintext[:14]
+    rotated = accounts.rotate_key(new.key_id)
+    assert rotated.plaintext.startswith("acme_live_")
+    with pytest.raises(UsageError, match="meterware's own"):
+        accounts.create_key("acme", prefix="mw_acme")
+    assert len(accounts.list_keys("acme")) == 2
+
+
+def test_a_key_is_imported_by_its_hash(accounts: Accounts) -> None:
+    """import_key keeps a key of another system by its SHA-256 (in either case), with its terms; it
+    resolves to its customer; the same hash twice, or a hash that is not one, is refused."""
+    plaintext = "sk_live_" + "Legacy0123456789" * 2
+    key_hash = hash_key(plaintext)
+    record = accounts.import_key(
+        "acme", key_hash=key_hash.upper(), start="sk_live_Lega", name="from Stripe", remaining=10,
+        scopes=["read"],
+    )  # fmt: skip
+    assert accounts.key(record.key_id) == record
+    assert (record.prefix, record.name, record.remaining, record.scopes) == (
+        "sk_live_Lega",
+        "from Stripe",
+        10,
+        ("read",),
+    )
+    resolved = accounts.storage.resolve_key(key_hash)
+    assert resolved is not None
+    assert (resolved.key_id, resolved.customer.id, resolved.counts_uses) == (record.key_id, "acme", True)
+    with pytest.raises(UsageError, match="exists already"):
+        accounts.import_key("acme", key_hash=key_hash)
+    with pytest.raises(UsageError, match="64 hexadecimal digits"):
+        accounts.import_key("acme", key_hash="abc")
+    with pytest.raises(UsageError, match="start must be printable"):
+        accounts.import_key("acme", key_hash=hash_key("other" * 4), start="x" * 21)
+    assert accounts.list_keys("acme") == [record]

@@ -409,3 +409,19 @@ def test_the_handler_reads_who_calls(api: Api) -> None:
     found = api.call("GET", "/v1/whoami", test_key.plaintext).json()
     assert (found["key_id"], found["scopes"], found["live"]) == (test_key.key_id, [], False)
     assert CALLS == ["whoami", "whoami"]
+
+
+def test_keys_with_a_custom_prefix_and_imported_keys_are_served(api: Api) -> None:
+    """A key made with the seller's prefix and a key imported from another system by its hash both work
+    like meterware's own; an unknown key of another system's shape is 401 unknown_key."""
+    from meterware.keys import hash_key
+
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    custom = api.accounts.create_key(customer, prefix="acme_live").plaintext
+    legacy = "sk_live_" + "Legacy0123456789" * 2
+    imported = api.accounts.import_key(customer, key_hash=hash_key(legacy), scopes=["read"])
+    assert api.call("GET", "/v1/hello", custom).status_code == 200
+    assert api.call("GET", "/v1/whoami", legacy).json()["key_id"] == imported.key_id
+    response = api.call("GET", "/v1/hello", "sk_live_" + "Unknown0123456789" * 2)
+    assert (response.status_code, response.json()["reason"]) == (401, "unknown_key")

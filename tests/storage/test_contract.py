@@ -83,7 +83,7 @@ def admit_request(
     return AdmitRequest(
         shard=shard_of(customer, storage.shards),
         customer=customer,
-        key_id=key_id or f"key-{customer}",
+        key_id=f"key-{customer}" if key_id is None else key_id,
         live=live,
         plan=plan,
         period_start=start,
@@ -573,6 +573,38 @@ def test_concurrent_admits_never_pass_a_keys_uses(backend: Backend) -> None:
     assert sum(decision.allowed for decision in decisions) == 37
     assert {decision.reason for decision in decisions if not decision.allowed} == {"key_exhausted"}
     assert _remaining(backend.sync) == 0
+
+
+def test_a_customer_without_a_key_is_resolved_and_admitted(backend: Backend) -> None:
+    """resolve_customer gives a customer as a key without a key id (None for an unknown one), sync and
+    async; its calls are admitted on their limits without a key record, and refused for an unknown or
+    suspended customer."""
+    storage = backend.sync
+    storage.create_customer(Customer("acme", "pro", anchor=7))
+    found = storage.resolve_customer("acme")
+    assert found is not None
+    assert (found.key_id, found.customer, found.live, found.scopes) == (
+        "",
+        Customer("acme", "pro", anchor=7),
+        True,
+        (),
+    )
+    assert storage.resolve_customer("nobody") is None
+
+    async def resolve() -> tuple[object, object]:
+        client = backend.open_async()
+        try:
+            return await client.resolve_customer("acme"), await client.resolve_customer("nobody")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(resolve()) == (found, None)
+    plan = make_plan(quota=2)
+    decisions = [storage.admit(admit_request(storage, plan, key_id="")) for _ in range(3)]
+    assert [decision.reason for decision in decisions] == [None, None, "quota_exceeded"]
+    assert storage.admit(admit_request(storage, plan, "nobody", key_id="")).reason == "unknown_customer"
+    storage.update_customer("acme", status="suspended")
+    assert storage.admit(admit_request(storage, plan, key_id="")).reason == "suspended"
 
 
 def test_gcra_allows_a_burst_then_refuses(storage: Storage) -> None:

@@ -21,6 +21,7 @@ Reason = Literal[
     "revoked_key",
     "expired_key",
     "key_exhausted",
+    "unknown_customer",
     "suspended",
     "rate_limited",
     "quota_exceeded",

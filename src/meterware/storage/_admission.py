@@ -115,7 +115,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         ks.reservation_deadlines(shard),
     ]
     keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
-    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS,
+    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED,
     # RATE_LIMITS (admit.lua's names), then the limits and the holds.
     args: list[Arg] = [
         customer,
@@ -124,6 +124,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         request.period_end + ks.QUOTA_GRACE_SECONDS,
         f"{customer} {int(live)} {request.period_start}",
         request.calls,
+        int(bool(request.key_id)),
         len(request.plan.rate_limits),
     ]
     for limit in request.plan.rate_limits:

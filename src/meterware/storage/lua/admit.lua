@@ -20,7 +20,8 @@
 --       rate limit
 -- ARGV: template count, then per template: key count, argument count, its arguments (customer id, charges
 --       credits (1/0), reservation timeout ms, quota expire-at (s), reservation record head ("customer
---       live period_start"), calls (1, or a lease's), rate limit count, (amount, seconds)...,
+--       live period_start"), calls (1, or a lease's), keyed (1: a key's call; 0: a customer the app
+--       authenticated itself, whose key record is not read), rate limit count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
 --       number, reservation id, and the changes still to come from the calls this process finished
 --       ("" if none; else msgpack: first the guard, the KEYS index of the key holding the highest
@@ -35,7 +36,7 @@
 -- (storage/_admission.py builds and reads the same layout).
 local KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, FIRST_RATE = 1, 2, 3, 4, 5, 6
 local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS = 1, 2, 3
-local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 4, 5, 6, 7
+local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED, RATE_LIMITS = 4, 5, 6, 7, 8
 local SCRIPT_REFUSED, STALE = -1, -2
 
 -- The calls of a run mostly share their keys (one customer's concurrent calls): each key is read once
@@ -100,7 +101,7 @@ end
 local function parse(KEYS, ARGV)
   local spec = {
     keys = KEYS, customer_id = ARGV[CUSTOMER_ID], charges_credits = ARGV[CHARGES_CREDITS] == '1',
-    calls = tonumber(ARGV[CALLS]), expire_at = ARGV[QUOTA_EXPIRE_AT], head = ARGV[RECORD_HEAD],
+    calls = tonumber(ARGV[CALLS]), keyed = ARGV[KEYED] == '1', expire_at = ARGV[QUOTA_EXPIRE_AT], head = ARGV[RECORD_HEAD],
     deadline = int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), limits = {}, terms = {}, records = {},
   }
   local pos = RATE_LIMITS
@@ -209,29 +210,32 @@ end
 
 local function admit(spec, reservation_id, unsettled)
   local KEYS = spec.keys
-  local key, refused = read_once(
-    KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer', 'remaining')
-  if refused then
-    return {SCRIPT_REFUSED, refused}
+  local key, refused = {}, nil
+  if spec.keyed then
+    key, refused = read_once(
+      KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer', 'remaining')
+    if refused then
+      return {SCRIPT_REFUSED, refused}
+    end
   end
   local account
   account, refused = read_once(KEYS[CUSTOMER], 'hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
-  if not key[1] or not account[1] or key[3] ~= spec.customer_id then
-    return refusal('unknown_key')
-  end
-  if key[1] ~= 'active' then
-    return refusal('revoked_key')
-  end
-  local expires_ms = tonumber(key[2]) or 0
-  if expires_ms ~= 0 and now >= expires_ms then
-    return refusal('expired_key')
-  end
-  -- A key with remaining uses (the field exists only then) gives one to each call admitted.
   local uses
-  if key[4] then
+  if not spec.keyed then
+    if not account[1] then
+      return refusal('unknown_customer')
+    end
+  elseif not key[1] or not account[1] or key[3] ~= spec.customer_id then
+    return refusal('unknown_key')
+  elseif key[1] ~= 'active' then
+    return refusal('revoked_key')
+  elseif (tonumber(key[2]) or 0) ~= 0 and now >= tonumber(key[2]) then
+    return refusal('expired_key')
+  elseif key[4] then
+    -- A key with remaining uses (the field exists only then) gives one to each call admitted.
     uses = counter_of(KEYS[KEY_RECORD], KEYS[KEY_RECORD], 'remaining', key[4])
     if uses.problem then
       return {SCRIPT_REFUSED, uses.problem}

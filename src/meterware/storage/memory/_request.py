@@ -55,28 +55,37 @@ class AdmissionMixin(MemoryState):
                 record.scopes,
             )
 
+    def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        with self._lock:
+            account = self._accounts.get(customer_id)
+            return None if account is None else KeyInfo("", account.customer, True, "")
+
     def admit(self, request: AdmitRequest) -> Decision:
         with self._lock:
             return self._admit(request, clock_ms())
 
     def _admit(self, request: AdmitRequest, now: int) -> Decision:
-        record = self._keys.get(request.key_id)
+        # No key id: a customer the app authenticated itself (admit.lua's KEYED is 0).
+        record = self._keys.get(request.key_id) if request.key_id else None
         account = self._accounts.get(request.customer)
-        # A key presented for another customer is as good as unknown (the Redis script finds no record).
-        if record is None or account is None or record.customer != request.customer:
-            return refusal(request, "unknown_key")
-        if record.status != "active":
-            return refusal(request, "revoked_key")
-        if record.expires_ms and now >= record.expires_ms:
-            return refusal(request, "expired_key")
-        if record.remaining is not None and record.remaining <= 0:
-            return refusal(request, "key_exhausted")
+        if request.key_id:
+            # A key presented for another customer is as good as unknown (the Redis script finds no record).
+            if record is None or account is None or record.customer != request.customer:
+                return refusal(request, "unknown_key")
+            if record.status != "active":
+                return refusal(request, "revoked_key")
+            if record.expires_ms and now >= record.expires_ms:
+                return refusal(request, "expired_key")
+            if record.remaining is not None and record.remaining <= 0:
+                return refusal(request, "key_exhausted")
+        elif account is None:
+            return refusal(request, "unknown_customer")
         if account.customer.status != "active":
             return refusal(request, "suspended")
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
-        if record.remaining is not None:
+        if record is not None and record.remaining is not None:
             calls = min(calls, record.remaining)  # as admit.lua: never more calls than uses left
         decision, holds, new_tats = self._decide(request, seen, available, now, calls)
         if not decision.allowed and calls > 1:
@@ -105,7 +114,7 @@ class AdmissionMixin(MemoryState):
         for meter, held in holds:
             counters[counter_names(meter)[1]] += held
         account.reserved += credits
-        if record.remaining is not None:
+        if record is not None and record.remaining is not None:
             self._keys[request.key_id] = replace(record, remaining=record.remaining - decision.calls)
         return decision
 

@@ -256,6 +256,12 @@ class RequestPathCommands(Connection):
         self._waiting: list[Waiting] = []
         self._leading = False
 
+    def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        with self._call() as client:
+            values = client.hmget(ks.customer(self._shard(customer_id), customer_id), CUSTOMER_FIELDS)
+        customer = customer_from(customer_id, values)
+        return None if customer is None else KeyInfo("", customer, True, "")
+
     def resolve_key(self, key_hash: str) -> KeyInfo | None:
         with self._call() as client:
             fields = client.hgetall(ks.key_by_hash(key_hash))

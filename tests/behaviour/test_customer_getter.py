@@ -87,3 +87,11 @@ def test_a_suspended_customer_is_refused_at_once(api: Api) -> None:
     api.accounts.set_status(user, "suspended")
     response = api.call("GET", "/v1/hello", headers={"X-User": user})
     assert (response.status_code, response.json()["reason"]) == (403, "suspended")
+
+
+@pytest.mark.parametrize("framework", ["django-sync", "django-async"])
+def test_django_takes_the_getter_by_its_dotted_path(make_api: Any, framework: str) -> None:
+    """``METERWARE_CUSTOMER_GETTER`` may name the getter by its dotted path (a Django setting)."""
+    api = make_api(options={"customer_getter": f"{__name__}.user_of"})
+    user = customer(api, "open")
+    assert api.call("GET", "/v1/whoami", headers={"X-User": user}).json()["customer"] == user

@@ -7,6 +7,7 @@ import itertools
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -605,6 +606,36 @@ def test_a_customer_without_a_key_is_resolved_and_admitted(backend: Backend) -> 
     assert storage.admit(admit_request(storage, plan, "nobody", key_id="")).reason == "unknown_customer"
     storage.update_customer("acme", status="suspended")
     assert storage.admit(admit_request(storage, plan, key_id="")).reason == "suspended"
+
+
+def test_customers_without_keys_admitted_together_keep_their_own_limits(backend: Backend) -> None:
+    """Calls of two customers of one shard without keys, gathered into the same admission rounds, each
+    count against their own customer's quota (3 each against a quota of 2: 2 each admitted)."""
+    plan = make_plan(quota=2)
+    shard = shard_of("acme", backend.sync.shards)
+    other = next(f"c{i}" for i in itertools.count() if shard_of(f"c{i}", backend.sync.shards) == shard)
+    for name in ("acme", other):
+        backend.sync.create_customer(Customer(name, "test"))
+    # As the request path makes them: the same plan terms (one holds object) for both customers.
+    base = admit_request(backend.sync, plan, key_id="")
+    requests = [
+        replace(base, customer=name, reservation_id=uuid.uuid4().hex)
+        for _ in range(3)
+        for name in ("acme", other)
+    ]
+
+    async def admit_all() -> list[Decision]:
+        storage = backend.open_async()
+        try:
+            return list(await asyncio.gather(*(storage.admit(request) for request in requests)))
+        finally:
+            await storage.aclose()
+
+    decisions = asyncio.run(admit_all())
+    admitted = Counter(
+        request.customer for request, decision in zip(requests, decisions, strict=True) if decision.allowed
+    )
+    assert admitted == {"acme": 2, other: 2}
 
 
 def test_gcra_allows_a_burst_then_refuses(storage: Storage) -> None:

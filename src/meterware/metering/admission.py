@@ -71,8 +71,8 @@ class AdmitRequest:
     #: The changes this process's finished calls still make to the customer's counters (read when the
     #: admission is sent, so it sees every call finished by then), or None when the call holds nothing.
     unsettled: Unsettled | None = None
-    #: Whether the call must be admitted alone (a key with remaining uses: a lease would take uses its
-    #: calls might never make).
+    #: Whether the call must be admitted alone, never leased: a key with remaining uses (a lease would take
+    #: uses its calls might never make), a customer without a key (leases are a key's).
     one_by_one: bool = False
 
     @property

@@ -94,6 +94,9 @@ class AsyncMemoryStorage:
     async def resolve_key(self, key_hash: str) -> KeyInfo | None:
         return self.sync.resolve_key(key_hash)
 
+    async def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        return self.sync.resolve_customer(customer_id)
+
     async def admit(self, request: AdmitRequest) -> Decision:
         return self.sync.admit(request)
 

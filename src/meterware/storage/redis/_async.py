@@ -149,6 +149,13 @@ class AsyncRedisStorage:
             values = await client.hmget(ks.customer(shard, customer_id), CUSTOMER_FIELDS)
         return key_info_from(fields, customer_from(customer_id, values))
 
+    async def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        async with self._call() as client:
+            shard = ks.shard_of(customer_id, self.shards)
+            values = await client.hmget(ks.customer(shard, customer_id), CUSTOMER_FIELDS)
+        customer = customer_from(customer_id, values)
+        return None if customer is None else KeyInfo("", customer, True, "")
+
     async def admit(self, request: AdmitRequest) -> Decision:
         """Admit a call together with the calls of other requests that wait meanwhile.
 

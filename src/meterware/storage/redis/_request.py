@@ -174,7 +174,14 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
     """What a key hash resolves to, from the key-hash index entry and the owner's record."""
     if not fields or customer is None:
         return None
-    return KeyInfo(as_str(fields[b"key_id"]), customer, fields[b"live"] == b"1", as_str(fields[b"prefix"]))
+    return KeyInfo(
+        as_str(fields[b"key_id"]),
+        customer,
+        fields[b"live"] == b"1",
+        as_str(fields[b"prefix"]),
+        fields.get(b"uses") == b"1",
+        tuple(as_str(fields.get(b"scopes", b"")).split()),
+    )
 
 
 class Answer(Protocol):
@@ -248,6 +255,12 @@ class RequestPathCommands(Connection):
         self._admissions = threading.Lock()
         self._waiting: list[Waiting] = []
         self._leading = False
+
+    def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        with self._call() as client:
+            values = client.hmget(ks.customer(self._shard(customer_id), customer_id), CUSTOMER_FIELDS)
+        customer = customer_from(customer_id, values)
+        return None if customer is None else KeyInfo("", customer, True, "")
 
     def resolve_key(self, key_hash: str) -> KeyInfo | None:
         with self._call() as client:

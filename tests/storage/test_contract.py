@@ -962,6 +962,21 @@ def test_shard_claim_expires(storage: Storage) -> None:
     assert storage.claim_shard(3, "worker-b", 10_000) == 2
 
 
+def test_rollup_heartbeat_names_the_live_workers(storage: Storage) -> None:
+    """Each heartbeat returns the live workers by name; an expired or departed worker is forgotten."""
+    assert storage.rollup_heartbeat("worker-b", 10_000) == ["worker-b"]
+    assert storage.rollup_heartbeat("worker-a", 10_000) == ["worker-a", "worker-b"]
+    assert storage.rollup_heartbeat("worker-a", 10_000) == ["worker-a", "worker-b"]  # renewed, not added
+    assert storage.rollup_heartbeat("worker-c", 1) == ["worker-a", "worker-b", "worker-c"]
+    time.sleep(0.02)
+    assert storage.rollup_heartbeat("worker-b", 10_000) == ["worker-a", "worker-b"]  # c's expired
+    storage.rollup_leave("worker-a")
+    storage.rollup_leave("worker-z")  # not a live worker: nothing happens
+    assert storage.rollup_heartbeat("worker-b", 10_000) == ["worker-b"]
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        storage.rollup_heartbeat("worker-b", 0)
+
+
 def _window(storage: Storage) -> tuple[int, Window]:
     return shard_of("acme", storage.shards), Window(True, "acme", "day", 20_000 * DAY)
 

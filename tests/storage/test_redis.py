@@ -17,7 +17,7 @@ from meterware.metering.admission import AdmitRequest, meter_holds
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import open_async_storage, open_storage
-from meterware.storage._keyspace import key_record, shard_of
+from meterware.storage._keyspace import key_record, rollup_workers, shard_of
 from meterware.storage.base import START_OFFSET, Batch, RollupCommit, Settlement, Window, WindowTotals
 from meterware.storage.memory import AsyncMemoryStorage, MemoryStorage
 from meterware.storage.redis import AsyncRedisStorage, RedisStorage, RedisTarget, parse_url, script_sources
@@ -352,4 +352,22 @@ def test_record_key_use_never_recreates_a_deleted_record(request: pytest.Fixture
     for client in nodes:
         client.close()
     data.close()
+    storage.close()
+
+
+@pytest.mark.redis
+def test_rollup_workers_key_expires_with_its_last_heartbeat(redis_url: str) -> None:
+    """The live workers' set lives as long as its latest heartbeat, and a key of another type is named."""
+    storage = RedisStorage(redis_url, shards=8, timeout=2.0)
+    client = redis.Redis.from_url(redis_url)
+    storage.rollup_heartbeat("worker-a", 60_000)
+    storage.rollup_heartbeat("worker-b", 5_000)
+    assert 55_000 < client.pttl(rollup_workers()) <= 60_000
+    storage.rollup_leave("worker-a")
+    storage.rollup_leave("worker-b")
+    assert not client.exists(rollup_workers())
+    client.set(rollup_workers(), "junk")
+    with pytest.raises(StorageError, match=f"WRONGTYPE {rollup_workers()} holds a string"):
+        storage.rollup_heartbeat("worker-a", 60_000)
+    client.close()
     storage.close()

@@ -8,7 +8,7 @@ same entries again; a commit that lands is never repeated, because the offset it
 crash, a restart or two racing workers never count an event twice or zero times.
 
 Entries that are not valid batches go to the shard's dead-letter stream in the same commit, with a one-line
-reason; they never stop the worker.
+reason; they never stop the worker. Workers that step share the shards evenly (:mod:`.sharing`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from meterware.rollup.aggregate import Fold, parse_columns
 from meterware.rollup.backlog import Backlog
 from meterware.rollup.housekeeping import housekeep
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
+from meterware.rollup.sharing import FairShare
 from meterware.storage import open_storage
 from meterware.storage.base import RollupCommit, Storage, StreamEntry
 
@@ -122,9 +123,10 @@ class RollupWorker:
     :param alerts: evaluates each committed batch's customers (:mod:`~meterware.billing.alerts`); made from
         ``config.alerts`` by default when the configuration has an ``[alerts]`` section.
 
-    ``step()`` does one round over the shards, ``drain()`` steps until the shards it can own are caught
-    up (``meterware rollup --once``, and the in-process rollup of ``memory://``), and ``run(stop)``
-    steps until ``stop`` is set, then releases its claims::
+    ``step()`` does one round over its fair share of the shards (:mod:`~meterware.rollup.sharing`),
+    ``drain()`` steps over every shard it can claim until they are caught up (``meterware rollup --once``,
+    and the in-process rollup of ``memory://``), and ``run(stop)`` steps until ``stop`` is set, then
+    releases its claims::
 
         worker = RollupWorker(storage, config)
         worker.drain()
@@ -156,6 +158,7 @@ class RollupWorker:
         self._events_per_entry: dict[int, int] = {}
         self._full_entry = max(1, config.pipeline.batch_size)
         self._key_uses = _KeyUses(storage, metrics)
+        self._sharing = FairShare(storage, self.owner, len(self.shards), self._claim_ms)
 
     @property
     def owned(self) -> tuple[int, ...]:
@@ -168,7 +171,7 @@ class RollupWorker:
         A shard whose backend calls fail does not hold up the others: the round goes on, then the
         first :class:`~meterware.errors.StorageError` is raised.
         """
-        progress = self._step()
+        progress = self._step(fair=True)
         progress.raise_failure()
         return progress.events
 
@@ -199,7 +202,7 @@ class RollupWorker:
         try:
             while not stop.is_set():
                 now = time.monotonic()
-                progress = self._step(skip={shard for shard, at in retry_at.items() if at > now})
+                progress = self._step({shard for shard, at in retry_at.items() if at > now}, fair=True)
                 if progress.failed and not progress.worked:
                     # Nothing answered: the backend is away, not one shard's data.
                     backoff = min(MAX_BACKOFF, max(idle_sleep, backoff * 2))
@@ -222,30 +225,36 @@ class RollupWorker:
             logger.info("rollup worker %s stopped", self.owner)
 
     def release(self) -> None:
-        """Give up every claim this worker holds (and deliver the webhooks still queued, for a while)."""
+        """Leave the live workers and give up every claim held, so the others take the shards over at once
+        (and deliver the webhooks still queued, for a while)."""
         if self.alerts is not None:
             self.alerts.close()
-        claims, self._claims = self._claims, {}
+        self._sharing.leave()
+        for shard in list(self._claims):
+            self._give_up(shard)
         if self.metrics is not None:
             self.metrics.shards_owned.set(0)
-            for shard in claims:
-                self.metrics.lag.pop(shard, None)  # the next owner reports it
-        for shard in claims:
-            try:
-                self.storage.release_shard(shard, self.owner)
-            except StorageError as error:
-                # The claim expires on its own; the next worker only waits a little longer.
-                logger.warning("could not release its claim on shard %d: %s", shard, error)
+
+    def _give_up(self, shard: int) -> None:
+        del self._claims[shard]
+        if self.metrics is not None:
+            self.metrics.lag.pop(shard, None)  # the next owner reports it
+        try:
+            self.storage.release_shard(shard, self.owner)
+        except StorageError as error:
+            # The claim expires on its own; the next worker only waits a little longer.
+            logger.warning("could not release its claim on shard %d: %s", shard, error)
 
     # -- one step -------------------------------------------------------------------------------------
 
-    def _step(self, skip: Container[int] = ()) -> _Progress:
+    def _step(self, skip: Container[int] = (), *, fair: bool = False) -> _Progress:
+        share = self._sharing.refresh() if fair else len(self.shards)
         entries = events = 0
         worked: list[int] = []
         failed: list[tuple[int, StorageError]] = []
         streak = 0
         for shard in self.shards:
-            if shard in skip:
+            if shard in skip or (shard not in self._claims and len(self._claims) >= share):
                 continue
             try:
                 claim = self._claim(shard)
@@ -270,6 +279,9 @@ class RollupWorker:
                 continue
             streak = 0
             worked.append(shard)
+        for shard in self._sharing.excess(self._claims) if fair else ():
+            logger.info("worker %s gives shard %d back (its share is %d)", self.owner, shard, share)
+            self._give_up(shard)
         if self.metrics is not None:
             self.metrics.shards_owned.set(len(self._claims))
             if worked or not failed:
@@ -334,31 +346,29 @@ class RollupWorker:
         if valid:
             self._events_per_entry[shard] = max(1, events // valid)
         if self.metrics is not None:
-            self._committed(shard, claim, entries, count, events, len(dead), started)
+            _count_commit(self.metrics, shard, claim, entries, count, events, len(dead), started)
         if self.alerts is not None:
             self.alerts.after_commit(commit)  # after the commit: what it counted is in the totals read
         return _Progress(len(entries), events)
 
-    # -- metrics (only with ``metrics``) ---------------------------------------------------------------
 
-    def _committed(
-        self,
-        shard: int,
-        claim: _Claim,
-        entries: list[StreamEntry],
-        count: int,
-        events: int,
-        dead: int,
-        started: float,
-    ) -> None:
-        assert self.metrics is not None
-        metrics = self.metrics
-        metrics.batch_duration.observe(time.perf_counter() - started)
-        metrics.entries.inc(len(entries))
-        metrics.events.inc(events)
-        if dead:
-            metrics.dead_letters.inc(dead)
-        claim.backlog.after_commit(metrics.lag.setdefault(shard, ShardLag()), entries, count)
+def _count_commit(
+    metrics: RollupMetrics,
+    shard: int,
+    claim: _Claim,
+    entries: list[StreamEntry],
+    count: int,
+    events: int,
+    dead: int,
+    started: float,
+) -> None:
+    """Count a commit of ``shard`` in the worker's metrics."""
+    metrics.batch_duration.observe(time.perf_counter() - started)
+    metrics.entries.inc(len(entries))
+    metrics.events.inc(events)
+    if dead:
+        metrics.dead_letters.inc(dead)
+    claim.backlog.after_commit(metrics.lag.setdefault(shard, ShardLag()), entries, count)
 
 
 @contextmanager

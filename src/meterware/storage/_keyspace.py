@@ -4,7 +4,8 @@ All keys of one customer share the hash tag of the customer's shard, ``{mw:sN}``
 ``N = crc32(customer) % shards``: the customer's counters, balance and reservations, and the shard's
 event stream and rollups. So each atomic script touches a single hash slot, and the same code runs on a
 single node, under Sentinel and on Redis Cluster. The only keys outside a shard are the key-hash index
-and the key-id index, read with single-key commands.
+and the key-id index, read with single-key commands, and the rollup workers' membership (one key, used
+by one script).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def key_by_hash(key_hash: str) -> str:
 
 def key_owner(key_id: str) -> str:
     return f"mw:keyid:{key_id}"
+
+
+def rollup_workers() -> str:
+    """The live rollup workers: a zset of owner -> when its heartbeat expires (epoch ms)."""
+    return "mw:rollup:workers"
 
 
 # Per customer, inside the shard.

@@ -264,10 +264,17 @@ class RequestPathStorage(Protocol):
 
 
 class RollupStorage(Protocol):
-    """What the rollup worker uses: a shard is claimed by one worker at a time, under a fencing token."""
+    """What the rollup worker uses: a shard is claimed by one worker at a time, under a fencing token.
+
+    ``rollup_heartbeat`` says ``owner`` is alive for ``ttl_ms`` more and returns the names of the live
+    workers, sorted (``owner`` included; expired ones are forgotten); ``rollup_leave`` forgets ``owner`` at
+    once. The workers share the shards by it.
+    """
 
     shards: int
 
+    def rollup_heartbeat(self, owner: str, ttl_ms: int) -> list[str]: ...
+    def rollup_leave(self, owner: str) -> None: ...
     def claim_shard(self, shard: int, owner: str, ttl_ms: int) -> int | None: ...
     def release_shard(self, shard: int, owner: str) -> None: ...
     def shard_holder(self, shard: int) -> tuple[str, int] | None: ...

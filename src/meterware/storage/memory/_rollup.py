@@ -17,7 +17,21 @@ from meterware.storage.memory._state import (
 
 
 class RollupMixin(MemoryState):
-    """Shard claims, stream reads, fenced commits, reservation refunds."""
+    """Membership, shard claims, stream reads, fenced commits, reservation refunds."""
+
+    def rollup_heartbeat(self, owner: str, ttl_ms: int) -> list[str]:
+        if ttl_ms < 1:
+            raise ValueError(f"a heartbeat lasts at least 1 ms, not {ttl_ms}")
+        with self._lock:
+            now = clock_ms()
+            live = {name: until for name, until in self._rollup_workers.items() if until > now}
+            live[owner] = now + ttl_ms
+            self._rollup_workers = live
+            return sorted(live)
+
+    def rollup_leave(self, owner: str) -> None:
+        with self._lock:
+            self._rollup_workers.pop(owner, None)
 
     def claim_shard(self, shard: int, owner: str, ttl_ms: int) -> int | None:
         if ttl_ms < 1:

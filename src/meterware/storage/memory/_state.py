@@ -186,6 +186,8 @@ class MemoryState:
         self._rates: dict[tuple[bool, str, int], float] = {}
         self._quotas: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._shards = [Shard() for _ in range(shards)]
+        #: Live rollup workers -> epoch ms their heartbeat expires at.
+        self._rollup_workers: dict[str, int] = {}
         self._usage: dict[Window, Usage] = defaultdict(Usage)
         #: (customer, period start) -> frozen invoice; customer -> what closed invoices billed.
         self._invoices: dict[tuple[str, int], str] = {}

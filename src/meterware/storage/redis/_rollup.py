@@ -1,4 +1,4 @@
-"""The rollup worker's commands: shard claims, stream reads, fenced commits, reservation refunds."""
+"""The rollup worker's commands: membership, shard claims, stream reads, fenced commits, refunds."""
 
 from __future__ import annotations
 
@@ -86,6 +86,17 @@ class RollupCommands(Connection):
     def release_shard(self, shard: int, owner: str) -> None:
         with self._call():
             self._run("release_shard", [ks.shard_claim(shard)], [owner])
+
+    def rollup_heartbeat(self, owner: str, ttl_ms: int) -> list[str]:
+        if ttl_ms < 1:
+            raise ValueError(f"a heartbeat lasts at least 1 ms, not {ttl_ms}")
+        with self._call():
+            live = self._run("rollup_heartbeat", [ks.rollup_workers()], [owner, ttl_ms])
+        return sorted(as_str(name) for name in live)
+
+    def rollup_leave(self, owner: str) -> None:
+        with self._call() as client:
+            client.zrem(ks.rollup_workers(), owner)
 
     def committed_offset(self, shard: int) -> str:
         with self._call() as client:

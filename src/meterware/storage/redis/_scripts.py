@@ -26,6 +26,7 @@ _SCRIPTS: Final = (
     "record_key_use",
     "refund",
     "release_shard",
+    "rollup_heartbeat",
     "update_fields",
 )
 

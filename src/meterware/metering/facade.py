@@ -55,7 +55,7 @@ class Metering:
         if self.policy.admission == "lease":
             self.batcher.spent_leases = self.leases.spent
             self.batcher.released = self.leases.closed
-        self.measurer = Measurer(config, self.metrics, self.leases, self._queue)
+        self.measurer = Measurer(config, self.metrics, self.leases, self.queue)
         self.core = RequestCore(
             config, self.metrics, self.measurer, self.batcher.unsettled, key_getter, customer_getter
         )
@@ -98,7 +98,8 @@ class Metering:
         """Whether the backend is the in-process ``memory://`` store (the rollup then runs in-process)."""
         return self.config.storage.startswith("memory://")
 
-    def _queue(self, item: Pending) -> None:
+    def queue(self, item: Pending) -> None:
+        """Buffer a finished call's (or a record's) event and settlement for the flusher."""
         if not self._exit_hook:
             # Once per instance: a process forked after this inherits the registration.
             self._exit_hook = True

@@ -310,6 +310,7 @@ def test_the_module_level_record_uses_the_configuration_of_the_environment(
     """``meterware.record`` builds its recorder from METERWARE_CONFIG in a process that only has the
     configuration (a queue consumer), and what it buffered is written when the recorder closes."""
     from meterware import recording
+    from meterware.metering import facade
 
     storage = f"memory://{uuid.uuid4().hex}"
     path = tmp_path / "meterware.toml"
@@ -321,6 +322,7 @@ def test_the_module_level_record_uses_the_configuration_of_the_environment(
     )
     monkeypatch.setenv("METERWARE_CONFIG", str(path))
     monkeypatch.setattr(recording, "_default", None)
+    monkeypatch.setattr(facade, "_first_config", None)
     accounts = Accounts.open(Config.from_file(path))
     accounts.create_customer("worker-job", plan="tokens")
     accounts.grant_credits("worker-job", "1.00")
@@ -328,3 +330,26 @@ def test_the_module_level_record_uses_the_configuration_of_the_environment(
     recorder = recording.default_recorder()
     recorder.close()
     assert accounts.balance("worker-job").balance == 1_000_000 - 1000 * TOKEN_PRICE
+
+
+def test_the_module_level_record_uses_the_middlewares_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a process that runs the middleware (made with its configuration, not the environment's),
+    ``meterware.record`` charges through that configuration's backend."""
+    from meterware import recording
+    from meterware.metering import facade
+    from meterware.wsgi import WSGIMeteringMiddleware
+
+    monkeypatch.delenv("METERWARE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./meterware.toml
+    monkeypatch.setattr(recording, "_default", None)
+    monkeypatch.setattr(facade, "_first_config", None)
+    config = recording_config(f"memory://{uuid.uuid4().hex}", tmp_path / "spool")
+    WSGIMeteringMiddleware(lambda environ, start_response: [], config)
+    accounts = Accounts.open(config)
+    accounts.create_customer("web-job", plan="tokens")
+    accounts.grant_credits("web-job", "1.00")
+    assert meterware.record("web-job", {"tokens": 10}, event_id="m-1").recorded
+    recording.default_recorder().close()
+    assert accounts.balance("web-job").balance == 1_000_000 - 10 * TOKEN_PRICE

@@ -13,8 +13,10 @@ method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refuse
 rate limits (those count calls) and are never served without the backend (fail-open is for calls): a
 backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
 
-The module-level :func:`record` and :func:`arecord` use a :class:`Recorder` made on first use from
-``METERWARE_CONFIG`` (or ``./meterware.toml``); make your own with ``Recorder(config)`` to choose it.
+The module-level :func:`record` and :func:`arecord` use a :class:`Recorder` made on first use, with the
+configuration of the process's metering middleware if one was made before, else ``METERWARE_CONFIG`` (or
+``./meterware.toml``): a worker or queue consumer needs only the configuration. Make your own with
+``Recorder(config)`` to choose it.
 Buffered records are flushed in the background, by :meth:`Recorder.close`, and at interpreter exit.
 """
 
@@ -36,7 +38,7 @@ from meterware.errors import MeterwareError, UsageError
 from meterware.events import format_event_id, make_row, new_event_id
 from meterware.metering.admission import AdmitRequest, Decision, MeterHold, Reason, settled_meters
 from meterware.metering.batching import Pending
-from meterware.metering.facade import Metering
+from meterware.metering.facade import Metering, first_config
 from meterware.metering.flushers import ThreadFlusher
 from meterware.metering.measure import nets_out
 from meterware.metering.periods import period_bounds
@@ -336,12 +338,13 @@ _default_lock = threading.Lock()
 
 
 def default_recorder() -> Recorder:
-    """The process's recorder for :func:`record` and :func:`arecord`, made on first use from
-    ``METERWARE_CONFIG`` (or ``./meterware.toml``)."""
+    """The process's recorder for :func:`record` and :func:`arecord`, made on first use: with the
+    configuration of the first middleware made in this process, else ``METERWARE_CONFIG`` (or
+    ``./meterware.toml``)."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = Recorder()
+            _default = Recorder(first_config())
         return _default
 
 

@@ -25,6 +25,16 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 
+#: The configuration of the first middleware (or recorder) made in this process: what ``meterware.record``
+#: uses when not given one.
+_first_config: Config | None = None
+
+
+def first_config() -> Config | None:
+    """The configuration of the first :class:`Metering` made in this process, if any."""
+    return _first_config
+
+
 class Metering:
     """The per-process state and decisions behind one middleware instance.
 
@@ -39,6 +49,9 @@ class Metering:
         customer_getter: CustomerGetter | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        global _first_config
+        if _first_config is None:
+            _first_config = config
         self.config = config
         self.routes = config.routes
         self.policy = config.policy

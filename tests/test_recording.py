@@ -42,6 +42,10 @@ def recording_config(storage: str, spool_dir: Path) -> Config:
                 },
                 "included": {"prepaid": True, "meters": {"tokens": {"included": 100, "price": "0.0001"}}},
                 "capped": {"meters": {"tokens": {"quota": 1000}}},
+                "mixed": {
+                    "prepaid": True,
+                    "meters": {"calls": {"price": "0.01"}, "tokens": {"price": "0.0001"}},
+                },
             },
             "pipeline": {"flush_interval": 0.01, "spool_dir": str(spool_dir)},
             "policy": {"timeout": 5.0},
@@ -210,9 +214,10 @@ def test_zero_units_are_not_billed_and_bad_input_is_refused_up_front(setup: Setu
 
 def test_an_unknown_or_suspended_customer_is_refused(setup: Setup) -> None:
     """As for a call: unknown_customer, then suspended (checked in the atomic admission)."""
-    with pytest.raises(Refused) as refused:
-        setup.recorder.record("nobody-here", {"tokens": 1}, event_id="u")
-    assert refused.value.reason == "unknown_customer"
+    for unknown in ("nobody-here", "not a customer id"):
+        with pytest.raises(Refused) as refused:
+            setup.recorder.record(unknown, {"tokens": 1}, event_id="u")
+        assert refused.value.reason == "unknown_customer"
     customer = setup.customer("tokens", credits="1.00")
     setup.accounts.set_status(customer, "suspended")
     with pytest.raises(Refused) as refused:
@@ -247,7 +252,7 @@ def test_arecord_charges_refuses_and_deduplicates(setup: Setup) -> None:
 
 
 def test_concurrent_records_never_spend_more_than_the_balance(setup: Setup) -> None:
-    """200 records of 10 tokens (0.001 credits each) from 8 threads against 0.05 credits: exactly 50 are
+    """200 records of 10 tokens (0.001 credits each) from 32 threads against 0.05 credits: exactly 50 are
     admitted, the others refused, and the balance ends at zero, never below."""
     customer = setup.customer("tokens", credits="0.05")
     outcomes: list[str] = []
@@ -268,7 +273,7 @@ def test_concurrent_records_never_spend_more_than_the_balance(setup: Setup) -> N
             with lock:
                 outcomes.append(outcome)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    threads = [threading.Thread(target=work) for _ in range(32)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -353,3 +358,55 @@ def test_the_module_level_record_uses_the_middlewares_configuration(
     assert meterware.record("web-job", {"tokens": 10}, event_id="m-1").recorded
     recording.default_recorder().close()
     assert accounts.balance("web-job").balance == 1_000_000 - 10 * TOKEN_PRICE
+
+
+def test_calls_and_records_share_one_balance_without_passing_it(setup: Setup) -> None:
+    """100 calls (0.01 credits each) through the WSGI middleware and 100 records (0.001 each) from 32
+    threads against 0.10 credits: whatever the interleaving, what is admitted costs at most the balance,
+    and exactly what was admitted is charged (the settled balance is 0.10 minus it, never below zero)."""
+    from werkzeug.test import Client
+
+    from meterware.wsgi import WSGIMeteringMiddleware
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    customer = setup.customer("mixed", credits="0.10")
+    middleware = WSGIMeteringMiddleware(app, setup.config, customer_getter=lambda environ: customer)
+    admitted = {"calls": 0, "records": 0}
+    lock = threading.Lock()
+    work = iter([("call", number) for number in range(100)] + [("record", number) for number in range(100)])
+    jobs = sorted(work, key=lambda job: (job[1], job[0]))  # interleaved: call 0, record 0, call 1...
+
+    def worker(mine: list[tuple[str, int]]) -> None:
+        client = Client(middleware)
+        for kind, number in mine:
+            if kind == "call":
+                # Buffered: the body is read to its end and the response closed, as a server does.
+                ok = client.get("/v1/work", buffered=True).status_code == 200
+            else:
+                try:
+                    setup.recorder.record(customer, {"tokens": 10}, event_id=f"m-{number}")
+                    ok = True
+                except Refused:
+                    ok = False
+            with lock:
+                admitted["calls" if kind == "call" else "records"] += ok
+
+    threads = [threading.Thread(target=worker, args=(jobs[start::32],)) for start in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    spent = admitted["calls"] * 10_000 + admitted["records"] * 10 * TOKEN_PRICE
+    assert 90_000 < spent <= 100_000  # refused only once less than a call's price was left
+    middleware.drain()
+    setup.settle()
+    balance = setup.accounts.balance(customer)
+    assert (balance.balance, balance.reserved) == (100_000 - spent, 0)
+    usage = setup.accounts.usage(customer)
+    assert (usage.meters.get("calls", 0), usage.meters.get("tokens", 0)) == (
+        admitted["calls"],
+        admitted["records"] * 10,
+    )

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
 from types import TracebackType
 from typing import Any, Final
 
@@ -155,17 +154,32 @@ class Recorder:
         self.metering = Metering(resolve_config(config, {}))
         self.config = self.metering.config
         self._async: tuple[asyncio.AbstractEventLoop, AsyncStorage] | None = None
+        self._making = threading.Lock()
+        self._storage: Storage | None = None
+        self._flusher: ThreadFlusher | None = None
 
-    @cached_property
+    @property
     def storage(self) -> Storage:
-        return self.metering.backend()
+        """The synchronous client, made on first use (by one thread: each client holds a pool)."""
+        if self._storage is None:
+            with self._making:
+                if self._storage is None:
+                    self._storage = self.metering.backend()
+        return self._storage
 
-    @cached_property
+    @property
     def flusher(self) -> ThreadFlusher:
-        return ThreadFlusher(self.metering.batcher, self.metering.backend(flushing=True))
+        """The flusher thread's client and thread, made on first use, started by the first record."""
+        if self._flusher is None:
+            with self._making:
+                if self._flusher is None:
+                    storage = self.metering.backend(flushing=True)
+                    self._flusher = ThreadFlusher(self.metering.batcher, storage)
+        return self._flusher
 
     def async_storage(self) -> AsyncStorage:
-        """The asyncio client of the running loop (a client belongs to the loop that made it)."""
+        """The asyncio client of the running loop: a client belongs to the loop that made it, so a
+        recorder used on another loop makes another (``aclose()`` on the first loop before moving)."""
         loop = asyncio.get_running_loop()
         if self._async is None or self._async[0] is not loop:
             self._async = (loop, self.metering.async_backend())
@@ -300,14 +314,15 @@ class Recorder:
 
     def close(self) -> None:
         """Flush every buffered record and close the clients."""
-        made = vars(self)
-        if "flusher" in made:
-            self.flusher.drain()
-            self.flusher.storage.close()
+        with self._making:
+            flusher, storage, self._flusher, self._storage = self._flusher, self._storage, None, None
+        if flusher is not None:
+            flusher.drain()
+            flusher.storage.close()
         else:
             self.metering.drain_at_exit()
-        if "storage" in made:
-            self.storage.close()
+        if storage is not None:
+            storage.close()
 
     async def aclose(self) -> None:
         """The asyncio twin of :meth:`close` (also closes the running loop's client)."""

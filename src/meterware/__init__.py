@@ -24,6 +24,7 @@ if _typing.TYPE_CHECKING:
     from meterware.errors import ConfigError, MeterwareError, NotFoundError, StorageError, UsageError
     from meterware.keys import NewKey
     from meterware.metering.records import Customer, KeyRecord
+    from meterware.recording import Recorded, Recorder, Refused, arecord, record
     from meterware.storage.base import Balance, LedgerEntry
     from meterware.usage import CurrentCall, current_call
     from meterware.wsgi import WSGIMeteringMiddleware
@@ -57,6 +58,11 @@ _EXPORTS: dict[str, str] = {
     "Lot": "meterware.billing.ledger",
     "NewKey": "meterware.keys",
     "UsageReport": "meterware.billing.accounts",
+    "Recorder": "meterware.recording",
+    "Recorded": "meterware.recording",
+    "Refused": "meterware.recording",
+    "record": "meterware.recording",
+    "arecord": "meterware.recording",
 }
 
 __all__ = [
@@ -80,13 +86,18 @@ __all__ = [
     "NewKey",
     "NotFoundError",
     "Price",
+    "Recorded",
+    "Recorder",
+    "Refused",
     "StorageError",
     "Tier",
     "UsageError",
     "UsageReport",
     "WSGIMeteringMiddleware",
     "__version__",
+    "arecord",
     "current_call",
+    "record",
     "usage",
 ]
 

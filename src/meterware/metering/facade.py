@@ -25,6 +25,16 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 
+#: The configuration of the first middleware (or recorder) made in this process: what ``meterware.record``
+#: uses when not given one.
+_first_config: Config | None = None
+
+
+def first_config() -> Config | None:
+    """The configuration of the first :class:`Metering` made in this process, if any."""
+    return _first_config
+
+
 class Metering:
     """The per-process state and decisions behind one middleware instance.
 
@@ -39,6 +49,9 @@ class Metering:
         customer_getter: CustomerGetter | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        global _first_config
+        if _first_config is None:
+            _first_config = config
         self.config = config
         self.routes = config.routes
         self.policy = config.policy
@@ -55,7 +68,7 @@ class Metering:
         if self.policy.admission == "lease":
             self.batcher.spent_leases = self.leases.spent
             self.batcher.released = self.leases.closed
-        self.measurer = Measurer(config, self.metrics, self.leases, self._queue)
+        self.measurer = Measurer(config, self.metrics, self.leases, self.queue)
         self.core = RequestCore(
             config, self.metrics, self.measurer, self.batcher.unsettled, key_getter, customer_getter
         )
@@ -98,7 +111,8 @@ class Metering:
         """Whether the backend is the in-process ``memory://`` store (the rollup then runs in-process)."""
         return self.config.storage.startswith("memory://")
 
-    def _queue(self, item: Pending) -> None:
+    def queue(self, item: Pending) -> None:
+        """Buffer a finished call's (or a record's) event and settlement for the flusher."""
         if not self._exit_hook:
             # Once per instance: a process forked after this inherits the registration.
             self._exit_hook = True

@@ -367,7 +367,8 @@ class AlertStorage(Protocol):
 
 
 class PortalStorage(Protocol):
-    """One-use markers of the customer portal: sign-in links used, sessions signed out. ``use_once``
+    """One-use markers of the customer portal (sign-in links used, sessions signed out) and of records
+    (``meterware.record``'s event ids, deduplicated through them). ``use_once``
     records ``token_id`` of ``customer_id`` as used until ``expires_ms`` (epoch ms; the marker is gone
     after) and says whether this call was the first to use it: True once, then False until it expires.
     ``is_used`` says whether it is marked, marking nothing."""
@@ -418,6 +419,8 @@ class AsyncStorage(Protocol):
     async def admit(self, request: AdmitRequest) -> Decision: ...
     async def flush(self, batch: Batch) -> bool: ...
     async def release(self, admissions: Sequence[AdmitRequest]) -> int: ...
+    async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool: ...
+    async def is_used(self, customer_id: str, token_id: str) -> bool: ...
     async def ready(self) -> None:
         """Connect and run the start-up checks (raise ``UnsafeStorageError`` or ``StorageError``)."""
 

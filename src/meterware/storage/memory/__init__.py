@@ -106,6 +106,12 @@ class AsyncMemoryStorage:
     async def release(self, admissions: Sequence[AdmitRequest]) -> int:
         return self.sync.release(admissions)
 
+    async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
+        return self.sync.use_once(customer_id, token_id, expires_ms)
+
+    async def is_used(self, customer_id: str, token_id: str) -> bool:
+        return self.sync.is_used(customer_id, token_id)
+
     async def ready(self) -> None:
         """Nothing to connect to or check."""
 

@@ -223,6 +223,16 @@ class AsyncRedisStorage:
             replies = [await self._run("refund", keys, args) for keys, args in release_calls(admissions)]
         return sum(int(reply) for reply in replies)
 
+    async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
+        key = ks.portal_marker(ks.shard_of(customer_id, self.shards), customer_id, token_id)
+        async with self._call() as client:
+            return bool(await client.set(key, 1, nx=True, pxat=max(1, expires_ms)))
+
+    async def is_used(self, customer_id: str, token_id: str) -> bool:
+        key = ks.portal_marker(ks.shard_of(customer_id, self.shards), customer_id, token_id)
+        async with self._call() as client:
+            return bool(await client.exists(key))
+
     async def ready(self) -> None:
         """Connect and run the start-up check (at the ASGI lifespan's start-up)."""
         async with self._call():

@@ -1,0 +1,376 @@
+"""Record usage outside an HTTP call: a batch job, a websocket session, a queue consumer.
+
+    import meterware
+
+    meterware.record("acme", {"tokens": 1200}, event_id=job.id)          # sync code
+    await meterware.arecord("acme", {"tokens": 1200}, event_id=job.id)   # asyncio code
+
+A record goes through the same atomic admission as a call (hard quotas and credits are checked and what
+its units cost is reserved: concurrent records never overspend), then into the same buffer, flush and
+settlement (the credits ledger, the stream, the rollup windows) as an event with no route: route ``""``,
+method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refused`; a retry with the same
+``event_id`` within :data:`IDEMPOTENCY_SECONDS` is charged once. Records never count against the plan's
+rate limits (those count calls) and are never served without the backend (fail-open is for calls): a
+backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
+
+The module-level :func:`record` and :func:`arecord` use a :class:`Recorder` made on first use, with the
+configuration of the process's metering middleware if one was made before, else ``METERWARE_CONFIG`` (or
+``./meterware.toml``): a worker or queue consumer needs only the configuration. Make your own with
+``Recorder(config)`` to choose it.
+Buffered records are flushed in the background, by :meth:`Recorder.close`, and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any, Final
+
+from meterware.config import MAX_CALL_COST, Config, resolve_config
+from meterware.errors import MeterwareError, UsageError
+from meterware.events import format_event_id, make_row, new_event_id
+from meterware.metering.admission import AdmitRequest, Decision, MeterHold, Reason, settled_meters
+from meterware.metering.batching import Pending
+from meterware.metering.facade import Metering, first_config
+from meterware.metering.flushers import ThreadFlusher
+from meterware.metering.measure import nets_out
+from meterware.metering.periods import period_bounds
+from meterware.metering.records import KeyInfo
+from meterware.storage._keyspace import shard_of
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Settlement, Storage
+from meterware.usage import UNITS_LIMIT
+
+#: A retry with the same ``event_id`` within this many seconds is charged once.
+IDEMPOTENCY_SECONDS: Final = BATCH_MEMORY_SECONDS
+#: What a record's event holds as its route and method (a call's route is never empty).
+RECORD_ROUTE: Final = ""
+RECORD_METHOD: Final = "RECORD"
+#: The longest ``event_id`` taken (its marker is a backend key).
+MAX_EVENT_ID_LENGTH: Final = 200
+
+
+class Refused(MeterwareError):
+    """The backend refused a record: ``reason`` is the problem reason a call would get
+    (``insufficient_credits``, ``quota_exceeded``, ``suspended``, ``unknown_customer``)."""
+
+    def __init__(self, customer: str, reason: Reason, retry_after: int = 0) -> None:
+        super().__init__(f"record for customer {customer!r} refused: {reason}")
+        self.customer = customer
+        self.reason = reason
+        #: Seconds until it may be admitted (``quota_exceeded``: the end of the period); 0 if unknown.
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a record did."""
+
+    #: The caller's ``event_id``.
+    event_id: str
+    #: The id of the event written to the stream (UUIDv7: what ``Accounts.void_event`` takes), or ""
+    #: when nothing was written (a duplicate, or no units).
+    stream_event_id: str
+    #: False: the same ``event_id`` was recorded before (nothing charged this time).
+    recorded: bool
+    #: Micro-credits reserved for it (its settlement charges them, less what included units cover).
+    reserved_credits: int = 0
+
+
+def checked_units(config: Config, units: Mapping[str, int]) -> dict[str, int]:
+    """``units`` once every meter is one a record can add to and every value a whole number of units;
+    :class:`UsageError` naming the first that is not."""
+    if not isinstance(units, Mapping) or not units:
+        raise UsageError("record() takes a non-empty mapping of meter name to units")
+    checked: dict[str, int] = {}
+    for meter, value in units.items():
+        definition = config.meters.get(meter) if isinstance(meter, str) else None
+        if definition is None:
+            raise UsageError(f"record(): no such meter is configured: {meter!r}")
+        if definition.source != "handler" or not definition.chargeable:
+            raise UsageError(
+                f"record(): meter {meter!r} is not one a record adds to (source 'handler', "
+                f"aggregation 'sum' or 'count'; it has {definition.source!r}, {definition.aggregation!r})"
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < UNITS_LIMIT:
+            raise UsageError(f"record(): units of meter {meter!r} must be an integer from 0 to 2^53-1")
+        checked[meter] = value
+    return checked
+
+
+def checked_event_id(event_id: str) -> str:
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID_LENGTH:
+        raise UsageError(f"record(): event_id must be text of 1 to {MAX_EVENT_ID_LENGTH} characters")
+    return event_id
+
+
+def record_holds(key: KeyInfo, config: Config, units: Mapping[str, int]) -> tuple[MeterHold, ...]:
+    """What a record holds of each recorded meter the plan limits or prices: its exact units (known before
+    admission, unlike a call's), so admission reserves exactly what they cost."""
+    plan = config.plan(key.customer.plan)
+    holds = []
+    for meter, value in units.items():
+        terms = plan.meters.get(meter)
+        if terms is None or (terms.quota is None and not terms.price and not terms.included):
+            continue
+        holds.append(
+            MeterHold(
+                meter=meter,
+                quota=terms.quota if terms.quota is not None and terms.hard else -1,
+                included=terms.included,
+                price=terms.price if key.live else 0,
+                need=value,
+                hold=value,
+                exact=True,
+            )
+        )
+    cost = sum(hold.hold * hold.price for hold in holds)
+    if cost > MAX_CALL_COST:
+        raise UsageError(f"record(): {cost} micro-credits are more than one record may cost")
+    return tuple(holds)
+
+
+def marker(event_id: str) -> str:
+    """The one-use marker of a record's ``event_id`` (kept with the customer, like the portal's)."""
+    return f"record:{event_id}"
+
+
+class Recorder:
+    """Records usage outside HTTP calls for one configuration (thread-safe; see the module's docstring).
+
+    :param config: a :class:`~meterware.Config`, a path to a TOML file, a dict shaped like the file, or
+        ``None`` to load ``METERWARE_CONFIG`` or ``./meterware.toml``.
+
+    Use it as a context manager, or call :meth:`close` (:meth:`aclose` with asyncio) once done: buffered
+    records are flushed then (and at interpreter exit in any case).
+    """
+
+    def __init__(self, config: Config | str | os.PathLike[str] | dict[str, Any] | None = None) -> None:
+        self.metering = Metering(resolve_config(config, {}))
+        self.config = self.metering.config
+        self._async: tuple[asyncio.AbstractEventLoop, AsyncStorage] | None = None
+        self._making = threading.Lock()
+        self._storage: Storage | None = None
+        self._flusher: ThreadFlusher | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """The synchronous client, made on first use (by one thread: each client holds a pool)."""
+        if self._storage is None:
+            with self._making:
+                if self._storage is None:
+                    self._storage = self.metering.backend()
+        return self._storage
+
+    @property
+    def flusher(self) -> ThreadFlusher:
+        """The flusher thread's client and thread, made on first use, started by the first record."""
+        if self._flusher is None:
+            with self._making:
+                if self._flusher is None:
+                    storage = self.metering.backend(flushing=True)
+                    self._flusher = ThreadFlusher(self.metering.batcher, storage)
+        return self._flusher
+
+    def async_storage(self) -> AsyncStorage:
+        """The asyncio client of the running loop: a client belongs to the loop that made it, so a
+        recorder used on another loop makes another (``aclose()`` on the first loop before moving)."""
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            self._async = (loop, self.metering.async_backend())
+        return self._async[1]
+
+    # -- the two twins -------------------------------------------------------------------------------
+
+    def record(self, customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
+        """Charge ``units`` to ``customer`` once per ``event_id`` (:class:`Refused`: they cannot be)."""
+        checked, event_id = checked_units(self.config, units), checked_event_id(event_id)
+        storage = self.storage
+        if not any(checked.values()):
+            return Recorded(event_id, "", True)
+        if storage.is_used(customer, marker(event_id)):
+            return Recorded(event_id, "", False)
+        request = self._request(customer, checked, storage.resolve_customer(customer))
+        decision = storage.admit(request)
+        if not decision.allowed:
+            if storage.is_used(customer, marker(event_id)):  # recorded meanwhile (a concurrent retry)
+                return Recorded(event_id, "", False)
+            raise self._refused(customer, decision)
+        if not storage.use_once(customer, marker(event_id), self._marker_expiry()):
+            storage.release([request])
+            return Recorded(event_id, "", False)
+        return self._queue(request, decision, checked, event_id)
+
+    async def arecord(self, customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
+        """The asyncio twin of :meth:`record`."""
+        checked, event_id = checked_units(self.config, units), checked_event_id(event_id)
+        storage = self.async_storage()
+        if not any(checked.values()):
+            return Recorded(event_id, "", True)
+        if await storage.is_used(customer, marker(event_id)):
+            return Recorded(event_id, "", False)
+        request = self._request(customer, checked, await storage.resolve_customer(customer))
+        decision = await storage.admit(request)
+        if not decision.allowed:
+            if await storage.is_used(customer, marker(event_id)):
+                return Recorded(event_id, "", False)
+            raise self._refused(customer, decision)
+        if not await storage.use_once(customer, marker(event_id), self._marker_expiry()):
+            await storage.release([request])
+            return Recorded(event_id, "", False)
+        return self._queue(request, decision, checked, event_id)
+
+    # -- what both twins share -----------------------------------------------------------------------
+
+    def _request(self, customer: str, units: Mapping[str, int], key: KeyInfo | None) -> AdmitRequest:
+        """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer)."""
+        if key is None:
+            raise Refused(customer, "unknown_customer")
+        plan = self.config.plan(key.customer.plan)
+        start, end = period_bounds(key.customer.anchor, plan.period, time.time())
+        holds = record_holds(key, self.config, units)
+        return AdmitRequest(
+            shard=shard_of(customer, self.config.shards),
+            customer=customer,
+            key_id="",
+            live=key.live,
+            # Rate limits count calls, and a record is not one.
+            plan=replace(plan, rate_limits=()),
+            period_start=start,
+            period_end=end,
+            holds=holds,
+            reservation_id=f"{random.getrandbits(64):016x}",
+            reservation_timeout_ms=int(self.config.policy.reservation_timeout * 1000),
+            unsettled=self.metering.batcher.unsettled if holds else None,
+            one_by_one=True,
+        )
+
+    @staticmethod
+    def _refused(customer: str, decision: Decision) -> Refused:
+        assert decision.reason is not None
+        return Refused(customer, decision.reason, decision.retry_after)
+
+    @staticmethod
+    def _marker_expiry() -> int:
+        return time.time_ns() // 1_000_000 + IDEMPOTENCY_SECONDS * 1000
+
+    def _queue(
+        self, request: AdmitRequest, decision: Decision, units: dict[str, int], event_id: str
+    ) -> Recorded:
+        """Queue the admitted record's event and settlement for the flusher (as a finished call's)."""
+        now_ms = time.time_ns() // 1_000_000
+        stream_id = new_event_id(now_ms)
+        row = make_row(
+            stream_id,
+            now_ms,
+            request.customer,
+            "",
+            request.plan.name,
+            RECORD_ROUTE,
+            RECORD_METHOD,
+            200,
+            "success",
+            0,
+            0,
+            units,
+            True,
+            request.live,
+            request.period_start,
+            "",
+        )
+        settled = settled_meters(request.holds, units)
+        settlement = Settlement(
+            request.customer,
+            request.live,
+            request.period_start,
+            decision.reservation_id,
+            True,
+            request.charges_credits,
+            settled,
+        )
+        change = None
+        if request.holds and not (decision.reservation_id and nets_out(request, decision.reserved_credits)):
+            account = (request.customer, request.live, request.period_start)
+            released = decision.reserved_credits if decision.reservation_id else 0
+            freed = [hold.hold if decision.reservation_id else 0 for hold in request.holds]
+            meters = tuple(
+                (meter, used, free) for (meter, used, _, _), free in zip(settled, freed, strict=True)
+            )
+            change = (account, released, meters)
+        self.metering.queue(Pending(request.shard, row, settlement, change))
+        self.flusher.ensure_running()
+        return Recorded(event_id, format_event_id(stream_id), True, decision.reserved_credits)
+
+    # -- closing -------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every buffered record now."""
+        self.flusher.drain()
+
+    def close(self) -> None:
+        """Flush every buffered record and close the clients."""
+        with self._making:
+            flusher, storage, self._flusher, self._storage = self._flusher, self._storage, None, None
+        if flusher is not None:
+            flusher.drain()
+            flusher.storage.close()
+        else:
+            self.metering.drain_at_exit()
+        if storage is not None:
+            storage.close()
+
+    async def aclose(self) -> None:
+        """The asyncio twin of :meth:`close` (also closes the running loop's client)."""
+        if self._async is not None and self._async[0] is asyncio.get_running_loop():
+            await self._async[1].aclose()
+        self._async = None
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Recorder:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+_default: Recorder | None = None
+_default_lock = threading.Lock()
+
+
+def default_recorder() -> Recorder:
+    """The process's recorder for :func:`record` and :func:`arecord`, made on first use: with the
+    configuration of the first middleware made in this process, else ``METERWARE_CONFIG`` (or
+    ``./meterware.toml``)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Recorder(first_config())
+        return _default
+
+
+def record(customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
+    """Charge ``units`` (meter name -> units) to ``customer`` once per ``event_id``, outside an HTTP call.
+
+    Raises :class:`Refused` when the credits or a hard quota cannot cover them, ``UsageError`` for an
+    unknown meter or a bad value. See :class:`Recorder`."""
+    return default_recorder().record(customer, units, event_id=event_id)
+
+
+async def arecord(customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
+    """The asyncio twin of :func:`record`."""
+    return await default_recorder().arecord(customer, units, event_id=event_id)

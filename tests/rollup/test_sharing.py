@@ -8,11 +8,13 @@ import time
 from collections.abc import Iterator, Sequence
 
 import pytest
+import redis
 
 from meterware.config import Config
 from meterware.events import UsageEvent
 from meterware.rollup import RollupWorker
 from meterware.rollup.sharing import share_of
+from meterware.storage import _keyspace as ks
 from meterware.storage import open_storage
 from meterware.storage.base import Storage
 from meterware.storage.memory import MemoryStorage
@@ -136,7 +138,7 @@ def test_a_worker_that_stops_hands_its_shards_over_at_once(storage: Storage) -> 
 def test_a_worker_that_dies_loses_its_shards_when_its_lease_runs_out(storage: Storage) -> None:
     """A worker that stops stepping without a release keeps its shards until its claims and heartbeat
     expire; then the other takes them all, and nothing is counted twice or lost."""
-    lease = 0.5
+    lease = 2.0  # long enough for three rounds on a busy machine
     traffic = Traffic(storage, 4)
     workers = _workers(storage, config(batch_size=20, lease_seconds=lease), "a", "b")
     traffic.rounds(workers, 3)
@@ -149,6 +151,43 @@ def test_a_worker_that_dies_loses_its_shards_when_its_lease_runs_out(storage: St
     traffic.rounds(workers[:1], 1)
     assert _owned(workers[:1]) == [16]
     traffic.check_exact(workers[:1])
+
+
+def test_workers_given_parts_of_the_shards_claim_them_all(storage: Storage) -> None:
+    """Workers each given a part of the shards (``shards=``) take no part in sharing: between them every
+    shard is rolled up, none is left without an owner."""
+    traffic = Traffic(storage, 6)
+    settings = config(batch_size=20, lease_seconds=60)
+    workers = [
+        RollupWorker(storage, settings, owner="low", shards=range(0, 8)),
+        RollupWorker(storage, settings, owner="high", shards=range(8, 16)),
+    ]
+    traffic.rounds(workers, 3)
+    assert _owned(workers) == [8, 8]
+    traffic.check_exact(workers)
+
+
+@pytest.mark.redis
+def test_a_worker_whose_heartbeat_keeps_failing_takes_every_shard_it_can(redis_url: str) -> None:
+    """The live workers' key clobbered (a string): no heartbeat answers, each worker keeps its last share
+    until its own heartbeat would have expired, then claims what it can, first come, so no shard waits."""
+    storage = RedisStorage(redis_url, shards=SHARDS, timeout=5)
+    traffic = Traffic(storage, 7)
+    lease = 2.0  # long enough for three rounds on a busy machine
+    workers = _workers(storage, config(batch_size=20, lease_seconds=lease), "a", "b")
+    traffic.rounds(workers, 3)
+    assert _owned(workers) == [8, 8]
+    workers[1].release()
+    clobbered = time.monotonic()
+    redis.Redis.from_url(redis_url).set(ks.rollup_workers(), "clobbered")
+    traffic.rounds(workers[:1], 1)
+    if time.monotonic() - clobbered < lease * 0.8:  # a slow machine may have reached the expiry already
+        assert _owned(workers[:1]) == [8]  # its share as last known
+    time.sleep(lease + 0.05)
+    traffic.rounds(workers[:1], 1)
+    assert _owned(workers[:1]) == [16]
+    traffic.check_exact(workers[:1])
+    storage.close()
 
 
 @pytest.mark.redis

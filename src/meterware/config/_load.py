@@ -28,7 +28,7 @@ from meterware.config._routes import Routes
 from meterware.config._sections import Alerts, ExportTarget, Meter, Pipeline, Plan, Policy, Portal, Rollup
 from meterware.config._table import Section
 from meterware.errors import ConfigError
-from meterware.storage.base import ReplicaWait
+from meterware.storage.base import DEFAULT_TIMEOUT, ReplicaWait
 
 logger = logging.getLogger("meterware")
 
@@ -148,11 +148,13 @@ def _parse(data: Mapping[str, Any]) -> Config:
     check_call_costs(plans, meters, max([1, *(weight for _, weight in routes.weights)]))
     policy = parse_policy(root)
     pipeline = parse_pipeline(root)
-    if replica_wait is not None and replica_wait.timeout >= pipeline.flush_timeout:
+    # The flush, the worker's and the tools' calls each bound a script and its wait together.
+    call_timeout = min(pipeline.flush_timeout, DEFAULT_TIMEOUT)
+    if replica_wait is not None and replica_wait.timeout >= call_timeout:
         raise ConfigError(
             "storage.wait_timeout",
-            f"must be below pipeline.flush_timeout ({pipeline.flush_timeout:g}s), which bounds the flush and"
-            f" its wait together, got {replica_wait.timeout:g}",
+            f"must be below {call_timeout:g}s (pipeline.flush_timeout, and the worker's and the CLI's call"
+            f" timeout of {DEFAULT_TIMEOUT:g}s), got {replica_wait.timeout:g}",
         )
     rollup = parse_rollup(root)
     alerts = parse_alerts(root, plans)

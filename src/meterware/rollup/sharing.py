@@ -7,12 +7,15 @@ free shards up to its share and, after committing what it read, gives back the o
 it holds), which a worker below its share takes on its next step. So a worker started while others run
 gets its share within a step or two, one that stops (and leaves) or dies (its heartbeat and claims
 expire) leaves its shards to the others, and a claim's fencing token keeps every handover exact.
-Workers sharing a backend are meant to work on the same shards (all of them, by default).
+Only workers over all of a backend's shards (the default) share them; one given a part of them takes no
+part and claims what it can, first come. A worker whose heartbeat has failed for longer than its lifetime
+is not counted by the others any more, so it takes every shard it can too until the heartbeat is back.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 from meterware.errors import StorageError
@@ -39,20 +42,23 @@ class FairShare:
         #: The most shards to hold: all of them until other workers are seen.
         self.share = shards
         self._failing = False
+        self._last_heartbeat = time.monotonic()
 
     def refresh(self) -> int:
-        """Announce this worker for ``ttl_ms`` more and return its share (the last known one if the
-        backend fails: the shards' own calls report the outage)."""
+        """Announce this worker for ``ttl_ms`` more and return its share: the last known one while the
+        backend fails (the shards' own calls report the outage), every shard once the heartbeat has
+        expired (the others no longer count this worker)."""
         try:
             live = self.storage.rollup_heartbeat(self.owner, self.ttl_ms)
         except StorageError as error:
             if not self._failing:
-                logger.warning(
-                    "worker %s: heartbeat failed, keeping a share of %d: %s", self.owner, self.share, error
-                )
+                logger.warning("worker %s: heartbeat failed: %s", self.owner, error)
             self._failing = True
+            if time.monotonic() - self._last_heartbeat > self.ttl_ms / 1000:
+                self.share = self.shards
             return self.share
         self._failing = False
+        self._last_heartbeat = time.monotonic()
         share = share_of(self.shards, live, self.owner)
         if share != self.share:
             logger.info(

@@ -35,12 +35,10 @@ from meterware.rollup.housekeeping import housekeep
 from meterware.rollup.metrics import CustomerMetrics, MetricsOptions, RollupMetrics, ShardLag
 from meterware.rollup.sharing import FairShare
 from meterware.storage import open_storage
-from meterware.storage.base import RollupCommit, Storage, StreamEntry
+from meterware.storage.base import DEFAULT_TIMEOUT, RollupCommit, Storage, StreamEntry
 
 logger = logging.getLogger("meterware.rollup")
 
-#: Timeout in seconds of one backend call of the worker (it is off the request path: it can wait).
-STORAGE_TIMEOUT: Final = 5.0
 #: Longest pause after backend errors, in seconds.
 MAX_BACKOFF: Final = 30.0
 #: Seconds between two warnings that keys' last uses could not be recorded (each failure is counted).
@@ -158,7 +156,11 @@ class RollupWorker:
         self._events_per_entry: dict[int, int] = {}
         self._full_entry = max(1, config.pipeline.batch_size)
         self._key_uses = _KeyUses(storage, metrics)
-        self._sharing = FairShare(storage, self.owner, len(self.shards), self._claim_ms)
+        # Only workers over every shard share them: one given a part claims what it can, first come.
+        everything = set(self.shards) == set(range(storage.shards))
+        self._sharing = (
+            FairShare(storage, self.owner, len(self.shards), self._claim_ms) if everything else None
+        )
 
     @property
     def owned(self) -> tuple[int, ...]:
@@ -229,7 +231,8 @@ class RollupWorker:
         (and deliver the webhooks still queued, for a while)."""
         if self.alerts is not None:
             self.alerts.close()
-        self._sharing.leave()
+        if self._sharing is not None:
+            self._sharing.leave()
         for shard in list(self._claims):
             self._give_up(shard)
         if self.metrics is not None:
@@ -248,7 +251,8 @@ class RollupWorker:
     # -- one step -------------------------------------------------------------------------------------
 
     def _step(self, skip: Container[int] = (), *, fair: bool = False) -> _Progress:
-        share = self._sharing.refresh() if fair else len(self.shards)
+        sharing = self._sharing if fair else None
+        share = sharing.refresh() if sharing is not None else len(self.shards)
         entries = events = 0
         worked: list[int] = []
         failed: list[tuple[int, StorageError]] = []
@@ -279,7 +283,7 @@ class RollupWorker:
                 continue
             streak = 0
             worked.append(shard)
-        for shard in self._sharing.excess(self._claims) if fair else ():
+        for shard in sharing.excess(self._claims) if sharing is not None else ():
             logger.info("worker %s gives shard %d back (its share is %d)", self.owner, shard, share)
             self._give_up(shard)
         if self.metrics is not None:
@@ -423,7 +427,7 @@ def run_worker(
         storage = open_storage(
             config.storage,
             shards=config.shards,
-            timeout=STORAGE_TIMEOUT,
+            timeout=DEFAULT_TIMEOUT,
             allow_eviction=config.allow_eviction,
             replica_wait=config.replica_wait,
         )
@@ -513,7 +517,7 @@ def _metrics_served(
     finally:
         stop.set()
         if refresher is not None:
-            refresher.join(STORAGE_TIMEOUT * 2)
+            refresher.join(DEFAULT_TIMEOUT * 2)
         if customers is not None:
             registry.unregister(customers)
         server.shutdown()

@@ -25,14 +25,17 @@ if TYPE_CHECKING:
 #: Flushed batch ids are remembered this long (the batch marker), so a retried flush is recognised; a
 #: spooled batch older than this is never replayed (it may have been applied: it would be charged twice).
 BATCH_MEMORY_SECONDS = 86_400
+#: Seconds each backend call may take when the caller gives no timeout (the worker, the CLI, Accounts).
+DEFAULT_TIMEOUT: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaWait:
     """After each write that moves money (flush, ledger writes, period close), wait until ``replicas``
-    replicas have it, at most ``timeout`` seconds; if fewer do, the write is not acknowledged (it is
-    retried, and applied once). Redis replicates asynchronously: without this, a failover can lose the
-    last writes the primary acknowledged."""
+    replicas have it, at most ``timeout`` seconds; if fewer do, the call fails though its write stays on
+    the primary: a flush is kept and retried (applied once), a grant must not be repeated blindly.
+    Redis replicates asynchronously: without this, a failover can lose the last writes the primary
+    acknowledged."""
 
     replicas: int
     timeout: float

@@ -1,7 +1,8 @@
 #!lua
 -- Fire an alert at most once. KEYS: its marker, the shard's alerts stream.
 -- ARGV: expires_at (epoch seconds, for the marker), the stream's length cap, then field, value, ...
--- Reply: the new entry id, or false (the marker exists: the alert fired already; nothing is written).
+-- Reply: the new entry id, or false (the marker exists: the alert fired already; only the marker is
+-- written again, as it is: common.lua's preamble).
 
 local stop, reply = preamble({KEYS[2], 'stream'}, KEYS[1], false, false)
 if stop then

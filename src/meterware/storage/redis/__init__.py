@@ -17,12 +17,12 @@ from typing import ClassVar
 
 from meterware.storage._registry import Backend
 from meterware.storage._url import RedisTarget, parse_url
-from meterware.storage.base import ReplicaWait
+from meterware.storage.base import DEFAULT_TIMEOUT, ReplicaWait
 from meterware.storage.redis._accounts import AccountCommands, LedgerCommands
 from meterware.storage.redis._async import AsyncRedisStorage
 from meterware.storage.redis._billing import AlertCommands, ExportCommands, InvoiceCommands, PortalCommands
 from meterware.storage.redis._checks import Finding, findings, read_nodes
-from meterware.storage.redis._connection import DEFAULT_TIMEOUT, DriverErrors, check_url, sync_client
+from meterware.storage.redis._connection import DriverErrors, check_url, sync_client
 from meterware.storage.redis._request import RequestPathCommands
 from meterware.storage.redis._rollup import RollupCommands
 from meterware.storage.redis._scripts import script_sources

@@ -25,10 +25,9 @@ from meterware.metering.records import KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import admit_call
 from meterware.storage._url import parse_url
-from meterware.storage.base import Batch, ReplicaWait
+from meterware.storage.base import DEFAULT_TIMEOUT, Batch, ReplicaWait
 from meterware.storage.redis._checks import aguard
 from meterware.storage.redis._connection import (
-    DEFAULT_TIMEOUT,
     MAX_CONNECTIONS,
     AsyncClient,
     DriverErrors,
@@ -132,11 +131,9 @@ class AsyncRedisStorage:
                 slots.release()
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        if self._replica_wait is not None and script in MONEY_SCRIPTS and self._client is not None:
-            waiting = arun_waiting(
-                self._client, self._nodes, self._scripts[script], keys, args, self._replica_wait
-            )
-            return await waiting
+        if self._replica_wait is not None and script in MONEY_SCRIPTS:
+            client, wait = await self._redis(), self._replica_wait
+            return await arun_waiting(client, self._nodes, script, self._scripts[script], keys, args, wait)
         return await self._scripts[script](keys=keys, args=args)
 
     async def resolve_key(self, key_hash: str) -> KeyInfo | None:

@@ -26,13 +26,11 @@ from redis.retry import Retry
 from meterware.errors import StorageError
 from meterware.storage import _keyspace as ks
 from meterware.storage._url import RedisTarget, parse_url
-from meterware.storage.base import ReplicaWait
+from meterware.storage.base import DEFAULT_TIMEOUT, ReplicaWait
 from meterware.storage.redis._checks import guard
 from meterware.storage.redis._replicas import MONEY_SCRIPTS, run_waiting
 from meterware.storage.redis._scripts import Arg, sources
 
-#: Seconds each call may take when the caller gives no timeout (the worker and the CLI).
-DEFAULT_TIMEOUT: Final = 5.0
 #: Calls in flight per storage object; more wait (within the timeout) instead of opening connections
 #: without bound. Each connection pool (one per cluster node) is this large.
 MAX_CONNECTIONS: Final = 64
@@ -190,8 +188,8 @@ class Connection:
                 self._slots.release()
 
     def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        if self._replica_wait is not None and script in MONEY_SCRIPTS and self._client is not None:
-            return run_waiting(self._client, self._scripts[script], keys, args, self._replica_wait)
+        if self._replica_wait is not None and script in MONEY_SCRIPTS:
+            return run_waiting(self._redis(), script, self._scripts[script], keys, args, self._replica_wait)
         return self._scripts[script](keys=keys, args=args)
 
     def _shard(self, customer_id: str) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ class Node:
     id: str
     port: int
     flags: frozenset[str]
+    #: The id of the node's primary ("-" for a primary).
+    primary: str
     slots: tuple[range, ...]
 
     @property
@@ -48,7 +52,7 @@ def parse_nodes(text: str) -> list[Node]:
             first, _, last = part.partition("-")
             slots.append(range(int(first), int(last or first) + 1))
         port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-        nodes.append(Node(fields[0], port, frozenset(fields[2].split(",")), tuple(slots)))
+        nodes.append(Node(fields[0], port, frozenset(fields[2].split(",")), fields[3], tuple(slots)))
     return nodes
 
 
@@ -90,6 +94,26 @@ def sigkill(server: RedisServer) -> None:
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=10)
     server.process = None
+
+
+def replica_of(cluster: RedisClusterServers, primary: RedisServer) -> RedisServer:
+    primary_id = node_id(primary)
+    port = next(node.port for node in topology(primary) if node.primary == primary_id)
+    return next(server for server in cluster.nodes if server.port == port)
+
+
+@contextmanager
+def cut_off(primary: RedisServer, replica: RedisServer) -> Iterator[None]:
+    """Hold ``replica`` behind ``primary``: stop it (SIGSTOP, shorter than the node timeout) and drop its
+    link, so the primary goes on acknowledging writes the replica never gets; let it go (SIGCONT) at the
+    end. What was sent before the cut still reaches it."""
+    assert replica.process is not None
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        redis_cli("-p", str(primary.port), "client", "kill", "type", "replica")
+        yield
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
 
 
 def wait_for_failover(

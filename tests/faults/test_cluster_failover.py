@@ -22,20 +22,23 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from meterware.storage._keyspace import shard_of
-from tests.faults.books import assert_exact, spool_bytes
+from tests.faults.books import Stream, assert_exact, spool_bytes
 from tests.faults.cluster import (
     ClusterDeployment,
     configure,
+    cut_off,
     keys_in_slot,
     move_slot,
     owner,
     primaries,
+    replica_of,
     shard_slot,
     sigkill,
     wait_for_failover,
@@ -55,14 +58,16 @@ from tests.faults.harness import (
     tokens_of,
     wait_until,
 )
-from tests.servers import RedisClusterServers, RedisServer, redis_cluster
+from tests.servers import RedisClusterServers, redis_cluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 #: Milliseconds before a silent node is taken as failing; its replica is promoted about a second later.
 NODE_TIMEOUT_MS = 1000
-#: A lost call ended at most this long before the kill: one flush interval, then the replication lag.
+#: A lost call ended at most this long before its flush was acknowledged (the flush interval, with room).
 LOSS_WINDOW_SECONDS = 1.0
+#: How long the replica of the killed primary is held behind it in the runs that test the worst case.
+BEHIND_SECONDS = 0.5
 
 
 def customer_per_shard() -> list[str]:
@@ -144,69 +149,117 @@ def flush_figures(metrics: dict[str, float]) -> dict[str, int]:
     }
 
 
+@dataclass(slots=True)
+class Failover:
+    """A primary killed under load, and what the test saw of it."""
+
+    deployment: ClusterDeployment
+    traffic: Traffic
+    #: The customers whose shards the killed primary held.
+    on_victim: list[str]
+    #: When the replica fell behind (the kill itself if it never did), when the primary was killed.
+    behind_from: float
+    killed: float
+    failover_seconds: float
+    rejoin_seconds: float
+    metrics: dict[str, float]
+
+    def figures(self, name: str, lost: int) -> None:
+        stream = self.deployment.stream()
+        customers = list(self.deployment.keys)
+        figures(
+            name,
+            requests=self.traffic.requests(),
+            succeeded=sum(len(self.traffic.succeeded(c)) for c in customers),
+            events=len(stream.events),
+            customers_on_killed_primary=len(self.on_victim),
+            lost_calls=lost,
+            lost_micros=sum(self.cost(c, self.lost(c, stream)) for c in customers),
+            replica_behind_seconds=round(self.killed - self.behind_from, 2),
+            failover_seconds=round(self.failover_seconds, 2),
+            rejoin_seconds=round(self.rejoin_seconds, 2),
+            **flush_figures(self.metrics),
+        )
+
+    def lost(self, customer: str, stream: Stream) -> set[str]:
+        return self.traffic.succeeded(customer) - stream.of(customer).paths("success")
+
+    @staticmethod
+    def cost(customer: str, paths: set[str]) -> int:
+        return len(paths) * CALL_PRICE + tokens_of(paths) * TOKEN_PRICE
+
+
+def fail_over(
+    tmp_path: Path,
+    cluster: RedisClusterServers,
+    make_app: Callable[..., App],
+    make_worker: Callable[..., Worker],
+    changes: dict[str, object],
+    *,
+    behind: bool,
+) -> Failover:
+    """SIGKILL the primary holding the most customers under load (its replica held ``behind`` for
+    :data:`BEHIND_SECONDS` first), wait for its replica's promotion, start the killed node again (it comes
+    back as a replica), go on for 1.5 s, then settle everything."""
+    customers = customer_per_shard()
+    deployment = ClusterDeployment(tmp_path, cluster, customers, changes)
+    owners = {customer: owner(cluster, customer_slot(customer)) for customer in customers}
+    victim = max(set(owners.values()), key=lambda server: list(owners.values()).count(server))
+    on_victim = [customer for customer in customers if owners[customer] is victim]
+    replica = replica_of(cluster, victim)
+
+    with Traffic(deployment, make_app, make_worker) as traffic:
+        time.sleep(1.5)
+        behind_from = time.monotonic()
+        with cut_off(victim, replica) if behind else nullcontext():
+            time.sleep(BEHIND_SECONDS if behind else 0.0)
+            sigkill(victim)
+            killed = time.monotonic()
+        failover = wait_for_failover(cluster, victim, [customer_slot(c) for c in on_victim], timeout=20)
+        victim.start()  # its cluster config kept, its data gone: a replica of the promoted one
+        configure(cluster, "cluster-node-timeout", str(NODE_TIMEOUT_MS))
+        rejoin = wait_for_replica(victim, timeout=20)
+        time.sleep(1.5)
+    metrics = traffic.settle(tmp_path, killed)
+    assert traffic.answered() <= {200, 503}, "a request failed another way than the app's own 503s"
+    return Failover(deployment, traffic, on_victim, behind_from, killed, failover, rejoin, metrics)
+
+
+@pytest.mark.parametrize("replica", ["in-sync", "behind"])
 def test_primary_killed_under_load_without_wait(
+    replica: str,
     cluster: RedisClusterServers,
     tmp_path: Path,
     make_app: Callable[..., App],
     make_worker: Callable[..., Worker],
 ) -> None:
-    """A primary SIGKILLed under load, WAIT off: the loss is measured, bounded to calls of its customers
-    that ended just before the kill, each lost whole (never charged without its event), nothing twice."""
-    customers = customer_per_shard()
-    deployment = ClusterDeployment(tmp_path, cluster, customers, {})
-    owners = {customer: owner(cluster, customer_slot(customer)) for customer in customers}
-    victim = max(set(owners.values()), key=lambda server: list(owners.values()).count(server))
-    on_victim = [customer for customer in customers if owners[customer] is victim]
-
-    with Traffic(deployment, make_app, make_worker) as traffic:
-        time.sleep(1.5)
-        sigkill(victim)
-        killed = time.monotonic()
-        failover = wait_for_failover(cluster, victim, [customer_slot(c) for c in on_victim], timeout=20)
-        restart_as_replica(cluster, victim)
-        time.sleep(1.5)
-    metrics = traffic.settle(tmp_path, killed)
-
-    stream = deployment.stream()
+    """A primary SIGKILLed under load, WAIT off (its replica in sync, or cut off for 0.5 s before): the
+    loss is measured, bounded to calls of its customers that ended while the replica was behind, each lost
+    whole (never charged without its event); nothing counts twice."""
+    run = fail_over(tmp_path, cluster, make_app, make_worker, {}, behind=replica == "behind")
+    stream = run.deployment.stream()
     stream.assert_no_duplicates()
-    assert traffic.answered() <= {200, 503}, "a request failed another way than the app's own 503s"
-    lost_calls: dict[str, int] = {}
-    for customer in customers:
+    lost_calls = 0
+    for customer, load in run.traffic.loads.items():
         mine = stream.of(customer)
-        ledger = deployment.books(customer)
-        succeeded = traffic.succeeded(customer)
         recorded = mine.paths("success")
-        assert recorded <= succeeded, "an event of a call the client did not see succeed"
-        lost = succeeded - recorded
-        lost_calls[customer] = len(lost)
-        if customer not in on_victim:
+        assert recorded <= run.traffic.succeeded(customer), "an event of a call the client saw fail"
+        lost = run.lost(customer, stream)
+        lost_calls += len(lost)
+        if customer not in run.on_victim:
             assert not lost, f"{customer} (on a surviving primary) lost {len(lost)} calls"
-        ended = {r.path.split("?")[0]: r.at for r in traffic.loads[customer].snapshot()}
-        late = [path for path in lost if not killed - LOSS_WINDOW_SECONDS <= ended[path] <= killed]
-        assert not late, f"{customer} lost calls that ended outside the window before the kill: {late[:5]}"
+        ended = {result.path.split("?")[0]: result.at for result in load.snapshot()}
+        window = (run.behind_from - LOSS_WINDOW_SECONDS, run.killed)
+        late = sorted(path for path in lost if not window[0] <= ended[path] <= window[1])
+        assert not late, f"{customer} lost calls that ended outside {window}: {late[:5]}"
         # The rollup and the charges are the events that exist: a lost call is lost whole.
+        ledger = run.deployment.books(customer)
         assert ledger.calls["success"] == len(recorded)
-        expected = len(recorded) * CALL_PRICE + tokens_of(recorded) * TOKEN_PRICE
-        assert ledger.spend == mine.charged() == ledger.charged == expected
+        assert ledger.spend == mine.charged() == ledger.charged == run.cost(customer, recorded)
         assert ledger.reserved == 0, "reservations left open"
-    figures(
-        "cluster-failover-no-wait",
-        requests=traffic.requests(),
-        succeeded=sum(len(traffic.succeeded(c)) for c in customers),
-        events=len(stream.events),
-        customers_on_killed_primary=len(on_victim),
-        lost_calls=sum(lost_calls.values()),
-        failover_seconds=round(failover, 2),
-        **flush_figures(metrics),
-    )
-
-
-def restart_as_replica(cluster: RedisClusterServers, server: RedisServer) -> float:
-    """Start a killed node again (its cluster config kept, its data gone): it comes back as a replica of
-    the primary promoted in its place. Return the seconds until it is in sync."""
-    server.start()
-    configure(cluster, "cluster-node-timeout", str(NODE_TIMEOUT_MS))
-    return wait_for_replica(server, timeout=20)
+    if replica == "behind":
+        assert lost_calls, "no acknowledged write was lost with a replica 0.5 s behind: the test saw nothing"
+    run.figures(f"cluster-failover-no-wait-{replica}", lost_calls)
 
 
 def test_slot_moved_under_load(

@@ -46,6 +46,7 @@ from tests.faults.cluster import (
 )
 from tests.faults.harness import (
     CALL_PRICE,
+    LATENCY_BOUND,
     MIXED_PATHS,
     SHARDS,
     TOKEN_PRICE,
@@ -139,6 +140,9 @@ class Traffic:
     def answered(self) -> set[int | None]:
         return {result.status for load in self.loads.values() for result in load.snapshot()}
 
+    def slowest(self) -> float:
+        return max(load.slowest().seconds for load in self.loads.values())
+
 
 def flush_figures(metrics: dict[str, float]) -> dict[str, int]:
     return {
@@ -178,6 +182,7 @@ class Failover:
             replica_behind_seconds=round(self.killed - self.behind_from, 2),
             failover_seconds=round(self.failover_seconds, 2),
             rejoin_seconds=round(self.rejoin_seconds, 2),
+            slowest_seconds=round(self.traffic.slowest(), 3),
             **flush_figures(self.metrics),
         )
 
@@ -262,16 +267,19 @@ def test_primary_killed_under_load_without_wait(
     run.figures(f"cluster-failover-no-wait-{replica}", lost_calls)
 
 
+@pytest.mark.parametrize("policy", ["open", "closed"])
 def test_slot_moved_under_load(
+    policy: str,
     cluster: RedisClusterServers,
     tmp_path: Path,
     make_app: Callable[..., App],
     make_worker: Callable[..., Worker],
 ) -> None:
-    """The slot of a customer's shard moved to another primary under load, the worker running: nothing
-    lost or counted twice; successes == rollup == charges for every customer."""
+    """The slot of a customer's shard moved to another primary under load, the worker running, the app
+    failing open or closed: nothing lost or counted twice; successes == rollup == charges for every
+    customer; no request waits past its budget."""
     customers = customer_per_shard()
-    deployment = ClusterDeployment(tmp_path, cluster, customers, {})
+    deployment = ClusterDeployment(tmp_path, cluster, customers, {"policy": {"on_backend_error": policy}})
     moving = customers[0]
     slot = customer_slot(moving)
     source = owner(cluster, slot)
@@ -289,6 +297,7 @@ def test_slot_moved_under_load(
     assert keys_in_slot(source, slot) == 0
     assert keys_in_slot(target, slot) > 0
     stream = deployment.stream()
+    stream.assert_no_duplicates()
     for customer in customers:
         succeeded = traffic.succeeded(customer)
         assert_exact(stream.of(customer), deployment.books(customer), succeeded, tokens=tokens_of(succeeded))
@@ -296,16 +305,20 @@ def test_slot_moved_under_load(
     after = {r.path.split("?")[0] for r in traffic.loads[moving].snapshot() if r.at > moved + 0.5}
     assert during, "no call of the moving customer during the migration"
     assert after & stream.paths("success"), "no call of the moving customer recorded after the move"
+    refused = [r for r in during if r.status == 503 and not r.path.startswith("/v1/fail/")]
+    if policy == "open":
+        assert not refused, f"fail-open refused {len(refused)} calls during the migration"
+    assert traffic.answered() <= {200, 503}
+    assert traffic.slowest() <= LATENCY_BOUND, f"a request took {traffic.slowest():.2f}s"
     figures(
-        "cluster-reshard",
+        f"cluster-reshard-{policy}",
         requests=traffic.requests(),
         succeeded=sum(len(traffic.succeeded(c)) for c in customers),
         events=len(stream.events),
         keys_moved=migration.keys,
         migration_seconds=round(migration.seconds, 2),
         calls_of_moved_customer_during_migration=len(during),
-        refused_during_migration=sum(
-            1 for r in during if r.status == 503 and not r.path.startswith("/v1/fail/")
-        ),
+        refused_during_migration=len(refused),
+        slowest_seconds=round(traffic.slowest(), 3),
         **flush_figures(metrics),
     )

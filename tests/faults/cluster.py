@@ -6,6 +6,7 @@ Every node is a redis-server process the test started (tests/servers.py); each s
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,32 @@ from tests.faults.books import Books, Stream, books
 from tests.faults.scenario import base_config, open_accounts, provision
 from tests.helpers import merged, to_toml
 from tests.servers import RedisClusterServers, RedisServer, info_fields, redis_cli
+
+
+@contextmanager
+def cluster_with_replicas(node_timeout_ms: int) -> Iterator[RedisClusterServers]:
+    """3 primaries with a replica each, in sync, failing a silent node after ``node_timeout_ms``.
+
+    ``free_port()`` cannot hold a port until redis-server binds it: a client socket of another process may
+    take one meanwhile (a node then fails to bind its cluster bus port, and the cluster cannot be made).
+    The cluster is then made again on new ports, three times at most.
+    """
+    failures: list[str] = []
+    for _ in range(3):
+        servers = RedisClusterServers(3, replicas=1)
+        try:
+            servers.start()
+        except (subprocess.CalledProcessError, TimeoutError) as error:
+            servers.cleanup()
+            failures.append(str(getattr(error, "stdout", "") or error)[-600:])
+            continue
+        try:
+            configure(servers, "cluster-node-timeout", str(node_timeout_ms))
+            yield servers
+        finally:
+            servers.cleanup()
+        return
+    raise RuntimeError("no cluster could be made:\n" + "\n".join(failures))
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from meterware.storage._keyspace import shard_of
 from tests.faults.books import Stream, assert_exact, spool_bytes
 from tests.faults.cluster import (
     ClusterDeployment,
+    cluster_with_replicas,
     configure,
     cut_off,
     keys_in_slot,
@@ -59,7 +60,7 @@ from tests.faults.harness import (
     tokens_of,
     wait_until,
 )
-from tests.servers import RedisClusterServers, redis_cluster
+from tests.servers import RedisClusterServers
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
@@ -88,8 +89,7 @@ def customer_slot(customer: str) -> int:
 @pytest.fixture
 def cluster() -> Iterator[RedisClusterServers]:
     """A fresh cluster of 3 primaries and 3 replicas (in sync), failing over within about 2 s."""
-    with redis_cluster(3, replicas=1) as servers:
-        configure(servers, "cluster-node-timeout", str(NODE_TIMEOUT_MS))
+    with cluster_with_replicas(NODE_TIMEOUT_MS) as servers:
         yield servers
 
 

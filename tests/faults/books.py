@@ -55,6 +55,9 @@ class Stream:
     def paths(self, outcome: str) -> set[str]:
         return {event.route for event in self.events if event.outcome == outcome}
 
+    def routes(self) -> list[str]:
+        return [event.route for event in self.events]
+
     def of(self, customer: str) -> Stream:
         """The events of ``customer`` and their costs (the entries and batch ids stay the stream's)."""
         assert len(self.costs) == len(self.events), "a batch was priced per call: no cost per event"

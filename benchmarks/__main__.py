@@ -39,7 +39,7 @@ from benchmarks._harness import (
     short_commit,
     wrk,
 )
-from benchmarks.apps import CONFIG, create_customer
+from benchmarks.apps import config_text, create_customer
 from benchmarks.pipeline import PipelineRun
 from benchmarks.throughput import FRAMEWORKS, REDIS_MODES, Baseline, Row, Settings, missing_packages
 from meterware import Accounts, Config
@@ -173,7 +173,7 @@ def targets_table(rows: Sequence[Row], result: PipelineRun | None) -> list[str]:
 def soak(seconds: int, redis_url: str, workdir: Path) -> list[str]:
     """One long Starlette strict run, the server's RSS sampled every few seconds."""
     config = workdir / "soak.toml"
-    config.write_text(CONFIG.format(storage=redis_url, spool=workdir / "spool", admission="strict"))
+    config.write_text(config_text(storage=redis_url, spool=workdir / "spool", admission="strict"))
     accounts = Accounts.open(Config.from_file(config))
     _, key = create_customer(accounts)
     accounts.close()

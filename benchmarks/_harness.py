@@ -43,6 +43,7 @@ __all__ = [
     "pinned",
     "rss_mib",
     "short_commit",
+    "tree_cpu_seconds",
     "wrk",
 ]
 
@@ -133,6 +134,15 @@ def _git(*args: str) -> str:
 # -- wrk ---------------------------------------------------------------------------------------------
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+#: A wrk script whose requests take turns through ``keys`` (Lua strings) in their Authorization header.
+_TURNS = """\
+local keys = {{{keys}}}
+local turn = 0
+request = function()
+  turn = turn % #keys + 1
+  return wrk.format(nil, nil, {{["Authorization"] = keys[turn]}})
+end
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +153,22 @@ class WrkResult:
     requests: int
 
 
-def wrk(url: str, seconds: int, *, key: str | None = None, connections: int = 32) -> WrkResult:
-    """Load ``url`` with ``wrk -t1 -cN --latency`` on the load core; fail on any error or non-2xx answer."""
+def wrk(
+    url: str, seconds: int, *, key: str | None = None, keys: Sequence[str] = (), connections: int = 32
+) -> WrkResult:
+    """Load ``url`` with ``wrk -t1 -cN --latency`` on the load core; fail on any error or non-2xx answer.
+
+    ``key``: every request bears it; ``keys``: the requests take turns through them (many customers).
+    """
     args = [*pinned(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if key:
         args += ["-H", f"Authorization: Bearer {key}"]
-    output = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if keys:
+            script.write(_TURNS.format(keys=", ".join(f'"Bearer {one}"' for one in keys)))
+            script.flush()
+            args += ["-s", script.name]
+        output = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     if match := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
         raise RuntimeError(f"{match[1]} refused or failed responses in a benchmark run:\n{output}")
     if match := re.search(r"Socket errors: (.*)", output):
@@ -184,6 +204,17 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time a process and its living descendants have used so far."""
+    total, pending = 0.0, [pid]
+    while pending:
+        one = pending.pop()
+        with contextlib.suppress(FileNotFoundError):
+            total += cpu_seconds(one)
+        pending += _children(one)
+    return total
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -198,9 +229,12 @@ class Server:
     ``pid`` is the process that serves (gunicorn's worker, not its arbiter), whose RSS is measured.
     """
 
-    def __init__(self, args: Sequence[str], port: int, env: dict[str, str], *, forks_worker: bool) -> None:
+    def __init__(
+        self, args: Sequence[str], port: int, env: dict[str, str], *, forks_worker: bool, pin: bool = True
+    ) -> None:
         self.port = port
-        self.process = subprocess.Popen([*pinned(SERVER_CPU), *args], env=env, cwd=ROOT)
+        prefix = pinned(SERVER_CPU) if pin else []
+        self.process = subprocess.Popen([*prefix, *args], env=env, cwd=ROOT)
         try:
             wait_for_port(port, timeout=30)
             self.pid = self.process.pid
@@ -216,12 +250,15 @@ class Server:
             raise
 
     @classmethod
-    def uvicorn(cls, factory: str, env: dict[str, str]) -> Server:
-        """uvicorn as a production user runs it: uvloop, httptools, no access log, one worker."""
+    def uvicorn(cls, factory: str, env: dict[str, str], *, workers: int = 1, pin: bool = True) -> Server:
+        """uvicorn as a production user runs it: uvloop, httptools, no access log, ``workers`` processes
+        (more than one: ``pid`` is their parent; ``tree_cpu_seconds`` counts them all)."""
         port = free_port()
         args = [sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port)]
         args += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-        return cls(args, port, env, forks_worker=False)
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        return cls(args, port, env, forks_worker=False, pin=pin)
 
     @classmethod
     def gunicorn(cls, factory: str, worker_class: str, threads: int, env: dict[str, str]) -> Server:

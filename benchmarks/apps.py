@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.applications import Starlette
@@ -31,7 +32,7 @@ CREDITS_MICROS = 1_000_000 * 1_000_000
 CONFIG = """\
 [storage]
 url = "{storage}"
-shards = 16
+shards = {shards}
 
 [meters.calls]
 aggregation = "count"
@@ -55,6 +56,11 @@ admission = "{admission}"
 [pipeline]
 spool_dir = "{spool}"
 """
+
+
+def config_text(storage: str, spool: str | Path, admission: str = "strict", shards: int = 16) -> str:
+    """The benchmark's configuration file: ``storage``, the spool directory, the admission mode, shards."""
+    return CONFIG.format(storage=storage, spool=spool, admission=admission, shards=shards)
 
 
 def create_customer(accounts: Accounts) -> tuple[str, str]:

@@ -25,7 +25,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from benchmarks._harness import OthersClock, RedisServer
-from benchmarks.apps import CONFIG, create_customer
+from benchmarks.apps import config_text, create_customer
 from meterware import Accounts, Config, keys
 from meterware.events import (
     UsageEvent,
@@ -96,7 +96,7 @@ class Bench:
 
     def __init__(self, url: str, workdir: Path) -> None:
         path = workdir / "micro.toml"
-        path.write_text(CONFIG.format(storage=url, spool=workdir / "spool", admission="strict"))
+        path.write_text(config_text(storage=url, spool=workdir / "spool", admission="strict"))
         self.config = Config.from_file(path)
         self.storage: Storage = open_storage(url, shards=self.config.shards, timeout=5)
         accounts = Accounts(self.storage, self.config)

@@ -45,7 +45,7 @@ from meterware.metrics import AppMetrics
 from meterware.rollup import RollupWorker
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import Settlement
+from meterware.storage.base import ReplicaWait, Settlement
 
 SHARDS = 16
 #: Customers per 16 shards: twice the shards get twice the customers, so each shard sees as many.
@@ -131,10 +131,16 @@ def _check(pipeline: Batcher, count: int) -> None:
         raise RuntimeError(f"the flush did not write every event: {stats}")
 
 
-def flush_sync(url: str, items: list[Pending], shards: int = SHARDS, batch_size: int = BATCH_SIZE) -> float:
+def flush_sync(
+    url: str,
+    items: list[Pending],
+    shards: int = SHARDS,
+    batch_size: int = BATCH_SIZE,
+    replica_wait: ReplicaWait | None = None,
+) -> float:
     """Events per second of ``flush_sync`` writing ``items`` to Redis."""
     pipeline = _filled(url, shards, batch_size, items)
-    storage = open_storage(url, shards=shards, timeout=30)
+    storage = open_storage(url, shards=shards, timeout=30, replica_wait=replica_wait)
     storage.stream_length(0)  # connected before the clock starts
     started = time.perf_counter()
     flushers.flush_sync(pipeline, storage)

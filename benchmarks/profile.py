@@ -38,7 +38,7 @@ from typing import Any
 
 from benchmarks import ROOT
 from benchmarks._harness import LOAD_CPU, RedisServer, child_env, pin_process
-from benchmarks.apps import CONFIG, create_customer, starlette_bare, starlette_metered
+from benchmarks.apps import config_text, create_customer, starlette_bare, starlette_metered
 from meterware import Accounts, Config
 
 OUT = ROOT / "benchmarks" / "profiles"
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 def _profile(args: argparse.Namespace, workdir: Path, redis: RedisServer | None) -> int:
     config = workdir / "profile.toml"
     config.write_text(
-        CONFIG.format(
+        config_text(
             storage=redis.url if redis else "memory://",
             spool=workdir / "spool",
             admission="lease" if args.mode == "lease" else "strict",

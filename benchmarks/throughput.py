@@ -43,7 +43,7 @@ from benchmarks._harness import (
     rss_mib,
     wrk,
 )
-from benchmarks.apps import CONFIG
+from benchmarks.apps import config_text
 
 MODES = ("bare", "memory", "strict", "lease")
 #: Modes served by Redis (their customer lives there; wrk's calls must all be charged).
@@ -218,7 +218,7 @@ def run_once(
     assert redis.process is not None
     config = workdir / f"{mode}.toml"
     admission = "lease" if kind == "lease" else "strict"
-    config.write_text(CONFIG.format(storage=storage, spool=workdir / "spool", admission=admission))
+    config.write_text(config_text(storage=storage, spool=workdir / "spool", admission=admission))
     env = child_env(src, METERWARE_CONFIG=str(config), BENCH_REDIS_URL=redis.url)
     customer = key = None
     if kind in REDIS_MODES:
@@ -407,10 +407,14 @@ def _redis_us(runs: Sequence[Run]) -> list[float]:
 
 
 def _charged_ok(run: Run) -> bool:
-    # Each wrk run may leave one request per connection answered after it stopped counting.
     counts = [count for count in (run.charged, run.streamed) if count is not None]
-    exact = all(run.answered <= count <= run.answered + 2 * CONNECTIONS for count in counts)
-    return exact and (run.scripts is None or run.scripts >= run.answered)
+    return charged_ok(run.answered, counts) and (run.scripts is None or run.scripts >= run.answered)
+
+
+def charged_ok(answered: int, counts: Sequence[int]) -> bool:
+    """Whether each count (calls charged, events recorded) is every call answered, and at most what two
+    wrk runs may have had in flight when they stopped counting (answered to no one) beyond."""
+    return all(answered <= count <= answered + 2 * CONNECTIONS for count in counts)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # examples/) and chromium with fonts-liberation (the portal's browser tests drive Debian's Chromium through
 # Playwright's executable_path: Playwright's own browser download needs its CDN, and with
 # --no-install-recommends a fresh machine has no font to render text; $METERWARE_CHROMIUM names another
-# Chromium). The tests start their own servers and browser from them.
+# Chromium), and systemd for systemd-analyze (verifies the worker's unit in deploy/; nothing is started).
+# The tests start their own servers and browser from them.
 set -euo pipefail
 missing=()
 python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
@@ -13,6 +14,7 @@ command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing
 command -v promtool >/dev/null || missing+=(prometheus)
 [ -n "${METERWARE_CHROMIUM:-}" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
     || missing+=(chromium fonts-liberation)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi

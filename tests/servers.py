@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,11 +10,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
+
+import redis
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -217,3 +221,187 @@ def redis_sentinel(master: RedisServer, service: str = "mymaster") -> Iterator[R
         yield server
     finally:
         server.cleanup()
+
+
+class ReplicationLink:
+    """A TCP relay on loopback carrying a replica's replication stream from its primary.
+
+    ``stall()`` holds back what the primary sends from then on (the replica falls behind while both stay
+    up, as over a slow link); ``cut()`` closes every connection and drops what was held back, as the
+    primary's unsent output buffer dies with it.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._stalled = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._cut = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.held_bytes = 0
+        threading.Thread(target=self._accept, name="replication-link", daemon=True).start()
+
+    def stall(self) -> None:
+        self._stalled.set()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            sockets, self._sockets = [*self._sockets, self._listener], set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                replica, _ = self._listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                primary = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                replica.close()  # the primary is gone: the replica will try again
+                continue
+            with self._lock:
+                if self._cut:
+                    replica.close()
+                    primary.close()
+                    return
+                self._sockets |= {replica, primary}
+            threading.Thread(target=self._pump, args=(primary, replica, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(replica, primary, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, stallable: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if stallable and self._stalled.is_set():
+                    self.held_bytes += len(data)
+                    continue
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_RDWR)
+
+
+class RedisSentinelGroup:
+    """A real Sentinel deployment: a primary, one replica of it (through a :class:`ReplicationLink`) and
+    three sentinels (quorum 2) watching it as ``service``, each sentinel with a config file it rewrites.
+
+    ``down_after`` (ms): how long the primary may not answer before a sentinel thinks it down;
+    ``failover_timeout`` (ms): as Sentinel's ``failover-timeout``. Every wait is bounded.
+    """
+
+    def __init__(
+        self, service: str = "mymaster", *, down_after: int = 1000, failover_timeout: int = 5000
+    ) -> None:
+        self.service = service
+        self.primary = self._node()
+        self.link = ReplicationLink(self.primary.port)
+        self.replica = self._node("--replicaof", "127.0.0.1", str(self.link.port))
+        self._dead: list[RedisServer] = []
+        settings = (
+            f"sentinel monitor {service} 127.0.0.1 {self.primary.port} 2\n"
+            f"sentinel down-after-milliseconds {service} {down_after}\n"
+            f"sentinel failover-timeout {service} {failover_timeout}\n"
+        )
+        self.sentinels = [RedisServer("--sentinel", config=settings) for _ in range(3)]
+
+    @staticmethod
+    def _node(*options: str) -> RedisServer:
+        # Diskless full syncs wait 5 s by default for more replicas to join: there is only one.
+        return RedisServer("--repl-diskless-sync-delay", "0", *options)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the primary and the replica, wait until it is in sync, then the sentinels, and wait until
+        each knows the replica and the two other sentinels."""
+        deadline = time.monotonic() + timeout
+        self.primary.start()
+        self.replica.start()
+        _wait(self.in_sync, deadline, "the replica is not in sync")
+        for sentinel in self.sentinels:
+            sentinel.start()
+
+        def ready() -> bool:
+            for sentinel in self.sentinels:
+                with _client(sentinel.port) as client:
+                    if len(client.execute_command("SENTINEL", "SENTINELS", self.service)) != 2:
+                        return False
+                    if len(client.execute_command("SENTINEL", "REPLICAS", self.service)) != 1:
+                        return False
+            return True
+
+        _wait(ready, deadline, "the sentinels do not see each other and the replica")
+        return self
+
+    def in_sync(self) -> bool:
+        """Whether the replica's link is up and it has everything the primary had written when asked."""
+        with _client(self.primary.port) as primary, _client(self.replica.port) as replica:
+            written = primary.info("replication")["master_repl_offset"]
+            info = replica.info("replication")
+        return bool(info.get("master_link_status") == "up" and info.get("slave_repl_offset", -1) >= written)
+
+    def primary_address(self, sentinel: RedisServer) -> tuple[str, int] | None:
+        """The primary as ``sentinel`` names it (``SENTINEL GET-MASTER-ADDR-BY-NAME``)."""
+        with _client(sentinel.port) as client:
+            address = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return None if address is None else (address[0].decode(), int(address[1]))
+
+    def kill_primary(self) -> int:
+        """SIGKILL the primary (no shutdown, no save) and cut its replication link; return its PID."""
+        assert self.primary.process is not None
+        pid = self.primary.process.pid
+        os.kill(pid, signal.SIGKILL)
+        self.primary.process.wait(timeout=10)
+        self.primary.process = None
+        self.link.cut()
+        return pid
+
+    def wait_for_failover(self, timeout: float = 30.0) -> float:
+        """Wait until every sentinel names the replica as the primary and it acts as one, then swap the
+        roles (``replica`` is now the dead node); return the seconds it took."""
+        began = time.monotonic()
+        promoted = ("127.0.0.1", self.replica.port)
+
+        def done() -> bool:
+            if any(self.primary_address(sentinel) != promoted for sentinel in self.sentinels):
+                return False
+            with _client(self.replica.port) as client:
+                return bool(client.info("replication")["role"] == "master")
+
+        _wait(done, began + timeout, "no sentinel promoted the replica")
+        self.primary, self.replica = self.replica, self.primary
+        return time.monotonic() - began
+
+    def rejoin(self, timeout: float = 30.0) -> None:
+        """Start a new, empty node as a replica of the promoted one in place of the dead node (as a
+        rebuilt node joins); wait until it is in sync.
+
+        It gets a port of its own: the dead node's may have been taken meanwhile by another process.
+        """
+        assert self.replica.process is None, "the replica is running"
+        self._dead.append(self.replica)
+        self.replica = self._node("--replicaof", "127.0.0.1", str(self.primary.port)).start()
+        _wait(self.in_sync, time.monotonic() + timeout, "the new replica is not in sync")
+
+    def cleanup(self) -> None:
+        self.link.cut()
+        for server in (*self.sentinels, self.replica, self.primary, *self._dead):
+            server.cleanup()
+
+
+def _client(port: int) -> redis.Redis:
+    return redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=5)
+
+
+def _wait(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -287,16 +288,112 @@ def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
     assert set(rows) == {live["key_id"], test["key_id"]}
     assert set(rows[live["key_id"]]) == {
         "key_id",
+        "customer",
+        "name",
         "prefix",
         "live",
         "status",
         "created",
         "expires_ms",
         "last_used_ms",
+        "metadata",
+        "remaining",
+        "scopes",
     }
     assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
     assert rows[live["key_id"]]["expires_ms"] == 0
     assert rows[live["key_id"]]["last_used_ms"] == 0
+
+
+@pytest.mark.redis
+def test_keys_create_with_a_name_metadata_and_an_expiry(cli: Cli) -> None:
+    """keys create --name --meta --expires-in keeps them; keys list and keys show print them."""
+    create_customer(cli)
+    before = time.time()
+    created = cli(
+        "keys",
+        "create",
+        "acme",
+        "--name",
+        "Staging",
+        "--meta",
+        "team=data",
+        "--meta",
+        "ticket=OPS-1",
+        "--expires-in",
+        "30d",
+        "--json",
+    ).json()
+    after = time.time()
+    shown = cli("keys", "show", created["key_id"], "--json").json()
+    assert (shown["name"], shown["metadata"], shown["customer"]) == (
+        "Staging",
+        {"team": "data", "ticket": "OPS-1"},
+        "acme",
+    )
+    assert int((before + 30 * 86_400) * 1000) <= shown["expires_ms"] <= int((after + 30 * 86_400) * 1000)
+    text = cli("keys", "show", created["key_id"]).out
+    assert "'Staging'" in text
+    assert ", expires 20" in text
+    assert "  team = data\n" in text
+    assert created["key"] not in text
+    assert "'Staging'" in cli("keys", "list", "acme").out
+    scoped = cli("keys", "create", "acme", "--scope", "read", "--scope", "files:write", "--json").json()
+    assert cli("keys", "show", scoped["key_id"], "--json").json()["scopes"] == ["read", "files:write"]
+    assert "  scopes: read files:write\n" in cli("keys", "show", scoped["key_id"]).out
+    counted = cli("keys", "create", "acme", "--remaining", "50", "--json").json()
+    assert cli("keys", "show", counted["key_id"], "--json").json()["remaining"] == 50
+    assert ", 50 uses left  never used" in cli("keys", "show", counted["key_id"]).out
+    at = cli("keys", "create", "acme", "--expires-at", str(int(after) + 60), "--json").json()
+    assert cli("keys", "show", at["key_id"], "--json").json()["expires_ms"] == (int(after) + 60) * 1000
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        pytest.param(("--meta", "team"), "--meta must be NAME=VALUE, got 'team'", id="meta-without-value"),
+        pytest.param(("--expires-in", "soon"), "--expires-in must be seconds or a number", id="bad-duration"),
+        pytest.param(
+            ("--expires-in", "1d", "--expires-at", "9999999999"),
+            "give --expires-in or --expires-at, not both",
+            id="two-expiries",
+        ),
+        pytest.param(("--name", "x" * 101), "a key's name must be printable text", id="long-name"),
+    ],
+)
+def test_keys_create_refuses_bad_terms(cli: Cli, flags: tuple[str, ...], message: str) -> None:
+    """Bad names, metadata and expiries are one-line errors, and no key is created."""
+    create_customer(cli)
+    result = cli("keys", "create", "acme", *flags)
+    assert result.code == 1
+    assert result.out == ""
+    assert result.err.startswith(f"meterware: error: {message}")
+    assert cli("keys", "list", "acme", "--json").json() == []
+
+
+@pytest.mark.redis
+def test_keys_create_with_a_prefix_and_keys_import(cli: Cli) -> None:
+    """keys create --prefix makes <prefix>_...; keys import keeps another system's key by its hash."""
+    create_customer(cli)
+    custom = cli("keys", "create", "acme", "--prefix", "acme_live", "--json").json()
+    assert custom["key"].startswith("acme_live_")
+    assert custom["prefix"] == custom["key"][:14]
+    key_hash = hashlib.sha256(b"sk_live_0123456789abcdef").hexdigest()
+    imported = cli(
+        "keys", "import", "acme", "--hash", key_hash, "--start", "sk_live_0123", "--remaining", "9",
+        "--json",
+    ).json()  # fmt: skip
+    assert (imported["prefix"], imported["remaining"], imported["customer"]) == ("sk_live_0123", 9, "acme")
+    assert cli("keys", "show", imported["key_id"], "--json").json() == imported
+    assert_one_line_error(
+        cli("keys", "import", "acme", "--hash", key_hash), "a key with this hash exists already"
+    )
+    assert_one_line_error(
+        cli("keys", "create", "acme", "--prefix", "Acme"),
+        "a key prefix is 1-20 characters of a-z, 0-9 and _, got 'Acme'",
+    )
+    assert len(cli("keys", "list", "acme", "--json").json()) == 2
 
 
 @pytest.mark.redis

@@ -500,6 +500,8 @@ def test_decision_window_after_period_end() -> None:
         pytest.param("unknown_key", 401, "Unknown API key", id="unknown-key"),
         pytest.param("revoked_key", 401, "Revoked API key", id="revoked-key"),
         pytest.param("expired_key", 401, "Expired API key", id="expired-key"),
+        pytest.param("key_exhausted", 403, "API key used up", id="key-exhausted"),
+        pytest.param("unknown_customer", 403, "Unknown customer", id="unknown-customer"),
         pytest.param("suspended", 403, "Account suspended", id="suspended"),
         pytest.param("rate_limited", 429, "Rate limit exceeded", id="rate-limited"),
         pytest.param("quota_exceeded", 429, "Quota exhausted", id="quota-exceeded"),

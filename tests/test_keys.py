@@ -7,7 +7,17 @@ import re
 
 import pytest
 
-from meterware.keys import generate_key, hash_key, is_live, is_well_formed, key_from_headers, visible_prefix
+from meterware.errors import UsageError
+from meterware.keys import (
+    check_prefix,
+    custom_prefix,
+    generate_key,
+    hash_key,
+    is_live,
+    is_well_formed,
+    key_from_headers,
+    visible_prefix,
+)
 
 SECRET = "7Hq2" + "a" * 28
 LIVE = f"mw_live_{SECRET}"
@@ -76,8 +86,6 @@ def test_visible_prefix(plaintext: str, prefix: str) -> None:
         pytest.param("mw_live_" + "é" * 32, False, id="non-ascii-letters"),
         pytest.param("mw_live_" + "٣" * 32, False, id="non-ascii-digits"),
         pytest.param("mw_live_" + "\uff41" * 32, False, id="fullwidth"),
-        pytest.param("mk_live_" + SECRET, False, id="wrong-prefix"),
-        pytest.param("MW_LIVE_" + SECRET, False, id="upper-case-prefix"),
         pytest.param("mw_prod_" + SECRET, False, id="unknown-mode"),
         pytest.param("mw_" + SECRET, False, id="no-mode"),
         pytest.param(LIVE[:-1], False, id="31-chars"),
@@ -87,10 +95,24 @@ def test_visible_prefix(plaintext: str, prefix: str) -> None:
         pytest.param("mw_live_" + "a" * 31 + "-", False, id="dash"),
         pytest.param("mw_live_" + "a" * 31 + "_", False, id="underscore"),
         pytest.param("Bearer " + LIVE, False, id="with-scheme"),
+        # Not meterware's shape: a custom prefix's or an imported key's, any bearer token of 16-256.
+        pytest.param("acme_live_" + SECRET, True, id="custom-prefix"),
+        pytest.param("mk_live_" + SECRET, True, id="another-systems-prefix"),
+        pytest.param("MW_LIVE_" + SECRET, True, id="upper-case-prefix-is-not-ours"),
+        pytest.param("sk-proj.a~b+c/d-0123==", True, id="token68-characters"),
+        pytest.param("a" * 16, True, id="16-chars"),
+        pytest.param("a" * 15, False, id="15-chars"),
+        pytest.param("a" * 256, True, id="256-chars"),
+        pytest.param("a" * 257, False, id="257-chars"),
+        pytest.param("legacy key 0123456789", False, id="space"),
+        pytest.param("legacy_key_0123456789\n", False, id="foreign-trailing-newline"),
+        pytest.param("legacy=key_0123456789", False, id="inner-equals"),
+        pytest.param("l\u00e9gacy_key_0123456789", False, id="foreign-non-ascii"),
     ],
 )
 def test_is_well_formed(presented: str, expected: bool) -> None:
-    """Only mw_live_/mw_test_ + exactly 32 ASCII letters or digits has the shape of a key."""
+    """A key starting mw_ must be mw_live_/mw_test_ + exactly 32 ASCII letters or digits; any other is
+    looked up if it is a bearer token (RFC 6750) of 16-256 characters."""
     assert is_well_formed(presented) is expected
 
 
@@ -218,3 +240,36 @@ def test_key_from_headers(
 ) -> None:
     """The key comes from the configured headers in order (Authorization as Bearer), then the query."""
     assert key_from_headers(headers, query_string, header_names, query) == expected
+
+
+def test_a_key_with_a_custom_prefix() -> None:
+    """A custom prefix replaces mw_live/mw_test: <prefix>_ + 32 base62 characters, well formed, and its
+    visible prefix gives the custom prefix back (a replacement keeps it)."""
+    key = generate_key(prefix="acme_live")
+    assert re.fullmatch(r"acme_live_[A-Za-z0-9]{32}", key.plaintext)
+    assert key.prefix == key.plaintext[:14]
+    assert key.hash == hash_key(key.plaintext)
+    assert is_well_formed(key.plaintext)
+    assert custom_prefix(key.prefix) == "acme_live"
+    assert custom_prefix(generate_key().prefix) is None
+    assert custom_prefix("sk_live_ab12") == "sk_live"
+    assert custom_prefix("Sk-Live-ab12") is None
+    assert custom_prefix("") is None
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("a" * 21, id="21-chars"),
+        pytest.param("Acme", id="upper-case"),
+        pytest.param("acme-live", id="dash"),
+        pytest.param("mw", id="meterwares"),
+        pytest.param("mw_live", id="meterwares-mode"),
+    ],
+)
+def test_bad_custom_prefixes_are_refused(prefix: str) -> None:
+    """A custom prefix is 1-20 of [a-z0-9_] and not meterware's own mw."""
+    with pytest.raises(UsageError):
+        check_prefix(prefix)
+    assert check_prefix("a" * 20) == "a" * 20

@@ -107,6 +107,7 @@ def test_the_sdist_holds_the_sources_and_tests_and_no_junk(dist: Dist) -> None:
     top = {name.split("/")[0] for name in names}
     assert {"pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "PKG-INFO", "src", "tests"} <= top
     assert {"examples", "ci", ".ci", "tox.ini"} <= top  # read by the tests
+    assert {"compose.yaml", "Dockerfile", ".dockerignore", "deploy"} <= top  # tests/test_deploy.py
     assert {f"src/{name}" for name in package_files()} <= names
     assert "tests/conftest.py" in names
     junk = sorted(name for name in names if JUNK & set(name.split("/")) or name.endswith(".pyc"))

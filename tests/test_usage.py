@@ -171,3 +171,17 @@ def test_reporting_to_ends_when_its_block_raises() -> None:
     with pytest.raises(RuntimeError), usage.reporting_to(call):
         raise RuntimeError("the handler failed")
     assert usage.current() is None
+
+
+def test_current_call_reads_the_admitted_key_and_is_none_outside_a_call() -> None:
+    """current_call() is None outside a metered call (or for usage without a key), and inside one names
+    the key's customer, plan, id, scopes and mode."""
+    from meterware.metering.records import Customer, KeyInfo
+
+    assert usage.current_call() is None
+    with usage.reporting_to(CallUsage(METERS)):
+        assert usage.current_call() is None
+    key = KeyInfo("key_1", Customer("acme", "pro"), False, "mw_test_ab12", scopes=("read",))
+    with usage.reporting_to(CallUsage(METERS, key=key)):
+        assert usage.current_call() == usage.CurrentCall("acme", "pro", "key_1", ("read",), False)
+    assert usage.current_call() is None

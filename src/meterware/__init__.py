@@ -25,6 +25,7 @@ if _typing.TYPE_CHECKING:
     from meterware.keys import NewKey
     from meterware.metering.records import Customer, KeyRecord
     from meterware.storage.base import Balance, LedgerEntry
+    from meterware.usage import CurrentCall, current_call
     from meterware.wsgi import WSGIMeteringMiddleware
 
 #: Where each public name lives: the entry points, then the types their methods return.
@@ -34,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "Config": "meterware.config",
     "Accounts": "meterware.billing.accounts",
     "usage": "meterware.usage",
+    "current_call": "meterware.usage",
+    "CurrentCall": "meterware.usage",
     "MeterwareError": "meterware.errors",
     "ConfigError": "meterware.errors",
     "NotFoundError": "meterware.errors",
@@ -64,6 +67,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "CorrectionResult",
+    "CurrentCall",
     "Customer",
     "ExportReport",
     "ImportResult",
@@ -82,6 +86,7 @@ __all__ = [
     "UsageReport",
     "WSGIMeteringMiddleware",
     "__version__",
+    "current_call",
     "usage",
 ]
 

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from meterware.config import UNMATCHED_ROUTE, Config, Routes, resolve_config
 from meterware.errors import StorageError, UnsafeStorageError
 from meterware.metering.calls import Call
-from meterware.metering.core import KeyGetter
+from meterware.metering.core import CustomerGetter, KeyGetter
 from meterware.metering.facade import Metering
 from meterware.metering.responses import Problem
 from meterware.metering.serving import AsyncClients, take_usage_headers
@@ -84,6 +84,9 @@ class MeteringMiddleware:
         unless ``METERWARE_CONFIG=defaults``).
     :param key_getter: optional callable taking the ASGI scope and returning the presented key (or None),
         replacing the header/query lookup.
+    :param customer_getter: optional callable taking the ASGI scope and returning the id of the customer
+        your app has already authenticated (JWT, session), or None: such a call is metered for that
+        customer without an API key (admission, quota and credits as usual); None falls back to the key.
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
     :param registry: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
     """
@@ -94,12 +97,18 @@ class MeteringMiddleware:
         config: Config | str | os.PathLike[str] | dict[str, Any] | None = None,
         *,
         key_getter: KeyGetter | None = None,
+        customer_getter: CustomerGetter | None = None,
         storage: str | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         overrides = {"storage": storage} if storage else {}
-        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
+        self.metering = Metering(
+            resolve_config(config, overrides),
+            key_getter=key_getter,
+            customer_getter=customer_getter,
+            registry=registry,
+        )
         self.clients = AsyncClients(self.metering)
         self._slow_calls = SlowCalls()
 

@@ -2,6 +2,7 @@
 
     MIDDLEWARE = ["meterware.django.MeteringMiddleware", ...]
     METERWARE = {...}   # optional; otherwise METERWARE_CONFIG or ./meterware.toml
+    METERWARE_CUSTOMER_GETTER = "myapp.auth.customer_of"   # optional: see below
 
 Sync- and async-capable: under WSGI it runs synchronously, under ASGI natively async, so it never costs a
 thread hop. Put it near the top of ``MIDDLEWARE`` so refused calls skip the rest. The flusher starts
@@ -9,6 +10,11 @@ lazily on the first call and drains at interpreter exit (on ``runserver``'s SIGT
 server, serve :func:`get_asgi_application` instead of Django's: Django answers no ASGI lifespan, and
 uvicorn ends on SIGTERM without running exit hooks, so the lifespan's shutdown is where the buffer is
 drained.
+
+``METERWARE_CUSTOMER_GETTER`` (a callable or its dotted path) takes the ``HttpRequest`` and returns the id
+of the customer your project has already authenticated (session, JWT), or None: such a call is metered
+for that customer without an API key; None falls back to the key. It reads what the middleware above it
+set (``request.user`` needs ``AuthenticationMiddleware`` before meterware's).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.utils.module_loading import import_string
 
 from meterware.config import UNMATCHED_ROUTE, resolve_config
 from meterware.metering.calls import Call
@@ -69,8 +76,10 @@ class MeteringMiddleware:
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+        getter = getattr(settings, "METERWARE_CUSTOMER_GETTER", None)
         self.metering = Metering(
-            resolve_config(getattr(settings, "METERWARE", None), {}, given_as="the METERWARE setting")
+            resolve_config(getattr(settings, "METERWARE", None), {}, given_as="the METERWARE setting"),
+            customer_getter=import_string(getter) if isinstance(getter, str) else getter,
         )
         # Made on first use, in the serving process (never at import); asyncio ones under ASGI.
         self.clients = AsyncClients(self.metering) if self.is_async else Clients(self.metering)

@@ -14,6 +14,12 @@ once the response is sent (Starlette/FastAPI background tasks, werkzeug's ``call
 event waits for it. Units reported outside a metered call, after its event was made, for an unknown meter,
 or with a value that cannot be metered are ignored with a warning (never charged wrongly).
 
+Who makes the call is read the same way, from the handler or anything it runs::
+
+    call = meterware.current_call()
+    if "files:write" not in call.scopes:
+        raise PermissionDenied()
+
 An adapter runs the app's code for a call inside :class:`reporting_to` (the three adapters here do; so can
 one for another framework).
 """
@@ -26,9 +32,12 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from meterware.config import Meter
+
+if TYPE_CHECKING:
+    from meterware.metering.records import KeyInfo
 
 logger = logging.getLogger("meterware.usage")
 
@@ -45,6 +54,8 @@ class CallUsage:
     rejected: int = 0
     #: Set once the call's event is made: counts each value reported later (ignored, never charged).
     late: Callable[[], object] | None = None
+    #: The key the call was admitted with (read by :func:`current_call`).
+    key: KeyInfo | None = None
 
     def add(self, meter: str, value: int | str) -> None:
         """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value)."""
@@ -145,3 +156,31 @@ def add(meter: str, value: int | str) -> None:
 def current() -> CallUsage | None:
     """The usage of the call being handled, if any."""
     return _current.get()
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentCall:
+    """Who makes the call being handled, as meterware admitted it (read-only)."""
+
+    #: The customer's id, and the plan their call was admitted on.
+    customer: str
+    plan: str
+    #: The key's id (``key_...``, never the key itself).
+    key_id: str
+    #: What the seller lets the key do (``Accounts.create_key(..., scopes=...)``), for the app to check.
+    scopes: tuple[str, ...]
+    #: A live key (``False``: a test key, metered apart and never charged).
+    live: bool
+
+
+def current_call() -> CurrentCall | None:
+    """The customer, key, scopes and mode of the call being handled; None outside a metered call.
+
+    Works wherever :func:`add` does: async and sync handlers, the threads and tasks they start, a
+    streamed body, background work the call's event waits for.
+    """
+    usage = _current.get()
+    key = usage.key if usage is not None else None
+    if key is None:
+        return None
+    return CurrentCall(key.customer.id, key.customer.plan, key.key_id, key.scopes, key.live)

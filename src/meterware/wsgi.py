@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from meterware.config import UNMATCHED_ROUTE, Config, resolve_config
 from meterware.metering.calls import Call
-from meterware.metering.core import KeyGetter
+from meterware.metering.core import CustomerGetter, KeyGetter
 from meterware.metering.facade import Metering
 from meterware.metering.responses import Problem
 from meterware.metering.serving import (
@@ -49,6 +49,9 @@ class WSGIMeteringMiddleware:
         ``None`` to load ``METERWARE_CONFIG`` or ``./meterware.toml`` (neither found: a ``ConfigError``,
         unless ``METERWARE_CONFIG=defaults``).
     :param key_getter: optional callable taking the WSGI environ and returning the presented key (or None).
+    :param customer_getter: optional callable taking the WSGI environ and returning the id of the customer
+        your app has already authenticated (JWT, session), or None: such a call is metered for that
+        customer without an API key (admission, quota and credits as usual); None falls back to the key.
     :param storage: the storage URL, overriding the configuration's (the shard count is kept).
     :param registry: the prometheus-client registry of its metrics (the global ``REGISTRY`` by default).
     """
@@ -59,12 +62,18 @@ class WSGIMeteringMiddleware:
         config: Config | str | os.PathLike[str] | dict[str, Any] | None = None,
         *,
         key_getter: KeyGetter | None = None,
+        customer_getter: CustomerGetter | None = None,
         storage: str | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         overrides = {"storage": storage} if storage else {}
-        self.metering = Metering(resolve_config(config, overrides), key_getter=key_getter, registry=registry)
+        self.metering = Metering(
+            resolve_config(config, overrides),
+            key_getter=key_getter,
+            customer_getter=customer_getter,
+            registry=registry,
+        )
         self.clients = Clients(self.metering)
         self._credentials = EnvironCredentials(self.metering.policy.key_headers)
 

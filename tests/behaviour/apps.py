@@ -7,6 +7,7 @@ handler, async views under the ASGI handler). Each serves the same endpoints wit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,12 @@ import meterware
 
 #: Calls that reached an endpoint, by path (to prove refused calls never run the app).
 CALLS: list[str] = []
+
+
+def who_calls() -> dict[str, Any]:
+    """What ``/v1/whoami`` answers: ``meterware.current_call()`` as JSON (``{}`` when there is none)."""
+    call = meterware.current_call()
+    return {} if call is None else dataclasses.asdict(call)
 
 
 def starlette_app() -> Any:
@@ -89,8 +96,13 @@ def starlette_app() -> Any:
         CALLS.append("health")
         return JSONResponse({"status": "ok"})
 
+    async def whoami(request: StarletteRequest) -> JSONResponse:
+        CALLS.append("whoami")
+        return JSONResponse(who_calls())
+
     return Starlette(
         routes=[
+            Route("/v1/whoami", whoami),
             Route("/v1/hello", hello),
             Route("/v1/items/{item_id}", item),
             Route("/v1/fail", fail),
@@ -147,6 +159,11 @@ def _sync_broken_chunks() -> Iterator[bytes]:
 def fastapi_app() -> Any:
     # FastAPI reads the endpoints' annotations, so its names are imported at module level.
     app = FastAPI()
+
+    @app.get("/v1/whoami")
+    def whoami() -> dict[str, Any]:  # sync: FastAPI runs it in a worker thread
+        CALLS.append("whoami")
+        return who_calls()
 
     @app.get("/v1/hello")
     async def hello() -> dict[str, bool]:
@@ -230,6 +247,11 @@ def flask_app() -> Any:
     from flask import Flask, Response, jsonify, redirect, request
 
     app = Flask(__name__)
+
+    @app.get("/v1/whoami")
+    def whoami() -> Any:
+        CALLS.append("whoami")
+        return who_calls()
 
     @app.get("/v1/hello")
     def hello() -> Any:
@@ -328,6 +350,9 @@ def wsgi_app() -> Any:
     def hello(request: Request) -> Response:
         return reply({"ok": True})
 
+    def whoami(request: Request) -> Response:
+        return reply(who_calls())
+
     def item(request: Request, item_id: str) -> Response:
         return reply({"id": item_id})
 
@@ -382,6 +407,7 @@ def wsgi_app() -> Any:
     urls = Map(
         [
             Rule("/v1/hello", endpoint=hello),
+            Rule("/v1/whoami", endpoint=whoami),
             Rule("/v1/items/<item_id>", endpoint=item),
             Rule("/v1/fail", endpoint=fail),
             Rule("/v1/boom", endpoint=boom),
@@ -459,6 +485,10 @@ def django_urlpatterns(mode: Literal["sync", "async"]) -> list[Any]:
         CALLS.append("hello")
         return JsonResponse({"ok": True})
 
+    def whoami(request: HttpRequest) -> HttpResponse:
+        CALLS.append("whoami")
+        return JsonResponse(who_calls())
+
     def item(request: HttpRequest, item_id: str) -> HttpResponse:
         CALLS.append("item")
         return JsonResponse({"id": item_id})
@@ -522,6 +552,7 @@ def django_urlpatterns(mode: Literal["sync", "async"]) -> list[Any]:
 
     views: dict[str, Callable[..., Any]] = {
         "v1/hello": hello,
+        "v1/whoami": whoami,
         "v1/items/<str:item_id>": item,
         "v1/fail": fail,
         "v1/boom": boom,

@@ -66,9 +66,11 @@ class Api:
     Subclasses say how to serve the app and how to drain what its middleware buffered.
     """
 
-    def __init__(self, framework: str, config: Config) -> None:
+    def __init__(self, framework: str, config: Config, options: dict[str, Any] | None = None) -> None:
         self.framework = FRAMEWORKS[framework]
         self.config = config
+        #: The middleware's keyword options (``customer_getter``); Django's are settings.
+        self.options = options or {}
         self.storage = open_storage(config.storage, shards=config.shards)
         self.accounts = Accounts(self.storage, config)
         #: Let an app's exception reach the client (as a server would log it) instead of a 500 response.
@@ -141,7 +143,7 @@ class AsgiApi(Api):
 
     def build(self) -> None:
         self.app = self.framework.build()
-        self.app.add_middleware(MeteringMiddleware, config=self.config)
+        self.app.add_middleware(MeteringMiddleware, config=self.config, **self.options)
 
     def _client(self) -> TestClient:
         return TestClient(self.app, raise_server_exceptions=self.raise_server_exceptions).__enter__()
@@ -156,10 +158,11 @@ class WsgiApi(Api):
     def build(self) -> None:
         app = self.framework.build()
         if isinstance(app, Flask):
-            app.wsgi_app = self.middleware = WSGIMeteringMiddleware(app.wsgi_app, config=self.config)  # type: ignore[method-assign]
+            self.middleware = WSGIMeteringMiddleware(app.wsgi_app, config=self.config, **self.options)
+            app.wsgi_app = self.middleware  # type: ignore[method-assign]
             self.app: Flask | WSGIMeteringMiddleware = app
         else:
-            self.app = self.middleware = WSGIMeteringMiddleware(app, config=self.config)
+            self.app = self.middleware = WSGIMeteringMiddleware(app, config=self.config, **self.options)
 
     def _client(self) -> httpx.Client:
         if isinstance(self.app, Flask):
@@ -181,7 +184,11 @@ class DjangoApi(Api):
 
     def build(self) -> None:
         configure_django()
-        self.overrides = override_settings(ROOT_URLCONF=self.framework.build(), METERWARE=self.config)
+        self.overrides = override_settings(
+            ROOT_URLCONF=self.framework.build(),
+            METERWARE=self.config,
+            METERWARE_CUSTOMER_GETTER=self.options.get("customer_getter"),
+        )
         self.overrides.enable()
         self.handler = self._handler()
 
@@ -339,9 +346,9 @@ def framework(request: pytest.FixtureRequest) -> str:
 def make_api(framework: str, backend: str, tmp_path: Path) -> Iterator[Any]:
     apis: list[Api] = []
 
-    def make(**sections: Any) -> Api:
+    def make(*, options: dict[str, Any] | None = None, **sections: Any) -> Api:
         config = Config.from_dict(api_config(backend, tmp_path / "spool", **sections))
-        api = ADAPTERS[FRAMEWORKS[framework].adapter](framework, config)
+        api = ADAPTERS[FRAMEWORKS[framework].adapter](framework, config, options)
         apis.append(api)
         return api
 

@@ -7,6 +7,7 @@ each backend (memory, real Redis).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -362,3 +363,65 @@ def test_exceptions_propagate_and_are_recorded_as_failures(make_api: Any) -> Non
     (event,) = api.events()
     assert (event.status, event.outcome, event.billable) == (500, "server_error", False)
     assert api.balance(key).balance == 1_000_000
+
+
+def test_a_key_created_with_an_expiry_stops_at_it(api: Api) -> None:
+    """A key created to expire is served until then, and refused with 401 expired_key after."""
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    expiring = api.accounts.create_key(customer, expires_at=time.time() + 0.5).plaintext
+    assert api.call("GET", "/v1/hello", expiring).status_code == 200
+    time.sleep(0.6)
+    response = api.call("GET", "/v1/hello", expiring)
+    assert (response.status_code, response.json()["reason"]) == (401, "expired_key")
+    assert api.call("GET", "/v1/hello", key).status_code == 200
+
+
+def test_a_key_with_remaining_uses_is_refused_with_403_once_they_are_used(api: Api) -> None:
+    """A key with 3 uses serves 3 calls (a failed one takes its use too, as Unkey's credits), then gets
+    403 key_exhausted without reaching the app; the customer's other keys still work."""
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    counted = api.accounts.create_key(customer, remaining=3).plaintext
+    statuses = [api.call("GET", path, counted).status_code for path in ("/v1/hello", "/v1/fail", "/v1/hello")]
+    assert statuses == [200, 502, 200]
+    response = api.call("GET", "/v1/hello", counted)
+    assert (response.status_code, response.json()["reason"]) == (403, "key_exhausted")
+    assert CALLS == ["hello", "fail", "hello"]
+    assert api.call("GET", "/v1/hello", key).status_code == 200
+    assert api.accounts.list_keys(customer)[1].remaining == 0
+
+
+def test_the_handler_reads_who_calls(api: Api) -> None:
+    """``meterware.current_call()`` gives the handler (async or sync, in a worker thread or not) the
+    admitted customer, plan, key id, scopes and mode of the call; a test key reads as not live."""
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    scoped = api.accounts.create_key(customer, scopes=["files:read", "files:write"])
+    assert api.call("GET", "/v1/whoami", scoped.plaintext).json() == {
+        "customer": customer,
+        "plan": "open",
+        "key_id": scoped.key_id,
+        "scopes": ["files:read", "files:write"],
+        "live": True,
+    }
+    test_key = api.accounts.create_key(customer, live=False)
+    found = api.call("GET", "/v1/whoami", test_key.plaintext).json()
+    assert (found["key_id"], found["scopes"], found["live"]) == (test_key.key_id, [], False)
+    assert CALLS == ["whoami", "whoami"]
+
+
+def test_keys_with_a_custom_prefix_and_imported_keys_are_served(api: Api) -> None:
+    """A key made with the seller's prefix and a key imported from another system by its hash both work
+    like meterware's own; an unknown key of another system's shape is 401 unknown_key."""
+    from meterware.keys import hash_key
+
+    key = api.customer("open")
+    customer = api.customer_of(key)
+    custom = api.accounts.create_key(customer, prefix="acme_live").plaintext
+    legacy = "sk_live_" + "Legacy0123456789" * 2
+    imported = api.accounts.import_key(customer, key_hash=hash_key(legacy), scopes=["read"])
+    assert api.call("GET", "/v1/hello", custom).status_code == 200
+    assert api.call("GET", "/v1/whoami", legacy).json()["key_id"] == imported.key_id
+    response = api.call("GET", "/v1/hello", "sk_live_" + "Unknown0123456789" * 2)
+    assert (response.status_code, response.json()["reason"]) == (401, "unknown_key")

@@ -7,6 +7,7 @@ import itertools
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -83,7 +84,7 @@ def admit_request(
     return AdmitRequest(
         shard=shard_of(customer, storage.shards),
         customer=customer,
-        key_id=key_id or f"key-{customer}",
+        key_id=f"key-{customer}" if key_id is None else key_id,
         live=live,
         plan=plan,
         period_start=start,
@@ -324,6 +325,34 @@ def test_keys_are_added_listed_and_resolved(storage: Storage) -> None:
     assert storage.list_keys("acme") == [first, second]
 
 
+def test_a_key_keeps_its_name_and_metadata(storage: Storage) -> None:
+    """A key's name and metadata read back as added (by id and in the customer's list)."""
+    storage.create_customer(Customer("acme", "pro"))
+    metadata = {"team": "data", "ticket": "OPS-1 \u00e9", "empty": ""}
+    record = KeyRecord("k1", "acme", "mw_live_ab12", True, "active", 10, name="CI key", metadata=metadata)
+    storage.add_key(record, "hash-1")
+    assert storage.get_key("k1") == record
+    assert storage.list_keys("acme") == [record]
+    storage.set_key_state("k1", status="revoked")
+    revoked = storage.get_key("k1")
+    assert revoked is not None
+    assert (revoked.name, revoked.metadata) == ("CI key", metadata)
+
+
+def test_a_key_resolves_with_its_scopes(storage: Storage) -> None:
+    """A key's scopes are kept with its record and come with its resolution (none: an empty tuple)."""
+    storage.create_customer(Customer("acme", "pro"))
+    scopes = ("files:read", "files/*", "admin")
+    record = KeyRecord("k1", "acme", "mw_live_ab12", True, "active", 10, scopes=scopes)
+    storage.add_key(record, "hash-1")
+    storage.add_key(KeyRecord("k2", "acme", "mw_live_cd34", True, "active", 10), "hash-2")
+    assert storage.get_key("k1") == record
+    first, second = storage.resolve_key("hash-1"), storage.resolve_key("hash-2")
+    assert first is not None
+    assert second is not None
+    assert (first.scopes, second.scopes) == (scopes, ())
+
+
 def test_keys_need_an_existing_customer(storage: Storage) -> None:
     """Adding or listing keys of an unknown customer raises NotFoundError."""
     with pytest.raises(NotFoundError):
@@ -470,6 +499,143 @@ def test_admit_checks_key_and_customer(
         assert decision.limits == ()
         assert decision.reservation_id == ""
         assert storage.get_balance("acme").reserved == 0
+
+
+def _key_with_uses(storage: Storage, remaining: int) -> str:
+    storage.create_customer(Customer("acme", "test"))
+    record = KeyRecord("key-acme", "acme", "mw_live_ab12", True, "active", created=1, remaining=remaining)
+    storage.add_key(record, "hash-key-acme")
+    return record.key_id
+
+
+def _remaining(storage: Storage) -> int | None:
+    record = storage.get_key("key-acme")
+    assert record is not None
+    return record.remaining
+
+
+def test_a_key_with_remaining_uses_gives_one_to_each_admitted_call(storage: Storage) -> None:
+    """A key with 3 uses serves 3 calls, then is refused (key_exhausted) before any limit; a call refused
+    by a limit takes no use; a key without the count resolves as such and never counts."""
+    _key_with_uses(storage, 3)
+    info = storage.resolve_key("hash-key-acme")
+    assert info is not None
+    assert info.counts_uses
+    assert _remaining(storage) == 3
+    plan = make_plan(rates=(RateLimit(2, 3600),))
+    assert [storage.admit(admit_request(storage, plan)).reason for _ in range(3)] == [
+        None,
+        None,
+        "rate_limited",
+    ]
+    assert _remaining(storage) == 1
+    unlimited = make_plan(quota=10)
+    assert storage.admit(admit_request(storage, unlimited)).allowed
+    refused = storage.admit(admit_request(storage, unlimited))
+    assert (refused.allowed, refused.reason, refused.limits, refused.reservation_id) == (
+        False,
+        "key_exhausted",
+        (),
+        "",
+    )
+    assert _remaining(storage) == 0
+    open_account(storage, "globex")
+    other = storage.resolve_key("hash-key-globex")
+    assert other is not None
+    assert not other.counts_uses
+    assert storage.get_key("key-globex") == KeyRecord(
+        "key-globex", "globex", "mw_live_ab12", True, "active", created=1
+    )
+
+
+def test_a_block_of_calls_gets_no_more_than_the_uses_left(storage: Storage) -> None:
+    """An admission asking for 10 calls at once by a key with 4 uses is granted 4."""
+    _key_with_uses(storage, 4)
+    decision = storage.admit(replace(admit_request(storage, make_plan(quota=100)), calls=10))
+    assert (decision.allowed, decision.calls) == (True, 4)
+    assert _remaining(storage) == 0
+    assert storage.admit(admit_request(storage, make_plan(quota=100))).reason == "key_exhausted"
+
+
+def test_concurrent_admits_never_pass_a_keys_uses(backend: Backend) -> None:
+    """200 admits gathered on one event loop by a key with 37 uses admit exactly 37."""
+    _key_with_uses(backend.sync, 37)
+    plan = make_plan(quota=1_000)
+    requests = [admit_request(backend.sync, plan) for _ in range(CONCURRENT_CALLS)]
+
+    async def admit_all() -> list[Decision]:
+        storage = backend.open_async()
+        try:
+            return list(await asyncio.gather(*(storage.admit(request) for request in requests)))
+        finally:
+            await storage.aclose()
+
+    decisions = asyncio.run(admit_all())
+    assert sum(decision.allowed for decision in decisions) == 37
+    assert {decision.reason for decision in decisions if not decision.allowed} == {"key_exhausted"}
+    assert _remaining(backend.sync) == 0
+
+
+def test_a_customer_without_a_key_is_resolved_and_admitted(backend: Backend) -> None:
+    """resolve_customer gives a customer as a key without a key id (None for an unknown one), sync and
+    async; its calls are admitted on their limits without a key record, and refused for an unknown or
+    suspended customer."""
+    storage = backend.sync
+    storage.create_customer(Customer("acme", "pro", anchor=7))
+    found = storage.resolve_customer("acme")
+    assert found is not None
+    assert (found.key_id, found.customer, found.live, found.scopes) == (
+        "",
+        Customer("acme", "pro", anchor=7),
+        True,
+        (),
+    )
+    assert storage.resolve_customer("nobody") is None
+
+    async def resolve() -> tuple[object, object]:
+        client = backend.open_async()
+        try:
+            return await client.resolve_customer("acme"), await client.resolve_customer("nobody")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(resolve()) == (found, None)
+    plan = make_plan(quota=2)
+    decisions = [storage.admit(admit_request(storage, plan, key_id="")) for _ in range(3)]
+    assert [decision.reason for decision in decisions] == [None, None, "quota_exceeded"]
+    assert storage.admit(admit_request(storage, plan, "nobody", key_id="")).reason == "unknown_customer"
+    storage.update_customer("acme", status="suspended")
+    assert storage.admit(admit_request(storage, plan, key_id="")).reason == "suspended"
+
+
+def test_customers_without_keys_admitted_together_keep_their_own_limits(backend: Backend) -> None:
+    """Calls of two customers of one shard without keys, gathered into the same admission rounds, each
+    count against their own customer's quota (3 each against a quota of 2: 2 each admitted)."""
+    plan = make_plan(quota=2)
+    shard = shard_of("acme", backend.sync.shards)
+    other = next(f"c{i}" for i in itertools.count() if shard_of(f"c{i}", backend.sync.shards) == shard)
+    for name in ("acme", other):
+        backend.sync.create_customer(Customer(name, "test"))
+    # As the request path makes them: the same plan terms (one holds object) for both customers.
+    base = admit_request(backend.sync, plan, key_id="")
+    requests = [
+        replace(base, customer=name, reservation_id=uuid.uuid4().hex)
+        for _ in range(3)
+        for name in ("acme", other)
+    ]
+
+    async def admit_all() -> list[Decision]:
+        storage = backend.open_async()
+        try:
+            return list(await asyncio.gather(*(storage.admit(request) for request in requests)))
+        finally:
+            await storage.aclose()
+
+    decisions = asyncio.run(admit_all())
+    admitted = Counter(
+        request.customer for request, decision in zip(requests, decisions, strict=True) if decision.allowed
+    )
+    assert admitted == {"acme": 2, other: 2}
 
 
 def test_gcra_allows_a_burst_then_refuses(storage: Storage) -> None:

@@ -60,8 +60,15 @@ def safe() -> Iterator[RedisServer]:
         yield server
 
 
-def _node(policy: str = "noeviction", *, aof: int = 1, save: str = "", version: str = "7.2.4") -> NodeReport:
-    info = {"aof_enabled": aof, "redis_version": version, "maxmemory_policy": policy}
+def _node(
+    policy: str = "noeviction", *, aof: int = 1, save: str = "", version: str = "7.2.4", replicas: int = 0
+) -> NodeReport:
+    info = {
+        "aof_enabled": aof,
+        "redis_version": version,
+        "maxmemory_policy": policy,
+        "connected_slaves": replicas,
+    }
     return NodeReport("10.0.0.1:6379", info, {"maxmemory-policy": policy, "save": save})
 
 
@@ -93,6 +100,27 @@ def test_findings(node: NodeReport, allow: bool, expected: dict[str, str]) -> No
     """Any policy but noeviction is an error (a warning when allowed), no persistence a warning."""
     levels = _levels(findings([node], allow_eviction=allow))
     assert {check: levels[check] for check in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("replicas", "wait_replicas", "level", "message"),
+    [
+        (0, 0, "info", "no replica: if this node is lost, what it holds is lost with it"),
+        (1, 0, "info", "1 replica(s), storage.wait_replicas off: a failover can lose the last writes"),
+        (1, 1, "ok", "1 replica(s) connected; money writes wait for 1"),
+        (1, 2, "warning", "1 replica(s) connected, storage.wait_replicas = 2: no flush is acknowledged"),
+    ],
+)
+def test_the_replicas_are_weighed_against_wait_replicas(
+    replicas: int, wait_replicas: int, level: str, message: str
+) -> None:
+    """Fewer replicas than ``wait_replicas`` warns (flushes wait); replicas without it is said to risk a
+    failover's last writes."""
+    (found,) = [
+        f for f in findings([_node(replicas=replicas)], wait_replicas=wait_replicas) if f.check == "replicas"
+    ]
+    assert found.level == level
+    assert found.message.startswith(message)
 
 
 def test_a_volatile_policy_is_explained_by_the_keys_with_a_ttl() -> None:
@@ -291,7 +319,7 @@ def test_doctor_on_an_evicting_redis(evicting: RedisServer, capsys: pytest.Captu
     report = json.loads(out)
     assert report["status"] == "error"
     levels = {check["check"]: check["level"] for check in report["checks"]}
-    assert levels == {"policy": "error", "persistence": "ok", "version": "ok"}
+    assert levels == {"policy": "error", "persistence": "ok", "version": "ok", "replicas": "info"}
 
 
 def test_doctor_on_an_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:

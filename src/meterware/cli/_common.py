@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -13,8 +14,12 @@ from typing import Any
 
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
+from meterware.errors import MeterwareError
 
 Handler = Callable[[argparse.Namespace], int]
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
 class Commands:
@@ -36,6 +41,14 @@ class Commands:
         sub = self._commands.add_parser(name, help=help_text, parents=[self._common])
         sub.set_defaults(handler=handler)
         return sub
+
+
+def duration(text: str, option: str) -> float:
+    """``"900"``, ``"15m"``, ``"2h"`` or ``"30d"`` in seconds (``option`` names it in the error)."""
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise MeterwareError(f"{option} must be seconds or a number with s, m, h or d (15m), got {text!r}")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
 
 
 def utc_time(epoch: int) -> str:

@@ -1,4 +1,4 @@
-"""``meterware customers`` and ``meterware keys``."""
+"""``meterware customers``."""
 
 from __future__ import annotations
 
@@ -47,51 +47,6 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
     return cmd_customers_show(args)
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    key = open_accounts(args).create_key(args.customer, live=not args.test)
-    data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "live": key.live}
-    text = f"{key.plaintext}\n\nkey id {key.key_id}; this key is shown once - store it now."
-    return emit(args, data, text)
-
-
-def cmd_keys_list(args: argparse.Namespace) -> int:
-    records = open_accounts(args).list_keys(args.customer)
-    data = [
-        {
-            "key_id": r.key_id,
-            "prefix": r.prefix,
-            "live": r.live,
-            "status": r.status,
-            "created": r.created,
-            "expires_ms": r.expires_ms,
-            "last_used_ms": r.last_used_ms,
-        }
-        for r in records
-    ]
-    lines = []
-    for r in records:
-        expires = f", expires {utc_time(r.expires_ms // 1000)}" if r.expires_ms else ""
-        used = f"last used {utc_time(r.last_used_ms // 1000)}" if r.last_used_ms else "never used"
-        mode = "live" if r.live else "test"
-        lines.append(f"{r.key_id}  {r.prefix}...  {mode}  {r.status}{expires}  {used}")
-    return emit(args, data, "\n".join(lines) or "(no keys)")
-
-
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    open_accounts(args).revoke_key(args.key_id)
-    return emit(args, {"key_id": args.key_id, "status": "revoked"}, f"revoked {args.key_id}")
-
-
-def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    key = open_accounts(args).rotate_key(args.key_id, grace_seconds=args.grace)
-    data = {"key": key.plaintext, "key_id": key.key_id, "prefix": key.prefix, "replaces": args.key_id}
-    text = (
-        f"{key.plaintext}\n\nkey id {key.key_id} replaces {args.key_id}, which stops working in "
-        f"{args.grace:g}s; this key is shown once - store it now."
-    )
-    return emit(args, data, text)
-
-
 def add_customers(commands: Commands) -> None:
     customers = commands.group("customers", "create and inspect customers")
     sub = customers.command("create", cmd_customers_create, "create a customer")
@@ -110,18 +65,4 @@ def add_customers(commands: Commands) -> None:
         action="append",
         metavar="PROVIDER=ID",
         help="the customer's id at a billing provider, e.g. stripe=cus_123 (repeatable; stripe= removes it)",
-    )
-
-
-def add_keys(commands: Commands) -> None:
-    keys = commands.group("keys", "issue, list, revoke and rotate API keys")
-    sub = keys.command("create", cmd_keys_create, "issue a key (printed once)")
-    sub.add_argument("customer")
-    sub.add_argument("--test", action="store_true", help="a sandbox key: metered separately, never charged")
-    keys.command("list", cmd_keys_list, "list a customer's keys").add_argument("customer")
-    keys.command("revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
-    sub = keys.command("rotate", cmd_keys_rotate, "issue a replacement key")
-    sub.add_argument("key_id")
-    sub.add_argument(
-        "--grace", type=float, default=0.0, metavar="SECONDS", help="how long the old key keeps working"
     )

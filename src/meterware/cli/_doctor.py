@@ -23,7 +23,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     where = parse_url(config.storage).where
     try:
-        found = inspect_redis(config.storage, allow_eviction=config.allow_eviction)
+        wait_replicas = config.replica_wait.replicas if config.replica_wait else 0
+        found = inspect_redis(
+            config.storage, allow_eviction=config.allow_eviction, wait_replicas=wait_replicas
+        )
     except StorageError as error:
         if args.json:
             print(json.dumps({"storage": where, "checks": [], "status": "unreachable", "error": str(error)}))
@@ -47,5 +50,6 @@ def add_doctor(commands: Commands) -> None:
     commands.command(
         "doctor",
         cmd_doctor,
-        "check that the storage Redis keeps the money: eviction policy, persistence, version, every primary",
+        "check that the storage Redis keeps the money: eviction policy, persistence, version and replicas, on"
+        " every primary",
     )

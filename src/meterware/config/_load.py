@@ -28,6 +28,7 @@ from meterware.config._routes import Routes
 from meterware.config._sections import Alerts, ExportTarget, Meter, Pipeline, Plan, Policy, Portal, Rollup
 from meterware.config._table import Section
 from meterware.errors import ConfigError
+from meterware.storage.base import ReplicaWait
 
 logger = logging.getLogger("meterware")
 
@@ -52,6 +53,8 @@ class Config:
     shards: int = 16
     #: Run on a Redis whose ``maxmemory-policy`` evicts keys (start-up refuses it otherwise).
     allow_eviction: bool = False
+    #: ``[storage] wait_replicas`` and ``wait_timeout``: acknowledge money writes once replicas have them.
+    replica_wait: ReplicaWait | None = None
     meters: Mapping[str, Meter] = field(default_factory=_default_meters)
     plans: Mapping[str, Plan] = field(default_factory=_default_plans)
     #: Plan given to new customers when none is named.
@@ -130,7 +133,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _parse(data: Mapping[str, Any]) -> Config:
     root = Section(data, "")
     defaults = Config()
-    url, shards, allow_eviction = parse_storage(root, defaults.storage, defaults.shards)
+    url, shards, allow_eviction, replica_wait = parse_storage(root, defaults.storage, defaults.shards)
 
     meters = {name: parse_meter(name, raw) for name, raw in root.section("meters").data.items()}
     root.seen.add("meters")
@@ -145,6 +148,12 @@ def _parse(data: Mapping[str, Any]) -> Config:
     check_call_costs(plans, meters, max([1, *(weight for _, weight in routes.weights)]))
     policy = parse_policy(root)
     pipeline = parse_pipeline(root)
+    if replica_wait is not None and replica_wait.timeout >= pipeline.flush_timeout:
+        raise ConfigError(
+            "storage.wait_timeout",
+            f"must be below pipeline.flush_timeout ({pipeline.flush_timeout:g}s), which bounds the flush and"
+            f" its wait together, got {replica_wait.timeout:g}",
+        )
     rollup = parse_rollup(root)
     alerts = parse_alerts(root, plans)
     export = parse_export(root, meters)
@@ -155,6 +164,7 @@ def _parse(data: Mapping[str, Any]) -> Config:
         storage=url,
         shards=shards,
         allow_eviction=allow_eviction,
+        replica_wait=replica_wait,
         meters=meters,
         plans=plans,
         default_plan=default_plan,

@@ -34,21 +34,34 @@ from meterware.config._sections import (
 from meterware.config._table import Section, check_name, shown_url, toml_key
 from meterware.errors import ConfigError
 from meterware.storage import check_url
+from meterware.storage.base import ReplicaWait
 
 _SOURCES = ("call", "handler", "response_bytes", "request_bytes", "duration_ms")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 
-def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple[str, int, bool]:
-    """The storage URL, shard count and ``allow_eviction`` (``storage = "URL"`` or a ``[storage]`` table)."""
+def parse_storage(
+    root: Section, default_url: str, default_shards: int
+) -> tuple[str, int, bool, ReplicaWait | None]:
+    """The storage URL, shard count, ``allow_eviction`` and the wait for replicas (``storage = "URL"`` or a
+    ``[storage]`` table)."""
     storage = root.get("storage", (str, dict), default_url)
     shards = default_shards
     allow_eviction = False
+    replica_wait = None
     if isinstance(storage, dict):
         table = Section(storage, "storage")
         shards = table.integer("shards", shards, minimum=1)
         allow_eviction = table.get("allow_eviction", bool, False)
         url = table.get("url", str, default_url)
+        replicas = table.integer("wait_replicas", 0)
+        wait_timeout = table.number("wait_timeout", 1.0)
+        if replicas > 0:
+            if url.startswith("memory://"):
+                raise ConfigError(
+                    "storage.wait_replicas", "needs a Redis storage (memory:// has no replicas)"
+                )
+            replica_wait = ReplicaWait(replicas, wait_timeout)
         table.done()
     else:
         url = storage
@@ -62,7 +75,7 @@ def parse_storage(root: Section, default_url: str, default_shards: int) -> tuple
         raise ConfigError("storage.url", str(error).removeprefix("storage URL: ")) from None
     if shards > 1024:
         raise ConfigError("storage.shards", f"must be at most 1024, got {shards}")
-    return url, shards, allow_eviction
+    return url, shards, allow_eviction, replica_wait
 
 
 def parse_meter(name: str, raw: Any) -> Meter:

@@ -20,6 +20,8 @@ Reason = Literal[
     "unknown_key",
     "revoked_key",
     "expired_key",
+    "key_exhausted",
+    "unknown_customer",
     "suspended",
     "rate_limited",
     "quota_exceeded",
@@ -69,6 +71,9 @@ class AdmitRequest:
     #: The changes this process's finished calls still make to the customer's counters (read when the
     #: admission is sent, so it sees every call finished by then), or None when the call holds nothing.
     unsettled: Unsettled | None = None
+    #: Whether the call must be admitted alone, never leased: a key with remaining uses (a lease would take
+    #: uses its calls might never make), a customer without a key (leases are a key's).
+    one_by_one: bool = False
 
     @property
     def charges_credits(self) -> bool:

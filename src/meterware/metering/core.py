@@ -21,7 +21,7 @@ from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision, meter_holds
 from meterware.metering.cache import LRUCache
 from meterware.metering.calls import Call, CallTerms
-from meterware.metering.keycache import KeyCache, NeedsLookup
+from meterware.metering.keycache import KeyCache, NeedsCustomer, NeedsLookup
 from meterware.metering.leases import Lease, LeaseTable, lease_block, lease_key
 from meterware.metering.logs import OUTAGE_WARNING_SECONDS, ThrottledWarning
 from meterware.metering.measure import Measurer
@@ -44,6 +44,9 @@ TERMS_MAX_ENTRIES: Final = 100_000
 
 #: Finds the presented key in the framework's request object (instead of the configured headers).
 KeyGetter = Callable[[Any], "str | None"]
+#: The customer an app authenticated itself (JWT, session) from the framework's request object, or None
+#: (the call then needs a key as usual).
+CustomerGetter = Callable[[Any], "str | None"]
 
 
 class RequestCore:
@@ -61,6 +64,7 @@ class RequestCore:
         measurer: Measurer,
         unsettled: Unsettled,
         key_getter: KeyGetter | None = None,
+        customer_getter: CustomerGetter | None = None,
     ) -> None:
         self.config = config
         self.routes = config.routes
@@ -70,6 +74,7 @@ class RequestCore:
         self.leases: LeaseTable = measurer.leases
         self.unsettled = unsettled
         self.key_getter = key_getter
+        self.customer_getter = customer_getter
         self.leasing = config.policy.admission == "lease"
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self._bad_values = ThrottledWarning(OUTAGE_WARNING_SECONDS)
@@ -82,9 +87,14 @@ class RequestCore:
 
     def identify(
         self, native_request: Any, headers: Iterable[tuple[bytes, bytes]], query: bytes
-    ) -> KeyInfo | NeedsLookup | Problem:
+    ) -> KeyInfo | NeedsLookup | NeedsCustomer | Problem:
         """The presented key (by the user's getter, or from the configured headers and query): its cached
-        resolution, its hash to look up, or a refusal."""
+        resolution, its hash to look up, or a refusal. A customer the app authenticated itself
+        (``customer_getter``) comes first, as a key without a key id."""
+        if self.customer_getter is not None:
+            customer_id = self.customer_getter(native_request)
+            if customer_id is not None:
+                return self.keys.lookup_customer(customer_id)
         if self.key_getter is not None:
             presented = self.key_getter(native_request)
         else:
@@ -110,8 +120,11 @@ class RequestCore:
         terms = self.call_terms(key, path, time.time())
         if not key.live and self.routes.is_live_only(path):
             return self.started(key, self.admit_request(key, terms), LIVE_ONLY, method, path, arrived)
-        if self.leasing and (
-            lease := self.leases.take(lease_key(key.key_id, terms.holds, terms.period_start))
+        if (
+            self.leasing
+            and key.key_id
+            and not key.counts_uses
+            and (lease := self.leases.take(lease_key(key.key_id, terms.holds, terms.period_start)))
         ):
             return self.leased_call(lease, key, method, path, arrived)
         return self.admit_request(key, terms)
@@ -148,6 +161,8 @@ class RequestCore:
             reservation_id=f"{random.getrandbits(64):016x}",
             reservation_timeout_ms=self._reservation_timeout_ms,
             unsettled=self.unsettled if terms.holds else None,
+            # Leases are a key's: a customer without one (customer_getter) is admitted call by call.
+            one_by_one=key.counts_uses or not key.key_id,
         )
 
     def admitted(
@@ -209,7 +224,7 @@ class RequestCore:
             method,
             path,
             time.perf_counter_ns(),
-            CallUsage(self.config.meters),
+            CallUsage(self.config.meters, key=key),
             arrived_ns=arrived,
             lease=lease,
         )
@@ -223,11 +238,17 @@ class RequestCore:
         is known and entitled to see it in their usage)."""
         if decision.allowed:
             return Call(
-                key, request, decision, method, path, time.perf_counter_ns(), CallUsage(self.config.meters)
+                key,
+                request,
+                decision,
+                method,
+                path,
+                time.perf_counter_ns(),
+                CallUsage(self.config.meters, key=key),
             )
         assert decision.reason is not None
         refusal = problem(decision.reason, decision)
-        if decision.reason not in ("unknown_key", "revoked_key", "expired_key"):
+        if decision.reason not in ("unknown_key", "revoked_key", "expired_key", "unknown_customer"):
             self.measurer.reject(key, request, decision.reason, refusal.status, method, path)
         return refusal
 

@@ -19,7 +19,7 @@ from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.calls import Call
 from meterware.metering.core import RequestCore
-from meterware.metering.keycache import NeedsLookup
+from meterware.metering.keycache import NeedsCustomer, NeedsLookup
 from meterware.metering.leases import Lease, lease_key
 from meterware.metering.records import KeyInfo
 from meterware.metering.responses import Problem
@@ -48,6 +48,8 @@ class SyncDriver:
         key = core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
             key = self.resolve(storage, key)
+        elif isinstance(key, NeedsCustomer):
+            key = self.resolve_customer(storage, key)
         request = core.admission(key, method, path, arrived)
         if not isinstance(request, AdmitRequest):
             return request
@@ -65,6 +67,16 @@ class SyncDriver:
             found = error
         self.core.metrics.resolve_duration.observe(time.perf_counter() - began)
         return self.core.key_resolved(key_hash, found)
+
+    def resolve_customer(self, storage: Storage, lookup: NeedsCustomer) -> KeyInfo | Problem:
+        """Resolve a customer the app authenticated that the cache does not know (timed)."""
+        began = time.perf_counter()
+        try:
+            found: KeyInfo | StorageError | None = storage.resolve_customer(lookup.customer_id)
+        except StorageError as error:
+            found = error
+        self.core.metrics.resolve_duration.observe(time.perf_counter() - began)
+        return self.core.key_resolved(lookup.entry, found)
 
     def admit(self, storage: Storage, request: AdmitRequest) -> Decision | StorageError:
         """The backend's admission of ``request`` (timed), or its failure."""
@@ -118,6 +130,8 @@ class AsyncDriver:
         key = self.core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
             return self._resolve_and_admit(storage, key, method, path, arrived)
+        if isinstance(key, NeedsCustomer):
+            return self._resolve_customer_and_admit(storage, key, method, path, arrived)
         return self._known(storage, key, method, path, arrived)
 
     def _known(
@@ -134,6 +148,19 @@ class AsyncDriver:
         self, storage: AsyncStorage, key_hash: NeedsLookup, method: str, path: str, arrived: int
     ) -> Call | Problem:
         started = self._known(storage, await self.resolve(storage, key_hash), method, path, arrived)
+        return started if isinstance(started, Call | Problem) else await started
+
+    async def _resolve_customer_and_admit(
+        self, storage: AsyncStorage, lookup: NeedsCustomer, method: str, path: str, arrived: int
+    ) -> Call | Problem:
+        began = time.perf_counter()
+        try:
+            found: KeyInfo | StorageError | None = await storage.resolve_customer(lookup.customer_id)
+        except StorageError as error:
+            found = error
+        self.core.metrics.resolve_duration.observe(time.perf_counter() - began)
+        key = self.core.key_resolved(lookup.entry, found)
+        started = self._known(storage, key, method, path, arrived)
         return started if isinstance(started, Call | Problem) else await started
 
     async def _admit_call(

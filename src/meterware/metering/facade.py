@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from meterware.config import Config
 from meterware.metering.batcher import Batcher
 from meterware.metering.batching import Pending
-from meterware.metering.core import KeyGetter, RequestCore
+from meterware.metering.core import CustomerGetter, KeyGetter, RequestCore
 from meterware.metering.drivers import AsyncDriver, SyncDriver
 from meterware.metering.flushers import flush_sync
 from meterware.metering.leases import LeaseTable
@@ -36,6 +36,7 @@ class Metering:
         config: Config,
         *,
         key_getter: KeyGetter | None = None,
+        customer_getter: CustomerGetter | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
@@ -55,7 +56,9 @@ class Metering:
             self.batcher.spent_leases = self.leases.spent
             self.batcher.released = self.leases.closed
         self.measurer = Measurer(config, self.metrics, self.leases, self._queue)
-        self.core = RequestCore(config, self.metrics, self.measurer, self.batcher.unsettled, key_getter)
+        self.core = RequestCore(
+            config, self.metrics, self.measurer, self.batcher.unsettled, key_getter, customer_getter
+        )
         # The adapters' entry points, bound once (each is called for every call).
         self.start = SyncDriver(self.core).start
         self.astart = AsyncDriver(self.core).start
@@ -71,7 +74,11 @@ class Metering:
         config = self.config
         timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
         return open_storage(
-            config.storage, shards=config.shards, timeout=timeout, allow_eviction=config.allow_eviction
+            config.storage,
+            shards=config.shards,
+            timeout=timeout,
+            allow_eviction=config.allow_eviction,
+            replica_wait=config.replica_wait,
         )
 
     def async_backend(self, *, flushing: bool = False) -> AsyncStorage:
@@ -79,7 +86,11 @@ class Metering:
         config = self.config
         timeout = config.pipeline.flush_timeout if flushing else config.policy.timeout
         return open_async_storage(
-            config.storage, shards=config.shards, timeout=timeout, allow_eviction=config.allow_eviction
+            config.storage,
+            shards=config.shards,
+            timeout=timeout,
+            allow_eviction=config.allow_eviction,
+            replica_wait=config.replica_wait,
         )
 
     @property

@@ -1,8 +1,10 @@
-"""What a process remembers of presented keys: their hashes, their resolutions, and the unknown ones."""
+"""What a process remembers of presented keys: their hashes, their resolutions, and the unknown ones; and
+of the customers an app authenticated itself (``customer_getter``), the same way."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Final, NewType
 
 from meterware import keys
@@ -13,6 +15,7 @@ from meterware.metering.cache import LRUCache
 from meterware.metering.logs import ThrottledWarning
 from meterware.metering.records import KeyInfo
 from meterware.metering.responses import Problem, problem
+from meterware.storage._keyspace import CUSTOMER_ID_RE
 
 #: Unknown keys are remembered for a shorter time than known ones, so a new key works almost at once.
 NEGATIVE_CACHE_SECONDS: Final = 1.0
@@ -24,6 +27,18 @@ UNKNOWN_KEY_CACHE_MAX_ENTRIES: Final = 10_000
 #: A key hash the cache cannot answer for: the backend must resolve it (``resolve_key``). A plain ``str``
 #: at run time (the caches' dicts stay the fast all-``str`` kind), told apart by ``isinstance(_, str)``.
 NeedsLookup = NewType("NeedsLookup", str)
+
+#: How a customer's entry is named in the caches of keys (key hashes are hex: no name is both).
+_CUSTOMER_ENTRY: Final = "customer "
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsCustomer:
+    """A customer the cache cannot answer for: the backend must resolve it (``resolve_customer``), and
+    the core be told under ``entry``."""
+
+    customer_id: str
+    entry: str
 
 
 class KeyCache:
@@ -62,13 +77,28 @@ class KeyCache:
             return problem("unknown_key")
         return key_hash
 
+    def lookup_customer(self, customer_id: object) -> KeyInfo | NeedsCustomer | Problem:
+        """The cached resolution of a customer the app authenticated (a key without a key id), the
+        customer to look up, or a refusal (an id no customer can have is never looked up)."""
+        if not isinstance(customer_id, str) or CUSTOMER_ID_RE.match(customer_id) is None:
+            return problem("unknown_customer")
+        entry = _CUSTOMER_ENTRY + customer_id
+        now = time.monotonic()
+        cached = self._keys.get(entry)
+        if cached is not None and now <= cached[0]:
+            return cached[1]
+        unknown_until = self.unknown.get(entry)
+        if unknown_until is not None and now <= unknown_until:
+            return problem("unknown_customer")
+        return NeedsCustomer(customer_id, entry)
+
     def resolved(self, key_hash: str, key: KeyInfo | None) -> KeyInfo | Problem:
-        """Remember what the backend said about a key hash."""
+        """Remember what the backend said about a key hash (or a customer's entry)."""
         now = time.monotonic()
         if key is None:
             self._keys.pop(key_hash)
             self.unknown.put(key_hash, now + min(NEGATIVE_CACHE_SECONDS, self.policy.key_cache_ttl))
-            return problem("unknown_key")
+            return problem("unknown_customer" if key_hash.startswith(_CUSTOMER_ENTRY) else "unknown_key")
         self.unknown.pop(key_hash)
         self._keys.put(key_hash, (now + self.policy.key_cache_ttl, key))
         return key

@@ -87,9 +87,12 @@ def lease_block(request: AdmitRequest, policy: Policy) -> AdmitRequest | None:
 
     None when a lease would hold too little to be worth it (a rate limit allows so few calls that a
     block would take a large share of it), or cannot bound what its calls use: a value meter that is
-    priced or under a hard quota is admitted call by call, each counting the calls finished before.
+    priced or under a hard quota is admitted call by call, each counting the calls finished before; so
+    is a key's call that takes one of its remaining uses (``one_by_one``).
     """
-    if any(not hold.exact and (hold.price or hold.quota >= 0) for hold in request.holds):
+    if request.one_by_one or any(
+        not hold.exact and (hold.price or hold.quota >= 0) for hold in request.holds
+    ):
         return None
     calls = policy.lease_calls
     for limit in request.plan.rate_limits:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 CustomerStatus = Literal["active", "suspended"]
@@ -27,6 +27,10 @@ class KeyInfo:
     customer: Customer
     live: bool
     prefix: str
+    #: Whether the key has a count of remaining uses (its calls are admitted one by one, never leased).
+    counts_uses: bool = False
+    #: What the seller lets the key do, for the app to check (``meterware.current_call().scopes``).
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +47,11 @@ class KeyRecord:
     expires_ms: int = 0
     #: Epoch milliseconds of the newest call made with the key that the rollup has seen (0: none yet).
     last_used_ms: int = 0
+    #: What the seller calls the key (at most 100 characters).
+    name: str = ""
+    #: The seller's own notes on the key, never read by meterware (a few short strings).
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: Calls the key may still make (each admitted call takes one), or None for no such limit.
+    remaining: int | None = None
+    #: What the seller lets the key do (read by the app, never by meterware).
+    scopes: tuple[str, ...] = ()

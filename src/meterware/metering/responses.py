@@ -45,7 +45,11 @@ _PROBLEMS: Final[dict[Reason, tuple[int, str, str]]] = {
     "malformed_key": (401, "Malformed API key", "The key does not have the shape of an API key."),
     "unknown_key": (401, "Unknown API key", "No active key matches the one presented."),
     "revoked_key": (401, "Revoked API key", "This key has been revoked."),
-    "expired_key": (401, "Expired API key", "This key has expired; use its replacement."),
+    "expired_key": (401, "Expired API key", "This key has expired."),
+    # 403, not 429: like Unkey's USAGE_EXCEEDED it is the key's state, and waiting does not bring uses back.
+    "key_exhausted": (403, "API key used up", "This key has no uses left."),
+    # The app authenticated the caller (customer_getter), but meterware has no such customer.
+    "unknown_customer": (403, "Unknown customer", "The account you signed in with has no access to the API."),
     "suspended": (403, "Account suspended", "The account this key belongs to is suspended."),
     "rate_limited": (429, "Rate limit exceeded", "Too many calls; retry after the time in Retry-After."),
     "quota_exceeded": (429, "Quota exhausted", "The quota of this billing period is used up."),

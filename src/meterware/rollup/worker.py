@@ -415,6 +415,7 @@ def run_worker(
             shards=config.shards,
             timeout=STORAGE_TIMEOUT,
             allow_eviction=config.allow_eviction,
+            replica_wait=config.replica_wait,
         )
     except StorageError as error:
         logger.error("cannot open the backend: %s", error)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from meterware.storage._registry import backend_for
 
 if TYPE_CHECKING:
-    from meterware.storage.base import AsyncStorage, Storage
+    from meterware.storage.base import AsyncStorage, ReplicaWait, Storage
 
 __all__ = ["check_url", "open_async_storage", "open_storage"]
 
@@ -24,19 +24,33 @@ def check_url(url: str) -> None:
 
 
 def open_storage(
-    url: str, *, shards: int, timeout: float | None = None, allow_eviction: bool | None = None
+    url: str,
+    *,
+    shards: int,
+    timeout: float | None = None,
+    allow_eviction: bool | None = None,
+    replica_wait: ReplicaWait | None = None,
 ) -> Storage:
     """Open the synchronous backend at ``url``; ``timeout`` bounds each Redis call, in seconds.
 
     ``allow_eviction``: ``None`` (tools) skips the start-up check; otherwise the first call checks, once per
     process, that Redis keeps the money, and raises :class:`~meterware.errors.UnsafeStorageError` on an
-    evicting policy unless ``True``.
+    evicting policy unless ``True``. ``replica_wait``: see :class:`~meterware.storage.base.ReplicaWait`.
     """
-    return backend_for(url).open(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+    return backend_for(url).open(
+        url, shards=shards, timeout=timeout, allow_eviction=allow_eviction, replica_wait=replica_wait
+    )
 
 
 def open_async_storage(
-    url: str, *, shards: int, timeout: float | None = None, allow_eviction: bool | None = None
+    url: str,
+    *,
+    shards: int,
+    timeout: float | None = None,
+    allow_eviction: bool | None = None,
+    replica_wait: ReplicaWait | None = None,
 ) -> AsyncStorage:
     """Open the asyncio request path of the backend at ``url`` (no I/O until the first call)."""
-    return backend_for(url).open_async(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+    return backend_for(url).open_async(
+        url, shards=shards, timeout=timeout, allow_eviction=allow_eviction, replica_wait=replica_wait
+    )

@@ -115,7 +115,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         ks.reservation_deadlines(shard),
     ]
     keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
-    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS,
+    # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED,
     # RATE_LIMITS (admit.lua's names), then the limits and the holds.
     args: list[Arg] = [
         customer,
@@ -124,6 +124,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         request.period_end + ks.QUOTA_GRACE_SECONDS,
         f"{customer} {int(live)} {request.period_start}",
         request.calls,
+        int(bool(request.key_id)),
         len(request.plan.rate_limits),
     ]
     for limit in request.plan.rate_limits:
@@ -149,10 +150,18 @@ def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tup
     markers: list[str] = []  # batch markers, after every template's keys
     unsettled: list[tuple[int, list[list[int]]]] = []
     # The calls of a round are mostly one key's: their template is found once (cheap identities: the
-    # objects all live while this runs).
+    # objects all live while this runs). The customer too: calls without a key (customer_getter) share
+    # the key id "" and, on one plan, the holds.
     seen: dict[tuple[object, ...], Template] = {}
     for request in requests:
-        same = (request.key_id, id(request.plan), id(request.holds), request.period_start, request.calls)
+        same = (
+            request.key_id,
+            request.customer,
+            id(request.plan),
+            id(request.holds),
+            request.period_start,
+            request.calls,
+        )
         template = seen.get(same)
         if template is None:
             template = seen[same] = admit_template(request)

@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from meterware.storage.base import AsyncStorage, Storage
+    from meterware.storage.base import AsyncStorage, ReplicaWait, Storage
 
 #: The modules defining the built-in backends, in the order they are tried for an unknown scheme (the
 #: Redis one imports its driver).
@@ -37,15 +37,28 @@ class Backend:
 
     @classmethod
     def open(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> Storage:
         """The synchronous backend at ``url``; unless ``allow_eviction`` is ``None``, its first use checks
-        that the backend keeps the money and refuses an evicting one unless allowed."""
+        that the backend keeps the money and refuses an evicting one unless allowed. ``replica_wait``:
+        see :class:`~meterware.storage.base.ReplicaWait` (a backend without replicas ignores it)."""
         raise NotImplementedError
 
     @classmethod
     def open_async(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> AsyncStorage:
         """The asyncio request path of the backend at ``url``."""
         raise NotImplementedError

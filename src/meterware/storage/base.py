@@ -27,6 +27,21 @@ if TYPE_CHECKING:
 BATCH_MEMORY_SECONDS = 86_400
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaWait:
+    """After each write that moves money (flush, ledger writes, period close), wait until ``replicas``
+    replicas have it, at most ``timeout`` seconds; if fewer do, the write is not acknowledged (it is
+    retried, and applied once). Redis replicates asynchronously: without this, a failover can lose the
+    last writes the primary acknowledged."""
+
+    replicas: int
+    timeout: float
+
+    @property
+    def timeout_ms(self) -> int:
+        return max(1, round(self.timeout * 1000))  # WAIT's 0 would wait for ever
+
+
 # Built for every call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__ per field.
 @dataclass(slots=True)
 class Settlement:
@@ -239,6 +254,8 @@ class RequestPathStorage(Protocol):
     shards: int
 
     def resolve_key(self, key_hash: str) -> KeyInfo | None: ...
+    #: A customer the app authenticated itself (``customer_getter``), as a key without a key id.
+    def resolve_customer(self, customer_id: str) -> KeyInfo | None: ...
     def admit(self, request: AdmitRequest) -> Decision: ...
     def flush(self, batch: Batch) -> bool: ...
     #: Close the reservations of these admissions (leases whose calls are all flushed), refunding what
@@ -390,6 +407,7 @@ class AsyncStorage(Protocol):
     shards: int
 
     async def resolve_key(self, key_hash: str) -> KeyInfo | None: ...
+    async def resolve_customer(self, customer_id: str) -> KeyInfo | None: ...
     async def admit(self, request: AdmitRequest) -> Decision: ...
     async def flush(self, batch: Batch) -> bool: ...
     async def release(self, admissions: Sequence[AdmitRequest]) -> int: ...

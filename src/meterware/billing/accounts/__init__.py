@@ -12,6 +12,7 @@ from meterware.billing.accounts._alerts import AlertThresholds
 from meterware.billing.accounts._credits import Credits
 from meterware.billing.accounts._customers import Customers
 from meterware.billing.accounts._invoices import Invoicing
+from meterware.billing.accounts._keys import Keys
 from meterware.billing.accounts._usage import Usage, UsageHistory, UsagePoint, UsageReport
 from meterware.config import Config
 from meterware.storage import open_storage
@@ -19,10 +20,10 @@ from meterware.storage import open_storage
 __all__ = ["Accounts", "UsageHistory", "UsagePoint", "UsageReport"]
 
 
-class Accounts(Customers, Credits, Usage, AlertThresholds, Invoicing):
+class Accounts(Customers, Keys, Credits, Usage, AlertThresholds, Invoicing):
     """Management operations over a backend (synchronous).
 
-    Its methods come by role: customers and keys, credits, usage (reports, corrections, backfills),
+    Its methods come by role: customers, keys, credits, usage (reports, corrections, backfills),
     alert thresholds, and billing periods (invoices); each role is a class of its own module.
     """
 
@@ -30,7 +31,9 @@ class Accounts(Customers, Credits, Usage, AlertThresholds, Invoicing):
     def open(cls, config: Config | None = None) -> Accounts:
         """Connect to the backend named by ``config`` (loaded from file/env when omitted)."""
         config = config or Config.load()
-        return cls(open_storage(config.storage, shards=config.shards), config)
+        return cls(
+            open_storage(config.storage, shards=config.shards, replica_wait=config.replica_wait), config
+        )
 
     def close(self) -> None:
         self.storage.close()

@@ -1,4 +1,4 @@
-"""Customers and their API keys."""
+"""Customers: their plan, status and ids at billing providers."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import time
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
 from meterware.config import EXPORT_PROVIDERS
-from meterware.errors import ConfigError, NotFoundError, UsageError
-from meterware.keys import NewKey, generate_key
-from meterware.metering.records import Customer, KeyRecord
+from meterware.errors import ConfigError, UsageError
+from meterware.metering.records import Customer
 from meterware.storage._keyspace import check_customer_id
 from meterware.storage.base import LedgerEntry
 
 
 class Customers(AccountsBase):
-    """Create customers, change their plan, status and external ids; issue, revoke and rotate keys."""
+    """Create customers, change their plan, status and external ids."""
 
     def create_customer(
         self, customer_id: str, *, plan: str | None = None, anchor: int | None = None
@@ -72,40 +71,3 @@ class Customers(AccountsBase):
     def _check_plan(self, plan: str) -> None:
         if plan not in self.config.plans:
             raise ConfigError("plan", f"{plan!r} is not defined (known: {', '.join(self.config.plans)})")
-
-    # -- keys
-
-    def create_key(self, customer_id: str, *, live: bool = True) -> NewKey:
-        """Issue a key; its plaintext exists only in the returned object."""
-        self.customer(customer_id)
-        new = generate_key(live=live)
-        record = KeyRecord(new.key_id, customer_id, new.prefix, live, "active", int(time.time()))
-        self.storage.add_key(record, new.hash)
-        return new
-
-    def list_keys(self, customer_id: str) -> list[KeyRecord]:
-        self.customer(customer_id)
-        return self.storage.list_keys(customer_id)
-
-    def key(self, key_id: str) -> KeyRecord:
-        record = self.storage.get_key(key_id)
-        if record is None:
-            raise NotFoundError(f"no key {key_id!r}")
-        return record
-
-    def revoke_key(self, key_id: str) -> None:
-        """Stop a key at once (the next admission refuses it, whatever the caches hold)."""
-        self.key(key_id)
-        self.storage.set_key_state(key_id, status="revoked")
-
-    def rotate_key(self, key_id: str, *, grace_seconds: float = 0) -> NewKey:
-        """Issue a replacement key; the old one keeps working for ``grace_seconds``, then expires."""
-        old = self.key(key_id)
-        if old.status != "active":
-            raise UsageError(f"key {key_id} is revoked and cannot be rotated")
-        new = self.create_key(old.customer, live=old.live)
-        expires_ms = int((time.time() + max(0.0, grace_seconds)) * 1000)
-        if old.expires_ms:
-            expires_ms = min(expires_ms, old.expires_ms)  # never past the original expiry
-        self.storage.set_key_state(key_id, expires_ms=expires_ms)
-        return new

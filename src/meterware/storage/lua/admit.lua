@@ -7,6 +7,9 @@
 -- call alone is refused and adds nothing to the run's writes: common.lua, all or nothing per call). The
 -- keys it reads are type-checked by those reads, the two it only writes by TYPE, and only when it will.
 --
+-- A key record's `remaining` field, present only on a key that counts its uses, gives one use to each call
+-- admitted (a lease gets no more calls than uses left); with none left the key is refused, 'key_exhausted'.
+--
 -- A lease asks for many calls at once (`calls`): it gets as many as fit, the largest of calls, calls/2,
 -- calls/4... under every limit, halved once more when not all fit (near a limit, what is left is shared
 -- out in ever smaller leases); the reply says how many. A single call is a lease of 1.
@@ -17,7 +20,8 @@
 --       rate limit
 -- ARGV: template count, then per template: key count, argument count, its arguments (customer id, charges
 --       credits (1/0), reservation timeout ms, quota expire-at (s), reservation record head ("customer
---       live period_start"), calls (1, or a lease's), rate limit count, (amount, seconds)...,
+--       live period_start"), calls (1, or a lease's), keyed (1: a key's call; 0: a customer the app
+--       authenticated itself, whose key record is not read), rate limit count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
 --       number, reservation id, and the changes still to come from the calls this process finished
 --       ("" if none; else msgpack: first the guard, the KEYS index of the key holding the highest
@@ -32,7 +36,7 @@
 -- (storage/_admission.py builds and reads the same layout).
 local KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, FIRST_RATE = 1, 2, 3, 4, 5, 6
 local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS = 1, 2, 3
-local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, RATE_LIMITS = 4, 5, 6, 7
+local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED, RATE_LIMITS = 4, 5, 6, 7, 8
 local SCRIPT_REFUSED, STALE = -1, -2
 
 -- The calls of a run mostly share their keys (one customer's concurrent calls): each key is read once
@@ -97,7 +101,7 @@ end
 local function parse(KEYS, ARGV)
   local spec = {
     keys = KEYS, customer_id = ARGV[CUSTOMER_ID], charges_credits = ARGV[CHARGES_CREDITS] == '1',
-    calls = tonumber(ARGV[CALLS]), expire_at = ARGV[QUOTA_EXPIRE_AT], head = ARGV[RECORD_HEAD],
+    calls = tonumber(ARGV[CALLS]), keyed = ARGV[KEYED] == '1', expire_at = ARGV[QUOTA_EXPIRE_AT], head = ARGV[RECORD_HEAD],
     deadline = int(now + tonumber(ARGV[RESERVATION_TIMEOUT_MS])), limits = {}, terms = {}, records = {},
   }
   local pos = RATE_LIMITS
@@ -206,24 +210,39 @@ end
 
 local function admit(spec, reservation_id, unsettled)
   local KEYS = spec.keys
-  local key, refused = read_once(KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer')
-  if refused then
-    return {SCRIPT_REFUSED, refused}
+  local key, refused = {}, nil
+  if spec.keyed then
+    key, refused = read_once(
+      KEYS[KEY_RECORD], 'hash', 'HMGET', KEYS[KEY_RECORD], 'status', 'expires_ms', 'customer', 'remaining')
+    if refused then
+      return {SCRIPT_REFUSED, refused}
+    end
   end
   local account
   account, refused = read_once(KEYS[CUSTOMER], 'hash', 'HMGET', KEYS[CUSTOMER], 'status', 'balance', 'reserved')
   if refused then
     return {SCRIPT_REFUSED, refused}
   end
-  if not key[1] or not account[1] or key[3] ~= spec.customer_id then
+  local uses
+  if not spec.keyed then
+    if not account[1] then
+      return refusal('unknown_customer')
+    end
+  elseif not key[1] or not account[1] or key[3] ~= spec.customer_id then
     return refusal('unknown_key')
-  end
-  if key[1] ~= 'active' then
+  elseif key[1] ~= 'active' then
     return refusal('revoked_key')
-  end
-  local expires_ms = tonumber(key[2]) or 0
-  if expires_ms ~= 0 and now >= expires_ms then
+  elseif (tonumber(key[2]) or 0) ~= 0 and now >= tonumber(key[2]) then
     return refusal('expired_key')
+  elseif key[4] then
+    -- A key with remaining uses (the field exists only then) gives one to each call admitted.
+    uses = counter_of(KEYS[KEY_RECORD], KEYS[KEY_RECORD], 'remaining', key[4])
+    if uses.problem then
+      return {SCRIPT_REFUSED, uses.problem}
+    end
+    if uses.value <= 0 then
+      return refusal('key_exhausted')
+    end
   end
   if account[1] ~= 'active' then
     return refusal('suspended')
@@ -301,6 +320,9 @@ local function admit(spec, reservation_id, unsettled)
   local available = (tonumber(account[2]) or 0) - reserved - (charges_credits and pending_cost or 0)
 
   local n = spec.calls
+  if uses then
+    n = math.min(n, uses.value)  -- never more calls than uses left
+  end
   local d = decide(spec, tat_of, used_of, held_of, n, available)
   if d.reason and n > 1 then
     repeat
@@ -345,6 +367,9 @@ local function admit(spec, reservation_id, unsettled)
     counter.value, counter.net = counter.value + hold, counter.net + hold
   end
   reserved_counter.value, reserved_counter.net = reserved_counter.value + credits, reserved_counter.net + credits
+  if uses then
+    uses.value, uses.net = uses.value - n, uses.net - n
+  end
   if holds_any then
     expire_at[KEYS[QUOTA]] = spec.expire_at
   end

@@ -82,6 +82,12 @@ local function preamble(checks, key, exists, otherwise)
     end
   end
   if key and existed(key) ~= exists then
+    if not exists and type_of(key) == 'string' then
+      -- A repeat of a write made once (its marker is there): write the marker again as it is, so that a
+      -- WAIT after this script also covers the first write (newer Redis versions count WAIT from the
+      -- connection's last write, not its last command).
+      redis.call('SET', key, redis.call('GET', key), 'KEEPTTL')
+    end
     return true, otherwise
   end
 end

@@ -21,7 +21,7 @@ from typing import ClassVar
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import KeyInfo
 from meterware.storage._registry import Backend
-from meterware.storage.base import Batch
+from meterware.storage.base import Batch, ReplicaWait
 from meterware.storage.memory._accounts import AccountMixin, LedgerMixin
 from meterware.storage.memory._billing import AlertMixin, ExportMixin, InvoiceMixin, PortalMixin
 from meterware.storage.memory._request import AdmissionMixin, SettlementMixin
@@ -52,10 +52,16 @@ class MemoryStorage(
 
     @classmethod
     def open(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> MemoryStorage:
-        """The process-wide store of ``url`` and ``shards`` (``timeout`` and ``allow_eviction`` are moot:
-        nothing waits, nothing is evicted)."""
+        """The process-wide store of ``url`` and ``shards`` (``timeout``, ``allow_eviction`` and
+        ``replica_wait`` are moot: nothing waits, nothing is evicted, nothing is replicated)."""
         with _stores_lock:
             store = _stores.get((url, shards))
             if store is None:
@@ -64,7 +70,13 @@ class MemoryStorage(
 
     @classmethod
     def open_async(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> AsyncMemoryStorage:
         return AsyncMemoryStorage(cls.open(url, shards=shards, timeout=timeout))
 
@@ -81,6 +93,9 @@ class AsyncMemoryStorage:
 
     async def resolve_key(self, key_hash: str) -> KeyInfo | None:
         return self.sync.resolve_key(key_hash)
+
+    async def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        return self.sync.resolve_customer(customer_id)
 
     async def admit(self, request: AdmitRequest) -> Decision:
         return self.sync.admit(request)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from meterware.metering.admission import (
     AdmitRequest,
@@ -45,27 +46,47 @@ class AdmissionMixin(MemoryState):
                 return None
             record = self._keys[key_id]
             account = self._accounts[record.customer]
-            return KeyInfo(key_id, account.customer, record.live, record.prefix)
+            return KeyInfo(
+                key_id,
+                account.customer,
+                record.live,
+                record.prefix,
+                record.remaining is not None,
+                record.scopes,
+            )
+
+    def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        with self._lock:
+            account = self._accounts.get(customer_id)
+            return None if account is None else KeyInfo("", account.customer, True, "")
 
     def admit(self, request: AdmitRequest) -> Decision:
         with self._lock:
             return self._admit(request, clock_ms())
 
     def _admit(self, request: AdmitRequest, now: int) -> Decision:
-        record = self._keys.get(request.key_id)
+        # No key id: a customer the app authenticated itself (admit.lua's KEYED is 0).
+        record = self._keys.get(request.key_id) if request.key_id else None
         account = self._accounts.get(request.customer)
-        # A key presented for another customer is as good as unknown (the Redis script finds no record).
-        if record is None or account is None or record.customer != request.customer:
-            return refusal(request, "unknown_key")
-        if record.status != "active":
-            return refusal(request, "revoked_key")
-        if record.expires_ms and now >= record.expires_ms:
-            return refusal(request, "expired_key")
+        if request.key_id:
+            # A key presented for another customer is as good as unknown (the Redis script finds no record).
+            if record is None or account is None or record.customer != request.customer:
+                return refusal(request, "unknown_key")
+            if record.status != "active":
+                return refusal(request, "revoked_key")
+            if record.expires_ms and now >= record.expires_ms:
+                return refusal(request, "expired_key")
+            if record.remaining is not None and record.remaining <= 0:
+                return refusal(request, "key_exhausted")
+        elif account is None:
+            return refusal(request, "unknown_customer")
         if account.customer.status != "active":
             return refusal(request, "suspended")
         counters = self._quotas[(request.live, request.customer, request.period_start)]
         seen, available = self._unsettled(request, counters, account, now)
         calls = request.calls
+        if record is not None and record.remaining is not None:
+            calls = min(calls, record.remaining)  # as admit.lua: never more calls than uses left
         decision, holds, new_tats = self._decide(request, seen, available, now, calls)
         if not decision.allowed and calls > 1:
             # As admit.lua: the largest of calls, calls/2, calls/4... that fits, halved once more.
@@ -93,6 +114,8 @@ class AdmissionMixin(MemoryState):
         for meter, held in holds:
             counters[counter_names(meter)[1]] += held
         account.reserved += credits
+        if record is not None and record.remaining is not None:
+            self._keys[request.key_id] = replace(record, remaining=record.remaining - decision.calls)
         return decision
 
     def _unsettled(

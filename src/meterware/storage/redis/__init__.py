@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from meterware.storage._registry import Backend
 from meterware.storage._url import RedisTarget, parse_url
+from meterware.storage.base import ReplicaWait
 from meterware.storage.redis._accounts import AccountCommands, LedgerCommands
 from meterware.storage.redis._async import AsyncRedisStorage
 from meterware.storage.redis._billing import AlertCommands, ExportCommands, InvoiceCommands, PortalCommands
@@ -38,14 +39,16 @@ __all__ = [
 ]
 
 
-def inspect_redis(url: str, *, allow_eviction: bool = False, timeout: float | None = None) -> list[Finding]:
+def inspect_redis(
+    url: str, *, allow_eviction: bool = False, wait_replicas: int = 0, timeout: float | None = None
+) -> list[Finding]:
     """Check that the Redis at ``url`` keeps the money (every primary); raise ``StorageError`` if it
     cannot be reached."""
     target = parse_url(url)
     client, sentinel = sync_client(target, DEFAULT_TIMEOUT if timeout is None else timeout)
     try:
         with DriverErrors(target):
-            return findings(read_nodes(client), allow_eviction=allow_eviction)
+            return findings(read_nodes(client), allow_eviction=allow_eviction, wait_replicas=wait_replicas)
     finally:
         client.close()
         for node in sentinel.sentinels if sentinel is not None else ():
@@ -77,12 +80,28 @@ class RedisStorage(
 
     @classmethod
     def open(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> RedisStorage:
-        return cls(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+        return cls(
+            url, shards=shards, timeout=timeout, allow_eviction=allow_eviction, replica_wait=replica_wait
+        )
 
     @classmethod
     def open_async(
-        cls, url: str, *, shards: int, timeout: float | None, allow_eviction: bool | None = None
+        cls,
+        url: str,
+        *,
+        shards: int,
+        timeout: float | None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> AsyncRedisStorage:
-        return AsyncRedisStorage(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+        return AsyncRedisStorage(
+            url, shards=shards, timeout=timeout, allow_eviction=allow_eviction, replica_wait=replica_wait
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 from redis.exceptions import NoScriptError
@@ -73,8 +74,8 @@ def ledger_entry_from(entry_id: Text, fields: Fields) -> LedgerEntry:
 
 
 def key_fields(record: KeyRecord) -> dict[str, Arg]:
-    """A key record as the fields of its hash."""
-    return {
+    """A key record as the fields of its hash (``remaining`` only on a key that counts its uses)."""
+    fields: dict[str, Arg] = {
         "key_id": record.key_id,
         "customer": record.customer,
         "prefix": record.prefix,
@@ -83,7 +84,13 @@ def key_fields(record: KeyRecord) -> dict[str, Arg]:
         "created": record.created,
         "expires_ms": record.expires_ms,
         "last_used_ms": record.last_used_ms,
+        "name": record.name,
+        "meta": json.dumps(record.metadata, separators=(",", ":")),
+        "scopes": " ".join(record.scopes),
     }
+    if record.remaining is not None:
+        fields["remaining"] = record.remaining
+    return fields
 
 
 def key_record_from(fields: Fields) -> KeyRecord | None:
@@ -99,6 +106,10 @@ def key_record_from(fields: Fields) -> KeyRecord | None:
         created=int(fields[b"created"]),
         expires_ms=int(fields.get(b"expires_ms", 0)),
         last_used_ms=int(fields.get(b"last_used_ms", 0)),
+        name=as_str(fields.get(b"name", b"")),
+        metadata=json.loads(fields.get(b"meta", b"{}")),
+        remaining=int(fields[b"remaining"]) if b"remaining" in fields else None,
+        scopes=tuple(as_str(fields.get(b"scopes", b"")).split()),
     )
 
 
@@ -179,6 +190,8 @@ class AccountCommands(Connection):
                     "customer": record.customer,
                     "live": int(record.live),
                     "prefix": record.prefix,
+                    "uses": int(record.remaining is not None),
+                    "scopes": " ".join(record.scopes),
                 },
             )
 

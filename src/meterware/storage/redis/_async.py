@@ -14,6 +14,8 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -23,7 +25,7 @@ from meterware.metering.records import KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import admit_call
 from meterware.storage._url import parse_url
-from meterware.storage.base import Batch
+from meterware.storage.base import Batch, ReplicaWait
 from meterware.storage.redis._checks import aguard
 from meterware.storage.redis._connection import (
     DEFAULT_TIMEOUT,
@@ -31,7 +33,9 @@ from meterware.storage.redis._connection import (
     AsyncClient,
     DriverErrors,
     async_client,
+    client_options,
 )
+from meterware.storage.redis._replicas import MONEY_SCRIPTS, AsyncNodes, arun_waiting
 from meterware.storage.redis._request import (
     ADMISSION_ROUNDS,
     ADMIT_ATTEMPTS,
@@ -57,9 +61,16 @@ class AsyncRedisStorage:
     """
 
     def __init__(
-        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
+        self,
+        url: str,
+        *,
+        shards: int = 16,
+        timeout: float | None = None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.shards = shards
+        self._replica_wait = replica_wait
         self._allow_eviction = allow_eviction
         self._target = parse_url(url)
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
@@ -71,6 +82,8 @@ class AsyncRedisStorage:
         self._starting = asyncio.Lock()
         self._started = False
         self._scripts: dict[str, AsyncScript] = {}
+        options, auth = client_options(self._target, self._timeout)
+        self._nodes = AsyncNodes({**options, **auth, "retry": AsyncRetry(NoBackoff(), 0)})
         self._admit_loop: asyncio.AbstractEventLoop | None = None
         self._waiting: list[tuple[AdmitRequest, asyncio.Future[Decision]]] = []
         self._admitters: set[asyncio.Task[None]] = set()
@@ -82,6 +95,7 @@ class AsyncRedisStorage:
             client, self._sentinel = async_client(self._target, self._timeout)
             self._scripts = {name: client.register_script(text) for name, text in sources()}
             self._slots, self._starting = asyncio.BoundedSemaphore(MAX_CONNECTIONS), asyncio.Lock()
+            self._nodes = AsyncNodes(self._nodes.options)  # the old loop's clients are of no use here
             self._client, self._loop, self._started = client, loop, False
         if not self._started:
             # redis-py's asyncio cluster client breaks when many first commands race its lazy start
@@ -91,7 +105,8 @@ class AsyncRedisStorage:
                     await client.initialize()
                 if not self._started and self._allow_eviction is not None:
                     # Once per process (see RedisStorage): failing to reach Redis leaves it for the next call.
-                    await aguard(client, self._target.where, self._allow_eviction)
+                    wait_replicas = self._replica_wait.replicas if self._replica_wait else 0
+                    await aguard(client, self._target.where, self._allow_eviction, wait_replicas)
                 self._started = True
         return client
 
@@ -117,6 +132,11 @@ class AsyncRedisStorage:
                 slots.release()
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        if self._replica_wait is not None and script in MONEY_SCRIPTS and self._client is not None:
+            waiting = arun_waiting(
+                self._client, self._nodes, self._scripts[script], keys, args, self._replica_wait
+            )
+            return await waiting
         return await self._scripts[script](keys=keys, args=args)
 
     async def resolve_key(self, key_hash: str) -> KeyInfo | None:
@@ -128,6 +148,13 @@ class AsyncRedisStorage:
             shard = ks.shard_of(customer_id, self.shards)
             values = await client.hmget(ks.customer(shard, customer_id), CUSTOMER_FIELDS)
         return key_info_from(fields, customer_from(customer_id, values))
+
+    async def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        async with self._call() as client:
+            shard = ks.shard_of(customer_id, self.shards)
+            values = await client.hmget(ks.customer(shard, customer_id), CUSTOMER_FIELDS)
+        customer = customer_from(customer_id, values)
+        return None if customer is None else KeyInfo("", customer, True, "")
 
     async def admit(self, request: AdmitRequest) -> Decision:
         """Admit a call together with the calls of other requests that wait meanwhile.
@@ -209,3 +236,4 @@ class AsyncRedisStorage:
                 await client.aclose()
             for node in sentinel.sentinels if sentinel is not None else ():
                 await node.aclose()
+            await self._nodes.aclose()

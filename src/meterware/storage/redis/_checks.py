@@ -1,4 +1,5 @@
-"""Whether a Redis keeps the money: its eviction policy, persistence and version, checked on every primary.
+"""Whether a Redis keeps the money: its eviction policy, persistence, version and replicas, checked on every
+primary.
 
 :func:`findings` is pure (what each node reported in, findings out); :func:`read_nodes` and
 :func:`aread_nodes` ask the nodes; :func:`guard` and :func:`aguard` run the check once per process before
@@ -117,13 +118,37 @@ def _version(node: NodeReport) -> Finding:
     return Finding("ok", "version", node.address, f"Redis {version}")
 
 
-def findings(nodes: Sequence[NodeReport], *, allow_eviction: bool = False) -> list[Finding]:
-    """The findings on every node: policy, persistence, version."""
+def _replicas(node: NodeReport, wait_replicas: int) -> Finding:
+    replicas = int(node.info.get("connected_slaves", 0))
+    if wait_replicas == 0:
+        if replicas == 0:
+            text = "no replica: if this node is lost, what it holds is lost with it (since its last save)"
+        else:
+            text = (
+                f"{replicas} replica(s), storage.wait_replicas off: a failover can lose the last writes "
+                "acknowledged before it (charges, ledger entries)"
+            )
+        return Finding("info", "replicas", node.address, text)
+    if replicas < wait_replicas:
+        text = (
+            f"{replicas} replica(s) connected, storage.wait_replicas = {wait_replicas}: no flush is "
+            "acknowledged until enough are (batches wait in the flusher and its spool)"
+        )
+        return Finding("warning", "replicas", node.address, text)
+    text = f"{replicas} replica(s) connected; money writes wait for {wait_replicas}"
+    return Finding("ok", "replicas", node.address, text)
+
+
+def findings(
+    nodes: Sequence[NodeReport], *, allow_eviction: bool = False, wait_replicas: int = 0
+) -> list[Finding]:
+    """The findings on every node: policy, persistence, version, replicas."""
     found: list[Finding] = []
     for node in nodes:
         found += _policy(node, allow_eviction)
         found.append(_persistence(node))
         found.append(_version(node))
+        found.append(_replicas(node, wait_replicas))
     return found
 
 
@@ -184,17 +209,18 @@ async def aread_nodes(client: AsyncClient) -> list[NodeReport]:
     return reports
 
 
-#: What the check found for each (target, allow_eviction), once per process.
-_checked: dict[tuple[str, bool], list[Finding]] = {}
+#: What the check found for each (target, allow_eviction, wait_replicas), once per process.
+_checked: dict[tuple[str, bool, int], list[Finding]] = {}
 _checked_lock = threading.Lock()
 
 
-def _settle(where: str, allow_eviction: bool, found: list[Finding]) -> None:
+def _settle(check: tuple[str, bool, int], found: list[Finding]) -> None:
     """Log the warnings (the first time) and raise on an error."""
+    where = check[0]
     with _checked_lock:
-        first = (where, allow_eviction) not in _checked
+        first = check not in _checked
         if first:
-            _checked[where, allow_eviction] = found
+            _checked[check] = found
     if first:
         for finding in found:
             if finding.level == "warning":
@@ -214,17 +240,21 @@ def refuse(where: str, found: Sequence[Finding]) -> None:
             raise UnsafeStorageError(f"{_at(where, finding)}: {finding.message}")
 
 
-def guard(client: SyncClient, where: str, allow_eviction: bool) -> None:
+def guard(client: SyncClient, where: str, allow_eviction: bool, wait_replicas: int = 0) -> None:
     """Check the Redis at ``where`` once per process: log its warnings, refuse what loses money."""
-    found = _checked.get((where, allow_eviction))
+    check = (where, allow_eviction, wait_replicas)
+    found = _checked.get(check)
     if found is None:
-        found = findings(read_nodes(client), allow_eviction=allow_eviction)
-    _settle(where, allow_eviction, found)
+        found = findings(read_nodes(client), allow_eviction=allow_eviction, wait_replicas=wait_replicas)
+    _settle(check, found)
 
 
-async def aguard(client: AsyncClient, where: str, allow_eviction: bool) -> None:
+async def aguard(client: AsyncClient, where: str, allow_eviction: bool, wait_replicas: int = 0) -> None:
     """The asyncio twin of :func:`guard`."""
-    found = _checked.get((where, allow_eviction))
+    check = (where, allow_eviction, wait_replicas)
+    found = _checked.get(check)
     if found is None:
-        found = findings(await aread_nodes(client), allow_eviction=allow_eviction)
-    _settle(where, allow_eviction, found)
+        found = findings(
+            await aread_nodes(client), allow_eviction=allow_eviction, wait_replicas=wait_replicas
+        )
+    _settle(check, found)

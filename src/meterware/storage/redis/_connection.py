@@ -26,7 +26,9 @@ from redis.retry import Retry
 from meterware.errors import StorageError
 from meterware.storage import _keyspace as ks
 from meterware.storage._url import RedisTarget, parse_url
+from meterware.storage.base import ReplicaWait
 from meterware.storage.redis._checks import guard
+from meterware.storage.redis._replicas import MONEY_SCRIPTS, run_waiting
 from meterware.storage.redis._scripts import Arg, sources
 
 #: Seconds each call may take when the caller gives no timeout (the worker and the CLI).
@@ -51,7 +53,7 @@ def check_url(url: str) -> None:
         raise ValueError(f"storage URL: {text}") from None
 
 
-def _options(target: RedisTarget, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def client_options(target: RedisTarget, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The connection options and the credentials of a client of ``target``."""
     # No retries and short timeouts: the request path fails fast and its own policy decides what next.
     options = {
@@ -63,7 +65,7 @@ def _options(target: RedisTarget, timeout: float) -> tuple[dict[str, Any], dict[
 
 
 def sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.sentinel.Sentinel | None]:
-    options, auth = _options(target, timeout)
+    options, auth = client_options(target, timeout)
     retry = Retry(NoBackoff(), 0)
     if target.kind == "cluster":
         nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
@@ -80,7 +82,7 @@ def sync_client(target: RedisTarget, timeout: float) -> tuple[SyncClient, redis.
 def async_client(
     target: RedisTarget, timeout: float
 ) -> tuple[AsyncClient, redis.asyncio.sentinel.Sentinel | None]:
-    options, auth = _options(target, timeout)
+    options, auth = client_options(target, timeout)
     retry = AsyncRetry(NoBackoff(), 0)
     if target.kind == "cluster":
         nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.hosts]
@@ -127,13 +129,21 @@ class Connection:
 
     ``timeout`` (seconds) bounds connecting and every call; nothing is retried. No connection is made
     until the first call. ``allow_eviction``: unless ``None`` (the tools), the first call checks, once per
-    process, that Redis keeps the money (:mod:`._checks`).
+    process, that Redis keeps the money (:mod:`._checks`). ``replica_wait``: the money scripts wait for
+    replicas (:mod:`._replicas`).
     """
 
     def __init__(
-        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
+        self,
+        url: str,
+        *,
+        shards: int = 16,
+        timeout: float | None = None,
+        allow_eviction: bool | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         self.shards = shards
+        self._replica_wait = replica_wait
         self._allow_eviction = allow_eviction
         self._target = parse_url(url)
         self._timeout = DEFAULT_TIMEOUT if timeout is None else timeout
@@ -155,7 +165,8 @@ class Connection:
                     self._client = client
         if self._allow_eviction is not None:
             # Not marked checked on failure: an unreachable Redis is checked when it is first reached.
-            guard(client, self._target.where, self._allow_eviction)
+            wait_replicas = self._replica_wait.replicas if self._replica_wait else 0
+            guard(client, self._target.where, self._allow_eviction, wait_replicas)
             self._allow_eviction = None
         return client
 
@@ -179,6 +190,8 @@ class Connection:
                 self._slots.release()
 
     def _run(self, script: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        if self._replica_wait is not None and script in MONEY_SCRIPTS and self._client is not None:
+            return run_waiting(self._client, self._scripts[script], keys, args, self._replica_wait)
         return self._scripts[script](keys=keys, args=args)
 
     def _shard(self, customer_id: str) -> int:

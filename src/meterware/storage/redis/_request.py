@@ -174,7 +174,14 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
     """What a key hash resolves to, from the key-hash index entry and the owner's record."""
     if not fields or customer is None:
         return None
-    return KeyInfo(as_str(fields[b"key_id"]), customer, fields[b"live"] == b"1", as_str(fields[b"prefix"]))
+    return KeyInfo(
+        as_str(fields[b"key_id"]),
+        customer,
+        fields[b"live"] == b"1",
+        as_str(fields[b"prefix"]),
+        fields.get(b"uses") == b"1",
+        tuple(as_str(fields.get(b"scopes", b"")).split()),
+    )
 
 
 class Answer(Protocol):
@@ -243,13 +250,17 @@ class Waiting:
 class RequestPathCommands(Connection):
     """The request path of :class:`~meterware.storage.redis.RedisStorage`."""
 
-    def __init__(
-        self, url: str, *, shards: int = 16, timeout: float | None = None, allow_eviction: bool | None = None
-    ) -> None:
-        super().__init__(url, shards=shards, timeout=timeout, allow_eviction=allow_eviction)
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self._admissions = threading.Lock()
         self._waiting: list[Waiting] = []
         self._leading = False
+
+    def resolve_customer(self, customer_id: str) -> KeyInfo | None:
+        with self._call() as client:
+            values = client.hmget(ks.customer(self._shard(customer_id), customer_id), CUSTOMER_FIELDS)
+        customer = customer_from(customer_id, values)
+        return None if customer is None else KeyInfo("", customer, True, "")
 
     def resolve_key(self, key_hash: str) -> KeyInfo | None:
         with self._call() as client:

@@ -1,0 +1,180 @@
+"""What a seller attaches to a key through ``Accounts`` and the CLI: a name, metadata and an expiry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meterware.billing.accounts import Accounts
+from meterware.config import Config
+from meterware.errors import UsageError
+from meterware.keys import hash_key
+from meterware.storage import open_storage
+
+
+@pytest.fixture
+def accounts(storage_url: str) -> Iterator[Accounts]:
+    """Accounts over memory and a real Redis, with one customer, ``acme``."""
+    config = Config.from_dict({"storage": storage_url, "plans": {"free": {}}, "default_plan": "free"})
+    accounts = Accounts(open_storage(config.storage, shards=config.shards), config)
+    accounts.create_customer("acme")
+    yield accounts
+    accounts.close()
+
+
+def test_a_key_is_created_with_a_name_metadata_and_an_expiry(accounts: Accounts) -> None:
+    """create_key keeps the name, the metadata and the expiry (in ms), listed and shown by id."""
+    expires_at = time.time() + 3600
+    new = accounts.create_key("acme", name="Production", metadata={"team": "data"}, expires_at=expires_at)
+    record = accounts.key(new.key_id)
+    assert (record.name, record.metadata, record.expires_ms) == (
+        "Production",
+        {"team": "data"},
+        int(expires_at * 1000),
+    )
+    assert accounts.list_keys("acme") == [record]
+    plain = accounts.key(accounts.create_key("acme").key_id)
+    assert (plain.name, plain.metadata, plain.expires_ms) == ("", {}, 0)
+
+
+def test_rotation_keeps_the_name_and_metadata(accounts: Accounts) -> None:
+    """The replacement of a rotated key carries its name and metadata."""
+    old = accounts.create_key("acme", name="CI", metadata={"owner": "ops"})
+    new = accounts.rotate_key(old.key_id, grace_seconds=60)
+    record = accounts.key(new.key_id)
+    assert (record.name, record.metadata) == ("CI", {"owner": "ops"})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"name": "n" * 101}, "name must be printable text of at most 100", id="long-name"),
+        pytest.param({"name": "two\nlines"}, "name must be printable", id="name-newline"),
+        pytest.param(
+            {"metadata": {f"k{i}": "v" for i in range(17)}}, "at most 16 entries", id="too-many-entries"
+        ),
+        pytest.param({"metadata": {"k" * 41: "v"}}, "1-40 characters", id="long-metadata-name"),
+        pytest.param({"metadata": {"": "v"}}, "1-40 characters", id="empty-metadata-name"),
+        pytest.param({"metadata": {"k": "v" * 201}}, "at most 200", id="long-metadata-value"),
+        pytest.param({"metadata": {"k": {"nested": "no"}}}, "printable string", id="nested-metadata"),
+        pytest.param({"metadata": {"k": 1}}, "printable string", id="number-metadata"),
+        pytest.param({"metadata": ["k", "v"]}, "dict of at most 16", id="not-a-dict"),
+        pytest.param({"expires_at": time.time() - 1}, "in the future", id="expired-already"),
+        pytest.param({"expires_at": "tomorrow"}, "epoch seconds", id="expiry-not-a-number"),
+    ],
+)
+def test_bad_key_terms_are_refused(accounts: Accounts, options: dict[str, Any], message: str) -> None:
+    """Names, metadata and expiries out of bounds raise UsageError, and no key is created."""
+    with pytest.raises(UsageError, match=message):
+        accounts.create_key("acme", **options)
+    assert accounts.list_keys("acme") == []
+
+
+def test_bounds_are_inclusive(accounts: Accounts) -> None:
+    """A 100-character name and 16 entries of 40-character names and 200-character values are kept."""
+    metadata = {f"{i:02d}" + "k" * 38: "v" * 200 for i in range(16)}
+    new = accounts.create_key("acme", name="n" * 100, metadata=metadata)
+    assert accounts.key(new.key_id).metadata == metadata
+
+
+def test_a_key_is_created_with_remaining_uses(accounts: Accounts) -> None:
+    """create_key(remaining=N) keeps the count; None (the default) is no count at all."""
+    counted = accounts.create_key("acme", remaining=50)
+    assert accounts.key(counted.key_id).remaining == 50
+    assert accounts.key(accounts.create_key("acme").key_id).remaining is None
+
+
+@pytest.mark.parametrize(
+    "remaining",
+    [
+        pytest.param(-1, id="negative"),
+        pytest.param(1.5, id="fraction"),
+        pytest.param(True, id="bool"),
+        pytest.param(10**12 + 1, id="too-many"),
+    ],
+)
+def test_bad_remaining_uses_are_refused(accounts: Accounts, remaining: Any) -> None:
+    """Remaining uses are a whole number from 0 to 10^12."""
+    with pytest.raises(UsageError, match="remaining must be a whole number of uses"):
+        accounts.create_key("acme", remaining=remaining)
+    assert accounts.list_keys("acme") == []
+
+
+def test_rotation_hands_the_uses_left_to_the_replacement(accounts: Accounts) -> None:
+    """A key counting its uses is rotated without grace: it stops, and its replacement has its uses left;
+    a grace period is refused (both keys would spend them)."""
+    old = accounts.create_key("acme", remaining=5)
+    with pytest.raises(UsageError, match="rotated without a grace period"):
+        accounts.rotate_key(old.key_id, grace_seconds=60)
+    new = accounts.rotate_key(old.key_id)
+    assert accounts.key(new.key_id).remaining == 5
+    assert 0 < accounts.key(old.key_id).expires_ms <= time.time() * 1000
+
+
+def test_a_key_is_created_with_scopes(accounts: Accounts) -> None:
+    """Scopes are kept in the order given, without repeats, and carried to a rotated key's replacement."""
+    new = accounts.create_key("acme", scopes=["files:read", "files:write", "files:read"])
+    assert accounts.key(new.key_id).scopes == ("files:read", "files:write")
+    rotated = accounts.rotate_key(new.key_id)
+    assert accounts.key(rotated.key_id).scopes == ("files:read", "files:write")
+
+
+@pytest.mark.parametrize(
+    ("scopes", "message"),
+    [
+        pytest.param("files:read", "a list of names, not one string", id="one-string"),
+        pytest.param(["has space"], "1-64 characters", id="space"),
+        pytest.param([""], "1-64 characters", id="empty"),
+        pytest.param(["s" * 65], "1-64 characters", id="long"),
+        pytest.param([7], "1-64 characters", id="not-a-string"),
+        pytest.param([f"s{i}" for i in range(33)], "at most 32 scopes", id="too-many"),
+    ],
+)
+def test_bad_scopes_are_refused(accounts: Accounts, scopes: Any, message: str) -> None:
+    """Scopes out of bounds raise UsageError, and no key is created."""
+    with pytest.raises(UsageError, match=message):
+        accounts.create_key("acme", scopes=scopes)
+    assert accounts.list_keys("acme") == []
+
+
+def test_a_key_is_created_with_a_custom_prefix_and_rotated_with_it(accounts: Accounts) -> None:
+    """create_key(prefix=) makes <prefix>_...; the replacement of a rotated key keeps the prefix."""
+    new = accounts.create_key("acme", prefix="acme_live")
+    assert new.plaintext.startswith("acme_live_")
+    assert accounts.key(new.key_id).prefix == new.plaintext[:14]
+    rotated = accounts.rotate_key(new.key_id)
+    assert rotated.plaintext.startswith("acme_live_")
+    with pytest.raises(UsageError, match="meterware's own"):
+        accounts.create_key("acme", prefix="mw_acme")
+    assert len(accounts.list_keys("acme")) == 2
+
+
+def test_a_key_is_imported_by_its_hash(accounts: Accounts) -> None:
+    """import_key keeps a key of another system by its SHA-256 (in either case), with its terms; it
+    resolves to its customer; the same hash twice, or a hash that is not one, is refused."""
+    plaintext = "sk_live_" + "Legacy0123456789" * 2
+    key_hash = hash_key(plaintext)
+    record = accounts.import_key(
+        "acme", key_hash=key_hash.upper(), start="sk_live_Lega", name="from Stripe", remaining=10,
+        scopes=["read"],
+    )  # fmt: skip
+    assert accounts.key(record.key_id) == record
+    assert (record.prefix, record.name, record.remaining, record.scopes) == (
+        "sk_live_Lega",
+        "from Stripe",
+        10,
+        ("read",),
+    )
+    resolved = accounts.storage.resolve_key(key_hash)
+    assert resolved is not None
+    assert (resolved.key_id, resolved.customer.id, resolved.counts_uses) == (record.key_id, "acme", True)
+    with pytest.raises(UsageError, match="exists already"):
+        accounts.import_key("acme", key_hash=key_hash)
+    with pytest.raises(UsageError, match="64 hexadecimal digits"):
+        accounts.import_key("acme", key_hash="abc")
+    with pytest.raises(UsageError, match="start must be printable"):
+        accounts.import_key("acme", key_hash=hash_key("other" * 4), start="x" * 21)
+    assert accounts.list_keys("acme") == [record]

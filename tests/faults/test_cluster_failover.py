@@ -293,6 +293,28 @@ def test_primary_killed_under_load_without_wait(
     run.figures(f"cluster-failover-no-wait-{replica}", lost_calls)
 
 
+@pytest.mark.parametrize("replica", ["in-sync", "behind"])
+def test_primary_killed_under_load_with_wait(
+    replica: str,
+    cluster: RedisClusterServers,
+    tmp_path: Path,
+    make_app: Callable[..., App],
+    make_worker: Callable[..., Worker],
+) -> None:
+    """A primary SIGKILLed under load, ``wait_replicas = 1`` (its replica in sync, or cut off for 0.5 s
+    before): nothing is lost, successes == rollup == charges for every customer. The flushes the replica
+    did not confirm waited in the spool and were replayed once on the promoted replica."""
+    changes: dict[str, object] = {"storage": {"wait_replicas": 1, "wait_timeout": 0.5}}
+    run = fail_over(tmp_path, cluster, make_app, make_worker, changes, behind=replica == "behind")
+    stream = run.deployment.stream()
+    for customer in run.deployment.keys:
+        succeeded = run.traffic.succeeded(customer)
+        ledger = run.deployment.books(customer)
+        assert_exact(stream.of(customer), ledger, succeeded, tokens=tokens_of(succeeded))
+        run.traffic.assert_each_answer_recorded_once(stream, customer)
+    run.figures(f"cluster-failover-wait-{replica}", lost=0)
+
+
 @pytest.mark.parametrize("policy", ["open", "closed"])
 def test_slot_moved_under_load(
     policy: str,

@@ -56,8 +56,6 @@ class Node:
     id: str
     port: int
     flags: frozenset[str]
-    #: The id of the node's primary ("-" for a primary).
-    primary: str
     slots: tuple[range, ...]
 
     @property
@@ -79,7 +77,7 @@ def parse_nodes(text: str) -> list[Node]:
             first, _, last = part.partition("-")
             slots.append(range(int(first), int(last or first) + 1))
         port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-        nodes.append(Node(fields[0], port, frozenset(fields[2].split(",")), fields[3], tuple(slots)))
+        nodes.append(Node(fields[0], port, frozenset(fields[2].split(",")), tuple(slots)))
     return nodes
 
 
@@ -124,9 +122,12 @@ def sigkill(server: RedisServer) -> None:
 
 
 def replica_of(cluster: RedisClusterServers, primary: RedisServer) -> RedisServer:
-    primary_id = node_id(primary)
-    port = next(node.port for node in topology(primary) if node.primary == primary_id)
-    return next(server for server in cluster.nodes if server.port == port)
+    """The replica of ``primary``, as the replicas say (the primary's cluster view may lag behind)."""
+    for server in live(cluster):
+        replication = info_fields(redis_cli("-p", str(server.port), "info", "replication"))
+        if replication["role"] == "slave" and replication["master_port"] == str(primary.port):
+            return server
+    raise LookupError(f"127.0.0.1:{primary.port} has no replica")
 
 
 @contextmanager

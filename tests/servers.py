@@ -146,18 +146,25 @@ def redis_cli(*args: str, timeout: float = 30.0) -> str:
     return done.stdout
 
 
-class RedisClusterServers:
-    """A real Redis Cluster: ``size`` redis-server processes, each a primary holding part of the slots."""
+def info_fields(text: str) -> dict[str, str]:
+    """The ``name:value`` lines of an ``INFO`` or ``CLUSTER INFO`` reply, as redis-cli prints it."""
+    return dict(line.strip().split(":", 1) for line in text.splitlines() if ":" in line)
 
-    def __init__(self, size: int = 3) -> None:
+
+class RedisClusterServers:
+    """A real Redis Cluster: ``size`` primaries holding the slots, each with ``replicas`` replicas."""
+
+    def __init__(self, size: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
         self.nodes = [
             RedisServer(
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", "5000",
                 "--cluster-port", str(free_port()),  # port + 10000 may be out of range
+                "--repl-diskless-sync-delay", "0",  # replicas sync at once, not after 5 s
             )
-            for _ in range(size)
+            for _ in range(size * (1 + replicas))
         ]  # fmt: skip
 
     @property
@@ -168,14 +175,26 @@ class RedisClusterServers:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        redis_cli("--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        redis_cli(
+            "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"
+        )
         deadline = time.monotonic() + timeout
         for node in self.nodes:
-            while "cluster_state:ok" not in redis_cli("-p", str(node.port), "cluster", "info"):
+            while not self._ready(node):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the cluster is not ready after {timeout}s")
                 time.sleep(0.05)
         return self
+
+    def _ready(self, node: RedisServer) -> bool:
+        """Whether ``node`` sees the whole cluster up and, as a replica, holds its primary's data."""
+        cluster = info_fields(redis_cli("-p", str(node.port), "cluster", "info"))
+        if cluster["cluster_state"] != "ok" or cluster["cluster_known_nodes"] != str(len(self.nodes)):
+            return False
+        replication = info_fields(redis_cli("-p", str(node.port), "info", "replication"))
+        if replication["role"] == "master":
+            return replication["connected_slaves"] == str(self.replicas)
+        return replication["master_link_status"] == "up" and replication["master_sync_in_progress"] == "0"
 
     def cleanup(self) -> None:
         for node in self.nodes:
@@ -183,9 +202,10 @@ class RedisClusterServers:
 
 
 @contextmanager
-def redis_cluster(size: int = 3) -> Iterator[RedisClusterServers]:
-    """A 3-node Redis Cluster (no replicas), created with ``redis-cli --cluster create``."""
-    cluster = RedisClusterServers(size)
+def redis_cluster(size: int = 3, replicas: int = 0) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of ``size`` primaries with ``replicas`` replicas each (none by default), created
+    with ``redis-cli --cluster create``: every replica is connected and in sync when it is yielded."""
+    cluster = RedisClusterServers(size, replicas)
     try:
         yield cluster.start()
     finally:

@@ -27,7 +27,7 @@ class Stream:
     batch_ids: list[str]
 
     @classmethod
-    def read(cls, client: redis.Redis, *, valid_only: bool = False) -> Stream:
+    def read(cls, client: redis.Redis | redis.RedisCluster, *, valid_only: bool = False) -> Stream:
         """Decode every entry (``valid_only``: every entry the rollup would accept; skip the others)."""
         events: list[UsageEvent] = []
         costs: list[int] = []
@@ -54,6 +54,16 @@ class Stream:
 
     def paths(self, outcome: str) -> set[str]:
         return {event.route for event in self.events if event.outcome == outcome}
+
+    def routes(self) -> list[str]:
+        return [event.route for event in self.events]
+
+    def of(self, customer: str) -> Stream:
+        """The events of ``customer`` and their costs (the entries and batch ids stay the stream's)."""
+        assert len(self.costs) == len(self.events), "a batch was priced per call: no cost per event"
+        mine = [index for index, event in enumerate(self.events) if event.customer == customer]
+        events, costs = [self.events[i] for i in mine], [self.costs[i] for i in mine]
+        return Stream(events, costs, self.entries, self.batch_ids)
 
     def charged(self) -> int:
         return sum(self.costs)

@@ -229,7 +229,7 @@ class App:
             self.kill()
 
 
-def stream_fields(client: redis.Redis, key: str) -> list[dict[bytes, bytes]]:
+def stream_fields(client: redis.Redis | redis.RedisCluster, key: str) -> list[dict[bytes, bytes]]:
     """The fields of each entry of a stream (bytes: the suite's clients do not decode responses)."""
     return [cast("dict[bytes, bytes]", fields) for _, fields in client.xrange(key) or ()]
 

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Final
 from werkzeug.wrappers import Request, Response
 
 from meterware.config import Config, resolve_config
-from meterware.errors import ConfigError, StorageError, UsageError
+from meterware.errors import StorageError, UsageError
+from meterware.portal.tokens import operator_token
 from meterware.recording import Recorded, Recorder, Refused
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ __all__ = ["IngestApp", "IngestWSGIApp", "asgi_app", "wsgi_app"]
 #: Events one request may carry, and the bytes of its body.
 MAX_EVENTS: Final = 1000
 MAX_BODY_BYTES: Final = 1 << 20
-#: The operator token's shortest length (as the portal's operator view).
-MIN_TOKEN_LENGTH: Final = 32
 _JSON: Final = [("content-type", "application/json"), ("cache-control", "no-store")]
 
 
@@ -116,15 +115,7 @@ class _Ingest:
     """What both twins share: the configuration, the operator token, the recorder, the answers."""
 
     def __init__(self, config: Config, token: str | None) -> None:
-        name = config.portal.admin_token_env
-        token = os.environ.get(name, "") if token is None else token
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ConfigError(
-                "portal.admin_token_env",
-                f"the ingestion endpoint needs token= or ${name} set to a random token of at least "
-                f"{MIN_TOKEN_LENGTH} characters",
-            )
-        self._token = token.encode()
+        self._token = operator_token(config.portal, "the ingestion endpoint needs token= or", token)
         self.recorder = Recorder(config)
 
     def authorized(self, header: str) -> bool:

@@ -15,7 +15,6 @@ Forms carry the operator session's token, as the customer's pages do.
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -25,11 +24,11 @@ from markupsafe import Markup
 
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
-from meterware.errors import ConfigError, NotFoundError
+from meterware.errors import NotFoundError
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse, redirect
 from meterware.portal.pages.manage import manage
-from meterware.portal.tokens import MIN_SECRET_LENGTH, Session, new_session
+from meterware.portal.tokens import Session, new_session, operator_token
 from meterware.portal.views import PortalCore, render, same_origin
 
 #: Your own check of a request: the operator's name, or None to refuse.
@@ -81,15 +80,7 @@ class OperatorView(PortalCore):
         self.authorize = authorize
         self._token = b""
         if authorize is None:
-            name = config.portal.admin_token_env
-            token = os.environ.get(name, "")
-            if len(token) < MIN_SECRET_LENGTH:
-                raise ConfigError(
-                    "portal.admin_token_env",
-                    f"the operator view needs an authorize= hook or ${name} set to a random token of at "
-                    f"least {MIN_SECRET_LENGTH} characters",
-                )
-            self._token = token.encode()
+            self._token = operator_token(config.portal, "the operator view needs an authorize= hook or")
 
     def _token_matches(self, presented: str) -> bool:
         return bool(self._token) and hmac.compare_digest(presented.encode(), self._token)

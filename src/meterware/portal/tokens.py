@@ -57,6 +57,19 @@ def portal_secret(portal: Portal) -> bytes:
     return secret.encode()
 
 
+def operator_token(portal: Portal, needs: str, given: str | None = None) -> bytes:
+    """The operator token (``given``, else ``$portal.admin_token_env``), or a :class:`ConfigError` starting
+    with what ``needs`` one."""
+    name = portal.admin_token_env
+    token = os.environ.get(name, "") if given is None else given
+    if len(token) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            "portal.admin_token_env",
+            f"{needs} ${name} set to a random token of at least {MIN_SECRET_LENGTH} characters",
+        )
+    return token.encode()
+
+
 #: What a session cookie is signed for: a customer's, or an operator's (one never passes for the other).
 SessionKind = Literal["customer", "operator"]
 

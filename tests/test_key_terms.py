@@ -114,6 +114,27 @@ def test_rotation_hands_the_uses_left_to_the_replacement(accounts: Accounts) -> 
     assert 0 < accounts.key(old.key_id).expires_ms <= time.time() * 1000
 
 
+def test_a_rotated_key_cannot_be_rotated_again(accounts: Accounts) -> None:
+    """Rotating the stopped key a second time would hand the same uses over twice: refused."""
+    old = accounts.create_key("acme", remaining=5)
+    accounts.rotate_key(old.key_id)
+    with pytest.raises(UsageError, match="has expired and cannot be rotated"):
+        accounts.rotate_key(old.key_id)
+    live = [
+        key for key in accounts.list_keys("acme") if not key.expires_ms or key.expires_ms > time.time() * 1000
+    ]
+    assert sum(key.remaining or 0 for key in live) == 5
+
+
+@pytest.mark.parametrize("remaining", [None, 5], ids=["no-uses", "uses"])
+def test_rotation_keeps_the_expiry(accounts: Accounts, remaining: int | None) -> None:
+    """A trial key's replacement expires when the trial does, not never."""
+    expires_at = int(time.time()) + 30 * 86_400
+    old = accounts.create_key("acme", remaining=remaining, expires_at=expires_at)
+    new = accounts.rotate_key(old.key_id)
+    assert accounts.key(new.key_id).expires_ms == expires_at * 1000
+
+
 def test_a_key_is_created_with_scopes(accounts: Accounts) -> None:
     """Scopes are kept in the order given, without repeats, and carried to a rotated key's replacement."""
     new = accounts.create_key("acme", scopes=["files:read", "files:write", "files:read"])

@@ -147,6 +147,10 @@ class Keys(AccountsBase):
         old = self.key(key_id)
         if old.status != "active":
             raise UsageError(f"key {key_id} is revoked and cannot be rotated")
+        if old.expires_ms and old.expires_ms <= time.time() * 1000:
+            # Rotated before, or run out: a second replacement would get the uses handed over once.
+            raise UsageError(f"key {key_id} has expired and cannot be rotated")
+        original_expiry = old.expires_ms
         if old.remaining is not None and grace_seconds > 0:
             raise UsageError(f"key {key_id} counts its uses: it is rotated without a grace period")
         expires_ms = int((time.time() + max(0.0, grace_seconds)) * 1000)
@@ -164,6 +168,7 @@ class Keys(AccountsBase):
             remaining=old.remaining,
             scopes=old.scopes,
             prefix=custom_prefix(old.prefix),
+            expires_at=original_expiry / 1000 if original_expiry else None,  # a trial key stays one
         )
         self.storage.set_key_state(key_id, expires_ms=expires_ms)
         return new

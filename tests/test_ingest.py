@@ -131,6 +131,7 @@ def test_a_batch_is_charged_refused_and_deduplicated_per_event(endpoint: Endpoin
         pytest.param({"events": []}, {"Authorization": "Bearer " + "x" * 40}, "POST", 401, id="wrong-token"),
         pytest.param({"events": []}, None, "GET", 405, id="get"),
         pytest.param(b"not json", None, "POST", 400, id="not-json"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, None, "POST", 400, id="nested-too-deep"),
         pytest.param({"event": []}, None, "POST", 400, id="no-events"),
         pytest.param({"events": [1]}, None, "POST", 400, id="not-objects"),
         pytest.param({"events": [{}] * (MAX_EVENTS + 1)}, None, "POST", 413, id="too-many"),

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Request, Response
 
 from meterware.config import Config, resolve_config
@@ -77,7 +78,7 @@ def parse_batch(body: bytes) -> list[Item]:
         raise BadRequest(413, f"the body is over {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise BadRequest(400, "the body is not JSON") from None
     events = data.get("events") if isinstance(data, dict) else None
     if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
@@ -130,14 +131,20 @@ class _Ingest:
             return 401, {"error": "an operator token is required: Authorization: Bearer <token>"}
         return None
 
-    def record(self, item: Item) -> Recorded | BaseException:
+    def record(self, item: Item, down: StorageError | None) -> Recorded | BaseException:
+        """Record one event; once the backend has failed (``down``) the rest of the batch is not tried, so
+        a request's work stays bounded."""
+        if down is not None:
+            return down
         try:
             customer, event_id, units = _checked(item)
             return self.recorder.record(customer, units, event_id=event_id)
         except (Refused, UsageError, StorageError) as error:
             return error
 
-    async def arecord(self, item: Item) -> Recorded | BaseException:
+    async def arecord(self, item: Item, down: StorageError | None) -> Recorded | BaseException:
+        if down is not None:
+            return down
         try:
             customer, event_id, units = _checked(item)
             return await self.recorder.arecord(customer, units, event_id=event_id)
@@ -154,6 +161,7 @@ class IngestWSGIApp(_Ingest):
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Any:
         request = Request(environ)
+        request.max_content_length = MAX_BODY_BYTES  # a chunked body is not read past it
         status, data = self.answer(request)
         response = Response(_body(data), status=status, headers=_JSON)
         return response(environ, start_response)
@@ -168,7 +176,14 @@ class IngestWSGIApp(_Ingest):
             items = parse_batch(request.get_data(cache=False))
         except BadRequest as error:
             return error.status, {"error": error.reason}
-        return 202, {"results": [result(item, self.record(item)) for item in items]}
+        except RequestEntityTooLarge:
+            return 413, {"error": f"the body is over {MAX_BODY_BYTES} bytes"}
+        results, down = [], None
+        for item in items:
+            done = self.record(item, down)
+            down = done if isinstance(done, StorageError) else down
+            results.append(result(item, done))
+        return 202, {"results": results}
 
     def close(self) -> None:
         """Flush what was recorded and close the backend clients."""
@@ -216,7 +231,12 @@ class IngestApp(_Ingest):
             items = parse_batch(b"".join(chunks))
         except BadRequest as error:
             return error.status, {"error": error.reason}
-        return 202, {"results": [result(item, await self.arecord(item)) for item in items]}
+        results, down = [], None
+        for item in items:
+            done = await self.arecord(item, down)
+            down = done if isinstance(done, StorageError) else down
+            results.append(result(item, done))
+        return 202, {"results": results}
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

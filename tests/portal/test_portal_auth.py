@@ -258,6 +258,23 @@ def test_a_session_cannot_grow_the_keys_without_bound(
     assert len(accounts.list_keys("acme")) == 5
 
 
+def test_a_key_counting_uses_is_rotated_without_grace_in_the_portal(
+    config: Config, accounts: Accounts
+) -> None:
+    """Its rotation page offers no grace period, and a grace posted anyway is a notice, not a 500."""
+    key = accounts.create_key("acme", remaining=5)
+    client = signed_in(config)
+    page = client.get(f"/keys/{key.key_id}/rotate").text
+    assert '<option value="0" selected>' in page
+    assert 'value="3600"' not in page
+    token = form_token(client)
+    graced = client.post(f"/keys/{key.key_id}/rotate", data={"csrf": token, "grace": "3600"})
+    assert graced.status_code == 200
+    assert "it is rotated without a grace period" in graced.text
+    rotated = client.post(f"/keys/{key.key_id}/rotate", data={"csrf": token, "grace": "0"}).text
+    assert 'data-field="new-key"' in rotated
+
+
 def test_no_request_reaches_another_customers_keys(config: Config, accounts: Accounts) -> None:
     theirs = accounts.create_key("globex")
     client = signed_in(config, "acme")

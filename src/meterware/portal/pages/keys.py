@@ -8,7 +8,7 @@ from typing import Final
 
 from markupsafe import Markup
 
-from meterware.errors import NotFoundError
+from meterware.errors import NotFoundError, UsageError
 from meterware.keys import NewKey
 from meterware.metering.records import KeyRecord
 from meterware.portal import html
@@ -156,18 +156,23 @@ def rotate(ctx: html.PageContext, request: PortalRequest, key_id: str) -> Portal
         refused = _too_many(ctx, replacing=grace == 0)
         if refused is not None:
             return index(ctx, request, shown=refused)
-        new = ctx.accounts.rotate_key(key_id, grace_seconds=grace)
+        try:
+            new = ctx.accounts.rotate_key(key_id, grace_seconds=grace)
+        except UsageError as error:  # a key counting its uses is rotated without grace
+            return index(ctx, request, shown=html.notice(f"{error}.", kind="error"))
         ends = "stops working now" if grace == 0 else f"keeps working for {dict(GRACE_CHOICES)[grace]}"
         return index(
             ctx,
             request,
             shown=_shown_once(new, f"Key {record.prefix}\u2026 was rotated and {ends}. Its replacement:"),
         )
+    # A key counting its uses hands them over and stops at once: no grace to choose.
+    choices, default = (GRACE_CHOICES, 86_400) if record.remaining is None else (GRACE_CHOICES[:1], 0)
     options = Markup("").join(
         Markup('<option value="{}"{}>{}</option>').format(
-            seconds, Markup(" selected") if seconds == 86_400 else "", label
+            seconds, Markup(" selected") if seconds == default else "", label
         )
-        for seconds, label in GRACE_CHOICES
+        for seconds, label in choices
     )
     grace_field = html.field_row(
         "Grace period",

@@ -368,6 +368,15 @@ def _holders(url: str, shards: int) -> collections.Counter[str]:
         storage.close()
 
 
+def _settled_holders(url: str, shards: int, timeout: float = 10.0) -> collections.Counter[str]:
+    """:func:`_holders` once every shard is held again: a shard a worker gives back above its share is
+    unclaimed until the next step of another (about a second when idle), or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while sum((holders := _holders(url, shards)).values()) < shards and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return holders
+
+
 def _late_worker_shards(cluster: Cluster, config: Path, shards: int, workdir: Path) -> int:
     """The shards a worker started after the others caught up takes within three idle rounds of theirs."""
     [(late, port)] = _start_workers(config, 1, workdir, "late")
@@ -441,7 +450,7 @@ def rollup_runs(
                     cpu_after, workers_after = cluster.cpu(), _workers_cpu(workers)
                     others_cores = others.cores()
                     per_worker = tuple(_committed(port) for _, port in workers)
-                    held = tuple(sorted(_holders(cluster.url, shards).values(), reverse=True))
+                    held = tuple(sorted(_settled_holders(cluster.url, shards).values(), reverse=True))
                     late = -1
                     if count == worker_counts[-1]:
                         late = _late_worker_shards(cluster, config, shards, workdir)

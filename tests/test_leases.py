@@ -54,7 +54,7 @@ def make_config(storage: str, spool: Path, **policy: Any) -> Config:
                 "lease_seconds": 30,
                 "on_backend_error": "closed",
                 # Generous for a loaded CI box: a backend call past it would be a 503, not a quota answer.
-                "timeout": 2.0,
+                "timeout": 5.0,
                 **policy,
             },
             "pipeline": {"spool_dir": str(spool), "flush_interval": 0.05},

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
+import msgpack
 import pytest
 
 import meterware.metering.flushers as flusher_module
@@ -169,6 +170,21 @@ def test_spool_round_trip(tmp_path: Path) -> None:
     assert spool.pending() == []
     assert spool.size() == 0
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_spooled_record_keeps_its_marker_and_a_spool_from_before_still_reads(tmp_path: Path) -> None:
+    """A record's settlement reads back with its marker (replayed, it is still charged once); a call's row
+    is written as before records had markers, and a file written before reads back as it did."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    record = replace(SETTLEMENT, once="record:job-1")
+    (batch,) = make_batches([pending(0, 1, record), pending(1, 1)])
+    spool.write(batch)
+    (path,) = spool.pending()
+    assert spool.read(path) == batch
+    _, _, _, rows = msgpack.unpackb(path.read_bytes(), raw=False)
+    assert [len(row) for row in rows] == [8, 7]
+    path.write_bytes(msgpack.packb([1, batch.batch_id, batch.payload, [rows[1], rows[1]]], use_bin_type=True))
+    assert spool.read(path) == replace(batch, settlements=(SETTLEMENT, SETTLEMENT))
 
 
 def test_spool_is_shared_through_the_directory(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
@@ -43,7 +43,7 @@ from meterware.metering.measure import nets_out
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import KeyInfo
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Settlement, Storage
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from meterware.usage import UNITS_LIMIT
 
 #: A retry with the same ``event_id`` within this many seconds is charged once.
@@ -140,6 +140,48 @@ def marker(event_id: str) -> str:
     return f"record:{event_id}"
 
 
+class InFlight:
+    """This process's records not known to be written yet, by ``(customer, marker)``: a retry of one made
+    here waits until it is written, so it is told "recorded before" only once that is true."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, str], threading.Event] = {}
+
+    def claim(self, key: tuple[str, str]) -> tuple[threading.Event, threading.Event | None]:
+        """A new event the caller sets once its record is queued or refused (:meth:`settle`), and the
+        earlier one of ``key`` to wait for (None: the caller's is the first)."""
+        mine = threading.Event()
+        with self._lock:
+            earlier = self._records.get(key)
+            if earlier is None:
+                self._records[key] = mine
+        return mine, earlier
+
+    def settle(self, key: tuple[str, str], mine: threading.Event, queued: bool) -> None:
+        """The record of ``key`` is queued (kept until written) or not (forgotten): wake who waits."""
+        if not queued:
+            with self._lock:
+                if self._records.get(key) is mine:
+                    del self._records[key]
+        mine.set()
+
+    def written(self, batch: Batch) -> None:
+        """Forget the records ``batch`` wrote (the flusher calls it)."""
+        with self._lock:
+            for settlement in batch.settlements:
+                if settlement is not None and settlement.once:
+                    self._records.pop((settlement.customer, settlement.once), None)
+
+
+def _both(first: Callable[[Batch], None], second: Callable[[Batch], None]) -> Callable[[Batch], None]:
+    def both(batch: Batch) -> None:
+        first(batch)
+        second(batch)
+
+    return both
+
+
 class Recorder:
     """Records usage outside HTTP calls for one configuration (thread-safe; see the module's docstring).
 
@@ -157,6 +199,11 @@ class Recorder:
         self._making = threading.Lock()
         self._storage: Storage | None = None
         self._flusher: ThreadFlusher | None = None
+        self._in_flight = InFlight()
+        batcher, flushed = self.metering.batcher, self.metering.batcher.on_flushed
+        batcher.on_flushed = (
+            self._in_flight.written if flushed is None else _both(self._in_flight.written, flushed)
+        )
 
     @property
     def storage(self) -> Storage:
@@ -193,18 +240,26 @@ class Recorder:
         storage = self.storage
         if not any(checked.values()):
             return Recorded(event_id, "", True)
-        if storage.is_used(customer, marker(event_id)):
-            return Recorded(event_id, "", False)
-        request = self._request(customer, checked, storage.resolve_customer(customer))
-        decision = storage.admit(request)
-        if not decision.allowed:
-            if storage.is_used(customer, marker(event_id)):  # recorded meanwhile (a concurrent retry)
+        key = (customer, marker(event_id))
+        mine, earlier = self._in_flight.claim(key)
+        queued = False
+        try:
+            if earlier is not None:  # recorded by this process just now: answered once it is written
+                earlier.wait()
+                self.flush()
+            if storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            raise self._refused(customer, decision)
-        if not storage.use_once(customer, marker(event_id), self._marker_expiry()):
-            storage.release([request])
-            return Recorded(event_id, "", False)
-        return self._queue(request, decision, checked, event_id)
+            request = self._request(customer, checked, storage.resolve_customer(customer))
+            decision = storage.admit(request)
+            if not decision.allowed:
+                if storage.is_used(*key):  # charged meanwhile (by another process's attempt)
+                    return Recorded(event_id, "", False)
+                raise self._refused(customer, decision)
+            done = self._queue(request, decision, checked, event_id)
+            queued = True
+            return done
+        finally:
+            self._in_flight.settle(key, mine, queued)
 
     async def arecord(self, customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
         """The asyncio twin of :meth:`record`."""
@@ -212,18 +267,26 @@ class Recorder:
         storage = self.async_storage()
         if not any(checked.values()):
             return Recorded(event_id, "", True)
-        if await storage.is_used(customer, marker(event_id)):
-            return Recorded(event_id, "", False)
-        request = self._request(customer, checked, await storage.resolve_customer(customer))
-        decision = await storage.admit(request)
-        if not decision.allowed:
-            if await storage.is_used(customer, marker(event_id)):
+        key = (customer, marker(event_id))
+        mine, earlier = self._in_flight.claim(key)
+        queued = False
+        try:
+            if earlier is not None:
+                await asyncio.to_thread(earlier.wait)
+                await asyncio.to_thread(self.flush)
+            if await storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            raise self._refused(customer, decision)
-        if not await storage.use_once(customer, marker(event_id), self._marker_expiry()):
-            await storage.release([request])
-            return Recorded(event_id, "", False)
-        return self._queue(request, decision, checked, event_id)
+            request = self._request(customer, checked, await storage.resolve_customer(customer))
+            decision = await storage.admit(request)
+            if not decision.allowed:
+                if await storage.is_used(*key):
+                    return Recorded(event_id, "", False)
+                raise self._refused(customer, decision)
+            done = self._queue(request, decision, checked, event_id)
+            queued = True
+            return done
+        finally:
+            self._in_flight.settle(key, mine, queued)
 
     # -- what both twins share -----------------------------------------------------------------------
 
@@ -254,10 +317,6 @@ class Recorder:
     def _refused(customer: str, decision: Decision) -> Refused:
         assert decision.reason is not None
         return Refused(customer, decision.reason, decision.retry_after)
-
-    @staticmethod
-    def _marker_expiry() -> int:
-        return time.time_ns() // 1_000_000 + IDEMPOTENCY_SECONDS * 1000
 
     def _queue(
         self, request: AdmitRequest, decision: Decision, units: dict[str, int], event_id: str
@@ -292,6 +351,7 @@ class Recorder:
             True,
             request.charges_credits,
             settled,
+            once=marker(event_id),
         )
         change = None
         if request.holds and not (decision.reservation_id and nets_out(request, decision.reserved_credits)):

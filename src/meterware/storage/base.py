@@ -64,6 +64,10 @@ class Settlement:
     #: units and cost out of the block, at most what it still holds, so its usage never counts both as
     #: used and as held.
     closes: bool = True
+    #: A record's one-use marker (``record:<event_id>``), or "": the flush sets it with the charge, and
+    #: applies a settlement whose marker is set already (or set by an earlier event of the batch) never:
+    #: it writes neither its event nor its charge and releases its reservation (:func:`without_events`).
+    once: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,9 @@ class Batch:
     #: that a batch made after it read the process's unsettled calls has been written (_unsettled.py).
     writer: str = ""
     generation: int = 0
+    #: Settlements whose events were taken out of the batch (duplicates of records charged before): the
+    #: flush only closes their reservations, refunding what they hold.
+    releases: tuple[Settlement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

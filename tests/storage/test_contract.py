@@ -354,6 +354,20 @@ def test_a_key_resolves_with_its_scopes(storage: Storage) -> None:
     assert (first.scopes, second.scopes) == (scopes, ())
 
 
+def test_a_key_hash_is_added_once(storage: Storage) -> None:
+    """Adding a key whose hash another key has (a concurrent import) is refused: the first key keeps the
+    hash, and the refused one is neither listed nor found by id."""
+    open_account(storage)
+    storage.create_customer(Customer("other", "test"))
+    taken = KeyRecord("key-second", "other", "sk_live_ab12", True, "active", created=1)
+    with pytest.raises(ValueError, match="exists already"):
+        storage.add_key(taken, "hash-key-acme")
+    resolved = storage.resolve_key("hash-key-acme")
+    assert resolved is not None
+    assert (resolved.key_id, resolved.customer.id) == ("key-acme", "acme")
+    assert (storage.list_keys("other"), storage.get_key("key-second")) == ([], None)
+
+
 def test_keys_need_an_existing_customer(storage: Storage) -> None:
     """Adding or listing keys of an unknown customer raises NotFoundError."""
     with pytest.raises(NotFoundError):

@@ -8,10 +8,21 @@
 A record goes through the same atomic admission as a call (hard quotas and credits are checked and what
 its units cost is reserved: concurrent records never overspend), then into the same buffer, flush and
 settlement (the credits ledger, the stream, the rollup windows) as an event with no route: route ``""``,
-method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refused`; a retry with the same
-``event_id`` within :data:`IDEMPOTENCY_SECONDS` is charged once. Records never count against the plan's
-rate limits (those count calls) and are never served without the backend (fail-open is for calls): a
-backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
+method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refused`. Records never count
+against the plan's rate limits (those count calls) and are never served without the backend (fail-open is
+for calls): a backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
+
+An ``event_id`` is charged once within :data:`IDEMPOTENCY_SECONDS`: the record's settlement carries its
+one-use marker, set by the flush that charges it in the same atomic step (``storage/_once.py``). So a
+process that dies between admission and flush leaves it neither charged nor marked (the rollup worker
+refunds the reservation), and a retry is charged. What a caller is told:
+
+* ``recorded=True``: admitted and buffered; the id is charged once, by this record or by an attempt with
+  the same id another process flushed first (whose flush drops this one's event, refunding its hold);
+* ``recorded=False``: the id was charged before. A retry made while this process's first attempt is still
+  buffered waits until it is written, so it is never told this of a record a crash could still lose;
+* :class:`Refused`: nothing was charged by this attempt. A retry from another process while the first
+  still holds the credits may be refused; once the first is charged, a retry is told ``recorded=False``.
 
 The module-level :func:`record` and :func:`arecord` use a :class:`Recorder` made on first use, with the
 configuration of the process's metering middleware if one was made before, else ``METERWARE_CONFIG`` (or
@@ -73,10 +84,12 @@ class Recorded:
 
     #: The caller's ``event_id``.
     event_id: str
-    #: The id of the event written to the stream (UUIDv7: what ``Accounts.void_event`` takes), or ""
-    #: when nothing was written (a duplicate, or no units).
+    #: The id of the event to be written to the stream (UUIDv7: what ``Accounts.void_event`` takes), or
+    #: "" when nothing is written (a duplicate, or no units). Never written if another process's attempt
+    #: with the same ``event_id`` is flushed first.
     stream_event_id: str
-    #: False: the same ``event_id`` was recorded before (nothing charged this time).
+    #: False: the same ``event_id`` was charged before (nothing charged this time). True: it is charged
+    #: once, by this record or a concurrent attempt (see the module's docstring).
     recorded: bool
     #: Micro-credits reserved for it (its settlement charges them, less what included units cover).
     reserved_credits: int = 0

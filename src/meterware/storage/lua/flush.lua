@@ -343,8 +343,8 @@ for _, account in ipairs(charged_order) do
   redis.call('XADD', account.ledger, '*', 'k', 'charge', 'a', int(-account.net), 'r', ARGV[1])
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
-for key in pairs(marked) do
-  redis.call('SET', key, '1', 'EX', ARGV[3])
+for i = 2, #markers, 2 do
+  redis.call('SET', KEYS[markers[i]], '1', 'EX', ARGV[3])
 end
 apply()
 -- The highest generation written of the batches of the process that made this one (admit.lua's guard).

@@ -12,8 +12,7 @@ if stop then
 end
 local status, expires, remaining = unpack(redis.call('HMGET', KEYS[1], 'status', 'expires_ms', 'remaining'))
 local expires_ms, uses = tonumber(expires) or 0, tonumber(remaining)
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 if status ~= 'active' or not uses or (expires_ms ~= 0 and expires_ms <= now) then
   return -1
 end

@@ -969,7 +969,13 @@ def test_a_flush_charges_each_record_once_and_releases_its_duplicates(storage: S
     entry = storage.read_stream(shard, entry.entry_id, 10)[0]
     assert [event.route for event in decode_batch(entry.fields[b"b"])] == ["r1"]
     assert (storage.get_balance("acme").balance, storage.get_balance("acme").reserved) == (600, 0)
-    assert quota_left(storage.admit(admit_request(storage, plan))) == 10 - 4 - 1
+    # A crafted batch whose payload is not one event per settlement cannot be taken apart (record:c is
+    # charged): refused whole, nothing written.
+    with pytest.raises(StorageError) as refused:
+        storage.flush(replace(batch_of("record:c", "record:d"), payload=b"events"))
+    assert refused.value.refused
+    assert (storage.get_balance("acme").balance, storage.is_used("acme", "record:d")) == (600, False)
+    assert storage.stream_length(shard) == 2
 
 
 def test_expire_reservations_refunds_after_the_timeout(storage: Storage) -> None:

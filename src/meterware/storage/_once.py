@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import msgpack
 
+from meterware.errors import StorageError
 from meterware.events import encode_rows
 from meterware.storage.base import Batch
 
@@ -25,7 +26,13 @@ DUPLICATES_REPLY = "DUPLICATES"
 def without_events(batch: Batch, positions: Collection[int]) -> Batch:
     """``batch`` without its events at ``positions`` (from 0), under the same id (the flush that found
     them wrote nothing): their settlements only close their reservations (``Batch.releases``)."""
-    rows = msgpack.unpackb(batch.payload, raw=False)
+    try:
+        rows = msgpack.unpackb(batch.payload, raw=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        rows = None
+    if not isinstance(rows, list) or len(rows) != len(batch.settlements):
+        # Only a crafted spool file holds such a batch: set aside, as any batch the backend refuses.
+        raise StorageError(f"batch {batch.batch_id}: not one event per settlement", refused=True)
     kept = [index for index in range(len(batch.settlements)) if index not in positions]
     dropped = [batch.settlements[index] for index in sorted(positions)]
     return replace(

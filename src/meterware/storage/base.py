@@ -86,7 +86,7 @@ class Batch:
     writer: str = ""
     generation: int = 0
     #: Settlements whose events were taken out of the batch (duplicates of records charged before): the
-    #: flush only closes their reservations, refunding what they hold.
+    #: flush only closes their reservations, refunding what they hold. Made by ``flush``, never spooled.
     releases: tuple[Settlement, ...] = ()
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
+import msgpack
 import pytest
 
 import meterware.metering.flushers as flusher_module
@@ -169,6 +170,21 @@ def test_spool_round_trip(tmp_path: Path) -> None:
     assert spool.pending() == []
     assert spool.size() == 0
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_spooled_record_keeps_its_marker_and_a_spool_from_before_still_reads(tmp_path: Path) -> None:
+    """A record's settlement reads back with its marker (replayed, it is still charged once); a call's row
+    is written as before records had markers, and a file written before reads back as it did."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    record = replace(SETTLEMENT, once="record:job-1")
+    (batch,) = make_batches([pending(0, 1, record), pending(1, 1)])
+    spool.write(batch)
+    (path,) = spool.pending()
+    assert spool.read(path) == batch
+    _, _, _, rows = msgpack.unpackb(path.read_bytes(), raw=False)
+    assert [len(row) for row in rows] == [8, 7]
+    path.write_bytes(msgpack.packb([1, batch.batch_id, batch.payload, [rows[1], rows[1]]], use_bin_type=True))
+    assert spool.read(path) == replace(batch, settlements=(SETTLEMENT, SETTLEMENT))
 
 
 def test_spool_is_shared_through_the_directory(tmp_path: Path) -> None:
@@ -901,3 +917,30 @@ def test_a_reloader_child_writes_each_event_when_its_call_finishes(
     finally:
         flusher.drain()
         storage.close()
+
+
+def test_a_spooled_record_is_charged_once_however_often_it_is_spooled(
+    tmp_path: Path, any_storage: Storage
+) -> None:
+    """A record spooled by two processes (its retry was admitted in another before the first flushed)
+    replays through the same flush: charged once, the marker set; the other copy writes no event of it."""
+    from meterware.metering.records import Customer
+    from meterware.storage._keyspace import shard_of
+
+    any_storage.create_customer(Customer("acme", "pro"))
+    any_storage.grant_credits("acme", 1_000_000)
+    record = replace(SETTLEMENT, charges_credits=True, once="record:job-7")
+    shard = shard_of("acme", SHARDS)
+    first, second = (make_batches([pending(n, shard, record), pending(n + 10, shard)])[0] for n in (0, 1))
+    for batch in (first, second):
+        Spool(tmp_path / "spool", max_bytes=1_000_000).write(batch)
+    flush_sync(Batcher(config(tmp_path)), any_storage)
+    assert list((tmp_path / "spool").iterdir()) == []
+    assert any_storage.get_balance("acme").balance == 1_000_000 - 2000  # the other calls charge no credits
+    assert any_storage.is_used("acme", "record:job-7")
+    # The copy replayed first is charged; the other's record is taken out of its batch, its call stays.
+    written = sorted(route for _, _, events in stream(any_storage) for route in routes(events))
+    assert written in (
+        ["/v1/items/0", "/v1/items/10", "/v1/items/11"],
+        ["/v1/items/1", "/v1/items/10", "/v1/items/11"],
+    )

@@ -26,8 +26,8 @@ Post = Callable[..., tuple[int, Any]]
 
 
 class Endpoint:
-    def __init__(self, kind: str, storage: str, spool_dir: Path) -> None:
-        self.config = recording_config(storage, spool_dir)
+    def __init__(self, kind: str, storage: str, spool_dir: Path, flush_interval: float = 0.01) -> None:
+        self.config = recording_config(storage, spool_dir, flush_interval)
         self.accounts = Accounts.open(self.config)
         self.kind = kind
         self.closed = False
@@ -122,6 +122,30 @@ def test_a_batch_is_charged_refused_and_deduplicated_per_event(endpoint: Endpoin
     endpoint.settle()
     assert endpoint.accounts.balance(payer).balance == 50_000 - 300 * TOKEN_PRICE
     assert endpoint.accounts.usage(payer).meters["tokens"] == 300
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+def test_a_batch_lost_before_its_flush_is_recorded_by_its_retry(
+    kind: str, storage_url: str, tmp_path: Path
+) -> None:
+    """The endpoint's process dies after answering "recorded" and before its flush: the retry of the batch
+    (to another process) is answered "recorded" again and charged, once."""
+    crashing = Endpoint(kind, storage_url, tmp_path / "spool", flush_interval=3600)
+    payer = crashing.customer("1.00")  # the lost records' reservations hold 0.03 until they expire
+    batch = {"events": [event("lost-1", payer, 100), event("lost-2", payer, 200)]}
+    _, answer = crashing.post(batch)
+    assert [entry["status"] for entry in answer["results"]] == ["recorded", "recorded"]
+    app = crashing.wsgi if kind == "wsgi" else crashing.asgi
+    app.recorder.metering.batcher.buffer.take(10**6)  # the process dies: its buffer is gone
+    crashing.close()
+    retry = Endpoint(kind, storage_url, tmp_path / "spool")
+    _, answer = retry.post(batch)
+    assert [entry["status"] for entry in answer["results"]] == ["recorded", "recorded"]
+    retry.settle()
+    assert retry.accounts.balance(payer).balance == 1_000_000 - 300 * TOKEN_PRICE
+    assert retry.accounts.usage(payer).meters["tokens"] == 300
+    crashing.accounts.close()
+    retry.accounts.close()
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -11,8 +13,10 @@ import pytest
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
 from meterware.errors import UsageError
-from meterware.keys import hash_key
+from meterware.keys import NewKey, hash_key
+from meterware.metering.records import KeyRecord
 from meterware.storage import open_storage
+from tests.storage.conftest import BACKENDS
 
 
 @pytest.fixture
@@ -199,3 +203,72 @@ def test_a_key_is_imported_by_its_hash(accounts: Accounts) -> None:
     with pytest.raises(UsageError, match="start must be printable"):
         accounts.import_key("acme", key_hash=hash_key("other" * 4), start="x" * 21)
     assert accounts.list_keys("acme") == [record]
+
+
+@pytest.fixture(params=BACKENDS)
+def any_accounts(request: pytest.FixtureRequest) -> Iterator[Accounts]:
+    """Accounts over memory, a real redis-server and a real 3-node Redis Cluster, with ``acme``."""
+    if request.param == "memory":
+        url = f"memory://{uuid.uuid4().hex}"
+    else:
+        url = str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+    config = Config.from_dict({"storage": url, "plans": {"free": {}}, "default_plan": "free"})
+    accounts = Accounts(open_storage(config.storage, shards=config.shards), config)
+    accounts.create_customer("acme")
+    yield accounts
+    accounts.close()
+
+
+def at_once(count: int, work: Callable[[int], object]) -> list[object]:
+    """Run ``work(0..count-1)`` in as many threads, released together: what each returned or raised."""
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def run(number: int) -> None:
+        barrier.wait()
+        try:
+            results[number] = work(number)
+        except Exception as error:
+            results[number] = error
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_imports_of_one_hash_make_one_key(any_accounts: Accounts) -> None:
+    """8 imports of the same key hash at once (10 rounds, for two customers): one succeeds, the others are
+    refused as "exists already"; the hash resolves to the one kept and no other key is listed."""
+    any_accounts.create_customer("other")
+    for round_number in range(10):
+        key_hash = hash_key(f"sk_live_concurrent_import_{round_number:04d}")
+
+        def one(number: int, key_hash: str = key_hash) -> KeyRecord:
+            return any_accounts.import_key("acme" if number % 2 else "other", key_hash=key_hash)
+
+        results = at_once(8, one)
+        kept = [result for result in results if isinstance(result, KeyRecord)]
+        assert len(kept) == 1, results
+        assert all(isinstance(r, UsageError) and "exists already" in str(r) for r in results if r not in kept)
+        resolved = any_accounts.storage.resolve_key(key_hash)
+        assert resolved is not None
+        assert (resolved.key_id, resolved.customer.id) == (kept[0].key_id, kept[0].customer)
+    listed = any_accounts.list_keys("acme") + any_accounts.list_keys("other")
+    assert len(listed) == 10
+
+
+def test_concurrent_rotations_hand_the_uses_over_once(any_accounts: Accounts) -> None:
+    """8 rotations of one key with 5 uses at once: one replacement is made, with the 5 uses; the old key
+    keeps none; the uses across every key never pass 5."""
+    old = any_accounts.create_key("acme", remaining=5)
+    results = at_once(8, lambda n: any_accounts.rotate_key(old.key_id))
+    made = [result for result in results if isinstance(result, NewKey)]
+    assert len(made) == 1, results
+    assert all(isinstance(r, UsageError) for r in results if r not in made)
+    keys = any_accounts.list_keys("acme")
+    assert sum(key.remaining or 0 for key in keys) == 5
+    assert any_accounts.key(made[0].key_id).remaining == 5
+    assert any_accounts.key(old.key_id).remaining == 0

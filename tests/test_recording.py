@@ -7,6 +7,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from meterware.storage._keyspace import shard_of
 TOKEN_PRICE = 100
 
 
-def recording_config(storage: str, spool_dir: Path) -> Config:
+def recording_config(storage: str, spool_dir: Path, flush_interval: float = 0.01) -> Config:
     return Config.from_dict(
         {
             "storage": {"url": storage, "shards": 4},
@@ -47,7 +48,7 @@ def recording_config(storage: str, spool_dir: Path) -> Config:
                     "meters": {"calls": {"price": "0.01"}, "tokens": {"price": "0.0001"}},
                 },
             },
-            "pipeline": {"flush_interval": 0.01, "spool_dir": str(spool_dir)},
+            "pipeline": {"flush_interval": flush_interval, "spool_dir": str(spool_dir)},
             "policy": {"timeout": 5.0},
         }
     )
@@ -65,6 +66,14 @@ class Setup:
         if credits:
             self.accounts.grant_credits(customer_id, credits)
         return customer_id
+
+    def held(self) -> Recorder:
+        """Another process's recorder, on the same backend, whose flusher waits an hour between flushes:
+        what it records stays buffered until it is flushed by hand (or lost)."""
+        return Recorder(replace(self.config, pipeline=replace(self.config.pipeline, flush_interval=3600)))
+
+    def charges(self, customer: str) -> list[int]:
+        return [entry.amount for entry in self.accounts.ledger(customer) if entry.kind == "charge"]
 
     def settle(self) -> None:
         """Write what the recorder buffered, then roll it up."""
@@ -410,3 +419,87 @@ def test_calls_and_records_share_one_balance_without_passing_it(setup: Setup) ->
         admitted["calls"],
         admitted["records"] * 10,
     )
+
+
+def lose_buffer(recorder: Recorder) -> None:
+    """The process dies before its flusher writes: what it buffered is gone (its reservations stay)."""
+    recorder.metering.batcher.buffer.take(10**6)
+    recorder.close()
+
+
+def test_a_record_lost_before_its_flush_is_charged_by_its_retry(setup: Setup) -> None:
+    """The process dies after admitting a record and before its flush: a retry with the same event id (from
+    another process) is recorded and charged, once (the usage is never lost for good)."""
+    customer = setup.customer("tokens", credits="1.00")
+    crashing = setup.held()
+    assert crashing.record(customer, {"tokens": 100}, event_id="crash").recorded
+    lose_buffer(crashing)
+    retry = setup.recorder.record(customer, {"tokens": 100}, event_id="crash")
+    assert retry.recorded
+    assert retry.stream_event_id
+    setup.settle()
+    assert not setup.recorder.record(customer, {"tokens": 100}, event_id="crash").recorded
+    setup.settle()
+    assert setup.charges(customer) == [-100 * TOKEN_PRICE]
+    assert setup.accounts.balance(customer).balance == 1_000_000 - 100 * TOKEN_PRICE
+    assert setup.accounts.usage(customer).meters["tokens"] == 100
+
+
+def test_one_event_id_admitted_by_two_processes_at_once_is_charged_once(setup: Setup) -> None:
+    """Two processes admit the same event id before either flushes: the flush charges it once and releases
+    the other's reservation (balance and reserved exact to the micro-credit); the stream holds one event."""
+    customer = setup.customer("tokens", credits="1.00")
+    first, second = setup.held(), setup.held()
+    first.record(customer, {"tokens": 100}, event_id="twice")
+    second.record(customer, {"tokens": 100}, event_id="twice")
+    first.close()
+    second.close()
+    balance = setup.accounts.balance(customer)
+    assert (balance.balance, balance.reserved) == (1_000_000 - 100 * TOKEN_PRICE, 0)
+    assert setup.charges(customer) == [-100 * TOKEN_PRICE]
+    setup.settle()
+    assert setup.accounts.usage(customer).meters["tokens"] == 100
+    assert not setup.recorder.record(customer, {"tokens": 100}, event_id="twice").recorded
+
+
+def test_one_event_id_recorded_by_threads_and_tasks_at_once_is_charged_once(setup: Setup) -> None:
+    """16 threads, then 16 gathered tasks, record one event id each: one is recorded, the others are told
+    it was recorded before once it is charged; one charge, nothing left reserved."""
+    customer = setup.customer("tokens", credits="1.00")
+    told: list[bool] = []
+    threads = [
+        threading.Thread(
+            target=lambda: told.append(setup.recorder.record(customer, {"tokens": 10}, event_id="t").recorded)
+        )
+        for _ in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    async def main() -> list[bool]:
+        done = await asyncio.gather(
+            *(setup.recorder.arecord(customer, {"tokens": 20}, event_id="a") for _ in range(16))
+        )
+        await setup.recorder.aclose()
+        return [each.recorded for each in done]
+
+    gathered = asyncio.run(main())
+    assert (told.count(True), gathered.count(True)) == (1, 1)
+    balance = setup.accounts.balance(customer)
+    assert (balance.balance, balance.reserved) == (1_000_000 - 30 * TOKEN_PRICE, 0)
+
+
+def test_a_duplicate_is_told_recorded_before_only_once_its_original_is_charged(setup: Setup) -> None:
+    """A retry while the original is still buffered (holding the last credits) is neither refused nor told
+    "recorded before" while the original could still be lost: it is answered once the original is charged."""
+    customer = setup.customer("tokens", credits="0.01")  # 100 tokens' worth
+    recorder = setup.held()
+    assert recorder.record(customer, {"tokens": 100}, event_id="held").recorded
+    again = recorder.record(customer, {"tokens": 100}, event_id="held")
+    assert not again.recorded
+    balance = setup.accounts.balance(customer)
+    assert (balance.balance, balance.reserved) == (0, 0)
+    assert setup.charges(customer) == [-10_000]
+    recorder.close()

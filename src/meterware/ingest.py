@@ -20,9 +20,11 @@ deduplication by ``event_id``) and answers ``202`` with one result per event, in
                  {"event_id": "job-4", "status": "invalid", "reason": "no such meter is configured: ..."},
                  {"event_id": "job-5", "status": "error", "reason": "backend unavailable; retry"}]}
 
-``duplicate`` means recorded before (charged once); ``error`` is worth a retry with the same id, the
-others are not. A bad token gets 401, a body that is not such a batch 400 (nothing recorded), more than
-:data:`MAX_EVENTS` events or :data:`MAX_BODY_BYTES` bytes 413, another method 405.
+``recorded`` means what ``Recorded(recorded=True)`` does (buffered; the id is charged once, also when the
+process dies before its flush and the batch is sent again), ``duplicate`` charged before; ``error`` is
+worth a retry with the same id, the others are not. A bad token gets 401, a body that is not such a
+batch 400 (nothing recorded), more than :data:`MAX_EVENTS` events or :data:`MAX_BODY_BYTES` bytes 413,
+another method 405.
 """
 
 from __future__ import annotations

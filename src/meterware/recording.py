@@ -8,10 +8,21 @@
 A record goes through the same atomic admission as a call (hard quotas and credits are checked and what
 its units cost is reserved: concurrent records never overspend), then into the same buffer, flush and
 settlement (the credits ledger, the stream, the rollup windows) as an event with no route: route ``""``,
-method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refused`; a retry with the same
-``event_id`` within :data:`IDEMPOTENCY_SECONDS` is charged once. Records never count against the plan's
-rate limits (those count calls) and are never served without the backend (fail-open is for calls): a
-backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
+method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refused`. Records never count
+against the plan's rate limits (those count calls) and are never served without the backend (fail-open is
+for calls): a backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
+
+An ``event_id`` is charged once within :data:`IDEMPOTENCY_SECONDS`: the record's settlement carries its
+one-use marker, set by the flush that charges it in the same atomic step (``storage/_once.py``). So a
+process that dies between admission and flush leaves it neither charged nor marked (the rollup worker
+refunds the reservation), and a retry is charged. What a caller is told:
+
+* ``recorded=True``: admitted and buffered; the id is charged once, by this record or by an attempt with
+  the same id another process flushed first (whose flush drops this one's event, refunding its hold);
+* ``recorded=False``: the id was charged before. A retry made while this process's first attempt is still
+  buffered waits until it is written, so it is never told this of a record a crash could still lose;
+* :class:`Refused`: nothing was charged by this attempt. A retry from another process while the first
+  still holds the credits may be refused; once the first is charged, a retry is told ``recorded=False``.
 
 The module-level :func:`record` and :func:`arecord` use a :class:`Recorder` made on first use, with the
 configuration of the process's metering middleware if one was made before, else ``METERWARE_CONFIG`` (or
@@ -27,7 +38,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
@@ -43,7 +54,7 @@ from meterware.metering.measure import nets_out
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import KeyInfo
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Settlement, Storage
+from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from meterware.usage import UNITS_LIMIT
 
 #: A retry with the same ``event_id`` within this many seconds is charged once.
@@ -73,10 +84,12 @@ class Recorded:
 
     #: The caller's ``event_id``.
     event_id: str
-    #: The id of the event written to the stream (UUIDv7: what ``Accounts.void_event`` takes), or ""
-    #: when nothing was written (a duplicate, or no units).
+    #: The id of the event to be written to the stream (UUIDv7: what ``Accounts.void_event`` takes), or
+    #: "" when nothing is written (a duplicate, or no units). Never written if another process's attempt
+    #: with the same ``event_id`` is flushed first.
     stream_event_id: str
-    #: False: the same ``event_id`` was recorded before (nothing charged this time).
+    #: False: the same ``event_id`` was charged before (nothing charged this time). True: it is charged
+    #: once, by this record or a concurrent attempt (see the module's docstring).
     recorded: bool
     #: Micro-credits reserved for it (its settlement charges them, less what included units cover).
     reserved_credits: int = 0
@@ -140,6 +153,48 @@ def marker(event_id: str) -> str:
     return f"record:{event_id}"
 
 
+class InFlight:
+    """This process's records not known to be written yet, by ``(customer, marker)``: a retry of one made
+    here waits until it is written, so it is told "recorded before" only once that is true."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, str], threading.Event] = {}
+
+    def claim(self, key: tuple[str, str]) -> tuple[threading.Event, threading.Event | None]:
+        """A new event the caller sets once its record is queued or refused (:meth:`settle`), and the
+        earlier one of ``key`` to wait for (None: the caller's is the first)."""
+        mine = threading.Event()
+        with self._lock:
+            earlier = self._records.get(key)
+            if earlier is None:
+                self._records[key] = mine
+        return mine, earlier
+
+    def settle(self, key: tuple[str, str], mine: threading.Event, queued: bool) -> None:
+        """The record of ``key`` is queued (kept until written) or not (forgotten): wake who waits."""
+        if not queued:
+            with self._lock:
+                if self._records.get(key) is mine:
+                    del self._records[key]
+        mine.set()
+
+    def written(self, batch: Batch) -> None:
+        """Forget the records ``batch`` wrote (the flusher calls it)."""
+        with self._lock:
+            for settlement in batch.settlements:
+                if settlement is not None and settlement.once:
+                    self._records.pop((settlement.customer, settlement.once), None)
+
+
+def _both(first: Callable[[Batch], None], second: Callable[[Batch], None]) -> Callable[[Batch], None]:
+    def both(batch: Batch) -> None:
+        first(batch)
+        second(batch)
+
+    return both
+
+
 class Recorder:
     """Records usage outside HTTP calls for one configuration (thread-safe; see the module's docstring).
 
@@ -157,6 +212,11 @@ class Recorder:
         self._making = threading.Lock()
         self._storage: Storage | None = None
         self._flusher: ThreadFlusher | None = None
+        self._in_flight = InFlight()
+        batcher, flushed = self.metering.batcher, self.metering.batcher.on_flushed
+        batcher.on_flushed = (
+            self._in_flight.written if flushed is None else _both(self._in_flight.written, flushed)
+        )
 
     @property
     def storage(self) -> Storage:
@@ -193,18 +253,26 @@ class Recorder:
         storage = self.storage
         if not any(checked.values()):
             return Recorded(event_id, "", True)
-        if storage.is_used(customer, marker(event_id)):
-            return Recorded(event_id, "", False)
-        request = self._request(customer, checked, storage.resolve_customer(customer))
-        decision = storage.admit(request)
-        if not decision.allowed:
-            if storage.is_used(customer, marker(event_id)):  # recorded meanwhile (a concurrent retry)
+        key = (customer, marker(event_id))
+        mine, earlier = self._in_flight.claim(key)
+        queued = False
+        try:
+            if earlier is not None:  # recorded by this process just now: answered once it is written
+                earlier.wait()
+                self.flush()
+            if storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            raise self._refused(customer, decision)
-        if not storage.use_once(customer, marker(event_id), self._marker_expiry()):
-            storage.release([request])
-            return Recorded(event_id, "", False)
-        return self._queue(request, decision, checked, event_id)
+            request = self._request(customer, checked, storage.resolve_customer(customer))
+            decision = storage.admit(request)
+            if not decision.allowed:
+                if storage.is_used(*key):  # charged meanwhile (by another process's attempt)
+                    return Recorded(event_id, "", False)
+                raise self._refused(customer, decision)
+            done = self._queue(request, decision, checked, event_id)
+            queued = True
+            return done
+        finally:
+            self._in_flight.settle(key, mine, queued)
 
     async def arecord(self, customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
         """The asyncio twin of :meth:`record`."""
@@ -212,18 +280,26 @@ class Recorder:
         storage = self.async_storage()
         if not any(checked.values()):
             return Recorded(event_id, "", True)
-        if await storage.is_used(customer, marker(event_id)):
-            return Recorded(event_id, "", False)
-        request = self._request(customer, checked, await storage.resolve_customer(customer))
-        decision = await storage.admit(request)
-        if not decision.allowed:
-            if await storage.is_used(customer, marker(event_id)):
+        key = (customer, marker(event_id))
+        mine, earlier = self._in_flight.claim(key)
+        queued = False
+        try:
+            if earlier is not None:
+                await asyncio.to_thread(earlier.wait)
+                await asyncio.to_thread(self.flush)
+            if await storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            raise self._refused(customer, decision)
-        if not await storage.use_once(customer, marker(event_id), self._marker_expiry()):
-            await storage.release([request])
-            return Recorded(event_id, "", False)
-        return self._queue(request, decision, checked, event_id)
+            request = self._request(customer, checked, await storage.resolve_customer(customer))
+            decision = await storage.admit(request)
+            if not decision.allowed:
+                if await storage.is_used(*key):
+                    return Recorded(event_id, "", False)
+                raise self._refused(customer, decision)
+            done = self._queue(request, decision, checked, event_id)
+            queued = True
+            return done
+        finally:
+            self._in_flight.settle(key, mine, queued)
 
     # -- what both twins share -----------------------------------------------------------------------
 
@@ -254,10 +330,6 @@ class Recorder:
     def _refused(customer: str, decision: Decision) -> Refused:
         assert decision.reason is not None
         return Refused(customer, decision.reason, decision.retry_after)
-
-    @staticmethod
-    def _marker_expiry() -> int:
-        return time.time_ns() // 1_000_000 + IDEMPOTENCY_SECONDS * 1000
 
     def _queue(
         self, request: AdmitRequest, decision: Decision, units: dict[str, int], event_id: str
@@ -292,6 +364,7 @@ class Recorder:
             True,
             request.charges_credits,
             settled,
+            once=marker(event_id),
         )
         change = None
         if request.holds and not (decision.reservation_id and nets_out(request, decision.reserved_credits)):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from meterware.config import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import NotFoundError, StorageError
+from meterware.events import decode_batch, encode_rows, make_row, new_event_id
 from meterware.metering.admission import AdmitRequest, Decision, meter_holds
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer, KeyRecord
@@ -351,6 +352,20 @@ def test_a_key_resolves_with_its_scopes(storage: Storage) -> None:
     assert first is not None
     assert second is not None
     assert (first.scopes, second.scopes) == (scopes, ())
+
+
+def test_a_key_hash_is_added_once(storage: Storage) -> None:
+    """Adding a key whose hash another key has (a concurrent import) is refused: the first key keeps the
+    hash, and the refused one is neither listed nor found by id."""
+    open_account(storage)
+    storage.create_customer(Customer("other", "test"))
+    taken = KeyRecord("key-second", "other", "sk_live_ab12", True, "active", created=1)
+    with pytest.raises(ValueError, match="exists already"):
+        storage.add_key(taken, "hash-key-acme")
+    resolved = storage.resolve_key("hash-key-acme")
+    assert resolved is not None
+    assert (resolved.key_id, resolved.customer.id) == ("key-acme", "acme")
+    assert (storage.list_keys("other"), storage.get_key("key-second")) == ([], None)
 
 
 def test_keys_need_an_existing_customer(storage: Storage) -> None:
@@ -902,6 +917,65 @@ def test_flush_is_idempotent_by_batch_id(storage: Storage) -> None:
     balance = storage.get_balance("acme")
     assert (balance.balance, balance.reserved) == (900, 0)
     assert quota_left(storage.admit(admit_request(storage, plan))) == 5 - 1 - 1
+
+
+def test_a_flush_charges_each_record_once_and_releases_its_duplicates(storage: Storage) -> None:
+    """A record's settlement carries its marker: a batch holding one marker twice charges it once, sets it
+    with the charge, writes the first event only and releases the duplicate's reservation; a later batch
+    holding a marker set before writes no event of it and releases its reservation too."""
+    open_account(storage, credits=1000)
+    plan = make_plan(quota=10, price=100, prepaid=True)
+    shard = shard_of("acme", storage.shards)
+
+    def batch_of(*markers: str) -> Batch:
+        requests = [admit_request(storage, plan) for _ in markers]
+        settled = [
+            replace(settlement(request, storage.admit(request)), once=marker)
+            for request, marker in zip(requests, markers, strict=True)
+        ]
+        rows = [
+            make_row(
+                new_event_id(),
+                1,
+                "acme",
+                "",
+                "test",
+                f"r{n}",
+                "RECORD",
+                200,
+                "success",
+                0,
+                0,
+                {},
+                True,
+                True,
+                0,
+                "",
+            )
+            for n in range(len(markers))
+        ]
+        return Batch(shard, str(uuid.uuid4()), encode_rows(rows), tuple(settled))
+
+    assert not storage.is_used("acme", "record:a")
+    assert storage.flush(batch_of("record:a", "record:a", "", "record:b"))
+    [entry] = storage.read_stream(shard, START_OFFSET, 10)
+    assert [event.route for event in decode_batch(entry.fields[b"b"])] == ["r0", "r2", "r3"]
+    assert entry.fields[b"c"] == b"100,100,100"
+    assert (storage.get_balance("acme").balance, storage.get_balance("acme").reserved) == (700, 0)
+    assert storage.is_used("acme", "record:a")
+    assert storage.is_used("acme", "record:b")
+
+    assert storage.flush(batch_of("record:b", "record:c"))
+    entry = storage.read_stream(shard, entry.entry_id, 10)[0]
+    assert [event.route for event in decode_batch(entry.fields[b"b"])] == ["r1"]
+    assert (storage.get_balance("acme").balance, storage.get_balance("acme").reserved) == (600, 0)
+    # A crafted batch whose payload is not one event per settlement cannot be taken apart (record:c is
+    # charged): refused whole, nothing written.
+    with pytest.raises(StorageError) as refused:
+        storage.flush(replace(batch_of("record:c", "record:d"), payload=b"events"))
+    assert refused.value.refused
+    assert (storage.get_balance("acme").balance, storage.is_used("acme", "record:d")) == (600, False)
+    assert storage.stream_length(shard) == 2
 
 
 def test_expire_reservations_refunds_after_the_timeout(storage: Storage) -> None:

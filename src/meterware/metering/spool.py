@@ -187,13 +187,15 @@ def _settlement_row(settlement: Settlement | None) -> list[object] | None:
     # A capture is marked on its reservation id: a reader from before captures finds no such reservation
     # (the call is still charged) instead of closing the block early, or refusing the row.
     reservation_id = s.reservation_id if s.closes else CAPTURE_MARK + s.reservation_id
-    return [s.customer, s.live, s.period_start, reservation_id, s.billable, s.charges_credits, meters]
+    row = [s.customer, s.live, s.period_start, reservation_id, s.billable, s.charges_credits, meters]
+    # A record's marker only where there is one: the rows of calls stay readable by readers from before.
+    return [*row, s.once] if s.once else row
 
 
 def _settlement_from_row(row: list[object] | None) -> Settlement | None:
     if row is None:
         return None
-    customer, live, period_start, reservation_id, billable, charges, meters = row
+    customer, live, period_start, reservation_id, billable, charges, meters, *marker = row
     closes = not str(reservation_id).startswith(CAPTURE_MARK)
     return Settlement(
         check_customer_id(str(customer)),
@@ -204,4 +206,5 @@ def _settlement_from_row(row: list[object] | None) -> Settlement | None:
         bool(charges),
         tuple((str(m), int(u), int(p), int(i)) for m, u, p, i in meters),  # type: ignore[attr-defined]
         closes=closes,
+        once=str(marker[0]) if marker else "",
     )

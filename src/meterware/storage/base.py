@@ -64,6 +64,10 @@ class Settlement:
     #: units and cost out of the block, at most what it still holds, so its usage never counts both as
     #: used and as held.
     closes: bool = True
+    #: A record's one-use marker (``record:<event_id>``), or "": the flush sets it with the charge, and
+    #: applies a settlement whose marker is set already (or set by an earlier event of the batch) never:
+    #: it writes neither its event nor its charge and releases its reservation (:func:`without_events`).
+    once: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,9 @@ class Batch:
     #: that a batch made after it read the process's unsettled calls has been written (_unsettled.py).
     writer: str = ""
     generation: int = 0
+    #: Settlements whose events were taken out of the batch (duplicates of records charged before): the
+    #: flush only closes their reservations, refunding what they hold. Made by ``flush``, never spooled.
+    releases: tuple[Settlement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,12 +318,17 @@ class AccountStorage(UsageStorage, Protocol):
         self, customer_id: str, *, plan: str | None = None, status: str | None = None
     ) -> None: ...
     def list_customers(self) -> list[str]: ...
+    #: Add a key (``NotFoundError``: no such customer; ``ValueError``: a key has this hash already).
     def add_key(self, record: KeyRecord, key_hash: str) -> None: ...
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self, customer_id: str) -> list[KeyRecord]: ...
     def set_key_state(
         self, key_id: str, *, status: str | None = None, expires_ms: int | None = None
     ) -> None: ...
+    #: Stop a key that counts its uses and take the uses it has left, at once (a rotation hands them over):
+    #: they go to 0 and it expires at ``expires_ms``. None (nothing changed) if no such key is active,
+    #: unexpired and counting its uses: two rotations at once never both take them.
+    def take_key_uses(self, key_id: str, expires_ms: int) -> int | None: ...
     #: Raise each key's ``last_used_ms`` to the time given (epoch ms) unless it is later already; a key id
     #: that names no key is skipped (no record is made). A max, so replays and racing workers are harmless.
     def record_key_use(self, uses: Mapping[str, int]) -> None: ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
 from meterware.errors import NotFoundError, UsageError
@@ -91,7 +92,10 @@ class Keys(AccountsBase):
         )
         if self.storage.resolve_key(key_hash) is not None:
             raise UsageError("a key with this hash exists already")
-        self.storage.add_key(record, key_hash)
+        try:
+            self.storage.add_key(record, key_hash)  # refuses a hash taken meanwhile (an import at once)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         return record
 
     def _record(
@@ -157,9 +161,11 @@ class Keys(AccountsBase):
         if old.expires_ms:
             expires_ms = min(expires_ms, old.expires_ms)  # never past the original expiry
         if old.remaining is not None:
-            # Stopped first: the uses read after it are the last it has.
-            self.storage.set_key_state(key_id, expires_ms=expires_ms)
-            old = self.key(key_id)
+            # Stopped and emptied at once: a rotation at the same time finds it expired, and takes nothing.
+            uses = self.storage.take_key_uses(key_id, expires_ms)
+            if uses is None:
+                raise UsageError(f"key {key_id} has expired and cannot be rotated")
+            old = replace(old, remaining=uses)
         new = self.create_key(
             old.customer,
             live=old.live,

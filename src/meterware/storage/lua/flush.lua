@@ -36,7 +36,15 @@
 --         it still holds), so a settled call is never counted both as used and as held;
 --       then the costs text if every call costs its units times their prices ("" if not offered);
 --       then the KEYS index of the key holding the highest generation written of the batches of the
---       process that made this one ("0": unknown) and this batch's generation (Batch.generation).
+--       process that made this one ("0": unknown) and this batch's generation (Batch.generation);
+--       then a msgpack array of (event number, KEYS index of its one-use marker)... of the records.
+--       A term of no event (its event count 0) closes the reservations that name it and bills nothing:
+--       the releases of the records taken out of the batch (storage/_once.py).
+--
+-- Records are charged once (Settlement.once): the marker of each record is set with its charge, so a
+-- record is either charged and marked, or neither. A batch holding a record whose marker is set (or set
+-- by an earlier record of the batch) is answered {'DUPLICATES', event number...} before the first write;
+-- the client flushes it again without them.
 
 local stop, reply = preamble({KEYS[1], 'string'}, KEYS[1], false, 0)
 if stop then
@@ -45,6 +53,19 @@ end
 local refused = expect(KEYS[2], 'stream') or expect(KEYS[3], 'hash') or expect(KEYS[4], 'zset')
 if refused then
   return redis.error_reply(refused)
+end
+
+-- ARGV[10] is absent from the calls of a client from before records were charged once.
+local markers, marked, duplicates = ARGV[10] and cmsgpack.unpack(ARGV[10]) or {}, {}, {'DUPLICATES'}
+for i = 1, #markers, 2 do
+  local key = KEYS[markers[i + 1]]
+  if marked[key] or redis.call('EXISTS', key) == 1 then
+    duplicates[#duplicates + 1] = markers[i]
+  end
+  marked[key] = true
+end
+if #duplicates > 1 then
+  return duplicates
 end
 
 -- common.lua's counter(), first read (if the script has not read it yet) with a read that doubles as the
@@ -322,6 +343,9 @@ for _, account in ipairs(charged_order) do
   redis.call('XADD', account.ledger, '*', 'k', 'charge', 'a', int(-account.net), 'r', ARGV[1])
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
+for i = 2, #markers, 2 do
+  redis.call('SET', KEYS[markers[i]], '1', 'EX', ARGV[3])
+end
 apply()
 -- The highest generation written of the batches of the process that made this one (admit.lua's guard).
 if ARGV[8] and ARGV[8] ~= '0' then

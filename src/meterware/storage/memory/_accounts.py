@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -60,6 +61,8 @@ class AccountMixin(MemoryState):
     def add_key(self, record: KeyRecord, key_hash: str) -> None:
         with self._lock:
             account = self._account(record.customer)
+            if key_hash in self._key_ids_by_hash:  # as add_key_hash.lua: the first key keeps its hash
+                raise ValueError("a key with this hash exists already")
             self._keys[record.key_id] = record
             self._key_ids_by_hash[key_hash] = record.key_id
             account.keys.append(record.key_id)
@@ -82,6 +85,22 @@ class AccountMixin(MemoryState):
                 status=status or record.status,  # type: ignore[arg-type]
                 expires_ms=record.expires_ms if expires_ms is None else expires_ms,
             )
+
+    def take_key_uses(self, key_id: str, expires_ms: int) -> int | None:
+        with self._lock:
+            # As take_key_uses.lua: one clock (read under the lock) says whether it has expired, and
+            # stops it no later than now, so the later of two rotations finds it expired.
+            now_ms = time.time_ns() // 1_000_000
+            record = self._keys.get(key_id)
+            if (
+                record is None
+                or record.status != "active"
+                or record.remaining is None
+                or 0 < record.expires_ms <= now_ms
+            ):
+                return None
+            self._keys[key_id] = replace(record, remaining=0, expires_ms=min(expires_ms, now_ms))
+            return record.remaining
 
     def record_key_use(self, uses: Mapping[str, int]) -> None:
         with self._lock:

@@ -21,9 +21,6 @@ from meterware.storage.memory._state import (
     id_tuple,
 )
 
-#: Markers kept before the expired ones are swept (links live minutes, so few are live at once).
-USED_LINKS_PRUNE_AT = 1024
-
 
 class InvoiceMixin(MemoryState):
     """Frozen invoices."""
@@ -149,14 +146,10 @@ class PortalMixin(MemoryState):
     def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
-            used = self._used_links
-            if len(used) >= USED_LINKS_PRUNE_AT:  # markers of expired links are dropped, as Redis would
-                for marker in [marker for marker, until in used.items() if until <= now_ms]:
-                    del used[marker]
             marker = (customer_id, token_id)
-            if used.get(marker, 0) > now_ms:
+            if self._used_links.get(marker, 0) > now_ms:
                 return False
-            used[marker] = expires_ms
+            self._mark_used(marker, expires_ms)
             return True
 
     def is_used(self, customer_id: str, token_id: str) -> bool:

@@ -15,6 +15,7 @@ from meterware.metering.admission import (
     rate_limit_name,
 )
 from meterware.metering.records import KeyInfo
+from meterware.storage._once import without_events
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,
     Batch,
@@ -253,6 +254,18 @@ class SettlementMixin(MemoryState):
             now = time.time()
             if batch.batch_id in shard.batches and shard.batches[batch.batch_id] > now:
                 return False
+            # As flush.lua: a record whose marker is set (or set by an earlier record of the batch) is
+            # taken out of the batch, its reservation closed (storage/_once.py).
+            used_links, now_ms, duplicates, marked = self._used_links, int(now * 1000), [], set()
+            for position, settlement in enumerate(batch.settlements):
+                if settlement is not None and settlement.once:
+                    marker = (settlement.customer, settlement.once)
+                    if marker in marked or used_links.get(marker, 0) > now_ms:
+                        duplicates.append(position)
+                    marked.add(marker)
+            if duplicates:
+                batch = without_events(batch, duplicates)
+                marked = {(s.customer, s.once) for s in batch.settlements if s is not None and s.once}
             # Plan every change, then make them (flush.lua does the same): the entry first, then the
             # settlements. A unit counter reads what the batch's earlier settlements added to it.
             # What the reservations named still hold (None once closed), and what goes back.
@@ -304,6 +317,11 @@ class SettlementMixin(MemoryState):
 
             shard.stream.append(StreamEntry(shard.next_id(), fields))
             shard.batches[batch.batch_id] = int(now) + BATCH_MEMORY_SECONDS
+            for marker in marked:
+                self._mark_used(marker, now_ms + BATCH_MEMORY_SECONDS * 1000)
+            for release in batch.releases:
+                if release.reservation_id in reservations:
+                    freed.append(reservations.pop(release.reservation_id))
             for reservation_id, reservation in holding.items():
                 if reservation is None:
                     reservations.pop(reservation_id, None)

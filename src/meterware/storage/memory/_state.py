@@ -26,6 +26,9 @@ from meterware.storage.base import (
     Window,
 )
 
+#: Markers kept before the expired ones are first swept (then again each time their number doubles).
+USED_LINKS_PRUNE_AT = 1024
+
 
 @functools.cache
 def counter_names(meter: str) -> tuple[str, str]:
@@ -200,14 +203,26 @@ class MemoryState:
         #: (provider, customer, window, start) -> meter -> mark; kept for good (as the windows are here).
         self._export_marks: dict[tuple[str, str, str, int], dict[str, ExportMark]] = defaultdict(dict)
         self._export_cursors: dict[tuple[str, str, str], int] = {}
-        #: (customer, portal link id) -> epoch ms its one-use marker expires at.
+        #: (customer, portal link id or record marker) -> epoch ms its one-use marker expires at.
         self._used_links: dict[tuple[str, str], int] = {}
+        self._used_links_prune_at = USED_LINKS_PRUNE_AT
 
     def _account(self, customer_id: str) -> Account:
         account = self._accounts.get(customer_id)
         if account is None:
             raise NotFoundError(f"no customer {customer_id!r}")
         return account
+
+    def _mark_used(self, marker: tuple[str, str], expires_ms: int) -> None:
+        """Set a one-use marker (a portal link's, a record's) until ``expires_ms`` (under the lock)."""
+        used = self._used_links
+        if len(used) >= self._used_links_prune_at:  # markers that expired are dropped, as Redis would
+            now_ms = time.time_ns() // 1_000_000
+            for expired in [marker for marker, until in used.items() if until <= now_ms]:
+                del used[expired]
+            # Records' markers live a day: many may be live, and a sweep per marker would cost each O(n).
+            self._used_links_prune_at = max(USED_LINKS_PRUNE_AT, 2 * len(used))
+        used[marker] = expires_ms
 
     def _release(self, reservation: Reservation) -> None:
         counters = self._quotas[(reservation.live, reservation.customer, reservation.period_start)]

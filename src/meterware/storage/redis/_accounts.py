@@ -182,18 +182,18 @@ class AccountCommands(Connection):
             if not added:
                 raise NotFoundError(f"no customer {record.customer!r}")
             client.set(ks.key_owner(record.key_id), record.customer)
-            # The hash index comes last: a key resolves only once everything else is in place.
-            client.hset(
-                ks.key_by_hash(key_hash),
-                mapping={
-                    "key_id": record.key_id,
-                    "customer": record.customer,
-                    "live": int(record.live),
-                    "prefix": record.prefix,
-                    "uses": int(record.remaining is not None),
-                    "scopes": " ".join(record.scopes),
-                },
-            )
+            # The hash index comes last: a key resolves only once everything else is in place. It is
+            # written only if no key has the hash (two imports of one hash at once): the other is undone.
+            index: list[Arg] = [
+                *("key_id", record.key_id, "customer", record.customer, "live", int(record.live)),
+                *("prefix", record.prefix, "uses", int(record.remaining is not None)),
+                *("scopes", " ".join(record.scopes)),
+            ]
+            if not self._run("add_key_hash", [ks.key_by_hash(key_hash)], index):
+                client.lrem(keys[2], 0, record.key_id)
+                client.delete(keys[1])
+                client.delete(ks.key_owner(record.key_id))
+                raise ValueError("a key with this hash exists already")
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         with self._call() as client:
@@ -228,6 +228,15 @@ class AccountCommands(Connection):
             )
         if not found:
             raise NotFoundError(f"no key {key_id!r}")
+
+    def take_key_uses(self, key_id: str, expires_ms: int) -> int | None:
+        with self._call() as client:
+            owner = client.get(ks.key_owner(key_id))
+            if owner is None:
+                return None
+            key = ks.key_record(self._shard(as_str(owner)), key_id)
+            taken = int(self._run("take_key_uses", [key], [expires_ms]))
+        return None if taken < 0 else taken
 
     def record_key_use(self, uses: Mapping[str, int]) -> None:
         if not uses:

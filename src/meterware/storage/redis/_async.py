@@ -24,6 +24,7 @@ from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import admit_call
+from meterware.storage._once import without_events
 from meterware.storage._url import parse_url
 from meterware.storage.base import DEFAULT_TIMEOUT, Batch, ReplicaWait
 from meterware.storage.redis._checks import aguard
@@ -42,6 +43,7 @@ from meterware.storage.redis._request import (
     STALE,
     customer_from,
     decisions_from_replies,
+    duplicates_in,
     fail_admissions,
     flush_call,
     flush_result,
@@ -210,10 +212,14 @@ class AsyncRedisStorage:
             raise
 
     async def flush(self, batch: Batch) -> bool:
-        keys, args = flush_call(batch)
-        async with self._call():
-            reply = await self._run("flush", keys, args)
-        return flush_result(batch, reply, self._errors)
+        while True:  # each pass takes out at least one event found charged before
+            keys, args = flush_call(batch)
+            async with self._call():
+                reply = await self._run("flush", keys, args)
+            duplicates = duplicates_in(reply)
+            if not duplicates:
+                return flush_result(batch, reply, self._errors)
+            batch = without_events(batch, duplicates)
 
     async def release(self, admissions: Sequence[AdmitRequest]) -> int:
         async with self._call():

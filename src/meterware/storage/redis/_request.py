@@ -20,6 +20,7 @@ from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import Customer, KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import STALE_REPLY, admit_call, decision_from_reply
+from meterware.storage._once import DUPLICATES_REPLY, without_events
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,
     Batch,
@@ -125,13 +126,39 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
             if reservation_id:
                 assert settlement is not None
                 reservations += (reservation_id, term, number, int(settlement.closes))
+    # A release is a term of no event that bills nothing: it only closes its reservation.
+    for number, release in enumerate(batch.releases, len(settlements) + 1):
+        term_args += [
+            number,
+            0,
+            keys.index(ks.customer(shard, release.customer)),
+            keys.index(ks.ledger(shard, release.customer)),
+            keys.index(ks.quota(shard, release.live, release.customer, release.period_start)),
+            release.period_start + LONGEST_PERIOD_SECONDS + ks.QUOTA_GRACE_SECONDS,
+            0,
+            0,
+            0,
+        ]
+        if release.reservation_id:
+            reservations += (release.reservation_id, number, 0, 1)
+    markers: list[Arg] = []
+    for number, settlement in enumerate(settlements, 1):
+        if settlement is not None and settlement.once:
+            markers += (number, keys.index(ks.portal_marker(shard, settlement.customer, settlement.once)))
     # Beyond 14 digits Lua's numbers would print (and sum) otherwise: such a batch is priced per call.
     costs = ",".join(map(texts.__getitem__, events)) if max(map(len, texts.values()), default=0) < 15 else ""
     args: list[Arg] = [batch.batch_id, batch.payload, BATCH_MEMORY_SECONDS]
     args += [msgpack.packb(term_args), msgpack.packb(events), msgpack.packb(reservations), costs]
     writer = keys.index(ks.batch_writer(shard, batch.writer)) if batch.writer else 0
-    args += [writer, batch.generation]
+    args += [writer, batch.generation, msgpack.packb(markers)]
     return keys.keys, args
+
+
+def duplicates_in(reply: Any) -> list[int]:
+    """The events (positions from 0) that ``flush.lua`` found charged before (their markers are set)."""
+    if isinstance(reply, list) and reply and as_str(reply[0]) == DUPLICATES_REPLY:
+        return [int(number) - 1 for number in reply[1:]]
+    return []
 
 
 def flush_result(batch: Batch, reply: Any, errors: DriverErrors) -> bool:
@@ -334,10 +361,14 @@ class RequestPathCommands(Connection):
             fail_admissions(calls, error)
 
     def flush(self, batch: Batch) -> bool:
-        keys, args = flush_call(batch)
-        with self._call():
-            reply = self._run("flush", keys, args)
-        return flush_result(batch, reply, self._errors)
+        while True:  # each pass takes out at least one event found charged before
+            keys, args = flush_call(batch)
+            with self._call():
+                reply = self._run("flush", keys, args)
+            duplicates = duplicates_in(reply)
+            if not duplicates:
+                return flush_result(batch, reply, self._errors)
+            batch = without_events(batch, duplicates)
 
     def release(self, admissions: Sequence[AdmitRequest]) -> int:
         with self._call():

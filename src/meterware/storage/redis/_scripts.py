@@ -11,6 +11,7 @@ from meterware.storage.base import StreamEntry
 
 _SCRIPTS: Final = (
     "add_key",
+    "add_key_hash",
     "admit",
     "claim_shard",
     "close_period",
@@ -27,6 +28,7 @@ _SCRIPTS: Final = (
     "refund",
     "release_shard",
     "rollup_heartbeat",
+    "take_key_uses",
     "update_fields",
 )
 

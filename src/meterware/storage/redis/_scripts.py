@@ -27,6 +27,7 @@ _SCRIPTS: Final = (
     "refund",
     "release_shard",
     "rollup_heartbeat",
+    "swap_field",
     "update_fields",
 )
 

@@ -22,10 +22,12 @@ from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
+from meterware.cli import main
 from meterware.config._overrides import MAX_VERSIONS, effective_hour
 from meterware.errors import UsageError
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
+from tests.portal.test_billing_pages import SECRET, Deployment
 
 HOUR = 3600
 BACKENDS = [
@@ -269,3 +271,74 @@ def test_record_charges_the_override(url: str) -> None:
         recorder.close()
     assert accounts.balance("acme").balance == 850_000
     storage.close()
+
+
+# -- the CLI and the portal -------------------------------------------------------------------------------
+
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "meterware.toml"
+
+
+@pytest.mark.redis
+def test_cli_sets_and_shows_the_terms_and_the_invoice_names_them(
+    redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """customers set --override records a version (actor, effective time); customers show prints the terms
+    in force next to the plan's and the history; the invoice's line says which terms priced it."""
+    monkeypatch.delenv("METERWARE_CONFIG", raising=False)
+
+    def cli(*args: str) -> str:
+        capsys.readouterr()
+        code = main([*args, "--storage", redis_url, "--config", str(EXAMPLE)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out
+
+    cli("customers", "create", "acme", "--plan", "pro", "--anchor", "1767225600")  # 2026-01-01, monthly
+    start = Accounts.open(Config.load(EXAMPLE, storage=redis_url)).invoice("acme").period_start
+    cli(
+        "customers", "set", "acme",
+        "--override", "calls.price=0.0001", "--override", "calls.included=0",
+        "--effective", str(start), "--actor", "ann",
+    )  # fmt: skip
+    shown = cli("customers", "show", "acme")
+    assert "  calls.included = 0 (plan: 100000)\n" in shown
+    assert "  calls.price = 0.000100 (plan: 0.000500)\n" in shown
+    assert "by ann]" in shown
+    assert "calls.included=0, calls.price=0.000100" in shown
+    data = json.loads(cli("customers", "show", "acme", "--json"))
+    assert data["terms"]["calls.price"] == {"value": "0.000100", "plan": "0.000500"}
+    assert [(v["actor"], v["effective_from"]) for v in data["overrides"]] == [("ann", start)]
+    later = cli("customers", "set", "acme", "--no-overrides", "--json")
+    assert [v["overrides"] for v in json.loads(later)["overrides"]] == [
+        {"calls.included": "0", "calls.price": "0.000100"},
+        {},
+    ]
+    invoice = json.loads(cli("invoice", "acme", "--json"))
+    # The period splits where the empty version takes over (the next full hour): a line per part.
+    first, second = [line for line in invoice["lines"] if line["meter"] == "calls"]
+    assert "set by ann" in first["description"]
+    assert "plan terms" in second["description"]
+
+
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_the_portal_overview_shows_the_negotiated_terms(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overview lists the terms in force next to the plan's, and nothing without overrides."""
+    monkeypatch.setenv("METERWARE_PORTAL_SECRET", SECRET)
+    url = f"memory://{uuid.uuid4().hex}" if backend == "memory" else request.getfixturevalue("redis_url")
+    deployment = Deployment(url)
+    try:
+        customer = deployment.customer("acme", "daily", this_hour() - HOUR)
+        client = deployment.client(customer)
+        assert "terms" not in deployment.page(client, "/").tables
+        deployment.accounts.set_overrides(
+            customer, {"calls.price": "0.25", "calls.included": 10}, effective_from=this_hour(), actor="ann"
+        )
+        page = deployment.page(client, "/")
+        assert page.rows("terms") == [["calls.included", "10", "2"], ["calls.price", "0.250000", "0.500000"]]
+        assert page.field("terms.calls.price") == "0.250000"
+        assert page.field("usage.calls.included") == "10"  # the usage cards are the customer's terms too
+    finally:
+        deployment.close()

@@ -183,3 +183,20 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
         base_fee=Decimal(overrides.get("base_fee", plan.base_fee)),
         minimum=Decimal(overrides.get("minimum", plan.minimum)),
     )
+
+
+def plan_value(plan: Plan, field: str) -> str:
+    """What ``plan`` itself says of an overridable ``field``, as text (to show next to an override)."""
+    name, _, what = field.rpartition(".")
+    if not name:
+        if field == "rate_limits":
+            return ", ".join(str(limit) for limit in plan.rate_limits) or "none"
+        return f"{plan.base_fee if field == 'base_fee' else plan.minimum:f}"
+    terms = plan.meters.get(name, MeterTerms())
+    if what == "price":
+        return terms.pricing.describe() if terms.pricing else format_credits(terms.price)
+    if what == "included":
+        return str(terms.included)
+    if what == "quota":
+        return "none" if terms.quota is None else str(terms.quota)
+    return "hard" if terms.hard else "soft"

@@ -255,6 +255,38 @@ def test_a_running_middleware_charges_the_override_within_the_key_cache_ttl(url:
     storage.close()
 
 
+def test_quota_and_rate_limit_overrides_are_enforced_at_admission(url: str) -> None:
+    """The plan allows 1,000 calls a day and 100 a second; the customer's terms allow 3 calls (hard), and
+    1,000 a second: the 4th call is refused 429 quota_exceeded, with the customer's terms in its headers."""
+    config = Config.from_dict(settings(url))
+    storage = open_storage(config.storage, shards=config.shards)
+    accounts = Accounts(storage, config)
+    accounts.create_customer("acme", plan="scale", anchor=this_hour() - HOUR)
+    accounts.set_overrides(
+        "acme", {"calls.quota": 3, "rate_limits": "1000/second"}, effective_from=this_hour(), actor="ops"
+    )
+    plaintext = accounts.create_key("acme").plaintext
+    app = MeteringMiddleware(Starlette(routes=[Route("/v1/work", work)]), config=config)
+
+    async def serve() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            headers = {"Authorization": f"Bearer {plaintext}"}
+            responses = [await client.get("/v1/work", headers=headers) for _ in range(4)]
+        await app.drain()
+        await app.storage.aclose()
+        await app.flusher.storage.aclose()
+        return responses
+
+    responses = asyncio.run(serve())
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert responses[3].json()["reason"] == "quota_exceeded"
+    policy = responses[0].headers["ratelimit-policy"]
+    assert '"rate-1s";q=1000' in policy
+    assert '"quota-calls";q=3' in policy
+    storage.close()
+
+
 def test_record_charges_the_override(url: str) -> None:
     """record() admits and settles by the customer's terms: 300 tokens at 0.0005 (not 0.001) = 0.15."""
     config = Config.from_dict(settings(url))

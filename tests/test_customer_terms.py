@@ -123,6 +123,7 @@ def test_versions_are_appended_with_who_when_and_what(accounts: Accounts) -> Non
         pytest.param({"tokens.quota_mode": "firm"}, "'hard' or 'soft'", id="bad-mode"),
         pytest.param({"rate_limits": "fast"}, "expected a rate", id="bad-rate"),
         pytest.param({"period": "week"}, "not a term that can be overridden", id="unknown-plan-term"),
+        pytest.param({"calls.price": "1000000000"}, "a call may cost at most", id="call-too-dear"),
     ],
 )
 def test_bad_overrides_are_refused_and_nothing_is_stored(
@@ -302,6 +303,57 @@ def test_record_charges_the_override(url: str) -> None:
     finally:
         recorder.close()
     assert accounts.balance("acme").balance == 850_000
+    storage.close()
+
+
+def test_concurrent_calls_and_records_never_pass_the_credits_at_the_overridden_prices(url: str) -> None:
+    """100 calls (0.02 each by the customer's terms, 0.25 by the plan) and 100 records of 100 tokens
+    (0.01 each, 0.10 by the plan) at once against 2.00 credits: what was charged is exactly the overridden
+    prices of what was served, never more than 2.00, and a refusal means too little was left."""
+    config = Config.from_dict(settings(url))
+    storage = open_storage(config.storage, shards=config.shards)
+    accounts = Accounts(storage, config)
+    accounts.create_customer("acme", plan="payg", anchor=this_hour() - HOUR)
+    accounts.grant_credits("acme", "2")
+    accounts.set_overrides(
+        "acme", {"calls.price": "0.02", "tokens.price": "0.0001"}, effective_from=this_hour()
+    )
+    plaintext = accounts.create_key("acme").plaintext
+    app = MeteringMiddleware(Starlette(routes=[Route("/v1/work", work)]), config=config)
+    recorder = meterware.Recorder(config=config)
+
+    async def record(number: int) -> bool:
+        try:
+            await recorder.arecord("acme", {"tokens": 100}, event_id=f"job-{number}")
+        except meterware.Refused:
+            return False
+        return True
+
+    async def serve() -> tuple[list[int], list[bool]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            headers = {"Authorization": f"Bearer {plaintext}"}
+            calls = [client.get("/v1/work", headers=headers) for _ in range(100)]
+            responses, records = await asyncio.gather(
+                asyncio.gather(*calls), asyncio.gather(*(record(n) for n in range(100)))
+            )
+        await app.drain()
+        await app.storage.aclose()
+        await app.flusher.storage.aclose()
+        await recorder.aclose()
+        return [r.status_code for r in responses], list(records)
+
+    statuses, records = asyncio.run(serve())
+    served, recorded = statuses.count(200), records.count(True)
+    assert statuses.count(402) == 100 - served
+    charged = served * 20_000 + recorded * 10_000
+    assert 0 < charged <= 2_000_000
+    balance = accounts.balance("acme")
+    assert (balance.balance, balance.reserved) == (2_000_000 - charged, 0)
+    if served < 100:
+        assert balance.balance < 20_000
+    if recorded < 100:
+        assert balance.balance < 10_000
     storage.close()
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
-from meterware.config import Plan
+from meterware.config import Config, Plan
 from meterware.config._overrides import (
     MAX_ACTOR_LENGTH,
     MAX_VERSIONS,
@@ -18,7 +18,9 @@ from meterware.config._overrides import (
     effective_hour,
     in_force,
     load_versions,
+    plan_with,
 )
+from meterware.config._parse import check_call_costs
 from meterware.errors import ConfigError, StorageError, UsageError
 from meterware.metering.periods import period_bounds
 
@@ -64,6 +66,7 @@ class Terms(AccountsBase):
                     f"({period_start}), got {effective}"
                 )
             version = TermsVersion(effective, int(now), actor, checked)
+            _check_call_cost(self.config, plan_with(plan, version, self.config.meters))
             versions = _pruned((*load_versions(customer.terms), version), period_start)
             if self.storage.swap_customer_terms(customer_id, customer.terms, dump_versions(versions)):
                 return version
@@ -81,6 +84,15 @@ class Terms(AccountsBase):
         """The version of the customer's overrides in force at ``at`` (default now), or None."""
         versions = load_versions(self.customer(customer_id).terms)
         return in_force(versions, time.time() if at is None else at)[0]
+
+
+def _check_call_cost(config: Config, plan: Plan) -> None:
+    """Refuse terms under which one call would cost more than the rollup takes (as the config does)."""
+    heaviest = max([1, *(weight for _, weight in config.routes.weights)])
+    try:
+        check_call_costs({plan.name: plan}, config.meters, heaviest)
+    except ConfigError as error:
+        raise UsageError(f"override {error.field.rpartition('meters.')[2]}: {error.problem}") from None
 
 
 def _pruned(versions: tuple[TermsVersion, ...], period_start: int) -> tuple[TermsVersion, ...]:

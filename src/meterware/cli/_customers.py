@@ -82,8 +82,11 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
             if not equals or not field.strip():
                 raise MeterwareError(f"--override must be TERM=VALUE, e.g. tokens.price=0.5, got {pair!r}")
             overrides[field.strip()] = value.strip()
-        effective = _epoch(args.effective, "--effective")
-        accounts.set_overrides(args.customer, overrides, effective_from=effective, actor=actor(args))
+        if args.effective == "period-start":
+            accounts.set_overrides(args.customer, overrides, effective_from="period_start", actor=actor(args))
+        else:
+            effective = _epoch(args.effective, "--effective")
+            accounts.set_overrides(args.customer, overrides, effective_from=effective, actor=actor(args))
     elif args.effective:
         raise MeterwareError("--effective goes with --override (or --no-overrides)")
     return cmd_customers_show(args)
@@ -128,6 +131,7 @@ def add_customers(commands: Commands) -> None:
         "--effective",
         metavar="WHEN",
         help="when the terms take effect: epoch seconds or ISO time, rounded up to the hour "
-        "(default: now, i.e. the next full hour; back at most to the current period's start)",
+        "(default: now, i.e. the next full hour; back at most to the current period's start), "
+        "or period-start (the current period's start exactly)",
     )
     sub.add_argument("--actor", help="who (default: the OS user)")

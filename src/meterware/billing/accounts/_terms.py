@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
 from meterware.config import Config, Plan
@@ -36,7 +36,7 @@ class Terms(AccountsBase):
         customer_id: str,
         overrides: Mapping[str, Any],
         *,
-        effective_from: float | None = None,
+        effective_from: float | Literal["period_start"] | None = None,
         actor: str = "api",
     ) -> TermsVersion:
         """Record a new version of the customer's overrides (a full set: ``{}`` goes back to the plan's).
@@ -45,7 +45,8 @@ class Terms(AccountsBase):
         (a number or ``"none"``), ``<meter>.quota_mode`` (``hard``/``soft``), ``rate_limits``
         (``"100/second,5000/minute"`` or ``"none"``), ``base_fee`` and ``minimum`` to their values.
         ``effective_from`` (epoch seconds, default now) is rounded up to a whole hour; it may lie in the
-        past only back to the start of the current billing period (closed invoices never change).
+        past only back to the start of the current billing period (closed invoices never change), which
+        ``"period_start"`` names exactly (so terms agreed with a new customer hold from its first call).
         """
         try:
             checked = check_overrides(overrides, self.config.meters)
@@ -53,13 +54,20 @@ class Terms(AccountsBase):
             raise UsageError(f"override {error.field}: {error.problem}") from None
         actor = " ".join(str(actor).split())[:MAX_ACTOR_LENGTH] or "api"
         now = time.time()
-        if effective_from is not None and not 0 <= effective_from <= LATEST_ANCHOR:
-            raise UsageError(f"effective_from must be epoch seconds, got {effective_from!r}")
-        effective = effective_hour(now if effective_from is None else effective_from)
+        named = effective_from == "period_start"
+        seconds = isinstance(effective_from, int | float) and 0 <= effective_from <= LATEST_ANCHOR
+        if effective_from is not None and not (named or seconds):
+            raise UsageError(
+                f"effective_from must be epoch seconds or 'period_start', got {effective_from!r}"
+            )
         for _ in range(SET_ATTEMPTS):
             customer = self.customer(customer_id)
             plan = self.config.plan(customer.plan)
             period_start = period_bounds(customer.anchor, plan.period, now)[0]
+            if isinstance(effective_from, int | float):
+                effective = effective_hour(effective_from)
+            else:
+                effective = period_start if named else effective_hour(now)
             if effective < period_start:
                 raise UsageError(
                     f"effective_from may go back at most to the start of the current billing period "

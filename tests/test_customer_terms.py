@@ -350,8 +350,8 @@ def test_concurrent_calls_and_records_never_pass_the_credits_at_the_overridden_p
     assert 0 < charged <= 2_000_000
     balance = accounts.balance("acme")
     assert (balance.balance, balance.reserved) == (2_000_000 - charged, 0)
-    if served < 100:
-        assert balance.balance < 20_000
+    if served < 100:  # a call needs more than its price left: the tokens it may report are priced
+        assert balance.balance <= 20_000
     if recorded < 100:
         assert balance.balance < 10_000
     storage.close()

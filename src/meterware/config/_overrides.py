@@ -60,7 +60,7 @@ def effective_hour(instant: float) -> int:
     return math.ceil(instant / EFFECTIVE_GRANULARITY) * EFFECTIVE_GRANULARITY
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def load_versions(terms: str) -> tuple[TermsVersion, ...]:
     """The versions stored in a customer's ``terms`` (``""``: none), in the order they were recorded."""
     if not terms:

@@ -22,6 +22,7 @@ from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
+from meterware.billing.selfservice import AccountView
 from meterware.cli import main
 from meterware.config._overrides import MAX_VERSIONS, effective_hour
 from meterware.errors import UsageError
@@ -355,6 +356,19 @@ def test_concurrent_calls_and_records_never_pass_the_credits_at_the_overridden_p
     if recorded < 100:
         assert balance.balance < 10_000
     storage.close()
+
+
+def test_the_account_endpoint_shows_the_customers_terms(accounts: Accounts) -> None:
+    """The caller's account shows its own quota (3, not the plan's 1,000) and included units."""
+    accounts.create_customer("acme", plan="scale", anchor=this_hour() - HOUR)
+    accounts.set_overrides("acme", {"calls.quota": 3, "tokens.included": 500}, effective_from=this_hour())
+    view = AccountView(accounts.config)
+    try:
+        usage = view.account("acme")["usage"]
+    finally:
+        view.close()
+    assert usage["calls"] == {"used": 0, "included": 0, "quota": 3, "quota_mode": "hard", "remaining": 3}
+    assert usage["tokens"]["included"] == 500
 
 
 # -- the CLI and the portal -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from benchmarks._harness import OthersClock, RedisServer
 from benchmarks.apps import config_text, create_customer
 from meterware import Accounts, Config, keys
+from meterware.config._overrides import TermsVersion, dump_versions
 from meterware.events import (
     UsageEvent,
     decode_batch,
@@ -105,6 +106,9 @@ class Bench:
         info = self.storage.resolve_key(key_hash)
         assert info is not None
         self.key: KeyInfo = info
+        # The same customer with its own terms: one version, in force, overriding the call price.
+        terms = dump_versions((TermsVersion(0, 0, "bench", {"calls.price": "0.000001"}),))
+        self.key_with_terms = replace(info, customer=replace(info.customer, terms=terms))
         self.metering = Metering(self.config, registry=CollectorRegistry())
         self.metering.core.keys.resolved(key_hash, info)
         self.headers = [*HEADERS, (b"authorization", f"Bearer {self.plaintext}".encode())]
@@ -176,6 +180,12 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
     yield timed(
         "RequestCore.call_terms + admit_request",
         lambda: core.admit_request(key, core.call_terms(key, "/v1/hello", now)),
+        repeat,
+    )
+    with_terms = bench.key_with_terms
+    yield timed(
+        "RequestCore.call_terms + admit_request (customer with own terms)",
+        lambda: core.admit_request(with_terms, core.call_terms(with_terms, "/v1/hello", now)),
         repeat,
     )
     yield timed("decision_from_reply", lambda: decision_from_reply(request, reply, now), repeat)

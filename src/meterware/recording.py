@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
 
-from meterware.config import MAX_CALL_COST, Config, resolve_config
+from meterware.config import MAX_CALL_COST, Config, Plan, resolve_config
 from meterware.errors import MeterwareError, UsageError
 from meterware.events import format_event_id, make_row, new_event_id
 from meterware.metering.admission import AdmitRequest, Decision, MeterHold, Reason, settled_meters
@@ -122,10 +122,13 @@ def checked_event_id(event_id: str) -> str:
     return event_id
 
 
-def record_holds(key: KeyInfo, config: Config, units: Mapping[str, int]) -> tuple[MeterHold, ...]:
-    """What a record holds of each recorded meter the plan limits or prices: its exact units (known before
-    admission, unlike a call's), so admission reserves exactly what they cost."""
-    plan = config.plan(key.customer.plan)
+def record_holds(
+    key: KeyInfo, config: Config, units: Mapping[str, int], plan: Plan | None = None
+) -> tuple[MeterHold, ...]:
+    """What a record holds of each recorded meter the customer's terms (``plan``: default, those in force
+    now) limit or price: its exact units (known before admission, unlike a call's), so admission reserves
+    exactly what they cost."""
+    plan = plan or config.plan_for(key.customer)
     holds = []
     for meter, value in units.items():
         terms = plan.meters.get(meter)
@@ -307,9 +310,10 @@ class Recorder:
         """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer)."""
         if key is None:
             raise Refused(customer, "unknown_customer")
-        plan = self.config.plan(key.customer.plan)
-        start, end = period_bounds(key.customer.anchor, plan.period, time.time())
-        holds = record_holds(key, self.config, units)
+        now = time.time()
+        plan = self.config.plan_for(key.customer, now)
+        start, end = period_bounds(key.customer.anchor, plan.period, now)
+        holds = record_holds(key, self.config, units, plan)
         return AdmitRequest(
             shard=shard_of(customer, self.config.shards),
             customer=customer,

@@ -254,6 +254,9 @@ def served(
         accounts.grant_credits(customer, amount, reason="welcome credits")
         served.keys[role] = accounts.create_key(customer)
     assert len(accounts.close_periods(at=now, customer_id=served.ids["acme"])) == 3
+    # hooli has negotiated terms (shown on its overview).
+    deal = {"calls.included": "50", "calls.price": "0.005"}
+    accounts.set_overrides(served.ids["hooli"], deal, effective_from="period_start", actor="sales")
 
     with open(tmp / "rollup.log", "wb") as log:
         worker = subprocess.Popen(
@@ -442,6 +445,19 @@ def test_refused_calls_count_on_the_overview_as_the_cli_counts_them(served: Serv
     assert answers[0]["spend_micros"] == 30_000
     assert answers[1]["balance_micros"] == 1337
     assert (answers[2]["meters"]["calls"], answers[2]["spend_micros"]) == (0, 0)
+
+
+def test_the_overview_shows_negotiated_terms_as_customers_show_does(served: Served, page: Page) -> None:
+    """hooli's overview lists its own terms next to the plan's, as ``customers show`` has them, and its
+    usage card counts the included units of its terms; accessible, screenshotted."""
+    (shown,) = served.cli(["customers", "show", served.ids["hooli"]])()
+    served.sign_in(page, "hooli")
+    served.shot(page, "overview-terms")
+    assert {name: field_value(page, f"terms.{name}") for name in shown["terms"]} == {
+        name: term["value"] for name, term in shown["terms"].items()
+    }
+    assert field_value(page, "terms.calls.price") == "0.005000"
+    assert field_value(page, "usage.calls.included") == "50"
 
 
 def test_the_plots_have_a_point_per_window_valued_as_the_cli_says(served: Served, page: Page) -> None:

@@ -356,8 +356,8 @@ class AlertEvaluator:
         rules = self.rules_for(customer)
         if not (rules.quota_percent or rules.credits_below or rules.spend_above):
             return []
-        plan = self.config.plan(customer.plan)
         now = time.time() if now is None else now
+        plan = self.config.plan_for(customer, now)
         _, period_end = period_bounds(customer.anchor, plan.period, period_start)
         usage = self.storage.read_usage(customer_id, True, "period", period_start)
         balance = None

@@ -18,13 +18,21 @@ import csv
 import io
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Literal
 
-from meterware.billing.pricing import ZERO, Line, PlanPrices, minor_unit, round_amount
-from meterware.config import MICROS_PER_CREDIT, Plan
+from meterware.billing.pricing import ZERO, Line, PlanPrices, minor_unit, money, round_amount
+from meterware.config import MICROS_PER_CREDIT, Meter, Plan
+from meterware.config._overrides import (
+    EFFECTIVE_GRANULARITY,
+    TermsVersion,
+    changes,
+    effective_hour,
+    load_versions,
+    plan_with,
+)
 from meterware.errors import StorageError
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import Customer
@@ -268,20 +276,104 @@ def _late_lines(
     return lines
 
 
+# -- the terms in force over a period ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """A part of a period priced by one version of the customer's terms."""
+
+    start: int
+    end: int
+    prices: PlanPrices
+    #: Which terms priced it, for its lines ("": the plan's own).
+    terms: str
+
+
+def _parts(
+    customer: Customer, plan: Plan, meters: Mapping[str, Meter], bounds: tuple[int, int]
+) -> list[_Part]:
+    """The period split at each effective time of the customer's terms, each part with its prices."""
+    cuts = changes(load_versions(customer.terms), *bounds)
+    ends = [cut for cut, _ in cuts[1:]] + [bounds[1]]
+    return [
+        _Part(cut, part_end, plan_with(plan, version, meters).prices(), _terms_note(version))
+        for (cut, version), part_end in zip(cuts, ends, strict=True)
+    ]
+
+
+def _terms_note(version: TermsVersion | None) -> str:
+    if version is None or not version.overrides:
+        return ""
+    return f"terms from {_day(version.effective_from)} set by {version.actor}"
+
+
+def _part_usage(
+    storage: Storage, customer: str, parts: list[_Part], usage: Mapping[str, int]
+) -> list[dict[str, int]]:
+    """Each part's usage: the rollup's hour windows for every part but the last, which gets the rest of the
+    period's. An hour that starts before the period (its anchor is not on the hour) is not read: its
+    usage in the period is priced with the last part's."""
+    if len(parts) == 1:
+        return [dict(usage)]
+    hours = range(effective_hour(parts[0].start), parts[-1].start, EFFECTIVE_GRANULARITY)
+    windows = storage.read_usage_windows(customer, True, "hour", list(hours))
+    counted: list[dict[str, int]] = []
+    for part in parts[:-1]:
+        totals = dict.fromkeys(usage, 0)
+        for hour, window in zip(hours, windows, strict=True):
+            if part.start <= hour < part.end:
+                for meter in totals:
+                    totals[meter] += window.get(meter, 0)
+        counted.append(totals)
+    rest = {meter: max(0, units - sum(part[meter] for part in counted)) for meter, units in usage.items()}
+    return [*counted, rest]
+
+
+def _part_lines(parts: list[_Part], usage: list[dict[str, int]]) -> list[Line]:
+    """The lines of a period: the base fee and minimum of the terms in force at its end, and each part's
+    usage lines, saying which terms priced them."""
+    if len(parts) == 1 and not parts[0].terms:
+        return parts[0].prices.lines(usage[0])
+    last = parts[-1].prices
+    decimals = last.decimals
+    lines = []
+    if last.base_fee:
+        lines.append(Line("base_fee", "base fee", round_amount(last.base_fee, decimals)))
+    by_meter: dict[str, list[Line]] = {}
+    for part, quantities in zip(parts, usage, strict=True):
+        span = f"{_day(part.start)} .. {_day(part.end)}, " if len(parts) > 1 else ""
+        note = f" ({span}{part.terms or 'plan terms'})"
+        for line in replace(part.prices, base_fee=ZERO, minimum=ZERO).lines(quantities):
+            by_meter.setdefault(line.description, []).append(
+                replace(line, description=line.description + note)
+            )
+    lines += [line for meter_lines in by_meter.values() for line in meter_lines]
+    minimum = round_amount(last.minimum, decimals)
+    below = minimum - sum((line.amount for line in lines), ZERO)
+    if below > 0:
+        lines.append(Line("minimum", f"minimum commitment of {money(minimum, decimals)}", below))
+    return lines
+
+
 def _price(
     storage: Storage,
     customer: Customer,
     plan: Plan,
     bounds: tuple[int, int],
+    meters: Mapping[str, Meter],
     *,
     billed: Billed,
     closed_at: int | None = None,
 ) -> tuple[Invoice, dict[int, str], PlanPrices, int]:
     """The invoice of one period, the billed records a close would write, the prices, and the spend."""
     start, end = bounds
-    prices = plan.prices()
-    usage, spend = _usage(storage, customer.id, start, prices)
-    lines = prices.lines(usage)
+    parts = _parts(customer, plan, meters, bounds)
+    prices = parts[-1].prices
+    totals = storage.read_usage(customer.id, True, "period", start)
+    usage = {meter: totals.get(meter, 0) for part in parts for meter in part.prices.meters}
+    spend = totals.get("spend", 0)
+    lines = _part_lines(parts, _part_usage(storage, customer.id, parts, usage))
     adjustments: list[Line] = []
     late_credits = 0
     records: dict[int, str] = {}
@@ -315,16 +407,23 @@ def _price(
     return invoice, records, prices, spend
 
 
-def preview(storage: Storage, customer: Customer, plan: Plan, bounds: tuple[int, int]) -> Invoice:
+def preview(
+    storage: Storage, customer: Customer, plan: Plan, bounds: tuple[int, int], meters: Mapping[str, Meter]
+) -> Invoice:
     """The invoice of a period: frozen if it was closed, otherwise priced from its usage now."""
     text = storage.read_invoice(customer.id, bounds[0])
     if text is not None:
         return _Snapshot.load(text).invoice
-    return _price(storage, customer, plan, bounds, billed=storage.read_billed(customer.id))[0]
+    return _price(storage, customer, plan, bounds, meters, billed=storage.read_billed(customer.id))[0]
 
 
 def close(
-    storage: Storage, customer: Customer, plan: Plan, bounds: tuple[int, int], closed_at: int
+    storage: Storage,
+    customer: Customer,
+    plan: Plan,
+    bounds: tuple[int, int],
+    meters: Mapping[str, Meter],
+    closed_at: int,
 ) -> tuple[Invoice, bool]:
     """Freeze a period's invoice; also say whether this call froze it (False: it was closed already)."""
     for _ in range(CLOSE_ATTEMPTS):
@@ -333,7 +432,7 @@ def close(
             return _Snapshot.load(text).invoice, False
         billed = storage.read_billed(customer.id)
         invoice, records, prices, _ = _price(
-            storage, customer, plan, bounds, billed=billed, closed_at=closed_at
+            storage, customer, plan, bounds, meters, billed=billed, closed_at=closed_at
         )
         snapshot = _Snapshot(invoice, prices, plan.prepaid).dump()
         # Written only if no one closed this period, nor billed anything, since ``billed`` was read.

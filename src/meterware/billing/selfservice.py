@@ -204,7 +204,7 @@ class AccountView:
         """What the endpoint returns for ``customer_id`` (``live``: its live or its test usage)."""
         accounts = self.accounts
         customer = accounts.customer(customer_id)
-        plan = self.config.plan(customer.plan)
+        plan = self.config.plan_for(customer)
         report = accounts.usage(customer_id, live=live)
         usage: dict[str, Any] = {}
         for meter, used in report.meters.items():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from meterware.config._overrides import in_force, load_versions, plan_with
 from meterware.config._parse import (
     check_call_costs,
     parse_alerts,
@@ -29,6 +31,9 @@ from meterware.config._sections import Alerts, ExportTarget, Meter, Pipeline, Pl
 from meterware.config._table import Section
 from meterware.errors import ConfigError
 from meterware.storage.base import DEFAULT_TIMEOUT, ReplicaWait
+
+if TYPE_CHECKING:
+    from meterware.metering.records import Customer
 
 logger = logging.getLogger("meterware")
 
@@ -100,6 +105,15 @@ class Config:
     def plan(self, name: str) -> Plan:
         """The plan called ``name``; unknown names fall back to the default plan."""
         return self.plans.get(name) or self.plans[self.default_plan]
+
+    def plan_for(self, customer: Customer, at: float | None = None) -> Plan:
+        """The terms of ``customer`` at ``at`` (default: now): its plan, with its own overrides in force
+        then merged over it (:mod:`meterware.config._overrides`)."""
+        plan = self.plan(customer.plan)
+        if not customer.terms:
+            return plan
+        version, _ = in_force(load_versions(customer.terms), time.time() if at is None else at)
+        return plan_with(plan, version, self.meters)
 
 
 def _with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

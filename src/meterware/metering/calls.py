@@ -52,6 +52,8 @@ class CallTerms:
     holds: tuple[MeterHold, ...]
     period_start: int
     period_end: int
+    #: When these terms stop holding: the period's end, or sooner the next version of the customer's terms.
+    until: float
 
 
 def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, str]) -> dict[str, str]:

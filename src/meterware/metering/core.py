@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from meterware import keys
 from meterware.config import UNMATCHED_ROUTE, Config, format_credits
+from meterware.config._overrides import in_force, load_versions, plan_with
 from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision, meter_holds
 from meterware.metering.cache import LRUCache
@@ -79,7 +80,7 @@ class RequestCore:
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self._bad_values = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self.keys = KeyCache(self.policy, self._outage)
-        self._terms: LRUCache[tuple[str, int, int, bool], CallTerms] = LRUCache(TERMS_MAX_ENTRIES)
+        self._terms: LRUCache[tuple[str, int, int, bool, str], CallTerms] = LRUCache(TERMS_MAX_ENTRIES)
         self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
         self._balance_header = self.policy.balance_header.lower().encode("latin-1")
 
@@ -130,18 +131,24 @@ class RequestCore:
         return self.admit_request(key, terms)
 
     def call_terms(self, key: KeyInfo, path: str, now: float) -> CallTerms:
-        """What the plan holds of a call by ``key`` to ``path``, in the billing period of ``now`` (cached)."""
+        """What the customer's terms (its plan, and its own overrides in force at ``now``) hold of a call
+        by ``key`` to ``path``, in the billing period of ``now`` (cached until the period or terms change)."""
         customer = key.customer
         weight = self.routes.weight(path) if self.routes.weights else 1
-        cache_key = (customer.plan, customer.anchor, weight, key.live)
+        # A customer's own terms are part of the key (text: its hash is cached), "" for most customers.
+        cache_key = (customer.plan, customer.anchor, weight, key.live, customer.terms)
         previous = terms = self._terms.get(cache_key)
-        if terms is None or not terms.period_start <= now < terms.period_end:
+        if terms is None or not terms.period_start <= now < terms.until:
             plan = self.config.plan(customer.plan)
             start, end = period_bounds(customer.anchor, plan.period, now)
+            until: float = end
+            if customer.terms:
+                version, following = in_force(load_versions(customer.terms), now)
+                plan, until = plan_with(plan, version, self.config.meters), min(end, following)
             holds = meter_holds(plan, self.config.meters, weight, key.live)
             if previous is not None and previous.holds == holds:
                 holds = previous.holds  # the same object: leases are keyed by it
-            terms = CallTerms(plan, holds, start, end)
+            terms = CallTerms(plan, holds, start, end, until)
             self._terms.put(cache_key, terms)
         return terms
 

@@ -17,6 +17,9 @@ class Customer:
     status: CustomerStatus = "active"
     #: Billing-period anchor, epoch seconds: periods start at this instant and every period after it.
     anchor: int = 0
+    #: The customer's own terms over the plan's: the versions of its overrides as stored (JSON), or ""
+    #: for none (:mod:`meterware.config._overrides`).
+    terms: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ class Invoicing(AccountsBase):
                 f"no billing period of {customer_id} starts at {period_start}; "
                 f"the one around it starts at {bounds[0]}"
             )
-        return preview(self.storage, customer, plan, bounds)
+        return preview(self.storage, customer, plan, bounds, self.config.meters)
 
     def close_periods(self, *, at: float | None = None, customer_id: str | None = None) -> list[Invoice]:
         """Freeze the invoice of every period that ended by ``at`` (default: now) and is not closed yet,
@@ -49,7 +49,7 @@ class Invoicing(AccountsBase):
             customer = self.customer(name)
             plan = self.config.plan(customer.plan)
             for bounds in periods_to_close(self.storage, customer, plan, at):
-                invoice, froze = close(self.storage, customer, plan, bounds, int(at))
+                invoice, froze = close(self.storage, customer, plan, bounds, self.config.meters, int(at))
                 if froze:
                     closed.append(invoice)
         return closed

@@ -268,7 +268,7 @@ def _details(entry: LedgerEntry) -> str:
 
 def credits(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
     customer = ctx.customer
-    plan = ctx.config.plan(customer.plan)
+    plan = ctx.config.plan_for(customer)
     balance = ctx.accounts.storage.get_balance(customer.id)  # the customer was read with the page
     # One read of the ledger serves both the grants (a replay of it) and the page of entries.
     entries = ctx.accounts.ledger(customer.id)

@@ -1,5 +1,6 @@
 """The overview: this period's usage against what the plan includes and allows, spend so far and where
-the period is heading, the credit balance, the rate limits and the latest alerts. It reloads itself."""
+the period is heading, the credit balance, the customer's own terms, the rate limits and the latest
+alerts. It reloads itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Final
 from markupsafe import Markup
 
 from meterware.billing.pricing import money
+from meterware.config._overrides import in_force, load_versions, plan_value
 from meterware.metering.admission import rate_limit_name
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse
@@ -37,7 +39,7 @@ def projected_quantities(
 def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
     """The overview of the period running now."""
     accounts, customer = ctx.accounts, ctx.customer
-    plan = ctx.config.plan(customer.plan)
+    plan = ctx.config.plan_for(customer)
     report = accounts.usage(customer.id)
     now = time.time()
     period = Markup("{} to {}, {} days left").format(
@@ -139,6 +141,7 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
         name="rate-limits",
         empty="No rate limits on this plan.",
     )
+    own_terms = _terms_section(ctx, now)
     fired = reversed(accounts.alerts(customer.id, limit=LATEST_ALERTS))
     alerts = html.table(
         "Latest alerts",
@@ -155,7 +158,7 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
     body = Markup(
         '<h1>Overview</h1>{}<p class="period">Billing period: {}. As of {} (updates every {} seconds; usage '
         "trails calls by the rollup's few seconds).</p>"
-        '<h2>Usage</h2><div class="cards">{}</div><h2>Money</h2><div class="cards">{}</div>{}{}{}'
+        '<h2>Usage</h2><div class="cards">{}</div><h2>Money</h2><div class="cards">{}</div>{}{}{}{}'
     ).format(
         status,
         period,
@@ -163,8 +166,27 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
         REFRESH_SECONDS,
         Markup("").join(cards),
         Markup("").join(money_cards),
+        own_terms,
         calls,
         limits,
         alerts,
     )
     return html.page(ctx, title="Overview", current="/", body=body, refresh=REFRESH_SECONDS)
+
+
+def _terms_section(ctx: html.PageContext, now: float) -> Markup:
+    """The customer's negotiated terms in force now, each next to the plan's (nothing without any)."""
+    version, _ = in_force(load_versions(ctx.customer.terms), now)
+    if version is None or not version.overrides:
+        return Markup("")
+    plan = ctx.config.plan(ctx.customer.plan)
+    rows = [
+        (field, html.data(f"terms.{field}", value), plan_value(plan, field))
+        for field, value in sorted(version.overrides.items())
+    ]
+    return html.table(
+        f"Your terms (in force since {html.when(version.effective_from)})",
+        ["Term", "Yours", "Plan's"],
+        rows,
+        name="terms",
+    )

@@ -111,7 +111,7 @@ def _refusals_table(history: UsageHistory) -> Markup:
 def _periods_section(ctx: html.PageContext) -> Markup:
     """Each chargeable meter per billing period, with the plan's quota and included units drawn."""
     customer = ctx.customer
-    plan = ctx.config.plan(customer.plan)
+    plan = ctx.config.plan_for(customer)
     current = period_bounds(customer.anchor, plan.period, time.time())[0]
     starts = period_starts(customer.anchor, plan.period, current, 0, PERIODS_SHOWN)[::-1]
     if not starts:  # the customer's first period is ahead

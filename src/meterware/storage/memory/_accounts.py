@@ -54,6 +54,15 @@ class AccountMixin(MemoryState):
                 status=status or customer.status,  # type: ignore[arg-type]
             )
 
+    def swap_customer_terms(self, customer_id: str, expected: str, terms: str) -> bool:
+        check_customer_id(customer_id)
+        with self._lock:
+            account = self._account(customer_id)
+            if account.customer.terms != expected:
+                return False
+            account.customer = replace(account.customer, terms=terms)
+            return True
+
     def list_customers(self) -> list[str]:
         with self._lock:
             return sorted(self._accounts)

@@ -160,6 +160,15 @@ class AccountCommands(Connection):
         if not found:
             raise NotFoundError(f"no customer {customer_id!r}")
 
+    def swap_customer_terms(self, customer_id: str, expected: str, terms: str) -> bool:
+        ks.check_customer_id(customer_id)
+        key = ks.customer(self._shard(customer_id), customer_id)
+        with self._call():
+            reply = self._run("swap_field", [key], ["terms", expected, terms])
+        if not reply:
+            raise NotFoundError(f"no customer {customer_id!r}")
+        return bool(reply == 1)
+
     def list_customers(self) -> list[str]:
         with self._call() as client:
             pipe = client.pipeline(transaction=False)

@@ -42,7 +42,7 @@ class Stale:
 STALE: Final = Stale()
 #: The longest billing period; a settlement only knows its period's start.
 LONGEST_PERIOD_SECONDS: Final = 31 * 86_400
-CUSTOMER_FIELDS: Final = ("plan", "status", "anchor")
+CUSTOMER_FIELDS: Final = ("plan", "status", "anchor", "terms")
 
 
 def decisions_from_replies(
@@ -190,11 +190,17 @@ def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], l
 
 
 def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
-    """A customer from the ``plan, status, anchor`` fields of its hash."""
-    plan, status, anchor = values
+    """A customer from the ``plan, status, anchor, terms`` fields of its hash."""
+    plan, status, anchor, terms = values
     if plan is None or status is None:
         return None
-    return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0))  # type: ignore[arg-type]
+    return Customer(
+        customer_id,
+        as_str(plan),
+        as_str(status),  # type: ignore[arg-type]
+        int(anchor or 0),
+        as_str(terms) if terms else "",
+    )
 
 
 def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:

@@ -28,6 +28,7 @@ _SCRIPTS: Final = (
     "refund",
     "release_shard",
     "rollup_heartbeat",
+    "swap_field",
     "take_key_uses",
     "update_fields",
 )

@@ -135,6 +135,12 @@ def test_a_meter_declares_its_dimensions_in_order() -> None:
             "'tokens{model=small,direction=input}'",
             id="ambiguous-filters",
         ),
+        pytest.param(
+            {"export": {"lago": {"meters": {"tokens": "llm_tokens"}, "value_key": "model"}}},
+            "export.lago.meters",
+            "meter 'tokens' has a dimension named 'model', a key the events already use",
+            id="export-key-clash",
+        ),
     ],
 )
 def test_a_bad_dimension_is_one_config_error_naming_the_field(

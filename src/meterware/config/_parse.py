@@ -494,6 +494,14 @@ def parse_export(root: Section, meters: Mapping[str, Meter]) -> dict[str, Export
         for key in ("settle_seconds", "recheck_seconds"):
             if getattr(targets[provider], key) < 0:
                 raise ConfigError(section.name(key), "must not be negative")
+        taken = {targets[provider].value_key, targets[provider].customer_key}
+        for meter in names:
+            clash = taken.intersection(dimension for dimension, _ in meters[meter].dimensions)
+            if clash:
+                raise ConfigError(
+                    section.name("meters"),
+                    f"meter {meter!r} has a dimension named {clash.pop()!r}, a key the events already use",
+                )
         section.done()
     return targets
 

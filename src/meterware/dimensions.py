@@ -79,6 +79,24 @@ def canonical(meter: str, dimensions: Dimensions, pairs: Iterable[tuple[str, obj
     return submeter(meter, ((key, str(given[key])) for key, _ in dimensions if key in given))
 
 
+#: Sub-meter names remembered by the values given (only declared ones: bounded by the configuration).
+_NAMES_KEPT: Final = 10_000
+_names: dict[tuple[str, Dimensions, tuple[tuple[str, object], ...]], str] = {}
+
+
+def named(meter: str, dimensions: Dimensions, values: Mapping[str, object]) -> str:
+    """:func:`canonical` for a handler's report, remembered (a handler reports the same few values)."""
+    key = (meter, dimensions, tuple(values.items()))
+    try:
+        return _names[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable value, refused by canonical()
+        pass
+    name = canonical(meter, dimensions, values.items())
+    if len(_names) < _NAMES_KEPT:
+        _names[key] = name
+    return name
+
+
 #: Refused dimension values repeat on every call: each meter's are warned of at most once per minute.
 REFUSAL_WARNING_SECONDS: Final = 60.0
 _next_warning: dict[str, float] = {}
@@ -119,23 +137,68 @@ def matching_filter(name: str, priced: frozenset[str]) -> str | None:
     return None
 
 
+#: Sub-meter names a :class:`Pricing` remembers the filter of (they come from events: bounded anyway).
+_ROUTES_KEPT: Final = 10_000
+
+
+class Pricing:
+    """How an event's units price a set of names (meters, filters, remainders ``meter{}``): made once per
+    set (:func:`pricing`), with each sub-meter's filter found once."""
+
+    __slots__ = ("_filters", "_remainders", "_routes", "names")
+
+    def __init__(self, priced: frozenset[str]) -> None:
+        self.names = tuple(sorted(priced))
+        self._filters = _filters(priced)
+        self._remainders = {
+            meter: meter + REMAINDER for meter in self._filters if meter + REMAINDER in priced
+        }
+        #: sub-meter -> (its filter, its meter's remainder or None); None: no filter prices it.
+        self._routes: dict[str, tuple[str, str | None] | None] = {}
+
+    def units(self, units: Mapping[str, int | str]) -> dict[str, int]:
+        """The units of each name from an event's ``units`` (meters and their sub-meters): a filter adds up
+        the sub-meters it prices, a remainder the units of its meter that no filter prices."""
+        out = dict.fromkeys(self.names, 0)
+        remainders = self._remainders
+        for name, value in units.items():
+            if type(value) is not int:
+                continue
+            if "{" in name:
+                route = self._route(name)
+                if route is not None:
+                    out[route[0]] += value
+                    if route[1] is not None:
+                        out[route[1]] -= value
+                continue
+            if name in out:
+                out[name] = value
+            remainder = remainders.get(name)
+            if remainder is not None:
+                out[remainder] += value
+        return out
+
+    def _route(self, name: str) -> tuple[str, str | None] | None:
+        try:
+            return self._routes[name]
+        except KeyError:
+            pass
+        base = base_of(name)
+        route = None
+        if base in self._filters:
+            chosen = matching_filter(name, frozenset(self.names))
+            route = None if chosen is None else (chosen, self._remainders.get(base))
+        if len(self._routes) < _ROUTES_KEPT:
+            self._routes[name] = route
+        return route
+
+
+@functools.cache
+def pricing(priced: frozenset[str]) -> Pricing:
+    """The :class:`Pricing` of ``priced`` (sets come from the configuration: a bounded cache)."""
+    return Pricing(priced)
+
+
 def priced_units(units: Mapping[str, int | str], priced: frozenset[str]) -> dict[str, int]:
-    """The units of each name in ``priced`` (meters, filters, remainders ``meter{}``) from an event's
-    ``units`` (meters and their sub-meters): a filter adds up the sub-meters it prices, a remainder the
-    units of its meter that no filter prices."""
-    filters = _filters(priced)
-    out = dict.fromkeys(priced, 0)
-    for name, value in units.items():
-        if type(value) is not int:
-            continue
-        if name in out and "{" not in name:
-            out[name] = value
-        if name in filters:
-            out[name + REMAINDER] = out.get(name + REMAINDER, 0) + value
-        elif "{" in name and base_of(name) in filters:
-            chosen = matching_filter(name, priced)
-            if chosen is not None:
-                out[chosen] += value
-                remainder = base_of(name) + REMAINDER
-                out[remainder] = out.get(remainder, 0) - value
-    return {name: out[name] for name in priced}
+    """The units of each name in ``priced`` from an event's ``units``: see :meth:`Pricing.units`."""
+    return pricing(priced).units(units)

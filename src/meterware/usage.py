@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 from meterware.config import Meter
-from meterware.dimensions import canonical, warn_refused
+from meterware.dimensions import named, warn_refused
 
 if TYPE_CHECKING:
     from meterware.metering.records import KeyInfo
@@ -74,7 +74,7 @@ class CallUsage:
         assert definition is not None
         if dimensions:
             try:
-                sub = canonical(meter, definition.dimensions, dimensions.items())
+                sub = named(meter, definition.dimensions, dimensions)
             except ValueError as error:
                 self.rejected += 1
                 warn_refused(meter, str(error))

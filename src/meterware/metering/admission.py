@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meterware.config import Meter, Plan
-from meterware.dimensions import REMAINDER, base_of, filtered, priced_units
+from meterware.dimensions import REMAINDER, Pricing, base_of, filtered, pricing
 from meterware.metering.unsettled import Snapshot, Unsettled
 
 Reason = Literal[
@@ -140,8 +140,10 @@ def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool
         if "{" in name:  # a filter of dimension values: what the call reports (its meter holds the estimate)
             holds.append(MeterHold(name, -1, terms.included, price, 1, 0, exact=False))
         elif name in split:  # its quota counts every value; its included units and price the others
-            holds.append(MeterHold(name, quota, 0, 0, need, hold, is_call))
-            holds.append(MeterHold(name + REMAINDER, -1, terms.included, price, 1, hold, exact=False))
+            if terms.quota is not None:
+                holds.append(MeterHold(name, quota, 0, 0, need, hold, is_call))
+            if terms.price or terms.included:
+                holds.append(MeterHold(name + REMAINDER, -1, terms.included, price, 1, hold, exact=False))
         else:
             holds.append(MeterHold(name, quota, terms.included, price, need, hold, is_call))
     return tuple(holds)
@@ -182,7 +184,12 @@ def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str])
 
 def priced_holds(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> dict[str, int]:
     """The units of each held meter, filter of dimension values and remainder (:func:`priced_units`)."""
-    return priced_units(units, frozenset(hold.meter for hold in holds))
+    return hold_pricing(holds).units(units)
+
+
+def hold_pricing(holds: tuple[MeterHold, ...]) -> Pricing:
+    """The :class:`~meterware.dimensions.Pricing` of what ``holds`` hold."""
+    return pricing(frozenset(hold.meter for hold in holds))
 
 
 def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:

@@ -4,6 +4,7 @@ Redis and the cluster; undeclared values refused and counted; the rollup windows
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -12,14 +13,20 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from werkzeug.test import Client
 
 from meterware import Accounts, Config, Recorder, Refused, UsageError
 from meterware.billing.pricing import PlanPrices, Price
+from meterware.cli import main
 from meterware.config import Meter
 from meterware.dimensions import canonical, priced_units, split
 from meterware.errors import ConfigError
+from meterware.events import decode_batch, encode_batch
+from meterware.ingest import wsgi_app
 from meterware.rollup import RollupWorker
+from meterware.rollup.aggregate import fold
 from meterware.usage import CallUsage
+from tests.rollup.helpers import T0_MS, event
 
 DIMENSIONS = {"model": ["small", "large"], "direction": ["input", "output"]}
 SMALL_IN = "tokens{model=small,direction=input}"
@@ -361,3 +368,113 @@ def test_a_record_with_an_undeclared_value_is_refused_and_counted(setup: Setup) 
     setup.settle()
     assert setup.accounts.balance(customer).balance == 1_000_000
     assert setup.accounts.usage(customer).meters["tokens"] == 0
+
+
+def test_the_ingestion_endpoint_takes_dimension_values(setup: Setup) -> None:
+    """Events with dimension values are charged per value (small 1,500 at 1 beyond 1,000 = 500; large 350
+    at 10 beyond 100 = 2,500); an undeclared value is an invalid event, nothing recorded for it."""
+    customer = setup.customer("models", credits="10")
+    token = "t" * 40
+    client = Client(wsgi_app(setup.config, token=token))
+    events = [
+        {
+            "event_id": "i-1",
+            "customer": customer,
+            "units": {"tokens": 1500},
+            "dimensions": {"model": "small"},
+        },
+        {"event_id": "i-2", "customer": customer, "units": {"tokens": 350}, "dimensions": {"model": "large"}},
+        {"event_id": "i-3", "customer": customer, "units": {"tokens": 9}, "dimensions": {"model": "huge"}},
+    ]
+    answer = client.post("/", json={"events": events}, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 202
+    results = answer.get_json()["results"]
+    assert [entry["status"] for entry in results] == ["recorded", "recorded", "invalid"]
+    assert "value 'huge' of dimension 'model' of meter 'tokens' is not declared" in results[2]["reason"]
+    client.application.close()
+    RollupWorker(setup.accounts.storage, setup.config).drain()
+    assert setup.accounts.balance(customer).balance == 10_000_000 - 3_000
+    usage = setup.accounts.usage(customer).meters
+    assert (usage["tokens"], usage["tokens{model=small}"], usage["tokens{model=large}"]) == (1850, 1500, 350)
+
+
+# -- the rollup: windows per value ---------------------------------------------------------------------
+
+
+def test_the_rollup_keeps_a_window_per_value_equal_to_the_events() -> None:
+    """Events of four sub-meters over three minutes, through the wire format (version 2, unchanged) and
+    the fold: every minute and the period hold, per sub-meter, the sum of its events, and the meter its
+    total."""
+    meters = {"tokens": Meter("tokens", "sum", "handler", dimensions=(("model", ("small", "large")),))}
+    names = ["tokens{model=small}", "tokens{model=large}"]
+    made = []
+    for index in range(60):
+        name = names[index % 2]
+        value = 7 * index + 1
+        units: dict[str, int | str] = {"tokens": value, name: value} if index % 3 else {"tokens": value}
+        made.append(event(ts=T0_MS + index * 3_000, units=units))
+    events = decode_batch(encode_batch(made))
+    assert [e.units for e in events] == [e.units for e in made]
+    totals = fold(events, [0] * len(events), meters)
+    for window, window_totals in totals.items():
+        inside = [e for e in made if window.start * 1000 <= e.timestamp_ms < window.start * 1000 + 60_000]
+        if window.window == "period":
+            inside = made
+        elif window.window != "minute":
+            continue
+        for name in ["tokens", *names]:
+            assert window_totals.sums.get(name, 0) == sum(int(e.units.get(name, 0)) for e in inside)
+    assert {window.window for window in totals} == {"minute", "hour", "day", "period"}
+
+
+CONFIG_TOML = """
+[storage]
+url = "{url}"
+shards = 4
+
+[meters.calls]
+aggregation = "count"
+
+[meters.tokens]
+aggregation = "sum"
+source = "handler"
+dimensions = {{ model = ["small", "large"], direction = ["input", "output"] }}
+
+[plans.models]
+prepaid = true
+[plans.models.meters.tokens]
+price = "0.000002"
+[plans.models.meters."tokens{{model=small}}"]
+included = 1000
+price = "0.000001"
+[plans.models.meters."tokens{{model=large}}"]
+included = 100
+price = "0.00001"
+
+[plans.capped.meters.tokens]
+quota = 1000
+"""
+
+
+def test_meterware_usage_and_invoice_show_each_value(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`meterware usage` lists the per-value totals; `meterware invoice` a line per priced value (and the
+    TOML form of the configuration, quoted keys and an inline table, loads as the dict one does)."""
+    path = tmp_path / "meterware.toml"
+    path.write_text(CONFIG_TOML.format(url=setup.config.storage))
+    assert Config.from_file(path).plans["models"] == setup.config.plans["models"]
+    customer = setup.customer("models", credits="10")
+    record = setup.recorder.record
+    record(customer, {"tokens": 1500}, event_id="a", dimensions={"model": "small", "direction": "input"})
+    record(customer, {"tokens": 350}, event_id="b", dimensions={"model": "large", "direction": "output"})
+    setup.settle()
+    capsys.readouterr()
+    assert main(["usage", customer, "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tokens\{model=small,direction=input\}\s+1500", out)
+    assert re.search(r"tokens\{model=large,direction=output\}\s+350", out)
+    assert main(["invoice", customer, "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tokens{model=small}" in out
+    assert "tokens{model=large}" in out

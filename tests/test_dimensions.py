@@ -375,7 +375,8 @@ def test_the_ingestion_endpoint_takes_dimension_values(setup: Setup) -> None:
     at 10 beyond 100 = 2,500); an undeclared value is an invalid event, nothing recorded for it."""
     customer = setup.customer("models", credits="10")
     token = "t" * 40
-    client = Client(wsgi_app(setup.config, token=token))
+    app = wsgi_app(setup.config, token=token)
+    client = Client(app)
     events = [
         {
             "event_id": "i-1",
@@ -391,7 +392,7 @@ def test_the_ingestion_endpoint_takes_dimension_values(setup: Setup) -> None:
     results = answer.get_json()["results"]
     assert [entry["status"] for entry in results] == ["recorded", "recorded", "invalid"]
     assert "value 'huge' of dimension 'model' of meter 'tokens' is not declared" in results[2]["reason"]
-    client.application.close()
+    app.close()
     RollupWorker(setup.accounts.storage, setup.config).drain()
     assert setup.accounts.balance(customer).balance == 10_000_000 - 3_000
     usage = setup.accounts.usage(customer).meters

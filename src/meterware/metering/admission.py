@@ -13,6 +13,7 @@ from typing import Literal
 
 from meterware.config import Meter, Plan
 from meterware.dimensions import REMAINDER, Pricing, base_of, filtered, pricing
+from meterware.metering.cache import LRUCache
 from meterware.metering.unsettled import Snapshot, Unsettled
 
 Reason = Literal[
@@ -188,8 +189,17 @@ def priced_holds(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -
 
 
 def hold_pricing(holds: tuple[MeterHold, ...]) -> Pricing:
-    """The :class:`~meterware.dimensions.Pricing` of what ``holds`` hold."""
-    return pricing(frozenset(hold.meter for hold in holds))
+    """The :class:`~meterware.dimensions.Pricing` of what ``holds`` hold (remembered by the holds'
+    identity: a call's holds are made once per plan and period, ``RequestCore.call_terms``)."""
+    known = _pricings.get(id(holds))
+    if known is None or known[0] is not holds:
+        # The holds are kept with their id, so the id names them while the entry lives.
+        known = (holds, pricing(frozenset(hold.meter for hold in holds)))
+        _pricings.put(id(holds), known)
+    return known[1]
+
+
+_pricings: LRUCache[int, tuple[tuple[MeterHold, ...], Pricing]] = LRUCache(10_000)
 
 
 def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:

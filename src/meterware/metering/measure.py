@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from meterware.config import MAX_CALL_COST, UNMATCHED_ROUTE, Config
-from meterware.dimensions import Pricing, base_of
+from meterware.dimensions import base_of
 from meterware.events import Outcome, bounded_method, bounded_route, make_row, new_event_id
 from meterware.metering.admission import (
     AdmitRequest,
@@ -56,8 +56,6 @@ class Measurer:
         self._calls_only = all(meter.source == "call" for meter in config.meters.values())
         #: Whether some meter has dimensions (only then are sub-meters carried and priced).
         self._dimensioned = any(meter.dimensions for meter in config.meters.values())
-        #: By the holds' identity: how an event's units price them (when ``_dimensioned``).
-        self._pricings: LRUCache[int, tuple[tuple[MeterHold, ...], Pricing]] = LRUCache(MEASURED_MAX_ENTRIES)
         #: By the holds' identity and the route weight (when ``_calls_only``).
         self._measured: LRUCache[tuple[int, int], Measured] = LRUCache(MEASURED_MAX_ENTRIES)
         self._reject_late_units = metrics.units_rejected.inc
@@ -165,13 +163,10 @@ class Measurer:
             if not self._dimensioned:
                 self._bound_cost(call, units, units)
                 return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
-            cached = self._pricings.get(id(holds))
-            if cached is None or cached[0] is not holds:
-                cached = (holds, hold_pricing(holds))
-                self._pricings.put(id(holds), cached)
-            priced = cached[1].units(units)
+            pricing = hold_pricing(holds)
+            priced = pricing.units(units)
             if self._bound_cost(call, units, priced):
-                priced = cached[1].units(units)
+                priced = pricing.units(units)
             return holds, units, settled_meters(holds, priced), unit_counts(units, self._additive)
         weight = self.routes.weight(call.path) if self.routes.weights else 1
         measured = (id(holds), weight)

@@ -210,13 +210,14 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
     yield timed_once("Metering.finish (event + settlement into the buffer)", finish, repeat)
 
 
-def tokens_bench(bench: Bench, dimensioned: bool) -> Bench:
-    """``bench`` with a ``tokens`` handler meter on its plan: one price, or (``dimensioned``) priced per
-    model with included units per model (the request path's dimensions)."""
+def tokens_bench(bench: Bench, dimensioned: bool, *, filters: bool = True) -> Bench:
+    """``bench`` with a ``tokens`` handler meter on its plan: one price, or (``dimensioned``) with
+    dimensions, priced per model with included units per model (unless not ``filters``)."""
     meter = Meter("tokens", "sum", "handler")
     terms = {"calls": bench.config.plan(PLAN).meters["calls"], "tokens": MeterTerms(price=2)}
     if dimensioned:
         meter = replace(meter, dimensions=(("model", ("small", "large")), ("direction", ("input", "output"))))
+    if dimensioned and filters:
         terms["tokens{model=small}"] = MeterTerms(included=1000, price=1)
         terms["tokens{model=large}"] = MeterTerms(included=100, price=10)
     plan = replace(bench.config.plan(PLAN), meters=terms)
@@ -238,6 +239,7 @@ def tokens_bench(bench: Bench, dimensioned: bool) -> Bench:
 def dimensions(bench: Bench, repeat: int) -> Iterator[Piece]:
     """A handler's tokens, with and without dimension values: reported, then measured at the end."""
     plain, priced = tokens_bench(bench, False), tokens_bench(bench, True)
+    declared = tokens_bench(bench, True, filters=False)
     usage = CallUsage(priced.config.meters)
     yield timed("CallUsage.add (no dimension values)", lambda: usage.add("tokens", 5), repeat)
     values = {"model": "large", "direction": "output"}
@@ -260,6 +262,9 @@ def dimensions(bench: Bench, repeat: int) -> Iterator[Piece]:
         return prepare
 
     yield timed_once("Metering.finish, tokens (no dimensions)", finish(plain, None), repeat)
+    yield timed_once(
+        "Metering.finish, tokens with dimensions, one price (2 values)", finish(declared, values), repeat
+    )
     yield timed_once("Metering.finish, tokens priced per model (no values)", finish(priced, None), repeat)
     yield timed_once("Metering.finish, tokens priced per model (2 values)", finish(priced, values), repeat)
 

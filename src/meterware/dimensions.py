@@ -145,11 +145,13 @@ class Pricing:
     """How an event's units price a set of names (meters, filters, remainders ``meter{}``): made once per
     set (:func:`pricing`), with each sub-meter's filter found once."""
 
-    __slots__ = ("_filters", "_remainders", "_routes", "names")
+    __slots__ = ("_filters", "_remainders", "_routes", "filtered", "names")
 
     def __init__(self, priced: frozenset[str]) -> None:
         self.names = tuple(sorted(priced))
         self._filters = _filters(priced)
+        #: Whether some name is a filter of values (else an event's units price the names as they are).
+        self.filtered = bool(self._filters)
         self._remainders = {
             meter: meter + REMAINDER for meter in self._filters if meter + REMAINDER in priced
         }

@@ -57,6 +57,8 @@ class CallUsage:
     late: Callable[[], object] | None = None
     #: The key the call was admitted with (read by :func:`current_call`).
     key: KeyInfo | None = None
+    #: Whether ``units`` holds sub-meters of dimension values (``tokens{model=large}``).
+    dimensioned: bool = False
 
     def add(self, meter: str, value: int | str, dimensions: Mapping[str, str] | None = None) -> None:
         """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value),
@@ -83,6 +85,7 @@ class CallUsage:
             self.add(meter, value)
             if self.rejected == rejected:  # the total took them
                 self.units[sub] = int(self.units.get(sub, 0)) + int(value)
+                self.dimensioned = True
             return
         if definition.aggregation == "unique":
             self.units[meter] = str(value)

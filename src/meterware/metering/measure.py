@@ -164,8 +164,8 @@ class Measurer:
                 self._bound_cost(call, units, units)
                 return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
             pricing = hold_pricing(holds)
-            priced = pricing.units(units)
-            if self._bound_cost(call, units, priced):
+            priced = pricing.units(units) if pricing.filtered else units
+            if self._bound_cost(call, units, priced) and pricing.filtered:
                 priced = pricing.units(units)
             return holds, units, settled_meters(holds, priced), unit_counts(units, self._additive)
         weight = self.routes.weight(call.path) if self.routes.weights else 1
@@ -204,7 +204,7 @@ class Measurer:
                     self._bad_usage_headers[name].warn(
                         "ignored usage header for meter %r: not a whole number", name
                     )
-        if self._dimensioned:
+        if call.usage.dimensioned:
             units.update((name, value) for name, value in call.usage.units.items() if "{" in name)
         return units
 

@@ -4,6 +4,7 @@ Redis and the cluster; undeclared values refused and counted; the rollup windows
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -268,6 +269,9 @@ class Setup:
         self.config = Config.from_dict(dimension_config(storage, spool_dir))
         self.accounts = Accounts.open(self.config)
         self.recorder = Recorder(self.config)
+        # Under the owner name memory:// uses for its in-process rollup (whose lease would otherwise keep
+        # the shards for a while); one worker for the whole test, for the same reason.
+        self.worker = RollupWorker(self.accounts.storage, self.config, owner=f"in-process-{os.getpid()}")
 
     def customer(self, plan: str, credits: str | None = None) -> str:
         customer_id = f"{plan}-{uuid.uuid4().hex[:8]}"
@@ -278,7 +282,7 @@ class Setup:
 
     def settle(self) -> None:
         self.recorder.flush()
-        RollupWorker(self.accounts.storage, self.config).drain()
+        self.worker.drain()
 
 
 @pytest.fixture(
@@ -393,7 +397,7 @@ def test_the_ingestion_endpoint_takes_dimension_values(setup: Setup) -> None:
     assert [entry["status"] for entry in results] == ["recorded", "recorded", "invalid"]
     assert "value 'huge' of dimension 'model' of meter 'tokens' is not declared" in results[2]["reason"]
     app.close()
-    RollupWorker(setup.accounts.storage, setup.config).drain()
+    setup.worker.drain()
     assert setup.accounts.balance(customer).balance == 10_000_000 - 3_000
     usage = setup.accounts.usage(customer).meters
     assert (usage["tokens"], usage["tokens{model=small}"], usage["tokens{model=large}"]) == (1850, 1500, 350)
@@ -479,3 +483,21 @@ def test_meterware_usage_and_invoice_show_each_value(
     out = capsys.readouterr().out
     assert "tokens{model=small}" in out
     assert "tokens{model=large}" in out
+
+
+def test_an_event_of_a_meter_with_dimensions_is_voided_not_amended(setup: Setup) -> None:
+    """Voiding takes back the meter and its values (windows and credits); amending is refused, since the
+    sub-meters and their prices would no longer add up."""
+    customer = setup.customer("models", credits="1")
+    done = setup.recorder.record(customer, {"tokens": 1000}, event_id="v", dimensions={"model": "large"})
+    setup.settle()
+    assert setup.accounts.balance(customer).balance == 1_000_000 - 9_000
+    with pytest.raises(UsageError, match="'tokens' has dimensions: void the event"):
+        setup.accounts.amend_event(
+            done.stream_event_id, units={"tokens": 5}, reason="x", customer_id=customer
+        )
+    setup.accounts.void_event(done.stream_event_id, reason="test", customer_id=customer)
+    setup.settle()
+    assert setup.accounts.balance(customer).balance == 1_000_000
+    usage = setup.accounts.usage(customer).meters
+    assert (usage["tokens"], usage.get("tokens{model=large}", 0)) == (0, 0)

@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -501,3 +503,26 @@ def test_an_event_of_a_meter_with_dimensions_is_voided_not_amended(setup: Setup)
     assert setup.accounts.balance(customer).balance == 1_000_000
     usage = setup.accounts.usage(customer).meters
     assert (usage["tokens"], usage.get("tokens{model=large}", 0)) == (0, 0)
+
+
+def test_concurrent_records_spend_exactly_the_credits_per_value(setup: Setup) -> None:
+    """200 concurrent records of 10 large tokens against 0.01 credits: the first 100 tokens are included,
+    then each record costs 10 x 10 = 100 micro-credits, so exactly 10 + 100 are recorded and 90 refused
+    (insufficient credits); the balance ends at 0, never below."""
+    customer = setup.customer("models", credits="0.01")
+
+    def one(index: int) -> str:
+        try:
+            setup.recorder.record(
+                customer, {"tokens": 10}, event_id=f"c-{index}", dimensions={"model": "large"}
+            )
+        except Refused as refused:
+            return refused.reason
+        return "recorded"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outcomes = Counter(pool.map(one, range(200)))
+    assert outcomes == {"recorded": 110, "insufficient_credits": 90}
+    setup.settle()
+    assert setup.accounts.balance(customer).balance == 0
+    assert setup.accounts.usage(customer).meters["tokens{model=large}"] == 1100

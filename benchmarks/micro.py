@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import statistics
 import sys
 import tempfile
@@ -25,8 +26,9 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from benchmarks._harness import OthersClock, RedisServer
-from benchmarks.apps import config_text, create_customer
+from benchmarks.apps import PLAN, config_text, create_customer
 from meterware import Accounts, Config, keys
+from meterware.config import Meter, MeterTerms
 from meterware.config._overrides import TermsVersion, dump_versions
 from meterware.events import (
     UsageEvent,
@@ -45,6 +47,7 @@ from meterware.rollup.aggregate import Fold, fold, parse_columns, parse_entry
 from meterware.storage import open_async_storage, open_storage
 from meterware.storage._admission import decision_from_reply
 from meterware.storage.base import Batch, Storage, Window, WindowTotals
+from meterware.usage import CallUsage
 
 BATCH = 1000
 #: Headers a typical client sends, the key among them.
@@ -215,6 +218,65 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
         return run
 
     yield timed_once("Metering.finish (event + settlement into the buffer)", finish, repeat)
+
+
+def tokens_bench(bench: Bench, dimensioned: bool, *, filters: bool = True) -> Bench:
+    """``bench`` with a ``tokens`` handler meter on its plan: one price, or (``dimensioned``) with
+    dimensions, priced per model with included units per model (unless not ``filters``)."""
+    meter = Meter("tokens", "sum", "handler")
+    terms = {"calls": bench.config.plan(PLAN).meters["calls"], "tokens": MeterTerms(price=2)}
+    if dimensioned:
+        meter = replace(meter, dimensions=(("model", ("small", "large")), ("direction", ("input", "output"))))
+    if dimensioned and filters:
+        terms["tokens{model=small}"] = MeterTerms(included=1000, price=1)
+        terms["tokens{model=large}"] = MeterTerms(included=100, price=10)
+    plan = replace(bench.config.plan(PLAN), meters=terms)
+    config = replace(
+        bench.config,
+        meters={**bench.config.meters, "tokens": meter},
+        plans={**bench.config.plans, PLAN: plan},
+    )
+    made = copy.copy(bench)
+    made.config = config
+    made.metering = Metering(config, registry=CollectorRegistry())
+    made.metering.core.keys.resolved(keys.hash_key(bench.plaintext), bench.key)
+    core = made.metering.core
+    made.request = core.admit_request(bench.key, core.call_terms(bench.key, "/v1/hello", time.time()))
+    made.decision = bench.storage.admit(made.request)
+    return made
+
+
+def dimensions(bench: Bench, repeat: int) -> Iterator[Piece]:
+    """A handler's tokens, with and without dimension values: reported, then measured at the end."""
+    plain, priced = tokens_bench(bench, False), tokens_bench(bench, True)
+    declared = tokens_bench(bench, True, filters=False)
+    usage = CallUsage(priced.config.meters)
+    yield timed("CallUsage.add (no dimension values)", lambda: usage.add("tokens", 5), repeat)
+    values = {"model": "large", "direction": "output"}
+    yield timed("CallUsage.add (two dimension values)", lambda: usage.add("tokens", 5, values), repeat)
+
+    def finish(made: Bench, values: dict[str, str] | None) -> Callable[[], Callable[[], int]]:
+        def prepare() -> Callable[[], int]:
+            calls = [made.call() for _ in range(BATCH)]
+            for call in calls:
+                call.usage.add("tokens", 1500, values)
+
+            def run() -> int:
+                for call in calls:
+                    made.metering.finish(call, "/v1/hello")
+                made.metering.batcher.buffer.take(len(calls))
+                return len(calls)
+
+            return run
+
+        return prepare
+
+    yield timed_once("Metering.finish, tokens (no dimensions)", finish(plain, None), repeat)
+    yield timed_once(
+        "Metering.finish, tokens with dimensions, one price (2 values)", finish(declared, values), repeat
+    )
+    yield timed_once("Metering.finish, tokens priced per model (no values)", finish(priced, None), repeat)
+    yield timed_once("Metering.finish, tokens priced per model (2 values)", finish(priced, values), repeat)
 
 
 def codec(bench: Bench, repeat: int) -> Iterator[Piece]:
@@ -402,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench("memory://micro", workdir)
         groups = [
             core(bench, repeat),
+            dimensions(bench, repeat),
             codec(bench, repeat),
             rollup(bench, repeat),
             storage("memory", bench, repeat),

@@ -88,7 +88,8 @@ class UsageEvent:
     outcome: Outcome
     duration_us: int
     ttfb_us: int
-    #: Units per meter; a ``unique`` meter holds the observed value (a string).
+    #: Units per meter; a ``unique`` meter holds the observed value (a string). A meter with dimensions
+    #: also has its units under one sub-meter of the values reported (``tokens{model=large}``).
     units: dict[str, int | str] = field(default_factory=dict)
     #: Whether the call is charged (successes; client errors if the policy says so).
     billable: bool = False

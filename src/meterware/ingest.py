@@ -9,10 +9,12 @@ Mounted inside a metered app, add its path to ``routes.exclude``: the operator's
 A ``POST`` with ``Authorization: Bearer <operator token>`` (``$METERWARE_ADMIN_TOKEN``, the portal's
 ``portal.admin_token_env``, or ``token=``; at least 32 characters) and a JSON body::
 
-    {"events": [{"event_id": "job-1", "customer": "acme", "units": {"tokens": 1200}}, ...]}
+    {"events": [{"event_id": "job-1", "customer": "acme", "units": {"tokens": 1200},
+                 "dimensions": {"model": "large"}}, ...]}
 
-records each event as :func:`meterware.record` does (the same admission, settlement, refusals and
-deduplication by ``event_id``) and answers ``202`` with one result per event, in order::
+(``dimensions`` optional: the values of the meters' dimensions) records each event as
+:func:`meterware.record` does (the same admission, settlement, refusals and deduplication by ``event_id``)
+and answers ``202`` with one result per event, in order::
 
     {"results": [{"event_id": "job-1", "status": "recorded", "event": "0190..."},
                  {"event_id": "job-2", "status": "duplicate"},
@@ -63,6 +65,7 @@ class Item:
     event_id: Any
     customer: Any
     units: Any
+    dimensions: Any = None
 
 
 class BadRequest(Exception):
@@ -87,7 +90,10 @@ def parse_batch(body: bytes) -> list[Item]:
         raise BadRequest(400, 'the body must be {"events": [{"event_id", "customer", "units"}, ...]}')
     if len(events) > MAX_EVENTS:
         raise BadRequest(413, f"at most {MAX_EVENTS} events per request")
-    return [Item(event.get("event_id"), event.get("customer"), event.get("units")) for event in events]
+    return [
+        Item(event.get("event_id"), event.get("customer"), event.get("units"), event.get("dimensions"))
+        for event in events
+    ]
 
 
 def _checked(item: Item) -> tuple[str, str, Mapping[str, int]]:
@@ -140,7 +146,7 @@ class _Ingest:
             return down
         try:
             customer, event_id, units = _checked(item)
-            return self.recorder.record(customer, units, event_id=event_id)
+            return self.recorder.record(customer, units, event_id=event_id, dimensions=item.dimensions)
         except (Refused, UsageError, StorageError) as error:
             return error
 
@@ -149,7 +155,7 @@ class _Ingest:
             return down
         try:
             customer, event_id, units = _checked(item)
-            return await self.recorder.arecord(customer, units, event_id=event_id)
+            return await self.recorder.arecord(customer, units, event_id=event_id, dimensions=item.dimensions)
         except (Refused, UsageError, StorageError) as error:
             return error
 

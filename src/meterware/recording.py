@@ -44,9 +44,18 @@ from types import TracebackType
 from typing import Any, Final
 
 from meterware.config import MAX_CALL_COST, Config, Plan, resolve_config
+from meterware.dimensions import base_of, canonical
 from meterware.errors import MeterwareError, UsageError
 from meterware.events import format_event_id, make_row, new_event_id
-from meterware.metering.admission import AdmitRequest, Decision, MeterHold, Reason, settled_meters
+from meterware.metering.admission import (
+    AdmitRequest,
+    Decision,
+    MeterHold,
+    Reason,
+    meter_holds,
+    priced_holds,
+    settled_meters,
+)
 from meterware.metering.batching import Pending
 from meterware.metering.facade import Metering, first_config
 from meterware.metering.flushers import ThreadFlusher
@@ -95,11 +104,16 @@ class Recorded:
     reserved_credits: int = 0
 
 
-def checked_units(config: Config, units: Mapping[str, int]) -> dict[str, int]:
-    """``units`` once every meter is one a record can add to and every value a whole number of units;
-    :class:`UsageError` naming the first that is not."""
+def checked_units(
+    config: Config, units: Mapping[str, int], dimensions: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """``units`` once every meter is one a record can add to and every value a whole number of units,
+    with each meter's sub-meter of ``dimensions`` if given; :class:`UsageError` naming the first that is
+    not (a dimension value the meter does not declare among them)."""
     if not isinstance(units, Mapping) or not units:
         raise UsageError("record() takes a non-empty mapping of meter name to units")
+    if dimensions is not None and not isinstance(dimensions, Mapping):
+        raise UsageError("record(): dimensions must be a mapping of dimension to value")
     checked: dict[str, int] = {}
     for meter, value in units.items():
         definition = config.meters.get(meter) if isinstance(meter, str) else None
@@ -113,7 +127,16 @@ def checked_units(config: Config, units: Mapping[str, int]) -> dict[str, int]:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < UNITS_LIMIT:
             raise UsageError(f"record(): units of meter {meter!r} must be an integer from 0 to 2^53-1")
         checked[meter] = value
+        if dimensions:
+            try:
+                checked[canonical(meter, definition.dimensions, dimensions.items())] = value
+            except ValueError as error:
+                raise DimensionRefused(f"record(): {error}") from None
     return checked
+
+
+class DimensionRefused(UsageError):
+    """A record named a dimension or value its meter does not declare (counted as rejected units)."""
 
 
 def checked_event_id(event_id: str) -> str:
@@ -126,29 +149,19 @@ def record_holds(
     key: KeyInfo, config: Config, units: Mapping[str, int], plan: Plan | None = None
 ) -> tuple[MeterHold, ...]:
     """What a record holds of each recorded meter the customer's terms (``plan``: default, those in force
-    now) limit or price: its exact units (known before admission, unlike a call's), so admission reserves
-    exactly what they cost."""
-    plan = plan or config.plan_for(key.customer)
-    holds = []
-    for meter, value in units.items():
-        terms = plan.meters.get(meter)
-        if terms is None or (terms.quota is None and not terms.price and not terms.included):
-            continue
-        holds.append(
-            MeterHold(
-                meter=meter,
-                quota=terms.quota if terms.quota is not None and terms.hard else -1,
-                included=terms.included,
-                price=terms.price if key.live else 0,
-                need=value,
-                hold=value,
-                exact=True,
-            )
-        )
-    cost = sum(hold.hold * hold.price for hold in holds)
+    now) limit or price (per filter of dimension values too): its exact units (known before admission,
+    unlike a call's), so admission reserves exactly what they cost."""
+    holds = meter_holds(plan or config.plan_for(key.customer), config.meters, 1, key.live)
+    priced = priced_holds(holds, units)
+    exact = tuple(
+        replace(hold, need=priced[hold.meter], hold=priced[hold.meter], exact=True)
+        for hold in holds
+        if base_of(hold.meter) in units
+    )
+    cost = sum(hold.hold * hold.price for hold in exact)
     if cost > MAX_CALL_COST:
         raise UsageError(f"record(): {cost} micro-credits are more than one record may cost")
-    return tuple(holds)
+    return exact
 
 
 def marker(event_id: str) -> str:
@@ -250,9 +263,17 @@ class Recorder:
 
     # -- the two twins -------------------------------------------------------------------------------
 
-    def record(self, customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
-        """Charge ``units`` to ``customer`` once per ``event_id`` (:class:`Refused`: they cannot be)."""
-        checked, event_id = checked_units(self.config, units), checked_event_id(event_id)
+    def record(
+        self,
+        customer: str,
+        units: Mapping[str, int],
+        *,
+        event_id: str,
+        dimensions: Mapping[str, str] | None = None,
+    ) -> Recorded:
+        """Charge ``units`` to ``customer`` once per ``event_id`` (:class:`Refused`: they cannot be), with
+        the values of the meters' ``dimensions``."""
+        checked, event_id = self._checked(units, dimensions), checked_event_id(event_id)
         storage = self.storage
         if not any(checked.values()):
             return Recorded(event_id, "", True)
@@ -277,9 +298,16 @@ class Recorder:
         finally:
             self._in_flight.settle(key, mine, queued)
 
-    async def arecord(self, customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
+    async def arecord(
+        self,
+        customer: str,
+        units: Mapping[str, int],
+        *,
+        event_id: str,
+        dimensions: Mapping[str, str] | None = None,
+    ) -> Recorded:
         """The asyncio twin of :meth:`record`."""
-        checked, event_id = checked_units(self.config, units), checked_event_id(event_id)
+        checked, event_id = self._checked(units, dimensions), checked_event_id(event_id)
         storage = self.async_storage()
         if not any(checked.values()):
             return Recorded(event_id, "", True)
@@ -305,6 +333,13 @@ class Recorder:
             self._in_flight.settle(key, mine, queued)
 
     # -- what both twins share -----------------------------------------------------------------------
+
+    def _checked(self, units: Mapping[str, int], dimensions: Mapping[str, str] | None) -> dict[str, int]:
+        try:
+            return checked_units(self.config, units, dimensions)
+        except DimensionRefused:
+            self.metering.metrics.units_rejected.inc()
+            raise
 
     def _request(self, customer: str, units: Mapping[str, int], key: KeyInfo | None) -> AdmitRequest:
         """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer)."""
@@ -359,7 +394,7 @@ class Recorder:
             request.period_start,
             "",
         )
-        settled = settled_meters(request.holds, units)
+        settled = settled_meters(request.holds, priced_holds(request.holds, units))
         settlement = Settlement(
             request.customer,
             request.live,
@@ -440,14 +475,19 @@ def default_recorder() -> Recorder:
         return _default
 
 
-def record(customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
-    """Charge ``units`` (meter name -> units) to ``customer`` once per ``event_id``, outside an HTTP call.
+def record(
+    customer: str, units: Mapping[str, int], *, event_id: str, dimensions: Mapping[str, str] | None = None
+) -> Recorded:
+    """Charge ``units`` (meter name -> units) to ``customer`` once per ``event_id``, outside an HTTP call,
+    with the values of the meters' ``dimensions`` (``{"model": "large"}``).
 
     Raises :class:`Refused` when the credits or a hard quota cannot cover them, ``UsageError`` for an
-    unknown meter or a bad value. See :class:`Recorder`."""
-    return default_recorder().record(customer, units, event_id=event_id)
+    unknown meter, a bad value or a dimension value the meter does not declare. See :class:`Recorder`."""
+    return default_recorder().record(customer, units, event_id=event_id, dimensions=dimensions)
 
 
-async def arecord(customer: str, units: Mapping[str, int], *, event_id: str) -> Recorded:
+async def arecord(
+    customer: str, units: Mapping[str, int], *, event_id: str, dimensions: Mapping[str, str] | None = None
+) -> Recorded:
     """The asyncio twin of :func:`record`."""
-    return await default_recorder().arecord(customer, units, event_id=event_id)
+    return await default_recorder().arecord(customer, units, event_id=event_id, dimensions=dimensions)

@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 from meterware.config import Meter
+from meterware.dimensions import named, warn_refused
 
 if TYPE_CHECKING:
     from meterware.metering.records import KeyInfo
@@ -56,9 +57,12 @@ class CallUsage:
     late: Callable[[], object] | None = None
     #: The key the call was admitted with (read by :func:`current_call`).
     key: KeyInfo | None = None
+    #: Whether ``units`` holds sub-meters of dimension values (``tokens{model=large}``).
+    dimensioned: bool = False
 
-    def add(self, meter: str, value: int | str) -> None:
-        """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value)."""
+    def add(self, meter: str, value: int | str, dimensions: Mapping[str, str] | None = None) -> None:
+        """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value),
+        and to its sub-meter of ``dimensions`` if given."""
         if self.late is not None:
             self.late()
             logger.warning("meterware: ignored usage for meter %r: reported after its call had ended", meter)
@@ -70,6 +74,19 @@ class CallUsage:
             logger.warning("meterware: ignored usage for meter %r: %s", meter, problem)
             return
         assert definition is not None
+        if dimensions:
+            try:
+                sub = named(meter, definition.dimensions, dimensions)
+            except ValueError as error:
+                self.rejected += 1
+                warn_refused(meter, str(error))
+                return
+            rejected = self.rejected
+            self.add(meter, value)
+            if self.rejected == rejected:  # the total took them
+                self.units[sub] = int(self.units.get(sub, 0)) + int(value)
+                self.dimensioned = True
+            return
         if definition.aggregation == "unique":
             self.units[meter] = str(value)
         elif definition.aggregation in ("count", "sum"):
@@ -144,13 +161,15 @@ class reporting_to:  # lower case, like contextlib.suppress: it reads as ``with 
         _current.reset(self._token)
 
 
-def add(meter: str, value: int | str) -> None:
-    """Report ``value`` units of ``meter`` for the call being handled."""
+def add(meter: str, value: int | str, **dimensions: str) -> None:
+    """Report ``value`` units of ``meter`` for the call being handled, with the values of the meter's
+    dimensions if it declares some (``usage.add("tokens", n, model="large")``: a value the meter does not
+    declare is refused and counted, never charged)."""
     usage = _current.get()
     if usage is None:
         logger.warning("meterware: usage.add(%r) outside a metered call was ignored", meter)
         return
-    usage.add(meter, value)
+    usage.add(meter, value, dimensions)
 
 
 def current() -> CallUsage | None:

@@ -23,6 +23,11 @@ import meterware
 CALLS: list[str] = []
 
 
+def report_tokens(body: dict[str, Any]) -> None:
+    """Report a chat body's tokens, with the dimension values it names if any."""
+    meterware.usage.add("tokens", body["tokens"], **body.get("dimensions", {}))
+
+
 def who_calls() -> dict[str, Any]:
     """What ``/v1/whoami`` answers: ``meterware.current_call()`` as JSON (``{}`` when there is none)."""
     call = meterware.current_call()
@@ -59,7 +64,7 @@ def starlette_app() -> Any:
     async def chat(request: StarletteRequest) -> JSONResponse:
         CALLS.append("chat")
         body = await request.json()
-        meterware.usage.add("tokens", body["tokens"])
+        report_tokens(body)
         return JSONResponse({"ok": True})
 
     def chat_sync(request: StarletteRequest) -> JSONResponse:
@@ -194,7 +199,7 @@ def fastapi_app() -> Any:
     async def chat(request: Request) -> dict[str, bool]:
         CALLS.append("chat")
         body = await request.json()
-        meterware.usage.add("tokens", body["tokens"])
+        report_tokens(body)
         return {"ok": True}
 
     @app.get("/v1/chat-sync")
@@ -281,7 +286,7 @@ def flask_app() -> Any:
     @app.post("/v1/chat")
     async def chat() -> Any:  # Flask runs async views through asgiref
         CALLS.append("chat")
-        meterware.usage.add("tokens", request.get_json()["tokens"])
+        report_tokens(request.get_json())
         return {"ok": True}
 
     @app.get("/v1/chat-sync")
@@ -368,7 +373,7 @@ def wsgi_app() -> Any:
     def chat(request: Request) -> Response:
         # The units are reported from a coroutine the handler runs: the call's context goes with it.
         async def generate() -> None:
-            meterware.usage.add("tokens", request.get_json()["tokens"])
+            report_tokens(request.get_json())
 
         asyncio.run(generate())
         return reply({"ok": True})
@@ -508,7 +513,7 @@ def django_urlpatterns(mode: Literal["sync", "async"]) -> list[Any]:
     @require_POST
     async def chat(request: HttpRequest) -> HttpResponse:
         CALLS.append("chat")
-        meterware.usage.add("tokens", json.loads(request.body)["tokens"])
+        report_tokens(json.loads(request.body))
         return JsonResponse({"ok": True})
 
     def chat_sync(request: HttpRequest) -> HttpResponse:

@@ -127,6 +127,14 @@ class ProviderServer(Serving):
             totals[key] = totals.get(key, 0) + event["value"]
         return totals
 
+    def totals_by_dimensions(self) -> dict[tuple[str, str, tuple[tuple[str, Any], ...]], int]:
+        """Values received per customer, event name and dimension values (sorted)."""
+        totals: dict[tuple[str, str, tuple[tuple[str, Any], ...]], int] = {}
+        for event in self.events.values():
+            key = (event["customer"], event["name"], tuple(sorted(event.get("dimensions", {}).items())))
+            totals[key] = totals.get(key, 0) + event["value"]
+        return totals
+
     def ids(self) -> list[str]:
         return sorted(event["id"] for event in self.events.values())
 
@@ -202,13 +210,17 @@ class StripeServer(ProviderServer):
         value = form.get("payload[value]", "")
         if not re.fullmatch(r"-?\d{1,15}", value):
             raise Invalid(f"payload[value] must be a whole number of at most 15 digits, got {value!r}")
-        if set(form) - {
-            "event_name",
-            "identifier",
-            "timestamp",
-            "payload[stripe_customer_id]",
-            "payload[value]",
-        }:
+        dimensions = {
+            key[8:-1]: text
+            for key, text in form.items()
+            if re.fullmatch(r"payload\[[A-Za-z0-9_.-]+\]", key)
+            and key not in ("payload[stripe_customer_id]", "payload[value]")
+        }
+        if (
+            set(form)
+            - {"event_name", "identifier", "timestamp", "payload[stripe_customer_id]", "payload[value]"}
+            - {f"payload[{key}]" for key in dimensions}
+        ):
             raise Invalid(f"unexpected parameters {sorted(form)}")
         if customer in self.refuse_customers:
             # Stripe keeps no idempotent result for a request that failed validation.
@@ -220,6 +232,7 @@ class StripeServer(ProviderServer):
                     "customer": customer,
                     "name": name,
                     "value": int(value),
+                    "dimensions": dimensions,
                 }
             body = {"object": "billing.meter_event", "event_name": name, "identifier": identifier}
             answer = Answer(
@@ -270,7 +283,13 @@ class DodoServer(ProviderServer):
             if customer in self.refuse_customers:
                 return Answer(422, {"code": "INVALID_REQUEST", "message": f"customer {customer} not found"})
             parsed.append(
-                {"id": event["event_id"], "customer": customer, "name": name, "value": metadata["value"]}
+                {
+                    "id": event["event_id"],
+                    "customer": customer,
+                    "name": name,
+                    "value": metadata["value"],
+                    "dimensions": {key: text for key, text in metadata.items() if key != "value"},
+                }
             )
         fresh = [event for event in parsed if event["id"] not in self.events]
         for event in fresh:
@@ -315,7 +334,13 @@ class OpenMeterServer(ProviderServer):
             parsed.append(
                 (
                     (event_id, source),
-                    {"id": event_id, "customer": subject, "name": name, "value": data["value"]},
+                    {
+                        "id": event_id,
+                        "customer": subject,
+                        "name": name,
+                        "value": data["value"],
+                        "dimensions": {key: text for key, text in data.items() if key != "value"},
+                    },
                 )
             )
         for key, event in parsed:
@@ -357,7 +382,13 @@ class LagoServer(ProviderServer):
             parsed.append(
                 (
                     key,
-                    {"id": transaction, "customer": subscription, "name": code, "value": properties["value"]},
+                    {
+                        "id": transaction,
+                        "customer": subscription,
+                        "name": code,
+                        "value": properties["value"],
+                        "dimensions": {key: text for key, text in properties.items() if key != "value"},
+                    },
                 )
             )
         if errors:

@@ -11,7 +11,9 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from werkzeug.test import Client
@@ -32,7 +34,8 @@ NAMES = {"calls": "api_calls", "tokens": "llm_tokens"}
 
 
 def tokens_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    usage.add("tokens", int(environ.get("QUERY_STRING", "").removeprefix("tokens=") or 0))
+    query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+    usage.add("tokens", int(query.pop("tokens", 0)), **query)  # the rest: dimension values
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ok"]
 
@@ -69,12 +72,13 @@ class World:
             self.accounts.set_external_id(name, self.provider, external)
         self.keys[name] = self.accounts.create_key(name).plaintext
 
-    def calls(self, name: str, count: int, tokens: int) -> None:
+    def calls(self, name: str, count: int, tokens: int, query: str = "") -> None:
         client = Client(self.app)
         for _ in range(count):
             headers = {"X-API-Key": self.keys[name]}
             # Buffered: the body is read to the end and the response closed, which ends the call.
-            response = client.get(f"/v1/chat?tokens={tokens}", headers=headers, buffered=True)
+            path = f"/v1/chat?tokens={tokens}{query}"
+            response = client.get(path, headers=headers, buffered=True)
             assert response.status_code == 200
         self.app.drain()
         self.worker.drain()
@@ -130,6 +134,39 @@ def test_exports_each_meter_of_each_window_once_in_the_documented_shape(world: W
     assert f"mw:acme:tokens:hour:{start}" in world.server.ids()
     assert (len(report.sent), report.unmapped, report.rejected, report.too_late) == (4, 1, {}, [])
     assert report.requests == (4 if world.provider == "stripe" else 1)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_dimension_values_are_sent_as_the_provider_s_properties(provider: str) -> None:
+    """One event per sub-meter with its values as properties (Stripe payload, OpenMeter data, Lago
+    properties, Dodo metadata), and the units reported without values under the meter: they add up to the
+    window's total; a later value is sent as its own event, nothing twice."""
+    with SERVERS[provider](time.time()) as server:
+        config = make_config(f"memory://export-{uuid.uuid4().hex}", provider, server.url)
+        meters = dict(config.meters)
+        meters["tokens"] = replace(meters["tokens"], dimensions=(("model", ("small", "large")),))
+        world = World(replace(config, meters=meters), server)
+        world.customer("acme", "ext_acme")
+        world.calls("acme", 2, tokens=10, query="&model=large")
+        world.calls("acme", 1, tokens=4, query="&model=small")
+        world.calls("acme", 1, tokens=3)
+        world.export()
+        world.calls("acme", 1, tokens=5, query="&model=small")
+        world.export()
+        assert server.invalid == []
+        assert {
+            key: total for key, total in server.totals_by_dimensions().items() if key[1] == "llm_tokens"
+        } == {
+            ("ext_acme", "llm_tokens", (("model", "large"),)): 20,
+            ("ext_acme", "llm_tokens", (("model", "small"),)): 9,
+            ("ext_acme", "llm_tokens", ()): 3,
+        }
+        start = hour_start()
+        assert {
+            f"mw:acme:tokens{{model=large}}:hour:{start}",
+            f"mw:acme:tokens{{model=small}}:hour:{start}:r2",
+            f"mw:acme:tokens:hour:{start}",
+        } <= set(server.ids())
 
 
 def test_a_second_run_sends_nothing(world: World) -> None:
@@ -369,6 +406,7 @@ def test_report_as_dict_keeps_field_order() -> None:
         ("start", 100),
         ("timestamp", 199),
         ("revision", 2),
+        ("dimensions", {}),
     ]
     assert list(record.as_dict().items()) == record_data
     assert list(report.as_dict().items()) == [

@@ -253,6 +253,8 @@ def correct_event(
                     raise UsageError(
                         f"units: {name!r} is not a sum meter (void the event to take a call back)"
                     )
+                if meter.dimensions:  # its sub-meters and their prices would no longer add up
+                    raise UsageError(f"units: {name!r} has dimensions: void the event and record it again")
                 if type(value) is not int or not 0 <= value < MAX_VALUE:
                     raise UsageError(f"units: {name} must be a whole number from 0, got {value!r}")
                 amended[name] = value

@@ -221,7 +221,7 @@ class _Snapshot:
 
 def _usage(storage: Storage, customer: str, start: int, prices: PlanPrices) -> tuple[dict[str, int], int]:
     totals = storage.read_usage(customer, True, "period", start)
-    return {meter: totals.get(meter, 0) for meter in prices.meters}, totals.get("spend", 0)
+    return prices.quantities(totals), totals.get("spend", 0)
 
 
 def _adjustments(

@@ -25,6 +25,7 @@ from decimal import ROUND_HALF_UP, Context, Decimal, Inexact, InvalidOperation, 
 from typing import Any, Final, Literal
 
 from meterware.billing._asdict import fields_dict
+from meterware.dimensions import REMAINDER, filtered, priced_units
 from meterware.errors import ConfigError
 
 PriceModel = Literal["unit", "package", "graduated", "volume"]
@@ -365,6 +366,17 @@ class PlanPrices:
     @property
     def decimals(self) -> int:
         return minor_unit(self.currency)
+
+    def quantities(self, totals: Mapping[str, int]) -> dict[str, int]:
+        """The units each price applies to, from a window's totals (meters and their sub-meters): a filter
+        of dimension values (``tokens{model=large}``) takes the sub-meters it prices (the most specific
+        filter that matches), and its meter the units no filter prices (:mod:`meterware.dimensions`)."""
+        names = frozenset(self.meters)
+        split = filtered(names)
+        if not split:
+            return {meter: int(totals.get(meter, 0)) for meter in self.meters}
+        priced = priced_units(totals, names | {meter + REMAINDER for meter in split})
+        return {meter: priced[meter + REMAINDER if meter in split else meter] for meter in self.meters}
 
     def lines(self, quantities: Mapping[str, int]) -> list[Line]:
         """The lines of one period: the base fee, one per priced meter, and the minimum if it lifts them."""

@@ -33,10 +33,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
                 f"--period must be current, previous or a date like 2026-11-01, got {args.period!r}"
             ) from None
     report = accounts.usage(args.customer, live=not args.test, at=at)
+    width = max([20, *map(len, report.meters)])  # sub-meters (``tokens{model=large}``) are longer
     lines = [
         f"{report.customer} ({'live' if report.live else 'test'}) "
         f"{utc_time(report.period_start)} .. {utc_time(report.period_end)}",
-        *(f"  {meter:<20} {value:>14}" for meter, value in report.meters.items()),
+        *(f"  {meter:<{width}} {value:>14}" for meter, value in report.meters.items()),
         "  calls: " + ", ".join(f"{outcome} {count}" for outcome, count in report.calls.items()),
         *_refusals_line(report.refusals),
         f"  spend: {format_credits(report.spend)} credits",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from typing import Any, Final, get_args
@@ -32,6 +33,16 @@ from meterware.config._sections import (
     Rollup,
 )
 from meterware.config._table import Section, check_name, shown_url, toml_key
+from meterware.dimensions import (
+    MAX_SUBMETERS,
+    Dimensions,
+    base_of,
+    canonical,
+    count_submeters,
+    filtered,
+    split,
+    submeter,
+)
 from meterware.errors import ConfigError
 from meterware.storage import check_url
 from meterware.storage.base import ReplicaWait
@@ -95,8 +106,67 @@ def parse_meter(name: str, raw: Any) -> Meter:
         raise ConfigError(
             section.name("reserve"), "only value meters hold an estimate; calls hold their weight"
         )
+    dimensions = parse_dimensions(section, aggregation, source)
     section.done()
-    return Meter(name, aggregation, source, reserve)  # type: ignore[arg-type]  # choice() checked it
+    return Meter(name, aggregation, source, reserve, dimensions)  # type: ignore[arg-type]  # choice() checked it
+
+
+def parse_dimensions(section: Section, aggregation: str, source: str) -> Dimensions:
+    """A meter's ``dimensions`` table: dimension -> its declared values, bounded by MAX_SUBMETERS."""
+    table = section.section("dimensions")
+    if not table.data:
+        return ()
+    if aggregation != "sum" or source != "handler":
+        raise ConfigError(table.path, "only a 'sum' meter with source 'handler' is grouped by dimensions")
+    dimensions = []
+    for key in table.data:
+        values = table.strings(check_name(key, table.name(key)), ())
+        for value in values:
+            check_name(value, table.name(key))
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(table.name(key), "must list its values, each once")
+        dimensions.append((key, values))
+    table.done()
+    if count_submeters(tuple(dimensions)) > MAX_SUBMETERS:
+        raise ConfigError(
+            table.path,
+            f"makes {count_submeters(tuple(dimensions))} combinations of values (each dimension also left "
+            f"out); at most {MAX_SUBMETERS}",
+        )
+    return tuple(dimensions)
+
+
+def parse_filter(where: str, name: str, meters: Mapping[str, Meter]) -> str:
+    """A plan's terms key naming dimension values of a meter (``tokens{model=large}``), canonical."""
+    try:
+        base, pairs = split(name)
+        meter = meters.get(base)
+        if meter is None or not meter.dimensions:
+            raise ValueError(f"{base!r} is not a meter with dimensions")
+        if len(dict(pairs)) != len(pairs):
+            raise ValueError("names a dimension twice")
+        return canonical(base, meter.dimensions, pairs)
+    except ValueError as error:
+        raise ConfigError(where, str(error)) from None
+
+
+def check_filters(plan: str, terms: Mapping[str, MeterTerms], meters: Mapping[str, Meter]) -> None:
+    """Refuse filters of a plan that would price one sub-meter equally specifically."""
+    priced = frozenset(name for name in terms if "{" in name)
+    for base in filtered(priced):
+        dimensions = meters[base].dimensions
+        choices = [[(key, value) for value in values] + [None] for key, values in dimensions]
+        for combination in itertools.product(*choices):
+            own = frozenset(pair for pair in combination if pair is not None)
+            matches = [name for name in priced if base_of(name) == base and set(split(name)[1]) <= own]
+            widest = max((len(split(name)[1]) for name in matches), default=0)
+            tied = sorted(name for name in matches if len(split(name)[1]) == widest)
+            if len(tied) > 1:
+                raise ConfigError(
+                    f"plans.{toml_key(plan)}.meters",
+                    f"{tied[0]!r} and {tied[1]!r} both price {submeter(base, filter(None, combination))!r}: "
+                    f"give terms for it (the most specific filter wins)",
+                )
 
 
 def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
@@ -114,7 +184,9 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     for meter_name, meter_raw in meter_tables.data.items():
         meter_tables.seen.add(meter_name)
         where = meter_tables.name(meter_name)
-        if meter_name not in meters:
+        if "{" in meter_name:
+            meter_name = parse_filter(where, meter_name, meters)
+        elif meter_name not in meters:
             known = ", ".join(sorted(meters))
             raise ConfigError(where, f"names no meter defined under [meters] (known: {known})")
         table = Section(meter_raw, where)
@@ -129,13 +201,16 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         price = parse_credits(table.data["price"], table.name("price")) if "price" in table.data else 0
         pricing = parse_price(table.data, where, included=included, prepaid=prepaid)
         table.done()
-        if not meters[meter_name].chargeable:
-            aggregation = meters[meter_name].aggregation
+        if "{" in meter_name and quota is not None:
+            raise ConfigError(table.name("quota"), "a quota counts all values: give it to the meter")
+        if not meters[base_of(meter_name)].chargeable:
+            aggregation = meters[base_of(meter_name)].aggregation
             model = "package" if "package" in table.data else "tiers"
             for name, value in (("quota", quota), ("included", included), ("price", price), (model, pricing)):
                 if value:
                     raise ConfigError(table.name(name), f"a '{aggregation}' meter cannot carry a {name}")
         terms[meter_name] = MeterTerms(quota, hard, included, price, pricing)
+    check_filters(name, terms, meters)
     currency = parse_currency(section.get("currency", str, DEFAULT_CURRENCY), section.name("currency"))
     section.seen.update(("base_fee", "minimum"))
     base_fee, minimum = (
@@ -151,7 +226,7 @@ def check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], hea
         costs = {
             name: terms.price * (heaviest if meters[name].aggregation == "sum" else 1)
             for name, terms in plan.meters.items()
-            if meters[name].source == "call"
+            if meters[base_of(name)].source == "call"
         }
         total = sum(costs.values())
         if total > MAX_CALL_COST:
@@ -419,6 +494,14 @@ def parse_export(root: Section, meters: Mapping[str, Meter]) -> dict[str, Export
         for key in ("settle_seconds", "recheck_seconds"):
             if getattr(targets[provider], key) < 0:
                 raise ConfigError(section.name(key), "must not be negative")
+        taken = {targets[provider].value_key, targets[provider].customer_key}
+        for meter in names:
+            clash = taken.intersection(dimension for dimension, _ in meters[meter].dimensions)
+            if clash:
+                raise ConfigError(
+                    section.name("meters"),
+                    f"meter {meter!r} has a dimension named {clash.pop()!r}, a key the events already use",
+                )
         section.done()
     return targets
 

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Final, Literal
 
 from meterware.billing.pricing import DEFAULT_CURRENCY, PlanPrices, Price
+from meterware.dimensions import Dimensions
 
 __all__ = [
     "DEFAULT_KEY_HEADERS",
@@ -53,6 +54,8 @@ class Meter:
     source: str = "call"
     #: Units held at admission for a value meter whose size is known only at the end of the call.
     reserve: int = 0
+    #: The dimensions its units are grouped by, each with its declared values (:mod:`meterware.dimensions`).
+    dimensions: Dimensions = ()
 
     @property
     def chargeable(self) -> bool:
@@ -89,7 +92,8 @@ class RateLimit:
 
 @dataclass(frozen=True, slots=True)
 class MeterTerms:
-    """What a plan grants and charges for one meter, per billing period."""
+    """What a plan grants and charges for one meter (or one filter of its dimension values, e.g.
+    ``tokens{model=large}``: no quota then), per billing period."""
 
     quota: int | None = None
     #: A hard quota refuses calls once used up; a soft one only reports the overage.

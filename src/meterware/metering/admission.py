@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meterware.config import Meter, Plan
+from meterware.dimensions import REMAINDER, Pricing, base_of, filtered, pricing
+from meterware.metering.cache import LRUCache
 from meterware.metering.unsettled import Snapshot, Unsettled
 
 Reason = Literal[
@@ -125,24 +127,26 @@ class Decision:
 def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool) -> tuple[MeterHold, ...]:
     """What a call of ``weight`` units holds of each meter the plan limits or prices."""
     holds = []
+    split = filtered(frozenset(plan.meters))
     for name, terms in plan.meters.items():
         if terms.quota is None and not terms.price and not terms.included:
             continue
-        meter = meters[name]
+        meter = meters[base_of(name)]
         is_call = meter.source == "call"
         units = call_units(meter, weight)
-        holds.append(
-            MeterHold(
-                meter=name,
-                quota=terms.quota if terms.quota is not None and terms.hard else -1,
-                included=terms.included,
-                price=terms.price if live else 0,
-                # A value meter's size is unknown until the end: admit while one unit is left.
-                need=units if is_call else 1,
-                hold=units if is_call else meter.reserve,
-                exact=is_call,
-            )
-        )
+        quota = terms.quota if terms.quota is not None and terms.hard else -1
+        price = terms.price if live else 0
+        # A value meter's size is unknown until the end: admit while one unit is left.
+        need, hold = (units, units) if is_call else (1, meter.reserve)
+        if "{" in name:  # a filter of dimension values: what the call reports (its meter holds the estimate)
+            holds.append(MeterHold(name, -1, terms.included, price, 1, 0, exact=False))
+        elif name in split:  # its quota counts every value; its included units and price the others
+            if terms.quota is not None:
+                holds.append(MeterHold(name, quota, 0, 0, need, hold, is_call))
+            if terms.price or terms.included:
+                holds.append(MeterHold(name + REMAINDER, -1, terms.included, price, 1, hold, exact=False))
+        else:
+            holds.append(MeterHold(name, quota, terms.included, price, need, hold, is_call))
     return tuple(holds)
 
 
@@ -173,8 +177,29 @@ SettledMeters = tuple[tuple[str, int, int, int], ...]
 
 
 def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> SettledMeters:
-    """What a call's settlement charges of each held meter: ``(meter, units, price, included)``."""
+    """What a call's settlement charges of each held meter: ``(meter, units, price, included)``.
+
+    ``units`` as the event holds them; with dimensions, :func:`priced_holds` first."""
     return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+
+
+def priced_holds(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> dict[str, int]:
+    """The units of each held meter, filter of dimension values and remainder (:func:`priced_units`)."""
+    return hold_pricing(holds).units(units)
+
+
+def hold_pricing(holds: tuple[MeterHold, ...]) -> Pricing:
+    """The :class:`~meterware.dimensions.Pricing` of what ``holds`` hold (remembered by the holds'
+    identity: a call's holds are made once per plan and period, ``RequestCore.call_terms``)."""
+    known = _pricings.get(id(holds))
+    if known is None or known[0] is not holds:
+        # The holds are kept with their id, so the id names them while the entry lives.
+        known = (holds, pricing(frozenset(hold.meter for hold in holds)))
+        _pricings.put(id(holds), known)
+    return known[1]
+
+
+_pricings: LRUCache[int, tuple[tuple[MeterHold, ...], Pricing]] = LRUCache(10_000)
 
 
 def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from meterware.config import MAX_CALL_COST, UNMATCHED_ROUTE, Config
+from meterware.dimensions import base_of
 from meterware.events import Outcome, bounded_method, bounded_route, make_row, new_event_id
 from meterware.metering.admission import (
     AdmitRequest,
@@ -14,6 +15,7 @@ from meterware.metering.admission import (
     Reason,
     SettledMeters,
     call_units,
+    hold_pricing,
     holds_full_price,
     settled_meters,
 )
@@ -52,6 +54,8 @@ class Measurer:
         self._additive = frozenset(name for name, meter in config.meters.items() if meter.chargeable)
         #: Whether every meter counts calls (a call's units then follow from its holds alone).
         self._calls_only = all(meter.source == "call" for meter in config.meters.values())
+        #: Whether some meter has dimensions (only then are sub-meters carried and priced).
+        self._dimensioned = any(meter.dimensions for meter in config.meters.values())
         #: By the holds' identity and the route weight (when ``_calls_only``).
         self._measured: LRUCache[tuple[int, int], Measured] = LRUCache(MEASURED_MAX_ENTRIES)
         self._reject_late_units = metrics.units_rejected.inc
@@ -156,8 +160,14 @@ class Measurer:
         holds = call.request.holds
         if not self._calls_only:
             units = self._units(call, ended_ns)
-            self._bound_cost(call, units)
-            return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
+            if not self._dimensioned:
+                self._bound_cost(call, units, units)
+                return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
+            pricing = hold_pricing(holds)
+            priced = pricing.units(units) if pricing.filtered else units
+            if self._bound_cost(call, units, priced) and pricing.filtered:
+                priced = pricing.units(units)
+            return holds, units, settled_meters(holds, priced), unit_counts(units, self._additive)
         weight = self.routes.weight(call.path) if self.routes.weights else 1
         measured = (id(holds), weight)
         known = self._measured.get(measured)
@@ -194,18 +204,27 @@ class Measurer:
                     self._bad_usage_headers[name].warn(
                         "ignored usage header for meter %r: not a whole number", name
                     )
+        if call.usage.dimensioned:
+            units.update((name, value) for name, value in call.usage.units.items() if "{" in name)
         return units
 
-    def _bound_cost(self, call: Call, units: dict[str, int | str]) -> None:
-        """Ignore priced value units that would take the call past :data:`MAX_CALL_COST`."""
+    def _bound_cost(self, call: Call, units: dict[str, int | str], priced: Mapping[str, int | str]) -> bool:
+        """Ignore priced value units that would take the call past :data:`MAX_CALL_COST` (``priced``: the
+        units of each hold, :func:`priced_holds`); whether some were."""
         holds = call.request.holds
         cost = sum(hold.hold * hold.price for hold in holds if hold.exact)  # the call's own price
+        ignored = False
         for hold in holds:
-            value = units.get(hold.meter)
-            if hold.exact or not hold.price or not isinstance(value, int):
+            value = priced.get(hold.meter)
+            if hold.exact or not hold.price or not isinstance(value, int) or not value:
                 continue
+            meter = base_of(hold.meter)
+            if ignored and meter not in units:
+                continue  # its units were ignored already
             if cost + value * hold.price > MAX_CALL_COST:
-                del units[hold.meter]
+                for name in [name for name in units if base_of(name) == meter]:
+                    del units[name]  # with its sub-meters: a meter's units are taken whole
+                ignored = True
                 call.usage.rejected += 1
                 logger.warning(
                     "meterware: ignored usage for meter %r: %d units would cost more than one call may",
@@ -214,6 +233,7 @@ class Measurer:
                 )
             else:
                 cost += value * hold.price
+        return ignored
 
     def _settlement(self, call: Call, billable: bool, settled: SettledMeters) -> Settlement:
         """How a finished call's reservation is settled.

@@ -64,7 +64,8 @@ class UsagePoint:
 
     #: The window's start, epoch seconds (UTC-aligned).
     start: int
-    #: Totals per configured meter (billable calls only); 0 when never written.
+    #: Totals per configured meter (billable calls only; 0 when never written), then per sub-meter of
+    #: dimension values written (``tokens{model=large}``).
     meters: dict[str, int]
     #: Calls per outcome, in ``OUTCOMES`` order.
     calls: dict[str, int]
@@ -185,6 +186,8 @@ class Usage(AccountsBase):
         refused = ((reason, totals.get(refusal_field(reason), 0)) for reason in REFUSAL_REASONS)
         refusals = {reason: number for reason, number in refused if number}
         meters = {name: totals.get(name, 0) for name in self.config.meters}
+        # Per dimension value too: the sub-meters the window holds (declared values only, so bounded).
+        meters.update(sorted((name, value) for name, value in totals.items() if "{" in name))
         return UsagePoint(start, meters, calls, refusals, totals.get("spend", 0))
 
     def pending_events(self, customer_id: str) -> tuple[int, bool]:

@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 
 from meterware.billing._asdict import fields_dict
 from meterware.config import EXPORT_PROVIDERS, Config, ExportTarget
+from meterware.dimensions import base_of, split
 from meterware.errors import MeterwareError
 from meterware.rollup.aggregate import WINDOW_TTLS
 from meterware.storage.base import ExportMark, Storage
@@ -91,6 +92,9 @@ class UsageRecord:
     #: The event's time, epoch seconds: the window's last second, so it falls inside the window.
     timestamp: int
     revision: int
+    #: The values of the meter's dimensions (``meter`` is then a sub-meter, ``tokens{model=large}``),
+    #: sent as the provider's properties next to the value; none for units reported without values.
+    dimensions: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return fields_dict(self)
@@ -247,6 +251,7 @@ def export_usage(
         exporter = open_exporter(target)
     try:
         run = _Run(target, storage, exporter, dry_run, time.time() if now is None else now, sleep)
+        run.dimensioned = frozenset(meter for meter in target.meters if config.meters[meter].dimensions)
         for chunk in _chunks(list(customers or storage.list_customers()), CUSTOMERS_PER_ROUND):
             run.round(chunk, since, until)
         return run.report
@@ -283,6 +288,8 @@ class _Run:
         self.max_age = target.max_age_seconds if target.max_age_seconds is not None else documented
         self.max_batch = min(target.batch_size or 10**9, exporter.max_batch if exporter else 10**9)
         self.id_limit = None if exporter is None else exporter.max_id_length
+        #: Meters sent per sub-meter of dimension values.
+        self.dimensioned: frozenset[str] = frozenset()
 
     # -- which windows
 
@@ -349,10 +356,10 @@ class _Run:
         marks = self.storage.read_export_marks(target.provider, customer, target.window, starts)
         pending: list[_Pending] = []
         for window_start in starts:
-            for meter, name in target.meters.items():
-                total = usage[window_start].get(meter, 0)
-                mark = marks.get(window_start, {}).get(meter)
-                record = self._record(customer, external, meter, name, window_start, total, mark)
+            marked = marks.get(window_start, {})
+            for meter, name, total, dimensions in self._totals(usage[window_start], marked):
+                mark = marked.get(meter)
+                record = self._record(customer, external, meter, name, window_start, total, mark, dimensions)
                 if record is None:
                     continue
                 if mark is not None and not mark.confirmed:
@@ -372,6 +379,23 @@ class _Run:
                 pending.append(_Pending(record, mark, new_mark))
         return pending
 
+    def _totals(
+        self, totals: Mapping[str, int], marked: Mapping[str, object]
+    ) -> Iterator[tuple[str, str, int, dict[str, str]]]:
+        """Per exported (sub-)meter of a window: its name, the provider's event name, its total, its
+        dimension values. A meter with dimensions is sent per sub-meter, and its units reported without
+        values under its own name (so windows sent before it had dimensions are not sent again)."""
+        for meter, name in self.target.meters.items():
+            if meter not in self.dimensioned:
+                yield meter, name, totals.get(meter, 0), {}
+                continue
+            found = {sub for sub in (*totals, *marked) if "{" in sub and base_of(sub) == meter}
+            subs = 0
+            for sub in sorted(found):
+                subs += totals.get(sub, 0)
+                yield sub, name, totals.get(sub, 0), dict(split(sub)[1])
+            yield meter, name, totals.get(meter, 0) - subs, {}
+
     def _record(
         self,
         customer: str,
@@ -381,6 +405,7 @@ class _Run:
         start: int,
         total: int,
         mark: ExportMark | None,
+        dimensions: dict[str, str],
     ) -> UsageRecord | None:
         window = self.target.window
         if mark is not None and not mark.confirmed:
@@ -404,7 +429,7 @@ class _Run:
         identifier = event_id(customer, meter, window, start, revision, self.id_limit)
         timestamp = start + self.length - 1
         return UsageRecord(
-            identifier, customer, external, meter, name, value, window, start, timestamp, revision
+            identifier, customer, external, meter, name, value, window, start, timestamp, revision, dimensions
         )
 
     def _save(self, items: Sequence[_Pending], mark_of: Callable[[_Pending], ExportMark | None]) -> None:

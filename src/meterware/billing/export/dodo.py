@@ -63,7 +63,7 @@ class DodoExporter:
             "customer_id": record.external_id,
             "event_name": record.name,
             "timestamp": datetime.fromtimestamp(record.timestamp, UTC),
-            "metadata": {self.target.value_key: record.value},
+            "metadata": {**record.dimensions, self.target.value_key: record.value},
         }
 
     def send(self, records: Sequence[UsageRecord]) -> SendResult:

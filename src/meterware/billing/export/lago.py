@@ -83,7 +83,7 @@ class LagoExporter:
             code=record.name,
             timestamp=record.timestamp,
             precise_total_amount_cents=None,
-            properties={self.target.value_key: record.value},
+            properties={**record.dimensions, self.target.value_key: record.value},
         )
 
     def send(self, records: Sequence[UsageRecord]) -> SendResult:

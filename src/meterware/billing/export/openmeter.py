@@ -58,7 +58,7 @@ class OpenMeterExporter:
             "subject": record.external_id,
             "time": when,
             "datacontenttype": "application/json",
-            "data": {self.target.value_key: record.value},
+            "data": {**record.dimensions, self.target.value_key: record.value},
         }
 
     def send(self, records: Sequence[UsageRecord]) -> SendResult:

@@ -71,6 +71,7 @@ class StripeExporter:
             "timestamp": record.timestamp,
             "payload": {
                 self.target.customer_key: record.external_id,
+                **record.dimensions,
                 self.target.value_key: str(record.value),
             },
         }

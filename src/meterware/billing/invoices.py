@@ -309,25 +309,28 @@ def _terms_note(version: TermsVersion | None) -> str:
 
 
 def _part_usage(
-    storage: Storage, customer: str, parts: list[_Part], usage: Mapping[str, int]
+    storage: Storage, customer: str, parts: list[_Part], totals: Mapping[str, int]
 ) -> list[dict[str, int]]:
-    """Each part's usage: the rollup's hour windows for every part but the last, which gets the rest of the
-    period's. An hour that starts before the period (its anchor is not on the hour) is not read: its
-    usage in the period is priced with the last part's."""
+    """Each part's units per price, from the period's ``totals`` (meters and sub-meters): the rollup's hour
+    windows for every part but the last, which gets the rest of the period's. An hour that starts before
+    the period (its anchor is not on the hour) is not read: its usage in the period is priced with the
+    last part's."""
     if len(parts) == 1:
-        return [dict(usage)]
+        return [parts[0].prices.quantities(totals)]
     hours = range(effective_hour(parts[0].start), parts[-1].start, EFFECTIVE_GRANULARITY)
     windows = storage.read_usage_windows(customer, True, "hour", list(hours))
     counted: list[dict[str, int]] = []
     for part in parts[:-1]:
-        totals = dict.fromkeys(usage, 0)
+        part_totals: dict[str, int] = {}
         for hour, window in zip(hours, windows, strict=True):
             if part.start <= hour < part.end:
-                for meter in totals:
-                    totals[meter] += window.get(meter, 0)
-        counted.append(totals)
-    rest = {meter: max(0, units - sum(part[meter] for part in counted)) for meter, units in usage.items()}
-    return [*counted, rest]
+                for name, units in window.items():
+                    part_totals[name] = part_totals.get(name, 0) + units
+        counted.append(part_totals)
+    rest = {
+        name: max(0, units - sum(part.get(name, 0) for part in counted)) for name, units in totals.items()
+    }
+    return [part.prices.quantities(units) for part, units in zip(parts, [*counted, rest], strict=True)]
 
 
 def _part_lines(parts: list[_Part], usage: list[dict[str, int]]) -> list[Line]:
@@ -371,9 +374,9 @@ def _price(
     parts = _parts(customer, plan, meters, bounds)
     prices = parts[-1].prices
     totals = storage.read_usage(customer.id, True, "period", start)
-    usage = {meter: totals.get(meter, 0) for part in parts for meter in part.prices.meters}
+    usage = {meter: units for part in parts for meter, units in part.prices.quantities(totals).items()}
     spend = totals.get("spend", 0)
-    lines = _part_lines(parts, _part_usage(storage, customer.id, parts, usage))
+    lines = _part_lines(parts, _part_usage(storage, customer.id, parts, totals))
     adjustments: list[Line] = []
     late_credits = 0
     records: dict[int, str] = {}

@@ -108,6 +108,8 @@ def check_overrides(overrides: Mapping[str, Any], meters: Mapping[str, Meter]) -
             checked[field] = _check_plan_field(field, value)
             continue
         meter = meters.get(name)
+        if meter is None and "{" in name:
+            raise ConfigError(field, "a filter of dimension values has no terms of its own to override")
         if meter is None:
             raise ConfigError(field, f"names no meter defined under [meters] (known: {', '.join(meters)})")
         if what not in METER_FIELDS:

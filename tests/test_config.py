@@ -437,6 +437,7 @@ def test_errors_from_keyword_arguments_name_arguments_as_source() -> None:
 TOKENS = {"tokens": {"aggregation": "sum", "source": "handler"}}
 PEAK = {"peak": {"aggregation": "max", "source": "handler"}}
 LAST = {"latest": {"aggregation": "last", "source": "handler"}}
+UNIQUE = {"users": {"aggregation": "unique", "source": "handler"}}
 
 
 def plan_meter(
@@ -751,15 +752,29 @@ INVALID = [
         id="dotted-plan-name-quoted",
     ),
     pytest.param({"plans": {"free\n": {}}}, 'plans."free\\n"', "is not a valid name", id="plan-name-newline"),
-    # quotas and prices on meters that do not add up
+    # quotas on meters that do not add up; prices on those priced only on invoices, or not at all
     *(
         pytest.param(
-            plan_meter(terms, meters, meter),
-            f"plans.p.meters.{meter}.{next(iter(terms))}",
-            f"a '{kind}' meter cannot carry a {next(iter(terms))}",
-            id=f"{kind}-{next(iter(terms))}",
+            plan_meter({"quota": 10}, meters, meter),
+            f"plans.p.meters.{meter}.quota",
+            f"a '{kind}' meter cannot carry a quota",
+            id=f"{kind}-quota",
         )
         for meters, meter, kind in [(PEAK, "peak", "max"), (LAST, "latest", "last")]
+    ),
+    pytest.param(
+        {"meters": PEAK, "plans": {"p": {"prepaid": True, "meters": {"peak": {"price": "0.1"}}}}},
+        "plans.p.meters.peak.price",
+        "a 'max' meter is priced on invoices",
+        id="max-price-prepaid",
+    ),
+    *(
+        pytest.param(
+            plan_meter(terms, UNIQUE, "users"),
+            f"plans.p.meters.users.{next(iter(terms))}",
+            f"a 'unique' meter cannot carry a {next(iter(terms))}",
+            id=f"unique-{next(iter(terms))}",
+        )
         for terms in ({"quota": 10}, {"price": "0.1"}, {"included": 5})
     ),
     # prices

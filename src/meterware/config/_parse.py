@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, Final, get_args
 from urllib.parse import urlsplit
 
 from meterware._redact import redact_url
-from meterware.billing.pricing import DEFAULT_CURRENCY, parse_currency, parse_money, parse_price
+from meterware.billing.pricing import DEFAULT_CURRENCY, Price, parse_currency, parse_money, parse_price
 from meterware.config._credits import MAX_CALL_COST, MAX_UNITS, format_credits, parse_credits
 from meterware.config._routes import DEFAULT_EXCLUDE, Routes, has_dot_segments
 from meterware.config._sections import (
@@ -203,12 +204,15 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         table.done()
         if "{" in meter_name and quota is not None:
             raise ConfigError(table.name("quota"), "a quota counts all values: give it to the meter")
-        if not meters[base_of(meter_name)].chargeable:
-            aggregation = meters[base_of(meter_name)].aggregation
+        aggregation = meters[base_of(meter_name)].aggregation
+        if aggregation in PEAK_AGGREGATIONS:
+            price, pricing = _peak_pricing(table, aggregation, prepaid, quota, included, price, pricing)
+            included = 0  # in its pricing: the request path holds nothing of it
+        elif aggregation == "unique":
             model = "package" if "package" in table.data else "tiers"
             for name, value in (("quota", quota), ("included", included), ("price", price), (model, pricing)):
                 if value:
-                    raise ConfigError(table.name(name), f"a '{aggregation}' meter cannot carry a {name}")
+                    raise ConfigError(table.name(name), f"a 'unique' meter cannot carry a {name}")
         terms[meter_name] = MeterTerms(quota, hard, included, price, pricing)
     check_filters(name, terms, meters)
     currency = parse_currency(section.get("currency", str, DEFAULT_CURRENCY), section.name("currency"))
@@ -218,6 +222,37 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     )
     section.done()
     return Plan(name, tuple(limits), period, prepaid, terms, currency, base_fee, minimum)  # type: ignore[arg-type]
+
+
+#: Meters whose value in a period is a level, not a sum (a peak, or the value at its end): priced on invoices.
+PEAK_AGGREGATIONS: Final = frozenset({"max", "last"})
+
+
+def _peak_pricing(
+    table: Section,
+    aggregation: str,
+    prepaid: bool,
+    quota: int | None,
+    included: int,
+    price: int,
+    pricing: Price | None,
+) -> tuple[int, Price | None]:
+    """The terms of a ``max`` or ``last`` meter: its value in a period is known only when the period ends,
+    so it is priced on the invoice (a per-unit ``price`` too) and never charged or limited call by call."""
+    if quota is not None:
+        raise ConfigError(
+            table.name("quota"), f"a '{aggregation}' meter cannot carry a quota (its units do not add up)"
+        )
+    given = next((name for name in ("price", "package", "tiers") if name in table.data), None)
+    if given is not None and prepaid:
+        raise ConfigError(
+            table.name(given),
+            f"a '{aggregation}' meter is priced on invoices, when its period ends; a prepaid plan charges "
+            "credits call by call: price it on an invoiced plan (prepaid = false)",
+        )
+    if pricing is None and (price or included):
+        pricing = Price.unit(Decimal(price).scaleb(-6), included=included)
+    return 0, pricing
 
 
 def check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], heaviest: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -24,10 +25,19 @@ import meterware
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware.billing.selfservice import AccountView
 from meterware.cli import main
-from meterware.config._overrides import MAX_VERSIONS, effective_hour
-from meterware.errors import UsageError
+from meterware.config._overrides import (
+    MAX_VERSIONS,
+    TermsVersion,
+    check_overrides,
+    effective_hour,
+    load_versions,
+    plan_with,
+)
+from meterware.errors import ConfigError, StorageError, UsageError
 from meterware.rollup import RollupWorker
+from meterware.storage import _keyspace as ks
 from meterware.storage import open_storage
+from meterware.storage._keyspace import shard_of
 from tests.portal.test_billing_pages import SECRET, Deployment
 
 HOUR = 3600
@@ -169,8 +179,9 @@ def test_versions_are_bounded(accounts: Accounts) -> None:
 
 def test_an_override_prices_the_invoice_from_its_effective_time(url: str, tmp_path: Path) -> None:
     """Plan: tokens at 2 micro-credits. From hour 5 of the period: 1 micro-credit with 1,000 included.
-    3,000,000 tokens before (6.00) and 5,001,000 after ((5,001,000 - 1,000) x 0.000001 = 5.00): 11.00,
-    where the plan alone would bill 8,001,000 x 0.000002 = 16.00 (16.002 rounded)."""
+    3,000,000 tokens before (6.00) used the 1,000 up (as the period's counter does on the request path), so
+    the 5,001,000 after are all billable (5.001, 5.00 rounded): 11.00, where the plan alone would bill
+    8,001,000 x 0.000002 = 16.00 (16.002 rounded)."""
     config = Config.from_dict(settings(url))
     storage = open_storage(config.storage, shards=config.shards)
     accounts = Accounts(storage, config)
@@ -196,7 +207,7 @@ def test_an_override_prices_the_invoice_from_its_effective_time(url: str, tmp_pa
     usage = [(line.meter, line.quantity, line.included, line.billable, line.amount) for line in invoice.lines]
     assert usage == [
         ("tokens", 3_000_000, 0, 3_000_000, Decimal("6.00")),
-        ("tokens", 5_001_000, 1000, 5_000_000, Decimal("5.00")),
+        ("tokens", 5_001_000, 0, 5_001_000, Decimal("5.00")),
         ("calls", 0, 0, 0, Decimal("0.00")),
         ("calls", 0, 0, 0, Decimal("0.00")),
     ]
@@ -204,6 +215,100 @@ def test_an_override_prices_the_invoice_from_its_effective_time(url: str, tmp_pa
     assert "plan terms" in descriptions[0]
     assert "set by ann" in descriptions[1]
     assert invoice.total == Decimal("11.00")
+    storage.close()
+
+
+def split_invoice(
+    url: str, tmp_path: Path, plan: dict[str, Any], usage: list[tuple[int, dict[str, int]]]
+) -> Any:
+    """The invoice of a customer of ``plan`` (daily, started 10 hours ago) with ``usage`` imported (hour of
+    the period, units), once an override of an unrelated term takes effect at hour 5."""
+    data = settings(url)
+    data["meters"]["seats"] = {"aggregation": "max", "source": "handler"}
+    data["plans"]["deal"] = {"period": "day", **plan}
+    config = Config.from_dict(data)
+    storage = open_storage(config.storage, shards=config.shards)
+    accounts = Accounts(storage, config)
+    start = this_hour() - 10 * HOUR
+    accounts.create_customer("acme", plan="deal", anchor=start)
+    lines = [
+        {
+            "id": str(uuid.uuid4()),
+            "customer": "acme",
+            "units": units,
+            "timestamp": (start + hour * HOUR + 60) * 1000,
+        }
+        for hour, units in usage
+    ]
+    path = tmp_path / "usage.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    accounts.import_events(str(path))
+    RollupWorker(storage, config).drain()
+    before = accounts.invoice("acme")
+    accounts.set_overrides("acme", {"rate_limits": "none"}, effective_from=start + 5 * HOUR, actor="ann")
+    after = accounts.invoice("acme")
+    storage.close()
+    return before, after
+
+
+def test_included_units_are_used_up_once_across_the_parts_of_a_period(url: str, tmp_path: Path) -> None:
+    """1,000 tokens included, then 0.001 each: 800 before the override and 800 after use the 1,000 once, as
+    the request path's period counter does: 600 billable, 0.60, split or not (each part getting its own
+    1,000 billed 0.00)."""
+    plan = {"meters": {"tokens": {"price": "0.001", "included": 1000}}}
+    before, after = split_invoice(url, tmp_path, plan, [(1, {"tokens": 800}), (7, {"tokens": 800})])
+    assert before.total == after.total == Decimal("0.60")
+    tokens = [(line.quantity, line.included, line.billable, line.amount) for line in after.lines]
+    assert tokens == [(800, 1000, 0, Decimal("0.00")), (800, 200, 600, Decimal("0.60"))]
+
+
+def test_a_peak_is_priced_once_by_the_terms_at_the_end_of_a_split_period(url: str, tmp_path: Path) -> None:
+    """Seats at 4 every hour for 8 hours, 2 included then 5.00 each: the period's peak of 4 is 10.00 with an
+    override in force from hour 5 too (the hours' peaks are not added up)."""
+    plan = {"meters": {"seats": {"price": "5.00", "included": 2}}}
+    before, after = split_invoice(url, tmp_path, plan, [(hour, {"seats": 4}) for hour in range(1, 9)])
+    assert before.total == after.total == Decimal("10.00")
+    assert [(line.meter, line.quantity, line.amount) for line in after.lines] == [
+        ("seats", 4, Decimal("10.00"))
+    ]
+
+
+def test_a_negotiated_seat_price_prices_the_peak() -> None:
+    """A ``max`` meter's price and included units are overridable (on its invoice pricing), not its quota:
+    a peak of 8 seats, 2 included then 5.00 on the plan, 5 included then 3.00 negotiated: 9.00."""
+    data = settings("memory://")
+    data["meters"]["seats"] = {"aggregation": "max", "source": "handler"}
+    data["plans"]["team"] = {"meters": {"seats": {"price": "5.00", "included": 2}}}
+    config = Config.from_dict(data)
+    team = config.plans["team"]
+    with pytest.raises(ConfigError, match="has no quota"):
+        check_overrides({"seats.quota": 10}, config.meters)
+    version = TermsVersion(
+        0, 0, "ann", check_overrides({"seats.price": "3.00", "seats.included": 5}, config.meters)
+    )
+    (price,) = plan_with(team, version, config.meters).prices().meters.values()
+    assert price.charge(8).amount == Decimal("9.00")
+    assert plan_with(team, version, config.meters).meters["seats"].price == 0  # never charged call by call
+
+
+@pytest.mark.redis
+def test_clobbered_stored_terms_are_one_clear_error(redis_url: str) -> None:
+    """A customer record whose terms are not what meterware stored is refused with a StorageError naming the
+    customer (a Python error from deep in the JSON before), for the key lookup and the CLI alike."""
+    config = Config.from_dict(settings(redis_url))
+    storage = open_storage(config.storage, shards=config.shards)
+    accounts = Accounts(storage, config)
+    customer = f"clobbered-{uuid.uuid4().hex[:6]}"
+    accounts.create_customer(customer, plan="scale")
+    key = accounts.create_key(customer)
+    raw = redis.Redis.from_url(redis_url)
+    for garbage in ("not json", '["text"]', '[{"effective_from": 1}]'):
+        raw.hset(ks.customer(shard_of(customer, config.shards), customer), "terms", garbage)
+        load_versions.cache_clear()
+        with pytest.raises(
+            StorageError, match=f"customer '{customer}': its stored anchor or terms are not valid"
+        ):
+            storage.resolve_key(key.hash)
     storage.close()
 
 

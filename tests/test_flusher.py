@@ -944,3 +944,29 @@ def test_a_spooled_record_is_charged_once_however_often_it_is_spooled(
         ["/v1/items/0", "/v1/items/10", "/v1/items/11"],
         ["/v1/items/1", "/v1/items/10", "/v1/items/11"],
     )
+
+
+def test_a_split_batch_keeps_each_release_with_its_customer() -> None:
+    """A batch refused for one customer is split by customer, the releases of its records taken out as
+    duplicates included: a customer present only through a release is set aside alone (the batch was set
+    aside whole), and the other customers' calls and releases are flushed."""
+    from meterware.metering.spool import split_batch
+
+    def settlement(customer: str) -> Settlement:
+        return Settlement(customer, True, 0, "r-" + customer, True, True)
+
+    rows = [event_row(UsageEvent(new_event_id(), 0, "a", "", "p", "/", "GET", 200, "success", 0, 0, {}))] * 2
+    batch = Batch(
+        0,
+        str(uuid.uuid4()),
+        msgpack.packb(rows),
+        (settlement("a"), settlement("a")),
+        releases=(settlement("b"), settlement("a")),
+    )
+    aside, rest = split_batch(batch, ["b"])
+    assert rest is not None
+    assert (aside.settlements, [r.customer for r in aside.releases]) == ((), ["b"])
+    assert ([s.customer for s in rest.settlements if s], [r.customer for r in rest.releases]) == (
+        ["a", "a"],
+        ["a"],
+    )

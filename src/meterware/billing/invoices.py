@@ -309,12 +309,13 @@ def _terms_note(version: TermsVersion | None) -> str:
 
 
 def _part_usage(
-    storage: Storage, customer: str, parts: list[_Part], totals: Mapping[str, int]
+    storage: Storage, customer: str, parts: list[_Part], totals: Mapping[str, int], peaks: frozenset[str]
 ) -> list[dict[str, int]]:
     """Each part's units per price, from the period's ``totals`` (meters and sub-meters): the rollup's hour
-    windows for every part but the last, which gets the rest of the period's. An hour that starts before
-    the period (its anchor is not on the hour) is not read: its usage in the period is priced with the
-    last part's."""
+    windows for every part but the last, which gets the rest of the period's. A ``max`` or ``last`` meter
+    (``peaks``) does not add up over hours: the last part gets its period value whole. An hour that starts
+    before the period (its anchor is not on the hour) is not read: its usage in the period is priced with
+    the last part's."""
     if len(parts) == 1:
         return [parts[0].prices.quantities(totals)]
     hours = range(effective_hour(parts[0].start), parts[-1].start, EFFECTIVE_GRANULARITY)
@@ -325,7 +326,8 @@ def _part_usage(
         for hour, window in zip(hours, windows, strict=True):
             if part.start <= hour < part.end:
                 for name, units in window.items():
-                    part_totals[name] = part_totals.get(name, 0) + units
+                    if name not in peaks:
+                        part_totals[name] = part_totals.get(name, 0) + units
         counted.append(part_totals)
     rest = {
         name: max(0, units - sum(part.get(name, 0) for part in counted)) for name, units in totals.items()
@@ -333,9 +335,11 @@ def _part_usage(
     return [part.prices.quantities(units) for part, units in zip(parts, [*counted, rest], strict=True)]
 
 
-def _part_lines(parts: list[_Part], usage: list[dict[str, int]]) -> list[Line]:
+def _part_lines(parts: list[_Part], usage: list[dict[str, int]], peaks: frozenset[str]) -> list[Line]:
     """The lines of a period: the base fee and minimum of the terms in force at its end, and each part's
-    usage lines, saying which terms priced them."""
+    usage lines, saying which terms priced them. Included units are used up once in the period, in time
+    order (as the request path's period counter does): a part gets what its terms include less what the
+    parts before it used. A peak (``max``, ``last``) is priced once, by the terms at the period's end."""
     if len(parts) == 1 and not parts[0].terms:
         return parts[0].prices.lines(usage[0])
     last = parts[-1].prices
@@ -344,10 +348,18 @@ def _part_lines(parts: list[_Part], usage: list[dict[str, int]]) -> list[Line]:
     if last.base_fee:
         lines.append(Line("base_fee", "base fee", round_amount(last.base_fee, decimals)))
     by_meter: dict[str, list[Line]] = {}
+    used: dict[str, int] = {}
     for part, quantities in zip(parts, usage, strict=True):
         span = f"{_day(part.start)} .. {_day(part.end)}, " if len(parts) > 1 else ""
         note = f" ({span}{part.terms or 'plan terms'})"
-        for line in replace(part.prices, base_fee=ZERO, minimum=ZERO).lines(quantities):
+        meters = {
+            name: replace(price, included=max(0, price.included - used.get(name, 0)))
+            for name, price in part.prices.meters.items()
+            if part is parts[-1] or name not in peaks
+        }
+        for name in meters:
+            used[name] = used.get(name, 0) + quantities.get(name, 0)
+        for line in replace(part.prices, base_fee=ZERO, minimum=ZERO, meters=meters).lines(quantities):
             by_meter.setdefault(line.description, []).append(
                 replace(line, description=line.description + note)
             )
@@ -376,7 +388,8 @@ def _price(
     totals = storage.read_usage(customer.id, True, "period", start)
     usage = {meter: units for part in parts for meter, units in part.prices.quantities(totals).items()}
     spend = totals.get("spend", 0)
-    lines = _part_lines(parts, _part_usage(storage, customer.id, parts, totals))
+    peaks = frozenset(name for name, meter in meters.items() if meter.level)
+    lines = _part_lines(parts, _part_usage(storage, customer.id, parts, totals, peaks), peaks)
     adjustments: list[Line] = []
     late_credits = 0
     records: dict[int, str] = {}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Final
 
-from meterware.billing.pricing import parse_money
+from meterware.billing.pricing import ZERO, Price, parse_money
 from meterware.config._credits import MAX_UNITS, format_credits, parse_credits
 from meterware.config._sections import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import ConfigError
@@ -114,8 +114,10 @@ def check_overrides(overrides: Mapping[str, Any], meters: Mapping[str, Meter]) -
             raise ConfigError(field, f"names no meter defined under [meters] (known: {', '.join(meters)})")
         if what not in METER_FIELDS:
             raise ConfigError(field, f"a meter's term is one of {', '.join(METER_FIELDS)}")
-        if not meter.chargeable:
-            raise ConfigError(field, f"a '{meter.aggregation}' meter has no quota or price")
+        if meter.aggregation == "unique":
+            raise ConfigError(field, "a 'unique' meter has no terms")
+        if meter.level and what in ("quota", "quota_mode"):
+            raise ConfigError(field, f"a '{meter.aggregation}' meter has no quota (its units do not add up)")
         checked[field] = _check_meter_field(field, what, value)
     return checked
 
@@ -153,7 +155,8 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
     """The plan's terms with ``version``'s overrides merged over them (the one merge, used everywhere).
 
     Overrides of meters no longer configured are ignored. A price override on a package or tiered meter
-    prices it per unit.
+    prices it per unit. A ``max`` or ``last`` meter is priced on invoices only: its price and included units
+    go to its invoice pricing (and are ignored on a prepaid plan, whose invoices credits pay call by call).
     """
     if version is None or not version.overrides:
         return plan
@@ -161,9 +164,13 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
     terms = dict(plan.meters)
     for field, value in overrides.items():
         name, _, what = field.rpartition(".")
-        if not name or name not in meters or not meters[name].chargeable:
+        if not name or name not in meters or meters[name].aggregation == "unique":
             continue
         current = terms.get(name, MeterTerms())
+        if meters[name].level:
+            if not plan.prepaid:
+                terms[name] = _level_terms(current, what, value, field)
+            continue
         if what == "price":
             current = replace(current, price=parse_credits(value, field), pricing=None)
         elif what == "included":
@@ -185,6 +192,16 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
         base_fee=Decimal(overrides.get("base_fee", plan.base_fee)),
         minimum=Decimal(overrides.get("minimum", plan.minimum)),
     )
+
+
+def _level_terms(current: MeterTerms, what: str, value: str, field: str) -> MeterTerms:
+    """A ``max`` or ``last`` meter's terms with its price or included units overridden (in its pricing)."""
+    pricing = current.pricing or Price.unit(ZERO)
+    if what == "price":
+        pricing = Price.unit(Decimal(parse_credits(value, field)).scaleb(-6), included=pricing.included)
+    else:
+        pricing = replace(pricing, included=int(value))
+    return replace(current, pricing=pricing)
 
 
 def plan_value(plan: Plan, field: str) -> str:

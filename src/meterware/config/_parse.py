@@ -205,8 +205,8 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         if "{" in meter_name and quota is not None:
             raise ConfigError(table.name("quota"), "a quota counts all values: give it to the meter")
         aggregation = meters[base_of(meter_name)].aggregation
-        if aggregation in PEAK_AGGREGATIONS:
-            price, pricing = _peak_pricing(table, aggregation, prepaid, quota, included, price, pricing)
+        if meters[base_of(meter_name)].level:
+            price, pricing = _level_pricing(table, aggregation, prepaid, quota, included, price, pricing)
             included = 0  # in its pricing: the request path holds nothing of it
         elif aggregation == "unique":
             model = "package" if "package" in table.data else "tiers"
@@ -224,11 +224,7 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     return Plan(name, tuple(limits), period, prepaid, terms, currency, base_fee, minimum)  # type: ignore[arg-type]
 
 
-#: Meters whose value in a period is a level, not a sum (a peak, or the value at its end): priced on invoices.
-PEAK_AGGREGATIONS: Final = frozenset({"max", "last"})
-
-
-def _peak_pricing(
+def _level_pricing(
     table: Section,
     aggregation: str,
     prepaid: bool,

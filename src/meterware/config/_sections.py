@@ -63,6 +63,12 @@ class Meter:
         return self.aggregation in ("count", "sum")
 
     @property
+    def level(self) -> bool:
+        """Whether a period's units are a level, not a sum (its peak, or its value at the end): priced on
+        invoices only, never charged or limited call by call."""
+        return self.aggregation in ("max", "last")
+
+    @property
     def header(self) -> str | None:
         """The response header the units are read from, lower-cased, if the source is a header."""
         return self.source[7:].lower() if self.source.startswith("header:") else None

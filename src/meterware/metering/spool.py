@@ -142,7 +142,9 @@ def split_batch(batch: Batch, customers: Iterable[str]) -> tuple[Batch, Batch | 
     if not isinstance(rows, list) or len(rows) != len(batch.settlements):
         return batch, None
     picked = [s is not None and s.customer in named for s in batch.settlements]
-    if all(picked) or not any(picked):
+    # Releases (of records taken out of the batch as duplicates) go with their customer's part too.
+    released = [release.customer in named for release in batch.releases]
+    if all((*picked, *released)) or not any((*picked, *released)):
         return batch, None
     tag = " ".join(sorted(named))
     parts = []
@@ -154,6 +156,7 @@ def split_batch(batch: Batch, customers: Iterable[str]) -> tuple[Batch, Batch | 
                 _derived_id(batch.batch_id, f"{keep} {tag}"),
                 encode_rows([rows[index] for index in chosen]),
                 tuple(batch.settlements[index] for index in chosen),
+                releases=tuple(r for r, chose in zip(batch.releases, released, strict=True) if chose is keep),
             )
         )
     return parts[0], parts[1]

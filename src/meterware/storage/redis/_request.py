@@ -15,6 +15,7 @@ from typing import Any, Final, Protocol
 import msgpack
 from redis.exceptions import ResponseError
 
+from meterware.config._overrides import load_versions
 from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import Customer, KeyInfo
@@ -167,7 +168,8 @@ def flush_result(batch: Batch, reply: Any, errors: DriverErrors) -> bool:
     if not isinstance(reply, list):
         return bool(reply)
     customer_key, problem = as_str(reply[0]), as_str(reply[1])
-    owners = {ks.customer(batch.shard, s.customer): s.customer for s in batch.settlements if s is not None}
+    settled = (*batch.settlements, *batch.releases)
+    owners = {ks.customer(batch.shard, s.customer): s.customer for s in settled if s is not None}
     customer = owners.get(customer_key)
     message = errors.message(ResponseError(problem))
     raise StorageError(message, refused=True, customers=(customer,) if customer else ())
@@ -194,13 +196,15 @@ def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer |
     plan, status, anchor, terms = values
     if plan is None or status is None:
         return None
-    return Customer(
-        customer_id,
-        as_str(plan),
-        as_str(status),  # type: ignore[arg-type]
-        int(anchor or 0),
-        as_str(terms) if terms else "",
-    )
+    text = as_str(terms) if terms else ""
+    try:
+        load_versions(text)  # cached: read once per stored value
+        return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0), text)  # type: ignore[arg-type]
+    except (ValueError, KeyError, TypeError) as error:
+        raise StorageError(
+            f"customer {customer_id!r}: its stored anchor or terms are not valid ({type(error).__name__})",
+            refused=True,
+        ) from None
 
 
 def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:

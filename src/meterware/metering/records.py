@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from meterware.config import RateLimit
+
 CustomerStatus = Literal["active", "suspended"]
 
 
@@ -17,6 +19,8 @@ class Customer:
     status: CustomerStatus = "active"
     #: Billing-period anchor, epoch seconds: periods start at this instant and every period after it.
     anchor: int = 0
+    #: The customer's own spend cap per period in micro-credits, in place of the plan's (None: the plan's).
+    spend_cap: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,8 @@ class KeyInfo:
     counts_uses: bool = False
     #: What the seller lets the key do, for the app to check (``meterware.current_call().scopes``).
     scopes: tuple[str, ...] = ()
+    #: The key's own rate limits (counting its calls only), on top of its plan's.
+    rate_limits: tuple[RateLimit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +61,5 @@ class KeyRecord:
     remaining: int | None = None
     #: What the seller lets the key do (read by the app, never by meterware).
     scopes: tuple[str, ...] = ()
+    #: The key's own rate limits (counting its calls only), on top of its plan's.
+    rate_limits: tuple[RateLimit, ...] = ()

@@ -1060,3 +1060,27 @@ def test_usage_says_how_many_events_wait_for_the_rollup(cli: Cli, redis_url: str
     report = cli("usage", "acme", "--json").json()
     assert (report["calls"]["success"], report["pending_events"]) == (2, 0)
     assert "wait for the rollup" not in cli("usage", "acme").out
+
+
+# -- limits (issue 18) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_keys_create_with_rate_limits_and_customers_set_spend_cap(cli: Cli) -> None:
+    """keys create --rate-limit keeps the key's limits (list and show print them); customers set
+    --spend-cap sets the customer's cap (show prints it), 'none' gives the plan's back (none here)."""
+    create_customer(cli)
+    created = cli(
+        "keys", "create", "acme", "--rate-limit", "5/second", "--rate-limit", "100/minute", "--json"
+    )
+    key_id = created.json()["key_id"]
+    assert cli("keys", "show", key_id, "--json").json()["rate_limits"] == ["5/1s", "100/60s"]
+    assert ", limited to 5/1s and 100/60s" in cli("keys", "list", "acme").out
+    bad = cli("keys", "create", "acme", "--rate-limit", "often")
+    assert bad.code != 0
+    assert "expected a rate" in bad.err
+    shown = cli("customers", "set", "acme", "--spend-cap", "50.00")
+    assert "spend cap: 50.000000 credits per period (the customer's own)" in shown.out
+    assert cli("customers", "show", "acme", "--json").json()["spend_cap"] == "50.000000"
+    cleared = cli("customers", "set", "acme", "--spend-cap", "none", "--json").json()
+    assert "spend_cap" not in cleared

@@ -57,6 +57,7 @@ class AdmissionMixin(MemoryState):
                 record.prefix,
                 record.remaining is not None,
                 record.scopes,
+                record.rate_limits,
             )
 
     def resolve_customer(self, customer_id: str) -> KeyInfo | None:

@@ -16,6 +16,7 @@ import msgpack
 from redis.exceptions import ResponseError
 
 from meterware.errors import StorageError
+from meterware.keys import rate_limits_from
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import Customer, KeyInfo
 from meterware.storage import _keyspace as ks
@@ -41,7 +42,7 @@ class Stale:
 STALE: Final = Stale()
 #: The longest billing period; a settlement only knows its period's start.
 LONGEST_PERIOD_SECONDS: Final = 31 * 86_400
-CUSTOMER_FIELDS: Final = ("plan", "status", "anchor")
+CUSTOMER_FIELDS: Final = ("plan", "status", "anchor", "spend_cap")
 
 
 def decisions_from_replies(
@@ -163,11 +164,12 @@ def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], l
 
 
 def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
-    """A customer from the ``plan, status, anchor`` fields of its hash."""
-    plan, status, anchor = values
+    """A customer from the ``plan, status, anchor, spend_cap`` fields of its hash."""
+    plan, status, anchor, spend_cap = values
     if plan is None or status is None:
         return None
-    return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0))  # type: ignore[arg-type]
+    cap = int(spend_cap) if spend_cap else None  # "" once removed
+    return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0), cap)  # type: ignore[arg-type]
 
 
 def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
@@ -181,6 +183,7 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
         as_str(fields[b"prefix"]),
         fields.get(b"uses") == b"1",
         tuple(as_str(fields.get(b"scopes", b"")).split()),
+        rate_limits_from(as_str(fields.get(b"rate_limits", b""))),
     )
 
 

@@ -32,11 +32,12 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
 
-from meterware.config import MAX_CALL_COST, Config, resolve_config
+from meterware.config import MAX_CALL_COST, Config, Plan, resolve_config
 from meterware.errors import MeterwareError, UsageError
 from meterware.events import format_event_id, make_row, new_event_id
 from meterware.metering.admission import AdmitRequest, Decision, MeterHold, Reason, settled_meters
 from meterware.metering.batching import Pending
+from meterware.metering.calls import spend_cap_of
 from meterware.metering.facade import Metering, first_config
 from meterware.metering.flushers import ThreadFlusher
 from meterware.metering.measure import nets_out
@@ -133,6 +134,17 @@ def record_holds(key: KeyInfo, config: Config, units: Mapping[str, int]) -> tupl
     if cost > MAX_CALL_COST:
         raise UsageError(f"record(): {cost} micro-credits are more than one record may cost")
     return tuple(holds)
+
+
+def spend_holds(plan: Plan, holds: tuple[MeterHold, ...], live: bool) -> tuple[MeterHold, ...]:
+    """Under a spend cap, the plan's priced meters a record does not hold, holding nothing: the admission
+    then counts what the period spent on them too (a call's admission holds every priced meter)."""
+    held = {hold.meter for hold in holds}
+    return tuple(
+        MeterHold(meter, -1, terms.included, terms.price if live else 0, 0, 0)
+        for meter, terms in plan.meters.items()
+        if terms.price and meter not in held
+    )
 
 
 def marker(event_id: str) -> str:
@@ -234,6 +246,9 @@ class Recorder:
         plan = self.config.plan(key.customer.plan)
         start, end = period_bounds(key.customer.anchor, plan.period, time.time())
         holds = record_holds(key, self.config, units)
+        spend_cap = spend_cap_of(key, plan)
+        if spend_cap >= 0:
+            holds += spend_holds(plan, holds, key.live)
         return AdmitRequest(
             shard=shard_of(customer, self.config.shards),
             customer=customer,
@@ -248,6 +263,7 @@ class Recorder:
             reservation_timeout_ms=int(self.config.policy.reservation_timeout * 1000),
             unsettled=self.metering.batcher.unsettled if holds else None,
             one_by_one=True,
+            spend_cap=spend_cap,
         )
 
     @staticmethod

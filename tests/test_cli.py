@@ -120,7 +120,10 @@ def test_customers_set(cli: Cli) -> None:
     """customers set changes plan and status and shows the result."""
     create_customer(cli)
     result = cli("customers", "set", "acme", "--plan", "pro", "--status", "suspended")
-    assert result.out == "acme: plan pro, suspended, periods anchored at 2026-01-01 00:00:00Z\n"
+    assert result.out == (
+        "acme: plan pro, suspended, periods anchored at 2026-01-01 00:00:00Z\n"
+        "  spend cap: 500.000000 credits per period (the plan's)\n"
+    )
     assert cli("customers", "set", "acme", "--status", "active", "--json").json()["status"] == "active"
 
 
@@ -299,6 +302,7 @@ def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
         "metadata",
         "remaining",
         "scopes",
+        "rate_limits",
     }
     assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
     assert rows[live["key_id"]]["expires_ms"] == 0

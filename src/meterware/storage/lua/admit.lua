@@ -194,7 +194,9 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
     end
     if term.price ~= 0 then
       local base = used + held
-      spent = spent + (math.max(term.included, base) - term.included) * term.price
+      if spec.spend_cap then
+        spent = spent + (math.max(term.included, base) - term.included) * term.price
+      end
       d.credits = d.credits + (math.max(term.included, base + hold) - math.max(term.included, base)) * term.price
       if not term.exact and base + hold >= term.included then
         needs_positive_balance = true

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from meterware.config import RateLimit
 from meterware.metering.admission import (
     CONCURRENCY_METER,
     CONCURRENCY_RETRY_SECONDS,
@@ -38,6 +40,12 @@ from meterware.storage.memory._state import (
     less,
     refusal,
 )
+
+
+@functools.cache
+def _plan_rates(limits: tuple[RateLimit, ...]) -> tuple[tuple[RateLimit, str, str], ...]:
+    """A plan's rate limits as the admission walks them: (limit, scope "", policy name)."""
+    return tuple((limit, "", rate_limit_name(limit.seconds)) for limit in limits)
 
 
 class AdmissionMixin(MemoryState):
@@ -167,9 +175,9 @@ class AdmissionMixin(MemoryState):
         retry_ms = 0.0
         limits: list[LimitState] = []
         new_tats: list[NewTat] = []
-        rates = [(limit, "", rate_limit_name(limit.seconds)) for limit in request.plan.rate_limits]
+        rates = _plan_rates(request.plan.rate_limits)
         if request.scoped_limits:
-            rates += [(scoped.limit, scoped.scope, scoped.name) for scoped in request.scoped_limits]
+            rates += tuple((scoped.limit, scoped.scope, scoped.name) for scoped in request.scoped_limits)
         for limit, scope, name in rates:
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
@@ -213,7 +221,8 @@ class AdmissionMixin(MemoryState):
                     limits.append(LimitState(name, hold.quota, window, max(0, remaining), until_period_end))
             if hold.price:
                 base = used + held
-                spent += (max(hold.included, base) - hold.included) * hold.price
+                if request.spend_cap >= 0:
+                    spent += (max(hold.included, base) - hold.included) * hold.price
                 credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
                 if not hold.exact and base + held_now >= hold.included:
                     needs_positive_balance = True

@@ -103,3 +103,15 @@ def test_a_customer_cap_in_place_of_the_plans(make_api: Any) -> None:
     assert answers == [200, 429]
     api.accounts.set_spend_cap(customer, None)
     assert api.accounts.spend_cap(customer) == 1_000_000
+
+
+def test_leases_are_per_route_under_route_limits(make_api: Any) -> None:
+    """With admission = "lease", a route limit of 40/minute serves exactly 40 calls to its route (leases of
+    that route only), while calls to another route go on in leases of their own."""
+    plans = {"leased": {"routes": {"/v1/items/*": {"rate_limits": ["40/minute"]}}}}
+    api: Api = make_api(plans=plans, policy={"admission": "lease"})
+    key = api.customer("leased")
+    items = [api.call("GET", f"/v1/items/{n}", key).status_code for n in range(45)]
+    assert (items.count(200), items.count(429)) == (40, 5)
+    assert {api.call("GET", "/v1/hello", key).status_code for _ in range(20)} == {200}
+    assert api.call("GET", "/v1/items/x", key).status_code == 429

@@ -217,3 +217,23 @@ def test_concurrent_admits_never_pass_the_spend_cap(backend: Backend) -> None:
         thread.join()
     assert sum(answer.allowed for answer in answers) == 39
     assert {answer.reason for answer in answers if not answer.allowed} == {"spend_cap_reached"}
+
+
+def test_calls_of_one_key_to_two_routes_in_one_round_count_apart(backend: Backend) -> None:
+    """Two calls of the same key and terms (no meters held) to two limited routes, admitted in one round
+    (gathered): each counts in its own route's limit, so both pass."""
+    open_account(backend.sync)
+    plan = make_plan()
+    base = admit_request(backend.sync, plan)
+    first = replace(base, scoped_limits=scoped_limits((RateLimit(1, 60),), "raaaaaaaa", "route"))
+    second = replace(again(base), scoped_limits=scoped_limits((RateLimit(1, 60),), "rbbbbbbbb", "route"))
+    assert first.holds is second.holds
+
+    async def admit_both() -> list[Decision]:
+        storage = backend.open_async()
+        try:
+            return list(await asyncio.gather(storage.admit(first), storage.admit(second)))
+        finally:
+            await storage.aclose()
+
+    assert [decision.allowed for decision in asyncio.run(admit_both())] == [True, True]

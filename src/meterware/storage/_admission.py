@@ -191,6 +191,7 @@ def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tup
             id(request.holds),
             request.period_start,
             request.calls,
+            id(request.scoped_limits),  # calls of one key to two limited routes share all the rest
         )
         template = seen.get(same)
         if template is None:

@@ -56,6 +56,8 @@ class CallTerms:
     period_end: int
     #: The rate limits of the route (``[plans.X.routes]``), scoped to it.
     scoped_limits: tuple[ScopedLimit, ...] = ()
+    #: The plan's spend cap for these calls (micro-credits; -1: none, or a test key's).
+    spend_cap: int = -1
 
 
 def header_map(headers: Iterable[tuple[bytes, bytes]], wanted: Mapping[bytes, str]) -> dict[str, str]:
@@ -82,6 +84,11 @@ def spend_cap_of(key: KeyInfo, plan: Plan) -> int:
     if cap is None:
         cap = plan.spend_cap
     return -1 if cap is None or not key.live else cap
+
+
+def plan_spend_cap(plan: Plan, live: bool) -> int:
+    """The plan's spend cap for live or test calls (-1: none)."""
+    return -1 if plan.spend_cap is None or not live else plan.spend_cap
 
 
 class ScopedLimits:

@@ -20,7 +20,14 @@ from meterware.config import UNMATCHED_ROUTE, Config, format_credits
 from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision, ScopedLimit, meter_holds
 from meterware.metering.cache import LRUCache
-from meterware.metering.calls import Call, CallTerms, ScopedLimits, route_limits, spend_cap_of
+from meterware.metering.calls import (
+    Call,
+    CallTerms,
+    ScopedLimits,
+    plan_spend_cap,
+    route_limits,
+    spend_cap_of,
+)
 from meterware.metering.keycache import KeyCache, NeedsCustomer, NeedsLookup
 from meterware.metering.leases import Lease, LeaseTable, lease_block, lease_key
 from meterware.metering.logs import OUTAGE_WARNING_SECONDS, ThrottledWarning
@@ -153,7 +160,7 @@ class RequestCore:
                 scoped = previous.scoped_limits
             elif route >= 0:
                 scoped = route_limits(plan, route)
-            terms = CallTerms(plan, holds, start, end, scoped)
+            terms = CallTerms(plan, holds, start, end, scoped, plan_spend_cap(plan, key.live))
             self._terms.put(cache_key, terms)
         return terms
 
@@ -176,8 +183,8 @@ class RequestCore:
             # Leases are a key's: a customer without one (customer_getter) is admitted call by call; so is
             # a call under a concurrency cap (a lease's calls would hold their slots until it ends).
             one_by_one=key.counts_uses or not key.key_id or terms.plan.concurrency > 0,
-            scoped_limits=self.scoped_limits.of(key, terms),
-            spend_cap=spend_cap_of(key, terms.plan),
+            scoped_limits=self.scoped_limits.of(key, terms) if key.rate_limits else terms.scoped_limits,
+            spend_cap=terms.spend_cap if key.customer.spend_cap is None else spend_cap_of(key, terms.plan),
         )
 
     def admitted(

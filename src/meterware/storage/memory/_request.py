@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -16,6 +15,7 @@ from meterware.metering.admission import (
     Decision,
     LimitState,
     Reason,
+    ScopedLimit,
     concurrency_state,
     quota_name,
     rate_limit_name,
@@ -40,12 +40,6 @@ from meterware.storage.memory._state import (
     less,
     refusal,
 )
-
-
-@functools.cache
-def _plan_rates(limits: tuple[RateLimit, ...]) -> tuple[tuple[RateLimit, str, str], ...]:
-    """A plan's rate limits as the admission walks them: (limit, scope "", policy name)."""
-    return tuple((limit, "", rate_limit_name(limit.seconds)) for limit in limits)
 
 
 class AdmissionMixin(MemoryState):
@@ -175,10 +169,14 @@ class AdmissionMixin(MemoryState):
         retry_ms = 0.0
         limits: list[LimitState] = []
         new_tats: list[NewTat] = []
-        rates = _plan_rates(request.plan.rate_limits)
+        rates: tuple[RateLimit | ScopedLimit, ...] = request.plan.rate_limits
         if request.scoped_limits:
-            rates += tuple((scoped.limit, scoped.scope, scoped.name) for scoped in request.scoped_limits)
-        for limit, scope, name in rates:
+            rates += request.scoped_limits
+        for rate in rates:
+            if isinstance(rate, ScopedLimit):
+                limit, scope, name = rate.limit, rate.scope, rate.name
+            else:
+                limit, scope, name = rate, "", rate_limit_name(rate.seconds)
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
             rate_key = (request.live, request.customer, limit.seconds, scope)

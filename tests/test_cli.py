@@ -717,7 +717,7 @@ def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
         "  calls: hard quota 1000, 0 included, 0.000000 per unit",
         "payg: per month, prepaid, 50/1s",
         "  calls: no quota, 0 included, 0.002000 per unit",
-        "pro: per month, invoiced, 200/1s, 10000/60s",
+        "pro: per month, invoiced, 200/1s, 10000/60s, /v1/chat* 10/1s, 20 in flight, spend cap 500.000000",
         "  calls: soft quota 1000000, 100000 included, 0.000500 per unit",
         "tokens: per month, prepaid, no rate limit",
         "  tokens: no quota, 0 included, 0.000020 per unit",
@@ -741,6 +741,9 @@ def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
         "currency": "USD",
         "base_fee": "0",
         "minimum": "0",
+        "route_limits": {"/v1/chat*": ["10/1s"]},
+        "concurrency": 20,
+        "spend_cap": "500.000000",
     }
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from meterware.config import Config, RateLimit
 from meterware.errors import ConfigError
-from meterware.metering.admission import CONCURRENCY_METER, meter_holds
+from meterware.metering.admission import CONCURRENCY_METER, AdmitRequest, meter_holds, scoped_limits
+from meterware.storage._admission import admit_template
 
 
 def test_a_plan_parses_route_limits_concurrency_and_a_spend_cap() -> None:
@@ -62,3 +64,36 @@ def test_bad_plan_limits_are_refused(plan: dict[str, Any], field: str, message: 
     with pytest.raises(ConfigError, match=message) as raised:
         Config.from_dict({"plans": {"p": plan}})
     assert field in str(raised.value)
+
+
+def test_each_limit_adds_to_the_admission_only_when_set() -> None:
+    """admit.lua's template: a plan without the limits sends the keys and arguments it always did; a route
+    limit adds its key and (amount, seconds), a concurrency cap one hold, a spend cap one argument."""
+    config = Config.from_dict(
+        {"plans": {"p": {"rate_limits": ["5/second"], "meters": {"calls": {"quota": 9}}}}}
+    )
+    plan = config.plan("p")
+
+    def template(plan: Any, **more: Any) -> tuple[int, int]:
+        request = AdmitRequest(
+            0,
+            "acme",
+            "k1",
+            True,
+            plan,
+            0,
+            86_400,
+            meter_holds(plan, config.meters, 1, True),
+            "r",
+            1000,
+            **more,
+        )
+        keys, args = admit_template(request)
+        return len(keys), len(args)
+
+    # KEY_RECORD..DEADLINES + one rate key; 8 fixed arguments, (5, 1), the hold count and one hold of 7.
+    assert template(plan) == (6, 8 + 2 + 1 + 7)
+    route = scoped_limits((RateLimit(1, 60),), "r00000001", "route")
+    assert template(plan, scoped_limits=route) == (7, 8 + 4 + 1 + 7)
+    assert template(replace(plan, concurrency=3)) == (6, 8 + 2 + 1 + 14)
+    assert template(plan, spend_cap=5) == (6, 8 + 2 + 1 + 7 + 1)

@@ -237,3 +237,16 @@ def test_calls_of_one_key_to_two_routes_in_one_round_count_apart(backend: Backen
             await storage.aclose()
 
     assert [decision.allowed for decision in asyncio.run(admit_both())] == [True, True]
+
+
+def test_a_block_of_calls_is_granted_what_fits_under_the_spend_cap(storage: Storage) -> None:
+    """A lease asking for 10 calls (1,000 each past 2 included) under a cap of 5,000: 10 do not fit, 5
+    would (2 free + 3), so it is granted 5 halved once more, 2; the cap's entry counts them as held."""
+    open_account(storage)
+    request = replace(admit_request(storage, capped(5000)), spend_cap=5000, calls=10)
+    decision = storage.admit(request)
+    assert (decision.allowed, decision.calls) == (True, 2)
+    assert state(decision, "spend-cap")[2] == 5000  # both within the included 2
+    decision = storage.admit(again(request))
+    assert (decision.allowed, decision.calls) == (True, 2)
+    assert state(decision, "spend-cap")[2] == 3000

@@ -3,6 +3,7 @@ cap's header and the spend cap (a plan's, and a customer's set by the seller and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +116,20 @@ def test_leases_are_per_route_under_route_limits(make_api: Any) -> None:
     assert (items.count(200), items.count(429)) == (40, 5)
     assert {api.call("GET", "/v1/hello", key).status_code for _ in range(20)} == {200}
     assert api.call("GET", "/v1/items/x", key).status_code == 429
+
+
+@pytest.mark.parametrize("admission", ["strict", "lease"])
+def test_a_finished_call_frees_its_concurrency_slot_before_any_flush(
+    make_api: Any, tmp_path: Path, admission: str
+) -> None:
+    """Cap 1, the flusher held back a minute: sequential calls (served and failed) are all admitted, each
+    finding the slot its finished predecessor left (counted free at admission, flushed or not)."""
+    api: Api = make_api(
+        plans={"single": {"concurrency": 1}},
+        pipeline={"flush_interval": 60, "spool_dir": str(tmp_path / "held-spool")},
+        policy={"admission": admission},
+    )
+    key = api.customer("single")
+    statuses = [api.call("GET", ("/v1/hello", "/v1/fail")[n % 3 == 2], key).status_code for n in range(6)]
+    assert statuses == [200, 200, 502, 200, 200, 502]
+    assert api.call("GET", "/v1/hello", key).headers["ratelimit"] == '"concurrency";r=0;t=1'

@@ -120,7 +120,10 @@ def test_customers_set(cli: Cli) -> None:
     """customers set changes plan and status and shows the result."""
     create_customer(cli)
     result = cli("customers", "set", "acme", "--plan", "pro", "--status", "suspended")
-    assert result.out == "acme: plan pro, suspended, periods anchored at 2026-01-01 00:00:00Z\n"
+    assert result.out == (
+        "acme: plan pro, suspended, periods anchored at 2026-01-01 00:00:00Z\n"
+        "  spend cap: 500.000000 credits per period (the plan's)\n"
+    )
     assert cli("customers", "set", "acme", "--status", "active", "--json").json()["status"] == "active"
 
 
@@ -299,6 +302,7 @@ def test_keys_list_never_shows_the_plaintext(cli: Cli) -> None:
         "metadata",
         "remaining",
         "scopes",
+        "rate_limits",
     }
     assert (rows[live["key_id"]]["live"], rows[test["key_id"]]["live"]) == (True, False)
     assert rows[live["key_id"]]["expires_ms"] == 0
@@ -713,7 +717,7 @@ def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
         "  calls: hard quota 1000, 0 included, 0.000000 per unit",
         "payg: per month, prepaid, 50/1s",
         "  calls: no quota, 0 included, 0.002000 per unit",
-        "pro: per month, invoiced, 200/1s, 10000/60s",
+        "pro: per month, invoiced, 200/1s, 10000/60s, /v1/chat* 10/1s, 20 in flight, spend cap 500.000000",
         "  calls: soft quota 1000000, 100000 included, 0.000500 per unit",
         "tokens: per month, prepaid, no rate limit",
         "  tokens: no quota, 0 included, 0.000020 per unit",
@@ -737,6 +741,9 @@ def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
         "currency": "USD",
         "base_fee": "0",
         "minimum": "0",
+        "route_limits": {"/v1/chat*": ["10/1s"]},
+        "concurrency": 20,
+        "spend_cap": "500.000000",
     }
 
 
@@ -1060,3 +1067,27 @@ def test_usage_says_how_many_events_wait_for_the_rollup(cli: Cli, redis_url: str
     report = cli("usage", "acme", "--json").json()
     assert (report["calls"]["success"], report["pending_events"]) == (2, 0)
     assert "wait for the rollup" not in cli("usage", "acme").out
+
+
+# -- limits (issue 18) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_keys_create_with_rate_limits_and_customers_set_spend_cap(cli: Cli) -> None:
+    """keys create --rate-limit keeps the key's limits (list and show print them); customers set
+    --spend-cap sets the customer's cap (show prints it), 'none' gives the plan's back (none here)."""
+    create_customer(cli)
+    created = cli(
+        "keys", "create", "acme", "--rate-limit", "5/second", "--rate-limit", "100/minute", "--json"
+    )
+    key_id = created.json()["key_id"]
+    assert cli("keys", "show", key_id, "--json").json()["rate_limits"] == ["5/1s", "100/60s"]
+    assert ", limited to 5/1s and 100/60s" in cli("keys", "list", "acme").out
+    bad = cli("keys", "create", "acme", "--rate-limit", "often")
+    assert bad.code != 0
+    assert "expected a rate" in bad.err
+    shown = cli("customers", "set", "acme", "--spend-cap", "50.00")
+    assert "spend cap: 50.000000 credits per period (the customer's own)" in shown.out
+    assert cli("customers", "show", "acme", "--json").json()["spend_cap"] == "50.000000"
+    cleared = cli("customers", "set", "acme", "--spend-cap", "none", "--json").json()
+    assert "spend_cap" not in cleared

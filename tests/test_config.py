@@ -75,6 +75,9 @@ def test_example_file_parses_to_the_documented_values() -> None:
             "month",
             False,
             {"calls": MeterTerms(quota=1_000_000, hard=False, included=100_000, price=500)},
+            route_limits=(("/v1/chat*", (RateLimit(10, 1),)),),
+            concurrency=20,
+            spend_cap=500_000_000,
         ),
         "tokens": Plan("tokens", (), "month", True, {"tokens": MeterTerms(price=20)}),
     }

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl
 
+from meterware.config import RateLimit
 from meterware.errors import UsageError
 
 KEY_PREFIX = "mw_"
@@ -152,6 +153,43 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
             )
         checked[name] = value
     return checked
+
+
+#: Most rate limits a key may carry.
+MAX_KEY_RATE_LIMITS = 4
+
+
+def check_rate_limits(limits: Iterable[str | RateLimit]) -> tuple[RateLimit, ...]:
+    """A key's own rate limits, checked: at most 4, each a ``RateLimit`` or its text (``"5/second"``)."""
+    if isinstance(limits, str):
+        raise UsageError("rate_limits must be a list of rates, not one string")
+    checked = []
+    for limit in limits:
+        if isinstance(limit, str):
+            try:
+                limit = RateLimit.parse(limit)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+        if not isinstance(limit, RateLimit) or limit.amount <= 0 or limit.seconds <= 0:
+            raise UsageError(f"a rate limit must be like '5/second', got {limit!r}")
+        checked.append(limit)
+    if len(checked) > MAX_KEY_RATE_LIMITS:
+        raise UsageError(f"a key has at most {MAX_KEY_RATE_LIMITS} rate limits, got {len(checked)}")
+    return tuple(checked)
+
+
+def stored_rate_limits(limits: tuple[RateLimit, ...]) -> str:
+    """A key's rate limits as stored: ``"5/1 100/60"`` (amount/seconds)."""
+    return " ".join(f"{limit.amount}/{limit.seconds}" for limit in limits)
+
+
+def rate_limits_from(text: str) -> tuple[RateLimit, ...]:
+    """A key's rate limits from their stored text (:func:`stored_rate_limits`)."""
+    limits = []
+    for word in text.split():
+        amount, _, seconds = word.partition("/")
+        limits.append(RateLimit(int(amount), int(seconds)))
+    return tuple(limits)
 
 
 def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
 
-from meterware.config import MAX_CALL_COST, Config, Plan, resolve_config
+from meterware.config import MAX_CALL_COST, Config, Meter, Plan, resolve_config
 from meterware.dimensions import base_of, canonical
 from meterware.errors import MeterwareError, UsageError
 from meterware.events import format_event_id, make_row, new_event_id
@@ -57,6 +57,7 @@ from meterware.metering.admission import (
     settled_meters,
 )
 from meterware.metering.batching import Pending
+from meterware.metering.calls import spend_cap_of
 from meterware.metering.facade import Metering, first_config
 from meterware.metering.flushers import ThreadFlusher
 from meterware.metering.measure import nets_out
@@ -162,6 +163,19 @@ def record_holds(
     if cost > MAX_CALL_COST:
         raise UsageError(f"record(): {cost} micro-credits are more than one record may cost")
     return exact
+
+
+def spend_holds(
+    plan: Plan, meters: Mapping[str, Meter], holds: tuple[MeterHold, ...], live: bool
+) -> tuple[MeterHold, ...]:
+    """Under a spend cap, the priced holds a call would have that a record does not, holding nothing: the
+    admission then counts what the period spent on them too (a call's admission holds every priced one)."""
+    held = {hold.meter for hold in holds}
+    return tuple(
+        replace(hold, quota=-1, need=0, hold=0, exact=True)
+        for hold in meter_holds(plan, meters, 1, live)
+        if hold.price and hold.meter not in held
+    )
 
 
 def marker(event_id: str) -> str:
@@ -349,6 +363,9 @@ class Recorder:
         plan = self.config.plan_for(key.customer, now)
         start, end = period_bounds(key.customer.anchor, plan.period, now)
         holds = record_holds(key, self.config, units, plan)
+        spend_cap = spend_cap_of(key, plan)
+        if spend_cap >= 0:
+            holds += spend_holds(plan, self.config.meters, holds, key.live)
         return AdmitRequest(
             shard=shard_of(customer, self.config.shards),
             customer=customer,
@@ -363,6 +380,7 @@ class Recorder:
             reservation_timeout_ms=int(self.config.policy.reservation_timeout * 1000),
             unsettled=self.metering.batcher.unsettled if holds else None,
             one_by_one=True,
+            spend_cap=spend_cap,
         )
 
     @staticmethod

@@ -37,7 +37,7 @@ def test_a_rate_limit_tat_far_in_the_future_is_clamped_to_one_period(api: Api) -
     customer = api.customer_of(key)
     shard = ks.shard_of(customer, api.config.shards)
     if isinstance(api.storage, MemoryStorage):
-        api.storage._rates[(True, customer, 60)] = 1e308
+        api.storage._rates[(True, customer, 60, "")] = 1e308
     else:
         client = redis_client(api)
         client.set(ks.rate(shard, True, customer, 60), "1e308")
@@ -47,7 +47,7 @@ def test_a_rate_limit_tat_far_in_the_future_is_clamped_to_one_period(api: Api) -
     assert refused.headers["ratelimit"] == '"rate-60s";r=0;t=60'
     now_ms = time.time() * 1000
     if isinstance(api.storage, MemoryStorage):
-        stored = api.storage._rates[(True, customer, 60)]
+        stored = api.storage._rates[(True, customer, 60, "")]
     else:
         stored = float(client.get(ks.rate(shard, True, customer, 60)) or 0)
         assert 0 < client.pttl(ks.rate(shard, True, customer, 60)) <= 60_000

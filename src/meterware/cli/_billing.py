@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from meterware.billing.accounts import UsageHistory
 from meterware.cli._common import Commands, emit, load_config, open_accounts, utc_time
-from meterware.config import format_credits
+from meterware.config import Plan, format_credits
 from meterware.errors import MeterwareError
 from meterware.events import OUTCOMES
 from meterware.rollup.aggregate import REFUSAL_REASONS
@@ -116,6 +117,25 @@ def _history_table(history: UsageHistory) -> str:
     return "\n".join(lines)
 
 
+def _more_limits(plan: Plan, data: dict[str, Any]) -> str:
+    """A plan's route limits, concurrency cap and spend cap: into ``data`` and as text (only those set)."""
+    text = ""
+    if plan.route_limits:
+        data["route_limits"] = {
+            glob: [f"{limit.amount}/{limit.seconds}s" for limit in limits]
+            for glob, limits in plan.route_limits
+        }
+        for glob, limits in plan.route_limits:
+            text += f", {glob} " + " ".join(f"{limit.amount}/{limit.seconds}s" for limit in limits)
+    if plan.concurrency:
+        data["concurrency"] = plan.concurrency
+        text += f", {plan.concurrency} in flight"
+    if plan.spend_cap is not None:
+        data["spend_cap"] = format_credits(plan.spend_cap)
+        text += f", spend cap {format_credits(plan.spend_cap)}"
+    return text
+
+
 def cmd_plans_list(args: argparse.Namespace) -> int:
     config = load_config(args)
     data = {}
@@ -142,6 +162,7 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
         limits = (
             ", ".join(f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits) or "no rate limit"
         )
+        limits += _more_limits(plan, data[plan.name])
         lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
         for name, terms in plan.meters.items():
             quota = (

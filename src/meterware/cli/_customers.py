@@ -8,6 +8,7 @@ import time
 from meterware.billing.accounts import Accounts
 from meterware.cli._common import Commands, actor, emit, open_accounts, utc_time
 from meterware.cli._tools import _epoch
+from meterware.config import format_credits
 from meterware.config._overrides import TermsVersion, in_force, load_versions, plan_value
 from meterware.errors import MeterwareError
 
@@ -25,6 +26,11 @@ def cmd_customers_show(args: argparse.Namespace) -> int:
     data = {"id": customer.id, "plan": customer.plan, "status": customer.status, "anchor": customer.anchor}
     anchor = utc_time(customer.anchor)
     text = f"{customer.id}: plan {customer.plan}, {customer.status}, periods anchored at {anchor}"
+    cap = accounts.spend_cap(customer.id)
+    if cap is not None:
+        data["spend_cap"] = format_credits(cap)
+        whose = "the customer's own" if customer.spend_cap is not None else "the plan's"
+        text += f"\n  spend cap: {format_credits(cap)} credits per period ({whose})"
     external = accounts.external_ids(customer.id)
     if external:
         data["external_ids"] = external
@@ -73,6 +79,8 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
         accounts.set_external_id(args.customer, provider, external_id)
     if args.plan:
         accounts.change_plan(args.customer, args.plan)
+    if args.spend_cap is not None:
+        accounts.set_spend_cap(args.customer, None if args.spend_cap == "none" else args.spend_cap)
     if args.status:
         accounts.set_status(args.customer, args.status, reason=args.reason or "", actor="cli")
     if args.override is not None:
@@ -105,6 +113,11 @@ def add_customers(commands: Commands) -> None:
     sub.add_argument("--plan")
     sub.add_argument("--status", choices=["active", "suspended"])
     sub.add_argument("--reason", help="why the status changes (kept in the customer's ledger)")
+    sub.add_argument(
+        "--spend-cap",
+        metavar="CREDITS",
+        help="the customer's spend cap per period, e.g. 50.00, in place of the plan's (none: the plan's)",
+    )
     sub.add_argument(
         "--external-id",
         action="append",

@@ -31,6 +31,7 @@ def _terms(args: argparse.Namespace) -> dict[str, Any]:
         "expires_at": expires_at,
         "remaining": args.remaining,
         "scopes": args.scope or (),
+        "rate_limits": args.rate_limit or (),
     }
 
 
@@ -55,6 +56,7 @@ def _key_data(record: KeyRecord) -> dict[str, Any]:
         "metadata": record.metadata,
         "remaining": record.remaining,
         "scopes": list(record.scopes),
+        "rate_limits": [f"{limit.amount}/{limit.seconds}s" for limit in record.rate_limits],
     }
 
 
@@ -63,6 +65,10 @@ def _key_line(record: KeyRecord) -> str:
     used = f"last used {utc_time(record.last_used_ms // 1000)}" if record.last_used_ms else "never used"
     mode = "live" if record.live else "test"
     uses = "" if record.remaining is None else f", {record.remaining} uses left"
+    if record.rate_limits:
+        uses += ", limited to " + " and ".join(
+            f"{limit.amount}/{limit.seconds}s" for limit in record.rate_limits
+        )
     name = f"  {record.name!r}" if record.name else ""
     return f"{record.key_id}  {record.prefix}...  {mode}  {record.status}{expires}{uses}  {used}{name}"
 
@@ -140,4 +146,10 @@ def _add_terms(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument(
         "--remaining", type=int, metavar="N", help="the key serves N calls, then 403 key_exhausted"
+    )
+    sub.add_argument(
+        "--rate-limit",
+        action="append",
+        metavar="RATE",
+        help="the key's own rate limit, e.g. 5/second (repeatable, up to 4; on top of its plan's)",
     )

@@ -170,14 +170,43 @@ def check_filters(plan: str, terms: Mapping[str, MeterTerms], meters: Mapping[st
                 )
 
 
-def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
-    section = Section(raw, f"plans.{toml_key(check_name(name, f'plans.{toml_key(name)}'))}")
+def parse_rate_limits(section: Section) -> tuple[RateLimit, ...]:
+    """The ``rate_limits`` list of a plan or of one of its routes."""
     limits: list[RateLimit] = []
     for index, text in enumerate(section.strings("rate_limits", ())):
         try:
             limits.append(RateLimit.parse(text))
         except ValueError as error:
             raise ConfigError(f"{section.name('rate_limits')}[{index}]", str(error)) from None
+    return tuple(limits)
+
+
+def parse_plan_limits(section: Section) -> dict[str, Any]:
+    """A plan's limits beyond its rate limits: ``routes``, ``concurrency`` and ``spend_cap``."""
+    route_limits = []
+    routes = section.section("routes")
+    for glob, route_raw in routes.data.items():
+        routes.seen.add(glob)
+        table = Section(route_raw, routes.name(glob))
+        if not glob.startswith("/"):
+            raise ConfigError(routes.name(glob), "must be a path glob like '/v1/chat' or '/v1/*'")
+        route_limits.append((glob, parse_rate_limits(table)))
+        table.done()
+    spend_cap = None
+    if "spend_cap" in section.data:
+        section.seen.add("spend_cap")
+        spend_cap = parse_credits(section.data["spend_cap"], section.name("spend_cap"))
+    return {
+        "route_limits": tuple(route_limits),
+        "concurrency": section.integer("concurrency", 0),
+        "spend_cap": spend_cap,
+    }
+
+
+def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
+    section = Section(raw, f"plans.{toml_key(check_name(name, f'plans.{toml_key(name)}'))}")
+    limits = parse_rate_limits(section)
+    more_limits = parse_plan_limits(section)
     period = section.choice("period", get_args(Period), "month")
     prepaid = section.get("prepaid", bool, False)
     terms: dict[str, MeterTerms] = {}
@@ -221,7 +250,7 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         parse_money(section.data.get(key, 0), section.name(key)) for key in ("base_fee", "minimum")
     )
     section.done()
-    return Plan(name, tuple(limits), period, prepaid, terms, currency, base_fee, minimum)  # type: ignore[arg-type]
+    return Plan(name, limits, period, prepaid, terms, currency, base_fee, minimum, **more_limits)  # type: ignore[arg-type]
 
 
 def _level_pricing(

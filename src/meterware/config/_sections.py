@@ -3,10 +3,12 @@ rollup, alerts and exports (routes have their own module: they match paths)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fnmatch import translate
 from typing import Final, Literal
 
 from meterware.billing.pricing import DEFAULT_CURRENCY, PlanPrices, Price
@@ -41,6 +43,11 @@ Admission = Literal["strict", "lease"]
 DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE_RE = re.compile(r"^\s*([0-9]+)\s*(?:/|per)\s*([0-9]*)\s*(second|minute|hour|day)s?\s*\Z")
+
+
+@functools.cache
+def _glob_re(glob: str) -> re.Pattern[str]:
+    return re.compile(translate(glob))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,20 @@ class Plan:
     currency: str = DEFAULT_CURRENCY
     base_fee: Decimal = Decimal(0)
     minimum: Decimal = Decimal(0)
+    #: Rate limits of some routes only, ``(glob, limits)``: a call counts in the first glob its path matches
+    #: (as ``[routes.weights]``), per customer and route.
+    route_limits: tuple[tuple[str, tuple[RateLimit, ...]], ...] = ()
+    #: Most calls of a customer in flight at once (0: no cap).
+    concurrency: int = 0
+    #: Most micro-credits a customer's live calls may cost per period, held and charged (None: no cap).
+    spend_cap: int | None = None
+
+    def route_of(self, path: str) -> int:
+        """The index in ``route_limits`` of the first glob ``path`` matches, or -1."""
+        for index, (glob, _) in enumerate(self.route_limits):
+            if _glob_re(glob).match(path):
+                return index
+        return -1
 
     def prices(self) -> PlanPrices:
         """What prices the plan's invoices: per meter its package or tiers, or its per-unit price."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from meterware.config import Meter, Plan
+from meterware.config import Meter, Plan, RateLimit
 from meterware.dimensions import REMAINDER, Pricing, base_of, filtered, pricing
 from meterware.metering.cache import LRUCache
 from meterware.metering.unsettled import Snapshot, Unsettled
@@ -30,7 +30,28 @@ Reason = Literal[
     "insufficient_credits",
     "backend_unavailable",
     "test_key_not_allowed",
+    "concurrency_exceeded",
+    "spend_cap_reached",
 ]
+
+#: The hold that counts a customer's calls in flight (a plan's ``concurrency``): held in the period's quota
+#: hash like a meter's units, under a name no meter can have, and released when the call settles (or by the
+#: worker, past the reservation's deadline). admit.lua names it too.
+CONCURRENCY_METER = "@inflight"
+#: ``RateLimit`` policy names of the concurrency cap and the spend cap.
+CONCURRENCY_NAME = "concurrency"
+SPEND_CAP_NAME = "spend-cap"
+
+
+@dataclass(frozen=True, slots=True)
+class ScopedLimit:
+    """A rate limit narrower than the customer: on one route of the plan, or on one key."""
+
+    limit: RateLimit
+    #: What its rate key is scoped to: ``r<crc32 of the route glob>`` or ``k<key id>``.
+    scope: str
+    #: Its policy name in the ``RateLimit`` headers.
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +97,10 @@ class AdmitRequest:
     #: Whether the call must be admitted alone, never leased: a key with remaining uses (a lease would take
     #: uses its calls might never make), a customer without a key (leases are a key's).
     one_by_one: bool = False
+    #: Rate limits beyond the plan's: the route's (``[plans.X.routes."<glob>"]``), then the key's.
+    scoped_limits: tuple[ScopedLimit, ...] = ()
+    #: Most micro-credits the customer's live calls may cost in the period (-1: no cap).
+    spend_cap: int = -1
 
     @property
     def charges_credits(self) -> bool:
@@ -125,7 +150,8 @@ class Decision:
 
 
 def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool) -> tuple[MeterHold, ...]:
-    """What a call of ``weight`` units holds of each meter the plan limits or prices."""
+    """What a call of ``weight`` units holds of each meter the plan limits or prices (and a slot of the
+    plan's concurrency cap)."""
     holds = []
     split = filtered(frozenset(plan.meters))
     for name, terms in plan.meters.items():
@@ -147,7 +173,23 @@ def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool
                 holds.append(MeterHold(name + REMAINDER, -1, terms.included, price, 1, hold, exact=False))
         else:
             holds.append(MeterHold(name, quota, terms.included, price, need, hold, is_call))
+    if plan.concurrency:
+        holds.append(MeterHold(CONCURRENCY_METER, plan.concurrency, 0, 0, 1, 1))
     return tuple(holds)
+
+
+def scoped_limits(limits: tuple[RateLimit, ...], scope: str, kind: str) -> tuple[ScopedLimit, ...]:
+    """``limits`` scoped to a route (``kind`` "route") or a key ("key")."""
+    return tuple(ScopedLimit(limit, scope, f"{kind}-{rate_limit_name(limit.seconds)}") for limit in limits)
+
+
+#: Seconds a call refused by the concurrency cap is told to wait (a slot frees when a call finishes).
+CONCURRENCY_RETRY_SECONDS = 1
+
+
+def concurrency_state(cap: int, remaining: int) -> LimitState:
+    """The ``RateLimit`` entry of a concurrency cap: ``remaining`` slots free (reset: a second when none)."""
+    return LimitState(CONCURRENCY_NAME, cap, 1, remaining, 0 if remaining else CONCURRENCY_RETRY_SECONDS)
 
 
 @functools.cache
@@ -204,8 +246,9 @@ _pricings: LRUCache[int, tuple[tuple[MeterHold, ...], Pricing]] = LRUCache(10_00
 
 def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:
     """Whether ``calls`` calls like ``request`` use exactly what they hold: every meter counts calls (a
-    call's units are its hold) and ``reserved_credits`` is their whole price (nothing if not charged)."""
-    if not all(hold.exact for hold in request.holds):
+    call's units are its hold: not a concurrency slot, which uses none) and ``reserved_credits`` is their
+    whole price (nothing if not charged)."""
+    if not all(hold.exact and hold.meter != CONCURRENCY_METER for hold in request.holds):
         return False
     price = sum(hold.hold * hold.price for hold in request.holds) if request.charges_credits else 0
     return reserved_credits == calls * price

@@ -19,9 +19,16 @@ from meterware import keys
 from meterware.config import UNMATCHED_ROUTE, Config, format_credits
 from meterware.config._overrides import in_force, load_versions, plan_with
 from meterware.errors import StorageError
-from meterware.metering.admission import AdmitRequest, Decision, meter_holds
+from meterware.metering.admission import AdmitRequest, Decision, ScopedLimit, meter_holds
 from meterware.metering.cache import LRUCache
-from meterware.metering.calls import Call, CallTerms
+from meterware.metering.calls import (
+    Call,
+    CallTerms,
+    ScopedLimits,
+    plan_spend_cap,
+    route_limits,
+    spend_cap_of,
+)
 from meterware.metering.keycache import KeyCache, NeedsCustomer, NeedsLookup
 from meterware.metering.leases import Lease, LeaseTable, lease_block, lease_key
 from meterware.metering.logs import OUTAGE_WARNING_SECONDS, ThrottledWarning
@@ -80,7 +87,9 @@ class RequestCore:
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self._bad_values = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self.keys = KeyCache(self.policy, self._outage)
-        self._terms: LRUCache[tuple[str, int, int, bool, str], CallTerms] = LRUCache(TERMS_MAX_ENTRIES)
+        self._terms: LRUCache[tuple[str, int, int, bool, str, int], CallTerms] = LRUCache(TERMS_MAX_ENTRIES)
+        self.scoped_limits = ScopedLimits(TERMS_MAX_ENTRIES)
+        self._routed = any(plan.route_limits for plan in config.plans.values())
         self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
         self._balance_header = self.policy.balance_header.lower().encode("latin-1")
 
@@ -125,7 +134,11 @@ class RequestCore:
             self.leasing
             and key.key_id
             and not key.counts_uses
-            and (lease := self.leases.take(lease_key(key.key_id, terms.holds, terms.period_start)))
+            and (
+                lease := self.leases.take(
+                    lease_key(key.key_id, terms.holds, terms.period_start, self.scoped_limits.of(key, terms))
+                )
+            )
         ):
             return self.leased_call(lease, key, method, path, arrived)
         return self.admit_request(key, terms)
@@ -135,8 +148,10 @@ class RequestCore:
         by ``key`` to ``path``, in the billing period of ``now`` (cached until the period or terms change)."""
         customer = key.customer
         weight = self.routes.weight(path) if self.routes.weights else 1
+        # Only plans with route limits pay for matching the path against their globs.
+        route = self.config.plan(customer.plan).route_of(path) if self._routed else -1
         # A customer's own terms are part of the key (text: its hash is cached), "" for most customers.
-        cache_key = (customer.plan, customer.anchor, weight, key.live, customer.terms)
+        cache_key = (customer.plan, customer.anchor, weight, key.live, customer.terms, route)
         previous = terms = self._terms.get(cache_key)
         if terms is None or not terms.period_start <= now < terms.until:
             plan = self.config.plan(customer.plan)
@@ -146,9 +161,13 @@ class RequestCore:
                 version, following = in_force(load_versions(customer.terms), now)
                 plan, until = plan_with(plan, version, self.config.meters), min(end, following)
             holds = meter_holds(plan, self.config.meters, weight, key.live)
+            scoped: tuple[ScopedLimit, ...] = ()
             if previous is not None and previous.holds == holds:
                 holds = previous.holds  # the same object: leases are keyed by it
-            terms = CallTerms(plan, holds, start, end, until)
+                scoped = previous.scoped_limits
+            elif route >= 0:
+                scoped = route_limits(plan, route)
+            terms = CallTerms(plan, holds, start, end, until, scoped, plan_spend_cap(plan, key.live))
             self._terms.put(cache_key, terms)
         return terms
 
@@ -168,8 +187,11 @@ class RequestCore:
             reservation_id=f"{random.getrandbits(64):016x}",
             reservation_timeout_ms=self._reservation_timeout_ms,
             unsettled=self.unsettled if terms.holds else None,
-            # Leases are a key's: a customer without one (customer_getter) is admitted call by call.
-            one_by_one=key.counts_uses or not key.key_id,
+            # Leases are a key's: a customer without one (customer_getter) is admitted call by call; so is
+            # a call under a concurrency cap (a lease's calls would hold their slots until it ends).
+            one_by_one=key.counts_uses or not key.key_id or terms.plan.concurrency > 0,
+            scoped_limits=self.scoped_limits.of(key, terms) if key.rate_limits else terms.scoped_limits,
+            spend_cap=terms.spend_cap if key.customer.spend_cap is None else spend_cap_of(key, terms.plan),
         )
 
     def admitted(

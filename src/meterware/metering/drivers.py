@@ -20,7 +20,7 @@ from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.calls import Call
 from meterware.metering.core import RequestCore
 from meterware.metering.keycache import NeedsCustomer, NeedsLookup
-from meterware.metering.leases import Lease, lease_key
+from meterware.metering.leases import Lease, LeaseKey, lease_key
 from meterware.metering.records import KeyInfo
 from meterware.metering.responses import Problem
 from meterware.storage.base import AsyncStorage, Storage
@@ -99,7 +99,9 @@ class SyncDriver:
             return None
         with self._renewing:
             # Another thread may have renewed it meanwhile.
-            lease = core.leases.take(lease_key(request.key_id, request.holds, request.period_start))
+            lease = core.leases.take(
+                lease_key(request.key_id, request.holds, request.period_start, request.scoped_limits)
+            )
             if lease is not None:
                 return lease
             return core.granted(request, block, self.admit(storage, block), take=True)
@@ -112,7 +114,7 @@ class AsyncDriver:
     def __init__(self, core: RequestCore) -> None:
         self.core = core
         self._resolving: dict[str, asyncio.Future[KeyInfo | Problem]] = {}
-        self._renewals: dict[tuple[str, int, int], asyncio.Future[None]] = {}
+        self._renewals: dict[LeaseKey, asyncio.Future[None]] = {}
         self._renewing_ahead: set[asyncio.Task[Lease | Decision | None]] = set()
 
     def start(
@@ -225,7 +227,7 @@ class AsyncDriver:
         block = core.lease_block(request)
         if block is None:
             return None
-        identity = lease_key(request.key_id, request.holds, request.period_start)
+        identity = lease_key(request.key_id, request.holds, request.period_start, request.scoped_limits)
         while (renewal := self._renewals.get(identity)) is not None:
             await renewal
             lease = core.leases.take(identity) if take else None

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field, replace
 from typing import Final
 
 from meterware.config import Policy
-from meterware.metering.admission import AdmitRequest, Decision, MeterHold, SettledMeters, holds_full_price
+from meterware.metering.admission import (
+    AdmitRequest,
+    Decision,
+    MeterHold,
+    ScopedLimit,
+    SettledMeters,
+    holds_full_price,
+)
 from meterware.metering.unsettled import CallChange, Unsettled
 from meterware.storage.base import Settlement
 
@@ -19,8 +26,8 @@ LEASE_TABLE_MAX: Final = 10_000
 LEASE_RESERVATION_GRACE_SECONDS: Final = 30.0
 
 #: The key id, the holds' identity (plan terms, route weight, live or test; the holds are kept alive by
-#: the leases listed under it) and the billing period.
-LeaseKey = tuple[str, int, int]
+#: the leases listed under it), the billing period and the scoped rate limits' identity (route and key).
+LeaseKey = tuple[str, int, int, int]
 
 
 @dataclass(slots=True)
@@ -75,10 +82,12 @@ class Lease:
         return released, freed
 
 
-def lease_key(key_id: str, holds: tuple[MeterHold, ...], period_start: int) -> LeaseKey:
+def lease_key(
+    key_id: str, holds: tuple[MeterHold, ...], period_start: int, scoped: tuple[ScopedLimit, ...]
+) -> LeaseKey:
     """What calls sharing a lease have in common: the key, the holds (plan terms, route weight, live or
-    test) and the billing period."""
-    return (key_id, id(holds), period_start)
+    test), the billing period and the route's and key's rate limits."""
+    return (key_id, id(holds), period_start, id(scoped))
 
 
 def lease_block(request: AdmitRequest, policy: Policy) -> AdmitRequest | None:
@@ -97,6 +106,8 @@ def lease_block(request: AdmitRequest, policy: Policy) -> AdmitRequest | None:
     calls = policy.lease_calls
     for limit in request.plan.rate_limits:
         calls = min(calls, limit.amount // 4)
+    for scoped in request.scoped_limits:
+        calls = min(calls, scoped.limit.amount // 4)
     if calls < 2:
         return None
     deadline = policy.lease_seconds + LEASE_RESERVATION_GRACE_SECONDS
@@ -155,7 +166,7 @@ class LeaseTable:
                     if not any(old.in_flight for old in leases):
                         del self._leases[identity]
             self._leases.setdefault(
-                lease_key(request.key_id, request.holds, request.period_start), []
+                lease_key(request.key_id, request.holds, request.period_start, request.scoped_limits), []
             ).append(lease)
             if take:
                 lease.left -= 1

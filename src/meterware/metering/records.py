@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from meterware.config import RateLimit
+
 CustomerStatus = Literal["active", "suspended"]
 
 
@@ -20,6 +22,8 @@ class Customer:
     #: The customer's own terms over the plan's: the versions of its overrides as stored (JSON), or ""
     #: for none (:mod:`meterware.config._overrides`).
     terms: str = ""
+    #: The customer's own spend cap per period in micro-credits, in place of the plan's (None: the plan's).
+    spend_cap: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,8 @@ class KeyInfo:
     counts_uses: bool = False
     #: What the seller lets the key do, for the app to check (``meterware.current_call().scopes``).
     scopes: tuple[str, ...] = ()
+    #: The key's own rate limits (counting its calls only), on top of its plan's.
+    rate_limits: tuple[RateLimit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +64,5 @@ class KeyRecord:
     remaining: int | None = None
     #: What the seller lets the key do (read by the app, never by meterware).
     scopes: tuple[str, ...] = ()
+    #: The key's own rate limits (counting its calls only), on top of its plan's.
+    rate_limits: tuple[RateLimit, ...] = ()

@@ -56,6 +56,14 @@ _PROBLEMS: Final[dict[Reason, tuple[int, str, str]]] = {
     "insufficient_credits": (402, "Insufficient credits", "The credit balance cannot cover this call."),
     "backend_unavailable": (503, "Service unavailable", "Metering is unavailable; retry shortly."),
     "test_key_not_allowed": (403, "Live key required", "This route serves live keys only, not test keys."),
+    "concurrency_exceeded": (
+        429,
+        "Too many concurrent calls",
+        "Too many of your calls are in flight; retry when one has finished.",
+    ),
+    # 429, not 402: as OpenAI's spend limits, a cap the customer (or the seller) chose was reached; nothing
+    # is owed. It lifts when the period ends (Retry-After) or the cap is raised.
+    "spend_cap_reached": (429, "Spend cap reached", "This billing period's spend cap is reached."),
 }
 
 

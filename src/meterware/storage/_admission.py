@@ -5,8 +5,9 @@ The Redis backend builds the arguments here and reads the reply with :func:`deci
 header of ``admit.lua`` describes the same layout from the script's side.
 
 The reply to one call is ``[allowed, reason, retry_after_ms, reserved_credits, available_credits,
-calls_granted, (rate_remaining, rate_reset_ms) per rate limit..., quota_remaining per hard-quota
-hold...]``. A refusal decided before any limit was read (key, customer) stops after ``available_credits``.
+calls_granted, (rate_remaining, rate_reset_ms) per rate limit (the plan's, then the scoped ones)...,
+quota_remaining per hard-quota hold (a concurrency slot's too)..., spend_cap_remaining if capped]``.
+A refusal decided before any limit was read (key, customer) stops after ``available_credits``.
 The script also replies ``[SCRIPT_REFUSED, error]`` for a call whose keys hold garbage (it wrote nothing)
 and ``[STALE_REPLY, "STALE"]`` for a guarded call to ask again.
 """
@@ -19,9 +20,13 @@ from typing import Final, TypeAlias
 import msgpack
 
 from meterware.metering.admission import (
+    CONCURRENCY_METER,
+    CONCURRENCY_RETRY_SECONDS,
+    SPEND_CAP_NAME,
     AdmitRequest,
     Decision,
     LimitState,
+    concurrency_state,
     holds_anything,
     quota_name,
     rate_limit_name,
@@ -56,15 +61,33 @@ def decision_from_reply(request: AdmitRequest, reply: Reply, now: float) -> Deci
             name = rate_limit_name(limit.seconds)
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
             index += 2
+        for scoped in request.scoped_limits:
+            remaining, reset_ms = int(reply[index]), int(reply[index + 1])
+            limit = scoped.limit
+            limits.append(
+                LimitState(scoped.name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000))
+            )
+            index += 2
         window = request.period_end - request.period_start
         for hold in request.holds:
             if hold.quota >= 0:
                 remaining = max(0, int(reply[index]))
-                limits.append(
-                    LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
-                )
+                if hold.meter == CONCURRENCY_METER:
+                    limits.append(concurrency_state(hold.quota, remaining))
+                else:
+                    limits.append(
+                        LimitState(quota_name(hold.meter), hold.quota, window, remaining, until_period_end)
+                    )
                 index += 1
-    retry_after = until_period_end if reason == "quota_exceeded" else max(0, -(-int(reply[2]) // 1000))
+        if request.spend_cap >= 0:
+            remaining = max(0, int(reply[index]))
+            limits.append(LimitState(SPEND_CAP_NAME, request.spend_cap, window, remaining, until_period_end))
+    if reason == "quota_exceeded" or reason == "spend_cap_reached":
+        retry_after = until_period_end
+    elif reason == "concurrency_exceeded":
+        retry_after = CONCURRENCY_RETRY_SECONDS
+    else:
+        retry_after = max(0, -(-int(reply[2]) // 1000))
     reserved_credits = int(reply[3])
     # Positional: this runs for every call admitted on its own.
     return Decision(
@@ -101,6 +124,8 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         request.holds,
         request.reservation_timeout_ms,
         request.calls,
+        request.scoped_limits,
+        request.spend_cap,
     )
     template = _templates.get(identity)
     if template is not None:
@@ -115,6 +140,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         ks.reservation_deadlines(shard),
     ]
     keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
+    keys += [ks.rate(shard, live, customer, s.limit.seconds, s.scope) for s in request.scoped_limits]
     # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED,
     # RATE_LIMITS (admit.lua's names), then the limits and the holds.
     args: list[Arg] = [
@@ -125,13 +151,17 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         f"{customer} {int(live)} {request.period_start}",
         request.calls,
         int(bool(request.key_id)),
-        len(request.plan.rate_limits),
+        len(request.plan.rate_limits) + len(request.scoped_limits),
     ]
     for limit in request.plan.rate_limits:
         args += [limit.amount, limit.seconds]
+    for scoped in request.scoped_limits:
+        args += [scoped.limit.amount, scoped.limit.seconds]
     args.append(len(request.holds))
     for hold in request.holds:
         args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
+    if request.spend_cap >= 0:
+        args.append(request.spend_cap)  # only when capped: a plan without a cap sends nothing more
     template = (tuple(keys), tuple(args))
     _templates.put(identity, template)
     return template
@@ -161,6 +191,7 @@ def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tup
             id(request.holds),
             request.period_start,
             request.calls,
+            id(request.scoped_limits),  # calls of one key to two limited routes share all the rest
         )
         template = seen.get(same)
         if template is None:

@@ -69,7 +69,11 @@ def key_record(shard: int, key_id: str) -> str:
     return f"{tag(shard)}:k:{key_id}"
 
 
-def rate(shard: int, live: bool, customer_id: str, seconds: int) -> str:
+def rate(shard: int, live: bool, customer_id: str, seconds: int, scope: str = "") -> str:
+    """A rate limit's TAT: the customer's, or one of its routes' or keys' (``scope``: ``r<crc32>``,
+    ``k<key id>``; from the config and the key records, never from a request)."""
+    if scope:
+        return f"{tag(shard)}:rl:{_mode(live)}:{customer_id}:{seconds}:{scope}"
     return f"{tag(shard)}:rl:{_mode(live)}:{customer_id}:{seconds}"
 
 

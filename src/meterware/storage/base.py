@@ -314,8 +314,14 @@ class AccountStorage(UsageStorage, Protocol):
 
     def create_customer(self, customer: Customer) -> None: ...
     def get_customer(self, customer_id: str) -> Customer | None: ...
+    #: ``spend_cap``: micro-credits per period, negative to remove it, None to leave it.
     def update_customer(
-        self, customer_id: str, *, plan: str | None = None, status: str | None = None
+        self,
+        customer_id: str,
+        *,
+        plan: str | None = None,
+        status: str | None = None,
+        spend_cap: int | None = None,
     ) -> None: ...
     #: Set the customer's terms (:attr:`Customer.terms`) only if they still are ``expected``: False when
     #: they changed meanwhile (nothing written).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
-from meterware.config import EXPORT_PROVIDERS
+from meterware.config import EXPORT_PROVIDERS, format_credits, parse_credits
 from meterware.errors import ConfigError, UsageError
 from meterware.metering.records import Customer
 from meterware.storage._keyspace import check_customer_id
@@ -54,6 +54,35 @@ class Customers(AccountsBase):
                 customer_id, LedgerEntry("status", 0, actor=actor, reason=f"{status}: {reason}")
             )
 
+    def set_spend_cap(self, customer_id: str, cap: int | str | None) -> None:
+        """Set the customer's spend cap per billing period, in credits (``"50.00"``), in place of their
+        plan's; None removes it (the plan's applies again). The seller's call: it may raise the cap.
+
+        Calls that would take the period's spend (charged and held) past it are refused (429
+        ``spend_cap_reached``). Processes see the change within ``policy.key_cache_ttl`` seconds.
+        """
+        self.customer(customer_id)
+        micros = -1 if cap is None else _cap_micros(cap)
+        self.storage.update_customer(customer_id, spend_cap=micros)
+
+    def lower_spend_cap(self, customer_id: str, cap: int | str) -> None:
+        """The customer's own call: set a spend cap no higher than the one in force (theirs or their plan's),
+        e.g. from the portal; raising it is the seller's (:meth:`set_spend_cap`)."""
+        micros = _cap_micros(cap)
+        current = self.spend_cap(customer_id)
+        if current is not None and micros > current:
+            raise UsageError(
+                f"a customer may only lower the spend cap, now {format_credits(current)} credits"
+            )
+        self.storage.update_customer(customer_id, spend_cap=micros)
+
+    def spend_cap(self, customer_id: str) -> int | None:
+        """The spend cap in force for the customer, micro-credits per period (theirs, else their plan's)."""
+        customer = self.customer(customer_id)
+        if customer.spend_cap is not None:
+            return customer.spend_cap
+        return self.config.plan(customer.plan).spend_cap
+
     def set_external_id(self, customer_id: str, provider: str, external_id: str | None) -> None:
         """Record the customer's id at a billing provider (``None`` or ``""`` removes it)."""
         if provider not in EXPORT_PROVIDERS:
@@ -71,3 +100,14 @@ class Customers(AccountsBase):
     def _check_plan(self, plan: str) -> None:
         if plan not in self.config.plans:
             raise ConfigError("plan", f"{plan!r} is not defined (known: {', '.join(self.config.plans)})")
+
+
+def _cap_micros(cap: int | str) -> int:
+    """A spend cap in credits (``"50.00"``, ``50``) as micro-credits."""
+    try:
+        micros = parse_credits(cap, "spend_cap")
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    if micros < 0:
+        raise UsageError(f"spend_cap must be at least 0 credits, got {cap!r}")
+    return micros

@@ -9,12 +9,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from meterware.billing.accounts._base import LATEST_ANCHOR, AccountsBase
+from meterware.config import RateLimit
 from meterware.errors import NotFoundError, UsageError
 from meterware.keys import (
     NewKey,
     check_key_hash,
     check_metadata,
     check_name,
+    check_rate_limits,
     check_scopes,
     custom_prefix,
     generate_key,
@@ -41,6 +43,7 @@ class Keys(AccountsBase):
         remaining: int | None = None,
         scopes: Iterable[str] = (),
         prefix: str | None = None,
+        rate_limits: Iterable[str | RateLimit] = (),
     ) -> NewKey:
         """Issue a key; its plaintext exists only in the returned object.
 
@@ -50,11 +53,14 @@ class Keys(AccountsBase):
         given back, as Unkey's credits) and is refused once they are gone (403 ``key_exhausted``).
         ``scopes`` (at most 32 names) are for the app to check: ``meterware.current_call().scopes``.
         ``prefix`` (1-20 of ``[a-z0-9_]``, e.g. ``acme_live``) replaces ``mw_live``/``mw_test``.
+        ``rate_limits`` (at most 4, ``"5/second"``) count the key's calls only, on top of its plan's (429
+        ``rate_limited``; a ``key-rate-<seconds>s`` entry in the ``RateLimit`` headers).
         """
         new = generate_key(live=live, prefix=prefix)
         record = self._record(
             customer_id, new.key_id, new.prefix, live, name, metadata, expires_at, remaining, scopes
         )
+        record = replace(record, rate_limits=check_rate_limits(rate_limits))
         self.storage.add_key(record, new.hash)
         return new
 
@@ -70,6 +76,7 @@ class Keys(AccountsBase):
         expires_at: float | None = None,
         remaining: int | None = None,
         scopes: Iterable[str] = (),
+        rate_limits: Iterable[str | RateLimit] = (),
     ) -> KeyRecord:
         """Keep a key issued by another system working, from its hex SHA-256 (the plaintext is never
         needed); the other terms are :meth:`create_key`'s. ``start`` is the key's visible beginning
@@ -90,6 +97,7 @@ class Keys(AccountsBase):
             remaining,
             scopes,
         )
+        record = replace(record, rate_limits=check_rate_limits(rate_limits))
         if self.storage.resolve_key(key_hash) is not None:
             raise UsageError("a key with this hash exists already")
         try:
@@ -174,6 +182,7 @@ class Keys(AccountsBase):
             remaining=old.remaining,
             scopes=old.scopes,
             prefix=custom_prefix(old.prefix),
+            rate_limits=old.rate_limits,
             expires_at=original_expiry / 1000 if original_expiry else None,  # a trial key stays one
         )
         self.storage.set_key_state(key_id, expires_ms=expires_ms)

@@ -22,7 +22,8 @@
 --       credits (1/0), reservation timeout ms, quota expire-at (s), reservation record head ("customer
 --       live period_start"), calls (1, or a lease's), keyed (1: a key's call; 0: a customer the app
 --       authenticated itself, whose key record is not read), rate limit count, (amount, seconds)...,
---       hold count, (meter, quota, included, price, need, hold, exact)...); then per call: template
+--       hold count, (meter, quota, included, price, need, hold, exact)..., then the spend cap in
+--       micro-credits only when the customer has one); then per call: template
 --       number, reservation id, and the changes still to come from the calls this process finished
 --       ("" if none; else msgpack: first the guard, the KEYS index of the key holding the highest
 --       generation written of the process's batches (0: no guard) and the generation it read; then
@@ -38,6 +39,9 @@ local KEY_RECORD, CUSTOMER, QUOTA, RESERVATIONS, DEADLINES, FIRST_RATE = 1, 2, 3
 local CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS = 1, 2, 3
 local QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED, RATE_LIMITS = 4, 5, 6, 7, 8
 local SCRIPT_REFUSED, STALE = -1, -2
+-- The hold of a concurrency slot (metering/admission.py's CONCURRENCY_METER): a hard quota of calls in
+-- flight, whose refusal is its own.
+local CONCURRENCY_METER = '@inflight'
 
 -- The calls of a run mostly share their keys (one customer's concurrent calls): each key is read once
 -- per run, each call sees what the calls before it admitted (kept here), and the writes wait for the end
@@ -120,6 +124,7 @@ local function parse(KEYS, ARGV)
     }
     pos = pos + 7
   end
+  spec.spend_cap = tonumber(ARGV[pos + 1])
   local pair = KEYS[RESERVATIONS] .. '\n' .. KEYS[DEADLINES]
   spec.reservations = reservations[pair] or {KEYS[RESERVATIONS], KEYS[DEADLINES], {}, {}}
   reservations[pair] = spec.reservations
@@ -169,14 +174,19 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
       states[#states + 1] = math.floor(new_tat - now)
     end
   end
-  local over_quota, needs_positive_balance = false, false
+  local over_quota, over_concurrency, needs_positive_balance = false, false, false
+  local spent = 0  -- what the period's calls cost, charged and held
   for i, term in ipairs(spec.terms) do
     -- A value meter's size is unknown until the end: one unit left admits it, however many calls.
     local need, hold = term.exact and term.need * n or term.need, term.hold * n
     local used, held = used_of[i], held_of[i]
     if term.quota >= 0 then
       if used + held + need > term.quota then
-        over_quota = true
+        if term.meter == CONCURRENCY_METER then
+          over_concurrency = true
+        else
+          over_quota = true
+        end
         states[#states + 1] = term.quota - used - held
       else
         states[#states + 1] = term.quota - used - held - hold
@@ -184,11 +194,20 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
     end
     if term.price ~= 0 then
       local base = used + held
+      if spec.spend_cap then
+        spent = spent + (math.max(term.included, base) - term.included) * term.price
+      end
       d.credits = d.credits + (math.max(term.included, base + hold) - math.max(term.included, base)) * term.price
       if not term.exact and base + hold >= term.included then
         needs_positive_balance = true
       end
     end
+  end
+  local cap, over_cap = spec.spend_cap, false
+  if cap then
+    -- As credits: a value meter's call past its included units needs room left after its hold.
+    over_cap = spent + d.credits > cap or (needs_positive_balance and spent + d.credits >= cap)
+    states[#states + 1] = over_cap and cap - spent or cap - spent - d.credits
   end
   local charges_credits = spec.charges_credits
   if not charges_credits then
@@ -196,8 +215,12 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
   end
   if d.retry_ms > 0 then
     d.reason = 'rate_limited'
+  elseif over_concurrency then
+    d.reason = 'concurrency_exceeded'
   elseif over_quota then
     d.reason = 'quota_exceeded'
+  elseif over_cap then
+    d.reason = 'spend_cap_reached'
   elseif charges_credits and (available < d.credits or (needs_positive_balance and available - d.credits <= 0)) then
     d.reason = 'insufficient_credits'
   end

@@ -42,12 +42,19 @@ class AccountMixin(MemoryState):
             return account.customer if account else None
 
     def update_customer(
-        self, customer_id: str, *, plan: str | None = None, status: str | None = None
+        self,
+        customer_id: str,
+        *,
+        plan: str | None = None,
+        status: str | None = None,
+        spend_cap: int | None = None,
     ) -> None:
         check_customer_id(customer_id)
         with self._lock:
             account = self._account(customer_id)
             customer = account.customer
+            if spend_cap is not None:
+                customer = replace(customer, spend_cap=None if spend_cap < 0 else spend_cap)
             account.customer = replace(
                 customer,
                 plan=plan or customer.plan,

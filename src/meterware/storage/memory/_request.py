@@ -6,11 +6,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from meterware.config import RateLimit
 from meterware.metering.admission import (
+    CONCURRENCY_METER,
+    CONCURRENCY_RETRY_SECONDS,
+    SPEND_CAP_NAME,
     AdmitRequest,
     Decision,
     LimitState,
     Reason,
+    ScopedLimit,
+    concurrency_state,
     quota_name,
     rate_limit_name,
 )
@@ -54,6 +60,7 @@ class AdmissionMixin(MemoryState):
                 record.prefix,
                 record.remaining is not None,
                 record.scopes,
+                record.rate_limits,
             )
 
     def resolve_customer(self, customer_id: str) -> KeyInfo | None:
@@ -163,10 +170,17 @@ class AdmissionMixin(MemoryState):
         retry_ms = 0.0
         limits: list[LimitState] = []
         new_tats: list[NewTat] = []
-        for limit in request.plan.rate_limits:
+        rates: tuple[RateLimit | ScopedLimit, ...] = request.plan.rate_limits
+        if request.scoped_limits:
+            rates += request.scoped_limits
+        for rate in rates:
+            if isinstance(rate, ScopedLimit):
+                limit, scope, name = rate.limit, rate.scope, rate.name
+            else:
+                limit, scope, name = rate, "", rate_limit_name(rate.seconds)
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
-            rate_key = (request.live, request.customer, limit.seconds)
+            rate_key = (request.live, request.customer, limit.seconds, scope)
             tat = max(self._rates.get(rate_key, now), now)
             if tat - now > period_ms:
                 # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
@@ -178,10 +192,9 @@ class AdmissionMixin(MemoryState):
             else:
                 new_tats.append((rate_key, new_tat))
             remaining, reset_ms = int((period_ms - (new_tat - now)) // interval), int(new_tat - now)
-            name = rate_limit_name(limit.seconds)
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
-        over_quota = needs_positive_balance = False
-        credits = 0
+        over_quota = over_concurrency = needs_positive_balance = False
+        credits = spent = 0
         holds: list[tuple[str, int]] = []
         window = request.period_end - request.period_start
         until_period_end = max(0, request.period_end - now // 1000)
@@ -194,16 +207,30 @@ class AdmissionMixin(MemoryState):
             if hold.quota >= 0:
                 remaining = hold.quota - used - held
                 if used + held + need > hold.quota:
-                    over_quota = True
+                    if hold.meter == CONCURRENCY_METER:
+                        over_concurrency = True
+                    else:
+                        over_quota = True
                 else:
                     remaining -= held_now
-                name = quota_name(hold.meter)
-                limits.append(LimitState(name, hold.quota, window, max(0, remaining), until_period_end))
+                if hold.meter == CONCURRENCY_METER:
+                    limits.append(concurrency_state(hold.quota, max(0, remaining)))
+                else:
+                    name = quota_name(hold.meter)
+                    limits.append(LimitState(name, hold.quota, window, max(0, remaining), until_period_end))
             if hold.price:
                 base = used + held
+                if request.spend_cap >= 0:
+                    spent += (max(hold.included, base) - hold.included) * hold.price
                 credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
                 if not hold.exact and base + held_now >= hold.included:
                     needs_positive_balance = True
+        cap, over_cap = request.spend_cap, False
+        if cap >= 0:
+            # As credits: a value meter's call past its included units needs room left after its hold.
+            over_cap = spent + credits > cap or (needs_positive_balance and spent + credits >= cap)
+            left = cap - spent - (0 if over_cap else credits)
+            limits.append(LimitState(SPEND_CAP_NAME, cap, window, max(0, left), until_period_end))
         charges_credits = request.charges_credits
         if not charges_credits:
             credits = 0
@@ -212,8 +239,12 @@ class AdmissionMixin(MemoryState):
         if retry_ms:
             # admit.lua replies the whole milliseconds; the caller is told the seconds, rounded up.
             reason, retry_after = "rate_limited", -(-int(retry_ms) // 1000)
+        elif over_concurrency:
+            reason, retry_after = "concurrency_exceeded", CONCURRENCY_RETRY_SECONDS
         elif over_quota:
             reason, retry_after = "quota_exceeded", until_period_end
+        elif over_cap:
+            reason, retry_after = "spend_cap_reached", until_period_end
         elif charges_credits and (
             available < credits or (needs_positive_balance and available - credits <= 0)
         ):

@@ -62,7 +62,9 @@ class Account:
 #: ``(meter, units held)`` for each hold of a call.
 Holds: TypeAlias = tuple[tuple[str, int], ...]
 #: A rate limit's key in the store and the TAT an admission moves it to.
-NewTat: TypeAlias = tuple[tuple[bool, str, int], float]
+#: A rate limit's key: live, customer, seconds, scope ("" for the plan's; admit.lua's rate key).
+RateKey: TypeAlias = tuple[bool, str, int, str]
+NewTat: TypeAlias = tuple[RateKey, float]
 
 
 # Made for every admitted call: not frozen, as a frozen dataclass's __init__ costs an object.__setattr__
@@ -186,7 +188,7 @@ class MemoryState:
         self._accounts: dict[str, Account] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._key_ids_by_hash: dict[str, str] = {}
-        self._rates: dict[tuple[bool, str, int], float] = {}
+        self._rates: dict[RateKey, float] = {}
         self._quotas: dict[tuple[bool, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._shards = [Shard() for _ in range(shards)]
         #: Live rollup workers -> epoch ms their heartbeat expires at.

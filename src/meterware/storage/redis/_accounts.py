@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from redis.exceptions import NoScriptError
 
 from meterware.errors import NotFoundError
+from meterware.keys import rate_limits_from, stored_rate_limits
 from meterware.metering.records import Customer, KeyRecord
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import (
@@ -88,6 +89,8 @@ def key_fields(record: KeyRecord) -> dict[str, Arg]:
         "meta": json.dumps(record.metadata, separators=(",", ":")),
         "scopes": " ".join(record.scopes),
     }
+    if record.rate_limits:
+        fields["rate_limits"] = stored_rate_limits(record.rate_limits)
     if record.remaining is not None:
         fields["remaining"] = record.remaining
     return fields
@@ -110,6 +113,7 @@ def key_record_from(fields: Fields) -> KeyRecord | None:
         metadata=json.loads(fields.get(b"meta", b"{}")),
         remaining=int(fields[b"remaining"]) if b"remaining" in fields else None,
         scopes=tuple(as_str(fields.get(b"scopes", b"")).split()),
+        rate_limits=rate_limits_from(as_str(fields.get(b"rate_limits", b""))),
     )
 
 
@@ -147,7 +151,12 @@ class AccountCommands(Connection):
         return customer_from(customer_id, values)
 
     def update_customer(
-        self, customer_id: str, *, plan: str | None = None, status: str | None = None
+        self,
+        customer_id: str,
+        *,
+        plan: str | None = None,
+        status: str | None = None,
+        spend_cap: int | None = None,
     ) -> None:
         ks.check_customer_id(customer_id)
         changes: list[Arg] = []
@@ -155,6 +164,8 @@ class AccountCommands(Connection):
             changes += ["plan", plan]
         if status:
             changes += ["status", status]
+        if spend_cap is not None:
+            changes += ["spend_cap", "" if spend_cap < 0 else spend_cap]
         with self._call():
             found = self._run("update_fields", [ks.customer(self._shard(customer_id), customer_id)], changes)
         if not found:
@@ -196,7 +207,7 @@ class AccountCommands(Connection):
             index: list[Arg] = [
                 *("key_id", record.key_id, "customer", record.customer, "live", int(record.live)),
                 *("prefix", record.prefix, "uses", int(record.remaining is not None)),
-                *("scopes", " ".join(record.scopes)),
+                *("scopes", " ".join(record.scopes), "rate_limits", stored_rate_limits(record.rate_limits)),
             ]
             if not self._run("add_key_hash", [ks.key_by_hash(key_hash)], index):
                 client.lrem(keys[2], 0, record.key_id)

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from meterware.config._overrides import load_versions
 from meterware.errors import StorageError
+from meterware.keys import rate_limits_from
 from meterware.metering.admission import AdmitRequest, Decision
 from meterware.metering.records import Customer, KeyInfo
 from meterware.storage import _keyspace as ks
@@ -43,7 +44,7 @@ class Stale:
 STALE: Final = Stale()
 #: The longest billing period; a settlement only knows its period's start.
 LONGEST_PERIOD_SECONDS: Final = 31 * 86_400
-CUSTOMER_FIELDS: Final = ("plan", "status", "anchor", "terms")
+CUSTOMER_FIELDS: Final = ("plan", "status", "anchor", "terms", "spend_cap")
 
 
 def decisions_from_replies(
@@ -192,17 +193,19 @@ def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], l
 
 
 def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
-    """A customer from the ``plan, status, anchor, terms`` fields of its hash."""
-    plan, status, anchor, terms = values
+    """A customer from the ``plan, status, anchor, terms, spend_cap`` fields of its hash."""
+    plan, status, anchor, terms, spend_cap = values
     if plan is None or status is None:
         return None
     text = as_str(terms) if terms else ""
     try:
         load_versions(text)  # cached: read once per stored value
-        return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0), text)  # type: ignore[arg-type]
+        cap = int(spend_cap) if spend_cap else None  # "" once removed
+        return Customer(customer_id, as_str(plan), as_str(status), int(anchor or 0), text, cap)  # type: ignore[arg-type]
     except (ValueError, KeyError, TypeError) as error:
         raise StorageError(
-            f"customer {customer_id!r}: its stored anchor or terms are not valid ({type(error).__name__})",
+            f"customer {customer_id!r}: its stored anchor, terms or spend cap are not valid "
+            f"({type(error).__name__})",
             refused=True,
         ) from None
 
@@ -218,6 +221,7 @@ def key_info_from(fields: Fields, customer: Customer | None) -> KeyInfo | None:
         as_str(fields[b"prefix"]),
         fields.get(b"uses") == b"1",
         tuple(as_str(fields.get(b"scopes", b"")).split()),
+        rate_limits_from(as_str(fields.get(b"rate_limits", b""))),
     )
 
 

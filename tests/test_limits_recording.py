@@ -1,0 +1,107 @@
+"""``record()`` under a spend cap: what records cost counts with what calls cost, and never passes it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterware import Accounts, Config, Recorder, Refused
+from meterware.rollup import RollupWorker
+
+
+@pytest.fixture
+def config(storage_url: str, tmp_path: Path) -> Config:
+    return Config.from_dict(
+        {
+            "storage": {"url": storage_url, "shards": 4},
+            "meters": {
+                "calls": {"aggregation": "count", "source": "call"},
+                "tokens": {"aggregation": "sum", "source": "handler"},
+            },
+            "plans": {
+                # Postpaid: nothing stops a call but the cap (0.10 credits a period).
+                "capped": {
+                    "spend_cap": "0.10",
+                    "meters": {"calls": {"price": "0.01"}, "tokens": {"price": "0.0001"}},
+                }
+            },
+            "pipeline": {"flush_interval": 0.01, "spool_dir": str(tmp_path / "spool")},
+            "policy": {"timeout": 5.0},
+        }
+    )
+
+
+@pytest.fixture
+def accounts(config: Config) -> Iterator[Accounts]:
+    accounts = Accounts.open(config)
+    yield accounts
+    accounts.close()
+
+
+def test_a_record_is_refused_past_the_spend_cap(config: Config, accounts: Accounts) -> None:
+    """900 tokens (0.09) pass; 200 more (0.02) would pass 0.10 and are refused; 100 (0.01) reach it."""
+    accounts.create_customer("acme", plan="capped")
+    with Recorder(config) as recorder:
+        recorder.record("acme", {"tokens": 900}, event_id="a")
+        with pytest.raises(Refused) as refused:
+            recorder.record("acme", {"tokens": 200}, event_id="b")
+        assert refused.value.reason == "spend_cap_reached"
+        recorder.record("acme", {"tokens": 100}, event_id="c")
+
+
+def test_calls_and_records_share_the_spend_cap_without_passing_it(config: Config, accounts: Accounts) -> None:
+    """100 calls (0.01 each) through the WSGI middleware and 100 records (0.001 each) from 32 threads
+    against a 0.10 cap: what is admitted costs at most 0.10 (refused only once less than a call was left),
+    the refusals are spend_cap_reached, and the period's spend is exactly what was admitted."""
+    from werkzeug.test import Client
+
+    from meterware.wsgi import WSGIMeteringMiddleware
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    accounts.create_customer("acme", plan="capped")
+    recorder = Recorder(config)
+    middleware = WSGIMeteringMiddleware(app, config, customer_getter=lambda environ: "acme")
+    admitted = {"calls": 0, "records": 0}
+    reasons: set[str] = set()
+    lock = threading.Lock()
+    jobs = sorted([("call", n) for n in range(100)] + [("record", n) for n in range(100)], key=lambda j: j[1])
+
+    def worker(mine: list[tuple[str, int]]) -> None:
+        client = Client(middleware)
+        for kind, number in mine:
+            if kind == "call":
+                response = client.get("/v1/work", buffered=True)
+                ok = response.status_code == 200
+                reason = "" if ok else json.loads(response.get_data())["reason"]
+            else:
+                try:
+                    recorder.record("acme", {"tokens": 10}, event_id=f"r-{number}-{uuid.uuid4().hex}")
+                    ok, reason = True, ""
+                except Refused as refused:
+                    ok, reason = False, refused.reason
+            with lock:
+                admitted["calls" if kind == "call" else "records"] += ok
+                if reason:
+                    reasons.add(reason)
+
+    threads = [threading.Thread(target=worker, args=(jobs[start::32],)) for start in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    spent = admitted["calls"] * 10_000 + admitted["records"] * 1_000
+    assert 90_000 < spent <= 100_000
+    assert reasons == {"spend_cap_reached"}
+    middleware.drain()
+    recorder.close()
+    RollupWorker(accounts.storage, config).drain()
+    assert accounts.usage("acme").spend == spent

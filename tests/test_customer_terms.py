@@ -306,7 +306,7 @@ def test_clobbered_stored_terms_are_one_clear_error(redis_url: str) -> None:
         raw.hset(ks.customer(shard_of(customer, config.shards), customer), "terms", garbage)
         load_versions.cache_clear()
         with pytest.raises(
-            StorageError, match=f"customer '{customer}': its stored anchor or terms are not valid"
+            StorageError, match=f"customer '{customer}': its stored anchor, terms or spend cap are not"
         ):
             storage.resolve_key(key.hash)
     storage.close()

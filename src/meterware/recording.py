@@ -151,8 +151,10 @@ def record_holds(
 ) -> tuple[MeterHold, ...]:
     """What a record holds of each recorded meter the customer's terms (``plan``: default, those in force
     now) limit or price (per filter of dimension values too): its exact units (known before admission,
-    unlike a call's), so admission reserves exactly what they cost."""
-    holds = meter_holds(plan or config.plan_for(key.customer), config.meters, 1, key.live)
+    unlike a call's), so admission reserves exactly what they cost; under a spend cap, also
+    :func:`spend_holds`."""
+    plan = plan or config.plan_for(key.customer)
+    holds = meter_holds(plan, config.meters, 1, key.live)
     priced = priced_holds(holds, units)
     exact = tuple(
         replace(hold, need=priced[hold.meter], hold=priced[hold.meter], exact=True)
@@ -162,6 +164,8 @@ def record_holds(
     cost = sum(hold.hold * hold.price for hold in exact)
     if cost > MAX_CALL_COST:
         raise UsageError(f"record(): {cost} micro-credits are more than one record may cost")
+    if spend_cap_of(key, plan) >= 0:
+        exact += spend_holds(plan, config.meters, exact, key.live)
     return exact
 
 
@@ -363,9 +367,6 @@ class Recorder:
         plan = self.config.plan_for(key.customer, now)
         start, end = period_bounds(key.customer.anchor, plan.period, now)
         holds = record_holds(key, self.config, units, plan)
-        spend_cap = spend_cap_of(key, plan)
-        if spend_cap >= 0:
-            holds += spend_holds(plan, self.config.meters, holds, key.live)
         return AdmitRequest(
             shard=shard_of(customer, self.config.shards),
             customer=customer,
@@ -380,7 +381,7 @@ class Recorder:
             reservation_timeout_ms=int(self.config.policy.reservation_timeout * 1000),
             unsettled=self.metering.batcher.unsettled if holds else None,
             one_by_one=True,
-            spend_cap=spend_cap,
+            spend_cap=spend_cap_of(key, plan),
         )
 
     @staticmethod

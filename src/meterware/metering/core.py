@@ -148,9 +148,8 @@ class RequestCore:
         by ``key`` to ``path``, in the billing period of ``now`` (cached until the period or terms change)."""
         customer = key.customer
         weight = self.routes.weight(path) if self.routes.weights else 1
-        # Only plans with route limits pay for matching the path against their globs.
+        # Only plans with route limits match the path; a customer's own terms ("" for most) are in the key.
         route = self.config.plan(customer.plan).route_of(path) if self._routed else -1
-        # A customer's own terms are part of the key (text: its hash is cached), "" for most customers.
         cache_key = (customer.plan, customer.anchor, weight, key.live, customer.terms, route)
         previous = terms = self._terms.get(cache_key)
         if terms is None or not terms.period_start <= now < terms.until:

@@ -15,6 +15,20 @@ from meterware import Accounts, Config, Recorder, Refused
 from meterware.rollup import RollupWorker
 
 
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
+        pytest.param("cluster", id="cluster", marks=pytest.mark.redis),
+    ]
+)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """memory://, a real redis-server, a real 3-node Redis Cluster."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+
+
 @pytest.fixture
 def config(storage_url: str, tmp_path: Path) -> Config:
     return Config.from_dict(
@@ -55,10 +69,15 @@ def test_a_record_is_refused_past_the_spend_cap(config: Config, accounts: Accoun
         recorder.record("acme", {"tokens": 100}, event_id="c")
 
 
-def test_calls_and_records_share_the_spend_cap_without_passing_it(config: Config, accounts: Accounts) -> None:
+@pytest.mark.parametrize("deal", [False, True], ids=["plan", "deal"])
+def test_calls_and_records_share_the_spend_cap_without_passing_it(
+    config: Config, accounts: Accounts, deal: bool
+) -> None:
     """100 calls (0.01 each) through the WSGI middleware and 100 records (0.001 each) from 32 threads
     against a 0.10 cap: what is admitted costs at most 0.10 (refused only once less than a call was left),
-    the refusals are spend_cap_reached, and the period's spend is exactly what was admitted."""
+    the refusals are spend_cap_reached, and the period's spend is exactly what was admitted. With a deal
+    (the customer's own terms from the period's start: calls 0.005, tokens 0.00005; its own cap 0.05),
+    the same at those prices under that cap."""
     from werkzeug.test import Client
 
     from meterware.wsgi import WSGIMeteringMiddleware
@@ -68,6 +87,12 @@ def test_calls_and_records_share_the_spend_cap_without_passing_it(config: Config
         return [b"ok"]
 
     accounts.create_customer("acme", plan="capped")
+    call_price, record_price, cap = 10_000, 1_000, 100_000
+    if deal:
+        terms = {"calls.price": "0.005", "tokens.price": "0.00005"}
+        accounts.set_overrides("acme", terms, effective_from="period_start", actor="sales")
+        accounts.set_spend_cap("acme", "0.05")
+        call_price, record_price, cap = 5_000, 500, 50_000
     recorder = Recorder(config)
     middleware = WSGIMeteringMiddleware(app, config, customer_getter=lambda environ: "acme")
     admitted = {"calls": 0, "records": 0}
@@ -98,8 +123,8 @@ def test_calls_and_records_share_the_spend_cap_without_passing_it(config: Config
         thread.start()
     for thread in threads:
         thread.join()
-    spent = admitted["calls"] * 10_000 + admitted["records"] * 1_000
-    assert 90_000 < spent <= 100_000
+    spent = admitted["calls"] * call_price + admitted["records"] * record_price
+    assert cap - call_price < spent <= cap
     assert reasons == {"spend_cap_reached"}
     middleware.drain()
     recorder.close()

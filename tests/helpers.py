@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
+
+from starlette.types import ASGIApp, Message
 
 from meterware import Accounts, Config
 from meterware.keys import NewKey
@@ -64,3 +68,27 @@ def new_customer(accounts: Accounts, customer: str, credits: str, *, plan: str =
 def paths_cycling(templates: Sequence[str]) -> Callable[[int], str]:
     """Request paths taking turns through ``templates``; ``{}`` in a template becomes the request's number."""
     return lambda number: templates[number % len(templates)].format(number)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
+    """Run ``app``'s ASGI lifespan around the block, as a server would: started before, shut down after
+    (the metering middleware drains its buffer at shutdown)."""
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    started = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    async def run() -> None:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, send)
+
+    await messages.put({"type": "lifespan.startup"})
+    running = asyncio.create_task(run())
+    await started.wait()
+    try:
+        yield
+    finally:
+        await messages.put({"type": "lifespan.shutdown"})
+        await running

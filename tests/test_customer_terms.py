@@ -19,7 +19,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
@@ -38,6 +37,7 @@ from meterware.rollup import RollupWorker
 from meterware.storage import _keyspace as ks
 from meterware.storage import open_storage
 from meterware.storage._keyspace import shard_of
+from tests.helpers import lifespan
 from tests.portal.test_billing_pages import SECRET, Deployment
 
 HOUR = 3600
@@ -331,20 +331,9 @@ def test_a_running_middleware_charges_the_override_within_the_key_cache_ttl(url:
     app = MeteringMiddleware(Starlette(routes=[Route("/v1/work", work)]), config=config)
 
     async def serve() -> list[str]:
-        messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        started = asyncio.Event()
-
-        async def send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                started.set()
-
-        await messages.put({"type": "lifespan.startup"})
-        lifespan = asyncio.create_task(
-            app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, send)
-        )
-        await started.wait()
         balances = []
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        transport = httpx.ASGITransport(app=app)
+        async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             headers = {"Authorization": f"Bearer {plaintext}"}
             response = await client.get("/v1/work", headers=headers)
             balances.append(response.headers["x-credits-remaining"])
@@ -352,8 +341,6 @@ def test_a_running_middleware_charges_the_override_within_the_key_cache_ttl(url:
             await asyncio.sleep(0.3)
             response = await client.get("/v1/work", headers=headers)
             balances.append(response.headers["x-credits-remaining"])
-        await messages.put({"type": "lifespan.shutdown"})  # drains the buffer
-        await lifespan
         return balances
 
     assert asyncio.run(serve()) == ["9.750000", "9.650000"]

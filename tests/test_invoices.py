@@ -21,7 +21,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
@@ -32,6 +31,7 @@ from meterware.rollup import RollupWorker
 from meterware.storage import _keyspace as ks
 from meterware.storage import open_storage
 from meterware.storage.base import Billed, Storage
+from tests.helpers import lifespan
 
 DAY = 86_400
 
@@ -104,26 +104,12 @@ class Api:
         """Make calls through the middleware (lifespan and all), then roll everything up."""
 
         async def serve() -> None:
-            messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            started = asyncio.Event()
-
-            async def send(message: Message) -> None:
-                if message["type"] == "lifespan.startup.complete":
-                    started.set()
-
-            await messages.put({"type": "lifespan.startup"})
-            lifespan = asyncio.create_task(
-                self.app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, send)
-            )
-            await started.wait()
-            transport = httpx.ASGITransport(app=self.app)
+            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://api")
             headers = {"Authorization": f"Bearer {self.keys[customer]}"}
-            async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            async with lifespan(self.app), client:
                 for _ in range(times):
                     response = await client.get(f"/v1/chat?tokens={tokens}", headers=headers)
                     assert response.status_code == 200
-            await messages.put({"type": "lifespan.shutdown"})  # drains the buffer
-            await lifespan
 
         asyncio.run(serve())
         self.worker.drain()

@@ -16,13 +16,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import Message
 
 import meterware
 from meterware import Accounts, Config, MeteringMiddleware
 from meterware.errors import ConfigError
 from meterware.rollup import RollupWorker
 from meterware.storage import open_storage
+from tests.helpers import lifespan
 
 
 def settings(storage: str) -> dict[str, Any]:
@@ -72,26 +72,12 @@ class Api:
         """Calls through the middleware, one after the other (``last`` is the last one's), rolled up."""
 
         async def serve() -> None:
-            messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            started = asyncio.Event()
-
-            async def send(message: Message) -> None:
-                if message["type"] == "lifespan.startup.complete":
-                    started.set()
-
-            await messages.put({"type": "lifespan.startup"})
-            lifespan = asyncio.create_task(
-                self.app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, send)
-            )
-            await started.wait()
-            transport = httpx.ASGITransport(app=self.app)
+            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://api")
             headers = {"Authorization": f"Bearer {key}"}
-            async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            async with lifespan(self.app), client:
                 for query in queries:
                     assert (await client.get(f"/v1/report?{query}", headers=headers)).status_code == 200
                     await asyncio.sleep(0.002)  # distinct timestamps: ``last`` is the newest
-            await messages.put({"type": "lifespan.shutdown"})  # drains the buffer
-            await lifespan
 
         asyncio.run(serve())
         self.worker.drain()

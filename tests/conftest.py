@@ -41,6 +41,20 @@ def storage_url(request: pytest.FixtureRequest) -> str:
     return f"memory://{uuid.uuid4().hex}"
 
 
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
+        pytest.param("cluster", id="cluster", marks=pytest.mark.redis),
+    ]
+)
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """A fresh memory:// store, the suite's real emptied redis-server, or its real 3-node Redis Cluster."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_servers() -> Iterator[RedisClusterServers]:
     """One real 3-node Redis Cluster for the whole session (started on first use)."""

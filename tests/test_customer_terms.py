@@ -41,11 +41,6 @@ from tests.helpers import lifespan
 from tests.portal.test_billing_pages import SECRET, Deployment
 
 HOUR = 3600
-BACKENDS = [
-    pytest.param("memory", id="memory"),
-    pytest.param("redis", id="redis", marks=pytest.mark.redis),
-    pytest.param("cluster", id="cluster", marks=pytest.mark.redis),
-]
 
 
 def settings(storage: str, *, key_cache_ttl: float = 10.0) -> dict[str, Any]:
@@ -71,12 +66,10 @@ def settings(storage: str, *, key_cache_ttl: float = 10.0) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest) -> str:
+@pytest.fixture
+def url(backend_url: str) -> str:
     """memory://, a real redis-server, a real 3-node Redis Cluster."""
-    if request.param == "memory":
-        return f"memory://{uuid.uuid4().hex}"
-    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
+    return backend_url
 
 
 @pytest.fixture

@@ -287,20 +287,10 @@ class Setup:
         self.worker.drain()
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("memory", id="memory"),
-        pytest.param("redis", id="redis", marks=pytest.mark.redis),
-        pytest.param("cluster", id="cluster", marks=pytest.mark.redis),
-    ]
-)
-def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
-    """Memory, a real redis-server, a real 3-node Redis Cluster (each empty)."""
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-    else:
-        url = str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
-    made = Setup(url, tmp_path / "spool")
+@pytest.fixture
+def setup(backend_url: str, tmp_path: Path) -> Iterator[Setup]:
+    """On memory, a real redis-server, a real 3-node Redis Cluster (each empty)."""
+    made = Setup(backend_url, tmp_path / "spool")
     yield made
     made.recorder.close()
     made.accounts.close()

@@ -15,25 +15,11 @@ from meterware import Accounts, Config, Recorder, Refused
 from meterware.rollup import RollupWorker
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("memory", id="memory"),
-        pytest.param("redis", id="redis", marks=pytest.mark.redis),
-        pytest.param("cluster", id="cluster", marks=pytest.mark.redis),
-    ]
-)
-def storage_url(request: pytest.FixtureRequest) -> str:
-    """memory://, a real redis-server, a real 3-node Redis Cluster."""
-    if request.param == "memory":
-        return f"memory://{uuid.uuid4().hex}"
-    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url"))
-
-
 @pytest.fixture
-def config(storage_url: str, tmp_path: Path) -> Config:
+def config(backend_url: str, tmp_path: Path) -> Config:
     return Config.from_dict(
         {
-            "storage": {"url": storage_url, "shards": 4},
+            "storage": {"url": backend_url, "shards": 4},
             "meters": {
                 "calls": {"aggregation": "count", "source": "call"},
                 "tokens": {"aggregation": "sum", "source": "handler"},

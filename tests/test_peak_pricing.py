@@ -83,21 +83,10 @@ class Api:
         self.worker.drain()
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("cluster", marks=pytest.mark.redis),
-    ]
-)
-def api(request: pytest.FixtureRequest) -> Iterator[Api]:
-    if request.param == "memory":
-        url = f"memory://{uuid.uuid4().hex}"
-    elif request.param == "redis":
-        url = request.getfixturevalue("redis_url")
-    else:
-        url = request.getfixturevalue("cluster_url")
-    served = Api(url)
+@pytest.fixture
+def api(backend_url: str) -> Iterator[Api]:
+    """The API on memory://, a real redis-server, a real 3-node Redis Cluster."""
+    served = Api(backend_url)
     yield served
     served.storage.close()
 

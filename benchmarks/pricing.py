@@ -328,7 +328,7 @@ def run_rounds(
         shift = number % len(variants)
         for variant in [*variants[shift:], *variants[:shift]]:
             attempt = 0
-            run = run_once(variant, number, seconds, warmup, redis, workdir)
+            run = _measure(variant, number, seconds, warmup, redis, workdir)
             _progress(run, rounds)
             while retries.again(run.others_cores, attempt):
                 attempt += 1
@@ -336,10 +336,32 @@ def run_rounds(
                     f"  other processes used {run.others_cores:.2f} cores: measuring it again",
                     file=sys.stderr,
                 )
-                run = run_once(variant, number, seconds, warmup, redis, workdir)
+                run = _measure(variant, number, seconds, warmup, redis, workdir)
                 _progress(run, rounds)
             runs.append(run)
     return runs
+
+
+#: Runs that fail (a 503 when Redis, starved of CPU by others, answers after the client's timeout) are
+#: measured again, this many times at most per variant and round.
+FAILED_RUNS_AGAIN = 2
+
+
+def _measure(
+    variant: Variant, number: int, seconds: int, warmup: int, redis: RedisServer, workdir: Path
+) -> Run:
+    failures = 0
+    while True:
+        try:
+            return run_once(variant, number, seconds, warmup, redis, workdir)
+        except RuntimeError as error:
+            if failures == FAILED_RUNS_AGAIN:
+                raise RuntimeError(f"{variant.name}, round {number + 1}: {error}") from error
+            failures += 1
+            first = str(error).splitlines()[0]
+            print(
+                f"  {variant.name}, round {number + 1} failed ({first}): measuring it again", file=sys.stderr
+            )
 
 
 def _progress(run: Run, rounds: int) -> None:
@@ -393,7 +415,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="measure a run again if other processes used more CPU meanwhile (%(default)s; a budget of a"
         " fifth of the runs)",
     )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="MINUTES",
+        help="first wait up to this long for the 1-minute load average to fall below 1.0",
+    )
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.wait_quiet * 60
+    while (load := load_average()[0]) >= 1.0 and time.monotonic() < deadline:
+        print(f"load average {load:.2f}: waiting for it to fall below 1.0", file=sys.stderr, flush=True)
+        time.sleep(30)
     rounds = args.rounds or (3 if args.quick else 6)
     seconds = args.seconds or (2 if args.quick else 4)
     pairs = [(PLAIN, TERMS)] + ([(PLAIN_MEMORY, TERMS_MEMORY)] if args.memory else [])

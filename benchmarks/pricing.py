@@ -22,9 +22,11 @@ answered (a few more may be: calls in flight when wrk stopped counting). Exits 1
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ import meterware
 from benchmarks import SRC
 from benchmarks._harness import (
     LOAD_CPU,
+    SERVER_CPU,
     OthersClock,
     RedisServer,
     Retries,
@@ -50,6 +53,7 @@ from benchmarks._harness import (
     load_average,
     machine,
     pin_process,
+    pinned,
     wrk,
 )
 from benchmarks.apps import CREDITS_MICROS, create_customer
@@ -411,6 +415,83 @@ def table(runs: Sequence[Run], pairs: Sequence[tuple[Variant, Variant]]) -> list
     return lines
 
 
+# -- the server's CPU per request, in-process ----------------------------------------------------------
+
+#: Requests of the warm-up of an in-process run (not counted).
+WARMUP_REQUESTS = 2000
+
+
+def _child(requests: int) -> None:
+    """Serve ``requests`` calls of the app in this process (``benchmarks.profile``'s ASGI client, 32
+    callers on uvloop, no HTTP server) after a warm-up; print the CPU microseconds per request."""
+    import uvloop
+
+    from benchmarks.profile import Lifespan, drive
+
+    async def serve() -> float:
+        served = app()
+        lifespan = Lifespan(served)
+        await lifespan.startup()
+        key = os.environ["BENCH_KEY"]
+        await drive(served, key, WARMUP_REQUESTS, CONNECTIONS)
+        cpu = time.process_time()
+        await drive(served, key, requests, CONNECTIONS)
+        await lifespan.shutdown()  # the events still buffered are part of the requests' cost
+        return (time.process_time() - cpu) / requests * 1e6
+
+    print(json.dumps(uvloop.run(serve())))
+
+
+def cpu_rounds(rounds: int, requests: int, redis: RedisServer, workdir: Path) -> dict[str, list[float]]:
+    """The app's CPU microseconds per request in-process, plain and terms on Redis in alternating order,
+    each run a fresh process on the server core; its customer's spend checked like a wrk run's."""
+    found: dict[str, list[float]] = {PLAIN.name: [], TERMS.name: []}
+    for number in range(rounds):
+        for variant in (PLAIN, TERMS) if number % 2 == 0 else (TERMS, PLAIN):
+            config = workdir / f"cpu-{variant.name}.toml"
+            config.write_text(variant.config(redis.url, workdir / "spool"))
+            accounts = Accounts.open(Config.from_file(config))
+            try:
+                customer, key = new_customer(accounts, variant.terms)
+                pricing = "terms" if variant.terms else "plain"
+                env = child_env(METERWARE_CONFIG=str(config), BENCH_PRICING=pricing, BENCH_KEY=key)
+                command = [
+                    *pinned(SERVER_CPU),
+                    sys.executable,
+                    "-m",
+                    "benchmarks.pricing",
+                    "--child",
+                    str(requests),
+                ]
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"in-process {variant.name}: {done.stderr.strip()}")
+                charged = CREDITS_MICROS - accounts.balance(customer).balance
+            finally:
+                accounts.close()
+            calls = WARMUP_REQUESTS + requests
+            if cost(variant.terms, calls) != charged:
+                raise RuntimeError(f"in-process {variant.name}: {charged} charged for {calls} calls")
+            found[variant.name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(
+                f"  in-process {number + 1}/{rounds} {variant.name:<6} {found[variant.name][-1]:6.1f} us/req",
+                file=sys.stderr,
+                flush=True,
+            )
+    return found
+
+
+def cpu_table(found: dict[str, list[float]]) -> list[str]:
+    ratios = [terms / plain for plain, terms in zip(found[PLAIN.name], found[TERMS.name], strict=True)]
+    plain, terms = statistics.median(found[PLAIN.name]), statistics.median(found[TERMS.name])
+    return [
+        "| in-process, Redis, strict | CPU us/req | x plain (range) |",
+        "|---|---:|---:|",
+        f"| {LABELS[PLAIN.name]} | {plain:.1f} | 1.00x |",
+        f"| {LABELS[TERMS.name]} | {terms:.1f} | {_spread(ratios)} |",
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pricing", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2 s runs (about a minute)")
@@ -433,7 +514,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="MINUTES",
         help="first wait up to this long for the 1-minute load average to fall below 1.0",
     )
+    parser.add_argument(
+        "--in-process",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="then this many rounds of the app's CPU per request in-process (no HTTP server)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=10_000, help="requests of an in-process run (%(default)s)"
+    )
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child)
+        return 0
     deadline = time.monotonic() + args.wait_quiet * 60
     while (load := load_average()[0]) >= 1.0 and time.monotonic() < deadline:
         print(f"load average {load:.2f}: waiting for it to fall below 1.0", file=sys.stderr, flush=True)
@@ -456,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pin_process(redis.process.pid, str(LOAD_CPU))
         runs = run_rounds(variants, rounds, seconds, args.warmup, retries, redis, workdir)
+        found = cpu_rounds(args.in_process, args.requests, redis, workdir) if args.in_process else None
     finally:
         redis.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -467,6 +563,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {max(run.others_cores for run in runs):.2f} at most"
     )
     print("\n".join(table(runs, pairs)))
+    if found:
+        print(
+            f"\nThe app's CPU per request in-process (benchmarks.profile's ASGI client, {CONNECTIONS}"
+            f" callers, no HTTP server), medians of {args.in_process} alternating runs of"
+            f" {args.requests:,} requests"
+        )
+        print("\n".join(cpu_table(found)))
     print(
         f"\nruns measured again because other processes used more than {args.max_others} cores:"
         f" {rounds * len(variants) // 5 - retries.left}"

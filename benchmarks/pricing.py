@@ -17,6 +17,11 @@ its first answer (200, and the ``RateLimit-Policy`` of the customer's terms: the
 **terms**), and afterwards the customer's spend: it must be exactly what some number of calls costs by
 the plan and the overrides (:func:`cost`, computed by hand below), and that number every call wrk saw
 answered (a few more may be: calls in flight when wrk stopped counting). Exits 1 otherwise.
+
+Each round also records the server's CPU per request, which moves less than req/s when other processes
+load a shared machine. ``--in-process ROUNDS`` then measures the app's CPU per request without an HTTP
+server (``benchmarks.profile``'s ASGI client in a fresh process on the server core), plain and terms
+alternating, each run's spend checked too.
 """
 
 from __future__ import annotations

@@ -198,10 +198,11 @@ def _level_terms(current: MeterTerms, what: str, value: str, field: str) -> Mete
     """A ``max`` or ``last`` meter's terms with its price or included units overridden (in its pricing)."""
     pricing = current.pricing or Price.unit(ZERO)
     if what == "price":
-        pricing = Price.unit(Decimal(parse_credits(value, field)).scaleb(-6), included=pricing.included)
-    else:
-        pricing = replace(pricing, included=int(value))
-    return replace(current, pricing=pricing)
+        return replace(
+            current,
+            pricing=Price.unit(Decimal(parse_credits(value, field)).scaleb(-6), included=pricing.included),
+        )
+    return replace(current, included=int(value), pricing=replace(pricing, included=int(value)))
 
 
 def plan_value(plan: Plan, field: str) -> str:

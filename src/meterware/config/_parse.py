@@ -236,7 +236,6 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
         aggregation = meters[base_of(meter_name)].aggregation
         if meters[base_of(meter_name)].level:
             price, pricing = _level_pricing(table, aggregation, prepaid, quota, included, price, pricing)
-            included = 0  # in its pricing: the request path holds nothing of it
         elif aggregation == "unique":
             model = "package" if "package" in table.data else "tiers"
             for name, value in (("quota", quota), ("included", included), ("price", price), (model, pricing)):

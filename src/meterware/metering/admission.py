@@ -155,9 +155,9 @@ def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool
     holds = []
     split = filtered(frozenset(plan.meters))
     for name, terms in plan.meters.items():
-        if terms.quota is None and not terms.price and not terms.included:
-            continue
         meter = meters[base_of(name)]
+        if meter.level or (terms.quota is None and not terms.price and not terms.included):
+            continue  # a level (max, last) is priced on invoices only
         is_call = meter.source == "call"
         units = call_units(meter, weight)
         quota = terms.quota if terms.quota is not None and terms.hard else -1

@@ -19,6 +19,8 @@ from werkzeug.test import Client
 
 import meterware
 from meterware import Accounts, Config, Recorder
+from meterware.metering.admission import AdmitRequest
+from meterware.metering.leases import lease_block
 from meterware.wsgi import WSGIMeteringMiddleware
 
 
@@ -133,3 +135,17 @@ def test_records_count_against_the_tokens_limit(config: Config, middleware: WSGI
         recorder.flush()
     refused = call(middleware, 10)
     assert (refused.status_code, refused.headers["retry-after"]) == (429, "3")
+
+
+@pytest.mark.parametrize(("limit", "calls"), [("100000 tokens/minute", 32), ("1200 tokens/minute", 3)])
+def test_a_lease_takes_at_most_a_quarter_of_a_tokens_limit(limit: str, calls: int) -> None:
+    """A lease's block takes each call's estimate (100 tokens): at most a quarter of the limit, so 1,200
+    tokens a minute lease 3 calls (300 tokens), 100,000 the policy's lease_calls (32) whole."""
+    meters = {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 100}}
+    config = Config.from_dict(
+        {"meters": meters, "plans": {"p": {"rate_limits": [limit]}}, "policy": {"lease_calls": 32}}
+    )
+    request = AdmitRequest(0, "acme", "k1", True, config.plan("p"), 0, 86_400, (), "r", 1000)
+    block = lease_block(request, config.policy)
+    assert block is not None
+    assert block.calls == calls

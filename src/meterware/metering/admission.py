@@ -240,8 +240,9 @@ def rate_moves(settlements: Iterable[Settlement | None]) -> dict[RateMove, int]:
     for settlement in settlements:
         if settlement is not None and settlement.rates:
             for meter, amount, seconds, units in settlement.rates:
-                move = (settlement.live, settlement.customer, meter, amount, seconds)
-                moves[move] = moves.get(move, 0) + units
+                if amount > 0 and seconds > 0:  # else not a limit (a spool file damaged by hand)
+                    move = (settlement.live, settlement.customer, meter, amount, seconds)
+                    moves[move] = moves.get(move, 0) + units
     return moves
 
 

@@ -7,7 +7,9 @@ the bucket by what the calls used beyond (or short of) it; every backend agrees 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
+import msgpack
 import pytest
 import redis as redis_py
 
@@ -16,6 +18,7 @@ from meterware.errors import StorageError
 from meterware.storage import _keyspace as ks
 from meterware.storage.base import Batch, Settlement, Storage
 from meterware.storage.redis import RedisStorage
+from meterware.storage.redis._request import flush_call
 from tests.storage.test_contract import admit_request, open_account
 
 TOKENS = RateLimit(1000, 60, "tokens", 100)
@@ -94,3 +97,24 @@ def test_a_clobbered_rate_key_refuses_that_customers_flush_only(redis_url: str) 
         client.close()
     finally:
         storage.close()
+
+
+def test_a_flush_without_meter_limits_sends_what_it_always_did() -> None:
+    """flush.lua's arguments: 10 for a batch of calls without a meter's limit; an 11th, one correction per
+    customer and limit (the calls' summed: +400 and -90 make +310), only when some call carries one."""
+    plain = Settlement("acme", True, 0, "", True, False, ())
+    metered = [replace(plain, rates=(("tokens", 1000, 60, units),)) for units in (400, -90)]
+    batch = Batch(0, str(uuid.uuid4()), b"events", (plain, plain))
+    keys, args = flush_call(batch)
+    assert len(args) == 10
+    keys, args = flush_call(replace(batch, settlements=(plain, *metered)))
+    assert len(args) == 11
+    assert isinstance(args[10], bytes)
+    rate_key, amount, seconds, units, customer_key = msgpack.unpackb(args[10])
+    assert (keys[rate_key - 1], amount, seconds, units) == (
+        ks.rate(0, True, "acme", 60, "mtokens"),
+        1000,
+        60,
+        310,
+    )
+    assert keys[customer_key - 1] == ks.customer(0, "acme")

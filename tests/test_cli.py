@@ -719,7 +719,7 @@ def test_plans_list(capsys: pytest.CaptureFixture[str]) -> None:
         "  calls: no quota, 0 included, 0.002000 per unit",
         "pro: per month, invoiced, 200/1s, 10000/60s, /v1/chat* 10/1s, 20 in flight, spend cap 500.000000",
         "  calls: soft quota 1000000, 100000 included, 0.000500 per unit",
-        "tokens: per month, prepaid, no rate limit",
+        "tokens: per month, prepaid, 600/60s, 100000 tokens/60s",
         "  tokens: no quota, 0 included, 0.000020 per unit",
     ]
     assert main(["plans", "list", "--config", str(EXAMPLE), "--json"]) == 0

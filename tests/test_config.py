@@ -79,7 +79,13 @@ def test_example_file_parses_to_the_documented_values() -> None:
             concurrency=20,
             spend_cap=500_000_000,
         ),
-        "tokens": Plan("tokens", (), "month", True, {"tokens": MeterTerms(price=20)}),
+        "tokens": Plan(
+            "tokens",
+            (RateLimit(600, 60), RateLimit(100_000, 60, "tokens", 1)),
+            "month",
+            True,
+            {"tokens": MeterTerms(price=20)},
+        ),
     }
     assert config.routes.exclude == ("/health", "/metrics", "/docs*", "/openapi.json")
     assert config.routes.weights == (("/v1/embeddings/batch", 10),)

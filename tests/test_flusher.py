@@ -187,6 +187,19 @@ def test_a_spooled_record_keeps_its_marker_and_a_spool_from_before_still_reads(t
     assert spool.read(path) == replace(batch, settlements=(SETTLEMENT, SETTLEMENT))
 
 
+def test_a_spooled_calls_rate_corrections_read_back(tmp_path: Path) -> None:
+    """A call's meter rate corrections (a negative one too) follow its marker ("" for a call) in its row;
+    readers from before read the first 8 values of such a row only (the 8-value row of a record)."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    metered = replace(SETTLEMENT, rates=(("tokens", 1000, 60, 300), ("tokens", 50, 1, -90)))
+    (batch,) = make_batches([pending(0, 1, metered)])
+    spool.write(batch)
+    (path,) = spool.pending()
+    assert spool.read(path) == batch
+    _, _, _, rows = msgpack.unpackb(path.read_bytes(), raw=False)
+    assert rows[0][7:] == ["", [["tokens", 1000, 60, 300], ["tokens", 50, 1, -90]]]
+
+
 def test_spool_is_shared_through_the_directory(tmp_path: Path) -> None:
     """A second Spool on the same directory (another process) sees the batches of the first."""
     (batch,) = make_batches([pending(0)])

@@ -57,13 +57,30 @@ def test_a_plan_without_them_holds_nothing_more() -> None:
         pytest.param({"concurrency": -1}, "plans.p.concurrency", "at least 0", id="concurrency"),
         pytest.param({"spend_cap": "1.0000001"}, "plans.p.spend_cap", "6 decimals", id="spend-cap-inexact"),
         pytest.param({"spend_cap": "-5"}, "plans.p.spend_cap", "negative", id="spend-cap-negative"),
+        pytest.param({"rate_limits": ["9 words/day"]}, "p.rate_limits[0]", "not a 'sum'", id="rate-no-meter"),
+        pytest.param({"rate_limits": ["9 calls/day"]}, "p.rate_limits[0]", "not a .sum", id="rate-count"),
+        pytest.param({"routes": {"/v": {"rate_limits": ["9 tokens/day"]}}}, "/v", "own", id="rate-route"),
     ],
 )  # fmt: skip
 def test_bad_plan_limits_are_refused(plan: dict[str, Any], field: str, message: str) -> None:
     """Each mistake is a ConfigError naming its field."""
+    meters = {"calls": {"aggregation": "count"}, "tokens": {"aggregation": "sum", "source": "handler"}}
     with pytest.raises(ConfigError, match=message) as raised:
-        Config.from_dict({"plans": {"p": plan}})
+        Config.from_dict({"meters": meters, "plans": {"p": plan}})
     assert field in str(raised.value)
+
+
+def test_a_plan_may_limit_a_sum_meters_units() -> None:
+    """``"100000 tokens/minute"``: a limit on the meter's units, whose call takes the meter's reserve (at
+    least 1) at admission."""
+    meters: dict[str, Any] = {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 250}}
+    config = Config.from_dict(
+        {"meters": meters, "plans": {"p": {"rate_limits": ["600/minute", "100000 tokens/minute"]}}}
+    )
+    assert config.plan("p").rate_limits == (RateLimit(600, 60), RateLimit(100_000, 60, "tokens", 250))
+    meters["tokens"]["reserve"] = 0
+    config = Config.from_dict({"meters": meters, "plans": {"p": {"rate_limits": ["5 tokens per 2 hours"]}}})
+    assert config.plan("p").rate_limits == (RateLimit(5, 7200, "tokens", 1),)
 
 
 def test_each_limit_adds_to_the_admission_only_when_set() -> None:
@@ -97,3 +114,16 @@ def test_each_limit_adds_to_the_admission_only_when_set() -> None:
     assert template(plan, scoped_limits=route) == (7, 8 + 4 + 1 + 7)
     assert template(replace(plan, concurrency=3)) == (6, 8 + 2 + 1 + 14)
     assert template(plan, spend_cap=5) == (6, 8 + 2 + 1 + 7 + 1)
+    # A meter's limit: its key and (amount, seconds), then the spend cap ("" without one) and each rate
+    # limit's cost per call (the route's too).
+    tokens = RateLimit(1000, 60, "tokens", 100)
+    metered = replace(plan, rate_limits=(*plan.rate_limits, tokens))
+    assert template(metered) == (7, 8 + 4 + 1 + 7 + 1 + 2)
+    assert template(metered, spend_cap=5, scoped_limits=route) == (8, 8 + 6 + 1 + 7 + 1 + 3)
+    keys, args = admit_template(
+        AdmitRequest(
+            0, "acme", "k1", True, metered, 0, 86_400, meter_holds(plan, config.meters, 1, True), "r", 1000
+        )
+    )
+    assert keys[-1] == "mw:{s0}:rl:live:acme:60:mtokens"
+    assert args[-3:] == ("", 1, 100)

@@ -9,8 +9,9 @@ A record goes through the same atomic admission as a call (hard quotas and credi
 its units cost is reserved: concurrent records never overspend), then into the same buffer, flush and
 settlement (the credits ledger, the stream, the rollup windows) as an event with no route: route ``""``,
 method ``RECORD``. One the credits or a quota cannot cover raises :class:`Refused`. Records never count
-against the plan's rate limits (those count calls) and are never served without the backend (fail-open is
-for calls): a backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
+against the plan's rate limits of calls, and are never refused by one of a meter's units (their units
+count against it once flushed). They are never served without the backend (fail-open is for calls): a
+backend failure raises :class:`~meterware.StorageError`, to retry with the same ``event_id``.
 
 An ``event_id`` is charged once within :data:`IDEMPOTENCY_SECONDS`: the record's settlement carries its
 one-use marker, set by the flush that charges it in the same atomic step (``storage/_once.py``). So a
@@ -51,9 +52,12 @@ from meterware.metering.admission import (
     AdmitRequest,
     Decision,
     MeterHold,
+    RateCorrections,
     Reason,
+    SettledMeters,
     meter_holds,
     priced_holds,
+    rate_corrections,
     settled_meters,
 )
 from meterware.metering.batching import Pending
@@ -63,6 +67,7 @@ from meterware.metering.flushers import ThreadFlusher
 from meterware.metering.measure import nets_out
 from meterware.metering.periods import period_bounds
 from meterware.metering.records import KeyInfo
+from meterware.metering.unsettled import CallChange
 from meterware.storage._keyspace import shard_of
 from meterware.storage.base import BATCH_MEMORY_SECONDS, AsyncStorage, Batch, Settlement, Storage
 from meterware.usage import UNITS_LIMIT
@@ -304,13 +309,13 @@ class Recorder:
                 self.flush()
             if storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            request = self._request(customer, checked, storage.resolve_customer(customer))
+            request, rates = self._request(customer, checked, storage.resolve_customer(customer))
             decision = storage.admit(request)
             if not decision.allowed:
                 if storage.is_used(*key):  # charged meanwhile (by another process's attempt)
                     return Recorded(event_id, "", False)
                 raise self._refused(customer, decision)
-            done = self._queue(request, decision, checked, event_id)
+            done = self._queue(request, decision, checked, event_id, rates)
             queued = True
             return done
         finally:
@@ -338,13 +343,13 @@ class Recorder:
                 await asyncio.to_thread(self.flush)
             if await storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            request = self._request(customer, checked, await storage.resolve_customer(customer))
+            request, rates = self._request(customer, checked, await storage.resolve_customer(customer))
             decision = await storage.admit(request)
             if not decision.allowed:
                 if await storage.is_used(*key):
                     return Recorded(event_id, "", False)
                 raise self._refused(customer, decision)
-            done = self._queue(request, decision, checked, event_id)
+            done = self._queue(request, decision, checked, event_id, rates)
             queued = True
             return done
         finally:
@@ -359,20 +364,24 @@ class Recorder:
             self.metering.metrics.units_rejected.inc()
             raise
 
-    def _request(self, customer: str, units: Mapping[str, int], key: KeyInfo | None) -> AdmitRequest:
-        """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer)."""
+    def _request(
+        self, customer: str, units: Mapping[str, int], key: KeyInfo | None
+    ) -> tuple[AdmitRequest, RateCorrections]:
+        """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer), and
+        what its settlement moves of the plan's meter rate limits (its units count; it is never refused
+        by them)."""
         if key is None:
             raise Refused(customer, "unknown_customer")
         now = time.time()
         plan = self.config.plan_for(key.customer, now)
         start, end = period_bounds(key.customer.anchor, plan.period, now)
         holds = record_holds(key, self.config, units, plan)
-        return AdmitRequest(
+        request = AdmitRequest(
             shard=shard_of(customer, self.config.shards),
             customer=customer,
             key_id="",
             live=key.live,
-            # Rate limits count calls, and a record is not one.
+            # Never refused by a rate limit: those count calls, or units a call is about to use.
             plan=replace(plan, rate_limits=()),
             period_start=start,
             period_end=end,
@@ -383,6 +392,7 @@ class Recorder:
             one_by_one=True,
             spend_cap=spend_cap_of(key, plan),
         )
+        return request, rate_corrections(plan, units, False)
 
     @staticmethod
     def _refused(customer: str, decision: Decision) -> Refused:
@@ -390,7 +400,12 @@ class Recorder:
         return Refused(customer, decision.reason, decision.retry_after)
 
     def _queue(
-        self, request: AdmitRequest, decision: Decision, units: dict[str, int], event_id: str
+        self,
+        request: AdmitRequest,
+        decision: Decision,
+        units: dict[str, int],
+        event_id: str,
+        rates: RateCorrections,
     ) -> Recorded:
         """Queue the admitted record's event and settlement for the flusher (as a finished call's)."""
         now_ms = time.time_ns() // 1_000_000
@@ -423,17 +438,9 @@ class Recorder:
             request.charges_credits,
             settled,
             once=marker(event_id),
+            rates=rates,
         )
-        change = None
-        if request.holds and not (decision.reservation_id and nets_out(request, decision.reserved_credits)):
-            account = (request.customer, request.live, request.period_start)
-            released = decision.reserved_credits if decision.reservation_id else 0
-            freed = [hold.hold if decision.reservation_id else 0 for hold in request.holds]
-            meters = tuple(
-                (meter, used, free) for (meter, used, _, _), free in zip(settled, freed, strict=True)
-            )
-            change = (account, released, meters)
-        self.metering.queue(Pending(request.shard, row, settlement, change))
+        self.metering.queue(Pending(request.shard, row, settlement, _change(request, decision, settled)))
         self.flusher.ensure_running()
         return Recorded(event_id, format_event_id(stream_id), True, decision.reserved_credits)
 
@@ -481,6 +488,17 @@ class Recorder:
 
 _default: Recorder | None = None
 _default_lock = threading.Lock()
+
+
+def _change(request: AdmitRequest, decision: Decision, settled: SettledMeters) -> CallChange | None:
+    """What an admitted record's settlement changes of its customer's counters (as a finished call's)."""
+    if not request.holds or (decision.reservation_id and nets_out(request, decision.reserved_credits)):
+        return None
+    account = (request.customer, request.live, request.period_start)
+    released = decision.reserved_credits if decision.reservation_id else 0
+    freed = [hold.hold if decision.reservation_id else 0 for hold in request.holds]
+    meters = tuple((meter, used, free) for (meter, used, _, _), free in zip(settled, freed, strict=True))
+    return account, released, meters
 
 
 def default_recorder() -> Recorder:

@@ -41,6 +41,13 @@ def tokens(count: int) -> dict[str, int]:
     return {"tokens": count}
 
 
+@app.get("/v1/words/{count}")
+def words(count: int) -> dict[str, int]:
+    """Report ``count`` of the ``words`` meter (configured by the tests that use it)."""
+    meterware.usage.add("words", count)
+    return {"words": count}
+
+
 @app.get("/v1/stream")
 async def stream() -> StreamingResponse:
     """Send one chunk, wait until the client says it has it (a file appears), then send the rest."""

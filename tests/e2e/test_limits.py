@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import Counter
@@ -87,6 +88,50 @@ def test_at_most_5_calls_in_flight_and_a_finished_call_frees_its_slot(
     assert results == {(200, None, None): 5, (429, "concurrency_exceeded", "1"): 15}, output
     assert again == {200: 5}, output
     accounts.close()
+
+
+def test_a_tokens_per_minute_limit_refuses_with_a_retry_after(
+    e2e_env: dict[str, str], tmp_path: Path
+) -> None:
+    """1,000 words a minute (60 ms a word), each call taking the meter's reserve of 100 (6 s) at admission:
+    two calls reporting 500 words, each flushed before the next, fill the bucket (60 s ahead); the third
+    needs 6 s more than the burst: 429 rate_limited, Retry-After 6 less the time since the first call
+    (the bucket drains meanwhile; rounded up), its ``words-rate-60s`` entry alone in the headers."""
+    add_to_config(
+        e2e_env,
+        '\n[policy]\ntimeout = 5.0\n\n[meters.words]\naggregation = "sum"\nsource = "handler"\n'
+        "reserve = 100\n"
+        '\n[plans.tpm]\nrate_limits = ["1000 words/minute"]\n',
+    )
+    accounts = accounts_of(e2e_env)
+    accounts.create_customer("acme", plan="tpm")
+    key = accounts.create_key("acme")
+    server = serve(UVICORN, e2e_env, tmp_path)
+    try:
+        headers = {"Authorization": f"Bearer {key.plaintext}"}
+        with httpx.Client(base_url=server.url, timeout=20, headers=headers) as client:
+            served = []
+            first = time.time()
+            for _ in range(2):
+                served.append(client.get("/v1/words/500").status_code)
+                time.sleep(0.25)  # flushed (every 50 ms): its 500 words are in the bucket
+            before = time.time()
+            refused = client.get("/v1/words/500")
+            after = time.time()
+    finally:
+        output = server.stop()
+    accounts.close()
+    assert served == [200, 200], output
+    assert refused.status_code == 429, output
+    assert refused.json()["reason"] == "rate_limited"
+    assert (
+        math.ceil(6 - (after - first))
+        <= int(refused.headers["retry-after"])
+        <= math.ceil(6 - (before - first))
+    )
+    assert int(refused.headers["retry-after"]) >= 5
+    assert refused.headers["ratelimit-policy"] == '"words-rate-60s";q=1000;w=60'
+    assert refused.headers["ratelimit"].startswith('"words-rate-60s";r=')
 
 
 @pytest.fixture(params=sorted(SERVERS))

@@ -239,7 +239,7 @@ class AccountView:
             },
             "rate_limits": [
                 {
-                    "name": rate_limit_name(limit.seconds),
+                    "name": rate_limit_name(limit.seconds, limit.meter),
                     "limit": limit.amount,
                     "window_seconds": limit.seconds,
                 }

@@ -144,7 +144,7 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
         data[plan.name] = {
             "period": plan.period,
             "prepaid": plan.prepaid,
-            "rate_limits": [f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits],
+            "rate_limits": [str(limit) for limit in plan.rate_limits],
             "meters": {
                 name: {
                     "quota": terms.quota,
@@ -159,9 +159,7 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
             "base_fee": f"{plan.base_fee:f}",
             "minimum": f"{plan.minimum:f}",
         }
-        limits = (
-            ", ".join(f"{limit.amount}/{limit.seconds}s" for limit in plan.rate_limits) or "no rate limit"
-        )
+        limits = ", ".join(map(str, plan.rate_limits)) or "no rate limit"
         limits += _more_limits(plan, data[plan.name])
         lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
         for name, terms in plan.meters.items():

@@ -170,12 +170,13 @@ def check_filters(plan: str, terms: Mapping[str, MeterTerms], meters: Mapping[st
                 )
 
 
-def parse_rate_limits(section: Section) -> tuple[RateLimit, ...]:
-    """The ``rate_limits`` list of a plan or of one of its routes."""
+def parse_rate_limits(section: Section, meters: Mapping[str, Meter] | None = None) -> tuple[RateLimit, ...]:
+    """The ``rate_limits`` list of a plan (``meters``: it may limit a ``sum`` meter) or of one of its
+    routes."""
     limits: list[RateLimit] = []
     for index, text in enumerate(section.strings("rate_limits", ())):
         try:
-            limits.append(RateLimit.parse(text))
+            limits.append(RateLimit.parse(text, meters))
         except ValueError as error:
             raise ConfigError(f"{section.name('rate_limits')}[{index}]", str(error)) from None
     return tuple(limits)
@@ -205,7 +206,7 @@ def parse_plan_limits(section: Section) -> dict[str, Any]:
 
 def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     section = Section(raw, f"plans.{toml_key(check_name(name, f'plans.{toml_key(name)}'))}")
-    limits = parse_rate_limits(section)
+    limits = parse_rate_limits(section, meters)
     more_limits = parse_plan_limits(section)
     period = section.choice("period", get_args(Period), "month")
     prepaid = section.get("prepaid", bool, False)

@@ -42,7 +42,9 @@ Admission = Literal["strict", "lease"]
 
 DEFAULT_KEY_HEADERS = ("authorization", "x-api-key")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-_RATE_RE = re.compile(r"^\s*([0-9]+)\s*(?:/|per)\s*([0-9]*)\s*(second|minute|hour|day)s?\s*\Z")
+_RATE_RE = re.compile(
+    r"^\s*([0-9]+)\s*(?:([A-Za-z0-9][A-Za-z0-9_.-]*)\s*)??(?:/|per)\s*([0-9]*)\s*(second|minute|hour|day)s?\s*\Z"
+)
 
 
 @functools.cache
@@ -83,24 +85,41 @@ class Meter:
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """At most ``amount`` calls per ``seconds``, enforced with GCRA (bursts up to ``amount``)."""
+    """At most ``amount`` calls (or units of a ``sum`` meter) per ``seconds``, enforced with GCRA (bursts
+    up to ``amount``)."""
 
     amount: int
     seconds: int
+    #: The ``sum`` meter whose units are limited ("": calls).
+    meter: str = ""
+    #: Units a call takes at admission: 1 for calls; a meter's ``reserve`` (at least 1), corrected by the
+    #: call's actual units when it is settled.
+    estimate: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> RateLimit:
-        """Parse ``"10/second"``, ``"600/minute"``, ``"1000 per 5 minutes"``."""
+    def parse(cls, text: str, meters: Mapping[str, Meter] | None = None) -> RateLimit:
+        """Parse ``"10/second"``, ``"600/minute"``, ``"1000 per 5 minutes"``, or a ``sum`` meter's
+        ``"100000 tokens/minute"`` (only where ``meters`` are given: a plan's own limits)."""
         match = _RATE_RE.match(text)
         if not match:
             raise ValueError(f"expected a rate like '10/second' or '600/minute', got {text!r}")
-        amount, multiple, unit = int(match[1]), int(match[2] or 1), match[3]
+        amount, meter, multiple, unit = int(match[1]), match[2] or "", int(match[3] or 1), match[4]
         if amount <= 0 or multiple <= 0:
             raise ValueError(f"rate must be positive, got {text!r}")
-        return cls(amount, multiple * _UNIT_SECONDS[unit])
+        if not meter:
+            return cls(amount, multiple * _UNIT_SECONDS[unit])
+        if meters is None:
+            raise ValueError(f"only a plan's own rate_limits may limit a meter, got {text!r}")
+        found = meters.get(meter)
+        if found is None or found.aggregation != "sum":
+            known = ", ".join(sorted(name for name, m in meters.items() if m.aggregation == "sum")) or "none"
+            raise ValueError(f"{meter!r} in {text!r} is not a 'sum' meter (sum meters: {known})")
+        return cls(amount, multiple * _UNIT_SECONDS[unit], meter, max(1, found.reserve))
 
     def __str__(self) -> str:
-        return f"{self.amount}/{self.seconds}s"
+        return (
+            f"{self.amount} {self.meter}/{self.seconds}s" if self.meter else f"{self.amount}/{self.seconds}s"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +160,11 @@ class Plan:
     concurrency: int = 0
     #: Most micro-credits a customer's live calls may cost per period, held and charged (None: no cap).
     spend_cap: int | None = None
+
+    @property
+    def meter_limited(self) -> bool:
+        """Whether a rate limit of the plan counts a meter's units (calls then settle their units)."""
+        return any(limit.meter for limit in self.rate_limits)
 
     def route_of(self, path: str) -> int:
         """The index in ``route_limits`` of the first glob ``path`` matches, or -1."""

@@ -7,14 +7,17 @@ admission and how the admission script's reply reads are written once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from meterware.config import Meter, Plan, RateLimit
 from meterware.dimensions import REMAINDER, Pricing, base_of, filtered, pricing
 from meterware.metering.cache import LRUCache
 from meterware.metering.unsettled import Snapshot, Unsettled
+
+if TYPE_CHECKING:
+    from meterware.storage.base import Settlement
 
 Reason = Literal[
     "missing_key",
@@ -193,9 +196,63 @@ def concurrency_state(cap: int, remaining: int) -> LimitState:
 
 
 @functools.cache
-def rate_limit_name(seconds: int) -> str:
-    """Name of a rate-limit policy in the ``RateLimit`` headers."""
-    return f"rate-{seconds}s"
+def rate_limit_name(seconds: int, meter: str = "") -> str:
+    """Name of a rate-limit policy in the ``RateLimit`` headers (``tokens-rate-60s`` for a meter's)."""
+    return f"{meter}-rate-{seconds}s" if meter else f"rate-{seconds}s"
+
+
+def meter_scope(meter: str) -> str:
+    """What a plan's rate limit's key is scoped to: "" for calls, ``m<meter>`` for a meter's units (a
+    name from the config, never from a request)."""
+    return "m" + meter if meter else ""
+
+
+#: What a call's settlement moves of each meter rate limit of its plan: ``(meter, amount, seconds,
+#: units)``, ``units`` its actual units less the estimate its admission took (negative: given back).
+RateCorrections = tuple[tuple[str, int, int, int], ...]
+
+
+def rate_corrections(plan: Plan, units: Mapping[str, int | str], estimated: bool) -> RateCorrections:
+    """What a call reporting ``units`` moves of its plan's meter rate limits (``estimated``: its
+    admission took each limit's estimate: not a record, nor a call served fail-open, whose decision,
+    made without the backend, has no limit state)."""
+    if not plan.meter_limited:
+        return ()
+    corrections = []
+    for limit in plan.rate_limits:
+        if limit.meter:
+            value = units.get(limit.meter, 0)
+            actual = value if isinstance(value, int) else 0
+            corrections.append(
+                (limit.meter, limit.amount, limit.seconds, actual - (limit.estimate if estimated else 0))
+            )
+    return tuple(corrections)
+
+
+#: A meter rate limit's TAT moved by a batch: ``(live, customer, meter, amount, seconds)``.
+RateMove = tuple[bool, str, str, int, int]
+
+
+def rate_moves(settlements: Iterable[Settlement | None]) -> dict[RateMove, int]:
+    """The units a batch's settlements move each meter rate limit by, summed (both backends apply one
+    sum per limit and batch, so they agree however the clamps fall)."""
+    moves: dict[RateMove, int] = {}
+    for settlement in settlements:
+        if settlement is not None and settlement.rates:
+            for meter, amount, seconds, units in settlement.rates:
+                if amount > 0 and seconds > 0:  # else not a limit (a spool file damaged by hand)
+                    move = (settlement.live, settlement.customer, meter, amount, seconds)
+                    moves[move] = moves.get(move, 0) + units
+    return moves
+
+
+def moved_tat(tat: float | None, now: float, amount: int, seconds: int, units: int) -> float:
+    """A meter rate limit's TAT (ms; None: no key) moved by ``units`` at ``now``: from where the bucket
+    stands (a TAT in the past is a full bucket), never below ``now`` (nothing is given back beyond a full
+    bucket) nor more than one period ahead (a debt is at most one period: admit.lua clamps beyond it)."""
+    period_ms = seconds * 1000
+    start = now if tat is None or tat != tat else min(max(tat, now), now + period_ms)
+    return min(max(start + units * period_ms / amount, now), now + period_ms)
 
 
 @functools.cache

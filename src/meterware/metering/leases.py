@@ -105,7 +105,7 @@ def lease_block(request: AdmitRequest, policy: Policy) -> AdmitRequest | None:
         return None
     calls = policy.lease_calls
     for limit in request.plan.rate_limits:
-        calls = min(calls, limit.amount // 4)
+        calls = min(calls, limit.amount // (4 * limit.estimate))  # a meter's: each call takes its estimate
     for scoped in request.scoped_limits:
         calls = min(calls, scoped.limit.amount // 4)
     if calls < 2:

@@ -12,11 +12,13 @@ from meterware.events import Outcome, bounded_method, bounded_route, make_row, n
 from meterware.metering.admission import (
     AdmitRequest,
     MeterHold,
+    RateCorrections,
     Reason,
     SettledMeters,
     call_units,
     hold_pricing,
     holds_full_price,
+    rate_corrections,
     settled_meters,
 )
 from meterware.metering.batching import Pending
@@ -113,7 +115,8 @@ class Measurer:
             request.period_start,
             "",
         )
-        settlement = self._settlement(call, billable, settled)
+        rates = rate_corrections(request.plan, units, bool(call.decision.limits))
+        settlement = self._settlement(call, billable, settled, rates)
         change = self._change(call, billable, settled, settlement) if request.holds else None
         self.queue(Pending(request.shard, row, settlement, change))
         self.metrics.call(
@@ -161,11 +164,11 @@ class Measurer:
         if not self._calls_only:
             units = self._units(call, ended_ns)
             if not self._dimensioned:
-                self._bound_cost(call, units, units)
+                bound_cost(call, units, units)
                 return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
             pricing = hold_pricing(holds)
             priced = pricing.units(units) if pricing.filtered else units
-            if self._bound_cost(call, units, priced) and pricing.filtered:
+            if bound_cost(call, units, priced) and pricing.filtered:
                 priced = pricing.units(units)
             return holds, units, settled_meters(holds, priced), unit_counts(units, self._additive)
         weight = self.routes.weight(call.path) if self.routes.weights else 1
@@ -208,34 +211,9 @@ class Measurer:
             units.update((name, value) for name, value in call.usage.units.items() if "{" in name)
         return units
 
-    def _bound_cost(self, call: Call, units: dict[str, int | str], priced: Mapping[str, int | str]) -> bool:
-        """Ignore priced value units that would take the call past :data:`MAX_CALL_COST` (``priced``: the
-        units of each hold, :func:`priced_holds`); whether some were."""
-        holds = call.request.holds
-        cost = sum(hold.hold * hold.price for hold in holds if hold.exact)  # the call's own price
-        ignored = False
-        for hold in holds:
-            value = priced.get(hold.meter)
-            if hold.exact or not hold.price or not isinstance(value, int) or not value:
-                continue
-            meter = base_of(hold.meter)
-            if ignored and meter not in units:
-                continue  # its units were ignored already
-            if cost + value * hold.price > MAX_CALL_COST:
-                for name in [name for name in units if base_of(name) == meter]:
-                    del units[name]  # with its sub-meters: a meter's units are taken whole
-                ignored = True
-                call.usage.rejected += 1
-                logger.warning(
-                    "meterware: ignored usage for meter %r: %d units would cost more than one call may",
-                    hold.meter,
-                    value,
-                )
-            else:
-                cost += value * hold.price
-        return ignored
-
-    def _settlement(self, call: Call, billable: bool, settled: SettledMeters) -> Settlement:
+    def _settlement(
+        self, call: Call, billable: bool, settled: SettledMeters, rates: RateCorrections
+    ) -> Settlement:
         """How a finished call's reservation is settled.
 
         A call closes its own. A lease's call is charged from scratch and takes its share out of the
@@ -250,7 +228,7 @@ class Measurer:
             closes = closing or not lease.captures
             reservation_id = lease.block.reservation_id if closing or lease.captures else ""
             # A capture is the same for most of the lease's calls: made once (settlements never change).
-            shared = lease.capture
+            shared = None if rates else lease.capture
             if not closes and shared is not None and shared.billable is billable and shared.meters is settled:
                 return shared
         settlement = Settlement(
@@ -262,6 +240,7 @@ class Measurer:
             request.charges_credits,
             settled,
             closes,
+            rates=rates,
         )
         if not closes:
             assert lease is not None
@@ -288,6 +267,34 @@ class Measurer:
         released = call.decision.reserved_credits if holding else 0
         freed = [hold.hold for hold in request.holds] if holding else [0] * len(request.holds)
         return account, released, _meter_changes(settled, billable, freed)
+
+
+def bound_cost(call: Call, units: dict[str, int | str], priced: Mapping[str, int | str]) -> bool:
+    """Ignore priced value units that would take the call past :data:`MAX_CALL_COST` (``priced``: the
+    units of each hold, :func:`priced_holds`); whether some were."""
+    holds = call.request.holds
+    cost = sum(hold.hold * hold.price for hold in holds if hold.exact)  # the call's own price
+    ignored = False
+    for hold in holds:
+        value = priced.get(hold.meter)
+        if hold.exact or not hold.price or not isinstance(value, int) or not value:
+            continue
+        meter = base_of(hold.meter)
+        if ignored and meter not in units:
+            continue  # its units were ignored already
+        if cost + value * hold.price > MAX_CALL_COST:
+            for name in [name for name in units if base_of(name) == meter]:
+                del units[name]  # with its sub-meters: a meter's units are taken whole
+            ignored = True
+            call.usage.rejected += 1
+            logger.warning(
+                "meterware: ignored usage for meter %r: %d units would cost more than one call may",
+                hold.meter,
+                value,
+            )
+        else:
+            cost += value * hold.price
+    return ignored
 
 
 def nets_out(request: AdmitRequest, reserved_credits: int) -> bool:

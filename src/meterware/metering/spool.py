@@ -191,14 +191,17 @@ def _settlement_row(settlement: Settlement | None) -> list[object] | None:
     # (the call is still charged) instead of closing the block early, or refusing the row.
     reservation_id = s.reservation_id if s.closes else CAPTURE_MARK + s.reservation_id
     row = [s.customer, s.live, s.period_start, reservation_id, s.billable, s.charges_credits, meters]
-    # A record's marker only where there is one: the rows of calls stay readable by readers from before.
+    # A record's marker and the meter rate corrections only where there are some: the rows of calls stay
+    # readable by readers from before (which ignore what follows the marker).
+    if s.rates:
+        return [*row, s.once, [list(rate) for rate in s.rates]]
     return [*row, s.once] if s.once else row
 
 
 def _settlement_from_row(row: list[object] | None) -> Settlement | None:
     if row is None:
         return None
-    customer, live, period_start, reservation_id, billable, charges, meters, *marker = row
+    customer, live, period_start, reservation_id, billable, charges, meters, *more = row
     closes = not str(reservation_id).startswith(CAPTURE_MARK)
     return Settlement(
         check_customer_id(str(customer)),
@@ -209,5 +212,6 @@ def _settlement_from_row(row: list[object] | None) -> Settlement | None:
         bool(charges),
         tuple((str(m), int(u), int(p), int(i)) for m, u, p, i in meters),  # type: ignore[attr-defined]
         closes=closes,
-        once=str(marker[0]) if marker else "",
+        once=str(more[0]) if more else "",
+        rates=tuple((str(m), int(a), int(s), int(u)) for m, a, s, u in more[1]) if len(more) > 1 else (),  # type: ignore[attr-defined]
     )

@@ -7,6 +7,8 @@ header of ``admit.lua`` describes the same layout from the script's side.
 The reply to one call is ``[allowed, reason, retry_after_ms, reserved_credits, available_credits,
 calls_granted, (rate_remaining, rate_reset_ms) per rate limit (the plan's, then the scoped ones)...,
 quota_remaining per hard-quota hold (a concurrency slot's too)..., spend_cap_remaining if capped]``.
+A rate limit of a meter's units (``100000 tokens/minute``) is one more rate limit whose call takes its
+estimate instead of 1 (the flush corrects the TAT by the call's actual units: ``flush.lua``).
 A refusal decided before any limit was read (key, customer) stops after ``available_credits``.
 The script also replies ``[SCRIPT_REFUSED, error]`` for a call whose keys hold garbage (it wrote nothing)
 and ``[STALE_REPLY, "STALE"]`` for a guarded call to ask again.
@@ -28,6 +30,7 @@ from meterware.metering.admission import (
     LimitState,
     concurrency_state,
     holds_anything,
+    meter_scope,
     quota_name,
     rate_limit_name,
 )
@@ -58,7 +61,7 @@ def decision_from_reply(request: AdmitRequest, reply: Reply, now: float) -> Deci
         index = LIMITS_AT
         for limit in request.plan.rate_limits:
             remaining, reset_ms = int(reply[index]), int(reply[index + 1])
-            name = rate_limit_name(limit.seconds)
+            name = rate_limit_name(limit.seconds, limit.meter)
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
             index += 2
         for scoped in request.scoped_limits:
@@ -139,7 +142,10 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         ks.reservations(shard),
         ks.reservation_deadlines(shard),
     ]
-    keys += [ks.rate(shard, live, customer, limit.seconds) for limit in request.plan.rate_limits]
+    keys += [
+        ks.rate(shard, live, customer, limit.seconds, meter_scope(limit.meter))
+        for limit in request.plan.rate_limits
+    ]
     keys += [ks.rate(shard, live, customer, s.limit.seconds, s.scope) for s in request.scoped_limits]
     # CUSTOMER_ID, CHARGES_CREDITS, RESERVATION_TIMEOUT_MS, QUOTA_EXPIRE_AT, RECORD_HEAD, CALLS, KEYED,
     # RATE_LIMITS (admit.lua's names), then the limits and the holds.
@@ -162,6 +168,12 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
     if request.spend_cap >= 0:
         args.append(request.spend_cap)  # only when capped: a plan without a cap sends nothing more
+    if request.plan.meter_limited:
+        # Only then: what each rate limit takes of a call (a meter's estimate; calls 1), after the cap.
+        if request.spend_cap < 0:
+            args.append("")
+        args += [limit.estimate for limit in request.plan.rate_limits]
+        args += [1] * len(request.scoped_limits)
     template = (tuple(keys), tuple(args))
     _templates.put(identity, template)
     return template

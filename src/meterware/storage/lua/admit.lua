@@ -23,7 +23,9 @@
 --       live period_start"), calls (1, or a lease's), keyed (1: a key's call; 0: a customer the app
 --       authenticated itself, whose key record is not read), rate limit count, (amount, seconds)...,
 --       hold count, (meter, quota, included, price, need, hold, exact)..., then the spend cap in
---       micro-credits only when the customer has one); then per call: template
+--       micro-credits only when the customer has one, then only when the plan limits a meter's units
+--       (its spend cap "" if none) each rate limit's cost per call: the meter's estimate (its units
+--       per interval; the flush corrects it by the call's actual units), 1 for calls); then per call: template
 --       number, reservation id, and the changes still to come from the calls this process finished
 --       ("" if none; else msgpack: first the guard, the KEYS index of the key holding the highest
 --       generation written of the process's batches (0: no guard) and the generation it read; then
@@ -111,7 +113,9 @@ local function parse(KEYS, ARGV)
   local pos = RATE_LIMITS
   for i = 1, tonumber(ARGV[pos]) do
     local amount, seconds = tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
-    spec.limits[i] = {key = KEYS[FIRST_RATE - 1 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount}
+    spec.limits[i] = {
+      key = KEYS[FIRST_RATE - 1 + i], period_ms = seconds * 1000, interval = seconds * 1000 / amount, cost = 1,
+    }
     pos = pos + 2
   end
   pos = pos + 1
@@ -125,6 +129,12 @@ local function parse(KEYS, ARGV)
     pos = pos + 7
   end
   spec.spend_cap = tonumber(ARGV[pos + 1])
+  if ARGV[pos + 2] then
+    -- A plan limiting a meter: what each rate limit takes of a call (a meter's estimate; calls 1).
+    for i, limit in ipairs(spec.limits) do
+      limit.cost = tonumber(ARGV[pos + 1 + i])
+    end
+  end
   local pair = KEYS[RESERVATIONS] .. '\n' .. KEYS[DEADLINES]
   spec.reservations = reservations[pair] or {KEYS[RESERVATIONS], KEYS[DEADLINES], {}, {}}
   reservations[pair] = spec.reservations
@@ -164,7 +174,7 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
   local d = {states = states, retry_ms = 0, credits = 0}
   for i, limit in ipairs(spec.limits) do
     local period_ms, interval, tat = limit.period_ms, limit.interval, tat_of[i]
-    local new_tat = tat + interval * n
+    local new_tat = tat + interval * limit.cost * n
     if new_tat - now > period_ms then
       d.retry_ms = math.max(d.retry_ms, new_tat - period_ms - now)
       states[#states + 1] = floordiv(period_ms - (tat - now), interval)
@@ -383,7 +393,7 @@ local function admit(spec, reservation_id, unsettled)
 
   -- Admitted: what it writes joins the run's writes.
   for i, limit in ipairs(spec.limits) do
-    tats[limit.key] = tat_of[i] + limit.interval * n
+    tats[limit.key] = tat_of[i] + limit.interval * limit.cost * n
   end
   for i, counter in ipairs(held_counters) do
     local hold = spec.terms[i].hold * n

@@ -37,7 +37,10 @@
 --       then the costs text if every call costs its units times their prices ("" if not offered);
 --       then the KEYS index of the key holding the highest generation written of the batches of the
 --       process that made this one ("0": unknown) and this batch's generation (Batch.generation);
---       then a msgpack array of (event number, KEYS index of its one-use marker)... of the records.
+--       then a msgpack array of (event number, KEYS index of its one-use marker)... of the records;
+--       then, only when some call settles a meter rate limit, a msgpack array of (KEYS index of its
+--       rate key, amount, seconds, units to move it by: the calls' actual units less their estimates,
+--       KEYS index of its customer key)...
 --       A term of no event (its event count 0) closes the reservations that name it and bills nothing:
 --       the releases of the records taken out of the batch (storage/_once.py).
 --
@@ -338,6 +341,34 @@ for _, entry in ipairs(counter_order) do
     return refuse(entry.key, refused)
   end
 end
+
+-- The meter rate limits: each moves by what its calls used beyond (or short of) the estimates their
+-- admissions took, from where the bucket stands, never below now (a full bucket) nor more than a period
+-- ahead (metering/admission.py's moved_tat; MemoryStorage the same).
+local rate_tats, rate_order = {}, {}
+if ARGV[11] then
+  local now = now_ms()
+  local list = cmsgpack.unpack(ARGV[11])
+  for at = 1, #list, 5 do
+    local key, amount, seconds, units = KEYS[list[at]], list[at + 1], list[at + 2], list[at + 3]
+    local period_ms = seconds * 1000
+    local tat = rate_tats[key]
+    if tat == nil then
+      local stored, problem = read('string', 'GET', key)
+      if problem then
+        return refuse(KEYS[list[at + 4]], problem)
+      end
+      tat = tonumber(stored)
+      rate_order[#rate_order + 1] = key
+    end
+    tat = (tat and tat == tat) and math.min(math.max(tat, now), now + period_ms) or now
+    rate_tats[key] = math.min(math.max(tat + units * period_ms / amount, now), now + period_ms)
+  end
+  for _, key in ipairs(rate_order) do
+    local tat = rate_tats[key]
+    rate_tats[key] = tat > now and {string.format('%.17g', tat), int(math.max(1, math.ceil(tat - now)))} or false
+  end
+end
 redis.call('XADD', KEYS[2], '*', 'b', ARGV[2], 'c', costs, 'i', ARGV[1])
 for _, account in ipairs(charged_order) do
   redis.call('XADD', account.ledger, '*', 'k', 'charge', 'a', int(-account.net), 'r', ARGV[1])
@@ -347,6 +378,14 @@ for i = 2, #markers, 2 do
   redis.call('SET', KEYS[markers[i]], '1', 'EX', ARGV[3])
 end
 apply()
+for _, key in ipairs(rate_order) do
+  local tat = rate_tats[key]
+  if tat then
+    redis.call('SET', key, tat[1], 'PX', tat[2])
+  else
+    redis.call('DEL', key)  -- a full bucket, as no key
+  end
+end
 -- The highest generation written of the batches of the process that made this one (admit.lua's guard).
 if ARGV[8] and ARGV[8] ~= '0' then
   local key = KEYS[tonumber(ARGV[8])]

@@ -17,8 +17,11 @@ from meterware.metering.admission import (
     Reason,
     ScopedLimit,
     concurrency_state,
+    meter_scope,
+    moved_tat,
     quota_name,
     rate_limit_name,
+    rate_moves,
 )
 from meterware.metering.records import KeyInfo
 from meterware.storage._once import without_events
@@ -177,7 +180,7 @@ class AdmissionMixin(MemoryState):
             if isinstance(rate, ScopedLimit):
                 limit, scope, name = rate.limit, rate.scope, rate.name
             else:
-                limit, scope, name = rate, "", rate_limit_name(rate.seconds)
+                limit, scope, name = rate, meter_scope(rate.meter), rate_limit_name(rate.seconds, rate.meter)
             period_ms = limit.seconds * 1000
             interval = period_ms / limit.amount
             rate_key = (request.live, request.customer, limit.seconds, scope)
@@ -185,7 +188,7 @@ class AdmissionMixin(MemoryState):
             if tat - now > period_ms:
                 # As admit.lua: a TAT more than one period ahead was never written so; clamped and repaired.
                 tat = self._rates[rate_key] = now + period_ms
-            new_tat = tat + interval * calls
+            new_tat = tat + interval * limit.estimate * calls
             if new_tat - now > period_ms:
                 retry_ms = max(retry_ms, new_tat - period_ms - now)
                 new_tat = tat  # refused: the caller stands where the TAT is
@@ -367,6 +370,13 @@ class SettlementMixin(MemoryState):
             for customer, cost in charges.items():
                 if cost:  # one ledger entry per customer and batch (as flush.lua)
                     self._accounts[customer].record(LedgerEntry("charge", -cost, ref=batch.batch_id))
+            for (live, customer, meter, amount, seconds), units in rate_moves(batch.settlements).items():
+                rate_key = (live, customer, seconds, meter_scope(meter))
+                tat = moved_tat(self._rates.get(rate_key), now_ms, amount, seconds, units)
+                if tat > now_ms:
+                    self._rates[rate_key] = tat
+                else:
+                    self._rates.pop(rate_key, None)  # a full bucket, as no key
             return True
 
     def release(self, admissions: Sequence[AdmitRequest]) -> int:

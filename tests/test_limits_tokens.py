@@ -1,0 +1,151 @@
+"""Rate limits on a value meter (``1000 tokens/minute``): a call takes the meter's estimate at admission,
+its actual units correct the bucket when it is flushed, and a refusal says when the estimate fits again.
+
+Hand-computed: 1,000 tokens a minute is one token per 60 ms; the meter's reserve (the estimate) is 100
+tokens, 6 s of the bucket. Timing slack: the calls of a test run in well under a second, so a Retry-After
+or a reset rounded up to whole seconds is the hand-computed one, and the tokens left are at most
+:data:`DRAINED` more (the bucket drains a token per 60 ms meanwhile).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.test import Client
+
+import meterware
+from meterware import Accounts, Config, Recorder
+from meterware.metering.admission import AdmitRequest
+from meterware.metering.leases import lease_block
+from meterware.wsgi import WSGIMeteringMiddleware
+
+
+@pytest.fixture
+def config(backend_url: str, tmp_path: Path) -> Config:
+    return Config.from_dict(
+        {
+            "storage": {"url": backend_url, "shards": 4},
+            "meters": {
+                "calls": {"aggregation": "count", "source": "call"},
+                "tokens": {"aggregation": "sum", "source": "handler", "reserve": 100},
+            },
+            "plans": {"tpm": {"rate_limits": ["600/minute", "1000 tokens/minute"]}},
+            "pipeline": {"flush_interval": 60, "spool_dir": str(tmp_path / "spool")},
+            "policy": {"timeout": 5.0},
+        }
+    )
+
+
+@pytest.fixture
+def accounts(config: Config) -> Iterator[Accounts]:
+    accounts = Accounts.open(config)
+    accounts.create_customer("acme", plan="tpm")
+    yield accounts
+    accounts.close()
+
+
+@pytest.fixture
+def middleware(config: Config, accounts: Accounts) -> Iterator[WSGIMeteringMiddleware]:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        meterware.usage.add("tokens", int(environ["QUERY_STRING"].removeprefix("tokens=")))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, config, customer_getter=lambda environ: "acme")
+    yield middleware
+    middleware.drain()
+
+
+def call(middleware: WSGIMeteringMiddleware, tokens: int) -> Any:
+    """One call reporting ``tokens``, flushed before the next (so its actual units are in the bucket)."""
+    response = Client(middleware).get(f"/v1/chat?tokens={tokens}", buffered=True)
+    middleware.drain()
+    return response
+
+
+#: Tokens the bucket may drain while a test's calls run (0.6 s).
+DRAINED = 10
+
+
+def entry(response: Any, name: str = "tokens-rate-60s") -> tuple[int, int]:
+    """The tokens left and the reset (s) in the ``RateLimit`` entry of the policy ``name``."""
+    found = next(part for part in response.headers["ratelimit"].split(", ") if part.startswith(f'"{name}"'))
+    left, reset = found.split(";")[1:]
+    return int(left.removeprefix("r=")), int(reset.removeprefix("t="))
+
+
+def near(found: tuple[int, int], left: int, reset: int) -> bool:
+    """Whether ``found`` is ``(left, reset)`` but for the tokens drained meanwhile."""
+    return left <= found[0] <= left + DRAINED and found[1] == reset
+
+
+def test_calls_past_the_tokens_limit_are_refused_until_the_estimate_fits(
+    middleware: WSGIMeteringMiddleware,
+) -> None:
+    """Calls reporting 500 tokens: each takes 100 (6 s) at admission, its flush adds 400 more (24 s). After
+    two the bucket is 60 s ahead (1,000 tokens: full); the third needs 6 s more than the 60 s burst, so it
+    is refused, 429 rate_limited, Retry-After 6 (60 + 6 - 60), with its own entry (0 tokens left, the
+    bucket empties in 60 s) next to the calls' limit, which it does not move."""
+    first = call(middleware, 500)
+    assert first.status_code == 200
+    policy = first.headers["ratelimit-policy"]
+    assert policy == '"rate-60s";q=600;w=60, "tokens-rate-60s";q=1000;w=60'
+    # Admitted with 100 taken: 900 left, the TAT 6 s ahead.
+    assert near(entry(first), 900, 6)
+    second = call(middleware, 500)
+    # 500 used then 100 more taken: 400 left, 36 s ahead.
+    assert near(entry(second), 400, 36)
+    refused = call(middleware, 500)
+    assert refused.status_code == 429
+    assert json.loads(refused.get_data())["reason"] == "rate_limited"
+    assert refused.headers["retry-after"] == "6"
+    assert near(entry(refused), 0, 60)
+    # As if admitted (only the refusing limit stands where it is): three calls, 100 ms each.
+    assert near(entry(refused, "rate-60s"), 597, 1)
+
+
+def test_a_call_using_less_than_its_estimate_gives_the_difference_back(
+    middleware: WSGIMeteringMiddleware,
+) -> None:
+    """A call reporting 10 tokens takes 100 and gives 90 back at its flush: the next call sees 990 left
+    before taking its own 100 (890 after it, 110 tokens = 6.6 s ahead, t rounded up to 7)."""
+    assert near(entry(call(middleware, 10)), 900, 6)
+    assert near(entry(call(middleware, 10)), 890, 7)
+
+
+def test_a_call_past_the_burst_leaves_a_debt_of_at_most_one_period(
+    middleware: WSGIMeteringMiddleware,
+) -> None:
+    """A call reporting 5,000 tokens (five minutes of the limit) takes the bucket one period ahead at most:
+    the next call is refused for 6 s (its estimate), not for four minutes."""
+    assert call(middleware, 5000).status_code == 200
+    refused = call(middleware, 10)
+    assert (refused.status_code, refused.headers["retry-after"]) == (429, "6")
+
+
+def test_records_count_against_the_tokens_limit(config: Config, middleware: WSGIMeteringMiddleware) -> None:
+    """A record of 950 tokens is never refused by the limit, but once flushed it leaves 50 tokens: the next
+    call (estimate 100) is refused for 3 s (950 + 100 - 1000 = 50 tokens, 3 s)."""
+    with Recorder(config) as recorder:
+        recorder.record("acme", {"tokens": 950}, event_id="batch-1")
+        recorder.flush()
+    refused = call(middleware, 10)
+    assert (refused.status_code, refused.headers["retry-after"]) == (429, "3")
+
+
+@pytest.mark.parametrize(("limit", "calls"), [("100000 tokens/minute", 32), ("1200 tokens/minute", 3)])
+def test_a_lease_takes_at_most_a_quarter_of_a_tokens_limit(limit: str, calls: int) -> None:
+    """A lease's block takes each call's estimate (100 tokens): at most a quarter of the limit, so 1,200
+    tokens a minute lease 3 calls (300 tokens), 100,000 the policy's lease_calls (32) whole."""
+    meters = {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 100}}
+    config = Config.from_dict(
+        {"meters": meters, "plans": {"p": {"rate_limits": [limit]}}, "policy": {"lease_calls": 32}}
+    )
+    request = AdmitRequest(0, "acme", "k1", True, config.plan("p"), 0, 86_400, (), "r", 1000)
+    block = lease_block(request, config.policy)
+    assert block is not None
+    assert block.calls == calls

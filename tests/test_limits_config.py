@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from meterware.config import Config, RateLimit
+from meterware.config._overrides import TermsVersion, check_overrides, plan_with
 from meterware.errors import ConfigError
 from meterware.metering.admission import CONCURRENCY_METER, AdmitRequest, meter_holds, scoped_limits
 from meterware.storage._admission import admit_template
@@ -81,6 +82,26 @@ def test_a_plan_may_limit_a_sum_meters_units() -> None:
     meters["tokens"]["reserve"] = 0
     config = Config.from_dict({"meters": meters, "plans": {"p": {"rate_limits": ["5 tokens per 2 hours"]}}})
     assert config.plan("p").rate_limits == (RateLimit(5, 7200, "tokens", 1),)
+
+
+def test_a_meter_limit_below_the_meters_reserve_is_refused() -> None:
+    """A call takes the meter's reserve at admission: a limit smaller than it could admit no call, ever."""
+    meters = {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 5000}}
+    with pytest.raises(ConfigError, match="reserves 5000 units a call") as raised:
+        Config.from_dict({"meters": meters, "plans": {"p": {"rate_limits": ["1000 tokens/minute"]}}})
+    assert raised.value.field == "plans.p.rate_limits[0]"
+
+
+def test_a_customers_own_rate_limits_may_limit_a_meter_too() -> None:
+    """An override of ``rate_limits`` is a full set, so it may restate the plan's tokens limit; a stored
+    one whose meter the configuration no longer has is left out (as overrides of such meters are)."""
+    meters: dict[str, Any] = {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 100}}
+    config = Config.from_dict({"meters": meters, "plans": {"p": {"rate_limits": ["1000 tokens/minute"]}}})
+    checked = check_overrides({"rate_limits": "1200/minute, 5000 tokens/minute"}, config.meters)
+    merged = plan_with(config.plan("p"), TermsVersion(0, 0, "sales", checked), config.meters)
+    assert merged.rate_limits == (RateLimit(1200, 60), RateLimit(5000, 60, "tokens", 100))
+    merged = plan_with(config.plan("p"), TermsVersion(0, 0, "sales", checked), {})
+    assert merged.rate_limits == (RateLimit(1200, 60),)
 
 
 def test_each_limit_adds_to_the_admission_only_when_set() -> None:

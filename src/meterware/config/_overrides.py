@@ -105,7 +105,7 @@ def check_overrides(overrides: Mapping[str, Any], meters: Mapping[str, Meter]) -
             if field not in PLAN_FIELDS:
                 known = ", ".join((*PLAN_FIELDS, *(f"<meter>.{f}" for f in METER_FIELDS)))
                 raise ConfigError(field, f"is not a term that can be overridden (known: {known})")
-            checked[field] = _check_plan_field(field, value)
+            checked[field] = _check_plan_field(field, value, meters)
             continue
         meter = meters.get(name)
         if meter is None and "{" in name:
@@ -138,13 +138,13 @@ def _check_meter_field(field: str, what: str, value: Any) -> str:
     return str(int(text))
 
 
-def _check_plan_field(field: str, value: Any) -> str:
+def _check_plan_field(field: str, value: Any, meters: Mapping[str, Meter]) -> str:
     if field == "rate_limits":
         texts = value if isinstance(value, list | tuple) else str(value).split(",")
         texts = [str(text).strip() for text in texts if str(text).strip() and str(text).strip() != "none"]
         for text in texts:
             try:
-                RateLimit.parse(text)
+                RateLimit.parse(text, meters)
             except ValueError as error:
                 raise ConfigError(field, str(error)) from None
         return ",".join(texts) or "none"
@@ -184,7 +184,7 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
     rate_limits = plan.rate_limits
     if "rate_limits" in overrides:
         texts = overrides["rate_limits"]
-        rate_limits = () if texts == "none" else tuple(RateLimit.parse(t) for t in texts.split(","))
+        rate_limits = () if texts == "none" else _stored_limits(texts, meters)
     return replace(
         plan,
         meters=terms,
@@ -203,6 +203,18 @@ def _level_terms(current: MeterTerms, what: str, value: str, field: str) -> Mete
             pricing=Price.unit(Decimal(parse_credits(value, field)).scaleb(-6), included=pricing.included),
         )
     return replace(current, included=int(value), pricing=replace(pricing, included=int(value)))
+
+
+def _stored_limits(texts: str, meters: Mapping[str, Meter]) -> tuple[RateLimit, ...]:
+    """A version's rate limits, less any whose meter the configuration no longer has (or no longer fits:
+    a meter's reserve raised past the limit), as overrides of meters no longer configured are ignored."""
+    limits = []
+    for text in texts.split(","):
+        try:
+            limits.append(RateLimit.parse(text, meters))
+        except ValueError:
+            continue
+    return tuple(limits)
 
 
 def plan_value(plan: Plan, field: str) -> str:

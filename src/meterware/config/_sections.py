@@ -114,6 +114,11 @@ class RateLimit:
         if found is None or found.aggregation != "sum":
             known = ", ".join(sorted(name for name, m in meters.items() if m.aggregation == "sum")) or "none"
             raise ValueError(f"{meter!r} in {text!r} is not a 'sum' meter (sum meters: {known})")
+        if found.reserve > amount:
+            raise ValueError(
+                f"{meter!r} reserves {found.reserve} units a call, more than {text!r} lets through in a "
+                "period: no call could be admitted (lower the meter's reserve or raise the limit)"
+            )
         return cls(amount, multiple * _UNIT_SECONDS[unit], meter, max(1, found.reserve))
 
     def __str__(self) -> str:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from tests.faults.books import assert_exact, spool_bytes
@@ -92,3 +93,40 @@ def test_lost_replies_never_duplicate_events_or_charges(make_scenario: Callable[
         charged_micros=ledger.charged,
         seconds=round(time.monotonic() - began, 1),
     )
+
+
+class LoseFirstAdmission:
+    """Lose the reply of the first admission only (Redis ran it: the reservation and its slot are held)."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def __call__(self, command: list[bytes]) -> Action:
+        if script_of(command) == "admit" and not self.lost:
+            self.lost = True
+            return Action.LOSE_REPLY
+        return Action.FORWARD
+
+
+def test_a_lost_admission_reply_is_released_by_the_next_flush(make_scenario: Callable[..., Scenario]) -> None:
+    """Under a concurrency cap of 1, the first admission's reply is lost after Redis held its slot and
+    credits: the call is served fail-open, and its reservation is closed with the next flush, so the next
+    calls are served at once (before, the slot stayed taken until ``reservation_timeout``, 60 s here:
+    every call was refused ``concurrency_exceeded`` meanwhile) and nothing stays reserved."""
+    rule = LoseFirstAdmission()
+    scenario = make_scenario(
+        {"plans": {"payg": {"prepaid": True, "concurrency": 1, "meters": {"calls": {"price": "0.01"}}}},
+         "policy": {"reservation_timeout": 60.0}},
+        proxy=rule,
+    )  # fmt: skip
+    app = scenario.app()
+    headers = {"Authorization": f"Bearer {scenario.key}"}
+    with httpx.Client(base_url=app.url, headers=headers, timeout=10) as client:
+        assert client.get("/v1/ok/lost").status_code == 200  # served fail-open
+        assert rule.lost
+        wait_until(lambda: scenario.books().reserved == 0, 5, "the lost admission's hold was never released")
+        assert [client.get(f"/v1/ok/{n}").status_code for n in range(3)] == [200, 200, 200]
+    app.stop()
+    scenario.rollup_once()
+    ledger = scenario.books()
+    assert (ledger.calls["success"], ledger.charged, ledger.reserved) == (4, 4 * 10_000, 0)

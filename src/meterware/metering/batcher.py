@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("meterware.flusher")
 
 MAX_BACKOFF_SECONDS = 5.0
+#: Admissions whose answer was lost kept to be closed by the flusher (each is a few hundred bytes).
+MAX_LOST_ADMISSIONS = 10_000
 
-#: What a flush pass asks its flusher to write: buffered events, a spooled batch, spent leases' blocks.
+#: What a flush pass asks its flusher to write: buffered events, a spooled batch, reservations to close.
 FlushStep = Batches | Batch | list[AdmitRequest]
 #: How it went: nothing, a replayed batch's ``flush`` result, or the error it raised.
 FlushOutcome = bool | StorageError | None
@@ -92,7 +94,7 @@ class Batcher:
         self.flushing = threading.RLock()
         #: Set under lease admission: takes the leases whose calls have all finished (so are buffered).
         self.spent_leases: Callable[[bool], list[AdmitRequest]] | None = None
-        #: Spent leases whose reservations close once every event before them is written.
+        #: Reservations to close once every event before them is written (spent leases, lost admissions).
         self.releasing: list[AdmitRequest] = []
         #: Called with the spent leases once their reservations are closed.
         self.released: Callable[[list[AdmitRequest]], None] = lambda blocks: None
@@ -158,13 +160,20 @@ class Batcher:
         # Spent leases close once every event buffered before them is written. (Closing a lease while
         # one of its calls waits in the spool would let other calls take its units again.)
         if self.releasing and self.healthy() and not self.spool.pending():
-            outcome = yield self.releasing
+            releasing, self.releasing = self.releasing, []  # what is lost meanwhile joins the next pass
+            outcome = yield releasing
             if isinstance(outcome, StorageError):
-                # The leases stay listed for the next pass (the worker refunds them past their deadline).
-                logger.warning("meterware: closing %d spent leases failed (%s)", len(self.releasing), outcome)
+                # They stay listed for the next pass (the worker refunds them past their deadline).
+                self.releasing = releasing + self.releasing
+                logger.warning("meterware: closing %d reservations failed (%s)", len(releasing), outcome)
             else:
-                self.released(self.releasing)
-                self.releasing = []
+                self.released(releasing)
+
+    def release_later(self, admission: AdmitRequest, error: StorageError) -> None:
+        """Close ``admission``'s reservation, if it was made (``error`` lost its answer), with the next
+        flush; past :data:`MAX_LOST_ADMISSIONS` (an outage), the worker's ``reservation_timeout`` does."""
+        if admission.holds and not error.refused and len(self.releasing) < MAX_LOST_ADMISSIONS:
+            self.releasing.append(admission)
 
     def next_batches(self) -> Batches:
         # Up to a full batch for each of 16 shards at a time: the more events of a customer a batch holds,

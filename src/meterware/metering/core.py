@@ -71,6 +71,7 @@ class RequestCore:
         metrics: AppMetrics,
         measurer: Measurer,
         unsettled: Unsettled,
+        release_later: Callable[[AdmitRequest, StorageError], None],
         key_getter: KeyGetter | None = None,
         customer_getter: CustomerGetter | None = None,
     ) -> None:
@@ -81,6 +82,7 @@ class RequestCore:
         self.measurer = measurer
         self.leases: LeaseTable = measurer.leases
         self.unsettled = unsettled
+        self.release_later = release_later  # closes a reservation with the next flush
         self.key_getter = key_getter
         self.customer_getter = customer_getter
         self.leasing = config.policy.admission == "lease"
@@ -206,16 +208,19 @@ class RequestCore:
         if isinstance(answer, Lease):
             return self.leased_call(answer, key, method, path, arrived)
         if isinstance(answer, StorageError):
-            answer = self.admit_failed(answer)
+            answer = self.admit_failed(answer, request)
         return self.started(key, request, answer, method, path, arrived)
 
-    def admit_failed(self, error: StorageError) -> Decision:
+    def admit_failed(self, error: StorageError, request: AdmitRequest) -> Decision:
         """Apply the failure policy: serve without the backend (fail open) or refuse with 503.
 
         A refusal of the backend (a key of the wrong type, a counter that is not an integer) is about this
         customer's stored values, and lasts until they are repaired: failing open would serve the customer
-        free all that time, so their calls are refused (503) whatever the policy.
+        free all that time, so their calls are refused (503) whatever the policy. Any other failure may
+        have come after the admission ran and held units, credits or a concurrency slot: its reservation
+        is closed with the next flush, not left for ``reservation_timeout`` (a cap would refuse meanwhile).
         """
+        self.release_later(request, error)
         if error.refused:
             self._bad_values.warn("admission refused (%s); refusing the customer until repaired", error)
             return BACKEND_DOWN
@@ -239,10 +244,12 @@ class RequestCore:
         failure policy's answer. ``take=False`` (a renewal ahead of need): None on a failure, left to the
         next call."""
         if isinstance(answer, StorageError):
-            return self.admit_failed(answer) if take else None
+            decision = self.admit_failed(answer, block)
+            return decision if take else None
         if not answer.allowed:
             return answer
-        return self.leases.grant(request, block, answer, self.headers(answer), take=take)
+        headers = decision_headers(answer, self._balance_header)
+        return self.leases.grant(request, block, answer, headers, take=take)
 
     def leased_call(self, lease: Lease, key: KeyInfo, method: str, path: str, arrived: int) -> Call:
         return Call(
@@ -299,11 +306,13 @@ class RequestCore:
         """Headers added to an admitted call's response (a lease's calls share the lease's)."""
         if call.lease is not None:
             return call.lease.headers
-        return self.headers(call.decision)
+        return decision_headers(call.decision, self._balance_header)
 
-    def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
-        """The ``RateLimit`` headers of a decision and, on prepaid plans, the credits left."""
-        headers = limit_headers(decision.limits)
-        if self._balance_header and decision.available_credits is not None:
-            headers.append((self._balance_header, format_credits(decision.available_credits).encode()))
-        return headers
+
+def decision_headers(decision: Decision, balance_header: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``RateLimit`` headers of a decision and, on prepaid plans, the credits left (``balance_header``,
+    b"" for none)."""
+    headers = limit_headers(decision.limits)
+    if balance_header and decision.available_credits is not None:
+        headers.append((balance_header, format_credits(decision.available_credits).encode()))
+    return headers

@@ -70,7 +70,13 @@ class Metering:
             self.batcher.released = self.leases.closed
         self.measurer = Measurer(config, self.metrics, self.leases, self.queue)
         self.core = RequestCore(
-            config, self.metrics, self.measurer, self.batcher.unsettled, key_getter, customer_getter
+            config,
+            self.metrics,
+            self.measurer,
+            self.batcher.unsettled,
+            self.batcher.release_later,
+            key_getter,
+            customer_getter,
         )
         # The adapters' entry points, bound once (each is called for every call).
         self.start = SyncDriver(self.core).start

@@ -95,25 +95,25 @@ def test_lost_replies_never_duplicate_events_or_charges(make_scenario: Callable[
     )
 
 
-class LoseFirstAdmission:
-    """Lose the reply of the first admission only (Redis ran it: the reservation and its slot are held)."""
+class LoseOneAdmission:
+    """Once armed, lose the reply of the next admission (Redis ran it: its reservation and slot are held)."""
 
     def __init__(self) -> None:
-        self.lost = False
+        self.armed = self.lost = False
 
     def __call__(self, command: list[bytes]) -> Action:
-        if script_of(command) == "admit" and not self.lost:
+        if self.armed and script_of(command) == "admit" and not self.lost:
             self.lost = True
             return Action.LOSE_REPLY
         return Action.FORWARD
 
 
 def test_a_lost_admission_reply_is_released_by_the_next_flush(make_scenario: Callable[..., Scenario]) -> None:
-    """Under a concurrency cap of 1, the first admission's reply is lost after Redis held its slot and
-    credits: the call is served fail-open, and its reservation is closed with the next flush, so the next
-    calls are served at once (before, the slot stayed taken until ``reservation_timeout``, 60 s here:
-    every call was refused ``concurrency_exceeded`` meanwhile) and nothing stays reserved."""
-    rule = LoseFirstAdmission()
+    """Under a concurrency cap of 1, an admission's reply is lost after Redis held its slot and credits:
+    the call is served fail-open, and its reservation is closed with the next flush, so the next calls are
+    served at once (before, the slot stayed taken until ``reservation_timeout``, 60 s here: every call was
+    refused ``concurrency_exceeded`` meanwhile) and nothing stays reserved."""
+    rule = LoseOneAdmission()
     scenario = make_scenario(
         {"plans": {"payg": {"prepaid": True, "concurrency": 1, "meters": {"calls": {"price": "0.01"}}}},
          "policy": {"reservation_timeout": 60.0}},
@@ -122,6 +122,8 @@ def test_a_lost_admission_reply_is_released_by_the_next_flush(make_scenario: Cal
     app = scenario.app()
     headers = {"Authorization": f"Bearer {scenario.key}"}
     with httpx.Client(base_url=app.url, headers=headers, timeout=10) as client:
+        assert client.get("/v1/ok/warm").status_code == 200  # the scripts are loaded
+        rule.armed = True
         assert client.get("/v1/ok/lost").status_code == 200  # served fail-open
         assert rule.lost
         wait_until(lambda: scenario.books().reserved == 0, 5, "the lost admission's hold was never released")
@@ -129,4 +131,4 @@ def test_a_lost_admission_reply_is_released_by_the_next_flush(make_scenario: Cal
     app.stop()
     scenario.rollup_once()
     ledger = scenario.books()
-    assert (ledger.calls["success"], ledger.charged, ledger.reserved) == (4, 4 * 10_000, 0)
+    assert (ledger.calls["success"], ledger.charged, ledger.reserved) == (5, 5 * 10_000, 0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Final
 
-from meterware.billing.pricing import ZERO, Price, parse_money
+from meterware.billing.pricing import parse_money
 from meterware.config._credits import MAX_UNITS, format_credits, parse_credits
 from meterware.config._sections import Meter, MeterTerms, Plan, RateLimit
 from meterware.errors import ConfigError
@@ -155,8 +155,8 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
     """The plan's terms with ``version``'s overrides merged over them (the one merge, used everywhere).
 
     Overrides of meters no longer configured are ignored. A price override on a package or tiered meter
-    prices it per unit. A ``max`` or ``last`` meter is priced on invoices only: its price and included units
-    go to its invoice pricing (and are ignored on a prepaid plan, whose invoices credits pay call by call).
+    prices it per unit. A ``max`` or ``last`` meter's terms are ignored on a prepaid plan (they price
+    invoices only, which a prepaid plan's credits pay call by call).
     """
     if version is None or not version.overrides:
         return plan
@@ -166,11 +166,9 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
         name, _, what = field.rpartition(".")
         if not name or name not in meters or meters[name].aggregation == "unique":
             continue
-        current = terms.get(name, MeterTerms())
-        if meters[name].level:
-            if not plan.prepaid:
-                terms[name] = _level_terms(current, what, value, field)
+        if meters[name].level and plan.prepaid:
             continue
+        current = terms.get(name, MeterTerms())
         if what == "price":
             current = replace(current, price=parse_credits(value, field), pricing=None)
         elif what == "included":
@@ -192,17 +190,6 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
         base_fee=Decimal(overrides.get("base_fee", plan.base_fee)),
         minimum=Decimal(overrides.get("minimum", plan.minimum)),
     )
-
-
-def _level_terms(current: MeterTerms, what: str, value: str, field: str) -> MeterTerms:
-    """A ``max`` or ``last`` meter's terms with its price or included units overridden (in its pricing)."""
-    pricing = current.pricing or Price.unit(ZERO)
-    if what == "price":
-        return replace(
-            current,
-            pricing=Price.unit(Decimal(parse_credits(value, field)).scaleb(-6), included=pricing.included),
-        )
-    return replace(current, included=int(value), pricing=replace(pricing, included=int(value)))
 
 
 def _stored_limits(texts: str, meters: Mapping[str, Meter]) -> tuple[RateLimit, ...]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any, Final, get_args
 from urllib.parse import urlsplit
 
 from meterware._redact import redact_url
-from meterware.billing.pricing import DEFAULT_CURRENCY, Price, parse_currency, parse_money, parse_price
+from meterware.billing.pricing import DEFAULT_CURRENCY, parse_currency, parse_money, parse_price
 from meterware.config._credits import MAX_CALL_COST, MAX_UNITS, format_credits, parse_credits
 from meterware.config._routes import DEFAULT_EXCLUDE, Routes, has_dot_segments
 from meterware.config._sections import (
@@ -236,7 +235,7 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
             raise ConfigError(table.name("quota"), "a quota counts all values: give it to the meter")
         aggregation = meters[base_of(meter_name)].aggregation
         if meters[base_of(meter_name)].level:
-            price, pricing = _level_pricing(table, aggregation, prepaid, quota, included, price, pricing)
+            _check_level_terms(table, aggregation, prepaid, quota)
         elif aggregation == "unique":
             model = "package" if "package" in table.data else "tiers"
             for name, value in (("quota", quota), ("included", included), ("price", price), (model, pricing)):
@@ -253,17 +252,9 @@ def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     return Plan(name, limits, period, prepaid, terms, currency, base_fee, minimum, **more_limits)  # type: ignore[arg-type]
 
 
-def _level_pricing(
-    table: Section,
-    aggregation: str,
-    prepaid: bool,
-    quota: int | None,
-    included: int,
-    price: int,
-    pricing: Price | None,
-) -> tuple[int, Price | None]:
-    """The terms of a ``max`` or ``last`` meter: its value in a period is known only when the period ends,
-    so it is priced on the invoice (a per-unit ``price`` too) and never charged or limited call by call."""
+def _check_level_terms(table: Section, aggregation: str, prepaid: bool, quota: int | None) -> None:
+    """A ``max`` or ``last`` meter's value in a period is known only when the period ends: it is priced on
+    the invoice (the request path holds nothing of it) and never limited or charged call by call."""
     if quota is not None:
         raise ConfigError(
             table.name("quota"), f"a '{aggregation}' meter cannot carry a quota (its units do not add up)"
@@ -275,9 +266,6 @@ def _level_pricing(
             f"a '{aggregation}' meter is priced on invoices, when its period ends; a prepaid plan charges "
             "credits call by call: price it on an invoiced plan (prepaid = false)",
         )
-    if pricing is None and (price or included):
-        pricing = Price.unit(Decimal(price).scaleb(-6), included=included)
-    return 0, pricing
 
 
 def check_call_costs(plans: Mapping[str, Plan], meters: Mapping[str, Meter], heaviest: int) -> None:

@@ -458,7 +458,7 @@ class Recorder:
             flusher.drain()
             flusher.storage.close()
         else:
-            self.metering.drain_at_exit()
+            self.metering.drain()
         if storage is not None:
             storage.close()
 

@@ -65,5 +65,19 @@ def slow_stream() -> Response:
     return Response(chunks(), mimetype="text/plain")
 
 
+@app.get("/v1/closing/<int:count>")
+def closing(count: int) -> Response:
+    """A response whose work when closed (after its body went out) takes half a second, then reports
+    ``count`` tokens."""
+    response = Response("done\n", mimetype="text/plain")
+
+    @response.call_on_close
+    def finish_work() -> None:
+        time.sleep(0.5)
+        meterware.usage.add("tokens", count)
+
+    return response
+
+
 if __name__ == "__main__":  # `python flask_app.py`: Flask's own development server (werkzeug's run_simple)
     app.run(host="127.0.0.1", port=int(os.environ["PORT"]))

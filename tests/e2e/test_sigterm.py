@@ -144,6 +144,26 @@ def test_sigterm_right_after_the_last_response_loses_no_event(
     assert "meterware:" not in output, output  # nothing dropped or failed
 
 
+@pytest.mark.parametrize("name", ["flask-app-run", "flask-run"])
+def test_sigterm_waits_for_a_call_still_finishing_after_its_response(
+    name: str, env: dict[str, str], accounts: Accounts, tmp_path: Path
+) -> None:
+    """The threaded servers finish a call in its own thread after the client has the response (the
+    response's ``close()`` work here takes half a second): SIGTERM's exit waits for it, then drains."""
+    key = new_customer(accounts, "acme", "100").plaintext
+    log = tmp_path / f"{name}.log"
+    process, url = serve(name, env, log)
+    with httpx.Client(base_url=url, timeout=20, headers={"Authorization": f"Bearer {key}"}) as client:
+        assert client.get("/v1/closing/7").status_code == 200
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=30)
+    output = log.read_text(errors="replace")
+    (event,) = events(accounts)
+    assert (event.outcome, event.billable, event.units["tokens"]) == ("success", True, 7), output
+    assert returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output, output
+
+
 def test_sigterm_while_the_main_thread_serves_a_call_lets_it_finish(
     env: dict[str, str], accounts: Accounts, tmp_path: Path
 ) -> None:

@@ -7,15 +7,17 @@ import atexit
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from meterware.config import Config
 from meterware.metering.batcher import Batcher
 from meterware.metering.batching import Pending
+from meterware.metering.calls import CallsInFlight
 from meterware.metering.core import CustomerGetter, KeyGetter, RequestCore
 from meterware.metering.drivers import AsyncDriver, SyncDriver
 from meterware.metering.flushers import flush_sync
 from meterware.metering.leases import LeaseTable
+from meterware.metering.logs import logger
 from meterware.metering.measure import Measurer
 from meterware.metrics import AppMetrics
 from meterware.storage import open_async_storage, open_storage
@@ -24,6 +26,10 @@ from meterware.storage.base import AsyncStorage, Batch, Storage
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+
+#: How long the exit drain waits for the calls in flight to finish.
+EXIT_WAIT_SECONDS: Final = 5.0
+_exit_deadline = 0.0
 
 #: The configuration of the first middleware (or recorder) made in this process: what ``meterware.record``
 #: uses when not given one.
@@ -68,7 +74,9 @@ class Metering:
         if self.policy.admission == "lease":
             self.batcher.spent_leases = self.leases.spent
             self.batcher.released = self.leases.closed
-        self.measurer = Measurer(config, self.metrics, self.leases, self.queue)
+        self.measurer = Measurer(
+            config, self.metrics, self.leases, self.queue, CallsInFlight(config.meters, self.hook_exit)
+        )
         self.core = RequestCore(
             config,
             self.metrics,
@@ -120,12 +128,34 @@ class Metering:
     def queue(self, item: Pending) -> None:
         """Buffer a finished call's (or a record's) event and settlement for the flusher."""
         if not self._exit_hook:
-            # Once per instance: a process forked after this inherits the registration.
-            self._exit_hook = True
-            atexit.register(self.drain_at_exit)
+            self.hook_exit()
         self.batcher.put(item)
 
+    def hook_exit(self) -> None:
+        """Drain at the interpreter's exit: registered at the first call or record, once per instance (a
+        process forked after this inherits the registration)."""
+        if not self._exit_hook:
+            self._exit_hook = True
+            atexit.register(self.drain_at_exit)
+
     def drain_at_exit(self) -> None:
+        """The exit hook: :meth:`drain`, once the calls in flight have finished (a threaded server finishes a
+        call in its own thread after the client has the response, so a SIGTERM can come first), waiting at
+        most :data:`EXIT_WAIT_SECONDS` in all for the process."""
+        global _exit_deadline
+        if self.measurer.in_flight.count:
+            _exit_deadline = _exit_deadline or time.monotonic() + EXIT_WAIT_SECONDS
+            unfinished = self.measurer.in_flight.wait(_exit_deadline - time.monotonic())
+            if unfinished:
+                logger.warning(
+                    "meterware: %d calls still in flight at exit after %.0f s: not recorded (the rollup "
+                    "worker refunds their reservations)",
+                    unfinished,
+                    EXIT_WAIT_SECONDS,
+                )
+        self.drain()
+
+    def drain(self) -> None:
         """Flush what is still buffered with a synchronous client (the event loop may be gone)."""
         batcher = self.batcher
         # A flusher thread (a daemon: it dies with the interpreter) may hold events it has taken out of

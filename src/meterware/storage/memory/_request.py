@@ -201,7 +201,8 @@ class AdmissionMixin(MemoryState):
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
         over_quota = over_concurrency = needs_positive_balance = False
         credits = 0
-        spent = counters.get(SPENT_FIELD, 0)  # what the period's flushes charged (and finished calls)
+        # What the period's flushes charged (and this process's finished calls will), read under a cap only.
+        spent = counters.get(SPENT_FIELD, 0) if request.spend_cap >= 0 else 0
         holds: list[tuple[str, int]] = []
         window = request.period_end - request.period_start
         until_period_end = max(0, request.period_end - now // 1000)

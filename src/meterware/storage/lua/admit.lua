@@ -8,8 +8,8 @@
 -- keys it reads are type-checked by those reads, the two it only writes by TYPE, and only when it will.
 --
 -- Under a spend cap, the period's spend is what its flushes charged (the quota hash's `@spent` field,
--- added to by flush.lua at each call's price), what this process's finished calls will charge, and what
--- admitted calls hold, at this admission's terms; nothing is read for it without a cap.
+-- added to by flush.lua at each call's price), plus what this process's finished calls will charge and
+-- what admitted calls hold (their units at this admission's terms); nothing is read for it without one.
 --
 -- A key record's `remaining` field, present only on a key that counts its uses, gives one use to each call
 -- admitted (a lease gets no more calls than uses left); with none left the key is refused, 'key_exhausted'.

@@ -136,7 +136,8 @@ while list[at] do
     end
   end
   -- meters: (counter, units, price, included)... of the units a billable call adds; names: their meters.
-  local term, meters, names = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}, {}
+  local term = {customer = customer_key, quota = quota_key, events = events, cost = 0, spent = 0}
+  local meters, names = {}, {}
   for j = at, at + 4 * list[at - 1] - 1, 4 do
     local units, price, included = list[j + 1], list[j + 2], list[j + 3]
     refused = bad_meter(customer_key, list[j], units, price, included)
@@ -193,7 +194,7 @@ local costs, charged_order, event_costs = ARGV[7], {}, nil
 -- (SPENT, the spend cap's count) in the same step, so the cap counts each call at the price it paid.
 local function charge(term, cost)
   if cost ~= 0 then
-    plan_incr(term.quota, SPENT, cost)
+    term.spent = term.spent + cost
     local account = term.account
     if account then
       if account.moved == 0 then
@@ -245,6 +246,11 @@ else
     end
   end
   costs = table.concat(costs, ',')
+end
+for _, term in ipairs(term_order) do
+  if term.spent ~= 0 then
+    plan_incr(term.quota, SPENT, term.spent)
+  end
 end
 for _, account in ipairs(charged_order) do
   local balance = checked_counter(account.key, 'balance', account.balance)

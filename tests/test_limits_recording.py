@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,3 +117,70 @@ def test_calls_and_records_share_the_spend_cap_without_passing_it(
     recorder.close()
     RollupWorker(accounts.storage, config).drain()
     assert accounts.usage("acme").spend == spent
+
+
+def terms_config(backend_url: str, tmp_path: Path, token_price: str) -> Config:
+    """A postpaid plan pricing tokens at ``token_price`` credits, capped at 1.00 credits a period."""
+    return Config.from_dict(
+        {
+            "storage": {"url": backend_url, "shards": 4},
+            "meters": {"tokens": {"aggregation": "sum", "source": "handler"}},
+            "plans": {"metered": {"spend_cap": "1.00", "meters": {"tokens": {"price": token_price}}}},
+            "pipeline": {"flush_interval": 0.01, "spool_dir": str(tmp_path / "spool")},
+            "policy": {"timeout": 5.0},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("plan_price", "new_price", "records", "spent"),
+    [
+        # 0.60 charged at 1 µcredit a token; at 3: 100,000 tokens (0.30) pass where the units at the new
+        # price (1.80) refused them, 50,000 more (0.15) would pass 1.00, 30,000 (0.09) reach 0.99.
+        pytest.param(
+            "0.000001",
+            "0.000003",
+            [(600_000, True), (100_000, True), (50_000, False), (30_000, True)],
+            990_000,
+            id="rise",
+        ),
+        # 0.90 charged at 3 µcredits a token; at 1: 200,000 tokens (0.20) are refused where the units at
+        # the new price (0.30) let them through, 100,000 (0.10) reach 1.00 exactly, 1 token passes it.
+        pytest.param(
+            "0.000003",
+            "0.000001",
+            [(300_000, True), (200_000, False), (100_000, True), (1, False)],
+            1_000_000,
+            id="cut",
+        ),
+    ],
+)
+def test_new_terms_leave_what_the_cap_counted_as_charged(
+    backend_url: str,
+    tmp_path: Path,
+    plan_price: str,
+    new_price: str,
+    records: list[tuple[int, bool]],
+    spent: int,
+) -> None:
+    """A customer's records charged at the plan's token price, then their own terms in force from now
+    (``Accounts.set_overrides``): the cap counts what each record was charged, whatever the price now."""
+    config = terms_config(backend_url, tmp_path, plan_price)
+    accounts = Accounts.open(config)
+    hour = int(time.time()) // 3600 * 3600
+    accounts.create_customer("acme", plan="metered", anchor=hour)  # the period starts at a whole hour
+    (tokens, served), *later = records
+    with Recorder(config) as recorder:
+        assert recorder.record("acme", {"tokens": tokens}, event_id="first").recorded == served
+    accounts.set_overrides("acme", {"tokens.price": new_price}, effective_from=hour, actor="sales")
+    with Recorder(config) as recorder:
+        for number, (tokens, served) in enumerate(later):
+            if served:
+                recorder.record("acme", {"tokens": tokens}, event_id=f"r-{number}")
+            else:
+                with pytest.raises(Refused) as refused:
+                    recorder.record("acme", {"tokens": tokens}, event_id=f"r-{number}")
+                assert refused.value.reason == "spend_cap_reached"
+    RollupWorker(accounts.storage, config).drain()
+    assert accounts.usage("acme").spend == spent
+    accounts.close()

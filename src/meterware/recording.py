@@ -178,7 +178,8 @@ def spend_holds(
     plan: Plan, meters: Mapping[str, Meter], holds: tuple[MeterHold, ...], live: bool
 ) -> tuple[MeterHold, ...]:
     """Under a spend cap, the priced holds a call would have that a record does not, holding nothing: the
-    admission then counts what the period spent on them too (a call's admission holds every priced one)."""
+    admission then counts what calls in flight hold of them and what this process's finished calls will
+    be charged for them (what was charged it reads whole: a call's admission holds every priced one)."""
     held = {hold.meter for hold in holds}
     return tuple(
         replace(hold, quota=-1, need=0, hold=0, exact=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import redis
@@ -100,6 +100,8 @@ def build_world(storage: RedisStorage) -> World:
 # What each operation calls, by name: every writing script, through the storage API.
 OPERATIONS: dict[str, Callable[[World], object]] = {
     "admit": lambda w: w.storage.admit(admit_request(w.storage)),
+    # Under a spend cap the admission also reads what the period was charged (the quota hash's @spent).
+    "admit_capped": lambda w: w.storage.admit(replace(admit_request(w.storage), spend_cap=1_000_000)),
     "flush": lambda w: w.storage.flush(
         Batch(SHARD, "batch-2", b"events-2", (settlement(w.open_request, w.open_decision), None))
     ),
@@ -167,7 +169,10 @@ BAD_VALUES: list[tuple[str, str, Callable[[], str], str, str]] = [
     ("admit", "held-units-not-an-integer", quota_key, "calls:h", "1.5"),
     ("admit", "reserved-not-an-integer", lambda: ks.customer(SHARD, ACME), "reserved", "abc"),
     ("admit", "reserved-beyond-2^62", lambda: ks.customer(SHARD, ACME), "reserved", str(-(2**62))),
+    ("admit_capped", "spent-not-an-integer", quota_key, "@spent", "1.5"),
     ("flush", "used-units-not-an-integer", quota_key, "calls:u", "x"),
+    ("flush", "spent-not-an-integer", quota_key, "@spent", "x"),
+    ("flush", "spent-beyond-2^62", quota_key, "@spent", str(2**62 - 50)),
     ("flush", "held-units-leading-zero", quota_key, "calls:h", "01"),
     ("flush", "balance-at-int64-min", lambda: ks.customer(SHARD, ACME), "balance", str(-(2**63))),
     ("flush", "reservation-record", lambda: ks.reservations(SHARD), "{open}", "acme 1 0 x"),

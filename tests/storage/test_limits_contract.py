@@ -9,6 +9,8 @@ import time
 import uuid
 from dataclasses import replace
 
+import pytest
+
 from meterware.config import MeterTerms, Plan, RateLimit
 from meterware.metering.admission import (
     CONCURRENCY_METER,
@@ -18,7 +20,7 @@ from meterware.metering.admission import (
 )
 from meterware.metering.unsettled import Unsettled
 from meterware.storage._keyspace import shard_of
-from meterware.storage.base import Settlement, Storage
+from meterware.storage.base import Batch, Settlement, Storage
 from tests.storage.conftest import Backend
 from tests.storage.test_contract import admit_request, flush, make_plan, open_account
 
@@ -250,3 +252,91 @@ def test_a_block_of_calls_is_granted_what_fits_under_the_spend_cap(storage: Stor
     decision = storage.admit(again(request))
     assert (decision.allowed, decision.calls) == (True, 2)
     assert state(decision, "spend-cap")[2] == 3000
+
+
+# -- the spend cap counts what was charged -------------------------------------------------------------
+
+CAP = 1_000_000  # 1.00 credits
+
+
+def priced(price: int, *, prepaid: bool = False) -> Plan:
+    """A plan (or a customer's terms) charging ``price`` micro-credits a call, capped at 1.00 credits."""
+    return replace(make_plan(price=price, prepaid=prepaid), spend_cap=CAP)
+
+
+def charge_calls(storage: Storage, request: AdmitRequest, calls: int) -> None:
+    """Admit ``calls`` calls of ``request`` and flush each (charged at the request's prices)."""
+    for _ in range(calls):
+        decision = storage.admit(again(request))
+        assert decision.allowed, decision
+        assert flush(storage, settle(request, decision))
+
+
+@pytest.mark.parametrize("prepaid", [False, True], ids=["postpaid", "prepaid"])
+def test_a_price_rise_leaves_what_was_charged_as_it_was(storage: Storage, prepaid: bool) -> None:
+    """6 calls at 0.10 charged 0.60 of a 1.00 cap; the customer's terms then rise to 0.30 a call. The
+    cap counts the 0.60 charged (not 6 x 0.30 = 1.80): one more call passes (0.90), the next would
+    reach 1.20 and is refused."""
+    open_account(storage, credits=10 * CAP if prepaid else 0)
+    charge_calls(storage, replace(admit_request(storage, priced(100_000, prepaid=prepaid)), spend_cap=CAP), 6)
+    dear = replace(admit_request(storage, priced(300_000, prepaid=prepaid)), spend_cap=CAP)
+    decision = storage.admit(again(dear))
+    assert decision.allowed, decision
+    assert state(decision, "spend-cap")[2] == CAP - 600_000 - 300_000
+    assert flush(storage, settle(dear, decision))
+    refused = storage.admit(again(dear))
+    assert refused.reason == "spend_cap_reached"
+    assert state(refused, "spend-cap")[2] == 100_000
+
+
+@pytest.mark.parametrize("prepaid", [False, True], ids=["postpaid", "prepaid"])
+def test_a_price_cut_gives_no_room_beyond_what_was_charged(storage: Storage, prepaid: bool) -> None:
+    """3 calls at 0.30 charged 0.90 of a 1.00 cap; the terms then fall to 0.05 a call. The cap counts
+    the 0.90 charged (not 3 x 0.05 = 0.15): two calls pass (0.95, 1.00), the third is refused."""
+    open_account(storage, credits=10 * CAP if prepaid else 0)
+    charge_calls(storage, replace(admit_request(storage, priced(300_000, prepaid=prepaid)), spend_cap=CAP), 3)
+    cheap = replace(admit_request(storage, priced(50_000, prepaid=prepaid)), spend_cap=CAP)
+    first = storage.admit(again(cheap))
+    assert state(first, "spend-cap")[2] == 50_000
+    assert flush(storage, settle(cheap, first))
+    second = storage.admit(again(cheap))  # held, not yet charged
+    assert (second.allowed, state(second, "spend-cap")[2]) == (True, 0)
+    refused = storage.admit(again(cheap))
+    assert (refused.reason, state(refused, "spend-cap")[2]) == ("spend_cap_reached", 0)
+
+
+def test_a_refunded_a_failed_or_a_replayed_call_adds_nothing_to_the_spend(storage: Storage) -> None:
+    """At 0.10 a call under a 1.00 cap: a reservation refunded at its deadline and a failed call (not
+    billable) charge nothing and count nothing; a batch flushed twice (a spool replay) counts once."""
+    open_account(storage)
+    request = replace(admit_request(storage, priced(100_000)), spend_cap=CAP)
+    assert storage.admit(replace(request, reservation_id="lost", reservation_timeout_ms=1)).allowed
+    time.sleep(0.02)
+    assert storage.expire_reservations(request.shard, 100) == 1
+    failed = storage.admit(again(request))
+    assert flush(storage, replace(settle(request, failed), billable=False))
+    served = storage.admit(again(request))
+    assert state(served, "spend-cap")[2] == CAP - 100_000  # only its own hold
+    assert flush(storage, settle(request, served), batch_id="batch-a")
+    assert not flush(storage, settle(request, served), batch_id="batch-a")
+    after = storage.admit(again(request))
+    assert state(after, "spend-cap")[2] == CAP - 200_000  # 0.10 charged once, 0.10 held
+
+
+def test_a_finished_call_counts_before_its_flush_at_the_price_it_is_charged(storage: Storage) -> None:
+    """A call this process finished (not flushed yet) counts at once; flushed, it counts once."""
+    open_account(storage)
+    request = replace(admit_request(storage, priced(100_000)), spend_cap=CAP)
+    charge_calls(storage, request, 2)
+    unsettled = Unsettled()
+    request = replace(request, unsettled=unsettled)
+    finished = storage.admit(again(request))
+    unsettled.add(((request.customer, True, request.period_start), 0, (("calls", 1, 1),)))
+    assert state(storage.admit(again(request)), "spend-cap")[2] == CAP - 400_000  # 3 charged, 1 held
+    writer, generation = unsettled.batched(
+        "batch-b", [((request.customer, True, request.period_start), 0, (("calls", 1, 1),))]
+    )
+    assert storage.flush(
+        Batch(request.shard, "batch-b", b"events", (settle(request, finished),), writer, generation)
+    )
+    assert state(storage.admit(again(request)), "spend-cap")[2] == CAP - 500_000  # 3 charged, 2 held

@@ -19,6 +19,9 @@ from typing import Final
 CUSTOMER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,128}\Z")
 #: A quota hash outlives its period by this much, so late settlements still find it.
 QUOTA_GRACE_SECONDS: Final = 35 * 86_400
+#: The field of a quota hash summing what the period's flushes charged (micro-credits, postpaid too):
+#: the spend cap's count. ``@`` keeps it apart from the meters' ``<meter>:u`` / ``<meter>:h`` fields.
+SPENT_FIELD: Final = "@spent"
 
 
 def check_customer_id(customer_id: str) -> str:

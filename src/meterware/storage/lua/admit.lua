@@ -7,6 +7,10 @@
 -- call alone is refused and adds nothing to the run's writes: common.lua, all or nothing per call). The
 -- keys it reads are type-checked by those reads, the two it only writes by TYPE, and only when it will.
 --
+-- Under a spend cap, the period's spend is what its flushes charged (the quota hash's `@spent` field,
+-- added to by flush.lua at each call's price), plus what this process's finished calls will charge and
+-- what admitted calls hold (their units at this admission's terms); nothing is read for it without one.
+--
 -- A key record's `remaining` field, present only on a key that counts its uses, gives one use to each call
 -- admitted (a lease gets no more calls than uses left); with none left the key is refused, 'key_exhausted'.
 --
@@ -169,7 +173,8 @@ end
 
 -- What admitting n calls would do: the refusal reason (or nil), and the state the reply reports.
 -- (Admitted, every rate limit moves its TAT by n intervals and every term holds n times its hold.)
-local function decide(spec, tat_of, used_of, held_of, n, available)
+-- `charged`: what the period's calls were charged (under a spend cap; else unused).
+local function decide(spec, tat_of, used_of, held_of, n, available, charged)
   local states = {}  -- the rate limits' (remaining, reset ms), then the hard quotas' remaining
   local d = {states = states, retry_ms = 0, credits = 0}
   for i, limit in ipairs(spec.limits) do
@@ -185,7 +190,7 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
     end
   end
   local over_quota, over_concurrency, needs_positive_balance = false, false, false
-  local spent = 0  -- what the period's calls cost, charged and held
+  local spent = charged  -- what the period's calls cost, charged and held
   for i, term in ipairs(spec.terms) do
     -- A value meter's size is unknown until the end: one unit left admits it, however many calls.
     local need, hold = term.exact and term.need * n or term.need, term.hold * n
@@ -205,7 +210,8 @@ local function decide(spec, tat_of, used_of, held_of, n, available)
     if term.price ~= 0 then
       local base = used + held
       if spec.spend_cap then
-        spent = spent + (math.max(term.included, base) - term.included) * term.price
+        -- Held calls at the terms of this admission; what was charged is counted as it was charged.
+        spent = spent + (math.max(term.included, base) - math.max(term.included, used)) * term.price
       end
       d.credits = d.credits + (math.max(term.included, base + hold) - math.max(term.included, base)) * term.price
       if not term.exact and base + hold >= term.included then
@@ -325,6 +331,18 @@ local function admit(spec, reservation_id, unsettled)
     end
     used_of[i], held_of[i], held_counters[i] = tonumber(counts[1]) or 0, held.value, held
   end
+  -- Under a spend cap: what the period's flushes charged (flush.lua adds each settlement's charge).
+  local charged = 0
+  if spec.spend_cap then
+    local id = KEYS[QUOTA] .. '\n' .. SPENT  -- no meter is named so (names start with a letter or digit)
+    local raw
+    raw, refused = read_once(id, 'hash', 'HGET', KEYS[QUOTA], SPENT)
+    refused = refused or problem_once(id, KEYS[QUOTA], SPENT, raw)
+    if refused then
+      return {SCRIPT_REFUSED, refused}
+    end
+    charged = tonumber(raw) or 0
+  end
   local charges_credits = spec.charges_credits
   local reserved = reserved_counter.value
   local pending_cost = 0
@@ -356,15 +374,17 @@ local function admit(spec, reservation_id, unsettled)
   if uses then
     n = math.min(n, uses.value)  -- never more calls than uses left
   end
-  local d = decide(spec, tat_of, used_of, held_of, n, available)
+  -- The finished calls not flushed yet count as charged at these terms (as their credits do).
+  charged = charged + pending_cost
+  local d = decide(spec, tat_of, used_of, held_of, n, available, charged)
   if d.reason and n > 1 then
     repeat
       n = math.floor(n / 2)
-      d = decide(spec, tat_of, used_of, held_of, n, available)
+      d = decide(spec, tat_of, used_of, held_of, n, available, charged)
     until not d.reason or n == 1
     if not d.reason and n > 1 then
       n = math.floor(n / 2)
-      d = decide(spec, tat_of, used_of, held_of, n, available)
+      d = decide(spec, tat_of, used_of, held_of, n, available, charged)
     end
   end
 

@@ -99,6 +99,9 @@ end
 -- corrupt (4.6e18 micro-credits or units in one counter).
 local COUNTER_LIMIT = 2 ^ 62
 
+-- The quota hash's field of what the period's flushes charged (storage/_keyspace.py's SPENT_FIELD).
+local SPENT = '@spent'
+
 -- nil if INCRBY/HINCRBY can add changes of total size `moved` to `raw` (a field's text, or false if
 -- absent) without failing: an integer as Redis parses it (digits after an optional minus, no leading
 -- zero, space or plus sign), in range.

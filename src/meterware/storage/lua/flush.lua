@@ -3,6 +3,7 @@
 -- calls, refund the rest), at once and only once per batch id. Same as MemoryStorage.flush (storage/memory/).
 -- All or nothing (common.lua): the settlements are planned and checked first; then the append (the one
 -- write no check covers: a stream out of ids) comes before the batch marker and the settlement writes.
+-- Each call's cost is added to its period's spend (the quota hash's SPENT field, postpaid too).
 -- Each customer charged gets one `charge` entry in its credits ledger for the batch (amount: minus the
 -- batch's charges, ref: the batch id), appended with the batch, so its balance stays the ledger's sum.
 --
@@ -135,7 +136,8 @@ while list[at] do
     end
   end
   -- meters: (counter, units, price, included)... of the units a billable call adds; names: their meters.
-  local term, meters, names = {customer = customer_key, quota = quota_key, events = events, cost = 0}, {}, {}
+  local term = {customer = customer_key, quota = quota_key, events = events, cost = 0, spent = 0}
+  local meters, names = {}, {}
   for j = at, at + 4 * list[at - 1] - 1, 4 do
     local units, price, included = list[j + 1], list[j + 2], list[j + 3]
     refused = bad_meter(customer_key, list[j], units, price, included)
@@ -188,13 +190,19 @@ end
 
 local costs, charged_order, event_costs = ARGV[7], {}, nil
 
-local function charge(account, cost)
-  if account and cost ~= 0 then
-    if account.moved == 0 then
-      charged_order[#charged_order + 1] = account
+-- A billable call's cost is spend, charged to credits or not (postpaid): the period's quota hash sums it
+-- (SPENT, the spend cap's count) in the same step, so the cap counts each call at the price it paid.
+local function charge(term, cost)
+  if cost ~= 0 then
+    term.spent = term.spent + cost
+    local account = term.account
+    if account then
+      if account.moved == 0 then
+        charged_order[#charged_order + 1] = account
+      end
+      account.net = account.net + cost
+      account.moved = account.moved + math.abs(cost)
     end
-    account.net = account.net + cost
-    account.moved = account.moved + math.abs(cost)
   end
 end
 
@@ -207,7 +215,7 @@ if paid then
       entry.net = entry.net + events * units
       entry.moved = entry.moved + events * units
     end
-    charge(term.account, events * term.cost)
+    charge(term, events * term.cost)
   end
 else
   -- Each event's units move its term's counters in stream order: a call's cost is what it adds past
@@ -226,7 +234,7 @@ else
         entry.moved = entry.moved + math.abs(units)
         cost = cost + (math.max(included, before + units) - math.max(included, before)) * price
       end
-      charge(term.account, cost)
+      charge(term, cost)
       event_costs[i] = cost
       -- The calls of a term mostly cost the same: its last cost's text is reused.
       if cost ~= term.last then
@@ -238,6 +246,11 @@ else
     end
   end
   costs = table.concat(costs, ',')
+end
+for _, term in ipairs(term_order) do
+  if term.spent ~= 0 then
+    plan_incr(term.quota, SPENT, term.spent)
+  end
 end
 for _, account in ipairs(charged_order) do
   local balance = checked_counter(account.key, 'balance', account.balance)

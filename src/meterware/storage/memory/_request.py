@@ -24,6 +24,7 @@ from meterware.metering.admission import (
     rate_moves,
 )
 from meterware.metering.records import KeyInfo
+from meterware.storage._keyspace import SPENT_FIELD
 from meterware.storage._once import without_events
 from meterware.storage.base import (
     BATCH_MEMORY_SECONDS,
@@ -160,6 +161,8 @@ class AdmissionMixin(MemoryState):
             seen[used_key] = used + charged
             seen[held_key] = max(0, seen.get(held_key, 0) - freed)
             cost += (max(hold.included, used + charged) - max(hold.included, used)) * hold.price
+        # Counted as charged at these terms (the spend cap's count), as their credits are.
+        seen[SPENT_FIELD] = seen.get(SPENT_FIELD, 0) + cost
         reserved = max(0, account.reserved - released)
         return seen, account.balance - reserved - (cost if request.charges_credits else 0)
 
@@ -197,7 +200,9 @@ class AdmissionMixin(MemoryState):
             remaining, reset_ms = int((period_ms - (new_tat - now)) // interval), int(new_tat - now)
             limits.append(LimitState(name, limit.amount, limit.seconds, remaining, -(-reset_ms // 1000)))
         over_quota = over_concurrency = needs_positive_balance = False
-        credits = spent = 0
+        credits = 0
+        # What the period's flushes charged (and this process's finished calls will), read under a cap only.
+        spent = counters.get(SPENT_FIELD, 0) if request.spend_cap >= 0 else 0
         holds: list[tuple[str, int]] = []
         window = request.period_end - request.period_start
         until_period_end = max(0, request.period_end - now // 1000)
@@ -224,7 +229,8 @@ class AdmissionMixin(MemoryState):
             if hold.price:
                 base = used + held
                 if request.spend_cap >= 0:
-                    spent += (max(hold.included, base) - hold.included) * hold.price
+                    # Held calls at these terms; what was charged is counted as it was charged.
+                    spent += (max(hold.included, base) - max(hold.included, used)) * hold.price
                 credits += (max(hold.included, base + held_now) - max(hold.included, base)) * hold.price
                 if not hold.exact and base + held_now >= hold.included:
                     needs_positive_balance = True
@@ -326,6 +332,8 @@ class SettlementMixin(MemoryState):
                             before = counters.get(name, 0) + added.get(name, 0)
                             added[name] = added.get(name, 0) + units
                             cost += (max(included, before + units) - max(included, before)) * price
+                        if cost:  # spend, charged to credits or not (as flush.lua)
+                            added[SPENT_FIELD] = added.get(SPENT_FIELD, 0) + cost
                         if settlement.charges_credits and settlement.customer in self._accounts:
                             charges[settlement.customer] = charges.get(settlement.customer, 0) + cost
                     reservation_id = settlement.reservation_id

@@ -14,6 +14,8 @@ from werkzeug.test import Client, TestResponse
 
 from meterware.billing.accounts import Accounts
 from meterware.config import Config
+from meterware.errors import UsageError
+from meterware.portal.pages.spend_cap import parse_cap
 from meterware.rollup import RollupWorker
 from meterware.wsgi import WSGIMeteringMiddleware
 from tests.portal.test_portal_auth import SECRET, form_token, signed_in
@@ -188,6 +190,30 @@ def test_a_bad_value_is_refused_in_one_line_and_changes_nothing(
     assert len(error) < 200
     assert accounts.spend_cap("nocap") is None
     assert own_caps(accounts) == {"acme": None, "globex": None, "nocap": None}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("20", 20 * C, id="whole"),
+        pytest.param(" 20.5\t", 20_500_000, id="padded"),
+        pytest.param("0.000001", 1, id="one-micro"),
+        pytest.param("0", 0, id="zero"),
+        pytest.param("", "enter a spend cap", id="blank"),
+        pytest.param("-3", "cannot be negative", id="negative"),
+        pytest.param("\u0663", "digits 0-9", id="arabic-indic"),
+        pytest.param("2.1234567", "at most 6 decimals", id="seven-decimals"),
+        pytest.param("9007199254.740992", "at most 9,007,199,254.740991 credits", id="one-micro-too-many"),
+        pytest.param("9" * 11, "at most 9,007,199,254.740991 credits", id="eleven-digits"),
+    ],
+)
+def test_parse_cap(text: str, expected: int | str) -> None:
+    """The form's value in micro-credits, or the reason it is refused."""
+    if isinstance(expected, int):
+        assert parse_cap(text) == expected
+    else:
+        with pytest.raises(UsageError, match=expected):
+            parse_cap(text)
 
 
 def test_the_largest_amount_is_accepted(config: Config, accounts: Accounts) -> None:

@@ -26,22 +26,24 @@ SOURCES: Final = {"customer": "you", "plan": "your plan", "none": "no cap is set
 SHOWN_BACK: Final = 40
 
 
-def parse_cap(text: str) -> int | str:
-    """The cap typed in the form in micro-credits, or why it is not one (a sentence, one line)."""
+def parse_cap(text: str) -> int:
+    """The cap typed in the form in micro-credits; UsageError (one line, never the value) if it is not one."""
     text = text.strip(" \t")
     if not text:
-        return "Enter a spend cap in credits, e.g. 20 or 20.50."
+        raise UsageError("enter a spend cap in credits, e.g. 20 or 20.50")
     if text.startswith("-"):
-        return "A spend cap cannot be negative."
+        raise UsageError("a spend cap cannot be negative")
     matched = CAP_PATTERN.fullmatch(text)
     if matched is None:
-        return "Write the spend cap with the digits 0-9 and at most 6 decimals, e.g. 20 or 20.50."
+        raise UsageError("write the spend cap with the digits 0-9 and at most 6 decimals, e.g. 20 or 20.50")
     whole, fraction = matched[1], matched[2] or ""
-    too_large = f"A spend cap is at most {html.credits(MAX_MICROS)} credits."
-    if len(whole) > MAX_WHOLE_DIGITS:  # before int(): a long run of digits is refused unread
-        return too_large
+    too_large = UsageError(f"a spend cap is at most {html.credits(MAX_MICROS)} credits")
+    if len(whole) > MAX_WHOLE_DIGITS:  # refused before a long run of digits is read as a number
+        raise too_large
     micros = int(whole) * MICROS_PER_CREDIT + int(fraction.ljust(6, "0"))
-    return too_large if micros > MAX_MICROS else micros
+    if micros > MAX_MICROS:
+        raise too_large
+    return micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ class CapFacts:
     def details(self) -> list[Markup]:
         """Whose the cap is, the spend against it and what is left, a line each."""
         source = self.source_shown()
-        spent = html.data("spend_cap.spent", html.credits(self.spent), self.spent)
+        spent = self.spent_shown()
         if self.cap is None:
             return [source, Markup("{} spent this period").format(spent)]
         return [
@@ -83,6 +85,9 @@ class CapFacts:
             Markup("{} spent this period").format(spent),
             Markup("{} left").format(self.left_shown()),
         ]
+
+    def spent_shown(self) -> Markup:
+        return html.data("spend_cap.spent", html.credits(self.spent), self.spent)
 
     def left_shown(self) -> Markup:
         left = max(0, (self.cap or 0) - self.spent)
@@ -109,17 +114,15 @@ def card(ctx: html.PageContext, spent: int) -> Markup:
 
 def lower(ctx: html.PageContext, text: str) -> str | None:
     """Lower the customer's cap to ``text`` (or set one where there is none); why not, if refused."""
-    micros = parse_cap(text)
-    if isinstance(micros, str):
-        return f"{micros} Nothing was changed."
-    current = ctx.accounts.spend_cap(ctx.customer.id)
-    if current is not None and micros > current:
-        return (
-            f"You can lower your spend cap, not raise it: it is {html.credits(current)} credits per "
-            "billing period. To raise it, contact us."
-        )
     try:
-        # Checks again against the cap in force (the seller may have changed it since the page was read).
+        micros = parse_cap(text)
+        current = ctx.accounts.spend_cap(ctx.customer.id)
+        if current is not None and micros > current:
+            return (
+                f"You can lower your spend cap, not raise it: it is {html.credits(current)} credits per "
+                "billing period. To raise it, contact us."
+            )
+        # Checks again against the cap in force (the seller may have changed it since it was read).
         ctx.accounts.lower_spend_cap(ctx.customer.id, format_credits(micros))
     except UsageError as error:
         message = str(error)
@@ -152,11 +155,11 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
         {
             "Spend cap in force": facts.cap_shown(),
             "Set by": facts.source_shown(),
-            "Spent this period": html.data("spend_cap.spent", html.credits(facts.spent), facts.spent),
+            "Spent this period": facts.spent_shown(),
             **({} if facts.cap is None else {"Left": facts.left_shown()}),
         }
     )
-    limit = "none" if facts.cap is None else f"at most {html.credits(facts.cap)}"
+    limit = "no cap now" if facts.cap is None else f"at most {html.credits(facts.cap)}"
     control = Markup(
         '<input type="text" id="new-spend-cap" name="cap" value="{}" inputmode="decimal" '
         'autocomplete="off" required{}>'

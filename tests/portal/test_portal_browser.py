@@ -128,7 +128,7 @@ class Served:
     env: dict[str, str]
     accounts: Accounts
     #: Customer ids by role: acme (the main traffic), globex (runs out of credits), initech (rate
-    #: limited), hooli (keys in the page), umbrella (the operator's target).
+    #: limited), hooli (keys in the page), umbrella (the operator's target), wayne (sets a spend cap).
     ids: dict[str, str] = field(default_factory=dict)
     keys: dict[str, NewKey] = field(default_factory=dict)
     outcomes: dict[str, list[str]] = field(default_factory=dict)
@@ -247,7 +247,14 @@ def served(
     # acme is 3 days into daily periods (3 closed invoices and the running one); globex's periods start
     # 10 minutes earlier.
     anchors = {"acme": now - 3 * DAY - 60, "globex": now - 3 * DAY - 660}
-    credits = {"acme": "10", "globex": "0.031337", "initech": "10", "hooli": "10", "umbrella": "1"}
+    credits = {
+        "acme": "10",
+        "globex": "0.031337",
+        "initech": "10",
+        "hooli": "10",
+        "umbrella": "1",
+        "wayne": "10",
+    }
     for role, amount in credits.items():
         customer = served.ids[role] = f"{kind}-{role}"
         accounts.create_customer(customer, plan="pro", anchor=anchors.get(role))
@@ -621,6 +628,42 @@ def test_a_form_without_its_csrf_token_is_refused(served: Served, page: Page) ->
     after = {record.key_id: record.status for record in served.accounts.list_keys(hooli)}
     assert after == before
     assert served.api(served.keys["hooli"].plaintext).status_code == 200
+
+
+def test_a_customer_sets_and_lowers_a_spend_cap_in_the_page(served: Served, page: Page) -> None:
+    """wayne (plan pro: no cap) follows the overview's link and sets a cap of 0.015 credits in the form; the
+    page and the backend have it, the overview says whose; a raise is refused in one line; then wayne's
+    calls: 5 included, 1 at 0.01, the seventh (0.02 in all) refused with 429 spend_cap_reached."""
+    wayne, portal = served.ids["wayne"], f"{served.url}/portal"
+    served.sign_in(page, "wayne")
+    assert (field_value(page, "spend_cap"), field_value(page, "spend_cap.source")) == ("none", "none")
+    page.get_by_role("link", name="Set a spend cap").click()
+    page.wait_for_url(f"{portal}/spend-cap")
+    served.shot(page, "spend-cap")
+    page.get_by_label("New spend cap").fill("0.015")
+    page.get_by_role("button", name="Set the spend cap").click()
+    page.wait_for_url(f"{portal}/spend-cap?done=lowered")
+    assert (
+        page.get_by_role("status").inner_text() == "Your spend cap is now 0.015 credits per billing period."
+    )
+    assert (field_value(page, "spend_cap"), field_value(page, "spend_cap.source")) == ("15000", "customer")
+    assert served.accounts.spend_cap(wayne) == 15_000
+
+    page.get_by_label("New spend cap").fill("0.02")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Lower the spend cap").click()
+    assert page.get_by_role("status").inner_text() == (
+        "You can lower your spend cap, not raise it: it is 0.015 credits per billing period. "
+        "To raise it, contact us."
+    )
+    served.shot(page, "spend-cap-refused")
+    assert served.accounts.spend_cap(wayne) == 15_000
+    assert opened(page, f"{portal}/") == 200
+    assert field_value(page, "spend_cap.source") == "customer"
+
+    answers = [served.api(served.keys["wayne"].plaintext) for _ in range(7)]
+    assert [outcome(answer) for answer in answers] == ["success"] * 6 + ["spend_cap_reached"]
+    assert answers[-1].status_code == 429
 
 
 # -- one customer's session, another customer's pages -----------------------------------------------------

@@ -22,7 +22,7 @@ from meterware.config import Config
 from meterware.errors import NotFoundError, StorageError
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse, redirect
-from meterware.portal.pages import alerts, billing, keys, overview, usage
+from meterware.portal.pages import alerts, billing, keys, overview, spend_cap, usage
 from meterware.portal.tokens import Session, SessionKind, Signer, new_session, portal_secret
 
 #: The customer session's cookie (its path is the mount, so the operator view's cookie never meets it).
@@ -47,6 +47,7 @@ PAGES: Final = Map(
         Rule("/keys/<key_id>/rotate", endpoint=keys.rotate, methods=["GET", "POST"]),
         Rule("/keys/<key_id>/revoke", endpoint=keys.revoke, methods=["GET", "POST"]),
         Rule("/alerts", endpoint=alerts.show, methods=["GET", "POST"]),
+        Rule("/spend-cap", endpoint=spend_cap.show, methods=["GET", "POST"]),
     ],
     strict_slashes=False,
     merge_slashes=False,

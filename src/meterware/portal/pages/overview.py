@@ -1,6 +1,6 @@
 """The overview: this period's usage against what the plan includes and allows, spend so far and where
-the period is heading, the credit balance, the customer's own terms, the rate limits and the latest
-alerts. It reloads itself."""
+the period is heading, the credit balance, the spend cap, the customer's own terms, the rate limits and
+the latest alerts. It reloads itself."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from meterware.config._overrides import in_force, load_versions, plan_value
 from meterware.metering.admission import rate_limit_name
 from meterware.portal import html
 from meterware.portal.http import PortalRequest, PortalResponse
+from meterware.portal.pages import spend_cap
 from meterware.portal.pages.alerts import fired_row
 
 #: Seconds between the page's reloads (the rollup's lag is a few seconds).
@@ -116,6 +117,7 @@ def show(ctx: html.PageContext, request: PortalRequest) -> PortalResponse:
             '<div class="sub">credits spent on calls this period</div></section>'
         ).format(html.data("spend", html.credits(report.spend), report.spend))
     )
+    money_cards.append(spend_cap.card(ctx, report.spend))
     outcome_rows = []
     for outcome, n in report.calls.items():
         outcome_rows.append((outcome.replace("_", " "), html.data(f"calls.{outcome}", html.number(n), n)))

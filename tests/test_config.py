@@ -201,6 +201,31 @@ def test_parse_credits_is_exact(value: str | int, micros: int) -> None:
     assert parse_credits(value, "price") == micros
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("\u0663", id="arabic-indic-digit"),
+        pytest.param("\uff15", id="fullwidth-digit"),
+        pytest.param("1e3", id="exponent"),
+        pytest.param("1_000", id="underscore"),
+        pytest.param("+5", id="plus-sign"),
+        pytest.param(".5", id="no-whole-part"),
+        pytest.param("5.", id="no-fraction"),
+        pytest.param("5\u00a0", id="no-break-space"),
+        pytest.param("Infinity", id="infinity"),
+        pytest.param("NaN", id="nan"),
+        pytest.param("1" * 5000, id="five-thousand-digits"),
+    ],
+)
+def test_parse_credits_takes_plain_ascii_decimals_only(value: str) -> None:
+    """A credit amount is ASCII digits with an optional fraction: what Python's Decimal also reads
+    (other scripts' digits, exponents, underscores, signs) is refused in one line naming the field."""
+    with pytest.raises(ConfigError, match=r"^price: ") as refused:
+        parse_credits(value, "price")
+    assert "\n" not in str(refused.value)
+    assert len(str(refused.value)) < 200
+
+
 # -- where a configuration comes from ------------------------------------------------------------------
 
 SHARDS_4 = '[storage]\nurl = "redis://file-host:6379/0"\nshards = 4\n'
@@ -830,8 +855,13 @@ INVALID = [
             ("price-snan", "sNaN"),
             ("price-huge-exponent", "1e999999"),
             ("price-tiny-exponent", "1e-9999999"),
-            ("price-29-digits", "12345678901234567890123456789"),
         ]
+    ),
+    pytest.param(
+        plan_meter({"price": "12345678901234567890123456789"}),
+        "plans.p.meters.tokens.price",
+        "must be at most 9007199254 credits",
+        id="price-29-digits",
     ),
     # plans referring to what does not exist
     pytest.param(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
-from typing import Any
+import re
+from typing import Any, Final
 
 from meterware.config._table import kind_of
 from meterware.errors import ConfigError
@@ -16,34 +16,41 @@ MAX_UNITS = 2**53 - 1
 #: Micro-credits one call may cost at most: the rollup refuses a cost of 16 digits (its whole batch would
 #: be a dead letter), and sums of a few such costs must stay exact.
 MAX_CALL_COST = 10**15 - 1
-# Credits are exact: an amount that would be rounded (a 7th decimal, a 29th digit) is refused, not rounded.
-_EXACT = Context(traps=[InvalidOperation, Inexact, Overflow])
+#: A credit amount as text: ASCII digits (``[0-9]`` matches no other script's), an optional fraction.
+_AMOUNT: Final = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+#: Whole credits' digits an amount may have (the largest, 9,007,199,254 credits, has 10).
+_MAX_WHOLE_DIGITS: Final = len(str(MAX_MICROS // MICROS_PER_CREDIT))
 
 
 def parse_credits(value: Any, field_name: str) -> int:
-    """Turn a credit amount (``"0.002"``, ``5``) into exact micro-credits; never through a float."""
+    """Turn a credit amount (``"0.002"``, ``5``) into exact micro-credits; never through a float.
+
+    A string is ASCII digits with an optional fraction: what Python's ``Decimal`` also reads (other
+    scripts' digits, exponents, underscores, signs, ``NaN``) is refused, so every surface (the config, the
+    CLI, ``Accounts``, the portal) reads an amount the same way."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(
             field_name, f'must be a decimal string like "0.002" or an integer, got {kind_of(value)}'
         )
-    try:
-        amount = Decimal(value) if isinstance(value, int) else Decimal(value.strip())
-        micros = _EXACT.multiply(amount, MICROS_PER_CREDIT)
-    except (InvalidOperation, Overflow):
-        raise ConfigError(field_name, f"must be a number of credits, got {value!r}") from None
-    except Inexact:
-        raise ConfigError(
-            field_name, f"must be a number of credits with at most 6 decimals, got {value!r}"
-        ) from None
-    if not amount.is_finite() or micros != micros.to_integral_value():
-        raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {value!r}")
-    if micros < 0:
-        raise ConfigError(field_name, f"must not be negative, got {value!r}")
+    text = str(value).strip(" \t")
+    shown = repr(text if len(text) <= 40 else text[:40] + "...")
+    if text.startswith("-"):
+        raise ConfigError(field_name, f"must not be negative, got {shown}")
+    matched = _AMOUNT.fullmatch(text)
+    if matched is None:
+        raise ConfigError(field_name, f"must be a number of credits, got {shown}")
+    whole, fraction = matched[1].lstrip("0"), (matched[2] or "").rstrip("0")
+    if len(fraction) > 6:
+        raise ConfigError(field_name, f"must be a number of credits with at most 6 decimals, got {shown}")
+    too_large = ConfigError(
+        field_name, f"must be at most {MAX_MICROS // MICROS_PER_CREDIT} credits, got {shown}"
+    )
+    if len(whole) > _MAX_WHOLE_DIGITS:  # refused before a long run of digits is read as a number
+        raise too_large
+    micros = int(whole or "0") * MICROS_PER_CREDIT + int(fraction.ljust(6, "0"))
     if micros > MAX_MICROS:
-        raise ConfigError(
-            field_name, f"must be at most {MAX_MICROS // MICROS_PER_CREDIT} credits, got {value!r}"
-        )
-    return int(micros)
+        raise too_large
+    return micros
 
 
 def format_credits(micros: int) -> str:

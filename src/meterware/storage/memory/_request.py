@@ -388,3 +388,15 @@ class SettlementMixin(MemoryState):
                     self._release(reservation)
                     released += 1
             return released
+
+    def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int:
+        with self._lock:
+            now, renewed = clock_ms(), 0
+            for admission in admissions:
+                reservations = self._shards[admission.shard].reservations
+                reservation = reservations.get(admission.reservation_id)
+                if reservation is not None:
+                    deadline = max(reservation.deadline_ms, now + admission.reservation_timeout_ms)
+                    reservations[admission.reservation_id] = replace(reservation, deadline_ms=deadline)
+                    renewed += 1
+            return renewed

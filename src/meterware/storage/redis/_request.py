@@ -205,6 +205,18 @@ def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], l
     return [(keys.keys, args) for keys, args in by_shard.values()]
 
 
+def renew_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], list[Arg]]]:
+    """KEYS and ARGV of ``renew_reservations.lua`` for the reservations of ``admissions``, one per shard."""
+    by_shard: dict[int, list[Arg]] = {}
+    for admission in admissions:
+        by_shard.setdefault(admission.shard, []).extend(
+            (admission.reservation_id, admission.reservation_timeout_ms)
+        )
+    return [
+        ([ks.reservations(shard), ks.reservation_deadlines(shard)], args) for shard, args in by_shard.items()
+    ]
+
+
 def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
     """A customer from the ``plan, status, anchor, terms, spend_cap`` fields of its hash."""
     plan, status, anchor, terms, spend_cap = values
@@ -400,3 +412,8 @@ class RequestPathCommands(Connection):
     def release(self, admissions: Sequence[AdmitRequest]) -> int:
         with self._call():
             return sum(int(self._run("refund", keys, args)) for keys, args in release_calls(admissions))
+
+    def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int:
+        calls = renew_calls(admissions)
+        with self._call():
+            return sum(int(self._run("renew_reservations", keys, args)) for keys, args in calls)

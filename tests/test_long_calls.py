@@ -1,0 +1,101 @@
+"""A call running past ``policy.reservation_timeout`` keeps its reservation while its process lives: the
+flusher renews the deadlines of the calls in flight, so the worker refunds only a dead process's holds.
+
+Hand-computed: a prepaid plan at 0.01 a call (10,000 micro-credits), 1.00 granted, a concurrency cap of 1
+and a reservation timeout of 2 s; the worker runs in-process, as ``meterware rollup`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.test import Client
+
+from meterware import Accounts, Config
+from meterware.rollup import RollupWorker
+from meterware.wsgi import WSGIMeteringMiddleware
+
+RESERVATION_TIMEOUT = 2.0
+PRICE = 10_000
+GRANTED = 1_000_000
+
+
+@pytest.fixture
+def config(backend_url: str, tmp_path: Path) -> Config:
+    return Config.from_dict(
+        {
+            "storage": {"url": backend_url, "shards": 4},
+            "meters": {"calls": {"aggregation": "count", "source": "call"}},
+            "plans": {"payg": {"prepaid": True, "concurrency": 1, "meters": {"calls": {"price": "0.01"}}}},
+            "pipeline": {"flush_interval": 0.05, "spool_dir": str(tmp_path / "spool")},
+            "policy": {"timeout": 5.0, "reservation_timeout": RESERVATION_TIMEOUT},
+        }
+    )
+
+
+@pytest.fixture
+def accounts(config: Config) -> Iterator[Accounts]:
+    accounts = Accounts.open(config)
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "1.00")
+    yield accounts
+    accounts.close()
+
+
+class SlowApp:
+    """``/v1/slow`` runs until released; any other path answers at once."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, environ: Any, start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/v1/slow":
+            self.entered.set()
+            self.release.wait(30)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+
+def test_a_call_running_past_the_reservation_timeout_keeps_its_slot_and_is_charged_once(
+    config: Config, accounts: Accounts
+) -> None:
+    """Cap 1: a call still running 2.5 s after its admission (timeout 2 s), with the worker refunding what
+    is past its deadline, still holds its slot (another call meanwhile: 429 concurrency_exceeded) and its
+    0.01 (reserved); once it ends, the next call is served. Two calls served: 0.02 charged, in two charges
+    of 0.01, nothing left reserved, nothing refunded by the worker."""
+    app = SlowApp()
+    middleware = WSGIMeteringMiddleware(app, config, customer_getter=lambda environ: "acme")
+    worker = RollupWorker(accounts.storage, config, owner="test")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(lambda: Client(middleware).get("/v1/slow", buffered=True).status_code)
+            assert app.entered.wait(10)
+            time.sleep(RESERVATION_TIMEOUT + 0.5)  # past the deadline its admission set
+            worker.drain()  # the worker refunds every reservation past its deadline
+            held = accounts.balance("acme")
+            meanwhile = Client(middleware).get("/v1/hello", buffered=True)
+            app.release.set()
+            assert slow.result(10) == 200
+        assert (held.balance, held.reserved) == (GRANTED, PRICE)
+        assert meanwhile.status_code == 429
+        assert json.loads(meanwhile.get_data())["reason"] == "concurrency_exceeded"
+        middleware.drain()
+        assert Client(middleware).get("/v1/hello", buffered=True).status_code == 200
+    finally:
+        app.release.set()
+        middleware.drain()  # stops the flusher thread
+        middleware.clients.flusher.storage.close()
+        middleware.clients.storage.close()
+    worker.drain()
+    balance = accounts.balance("acme")
+    assert (balance.balance, balance.reserved) == (GRANTED - 2 * PRICE, 0)
+    charges = [entry.amount for entry in accounts.ledger("acme") if entry.kind == "charge"]
+    assert sum(charges) == -2 * PRICE

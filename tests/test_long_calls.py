@@ -7,6 +7,7 @@ and a reservation timeout of 2 s; the worker runs in-process, as ``meterware rol
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -15,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from werkzeug.test import Client
 
-from meterware import Accounts, Config
+from meterware import Accounts, Config, MeteringMiddleware
 from meterware.rollup import RollupWorker
 from meterware.wsgi import WSGIMeteringMiddleware
 
@@ -95,7 +98,62 @@ def test_a_call_running_past_the_reservation_timeout_keeps_its_slot_and_is_charg
         middleware.clients.flusher.storage.close()
         middleware.clients.storage.close()
     worker.drain()
+    assert_charged_once(accounts, calls=2)
+
+
+def assert_charged_once(accounts: Accounts, calls: int) -> None:
+    """Each call served is charged once (0.01), and nothing is left reserved."""
     balance = accounts.balance("acme")
-    assert (balance.balance, balance.reserved) == (GRANTED - 2 * PRICE, 0)
+    assert (balance.balance, balance.reserved) == (GRANTED - calls * PRICE, 0)
     charges = [entry.amount for entry in accounts.ledger("acme") if entry.kind == "charge"]
-    assert sum(charges) == -2 * PRICE
+    assert sum(charges) == -calls * PRICE
+
+
+def test_an_asgi_stream_held_open_past_the_reservation_timeout_keeps_its_slot(
+    config: Config, accounts: Accounts
+) -> None:
+    """The same through the ASGI middleware (its flusher an asyncio task, started by the stream itself): a
+    streamed response held open 2.5 s holds its slot and its 0.01 through the worker's refunds; the call
+    meanwhile is refused, the one after it ends is served; two charges of 0.01."""
+    release, streaming = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
+        if scope["path"] == "/v1/stream":
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            streaming.set()
+            await release.wait()
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = MeteringMiddleware(
+        app, config, customer_getter=lambda scope: "acme", registry=CollectorRegistry()
+    )
+    worker = RollupWorker(accounts.storage, config, owner="test")
+
+    async def run() -> tuple[Any, httpx.Response, int, int]:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            stream = asyncio.create_task(client.get("/v1/stream"))
+            try:
+                await asyncio.wait_for(streaming.wait(), 10)
+                await asyncio.sleep(RESERVATION_TIMEOUT + 0.5)  # past the deadline its admission set
+                worker.drain()
+                held = accounts.balance("acme")
+                meanwhile = await client.get("/v1/hello")
+            finally:
+                release.set()
+                streamed = (await stream).status_code
+            await middleware.drain()
+            after = (await client.get("/v1/hello")).status_code
+        await middleware.clients.aclose()
+        return held, meanwhile, streamed, after
+
+    held, meanwhile, streamed, after = asyncio.run(run())
+    assert (held.balance, held.reserved) == (GRANTED, PRICE)
+    assert meanwhile.status_code == 429
+    assert meanwhile.json()["reason"] == "concurrency_exceeded"
+    assert (streamed, after) == (200, 200)
+    worker.drain()
+    assert_charged_once(accounts, calls=2)

@@ -173,7 +173,7 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         if request.spend_cap < 0:
             args.append("")
         args += [limit.estimate for limit in request.plan.rate_limits]
-        args += [1] * len(request.scoped_limits)
+        args += [scoped.limit.estimate for scoped in request.scoped_limits]
     template = (tuple(keys), tuple(args))
     _templates.put(identity, template)
     return template

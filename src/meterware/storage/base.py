@@ -68,8 +68,9 @@ class Settlement:
     #: applies a settlement whose marker is set already (or set by an earlier event of the batch) never:
     #: it writes neither its event nor its charge and releases its reservation (:func:`without_events`).
     once: str = ""
-    #: ``(meter, amount, seconds, units)`` per rate limit of a meter's units on the plan: the flush moves
-    #: its TAT by ``units`` (the call's actual units less the estimate its admission took) intervals.
+    #: ``(limit, amount, seconds, units)`` per rate limit of a meter's units on the plan (``limit``: its
+    #: meter) or the call's route (its scope, ``r<crc32>:m<meter>``): the flush moves its TAT by ``units``
+    #: (the call's actual units less the estimate its admission took) intervals.
     rates: tuple[tuple[str, int, int, int], ...] = ()
 
 

@@ -22,6 +22,7 @@ from meterware.metering.admission import (
     quota_name,
     rate_limit_name,
     rate_moves,
+    rate_scope,
 )
 from meterware.metering.records import KeyInfo
 from meterware.storage._once import without_events
@@ -370,8 +371,8 @@ class SettlementMixin(MemoryState):
             for customer, cost in charges.items():
                 if cost:  # one ledger entry per customer and batch (as flush.lua)
                     self._accounts[customer].record(LedgerEntry("charge", -cost, ref=batch.batch_id))
-            for (live, customer, meter, amount, seconds), units in rate_moves(batch.settlements).items():
-                rate_key = (live, customer, seconds, meter_scope(meter))
+            for (live, customer, limit, amount, seconds), units in rate_moves(batch.settlements).items():
+                rate_key = (live, customer, seconds, rate_scope(limit))
                 tat = moved_tat(self._rates.get(rate_key), now_ms, amount, seconds, units)
                 if tat > now_ms:
                     self._rates[rate_key] = tat

@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 from meterware.config._overrides import load_versions
 from meterware.errors import StorageError
 from meterware.keys import rate_limits_from
-from meterware.metering.admission import AdmitRequest, Decision, meter_scope, rate_moves
+from meterware.metering.admission import AdmitRequest, Decision, rate_moves, rate_scope
 from meterware.metering.records import Customer, KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import STALE_REPLY, admit_call, decision_from_reply
@@ -157,9 +157,9 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         # Only then: the meter rate limits' corrections, one sum per limit (a plan without one sends
         # what it always did).
         rates: list[Arg] = []
-        for (live, customer, meter, amount, seconds), units in moves.items():
+        for (live, customer, limit, amount, seconds), units in moves.items():
             rates += (
-                keys.index(ks.rate(shard, live, customer, seconds, meter_scope(meter))),
+                keys.index(ks.rate(shard, live, customer, seconds, rate_scope(limit))),
                 amount,
                 seconds,
                 units,

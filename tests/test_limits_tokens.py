@@ -218,3 +218,45 @@ def test_a_routes_tokens_limit_refuses_its_route_only(config: Config, tmp_path: 
         middleware.clients.flusher.storage.close()
         middleware.clients.storage.close()
         accounts.close()
+
+
+def test_a_keys_tokens_limit_counts_that_keys_tokens(config: Config, accounts: Accounts) -> None:
+    """A key created with ``500 tokens/minute`` (120 ms a token; stored with the key, its estimate the
+    meter's reserve: 100 tokens, 12 s) under the plan's 1,000: a call reporting 200 leaves 400 (12 s
+    ahead), one reporting 300 then 200 (36 s), and once flushed the bucket is full (60 s): its third call
+    is refused 429 rate_limited, Retry-After 12 (60 + 12 - 60), by its ``key-tokens-rate-60s`` entry,
+    while the plan's bucket (510 tokens) has room. The customer's other key is not limited by it."""
+    limited = accounts.create_key("acme", rate_limits=["500 tokens/minute"])
+    other = accounts.create_key("acme")
+    [stored] = accounts.key(limited.key_id).rate_limits
+    assert (str(stored), stored.estimate) == ("500 tokens/60s", 100)
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        meterware.usage.add("tokens", int(environ["QUERY_STRING"].removeprefix("tokens=")))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, config)
+
+    def by(key: str, tokens: int) -> Any:
+        headers = {"Authorization": f"Bearer {key}"}
+        response = Client(middleware).get(f"/v1/chat?tokens={tokens}", headers=headers, buffered=True)
+        middleware.drain()
+        return response
+
+    try:
+        assert near(entry(by(limited.plaintext, 200), "key-tokens-rate-60s"), 400, 12)
+        assert near(entry(by(limited.plaintext, 300), "key-tokens-rate-60s"), 200, 36)
+        served = by(other.plaintext, 10)
+        assert served.status_code == 200
+        assert "key-tokens-rate-60s" not in served.headers["ratelimit"]
+        refused = by(limited.plaintext, 10)
+        assert refused.status_code == 429
+        assert json.loads(refused.get_data())["reason"] == "rate_limited"
+        assert refused.headers["retry-after"] == "12"
+        assert near(entry(refused, "key-tokens-rate-60s"), 0, 60)
+        assert entry(refused)[0] >= 1000 - 610  # the plan's bucket had room
+    finally:
+        middleware.drain()
+        middleware.clients.flusher.storage.close()
+        middleware.clients.storage.close()

@@ -227,7 +227,7 @@ def rate_corrections(
     """What a call reporting ``units`` moves of its plan's and its ``scoped`` meter rate limits
     (``estimated``: its admission took each limit's estimate: not a record, nor a call served fail-open,
     whose decision, made without the backend, has no limit state)."""
-    if not plan.meter_limited:
+    if not (plan.meter_limited or scoped):
         return ()
     limits = [(limit.meter, limit) for limit in plan.rate_limits]
     limits += [(scoped_limit.scope, scoped_limit.limit) for scoped_limit in scoped]
@@ -243,8 +243,8 @@ def rate_corrections(
 
 
 def rate_scope(limit: str) -> str:
-    """The bucket scope of a correction's ``limit``: a plan's names its meter (``m<meter>``), a route's its
-    scope (``r<crc32>:m<meter>``: meter names have no colon)."""
+    """The bucket scope of a correction's ``limit``: a plan's names its meter (``m<meter>``), a route's or a
+    key's its scope (``r<crc32>:m<meter>``, ``k<key id>:m<meter>``: meter names have no colon)."""
     return limit if ":" in limit else meter_scope(limit)
 
 

@@ -197,9 +197,10 @@ def rate_limits_from(text: str) -> tuple[RateLimit, ...]:
     """A key's rate limits from their stored text (:func:`stored_rate_limits`)."""
     limits = []
     for word in text.split():
-        amount, seconds, *meter = word.split("/")
+        amount, seconds, *meter = word.split("/")  # a word that is none of them raises ValueError
         if meter:
-            limits.append(RateLimit(int(amount), int(seconds), meter[0], int(meter[1])))
+            name, estimate = meter
+            limits.append(RateLimit(int(amount), int(seconds), name, int(estimate)))
         else:
             limits.append(RateLimit(int(amount), int(seconds)))
     return tuple(limits)

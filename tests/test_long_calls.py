@@ -22,7 +22,14 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import Client
 
 from meterware import Accounts, Config, MeteringMiddleware
+from meterware.config import Plan
+from meterware.errors import StorageError
+from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.calls import Call
+from meterware.metering.inflight import CallsInFlight, Renewal
+from meterware.metering.records import Customer, KeyInfo
 from meterware.rollup import RollupWorker
+from meterware.usage import CallUsage
 from meterware.wsgi import WSGIMeteringMiddleware
 
 RESERVATION_TIMEOUT = 2.0
@@ -157,3 +164,37 @@ def test_an_asgi_stream_held_open_past_the_reservation_timeout_keeps_its_slot(
     assert (streamed, after) == (200, 200)
     worker.drain()
     assert_charged_once(accounts, calls=2)
+
+
+def make_call(reservation_id: str, started_ns: int) -> Call:
+    plan = Plan("payg", concurrency=1)
+    request = AdmitRequest(0, "acme", "", True, plan, 0, 86_400, (), reservation_id, 3000)
+    key = KeyInfo("", Customer("acme", "payg"), True, "")
+    decision = Decision(True, reservation_id=reservation_id)
+    return Call(key, request, decision, "GET", "/v1/slow", started_ns, CallUsage({}))
+
+
+def test_only_calls_running_a_third_of_their_timeout_are_renewed_and_ended_ones_are_forgotten() -> None:
+    """Timeout 3 s: a call admitted 1.1 s ago is due, one admitted now is not; once renewed, it is due again
+    1 s after the renewal. A call that finished, or that nothing refers to any more (never finished by its
+    adapter), is forgotten: its reservation is its settlement's, or the worker's, to close."""
+    now = time.perf_counter_ns()
+    in_flight = CallsInFlight()
+    old, young = make_call("old", now - 1_100_000_000), make_call("young", now)
+    finished, dropped = make_call("finished", now - 2_000_000_000), make_call("dropped", now - 2_000_000_000)
+    for call in (old, young, finished, dropped):
+        in_flight.add(call)
+    finished.finished = True
+    del dropped, call  # no reference left: collected
+    renewal = in_flight.due()
+    assert renewal is not None
+    assert [request.reservation_id for request in renewal.admissions] == ["old"]
+    in_flight.renewed(renewal, None)
+    assert in_flight.due() is None
+    assert sorted(in_flight._calls) == ["old", "young"]
+    in_flight.renewed(Renewal([old.request], now - 1_000_000_000), None)  # as if renewed a second ago
+    again = in_flight.due()
+    assert again is not None
+    assert [request.reservation_id for request in again.admissions] == ["old"]
+    in_flight.renewed(again, StorageError("down"))  # a failed renewal: due again with the next pass
+    assert in_flight.due() is not None

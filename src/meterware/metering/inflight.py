@@ -9,6 +9,7 @@ reservations of a process that died are refunded.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ class Renewal:
 
 
 class CallsInFlight:
-    """The admitted calls of this process that hold a reservation, by reservation id (thread-safe as each
-    step is one dict operation: the request path only adds, the flusher alone reads and removes).
+    """The admitted calls of this process that hold a reservation, by reservation id (thread-safe: a
+    threaded server's calls add, the flusher reads and forgets).
 
     A call is held by a weak reference: one its adapter never finishes (a server that drops the response
     unclosed) is forgotten once collected, and its reservation is then the worker's to refund.
@@ -44,32 +45,40 @@ class CallsInFlight:
 
     def __init__(self) -> None:
         self._calls: dict[str, weakref.ref[Call]] = {}
+        self._lock = threading.Lock()
         #: When each call's reservation was last renewed (by the flusher only).
         self._renewed: dict[str, int] = {}
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def add(self, call: Call) -> None:
         """Keep ``call``'s reservation alive while it runs (the request path's only step here)."""
-        self._calls[call.decision.reservation_id] = weakref.ref(call)
+        ref = weakref.ref(call)
+        with self._lock:
+            self._calls[call.decision.reservation_id] = ref
 
     def due(self) -> Renewal | None:
         """The reservations of the calls still running that are due for renewal (None: none is), and the
         calls that ended forgotten (their settlements close their reservations)."""
         now = time.perf_counter_ns()
         due: list[AdmitRequest] = []
+        ended: list[str] = []
         renewed = self._renewed
-        for reservation_id, ref in list(self._calls.items()):
+        with self._lock:
+            calls = list(self._calls.items())
+        for reservation_id, ref in calls:
             call = ref()
             if call is None or call.finished:
-                del self._calls[reservation_id]
-                renewed.pop(reservation_id, None)
+                ended.append(reservation_id)
                 continue
             request = call.request
             since = renewed.get(reservation_id, call.started_ns)
             if now - since >= request.reservation_timeout_ms * 1_000_000 * RENEW_AFTER:
                 due.append(request)
+        if ended:
+            with self._lock:
+                for reservation_id in ended:
+                    del self._calls[reservation_id]
+            for reservation_id in ended:
+                renewed.pop(reservation_id, None)
         return Renewal(due, now) if due else None
 
     def renewed(self, renewal: Renewal, outcome: object) -> None:

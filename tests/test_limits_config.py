@@ -60,7 +60,7 @@ def test_a_plan_without_them_holds_nothing_more() -> None:
         pytest.param({"spend_cap": "-5"}, "plans.p.spend_cap", "negative", id="spend-cap-negative"),
         pytest.param({"rate_limits": ["9 words/day"]}, "p.rate_limits[0]", "not a 'sum'", id="rate-no-meter"),
         pytest.param({"rate_limits": ["9 calls/day"]}, "p.rate_limits[0]", "not a .sum", id="rate-count"),
-        pytest.param({"routes": {"/v": {"rate_limits": ["9 tokens/day"]}}}, "/v", "own", id="rate-route"),
+        pytest.param({"routes": {"/v": {"rate_limits": ["9 calls/day"]}}}, "/v", "not a .s", id="rate-route"),
     ],
 )  # fmt: skip
 def test_bad_plan_limits_are_refused(plan: dict[str, Any], field: str, message: str) -> None:

@@ -20,6 +20,7 @@ from werkzeug.test import Client
 import meterware
 from meterware import Accounts, Config, Recorder
 from meterware.metering.admission import AdmitRequest
+from meterware.metering.calls import route_limits
 from meterware.metering.leases import lease_block
 from meterware.wsgi import WSGIMeteringMiddleware
 
@@ -149,3 +150,113 @@ def test_a_lease_takes_at_most_a_quarter_of_a_tokens_limit(limit: str, calls: in
     block = lease_block(request, config.policy)
     assert block is not None
     assert block.calls == calls
+
+
+def test_a_lease_takes_at_most_a_quarter_of_a_routes_tokens_limit() -> None:
+    """A route's limit of 1,200 tokens a minute leases 3 calls of a 100-token estimate (300 tokens), as a
+    plan's would; its bucket is the route's own (``r<crc32>:mtokens``)."""
+    meters = {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 100}}
+    routes = {"/v1/chat": {"rate_limits": ["1200 tokens/minute"]}}
+    config = Config.from_dict(
+        {"meters": meters, "plans": {"p": {"routes": routes}}, "policy": {"lease_calls": 32}}
+    )
+    plan = config.plan("p")
+    [scoped] = route_limits(plan, plan.route_of("/v1/chat"))
+    assert (scoped.scope.endswith(":mtokens"), scoped.name) == (True, "route-tokens-rate-60s")
+    request = AdmitRequest(0, "acme", "k1", True, plan, 0, 86_400, (), "r", 1000, scoped_limits=(scoped,))
+    block = lease_block(request, config.policy)
+    assert block is not None
+    assert block.calls == 3
+
+
+def test_a_routes_tokens_limit_refuses_its_route_only(config: Config, tmp_path: Path) -> None:
+    """``/v1/chat`` at 1,000 tokens a minute on a plan without limits of its own: calls reporting 500
+    tokens, as on a plan's limit, fill the route's bucket after two (400 left after the second's 100), the
+    third is refused 429 rate_limited, Retry-After 6, by its ``route-tokens-rate-60s`` entry (0 left, 60 s);
+    a call to another route is not limited by it (no entry), and its tokens do not count there."""
+    routed = Config.from_dict(
+        {
+            "storage": {"url": config.storage, "shards": 4},
+            "meters": {"tokens": {"aggregation": "sum", "source": "handler", "reserve": 100}},
+            "plans": {"routed": {"routes": {"/v1/chat": {"rate_limits": ["1000 tokens/minute"]}}}},
+            "pipeline": {"flush_interval": 60, "spool_dir": str(tmp_path / "routed-spool")},
+            "policy": {"timeout": 5.0},
+        }
+    )
+    accounts = Accounts.open(routed)
+    accounts.create_customer("beta", plan="routed")
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        meterware.usage.add("tokens", int(environ["QUERY_STRING"].removeprefix("tokens=")))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, routed, customer_getter=lambda environ: "beta")
+
+    def on(path: str, tokens: int) -> Any:
+        response = Client(middleware).get(f"{path}?tokens={tokens}", buffered=True)
+        middleware.drain()
+        return response
+
+    try:
+        first = on("/v1/chat", 500)
+        assert first.headers["ratelimit-policy"] == '"route-tokens-rate-60s";q=1000;w=60'
+        assert near(entry(first, "route-tokens-rate-60s"), 900, 6)
+        other = on("/v1/other", 5000)
+        assert other.status_code == 200
+        assert "ratelimit" not in other.headers
+        second = on("/v1/chat", 500)
+        assert near(entry(second, "route-tokens-rate-60s"), 400, 36)
+        refused = on("/v1/chat", 500)
+        assert refused.status_code == 429
+        assert json.loads(refused.get_data())["reason"] == "rate_limited"
+        assert refused.headers["retry-after"] == "6"
+        assert near(entry(refused, "route-tokens-rate-60s"), 0, 60)
+        assert on("/v1/other", 10).status_code == 200
+    finally:
+        middleware.drain()
+        middleware.clients.flusher.storage.close()
+        middleware.clients.storage.close()
+        accounts.close()
+
+
+def test_a_keys_tokens_limit_counts_that_keys_tokens(config: Config, accounts: Accounts) -> None:
+    """A key created with ``500 tokens/minute`` (120 ms a token; stored with the key, its estimate the
+    meter's reserve: 100 tokens, 12 s) under the plan's 1,000: a call reporting 200 leaves 400 (12 s
+    ahead), one reporting 300 then 200 (36 s), and once flushed the bucket is full (60 s): its third call
+    is refused 429 rate_limited, Retry-After 12 (60 + 12 - 60), by its ``key-tokens-rate-60s`` entry,
+    while the plan's bucket (510 tokens) has room. The customer's other key is not limited by it."""
+    limited = accounts.create_key("acme", rate_limits=["500 tokens/minute"])
+    other = accounts.create_key("acme")
+    [stored] = accounts.key(limited.key_id).rate_limits
+    assert (str(stored), stored.estimate) == ("500 tokens/60s", 100)
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        meterware.usage.add("tokens", int(environ["QUERY_STRING"].removeprefix("tokens=")))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, config)
+
+    def by(key: str, tokens: int) -> Any:
+        headers = {"Authorization": f"Bearer {key}"}
+        response = Client(middleware).get(f"/v1/chat?tokens={tokens}", headers=headers, buffered=True)
+        middleware.drain()
+        return response
+
+    try:
+        assert near(entry(by(limited.plaintext, 200), "key-tokens-rate-60s"), 400, 12)
+        assert near(entry(by(limited.plaintext, 300), "key-tokens-rate-60s"), 200, 36)
+        served = by(other.plaintext, 10)
+        assert served.status_code == 200
+        assert "key-tokens-rate-60s" not in served.headers["ratelimit"]
+        refused = by(limited.plaintext, 10)
+        assert refused.status_code == 429
+        assert json.loads(refused.get_data())["reason"] == "rate_limited"
+        assert refused.headers["retry-after"] == "12"
+        assert near(entry(refused, "key-tokens-rate-60s"), 0, 60)
+        assert entry(refused)[0] >= 1000 - 610  # the plan's bucket had room
+    finally:
+        middleware.drain()
+        middleware.clients.flusher.storage.close()
+        middleware.clients.storage.close()

@@ -141,6 +141,7 @@ class MeteringMiddleware:
             clients.flusher.ensure_running()  # a refused call of a known customer is an event too
             await self._refuse(send, call)
             return
+        clients.started(call)
         # Served here rather than in a method of its own: a coroutine per call is a cost on every call.
         exchange = _Exchange(metering, scope, receive, send, call)
         slow_calls = self._slow_calls

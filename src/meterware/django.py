@@ -100,6 +100,7 @@ class MeteringMiddleware:
         if isinstance(call, Problem):
             clients.flusher.ensure_running()
             return _refusal(call)
+        clients.started(call)
         scope = reporting_to(call.usage)
         try:
             with scope:
@@ -123,6 +124,7 @@ class MeteringMiddleware:
         if isinstance(call, Problem):
             clients.flusher.ensure_running()
             return _refusal(call)
+        clients.started(call)
         scope = reporting_to(call.usage)
         try:
             with scope:

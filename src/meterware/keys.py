@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl
 
-from meterware.config import RateLimit
+from meterware.config import Meter, RateLimit
 from meterware.errors import UsageError
 
 KEY_PREFIX = "mw_"
@@ -159,15 +159,18 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 MAX_KEY_RATE_LIMITS = 4
 
 
-def check_rate_limits(limits: Iterable[str | RateLimit]) -> tuple[RateLimit, ...]:
-    """A key's own rate limits, checked: at most 4, each a ``RateLimit`` or its text (``"5/second"``)."""
+def check_rate_limits(
+    limits: Iterable[str | RateLimit], meters: Mapping[str, Meter] | None = None
+) -> tuple[RateLimit, ...]:
+    """A key's own rate limits, checked: at most 4, each a ``RateLimit`` or its text (``"5/second"``, or
+    with ``meters`` a ``sum`` meter's ``"1000 tokens/minute"``)."""
     if isinstance(limits, str):
         raise UsageError("rate_limits must be a list of rates, not one string")
     checked = []
     for limit in limits:
         if isinstance(limit, str):
             try:
-                limit = RateLimit.parse(limit)
+                limit = RateLimit.parse(limit, meters)
             except ValueError as error:
                 raise UsageError(str(error)) from None
         if not isinstance(limit, RateLimit) or limit.amount <= 0 or limit.seconds <= 0:
@@ -179,16 +182,27 @@ def check_rate_limits(limits: Iterable[str | RateLimit]) -> tuple[RateLimit, ...
 
 
 def stored_rate_limits(limits: tuple[RateLimit, ...]) -> str:
-    """A key's rate limits as stored: ``"5/1 100/60"`` (amount/seconds)."""
-    return " ".join(f"{limit.amount}/{limit.seconds}" for limit in limits)
+    """A key's rate limits as stored: ``"5/1 100/60 1000/60/tokens/100"`` (amount/seconds, and for a
+    meter's units the meter and the estimate a call takes: kept with the key, as admission and settlement
+    must take the same)."""
+    return " ".join(
+        f"{limit.amount}/{limit.seconds}/{limit.meter}/{limit.estimate}"
+        if limit.meter
+        else f"{limit.amount}/{limit.seconds}"
+        for limit in limits
+    )
 
 
 def rate_limits_from(text: str) -> tuple[RateLimit, ...]:
     """A key's rate limits from their stored text (:func:`stored_rate_limits`)."""
     limits = []
     for word in text.split():
-        amount, _, seconds = word.partition("/")
-        limits.append(RateLimit(int(amount), int(seconds)))
+        amount, seconds, *meter = word.split("/")  # a word that is none of them raises ValueError
+        if meter:
+            name, estimate = meter
+            limits.append(RateLimit(int(amount), int(seconds), name, int(estimate)))
+        else:
+            limits.append(RateLimit(int(amount), int(seconds)))
     return tuple(limits)
 
 

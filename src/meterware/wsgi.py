@@ -102,6 +102,7 @@ class WSGIMeteringMiddleware:
         if isinstance(call, Problem):
             self.clients.flusher.ensure_running()  # a refused call of a known customer is an event too
             return _refuse(start_response, call)
+        self.clients.started(call)
         return self._serve(environ, start_response, call)
 
     def _serve(self, environ: WSGIEnvironment, start_response: StartResponse, call: Call) -> Iterable[bytes]:

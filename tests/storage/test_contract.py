@@ -997,6 +997,38 @@ def test_expire_reservations_refunds_after_the_timeout(storage: Storage) -> None
     assert storage.get_balance("acme").reserved == 200
 
 
+def test_renewed_reservations_outlive_their_first_deadline(backend: Backend) -> None:
+    """A reservation renewed (its call still running) is not refunded past the deadline its admission set,
+    and is refunded once its renewed deadline passes; renewing one closed meanwhile renews nothing; the
+    asyncio twin renews the same way."""
+    storage = backend.sync
+    open_account(storage, credits=1000)
+    plan = make_plan(quota=5, price=100, prepaid=True)
+    running, ended = (admit_request(storage, plan, timeout_ms=500) for _ in range(2))
+    storage.admit(running)
+    ended_decision = storage.admit(ended)
+    assert flush(storage, settlement(ended, ended_decision))  # ended: its reservation is closed
+    shard = shard_of("acme", storage.shards)
+    assert storage.renew_reservations([running, ended]) == 1
+    time.sleep(0.3)
+    assert asyncio.run(renew_async(backend, [running])) == 1
+    time.sleep(0.35)  # past the deadline its admission set (500 ms), not the renewed one
+    assert storage.expire_reservations(shard, 100) == 0
+    assert storage.get_balance("acme").reserved == 100
+    time.sleep(0.25)
+    assert storage.expire_reservations(shard, 100) == 1
+    assert storage.get_balance("acme").reserved == 0
+    assert storage.renew_reservations([running]) == 0
+
+
+async def renew_async(backend: Backend, admissions: list[AdmitRequest]) -> int:
+    storage = backend.open_async()
+    try:
+        return await storage.renew_reservations(admissions)
+    finally:
+        await storage.aclose()
+
+
 # -- the rollup worker ---------------------------------------------------------------------------------
 
 

@@ -121,12 +121,9 @@ def _more_limits(plan: Plan, data: dict[str, Any]) -> str:
     """A plan's route limits, concurrency cap and spend cap: into ``data`` and as text (only those set)."""
     text = ""
     if plan.route_limits:
-        data["route_limits"] = {
-            glob: [f"{limit.amount}/{limit.seconds}s" for limit in limits]
-            for glob, limits in plan.route_limits
-        }
+        data["route_limits"] = {glob: [str(limit) for limit in limits] for glob, limits in plan.route_limits}
         for glob, limits in plan.route_limits:
-            text += f", {glob} " + " ".join(f"{limit.amount}/{limit.seconds}s" for limit in limits)
+            text += f", {glob} " + " ".join(map(str, limits))
     if plan.concurrency:
         data["concurrency"] = plan.concurrency
         text += f", {plan.concurrency} in flight"

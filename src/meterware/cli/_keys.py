@@ -56,7 +56,7 @@ def _key_data(record: KeyRecord) -> dict[str, Any]:
         "metadata": record.metadata,
         "remaining": record.remaining,
         "scopes": list(record.scopes),
-        "rate_limits": [f"{limit.amount}/{limit.seconds}s" for limit in record.rate_limits],
+        "rate_limits": [str(limit) for limit in record.rate_limits],
     }
 
 
@@ -66,9 +66,7 @@ def _key_line(record: KeyRecord) -> str:
     mode = "live" if record.live else "test"
     uses = "" if record.remaining is None else f", {record.remaining} uses left"
     if record.rate_limits:
-        uses += ", limited to " + " and ".join(
-            f"{limit.amount}/{limit.seconds}s" for limit in record.rate_limits
-        )
+        uses += ", limited to " + " and ".join(map(str, record.rate_limits))
     name = f"  {record.name!r}" if record.name else ""
     return f"{record.key_id}  {record.prefix}...  {mode}  {record.status}{expires}{uses}  {used}{name}"
 

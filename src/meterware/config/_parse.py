@@ -170,8 +170,8 @@ def check_filters(plan: str, terms: Mapping[str, MeterTerms], meters: Mapping[st
 
 
 def parse_rate_limits(section: Section, meters: Mapping[str, Meter] | None = None) -> tuple[RateLimit, ...]:
-    """The ``rate_limits`` list of a plan (``meters``: it may limit a ``sum`` meter) or of one of its
-    routes."""
+    """The ``rate_limits`` list of a plan or of one of its routes (``meters``: it may limit a ``sum``
+    meter)."""
     limits: list[RateLimit] = []
     for index, text in enumerate(section.strings("rate_limits", ())):
         try:
@@ -181,8 +181,9 @@ def parse_rate_limits(section: Section, meters: Mapping[str, Meter] | None = Non
     return tuple(limits)
 
 
-def parse_plan_limits(section: Section) -> dict[str, Any]:
-    """A plan's limits beyond its rate limits: ``routes``, ``concurrency`` and ``spend_cap``."""
+def parse_plan_limits(section: Section, meters: Mapping[str, Meter]) -> dict[str, Any]:
+    """A plan's limits beyond its rate limits: ``routes`` (whose limits may count a meter too),
+    ``concurrency`` and ``spend_cap``."""
     route_limits = []
     routes = section.section("routes")
     for glob, route_raw in routes.data.items():
@@ -190,7 +191,7 @@ def parse_plan_limits(section: Section) -> dict[str, Any]:
         table = Section(route_raw, routes.name(glob))
         if not glob.startswith("/"):
             raise ConfigError(routes.name(glob), "must be a path glob like '/v1/chat' or '/v1/*'")
-        route_limits.append((glob, parse_rate_limits(table)))
+        route_limits.append((glob, parse_rate_limits(table, meters)))
         table.done()
     spend_cap = None
     if "spend_cap" in section.data:
@@ -206,7 +207,7 @@ def parse_plan_limits(section: Section) -> dict[str, Any]:
 def parse_plan(name: str, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     section = Section(raw, f"plans.{toml_key(check_name(name, f'plans.{toml_key(name)}'))}")
     limits = parse_rate_limits(section, meters)
-    more_limits = parse_plan_limits(section)
+    more_limits = parse_plan_limits(section, meters)
     period = section.choice("period", get_args(Period), "month")
     prepaid = section.get("prepaid", bool, False)
     terms: dict[str, MeterTerms] = {}

@@ -99,7 +99,7 @@ class RateLimit:
     @classmethod
     def parse(cls, text: str, meters: Mapping[str, Meter] | None = None) -> RateLimit:
         """Parse ``"10/second"``, ``"600/minute"``, ``"1000 per 5 minutes"``, or a ``sum`` meter's
-        ``"100000 tokens/minute"`` (only where ``meters`` are given: a plan's own limits)."""
+        ``"100000 tokens/minute"`` (only where ``meters`` are given)."""
         match = _RATE_RE.match(text)
         if not match:
             raise ValueError(f"expected a rate like '10/second' or '600/minute', got {text!r}")
@@ -109,7 +109,9 @@ class RateLimit:
         if not meter:
             return cls(amount, multiple * _UNIT_SECONDS[unit])
         if meters is None:
-            raise ValueError(f"only a plan's own rate_limits may limit a meter, got {text!r}")
+            raise ValueError(
+                f"only a plan's, a route's or a key's rate_limits may limit a meter, got {text!r}"
+            )
         found = meters.get(meter)
         if found is None or found.aggregation != "sum":
             known = ", ".join(sorted(name for name, m in meters.items() if m.aggregation == "sum")) or "none"
@@ -168,8 +170,11 @@ class Plan:
 
     @property
     def meter_limited(self) -> bool:
-        """Whether a rate limit of the plan counts a meter's units (calls then settle their units)."""
-        return any(limit.meter for limit in self.rate_limits)
+        """Whether a rate limit of the plan or of one of its routes counts a meter's units (calls then
+        settle their units; so do a key's own limits on a meter)."""
+        return any(limit.meter for limit in self.rate_limits) or any(
+            limit.meter for _, limits in self.route_limits for limit in limits
+        )
 
     def route_of(self, path: str) -> int:
         """The index in ``route_limits`` of the first glob ``path`` matches, or -1."""

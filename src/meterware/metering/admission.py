@@ -182,8 +182,16 @@ def meter_holds(plan: Plan, meters: Mapping[str, Meter], weight: int, live: bool
 
 
 def scoped_limits(limits: tuple[RateLimit, ...], scope: str, kind: str) -> tuple[ScopedLimit, ...]:
-    """``limits`` scoped to a route (``kind`` "route") or a key ("key")."""
-    return tuple(ScopedLimit(limit, scope, f"{kind}-{rate_limit_name(limit.seconds)}") for limit in limits)
+    """``limits`` scoped to a route (``kind`` "route") or a key ("key"); a meter's limit has its own
+    bucket (``<scope>:m<meter>``) and entry (``route-tokens-rate-60s``)."""
+    return tuple(
+        ScopedLimit(
+            limit,
+            f"{scope}:{meter_scope(limit.meter)}" if limit.meter else scope,
+            f"{kind}-{rate_limit_name(limit.seconds, limit.meter)}",
+        )
+        for limit in limits
+    )
 
 
 #: Seconds a call refused by the concurrency cap is told to wait (a slot frees when a call finishes).
@@ -207,29 +215,41 @@ def meter_scope(meter: str) -> str:
     return "m" + meter if meter else ""
 
 
-#: What a call's settlement moves of each meter rate limit of its plan: ``(meter, amount, seconds,
-#: units)``, ``units`` its actual units less the estimate its admission took (negative: given back).
+#: What a call's settlement moves of each meter rate limit of its plan and route: ``(limit, amount,
+#: seconds, units)``, ``limit`` the plan's limit's meter or the route's limit's scope (:func:`rate_scope`),
+#: ``units`` its actual units less the estimate its admission took (negative: given back).
 RateCorrections = tuple[tuple[str, int, int, int], ...]
 
 
-def rate_corrections(plan: Plan, units: Mapping[str, int | str], estimated: bool) -> RateCorrections:
-    """What a call reporting ``units`` moves of its plan's meter rate limits (``estimated``: its
-    admission took each limit's estimate: not a record, nor a call served fail-open, whose decision,
-    made without the backend, has no limit state)."""
-    if not plan.meter_limited:
+def rate_corrections(
+    plan: Plan, units: Mapping[str, int | str], estimated: bool, scoped: tuple[ScopedLimit, ...] = ()
+) -> RateCorrections:
+    """What a call reporting ``units`` moves of its plan's and its ``scoped`` meter rate limits
+    (``estimated``: its admission took each limit's estimate: not a record, nor a call served fail-open,
+    whose decision, made without the backend, has no limit state)."""
+    if not (plan.meter_limited or scoped):
         return ()
+    limits = [(limit.meter, limit) for limit in plan.rate_limits]
+    limits += [(scoped_limit.scope, scoped_limit.limit) for scoped_limit in scoped]
     corrections = []
-    for limit in plan.rate_limits:
+    for name, limit in limits:
         if limit.meter:
             value = units.get(limit.meter, 0)
             actual = value if isinstance(value, int) else 0
             corrections.append(
-                (limit.meter, limit.amount, limit.seconds, actual - (limit.estimate if estimated else 0))
+                (name, limit.amount, limit.seconds, actual - (limit.estimate if estimated else 0))
             )
     return tuple(corrections)
 
 
-#: A meter rate limit's TAT moved by a batch: ``(live, customer, meter, amount, seconds)``.
+def rate_scope(limit: str) -> str:
+    """The bucket scope of a correction's ``limit``: a plan's names its meter (``m<meter>``), a route's or a
+    key's its scope (``r<crc32>:m<meter>``, ``k<key id>:m<meter>``: meter names have no colon)."""
+    return limit if ":" in limit else meter_scope(limit)
+
+
+#: A meter rate limit's TAT moved by a batch: ``(live, customer, limit, amount, seconds)`` (``limit`` as
+#: in :data:`RateCorrections`).
 RateMove = tuple[bool, str, str, int, int]
 
 

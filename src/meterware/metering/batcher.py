@@ -24,6 +24,7 @@ from meterware.config import Pipeline as PipelineConfig
 from meterware.errors import ConfigError, StorageError
 from meterware.metering.admission import AdmitRequest
 from meterware.metering.batching import Batches, EventBuffer, Pending, count_events
+from meterware.metering.inflight import CallsInFlight, Renewal
 from meterware.metering.spool import REPLAY_WITHIN_SECONDS, Spool, batch_time, split_batch
 from meterware.metering.unsettled import Unsettled
 from meterware.storage.base import Batch
@@ -37,8 +38,9 @@ MAX_BACKOFF_SECONDS = 5.0
 #: Admissions whose answer was lost kept to be closed by the flusher (each is a few hundred bytes).
 MAX_LOST_ADMISSIONS = 10_000
 
-#: What a flush pass asks its flusher to write: buffered events, a spooled batch, reservations to close.
-FlushStep = Batches | Batch | list[AdmitRequest]
+#: What a flush pass asks its flusher to write: buffered events, a spooled batch, reservations to close,
+#: reservations to renew.
+FlushStep = Batches | Batch | list[AdmitRequest] | Renewal
 #: How it went: nothing, a replayed batch's ``flush`` result, or the error it raised.
 FlushOutcome = bool | StorageError | None
 
@@ -100,6 +102,7 @@ class Batcher:
         self.released: Callable[[list[AdmitRequest]], None] = lambda blocks: None
         #: The changes of the calls buffered, batched and spooled that are not known to be written yet.
         self.unsettled = Unsettled()
+        self.in_flight = CallsInFlight()  # the calls running, whose reservations the passes renew
 
     def put(self, item: Pending) -> None:
         """Queue a finished call (the request path's only step here)."""
@@ -121,17 +124,17 @@ class Batcher:
             self.wake()
 
     def flush_pass(self, final: bool) -> Generator[FlushStep, FlushOutcome, None]:
-        """One flush pass, sans I/O (the flushers' passes do the writing): yields what to write, and is
-        sent how writing it went (the :class:`StorageError`, if it raised).
-
-        It yields the buffered events' :class:`Batches` (sent nothing back: their writer records each
-        batch's outcome), then each spooled :class:`Batch` to replay (sent ``flush``'s result), then the
-        spent leases' blocks to close (sent None). ``final``: the last pass before stopping, made even
-        while backing off, and taking every idle lease.
+        """One flush pass, sans I/O: yields what to write (the :class:`Renewal` of calls running long, the
+        buffered events' :class:`Batches`, each spooled :class:`Batch` to replay, the spent leases' blocks
+        to close) and is sent how writing it went: the :class:`StorageError` it raised, a replayed batch's
+        ``flush`` result, or None (the writer of :class:`Batches` records each batch's outcome itself).
+        ``final``: the last pass before stopping, made even while backing off, taking every idle lease.
         """
         if final:
             self.retry_at = 0.0
         self.observe()
+        if not final and self.healthy() and (renewal := self.in_flight.due()) is not None:
+            self.in_flight.renewed(renewal, (yield renewal))
         if self.spent_leases is not None:
             # Before the buffer is taken: the spent leases' calls are all buffered by now.
             self.releasing += self.spent_leases(final)

@@ -18,7 +18,7 @@ from meterware.usage import CallUsage
 #: The route of a call whose route template the framework never told (refused calls, unmatched paths).
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # weakly held by the calls in flight (metering/inflight.py)
 class Call:
     """One metered call in flight: what the adapters record as the response goes out."""
 

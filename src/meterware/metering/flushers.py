@@ -17,6 +17,7 @@ from typing import Final
 from meterware.errors import StorageError
 from meterware.metering.batcher import Batcher, FlushOutcome, FlushStep
 from meterware.metering.batching import Batches
+from meterware.metering.inflight import Renewal
 from meterware.storage.base import AsyncStorage, Batch, Storage
 
 logger = logging.getLogger("meterware.flusher")
@@ -38,6 +39,8 @@ def flush_sync(batcher: Batcher, storage: Storage, *, final: bool = False) -> No
             try:
                 if isinstance(step, Batch):
                     outcome = _timed_flush(batcher, storage, step)
+                elif isinstance(step, Renewal):
+                    storage.renew_reservations(step.admissions)
                 else:
                     storage.release(step)
             except StorageError as error:
@@ -101,6 +104,8 @@ async def flush_async(batcher: Batcher, storage: AsyncStorage, *, final: bool = 
         try:
             if isinstance(step, Batch):
                 outcome = await _timed_flush_async(batcher, storage, step)
+            elif isinstance(step, Renewal):
+                await storage.renew_reservations(step.admissions)
             else:
                 await storage.release(step)
         except StorageError as error:

@@ -107,7 +107,7 @@ def lease_block(request: AdmitRequest, policy: Policy) -> AdmitRequest | None:
     for limit in request.plan.rate_limits:
         calls = min(calls, limit.amount // (4 * limit.estimate))  # a meter's: each call takes its estimate
     for scoped in request.scoped_limits:
-        calls = min(calls, scoped.limit.amount // 4)
+        calls = min(calls, scoped.limit.amount // (4 * scoped.limit.estimate))
     if calls < 2:
         return None
     deadline = policy.lease_seconds + LEASE_RESERVATION_GRACE_SECONDS

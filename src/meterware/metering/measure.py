@@ -127,7 +127,7 @@ class Measurer:
             request.period_start,
             "",
         )
-        rates = rate_corrections(request.plan, units, bool(call.decision.limits))
+        rates = rate_corrections(request.plan, units, bool(call.decision.limits), request.scoped_limits)
         settlement = self._settlement(call, billable, settled, rates)
         change = self._change(call, billable, settled, settlement) if request.holds else None
         self.queue(Pending(request.shard, row, settlement, change))

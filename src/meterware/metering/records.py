@@ -38,7 +38,7 @@ class KeyInfo:
     counts_uses: bool = False
     #: What the seller lets the key do, for the app to check (``meterware.current_call().scopes``).
     scopes: tuple[str, ...] = ()
-    #: The key's own rate limits (counting its calls only), on top of its plan's.
+    #: The key's own rate limits (counting its calls, or a meter's units), on top of its plan's.
     rate_limits: tuple[RateLimit, ...] = ()
 
 
@@ -64,5 +64,5 @@ class KeyRecord:
     remaining: int | None = None
     #: What the seller lets the key do (read by the app, never by meterware).
     scopes: tuple[str, ...] = ()
-    #: The key's own rate limits (counting its calls only), on top of its plan's.
+    #: The key's own rate limits (counting its calls, or a meter's units), on top of its plan's.
     rate_limits: tuple[RateLimit, ...] = ()

@@ -36,6 +36,13 @@ class _Clients(ABC):
     def flusher(self) -> ThreadFlusher | AsyncFlusher:
         """The flusher, made on first use."""
 
+    def started(self, call: Call) -> None:
+        """An admitted call starts: while it runs, a flusher keeps its reservation alive (it may run past
+        ``policy.reservation_timeout``, after which the worker would take its process for dead)."""
+        if call.decision.reservation_id and call.lease is None:
+            self.metering.batcher.in_flight.add(call)
+            self.flusher.ensure_running()
+
     def finished(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:
         """Record a finished call and see that a flusher will send its event."""
         self.metering.finish(call, route, failed=failed, aborted=aborted)

@@ -168,12 +168,12 @@ def admit_template(request: AdmitRequest) -> tuple[tuple[str, ...], tuple[Arg, .
         args += [hold.meter, hold.quota, hold.included, hold.price, hold.need, hold.hold, int(hold.exact)]
     if request.spend_cap >= 0:
         args.append(request.spend_cap)  # only when capped: a plan without a cap sends nothing more
-    if request.plan.meter_limited:
+    if request.plan.meter_limited or any(scoped.limit.meter for scoped in request.scoped_limits):
         # Only then: what each rate limit takes of a call (a meter's estimate; calls 1), after the cap.
         if request.spend_cap < 0:
             args.append("")
         args += [limit.estimate for limit in request.plan.rate_limits]
-        args += [1] * len(request.scoped_limits)
+        args += [scoped.limit.estimate for scoped in request.scoped_limits]
     template = (tuple(keys), tuple(args))
     _templates.put(identity, template)
     return template

@@ -68,8 +68,9 @@ class Settlement:
     #: applies a settlement whose marker is set already (or set by an earlier event of the batch) never:
     #: it writes neither its event nor its charge and releases its reservation (:func:`without_events`).
     once: str = ""
-    #: ``(meter, amount, seconds, units)`` per rate limit of a meter's units on the plan: the flush moves
-    #: its TAT by ``units`` (the call's actual units less the estimate its admission took) intervals.
+    #: ``(limit, amount, seconds, units)`` per rate limit of a meter's units on the plan (``limit``: its
+    #: meter) or the call's route (its scope, ``r<crc32>:m<meter>``): the flush moves its TAT by ``units``
+    #: (the call's actual units less the estimate its admission took) intervals.
     rates: tuple[tuple[str, int, int, int], ...] = ()
 
 
@@ -274,6 +275,10 @@ class RequestPathStorage(Protocol):
     #: Close the reservations of these admissions (leases whose calls are all flushed), refunding what
     #: they still hold; ones already closed are left alone. Returns how many were closed.
     def release(self, admissions: Sequence[AdmitRequest]) -> int: ...
+    #: Push the deadlines of these admissions' reservations to their timeout from now (their calls are
+    #: still running in this live process: not for the worker to refund); ones closed are left alone.
+    #: Returns how many are still open.
+    def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int: ...
 
 
 class RollupStorage(Protocol):
@@ -446,6 +451,7 @@ class AsyncStorage(Protocol):
     async def admit(self, request: AdmitRequest) -> Decision: ...
     async def flush(self, batch: Batch) -> bool: ...
     async def release(self, admissions: Sequence[AdmitRequest]) -> int: ...
+    async def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int: ...
     async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool: ...
     async def is_used(self, customer_id: str, token_id: str) -> bool: ...
     async def ready(self) -> None:

@@ -53,14 +53,15 @@ class Keys(AccountsBase):
         given back, as Unkey's credits) and is refused once they are gone (403 ``key_exhausted``).
         ``scopes`` (at most 32 names) are for the app to check: ``meterware.current_call().scopes``.
         ``prefix`` (1-20 of ``[a-z0-9_]``, e.g. ``acme_live``) replaces ``mw_live``/``mw_test``.
-        ``rate_limits`` (at most 4, ``"5/second"``) count the key's calls only, on top of its plan's (429
-        ``rate_limited``; a ``key-rate-<seconds>s`` entry in the ``RateLimit`` headers).
+        ``rate_limits`` (at most 4, ``"5/second"``, or a ``sum`` meter's ``"1000 tokens/minute"``) count the
+        key's calls (or units) only, on top of its plan's (429 ``rate_limited``; a ``key-rate-<seconds>s``
+        or ``key-tokens-rate-<seconds>s`` entry in the ``RateLimit`` headers).
         """
         new = generate_key(live=live, prefix=prefix)
         record = self._record(
             customer_id, new.key_id, new.prefix, live, name, metadata, expires_at, remaining, scopes
         )
-        record = replace(record, rate_limits=check_rate_limits(rate_limits))
+        record = replace(record, rate_limits=check_rate_limits(rate_limits, self.config.meters))
         self.storage.add_key(record, new.hash)
         return new
 
@@ -97,7 +98,7 @@ class Keys(AccountsBase):
             remaining,
             scopes,
         )
-        record = replace(record, rate_limits=check_rate_limits(rate_limits))
+        record = replace(record, rate_limits=check_rate_limits(rate_limits, self.config.meters))
         if self.storage.resolve_key(key_hash) is not None:
             raise UsageError("a key with this hash exists already")
         try:

@@ -22,6 +22,7 @@ from meterware.metering.admission import (
     quota_name,
     rate_limit_name,
     rate_moves,
+    rate_scope,
 )
 from meterware.metering.records import KeyInfo
 from meterware.storage._keyspace import SPENT_FIELD
@@ -378,8 +379,8 @@ class SettlementMixin(MemoryState):
             for customer, cost in charges.items():
                 if cost:  # one ledger entry per customer and batch (as flush.lua)
                     self._accounts[customer].record(LedgerEntry("charge", -cost, ref=batch.batch_id))
-            for (live, customer, meter, amount, seconds), units in rate_moves(batch.settlements).items():
-                rate_key = (live, customer, seconds, meter_scope(meter))
+            for (live, customer, limit, amount, seconds), units in rate_moves(batch.settlements).items():
+                rate_key = (live, customer, seconds, rate_scope(limit))
                 tat = moved_tat(self._rates.get(rate_key), now_ms, amount, seconds, units)
                 if tat > now_ms:
                     self._rates[rate_key] = tat
@@ -396,3 +397,15 @@ class SettlementMixin(MemoryState):
                     self._release(reservation)
                     released += 1
             return released
+
+    def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int:
+        with self._lock:
+            now, renewed = clock_ms(), 0
+            for admission in admissions:
+                reservations = self._shards[admission.shard].reservations
+                reservation = reservations.get(admission.reservation_id)
+                if reservation is not None:
+                    deadline = max(reservation.deadline_ms, now + admission.reservation_timeout_ms)
+                    reservations[admission.reservation_id] = replace(reservation, deadline_ms=deadline)
+                    renewed += 1
+            return renewed

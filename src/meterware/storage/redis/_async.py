@@ -49,6 +49,7 @@ from meterware.storage.redis._request import (
     flush_result,
     key_info_from,
     release_calls,
+    renew_calls,
     settle_admissions,
 )
 from meterware.storage.redis._scripts import Arg, as_str, sources
@@ -224,6 +225,12 @@ class AsyncRedisStorage:
     async def release(self, admissions: Sequence[AdmitRequest]) -> int:
         async with self._call():
             replies = [await self._run("refund", keys, args) for keys, args in release_calls(admissions)]
+        return sum(int(reply) for reply in replies)
+
+    async def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int:
+        calls = renew_calls(admissions)
+        async with self._call():
+            replies = [await self._run("renew_reservations", keys, args) for keys, args in calls]
         return sum(int(reply) for reply in replies)
 
     async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:

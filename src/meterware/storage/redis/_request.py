@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 from meterware.config._overrides import load_versions
 from meterware.errors import StorageError
 from meterware.keys import rate_limits_from
-from meterware.metering.admission import AdmitRequest, Decision, meter_scope, rate_moves
+from meterware.metering.admission import AdmitRequest, Decision, rate_moves, rate_scope
 from meterware.metering.records import Customer, KeyInfo
 from meterware.storage import _keyspace as ks
 from meterware.storage._admission import STALE_REPLY, admit_call, decision_from_reply
@@ -157,9 +157,9 @@ def flush_call(batch: Batch) -> tuple[list[str], list[Arg]]:
         # Only then: the meter rate limits' corrections, one sum per limit (a plan without one sends
         # what it always did).
         rates: list[Arg] = []
-        for (live, customer, meter, amount, seconds), units in moves.items():
+        for (live, customer, limit, amount, seconds), units in moves.items():
             rates += (
-                keys.index(ks.rate(shard, live, customer, seconds, meter_scope(meter))),
+                keys.index(ks.rate(shard, live, customer, seconds, rate_scope(limit))),
                 amount,
                 seconds,
                 units,
@@ -203,6 +203,18 @@ def release_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], l
             keys.index(ks.quota(shard, admission.live, customer, admission.period_start)),
         ]
     return [(keys.keys, args) for keys, args in by_shard.values()]
+
+
+def renew_calls(admissions: Sequence[AdmitRequest]) -> list[tuple[list[str], list[Arg]]]:
+    """KEYS and ARGV of ``renew_reservations.lua`` for the reservations of ``admissions``, one per shard."""
+    by_shard: dict[int, list[Arg]] = {}
+    for admission in admissions:
+        by_shard.setdefault(admission.shard, []).extend(
+            (admission.reservation_id, admission.reservation_timeout_ms)
+        )
+    return [
+        ([ks.reservations(shard), ks.reservation_deadlines(shard)], args) for shard, args in by_shard.items()
+    ]
 
 
 def customer_from(customer_id: str, values: Sequence[Text | None]) -> Customer | None:
@@ -400,3 +412,8 @@ class RequestPathCommands(Connection):
     def release(self, admissions: Sequence[AdmitRequest]) -> int:
         with self._call():
             return sum(int(self._run("refund", keys, args)) for keys, args in release_calls(admissions))
+
+    def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int:
+        calls = renew_calls(admissions)
+        with self._call():
+            return sum(int(self._run("renew_reservations", keys, args)) for keys, args in calls)

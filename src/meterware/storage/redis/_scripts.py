@@ -27,6 +27,7 @@ _SCRIPTS: Final = (
     "record_key_use",
     "refund",
     "release_shard",
+    "renew_reservations",
     "rollup_heartbeat",
     "swap_field",
     "take_key_uses",

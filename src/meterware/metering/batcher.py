@@ -102,7 +102,7 @@ class Batcher:
         self.released: Callable[[list[AdmitRequest]], None] = lambda blocks: None
         #: The changes of the calls buffered, batched and spooled that are not known to be written yet.
         self.unsettled = Unsettled()
-        self.in_flight = CallsInFlight()  # the calls running, whose reservations the passes renew
+        self.in_flight = CallsInFlight()  # the calls running: the passes renew their reservations
 
     def put(self, item: Pending) -> None:
         """Queue a finished call (the request path's only step here)."""
@@ -128,12 +128,12 @@ class Batcher:
         buffered events' :class:`Batches`, each spooled :class:`Batch` to replay, the spent leases' blocks
         to close) and is sent how writing it went: the :class:`StorageError` it raised, a replayed batch's
         ``flush`` result, or None (the writer of :class:`Batches` records each batch's outcome itself).
-        ``final``: the last pass before stopping, made even while backing off, taking every idle lease.
-        """
+        ``final``: the last pass before stopping, made even while backing off, taking every idle lease."""
         if final:
             self.retry_at = 0.0
         self.observe()
-        if not final and self.healthy() and (renewal := self.in_flight.due()) is not None:
+        renewal = self.in_flight.due()  # also while backing off: the calls that ended are forgotten
+        if renewal is not None and not final and self.healthy():
             self.in_flight.renewed(renewal, (yield renewal))
         if self.spent_leases is not None:
             # Before the buffer is taken: the spent leases' calls are all buffered by now.

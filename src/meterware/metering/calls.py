@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from meterware.config import Meter, Plan
+from meterware.config import Plan
 from meterware.metering.admission import AdmitRequest, Decision, MeterHold, ScopedLimit, scoped_limits
 from meterware.metering.cache import LRUCache
 from meterware.metering.leases import Lease
@@ -46,50 +44,8 @@ class Call:
     responded: bool = False
     #: When the last chunk of the response went out, if the call ends later (its background tasks run).
     ended_ns: int = 0
-
-
-class CallsInFlight:
-    """Starts a process's admitted calls and counts those not yet finished: what its exit drain waits for (a
-    threaded server may finish a call in its own thread after the client has the response)."""
-
-    def __init__(self, meters: Mapping[str, Meter], first_call: Callable[[], None] | None = None) -> None:
-        self.meters = meters
-        # A slot per call in flight: a deque's append and pop are atomic, a fifth of a lock's cost.
-        self._calls: deque[None] = deque()
-        #: Called when a call has finished.
-        self.end = self._calls.pop
-        #: Called when the first call begins (then dropped): the facade registers its exit drain.
-        self._first_call = first_call
-
-    @property
-    def count(self) -> int:
-        return len(self._calls)
-
-    def begin(
-        self,
-        key: KeyInfo,
-        request: AdmitRequest,
-        decision: Decision,
-        method: str,
-        path: str,
-        arrived_ns: int = 0,
-        lease: Lease | None = None,
-    ) -> Call:
-        """An admitted call, in flight until :attr:`end` is called."""
-        self._calls.append(None)
-        if self._first_call is not None:
-            first_call, self._first_call = self._first_call, None
-            first_call()
-        usage = CallUsage(self.meters, key=key)
-        started = time.perf_counter_ns()
-        return Call(key, request, decision, method, path, started, usage, arrived_ns=arrived_ns, lease=lease)
-
-    def wait(self, timeout: float) -> int:
-        """Wait until no call is in flight, at most ``timeout`` seconds: the number still in flight."""
-        deadline = time.monotonic() + timeout
-        while self._calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return len(self._calls)
+    #: When its reservation's deadline was last pushed forward (``metering/inflight.py``), 0: never.
+    renewed_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from meterware.metering.responses import Problem, limit_headers, problem
 from meterware.metering.unsettled import Unsettled
 from meterware.metrics import NO_PLAN, AppMetrics
 from meterware.storage._keyspace import shard_of
+from meterware.usage import CallUsage
 
 #: What a call served without the backend (fail-open) gets instead of an admission decision.
 FAIL_OPEN: Final = Decision(allowed=True)
@@ -251,8 +252,16 @@ class RequestCore:
         return self.leases.grant(request, block, answer, headers, take=take)
 
     def leased_call(self, lease: Lease, key: KeyInfo, method: str, path: str, arrived: int) -> Call:
-        return self.measurer.in_flight.begin(
-            key, lease.call_request, lease.decision, method, path, arrived, lease
+        return Call(
+            key,
+            lease.call_request,
+            lease.decision,
+            method,
+            path,
+            time.perf_counter_ns(),
+            CallUsage(self.config.meters, key=key),
+            arrived_ns=arrived,
+            lease=lease,
         )
 
     # -- the answer ------------------------------------------------------------------------------------
@@ -263,7 +272,15 @@ class RequestCore:
         """Start an admitted call, or answer a refused one (recorded as a rejected event when the customer
         is known and entitled to see it in their usage)."""
         if decision.allowed:
-            return self.measurer.in_flight.begin(key, request, decision, method, path)
+            return Call(
+                key,
+                request,
+                decision,
+                method,
+                path,
+                time.perf_counter_ns(),
+                CallUsage(self.config.meters, key=key),
+            )
         assert decision.reason is not None
         refusal = problem(decision.reason, decision)
         if decision.reason not in ("unknown_key", "revoked_key", "expired_key", "unknown_customer"):

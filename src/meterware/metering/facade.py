@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Final
 from meterware.config import Config
 from meterware.metering.batcher import Batcher
 from meterware.metering.batching import Pending
-from meterware.metering.calls import CallsInFlight
 from meterware.metering.core import CustomerGetter, KeyGetter, RequestCore
 from meterware.metering.drivers import AsyncDriver, SyncDriver
 from meterware.metering.flushers import flush_sync
@@ -74,9 +73,7 @@ class Metering:
         if self.policy.admission == "lease":
             self.batcher.spent_leases = self.leases.spent
             self.batcher.released = self.leases.closed
-        self.measurer = Measurer(
-            config, self.metrics, self.leases, self.queue, CallsInFlight(config.meters, self.hook_exit)
-        )
+        self.measurer = Measurer(config, self.metrics, self.leases, self.queue)
         self.core = RequestCore(
             config,
             self.metrics,
@@ -91,7 +88,7 @@ class Metering:
         self.astart = AsyncDriver(self.core).start
         self.finish = self.measurer.finish
         self.response_headers = self.core.response_headers
-        self._exit_hook = False
+        self.exit_hooked = False
         self._rollup_lock = threading.Lock()
         self._rollup: Any = None
         self._next_full_rollup = 0.0
@@ -127,15 +124,15 @@ class Metering:
 
     def queue(self, item: Pending) -> None:
         """Buffer a finished call's (or a record's) event and settlement for the flusher."""
-        if not self._exit_hook:
+        if not self.exit_hooked:
             self.hook_exit()
         self.batcher.put(item)
 
     def hook_exit(self) -> None:
-        """Drain at the interpreter's exit: registered at the first call or record, once per instance (a
-        process forked after this inherits the registration)."""
-        if not self._exit_hook:
-            self._exit_hook = True
+        """Drain at the interpreter's exit: registered when the first call starts or is queued, once per
+        instance (a process forked after this inherits the registration)."""
+        if not self.exit_hooked:
+            self.exit_hooked = True
             atexit.register(self.drain_at_exit)
 
     def drain_at_exit(self) -> None:
@@ -143,9 +140,10 @@ class Metering:
         call in its own thread after the client has the response, so a SIGTERM can come first), waiting at
         most :data:`EXIT_WAIT_SECONDS` in all for the process."""
         global _exit_deadline
-        if self.measurer.in_flight.count:
+        in_flight = self.batcher.in_flight
+        if in_flight.running():
             _exit_deadline = _exit_deadline or time.monotonic() + EXIT_WAIT_SECONDS
-            unfinished = self.measurer.in_flight.wait(_exit_deadline - time.monotonic())
+            unfinished = in_flight.wait(_exit_deadline - time.monotonic())
             if unfinished:
                 logger.warning(
                     "meterware: %d calls still in flight at exit after %.0f s: not recorded (the rollup "

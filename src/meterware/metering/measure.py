@@ -23,7 +23,7 @@ from meterware.metering.admission import (
 )
 from meterware.metering.batching import Pending
 from meterware.metering.cache import LRUCache
-from meterware.metering.calls import Call, CallsInFlight
+from meterware.metering.calls import Call
 from meterware.metering.leases import LeaseTable
 from meterware.metering.logs import BAD_USAGE_HEADER_WARNING_SECONDS, ThrottledWarning, logger
 from meterware.metering.outcomes import CLIENT_CLOSED_REQUEST, classify, is_billable
@@ -44,12 +44,7 @@ class Measurer:
     """Turns finished (and refused) calls into events and settlements queued for the flusher."""
 
     def __init__(
-        self,
-        config: Config,
-        metrics: AppMetrics,
-        leases: LeaseTable,
-        queue: Callable[[Pending], None],
-        in_flight: CallsInFlight,
+        self, config: Config, metrics: AppMetrics, leases: LeaseTable, queue: Callable[[Pending], None]
     ) -> None:
         self.config = config
         self.routes = config.routes
@@ -66,7 +61,6 @@ class Measurer:
         #: By the holds' identity and the route weight (when ``_calls_only``).
         self._measured: LRUCache[tuple[int, int], Measured] = LRUCache(MEASURED_MAX_ENTRIES)
         self._reject_late_units = metrics.units_rejected.inc
-        self.in_flight = in_flight
         self._bad_usage_headers = {
             name: ThrottledWarning(BAD_USAGE_HEADER_WARNING_SECONDS, "")
             for name, meter in config.meters.items()
@@ -83,12 +77,6 @@ class Measurer:
         if call.finished:
             return
         call.finished = True
-        try:
-            self._record(call, route, failed, aborted)
-        finally:
-            self.in_flight.end()
-
-    def _record(self, call: Call, route: str | None, failed: bool, aborted: bool) -> None:
         ended = call.ended_ns or time.perf_counter_ns()
         outcome: Outcome
         sent = call.status

@@ -38,9 +38,13 @@ class _Clients(ABC):
 
     def started(self, call: Call) -> None:
         """An admitted call starts: while it runs, a flusher keeps its reservation alive (it may run past
-        ``policy.reservation_timeout``, after which the worker would take its process for dead)."""
+        ``policy.reservation_timeout``, after which the worker would take its process for dead), and the
+        exit drain waits for it."""
+        metering = self.metering
+        metering.batcher.in_flight.add(call)
+        if not metering.exit_hooked:
+            metering.hook_exit()
         if call.decision.reservation_id and call.lease is None:
-            self.metering.batcher.in_flight.add(call)
             self.flusher.ensure_running()
 
     def finished(self, call: Call, route: str | None, *, failed: bool = False, aborted: bool = False) -> None:

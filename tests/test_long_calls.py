@@ -22,9 +22,10 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import Client
 
 from meterware import Accounts, Config, MeteringMiddleware
-from meterware.config import Plan
+from meterware.config import Pipeline, Plan
 from meterware.errors import StorageError
 from meterware.metering.admission import AdmitRequest, Decision
+from meterware.metering.batcher import Batcher
 from meterware.metering.calls import Call
 from meterware.metering.inflight import CallsInFlight, Renewal
 from meterware.metering.records import Customer, KeyInfo
@@ -198,3 +199,21 @@ def test_only_calls_running_a_third_of_their_timeout_are_renewed_and_ended_ones_
     assert [request.reservation_id for request in again.admissions] == ["old"]
     in_flight.renewed(again, StorageError("down"))  # a failed renewal: due again with the next pass
     assert in_flight.due() is not None
+
+
+def test_calls_that_ended_are_forgotten_while_the_flusher_backs_off(tmp_path: Path) -> None:
+    """During an outage the flusher backs off and renews nothing, but its passes still forget the calls that
+    ended: a process serving through a long outage holds only its running calls."""
+    batcher = Batcher(Pipeline(spool_dir=str(tmp_path / "spool")))
+    calls = [make_call(f"r{index}", time.perf_counter_ns() - 2_000_000_000) for index in range(1000)]
+    for call in calls:
+        batcher.in_flight.add(call)
+    running = calls[0]
+    for call in calls[1:]:
+        call.finished = True
+    batcher.retry_at = time.monotonic() + 60  # backing off
+    assert list(batcher.flush_pass(final=False)) == []  # nothing to write, no renewal tried
+    assert len(batcher.in_flight._calls) == 1
+    assert batcher.in_flight.running() == 1
+    running.finished = True
+    assert batcher.in_flight.running() == 0

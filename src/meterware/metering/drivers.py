@@ -45,6 +45,9 @@ class SyncDriver:
         """Identify and admit a call: the call to serve, or the refusal."""
         core = self.core
         arrived = time.perf_counter_ns()
+        stored = core.config.stored
+        if arrived >= stored.due_ns or not stored.settled:  # once per key_cache_ttl per process
+            stored.refresh(core.config, storage.stored_plans)
         key = core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
             key = self.resolve(storage, key)
@@ -116,6 +119,7 @@ class AsyncDriver:
         self._resolving: dict[str, asyncio.Future[KeyInfo | Problem]] = {}
         self._renewals: dict[LeaseKey, asyncio.Future[None]] = {}
         self._renewing_ahead: set[asyncio.Task[Lease | Decision | None]] = set()
+        self._reading_plans: asyncio.Future[None] | None = None
 
     def start(
         self,
@@ -129,12 +133,50 @@ class AsyncDriver:
         """The answer when no backend call is needed (a cached key, then a lease or a refusal), else a
         coroutine to await for it (most calls of a busy process need none, and skip a coroutine's cost)."""
         arrived = time.perf_counter_ns()
+        stored = self.core.config.stored
+        if arrived >= stored.due_ns or not stored.settled:  # once per key_cache_ttl per process
+            return self._with_plans(storage, native_request, headers, query, method, path, arrived)
+        return self._identified(storage, native_request, headers, query, method, path, arrived)
+
+    def _identified(
+        self,
+        storage: AsyncStorage,
+        native_request: Any,
+        headers: Iterable[tuple[bytes, bytes]],
+        query: bytes,
+        method: str,
+        path: str,
+        arrived: int,
+    ) -> Call | Problem | Coroutine[Any, Any, Call | Problem]:
+        """:meth:`start` once the stored plans are known."""
         key = self.core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
             return self._resolve_and_admit(storage, key, method, path, arrived)
         if isinstance(key, NeedsCustomer):
             return self._resolve_customer_and_admit(storage, key, method, path, arrived)
         return self._known(storage, key, method, path, arrived)
+
+    async def _with_plans(
+        self,
+        storage: AsyncStorage,
+        native_request: Any,
+        headers: Iterable[tuple[bytes, bytes]],
+        query: bytes,
+        method: str,
+        path: str,
+        arrived: int,
+    ) -> Call | Problem:
+        """:meth:`start` once the stored plans are read: concurrent calls share one read."""
+        config = self.core.config
+        reading = self._reading_plans
+        if reading is None or reading.done():
+            reading = asyncio.ensure_future(config.stored.arefresh(config, storage.stored_plans))
+            self._reading_plans = reading
+        await asyncio.shield(reading)
+        if not config.stored.settled:  # the read was cancelled: serve on the plans known
+            config.stored.settled = True
+        started = self._identified(storage, native_request, headers, query, method, path, arrived)
+        return started if isinstance(started, Call | Problem) else await started
 
     def _known(
         self, storage: AsyncStorage, key: KeyInfo | Problem, method: str, path: str, arrived: int

@@ -29,6 +29,7 @@ _SCRIPTS: Final = (
     "release_shard",
     "rollup_heartbeat",
     "swap_field",
+    "swap_plan",
     "take_key_uses",
     "update_fields",
 )

@@ -132,6 +132,68 @@ def test_a_customer_moved_to_a_plan_stored_after_start_is_charged_its_price_with
     assert accounts.terms("acme").name == "cheap"
 
 
+def run_asgi(config: Config, script: list[Any]) -> list[str]:
+    """Run ``script`` against the ASGI middleware: a key is a call (its credits left are returned), a
+    number a pause, a function a step of the seller's."""
+    app = MeteringMiddleware(Starlette(routes=[Route("/v1/work", work)]), config=config)
+
+    async def serve() -> list[str]:
+        balances = []
+        transport = httpx.ASGITransport(app=app)
+        async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            for step in script:
+                if isinstance(step, str):
+                    response = await client.get("/v1/work", headers={"Authorization": f"Bearer {step}"})
+                    balances.append(response.headers["x-credits-remaining"])
+                elif isinstance(step, float):
+                    await asyncio.sleep(step)
+                else:
+                    step()
+        return balances
+
+    return asyncio.run(serve())
+
+
+def run_wsgi(config: Config, script: list[Any]) -> list[str]:
+    """:func:`run_asgi` through the WSGI middleware (the sync driver)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    middleware = WSGIMeteringMiddleware(app, config=config)
+    balances = []
+    with httpx.Client(transport=httpx.WSGITransport(app=middleware), base_url="http://api") as client:
+        for step in script:
+            if isinstance(step, str):
+                response = client.get("/v1/work", headers={"Authorization": f"Bearer {step}"})
+                balances.append(response.headers["x-credits-remaining"])
+            elif isinstance(step, float):
+                time.sleep(step)
+            else:
+                step()
+    middleware.drain()
+    return balances
+
+
+@pytest.mark.parametrize("run", [run_asgi, run_wsgi], ids=["asgi", "wsgi"])
+def test_a_plan_name_a_resolved_key_brings_is_read_at_once(url: str, accounts: Accounts, run: Any) -> None:
+    """The app read the stored plans just now (another customer's call, past their TTL) when the
+    customer's key, past its own TTL, brings a plan stored since: the plans are read with the key, and
+    the call is charged 0.05, not the default plan's 0.25 until the plans' TTL ends."""
+    for customer in ("acme", "other"):
+        accounts.create_customer(customer, plan="payg")
+        accounts.grant_credits(customer, "10")
+    acme, other = (accounts.create_key(customer).plaintext for customer in ("acme", "other"))
+
+    def move() -> None:
+        accounts.set_plan("cheap", CHEAP, actor="ops")
+        accounts.change_plan("acme", "cheap")
+
+    balances = run(Config.from_dict(settings(url)), [acme, TTL + 0.02, other, move, acme])
+    assert balances == ["9.750000", "9.750000", "9.700000"]
+
+
 def test_a_new_version_of_a_stored_plan_is_charged_within_the_ttl(url: str, accounts: Accounts) -> None:
     """A customer stays on the stored plan 'cheap' (0.05 a call); its new version (0.02) is charged by
     the running app past the TTL: 10 - 0.05 - 0.02 = 9.93."""

@@ -314,8 +314,10 @@ class Recorder:
                 self.flush()
             if storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            self.config.stored.refresh(self.config, storage.stored_plans)
-            request, rates = self._request(customer, checked, storage.resolve_customer(customer))
+            found = storage.resolve_customer(customer)
+            unknown = found is not None and not self.config.knows_plan(found.customer.plan)
+            self.config.stored.refresh(self.config, storage.stored_plans, force=unknown)
+            request, rates = self._request(customer, checked, found)
             decision = storage.admit(request)
             if not decision.allowed:
                 if storage.is_used(*key):  # charged meanwhile (by another process's attempt)
@@ -349,8 +351,10 @@ class Recorder:
                 await asyncio.to_thread(self.flush)
             if await storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            await self.config.stored.arefresh(self.config, storage.stored_plans)
-            request, rates = self._request(customer, checked, await storage.resolve_customer(customer))
+            found = await storage.resolve_customer(customer)
+            unknown = found is not None and not self.config.knows_plan(found.customer.plan)
+            await self.config.stored.arefresh(self.config, storage.stored_plans, force=unknown)
+            request, rates = self._request(customer, checked, found)
             decision = await storage.admit(request)
             if not decision.allowed:
                 if await storage.is_used(*key):

@@ -110,6 +110,10 @@ class Config:
         default plan."""
         return self.plans.get(name) or self.stored.plans.get(name) or self.plans[self.default_plan]
 
+    def knows_plan(self, name: str) -> bool:
+        """Whether ``name`` is a plan of the config file or a stored one this process has read."""
+        return name in self.plans or name in self.stored.plans
+
     def plan_for(self, customer: Customer, at: float | None = None) -> Plan:
         """The terms of ``customer`` at ``at`` (default: now): its plan, with its own overrides in force
         then merged over it (:mod:`meterware.config._overrides`)."""

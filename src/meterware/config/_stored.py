@@ -117,9 +117,11 @@ class StoredPlans:
                 finally:
                     self.settled = True
 
-    async def arefresh(self, config: Config, read: Callable[[], Awaitable[Mapping[str, str]]]) -> None:
+    async def arefresh(
+        self, config: Config, read: Callable[[], Awaitable[Mapping[str, str]]], *, force: bool = False
+    ) -> None:
         """The asyncio twin of :meth:`refresh` (the caller shares one read among concurrent calls)."""
-        if self.claim(config.policy.key_cache_ttl):
+        if self.claim(config.policy.key_cache_ttl, force=force):
             try:
                 self.update(config, await read())
             except StorageError as error:

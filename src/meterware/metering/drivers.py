@@ -50,9 +50,9 @@ class SyncDriver:
             stored.refresh(core.config, storage.stored_plans)
         key = core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
-            key = self.resolve(storage, key)
+            key = self.plan_known(storage, self.resolve(storage, key))
         elif isinstance(key, NeedsCustomer):
-            key = self.resolve_customer(storage, key)
+            key = self.plan_known(storage, self.resolve_customer(storage, key))
         request = core.admission(key, method, path, arrived)
         if not isinstance(request, AdmitRequest):
             return request
@@ -60,6 +60,14 @@ class SyncDriver:
         renewed = self.renew(storage, request) if core.leasing else None
         answer = renewed or self.admit(storage, request)
         return core.admitted(key, request, answer, method, path, arrived)
+
+    def plan_known(self, storage: Storage, key: KeyInfo | Problem) -> KeyInfo | Problem:
+        """``key``, once its customer's plan is known: a name neither the config file nor the stored plans
+        read have is a plan stored since the last read, read now (only when a key is resolved)."""
+        config = self.core.config
+        if isinstance(key, KeyInfo) and not config.knows_plan(key.customer.plan):
+            config.stored.refresh(config, storage.stored_plans, force=True)
+        return key
 
     def resolve(self, storage: Storage, key_hash: NeedsLookup) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know (timed)."""
@@ -191,7 +199,8 @@ class AsyncDriver:
     async def _resolve_and_admit(
         self, storage: AsyncStorage, key_hash: NeedsLookup, method: str, path: str, arrived: int
     ) -> Call | Problem:
-        started = self._known(storage, await self.resolve(storage, key_hash), method, path, arrived)
+        key = await self.plan_known(storage, await self.resolve(storage, key_hash))
+        started = self._known(storage, key, method, path, arrived)
         return started if isinstance(started, Call | Problem) else await started
 
     async def _resolve_customer_and_admit(
@@ -203,9 +212,16 @@ class AsyncDriver:
         except StorageError as error:
             found = error
         self.core.metrics.resolve_duration.observe(time.perf_counter() - began)
-        key = self.core.key_resolved(lookup.entry, found)
+        key = await self.plan_known(storage, self.core.key_resolved(lookup.entry, found))
         started = self._known(storage, key, method, path, arrived)
         return started if isinstance(started, Call | Problem) else await started
+
+    async def plan_known(self, storage: AsyncStorage, key: KeyInfo | Problem) -> KeyInfo | Problem:
+        """The asyncio twin of :meth:`SyncDriver.plan_known`."""
+        config = self.core.config
+        if isinstance(key, KeyInfo) and not config.knows_plan(key.customer.plan):
+            await config.stored.arefresh(config, storage.stored_plans, force=True)
+        return key
 
     async def _admit_call(
         self, storage: AsyncStorage, key: KeyInfo, request: AdmitRequest, method: str, path: str, arrived: int

@@ -25,8 +25,8 @@ class StoredPlanning(AccountsBase):
         holds (``{"prepaid": True, "meters": {"calls": {"price": "0.01"}}}``), checked by the same parser.
 
         A name the config file defines is refused. Every process sees the change within
-        ``policy.key_cache_ttl`` seconds (a customer moved to the plan: within twice that, as its key's
-        cached record expires too)."""
+        ``policy.key_cache_ttl`` seconds (a customer moved to the plan: once its key's cached record,
+        also kept that long, is read again)."""
         try:
             parse_stored_plan(name, table, self.config)
         except ConfigError as error:

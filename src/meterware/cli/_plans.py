@@ -94,9 +94,14 @@ def cmd_plans_list(args: argparse.Namespace) -> int:
     accounts = _stored(config)
     if accounts is not None:
         for name, plan in sorted(config.stored.plans.items()):
-            history = accounts.plan_history(name)
-            data[name], text = _describe(plan, _version_note(history[-1], len(history)))
-            data[name]["stored"] = history[-1].as_dict() | {"version": len(history)}
+            try:
+                history = accounts.plan_history(name)
+            except MeterwareError as error:  # a record spoiled since: the last good plan is shown
+                history = []
+                print(f"meterware: note: {error}", file=sys.stderr)
+            note = _version_note(history[-1], len(history)) if history else " (stored)"
+            data[name], text = _describe(plan, note)
+            data[name]["stored"] = history[-1].as_dict() | {"version": len(history)} if history else {}
             lines += text
         accounts.close()
     return emit(args, data, "\n".join(lines))

@@ -5,8 +5,10 @@ Cluster."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,6 +349,18 @@ def test_the_config_file_wins_over_a_stored_plan_it_took_the_name_of(
         config.stored.update(config, {"gold": record})
     assert config.plan("gold") is config.plans["gold"]
     assert "is defined in the config file" in caplog.text
+
+
+def test_a_config_still_copies_and_pickles() -> None:
+    """The stored plans' cache (locks inside) does not stop a Config from being copied or pickled: the
+    copy's cache starts empty, to be read by the process that uses it."""
+    config = Config.from_dict({"meters": {"calls": {}}, "plans": {"a": {}}})
+    record = json.dumps([{"recorded_at": 1, "actor": "ops", "table": {}}])
+    config.stored.update(config, {"b": record})
+    for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert copied.plans == config.plans
+        assert copied.stored.plans == {}
+        assert not copied.stored.settled
 
 
 def test_stored_plans_are_read_at_most_once_per_ttl() -> None:

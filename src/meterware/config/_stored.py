@@ -96,6 +96,10 @@ class StoredPlans:
         self._lock = threading.Lock()
         self._reading = threading.Lock()
 
+    def __reduce__(self) -> tuple[type[StoredPlans], tuple[()]]:
+        """A copy (``copy.deepcopy``, pickle: a Config sent to a worker) starts empty: it is a cache."""
+        return StoredPlans, ()
+
     def claim(self, ttl: float, *, force: bool = False) -> bool:
         """Whether the caller reads now: once per ``ttl`` seconds per process, whoever asks first."""
         now = time.perf_counter_ns()

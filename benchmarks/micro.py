@@ -112,6 +112,9 @@ class Bench:
         # The same customer with its own terms: one version, in force, overriding the call price.
         terms = dump_versions((TermsVersion(0, 0, "bench", {"calls.price": "0.000001"}),))
         self.key_with_terms = replace(info, customer=replace(info.customer, terms=terms))
+        # The same customer on a stored plan of the bench plan's terms (read into the config's cache).
+        accounts.set_plan("bench-stored", STORED_PLAN, actor="bench")
+        self.key_on_stored_plan = replace(info, customer=replace(info.customer, plan="bench-stored"))
         self.metering = Metering(self.config, registry=CollectorRegistry())
         self.metering.core.keys.resolved(key_hash, info)
         self.headers = [*HEADERS, (b"authorization", f"Bearer {self.plaintext}".encode())]
@@ -141,6 +144,14 @@ class Bench:
         """``count`` batches of ``BATCH`` events of one shard each, every one with its own batch id."""
         template = self.pending(BATCH)
         return [batch for _ in range(count) for batch in make_batches(template)]
+
+
+#: The bench plan's table, as a stored plan (``Accounts.set_plan``).
+STORED_PLAN = {
+    "prepaid": True,
+    "rate_limits": ["1000000/second"],
+    "meters": {"calls": {"price": "0.000001", "quota": 1_000_000_000_000, "quota_mode": "hard"}},
+}
 
 
 def events(count: int, customers: int = 200, spread_ms: int = 300_000) -> list[UsageEvent]:
@@ -189,6 +200,12 @@ def core(bench: Bench, repeat: int) -> Iterator[Piece]:
     yield timed(
         "RequestCore.call_terms + admit_request (customer with own terms)",
         lambda: core.admit_request(with_terms, core.call_terms(with_terms, "/v1/hello", now)),
+        repeat,
+    )
+    on_stored = bench.key_on_stored_plan
+    yield timed(
+        "RequestCore.call_terms + admit_request (customer on a stored plan)",
+        lambda: core.admit_request(on_stored, core.call_terms(on_stored, "/v1/hello", now)),
         repeat,
     )
     yield timed("decision_from_reply", lambda: decision_from_reply(request, reply, now), repeat)

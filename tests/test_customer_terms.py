@@ -123,7 +123,7 @@ def test_versions_are_appended_with_who_when_and_what(accounts: Accounts) -> Non
         pytest.param({"tokens.price": "-1"}, "must not be negative", id="negative-price"),
         pytest.param({"tokens.price": "0.0000001"}, "at most 6 decimals", id="seventh-decimal"),
         pytest.param({"nope.price": "1"}, "names no meter", id="unknown-meter"),
-        pytest.param({"tokens{model=large}.price": "1"}, "no terms of its own", id="dimension-filter"),
+        pytest.param({"tokens{model=large}.price": "1"}, "a meter with dimensions", id="dimension-filter"),
         pytest.param({"tokens.colour": "1"}, "a meter's term is one of", id="unknown-term"),
         pytest.param({"tokens.included": "lots"}, "whole number", id="bad-units"),
         pytest.param({"tokens.quota_mode": "firm"}, "'hard' or 'soft'", id="bad-mode"),

@@ -227,6 +227,11 @@ class InFlight:
                     self._records.pop((settlement.customer, settlement.once), None)
 
 
+def _refused(customer: str, decision: Decision) -> Refused:
+    assert decision.reason is not None
+    return Refused(customer, decision.reason, decision.retry_after)
+
+
 def _both(first: Callable[[Batch], None], second: Callable[[Batch], None]) -> Callable[[Batch], None]:
     def both(batch: Batch) -> None:
         first(batch)
@@ -310,12 +315,15 @@ class Recorder:
                 self.flush()
             if storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            request, rates = self._request(customer, checked, storage.resolve_customer(customer))
+            found = storage.resolve_customer(customer)
+            unknown = found is not None and not self.config.knows_plan(found.customer.plan)
+            self.config.stored.refresh(self.config, storage.stored_plans, force=unknown)
+            request, rates = self._request(customer, checked, found)
             decision = storage.admit(request)
             if not decision.allowed:
                 if storage.is_used(*key):  # charged meanwhile (by another process's attempt)
                     return Recorded(event_id, "", False)
-                raise self._refused(customer, decision)
+                raise _refused(customer, decision)
             done = self._queue(request, decision, checked, event_id, rates)
             queued = True
             return done
@@ -344,12 +352,15 @@ class Recorder:
                 await asyncio.to_thread(self.flush)
             if await storage.is_used(*key):
                 return Recorded(event_id, "", False)
-            request, rates = self._request(customer, checked, await storage.resolve_customer(customer))
+            found = await storage.resolve_customer(customer)
+            unknown = found is not None and not self.config.knows_plan(found.customer.plan)
+            await self.config.stored.arefresh(self.config, storage.stored_plans, force=unknown)
+            request, rates = self._request(customer, checked, found)
             decision = await storage.admit(request)
             if not decision.allowed:
                 if await storage.is_used(*key):
                     return Recorded(event_id, "", False)
-                raise self._refused(customer, decision)
+                raise _refused(customer, decision)
             done = self._queue(request, decision, checked, event_id, rates)
             queued = True
             return done
@@ -368,9 +379,8 @@ class Recorder:
     def _request(
         self, customer: str, units: Mapping[str, int], key: KeyInfo | None
     ) -> tuple[AdmitRequest, RateCorrections]:
-        """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer), and
-        what its settlement moves of the plan's meter rate limits (its units count; it is never refused
-        by them)."""
+        """The admission of a record of ``units`` by ``key``'s customer (Refused: unknown customer), and what
+        its settlement moves of the plan's meter rate limits (its units count; they never refuse it)."""
         if key is None:
             raise Refused(customer, "unknown_customer")
         now = time.time()
@@ -394,11 +404,6 @@ class Recorder:
             spend_cap=spend_cap_of(key, plan),
         )
         return request, rate_corrections(plan, units, False)
-
-    @staticmethod
-    def _refused(customer: str, decision: Decision) -> Refused:
-        assert decision.reason is not None
-        return Refused(customer, decision.reason, decision.retry_after)
 
     def _queue(
         self,

@@ -357,6 +357,7 @@ class AlertEvaluator:
         if not (rules.quota_percent or rules.credits_below or rules.spend_above):
             return []
         now = time.time() if now is None else now
+        self.config.stored.refresh(self.config, self.storage.stored_plans)
         plan = self.config.plan_for(customer, now)
         _, period_end = period_bounds(customer.anchor, plan.period, period_start)
         usage = self.storage.read_usage(customer_id, True, "period", period_start)

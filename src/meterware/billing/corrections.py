@@ -208,7 +208,8 @@ def _check_meters(config: Config, event_id: str, units: Iterable[str]) -> None:
 
 
 def _price(config: Config, plan: str, meter: str) -> int:
-    terms = config.plans[plan].meters.get(meter) if plan in config.plans else None
+    found = config.plans.get(plan) or config.stored.plans.get(plan)
+    terms = found.meters.get(meter) if found is not None else None
     return terms.price if terms is not None else 0
 
 
@@ -425,7 +426,7 @@ def parse_import(
         for name, text in (("route", route), ("method", method)):
             if not isinstance(text, str):
                 raise UsageError(f"{where(name)}: must be text, got {text!r:.40}")
-        plan = config.plans.get(customer.plan)
+        plan = config.plans.get(customer.plan) or config.stored.plans.get(customer.plan)
         period = plan.period if plan is not None else "month"
         start, _ = period_bounds(customer.anchor, period, timestamp_ms / 1000)
         events.append(

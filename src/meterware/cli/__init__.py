@@ -10,12 +10,13 @@ from typing import Any
 
 from meterware.__about__ import __version__
 from meterware.cli._alerts import add_alerts
-from meterware.cli._billing import add_invoice, add_periods, add_plans, add_usage
+from meterware.cli._billing import add_invoice, add_periods, add_usage
 from meterware.cli._common import Commands
 from meterware.cli._credits import add_credits, add_events
 from meterware.cli._customers import add_customers
 from meterware.cli._doctor import add_doctor
 from meterware.cli._keys import add_keys
+from meterware.cli._plans import add_plans
 from meterware.cli._portal import add_portal
 from meterware.cli._tools import add_config, add_demo, add_export, add_rollup
 from meterware.errors import MeterwareError

@@ -1,15 +1,14 @@
-"""``meterware usage``, ``invoice``, ``periods`` and ``plans``: billing periods and what they cost."""
+"""``meterware usage``, ``invoice`` and ``periods``: billing periods and what they cost."""
 
 from __future__ import annotations
 
 import argparse
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from meterware.billing.accounts import UsageHistory
-from meterware.cli._common import Commands, emit, load_config, open_accounts, utc_time
-from meterware.config import Plan, format_credits
+from meterware.cli._common import Commands, emit, open_accounts, utc_time
+from meterware.config import format_credits
 from meterware.errors import MeterwareError
 from meterware.events import OUTCOMES
 from meterware.rollup.aggregate import REFUSAL_REASONS
@@ -117,59 +116,6 @@ def _history_table(history: UsageHistory) -> str:
     return "\n".join(lines)
 
 
-def _more_limits(plan: Plan, data: dict[str, Any]) -> str:
-    """A plan's route limits, concurrency cap and spend cap: into ``data`` and as text (only those set)."""
-    text = ""
-    if plan.route_limits:
-        data["route_limits"] = {glob: [str(limit) for limit in limits] for glob, limits in plan.route_limits}
-        for glob, limits in plan.route_limits:
-            text += f", {glob} " + " ".join(map(str, limits))
-    if plan.concurrency:
-        data["concurrency"] = plan.concurrency
-        text += f", {plan.concurrency} in flight"
-    if plan.spend_cap is not None:
-        data["spend_cap"] = format_credits(plan.spend_cap)
-        text += f", spend cap {format_credits(plan.spend_cap)}"
-    return text
-
-
-def cmd_plans_list(args: argparse.Namespace) -> int:
-    config = load_config(args)
-    data = {}
-    lines = []
-    for plan in config.plans.values():
-        data[plan.name] = {
-            "period": plan.period,
-            "prepaid": plan.prepaid,
-            "rate_limits": [str(limit) for limit in plan.rate_limits],
-            "meters": {
-                name: {
-                    "quota": terms.quota,
-                    "quota_mode": "hard" if terms.hard else "soft",
-                    "included": terms.included,
-                    "price": format_credits(terms.price),
-                    "pricing": plan.prices().meters[name].describe(),
-                }
-                for name, terms in plan.meters.items()
-            },
-            "currency": plan.currency,
-            "base_fee": f"{plan.base_fee:f}",
-            "minimum": f"{plan.minimum:f}",
-        }
-        limits = ", ".join(map(str, plan.rate_limits)) or "no rate limit"
-        limits += _more_limits(plan, data[plan.name])
-        lines.append(f"{plan.name}: per {plan.period}, {'prepaid' if plan.prepaid else 'invoiced'}, {limits}")
-        for name, terms in plan.meters.items():
-            quota = (
-                "no quota"
-                if terms.quota is None
-                else f"{'hard' if terms.hard else 'soft'} quota {terms.quota}"
-            )
-            pricing = terms.pricing.describe() if terms.pricing else f"{format_credits(terms.price)} per unit"
-            lines.append(f"  {name}: {quota}, {terms.included} included, {pricing}")
-    return emit(args, data, "\n".join(lines))
-
-
 def _instant(text: str, option: str) -> float:
     """Epoch seconds, or an ISO date or time (UTC unless it names its zone)."""
     try:
@@ -250,8 +196,3 @@ def add_periods(commands: Commands) -> None:
         help="close only periods that ended this long ago",
     )
     sub.add_argument("--at", metavar="WHEN", help="close the periods that ended by then (epoch or date)")
-
-
-def add_plans(commands: Commands) -> None:
-    plans = commands.group("plans", "the configured plans")
-    plans.command("list", cmd_plans_list, "list plans, limits and prices")

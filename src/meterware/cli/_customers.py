@@ -131,6 +131,7 @@ def add_customers(commands: Commands) -> None:
         metavar="TERM=VALUE",
         help="the customer's own terms (repeatable; a full new set replaces the last): <meter>.price "
         "(credits), <meter>.included, <meter>.quota (or none), <meter>.quota_mode (hard/soft), "
+        "<meter>{dim=value}.price and .included, "
         "rate_limits (e.g. 100/second,5000/minute or none), base_fee, minimum",
     )
     terms.add_argument(

@@ -28,6 +28,7 @@ from meterware.config._parse import (
 )
 from meterware.config._routes import Routes
 from meterware.config._sections import Alerts, ExportTarget, Meter, Pipeline, Plan, Policy, Portal, Rollup
+from meterware.config._stored import StoredPlans
 from meterware.config._table import Section
 from meterware.errors import ConfigError
 from meterware.storage.base import DEFAULT_TIMEOUT, ReplicaWait
@@ -71,6 +72,8 @@ class Config:
     alerts: Alerts = field(default_factory=Alerts)
     export: Mapping[str, ExportTarget] = field(default_factory=dict)
     portal: Portal = field(default_factory=Portal)
+    #: Plans stored in the backend, as this process last read them (:mod:`meterware.config._stored`).
+    stored: StoredPlans = field(default_factory=StoredPlans, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
@@ -103,8 +106,13 @@ class Config:
         return cls.from_dict(_with_overrides(data, overrides), source=source)
 
     def plan(self, name: str) -> Plan:
-        """The plan called ``name``; unknown names fall back to the default plan."""
-        return self.plans.get(name) or self.plans[self.default_plan]
+        """The plan called ``name``: the config file's, else a stored one; unknown names fall back to the
+        default plan."""
+        return self.plans.get(name) or self.stored.plans.get(name) or self.plans[self.default_plan]
+
+    def knows_plan(self, name: str) -> bool:
+        """Whether ``name`` is a plan of the config file or a stored one this process has read."""
+        return name in self.plans or name in self.stored.plans
 
     def plan_for(self, customer: Customer, at: float | None = None) -> Plan:
         """The terms of ``customer`` at ``at`` (default: now): its plan, with its own overrides in force

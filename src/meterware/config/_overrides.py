@@ -22,7 +22,9 @@ from typing import Any, Final
 
 from meterware.billing.pricing import parse_money
 from meterware.config._credits import MAX_UNITS, format_credits, parse_credits
+from meterware.config._parse import parse_filter
 from meterware.config._sections import Meter, MeterTerms, Plan, RateLimit
+from meterware.dimensions import base_of
 from meterware.errors import ConfigError
 
 #: Versions kept per customer: past ones no longer in force in the current period are pruned first.
@@ -31,7 +33,8 @@ MAX_VERSIONS: Final = 100
 EFFECTIVE_GRANULARITY: Final = 3600
 #: Characters of an actor kept.
 MAX_ACTOR_LENGTH: Final = 200
-#: What each meter of a plan can be given, and what the plan itself can.
+#: What each meter of a plan can be given (a filter of its dimension values, ``tokens{model=large}``:
+#: price and included), and what the plan itself can.
 METER_FIELDS: Final = ("price", "included", "quota", "quota_mode")
 PLAN_FIELDS: Final = ("rate_limits", "base_fee", "minimum")
 
@@ -108,8 +111,11 @@ def check_overrides(overrides: Mapping[str, Any], meters: Mapping[str, Meter]) -
             checked[field] = _check_plan_field(field, value, meters)
             continue
         meter = meters.get(name)
-        if meter is None and "{" in name:
-            raise ConfigError(field, "a filter of dimension values has no terms of its own to override")
+        if meter is None and "{" in name:  # a filter of dimension values, as a plan's terms name it
+            if what in ("quota", "quota_mode"):
+                raise ConfigError(field, "a quota counts all values of a meter: give it to the meter")
+            name = parse_filter(field, name, meters)
+            meter, field = meters[base_of(name)], f"{name}.{what}"
         if meter is None:
             raise ConfigError(field, f"names no meter defined under [meters] (known: {', '.join(meters)})")
         if what not in METER_FIELDS:
@@ -154,9 +160,9 @@ def _check_plan_field(field: str, value: Any, meters: Mapping[str, Meter]) -> st
 def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Meter]) -> Plan:
     """The plan's terms with ``version``'s overrides merged over them (the one merge, used everywhere).
 
-    Overrides of meters no longer configured are ignored. A price override on a package or tiered meter
-    prices it per unit. A ``max`` or ``last`` meter's terms are ignored on a prepaid plan (they price
-    invoices only, which a prepaid plan's credits pay call by call).
+    Overrides of meters (or dimension values) no longer configured are ignored. A price override on a
+    package or tiered meter prices it per unit. A ``max`` or ``last`` meter's terms are ignored on a
+    prepaid plan (they price invoices only, which a prepaid plan's credits pay call by call).
     """
     if version is None or not version.overrides:
         return plan
@@ -164,9 +170,10 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
     terms = dict(plan.meters)
     for field, value in overrides.items():
         name, _, what = field.rpartition(".")
-        if not name or name not in meters or meters[name].aggregation == "unique":
+        base = meters.get(base_of(name))
+        if base is None or base.aggregation == "unique" or (base.level and plan.prepaid):
             continue
-        if meters[name].level and plan.prepaid:
+        if name != base.name and not _declared(name, meters):
             continue
         current = terms.get(name, MeterTerms())
         if what == "price":
@@ -190,6 +197,14 @@ def plan_with(plan: Plan, version: TermsVersion | None, meters: Mapping[str, Met
         base_fee=Decimal(overrides.get("base_fee", plan.base_fee)),
         minimum=Decimal(overrides.get("minimum", plan.minimum)),
     )
+
+
+def _declared(name: str, meters: Mapping[str, Meter]) -> bool:
+    """Whether a filter of dimension values still names values its meter declares."""
+    try:
+        return parse_filter(name, name, meters) == name
+    except ConfigError:
+        return False
 
 
 def _stored_limits(texts: str, meters: Mapping[str, Meter]) -> tuple[RateLimit, ...]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from meterware import keys
 from meterware.config import UNMATCHED_ROUTE, Config, format_credits
@@ -57,6 +57,10 @@ KeyGetter = Callable[[Any], "str | None"]
 CustomerGetter = Callable[[Any], "str | None"]
 
 
+#: A call's terms are cached by plan, anchor, route weight, live, own terms, route, stored plans' generation.
+TermsKey: TypeAlias = tuple[str, int, int, bool, str, int, int]
+
+
 class RequestCore:
     """The decisions of the request path, for one middleware instance.
 
@@ -89,7 +93,7 @@ class RequestCore:
         self._outage = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self._bad_values = ThrottledWarning(OUTAGE_WARNING_SECONDS)
         self.keys = KeyCache(self.policy, self._outage)
-        self._terms: LRUCache[tuple[str, int, int, bool, str, int], CallTerms] = LRUCache(TERMS_MAX_ENTRIES)
+        self._terms: LRUCache[TermsKey, CallTerms] = LRUCache(TERMS_MAX_ENTRIES)
         self.scoped_limits = ScopedLimits(TERMS_MAX_ENTRIES)
         self._routed = any(plan.route_limits for plan in config.plans.values())
         self._reservation_timeout_ms = int(self.policy.reservation_timeout * 1000)
@@ -150,9 +154,10 @@ class RequestCore:
         by ``key`` to ``path``, in the billing period of ``now`` (cached until the period or terms change)."""
         customer = key.customer
         weight = self.routes.weight(path) if self.routes.weights else 1
-        # Only plans with route limits match the path; a customer's own terms ("" for most) are in the key.
-        route = self.config.plan(customer.plan).route_of(path) if self._routed else -1
-        cache_key = (customer.plan, customer.anchor, weight, key.live, customer.terms, route)
+        # Only plans with route limits match the path; the key: the customer's own terms, the stored plans'.
+        kept = self.config.stored  # its generation changes with a stored plan: the terms are read anew
+        route = self.config.plan(customer.plan).route_of(path) if self._routed or kept.routed else -1
+        cache_key = (customer.plan, customer.anchor, weight, key.live, customer.terms, route, kept.generation)
         previous = terms = self._terms.get(cache_key)
         if terms is None or not terms.period_start <= now < terms.until:
             plan = self.config.plan(customer.plan)
@@ -232,8 +237,7 @@ class RequestCore:
     # -- leases (admission = "lease") ------------------------------------------------------------------
 
     def lease_block(self, request: AdmitRequest) -> AdmitRequest | None:
-        """The admission of a new lease for calls like ``request``, or None: not leasing, or leases cannot
-        serve it (the call is then admitted alone)."""
+        """A new lease's admission for calls like ``request``; None: not leasing, or no lease can serve it."""
         return lease_block(request, self.policy) if self.leasing else None
 
     def granted(

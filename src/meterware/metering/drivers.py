@@ -45,11 +45,14 @@ class SyncDriver:
         """Identify and admit a call: the call to serve, or the refusal."""
         core = self.core
         arrived = time.perf_counter_ns()
+        stored = core.config.stored
+        if arrived >= stored.due_ns or not stored.settled:  # once per key_cache_ttl per process
+            stored.refresh(core.config, storage.stored_plans)
         key = core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
-            key = self.resolve(storage, key)
+            key = self.plan_known(storage, self.resolve(storage, key))
         elif isinstance(key, NeedsCustomer):
-            key = self.resolve_customer(storage, key)
+            key = self.plan_known(storage, self.resolve_customer(storage, key))
         request = core.admission(key, method, path, arrived)
         if not isinstance(request, AdmitRequest):
             return request
@@ -57,6 +60,14 @@ class SyncDriver:
         renewed = self.renew(storage, request) if core.leasing else None
         answer = renewed or self.admit(storage, request)
         return core.admitted(key, request, answer, method, path, arrived)
+
+    def plan_known(self, storage: Storage, key: KeyInfo | Problem) -> KeyInfo | Problem:
+        """``key``, once its customer's plan is known: a name neither the config file nor the stored plans
+        read have is a plan stored since the last read, read now (only when a key is resolved)."""
+        config = self.core.config
+        if isinstance(key, KeyInfo) and not config.knows_plan(key.customer.plan):
+            config.stored.refresh(config, storage.stored_plans, force=True)
+        return key
 
     def resolve(self, storage: Storage, key_hash: NeedsLookup) -> KeyInfo | Problem:
         """Resolve a key hash the cache does not know (timed)."""
@@ -116,6 +127,7 @@ class AsyncDriver:
         self._resolving: dict[str, asyncio.Future[KeyInfo | Problem]] = {}
         self._renewals: dict[LeaseKey, asyncio.Future[None]] = {}
         self._renewing_ahead: set[asyncio.Task[Lease | Decision | None]] = set()
+        self._reading_plans: asyncio.Future[None] | None = None
 
     def start(
         self,
@@ -129,12 +141,54 @@ class AsyncDriver:
         """The answer when no backend call is needed (a cached key, then a lease or a refusal), else a
         coroutine to await for it (most calls of a busy process need none, and skip a coroutine's cost)."""
         arrived = time.perf_counter_ns()
+        stored = self.core.config.stored
+        if arrived >= stored.due_ns or not stored.settled:  # once per key_cache_ttl per process
+            return self._with_plans(storage, native_request, headers, query, method, path, arrived)
+        # What _identified does, inline: this is every call's path.
         key = self.core.identify(native_request, headers, query)
         if isinstance(key, str):  # NeedsLookup
             return self._resolve_and_admit(storage, key, method, path, arrived)
         if isinstance(key, NeedsCustomer):
             return self._resolve_customer_and_admit(storage, key, method, path, arrived)
         return self._known(storage, key, method, path, arrived)
+
+    def _identified(
+        self,
+        storage: AsyncStorage,
+        native_request: Any,
+        headers: Iterable[tuple[bytes, bytes]],
+        query: bytes,
+        method: str,
+        path: str,
+        arrived: int,
+    ) -> Call | Problem | Coroutine[Any, Any, Call | Problem]:
+        """:meth:`start` once the stored plans are known."""
+        key = self.core.identify(native_request, headers, query)
+        if isinstance(key, str):  # NeedsLookup
+            return self._resolve_and_admit(storage, key, method, path, arrived)
+        if isinstance(key, NeedsCustomer):
+            return self._resolve_customer_and_admit(storage, key, method, path, arrived)
+        return self._known(storage, key, method, path, arrived)
+
+    async def _with_plans(
+        self,
+        storage: AsyncStorage,
+        native_request: Any,
+        headers: Iterable[tuple[bytes, bytes]],
+        query: bytes,
+        method: str,
+        path: str,
+        arrived: int,
+    ) -> Call | Problem:
+        """:meth:`start` once the stored plans are read: concurrent calls share one read."""
+        config = self.core.config
+        reading = self._reading_plans
+        if reading is None or reading.done():
+            reading = asyncio.ensure_future(config.stored.arefresh(config, storage.stored_plans))
+            self._reading_plans = reading
+        await asyncio.shield(reading)
+        started = self._identified(storage, native_request, headers, query, method, path, arrived)
+        return started if isinstance(started, Call | Problem) else await started
 
     def _known(
         self, storage: AsyncStorage, key: KeyInfo | Problem, method: str, path: str, arrived: int
@@ -149,7 +203,8 @@ class AsyncDriver:
     async def _resolve_and_admit(
         self, storage: AsyncStorage, key_hash: NeedsLookup, method: str, path: str, arrived: int
     ) -> Call | Problem:
-        started = self._known(storage, await self.resolve(storage, key_hash), method, path, arrived)
+        key = await self.plan_known(storage, await self.resolve(storage, key_hash))
+        started = self._known(storage, key, method, path, arrived)
         return started if isinstance(started, Call | Problem) else await started
 
     async def _resolve_customer_and_admit(
@@ -161,9 +216,16 @@ class AsyncDriver:
         except StorageError as error:
             found = error
         self.core.metrics.resolve_duration.observe(time.perf_counter() - began)
-        key = self.core.key_resolved(lookup.entry, found)
+        key = await self.plan_known(storage, self.core.key_resolved(lookup.entry, found))
         started = self._known(storage, key, method, path, arrived)
         return started if isinstance(started, Call | Problem) else await started
+
+    async def plan_known(self, storage: AsyncStorage, key: KeyInfo | Problem) -> KeyInfo | Problem:
+        """The asyncio twin of :meth:`SyncDriver.plan_known`."""
+        config = self.core.config
+        if isinstance(key, KeyInfo) and not config.knows_plan(key.customer.plan):
+            await config.stored.arefresh(config, storage.stored_plans, force=True)
+        return key
 
     async def _admit_call(
         self, storage: AsyncStorage, key: KeyInfo, request: AdmitRequest, method: str, path: str, arrived: int

@@ -213,6 +213,7 @@ class CustomerMetrics(Collector):
         """Read the numbers now (a few backend calls per customer, up to ``limit`` customers)."""
         now = time.time() if now is None else now
         ids = self.storage.list_customers()
+        self.config.stored.refresh(self.config, self.storage.stored_plans)
         usage: dict[tuple[str, str], int] = {}
         balances: dict[str, float] = {}
         meters = tuple(self.config.meters)

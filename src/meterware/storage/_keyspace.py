@@ -54,6 +54,11 @@ def key_owner(key_id: str) -> str:
     return f"mw:keyid:{key_id}"
 
 
+def stored_plans() -> str:
+    """The plans stored in the backend: a hash of plan name -> its record (versions, as JSON)."""
+    return "mw:plans"
+
+
 def rollup_workers() -> str:
     """The live rollup workers: a zset of owner -> when its heartbeat expires (epoch ms)."""
     return "mw:rollup:workers"

@@ -13,6 +13,7 @@ from meterware.billing.accounts._credits import Credits
 from meterware.billing.accounts._customers import Customers
 from meterware.billing.accounts._invoices import Invoicing
 from meterware.billing.accounts._keys import Keys
+from meterware.billing.accounts._plans import StoredPlanning
 from meterware.billing.accounts._terms import Terms
 from meterware.billing.accounts._usage import Usage, UsageHistory, UsagePoint, UsageReport
 from meterware.config import Config
@@ -21,11 +22,12 @@ from meterware.storage import open_storage
 __all__ = ["Accounts", "UsageHistory", "UsagePoint", "UsageReport"]
 
 
-class Accounts(Customers, Terms, Keys, Credits, Usage, AlertThresholds, Invoicing):
+class Accounts(Customers, Terms, StoredPlanning, Keys, Credits, Usage, AlertThresholds, Invoicing):
     """Management operations over a backend (synchronous).
 
-    Its methods come by role: customers, their own terms, keys, credits, usage (reports, corrections,
-    backfills), alert thresholds, and billing periods (invoices); each role is a class of its own module.
+    Its methods come by role: customers, their own terms, stored plans, keys, credits, usage (reports,
+    corrections, backfills), alert thresholds, and billing periods (invoices); each role is a class of its
+    own module.
     """
 
     @classmethod

@@ -19,8 +19,14 @@ class AccountsBase:
         self.storage = storage
         self.config = config
 
+    def refresh_plans(self, *, force: bool = False) -> None:
+        """Read the stored plans into ``config.stored`` once per ``policy.key_cache_ttl`` (``force``: now)."""
+        self.config.stored.refresh(self.config, self.storage.stored_plans, force=force)
+
     def customer(self, customer_id: str) -> Customer:
         customer = self.storage.get_customer(customer_id)
         if customer is None:
             raise NotFoundError(f"no customer {customer_id!r}")
+        # A plan name not known yet is a plan stored since the last read: read them now.
+        self.refresh_plans(force=not self.config.knows_plan(customer.plan))
         return customer

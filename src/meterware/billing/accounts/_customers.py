@@ -98,8 +98,12 @@ class Customers(AccountsBase):
         return self.storage.get_external_ids(customer_id)
 
     def _check_plan(self, plan: str) -> None:
+        """Refuse a plan neither the config file nor the backend (read now) holds."""
         if plan not in self.config.plans:
-            raise ConfigError("plan", f"{plan!r} is not defined (known: {', '.join(self.config.plans)})")
+            self.refresh_plans(force=True)
+        if plan not in self.config.plans and plan not in self.config.stored.plans:
+            known = ", ".join((*self.config.plans, *sorted(self.config.stored.plans)))
+            raise ConfigError("plan", f"{plan!r} is not defined (known: {known})")
 
 
 def _cap_micros(cap: int | str) -> int:

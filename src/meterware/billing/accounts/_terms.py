@@ -20,7 +20,7 @@ from meterware.config._overrides import (
     load_versions,
     plan_with,
 )
-from meterware.config._parse import check_call_costs
+from meterware.config._parse import check_call_costs, check_filters
 from meterware.errors import ConfigError, StorageError, UsageError
 from meterware.metering.periods import period_bounds
 
@@ -98,6 +98,7 @@ def _check_call_cost(config: Config, plan: Plan) -> None:
     """Refuse terms under which one call would cost more than the rollup takes (as the config does)."""
     heaviest = max([1, *(weight for _, weight in config.routes.weights)])
     try:
+        check_filters(plan.name, plan.meters, config.meters)  # an override's filter may tie the plan's
         check_call_costs({plan.name: plan}, config.meters, heaviest)
     except ConfigError as error:
         raise UsageError(f"override {error.field.rpartition('meters.')[2]}: {error.problem}") from None

@@ -215,6 +215,7 @@ class Usage(AccountsBase):
         self, event_id: str, *, reason: str, actor: str = "api", customer_id: str | None = None
     ) -> CorrectionResult:
         """Take an event back: the rollup subtracts it and the credits it was charged are refunded, once."""
+        self.refresh_plans()
         return correct_event(
             self.storage, self.config, event_id, units=None, reason=reason, actor=actor, customer=customer_id
         )
@@ -229,11 +230,13 @@ class Usage(AccountsBase):
         customer_id: str | None = None,
     ) -> CorrectionResult:
         """Change an event's ``sum`` units: the rollup and the credits follow the difference, once."""
+        self.refresh_plans()
         return correct_event(
             self.storage, self.config, event_id, units=units, reason=reason, actor=actor, customer=customer_id
         )
 
     def import_events(self, path: str, *, fmt: str | None = None) -> ImportResult:
         """Backfill events from a JSONL or CSV file: all lines valid or nothing written; each event once."""
+        self.refresh_plans()
         events = parse_import(path, self.config, self.storage.get_customer, fmt=fmt)
         return import_events(self.storage, events)

@@ -109,6 +109,9 @@ class AsyncMemoryStorage:
     async def renew_reservations(self, admissions: Sequence[AdmitRequest]) -> int:
         return self.sync.renew_reservations(admissions)
 
+    async def stored_plans(self) -> dict[str, str]:
+        return self.sync.stored_plans()
+
     async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
         return self.sync.use_once(customer_id, token_id, expires_ms)
 

@@ -74,6 +74,17 @@ class AccountMixin(MemoryState):
         with self._lock:
             return sorted(self._accounts)
 
+    def stored_plans(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._stored_plans)
+
+    def swap_stored_plan(self, name: str, expected: str, record: str) -> bool:
+        with self._lock:
+            if self._stored_plans.get(name, "") != expected:
+                return False
+            self._stored_plans[name] = record
+            return True
+
     def add_key(self, record: KeyRecord, key_hash: str) -> None:
         with self._lock:
             account = self._account(record.customer)

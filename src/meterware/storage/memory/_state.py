@@ -186,6 +186,8 @@ class MemoryState:
         self.shards = shards
         self._lock = threading.Lock()
         self._accounts: dict[str, Account] = {}
+        #: Stored plan name -> its record (versions, as JSON).
+        self._stored_plans: dict[str, str] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._key_ids_by_hash: dict[str, str] = {}
         self._rates: dict[RateKey, float] = {}

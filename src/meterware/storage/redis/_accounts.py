@@ -180,6 +180,15 @@ class AccountCommands(Connection):
             raise NotFoundError(f"no customer {customer_id!r}")
         return bool(reply == 1)
 
+    def stored_plans(self) -> dict[str, str]:
+        with self._call() as client:
+            fields: Fields = client.hgetall(ks.stored_plans())
+        return {as_str(name): as_str(record) for name, record in fields.items()}
+
+    def swap_stored_plan(self, name: str, expected: str, record: str) -> bool:
+        with self._call():
+            return bool(self._run("swap_plan", [ks.stored_plans()], [name, expected, record]) == 1)
+
     def list_customers(self) -> list[str]:
         with self._call() as client:
             pipe = client.pipeline(transaction=False)

@@ -52,7 +52,7 @@ from meterware.storage.redis._request import (
     renew_calls,
     settle_admissions,
 )
-from meterware.storage.redis._scripts import Arg, as_str, sources
+from meterware.storage.redis._scripts import Arg, Fields, as_str, sources
 
 
 class AsyncRedisStorage:
@@ -232,6 +232,11 @@ class AsyncRedisStorage:
         async with self._call():
             replies = [await self._run("renew_reservations", keys, args) for keys, args in calls]
         return sum(int(reply) for reply in replies)
+
+    async def stored_plans(self) -> dict[str, str]:
+        async with self._call() as client:
+            fields: Fields = await client.hgetall(ks.stored_plans())
+        return {as_str(name): as_str(record) for name, record in fields.items()}
 
     async def use_once(self, customer_id: str, token_id: str, expires_ms: int) -> bool:
         key = ks.portal_marker(ks.shard_of(customer_id, self.shards), customer_id, token_id)

@@ -30,6 +30,7 @@ _SCRIPTS: Final = (
     "renew_reservations",
     "rollup_heartbeat",
     "swap_field",
+    "swap_plan",
     "take_key_uses",
     "update_fields",
 )

@@ -380,11 +380,14 @@ def test_stored_plans_are_read_at_most_once_per_ttl() -> None:
     assert len(reads) == 2
 
 
-def test_cli_plans_set_list_show(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.redis
+@pytest.mark.parametrize("backend", ["redis", "cluster"])  # CLI processes share no memory:// store
+def test_cli_plans_set_list_show(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """plans set stores a plan from a TOML file (a one-line error for a bad one), plans list shows it with
     the file's plans, plans show its history; customers create --plan takes it."""
-    if url.startswith("memory://"):
-        pytest.skip("the CLI's processes share no memory:// store")
+    url = str(request.getfixturevalue(f"{backend}_url"))
     config = tmp_path / "meterware.toml"
     config.write_text(
         f'[storage]\nurl = "{url}"\nshards = 4\n[meters.calls]\n[plans.payg]\nprepaid = true\n'

@@ -215,9 +215,11 @@ def test_parse_credits_is_exact(value: str | int, micros: int) -> None:
         pytest.param("Infinity", id="infinity"),
         pytest.param("NaN", id="nan"),
         pytest.param("1" * 5000, id="five-thousand-digits"),
+        pytest.param(10**5000, id="integer-of-five-thousand-digits"),
+        pytest.param(-(10**5000), id="negative-integer-of-five-thousand-digits"),
     ],
 )
-def test_parse_credits_takes_plain_ascii_decimals_only(value: str) -> None:
+def test_parse_credits_takes_plain_ascii_decimals_only(value: str | int) -> None:
     """A credit amount is ASCII digits with an optional fraction: what Python's Decimal also reads
     (other scripts' digits, exponents, underscores, signs) is refused in one line naming the field."""
     with pytest.raises(ConfigError, match=r"^price: ") as refused:

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
-from meterware import Accounts
+from meterware import Accounts, MeteringMiddleware
 from meterware.billing.accounts._usage import UsageReport
 from meterware.billing.corrections import CorrectionResult
 from meterware.errors import NotFoundError, UsageError
@@ -18,6 +20,7 @@ from meterware.events import new_event_id
 from tests.test_ledger import (  # noqa: F401  # fixtures
     CREDIT,
     accounts,
+    api,
     assert_balanced,
     event_ids,
     roll_up,
@@ -261,3 +264,44 @@ def test_usage_report_as_dict_names_spend_in_micros_last() -> None:
         ("refusals", {"rate_limited": 1}),
         ("spend_micros", 4000),
     ]
+
+
+def calls_in_turn(accounts: Accounts, key: str, tokens: list[int]) -> list[int]:
+    """One call at a time through the ASGI middleware, each reporting its tokens; their statuses."""
+    middleware = MeteringMiddleware(api, config=accounts.config)
+
+    async def serve() -> list[int]:
+        statuses = []
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for units in tokens:
+                response = await client.get(
+                    "/ok", params={"tokens": units}, headers={"Authorization": f"Bearer {key}"}
+                )
+                statuses.append(response.status_code)
+                await middleware.drain()
+        await middleware.storage.aclose()
+        await middleware.flusher.storage.aclose()
+        return statuses
+
+    return asyncio.run(serve())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="corrections move credits but not the period's @spent: an amendment's extra charge is not "
+    "counted by the spend cap (nor a void's refund given back to it)",
+)
+def test_an_amendments_extra_charge_counts_against_the_spend_cap(accounts: Accounts) -> None:
+    """Cap 0.05. A call of 0 tokens costs 0.01; amended to 400 tokens (0.04 more), the period has been
+    charged 0.05: the next call (0.01) would pass the cap and is refused 429 spend_cap_reached."""
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "5")
+    accounts.set_spend_cap("acme", "0.05")
+    key = accounts.create_key("acme").plaintext
+    assert calls_in_turn(accounts, key, [0]) == [200]
+    [event_id] = event_ids(accounts, "acme")
+    amended = accounts.amend_event(event_id, units={"tokens": 400}, reason="under-reported")
+    assert (amended.applied, amended.credit) == (True, -40_000)
+    assert accounts.balance("acme").balance == 5 * CREDIT - 50_000  # charged 0.05 in all
+    assert calls_in_turn(accounts, key, [0]) == [429]

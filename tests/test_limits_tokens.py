@@ -19,6 +19,8 @@ from werkzeug.test import Client
 
 import meterware
 from meterware import Accounts, Config, Recorder
+from meterware.config import RateLimit
+from meterware.errors import UsageError
 from meterware.metering.admission import AdmitRequest
 from meterware.metering.calls import route_limits
 from meterware.metering.leases import lease_block
@@ -260,3 +262,24 @@ def test_a_keys_tokens_limit_counts_that_keys_tokens(config: Config, accounts: A
         middleware.drain()
         middleware.clients.flusher.storage.close()
         middleware.clients.storage.close()
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        pytest.param(RateLimit(500, 60, "tokens", 0), id="estimate-zero"),
+        pytest.param(RateLimit(500, 60, "tokens", 600), id="estimate-past-the-limit"),
+        pytest.param(RateLimit(500, 60, "nosuch", 100), id="unknown-meter"),
+        pytest.param(RateLimit(500, 60, "calls", 1), id="count-meter"),
+        pytest.param(RateLimit(500, 60, "to kens", 1), id="meter-name-with-a-space"),
+    ],
+)
+def test_a_keys_meter_limit_given_as_a_rate_limit_is_checked_as_its_text_is(
+    accounts: Accounts, limit: RateLimit
+) -> None:
+    """A ``RateLimit`` given to ``create_key`` is checked as ``"500 tokens/minute"`` is: a meter the config
+    has as ``sum``, an estimate a call can take (at least 1, at most the limit). Unchecked, an estimate of 0
+    divided a lease block by zero, and a meter name with a space was stored as text that
+    ``rate_limits_from`` cannot read back (the key no longer resolved on Redis)."""
+    with pytest.raises(UsageError):
+        accounts.create_key("acme", rate_limits=[limit])

@@ -217,3 +217,24 @@ def test_calls_that_ended_are_forgotten_while_the_flusher_backs_off(tmp_path: Pa
     assert batcher.in_flight.running() == 1
     running.finished = True
     assert batcher.in_flight.running() == 0
+
+
+def test_two_passes_forgetting_the_same_ended_calls_at_once_both_finish() -> None:
+    """Two flush passes may run at once (the exit drain's, under the batcher's lock, and an event loop's
+    flusher, which takes none): each forgets the calls that ended, and neither fails on those the other
+    forgot first."""
+    in_flight = CallsInFlight()
+    calls = [make_call(f"r{index}", time.perf_counter_ns()) for index in range(100_000)]
+    for call in calls:
+        call.finished = True
+        in_flight.add(call)
+    start = threading.Barrier(2)
+
+    def one_pass() -> Renewal | None:
+        start.wait()
+        return in_flight.due()
+
+    with ThreadPoolExecutor(2) as pool:
+        passes = [pool.submit(one_pass) for _ in range(2)]
+        assert [done.result() for done in passes] == [None, None]
+    assert in_flight._calls == {}

@@ -175,6 +175,12 @@ def check_rate_limits(
                 raise UsageError(str(error)) from None
         if not isinstance(limit, RateLimit) or limit.amount <= 0 or limit.seconds <= 0:
             raise UsageError(f"a rate limit must be like '5/second', got {limit!r}")
+        if limit.meter or limit.estimate != 1:
+            # Given as a RateLimit, not parsed: what admission takes of a call must be a 'sum' meter's and
+            # fit the limit (an estimate of 0 would divide a lease by zero).
+            meter = (meters or {}).get(limit.meter)
+            if meter is None or meter.aggregation != "sum" or not 1 <= limit.estimate <= limit.amount:
+                raise UsageError(f"a key's rate limit must count calls or a 'sum' meter's units: {limit!r}")
         checked.append(limit)
     if len(checked) > MAX_KEY_RATE_LIMITS:
         raise UsageError(f"a key has at most {MAX_KEY_RATE_LIMITS} rate limits, got {len(checked)}")

@@ -32,6 +32,16 @@ def parse_credits(value: Any, field_name: str) -> int:
         raise ConfigError(
             field_name, f'must be a decimal string like "0.002" or an integer, got {kind_of(value)}'
         )
+    if isinstance(value, int) and abs(value) > MAX_MICROS:
+        # Out of range, and never shown whole: str() raises ValueError on an int of over 4,300 digits.
+        problem = (
+            "must not be negative"
+            if value < 0
+            else f"must be at most {MAX_MICROS // MICROS_PER_CREDIT} credits"
+        )
+        raise ConfigError(
+            field_name, f"{problem}, got an integer of {len(format(abs(value), 'x'))} hex digits"
+        )
     text = str(value).strip(" \t")
     shown = repr(text if len(text) <= 40 else text[:40] + "...")
     if text.startswith("-"):

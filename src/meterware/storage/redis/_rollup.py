@@ -70,6 +70,7 @@ def refund_call(shard: int, due: Sequence[bytes]) -> tuple[list[str], list[Arg]]
             keys.index(ks.customer(shard, customer)),
             keys.index(ks.quota(shard, live == "1", customer, int(period_start))),
         ]
+    args.append("due")  # refund.lua re-checks each deadline: one may have been renewed since it was listed
     return keys.keys, args
 
 

@@ -287,11 +287,6 @@ def calls_in_turn(accounts: Accounts, key: str, tokens: list[int]) -> list[int]:
     return asyncio.run(serve())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corrections move credits but not the period's @spent: an amendment's extra charge is not "
-    "counted by the spend cap (nor a void's refund given back to it)",
-)
 def test_an_amendments_extra_charge_counts_against_the_spend_cap(accounts: Accounts) -> None:
     """Cap 0.05. A call of 0 tokens costs 0.01; amended to 400 tokens (0.04 more), the period has been
     charged 0.05: the next call (0.01) would pass the cap and is refused 429 spend_cap_reached."""
@@ -305,3 +300,17 @@ def test_an_amendments_extra_charge_counts_against_the_spend_cap(accounts: Accou
     assert (amended.applied, amended.credit) == (True, -40_000)
     assert accounts.balance("acme").balance == 5 * CREDIT - 50_000  # charged 0.05 in all
     assert calls_in_turn(accounts, key, [0]) == [429]
+
+
+def test_a_voided_calls_cost_is_given_back_to_the_spend_cap(accounts: Accounts) -> None:
+    """Cap 0.025, calls of 0 tokens at 0.01: two are served, the third refused (0.03 would pass the cap);
+    once the first is voided (its 0.01 refunded), the period's spend is 0.01 again: one more is served."""
+    accounts.create_customer("acme", plan="payg")
+    accounts.grant_credits("acme", "5")
+    accounts.set_spend_cap("acme", "0.025")
+    key = accounts.create_key("acme").plaintext
+    assert calls_in_turn(accounts, key, [0, 0, 0]) == [200, 200, 429]
+    first = sorted(event_ids(accounts, "acme"))[0]
+    voided = accounts.void_event(first, reason="served in error")
+    assert (voided.applied, voided.credit) == (True, 10_000)
+    assert calls_in_turn(accounts, key, [0, 0]) == [200, 429]

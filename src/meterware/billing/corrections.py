@@ -246,6 +246,7 @@ def correct_event(
             costs: tuple[int, ...] = (state.cost,)
             signs: tuple[int, ...] = (-1,)
             credit = state.cost if state.charged else 0
+            spent = -state.cost
         else:
             amended = dict(state.units)
             for name, value in units.items():
@@ -271,6 +272,7 @@ def correct_event(
             events = [current, replace(event, units=amended)]
             costs, signs = (state.cost, cost), (-1, 1)
             credit = state.cost - cost if state.charged else 0
+            spent = cost - state.cost
         entry = None
         if credit:
             kind = "refund" if credit > 0 else "charge"
@@ -285,6 +287,10 @@ def correct_event(
             costs,
             signs,
             entry,
+            # The period's spend counted the event's cost (charged or not): it moves with it.
+            spent=spent,
+            live=event.live,
+            period_start=event.period_start,
         )
         if storage.correct_event(correction):
             done = "voided" if units is None else "amended"

@@ -218,7 +218,7 @@ class Correction:
     """One atomic correction of an event (void or amend), applied only if its marker still holds ``expected``.
 
     ``payload``/``costs``/``signs`` form a stream entry the rollup folds (``signs``: ``-1`` subtracts the
-    event); ``credit`` (signed micros) moves the balance with ``entry`` as its ledger entry.
+    event); ``entry`` moves the balance (signed micros) as its ledger entry.
     """
 
     shard: int
@@ -232,6 +232,11 @@ class Correction:
     costs: tuple[int, ...]
     signs: tuple[int, ...]
     entry: LedgerEntry | None = None
+    #: What the correction changes of the spend of the event's period (signed micro-credits: the spend
+    #: cap's count), and which period: the event's live flag and period start.
+    spent: int = 0
+    live: bool = True
+    period_start: int = 0
 
 
 #: Entries an alerts stream keeps at most (the oldest go first).

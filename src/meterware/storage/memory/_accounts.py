@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from meterware.errors import NotFoundError
 from meterware.metering.records import Customer, KeyRecord
-from meterware.storage._keyspace import check_customer_id, shard_of
+from meterware.storage._keyspace import SPENT_FIELD, check_customer_id, shard_of
 from meterware.storage.base import (
     Balance,
     Correction,
@@ -232,6 +232,10 @@ class LedgerMixin(MemoryState):
             account = self._accounts.get(correction.customer)
             if correction.entry is not None and correction.entry.amount and account is not None:
                 account.record(correction.entry)
+            # The period's spend (the spend cap's count) moves by the event's change of cost, never below 0.
+            counters = self._quotas.get((correction.live, correction.customer, correction.period_start))
+            if correction.spent and counters is not None:
+                counters[SPENT_FIELD] = max(0, counters.get(SPENT_FIELD, 0) + correction.spent)
             state.corrections[correction.event_id] = correction.state
             return True
 

@@ -30,6 +30,7 @@ def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:
         ks.events(shard),
         ks.customer(shard, customer),
         ks.ledger(shard, customer),
+        ks.quota(shard, correction.live, customer, correction.period_start),
     ]
     entry = correction.entry or LedgerEntry("refund", 0)
     args: list[Arg] = [
@@ -40,6 +41,7 @@ def correct_call(correction: Correction) -> tuple[list[str], list[Arg]]:
         ",".join(map(str, correction.signs)),
         f"fix:{correction.event_id}",
         *ledger_args(entry),
+        correction.spent,
     ]
     return keys, args
 

@@ -208,9 +208,9 @@ class Measurer:
                         "ignored usage header for meter %r: not a whole number", name
                     )
         if call.usage.dimensioned:
-            for name, value in call.usage.units.items():
-                if "{" in name:
-                    units[name] = value
+            for sub, reported in call.usage.units.items():
+                if "{" in sub:
+                    units[sub] = reported
         return units
 
     def _settlement(

@@ -74,6 +74,7 @@ class CallUsage:
             logger.warning("meterware: ignored usage for meter %r: %s", meter, problem)
             return
         assert definition is not None
+        sub = None
         if dimensions:
             try:
                 sub = named(meter, definition.dimensions, dimensions)
@@ -81,12 +82,6 @@ class CallUsage:
                 self.rejected += 1
                 warn_refused(meter, str(error))
                 return
-            rejected = self.rejected
-            self.add(meter, value)
-            if self.rejected == rejected:  # the total took them
-                self.units[sub] = int(self.units.get(sub, 0)) + int(value)
-                self.dimensioned = True
-            return
         if definition.aggregation == "unique":
             self.units[meter] = str(value)
         elif definition.aggregation in ("count", "sum"):
@@ -102,6 +97,9 @@ class CallUsage:
             self.units[meter] = max(int(self.units.get(meter, value)), int(value))
         else:
             self.units[meter] = int(value)
+        if sub is not None:  # the total took them
+            self.units[sub] = int(self.units.get(sub, 0)) + int(value)
+            self.dimensioned = True
 
 
 def _problem(definition: Meter | None, meter: str, value: object) -> str | None:

@@ -208,7 +208,9 @@ class Measurer:
                         "ignored usage header for meter %r: not a whole number", name
                     )
         if call.usage.dimensioned:
-            units.update((name, value) for name, value in call.usage.units.items() if "{" in name)
+            for sub, reported in call.usage.units.items():
+                if "{" in sub:
+                    units[sub] = reported
         return units
 
     def _settlement(
@@ -308,8 +310,12 @@ def nets_out(request: AdmitRequest, reserved_credits: int) -> bool:
 def _meter_changes(
     settled: SettledMeters, billable: bool, freed: list[int]
 ) -> tuple[tuple[str, int, int], ...]:
-    """Per held meter, ``(meter, units charged, units released)`` of a call's settlement."""
-    return tuple(
-        (meter, units if billable else 0, free)
-        for (meter, units, _, _), free in zip(settled, freed, strict=True)
-    )
+    """Per held meter the settlement moves, ``(meter, units charged, units released)``; the others are
+    left out (every admission until the flush reads the change: a filter the call reported nothing of
+    would cost each of them for nothing)."""
+    changes = []
+    for (meter, units, _, _), free in zip(settled, freed, strict=True):
+        used = units if billable else 0
+        if used or free:
+            changes.append((meter, used, free))
+    return tuple(changes)

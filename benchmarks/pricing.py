@@ -6,7 +6,9 @@ process (one worker, uvloop, httptools, pinned to the server core) on strict adm
 the same wrk, side by side in interleaved rounds (the order rotating from round to round):
 
 * **plain**: a prepaid plan pricing a ``calls`` meter and a ``tokens`` meter (source ``handler``, with a
-  ``reserve``); the handler reports ``usage.add("tokens", 100)``; the customer has no overrides;
+  ``reserve``); the handler reports 60 and 40 tokens (``usage.add("tokens", 60)``, then 40: the same two
+  reports as **terms**, so the pair differs only in what meterware is configured with); the customer has
+  no overrides;
 * **terms**: the same, but ``tokens`` declares ``dimensions = {model = [...], direction = [...]}``, the
   plan prices ``tokens{model=large}`` and ``tokens{model=small}`` differently with included units, the
   handler reports 60 input and 40 output tokens of ``model=large``, and the customer has a version of
@@ -183,7 +185,8 @@ def calls_costing(terms: bool, charged: int, answered: int) -> int | None:
 
 
 async def plain_hello(request: Request) -> JSONResponse:
-    meterware.usage.add("tokens", TOKENS)
+    meterware.usage.add("tokens", 60)
+    meterware.usage.add("tokens", TOKENS - 60)
     return JSONResponse({"hello": "world"})
 
 

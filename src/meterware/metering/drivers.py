@@ -144,13 +144,7 @@ class AsyncDriver:
         stored = self.core.config.stored
         if arrived >= stored.due_ns or not stored.settled:  # once per key_cache_ttl per process
             return self._with_plans(storage, native_request, headers, query, method, path, arrived)
-        # What _identified does, inline: this is every call's path.
-        key = self.core.identify(native_request, headers, query)
-        if isinstance(key, str):  # NeedsLookup
-            return self._resolve_and_admit(storage, key, method, path, arrived)
-        if isinstance(key, NeedsCustomer):
-            return self._resolve_customer_and_admit(storage, key, method, path, arrived)
-        return self._known(storage, key, method, path, arrived)
+        return self._identified(storage, native_request, headers, query, method, path, arrived)
 
     def _identified(
         self,

@@ -8,6 +8,7 @@ and a reservation timeout of 2 s; the worker runs in-process, as ``meterware rol
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -217,6 +218,38 @@ def test_calls_that_ended_are_forgotten_while_the_flusher_backs_off(tmp_path: Pa
     assert batcher.in_flight.running() == 1
     running.finished = True
     assert batcher.in_flight.running() == 0
+
+
+def test_a_pass_interrupted_by_another_midway_finishes() -> None:
+    """The garbage collector may run a finalizer, and with it other code (another thread's flush pass),
+    in the middle of a pass's walk over the calls: the walk is over a copy, so neither pass fails."""
+    in_flight = CallsInFlight()
+    calls = [make_call(f"r{index}", time.perf_counter_ns()) for index in range(10_000)]
+    for call in calls:
+        call.finished = True
+        in_flight.add(call)
+    inner: list[Renewal | None] = []
+
+    class PassOnCollection:
+        """Garbage whose finalizer runs a whole pass (what another thread could do at that moment)."""
+
+        def __init__(self) -> None:
+            self.cycle = self  # only the cyclic collector frees it, in the middle of the outer pass
+
+        def __del__(self) -> None:
+            inner.append(in_flight.due())
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(100)  # a collection within the outer pass's first hundred allocations
+    try:
+        PassOnCollection()
+        outer = in_flight.due()
+    finally:
+        gc.set_threshold(*thresholds)
+    gc.collect()  # the finalizer has run, in the middle of the outer pass or after it
+    assert (outer, inner) == (None, [None])
+    assert in_flight._calls == {}
 
 
 def test_two_passes_forgetting_the_same_ended_calls_at_once_both_finish() -> None:

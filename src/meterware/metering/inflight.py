@@ -76,7 +76,9 @@ class CallsInFlight:
         now = time.perf_counter_ns()
         due: list[Call] = []
         ended: list[int] = []
-        for key, ref in list(self._calls.items()):
+        # A copy made in one step: walking the dict itself makes a tuple per call, and a collection
+        # that one sets off may run a finalizer, and another thread's pass, in the middle of it.
+        for key, ref in self._calls.copy().items():
             call = ref()
             if call is None or call.finished:
                 ended.append(key)

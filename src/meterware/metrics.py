@@ -64,11 +64,10 @@ _MAX_CACHED: Final = 10_000
 UnitCounts = tuple[tuple[str, int], ...]
 
 
-def unit_counts(units: Mapping[str, int | str], additive: frozenset[str]) -> UnitCounts:
-    """The units of a call that ``meterware_units`` counts: whole, non-zero, of meters that add up."""
-    return tuple(
-        (meter, value) for meter, value in units.items() if value and meter in additive and type(value) is int
-    )
+def unit_counts(units: Mapping[str, int | str], additive: tuple[str, ...]) -> UnitCounts:
+    """The units of a call that ``meterware_units`` counts: whole, non-zero, of the ``additive`` meters
+    (those that add up; their sub-meters are not counted apart)."""
+    return tuple([(meter, value) for meter in additive if type(value := units.get(meter)) is int and value])
 
 
 class _CallSeries:

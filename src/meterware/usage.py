@@ -51,14 +51,13 @@ class CallUsage:
     """Units reported for one call so far."""
 
     meters: Mapping[str, Meter]
+    #: Per meter, and per sub-meter of the dimension values reported (``tokens{model=large}``).
     units: dict[str, int | str] = field(default_factory=dict)
     rejected: int = 0
     #: Set once the call's event is made: counts each value reported later (ignored, never charged).
     late: Callable[[], object] | None = None
     #: The key the call was admitted with (read by :func:`current_call`).
     key: KeyInfo | None = None
-    #: Whether ``units`` holds sub-meters of dimension values (``tokens{model=large}``).
-    dimensioned: bool = False
 
     def add(self, meter: str, value: int | str, dimensions: Mapping[str, str] | None = None) -> None:
         """Add ``value`` units to ``meter`` (``max``/``last`` keep the latest; ``unique`` records a value),
@@ -99,7 +98,6 @@ class CallUsage:
             self.units[meter] = int(value)
         if sub is not None:  # the total took them
             self.units[sub] = int(self.units.get(sub, 0)) + int(value)
-            self.dimensioned = True
 
 
 def _problem(definition: Meter | None, meter: str, value: object) -> str | None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from meterware.config import Meter, Plan, RateLimit
 from meterware.dimensions import REMAINDER, Pricing, base_of, filtered, pricing
-from meterware.metering.cache import LRUCache
 from meterware.metering.unsettled import Snapshot, Unsettled
 
 if TYPE_CHECKING:
@@ -299,7 +298,7 @@ def settled_meters(holds: tuple[MeterHold, ...], units: Mapping[str, int | str])
     """What a call's settlement charges of each held meter: ``(meter, units, price, included)``.
 
     ``units`` as the event holds them; with dimensions, :func:`priced_holds` first."""
-    return tuple((hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds)
+    return tuple([(hold.meter, int(units.get(hold.meter, 0)), hold.price, hold.included) for hold in holds])
 
 
 def priced_holds(holds: tuple[MeterHold, ...], units: Mapping[str, int | str]) -> dict[str, int]:
@@ -312,13 +311,16 @@ def hold_pricing(holds: tuple[MeterHold, ...]) -> Pricing:
     identity: a call's holds are made once per plan and period, ``RequestCore.call_terms``)."""
     known = _pricings.get(id(holds))
     if known is None or known[0] is not holds:
+        if len(_pricings) >= PRICINGS_KEPT:
+            _pricings.clear()  # holds are made once per plan and period: a full table holds old ones
         # The holds are kept with their id, so the id names them while the entry lives.
-        known = (holds, pricing(frozenset(hold.meter for hold in holds)))
-        _pricings.put(id(holds), known)
+        known = _pricings[id(holds)] = (holds, pricing(frozenset(hold.meter for hold in holds)))
     return known[1]
 
 
-_pricings: LRUCache[int, tuple[tuple[MeterHold, ...], Pricing]] = LRUCache(10_000)
+#: The holds whose :class:`~meterware.dimensions.Pricing` is remembered (a plain dict: read per call).
+PRICINGS_KEPT: Final = 10_000
+_pricings: dict[int, tuple[tuple[MeterHold, ...], Pricing]] = {}
 
 
 def holds_full_price(request: AdmitRequest, reserved_credits: int, calls: int) -> bool:

@@ -53,7 +53,11 @@ class Measurer:
         self.leases = leases
         self.queue = queue
         #: Meters whose units add up: the ones counted in ``meterware_units_total``.
-        self._additive = frozenset(name for name, meter in config.meters.items() if meter.chargeable)
+        self._additive = tuple(name for name, meter in config.meters.items() if meter.chargeable)
+        #: Meters whose units are measured here, not reported by the handler.
+        self._unreported = [
+            (name, meter) for name, meter in config.meters.items() if meter.source != "handler"
+        ]
         #: Whether every meter counts calls (a call's units then follow from its holds alone).
         self._calls_only = all(meter.source == "call" for meter in config.meters.values())
         #: Whether some meter has dimensions (only then are sub-meters carried and priced).
@@ -163,14 +167,15 @@ class Measurer:
         holds = call.request.holds
         if not self._calls_only:
             units = self._units(call, ended_ns)
-            if not self._dimensioned:
-                bound_cost(call, units, units)
-                return holds, units, settled_meters(holds, units), unit_counts(units, self._additive)
-            pricing = hold_pricing(holds)
-            priced = pricing.units(units) if pricing.filtered else units
-            if bound_cost(call, units, priced) and pricing.filtered:
-                priced = pricing.units(units)
-            return holds, units, settled_meters(holds, priced), unit_counts(units, self._additive)
+            pricing = hold_pricing(holds) if self._dimensioned else None
+            priced = pricing.units(units) if pricing is not None and pricing.filtered else units
+            settled = settled_meters(holds, priced)
+            # Rare (units priced past what a call may cost): bounded, then priced again without them.
+            if sum([used * price for _, used, price, _ in settled]) > MAX_CALL_COST:
+                bound_cost(call, units, priced)
+                priced = pricing.units(units) if pricing is not None and pricing.filtered else units
+                settled = settled_meters(holds, priced)
+            return holds, units, settled, unit_counts(units, self._additive)
         weight = self.routes.weight(call.path) if self.routes.weights else 1
         measured = (id(holds), weight)
         known = self._measured.get(measured)
@@ -182,15 +187,13 @@ class Measurer:
         return known
 
     def _units(self, call: Call, ended_ns: int) -> dict[str, int | str]:
-        units: dict[str, int | str] = {}
+        # The handler's reports, with their sub-meters, as they are (only handler meters take reports).
+        units = call.usage.units.copy()
         weight = self.routes.weight(call.path) if self.routes.weights else 1
-        for name, meter in self.config.meters.items():
+        for name, meter in self._unreported:
             source = meter.source
             if source == "call":
                 units[name] = call_units(meter, weight)
-            elif source == "handler":
-                if name in call.usage.units:
-                    units[name] = call.usage.units[name]
             elif source == "response_bytes":
                 units[name] = call.response_bytes
             elif source == "request_bytes":
@@ -207,10 +210,6 @@ class Measurer:
                     self._bad_usage_headers[name].warn(
                         "ignored usage header for meter %r: not a whole number", name
                     )
-        if call.usage.dimensioned:
-            for sub, reported in call.usage.units.items():
-                if "{" in sub:
-                    units[sub] = reported
         return units
 
     def _settlement(
@@ -271,9 +270,9 @@ class Measurer:
         return account, released, _meter_changes(settled, billable, freed)
 
 
-def bound_cost(call: Call, units: dict[str, int | str], priced: Mapping[str, int | str]) -> bool:
+def bound_cost(call: Call, units: dict[str, int | str], priced: Mapping[str, int | str]) -> None:
     """Ignore priced value units that would take the call past :data:`MAX_CALL_COST` (``priced``: the
-    units of each hold, :func:`priced_holds`); whether some were."""
+    units of each hold, :func:`priced_holds`)."""
     holds = call.request.holds
     cost = sum(hold.hold * hold.price for hold in holds if hold.exact)  # the call's own price
     ignored = False
@@ -296,7 +295,6 @@ def bound_cost(call: Call, units: dict[str, int | str], priced: Mapping[str, int
             )
         else:
             cost += value * hold.price
-    return ignored
 
 
 def nets_out(request: AdmitRequest, reserved_credits: int) -> bool:

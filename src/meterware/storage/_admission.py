@@ -225,6 +225,10 @@ def admit_call(requests: Sequence[AdmitRequest], *, guarded: bool = True) -> tup
     return keys + markers, args + calls
 
 
+#: What a change moves of a meter it does not name: ``[used, held]``.
+_UNMOVED: Final = (0, 0)
+
+
 def _unsettled_rows(
     request: AdmitRequest, snapshot: Snapshot, markers: list[str], guarded: bool
 ) -> list[list[int]]:
@@ -242,7 +246,6 @@ def _unsettled_rows(
             marker = len(markers)
         row = [marker, change.released]
         for hold in request.holds:
-            used, held = change.meters.get(hold.meter, (0, 0))
-            row += (used, held)
+            row += change.meters.get(hold.meter, _UNMOVED)  # [used, held]
         rows.append(row)
     return rows

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,8 +39,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -450,43 +453,86 @@ def _child(requests: int) -> None:
     print(json.dumps(uvloop.run(serve())))
 
 
+def in_process(
+    variant: Variant, requests: int, redis: RedisServer, workdir: Path, wrapper: Sequence[str]
+) -> str:
+    """Serve ``requests`` calls of ``variant`` in a fresh process (``--child``) run under ``wrapper`` (a
+    command prefix: ``taskset``, ``valgrind``), check its customer's spend like a wrk run's; the last line
+    the process printed."""
+    config = workdir / f"cpu-{variant.name}-{requests}.toml"
+    config.write_text(variant.config(redis.url, workdir / "spool"))
+    accounts = Accounts.open(Config.from_file(config))
+    try:
+        customer, key = new_customer(accounts, variant.terms)
+        pricing = "terms" if variant.terms else "plain"
+        env = child_env(METERWARE_CONFIG=str(config), BENCH_PRICING=pricing, BENCH_KEY=key)
+        command = [*wrapper, sys.executable, "-m", "benchmarks.pricing", "--child", str(requests)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"in-process {variant.name}: {done.stderr.strip()}")
+        charged = CREDITS_MICROS - accounts.balance(customer).balance
+    finally:
+        accounts.close()
+    calls = WARMUP_REQUESTS + requests
+    if cost(variant.terms, calls) != charged:
+        raise RuntimeError(f"in-process {variant.name}: {charged} charged for {calls} calls")
+    return done.stdout.strip().splitlines()[-1]
+
+
 def cpu_rounds(rounds: int, requests: int, redis: RedisServer, workdir: Path) -> dict[str, list[float]]:
     """The app's CPU microseconds per request in-process, plain and terms on Redis in alternating order,
-    each run a fresh process on the server core; its customer's spend checked like a wrk run's."""
+    each run a fresh process on the server core."""
     found: dict[str, list[float]] = {PLAIN.name: [], TERMS.name: []}
     for number in range(rounds):
         for variant in (PLAIN, TERMS) if number % 2 == 0 else (TERMS, PLAIN):
-            config = workdir / f"cpu-{variant.name}.toml"
-            config.write_text(variant.config(redis.url, workdir / "spool"))
-            accounts = Accounts.open(Config.from_file(config))
-            try:
-                customer, key = new_customer(accounts, variant.terms)
-                pricing = "terms" if variant.terms else "plain"
-                env = child_env(METERWARE_CONFIG=str(config), BENCH_PRICING=pricing, BENCH_KEY=key)
-                command = [
-                    *pinned(SERVER_CPU),
-                    sys.executable,
-                    "-m",
-                    "benchmarks.pricing",
-                    "--child",
-                    str(requests),
-                ]
-                done = subprocess.run(command, env=env, capture_output=True, text=True)
-                if done.returncode:
-                    raise RuntimeError(f"in-process {variant.name}: {done.stderr.strip()}")
-                charged = CREDITS_MICROS - accounts.balance(customer).balance
-            finally:
-                accounts.close()
-            calls = WARMUP_REQUESTS + requests
-            if cost(variant.terms, calls) != charged:
-                raise RuntimeError(f"in-process {variant.name}: {charged} charged for {calls} calls")
-            found[variant.name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            found[variant.name].append(
+                json.loads(in_process(variant, requests, redis, workdir, pinned(SERVER_CPU)))
+            )
             print(
                 f"  in-process {number + 1}/{rounds} {variant.name:<6} {found[variant.name][-1]:6.1f} us/req",
                 file=sys.stderr,
                 flush=True,
             )
     return found
+
+
+#: Requests of the two in-process runs whose instruction counts' difference is counted (the process's
+#: start, imports, warm-up and exit are the same in both, and cancel out).
+INSTRUCTION_RUNS: Final = (500, 2500)
+
+
+def instruction_counts(redis: RedisServer, workdir: Path) -> dict[str, float]:
+    """Instructions per request in-process, plain and terms (valgrind's callgrind, the four runs two at a
+    time): what other processes on a shared machine cannot move, as they move CPU time."""
+    if shutil.which("valgrind") is None:
+        raise RuntimeError("--instructions needs valgrind (apt-get install valgrind)")
+
+    def count(variant: Variant, requests: int) -> int:
+        out = workdir / f"callgrind-{variant.name}-{requests}.out"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        in_process(variant, requests, redis, workdir, wrapper)
+        found = re.search(r"^summary: (\d+)$", out.read_text(), re.MULTILINE)
+        if found is None:
+            raise RuntimeError(f"no instruction count in {out}")
+        return int(found[1])
+
+    few, many = INSTRUCTION_RUNS
+    with ThreadPoolExecutor(2) as pool:
+        runs = {(v.name, n): pool.submit(count, v, n) for v in (PLAIN, TERMS) for n in INSTRUCTION_RUNS}
+        return {
+            v.name: (runs[v.name, many].result() - runs[v.name, few].result()) / (many - few)
+            for v in (PLAIN, TERMS)
+        }
+
+
+def instruction_table(found: dict[str, float]) -> list[str]:
+    plain, terms = found[PLAIN.name], found[TERMS.name]
+    return [
+        "| in-process, Redis, strict (callgrind) | instructions per request | x plain |",
+        "|---|---:|---:|",
+        f"| {LABELS[PLAIN.name]} | {plain / 1000:,.1f}k | 1.00x |",
+        f"| {LABELS[TERMS.name]} | {terms / 1000:,.1f}k | {terms / plain:.3f}x |",
+    ]
 
 
 def cpu_table(found: dict[str, list[float]]) -> list[str]:
@@ -532,6 +578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--requests", type=int, default=10_000, help="requests of an in-process run (%(default)s)"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="then the instructions per request in-process, plain and terms (valgrind's callgrind; about"
+        " 3 minutes)",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -560,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pin_process(redis.process.pid, str(LOAD_CPU))
         runs = run_rounds(variants, rounds, seconds, args.warmup, retries, redis, workdir)
         found = cpu_rounds(args.in_process, args.requests, redis, workdir) if args.in_process else None
+        counted = instruction_counts(redis, workdir) if args.instructions else None
     finally:
         redis.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -578,6 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" {args.requests:,} requests"
         )
         print("\n".join(cpu_table(found)))
+    if counted:
+        few, many = INSTRUCTION_RUNS
+        print(
+            f"\nInstructions per request in-process (valgrind's callgrind): the difference between runs of"
+            f" {many:,} and {few:,} requests, divided by {many - few:,}"
+        )
+        print("\n".join(instruction_table(counted)))
     print(
         f"\nruns measured again because other processes used more than {args.max_others} cores:"
         f" {rounds * len(variants) // 5 - retries.left}"

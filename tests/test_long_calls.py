@@ -234,7 +234,7 @@ def test_a_pass_interrupted_by_another_midway_finishes() -> None:
         """Garbage whose finalizer runs a whole pass (what another thread could do at that moment)."""
 
         def __init__(self) -> None:
-            self.cycle = self  # only the cyclic collector frees it, in the middle of the outer pass
+            self.cycle = self  # only the cyclic collector frees it: on the old walk, in its middle
 
         def __del__(self) -> None:
             inner.append(in_flight.due())
